@@ -1,0 +1,324 @@
+"""Experts: lazy, read-only sources of named tensors (and their captured statistics)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_merge.stats import SIDECAR_NAME, Statistics, StatisticsError, sidecar_path
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and storage dtype of one tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+class _DictSource:
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        self._tensors = {k: v for k, v in tensors.items() if isinstance(v, Tensor)}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def spec(self, key: str) -> TensorSpec:
+        t = self._tensors[key]
+        return TensorSpec(tuple(t.shape), t.dtype)
+
+    def get(self, key: str) -> Tensor:
+        return self._tensors[key].detach()
+
+
+class _SafetensorsSource:
+    """One or more safetensors files, memory-mapped; headers only are read up front."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._handles: dict[str, Any] = {}
+        self._specs: dict[str, TensorSpec] = {}
+        self._order: list[str] = []
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+                keys = list(handle.keys())
+            except Exception as err:
+                raise ValueError(f"cannot read safetensors file '{file}': {err}") from err
+            for key in keys:
+                sl = handle.get_slice(key)
+                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise ValueError(f"'{file}': tensor '{key}' has unsupported dtype {sl.get_dtype()}")
+                self._specs[key] = TensorSpec(tuple(sl.get_shape()), dtype)
+                self._handles[key] = handle
+                self._order.append(key)
+
+    def keys(self) -> list[str]:
+        return list(self._order)
+
+    def spec(self, key: str) -> TensorSpec:
+        return self._specs[key]
+
+    def get(self, key: str) -> Tensor:
+        return self._handles[key].get_tensor(key)
+
+
+def load_torch_file(path: Path, trust_checkpoint: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` (memory-mapped where possible), with a clear error and an
+    explicit opt-in when the file holds custom objects."""
+    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trust_checkpoint}
+    try:
+        return torch.load(path, mmap=True, **kwargs)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, **kwargs)
+    except Exception as err:
+        if trust_checkpoint or "weights_only" not in str(err).lower().replace(" ", "_").replace("-", "_"):
+            raise
+        match = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global ([\w.]+)", str(err))
+        what = match.group(1) if match else "a custom Python object"
+        raise ValueError(
+            f"'{path}' holds {what} (typically in hyper_parameters from save_hyperparameters()), which a safe "
+            f"load refuses. If you trust this file, pass trust_checkpoint=True (CLI: --trust-checkpoint): that "
+            f"unpickles it and can run arbitrary code."
+        ) from err
+
+
+class _TorchSource(_DictSource):
+    def __init__(self, path: Path, trust_checkpoint: bool):
+        obj = load_torch_file(path, trust_checkpoint)
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint")
+        super().__init__(obj)
+
+
+def _folder_files(folder: Path) -> tuple[str, list[Path]]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"'{index}' is not a valid shard index ({err})") from err
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise ValueError(f"'{index}' lists shard files that are missing: {', '.join(missing)}")
+            return ("safetensors" if index_name.startswith("model.safetensors") else "torch"), files
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != SIDECAR_NAME)
+    if files:
+        return "safetensors", files
+    for name in ("pytorch_model.bin", "model.pt", "model.ckpt"):
+        if (folder / name).exists():
+            return "torch", [folder / name]
+    raise ValueError(
+        f"folder '{folder}' holds no model weights (no model.safetensors[.index.json], *.safetensors or "
+        f"pytorch_model.bin)"
+    )
+
+
+class Expert:
+    """A lazy, read-only source of named tensors, plus the statistics captured for it.
+
+    Args:
+        source: a ``.ckpt`` Lightning checkpoint (its ``state_dict``), a ``.safetensors`` file, a ``.bin`` /
+            ``.pt`` state dict, a Hugging Face style folder (sharded safetensors with an index), an in-memory
+            state dict, or an ``nn.Module``.
+        prefix: keep only tensors whose name starts with this prefix, and strip it (``"model."`` for a
+            LightningModule that holds its network as ``self.model``). Applies to statistic names too.
+        statistics: a sidecar path or an in-memory mapping that overrides the sidecar found next to ``source``
+            (``X.statistics.safetensors`` next to a file, ``statistics.safetensors`` inside a folder).
+        name: a display name for messages and the merge journal (default: the file name).
+        trust_checkpoint: allow unpickling arbitrary objects from a ``.ckpt`` (only for files you trust).
+
+    Example::
+
+        expert = Expert("runs/code/last.ckpt", prefix="model.")
+        expert.names()[:3], expert.spec("layers.0.weight"), expert.tensor("layers.0.weight")
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Mapping[str, Tensor] | nn.Module,
+        *,
+        prefix: str | None = None,
+        statistics: str | os.PathLike | Mapping[str, Any] | Statistics | None = None,
+        name: str | None = None,
+        trust_checkpoint: bool = False,
+    ) -> None:
+        self.path: Path | None = None
+        self.prefix = prefix or ""
+        if isinstance(source, nn.Module):
+            self._source: Any = _DictSource(source.state_dict())
+            default_name = type(source).__name__
+        elif isinstance(source, Mapping):
+            self._source = _DictSource(source)
+            default_name = "<state dict>"
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            self.path = path
+            default_name = path.name
+            if not path.exists():
+                raise FileNotFoundError(f"expert '{path}' does not exist")
+            if path.is_dir():
+                if (path / "adapter_config.json").exists():
+                    raise ValueError(
+                        f"'{path}' is a PEFT adapter folder; LoRA adapters as experts are not supported yet: "
+                        f"merge the adapter into its base (PeftModel.merge_and_unload) and save that folder"
+                    )
+                kind, files = _folder_files(path)
+                self._source = _SafetensorsSource(files) if kind == "safetensors" else _merged_torch(files, trust_checkpoint)
+            elif path.suffix == ".safetensors":
+                self._source = _SafetensorsSource([path])
+            else:
+                self._source = _TorchSource(path, trust_checkpoint)
+        else:
+            raise TypeError(f"Expert source must be a path, a state dict or an nn.Module, got {type(source).__name__}")
+        self.name = name or default_name
+
+        keys = self._source.keys()
+        if self.prefix:
+            self._keys = {k[len(self.prefix) :]: k for k in keys if k.startswith(self.prefix)}
+            if not self._keys:
+                sample = ", ".join(keys[:5])
+                raise ValueError(f"expert '{self.name}' has no tensor under prefix {self.prefix!r} (it has: {sample} ...)")
+        else:
+            self._keys = {k: k for k in keys}
+
+        self._statistics: Statistics | None = None
+        if statistics is not None:
+            if isinstance(statistics, (str, os.PathLike)):
+                self._statistics = Statistics.load(statistics)
+            else:
+                self._statistics = Statistics.from_mapping(statistics, origin=f"statistics of expert '{self.name}'")
+        elif self.path is not None:
+            sidecar = sidecar_path(self.path)
+            if sidecar.exists():
+                self._statistics = Statistics.load(sidecar)
+
+    def __repr__(self) -> str:
+        return f"Expert({self.name!r}, tensors={len(self._keys)})"
+
+    # -- tensors --------------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Tensor names (prefix stripped), in storage order."""
+        return list(self._keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._keys
+
+    def spec(self, name: str) -> TensorSpec:
+        """Shape and dtype of tensor ``name``; reads no data."""
+        return self._source.spec(self._key(name))
+
+    def tensor(self, name: str) -> Tensor:
+        """Tensor ``name`` in its storage dtype (memory-mapped for safetensors)."""
+        return self._source.get(self._key(name))
+
+    def _key(self, name: str) -> str:
+        try:
+            return self._keys[name]
+        except KeyError:
+            raise KeyError(f"expert '{self.name}' has no tensor '{name}'") from None
+
+    # -- statistics -----------------------------------------------------------------------------------------------
+    @property
+    def statistics(self) -> Statistics | None:
+        """The attached statistics, or None."""
+        return self._statistics
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What the capture recorded, per statistic kind (empty without statistics)."""
+        return dict(self._statistics.kinds) if self._statistics else {}
+
+    def has_statistic(self, kind: str) -> bool:
+        """Whether a statistic of ``kind`` (``"fisher"``, ``"exp_avg_sq"``) is attached."""
+        return self._statistics is not None and self._statistics.has(kind)
+
+    def statistic(self, name: str, kind: str, estimator: str | None = None) -> Tensor:
+        """The merge-ready float32 statistic of tensor ``name`` (see :meth:`Statistics.get`).
+
+        Raises:
+            StatisticsError: no statistics attached, or none of that kind for this tensor.
+        """
+        if self._statistics is None:
+            raise StatisticsError(
+                f"expert '{self.name}' has no statistics (no sidecar next to it and none passed as statistics=)"
+            )
+        return self._statistics.get(self.prefix + name if self._stats_prefixed() else name, kind, estimator)
+
+    def _stats_prefixed(self) -> bool:
+        # A sidecar keyed like the checkpoint carries the prefix; an in-memory one may already be stripped.
+        if not self.prefix or self._statistics is None:
+            return False
+        return any(f"/{self.prefix}" in k for k in _first_keys(self._statistics))
+
+
+def _first_keys(stats: Statistics, n: int = 8) -> list[str]:
+    out = []
+    for key in stats._tensors.keys():
+        out.append(key)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _merged_torch(files: list[Path], trust_checkpoint: bool) -> _DictSource:
+    tensors: dict[str, Tensor] = {}
+    for file in files:
+        tensors.update(_TorchSource(file, trust_checkpoint)._tensors)
+    return _DictSource(tensors)
+
+
+def as_expert(obj: Any, what: str = "expert") -> Expert:
+    """Return ``obj`` if it is an :class:`Expert`, else open it as one."""
+    if isinstance(obj, Expert):
+        return obj
+    try:
+        return Expert(obj)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} '{obj}' does not exist") from None
