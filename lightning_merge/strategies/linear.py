@@ -64,12 +64,15 @@ class TaskVectorMerge(Strategy):
             under sign election).
         election: None (no sign election), ``"weighted"`` (mergekit's convention: elect on Σ wᵢτᵢ, divide by
             the agreeing weights) or ``"unweighted"`` (PEFT's: elect on Σ τᵢ, divide by the agreeing count).
+        rescale: after sparsification, ``"none"`` keeps kept entries as they are; ``"l1"`` matches their L1 norm
+            to the unsparsified task vector's (mergekit's ``rescale``); :class:`Dare` adds ``"inverse"``.
     """
 
     weights: PerExpert = None
     scale: float = 1.0
     normalize: bool = False
     election: str | None = None
+    rescale: str = "none"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -77,6 +80,10 @@ class TaskVectorMerge(Strategy):
             check_number(owner, "weights", self.weights, per_expert=True)
         check_number(owner, "scale", self.scale)
         check_choice(owner, "election", self.election, (None, "weighted", "unweighted"))
+        check_choice(owner, "rescale", self.rescale, ("inverse", "l1", "none") if owner == "Dare" else ("l1", "none"))
+
+    def _rescaled(self, tau: Tensor, kept: Tensor) -> Tensor:
+        return F.l1_rescale(tau, kept) if self.rescale == "l1" else kept
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)
@@ -151,8 +158,8 @@ class Ties(TaskVectorMerge):
 
     def sparsify(self, name: str, index: int, tau: Tensor) -> Tensor:
         if self.topk == "model":
-            return tau * self._thresholds[name][index].mask(tau)
-        return tau * F.magnitude_mask(tau, self._per_expert("density", index, 0.2))
+            return self._rescaled(tau, tau * self._thresholds[name][index].mask(tau))
+        return self._rescaled(tau, tau * F.magnitude_mask(tau, self._per_expert("density", index, 0.2)))
 
 
 @dataclasses.dataclass
@@ -184,7 +191,6 @@ class Dare(TaskVectorMerge):
         super().__post_init__()
         check_number("Dare", "drop_rate", self.drop_rate, low=0.0, high=1.0, per_expert=True)
         check_choice("Dare", "combine", self.combine, ("linear", "ties"))
-        check_choice("Dare", "rescale", self.rescale, ("inverse", "l1", "none"))
         if self.election is None and self.combine == "ties":
             self.election = "weighted"
         if self.normalize is None:
@@ -201,9 +207,7 @@ class Dare(TaskVectorMerge):
         kept = tau * F.random_mask(tau.shape, keep, F.tensor_seed(self.seed, name, index))
         if self.rescale == "inverse":
             return kept / keep if keep > 0 else kept
-        if self.rescale == "l1":
-            return F.l1_rescale(tau, kept)
-        return kept
+        return self._rescaled(tau, kept)
 
 
 @dataclasses.dataclass
@@ -233,7 +237,7 @@ class Breadcrumbs(TaskVectorMerge):
     def sparsify(self, name: str, index: int, tau: Tensor) -> Tensor:
         density = self._per_expert("density", index, 0.9)
         gamma = self._per_expert("gamma", index, 0.01)
-        return tau * F.breadcrumbs_mask(tau, density, gamma)
+        return self._rescaled(tau, tau * F.breadcrumbs_mask(tau, density, gamma))
 
 
 # -- model-wide top-k -----------------------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""The ``lightning-merge`` command. Imports neither Lightning nor transformers on the merge path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _parse_set(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"lightning-merge: --set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lightning_merge.engine import merge
+    from lightning_merge.recipe import load_recipe
+
+    started = time.perf_counter()
+    recipe = load_recipe(args.recipe, overrides=_parse_set(args.set), trust_checkpoint=args.trust_checkpoint)
+    dtype = args.dtype or recipe.dtype
+    out = merge(
+        recipe.experts,
+        base=recipe.base,
+        strategy=recipe.strategy,
+        out=args.out,
+        include=args.include,
+        exclude=args.exclude,
+        dtype=dtype,
+        on_missing=args.on_missing,
+        on_missing_statistic=args.on_missing_statistic,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        progress=False if args.no_progress else None,
+    )
+    print(f"merged {len(recipe.experts)} experts with {recipe.strategy.name} into {out} "
+          f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return 0
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What an expert (or a statistics sidecar) holds: counts, dtypes, size, statistics and their metadata."""
+    from lightning_merge.experts import Expert
+    from lightning_merge.stats import SIDECAR_SUFFIX, Statistics
+
+    path = Path(path)
+    if path.name.endswith(SIDECAR_SUFFIX) or path.name == "statistics.safetensors":
+        stats = Statistics.load(path)
+        return {"path": str(path), "kind": "statistics", "statistics": _describe_stats(stats),
+                "metadata": {k: v for k, v in stats.metadata.items() if k != "kinds"}}
+    expert = Expert(path, trust_checkpoint=False)
+    dtypes: Counter[str] = Counter()
+    params = 0
+    size = 0
+    for name in expert.names():
+        spec = expert.spec(name)
+        dtypes[str(spec.dtype).replace("torch.", "")] += 1
+        params += spec.numel
+        size += spec.nbytes
+    info = {
+        "path": str(path),
+        "kind": "expert",
+        "tensors": len(expert.names()),
+        "parameters": params,
+        "bytes": size,
+        "dtypes": dict(dtypes),
+        "statistics": _describe_stats(expert.statistics) if expert.statistics else {},
+    }
+    return info
+
+
+def _describe_stats(stats: Any) -> dict[str, Any]:
+    out = {}
+    for kind, meta in stats.kinds.items():
+        summary = {k: v for k, v in meta.items() if not isinstance(v, dict)}
+        out[kind] = {"tensors": len(stats.names(kind)), **summary}
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['path']}")
+    if info["kind"] == "expert":
+        print(f"  tensors     {info['tensors']}")
+        print(f"  parameters  {info['parameters']:,}")
+        print(f"  size        {_human(info['bytes'])}")
+        print(f"  dtypes      {', '.join(f'{k} ({v})' for k, v in info['dtypes'].items())}")
+    stats = info["statistics"]
+    if not stats:
+        print("  statistics  none")
+    for kind, meta in stats.items():
+        extras = ", ".join(f"{k}={v}" for k, v in meta.items() if k != "tensors")
+        print(f"  statistics  {kind}: {meta['tensors']} tensors" + (f" ({extras})" if extras else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lightning_merge.demo import run_demo
+
+    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightning-merge", description="Merge models, curvature-aware.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge the models of a recipe (mergekit's YAML format)")
+    m.add_argument("recipe", help="YAML recipe; model paths are relative to it")
+    m.add_argument("out", help="output: a folder (sharded safetensors), a .safetensors file or a .ckpt file")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a strategy argument")
+    m.add_argument("--dtype", help="output dtype (default: the recipe's out_dtype/dtype, else the base's)")
+    m.add_argument("--include", action="append", metavar="GLOB", help="merge only these tensor names")
+    m.add_argument("--exclude", action="append", metavar="GLOB", help="copy these tensor names from the base")
+    m.add_argument("--on-missing", default="error", choices=["error", "union", "intersection", "base"])
+    m.add_argument("--on-missing-statistic", default="error", choices=["error", "uniform"])
+    m.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    m.add_argument("--threads", type=int, default=None, help="worker threads over tensors (default: up to 2)")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT once the new merge is complete")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
+    m.set_defaults(func=cmd_merge)
+
+    i = sub.add_parser("inspect", help="what a model or statistics file holds")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("demo", help="train small experts on scikit-learn's digits, merge them, print a table")
+    d.add_argument("--out", default=None, help="keep the experts and merged models in this folder")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as err:
+        print(f"lightning-merge: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

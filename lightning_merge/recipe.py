@@ -1,0 +1,212 @@
+"""mergekit-format recipes: read a YAML file, check everything (methods, parameters, files, architectures)
+before any tensor is merged, and build the experts and the strategy with mergekit's semantics."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_merge.engine import parse_dtype
+from lightning_merge.experts import Expert
+from lightning_merge.strategies import STRATEGIES, Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
+
+# mergekit method → (class, fixed arguments, default normalize, per-model parameters, shared parameters)
+_MERGEKIT: dict[str, tuple[type[Strategy], dict[str, Any], bool | None, tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (Linear, {}, True, ("weight",), ("normalize",)),
+    "task_arithmetic": (TaskArithmetic, {}, False, ("weight",), ("normalize", "lambda", "rescale", "int8_mask")),
+    "ties": (Ties, {"election": "weighted", "topk": "tensor"}, True, ("weight", "density"),
+             ("normalize", "lambda", "rescale", "int8_mask")),
+    "dare_linear": (Dare, {"combine": "linear"}, False, ("weight", "density"),
+                    ("normalize", "lambda", "rescale", "int8_mask")),
+    "dare_ties": (Dare, {"combine": "ties", "election": "weighted"}, False, ("weight", "density"),
+                  ("normalize", "lambda", "rescale", "int8_mask")),
+    "breadcrumbs": (Breadcrumbs, {}, False, ("weight", "density", "gamma"),
+                    ("normalize", "lambda", "rescale", "int8_mask")),
+    "breadcrumbs_ties": (Breadcrumbs, {"election": "weighted"}, False, ("weight", "density", "gamma"),
+                         ("normalize", "lambda", "rescale", "int8_mask")),
+}
+_TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
+_REFUSED = {
+    "slices": "layer slices (frankenmerges)",
+    "tokenizer_source": "tokenizer merging",
+    "tokenizer": "tokenizer merging",
+    "chat_template": "chat templates",
+    "modules": "per-module merge definitions",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be merged; the message names the recipe and the offending entry."""
+
+
+@dataclass
+class Recipe:
+    """A checked recipe: experts opened (headers read), base, strategy and output dtype."""
+
+    path: Path
+    experts: list[Expert]
+    base: Expert | None
+    strategy: Strategy
+    dtype: Any
+
+
+def _resolve_model(ref: Any, recipe: Path, where: str) -> Path:
+    if isinstance(ref, Mapping):
+        if "path" in ref and len(ref) == 1:
+            ref = ref["path"]
+        elif "model" in ref and isinstance(ref["model"], Mapping) and set(ref["model"]) == {"path"}:
+            if ref.get("lora"):
+                raise RecipeError(f"{recipe}: {where} uses a LoRA (model.lora), which recipes do not support yet")
+            ref = ref["model"]["path"]
+        else:
+            raise RecipeError(f"{recipe}: {where} must be a path, got {ref!r}")
+    if not isinstance(ref, str):
+        raise RecipeError(f"{recipe}: {where} must be a path string, got {ref!r}")
+    if "+" in ref and not (recipe.parent / ref).exists():
+        raise RecipeError(f"{recipe}: {where} '{ref}' uses mergekit's 'model+lora' syntax, not supported yet")
+    path = Path(os.path.expanduser(ref))
+    if not path.is_absolute():
+        path = recipe.parent / path
+    if not path.exists():
+        raise RecipeError(
+            f"{recipe}: {where} '{ref}' not found (looked for '{path}'); paths are relative to the recipe, and hub "
+            f"model ids are not downloaded: download the model first and give its folder"
+        )
+    return path
+
+
+def _check_scalar(value: Any, recipe: Path, where: str) -> None:
+    if isinstance(value, (list, Mapping)):
+        raise RecipeError(
+            f"{recipe}: {where} is a list or a mapping: per-layer gradients and 'filter' values are not supported; "
+            f"give one number"
+        )
+
+
+def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
+                trust_checkpoint: bool = False) -> Recipe:
+    """Read and check a recipe; open every model's header. Reads no tensor data.
+
+    Args:
+        path: the YAML recipe (mergekit's format, or one of this project's methods with its arguments).
+        overrides: ``--set key=value`` pairs applied to the strategy's arguments.
+        trust_checkpoint: allow unpickling ``.ckpt`` files (only for files you trust).
+
+    Raises:
+        RecipeError: unknown method or parameter, unsupported mergekit feature, missing file.
+    """
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe '{path}' does not exist") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe '{path}' is not valid YAML: {err}") from err
+    if not isinstance(config, Mapping):
+        raise RecipeError(f"recipe '{path}' must be a mapping with merge_method and models")
+    for key, what in _REFUSED.items():
+        if key in config:
+            raise RecipeError(f"{path}: '{key}' ({what}) is a mergekit feature lightning-merge does not implement")
+    unknown = sorted(set(config) - _TOP_LEVEL)
+    if unknown:
+        raise RecipeError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected {', '.join(sorted(_TOP_LEVEL))}")
+    method = config.get("merge_method")
+    if method is None:
+        raise RecipeError(f"{path}: 'merge_method' is missing")
+    if method not in _MERGEKIT and method not in STRATEGIES:
+        known = sorted(set(_MERGEKIT) | set(STRATEGIES))
+        raise RecipeError(f"{path}: merge_method '{method}' is not supported; supported: {', '.join(known)}")
+
+    base_path = _resolve_model(config["base_model"], path, "base_model") if config.get("base_model") else None
+    shared = dict(config.get("parameters") or {})
+    for key, value in shared.items():
+        _check_scalar(value, path, f"parameters.{key}")
+
+    models = config.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise RecipeError(f"{path}: 'models' must be a non-empty list")
+    entries: list[tuple[Path, dict[str, Any]]] = []
+    for i, entry in enumerate(models):
+        if not isinstance(entry, Mapping) or "model" not in entry:
+            raise RecipeError(f"{path}: models[{i}] must be a mapping with a 'model' key")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise RecipeError(f"{path}: models[{i}] has unknown key(s) {', '.join(extra)}")
+        model_path = _resolve_model(entry["model"], path, f"models[{i}].model")
+        params = dict(entry.get("parameters") or {})
+        for key, value in params.items():
+            _check_scalar(value, path, f"models[{i}].parameters.{key}")
+        if base_path is not None and model_path.resolve() == base_path.resolve() and method != "linear":
+            continue  # mergekit lists the base among the models; it is not a task vector
+        entries.append((model_path, params))
+    if not entries:
+        raise RecipeError(f"{path}: no model to merge besides the base")
+
+    strategy = _build_strategy(method, shared, [p for _, p in entries], overrides or {}, path)
+    if strategy.needs_base and base_path is None:
+        raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
+    dtype = config.get("out_dtype") or config.get("dtype")
+    try:
+        dtype = parse_dtype(dtype, "dtype")
+    except ValueError as err:
+        raise RecipeError(f"{path}: {err}") from None
+    experts = [Expert(p, trust_checkpoint=trust_checkpoint) for p, _ in entries]
+    base = Expert(base_path, trust_checkpoint=trust_checkpoint) if base_path is not None else None
+    return Recipe(path, experts, base, strategy, dtype)
+
+
+def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[str, Any]],
+                    overrides: Mapping[str, Any], recipe: Path) -> Strategy:
+    if method in _MERGEKIT:
+        cls, fixed, default_normalize, model_params, shared_params = _MERGEKIT[method]
+        allowed_shared = set(shared_params) | set(model_params)
+        bad = sorted(set(shared) - allowed_shared)
+        if bad:
+            raise RecipeError(f"{recipe}: parameter(s) {', '.join(bad)} not accepted by '{method}'; "
+                              f"accepted: {', '.join(sorted(allowed_shared))}")
+        for i, params in enumerate(per_model):
+            bad = sorted(set(params) - set(model_params))
+            if bad:
+                raise RecipeError(f"{recipe}: models[{i}].parameters {', '.join(bad)} not accepted by '{method}'; "
+                                  f"accepted: {', '.join(model_params)}")
+
+        def per_expert(key: str, default: float | None) -> list[float]:
+            values = []
+            for i, params in enumerate(per_model):
+                value = params.get(key, shared.get(key, default))
+                if value is None:
+                    raise RecipeError(f"{recipe}: models[{i}] has no '{key}' (mergekit requires it for '{method}')")
+                values.append(float(value))
+            return values
+
+        kwargs: dict[str, Any] = dict(fixed)
+        kwargs["weights"] = per_expert("weight", None)
+        kwargs["normalize"] = bool(shared.get("normalize", default_normalize))
+        if cls is not Linear:
+            kwargs["scale"] = float(shared.get("lambda", 1.0))
+            kwargs["rescale"] = "l1" if shared.get("rescale", cls is Dare) else "none"
+        if cls is Ties or cls is Breadcrumbs:
+            kwargs["density"] = per_expert("density", 1.0)
+        if cls is Breadcrumbs:
+            kwargs["gamma"] = per_expert("gamma", 0.01)
+        if cls is Dare:
+            kwargs["drop_rate"] = [1.0 - d for d in per_expert("density", 1.0)]
+        spec = {"name": cls.name, **kwargs, **overrides}
+    else:
+        spec = {"name": method, **shared, **overrides}
+        weights = [p.pop("weight", None) for p in per_model]
+        if any(w is not None for w in weights):
+            spec["weights"] = [1.0 if w is None else float(w) for w in weights]
+        for i, params in enumerate(per_model):
+            if params:
+                raise RecipeError(f"{recipe}: models[{i}].parameters {', '.join(params)}: only 'weight' is per model "
+                                  f"for '{method}'; put other parameters under 'parameters'")
+    try:
+        return Strategy.from_dict(spec)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{recipe}: {err}") from None
