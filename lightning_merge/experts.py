@@ -210,7 +210,10 @@ class Expert:
                         f"merge the adapter into its base (PeftModel.merge_and_unload) and save that folder"
                     )
                 kind, files = _folder_files(path)
-                self._source = _SafetensorsSource(files) if kind == "safetensors" else _merged_torch(files, trust_checkpoint)
+                if kind == "safetensors":
+                    self._source = _SafetensorsSource(files)
+                else:
+                    self._source = _merged_torch(files, trust_checkpoint)
             elif path.suffix == ".safetensors":
                 self._source = _SafetensorsSource([path])
             else:
@@ -224,7 +227,9 @@ class Expert:
             self._keys = {k[len(self.prefix) :]: k for k in keys if k.startswith(self.prefix)}
             if not self._keys:
                 sample = ", ".join(keys[:5])
-                raise ValueError(f"expert '{self.name}' has no tensor under prefix {self.prefix!r} (it has: {sample} ...)")
+                raise ValueError(
+                    f"expert '{self.name}' has no tensor under prefix {self.prefix!r} (it has: {sample} ...)"
+                )
         else:
             self._keys = {k: k for k in keys}
 

@@ -114,7 +114,9 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             raise RecipeError(f"{path}: '{key}' ({what}) is a mergekit feature lightning-merge does not implement")
     unknown = sorted(set(config) - _TOP_LEVEL)
     if unknown:
-        raise RecipeError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected {', '.join(sorted(_TOP_LEVEL))}")
+        raise RecipeError(
+            f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected {', '.join(sorted(_TOP_LEVEL))}"
+        )
     method = config.get("merge_method")
     if method is None:
         raise RecipeError(f"{path}: 'merge_method' is missing")

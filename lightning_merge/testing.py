@@ -91,7 +91,7 @@ def write_llama_family(root: str | Path, config: dict, n_experts: int = 3, delta
             else:
                 base[name] = (0.02 * torch.randn(shapes[name], generator=g)).to(dtype)
         save_file(base, folders[0] / file, metadata={"format": "pt"})
-        for e, folder in enumerate(folders[1:]):
+        for _e, folder in enumerate(folders[1:]):
             expert = {}
             for name, value in base.items():
                 mask = torch.rand(value.shape, generator=g) < delta_density

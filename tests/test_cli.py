@@ -4,13 +4,12 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_models
 from safetensors.torch import load_file, save_file
 
-from conftest import make_models
 from lightning_merge import Dare, Linear, TaskArithmetic, Ties, merge
 from lightning_merge.cli import main
 from lightning_merge.recipe import RecipeError, load_recipe

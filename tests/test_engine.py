@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_models
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import make_models
 from lightning_merge import Expert, Linear, Strategy, TaskArithmetic, Ties, merge
 from lightning_merge.strategies.linear import TaskVectorMerge
 

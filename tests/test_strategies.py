@@ -143,7 +143,8 @@ def test_ties_unweighted_matches_peft():
     taus32 = [t.float() for t in taus]
     w = torch.tensor([1.0, 0.5, 2.0])
     expected = peft_ties(taus32, w, density=0.3, majority_sign_method="total")
-    got = run(Ties(density=0.3, weights=w.tolist(), election="unweighted"), base.float(), [base.float() + t for t in taus32])
+    strategy = Ties(density=0.3, weights=w.tolist(), election="unweighted")
+    got = run(strategy, base.float(), [base.float() + t for t in taus32])
     torch.testing.assert_close(got - base.float(), expected, atol=1e-6, rtol=1e-5)
 
 
@@ -151,7 +152,7 @@ def test_ties_model_wide_topk_equals_brute_force():
     base, experts = _model(seed=2)
     merged = merge(experts, base, Ties(density=0.1, topk="model"))
     names = list(base)
-    for i, expert in enumerate(experts):
+    for _i, expert in enumerate(experts):
         flat = torch.cat([(expert[n] - base[n]).reshape(-1) for n in names])
         keep = F.topk_mask(flat.abs(), F.keep_count(0.1, flat.numel()))
         # single expert merged through TIES = its trimmed task vector
@@ -175,7 +176,8 @@ def test_ties_model_wide_ties_at_threshold_in_tensor_order():
 
 def _model(seed=0):
     g = torch.Generator().manual_seed(seed)
-    base = {"a": torch.randn(12, 9, generator=g), "b": torch.randn(30, generator=g), "c": torch.randn(5, 5, generator=g)}
+    base = {"a": torch.randn(12, 9, generator=g), "b": torch.randn(30, generator=g),
+            "c": torch.randn(5, 5, generator=g)}
     experts = [{k: v + torch.randn(v.shape, generator=g) * (1 + i) for k, v in base.items()} for i in range(3)]
     return base, experts
 

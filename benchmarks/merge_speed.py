@@ -1,0 +1,148 @@
+"""Wall time and peak RSS of `lightning-merge merge` against `mergekit-yaml` on the same recipes.
+
+Builds (once, in benchmarks/_work/) a base and 3 experts of a ~400M-parameter Llama-architecture model in bf16
+safetensors (random weights, experts = base + sparse deltas), then runs both command lines on linear,
+task_arithmetic and ties recipes: whole-process wall time and peak RSS, median of --runs runs each, with ratios.
+Also prints how far our merge is from the bandwidth floor (bytes read + written over a measured copy bandwidth).
+
+    python benchmarks/merge_speed.py --mergekit .venv-mergekit/bin/mergekit-yaml [--runs 3] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+RECIPES = {
+    "linear": "merge_method: linear\nmodels:\n{models_w}\ndtype: bfloat16\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: 0.5}}\n"
+                       "models:\n{models_w}\ndtype: bfloat16\n",
+    "ties": "merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.3}}\nmodels:\n{models_w}\n"
+            "dtype: bfloat16\n",
+}
+
+
+def build(root: Path, small: bool) -> tuple[Path, list[Path]]:
+    from lightning_merge.testing import llama_config, write_llama_family
+
+    config = (llama_config(hidden=256, layers=4, intermediate=704, vocab=8000, heads=8) if small else
+              llama_config(hidden=1024, layers=26, intermediate=2816, vocab=32000, heads=16))
+    marker = root / "done.json"
+    if marker.exists() and json.loads(marker.read_text()) == config:
+        return root / "base", sorted(root.glob("expert_*"))
+    shutil.rmtree(root, ignore_errors=True)
+    started = time.perf_counter()
+    base, experts = write_llama_family(root, config, n_experts=3, delta_density=0.1)
+    marker.write_text(json.dumps(config))
+    print(f"built the model family in {time.perf_counter() - started:.0f}s")
+    return base, experts
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    """Whole-process wall time (s) and peak RSS (MB) of ``cmd``, via /usr/bin/time."""
+    started = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+    rss = float(re.findall(r"MAXRSS (\d+)", proc.stderr)[-1]) / 1024
+    return wall, rss, proc.stderr
+
+
+def copy_bandwidth(src_folder: Path, dst: Path) -> float:
+    """Bytes per second of a read + fsync'd write of the base's weights (each byte moved counted once)."""
+    files = sorted(src_folder.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    started = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as src, open(dst, "wb") as out:
+            shutil.copyfileobj(src, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+    seconds = time.perf_counter() - started
+    dst.unlink()
+    return 2 * total / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml") or ".venv-mergekit/bin/mergekit-yaml")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--small", action="store_true", help="a ~20M model (quick check of the script)")
+    parser.add_argument("--methods", nargs="*", default=list(RECIPES))
+    parser.add_argument("--threads", type=int, default=None, help="pass --threads to lightning-merge")
+    args = parser.parse_args()
+
+    root = WORK / ("llama-small" if args.small else "llama-400m")
+    base, experts = build(root, args.small)
+    model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    n_params = model_bytes // 2
+    print(f"model: {n_params / 1e6:.0f}M parameters, {model_bytes / 1e9:.2f} GB bf16 per model, 3 experts")
+    for folder in [base, *experts]:  # warm the page cache for both tools alike
+        for f in folder.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+    bandwidth = copy_bandwidth(base, WORK / "copy.tmp")
+    print(f"measured copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + fsync'd write, bytes moved)")
+    ours_cmd = [sys.executable, "-m", "lightning_merge.cli"]
+    have_mergekit = Path(args.mergekit).exists()
+    if not have_mergekit:
+        print(f"mergekit not found at {args.mergekit}: measuring lightning-merge only")
+
+    rows = []
+    for method in args.methods:
+        models_w = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}" for e in experts)
+        recipe = WORK / f"{method}.yaml"
+        recipe.write_text(RECIPES[method].format(base=base, models_w=models_w))
+        out = WORK / f"out-{method}"
+        ours, theirs, merge_times = [], [], []
+        for _ in range(args.runs):
+            extra = ["--threads", str(args.threads)] if args.threads else []
+            wall, rss, err = run_measured([*ours_cmd, "merge", str(recipe), str(out), "--overwrite",
+                                           "--no-progress", *extra])
+            ours.append((wall, rss))
+            merge_times.append(float(re.findall(r"in ([\d.]+)s", err)[-1]))
+            if have_mergekit:
+                shutil.rmtree(WORK / "out-mergekit", ignore_errors=True)
+                theirs.append(run_measured([args.mergekit, str(recipe), str(WORK / "out-mergekit"), "--quiet"])[:2])
+        read = model_bytes * (3 if method == "linear" else 4)
+        floor = (read + model_bytes) / bandwidth
+        row = {
+            "method": method,
+            "ours_s": statistics.median(w for w, _ in ours),
+            "ours_rss_mb": statistics.median(r for _, r in ours),
+            "ours_merge_s": statistics.median(merge_times),
+            "floor_s": floor,
+        }
+        if theirs:
+            row["mergekit_s"] = statistics.median(w for w, _ in theirs)
+            row["mergekit_rss_mb"] = statistics.median(r for _, r in theirs)
+        rows.append(row)
+        print(json.dumps(row))
+        shutil.rmtree(out, ignore_errors=True)
+
+    print()
+    print(f"{'method':<16}{'ours s':>9}{'mergekit s':>12}{'ratio':>8}{'ours MB':>10}{'mergekit MB':>13}{'ratio':>8}"
+          f"{'merge s':>9}{'floor s':>9}{'×floor':>8}")
+    for r in rows:
+        mk_s, mk_mb = r.get("mergekit_s"), r.get("mergekit_rss_mb")
+        ratio_s = f"{r['ours_s'] / mk_s:.2f}" if mk_s else "-"
+        ratio_mb = f"{r['ours_rss_mb'] / mk_mb:.2f}" if mk_mb else "-"
+        print(f"{r['method']:<16}{r['ours_s']:>9.1f}{(mk_s or 0):>12.1f}{ratio_s:>8}{r['ours_rss_mb']:>10.0f}"
+              f"{(mk_mb or 0):>13.0f}{ratio_mb:>8}{r['ours_merge_s']:>9.1f}{r['floor_s']:>9.1f}"
+              f"{r['ours_merge_s'] / r['floor_s']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
