@@ -453,7 +453,7 @@ def _compute(plan: MergePlan, strategy: Strategy, reader: _StatisticReader, job:
                     f"or fix the expert"
                 )
         return values[0]
-    base = plan.base_tensor(name)
+    base = plan.base_tensor(name) if strategy.needs_base or not all(job.present) else None
     tensors = plan.expert_tensors(name, base)
     merged = strategy.merge_tensor(name, base, tensors, reader(name))
     if tuple(merged.shape) != job.spec.shape:

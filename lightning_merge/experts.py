@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,38 +70,96 @@ class _DictSource:
         return self._tensors[key].detach()
 
 
+class SafetensorsFile:
+    """A safetensors file read with ``pread`` into private memory, one tensor at a time.
+
+    Only the header is read up front. Tensors are read on request into freshly allocated buffers, so the process
+    holds only the tensors in use (a memory map would count every page it ever touched toward resident memory,
+    up to the whole file). Reads are thread-safe (``pread`` at explicit offsets).
+    """
+
+    MAX_HEADER = 100 << 20
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError(f"safetensors file '{path}' is truncated (no header)")
+            n = struct.unpack("<Q", raw)[0]
+            if n > self.MAX_HEADER or 8 + n > size:
+                raise ValueError(f"safetensors file '{path}' is truncated or corrupted (header of {n} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"safetensors file '{path}' has a corrupted header ({err})") from err
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[TensorSpec, int, int]] = {}
+        for key, info in header.items():
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"'{path}': tensor '{key}' has unsupported dtype {info.get('dtype')}")
+            start, end = info["data_offsets"]
+            spec = TensorSpec(tuple(info["shape"]), dtype)
+            if end - start != spec.nbytes or self.data_start + end > size:
+                raise ValueError(
+                    f"safetensors file '{path}' is truncated or corrupted: tensor '{key}' does not fit "
+                    f"({end - start} bytes at {start}, file of {size} bytes)"
+                )
+            self.entries[key] = (spec, start, end)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def keys(self) -> list[str]:
+        return sorted(self.entries, key=lambda k: self.entries[k][1])
+
+    def spec(self, key: str) -> TensorSpec:
+        return self.entries[key][0]
+
+    def get(self, key: str) -> Tensor:
+        spec, start, end = self.entries[key]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        offset, pos = self.data_start + start, 0
+        while pos < len(view):
+            got = os.preadv(self._fd, [view[pos:]], offset + pos)
+            if got <= 0:
+                raise ValueError(f"safetensors file '{self.path}' ended early while reading '{key}'")
+            pos += got
+        if spec.dtype == torch.bool:
+            return buffer.view(torch.bool).reshape(spec.shape)
+        return buffer.view(spec.dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class _SafetensorsSource:
-    """One or more safetensors files, memory-mapped; headers only are read up front."""
+    """One or more safetensors files (a sharded folder); headers only are read up front."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self._handles: dict[str, Any] = {}
-        self._specs: dict[str, TensorSpec] = {}
+        self._files: dict[str, SafetensorsFile] = {}
         self._order: list[str] = []
         for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt")
-                keys = list(handle.keys())
-            except Exception as err:
-                raise ValueError(f"cannot read safetensors file '{file}': {err}") from err
-            for key in keys:
-                sl = handle.get_slice(key)
-                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise ValueError(f"'{file}': tensor '{key}' has unsupported dtype {sl.get_dtype()}")
-                self._specs[key] = TensorSpec(tuple(sl.get_shape()), dtype)
-                self._handles[key] = handle
+            handle = SafetensorsFile(file)
+            for key in handle.keys():
+                self._files[key] = handle
                 self._order.append(key)
 
     def keys(self) -> list[str]:
         return list(self._order)
 
     def spec(self, key: str) -> TensorSpec:
-        return self._specs[key]
+        return self._files[key].spec(key)
 
     def get(self, key: str) -> Tensor:
-        return self._handles[key].get_tensor(key)
+        return self._files[key].get(key)
 
 
 def load_torch_file(path: Path, trust_checkpoint: bool = False) -> Any:

@@ -19,10 +19,30 @@ def keep_count(density: float, numel: int) -> int:
     return min(numel, max(1, int(density * numel)))
 
 
+def kth_largest(x: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest value of a flat tensor (1 ≤ k ≤ numel), exactly.
+
+    Non-negative float32 values order like their int32 bit patterns, so a two-pass radix select (a histogram of
+    the high 16 bits, then of the low 16 bits inside the chosen bin) finds it in O(n) with two ``bincount``
+    calls: about 4× faster than ``torch.kthvalue`` on the CPU. Other inputs use ``kthvalue``.
+    """
+    if x.dtype != torch.float32 or bool((x < 0).any()):
+        return torch.kthvalue(x, x.numel() - k + 1).values
+    bits = x.contiguous().view(torch.int32)
+    high = bits >> 16
+    at_or_above = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0).flip(0)
+    top = int(torch.nonzero(at_or_above >= k).max())
+    above = int(at_or_above[top + 1]) if top + 1 < at_or_above.numel() else 0
+    low = bits[high == top] & 0xFFFF
+    low_at_or_above = torch.bincount(low, minlength=1 << 16).flip(0).cumsum(0).flip(0)
+    bottom = int(torch.nonzero(low_at_or_above >= k - above).max())
+    return torch.tensor((top << 16) | bottom, dtype=torch.int32).view(torch.float32)
+
+
 def topk_mask(x: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` largest entries of ``x`` (any shape), ties broken by the lower flat index.
 
-    Uses a selection (``kthvalue``, O(n)) rather than a full sort.
+    Uses a selection (:func:`kth_largest`, O(n)) rather than a sort.
     """
     flat = x.reshape(-1)
     n = flat.numel()
@@ -30,7 +50,7 @@ def topk_mask(x: Tensor, k: int) -> Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
+    threshold = kth_largest(flat, k)
     above = flat > threshold
     need = k - int(above.sum())
     equal = flat == threshold
@@ -42,7 +62,12 @@ def magnitude_mask(tau: Tensor, density: float) -> Tensor:
     """Top-k of ``|tau|`` per tensor with ``k = keep_count(density, numel)`` (TIES' trim step)."""
     if density >= 1:
         return torch.ones_like(tau, dtype=torch.bool)
-    return topk_mask(tau.abs(), keep_count(density, tau.numel()))
+    k = keep_count(density, tau.numel())
+    nonzero = tau != 0
+    if k >= int(nonzero.sum()):
+        # The threshold is 0: every non-zero entry is kept, and a kept zero contributes nothing.
+        return nonzero
+    return topk_mask(tau.abs(), k)
 
 
 def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
@@ -95,6 +120,20 @@ def elect_signs(values: Tensor) -> Tensor:
     return torch.where(values.sum(dim=0) >= 0, 1.0, -1.0).to(values.dtype)
 
 
+def weighted_sum(tensors: list[Tensor], weights: Tensor, normalize: bool) -> Tensor:
+    """``Σ wᵢ xᵢ`` (divided by ``Σ wᵢ`` when ``normalize``; a sum below 1e-8 divides by 1), accumulated in place
+    without stacking the inputs."""
+    ws = weights.tolist()
+    out = tensors[0] * ws[0]
+    for w, x in zip(ws[1:], tensors[1:]):
+        out.add_(x, alpha=w)
+    if normalize:
+        total = sum(ws)
+        if abs(total) >= 1e-8:
+            out.div_(total)
+    return out
+
+
 def combine_task_vectors(
     tau: Tensor, weights: Tensor, *, election: str | None, normalize: bool
 ) -> Tensor:
@@ -108,25 +147,40 @@ def combine_task_vectors(
             agrees).
         normalize: divide by the divisor above (by ``sum(w)`` without election).
     """
-    w = expand_weights(weights, tau)
-    weighted = tau * w
     if election is None:
-        mixed = weighted.sum(dim=0)
-        if normalize:
-            divisor = weights.sum()
-            mixed = mixed / (divisor if divisor.abs() >= 1e-8 else 1.0)
-        return mixed
-    if election == "weighted":
-        gamma = elect_signs(weighted)
-        agree = torch.sign(weighted) == gamma
-        divisor = (w * agree).sum(dim=0)
-    elif election == "unweighted":
-        gamma = elect_signs(tau)
-        agree = torch.sign(tau) == gamma
-        divisor = agree.sum(dim=0).to(tau.dtype)
-    else:
+        return weighted_sum(list(tau), weights, normalize)
+    if election not in ("weighted", "unweighted"):
         raise ValueError(f"election must be None, 'weighted' or 'unweighted', got {election!r}")
-    mixed = (weighted * agree).sum(dim=0)
+    return _elect_and_combine(tau.clone(), weights.tolist(), election, normalize)
+
+
+def _elect_and_combine(buf: Tensor, ws: list[float], election: str, normalize: bool) -> Tensor:
+    """TIES election on a stacked buffer that is modified in place (one N-sized temporary: the agreement mask)."""
+
+    def agreement() -> Tensor:
+        positive = buf.sum(dim=0) >= 0  # γ = +1 where the sum is >= 0
+        return torch.where(positive, buf > 0, buf < 0)  # sgn(x) == γ; a zero never agrees
+
+    if election == "unweighted":
+        agree = agreement()
+        for i, w in enumerate(ws):
+            buf[i].mul_(w)
+    else:
+        for i, w in enumerate(ws):
+            buf[i].mul_(w)
+        agree = agreement()
+    buf.mul_(agree)
+    mixed = buf.sum(dim=0)
     if normalize:
-        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor = torch.zeros_like(mixed)
+        for i, w in enumerate(ws):
+            divisor.add_(agree[i], alpha=w if election == "weighted" else 1.0)
+        mixed.div_(torch.where(divisor == 0, 1.0, divisor))
     return mixed
+
+
+def elect_and_combine_owned(buf: Tensor, weights: Tensor, *, election: str | None, normalize: bool) -> Tensor:
+    """:func:`combine_task_vectors` on a buffer the caller gives away (modified in place, no copy)."""
+    if election is None:
+        return weighted_sum(list(buf), weights, normalize)
+    return _elect_and_combine(buf, weights.tolist(), election, normalize)

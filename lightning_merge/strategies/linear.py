@@ -46,8 +46,7 @@ class Linear(Strategy):
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
     ) -> Tensor:
-        stacked = torch.stack(list(tensors))
-        return F.combine_task_vectors(stacked, self._weights(len(tensors)), election=None, normalize=self.normalize)
+        return F.weighted_sum(list(tensors), self._weights(len(tensors)), self.normalize)
 
 
 @dataclasses.dataclass
@@ -95,11 +94,20 @@ class TaskVectorMerge(Strategy):
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
     ) -> Tensor:
-        tau = torch.stack([self.sparsify(name, i, t - base) for i, t in enumerate(tensors)])
-        mixed = F.combine_task_vectors(
-            tau, self._weights(len(tensors)), election=self.election, normalize=self.normalize
-        )
-        return base + self.scale * mixed
+        weights = self._weights(len(tensors))
+        if self.election is None:
+            taus = [self.sparsify(name, i, t - base) for i, t in enumerate(tensors)]
+            mixed = F.weighted_sum(taus, weights, self.normalize)
+        else:
+            buf = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
+            for i, t in enumerate(tensors):
+                torch.sub(t, base, out=buf[i])
+                sparse = self.sparsify(name, i, buf[i])
+                if sparse is not buf[i]:
+                    buf[i].copy_(sparse)
+                del sparse
+            mixed = F.elect_and_combine_owned(buf, weights, election=self.election, normalize=self.normalize)
+        return mixed.mul_(self.scale).add_(base)
 
 
 @dataclasses.dataclass
