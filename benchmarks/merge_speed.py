@@ -59,19 +59,31 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
     return wall, rss, proc.stderr
 
 
-def copy_bandwidth(src_folder: Path, dst: Path) -> float:
-    """Bytes per second of a read + fsync'd write of the base's weights (each byte moved counted once)."""
+def bandwidths(src_folder: Path, dst: Path) -> tuple[float, float]:
+    """Read bandwidth (page cache into private memory) and fsync'd write bandwidth, bytes per second, measured by
+    copying the base's weights: the floor of any merge that reads R and durably writes W bytes is
+    R / read + W / write."""
     files = sorted(src_folder.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
+    chunks = []
     started = time.perf_counter()
     for f in files:
-        with open(f, "rb") as src, open(dst, "wb") as out:
-            shutil.copyfileobj(src, out, 16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-    seconds = time.perf_counter() - started
+        with open(f, "rb") as src:
+            while True:
+                block = src.read(64 << 20)
+                if not block:
+                    break
+                chunks.append(block)
+    read_s = time.perf_counter() - started
+    started = time.perf_counter()
+    with open(dst, "wb") as out:
+        for block in chunks:
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    write_s = time.perf_counter() - started
     dst.unlink()
-    return 2 * total / seconds
+    return total / read_s, total / write_s
 
 
 def main() -> None:
@@ -93,8 +105,8 @@ def main() -> None:
             with open(f, "rb") as fh:
                 while fh.read(64 << 20):
                     pass
-    bandwidth = copy_bandwidth(base, WORK / "copy.tmp")
-    print(f"measured copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + fsync'd write, bytes moved)")
+    read_bw, write_bw = bandwidths(base, WORK / "copy.tmp")
+    print(f"measured bandwidth: read {read_bw / 1e9:.2f} GB/s (page cache), write {write_bw / 1e9:.2f} GB/s (fsync'd)")
     ours_cmd = [sys.executable, "-m", "lightning_merge.cli"]
     have_mergekit = Path(args.mergekit).exists()
     if not have_mergekit:
@@ -116,8 +128,8 @@ def main() -> None:
             if have_mergekit:
                 shutil.rmtree(WORK / "out-mergekit", ignore_errors=True)
                 theirs.append(run_measured([args.mergekit, str(recipe), str(WORK / "out-mergekit"), "--quiet"])[:2])
-        read = model_bytes * (3 if method == "linear" else 4)
-        floor = (read + model_bytes) / bandwidth
+        read = model_bytes * (3 if method == "linear" else 4)  # linear does not read the base
+        floor = read / read_bw + model_bytes / write_bw
         row = {
             "method": method,
             "ours_s": statistics.median(w for w, _ in ours),

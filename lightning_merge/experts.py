@@ -81,6 +81,7 @@ class SafetensorsFile:
     MAX_HEADER = 100 << 20
 
     def __init__(self, path: Path):
+        self._fd = -1
         self.path = path
         size = path.stat().st_size
         with open(path, "rb") as f:
