@@ -260,3 +260,32 @@ def test_threads_give_identical_results():
 def test_strategy_objects_are_plain_dataclasses():
     s = Strategy.from_dict({"name": "ties", "density": [0.1, 0.2], "weights": [1, 2]})
     assert s.density == [0.1, 0.2] and s.to_dict()["weights"] == [1, 2]
+
+
+class FisherWeighted(Linear):
+    name = "fisher_weighted_test_strategy"
+    requires = ("fisher",)
+
+    def merge_tensor(self, name, base, tensors, stats):
+        fs = [s["fisher"] for s in stats]
+        return sum(f * t for f, t in zip(fs, tensors)) / sum(fs)
+
+
+def test_statistics_reach_the_strategy_and_missing_ones_follow_the_policy():
+    from lightning_merge import StatisticsError
+
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([4.0])}
+    fa, fb = torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.0])
+    ea = Expert(a, statistics={"fisher": {"w": fa}}, name="a")
+    eb = Expert(b, statistics={"fisher": {"w": fb}}, name="b")
+    got = merge([ea, eb], strategy=FisherWeighted())
+    torch.testing.assert_close(got["w"], (fa * a["w"] + fb * b["w"]) / (fa + fb))
+    assert torch.equal(got["b"], torch.tensor([2.0]))  # no expert has a statistic for 'b': uniform
+    with pytest.raises(StatisticsError, match=r"expert 'plain' has no 'fisher' statistics.*on_missing_statistic"):
+        merge([ea, Expert(b, name="plain")], strategy=FisherWeighted())
+    got = merge([ea, Expert(b, name="plain")], strategy=FisherWeighted(), on_missing_statistic="uniform")
+    torch.testing.assert_close(got["w"], (fa * a["w"] + b["w"]) / (fa + 1))
+    bad = Expert(b, statistics={"fisher": {"w": torch.ones(3)}}, name="bad")
+    with pytest.raises(StatisticsError, match="has shape \\[3\\], the tensor \\[2\\]"):
+        merge([ea, bad], strategy=FisherWeighted())
