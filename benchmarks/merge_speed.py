@@ -3,7 +3,8 @@
 Builds (once, in benchmarks/_work/) a base and 3 experts of a ~400M-parameter Llama-architecture model in bf16
 safetensors (random weights, experts = base + sparse deltas), then runs both command lines on linear,
 task_arithmetic and ties recipes: whole-process wall time and peak RSS, median of --runs runs each, with ratios.
-Also prints how far our merge is from the bandwidth floor (bytes read + written over a measured copy bandwidth).
+Also prints how far our merge is from the bandwidth floor (bytes read over the page-cache read bandwidth plus
+bytes written over the fsync'd write bandwidth, both measured in the same run).
 
     python benchmarks/merge_speed.py --mergekit .venv-mergekit/bin/mergekit-yaml [--runs 3] [--small]
 """

@@ -258,7 +258,8 @@ def merge(
             (warn and use weight 1 for that expert).
         shard_size: largest safetensors shard (``"5GB"``, ``"500MB"`` or bytes).
         overwrite: replace an existing output once the new one is complete.
-        threads: worker threads over tensors (default: up to 2).
+        threads: worker threads over tensors (default: up to 2). Whatever the count, the tensors being merged at
+            once hold at most as many elements as the largest tensor, so threads do not raise peak memory.
         progress: show a progress bar (default: when stderr is a terminal).
 
     Returns:
@@ -418,15 +419,20 @@ def _run(plan: MergePlan, strategy: Strategy, writer: Writer, reader: _Statistic
                 work(job)
                 bar.update(1)
             return
-        pending: set[Future] = set()
+        # Memory bound: the elements in flight never exceed the largest tensor's, so small tensors are merged
+        # `threads` at a time while two of the largest (embeddings, heads) never are.
+        budget = max(job.spec.numel for job in plan.jobs)
+        pending: dict[Future, int] = {}
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lightning-merge") as pool:
             for job in plan.jobs:
-                if len(pending) >= threads:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                size = job.spec.numel
+                while pending and (len(pending) >= threads or sum(pending.values()) + size > budget):
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
+                        del pending[f]
                         f.result()
                         bar.update(1)
-                pending.add(pool.submit(work, job))
+                pending[pool.submit(work, job)] = size
             for f in pending:
                 f.result()
                 bar.update(1)
