@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import struct
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -200,7 +199,6 @@ class SafetensorsWriter(Writer):
         except BaseException:
             self.abort()
             raise
-        self._lock = threading.Lock()
 
     def write(self, name: str, tensor: Tensor) -> None:
         self.shard_of[name].write(name, tensor)
