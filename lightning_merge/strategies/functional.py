@@ -110,16 +110,6 @@ def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
     return masked * (before / after)
 
 
-def expand_weights(weights: Tensor, like: Tensor) -> Tensor:
-    """Reshape per-expert weights ``(N,)`` to broadcast against ``(N, *shape)``."""
-    return weights.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
-
-
-def elect_signs(values: Tensor) -> Tensor:
-    """TIES sign election: +1 where the sum over experts is >= 0, else -1."""
-    return torch.where(values.sum(dim=0) >= 0, 1.0, -1.0).to(values.dtype)
-
-
 def weighted_sum(tensors: list[Tensor], weights: Tensor, normalize: bool) -> Tensor:
     """``Σ wᵢ xᵢ`` (divided by ``Σ wᵢ`` when ``normalize``; a sum below 1e-8 divides by 1), accumulated in place
     without stacking the inputs."""
@@ -135,7 +125,7 @@ def weighted_sum(tensors: list[Tensor], weights: Tensor, normalize: bool) -> Ten
 
 
 def combine_task_vectors(
-    tau: Tensor, weights: Tensor, *, election: str | None, normalize: bool
+    tau: Tensor, weights: Tensor, *, election: str | None, normalize: bool, inplace: bool = False
 ) -> Tensor:
     """Combine per-expert task vectors ``tau (N, *shape)`` into one: the shared core of the linear family.
 
@@ -146,12 +136,13 @@ def combine_task_vectors(
             the weights that agree) or ``"unweighted"`` (PEFT: elect on ``sum(tau)``, divide by the count that
             agrees).
         normalize: divide by the divisor above (by ``sum(w)`` without election).
+        inplace: ``tau`` is the caller's to give away: the election works in it instead of in a copy.
     """
     if election is None:
         return weighted_sum(list(tau), weights, normalize)
     if election not in ("weighted", "unweighted"):
         raise ValueError(f"election must be None, 'weighted' or 'unweighted', got {election!r}")
-    return _elect_and_combine(tau.clone(), weights.tolist(), election, normalize)
+    return _elect_and_combine(tau if inplace else tau.clone(), weights.tolist(), election, normalize)
 
 
 def _elect_and_combine(buf: Tensor, ws: list[float], election: str, normalize: bool) -> Tensor:
@@ -177,10 +168,3 @@ def _elect_and_combine(buf: Tensor, ws: list[float], election: str, normalize: b
             divisor.add_(agree[i], alpha=w if election == "weighted" else 1.0)
         mixed.div_(torch.where(divisor == 0, 1.0, divisor))
     return mixed
-
-
-def elect_and_combine_owned(buf: Tensor, weights: Tensor, *, election: str | None, normalize: bool) -> Tensor:
-    """:func:`combine_task_vectors` on a buffer the caller gives away (modified in place, no copy)."""
-    if election is None:
-        return weighted_sum(list(buf), weights, normalize)
-    return _elect_and_combine(buf, weights.tolist(), election, normalize)

@@ -106,7 +106,8 @@ class TaskVectorMerge(Strategy):
                 if sparse is not buf[i]:
                     buf[i].copy_(sparse)
                 del sparse
-            mixed = F.elect_and_combine_owned(buf, weights, election=self.election, normalize=self.normalize)
+            mixed = F.combine_task_vectors(buf, weights, election=self.election, normalize=self.normalize,
+                                           inplace=True)
         return mixed.mul_(self.scale).add_(base)
 
 
