@@ -28,7 +28,6 @@ from lightning_merge.writers import (
     ModuleWriter,
     SafetensorsWriter,
     Writer,
-    check_output_path,
     parse_size,
 )
 
@@ -337,7 +336,6 @@ def _make_writer(out: Any, jobs: list[TensorJob], reference: Expert, provenance:
     entries = [(j.name, j.spec) for j in jobs]
     if path.suffix == ".safetensors":
         return SafetensorsWriter(path, entries, provenance=provenance, overwrite=overwrite, single_file=True)
-    check_output_path(path, overwrite)
     copy_from = reference.path if reference.path is not None and reference.path.is_dir() else None
     return SafetensorsWriter(path, entries, shard_size=parse_size(shard_size), copy_from=copy_from,
                              provenance=provenance, overwrite=overwrite)
@@ -367,7 +365,7 @@ class _StatisticReader:
                             "(on_missing_statistic='uniform')", expert.name, kind)
                 self.uniform_experts.add(i)
 
-    def __call__(self, name: str, like: Sequence[Tensor] | None = None) -> list[dict[str, Tensor]]:
+    def __call__(self, name: str) -> list[dict[str, Tensor]]:
         if not self.kinds:
             return [{} for _ in self.experts]
         out: list[dict[str, Tensor]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -304,6 +305,13 @@ class Expert:
             if sidecar.exists():
                 self._statistics = Statistics.load(sidecar)
 
+        # A sidecar keyed like the checkpoint carries the prefix; an in-memory one may already be stripped.
+        self._stats_prefix = ""
+        if self.prefix and self._statistics is not None:
+            first = itertools.islice(self._statistics.keys(), 8)
+            if any(f"/{self.prefix}" in key for key in first):
+                self._stats_prefix = self.prefix
+
     def __repr__(self) -> str:
         return f"Expert({self.name!r}, tensors={len(self._keys)})"
 
@@ -354,22 +362,7 @@ class Expert:
             raise StatisticsError(
                 f"expert '{self.name}' has no statistics (no sidecar next to it and none passed as statistics=)"
             )
-        return self._statistics.get(self.prefix + name if self._stats_prefixed() else name, kind, estimator)
-
-    def _stats_prefixed(self) -> bool:
-        # A sidecar keyed like the checkpoint carries the prefix; an in-memory one may already be stripped.
-        if not self.prefix or self._statistics is None:
-            return False
-        return any(f"/{self.prefix}" in k for k in _first_keys(self._statistics))
-
-
-def _first_keys(stats: Statistics, n: int = 8) -> list[str]:
-    out = []
-    for key in stats._tensors.keys():
-        out.append(key)
-        if len(out) >= n:
-            break
-    return out
+        return self._statistics.get(self._stats_prefix + name, kind, estimator)
 
 
 def _merged_torch(files: list[Path], trust_checkpoint: bool) -> _DictSource:

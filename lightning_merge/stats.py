@@ -76,6 +76,7 @@ class Statistics:
         self._tensors = tensors
         self.kinds: dict[str, dict[str, Any]] = {k: dict(v) for k, v in kinds.items()}
         self.origin = origin
+        self.metadata: dict[str, str] = {}  # the file's __metadata__ (set by load)
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -127,8 +128,6 @@ class Statistics:
                 tensors[f"{kind}/{name}"] = value
         return cls(tensors, kinds, origin)
 
-    metadata: dict[str, str] = {}
-
     # -- queries ------------------------------------------------------------------------------------------------
     def _resolve_kind(self, kind: str, estimator: str | None) -> str:
         if kind in self.kinds:
@@ -148,6 +147,10 @@ class Statistics:
         raise StatisticsError(
             f"{self.origin} has no statistic {kind!r}; it holds {', '.join(sorted(self.kinds)) or 'no statistics'}"
         )
+
+    def keys(self) -> Iterable[str]:
+        """The raw tensor keys (``{kind}/{name}``, ``:row`` / ``:col`` halves)."""
+        return self._tensors.keys()
 
     def has(self, kind: str) -> bool:
         """Whether statistics of ``kind`` (``"fisher"`` matches any Fisher estimator) are present."""
