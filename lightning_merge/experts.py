@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_merge.stats import SIDECAR_NAME, Statistics, StatisticsError, sidecar_path
+from lightning_merge.stats import SIDECAR_NAME, Statistics, StatisticsError, find_sidecar
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -301,8 +301,8 @@ class Expert:
             else:
                 self._statistics = Statistics.from_mapping(statistics, origin=f"statistics of expert '{self.name}'")
         elif self.path is not None:
-            sidecar = sidecar_path(self.path)
-            if sidecar.exists():
+            sidecar = find_sidecar(self.path)
+            if sidecar is not None:
                 self._statistics = Statistics.load(sidecar)
 
         # A sidecar keyed like the checkpoint carries the prefix; an in-memory one may already be stripped.
@@ -311,6 +311,27 @@ class Expert:
             first = itertools.islice(self._statistics.keys(), 8)
             if any(f"/{self.prefix}" in key for key in first):
                 self._stats_prefix = self.prefix
+        if self._statistics is not None and isinstance(statistics, (str, os.PathLike, type(None))):
+            self._check_statistics_names()
+
+    def _check_statistics_names(self) -> None:
+        """A sidecar must describe tensors of this expert: refuse one written for another checkpoint."""
+        assert self._statistics is not None
+        known = set(self._keys.values())
+        stat_names = self._statistics.all_names()
+        if self._stats_prefix:
+            stat_names = {n for n in stat_names if n.startswith(self._stats_prefix)}
+        else:
+            known = set(self._keys)
+        unknown = sorted(n for n in stat_names if n not in known)
+        if unknown:
+            sample = ", ".join(unknown[:3])
+            raise StatisticsError(
+                f"statistics '{self._statistics.origin}' do not match expert '{self.name}': {len(unknown)} of its "
+                f"{len(stat_names)} statistics are for tensors the expert does not have ({sample}"
+                f"{' ...' if len(unknown) > 3 else ''}); the sidecar belongs to another checkpoint, or the parameter "
+                f"names changed. Capture again, or pass statistics= the right file"
+            )
 
     def __repr__(self) -> str:
         return f"Expert({self.name!r}, tensors={len(self._keys)})"

@@ -29,6 +29,8 @@ SIDECAR_NAME = "statistics.safetensors"
 SIDECAR_SUFFIX = ".statistics.safetensors"
 FISHER_ESTIMATORS = ("true", "example", "batch")  # preference order when a capture holds several
 KNOWN_KINDS = ("fisher", "exp_avg_sq")
+COMPRESSIONS = ("float32", "bfloat16", "rank1")
+RESUME_PREFIX = "resume/"  # float32 accumulators kept for exact resume when the statistics are compressed
 
 
 def sidecar_path(source: str | os.PathLike) -> Path:
@@ -44,6 +46,20 @@ def sidecar_path(source: str | os.PathLike) -> Path:
     return source.with_name(name + SIDECAR_SUFFIX)
 
 
+def find_sidecar(source: str | os.PathLike) -> Path | None:
+    """The sidecar of ``source`` if one exists; a symbolic link (``save_last="link"``) is followed to its target's
+    sidecar when it has none of its own."""
+    path = sidecar_path(source)
+    if path.exists():
+        return path
+    source = Path(source)
+    if source.is_symlink():
+        target = sidecar_path(source.resolve())
+        if target.exists():
+            return target
+    return None
+
+
 def names_checksum(names: Iterable[str]) -> str:
     """sha256 of the sorted parameter names, newline-joined (recorded so mismatched sidecars are caught)."""
     return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
@@ -57,6 +73,91 @@ def rank1_reconstruct(row: Tensor, col: Tensor) -> Tensor:
     if total <= 0:
         return torch.zeros(row.numel(), col.numel(), dtype=torch.float32)
     return torch.outer(row, col) / total
+
+
+def tensor_fingerprint(tensor: Tensor, samples: int = 256) -> str:
+    """A short hash of a fixed sample of ``tensor`` (cast to float32): cheap to compute for any size, equal for
+    equal tensors, different (with overwhelming probability) for tensors that moved."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() > samples:
+        index = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).round().long()
+        flat = flat[index]
+    data = flat.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+    shape = ",".join(str(d) for d in tensor.shape)
+    return hashlib.sha256(shape.encode() + b"|" + data).hexdigest()[:16]
+
+
+def encode(key: str, value: Tensor, compression: str) -> dict[str, Tensor]:
+    """The stored tensors of one statistic under ``compression`` (float32, bfloat16, or rank1 for 2-D tensors;
+    tensors of other ranks are stored in float32 under rank1)."""
+    value = value.detach().to(device="cpu", dtype=torch.float32)
+    if compression == "bfloat16":
+        return {key: value.to(torch.bfloat16).contiguous()}
+    if compression == "rank1" and value.dim() == 2:
+        return {f"{key}:row": value.sum(1).contiguous(), f"{key}:col": value.sum(0).contiguous()}
+    return {key: value.contiguous()}
+
+
+def write_statistics(
+    path: str | os.PathLike,
+    statistics: Mapping[str, Mapping[str, Tensor]],
+    kinds: Mapping[str, Mapping[str, Any]],
+    *,
+    compression: str = "float32",
+    resume: Mapping[str, Mapping[str, Tensor]] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a sidecar atomically (temporary file, fsync, rename).
+
+    Args:
+        path: the sidecar file (see :func:`sidecar_path`).
+        statistics: ``{kind: {parameter name: tensor}}`` in the stored convention of docs/format.md (raw
+            ``exp_avg_sq``, mean g² for ``fisher.batch``...).
+        kinds: per-kind metadata (β₂, steps, counts, batch size...); ``compression`` is added.
+        compression: ``"float32"``, ``"bfloat16"`` or ``"rank1"`` (Adafactor row/column sums for 2-D tensors).
+        resume: optional float32 accumulators ``{kind: {name: tensor}}`` stored uncompressed under
+            ``resume/{kind}/{name}`` (unless ``{kind}/{name}`` already holds them in float32) so a resumed run
+            continues exactly; readers of statistics ignore them.
+        metadata: extra ``__metadata__`` strings (for example ``base_fingerprint``).
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    from lightning_merge import __version__
+    from lightning_merge.io import atomic_file
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    tensors: dict[str, Tensor] = {}
+    names: set[str] = set()
+    kinds_meta: dict[str, dict[str, Any]] = {}
+    for kind, per_name in statistics.items():
+        if "/" in kind or kind.startswith("resume"):
+            raise ValueError(f"invalid statistic kind {kind!r}")
+        kinds_meta[kind] = {**dict(kinds.get(kind, {})), "compression": compression}
+        for name, value in per_name.items():
+            tensors.update(encode(f"{kind}/{name}", value, compression))
+            names.add(name)
+    for kind, per_name in (resume or {}).items():
+        for name, value in per_name.items():
+            stored = tensors.get(f"{kind}/{name}")
+            if stored is not None and stored.dtype == torch.float32:
+                continue  # already stored exactly
+            tensors[f"{RESUME_PREFIX}{kind}/{name}"] = value.detach().to("cpu", torch.float32).contiguous()
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "library_version": __version__,
+        "names_checksum": names_checksum(names),
+        "kinds": json.dumps(kinds_meta, sort_keys=True),
+        **dict(metadata or {}),
+    }
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
 
 
 class StatisticsError(ValueError):
@@ -148,6 +249,18 @@ class Statistics:
             f"{self.origin} has no statistic {kind!r}; it holds {', '.join(sorted(self.kinds)) or 'no statistics'}"
         )
 
+    def all_names(self) -> set[str]:
+        """Every parameter name with a statistic of any kind (resume accumulators excluded)."""
+        out = set()
+        for key in self._tensors.keys():
+            if key.startswith(RESUME_PREFIX) or "/" not in key:
+                continue
+            name = key.split("/", 1)[1]
+            if name.endswith(":row") or name.endswith(":col"):
+                name = name[:-4]
+            out.add(name)
+        return out
+
     def keys(self) -> Iterable[str]:
         """The raw tensor keys (``{kind}/{name}``, ``:row`` / ``:col`` halves)."""
         return self._tensors.keys()
@@ -202,6 +315,10 @@ class Statistics:
                 raise StatisticsError(f"{self.origin}: tensor '{name}' has exp_avg_sq but step {step}")
             return value / (1.0 - beta2**step)
         if stored == "fisher.batch":
+            decay = meta.get("ema_decay")
+            if decay:  # an exponential moving average: bias-corrected like Adam's second moments
+                count = _per_name(meta, "count", name, self.origin)
+                value = value / (1.0 - float(decay) ** count)
             return value * float(meta.get("batch_size", 1))
         return value
 

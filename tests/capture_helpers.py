@@ -1,0 +1,105 @@
+"""Tiny Lightning modules and data for the capture tests (importable by ddp_spawn workers)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def quiet() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+def data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def loader(n: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    x, y = data(n, seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class Tiny(pl.LightningModule):
+    """A 4→5→3 MLP classifier with Adam (β₂ = 0.99 so bias correction is visible in short runs)."""
+
+    def __init__(self, lr: float = 0.0, optimizer: str = "adam", seed: int = 0, nonfinite_step: int = -1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.nonfinite_step = nonfinite_step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.global_step == self.nonfinite_step:
+            loss = loss * float("nan")
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):  # runs after the callbacks' hook: stands in for AMP's skip
+        if self.global_step == self.nonfinite_step:
+            for p in self.parameters():
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y) + 0.01 * self.current_epoch)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.optimizer_name == "adamw-groups":  # reordered groups: the head first, then the body
+            return torch.optim.AdamW(
+                [
+                    {"params": self.net[2].parameters(), "betas": (0.9, 0.95)},
+                    {"params": self.net[0].parameters()},
+                ],
+                lr=self.lr,
+                betas=(0.9, 0.99),
+            )
+        return torch.optim.Adam(self.parameters(), lr=self.lr, betas=(0.9, 0.99))
+
+
+def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    quiet()
+    options = dict(
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def batch_grads(model: nn.Module, batches) -> list[dict[str, torch.Tensor]]:
+    """Gradient of the mean loss of each batch (a list of (x, y)), at the model's current weights."""
+    out = []
+    for x, y in batches:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    return out
