@@ -32,6 +32,33 @@ def loader(n: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+class RankInterleaved(torch.utils.data.Sampler):
+    """Rank r reads examples r, r + W, r + 2W... in order (Lightning's own DistributedSampler shuffles training
+    data), so W processes with batch b see the same global batches as one process with batch W·b."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def _world(self) -> tuple[int, int]:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        rank, world = self._world()
+        return len(range(rank, self.n, world))
+
+
+def ddp_loader(n: int = 32, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    x, y = data(n, seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, sampler=RankInterleaved(n))
+
+
 class Tiny(pl.LightningModule):
     """A 4→5→3 MLP classifier with Adam (β₂ = 0.99 so bias correction is visible in short runs)."""
 

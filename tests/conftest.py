@@ -18,9 +18,11 @@ def make_models(n: int = 3, seed: int = 0, scale: float = 0.1, dtype=torch.float
     }
     experts = []
     for _ in range(n):
-        experts.append({
-            k: (v + scale * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v.clone()
-            for k, v in base.items()
-        })
+        experts.append(
+            {
+                k: (v + scale * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v.clone()
+                for k, v in base.items()
+            }
+        )
     base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}
     return base, experts

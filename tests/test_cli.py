@@ -32,15 +32,19 @@ def write(tmp_path, text, name="recipe.yaml"):
 
 
 RECIPES = {
-    "linear": ("""
+    "linear": (
+        """
         merge_method: linear
         models:
           - model: models/e0.safetensors
             parameters: {weight: 1.0}
           - model: models/e1.safetensors
             parameters: {weight: 3.0}
-        """, lambda b, e: merge(e[:2], None, Linear(weights=[1.0, 3.0]))),
-    "task_arithmetic": ("""
+        """,
+        lambda b, e: merge(e[:2], None, Linear(weights=[1.0, 3.0])),
+    ),
+    "task_arithmetic": (
+        """
         merge_method: task_arithmetic
         base_model: models/base.safetensors
         parameters: {lambda: 0.7}
@@ -50,8 +54,11 @@ RECIPES = {
             parameters: {weight: 0.5}
           - model: models/e1.safetensors
             parameters: {weight: 1.0}
-        """, lambda b, e: merge(e[:2], b, TaskArithmetic(weights=[0.5, 1.0], scale=0.7))),
-    "ties": ("""
+        """,
+        lambda b, e: merge(e[:2], b, TaskArithmetic(weights=[0.5, 1.0], scale=0.7)),
+    ),
+    "ties": (
+        """
         merge_method: ties
         base_model: models/base.safetensors
         parameters: {density: 0.4}
@@ -63,8 +70,11 @@ RECIPES = {
             parameters: {weight: 0.5, density: 0.7}
           - model: models/e2.safetensors
             parameters: {weight: 1.0}
-        """, lambda b, e: merge(e, b, Ties(weights=[1.0, 0.5, 1.0], density=[0.4, 0.7, 0.4]))),
-    "dare_ties": ("""
+        """,
+        lambda b, e: merge(e, b, Ties(weights=[1.0, 0.5, 1.0], density=[0.4, 0.7, 0.4])),
+    ),
+    "dare_ties": (
+        """
         merge_method: dare_ties
         base_model: models/base.safetensors
         models:
@@ -72,8 +82,11 @@ RECIPES = {
             parameters: {weight: 1.0, density: 0.5}
           - model: models/e1.safetensors
             parameters: {weight: 1.0, density: 0.5}
-        """, lambda b, e: merge(e[:2], b, Dare(weights=[1.0, 1.0], drop_rate=[0.5, 0.5], combine="ties",
-                                                 rescale="l1", normalize=False))),
+        """,
+        lambda b, e: merge(
+            e[:2], b, Dare(weights=[1.0, 1.0], drop_rate=[0.5, 0.5], combine="ties", rescale="l1", normalize=False)
+        ),
+    ),
 }
 
 
@@ -100,16 +113,29 @@ def test_set_overrides_strategy_arguments(tmp_path, models):
         ("merge_method: slerp\nmodels: [{model: models/e0.safetensors}]", "merge_method 'slerp' is not supported"),
         ("merge_method: ties\nslices: []", "'slices' .* does not implement"),
         ("merge_method: ties\ntokenizer_source: union\nmodels: []", "'tokenizer_source'"),
-        ("merge_method: ties\nbase_model: models/base.safetensors\nparameters: {densty: 0.5}\n"
-         "models: [{model: models/e0.safetensors, parameters: {weight: 1}}]", "densty"),
-        ("merge_method: ties\nbase_model: models/base.safetensors\n"
-         "models: [{model: models/e0.safetensors, parameters: {weight: [0, 1]}}]", "per-layer gradients"),
-        ("merge_method: ties\nbase_model: models/base.safetensors\n"
-         "models: [{model: org/model-7b, parameters: {weight: 1}}]", "not found .*hub model ids"),
-        ("merge_method: ties\nbase_model: models/base.safetensors\n"
-         "models: [{model: models/e0.safetensors}]", "has no 'weight'"),
-        ("merge_method: task_arithmetic\nmodels: [{model: models/e0.safetensors, parameters: {weight: 1}}]",
-         "needs base_model"),
+        (
+            "merge_method: ties\nbase_model: models/base.safetensors\nparameters: {densty: 0.5}\n"
+            "models: [{model: models/e0.safetensors, parameters: {weight: 1}}]",
+            "densty",
+        ),
+        (
+            "merge_method: ties\nbase_model: models/base.safetensors\n"
+            "models: [{model: models/e0.safetensors, parameters: {weight: [0, 1]}}]",
+            "per-layer gradients",
+        ),
+        (
+            "merge_method: ties\nbase_model: models/base.safetensors\n"
+            "models: [{model: org/model-7b, parameters: {weight: 1}}]",
+            "not found .*hub model ids",
+        ),
+        (
+            "merge_method: ties\nbase_model: models/base.safetensors\nmodels: [{model: models/e0.safetensors}]",
+            "has no 'weight'",
+        ),
+        (
+            "merge_method: task_arithmetic\nmodels: [{model: models/e0.safetensors, parameters: {weight: 1}}]",
+            "needs base_model",
+        ),
     ],
 )
 def test_bad_recipes_rejected_before_merging(tmp_path, models, text, match):
@@ -121,13 +147,16 @@ def test_mismatched_architecture_reported_before_any_output(tmp_path, models, ca
     base, experts = models
     bad = dict(experts[0], **{"layers.0.weight": torch.zeros(3, 3)})
     save_file(bad, tmp_path / "models" / "bad.safetensors")
-    recipe = write(tmp_path, """
+    recipe = write(
+        tmp_path,
+        """
         merge_method: task_arithmetic
         base_model: models/base.safetensors
         models:
           - {model: models/e0.safetensors, parameters: {weight: 1}}
           - {model: models/bad.safetensors, parameters: {weight: 1}}
-        """)
+        """,
+    )
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
     assert "shape" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

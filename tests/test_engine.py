@@ -38,8 +38,12 @@ def test_expert_sources_agree(tmp_path):
     torch.save({"state_dict": {f"model.{k}": v for k, v in base.items()}, "epoch": 1}, tmp_path / "m.ckpt")
     folder = save_folder(base, tmp_path / "hf", shards=2)
     module = nn.Linear(3, 2)
-    sources = [Expert(base), Expert(tmp_path / "m.safetensors"), Expert(tmp_path / "m.ckpt", prefix="model."),
-               Expert(folder)]
+    sources = [
+        Expert(base),
+        Expert(tmp_path / "m.safetensors"),
+        Expert(tmp_path / "m.ckpt", prefix="model."),
+        Expert(folder),
+    ]
     for expert in sources:
         assert sorted(expert.names()) == sorted(base)
         for name, value in base.items():
@@ -197,9 +201,14 @@ def test_checkpoint_output_keeps_template_and_prefix(tmp_path):
     base, experts = make_models(2)
     paths = []
     for i, state in enumerate([base] + experts):
-        ckpt = {"state_dict": {**{f"model.{k}": v for k, v in state.items()}, "head.weight": torch.full((2,), i)},
-                "epoch": 3, "global_step": 30, "optimizer_states": [{}], "hyper_parameters": {"lr": 0.1},
-                "pytorch-lightning_version": "2.6.0"}
+        ckpt = {
+            "state_dict": {**{f"model.{k}": v for k, v in state.items()}, "head.weight": torch.full((2,), i)},
+            "epoch": 3,
+            "global_step": 30,
+            "optimizer_states": [{}],
+            "hyper_parameters": {"lr": 0.1},
+            "pytorch-lightning_version": "2.6.0",
+        }
         torch.save(ckpt, tmp_path / f"{i}.ckpt")
         paths.append(Expert(tmp_path / f"{i}.ckpt", prefix="model."))
     out = merge(paths[1:], paths[0], TaskArithmetic(scale=0.5), out=tmp_path / "merged.ckpt")
@@ -238,8 +247,10 @@ def test_failed_merge_leaves_no_output_and_keeps_previous(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
     merge(experts, base, Linear(), out=out, overwrite=True)
-    assert torch.equal(load_file(out / "model.safetensors")["layers.0.bias"],
-                       (experts[0]["layers.0.bias"] + experts[1]["layers.0.bias"]) / 2)
+    assert torch.equal(
+        load_file(out / "model.safetensors")["layers.0.bias"],
+        (experts[0]["layers.0.bias"] + experts[1]["layers.0.bias"]) / 2,
+    )
 
 
 def test_strategy_requiring_a_base_says_so():

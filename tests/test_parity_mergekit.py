@@ -18,8 +18,11 @@ from lightning_merge.testing import llama_config, write_llama_family
 
 
 def _mergekit_yaml():
-    candidates = [os.environ.get("MERGEKIT_YAML"), shutil.which("mergekit-yaml"),
-                  str(Path(__file__).resolve().parents[1] / ".venv-mergekit" / "bin" / "mergekit-yaml")]
+    candidates = [
+        os.environ.get("MERGEKIT_YAML"),
+        shutil.which("mergekit-yaml"),
+        str(Path(__file__).resolve().parents[1] / ".venv-mergekit" / "bin" / "mergekit-yaml"),
+    ]
     return next((c for c in candidates if c and Path(c).exists()), None)
 
 
@@ -54,13 +57,17 @@ def test_same_result_as_mergekit(tmp_path, family, method):
     weights = ["1.0", "0.6", "1.4"]
     models = "\n".join(f"  - model: {e}\n    parameters: {per_model % w}" for e, w in zip(experts, weights))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         merge_method: {mk_method}
         {"" if method == "linear" else f"base_model: {base}"}
         dtype: float32
         {shared}
         models:
-        """) + models + "\n")
+        """)
+        + models
+        + "\n"
+    )
     subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     theirs, ours = Expert(tmp_path / "mk"), Expert(tmp_path / "lm")

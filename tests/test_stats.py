@@ -11,8 +11,12 @@ from lightning_merge.stats import FORMAT, Statistics, names_checksum, rank1_reco
 
 
 def write_sidecar(path, tensors, kinds, version=1):
-    meta = {"format": FORMAT, "format_version": str(version), "kinds": json.dumps(kinds),
-            "names_checksum": names_checksum(["model.w"])}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(version),
+        "kinds": json.dumps(kinds),
+        "names_checksum": names_checksum(["model.w"]),
+    }
     save_file(tensors, path, metadata=meta)
 
 
@@ -43,10 +47,18 @@ def test_merge_ready_values(tmp_path):
     torch.save({"state_dict": {"model.w": torch.zeros(4, 3), "model.m": torch.zeros(6, 5)}}, tmp_path / "x.ckpt")
     write_sidecar(
         tmp_path / "x.statistics.safetensors",
-        {"exp_avg_sq/model.w": v, "fisher.batch/model.w": g2, "fisher.example/model.w": fe,
-         "exp_avg_sq/model.m:row": m.sum(1), "exp_avg_sq/model.m:col": m.sum(0)},
-        {"exp_avg_sq": {"beta2": {"model.w": 0.99, "model.m": 0.999}, "step": {"model.w": 10, "model.m": 3}},
-         "fisher.batch": {"batch_size": 64, "count": 10}, "fisher.example": {"count": 128}},
+        {
+            "exp_avg_sq/model.w": v,
+            "fisher.batch/model.w": g2,
+            "fisher.example/model.w": fe,
+            "exp_avg_sq/model.m:row": m.sum(1),
+            "exp_avg_sq/model.m:col": m.sum(0),
+        },
+        {
+            "exp_avg_sq": {"beta2": {"model.w": 0.99, "model.m": 0.999}, "step": {"model.w": 10, "model.m": 3}},
+            "fisher.batch": {"batch_size": 64, "count": 10},
+            "fisher.example": {"count": 128},
+        },
     )
     e = Expert(tmp_path / "x.ckpt", prefix="model.")
     assert e.has_statistic("exp_avg_sq") and e.has_statistic("fisher") and not e.has_statistic("fisher.true")

@@ -176,8 +176,11 @@ def test_ties_model_wide_ties_at_threshold_in_tensor_order():
 
 def _model(seed=0):
     g = torch.Generator().manual_seed(seed)
-    base = {"a": torch.randn(12, 9, generator=g), "b": torch.randn(30, generator=g),
-            "c": torch.randn(5, 5, generator=g)}
+    base = {
+        "a": torch.randn(12, 9, generator=g),
+        "b": torch.randn(30, generator=g),
+        "c": torch.randn(5, 5, generator=g),
+    }
     experts = [{k: v + torch.randn(v.shape, generator=g) * (1 + i) for k, v in base.items()} for i in range(3)]
     return base, experts
 
@@ -187,10 +190,12 @@ def _model(seed=0):
 
 def test_dare_zero_drop_is_task_arithmetic():
     base, tensors, _ = stack()
-    torch.testing.assert_close(run(Dare(drop_rate=0.0, scale=0.6), base, tensors),
-                               run(TaskArithmetic(scale=0.6), base, tensors))
-    torch.testing.assert_close(run(Dare(drop_rate=0.0, combine="ties"), base, tensors),
-                               run(Ties(density=1.0), base, tensors))
+    torch.testing.assert_close(
+        run(Dare(drop_rate=0.0, scale=0.6), base, tensors), run(TaskArithmetic(scale=0.6), base, tensors)
+    )
+    torch.testing.assert_close(
+        run(Dare(drop_rate=0.0, combine="ties"), base, tensors), run(Ties(density=1.0), base, tensors)
+    )
 
 
 def test_dare_kept_entries_rescaled_by_inverse_keep_prob():
