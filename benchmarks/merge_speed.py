@@ -27,17 +27,20 @@ WORK = HERE / "_work"
 RECIPES = {
     "linear": "merge_method: linear\nmodels:\n{models_w}\ndtype: bfloat16\n",
     "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: 0.5}}\n"
-                       "models:\n{models_w}\ndtype: bfloat16\n",
+    "models:\n{models_w}\ndtype: bfloat16\n",
     "ties": "merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.3}}\nmodels:\n{models_w}\n"
-            "dtype: bfloat16\n",
+    "dtype: bfloat16\n",
 }
 
 
 def build(root: Path, small: bool) -> tuple[Path, list[Path]]:
     from lightning_merge.testing import llama_config, write_llama_family
 
-    config = (llama_config(hidden=256, layers=4, intermediate=704, vocab=8000, heads=8) if small else
-              llama_config(hidden=1024, layers=26, intermediate=2816, vocab=32000, heads=16))
+    config = (
+        llama_config(hidden=256, layers=4, intermediate=704, vocab=8000, heads=8)
+        if small
+        else llama_config(hidden=1024, layers=26, intermediate=2816, vocab=32000, heads=16)
+    )
     marker = root / "done.json"
     if marker.exists() and json.loads(marker.read_text()) == config:
         return root / "base", sorted(root.glob("expert_*"))
@@ -122,8 +125,9 @@ def main() -> None:
         ours, theirs, merge_times = [], [], []
         for _ in range(args.runs):
             extra = ["--threads", str(args.threads)] if args.threads else []
-            wall, rss, err = run_measured([*ours_cmd, "merge", str(recipe), str(out), "--overwrite",
-                                           "--no-progress", *extra])
+            wall, rss, err = run_measured(
+                [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra]
+            )
             ours.append((wall, rss))
             merge_times.append(float(re.findall(r"in ([\d.]+)s", err)[-1]))
             if have_mergekit:
@@ -146,15 +150,19 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
 
     print()
-    print(f"{'method':<16}{'ours s':>9}{'mergekit s':>12}{'ratio':>8}{'ours MB':>10}{'mergekit MB':>13}{'ratio':>8}"
-          f"{'merge s':>9}{'floor s':>9}{'×floor':>8}")
+    print(
+        f"{'method':<16}{'ours s':>9}{'mergekit s':>12}{'ratio':>8}{'ours MB':>10}{'mergekit MB':>13}{'ratio':>8}"
+        f"{'merge s':>9}{'floor s':>9}{'×floor':>8}"
+    )
     for r in rows:
         mk_s, mk_mb = r.get("mergekit_s"), r.get("mergekit_rss_mb")
         ratio_s = f"{r['ours_s'] / mk_s:.2f}" if mk_s else "-"
         ratio_mb = f"{r['ours_rss_mb'] / mk_mb:.2f}" if mk_mb else "-"
-        print(f"{r['method']:<16}{r['ours_s']:>9.1f}{(mk_s or 0):>12.1f}{ratio_s:>8}{r['ours_rss_mb']:>10.0f}"
-              f"{(mk_mb or 0):>13.0f}{ratio_mb:>8}{r['ours_merge_s']:>9.1f}{r['floor_s']:>9.1f}"
-              f"{r['ours_merge_s'] / r['floor_s']:>8.2f}")
+        print(
+            f"{r['method']:<16}{r['ours_s']:>9.1f}{(mk_s or 0):>12.1f}{ratio_s:>8}{r['ours_rss_mb']:>10.0f}"
+            f"{(mk_mb or 0):>13.0f}{ratio_mb:>8}{r['ours_merge_s']:>9.1f}{r['floor_s']:>9.1f}"
+            f"{r['ours_merge_s'] / r['floor_s']:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

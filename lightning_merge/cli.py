@@ -118,6 +118,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_second_moments(args: argparse.Namespace) -> int:
+    from lightning_merge.stats import export_second_moments, find_sidecar
+
+    source = Path(args.source)
+    if not source.name.endswith(".statistics.safetensors") and source.name != "statistics.safetensors":
+        found = find_sidecar(source)
+        if found is None:
+            raise FileNotFoundError(f"'{source}' has no statistics sidecar (X.statistics.safetensors) next to it")
+        source = found
+    out = export_second_moments(source, args.out, strip_prefix=args.strip_prefix, bias_correct=args.bias_correct)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_merge.demo import run_demo
 
@@ -151,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser(
+        "export-second-moments",
+        help="write a capture's Adam second moments as exp_avg_sq.safetensors keyed by parameter name (OTA convention)",
+    )
+    e.add_argument("source", help="a sidecar, or the checkpoint/model it belongs to")
+    e.add_argument("out", help="the .safetensors file to write")
+    e.add_argument("--strip-prefix", default="", help="remove this prefix from names (e.g. model.)")
+    e.add_argument("--bias-correct", action="store_true", help="write v/(1-beta2^t) instead of the raw exp_avg_sq")
+    e.set_defaults(func=cmd_export_second_moments)
 
     d = sub.add_parser("demo", help="train small experts on scikit-learn's digits, merge them, print a table")
     d.add_argument("--out", default=None, help="keep the experts and merged models in this folder")

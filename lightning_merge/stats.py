@@ -160,6 +160,48 @@ def write_statistics(
     return path
 
 
+def export_second_moments(
+    source: str | os.PathLike | Statistics,
+    out: str | os.PathLike,
+    *,
+    strip_prefix: str = "",
+    bias_correct: bool = False,
+) -> Path:
+    """Write Adam second moments as one plain safetensors file keyed by parameter name: the convention of the
+    OTA reference code (``exp_avg_sq.safetensors``, given per model as ``preconditioner_path``).
+
+    Args:
+        source: a sidecar path or :class:`Statistics` holding ``exp_avg_sq``.
+        out: the file to write (atomically).
+        strip_prefix: removed from the start of each name (``"model."`` to key a LightningModule's capture like
+            the Hugging Face model inside it); names without it are left out.
+        bias_correct: write v / (1 − β₂ᵗ) instead of the raw ``exp_avg_sq`` the optimizer holds (the reference
+            reads raw optimizer state, so the default is raw).
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    from lightning_merge.io import atomic_file
+
+    stats = source if isinstance(source, Statistics) else Statistics.load(source)
+    if not stats.has("exp_avg_sq"):
+        raise StatisticsError(f"{stats.origin} holds no exp_avg_sq (capture with second_moments=True and Adam/AdamW)")
+    tensors = {}
+    for name in stats.names("exp_avg_sq"):
+        if not name.startswith(strip_prefix):
+            continue
+        value = stats.get(name, "exp_avg_sq") if bias_correct else stats.raw(name, "exp_avg_sq")
+        tensors[name[len(strip_prefix) :]] = value.contiguous()
+    if not tensors:
+        raise StatisticsError(f"{stats.origin}: no exp_avg_sq name starts with {strip_prefix!r}")
+    out = Path(out)
+    with atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "exp_avg_sq", "bias_corrected": str(bias_correct).lower()})
+    return out
+
+
 class StatisticsError(ValueError):
     """A sidecar that is missing, corrupted, or does not match its expert."""
 

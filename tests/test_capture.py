@@ -335,3 +335,22 @@ def test_arguments_are_validated():
         CurvatureCapture(fisher_ema_decay=1.0)
     with pytest.raises(ValueError, match="fisher_after_fit"):
         CurvatureCapture(fisher_after_fit="exact")
+
+
+def test_export_second_moments_in_the_ota_convention(tmp_path):
+    from safetensors.torch import load_file
+
+    from lightning_merge.cli import main
+    from lightning_merge.stats import export_second_moments
+
+    capture = CurvatureCapture()
+    trainer(tmp_path, [capture], max_epochs=1).fit(Tiny(lr=1e-2), loader())
+    out = tmp_path / "exp_avg_sq.safetensors"
+    assert main(["export-second-moments", str(tmp_path / "final.safetensors"), str(out), "--strip-prefix", "net."]) == 0
+    exported = load_file(out)
+    assert set(exported) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    final = capture.finalize()
+    assert torch.equal(exported["0.weight"], final.raw("net.0.weight", "exp_avg_sq"))
+    corrected = load_file(export_second_moments(final, tmp_path / "c.safetensors", bias_correct=True))
+    assert torch.equal(corrected["net.2.bias"], final.get("net.2.bias", "exp_avg_sq"))
+    assert main(["export-second-moments", str(tmp_path / "nothing.ckpt"), str(out)]) == 2

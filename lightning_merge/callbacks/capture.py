@@ -278,6 +278,11 @@ class CurvatureCapture(Callback):
         self._module_names = {n for n, _ in pl_module.named_parameters()}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fisher and "fsdp" in type(trainer.strategy).__name__.lower():
+            raise ValueError(
+                "CurvatureCapture(fisher=True) is not supported under FSDP yet (each rank sees gradient shards); "
+                "pass fisher=False to capture the second moments, and/or fisher_after_fit"
+            )
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         if not self._fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
             self._fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
@@ -306,6 +311,7 @@ class CurvatureCapture(Callback):
                 pass
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._wait_for_writes()  # pending sidecars reference the live accumulators and optimizer state
         if not self.fisher:
             return
         examples, self._micro_examples = self._micro_examples, 0
@@ -355,7 +361,9 @@ class CurvatureCapture(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if not self.checkpoint_sidecars or not trainer.is_global_zero or self._token is None:
             return
-        self._pending[self._token] = self._collect(trainer, checkpoint.get("optimizer_states"), resume=True)
+        # No copy: the live tensors are written as they are, and the next mutation (our accumulation and the
+        # optimizer's step, both after ``on_before_optimizer_step``) waits for the write (see _wait_for_writes).
+        self._pending[self._token] = self._collect(trainer, checkpoint.get("optimizer_states"), resume=True, copy=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.fisher_after_fit is not None:
@@ -433,18 +441,18 @@ class CurvatureCapture(Callback):
 
     # -- collection -----------------------------------------------------------------------------------------------
     def _collect(
-        self, trainer: pl.Trainer, optimizer_states: list[dict] | None, resume: bool
+        self, trainer: pl.Trainer, optimizer_states: list[dict] | None, resume: bool, copy: bool = True
     ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Any]], dict[str, dict[str, Tensor]]]:
         """A CPU float32 copy of everything to store: ``(statistics, kinds, resume accumulators)``."""
         statistics: dict[str, dict[str, Tensor]] = {}
         kinds: dict[str, dict[str, Any]] = {}
         resume_acc: dict[str, dict[str, Tensor]] = {}
         if self.second_moments:
-            moments, meta = self._second_moments(trainer, optimizer_states)
+            moments, meta = self._second_moments(trainer, optimizer_states, copy)
             if moments:
                 statistics["exp_avg_sq"], kinds["exp_avg_sq"] = moments, meta
         if self.fisher and self._fisher_acc:
-            values = {n: t.detach().to("cpu", torch.float32, copy=True) for n, t in self._fisher_acc.items()}
+            values = {n: _cpu_float(t, copy) for n, t in self._fisher_acc.items()}
             statistics["fisher.batch"] = values
             counts = set(self._counts.values())
             kinds["fisher.batch"] = {
@@ -476,7 +484,7 @@ class CurvatureCapture(Callback):
         return statistics, kinds, resume_acc
 
     def _second_moments(
-        self, trainer: pl.Trainer, optimizer_states: list[dict] | None
+        self, trainer: pl.Trainer, optimizer_states: list[dict] | None, copy: bool
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         values: dict[str, Tensor] = {}
         beta2: dict[str, float] = {}
@@ -503,7 +511,7 @@ class CurvatureCapture(Callback):
                 if name is None:
                     continue
                 group = state["param_groups"][group_of.get(idx, 0)]
-                values[name] = entry["exp_avg_sq"].detach().to("cpu", torch.float32, copy=True)
+                values[name] = _cpu_float(entry["exp_avg_sq"], copy)
                 beta2[name] = float(group["betas"][1])
                 step = entry.get("step", 0)
                 steps[name] = int(step.item() if isinstance(step, Tensor) else step)
@@ -619,7 +627,7 @@ class CurvatureCapture(Callback):
         snapshot = self._pending.pop(token, None) if token else None
         if snapshot is None:  # a weights-only save: no callback state, take the statistics now
             assert self._trainer is not None
-            snapshot = self._collect(self._trainer, None, resume=False)
+            snapshot = self._collect(self._trainer, None, resume=False, copy=False)
         self._pending.clear()
         statistics, kinds, resume = snapshot
         if not statistics:
@@ -646,6 +654,18 @@ class CurvatureCapture(Callback):
             future.result()
         if target.exists() or target.is_symlink():
             target.unlink()
+
+    def _wait_for_writes(self) -> None:
+        """Block until the pending sidecar writes are done (they read the live tensors the next step changes)."""
+        if not self._futures:
+            return
+        with self._lock:
+            futures = list(self._futures.items())
+        for path, future in futures:
+            future.result()
+            with self._lock:
+                if self._futures.get(path) is future:
+                    del self._futures[path]
 
     def _flush(self) -> None:
         """Wait for every pending sidecar write; re-raise the first failure."""
@@ -675,6 +695,11 @@ class _SidecarCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
+
+
+def _cpu_float(tensor: Tensor, copy: bool) -> Tensor:
+    """A float32 CPU view of ``tensor`` (a copy when asked, or when it lives elsewhere or in another dtype)."""
+    return tensor.detach().to("cpu", torch.float32, copy=copy)
 
 
 def _collapse(per_name: dict[str, Any]) -> Any:
