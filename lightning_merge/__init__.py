@@ -8,7 +8,17 @@ Lightning).
 from lightning_merge.engine import MergePlan, merge
 from lightning_merge.experts import Expert, TensorSpec
 from lightning_merge.stats import Statistics, StatisticsError
-from lightning_merge.strategies import Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
+from lightning_merge.strategies import (
+    OTA,
+    Breadcrumbs,
+    Dare,
+    Fisher,
+    Linear,
+    Strategy,
+    TaskArithmetic,
+    Ties,
+    WeightedMedian,
+)
 
 __version__ = "0.1.0"
 
@@ -16,14 +26,17 @@ __all__ = [
     "Breadcrumbs",
     "Dare",
     "Expert",
+    "Fisher",
     "Linear",
     "MergePlan",
+    "OTA",
     "Statistics",
     "StatisticsError",
     "Strategy",
     "TaskArithmetic",
     "TensorSpec",
     "Ties",
+    "WeightedMedian",
     "__version__",
     "merge",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -157,84 +156,154 @@ def accuracy(backbone: nn.Module, head: nn.Module, x: Tensor, y: Tensor) -> floa
     return float(multiclass_accuracy(logits, y, num_classes=logits.shape[-1], average="micro"))
 
 
-def run_demo(out_dir: str | os.PathLike | None = None, seed: int = 0, quick: bool = False) -> dict[str, dict]:
-    """Train, merge, evaluate, print the table; return ``{method: {task: accuracy, ..., "normalized": x}}``."""
-    from lightning_merge import Breadcrumbs, Dare, Linear, TaskArithmetic, Ties, merge
+@dataclass
+class DigitsExperts:
+    """A base backbone, one expert per task (with its own head and captured statistics), and scoring helpers.
+
+    Attributes:
+        splits: the digits splits.
+        base: the pre-trained backbone's state dict (names ``0.weight``...).
+        experts: one :class:`~lightning_merge.Expert` per task: the fine-tuned backbone with the statistics
+            ``CurvatureCapture`` recorded (Adam second moments, batch and per-example Fisher).
+        heads: each task's own head.
+        tasks: the tasks.
+    """
+
+    splits: dict[str, tuple[Tensor, Tensor]]
+    base: dict[str, Tensor]
+    experts: list
+    heads: list[nn.Module]
+    tasks: tuple[Task, ...] = TASKS
+
+    def scores(self, state: dict[str, Tensor], split: str) -> dict[str, float]:
+        """Accuracy of backbone ``state`` with each task's head on that task's ``split``."""
+        backbone = make_backbone()
+        backbone.load_state_dict(state)
+        return {task.name: accuracy(backbone, self.heads[t], *task_data(task, self.splits[split]))
+                for t, task in enumerate(self.tasks)}
+
+    def own_scores(self, split: str) -> dict[str, float]:
+        """Each expert's accuracy on its own task."""
+        return {task.name: self.scores(self.expert_state(t), split)[task.name] for t, task in enumerate(self.tasks)}
+
+    def expert_state(self, t: int) -> dict[str, Tensor]:
+        expert = self.experts[t]
+        return {name: expert.tensor(name) for name in expert.names()}
+
+
+def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, lr: float = 1e-3,
+                         tasks: tuple[Task, ...] = TASKS, verbose: bool = True, **capture_args) -> DigitsExperts:
+    """Pre-train a backbone briefly on 10-way digits, then fine-tune one expert per task with ``CurvatureCapture``.
+
+    Args:
+        seed: seeds the split, the base and the experts.
+        epochs: epochs of pre-training and of each fine-tune.
+        capture: record statistics (second moments, batch Fisher, per-example Fisher on 512 training examples).
+        lr: the experts' learning rate.
+        tasks: the tasks.
+        verbose: print the training time.
+        capture_args: overrides of the ``CurvatureCapture`` arguments.
+    """
+    from lightning_merge import Expert
 
     quiet_lightning()
     started = time.perf_counter()
     torch.manual_seed(seed)
     splits = load_digits_splits(seed)
     Classifier = _module_class()
-    epochs = 3 if quick else 12
-
-    keep = tempfile.TemporaryDirectory() if out_dir is None else None
-    root = Path(out_dir or keep.name)
-    root.mkdir(parents=True, exist_ok=True)
-
     base = make_backbone()
     pre = Classifier(base, 10, lr=3e-3)
     train(pre, *splits["pretrain"], epochs=epochs, seed=seed)
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
 
     experts, heads = [], []
-    for t, task in enumerate(TASKS):
+    for t, task in enumerate(tasks):
         backbone = make_backbone()
         backbone.load_state_dict(base_state)
-        model = Classifier(backbone, task.num_classes)
-        train(model, *task_data(task, splits["train"]), epochs=epochs, seed=seed + 1 + t)
-        experts.append({k: v.detach().clone() for k, v in backbone.state_dict().items()})
+        model = Classifier(backbone, task.num_classes, lr=lr)
+        callbacks = []
+        if capture:
+            from lightning_merge.callbacks import CurvatureCapture
+
+            options = dict(fisher_after_fit="example", fisher_loader="train", fisher_examples=512,
+                           checkpoint_sidecars=False, save_final=False)
+            options.update(capture_args)
+            callbacks.append(CurvatureCapture(**options))
+        train(model, *task_data(task, splits["train"]), epochs=epochs, seed=seed + 1 + t, callbacks=callbacks)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("backbone.")}
+        stats = callbacks[0].finalize() if capture else None
+        experts.append(Expert(state, prefix="backbone.", statistics=stats, name=task.name))
         heads.append(model.head.eval())
-    print(f"trained a base and {len(TASKS)} experts in {time.perf_counter() - started:.1f}s")
+    if verbose:
+        print(f"trained a base and {len(tasks)} experts in {time.perf_counter() - started:.1f}s")
+    return DigitsExperts(splits, base_state, experts, heads, tasks)
 
-    def scores(state: dict[str, Tensor], split: str) -> list[float]:
-        backbone = make_backbone()
-        backbone.load_state_dict(state)
-        return [accuracy(backbone, heads[t], *task_data(task, splits[split])) for t, task in enumerate(TASKS)]
 
-    own = [scores(experts[t], "test")[t] for t in range(len(TASKS))]
-    own_val = [scores(experts[t], "val")[t] for t in range(len(TASKS))]
-    methods: dict[str, Callable[[float], object] | object] = {
+def demo_strategies(quick: bool = False) -> dict[str, object]:
+    """The strategies the demo compares (those with a ``scale`` get λ tuned on validation data)."""
+    from lightning_merge import OTA, Breadcrumbs, Dare, Fisher, Linear, TaskArithmetic, Ties, WeightedMedian
+
+    return {
         "average": Linear(),
-        "task_arithmetic": lambda s: TaskArithmetic(scale=s),
-        "ties": lambda s: Ties(density=0.2, scale=s),
-        "dare": lambda s: Dare(drop_rate=0.5, combine="ties", scale=s),
-        "breadcrumbs": lambda s: Breadcrumbs(density=0.9, gamma=0.01, scale=s),
+        "task_arithmetic": TaskArithmetic(),
+        "ties": Ties(density=0.2),
+        "dare": Dare(drop_rate=0.5, combine="ties"),
+        "breadcrumbs": Breadcrumbs(density=0.9, gamma=0.01),
+        "fisher": Fisher(),
+        "ota": OTA(),
+        "ota_ffg": OTA(density=0.3),
+        "weighted_median": WeightedMedian(),
     }
-    grid = (0.3, 0.5, 0.7, 1.0, 1.3) if not quick else (0.5, 1.0)
-    results: dict[str, dict] = {}
-    results["experts (own task)"] = {**dict(zip((t.name for t in TASKS), own)), "normalized": 1.0, "scale": None}
-    results["base (no merge)"] = _row(scores(base_state, "test"), own, None)
-    for name, make in methods.items():
-        if callable(make):
-            best = max(grid, key=lambda s: _normalized(scores(merge(experts, base_state, make(s)), "val"), own_val))
-            strategy = make(best)
+
+
+def run_demo(out_dir: str | os.PathLike | None = None, seed: int = 0, quick: bool = False) -> dict[str, dict]:
+    """Train with capture, merge with every strategy, evaluate, print the table.
+
+    Returns:
+        ``{method: {task: accuracy, ..., "normalized": x, "scale": λ}}``.
+    """
+    from lightning_merge import merge
+    from lightning_merge.evaluation import MergeReport, normalized_score, sweep_scale
+
+    started = time.perf_counter()
+    setup = train_digits_experts(seed=seed, epochs=3 if quick else 12)
+    if out_dir is not None:
+        _save_experts(setup, Path(out_dir))
+    own_val = setup.own_scores("val")
+    report = MergeReport(setup.own_scores("test"))
+    report.add("base (no merge)", setup.scores(setup.base, "test"))
+    grid = (0.5, 1.0, 1.5) if quick else (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
+
+    def val_score(state: dict[str, Tensor]) -> float:
+        return normalized_score(setup.scores(state, "val"), own_val)
+
+    for name, strategy in demo_strategies(quick).items():
+        if hasattr(strategy, "scale"):
+            result = sweep_scale(strategy, setup.experts, setup.base, val_score, grid)
+            report.add(name, setup.scores(result.state, "test"), result.scale)
         else:
-            best, strategy = None, make
-        merged = merge(experts, base_state, strategy)
-        results[name] = _row(scores(merged, "test"), own, best)
-    print_table(results, [t.name for t in TASKS])
-    print(f"total {time.perf_counter() - started:.1f}s")
-    if keep is not None:
-        keep.cleanup()
-    return results
+            report.add(name, setup.scores(merge(setup.experts, setup.base, strategy), "test"))
+    print(report.table())
+    print(f"normalized accuracy: merged ÷ expert per task, averaged; λ chosen on validation data. "
+          f"total {time.perf_counter() - started:.1f}s")
+    return report.as_dict()
 
 
-def _normalized(acc: list[float], own: list[float]) -> float:
-    return sum(a / o for a, o in zip(acc, own)) / len(acc)
+def _save_experts(setup: DigitsExperts, out: Path) -> None:
+    """Write the base and each expert (with its statistics) as safetensors files under ``out``."""
+    from safetensors.torch import save_file
 
+    from lightning_merge.stats import write_statistics
 
-def _row(acc: list[float], own: list[float], scale: float | None) -> dict:
-    return {**dict(zip((t.name for t in TASKS), acc)), "normalized": _normalized(acc, own), "scale": scale}
-
-
-def print_table(results: dict[str, dict], tasks: list[str]) -> None:
-    """Print accuracy per task, normalized accuracy and the chosen λ, one row per method."""
-    width = max(len(k) for k in results) + 2
-    header = f"{'method':<{width}}" + "".join(f"{t:>16}" for t in tasks) + f"{'normalized':>12}{'λ':>6}"
-    print(header)
-    print("-" * len(header))
-    for name, row in results.items():
-        cells = "".join(f"{100 * row[t]:>15.1f}%" for t in tasks)
-        scale = "" if row.get("scale") is None else f"{row['scale']:.1f}"
-        print(f"{name:<{width}}{cells}{100 * row['normalized']:>11.1f}%{scale:>6}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in setup.base.items()}, str(out / "base.safetensors"))
+    for t, expert in enumerate(setup.experts):
+        path = out / f"{setup.tasks[t].name}.safetensors"
+        save_file({k: v.contiguous() for k, v in setup.expert_state(t).items()}, str(path))
+        stats = expert.statistics
+        if stats is not None:
+            per_kind: dict[str, dict[str, Tensor]] = {}
+            for key in stats.keys():
+                kind, name = key.split("/", 1)
+                per_kind.setdefault(kind, {})[name[len("backbone."):]] = stats._tensors[key]
+            write_statistics(out / f"{setup.tasks[t].name}.statistics.safetensors", per_kind, stats.kinds)

@@ -187,7 +187,8 @@ def test_demo_runs_and_reports_normalized_accuracy(capsys):
 
     results = run_demo(quick=True)
     assert results["experts (own task)"]["normalized"] == 1.0
-    for method in ("average", "task_arithmetic", "ties", "dare", "breadcrumbs"):
+    for method in ("average", "task_arithmetic", "ties", "dare", "breadcrumbs", "fisher", "ota", "ota_ffg",
+                   "weighted_median"):
         row = results[method]
         assert 0.0 < row["normalized"] <= 1.2
         assert all(0.0 <= row[t.name] <= 1.0 for t in TASKS)

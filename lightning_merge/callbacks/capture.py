@@ -284,6 +284,7 @@ class CurvatureCapture(Callback):
                 "pass fisher=False to capture the second moments, and/or fisher_after_fit"
             )
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._post = {}
         if not self._fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
             self._fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
         self._final = None
@@ -366,8 +367,7 @@ class CurvatureCapture(Callback):
         self._pending[self._token] = self._collect(trainer, checkpoint.get("optimizer_states"), resume=True, copy=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fisher_after_fit is not None:
-            self._post_fit_fisher(trainer, pl_module)
+        self._ensure_post_fit(trainer, pl_module)
         state = trainer.strategy.lightning_module_state_dict() if self.save_final else None  # all ranks (FSDP)
         self._final = None
         if trainer.is_global_zero and self.save_final:
@@ -388,6 +388,12 @@ class CurvatureCapture(Callback):
         self._flush()
 
     # -- after fit -----------------------------------------------------------------------------------------------
+    def _ensure_post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compute the post-fit Fisher once per fit (every rank must call this: it reduces across ranks)."""
+        if self.fisher_after_fit is not None and self.fisher_after_fit not in self._post:
+            self._post_fit_fisher(trainer, pl_module)
+            self._final = None
+
     def _post_fit_fisher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader, shard = self._loader(trainer)
         world, rank = trainer.world_size, trainer.global_rank
@@ -553,14 +559,21 @@ class CurvatureCapture(Callback):
         return trainer.default_root_dir
 
     # -- public --------------------------------------------------------------------------------------------------
-    def finalize(self) -> Statistics:
+    def finalize(self, after_fit: bool = False) -> Statistics:
         """The statistics of the model as it is now (merge-ready through :meth:`Statistics.get`), in memory.
 
         Idempotent: calling it again without further training returns the same object. Used by the merge
         callbacks to merge the model just trained without re-reading its sidecar.
+
+        Args:
+            after_fit: also compute the post-fit Fisher (``fisher_after_fit``) now if it has not been computed
+                yet: for callbacks whose ``on_train_end`` may run before this one's. Under DDP every rank must
+                call it then.
         """
         if self._trainer is None:
             raise RuntimeError("CurvatureCapture.finalize() needs a fit first (the callback has seen no Trainer)")
+        if after_fit:
+            self._ensure_post_fit(self._trainer, self._trainer.lightning_module)
         key = (self._trainer.global_step, self._recorded, tuple(self._post))
         if self._final is None or self._final_key != key:
             statistics, kinds, _ = self._collect(self._trainer, None, resume=False)

@@ -4,15 +4,19 @@
 """
 
 from lightning_merge.strategies.base import STRATEGIES, Strategy
+from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
 
 __all__ = [
     "STRATEGIES",
     "Breadcrumbs",
     "Dare",
+    "Fisher",
     "Linear",
+    "OTA",
     "Strategy",
     "TaskArithmetic",
     "TaskVectorMerge",
     "Ties",
+    "WeightedMedian",
 ]

@@ -1,0 +1,226 @@
+"""``MergeOnFitEnd``: when a fit ends, merge the model just trained with other experts, write the result, and
+(optionally) load it into the LightningModule so that ``trainer.test`` / ``trainer.validate`` see the merge."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from lightning_merge.strategies.base import Strategy
+
+SNAPSHOTS = ("disk", "memory")
+
+
+class MergeOnFitEnd(Callback):
+    """Merge the model just trained with other experts when ``trainer.fit`` ends.
+
+    Example::
+
+        capture = CurvatureCapture()
+        merger = MergeOnFitEnd(
+            experts=["runs/code/final.safetensors", "runs/math/final.safetensors"],
+            strategy=Fisher(scale=1.0),
+            include=["backbone.*"],           # heads stay the module's own
+            out="runs/merged.safetensors",
+        )
+        trainer = Trainer(callbacks=[capture, merger])
+        trainer.fit(model, dm)                # at the end: model holds the merged weights
+        trainer.test(model, dm)               # evaluates the merged model
+
+    The just-trained model is the first expert, read from the module in memory with the statistics of a
+    ``CurvatureCapture`` in the same Trainer (``capture.finalize()``, whatever the callbacks' order); the other
+    experts are read lazily from disk with their sidecars. Tensor names are the LightningModule's ``state_dict``
+    names (a ``.ckpt`` of another run of the same module has the same ones).
+
+    Under DDP rank 0 merges and writes while the other ranks wait; every rank then loads the written file, so all
+    end with the same weights.
+
+    Args:
+        experts: paths of the other experts (``.ckpt``, ``.safetensors``, Hugging Face folders), in order.
+        strategy: a :class:`~lightning_merge.Strategy` or its ``to_dict()`` form (``{"name": "ties", ...}``).
+        base: path of the base model; None snapshots the module's weights when a fresh fit starts (restored
+            from the checkpoint on resume). Needed by strategies that use task vectors.
+        snapshot: where the fit-start snapshot lives: ``"disk"`` (a safetensors file in ``dirpath``; keeps memory
+            bounded for large models) or ``"memory"``.
+        out: the merged model's file: ``.safetensors`` or ``.ckpt`` (a Lightning checkpoint with the merged
+            ``state_dict``, loadable with ``trainer.fit(ckpt_path=...)`` weights-only); default
+            ``<dirpath>/merged.safetensors``.
+        dirpath: folder of the snapshot and default output; default the Trainer's ``default_root_dir``.
+        include: glob patterns of the tensors to merge (default all floating tensors); the others keep the
+            just-trained module's values (its own head, for example).
+        exclude: glob patterns of tensors not to merge.
+        load_merged: load the merged weights into the module at the end.
+        on_missing_statistic: ``"error"`` or ``"uniform"`` (see :func:`lightning_merge.merge`).
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[str],
+        strategy: Strategy | Mapping[str, Any],
+        base: str | None = None,
+        snapshot: str = "disk",
+        out: str | None = None,
+        dirpath: str | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        load_merged: bool = True,
+        on_missing_statistic: str = "error",
+    ) -> None:
+        super().__init__()
+        if isinstance(experts, (str, os.PathLike)):
+            raise ValueError("MergeOnFitEnd(experts=...) takes a list of paths, got one string")
+        self.experts = [str(e) for e in experts]
+        self.strategy = strategy if isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
+        if snapshot not in SNAPSHOTS:
+            raise ValueError(f"snapshot must be one of {', '.join(SNAPSHOTS)}, got {snapshot!r}")
+        if out is not None and not str(out).endswith((".safetensors", ".ckpt")):
+            raise ValueError(f"out must end in .safetensors or .ckpt, got {out!r}")
+        if on_missing_statistic not in ("error", "uniform"):
+            raise ValueError(f"on_missing_statistic must be 'error' or 'uniform', got {on_missing_statistic!r}")
+        for path in self.experts:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"MergeOnFitEnd: expert '{path}' does not exist")
+        if base is not None and not os.path.exists(base):
+            raise FileNotFoundError(f"MergeOnFitEnd: base '{base}' does not exist")
+        self.base = base
+        self.snapshot = snapshot
+        self.out = out
+        self.dirpath = dirpath
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.load_merged = load_merged
+        self.on_missing_statistic = on_missing_statistic
+        self._snapshot_path: str | None = None
+        self._snapshot_state: dict[str, Tensor] | None = None
+        self.merged_path: str | None = None  # set when a fit ends
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshot_path": self._snapshot_path}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._snapshot_path = state_dict.get("snapshot_path")
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.merged_path = None
+        if self.base is not None:
+            return
+        if trainer.ckpt_path is not None:  # a resumed fit: the snapshot of the first fit start is the base
+            if self.snapshot == "disk" and self._snapshot_path and os.path.exists(self._snapshot_path):
+                return
+            raise ValueError(
+                "MergeOnFitEnd: resuming a fit whose base snapshot is gone (or was kept in memory); pass base= the "
+                "weights the first fit started from"
+            )
+        state = trainer.strategy.lightning_module_state_dict()  # all ranks (FSDP gathers)
+        if self.snapshot == "memory":
+            self._snapshot_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            return
+        path = Path(self._dir(trainer)) / "merge_base_snapshot.safetensors"
+        if trainer.is_global_zero:
+            from lightning_merge.callbacks.capture import _save_weights
+
+            _save_weights(state, path)
+        trainer.strategy.barrier("lightning_merge_snapshot")
+        self._snapshot_path = str(path)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_merge.callbacks.capture import CurvatureCapture
+
+        captures = [c for c in trainer.callbacks if isinstance(c, CurvatureCapture)]
+        statistics = captures[0].finalize(after_fit=True) if captures else None  # every rank (post-fit Fisher)
+        state = trainer.strategy.lightning_module_state_dict()
+        out = Path(self.out) if self.out else Path(self._dir(trainer)) / "merged.safetensors"
+        if trainer.is_global_zero:
+            merged = self._merge(state, statistics)
+            if out.suffix == ".safetensors":
+                from lightning_merge.callbacks.capture import _save_weights
+
+                _save_weights(merged, out)
+            else:
+                self._save_checkpoint(merged, out, trainer, pl_module)
+            rank_zero_info(f"MergeOnFitEnd: merged {1 + len(self.experts)} experts with {self.strategy.name} → {out}")
+        trainer.strategy.barrier("lightning_merge_merged")
+        self.merged_path = str(out)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Loaded here, after every callback's on_train_end, so that those still see the trained weights (a
+        # CurvatureCapture saves them as final.safetensors). Every rank reads the same file: no collective.
+        if self.load_merged and self.merged_path is not None:
+            from lightning_merge.experts import Expert
+
+            merged_expert = Expert(self.merged_path)
+            loaded = {name: merged_expert.tensor(name) for name in merged_expert.names()}
+            pl_module.load_state_dict(loaded, strict=True)
+
+    # -- merging -------------------------------------------------------------------------------------------------
+    def _merge(self, state: Mapping[str, Tensor], statistics: Any) -> dict[str, Tensor]:
+        from lightning_merge import merge
+        from lightning_merge.experts import Expert
+
+        trained = Expert({k: v.detach().cpu() for k, v in state.items()}, statistics=statistics, name="trained")
+        others = [Expert(path) for path in self.experts]
+        if self.base is not None:
+            base = Expert(self.base)
+        elif self._snapshot_state is not None:
+            base = Expert(self._snapshot_state, name="fit-start snapshot")
+        else:
+            base = Expert(self._snapshot_path)
+        merged = merge(
+            [trained, *others],
+            base=base,
+            strategy=self.strategy,
+            include=self.include,
+            exclude=self.exclude,
+            on_missing_statistic=self.on_missing_statistic,
+            on_missing="base",
+        )
+        # Tensors left out of the merge keep the module's own values (its head), not the base's.
+        out = {}
+        for name, value in state.items():
+            chosen = _matches(name, self.include, self.exclude)
+            out[name] = merged[name] if chosen and name in merged else value.detach().cpu()
+        return out
+
+    def _save_checkpoint(
+        self, merged: Mapping[str, Tensor], out: Path, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        """A weights-only Lightning checkpoint (``Module.load_from_checkpoint`` loads it; optimizer state is not
+        kept: a merged model starts a new optimisation), written atomically."""
+        import lightning
+
+        from lightning_merge.io import atomic_file
+
+        checkpoint: dict[str, Any] = {
+            "state_dict": dict(merged),
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "pytorch-lightning_version": lightning.__version__,
+            "lightning_merge": {"strategy": self.strategy.to_dict(), "experts": ["<trained>", *self.experts]},
+        }
+        if pl_module.hparams:
+            checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
+        with atomic_file(out) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def _dir(self, trainer: pl.Trainer) -> str:
+        return self.dirpath or trainer.default_root_dir
+
+
+def _matches(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+__all__ = ["MergeOnFitEnd"]
