@@ -305,5 +305,6 @@ def _save_experts(setup: DigitsExperts, out: Path) -> None:
             per_kind: dict[str, dict[str, Tensor]] = {}
             for key in stats.keys():
                 kind, name = key.split("/", 1)
-                per_kind.setdefault(kind, {})[name[len("backbone."):]] = stats._tensors[key]
+                if name.startswith("backbone."):  # the head is the expert's own, not merged
+                    per_kind.setdefault(kind, {})[name[len("backbone."):]] = stats._tensors[key]
             write_statistics(out / f"{setup.tasks[t].name}.statistics.safetensors", per_kind, stats.kinds)

@@ -187,10 +187,49 @@ def test_demo_runs_and_reports_normalized_accuracy(capsys):
 
     results = run_demo(quick=True)
     assert results["experts (own task)"]["normalized"] == 1.0
-    for method in ("average", "task_arithmetic", "ties", "dare", "breadcrumbs", "fisher", "ota", "ota_ffg",
-                   "weighted_median"):
+    for method in (
+        "average",
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "breadcrumbs",
+        "fisher",
+        "ota",
+        "ota_ffg",
+        "weighted_median",
+    ):
         row = results[method]
         assert 0.0 < row["normalized"] <= 1.2
         assert all(0.0 <= row[t.name] <= 1.0 for t in TASKS)
     out = capsys.readouterr().out
     assert "normalized" in out and "task_arithmetic" in out
+
+
+def test_recipe_with_a_curvature_strategy_reads_the_sidecars(tmp_path):
+    from safetensors.torch import save_file
+
+    from lightning_merge import Expert, Fisher, merge
+    from lightning_merge.cli import main
+    from lightning_merge.stats import write_statistics
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 3, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for i in range(2):
+        save_file({"w": base["w"] + torch.randn(4, 3, generator=g)}, str(tmp_path / f"e{i}.safetensors"))
+        write_statistics(
+            tmp_path / f"e{i}.statistics.safetensors",
+            {"fisher.batch": {"w": torch.rand(4, 3, generator=g)}},
+            {"fisher.batch": {"count": 10, "batch_size": 8}},
+        )
+    (tmp_path / "r.yaml").write_text(
+        "merge_method: fisher\nbase_model: base.safetensors\nparameters: {scale: 1.3}\n"
+        "models:\n  - model: e0.safetensors\n  - model: e1.safetensors\n"
+    )
+    assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "out.safetensors"), "--no-progress"]) == 0
+    expected = merge(
+        [Expert(tmp_path / "e0.safetensors"), Expert(tmp_path / "e1.safetensors")],
+        base=base,
+        strategy=Fisher(scale=1.3),
+    )
+    torch.testing.assert_close(Expert(tmp_path / "out.safetensors").tensor("w"), expected["w"])
