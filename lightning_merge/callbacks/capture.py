@@ -380,6 +380,8 @@ class CurvatureCapture(Callback):
             )
             rank_zero_info(f"CurvatureCapture: wrote {weights} and its statistics")
         self._flush()
+        # Every rank leaves together: none tears down (or reads the final files) while rank 0 still writes.
+        trainer.strategy.barrier("lightning_merge_capture_end")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._flush()
