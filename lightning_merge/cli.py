@@ -132,6 +132,24 @@ def cmd_export_second_moments(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from lightning_merge.averaging import average_checkpoints, read_info, select_checkpoints
+
+    infos = [read_info(p, args.trust_checkpoint) for p in args.checkpoints]
+    chosen = select_checkpoints(infos, select=args.select, k=args.k, mode=args.mode) if args.select != "all" else infos
+    paths = [str(i.path) for i in chosen]
+    _, weights = average_checkpoints(
+        paths, args.out, weighting=args.weighting, mwa_by=args.mwa_by, p=args.p, mode=args.mode, source=args.source,
+        include=args.include, exclude=args.exclude, keep_training_state=not args.weights_only,
+        on_missing_statistic=args.on_missing_statistic, trust_checkpoint=args.trust_checkpoint,
+        overwrite=args.overwrite,
+    )
+    for path, w in zip(paths, weights or [None] * len(paths)):
+        print(f"  {path}" + (f"  weight {w:.4f}" if w is not None else f"  ({args.weighting} per entry)"))
+    print(f"wrote {args.out} (average of {len(paths)} checkpoints, {args.weighting})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_merge.demo import run_demo
 
@@ -165,6 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
+
+    a = sub.add_parser("average", help="average Lightning checkpoints of one run (uniform, MWA, Fisher, OTA)")
+    a.add_argument("checkpoints", nargs="+", help="the .ckpt files")
+    a.add_argument("--out", required=True, help="the averaged .ckpt to write")
+    a.add_argument("--weighting", default="uniform", choices=["uniform", "mwa", "fisher", "ota"])
+    a.add_argument("--select", default="all", choices=["all", "top_k", "last"], help="choose among CHECKPOINTS")
+    a.add_argument("-k", type=int, default=None, help="how many for --select top_k / last")
+    a.add_argument("--mwa-by", default="metric", choices=["metric", "step"])
+    a.add_argument("--p", type=float, default=1.0, help="MWA penalty exponent (0 = uniform)")
+    a.add_argument("--mode", default="min", choices=["min", "max"], help="the monitored metric: minimised or maximised")
+    a.add_argument("--source", default="state_dict", choices=["state_dict", "current_model_state"],
+                   help="current_model_state: the raw weights of checkpoints written with WeightAveraging/EMA")
+    a.add_argument("--include", action="append", metavar="GLOB")
+    a.add_argument("--exclude", action="append", metavar="GLOB")
+    a.add_argument("--weights-only", action="store_true", help="drop optimizer/loop state (default: keep the newest's)")
+    a.add_argument("--on-missing-statistic", default="error", choices=["error", "uniform"])
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
+    a.set_defaults(func=cmd_average)
 
     e = sub.add_parser(
         "export-second-moments",

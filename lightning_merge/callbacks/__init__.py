@@ -3,7 +3,8 @@
 Importing this module imports Lightning; ``import lightning_merge`` alone does not.
 """
 
+from lightning_merge.callbacks.averaging import CheckpointAveraging
 from lightning_merge.callbacks.capture import CurvatureCapture
 from lightning_merge.callbacks.merge_on_fit_end import MergeOnFitEnd
 
-__all__ = ["CurvatureCapture", "MergeOnFitEnd"]
+__all__ = ["CheckpointAveraging", "CurvatureCapture", "MergeOnFitEnd"]

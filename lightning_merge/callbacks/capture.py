@@ -635,6 +635,10 @@ class CurvatureCapture(Callback):
             )
         return self.save(Path(folder) / "statistics.safetensors", names=names)
 
+    def wait(self) -> None:
+        """Block until every sidecar written in the background is on disk (re-raises a failed write)."""
+        self._flush()
+
     # -- sidecar I/O ---------------------------------------------------------------------------------------------
     def _after_save(self, checkpoint: dict, path: str) -> None:
         state = checkpoint.get("callbacks", {}).get(self.state_key, {})

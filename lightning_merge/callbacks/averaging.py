@@ -1,0 +1,201 @@
+"""``CheckpointAveraging``: average the checkpoints a run wrote (top-k, last k, or a window), at fit end or at each
+validation, streamed from disk; write the average as a Lightning checkpoint and load it into the module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_merge.averaging import (
+    WEIGHTINGS,
+    average_checkpoints,
+    read_info,
+    select_checkpoints,
+)
+
+SELECTS = ("top_k", "last", "window", "all")
+
+
+class CheckpointAveraging(Callback):
+    """Average the checkpoints ModelCheckpoint wrote in this run.
+
+    Example::
+
+        trainer = Trainer(callbacks=[
+            ModelCheckpoint(monitor="val_loss", save_top_k=5),
+            CheckpointAveraging(select="top_k", k=5, weighting="mwa", p=1.0),
+        ])
+        trainer.fit(model, dm)      # at the end: averaged.ckpt written, the module holds the average
+        trainer.test(model, dm)
+
+    Args:
+        select: ``"top_k"`` (the best k by the monitored metric among those on disk: with ``save_top_k=k`` exactly
+            the ones ModelCheckpoint kept), ``"last"`` (the k most recent), ``"window"`` (saved within ``window``)
+            or ``"all"``.
+        k: how many for ``top_k`` / ``last`` (None: all on disk).
+        window: ``(start, end)`` inclusive, in ``window_unit``.
+        window_unit: ``"step"`` or ``"epoch"``.
+        weighting: ``"uniform"``, ``"mwa"`` (metrics-weighted: wᵢ ∝ mᵢ⁻ᵖ for a metric to minimise, mᵢᵖ to
+            maximise or for steps), ``"fisher"`` or ``"ota"`` (per-entry weights from the checkpoints' statistics
+            sidecars written by ``CurvatureCapture``).
+        mwa_by: MWA from the monitored ``"metric"`` or the ``"step"``.
+        p: MWA's penalty exponent (0 = uniform).
+        mode: ``"min"`` / ``"max"`` for the metric; None takes the ModelCheckpoint's.
+        source: ``"state_dict"`` or ``"current_model_state"`` (raw weights in checkpoints written with Lightning's
+            WeightAveraging / EMAWeightAveraging, whose ``state_dict`` holds their running average).
+        out: the averaged checkpoint; default ``<checkpoint dir>/averaged.ckpt``.
+        load_averaged: load the average into the module when done (every rank reads the file).
+        every_validation: also average after each validation (the module keeps training its own weights; the
+            file is refreshed); the final average is always computed at fit end.
+        include / exclude: glob patterns of tensors to average; others come from the newest checkpoint.
+        keep_training_state: keep the newest checkpoint's optimizer/loop state so the average resumes like any
+            checkpoint; False writes weights only.
+        update_bn_loader: ``"train"`` or ``"val"``: after loading the average, recompute BatchNorm running
+            statistics over that Trainer loader (``torch.optim.swa_utils.update_bn``); None averages them like
+            any tensor.
+    """
+
+    def __init__(
+        self,
+        select: str = "top_k",
+        k: int | None = None,
+        window: tuple[int, int] | None = None,
+        window_unit: str = "step",
+        weighting: str = "uniform",
+        mwa_by: str = "metric",
+        p: float = 1.0,
+        mode: str | None = None,
+        source: str = "state_dict",
+        out: str | None = None,
+        load_averaged: bool = True,
+        every_validation: bool = False,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        keep_training_state: bool = True,
+        update_bn_loader: str | None = None,
+    ) -> None:
+        super().__init__()
+        if select not in SELECTS:
+            raise ValueError(f"select must be one of {', '.join(SELECTS)}, got {select!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        if k is not None and k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if select == "window" and window is None:
+            raise ValueError("select='window' needs window=(start, end)")
+        if window_unit not in ("step", "epoch"):
+            raise ValueError(f"window_unit must be 'step' or 'epoch', got {window_unit!r}")
+        if mwa_by not in ("metric", "step"):
+            raise ValueError(f"mwa_by must be 'metric' or 'step', got {mwa_by!r}")
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"mode must be 'min', 'max' or None, got {mode!r}")
+        if update_bn_loader not in (None, "train", "val"):
+            raise ValueError(f"update_bn_loader must be 'train', 'val' or None, got {update_bn_loader!r}")
+        self.select, self.k, self.window, self.window_unit = select, k, window, window_unit
+        self.weighting, self.mwa_by, self.p, self.mode = weighting, mwa_by, p, mode
+        self.source, self.out, self.load_averaged = source, out, load_averaged
+        self.every_validation = every_validation
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.keep_training_state = keep_training_state
+        self.update_bn_loader = update_bn_loader
+        self.averaged: list[tuple[str, float | None]] = []  # what the last average used: (path, weight)
+        self.averaged_path: str | None = None
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._average(trainer, load=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._average(trainer, load=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every callback's on_train_end (ModelCheckpoint's last save included); every rank reads the file.
+        if self.load_averaged and self.averaged_path is not None:
+            from lightning_merge.experts import Expert
+
+            averaged = Expert(self.averaged_path)
+            pl_module.load_state_dict({n: averaged.tensor(n) for n in averaged.names()}, strict=True)
+            if self.update_bn_loader is not None:
+                self._update_bn(trainer, pl_module)
+
+    # -- work ----------------------------------------------------------------------------------------------------
+    def _checkpoint_callback(self, trainer: pl.Trainer) -> ModelCheckpoint:
+        ckpt = trainer.checkpoint_callback
+        if ckpt is None or not getattr(ckpt, "dirpath", None):
+            raise ValueError("CheckpointAveraging needs a ModelCheckpoint in the Trainer (it averages its checkpoints)")
+        return ckpt
+
+    def _average(self, trainer: pl.Trainer, load: bool) -> None:
+        ckpt = self._checkpoint_callback(trainer)
+        mode = self.mode or getattr(ckpt, "mode", "min")
+        out = Path(self.out) if self.out else Path(ckpt.dirpath) / "averaged.ckpt"
+        from lightning_merge.callbacks.capture import CurvatureCapture
+
+        for callback in trainer.callbacks:  # sidecars still being written in the background must be complete
+            if isinstance(callback, CurvatureCapture):
+                callback.wait()
+        if trainer.is_global_zero:
+            last = ckpt.CHECKPOINT_NAME_LAST or "last"
+            files = sorted(
+                p
+                for p in Path(ckpt.dirpath).glob("*.ckpt")
+                if not p.is_symlink()
+                and p.resolve() != out.resolve()
+                and not (p.stem == last or p.stem.startswith(f"{last}-v"))
+            )
+            if not files:
+                raise ValueError(f"CheckpointAveraging: no checkpoint in '{ckpt.dirpath}' to average")
+            infos = select_checkpoints(
+                [read_info(f) for f in files],
+                select=self.select,
+                k=self.k,
+                window=self.window,
+                window_unit=self.window_unit,
+                mode=mode,
+            )
+            paths = [str(i.path) for i in infos]
+            _, weights = average_checkpoints(
+                paths,
+                out,
+                weighting=self.weighting,
+                mwa_by=self.mwa_by,
+                p=self.p,
+                mode=mode,
+                source=self.source,
+                include=self.include,
+                exclude=self.exclude,
+                keep_training_state=self.keep_training_state,
+                overwrite=True,
+            )
+            self.averaged = list(zip(paths, weights or [None] * len(paths)))
+            used = ", ".join(f"{Path(p).name} ({w:.3f})" if w is not None else Path(p).name for p, w in self.averaged)
+            rank_zero_info(f"CheckpointAveraging ({self.weighting}): {used} → {out}")
+        trainer.strategy.barrier("lightning_merge_average")
+        self.averaged_path = str(out)
+
+    def _update_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.optim.swa_utils import update_bn
+
+        loader = trainer.train_dataloader if self.update_bn_loader == "train" else trainer.val_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        if loader is None:
+            raise ValueError(f"update_bn_loader={self.update_bn_loader!r}: the Trainer has no such dataloader")
+        inputs = (b[0] if isinstance(b, (tuple, list)) else b for b in loader)
+        update_bn(inputs, pl_module, device=pl_module.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averaged": [[p, w] for p, w in self.averaged]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.averaged = [(p, w) for p, w in state_dict.get("averaged", [])]
+
+
+__all__ = ["CheckpointAveraging"]
