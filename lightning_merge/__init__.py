@@ -5,10 +5,12 @@ and the callbacks in :mod:`lightning_merge.callbacks` (imported lazily: importin
 Lightning).
 """
 
+from lightning_merge.continual import ContinualState
 from lightning_merge.engine import MergePlan, merge
 from lightning_merge.experts import Expert, TensorSpec
 from lightning_merge.stats import Statistics, StatisticsError
 from lightning_merge.strategies import (
+    OPCM,
     OTA,
     Breadcrumbs,
     Dare,
@@ -24,11 +26,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Breadcrumbs",
+    "ContinualState",
     "Dare",
     "Expert",
     "Fisher",
     "Linear",
     "MergePlan",
+    "OPCM",
     "OTA",
     "Statistics",
     "StatisticsError",

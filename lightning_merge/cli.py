@@ -150,6 +150,32 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_continual(args: argparse.Namespace) -> int:
+    from lightning_merge.continual import ContinualError, ContinualState
+    from lightning_merge.strategies import Strategy
+
+    try:
+        if args.action == "init":
+            spec = {"name": args.strategy, **_parse_set(args.set or [])}
+            state = ContinualState.create(args.state, base=args.base, strategy=Strategy.from_dict(spec))
+            print(f"created continual state {state.path} ({args.strategy}, base {args.base})")
+        elif args.action == "add":
+            entry = ContinualState(args.state).add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate)
+            print(f"added '{entry['name']}' as expert {entry['order']}; merged model: {args.state}/current/model")
+        else:
+            info = ContinualState(args.state).describe()
+            if args.json:
+                print(json.dumps(info, indent=2))
+                return 0
+            print(f"{info['path']}: {info['strategy']['name']} over {info['base']}, {info['count']} expert(s)")
+            print(f"  merged model  {info['model']}")
+            for e in info["journal"]:
+                print(f"  {e['order']:>3}  {e['name']:<30} ‖τ‖={e['task_vector_norm']:.4g}  {e['time']}  {e['path']}")
+    except ContinualError as err:
+        raise ValueError(str(err)) from err
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_merge.demo import run_demo
 
@@ -203,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trust-checkpoint", action="store_true",
                    help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
     a.set_defaults(func=cmd_average)
+
+    c = sub.add_parser("continual", help="continual merging: init a state, add experts as they finish, show it")
+    csub = c.add_subparsers(dest="action", required=True)
+    ci = csub.add_parser("init", help="create a continual-merge state folder")
+    ci.add_argument("state")
+    ci.add_argument("--base", required=True, help="the base model every expert was fine-tuned from")
+    ci.add_argument("--strategy", default="opcm", choices=["opcm", "linear", "task_arithmetic", "fisher", "ota"])
+    ci.add_argument("--set", action="append", metavar="KEY=VALUE", help="a strategy argument")
+    ca = csub.add_parser("add", help="fold an expert into the state (atomic; waits for a concurrent add)")
+    ca.add_argument("state")
+    ca.add_argument("expert")
+    ca.add_argument("--name", default=None, help="the journal's name for it")
+    ca.add_argument("--allow-duplicate", action="store_true", help="fold in an expert already merged")
+    cs = csub.add_parser("show", help="the journal, norms and where the merged model is")
+    cs.add_argument("state")
+    cs.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_continual)
 
     e = sub.add_parser(
         "export-second-moments",

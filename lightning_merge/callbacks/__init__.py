@@ -5,6 +5,7 @@ Importing this module imports Lightning; ``import lightning_merge`` alone does n
 
 from lightning_merge.callbacks.averaging import CheckpointAveraging
 from lightning_merge.callbacks.capture import CurvatureCapture
+from lightning_merge.callbacks.continual import ContinualMerge
 from lightning_merge.callbacks.merge_on_fit_end import MergeOnFitEnd
 
-__all__ = ["CheckpointAveraging", "CurvatureCapture", "MergeOnFitEnd"]
+__all__ = ["CheckpointAveraging", "ContinualMerge", "CurvatureCapture", "MergeOnFitEnd"]

@@ -4,6 +4,7 @@
 """
 
 from lightning_merge.strategies.base import STRATEGIES, Strategy
+from lightning_merge.strategies.continual import OPCM
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
 
@@ -13,6 +14,7 @@ __all__ = [
     "Dare",
     "Fisher",
     "Linear",
+    "OPCM",
     "OTA",
     "Strategy",
     "TaskArithmetic",

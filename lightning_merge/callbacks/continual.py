@@ -1,0 +1,94 @@
+"""``ContinualMerge``: fold the model just trained into a continual-merge state when its fit ends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_merge.strategies.base import Strategy
+
+
+class ContinualMerge(Callback):
+    """Fold the trained model into a :class:`~lightning_merge.ContinualState` when ``trainer.fit`` ends.
+
+    Example::
+
+        trainer = Trainer(callbacks=[
+            CurvatureCapture(),                                  # statistics for Fisher / OTA
+            ContinualMerge(state="merged-state", base="base.safetensors", strategy=OPCM(alpha=0.5)),
+        ])
+        trainer.fit(model, dm)        # the state now includes this run; merged model in merged-state/current/model
+
+    The state is created on first use (with ``base`` and ``strategy``); later runs may pass only ``state``. The
+    trained model is read from memory (``state_dict`` names, so ``base`` must use the same names, for example a
+    ``final.safetensors`` or ``.ckpt`` of the same LightningModule), with the statistics of a ``CurvatureCapture``
+    in the same Trainer where the strategy uses them. Rank 0 adds; the other ranks wait. Concurrent runs on other
+    machines sharing the folder take turns through the state's lock.
+
+    Args:
+        state: the state folder.
+        base: the base model (needed to create the state).
+        strategy: the strategy (needed to create the state): OPCM, Linear, TaskArithmetic, Fisher, OTA.
+        name: the journal's name for this run (default: the Trainer's ``default_root_dir`` name).
+        allow_duplicate: fold in a model whose weights are already in the journal.
+        load_merged: load the state's merged model into the module when done.
+    """
+
+    def __init__(
+        self,
+        state: str,
+        base: str | None = None,
+        strategy: Strategy | Mapping[str, Any] | None = None,
+        name: str | None = None,
+        allow_duplicate: bool = False,
+        load_merged: bool = False,
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self.base = base
+        self.strategy = strategy if strategy is None or isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
+        self.name = name
+        self.allow_duplicate = allow_duplicate
+        self.load_merged = load_merged
+        self.entry: dict[str, Any] | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_merge.callbacks.capture import CurvatureCapture
+        from lightning_merge.continual import ContinualState
+        from lightning_merge.experts import Expert
+
+        captures = [c for c in trainer.callbacks if isinstance(c, CurvatureCapture)]
+        statistics = captures[0].finalize(after_fit=True) if captures else None  # every rank
+        weights = trainer.strategy.lightning_module_state_dict()
+        if trainer.is_global_zero:
+            from pathlib import Path
+
+            if (Path(self.state) / "state.json").exists():
+                state = ContinualState(self.state)
+            else:
+                if self.base is None or self.strategy is None:
+                    raise ValueError(
+                        f"ContinualMerge: '{self.state}' does not exist yet; pass base= and strategy= to create it"
+                    )
+                state = ContinualState.create(self.state, base=self.base, strategy=self.strategy, exist_ok=True)
+            expert = Expert(
+                {k: v.detach().cpu() for k, v in weights.items()},
+                statistics=statistics,
+                name=self.name or Path(trainer.default_root_dir).name,
+            )
+            self.entry = state.add(expert, allow_duplicate=self.allow_duplicate)
+            rank_zero_info(f"ContinualMerge: folded this run into {self.state} as expert {self.entry['order']}")
+        trainer.strategy.barrier("lightning_merge_continual")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.load_merged:
+            from lightning_merge.continual import ContinualState
+
+            ContinualState(self.state).load_into(pl_module)
+
+
+__all__ = ["ContinualMerge"]

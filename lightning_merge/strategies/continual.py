@@ -1,0 +1,127 @@
+"""OPCM, orthogonal projection continual merging (Tang et al.), as ALGORITHMS.md states it.
+
+Closed form: θ⁽ᵗ⁾ = θ₀ + n̄ₜ · Sₜ / ‖Sₜ‖ with S₁ = τ₁ and Sₜ = Sₜ₋₁ + Proj(τₜ), where n̄ₜ is the mean of the experts'
+task-vector norms ‖τₛ‖ (global L2 over every merged tensor) and Proj removes from τₜ, for each linear weight, the
+components along the leading singular directions of Sₜ₋₁ (the projection depends only on Sₜ₋₁'s direction, so
+each tensor's Sₜ evolves on its own; only the final rescale is global). Order matters.
+
+Used by :class:`OPCM` (a batch merge of experts in the given order) and by the continual state
+(:mod:`lightning_merge.continual`), which persists Sₜ and the norms so adding expert t+1 never re-reads 1..t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_merge.strategies.base import Strategy, check_number
+
+if TYPE_CHECKING:
+    from lightning_merge.engine import MergePlan
+
+DEFAULT_NOT_LINEAR = (
+    r"(^|\.)(embed_tokens|embeddings?|word_embeddings|position_embeddings|token_type_embeddings|wte|wpe|lm_head"
+    r"|shared)(\.|$)"
+)
+
+
+def is_projected(name: str, tensor: Tensor, not_linear: str = DEFAULT_NOT_LINEAR) -> bool:
+    """Whether OPCM projects this tensor: 2-D ``.weight`` tensors (linear layers) except names matching
+    ``not_linear`` (embeddings and output heads by default, as FusionBench projects ``nn.Linear`` weights only)."""
+    return tensor.dim() == 2 and name.endswith("weight") and re.search(not_linear, name) is None
+
+
+def opcm_project(previous: Tensor, tau: Tensor, alpha: float, tol: float = 1e-6) -> Tensor:
+    """τ minus its components along the singular directions of ``previous`` that OPCM protects.
+
+    With the thin SVD previous = U diag(σ) Vᵀ (k = min(m, n)), r = the number of singular values before the
+    cumulative share Σ_{i≤j} σᵢ / Σ σ first exceeds ``alpha``; M = Uᵀ τ V; the entries of M on the diagonal and in
+    the top-left r×r block are removed: τ̃ = τ − U (mask ⊙ M) Vᵀ. Diagonal entries are removed only where
+    σᵢ > tol·σ₁ (elsewhere the singular vectors are arbitrary; FusionBench removes them all).
+    """
+    u, s, vh = torch.linalg.svd(previous.to(torch.float32), full_matrices=False)
+    total = float(s.sum())
+    if total <= 0:
+        return tau.clone()
+    share = torch.cumsum(s, 0) / total
+    above = share > alpha
+    r = int(torch.argmax(above.to(torch.int8))) if bool(above.any()) else s.numel()
+    k = s.numel()
+    mask = torch.zeros(k, k, dtype=torch.bool)
+    mask[:r, :r] = True
+    significant = s > tol * s[0]
+    idx = torch.arange(k)
+    mask[idx[significant], idx[significant]] = True
+    m = u.T @ tau @ vh.T
+    return tau - u @ (m * mask) @ vh
+
+
+def opcm_step(
+    name: str, previous: Tensor | None, tau: Tensor, alpha: float, not_linear: str = DEFAULT_NOT_LINEAR
+) -> Tensor:
+    """Sₜ from Sₜ₋₁ (None for the first expert) and τₜ for one tensor."""
+    if previous is None:
+        return tau.clone()
+    if is_projected(name, tau, not_linear):
+        return previous + opcm_project(previous, tau, alpha)
+    return previous + tau
+
+
+@dataclasses.dataclass
+class OPCM(Strategy):
+    """Orthogonal projection continual merging of the experts, in the order given.
+
+    ``θ = θ₀ + n̄ · S / ‖S‖``: see the module docstring. As a batch merge it runs two passes over the tensors (the
+    first finds the global norms; the second recomputes each tensor's S and writes it). For experts that arrive one
+    at a time, use :class:`lightning_merge.continual.ContinualState`, which keeps S between additions.
+
+    Args:
+        alpha: the singular-value share OPCM protects (0.5).
+        not_linear: regular expression of 2-D weight names not projected (embeddings, output heads).
+    """
+
+    name = "opcm"
+    needs_base = True
+
+    alpha: float = 0.5
+    not_linear: str = DEFAULT_NOT_LINEAR
+    _scale: float | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_number("OPCM", "alpha", self.alpha, low=0, high=1)
+        re.compile(self.not_linear)
+
+    def _final(self, name: str, base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        s = None
+        for t in tensors:
+            s = opcm_step(name, s, t - base, self.alpha, self.not_linear)
+        return s
+
+    def prepare(self, plan: MergePlan) -> None:
+        super().prepare(plan)
+        norms = [0.0] * plan.num_experts
+        s_norm = 0.0
+        for name in plan.names:
+            base = plan.base_tensor(name)
+            tensors = plan.expert_tensors(name, base)
+            for i, t in enumerate(tensors):
+                norms[i] += float((t - base).double().square().sum())
+            s_norm += float(self._final(name, base, tensors).double().square().sum())
+        mean_norm = sum(math.sqrt(n) for n in norms) / len(norms)
+        self._scale = mean_norm / math.sqrt(s_norm) if s_norm > 0 else 0.0
+
+    def merge_tensor(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
+    ) -> Tensor:
+        if self._scale is None:
+            raise RuntimeError("OPCM.merge_tensor needs prepare(plan) first (merge() calls it)")
+        return self._final(name, base, tensors).mul_(self._scale).add_(base)
+
+
+__all__ = ["DEFAULT_NOT_LINEAR", "OPCM", "is_projected", "opcm_project", "opcm_step"]
