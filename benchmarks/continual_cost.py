@@ -1,0 +1,121 @@
+"""Cost of adding one expert to a continual-merge state, for the 1st to the 20th expert of a ~100M-parameter model.
+
+Each add runs in a fresh process (so its peak RSS is its own); experts are generated from seeds, written, added,
+and deleted. Prints time and peak memory per add for each strategy and draws docs/continual_cost.png.
+
+    python benchmarks/continual_cost.py [--experts 20] [--params 100e6] [--strategies opcm linear]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ADD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from lightning_merge import ContinualState
+ContinualState(sys.argv[1]).add(sys.argv[2])
+print(json.dumps({"seconds": time.perf_counter() - t0,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def layout(params: float) -> dict[str, tuple[int, int]]:
+    """Square-ish linear layers (1024 × 1024) plus biases, adding up to about ``params``."""
+    n = max(1, round(params / (1024 * 1024 + 1024)))
+    shapes = {}
+    for i in range(n):
+        shapes[f"layers.{i}.weight"] = (1024, 1024)
+        shapes[f"layers.{i}.bias"] = (1024,)
+    return shapes
+
+
+def write(path: Path, shapes: dict, seed: int, base: dict | None = None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=g) * (0.02 if base is not None else 1.0)
+        tensors[name] = base[name] + noise if base is not None else noise
+    save_file(tensors, str(path))
+    return tensors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=20)
+    parser.add_argument("--params", type=float, default=100e6)
+    parser.add_argument("--strategies", nargs="+", default=["opcm", "linear"])
+    parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "continual_cost.png"))
+    args = parser.parse_args()
+    shapes = layout(args.params)
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = write(tmp / "base.safetensors", shapes, seed=0)
+        for strategy in args.strategies:
+            from lightning_merge import ContinualState
+            from lightning_merge.strategies import Strategy
+
+            state = tmp / f"state-{strategy}"
+            ContinualState.create(state, base=tmp / "base.safetensors", strategy=Strategy.from_dict({"name": strategy}))
+            results[strategy] = []
+            for i in range(args.experts):
+                expert = tmp / f"expert-{i}.safetensors"
+                write(expert, shapes, seed=1000 + i, base=base)
+                started = time.perf_counter()
+                out = subprocess.run(
+                    [sys.executable, "-c", ADD, str(state), str(expert)], check=True, capture_output=True, text=True
+                ).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                row["wall"] = time.perf_counter() - started
+                results[strategy].append(row)
+                os.remove(expert)
+                print(
+                    f"{strategy:8s} expert {i + 1:2d}: {row['seconds']:6.2f} s  peak {row['peak_mb']:7.0f} MB",
+                    flush=True,
+                )
+    print(f"\nmodel: {total / 1e6:.0f}M parameters ({len(shapes) // 2} linear layers 1024×1024 + biases), float32")
+    print(f"{'strategy':10s}{'first add s':>12s}{'last add s':>12s}{'ratio':>8s}{'first MB':>10s}{'last MB':>10s}")
+    for strategy, rows in results.items():
+        a, b = rows[0], rows[-1]
+        print(
+            f"{strategy:10s}{a['seconds']:12.2f}{b['seconds']:12.2f}{b['seconds'] / a['seconds']:8.2f}"
+            f"{a['peak_mb']:10.0f}{b['peak_mb']:10.0f}"
+        )
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for strategy, rows in results.items():
+        xs = range(1, len(rows) + 1)
+        ax1.plot(xs, [r["seconds"] for r in rows], marker="o", label=strategy)
+        ax2.plot(xs, [r["peak_mb"] for r in rows], marker="o", label=strategy)
+    ax1.set(xlabel="expert added", ylabel="seconds per add", ylim=(0, None), title="time per added expert")
+    ax2.set(xlabel="expert added", ylabel="peak RSS (MB)", ylim=(0, None), title="peak memory per added expert")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"continual merging, {total / 1e6:.0f}M-parameter model (2-core CPU)")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
