@@ -36,10 +36,17 @@ log = logging.getLogger("lightning_merge")
 ON_MISSING = ("error", "union", "intersection", "base")
 ON_MISSING_STATISTIC = ("error", "uniform")
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "f32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "f16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
 }
 
 
@@ -73,8 +80,7 @@ class MergePlan:
         base: the base, or None.
     """
 
-    def __init__(self, experts: list[Expert], base: Expert | None, jobs: list[TensorJob],
-                 statistic_reader: Any = None):
+    def __init__(self, experts: list[Expert], base: Expert | None, jobs: list[TensorJob], statistic_reader: Any = None):
         self.experts = experts
         self.base = base
         self.jobs = jobs
@@ -100,10 +106,7 @@ class MergePlan:
         job = self._by_name[name]
         if base is None and not all(job.present):
             base = self.base_tensor(name)
-        return [
-            e.tensor(name).to(torch.float32) if present else base
-            for e, present in zip(self.experts, job.present)
-        ]
+        return [e.tensor(name).to(torch.float32) if present else base for e, present in zip(self.experts, job.present)]
 
     def task_vectors(self, name: str) -> Tensor:
         """Stacked task vectors ``(N, *shape)`` in float32 (needs a base)."""
@@ -115,6 +118,15 @@ class MergePlan:
     def statistics(self, name: str, kind: str) -> list[Tensor]:
         """Every expert's merge-ready statistic of ``kind`` for tensor ``name``."""
         return [s[kind] for s in self._statistic_reader(name)]
+
+
+def _open_expert(obj: Any, base: Any, index: int) -> Expert:
+    """A path to a PEFT adapter folder opens over ``base``; everything else as :func:`as_expert`."""
+    if isinstance(obj, (str, os.PathLike)) and (Path(obj) / "adapter_config.json").exists():
+        if base is None:
+            raise ValueError(f"expert {index} '{obj}' is a LoRA adapter: pass base= the model it adapts")
+        return Expert(obj, base=base)
+    return as_expert(obj, f"expert {index}")
 
 
 def _glob_match(name: str, patterns: Sequence[str] | str | None) -> bool:
@@ -204,8 +216,9 @@ def build_jobs(
             jobs.append(TensorJob(name, "copy", out_spec, present, source=holders[0]))
         elif not all(present) and (base is None or name not in base):
             # Only some experts have it and there is no base value to stand in: keep the first expert's.
-            log.warning("tensor '%s' is only in some experts and not in the base: copied from '%s'",
-                        name, holders[0].name)
+            log.warning(
+                "tensor '%s' is only in some experts and not in the base: copied from '%s'", name, holders[0].name
+            )
             jobs.append(TensorJob(name, "copy", out_spec, present, source=holders[0]))
         else:
             jobs.append(TensorJob(name, "merge", out_spec, present))
@@ -232,6 +245,7 @@ def merge(
     overwrite: bool = False,
     threads: int | None = None,
     progress: bool | None = None,
+    rank: int | None = None,
 ) -> dict[str, Tensor] | Path | nn.Module:
     """Merge experts tensor by tensor with a strategy.
 
@@ -244,7 +258,8 @@ def merge(
         out: None returns a state dict; a folder path writes sharded safetensors (Hugging Face style, with the
             base folder's config and tokenizer files); a ``.safetensors`` path writes one file; a ``.ckpt`` path
             writes a Lightning checkpoint; an ``nn.Module`` is loaded in place.
-        output: ``"peft"`` to write a LoRA adapter (not supported yet); None infers from ``out``.
+        output: ``"peft"`` to write a PEFT LoRA adapter folder at ``out`` from LoRA experts (see ``rank``); None
+            writes full weights as ``out`` says.
         include: glob patterns of tensor names to merge; others are copied from the base (or the first expert).
         exclude: glob patterns of tensor names copied from the base instead of merged.
         dtype: output dtype of floating tensors (default: each tensor's storage dtype in the base, or the first
@@ -260,6 +275,9 @@ def merge(
         threads: worker threads over tensors (default: up to 2). Whatever the count, the tensors being merged at
             once hold at most as many elements as the largest tensor, so threads do not raise peak memory.
         progress: show a progress bar (default: when stderr is a terminal).
+        rank: with ``output="peft"``: None writes the exact concatenation of the adapters' factors (rank Σrᵢ; only
+            for strategies linear in the task vectors: Linear, TaskArithmetic); an integer writes a truncated SVD of
+            each merged ΔW at that rank and records the relative reconstruction error per module.
 
     Returns:
         The merged state dict (``out=None``), the written path, or the module.
@@ -273,11 +291,23 @@ def merge(
         )
     if output not in (None, "peft"):
         raise ValueError(f"output must be None or 'peft', got {output!r}")
-    if output == "peft":
-        raise NotImplementedError("output='peft' (writing a LoRA adapter) is not supported yet; write full weights")
     if isinstance(experts, (str, os.PathLike, Expert, dict, nn.Module)):
         raise TypeError("experts must be a list (of paths, Expert objects, state dicts or modules)")
-    experts = [as_expert(e, f"expert {i}") for i, e in enumerate(experts)]
+    experts = [_open_expert(e, base, i) for i, e in enumerate(experts)]
+    if output == "peft":
+        from lightning_merge.lora import merge_to_peft
+
+        if out is None or isinstance(out, nn.Module):
+            raise ValueError("output='peft' needs out= a folder to write the adapter into")
+        return merge_to_peft(
+            experts,
+            base,
+            strategy,
+            Path(out),
+            rank=rank,
+            overwrite=overwrite,
+            on_missing_statistic=on_missing_statistic,
+        )
     if not experts:
         raise ValueError("merge() needs at least one expert")
     base_expert = as_expert(base, "base") if base is not None else None
@@ -307,8 +337,13 @@ def merge(
     except BaseException:
         writer.abort()
         raise
-    log.info("merged %d tensors of %d experts with %s in %.2fs", len(jobs), len(experts), strategy.name,
-             time.perf_counter() - started)
+    log.info(
+        "merged %d tensors of %d experts with %s in %.2fs",
+        len(jobs),
+        len(experts),
+        strategy.name,
+        time.perf_counter() - started,
+    )
     return result
 
 
@@ -318,8 +353,9 @@ def _version() -> str:
     return __version__
 
 
-def _make_writer(out: Any, jobs: list[TensorJob], reference: Expert, provenance: dict, shard_size: int | str,
-                 overwrite: bool) -> Writer:
+def _make_writer(
+    out: Any, jobs: list[TensorJob], reference: Expert, provenance: dict, shard_size: int | str, overwrite: bool
+) -> Writer:
     if out is None:
         writer = DictWriter()
         writer.plan([j.name for j in jobs])
@@ -331,14 +367,21 @@ def _make_writer(out: Any, jobs: list[TensorJob], reference: Expert, provenance:
     path = Path(out)
     if path.suffix == ".ckpt":
         template = reference.path if reference.path is not None and reference.path.suffix == ".ckpt" else None
-        return CheckpointWriter(path, template=template, prefix=reference.prefix, provenance=provenance,
-                                overwrite=overwrite)
+        return CheckpointWriter(
+            path, template=template, prefix=reference.prefix, provenance=provenance, overwrite=overwrite
+        )
     entries = [(j.name, j.spec) for j in jobs]
     if path.suffix == ".safetensors":
         return SafetensorsWriter(path, entries, provenance=provenance, overwrite=overwrite, single_file=True)
     copy_from = reference.path if reference.path is not None and reference.path.is_dir() else None
-    return SafetensorsWriter(path, entries, shard_size=parse_size(shard_size), copy_from=copy_from,
-                             provenance=provenance, overwrite=overwrite)
+    return SafetensorsWriter(
+        path,
+        entries,
+        shard_size=parse_size(shard_size),
+        copy_from=copy_from,
+        provenance=provenance,
+        overwrite=overwrite,
+    )
 
 
 class _StatisticReader:
@@ -361,8 +404,11 @@ class _StatisticReader:
                         f"with CurvatureCapture, pass statistics=..., or pass on_missing_statistic='uniform' "
                         f"(--on-missing-statistic uniform) to weigh this expert uniformly"
                     )
-                log.warning("expert '%s' has no %r statistics: using uniform weights for it "
-                            "(on_missing_statistic='uniform')", expert.name, kind)
+                log.warning(
+                    "expert '%s' has no %r statistics: using uniform weights for it (on_missing_statistic='uniform')",
+                    expert.name,
+                    kind,
+                )
                 self.uniform_experts.add(i)
 
     def __call__(self, name: str) -> list[dict[str, Tensor]]:
@@ -401,8 +447,9 @@ class _StatisticReader:
         return out
 
 
-def _run(plan: MergePlan, strategy: Strategy, writer: Writer, reader: _StatisticReader, threads: int,
-         progress: bool | None) -> None:
+def _run(
+    plan: MergePlan, strategy: Strategy, writer: Writer, reader: _StatisticReader, threads: int, progress: bool | None
+) -> None:
     from tqdm.auto import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -461,6 +508,8 @@ def _compute(plan: MergePlan, strategy: Strategy, reader: _StatisticReader, job:
     tensors = plan.expert_tensors(name, base)
     merged = strategy.merge_tensor(name, base, tensors, reader(name))
     if tuple(merged.shape) != job.spec.shape:
-        raise RuntimeError(f"strategy {strategy.name!r} returned shape {list(merged.shape)} for tensor '{name}', "
-                           f"expected {list(job.spec.shape)}")
+        raise RuntimeError(
+            f"strategy {strategy.name!r} returned shape {list(merged.shape)} for tensor '{name}', "
+            f"expected {list(job.spec.shape)}"
+        )
     return merged.to(out_dtype)

@@ -234,6 +234,10 @@ class Expert:
             (``X.statistics.safetensors`` next to a file, ``statistics.safetensors`` inside a folder).
         name: a display name for messages and the merge journal (default: the file name).
         trust_checkpoint: allow unpickling arbitrary objects from a ``.ckpt`` (only for files you trust).
+        base: for a PEFT LoRA adapter folder, the base model it adapts (a path or an ``Expert``); default the
+            adapter config's ``base_model_name_or_path`` when that is a local path. The expert then reads like a
+            full model: θ₀ + ΔW on the adapted tensors (ΔW = s·B A, computed per tensor on demand), θ₀ elsewhere;
+            its statistics are ΔW-space precisions from the adapter's statistics (delta method).
 
     Example::
 
@@ -249,9 +253,11 @@ class Expert:
         statistics: str | os.PathLike | Mapping[str, Any] | Statistics | None = None,
         name: str | None = None,
         trust_checkpoint: bool = False,
+        base: str | os.PathLike | Expert | None = None,
     ) -> None:
         self.path: Path | None = None
         self.prefix = prefix or ""
+        self.lora = None
         if isinstance(source, nn.Module):
             self._source: Any = _DictSource(source.state_dict())
             default_name = type(source).__name__
@@ -264,12 +270,9 @@ class Expert:
             default_name = path.name
             if not path.exists():
                 raise FileNotFoundError(f"expert '{path}' does not exist")
-            if path.is_dir():
-                if (path / "adapter_config.json").exists():
-                    raise ValueError(
-                        f"'{path}' is a PEFT adapter folder; LoRA adapters as experts are not supported yet: "
-                        f"merge the adapter into its base (PeftModel.merge_and_unload) and save that folder"
-                    )
+            if path.is_dir() and (path / "adapter_config.json").exists():
+                self._source = self._open_adapter(path, base, trust_checkpoint)
+            elif path.is_dir():
                 kind, files = _folder_files(path)
                 if kind == "safetensors":
                     self._source = _SafetensorsSource(files)
@@ -311,8 +314,24 @@ class Expert:
             first = itertools.islice(self._statistics.keys(), 8)
             if any(f"/{self.prefix}" in key for key in first):
                 self._stats_prefix = self.prefix
-        if self._statistics is not None and isinstance(statistics, (str, os.PathLike, type(None))):
+        if self._statistics is not None and isinstance(statistics, (str, os.PathLike, type(None))) and not self.lora:
             self._check_statistics_names()
+
+    def _open_adapter(self, path: Path, base: Any, trust_checkpoint: bool) -> Any:
+        from lightning_merge.lora import LoraAdapter, LoraSource
+
+        if base is None:
+            config = json.loads((path / "adapter_config.json").read_text())
+            guess = config.get("base_model_name_or_path")
+            if not guess or not Path(guess).exists():
+                raise ValueError(
+                    f"'{path}' is a LoRA adapter: pass base= the model it adapts (its config names {guess!r}, which is "
+                    "not a local path)"
+                )
+            base = guess
+        base_expert = base if isinstance(base, Expert) else Expert(base, trust_checkpoint=trust_checkpoint)
+        self.lora = LoraAdapter(path, base_expert.names())
+        return LoraSource(self.lora, base_expert)
 
     def _check_statistics_names(self) -> None:
         """A sidecar must describe tensors of this expert: refuse one written for another checkpoint."""
@@ -383,6 +402,11 @@ class Expert:
             raise StatisticsError(
                 f"expert '{self.name}' has no statistics (no sidecar next to it and none passed as statistics=)"
             )
+        if self.lora is not None:
+            if name in self.lora.modules:
+                return self.lora.precision(name, self._statistics, kind, estimator)
+            # The adapter does not change this tensor (ΔW = 0): it carries no curvature there.
+            return torch.zeros(self.spec(name).shape, dtype=torch.float32)
         return self._statistics.get(self._stats_prefix + name, kind, estimator)
 
 
