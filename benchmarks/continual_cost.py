@@ -21,12 +21,22 @@ import torch
 from safetensors.torch import save_file
 
 ADD = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
+
+
+def peak_mb():
+    # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, kept across exec on Linux)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 from lightning_merge import ContinualState
 ContinualState(sys.argv[1]).add(sys.argv[2])
 print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": peak_mb()}))
 """
 
 

@@ -23,8 +23,18 @@ WEIGHTS = [0.4, 0.3, 0.2, 0.1]
 TARGETS = {"minilm": ["query", "value"], "llama400m": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 PEFT_RUN = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
+
+
+def peak_mb():
+    # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, kept across exec on Linux)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 import torch, transformers, peft
 root, kind = sys.argv[1], sys.argv[2]
 base = transformers.AutoModel.from_pretrained(root + "/base") if kind == "minilm" else \
@@ -35,19 +45,29 @@ for i in (1, 2, 3):
 model.add_weighted_adapter(["ad0", "ad1", "ad2", "ad3"], WEIGHTS, "merged", combination_type="svd", svd_rank=16)
 model.save_pretrained(root + "/peft_out", selected_adapters=["merged"])
 print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": peak_mb()}))
 """.replace("WEIGHTS", repr(WEIGHTS))
 
 OURS_RUN = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
+
+
+def peak_mb():
+    # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, kept across exec on Linux)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 from lightning_merge import TaskArithmetic, merge
 root, rank = sys.argv[1], sys.argv[2]
 experts = [root + f"/ad{i}" for i in range(4)]
 merge(experts, base=root + "/base", strategy=TaskArithmetic(weights=WEIGHTS), out=root + "/ours_" + rank,
       output="peft", rank=None if rank == "exact" else int(rank), overwrite=True)
 print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": peak_mb()}))
 """.replace("WEIGHTS", repr(WEIGHTS))
 
 

@@ -363,6 +363,14 @@ class Expert:
     def __contains__(self, name: object) -> bool:
         return name in self._keys
 
+    def subset(self, names: list[str] | set[str]) -> Expert:
+        """A view of this expert restricted to ``names`` (nothing is read; statistics are shared)."""
+        import copy
+
+        view = copy.copy(self)
+        view._keys = {n: k for n, k in self._keys.items() if n in set(names)}
+        return view
+
     def spec(self, name: str) -> TensorSpec:
         """Shape and dtype of tensor ``name``; reads no data."""
         return self._source.spec(self._key(name))

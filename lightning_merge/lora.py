@@ -284,8 +284,12 @@ def merge_to_peft(
     else:
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        # Only the adapted tensors: a view of the base restricted to them keeps memory to those tensors.
         merged = merge(
-            experts, base=base_expert, strategy=strategy, include=targets, on_missing_statistic=on_missing_statistic
+            [e.subset(targets) for e in experts],
+            base=base_expert.subset(targets),
+            strategy=strategy,
+            on_missing_statistic=on_missing_statistic,
         )
         for t in targets:
             delta = merged[t].to(torch.float32) - base_expert.tensor(t).to(torch.float32)
