@@ -115,6 +115,10 @@ class MergePlan:
             raise ValueError(f"task vectors of '{name}' need a base model")
         return torch.stack([t - base for t in self.expert_tensors(name, base)])
 
+    def stats(self, name: str) -> list[dict[str, Tensor]]:
+        """Every expert's merge-ready statistics for tensor ``name``, as ``merge_tensor`` receives them."""
+        return self._statistic_reader(name)
+
     def statistics(self, name: str, kind: str) -> list[Tensor]:
         """Every expert's merge-ready statistic of ``kind`` for tensor ``name``."""
         return [s[kind] for s in self._statistic_reader(name)]

@@ -4,6 +4,7 @@
 """
 
 from lightning_merge.strategies.base import STRATEGIES, Strategy
+from lightning_merge.strategies.composed import Cabs, Consensus, Generalized, LiNeS
 from lightning_merge.strategies.continual import OPCM
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
@@ -11,8 +12,12 @@ from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskAri
 __all__ = [
     "STRATEGIES",
     "Breadcrumbs",
+    "Cabs",
+    "Consensus",
     "Dare",
     "Fisher",
+    "Generalized",
+    "LiNeS",
     "Linear",
     "OPCM",
     "OTA",

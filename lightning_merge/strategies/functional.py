@@ -168,3 +168,69 @@ def _elect_and_combine(buf: Tensor, ws: list[float], election: str, normalize: b
             divisor.add_(agree[i], alpha=w if election == "weighted" else 1.0)
         mixed.div_(torch.where(divisor == 0, 1.0, divisor))
     return mixed
+
+
+def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None) -> Tensor:
+    """Balanced n:m sparsification (CABS' BS step): in each run of ``m`` consecutive entries (row-major), keep the
+    ``n`` largest ``|tau|`` among the ``free`` positions.
+
+    A group with fewer than ``n`` free positions keeps all of them; a last incomplete group of ``g < m`` entries
+    keeps ``ceil(n·g/m)``. Ties are broken by the lower flat index (a stable sort inside each group).
+
+    Args:
+        tau: the task vector (any shape).
+        n: entries kept per group.
+        m: group size.
+        free: boolean mask of the positions that may be chosen (None: all).
+
+    Returns:
+        A boolean mask of ``tau``'s shape.
+    """
+    flat = tau.reshape(-1).abs()
+    numel = flat.numel()
+    if n >= m and free is None:
+        return torch.ones_like(tau, dtype=torch.bool)
+    groups = -(-numel // m)
+    score = torch.full((groups * m,), -1.0, dtype=flat.dtype)
+    score[:numel] = flat
+    if free is not None:
+        score[:numel].masked_fill_(~free.reshape(-1), -1.0)
+    score = score.view(groups, m)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m).expand(groups, m).contiguous())
+    quota = torch.full((groups, 1), n, dtype=torch.long)
+    tail = numel - (groups - 1) * m
+    if tail < m:
+        quota[-1] = -(-n * tail // m)
+    keep = (ranks < quota) & (score >= 0)
+    return keep.reshape(-1)[:numel].view_as(tau)
+
+
+def cabs_masks(tau: Tensor, n: int, m: int, order: list[int] | None = None) -> Tensor:
+    """CABS' conflict-aware masks for stacked task vectors ``tau (N, *shape)``: experts are pruned in ``order``;
+    each chooses its n:m among the positions that no earlier expert took (only non-zero kept entries take a
+    position). Returns disjoint boolean masks ``(N, *shape)``."""
+    order = list(range(tau.shape[0])) if order is None else order
+    masks = torch.zeros_like(tau, dtype=torch.bool)
+    taken = torch.zeros_like(tau[0], dtype=torch.bool)
+    for k, i in enumerate(order):
+        keep = nm_mask(tau[i], n, m, None if k == 0 else ~taken)
+        masks[i] = keep
+        taken |= keep & (tau[i] != 0)
+    return masks
+
+
+def tall_masks(tau: Tensor, merged: Tensor, lambdas: list[float]) -> Tensor:
+    """TALL task masks ``mᵢ = 1[|τᵢ| > λᵢ |τ_MTL − τᵢ|]`` (strict) for stacked ``tau (N, *shape)`` and the merged
+    task vector ``merged``; returns ``(N, *shape)`` booleans."""
+    lam = torch.tensor(lambdas, dtype=tau.dtype).view(-1, *([1] * merged.dim()))
+    return tau.abs() > lam * (merged.unsqueeze(0) - tau).abs()
+
+
+def block_index(name: str, pattern: str) -> int | None:
+    """The block (layer) index of a parameter name: the first match of ``pattern``'s group, or None."""
+    import re
+
+    found = re.search(pattern, name)
+    return int(found.group(1)) if found else None

@@ -65,6 +65,13 @@ class TaskVectorMerge(Strategy):
             the agreeing weights) or ``"unweighted"`` (PEFT's: elect on Σ τᵢ, divide by the agreeing count).
         rescale: after sparsification, ``"none"`` keeps kept entries as they are; ``"l1"`` matches their L1 norm
             to the unsparsified task vector's (mergekit's ``rescale``); :class:`Dare` adds ``"inverse"``.
+        weighting: None combines with the scalar weights only. ``"fisher"`` or ``"ota"`` makes the combine a
+            precision-weighted mean ``τ* = Σ wᵢ Pᵢ τᵢ' / Σ wᵢ Pᵢ`` of the sparsified task vectors τᵢ', the sums over
+            every expert without election and over the agreeing entries with it (mergekit's ``normalize``
+            with elementwise weights), with ``P = max(F, 1e-6) / ‖F‖₂`` (Fisher merging's weights, the norm over
+            the whole model) or ``P = v̂^0.5 + 1e-8`` (OTA's). ``normalize`` is then ignored (it is always a mean,
+            so tune ``scale`` as for :class:`~lightning_merge.strategies.Fisher`). This is how DARE, TIES or CABS
+            compose with curvature: ``Dare(drop_rate=0.5, weighting="fisher")``.
     """
 
     weights: PerExpert = None
@@ -72,6 +79,8 @@ class TaskVectorMerge(Strategy):
     normalize: bool = False
     election: str | None = None
     rescale: str = "none"
+    weighting: str | None = None
+    _norms: list[float] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -80,6 +89,18 @@ class TaskVectorMerge(Strategy):
         check_number(owner, "scale", self.scale)
         check_choice(owner, "election", self.election, (None, "weighted", "unweighted"))
         check_choice(owner, "rescale", self.rescale, ("inverse", "l1", "none") if owner == "Dare" else ("l1", "none"))
+        check_choice(owner, "weighting", self.weighting, (None, "fisher", "ota"))
+
+    @property
+    def requires(self) -> tuple[str, ...]:  # type: ignore[override]
+        return {None: (), "fisher": ("fisher",), "ota": ("exp_avg_sq",)}[self.weighting]
+
+    def prepare(self, plan: MergePlan) -> None:
+        super().prepare(plan)
+        if self.weighting == "fisher":
+            from lightning_merge.strategies.curvature import model_norms
+
+            self._norms = model_norms(plan, "fisher")
 
     def _rescaled(self, tau: Tensor, kept: Tensor) -> Tensor:
         return F.l1_rescale(tau, kept) if self.rescale == "l1" else kept
@@ -91,24 +112,66 @@ class TaskVectorMerge(Strategy):
         """Return expert ``index``'s task vector after sparsification (identity here)."""
         return tau
 
+    def sparsify_stack(self, name: str, buf: Tensor, stats: Sequence[Mapping[str, Tensor]]) -> None:
+        """Sparsify the stacked task vectors ``buf (N, *shape)`` in place; the default calls :meth:`sparsify` per
+        expert. Strategies whose masks depend on each other (CABS) override this."""
+        for i in range(buf.shape[0]):
+            sparse = self.sparsify(name, i, buf[i])
+            if sparse is not buf[i]:
+                buf[i].copy_(sparse)
+            del sparse
+
+    def finish(self, name: str, mixed: Tensor, base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        """Post-process the merged task vector before scaling (identity here; consensus masks it)."""
+        return mixed
+
+    def precision(self, index: int, stat: Mapping[str, Tensor]) -> Tensor:
+        """Expert ``index``'s elementwise precision for ``weighting`` (a new tensor)."""
+        if self.weighting == "fisher":
+            p = stat["fisher"].clamp(min=1e-6)
+            if self._norms is not None:
+                p.div_(max(self._norms[index], torch.finfo(torch.float32).tiny))
+            return p
+        return stat["exp_avg_sq"].sqrt().add_(1e-8)
+
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
     ) -> Tensor:
         weights = self._weights(len(tensors))
-        if self.election is None:
-            taus = [self.sparsify(name, i, t - base) for i, t in enumerate(tensors)]
-            mixed = F.weighted_sum(taus, weights, self.normalize)
+        buf = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
+        for i, t in enumerate(tensors):
+            torch.sub(t, base, out=buf[i])
+        self.sparsify_stack(name, buf, stats)
+        if self.weighting is not None:
+            mixed = self._precision_mean(buf, weights, stats)
+        elif self.election is None:
+            mixed = F.weighted_sum(list(buf), weights, self.normalize)
         else:
-            buf = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
-            for i, t in enumerate(tensors):
-                torch.sub(t, base, out=buf[i])
-                sparse = self.sparsify(name, i, buf[i])
-                if sparse is not buf[i]:
-                    buf[i].copy_(sparse)
-                del sparse
             mixed = F.combine_task_vectors(buf, weights, election=self.election, normalize=self.normalize,
                                            inplace=True)
-        return mixed.mul_(self.scale).add_(base)
+        del buf
+        return self.finish(name, mixed, base, tensors).mul_(self.scale).add_(base)
+
+    def _precision_mean(self, buf: Tensor, weights: Tensor, stats: Sequence[Mapping[str, Tensor]]) -> Tensor:
+        """Σ wᵢPᵢτᵢ' / Σ wᵢPᵢ: over every expert without election (so DARE's inverse rescale stays unbiased),
+        over the agreeing entries with election (TIES' disjoint mean; 0 where none agrees)."""
+        if self.election is not None:
+            signed = torch.zeros_like(buf[0])
+            precisions = []
+            for i, w in enumerate(weights.tolist()):
+                p = self.precision(i, stats[i]).mul_(w)
+                signed.addcmul_(p if self.election == "weighted" else torch.ones_like(p), buf[i])
+                precisions.append(p)
+            positive = signed >= 0
+        num = torch.zeros_like(buf[0])
+        den = torch.zeros_like(buf[0])
+        for i, w in enumerate(weights.tolist()):
+            p = precisions[i] if self.election is not None else self.precision(i, stats[i]).mul_(w)
+            if self.election is not None:
+                p.mul_(torch.where(positive, buf[i] > 0, buf[i] < 0))
+            den.add_(p)
+            num.addcmul_(p, buf[i])
+        return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(num))
 
 
 @dataclasses.dataclass
