@@ -11,12 +11,28 @@ over seeds. Also: each statistics compression (float32, bfloat16, rank-1) throug
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from lightning_merge import OTA, Breadcrumbs, Dare, Expert, Fisher, Linear, TaskArithmetic, Ties, WeightedMedian, merge
+from lightning_merge import (
+    OTA,
+    Breadcrumbs,
+    Cabs,
+    Consensus,
+    Dare,
+    Expert,
+    Fisher,
+    Generalized,
+    Linear,
+    LiNeS,
+    TaskArithmetic,
+    Ties,
+    WeightedMedian,
+    merge,
+)
 from lightning_merge.demo import train_digits_experts
 from lightning_merge.evaluation import normalized_score, sweep_scale
 from lightning_merge.stats import Statistics, write_statistics
@@ -37,7 +53,36 @@ def strategies() -> dict[str, object]:
         "ota": OTA(),
         "ota + ffg (density 0.3)": OTA(density=0.3),
         "weighted_median (batch)": WeightedMedian(estimator="batch"),
+        # issue 8: CABS against magnitude-pruned TIES at equal density, and the ablation without conflict-awareness
+        "ties (density 0.25)": Ties(density=0.25),
+        "magnitude 0.25, no election": Generalized(sparsification="magnitude", density=0.25),
+        "cabs 64:256": Cabs(n=64, m=256),
+        "ties (density 3/32)": Ties(density=3 / 32),
+        "cabs 3:32": Cabs(n=3, m=32),
+        "consensus (TA, k 2)": Consensus(),
+        "consensus (TIES 0.2, k 2)": Consensus(sparsification="magnitude", density=0.2, election="weighted",
+                                               normalize=True),
+        "dare p0.5 + fisher weights": Dare(drop_rate=0.5, weighting="fisher"),
+        "saliency 0.2 + ties election": Generalized(sparsification="saliency", density=0.2, election="weighted",
+                                                    normalize=True),
+        "lines (task arithmetic)": LiNeS(TaskArithmetic()),
+        "lines (fisher)": LiNeS(Fisher(estimator="batch")),
     }
+
+
+BETAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def tuned(strategy, experts, base, score, **merge_kwargs):
+    """(state, chosen value): λ swept for strategies with a scale; LiNeS' β swept (α from its norm rule)."""
+    if isinstance(strategy, LiNeS):
+        states = {b: merge(experts, base, dataclasses.replace(strategy, beta=b), **merge_kwargs) for b in BETAS}
+        best = max(states, key=lambda b: (score(states[b]), -b))
+        return states[best], best
+    if hasattr(strategy, "scale"):
+        result = sweep_scale(strategy, experts, base, score, GRID, **merge_kwargs)
+        return result.state, result.scale
+    return merge(experts, base, strategy, **merge_kwargs), None
 
 
 def recompressed(experts: list[Expert], compression: str, folder: Path) -> list[Expert]:
@@ -73,11 +118,8 @@ def run_seed(seed: int, epochs: int, folder: Path) -> dict[str, tuple[float, flo
 
     rows: dict[str, tuple[float, float | None]] = {"base (no merge)": (test(setup.base), None)}
     for name, strategy in strategies().items():
-        if hasattr(strategy, "scale"):
-            result = sweep_scale(strategy, setup.experts, setup.base, val, GRID)
-            rows[name] = (test(result.state), result.scale)
-        else:
-            rows[name] = (test(merge(setup.experts, setup.base, strategy)), None)
+        state, chosen = tuned(strategy, setup.experts, setup.base, val)
+        rows[name] = (test(state), chosen)
     for compression in ("bfloat16", "rank1"):
         experts = recompressed(setup.experts, compression, folder)
         for name, strategy in (("fisher (batch)", Fisher(estimator="batch")), ("ota", OTA())):
@@ -212,34 +254,46 @@ def minilm_part(seed: int, epochs: int, rank: int = 8) -> dict[str, tuple[float,
     for name, strategy in strategies().items():
         if isinstance(strategy, Fisher) and strategy.estimator == "example":
             continue  # no per-example Fisher captured for the adapters here
-        if hasattr(strategy, "scale"):
-            result = sweep_scale(
-                strategy,
-                experts,
-                base_state,
-                lambda st: normalized_score(scores(st, "val"), own_val),
-                GRID,
-                include=include,
-            )
-            rows[name] = (normalized_score(scores(result.state, "test"), own_test), result.scale)
-        else:
-            rows[name] = (
-                normalized_score(scores(merge(experts, base_state, strategy, include=include), "test"), own_test),
-                None,
-            )
+        state, chosen = tuned(strategy, experts, base_state, lambda st: normalized_score(scores(st, "val"), own_val),
+                              include=include)
+        rows[name] = (normalized_score(scores(state, "test"), own_test), chosen)
     rows["(expert own-task accuracy)"] = (sum(own_test.values()) / len(own_test), None)
     return rows
 
 
 def report(title: str, per_seed: list[dict[str, tuple[float, float | None]]]) -> None:
     print(title)
-    print(f"{'method':34s}{'normalized':>18s}   λ per seed")
+    print(f"{'method':34s}{'normalized':>18s}   λ (LiNeS: β) per seed")
     for name in per_seed[0]:
         values = [100 * s[name][0] for s in per_seed]
         scales = [s[name][1] for s in per_seed]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         lam = "" if scales[0] is None else ", ".join(f"{x:g}" for x in scales)
         print(f"{name:34s}{statistics.mean(values):11.1f} ± {std:4.1f}   {lam}")
+
+
+PAIRS = (
+    ("cabs 64:256", "ties (density 0.25)"),
+    ("cabs 3:32", "ties (density 3/32)"),
+    ("cabs 64:256", "magnitude 0.25, no election"),
+    ("consensus (TA, k 2)", "task_arithmetic"),
+    ("lines (task arithmetic)", "task_arithmetic"),
+    ("lines (fisher)", "fisher (batch)"),
+    ("dare p0.5 + fisher weights", "dare_ties (p 0.5)"),
+    ("saliency 0.2 + ties election", "ties (density 0.2)"),
+)
+
+
+def report_pairs(per_seed: list[dict[str, tuple[float, float | None]]]) -> None:
+    """Paired differences (same seed, same experts): mean ± std and wins per pair."""
+    print("paired differences (a − b, normalized points; wins of a over seeds)")
+    for a, b in PAIRS:
+        if a not in per_seed[0] or b not in per_seed[0]:
+            continue
+        diffs = [100 * (s[a][0] - s[b][0]) for s in per_seed]
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        wins = sum(d > 0 for d in diffs)
+        print(f"  {a + ' − ' + b:60s}{statistics.mean(diffs):+6.1f} ± {std:3.1f}   {wins}/{len(diffs)}")
 
 
 def main() -> None:
@@ -253,6 +307,7 @@ def main() -> None:
     if args.part in ("minilm", "all"):
         runs = [minilm_part(seed, args.minilm_epochs) for seed in range(args.seeds)]
         report(f"MiniLM-L6, LoRA r=8 on query/value, 3 word tasks, {args.seeds} seeds: normalized test accuracy", runs)
+        report_pairs(runs)
         print(f"total {time.perf_counter() - started:.0f}s\n")
         if args.part == "minilm":
             return
@@ -263,6 +318,7 @@ def main() -> None:
     report(
         f"digits, 4 tasks, {args.seeds} seeds: normalized test accuracy (mean ± std), λ chosen on validation", per_seed
     )
+    report_pairs(per_seed)
     print(f"total {time.perf_counter() - started:.0f}s")
 
 

@@ -126,8 +126,9 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
 
     base_path = _resolve_model(config["base_model"], path, "base_model") if config.get("base_model") else None
     shared = dict(config.get("parameters") or {})
-    for key, value in shared.items():
-        _check_scalar(value, path, f"parameters.{key}")
+    if method in _MERGEKIT:  # this project's methods take lists (order) and mappings (LiNeS' inner) as they are
+        for key, value in shared.items():
+            _check_scalar(value, path, f"parameters.{key}")
 
     models = config.get("models") or []
     if not isinstance(models, list) or not models:

@@ -10,7 +10,7 @@ import torch
 from conftest import make_models
 from safetensors.torch import load_file, save_file
 
-from lightning_merge import Dare, Linear, TaskArithmetic, Ties, merge
+from lightning_merge import Cabs, Dare, Linear, LiNeS, TaskArithmetic, Ties, merge
 from lightning_merge.cli import main
 from lightning_merge.recipe import RecipeError, load_recipe
 
@@ -86,6 +86,31 @@ RECIPES = {
         lambda b, e: merge(
             e[:2], b, Dare(weights=[1.0, 1.0], drop_rate=[0.5, 0.5], combine="ties", rescale="l1", normalize=False)
         ),
+    ),
+    "cabs": (
+        """
+        merge_method: cabs
+        base_model: models/base.safetensors
+        parameters: {n: 2, m: 8, order: [1, 0]}
+        models:
+          - model: models/e0.safetensors
+            parameters: {weight: 1.2}
+          - model: models/e1.safetensors
+            parameters: {weight: 1.2}
+        """,
+        lambda b, e: merge(e[:2], b, Cabs(n=2, m=8, order=[1, 0], weights=[1.2, 1.2])),
+    ),
+    "lines": (
+        """
+        merge_method: lines
+        base_model: models/base.safetensors
+        parameters: {inner: {name: ties, density: 0.5}, beta: 0.5}
+        models:
+          - model: models/e0.safetensors
+          - model: models/e1.safetensors
+          - model: models/e2.safetensors
+        """,
+        lambda b, e: merge(e, b, LiNeS(Ties(density=0.5), beta=0.5)),
     ),
 }
 

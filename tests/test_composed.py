@@ -68,10 +68,11 @@ def _reference_nm(tau, n, m, free):
     return torch.tensor(keep).view_as(tau)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,m,numel", [(2, 8, 64), (3, 8, 61), (1, 4, 3), (5, 16, 100), (0, 4, 9), (4, 4, 10)])
-def test_nm_mask_matches_the_rule(n, m, numel):
+def test_nm_mask_matches_the_rule(n, m, numel, dtype):
     g = torch.Generator().manual_seed(n * 100 + numel)
-    tau = torch.randn(numel, generator=g)
+    tau = torch.randn(numel, generator=g, dtype=dtype)
     tau[::7] = 0.5  # ties: the lower index wins
     free = torch.rand(numel, generator=g) > 0.3
     for f in (None, free):
