@@ -241,7 +241,18 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
 
 def demo_strategies(quick: bool = False) -> dict[str, object]:
     """The strategies the demo compares (those with a ``scale`` get λ tuned on validation data)."""
-    from lightning_merge import OTA, Breadcrumbs, Dare, Fisher, Linear, TaskArithmetic, Ties, WeightedMedian
+    from lightning_merge import (
+        OTA,
+        Breadcrumbs,
+        Cabs,
+        Consensus,
+        Dare,
+        Fisher,
+        Linear,
+        TaskArithmetic,
+        Ties,
+        WeightedMedian,
+    )
 
     return {
         "average": Linear(),
@@ -249,6 +260,8 @@ def demo_strategies(quick: bool = False) -> dict[str, object]:
         "ties": Ties(density=0.2),
         "dare": Dare(drop_rate=0.5, combine="ties"),
         "breadcrumbs": Breadcrumbs(density=0.9, gamma=0.01),
+        "cabs": Cabs(n=64, m=256),
+        "consensus": Consensus(),
         "fisher": Fisher(),
         "ota": OTA(),
         "ota_ffg": OTA(density=0.3),

@@ -218,6 +218,8 @@ def test_demo_runs_and_reports_normalized_accuracy(capsys):
         "ties",
         "dare",
         "breadcrumbs",
+        "cabs",
+        "consensus",
         "fisher",
         "ota",
         "ota_ffg",

@@ -130,3 +130,33 @@ def test_bad_input(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         VarianceCorrection.load(tmp_path)
+
+
+def test_works_inside_a_lightning_module_with_trainer_validate():
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self, seed):
+            super().__init__()
+            self.net = _mlp(seed)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def validation_step(self, batch, batch_idx):
+            x, _ = batch
+            self.log("out_mean", self(x).mean(), batch_size=len(x))
+
+    merged, expert = Module(0), Module(1)
+    loader = _loader(5)
+    vc = VarianceCorrection.fit(merged, {"a": expert}, {"a": loader}, layers=["net.0", "net.2"]).attach(merged)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    plain = trainer.validate(merged, loader, verbose=False)[0]["out_mean"]
+    with vc.task("a"):
+        corrected = trainer.validate(merged, loader, verbose=False)[0]["out_mean"]
+    x = torch.cat([b[0] for b in loader])
+    with torch.no_grad():
+        assert plain == pytest.approx(float(merged(x).mean()), abs=1e-5)
+        with vc.task("a"):
+            assert corrected == pytest.approx(float(merged(x).mean()), abs=1e-5)
+    assert abs(corrected - plain) > 1e-3
