@@ -136,6 +136,11 @@ class ContinualState:
         strategy = strategy if isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
         if strategy.name not in CONTINUAL:
             raise ContinualError(f"strategy {strategy.name!r} has no continual form; use one of {', '.join(CONTINUAL)}")
+        if getattr(strategy, "weighting", None) is not None:
+            raise ContinualError(
+                f"TaskArithmetic(weighting={strategy.weighting!r}) has no continual form here; use the strategy "
+                f"{'fisher' if strategy.weighting == 'fisher' else 'ota'!r} itself, whose continual form is exact"
+            )
         _weight_fn(strategy)  # validates (OTA grafting)
         path = Path(path)
         if (path / "state.json").exists():

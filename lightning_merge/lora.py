@@ -252,7 +252,8 @@ def merge_to_peft(
         for t, (a_key, _) in a.keys_of.items():
             module_key.setdefault(t, a_key[: a_key.index(".lora_A.")])
     exact = rank is None
-    if exact and type(strategy) not in (Linear, TaskArithmetic):
+    linear = type(strategy) is Linear or (type(strategy) is TaskArithmetic and strategy.weighting is None)
+    if exact and not linear:
         raise ValueError(
             f"strategy {strategy.name!r} is not linear in the task vectors: pass rank= for a truncated-SVD adapter"
         )

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_merge import OPCM, OTA, ContinualState, Expert, Fisher, Linear, TaskArithmetic, merge
+from lightning_merge import OPCM, OTA, Cabs, ContinualState, Expert, Fisher, Linear, TaskArithmetic, merge
 from lightning_merge.continual import ContinualError
 from lightning_merge.stats import write_statistics
 from lightning_merge.strategies.continual import opcm_project
@@ -135,6 +135,10 @@ def test_folding_one_at_a_time_equals_merging_at_once(tmp_path, strategy):
 
 def test_duplicates_other_bases_and_missing_statistics_are_refused(tmp_path):
     base_path, paths = write_family(tmp_path)
+    with pytest.raises(ContinualError, match="use the strategy 'fisher'"):
+        ContinualState.create(tmp_path / "weighted", base=base_path, strategy=TaskArithmetic(weighting="fisher"))
+    with pytest.raises(ContinualError, match="no continual form"):
+        ContinualState.create(tmp_path / "cabs", base=base_path, strategy=Cabs())
     state = ContinualState.create(tmp_path / "state", base=base_path, strategy=Fisher())
     state.add(paths[0])
     with pytest.raises(ContinualError, match="already merged"):

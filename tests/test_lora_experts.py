@@ -12,9 +12,10 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from lightning_merge import Expert, Linear, TaskArithmetic, Ties, merge  # noqa: E402
+from lightning_merge import Cabs, Expert, Linear, LiNeS, TaskArithmetic, Ties, merge  # noqa: E402
 from lightning_merge.lora import delta_precision  # noqa: E402
 from lightning_merge.stats import write_statistics  # noqa: E402
+from lightning_merge.strategies import functional as F  # noqa: E402
 
 
 def tiny_llama(seed=0):
@@ -103,15 +104,21 @@ def test_linear_merge_as_concatenated_adapter_equals_the_full_weight_merge(famil
 
 def test_nonlinear_merges_need_a_rank_and_record_the_reconstruction_error(family, tmp_path):
     experts = [family / "a", family / "c"]
-    with pytest.raises(ValueError, match="pass rank="):
-        merge(experts, base=family / "base", strategy=Ties(density=0.5), out=tmp_path / "x", output="peft")
+    for strategy in (Ties(density=0.5), TaskArithmetic(weighting="ota"), LiNeS(TaskArithmetic(), alpha=0.5)):
+        with pytest.raises(ValueError, match="pass rank="):
+            merge(experts, base=family / "base", strategy=strategy, out=tmp_path / "x", output="peft")
+    # the strategies of the task-vector family work on ΔW like any other (CABS' disjoint masks here)
+    cabs = merge(experts, base=family / "base", strategy=Cabs(n=2, m=8))
+    key = "model.layers.0.self_attn.v_proj.weight"
+    base = Expert(family / "base").tensor(key)
+    taus = torch.stack([Expert(e, base=family / "base").tensor(key) - base for e in experts])
+    masks = F.cabs_masks(taus, 2, 8)
+    torch.testing.assert_close(cabs[key], base + (taus * masks).sum(0))
     out = merge(experts, base=family / "base", strategy=Ties(density=0.5), out=tmp_path / "ties", output="peft", rank=3)
     info = json.loads((out / "lightning_merge.json").read_text())
     assert info["mode"] == "truncated SVD at rank 3" and set(info["relative_error"])
     full = merge(experts, base=family / "base", strategy=Ties(density=0.5))
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), out).merge_and_unload().state_dict()
-    key = "model.layers.0.self_attn.v_proj.weight"
-    base = Expert(family / "base").tensor(key)
     delta, approx = full[key] - base, loaded[key] - base
     err = float((delta - approx).norm() / delta.norm())
     assert err == pytest.approx(info["relative_error"]["model.layers.0.self_attn.v_proj"], rel=1e-3, abs=1e-5)
