@@ -138,6 +138,8 @@ def test_cabs_bad_arguments():
         Cabs(n=9, m=8)
     with pytest.raises(ValueError, match="election"):
         Cabs(election="weighted")
+    with pytest.raises(ValueError, match="rescal"):
+        Cabs(rescale="l1")
     base, experts = _setup()
     with pytest.raises(ValueError, match="order"):
         merge(experts, base, Cabs(n=2, m=8, order=[0, 0, 1]))

@@ -69,6 +69,8 @@ class Cabs(TaskVectorMerge):
                              f"m={self.m!r}")
         if self.election is not None:
             raise ValueError("Cabs' masks are disjoint, so sign election has nothing to resolve; leave election=None")
+        if self.rescale != "none":
+            raise ValueError("Cabs keeps the kept entries as they are (no rescaling); leave rescale='none'")
 
     @property
     def density(self) -> float:
