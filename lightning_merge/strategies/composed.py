@@ -234,8 +234,8 @@ class LiNeS(Strategy):
     one block everything gets ``alpha``.
 
     Args:
-        inner: the strategy whose merged task vector is scaled (a Strategy or its ``to_dict()``); its own
-            ``scale`` applies first (leave it at 1).
+        inner: the strategy whose merged task vector is scaled (a Strategy or its ``to_dict()``; None: task
+            arithmetic, the paper's multi-task setting); its own ``scale`` applies first (leave it at 1).
         alpha: the scale of the shallowest block. None: the multi-task rule ``α = ‖Σᵢ τᵢ‖₁ / (N ‖τ_merged‖₁)``
             over the whole model (an extra pass that runs ``inner`` once at every tensor), which makes
             ``alpha · τ_merged`` as large as the average task vector.
@@ -254,6 +254,10 @@ class LiNeS(Strategy):
     _blocks: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.inner is None:
+            from lightning_merge.strategies.linear import TaskArithmetic
+
+            self.inner = TaskArithmetic()
         if isinstance(self.inner, Mapping):
             self.inner = Strategy.from_dict(self.inner)
         if not isinstance(self.inner, Strategy) or isinstance(self.inner, LiNeS):
