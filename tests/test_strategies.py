@@ -54,6 +54,19 @@ def test_breadcrumbs_mask_matches_mergekit_rule():
     assert kept == list(map(float, range(41, 91)))
 
 
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.9, 0.01), (0.3, 0.0), (0.0, 0.2), (0.95, 0.5)])
+def test_breadcrumbs_mask_equals_the_stable_sort_rule_with_ties(density, gamma):
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randint(-6, 7, (17, 23), generator=g).float() / 4  # many ties, zeros included
+    n = tau.numel()
+    target = int(density * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    order = torch.sort(tau.abs().reshape(-1), stable=True).indices
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[order[n_bot : n_bot + target]] = True
+    assert torch.equal(F.breadcrumbs_mask(tau, density, gamma), expected.view_as(tau))
+
+
 def test_breadcrumbs_mask_when_gamma_and_density_exceed_one():
     tau = torch.arange(1.0, 11.0)
     mask = F.breadcrumbs_mask(tau, 0.95, 0.5)  # n_bot = max(0, 10 - 9 - 5) = 0 → smallest 9 kept
