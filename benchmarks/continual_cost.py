@@ -9,9 +9,7 @@ and deleted. Prints time and peak memory per add for each strategy and draws doc
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,23 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _child import run_measured  # noqa: E402
+
 ADD = r"""
-import json, sys, time
-t0 = time.perf_counter()
-
-
-def peak_mb():
-    # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, kept across exec on Linux)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 from lightning_merge import ContinualState
 ContinualState(sys.argv[1]).add(sys.argv[2])
-print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_mb": peak_mb()}))
 """
 
 
@@ -84,10 +71,7 @@ def main() -> None:
                 expert = tmp / f"expert-{i}.safetensors"
                 write(expert, shapes, seed=1000 + i, base=base)
                 started = time.perf_counter()
-                out = subprocess.run(
-                    [sys.executable, "-c", ADD, str(state), str(expert)], check=True, capture_output=True, text=True
-                ).stdout
-                row = json.loads(out.strip().splitlines()[-1])
+                row = run_measured(ADD, str(state), str(expert))
                 row["wall"] = time.perf_counter() - started
                 results[strategy].append(row)
                 os.remove(expert)

@@ -14,27 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _child import run_measured  # noqa: E402
 
 WEIGHTS = [0.4, 0.3, 0.2, 0.1]
 TARGETS = {"minilm": ["query", "value"], "llama400m": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 PEFT_RUN = r"""
-import json, sys, time
-t0 = time.perf_counter()
-
-
-def peak_mb():
-    # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, kept across exec on Linux)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 import torch, transformers, peft
 root, kind = sys.argv[1], sys.argv[2]
 base = transformers.AutoModel.from_pretrained(root + "/base") if kind == "minilm" else \
@@ -44,30 +34,14 @@ for i in (1, 2, 3):
     model.load_adapter(root + f"/ad{i}", adapter_name=f"ad{i}")
 model.add_weighted_adapter(["ad0", "ad1", "ad2", "ad3"], WEIGHTS, "merged", combination_type="svd", svd_rank=16)
 model.save_pretrained(root + "/peft_out", selected_adapters=["merged"])
-print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_mb": peak_mb()}))
 """.replace("WEIGHTS", repr(WEIGHTS))
 
 OURS_RUN = r"""
-import json, sys, time
-t0 = time.perf_counter()
-
-
-def peak_mb():
-    # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, kept across exec on Linux)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 from lightning_merge import TaskArithmetic, merge
 root, rank = sys.argv[1], sys.argv[2]
 experts = [root + f"/ad{i}" for i in range(4)]
 merge(experts, base=root + "/base", strategy=TaskArithmetic(weights=WEIGHTS), out=root + "/ours_" + rank,
       output="peft", rank=None if rank == "exact" else int(rank), overwrite=True)
-print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_mb": peak_mb()}))
 """.replace("WEIGHTS", repr(WEIGHTS))
 
 
@@ -77,7 +51,6 @@ def prepare(kind: str, root: Path) -> int:
     import transformers
 
     if kind == "minilm":
-        sys.path.insert(0, str(Path(__file__).parent))
         from _minilm import minilm_path
 
         def make():
@@ -134,11 +107,6 @@ def deltas(folder: Path) -> dict:
     return out
 
 
-def run(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["minilm", "llama400m"])
@@ -147,9 +115,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             params = prepare(kind, root)
-            peft_fig = run(PEFT_RUN, str(root), kind)
-            ours = run(OURS_RUN, str(root), "16")
-            exact = run(OURS_RUN, str(root), "exact")
+            peft_fig = run_measured(PEFT_RUN, str(root), kind)
+            ours = run_measured(OURS_RUN, str(root), "16")
+            exact = run_measured(OURS_RUN, str(root), "exact")
             a, b = deltas(root / "peft_out" / "merged"), deltas(root / "ours_16")
             diff = max(float((a[m] - b[m]).norm() / b[m].norm()) for m in b)
             exact_delta = deltas(root / "ours_exact")
