@@ -104,6 +104,18 @@ class Tiny(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr, betas=(0.9, 0.99))
 
 
+class SaveRankWeights(pl.Callback):
+    """Saves each rank's final weights to ``{folder}/rank{r}.pt``, to check that every rank ends equal."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module):
+        torch.save(
+            {k: v.cpu() for k, v in pl_module.state_dict().items()}, f"{self.folder}/rank{trainer.global_rank}.pt"
+        )
+
+
 def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     quiet()
     options = dict(

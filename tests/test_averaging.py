@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from capture_helpers import Tiny, ddp_loader, loader, trainer
+from capture_helpers import SaveRankWeights, Tiny, ddp_loader, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import Expert, Fisher, merge
@@ -118,16 +117,6 @@ def test_cli_average(tmp_path):
     torch.testing.assert_close(torch.load(out, weights_only=True)["state_dict"]["net.0.bias"], expected)
     assert main(["average", *files, "--out", str(out)]) == 2  # exists: refused without --overwrite
     assert main(["average", *files, "--out", str(out), "--weighting", "mwa", "--overwrite"]) == 2  # no metric
-
-
-class SaveRankWeights(pl.Callback):
-    def __init__(self, folder):
-        self.folder = folder
-
-    def on_fit_end(self, trainer, pl_module):
-        torch.save(
-            {k: v.cpu() for k, v in pl_module.state_dict().items()}, f"{self.folder}/rank{trainer.global_rank}.pt"
-        )
 
 
 def test_ddp_every_rank_ends_with_the_average(tmp_path):

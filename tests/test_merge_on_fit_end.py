@@ -3,10 +3,9 @@ statistics of the run are used, heads outside `include` stay, .ckpt output loads
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from capture_helpers import Tiny, ddp_loader, loader, trainer
+from capture_helpers import SaveRankWeights, Tiny, ddp_loader, loader, trainer
 
 from lightning_merge import Expert, Fisher, TaskArithmetic, merge
 from lightning_merge.callbacks import CurvatureCapture, MergeOnFitEnd
@@ -72,16 +71,6 @@ def test_bad_arguments_are_named(tmp_path):
         MergeOnFitEnd(experts=[], strategy={"name": "nope"})
     with pytest.raises(ValueError, match=".safetensors or .ckpt"):
         MergeOnFitEnd(experts=[], strategy=TaskArithmetic(), out="x.bin")
-
-
-class SaveRankWeights(pl.Callback):
-    def __init__(self, folder):
-        self.folder = folder
-
-    def on_fit_end(self, trainer, pl_module):
-        torch.save(
-            {k: v.cpu() for k, v in pl_module.state_dict().items()}, f"{self.folder}/rank{trainer.global_rank}.pt"
-        )
 
 
 def test_ddp_every_rank_ends_with_the_merged_weights(tmp_path):
