@@ -124,6 +124,30 @@ class MergePlan:
         return [s[kind] for s in self._statistic_reader(name)]
 
 
+def plan_merge(
+    experts: list[Expert],
+    base: Expert | None,
+    strategy: Strategy,
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    dtype: torch.dtype | None = None,
+    on_missing: str = "error",
+    on_missing_statistic: str = "error",
+) -> MergePlan:
+    """Everything before the first tensor is merged: the tensor jobs, the check that every expert has the
+    statistics the strategy requires, and the strategy's first pass (:meth:`Strategy.prepare`).
+
+    Arguments as for :func:`merge`, with experts and base already opened.
+    """
+    jobs = build_jobs(experts, base, include=include, exclude=exclude, dtype=dtype, on_missing=on_missing)
+    reader = _StatisticReader(strategy, experts, on_missing_statistic)
+    reader.check()
+    plan = MergePlan(experts, base, jobs, reader)
+    strategy.prepare(plan)
+    return plan
+
+
 def _open_expert(obj: Any, base: Any, index: int) -> Expert:
     """A path to a PEFT adapter folder opens over ``base``; everything else as :func:`as_expert`."""
     if isinstance(obj, (str, os.PathLike)) and (Path(obj) / "adapter_config.json").exists():
@@ -320,11 +344,9 @@ def merge(
     out_dtype = parse_dtype(dtype)
     started = time.perf_counter()
 
-    jobs = build_jobs(experts, base_expert, include=include, exclude=exclude, dtype=out_dtype, on_missing=on_missing)
-    reader = _StatisticReader(strategy, experts, on_missing_statistic)
-    reader.check()
-    plan = MergePlan(experts, base_expert, jobs, reader)
-    strategy.prepare(plan)
+    plan = plan_merge(experts, base_expert, strategy, include=include, exclude=exclude, dtype=out_dtype,
+                      on_missing=on_missing, on_missing_statistic=on_missing_statistic)
+    jobs, reader = plan.jobs, plan._statistic_reader
 
     reference = base_expert or experts[0]
     provenance = {

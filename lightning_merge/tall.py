@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_merge.engine import _open_expert
+from lightning_merge.engine import _open_expert, plan_merge
 from lightning_merge.experts import Expert, as_expert
 from lightning_merge.io import partial_path, replace_dir
 from lightning_merge.strategies import functional as F
@@ -90,13 +90,7 @@ def compress(
     lambdas = list(tall_lambda) if isinstance(tall_lambda, (list, tuple)) else [float(tall_lambda)] * n
     if len(lambdas) != n:
         raise ValueError(f"tall_lambda has {len(lambdas)} values for {n} experts; give one or one per expert")
-    from lightning_merge.engine import MergePlan, _StatisticReader, build_jobs
-
-    jobs = build_jobs(opened, base_expert)
-    reader = _StatisticReader(strategy, opened, "error")
-    reader.check()
-    plan = MergePlan(opened, base_expert, jobs, reader)
-    strategy.prepare(plan)
+    plan = plan_merge(opened, base_expert, strategy)
 
     task_vector: dict[str, Tensor] = {}
     masks: dict[str, Tensor] = {}
@@ -106,7 +100,7 @@ def compress(
         if base_t is None:
             raise ValueError(f"tensor '{name}' is not in the base: TALL masks need every merged tensor in the base")
         tensors = plan.expert_tensors(name, base_t)
-        merged = strategy.merge_tensor(name, base_t, [t.clone() for t in tensors], reader(name)).sub_(base_t)
+        merged = strategy.merge_tensor(name, base_t, tensors, plan.stats(name)).sub_(base_t)
         tau = torch.stack([t - base_t for t in tensors])
         for i, m in enumerate(F.tall_masks(tau, merged, lambdas)):
             masks[f"{i}/{name}"] = pack_bits(m)
