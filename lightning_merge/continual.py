@@ -40,6 +40,7 @@ from lightning_merge.io import fsync_dir
 from lightning_merge.stats import StatisticsError, tensor_fingerprint
 from lightning_merge.strategies.base import Strategy
 from lightning_merge.strategies.continual import DEFAULT_NOT_LINEAR, opcm_step
+from lightning_merge.strategies.functional import fisher_precision, ota_precision
 
 FORMAT = "lightning-merge/continual"
 FORMAT_VERSION = 1
@@ -66,10 +67,7 @@ def _weight_fn(strategy: Strategy):
         kind = strategy.requires[0]
 
         def fisher_w(stats: Mapping[str, Tensor], scale: float) -> Tensor:
-            f = stats[kind].clamp(min=strategy.floor)
-            if strategy.eps:
-                f = f + strategy.eps
-            return f * scale
+            return fisher_precision(stats[kind], strategy.floor, strategy.eps).mul_(scale)
 
         return fisher_w
     if name == "ota":
@@ -77,10 +75,7 @@ def _weight_fn(strategy: Strategy):
             raise ContinualError("continual OTA does not support Fast Fisher Grafting (density/threshold)")
 
         def ota_w(stats: Mapping[str, Tensor], scale: float) -> Tensor:
-            w = stats["exp_avg_sq"].pow(strategy.power) + strategy.eps
-            if strategy.mean_normalize:
-                w = w / w.mean().clamp(min=torch.finfo(torch.float32).tiny)
-            return w * scale
+            return ota_precision(stats["exp_avg_sq"], strategy.power, strategy.eps, strategy.mean_normalize).mul_(scale)
 
         return ota_w
     return None

@@ -98,10 +98,7 @@ class Fisher(Strategy):
         num = torch.zeros_like(tensors[0])
         den = torch.zeros_like(tensors[0])
         for w, t, s in zip(weights.tolist(), tensors, stats):
-            f = s[self.requires[0]].clamp(min=self.floor)  # a new tensor: safe to modify
-            if self.eps:
-                f.add_(self.eps)
-            f.mul_(w)
+            f = F.fisher_precision(s[self.requires[0]], self.floor, self.eps).mul_(w)
             den.add_(f)
             num.addcmul_(f, t if base is None else t - base)
         merged = num.div_(den.clamp_(min=torch.finfo(torch.float32).tiny))
@@ -177,12 +174,7 @@ class OTA(Strategy):
         den = torch.zeros_like(tensors[0])
         for i, (t, s) in enumerate(zip(tensors, stats)):
             v = s["exp_avg_sq"]
-            w = v.pow(self.power) if self.power != 1 else v.clone()
-            if self.eps:
-                w.add_(self.eps)
-            if self.mean_normalize:
-                w.div_(w.mean().clamp(min=torch.finfo(torch.float32).tiny))
-            w.mul_(weights[i])
+            w = F.ota_precision(v, self.power, self.eps, self.mean_normalize).mul_(weights[i])
             x = t if base is None else t - base
             if self.grafting:
                 saliency = v * x.square()

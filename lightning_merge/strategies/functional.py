@@ -115,6 +115,22 @@ def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
     return masked * (before / after)
 
 
+def fisher_precision(fisher: Tensor, floor: float = 1e-6, eps: float = 0.0) -> Tensor:
+    """Fisher merging's elementwise weight ``max(F, floor) + eps`` (a new tensor)."""
+    out = fisher.clamp(min=floor)
+    return out.add_(eps) if eps else out
+
+
+def ota_precision(v: Tensor, power: float = 0.5, eps: float = 1e-8, mean_normalize: bool = False) -> Tensor:
+    """OTA's elementwise weight ``v̂ᵖ + eps``, optionally divided by its tensor mean (a new tensor)."""
+    out = v.pow(power) if power != 1 else v.clone()
+    if eps:
+        out.add_(eps)
+    if mean_normalize:
+        out.div_(out.mean().clamp(min=torch.finfo(torch.float32).tiny))
+    return out
+
+
 def weighted_sum(tensors: list[Tensor], weights: Tensor, normalize: bool) -> Tensor:
     """``Σ wᵢ xᵢ`` (divided by ``Σ wᵢ`` when ``normalize``; a sum below 1e-8 divides by 1), accumulated in place
     without stacking the inputs."""

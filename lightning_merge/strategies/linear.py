@@ -126,13 +126,14 @@ class TaskVectorMerge(Strategy):
         return mixed
 
     def precision(self, index: int, stat: Mapping[str, Tensor]) -> Tensor:
-        """Expert ``index``'s elementwise precision for ``weighting`` (a new tensor)."""
+        """Expert ``index``'s elementwise precision for ``weighting``: Fisher merging's or OTA's default weights
+        (a new tensor)."""
         if self.weighting == "fisher":
-            p = stat["fisher"].clamp(min=1e-6)
+            p = F.fisher_precision(stat["fisher"])
             if self._norms is not None:
                 p.div_(max(self._norms[index], torch.finfo(torch.float32).tiny))
             return p
-        return stat["exp_avg_sq"].sqrt().add_(1e-8)
+        return F.ota_precision(stat["exp_avg_sq"])
 
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
@@ -155,22 +156,25 @@ class TaskVectorMerge(Strategy):
     def _precision_mean(self, buf: Tensor, weights: Tensor, stats: Sequence[Mapping[str, Tensor]]) -> Tensor:
         """Σ wᵢPᵢτᵢ' / Σ wᵢPᵢ: over every expert without election (so DARE's inverse rescale stays unbiased),
         over the agreeing entries with election (TIES' disjoint mean; 0 where none agrees)."""
-        if self.election is not None:
-            signed = torch.zeros_like(buf[0])
-            precisions = []
-            for i, w in enumerate(weights.tolist()):
-                p = self.precision(i, stats[i]).mul_(w)
-                signed.addcmul_(p if self.election == "weighted" else torch.ones_like(p), buf[i])
-                precisions.append(p)
+        ws = weights.tolist()
+        if self.election is None:  # one precision at a time
+            precisions = (self.precision(i, stats[i]).mul_(w) for i, w in enumerate(ws))
+        else:
+            precisions = [self.precision(i, stats[i]).mul_(w) for i, w in enumerate(ws)]
+            if self.election == "weighted":
+                signed = torch.zeros_like(buf[0])
+                for p, tau in zip(precisions, buf):
+                    signed.addcmul_(p, tau)
+            else:
+                signed = buf.sum(0)
             positive = signed >= 0
+            for p, tau in zip(precisions, buf):
+                p.mul_(torch.where(positive, tau > 0, tau < 0))
         num = torch.zeros_like(buf[0])
         den = torch.zeros_like(buf[0])
-        for i, w in enumerate(weights.tolist()):
-            p = precisions[i] if self.election is not None else self.precision(i, stats[i]).mul_(w)
-            if self.election is not None:
-                p.mul_(torch.where(positive, buf[i] > 0, buf[i] < 0))
+        for p, tau in zip(precisions, buf):
             den.add_(p)
-            num.addcmul_(p, buf[i])
+            num.addcmul_(p, tau)
         return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(num))
 
 
