@@ -15,6 +15,7 @@ demand. Storage is about ``(32 + N)/32N`` of N float32 experts (plus the base yo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -49,9 +50,7 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
     """The inverse of :func:`pack_bits` for a tensor of ``shape``."""
-    numel = 1
-    for d in shape:
-        numel *= int(d)
+    numel = math.prod(int(d) for d in shape)
     bits = (packed.view(-1, 1) >> torch.arange(8, dtype=torch.uint8).view(1, 8)) & 1
     return bits.reshape(-1)[:numel].to(torch.bool).view(*shape)
 
@@ -214,11 +213,12 @@ class TallCompressed:
 
     def density(self) -> dict[str, float]:
         """The fraction of entries each expert's mask keeps."""
+        total = sum(math.prod(shape) for shape in self.shapes.values())
         out = {}
-        total = sum(int(torch.tensor(s).prod()) if s else 1 for s in self.shapes.values())
-        for i, name in enumerate(self.experts):
-            kept = sum(int(self.mask(i, t).sum()) for t in self.shapes)
-            out[name] = kept / max(total, 1)
+        with safe_open(self.folder / "masks.safetensors", "pt") as f:
+            for i, name in enumerate(self.experts):
+                kept = sum(int(unpack_bits(f.get_tensor(f"{i}/{t}"), shape).sum()) for t, shape in self.shapes.items())
+                out[name] = kept / max(total, 1)
         return out
 
 
