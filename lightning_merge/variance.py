@@ -131,6 +131,7 @@ class VarianceCorrection:
         self.stats: dict[str, dict[str, dict[str, Tensor]]] = {}
         self.channel_dims: dict[str, int] = {}
         self._handles: list[Any] = []
+        self._model: nn.Module | None = None
         self._active: str | None = None
         self._affine: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 
@@ -185,8 +186,9 @@ class VarianceCorrection:
         """Estimate (or re-estimate) one task's statistics. Arguments as in :meth:`fit`."""
         if not isinstance(task, str) or not task or "/" in task:
             raise ValueError(f"task names must be non-empty strings without '/', got {task!r}")
+        modules = dict(merged.named_modules())
         for layer in self.layers:
-            module = dict(merged.named_modules()).get(layer)
+            module = modules.get(layer)
             if module is None:
                 raise ValueError(f"the merged model has no module named {layer!r}")
             self.channel_dims[layer] = 1 if isinstance(module, _CHANNEL_FIRST) else -1
@@ -208,11 +210,10 @@ class VarianceCorrection:
                     moments = self._record(merged, self.layers, loader, forward, max_batches)
                 for layer in self.layers:
                     entry[layer]["merged_mean"], entry[layer]["merged_var"] = moments[layer].mean_var()
-        except BaseException:
+        except BaseException:  # nothing half-estimated stays (corrections cached from it included)
             del self.stats[task]
-            raise
-        finally:
             self._affine = {k: v for k, v in self._affine.items() if k[0] != task}
+            raise
 
     @contextlib.contextmanager
     def _temporarily_attached(self, model: nn.Module, task: str | None, layers: list[str]) -> Iterator[None]:
@@ -267,8 +268,6 @@ class VarianceCorrection:
     def tasks(self) -> list[str]:
         """The tasks with statistics."""
         return list(self.stats)
-
-    _model: nn.Module | None = None
 
     def attach(self, model: nn.Module) -> VarianceCorrection:
         """Install the correction hooks on ``model`` (inactive until a task is chosen). Returns ``self``."""
