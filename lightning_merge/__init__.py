@@ -1,12 +1,13 @@
 """lightning-merge: capture curvature while you fine-tune with Lightning, merge experts with it.
 
 The public API is short: :func:`merge`, :class:`Expert`, the strategies in :mod:`lightning_merge.strategies`,
-and the callbacks in :mod:`lightning_merge.callbacks` (imported lazily: importing this package does not import
-Lightning).
+:class:`ContinualState`, and the callbacks in :mod:`lightning_merge.callbacks` (imported lazily: importing this
+package does not import Lightning).
 """
 
+from lightning_merge._version import __version__
 from lightning_merge.continual import ContinualState
-from lightning_merge.engine import MergePlan, merge
+from lightning_merge.engine import MergePlan, merge, prepare
 from lightning_merge.experts import Expert, TensorSpec
 from lightning_merge.stats import Statistics, StatisticsError
 from lightning_merge.strategies import (
@@ -19,14 +20,14 @@ from lightning_merge.strategies import (
     Fisher,
     Generalized,
     Linear,
+    LinearForm,
     LiNeS,
+    Prepared,
     Strategy,
     TaskArithmetic,
     Ties,
     WeightedMedian,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Breadcrumbs",
@@ -39,9 +40,11 @@ __all__ = [
     "Generalized",
     "LiNeS",
     "Linear",
+    "LinearForm",
     "MergePlan",
     "OPCM",
     "OTA",
+    "Prepared",
     "Statistics",
     "StatisticsError",
     "Strategy",
@@ -51,4 +54,5 @@ __all__ = [
     "WeightedMedian",
     "__version__",
     "merge",
+    "prepare",
 ]

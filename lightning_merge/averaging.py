@@ -43,9 +43,11 @@ class CheckpointInfo:
 
 def read_info(path: str | os.PathLike, trust_checkpoint: bool = False) -> CheckpointInfo:
     """Step, epoch and monitored score of a checkpoint (memory-mapped: tensors are not read)."""
-    from lightning_merge.experts import load_torch_file
+    from lightning_merge.torch_io import load_torch_file
 
     ckpt = load_torch_file(Path(path), trust_checkpoint)
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"'{path}' holds a {type(ckpt).__name__}, not a Lightning checkpoint")
     score, monitor = None, None
     for key, state in (ckpt.get("callbacks") or {}).items():
         if str(key).startswith("ModelCheckpoint") and isinstance(state, Mapping):
@@ -174,9 +176,12 @@ def average_checkpoints(
     Returns:
         ``(averaged state dict, weights or None)``.
     """
-    from lightning_merge import OTA, Fisher, Linear, merge
-    from lightning_merge.experts import Expert, load_torch_file
+    from lightning_merge.engine import merge
+    from lightning_merge.experts import Expert
     from lightning_merge.stats import find_sidecar
+    from lightning_merge.strategies.curvature import OTA, Fisher
+    from lightning_merge.strategies.linear import Linear
+    from lightning_merge.torch_io import load_torch_file
 
     if not paths:
         raise ValueError("no checkpoints to average")
@@ -249,8 +254,8 @@ def write_averaged_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """The newest checkpoint with its ``state_dict`` replaced by the average, written atomically."""
-    from lightning_merge.experts import load_torch_file
     from lightning_merge.io import atomic_file
+    from lightning_merge.torch_io import load_torch_file
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -1,20 +1,25 @@
 """Continual merging: a state folder that folds experts in one at a time, crash-safe, in constant memory and time
 per added expert whatever the number already merged.
 
+The state is only a transactional store: what is kept per tensor and how an expert is folded in is the strategy's
+continual form (:meth:`~lightning_merge.strategies.Strategy.continual_form`), asked for when the state is created.
+
 Layout of a state folder (docs/continual.md)::
 
     STATE/
       state.json                 configuration: format, version, strategy, base path, base fingerprint, tensors
-      current -> generations/000003      (a symbolic link, replaced atomically)
+      CURRENT                    the name of the current generation: the commit point (replaced atomically)
+      current -> generations/000003      a convenience link to it (refreshed after each commit)
       generations/000003/
-        meta.json                count, per-expert norms, the journal (identity, path, checksum, order, time)
-        running.safetensors      the running quantities (Σwτ and Σw, or OPCM's S)
+        meta.json                count, per-expert norms and weights, the journal (name, path, checksum, order, time)
+        running.safetensors      the running quantities of the strategy's continual form (Σwτ and Σw, OPCM's S...)
         model/model.safetensors  the current merged model (a safetensors folder: load it directly)
       .lock                      held while an expert is added
 
-Adding an expert writes a complete new generation next to the current one, then swaps ``current``: a crash at
-any point leaves the previous state whole, and the add can be retried. Two processes adding at once take turns
-(an exclusive ``fcntl`` lock), so neither expert is lost.
+Adding an expert writes a complete new generation next to the current one, streamed tensor by tensor (read the
+running quantities, fold, write; then finish and write the model), then replaces ``CURRENT``: a crash at any point
+leaves the previous state whole, and the add can be retried. Two processes adding at once take turns (an exclusive
+``fcntl`` lock), so neither expert is lost.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import statistics as _statistics
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,16 +41,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, as_expert
-from lightning_merge.io import fsync_dir
+from lightning_merge.io import atomic_file, fsync_dir
+from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.stats import StatisticsError, tensor_fingerprint
-from lightning_merge.strategies.base import Strategy
-from lightning_merge.strategies.continual import DEFAULT_NOT_LINEAR, opcm_step
-from lightning_merge.strategies.functional import fisher_precision, ota_precision
+from lightning_merge.strategies.base import ContinualForm, ContinualSummary, NoContinualForm, Strategy
+from lightning_merge.writers import copy_support_files, write_json
 
 FORMAT = "lightning-merge/continual"
-FORMAT_VERSION = 1
-CONTINUAL = ("linear", "task_arithmetic", "fisher", "ota", "opcm")
+FORMAT_VERSION = 2
+POINTER = "CURRENT"
+#: an expert whose task vector is longer than the base itself (‖τ‖ > ‖θ₀‖) was not fine-tuned from it.
+MAX_RELATIVE_DISTANCE = 1.0
 
 
 class ContinualError(ValueError):
@@ -60,27 +69,6 @@ def expert_checksum(expert: Expert) -> str:
     return digest.hexdigest()
 
 
-def _weight_fn(strategy: Strategy):
-    """Per-tensor weights w (a tensor or a float) of one expert for the precision-weighted forms."""
-    name = strategy.name
-    if name == "fisher":
-        kind = strategy.requires[0]
-
-        def fisher_w(stats: Mapping[str, Tensor], scale: float) -> Tensor:
-            return fisher_precision(stats[kind], strategy.floor, strategy.eps).mul_(scale)
-
-        return fisher_w
-    if name == "ota":
-        if strategy.grafting:
-            raise ContinualError("continual OTA does not support Fast Fisher Grafting (density/threshold)")
-
-        def ota_w(stats: Mapping[str, Tensor], scale: float) -> Tensor:
-            return ota_precision(stats["exp_avg_sq"], strategy.power, strategy.eps, strategy.mean_normalize).mul_(scale)
-
-        return ota_w
-    return None
-
-
 class ContinualState:
     """A continual-merge state folder. Create it once, then :meth:`add` experts as they finish.
 
@@ -92,10 +80,11 @@ class ContinualState:
         state.model_path                          # STATE/current/model: a safetensors folder
         state.journal                             # what was folded in, in order
 
-    Strategies: :class:`~lightning_merge.Linear` (running average), :class:`~lightning_merge.TaskArithmetic`,
-    :class:`~lightning_merge.Fisher`, :class:`~lightning_merge.OTA` (without grafting) and
-    :class:`~lightning_merge.strategies.OPCM`. Folding experts in one at a time gives the same model as merging them
-    all at once with the same strategy.
+    Any strategy with a continual form works (``Strategy.continual_form()``): Linear, TaskArithmetic, DARE and
+    Breadcrumbs without election, CABS, Fisher, OTA (with Fast Fisher Grafting), OPCM, LiNeS with a fixed α over
+    any of them. Folding experts in one at a time gives the same model as merging them all at once with the same
+    strategy; strategies whose merge needs every expert at once (TIES' election, the weighted median, consensus)
+    are refused when the state is created.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -103,12 +92,26 @@ class ContinualState:
         config = self.path / "state.json"
         if not config.exists():
             raise FileNotFoundError(f"'{self.path}' is not a continual-merge state (no state.json); create it first")
-        self.config = json.loads(config.read_text())
-        if self.config.get("format") != FORMAT:
+        try:
+            self.config = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ContinualError(f"'{config}' is not valid JSON ({err}); the state is damaged") from None
+        if not isinstance(self.config, dict) or self.config.get("format") != FORMAT:
             raise ContinualError(f"'{config}' is not a lightning-merge continual state")
-        if int(self.config.get("format_version", 0)) > FORMAT_VERSION:
+        try:
+            version = int(self.config.get("format_version", 0))
+        except (TypeError, ValueError):
+            raise ContinualError(f"'{config}': format_version is not a number; the state is damaged") from None
+        if version > FORMAT_VERSION:
             raise ContinualError(f"'{self.path}' was written by a newer lightning-merge; upgrade")
-        self.strategy = Strategy.from_dict(self.config["strategy"])
+        for key in ("strategy", "base", "tensors", "base_fingerprint"):
+            if key not in self.config:
+                raise ContinualError(f"'{config}' has no {key!r}; the state is damaged")
+        try:
+            self.strategy = Strategy.from_dict(self.config["strategy"])
+            self.form: ContinualForm = self.strategy.continual_form()
+        except (ValueError, TypeError) as err:
+            raise ContinualError(f"'{config}': its strategy cannot be used: {err}") from None
 
     # -- creation ------------------------------------------------------------------------------------------------
     @classmethod
@@ -124,19 +127,20 @@ class ContinualState:
 
         Args:
             path: the folder (created).
-            base: the base model every expert was fine-tuned from (a path: the state refers to it).
-            strategy: one of the continual strategies (see the class docstring), or its ``to_dict()``.
+            base: the base model every expert was fine-tuned from (a path: the state refers to it and checks, at
+                every add, that it has not changed).
+            strategy: a strategy with a continual form, or its ``to_dict()``.
             exist_ok: return the existing state if ``path`` already holds one with the same base and strategy.
+
+        Raises:
+            ContinualError: the strategy has no continual form (the message says why), or ``path`` holds a state
+                with another base or strategy.
         """
         strategy = strategy if isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
-        if strategy.name not in CONTINUAL:
-            raise ContinualError(f"strategy {strategy.name!r} has no continual form; use one of {', '.join(CONTINUAL)}")
-        if getattr(strategy, "weighting", None) is not None:
-            raise ContinualError(
-                f"TaskArithmetic(weighting={strategy.weighting!r}) has no continual form here; use the strategy "
-                f"{'fisher' if strategy.weighting == 'fisher' else 'ota'!r} itself, whose continual form is exact"
-            )
-        _weight_fn(strategy)  # validates (OTA grafting)
+        try:
+            strategy.continual_form()
+        except NoContinualForm as err:
+            raise ContinualError(str(err)) from None
         path = Path(path)
         if (path / "state.json").exists():
             if not exist_ok:
@@ -150,6 +154,7 @@ class ContinualState:
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "library_version": __version__,
             "strategy": strategy.to_dict(),
             "base": str(Path(base).resolve()),
             "created": _now(),
@@ -157,30 +162,66 @@ class ContinualState:
             "base_fingerprint": {n: tensor_fingerprint(base_expert.tensor(n)) for n in names},
         }
         path.mkdir(parents=True, exist_ok=True)
-        from lightning_merge.io import atomic_file
-
+        (path / "generations").mkdir(exist_ok=True)
         with atomic_file(path / "state.json") as tmp:
             tmp.write_text(json.dumps(config, indent=2))
-        (path / "generations").mkdir(exist_ok=True)
         return cls(path)
 
     # -- reading -------------------------------------------------------------------------------------------------
     @property
     def current(self) -> Path | None:
-        """The current generation folder, or None before the first expert."""
+        """The current generation folder, or None before the first expert.
+
+        Raises:
+            ContinualError: the state names a generation that is gone, or has generations but no commit pointer.
+        """
+        name = self._pointer()
+        if name is None:
+            done = [p for p in (self.path / "generations").glob("[0-9]*") if p.is_dir()] \
+                if (self.path / "generations").is_dir() else []
+            if done:
+                raise ContinualError(
+                    f"continual state '{self.path}' holds generations ({', '.join(sorted(p.name for p in done))}) but "
+                    f"no {POINTER} pointer: it is damaged; write the name of the newest complete generation into "
+                    f"'{self.path / POINTER}' to recover it"
+                )
+            return None
+        folder = self.path / "generations" / name
+        if not (folder / "meta.json").is_file():
+            raise ContinualError(
+                f"continual state '{self.path}': its current generation '{name}' is missing or incomplete; the state "
+                "is damaged (restore the folder from a backup, or start a new state)"
+            )
+        return folder
+
+    def _pointer(self) -> str | None:
+        pointer = self.path / POINTER
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            if not name or "/" in name or name.startswith("."):
+                raise ContinualError(f"'{pointer}' holds {name!r}, not a generation name; the state is damaged")
+            return name
         link = self.path / "current"
-        return link.resolve() if link.exists() else None
+        if link.is_symlink():  # a state written before the pointer file existed
+            return Path(os.readlink(link)).name
+        return None
 
     @property
     def model_path(self) -> Path | None:
         """The merged model (a safetensors folder), or None before the first expert."""
-        return (self.path / "current" / "model") if self.current else None
+        current = self.current
+        return (current / "model") if current is not None else None
 
     def meta(self) -> dict[str, Any]:
         current = self.current
         if current is None:
-            return {"count": 0, "norms": [], "journal": []}
-        return json.loads((current / "meta.json").read_text())
+            return {"count": 0, "norms": [], "weights": [], "journal": []}
+        try:
+            meta = json.loads((current / "meta.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ContinualError(f"'{current / 'meta.json'}' is not valid JSON ({err}); the state is damaged") from None
+        meta.setdefault("weights", [1.0] * int(meta.get("count", 0)))
+        return meta
 
     @property
     def journal(self) -> list[dict[str, Any]]:
@@ -213,19 +254,23 @@ class ContinualState:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def add(self, expert: Any, *, name: str | None = None, allow_duplicate: bool = False) -> dict[str, Any]:
+    def add(self, expert: Any, *, name: str | None = None, allow_duplicate: bool = False,
+            force: bool = False) -> dict[str, Any]:
         """Fold one expert in (atomically; waits for another process's add to finish first).
 
         Args:
             expert: a path or :class:`~lightning_merge.Expert` (with statistics for Fisher/OTA).
             name: the journal's name for it (default: the expert's name).
             allow_duplicate: fold in an expert whose weights are already in the journal.
+            force: fold in an expert that looks unrelated to the base (a task vector longer than the base itself).
 
         Returns:
             The journal entry.
 
         Raises:
-            ContinualError: another base, other tensor names or shapes, a duplicate, missing statistics.
+            ContinualError: another base, other tensor names or shapes, a duplicate, a changed base file, an
+                expert not fine-tuned from the base.
+            StatisticsError: statistics the strategy needs are missing or invalid.
         """
         expert = as_expert(expert)
         with self._locked():
@@ -243,11 +288,11 @@ class ContinualState:
             entry = {
                 "order": meta["count"] + 1,
                 "name": name or expert.name,
-                "path": str(Path(expert.path).resolve()) if expert.path is not None else None,
+                "path": str(Path(expert.path).resolve()) if expert.path is not None else f"<in memory: {expert.name}>",
                 "checksum": checksum,
                 "time": _now(),
             }
-            self._write_generation(expert, meta, entry)
+            self._write_generation(expert, meta, entry, force)
         return entry
 
     def _check(self, expert: Expert) -> None:
@@ -278,123 +323,164 @@ class ContinualState:
                     "capture them with CurvatureCapture"
                 )
 
-    def _write_generation(self, expert: Expert, meta: dict[str, Any], entry: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
-
-        from lightning_merge.writers import copy_support_files
-
+    def _write_generation(self, expert: Expert, meta: dict[str, Any], entry: dict[str, Any], force: bool) -> None:
         base = as_expert(self.config["base"], "base")
         names = list(self.config["tensors"])
-        strategy = self.strategy
+        form = self.form
+        count = meta["count"]
+        ctx = form.begin(count, expert, names)
         current = self.current
-        previous: Mapping[str, Tensor] = {}
-        if current is not None:
-            from safetensors import safe_open
-
-            handle = safe_open(str(current / "running.safetensors"), framework="pt")
-            previous = {k: handle.get_tensor(k) for k in handle.keys()}
-        weight_fn = _weight_fn(strategy)
-        expert_scale = 1.0
-        if strategy.name == "fisher" and strategy.normalize:
-            kind = strategy.requires[0]
-            norm = math.sqrt(sum(float(expert.statistic(n, kind).double().square().sum()) for n in names))
-            expert_scale = 1.0 / max(norm, torch.finfo(torch.float32).tiny)
-        weights = getattr(strategy, "weights", None)
-        if isinstance(weights, (list, tuple)):
-            raise ContinualError("continual strategies take one weight for every expert (weights=None or a number)")
-        lam = float(weights) if weights is not None else 1.0
-
-        running: dict[str, Tensor] = {}
-        tau_sq = 0.0
-        for n in names:
-            b = base.tensor(n).to(torch.float32)
-            t = expert.tensor(n).to(torch.float32)
-            tau = t - b
-            tau_sq += float(tau.double().square().sum())
-            if strategy.name == "opcm":
-                running[f"S/{n}"] = opcm_step(n, previous.get(f"S/{n}"), tau, strategy.alpha, strategy.not_linear)
-            elif strategy.name in ("linear", "task_arithmetic"):
-                prev = previous.get(f"sum/{n}")
-                running[f"sum/{n}"] = tau * lam if prev is None else prev + tau * lam
-            else:
-                w = weight_fn({k: expert.statistic(n, k) for k in strategy.requires}, expert_scale * lam)
-                num, den = previous.get(f"num/{n}"), previous.get(f"den/{n}")
-                running[f"num/{n}"] = w * tau if num is None else num + w * tau
-                running[f"den/{n}"] = w.clone() if den is None else den + w
-        norms = [*meta["norms"], math.sqrt(tau_sq)]
-        count = meta["count"] + 1
-        total_weight = meta.get("total_weight", 0.0) + lam
-
-        merged = self._merged(base, names, running, norms, total_weight)
-        tmp = self.path / "generations" / f".partial-{uuid.uuid4().hex[:8]}"
+        try:
+            previous = SafetensorsFile(current / "running.safetensors") if current is not None else None
+        except (SafetensorsError, OSError) as err:
+            raise ContinualError(
+                f"continual state '{self.path}': the running quantities of generation '{current.name}' cannot be read "
+                f"({err}); the state is damaged (restore it from a backup, or start a new state)"
+            ) from None
+        tmp = self.path / "generations" / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         (tmp / "model").mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in running.items()}, str(tmp / "running.safetensors"))
-        dtypes = {n: base.spec(n).dtype for n in names}
-        model = {n: merged[n].to(dtypes[n]).contiguous() for n in names}
-        for n in base.names():  # non-floating tensors come from the base
-            if n not in model:
-                model[n] = base.tensor(n).contiguous()
-        save_file(model, str(tmp / "model" / "model.safetensors"), metadata={"format": "pt"})
-        base_path = Path(self.config["base"])
-        if base_path.is_dir():
-            copy_support_files(base_path, tmp / "model")
-        new_meta = {
-            "count": count,
-            "norms": norms,
-            "total_weight": total_weight,
-            "journal": [*meta["journal"], entry],
-            "strategy": strategy.to_dict(),
-        }
-        (tmp / "meta.json").write_text(json.dumps(new_meta, indent=2))
-        for file in (tmp / "running.safetensors", tmp / "meta.json", tmp / "model" / "model.safetensors"):
-            _fsync(file)
-        fsync_dir(tmp / "model")
-        fsync_dir(tmp)
-        final = self.path / "generations" / f"{count:06d}"
-        if final.exists():  # left by a crash after the rename but before the swap: not current, replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        link_tmp = self.path / f".current-{uuid.uuid4().hex[:8]}"
-        os.symlink(os.path.relpath(final, self.path), link_tmp)
-        os.replace(link_tmp, self.path / "current")  # the commit point
-        fsync_dir(self.path)
+        writers: list[ShardWriter] = []
+        try:
+            running_entries = [(f"{q}/{n}", TensorSpec(tuple(self.config["tensors"][n]), dtype))
+                               for n in names for q, dtype in form.quantities]
+            running = ShardWriter(tmp / "running.safetensors", running_entries, {"format": FORMAT})
+            writers.append(running)
+            model_entries = [(n, TensorSpec(tuple(base.spec(n).shape), base.spec(n).dtype)) for n in base.names()]
+            model = ShardWriter(tmp / "model" / "model.safetensors", model_entries, {"format": "pt"})
+            writers.append(model)
+            fingerprints = self.config["base_fingerprint"]
+            totals: dict[str, float] = {}
+            tau_sq = base_sq = 0.0
+            for n in names:
+                b_raw = base.tensor(n)
+                if tensor_fingerprint(b_raw) != fingerprints[n]:
+                    raise ContinualError(
+                        f"the base '{self.config['base']}' changed since the state was created (tensor '{n}' differs "
+                        "from its fingerprint in state.json); restore the original base file"
+                    )
+                b = base.float32(n)
+                tau = expert.float32(n) - b
+                tau_sq += float(tau.double().square().sum())
+                base_sq += float(b.double().square().sum())
+                prev = None
+                if previous is not None:
+                    try:
+                        prev = {q: previous.get(f"{q}/{n}").to(dtype) for q, dtype in form.quantities}
+                    except (KeyError, SafetensorsError) as err:
+                        raise ContinualError(
+                            f"continual state '{self.path}': generation '{current.name}' has no running quantities "
+                            f"for '{n}' ({err}); the state is damaged"
+                        ) from None
+                stats = {kind: expert.statistic(n, kind) for kind in self.strategy.requires}
+                new = form.fold(n, prev, tau, stats, ctx)
+                for q, dtype in form.quantities:
+                    running.write(f"{q}/{n}", new[q].to(dtype).contiguous())
+                for key, value in form.reduce(n, new).items():
+                    totals[key] = totals.get(key, 0.0) + value
+                del b_raw, b, tau, prev, new, stats
+            running.close(sync=True)
+            norm = math.sqrt(tau_sq)
+            self._check_distance(expert, norm, math.sqrt(base_sq), meta["norms"], force)
+            summary = ContinualSummary(
+                count=count + 1,
+                norms=(*meta["norms"], norm),
+                weights=(*meta["weights"], ctx.weight),
+                totals=totals,
+                names=tuple(names),
+            )
+            with SafetensorsFile(tmp / "running.safetensors") as fresh:
+                for n in base.names():
+                    if n not in self.config["tensors"]:  # non-floating tensors come from the base
+                        model.write(n, base.tensor(n).contiguous())
+                        continue
+                    state = {q: fresh.get(f"{q}/{n}") for q, _ in form.quantities}
+                    merged = form.finish(n, base.float32(n), state, summary)
+                    if not bool(torch.isfinite(merged).all()):
+                        raise ContinualError(f"continual {self.strategy.name} produced non-finite values at '{n}'")
+                    model.write(n, merged.to(base.spec(n).dtype).contiguous())
+            model.close(sync=True)
+            base_path = Path(self.config["base"])
+            if base_path.is_dir():
+                copy_support_files(base_path, tmp / "model")
+            new_meta = {
+                "count": count + 1,
+                "norms": list(summary.norms),
+                "weights": list(summary.weights),
+                "totals": totals,
+                "journal": [*meta["journal"], entry],
+                "strategy": self.strategy.to_dict(),
+                "library_version": __version__,
+            }
+            write_json(tmp / "meta.json", new_meta)
+            fsync_dir(tmp / "model")
+            fsync_dir(tmp)
+            final = self.path / "generations" / f"{count + 1:06d}"
+            if final.exists():  # left by a crash after the rename but before the commit: not current, replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            with atomic_file(self.path / POINTER) as pointer:  # the commit point
+                pointer.write_text(final.name + "\n")
+        except BaseException:
+            for writer in writers:
+                writer.close(sync=False)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if previous is not None:
+                previous.close()
+        self._refresh_link(final)
         if current is not None and current != final:
             shutil.rmtree(current, ignore_errors=True)
 
-    def _merged(
-        self, base: Expert, names: list[str], running: Mapping[str, Tensor], norms: list[float], total_weight: float
-    ) -> dict[str, Tensor]:
-        strategy = self.strategy
-        out: dict[str, Tensor] = {}
-        if strategy.name == "opcm":
-            s_norm = math.sqrt(sum(float(running[f"S/{n}"].double().square().sum()) for n in names))
-            factor = (sum(norms) / len(norms)) / s_norm if s_norm > 0 else 0.0
-            for n in names:
-                out[n] = base.tensor(n).to(torch.float32) + factor * running[f"S/{n}"]
-            return out
-        for n in names:
-            b = base.tensor(n).to(torch.float32)
-            if strategy.name == "linear":
-                tau = running[f"sum/{n}"] / total_weight
-            elif strategy.name == "task_arithmetic":
-                tau = running[f"sum/{n}"] * strategy.scale
-            else:
-                den = running[f"den/{n}"]
-                tau = torch.where(den > 0, running[f"num/{n}"] / den.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-                tau = tau * strategy.scale
-            out[n] = b + tau
-        return out
+    def _check_distance(self, expert: Expert, norm: float, base_norm: float, norms: list[float], force: bool) -> None:
+        if force:
+            return
+        if base_norm > 0 and norm > MAX_RELATIVE_DISTANCE * base_norm:
+            raise ContinualError(
+                f"expert '{expert.name}' is farther from the base than the base is from zero (‖τ‖ = {norm:.4g}, "
+                f"‖θ₀‖ = {base_norm:.4g}): it was not fine-tuned from this state's base. Pass force=True (--force) "
+                "to fold it in anyway"
+            )
+        if len(norms) >= 2:
+            typical = _statistics.median(norms)
+            if typical > 0 and norm > 10 * typical:
+                import logging
+
+                logging.getLogger("lightning_merge").warning(
+                    "expert '%s' moved %.1f× farther from the base than the experts already merged (‖τ‖ = %.4g, median "
+                    "%.4g): check that it was fine-tuned from this base", expert.name, norm / typical, norm, typical)
+
+    def _refresh_link(self, final: Path) -> None:
+        """Point the convenience link ``current`` at ``final`` (replacing a stale link, or a folder a copy made)."""
+        link = self.path / "current"
+        if link.is_dir() and not link.is_symlink():
+            shutil.rmtree(link)  # a copy of the state (shutil.copytree) turned the link into a folder
+        tmp = self.path / f".current-{uuid.uuid4().hex[:8]}"
+        os.symlink(os.path.relpath(final, self.path), tmp)
+        os.replace(tmp, link)
+        fsync_dir(self.path)
 
     def _cleanup(self) -> None:
-        """Remove what a crashed add left behind (partial generations, stray links, old generations)."""
+        """Remove what a crashed add left behind (partial generations, stray links, old generations) and repair the
+        convenience link; the commit pointer decides what is current (never the link, which a copy can break)."""
         generations = self.path / "generations"
+        generations.mkdir(exist_ok=True)
         current = self.current
         for item in generations.iterdir():
-            if item.name.startswith(".partial-") or (current is not None and item.resolve() != current):
+            if item.name.startswith(".partial-") or (current is not None and item.name != current.name):
                 shutil.rmtree(item, ignore_errors=True)
         for item in self.path.glob(".current-*"):
             item.unlink(missing_ok=True)
+        for item in self.path.glob(f".{POINTER}.partial-*"):
+            item.unlink(missing_ok=True)
+        if current is not None:
+            if not (self.path / POINTER).is_file():  # a state written by version 1: adopt its link as the pointer
+                with atomic_file(self.path / POINTER) as pointer:
+                    pointer.write_text(current.name + "\n")
+            link = self.path / "current"
+            if not link.is_symlink() or Path(os.readlink(link)).name != current.name:
+                self._refresh_link(current)
 
     def describe(self) -> dict[str, Any]:
         """What ``lightning-merge continual show`` prints: strategy, base, count, journal, norms, model path."""
@@ -417,21 +503,16 @@ def _expert_base_fingerprint(expert: Expert) -> dict[str, str]:
     raw = stats.metadata.get("base_fingerprint")
     if not raw:
         return {}
-    fingerprint = json.loads(raw)
-    prefix = expert.prefix or ""
-    return {k[len(prefix) :]: v for k, v in fingerprint.items() if k.startswith(prefix)}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fingerprint = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ContinualError(f"{stats.origin}: metadata base_fingerprint is not valid JSON") from None
+    prefix = expert.prefix or ""
+    return {k[len(prefix):]: v for k, v in fingerprint.items() if k.startswith(prefix)}
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-__all__ = ["CONTINUAL", "ContinualError", "ContinualState", "DEFAULT_NOT_LINEAR", "expert_checksum"]
+__all__ = ["ContinualError", "ContinualState", "expert_checksum"]

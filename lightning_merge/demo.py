@@ -204,7 +204,7 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
         verbose: print the training time.
         capture_args: overrides of the ``CurvatureCapture`` arguments.
     """
-    from lightning_merge import Expert
+    from lightning_merge.experts import Expert
 
     quiet_lightning()
     started = time.perf_counter()
@@ -241,7 +241,7 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
 
 def demo_strategies(quick: bool = False) -> dict[str, object]:
     """The strategies the demo compares (those with a ``scale`` get λ tuned on validation data)."""
-    from lightning_merge import (
+    from lightning_merge.strategies import (
         OTA,
         Breadcrumbs,
         Cabs,
@@ -275,7 +275,7 @@ def run_demo(out_dir: str | os.PathLike | None = None, seed: int = 0, quick: boo
     Returns:
         ``{method: {task: accuracy, ..., "normalized": x, "scale": λ}}``.
     """
-    from lightning_merge import merge
+    from lightning_merge.engine import merge
     from lightning_merge.evaluation import MergeReport, normalized_score, sweep_scale
 
     started = time.perf_counter()
@@ -304,15 +304,14 @@ def run_demo(out_dir: str | os.PathLike | None = None, seed: int = 0, quick: boo
 
 def _save_experts(setup: DigitsExperts, out: Path) -> None:
     """Write the base and each expert (with its statistics) as safetensors files under ``out``."""
-    from safetensors.torch import save_file
-
+    from lightning_merge.safetensors_io import save_tensors
     from lightning_merge.stats import write_statistics
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in setup.base.items()}, str(out / "base.safetensors"))
+    save_tensors(out / "base.safetensors", setup.base)
     for t, expert in enumerate(setup.experts):
         path = out / f"{setup.tasks[t].name}.safetensors"
-        save_file({k: v.contiguous() for k, v in setup.expert_state(t).items()}, str(path))
+        save_tensors(path, setup.expert_state(t))
         stats = expert.statistics
         if stats is not None:
             per_kind: dict[str, dict[str, Tensor]] = {}

@@ -1,6 +1,8 @@
-"""The streaming merge driver: for each tensor name, read base + experts, call the strategy, write, free.
+"""The streaming merge driver: for each tensor name, read base + experts, call the prepared strategy, write, free.
 
-Peak memory stays near one tensor × (N + 2) per worker thread, not N models.
+Peak memory stays near one tensor × (N + 2) per worker thread, not N models. Everything that can be checked is
+checked before the first tensor is merged: names, shapes and dtypes (headers only), the statistics the strategy
+needs, the output path, the strategy's algebra for the chosen output.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, TensorSpec, as_expert
-from lightning_merge.stats import StatisticsError
-from lightning_merge.strategies import Linear, Strategy
+from lightning_merge.stats import MissingStatistic, StatisticsError
+from lightning_merge.strategies.base import Prepared, Strategy
+from lightning_merge.strategies.linear import Linear
 from lightning_merge.writers import (
+    FILE_SUFFIXES,
     CheckpointWriter,
     DictWriter,
     ModuleWriter,
+    PeftWriter,
     SafetensorsWriter,
     Writer,
     parse_size,
@@ -35,6 +41,7 @@ log = logging.getLogger("lightning_merge")
 
 ON_MISSING = ("error", "union", "intersection", "base")
 ON_MISSING_STATISTIC = ("error", "uniform")
+OUTPUTS = (None, "peft")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -52,7 +59,11 @@ DTYPES = {
 
 def parse_dtype(dtype: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:
     """``"bfloat16"``, ``"bf16"``, ``torch.bfloat16``... → a floating torch dtype (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"{what} {dtype} is not a floating dtype; use one of {', '.join(DTYPES)}")
         return dtype
     try:
         return DTYPES[str(dtype).lower().replace("torch.", "")]
@@ -75,9 +86,10 @@ class MergePlan:
     """What a merge will do, handed to :meth:`Strategy.prepare`: names, shapes, experts; reads only on request.
 
     Attributes:
-        names: the tensors that go through ``merge_tensor``, in order.
+        names: the tensors that go through the strategy, in order.
         experts: the experts, in order.
         base: the base, or None.
+        prepared: the strategy's :class:`~lightning_merge.strategies.Prepared` once :func:`plan_merge` made it.
     """
 
     def __init__(self, experts: list[Expert], base: Expert | None, jobs: list[TensorJob], statistic_reader: Any = None):
@@ -87,6 +99,7 @@ class MergePlan:
         self._by_name = {job.name: job for job in jobs}
         self.names = [job.name for job in jobs if job.action == "merge"]
         self._statistic_reader = statistic_reader
+        self.prepared: Prepared | None = None
 
     @property
     def num_experts(self) -> int:
@@ -99,14 +112,14 @@ class MergePlan:
         """The base's tensor in float32 (None without a base or where the base lacks it)."""
         if self.base is None or name not in self.base:
             return None
-        return self.base.tensor(name).to(torch.float32)
+        return self.base.float32(name)
 
     def expert_tensors(self, name: str, base: Tensor | None = None) -> list[Tensor]:
         """Every expert's tensor in float32; an expert lacking it (``on_missing`` union/base) gets the base's."""
         job = self._by_name[name]
         if base is None and not all(job.present):
             base = self.base_tensor(name)
-        return [e.tensor(name).to(torch.float32) if present else base for e, present in zip(self.experts, job.present)]
+        return [e.float32(name) if present else base for e, present in zip(self.experts, job.present)]
 
     def task_vectors(self, name: str) -> Tensor:
         """Stacked task vectors ``(N, *shape)`` in float32 (needs a base)."""
@@ -136,25 +149,21 @@ def plan_merge(
     on_missing_statistic: str = "error",
 ) -> MergePlan:
     """Everything before the first tensor is merged: the tensor jobs, the check that every expert has the
-    statistics the strategy requires, and the strategy's first pass (:meth:`Strategy.prepare`).
+    statistics the strategy requires, and the strategy's first pass (its :class:`Prepared`, in ``plan.prepared``).
 
     Arguments as for :func:`merge`, with experts and base already opened.
     """
+    if strategy.needs_base and base is None:
+        raise ValueError(f"strategy {strategy.name!r} needs a base model (base=...); Linear does not")
+    strategy.check_num_experts(len(experts))
     jobs = build_jobs(experts, base, include=include, exclude=exclude, dtype=dtype, on_missing=on_missing)
-    reader = _StatisticReader(strategy, experts, on_missing_statistic)
+    reader = _StatisticReader(strategy, experts, on_missing_statistic, {j.name: j for j in jobs})
     reader.check()
     plan = MergePlan(experts, base, jobs, reader)
-    strategy.prepare(plan)
+    plan.prepared = strategy.prepare(plan)
+    if not isinstance(plan.prepared, Prepared):
+        raise TypeError(f"{type(strategy).__name__}.prepare must return a Prepared object, got {plan.prepared!r}")
     return plan
-
-
-def _open_expert(obj: Any, base: Any, index: int) -> Expert:
-    """A path to a PEFT adapter folder opens over ``base``; everything else as :func:`as_expert`."""
-    if isinstance(obj, (str, os.PathLike)) and (Path(obj) / "adapter_config.json").exists():
-        if base is None:
-            raise ValueError(f"expert {index} '{obj}' is a LoRA adapter: pass base= the model it adapts")
-        return Expert(obj, base=base)
-    return as_expert(obj, f"expert {index}")
 
 
 def _glob_match(name: str, patterns: Sequence[str] | str | None) -> bool:
@@ -257,6 +266,23 @@ def _default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def open_inputs(experts: Any, base: Any) -> tuple[list[Expert], Expert | None]:
+    """Open the experts and the base: paths, state dicts, modules or :class:`Expert` objects. A LoRA adapter folder
+    opens over ``base``, or over the local base its ``adapter_config.json`` names; without ``base``, adapters that
+    all name one local base give the merge its base."""
+    if isinstance(experts, (str, os.PathLike, Expert, dict, nn.Module)):
+        raise TypeError("experts must be a list (of paths, Expert objects, state dicts or modules)")
+    base_expert = as_expert(base, "base") if base is not None else None
+    opened = [as_expert(e, f"expert {i}", base=base_expert) for i, e in enumerate(experts)]
+    if not opened:
+        raise ValueError("merge() needs at least one expert")
+    if base_expert is None and opened and all(e.lora is not None for e in opened):
+        bases = {str(e.lora_base.path.resolve()) if e.lora_base.path else id(e.lora_base) for e in opened}
+        if len(bases) == 1:
+            base_expert = opened[0].lora_base
+    return opened, base_expert
+
+
 def merge(
     experts: Sequence[Expert | str | os.PathLike | dict | nn.Module],
     base: Expert | str | os.PathLike | dict | nn.Module | None = None,
@@ -278,20 +304,22 @@ def merge(
     """Merge experts tensor by tensor with a strategy.
 
     Args:
-        experts: the models to merge: :class:`Expert` objects, paths (``.ckpt``, ``.safetensors``, folders),
-            state dicts or modules.
+        experts: the models to merge: :class:`Expert` objects, paths (``.ckpt``, ``.safetensors``, folders, PEFT
+            adapter folders), state dicts or modules.
         base: the model the experts were fine-tuned from (task vectors are ``expert − base``); required by
-            strategies with ``needs_base``.
+            strategies with ``needs_base``. LoRA adapters that all name one local base in their
+            ``adapter_config.json`` supply it themselves.
         strategy: a :class:`~lightning_merge.strategies.Strategy`; default :class:`Linear` (uniform average).
         out: None returns a state dict; a folder path writes sharded safetensors (Hugging Face style, with the
             base folder's config and tokenizer files); a ``.safetensors`` path writes one file; a ``.ckpt`` path
-            writes a Lightning checkpoint; an ``nn.Module`` is loaded in place.
+            writes a Lightning checkpoint; an ``nn.Module`` is loaded in place. Other file suffixes (``.pt``,
+            ``.bin``) are refused rather than silently written as a folder.
         output: ``"peft"`` to write a PEFT LoRA adapter folder at ``out`` from LoRA experts (see ``rank``); None
             writes full weights as ``out`` says.
         include: glob patterns of tensor names to merge; others are copied from the base (or the first expert).
         exclude: glob patterns of tensor names copied from the base instead of merged.
         dtype: output dtype of floating tensors (default: each tensor's storage dtype in the base, or the first
-            expert). Computation is always float32.
+            expert). Computation is always float32; rounding to the output dtype happens once, when writing.
         on_missing: tensors some experts lack: ``"error"``; ``"union"`` (keep all; a missing expert tensor counts
             as the base's, or the first holder's value is copied when the base lacks it too);
             ``"intersection"`` (drop such tensors); ``"base"`` (the base's names; a missing expert tensor counts
@@ -299,17 +327,22 @@ def merge(
         on_missing_statistic: an expert without a statistic the strategy requires: ``"error"``, or ``"uniform"``
             (warn and use weight 1 for that expert).
         shard_size: largest safetensors shard (``"5GB"``, ``"500MB"`` or bytes).
-        overwrite: replace an existing output once the new one is complete.
+        overwrite: replace an existing output once the new one is complete (never one of the inputs).
         threads: worker threads over tensors (default: up to 2). Whatever the count, the tensors being merged at
             once hold at most as many elements as the largest tensor, so threads do not raise peak memory.
         progress: show a progress bar (default: when stderr is a terminal).
-        rank: with ``output="peft"``: None writes the exact concatenation of the adapters' factors (rank Σrᵢ; only
-            for strategies linear in the task vectors: Linear, TaskArithmetic); an integer writes a truncated SVD of
-            each merged ΔW at that rank and records the relative reconstruction error per module.
+        rank: with ``output="peft"``: None writes the exact concatenation of the adapters' factors (rank Σrᵢ; for
+            strategies linear in the experts, ``strategy.linear``); an integer writes a truncated SVD of each
+            merged ΔW at that rank and records the relative reconstruction error per module.
 
     Returns:
         The merged state dict (``out=None``), the written path, or the module.
+
+    Raises:
+        ValueError: anything that makes the merge impossible, before any tensor is merged: the message names the
+            expert, tensor, statistic or argument and says what to do.
     """
+    started = time.perf_counter()
     strategy = strategy if strategy is not None else Linear()
     if not isinstance(strategy, Strategy):
         raise TypeError(f"strategy must be a Strategy object, got {type(strategy).__name__}")
@@ -317,75 +350,127 @@ def merge(
         raise ValueError(
             f"on_missing_statistic must be one of {', '.join(ON_MISSING_STATISTIC)}, got {on_missing_statistic!r}"
         )
-    if output not in (None, "peft"):
+    if output not in OUTPUTS:
         raise ValueError(f"output must be None or 'peft', got {output!r}")
-    if isinstance(experts, (str, os.PathLike, Expert, dict, nn.Module)):
-        raise TypeError("experts must be a list (of paths, Expert objects, state dicts or modules)")
-    experts = [_open_expert(e, base, i) for i, e in enumerate(experts)]
-    if output == "peft":
-        from lightning_merge.lora import merge_to_peft
-
-        if out is None or isinstance(out, nn.Module):
-            raise ValueError("output='peft' needs out= a folder to write the adapter into")
-        return merge_to_peft(
-            experts,
-            base,
-            strategy,
-            Path(out),
-            rank=rank,
-            overwrite=overwrite,
-            on_missing_statistic=on_missing_statistic,
-        )
-    if not experts:
-        raise ValueError("merge() needs at least one expert")
-    base_expert = as_expert(base, "base") if base is not None else None
-    if strategy.needs_base and base_expert is None:
-        raise ValueError(f"strategy {strategy.name!r} needs a base model (base=...); Linear does not")
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)}, got {on_missing!r}")
     out_dtype = parse_dtype(dtype)
-    started = time.perf_counter()
+    shard_bytes = parse_size(shard_size)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if output == "peft":
+        _check_peft_request(strategy, out, rank, len(experts) if isinstance(experts, Sequence) else None)
+    elif rank is not None:
+        raise ValueError("rank= applies to output='peft' only (the rank of the adapter written)")
+    if isinstance(out, (str, os.PathLike)) and output is None:
+        suffix = Path(out).suffix
+        if suffix and suffix not in FILE_SUFFIXES and suffix in (".pt", ".pth", ".bin", ".pkl", ".json"):
+            raise ValueError(
+                f"out='{out}': {suffix} is not an output format; use a folder (sharded safetensors), a .safetensors "
+                "file or a .ckpt Lightning checkpoint"
+            )
 
-    plan = plan_merge(experts, base_expert, strategy, include=include, exclude=exclude, dtype=out_dtype,
+    experts, base_expert = open_inputs(experts, base)
+    plan = plan_merge(experts, base_expert, strategy, include=include, exclude=exclude,
+                      dtype=torch.float32 if output == "peft" else out_dtype,
                       on_missing=on_missing, on_missing_statistic=on_missing_statistic)
-    jobs, reader = plan.jobs, plan._statistic_reader
-
-    reference = base_expert or experts[0]
     provenance = {
         "library": "lightning-merge",
-        "version": _version(),
+        "version": __version__,
         "strategy": strategy.to_dict(),
-        "experts": [e.name for e in experts],
+        "prepared": plan.prepared.summary(),
+        "experts": unique_names(experts),
         "base": base_expert.name if base_expert else None,
     }
-    writer = _make_writer(out, jobs, reference, provenance, shard_size, overwrite)
+    inputs = [e.path for e in experts if e.path is not None] + ([base_expert.path] if base_expert and base_expert.path
+                                                              else [])
+    if output == "peft":
+        writer: Writer = _peft_writer(plan, strategy, out, rank, provenance, overwrite, inputs)
+        names = set(writer.names_to_merge())  # type: ignore[attr-defined]
+        jobs = [j for j in plan.jobs if j.name in names]
+    else:
+        writer = make_writer(out, plan.jobs, base_expert or experts[0], provenance, shard_bytes, overwrite, inputs)
+        jobs = plan.jobs
     try:
-        _run(plan, strategy, writer, reader, threads or _default_threads(), progress)
+        run_jobs(plan, jobs, writer, threads or _default_threads(), progress)
         result = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    log.info(
-        "merged %d tensors of %d experts with %s in %.2fs",
-        len(jobs),
-        len(experts),
-        strategy.name,
-        time.perf_counter() - started,
-    )
+    log.info("merged %d tensors of %d experts with %s in %.2fs", len(jobs), len(experts), strategy.name,
+             time.perf_counter() - started)
     return result
 
 
-def _version() -> str:
-    from lightning_merge import __version__
+def prepare(
+    experts: Sequence[Any],
+    base: Any = None,
+    strategy: Strategy | None = None,
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    on_missing: str = "error",
+    on_missing_statistic: str = "error",
+) -> Prepared:
+    """The strategy's first pass over these experts, without merging: what :func:`merge` would use (LiNeS' α,
+    model-wide thresholds, Fisher norms), e.g. ``prepare(experts, base, LiNeS()).alpha``.
 
-    return __version__
+    Arguments as for :func:`merge`.
+    """
+    strategy = strategy if strategy is not None else Linear()
+    opened, base_expert = open_inputs(experts, base)
+    plan = plan_merge(opened, base_expert, strategy, include=include, exclude=exclude, on_missing=on_missing,
+                      on_missing_statistic=on_missing_statistic)
+    return plan.prepared
 
 
-def _make_writer(
-    out: Any, jobs: list[TensorJob], reference: Expert, provenance: dict, shard_size: int | str, overwrite: bool
+def unique_names(experts: Sequence[Expert]) -> list[str]:
+    """The experts' names, made unique where several share one (``name#i``, i the expert's index)."""
+    names = [e.name for e in experts]
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def _check_peft_request(strategy: Strategy, out: Any, rank: int | None, num_experts: int | None) -> None:
+    """What can be refused about an adapter output from the strategy's configuration alone."""
+    if out is None or isinstance(out, nn.Module):
+        raise ValueError("output='peft' needs out= a folder to write the adapter into")
+    if rank is None and not strategy.linear:
+        raise ValueError(
+            f"strategy {strategy.name!r} is not linear in the experts (its merge is not Σ cᵢ·ΔWᵢ), so no exact "
+            "adapter exists: pass rank= for a truncated-SVD adapter"
+        )
+    if num_experts:
+        form = strategy.linear_form(num_experts)
+        if form is not None and not form.preserves_base:
+            raise ValueError(
+                f"{strategy!r} scales the base itself (coefficients sum to {form.base + sum(form.experts):g}, not 1): "
+                "an adapter holds only a change to the base; use normalize=True, weights that sum to 1, or "
+                "TaskArithmetic"
+            )
+
+
+def _peft_writer(plan: MergePlan, strategy: Strategy, out: Any, rank: int | None, provenance: dict,
+                 overwrite: bool, inputs: list) -> PeftWriter:
+    plain = [e.name for e in plan.experts if e.lora is None]
+    if plain:
+        raise ValueError(f"output='peft' needs LoRA adapter experts; '{plain[0]}' is not one")
+    if plan.base is None:
+        raise ValueError("output='peft' needs base= the model the adapters adapt")
+    for name in plan.names:
+        form = plan.prepared.linear_form(name)
+        if form is not None and not form.preserves_base:
+            raise ValueError(f"{strategy!r} scales the base at '{name}': an adapter holds only a change to the base")
+    return PeftWriter(Path(out), [e.lora for e in plan.experts], plan.base, rank=rank, prepared=plan.prepared,
+                      provenance=provenance, overwrite=overwrite, inputs=inputs)
+
+
+def make_writer(
+    out: Any, jobs: list[TensorJob], reference: Expert, provenance: dict, shard_size: int, overwrite: bool,
+    inputs: Sequence[Path] = (),
 ) -> Writer:
+    """The writer ``out`` asks for (checked now: path, template checkpoint)."""
     if out is None:
-        writer = DictWriter()
-        writer.plan([j.name for j in jobs])
-        return writer
+        return DictWriter([j.name for j in jobs])
     if isinstance(out, nn.Module):
         return ModuleWriter(out, [j.name for j in jobs])
     if not isinstance(out, (str, os.PathLike)):
@@ -393,30 +478,27 @@ def _make_writer(
     path = Path(out)
     if path.suffix == ".ckpt":
         template = reference.path if reference.path is not None and reference.path.suffix == ".ckpt" else None
-        return CheckpointWriter(
-            path, template=template, prefix=reference.prefix, provenance=provenance, overwrite=overwrite
-        )
+        return CheckpointWriter(path, template=template, prefix=reference.prefix, provenance=provenance,
+                                overwrite=overwrite, trust_checkpoint=reference.trust_checkpoint, inputs=inputs)
     entries = [(j.name, j.spec) for j in jobs]
     if path.suffix == ".safetensors":
-        return SafetensorsWriter(path, entries, provenance=provenance, overwrite=overwrite, single_file=True)
-    copy_from = reference.path if reference.path is not None and reference.path.is_dir() else None
-    return SafetensorsWriter(
-        path,
-        entries,
-        shard_size=parse_size(shard_size),
-        copy_from=copy_from,
-        provenance=provenance,
-        overwrite=overwrite,
-    )
+        return SafetensorsWriter(path, entries, provenance=provenance, overwrite=overwrite, single_file=True,
+                                 inputs=inputs)
+    source = reference.lora_base if reference.lora is not None else reference
+    copy_from = source.path if source is not None and source.path is not None and source.path.is_dir() else None
+    return SafetensorsWriter(path, entries, shard_size=shard_size, copy_from=copy_from, provenance=provenance,
+                             overwrite=overwrite, inputs=inputs)
 
 
 class _StatisticReader:
-    """Reads the statistics a strategy requires, with the ``on_missing_statistic`` policy."""
+    """Reads the statistics a strategy requires, with the ``on_missing_statistic`` policy. Only a statistic that is
+    absent falls under the policy; one that is there but wrong (shape, NaN, negative) is always an error."""
 
-    def __init__(self, strategy: Strategy, experts: list[Expert], policy: str):
+    def __init__(self, strategy: Strategy, experts: list[Expert], policy: str, jobs: dict[str, TensorJob]):
         self.kinds = tuple(strategy.requires)
         self.experts = experts
         self.policy = policy
+        self.jobs = jobs
         self.uniform_experts: set[int] = set()
 
     def check(self) -> None:
@@ -440,79 +522,87 @@ class _StatisticReader:
     def __call__(self, name: str) -> list[dict[str, Tensor]]:
         if not self.kinds:
             return [{} for _ in self.experts]
-        out: list[dict[str, Tensor]] = []
+        job = self.jobs[name]
+        out: list[dict[str, Tensor | None]] = []
         missing: list[tuple[int, str]] = []
         for i, expert in enumerate(self.experts):
-            entry = {}
+            entry: dict[str, Tensor | None] = {}
             for kind in self.kinds:
-                if i in self.uniform_experts:
+                if i in self.uniform_experts or not job.present[i]:
                     entry[kind] = None
+                    if not job.present[i] and i not in self.uniform_experts:
+                        missing.append((i, kind))
                     continue
                 try:
                     entry[kind] = expert.statistic(name, kind)
-                except StatisticsError:
+                except MissingStatistic:
                     entry[kind] = None
                     missing.append((i, kind))
             out.append(entry)
         if missing and len({i for i, _ in missing}) < len(self.experts) and self.policy == "error":
             i, kind = missing[0]
+            why = "lacks the tensor itself" if not job.present[i] else "has none for it"
             raise StatisticsError(
-                f"expert '{self.experts[i].name}' has no {kind!r} statistic for tensor '{name}' while other experts "
-                f"do; pass on_missing_statistic='uniform' to weigh it uniformly"
+                f"expert '{self.experts[i].name}' {why} ({kind!r} statistic of tensor '{name}') while other experts "
+                f"have one; pass on_missing_statistic='uniform' to weigh it uniformly there"
             )
-        shape = self.experts[0].spec(name).shape
+        shape = job.spec.shape
         for entry in out:
             for kind, value in entry.items():
                 if value is None:  # no expert has it (buffers, frozen tensors), or the uniform fallback
                     entry[kind] = torch.ones(shape, dtype=torch.float32)
-                elif tuple(value.shape) != tuple(shape):
-                    raise StatisticsError(
-                        f"{kind!r} statistic of tensor '{name}' has shape {list(value.shape)}, the tensor "
-                        f"{list(shape)}: the statistics do not belong to this expert"
-                    )
-        return out
+        return out  # type: ignore[return-value]
 
 
-def _run(
-    plan: MergePlan, strategy: Strategy, writer: Writer, reader: _StatisticReader, threads: int, progress: bool | None
-) -> None:
+def run_jobs(plan: MergePlan, jobs: list[TensorJob], writer: Writer, threads: int, progress: bool | None) -> None:
+    """Compute and write every job, ``threads`` tensors at a time within the memory bound, with a progress bar."""
     from tqdm.auto import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=len(plan.jobs), unit="tensor", desc="merging", disable=not show, leave=False)
+    total = sum(job.spec.nbytes for job in jobs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=not show,
+               leave=False)
 
     def work(job: TensorJob) -> None:
-        writer.write(job.name, _compute(plan, strategy, reader, job))
+        writer.write(job.name, compute(plan, job, writer.compute_dtype))
 
     try:
         if threads <= 1:
-            for job in plan.jobs:
+            for job in jobs:
                 work(job)
-                bar.update(1)
+                bar.update(job.spec.nbytes)
             return
         # Memory bound: the elements in flight never exceed the largest tensor's, so small tensors are merged
         # `threads` at a time while two of the largest (embeddings, heads) never are.
-        budget = max(job.spec.numel for job in plan.jobs)
-        pending: dict[Future, int] = {}
+        budget = max((job.spec.numel for job in jobs), default=0)
+        pending: dict[Future, TensorJob] = {}
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lightning-merge") as pool:
-            for job in plan.jobs:
-                size = job.spec.numel
-                while pending and (len(pending) >= threads or sum(pending.values()) + size > budget):
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        del pending[f]
-                        f.result()
-                        bar.update(1)
-                pending[pool.submit(work, job)] = size
-            for f in pending:
-                f.result()
-                bar.update(1)
+            try:
+                for job in jobs:
+                    size = job.spec.numel
+                    while pending and (len(pending) >= threads or
+                                       sum(j.spec.numel for j in pending.values()) + size > budget):
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            finished = pending.pop(f)
+                            f.result()
+                            bar.update(finished.spec.nbytes)
+                    pending[pool.submit(work, job)] = job
+                for f, job in list(pending.items()):
+                    f.result()
+                    bar.update(job.spec.nbytes)
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
     finally:
         bar.close()
 
 
-def _compute(plan: MergePlan, strategy: Strategy, reader: _StatisticReader, job: TensorJob) -> Tensor:
-    name, out_dtype = job.name, job.spec.dtype
+def compute(plan: MergePlan, job: TensorJob, dtype: torch.dtype | None = None) -> Tensor:
+    """One output tensor: copied, checked equal, maxed, or merged by the prepared strategy (float32 throughout; cast
+    once at the end to the job's dtype, or ``dtype``)."""
+    name, out_dtype = job.name, dtype or job.spec.dtype
     if job.action == "copy":
         return job.source.tensor(name).to(out_dtype)
     if job.action in ("equal", "max"):
@@ -530,12 +620,23 @@ def _compute(plan: MergePlan, strategy: Strategy, reader: _StatisticReader, job:
                     f"or fix the expert"
                 )
         return values[0]
-    base = plan.base_tensor(name) if strategy.needs_base or not all(job.present) else None
+    prepared = plan.prepared
+    strategy = prepared.strategy
+    wants_base = strategy.needs_base or strategy.uses_base or not all(job.present)
+    base = plan.base_tensor(name) if wants_base else None
     tensors = plan.expert_tensors(name, base)
-    merged = strategy.merge_tensor(name, base, tensors, reader(name))
+    merged = prepared.merge_tensor(name, base, tensors, plan.stats(name))
     if tuple(merged.shape) != job.spec.shape:
         raise RuntimeError(
             f"strategy {strategy.name!r} returned shape {list(merged.shape)} for tensor '{name}', "
             f"expected {list(job.spec.shape)}"
         )
+    if not bool(torch.isfinite(merged).all()):
+        raise ValueError(
+            f"strategy {strategy.name!r} produced NaN or infinite values for tensor '{name}' from finite inputs; "
+            f"check its arguments ({strategy!r})"
+        )
     return merged.to(out_dtype)
+
+
+__all__ = ["MergePlan", "TensorJob", "build_jobs", "merge", "open_inputs", "parse_dtype", "plan_merge", "prepare"]

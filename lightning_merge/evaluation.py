@@ -176,8 +176,9 @@ def sweep_scale(
 ) -> SweepResult:
     """Choose the scale λ of a task-vector strategy on validation data.
 
-    The merge runs once, at λ = 1; each λ of the grid is then θ₀ + λ·τ*, which is exactly what the strategy gives
-    at that scale (every strategy with a ``scale`` argument has this form).
+    The merge runs once, at λ = 1, in float32; each λ of the grid is then θ₀ + λ·τ*, which is exactly what the
+    strategy gives at that scale (every strategy with ``scalable`` set has this form), rounded once to the base's
+    dtype, so ``result.state`` equals ``merge(..., strategy=result.strategy)``.
 
     Args:
         strategy: a strategy with a ``scale`` argument (TaskArithmetic, Ties, Fisher, OTA...).
@@ -190,25 +191,38 @@ def sweep_scale(
     Returns:
         A :class:`SweepResult`.
     """
-    from lightning_merge import merge
+    from lightning_merge.engine import merge, parse_dtype
     from lightning_merge.experts import as_expert
 
-    if not any(f.name == "scale" for f in dataclasses.fields(strategy)):
-        raise ValueError(f"{type(strategy).__name__} has no scale argument to sweep")
+    if not getattr(strategy, "scalable", False) or not any(f.name == "scale" for f in dataclasses.fields(strategy)):
+        raise ValueError(
+            f"{type(strategy).__name__} has no scale λ of the form θ₀ + λ·τ* to sweep (LiNeS: sweep its alpha and "
+            "beta by merging at each value)"
+        )
     if base is None:
         raise ValueError("sweep_scale needs a base model (θ = θ₀ + λ·τ)")
     if not scales:
         raise ValueError("scales is empty")
+    out_dtype = parse_dtype(merge_kwargs.pop("dtype", None))
+    if "out" in merge_kwargs or "output" in merge_kwargs:
+        raise ValueError("sweep_scale returns state dicts: it takes no out= or output=")
     base_expert = as_expert(base, "base")
-    at_one = merge(experts, base=base_expert, strategy=dataclasses.replace(strategy, scale=1.0), **merge_kwargs)
+    at_one = merge(experts, base=base_expert, strategy=dataclasses.replace(strategy, scale=1.0),
+                   dtype=torch.float32, **merge_kwargs)
+    dtypes = {name: out_dtype or (base_expert.spec(name).dtype if name in base_expert else value.dtype)
+              for name, value in at_one.items()}
     base_state = {name: base_expert.tensor(name) for name in at_one if name in base_expert}
-    results = {float(s): float(score(scale_task_vector(at_one, base_state, s))) for s in scales}
+
+    def at(scale: float) -> dict[str, Tensor]:
+        return {n: v.to(dtypes[n]) for n, v in scale_task_vector(at_one, base_state, scale).items()}
+
+    results = {float(s): float(score(at(s))) for s in scales}
     best = max(results, key=lambda s: (results[s], -abs(s - 1.0)))
     return SweepResult(
         scale=best,
         score=results[best],
         scores=results,
-        state=scale_task_vector(at_one, base_state, best),
+        state=at(best),
         strategy=dataclasses.replace(strategy, scale=best),
     )
 

@@ -6,54 +6,24 @@ import itertools
 import json
 import os
 import re
-import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_merge.stats import SIDECAR_NAME, Statistics, StatisticsError, find_sidecar
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and storage dtype of one tensor, known without reading its data."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def is_floating(self) -> bool:
-        return self.dtype.is_floating_point
+from lightning_merge.lora import LoraAdapter, LoraSource, adapter_base_path
+from lightning_merge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsError, SafetensorsFile, TensorSpec
+from lightning_merge.stats import (
+    SIDECAR_NAME,
+    SIDECAR_SUFFIX,
+    MissingStatistic,
+    Statistics,
+    StatisticsError,
+    find_sidecar,
+)
+from lightning_merge.torch_io import CheckpointError, load_torch_file
 
 
 class _DictSource:
@@ -71,79 +41,9 @@ class _DictSource:
         return self._tensors[key].detach()
 
 
-class SafetensorsFile:
-    """A safetensors file read with ``pread`` into private memory, one tensor at a time.
-
-    Only the header is read up front. Tensors are read on request into freshly allocated buffers, so the process
-    holds only the tensors in use (a memory map would count every page it ever touched toward resident memory,
-    up to the whole file). Reads are thread-safe (``pread`` at explicit offsets).
-    """
-
-    MAX_HEADER = 100 << 20
-
-    def __init__(self, path: Path):
-        self._fd = -1
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"safetensors file '{path}' is truncated (no header)")
-            n = struct.unpack("<Q", raw)[0]
-            if n > self.MAX_HEADER or 8 + n > size:
-                raise ValueError(f"safetensors file '{path}' is truncated or corrupted (header of {n} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"safetensors file '{path}' has a corrupted header ({err})") from err
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + n
-        self.entries: dict[str, tuple[TensorSpec, int, int]] = {}
-        for key, info in header.items():
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"'{path}': tensor '{key}' has unsupported dtype {info.get('dtype')}")
-            start, end = info["data_offsets"]
-            spec = TensorSpec(tuple(info["shape"]), dtype)
-            if end - start != spec.nbytes or self.data_start + end > size:
-                raise ValueError(
-                    f"safetensors file '{path}' is truncated or corrupted: tensor '{key}' does not fit "
-                    f"({end - start} bytes at {start}, file of {size} bytes)"
-                )
-            self.entries[key] = (spec, start, end)
-        self._fd = os.open(path, os.O_RDONLY)
-
-    def keys(self) -> list[str]:
-        return sorted(self.entries, key=lambda k: self.entries[k][1])
-
-    def spec(self, key: str) -> TensorSpec:
-        return self.entries[key][0]
-
-    def get(self, key: str) -> Tensor:
-        spec, start, end = self.entries[key]
-        buffer = torch.empty(end - start, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        offset, pos = self.data_start + start, 0
-        while pos < len(view):
-            got = os.preadv(self._fd, [view[pos:]], offset + pos)
-            if got <= 0:
-                raise ValueError(f"safetensors file '{self.path}' ended early while reading '{key}'")
-            pos += got
-        if spec.dtype == torch.bool:
-            return buffer.view(torch.bool).reshape(spec.shape)
-        return buffer.view(spec.dtype).reshape(spec.shape)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        self.close()
-
-
 class _SafetensorsSource:
-    """One or more safetensors files (a sharded folder); headers only are read up front."""
+    """One or more safetensors files (a sharded folder); headers only are read up front. A tensor name found in two
+    files is an error naming both (which one is meant cannot be known)."""
 
     def __init__(self, files: list[Path]):
         self._files: dict[str, SafetensorsFile] = {}
@@ -151,6 +51,11 @@ class _SafetensorsSource:
         for file in files:
             handle = SafetensorsFile(file)
             for key in handle.keys():
+                if key in self._files:
+                    raise ValueError(
+                        f"tensor '{key}' is in both '{self._files[key].path}' and '{file}': the folder holds two "
+                        "models or a stray shard; remove the extra file, or give the file of the model to merge"
+                    )
                 self._files[key] = handle
                 self._order.append(key)
 
@@ -164,28 +69,6 @@ class _SafetensorsSource:
         return self._files[key].get(key)
 
 
-def load_torch_file(path: Path, trust_checkpoint: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True`` (memory-mapped where possible), with a clear error and an
-    explicit opt-in when the file holds custom objects."""
-    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trust_checkpoint}
-    try:
-        return torch.load(path, mmap=True, **kwargs)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        return torch.load(path, **kwargs)
-    except Exception as err:
-        if trust_checkpoint or "weights_only" not in str(err).lower().replace(" ", "_").replace("-", "_"):
-            raise
-        match = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global ([\w.]+)", str(err))
-        what = match.group(1) if match else "a custom Python object"
-        raise ValueError(
-            f"'{path}' holds {what} (typically in hyper_parameters from save_hyperparameters()), which a safe "
-            f"load refuses. If you trust this file, pass trust_checkpoint=True (CLI: --trust-checkpoint): that "
-            f"unpickles it and can run arbitrary code."
-        ) from err
-
-
 class _TorchSource(_DictSource):
     def __init__(self, path: Path, trust_checkpoint: bool):
         obj = load_torch_file(path, trust_checkpoint)
@@ -196,20 +79,40 @@ class _TorchSource(_DictSource):
         super().__init__(obj)
 
 
+_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+
+
 def _folder_files(folder: Path) -> tuple[str, list[Path]]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"'{index}' is not a valid shard index ({err})") from err
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise KeyError("weight_map must map tensor names to file names")
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+                raise ValueError(f"'{index}' is not a valid shard index ({err})") from None
             files = sorted({folder / f for f in weight_map.values()})
+            outside = [f for f in weight_map.values() if Path(f).name != f]
+            if outside:
+                raise ValueError(f"'{index}' names shard files outside its folder ({', '.join(outside[:3])})")
             missing = [str(f) for f in files if not f.exists()]
             if missing:
                 raise ValueError(f"'{index}' lists shard files that are missing: {', '.join(missing)}")
             return ("safetensors" if index_name.startswith("model.safetensors") else "torch"), files
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name != SIDECAR_NAME)
+    try:
+        files = sorted(
+            p for p in folder.glob("*.safetensors")
+            if p.name != SIDECAR_NAME and not p.name.endswith(SIDECAR_SUFFIX) and p.stat()
+        )
+    except OSError as err:
+        raise ValueError(f"cannot list the weights of folder '{folder}': {err}") from None
+    if len(files) > 1 and not all(_SHARD.match(p.name) for p in files):
+        names = ", ".join(p.name for p in files[:4])
+        raise ValueError(
+            f"folder '{folder}' holds several safetensors files ({names}{' ...' if len(files) > 4 else ''}) and no "
+            "model.safetensors.index.json: it looks like several models, not one; give the file of the model to merge"
+        )
     if files:
         return "safetensors", files
     for name in ("pytorch_model.bin", "model.pt", "model.ckpt"):
@@ -232,7 +135,7 @@ class Expert:
             LightningModule that holds its network as ``self.model``). Applies to statistic names too.
         statistics: a sidecar path or an in-memory mapping that overrides the sidecar found next to ``source``
             (``X.statistics.safetensors`` next to a file, ``statistics.safetensors`` inside a folder).
-        name: a display name for messages and the merge journal (default: the file name).
+        name: a display name for messages, provenance and the merge journal (default: the path as given).
         trust_checkpoint: allow unpickling arbitrary objects from a ``.ckpt`` (only for files you trust).
         base: for a PEFT LoRA adapter folder, the base model it adapts (a path or an ``Expert``); default the
             adapter config's ``base_model_name_or_path`` when that is a local path. The expert then reads like a
@@ -257,7 +160,9 @@ class Expert:
     ) -> None:
         self.path: Path | None = None
         self.prefix = prefix or ""
-        self.lora = None
+        self.lora: LoraAdapter | None = None
+        self.lora_base: Expert | None = None
+        self.trust_checkpoint = trust_checkpoint
         if isinstance(source, nn.Module):
             self._source: Any = _DictSource(source.state_dict())
             default_name = type(source).__name__
@@ -267,21 +172,17 @@ class Expert:
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
             self.path = path
-            default_name = path.name
-            if not path.exists():
+            default_name = str(source)
+            try:
+                exists = path.exists()
+            except OSError as err:  # a symbolic link loop, a path under a file...
+                raise ValueError(f"expert '{path}' cannot be opened: {err.strerror or err}") from None
+            if not exists:
                 raise FileNotFoundError(f"expert '{path}' does not exist")
-            if path.is_dir() and (path / "adapter_config.json").exists():
-                self._source = self._open_adapter(path, base, trust_checkpoint)
-            elif path.is_dir():
-                kind, files = _folder_files(path)
-                if kind == "safetensors":
-                    self._source = _SafetensorsSource(files)
-                else:
-                    self._source = _merged_torch(files, trust_checkpoint)
-            elif path.suffix == ".safetensors":
-                self._source = _SafetensorsSource([path])
-            else:
-                self._source = _TorchSource(path, trust_checkpoint)
+            try:
+                self._source = self._open_path(path, base, trust_checkpoint)
+            except SafetensorsError as err:
+                raise ValueError(f"expert '{path}': {err}") from None
         else:
             raise TypeError(f"Expert source must be a path, a state dict or an nn.Module, got {type(source).__name__}")
         self.name = name or default_name
@@ -317,20 +218,32 @@ class Expert:
         if self._statistics is not None and isinstance(statistics, (str, os.PathLike, type(None))) and not self.lora:
             self._check_statistics_names()
 
-    def _open_adapter(self, path: Path, base: Any, trust_checkpoint: bool) -> Any:
-        from lightning_merge.lora import LoraAdapter, LoraSource
+    def _open_path(self, path: Path, base: Any, trust_checkpoint: bool) -> Any:
+        if path.is_dir() and (path / "adapter_config.json").exists():
+            return self._open_adapter(path, base, trust_checkpoint)
+        if path.is_dir():
+            kind, files = _folder_files(path)
+            if kind == "safetensors":
+                return _SafetensorsSource(files)
+            return _merged_torch(files, trust_checkpoint)
+        if path.suffix == ".safetensors":
+            return _SafetensorsSource([path])
+        return _TorchSource(path, trust_checkpoint)
 
+    def _open_adapter(self, path: Path, base: Any, trust_checkpoint: bool) -> Any:
         if base is None:
-            config = json.loads((path / "adapter_config.json").read_text())
-            guess = config.get("base_model_name_or_path")
-            if not guess or not Path(guess).exists():
+            base = adapter_base_path(path)
+            if base is None:
+                guess = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
                 raise ValueError(
-                    f"'{path}' is a LoRA adapter: pass base= the model it adapts (its config names {guess!r}, which is "
-                    "not a local path)"
+                    f"'{path}' is a LoRA adapter: pass base= the model it adapts (its adapter_config.json names "
+                    f"{guess!r}, which is not a local path)"
                 )
-            base = guess
-        base_expert = base if isinstance(base, Expert) else Expert(base, trust_checkpoint=trust_checkpoint)
-        self.lora = LoraAdapter(path, base_expert.names())
+        if not isinstance(base, Expert):
+            base = Expert(base, trust_checkpoint=trust_checkpoint, name=str(base))
+        base_expert = base
+        self.lora = LoraAdapter(path, base_expert.names(), base_expert.spec)
+        self.lora_base = base_expert
         return LoraSource(self.lora, base_expert)
 
     def _check_statistics_names(self) -> None:
@@ -376,8 +289,23 @@ class Expert:
         return self._source.spec(self._key(name))
 
     def tensor(self, name: str) -> Tensor:
-        """Tensor ``name`` in its storage dtype (memory-mapped for safetensors)."""
+        """Tensor ``name`` in its storage dtype (an adapter's θ₀ + ΔW: float32)."""
         return self._source.get(self._key(name))
+
+    def float32(self, name: str) -> Tensor:
+        """Tensor ``name`` in float32, checked to be finite (a NaN or an infinity would spread through a merge).
+
+        Raises:
+            ValueError: naming the expert, the tensor and the number of non-finite entries.
+        """
+        value = self.tensor(name).to(torch.float32)
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"expert '{self.name}': tensor '{name}' has {bad} NaN or infinite entries; the model diverged or the "
+                "file is corrupted: leave this expert out, or exclude the tensor (exclude=[...])"
+            )
+        return value
 
     def _key(self, name: str) -> str:
         try:
@@ -407,15 +335,24 @@ class Expert:
             StatisticsError: no statistics attached, or none of that kind for this tensor.
         """
         if self._statistics is None:
-            raise StatisticsError(
+            raise MissingStatistic(
                 f"expert '{self.name}' has no statistics (no sidecar next to it and none passed as statistics=)"
             )
         if self.lora is not None:
             if name in self.lora.modules:
                 return self.lora.precision(name, self._statistics, kind, estimator)
+            if name in self.lora.full:  # a whole tensor the adapter saves (modules_to_save): its own statistic
+                return self._statistics.get(self.lora.full[name], kind, estimator)
             # The adapter does not change this tensor (ΔW = 0): it carries no curvature there.
             return torch.zeros(self.spec(name).shape, dtype=torch.float32)
-        return self._statistics.get(self._stats_prefix + name, kind, estimator)
+        value = self._statistics.get(self._stats_prefix + name, kind, estimator)
+        shape = self.spec(name).shape
+        if tuple(value.shape) != tuple(shape):
+            raise StatisticsError(
+                f"expert '{self.name}': the {kind!r} statistic of tensor '{name}' has shape {list(value.shape)}, the "
+                f"tensor {list(shape)}; the statistics do not belong to this expert ({self._statistics.origin})"
+            )
+        return value
 
 
 def _merged_torch(files: list[Path], trust_checkpoint: bool) -> _DictSource:
@@ -425,11 +362,14 @@ def _merged_torch(files: list[Path], trust_checkpoint: bool) -> _DictSource:
     return _DictSource(tensors)
 
 
-def as_expert(obj: Any, what: str = "expert") -> Expert:
-    """Return ``obj`` if it is an :class:`Expert`, else open it as one."""
+def as_expert(obj: Any, what: str = "expert", base: Any = None) -> Expert:
+    """Return ``obj`` if it is an :class:`Expert`, else open it as one (``base``: for a LoRA adapter folder)."""
     if isinstance(obj, Expert):
         return obj
     try:
-        return Expert(obj)
+        return Expert(obj, base=base)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} '{obj}' does not exist") from None
+
+
+__all__ = ["SAFETENSORS_DTYPES", "CheckpointError", "Expert", "TensorSpec", "as_expert", "load_torch_file"]

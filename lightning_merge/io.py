@@ -1,14 +1,24 @@
-"""Durable file writes: temporary file in the same folder, fsync, rename. A crash never leaves a file that
-looks complete."""
+"""Durable writes: a temporary sibling, fsync, then an atomic rename (or exchange). A crash at any point leaves
+either the previous output or the new one, never a half-written output that looks complete, and never nothing.
+
+Temporary siblings are named ``.NAME.partial-PID-RANDOM`` (being written) and ``.NAME.old-PID-RANDOM`` (a previous
+output moved aside); :func:`cleanup_stale` removes those whose process is gone and restores a previous output that a
+crash left aside.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,9 +31,79 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (deepest first), then ``root`` itself."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def partial_path(target: Path) -> Path:
-    """A unique hidden sibling of ``target`` to write into before the final rename."""
-    return target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    """A unique hidden sibling of ``target`` to write into before the final rename (names this process)."""
+    return _sibling(Path(target), "partial")
+
+
+def _owner_alive(item: Path) -> bool:
+    """Whether the process that named a ``.partial-PID-…`` / ``.old-PID-…`` sibling is still running."""
+    try:
+        pid = int(item.name.rsplit("-", 2)[-2])
+    except (ValueError, IndexError):
+        return False  # an older naming scheme without a pid: nobody owns it any more
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def cleanup_stale(target: str | os.PathLike) -> None:
+    """Tidy what crashed writes of ``target`` left: restore a previous output moved aside when ``target`` is gone,
+    and delete abandoned ``.partial`` / ``.old`` siblings (those of processes that are still running are kept)."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    stale = [
+        p
+        for kind in ("partial", "old")
+        for p in target.parent.glob(f".{_glob_escape(target.name)}.{kind}-*")
+        if not _owner_alive(p)
+    ]
+    olds = sorted((p for p in stale if ".old-" in p.name), key=lambda p: p.stat().st_mtime if p.exists() else 0)
+    if olds and not os.path.lexists(target):
+        os.replace(olds[-1], target)  # a crash between moving the old output aside and moving the new one in
+        fsync_dir(target.parent)
+        stale.remove(olds[-1])
+    for item in stale:
+        _remove(item)
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
 @contextlib.contextmanager
@@ -37,11 +117,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     tmp = partial_path(target)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, target)
         fsync_dir(target.parent)
     finally:
@@ -49,15 +125,55 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or filesystem cannot."""
+    libc = _libc()
+    if libc is None:
+        return False
+    result = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _LIBC.append(libc if hasattr(libc, "renameat2") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished folder ``tmp`` to ``target``, replacing an existing ``target`` only once ``tmp`` is in place
-    next to it (the old one is moved aside first, then deleted)."""
-    fsync_dir(tmp)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    """Move a finished ``tmp`` (folder or file, already fsync'd) to ``target``, replacing an existing ``target``.
+
+    Where the OS can, the two are exchanged in one atomic step; elsewhere the old output is moved aside first, and a
+    crash between the two renames is undone by the next :func:`cleanup_stale` of ``target``. Either way, at every
+    instant ``target`` holds the old output or the new one.
+    """
+    if tmp.is_dir():
+        fsync_dir(tmp)
+    if os.path.lexists(target):
+        if _exchange(tmp, target):
+            fsync_dir(target.parent)
+            _remove(tmp)  # now the old output
+            return
+        old = _sibling(target, "old")
         os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        _remove(old)
+        return
     os.replace(tmp, target)
     fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["atomic_file", "cleanup_stale", "fsync_dir", "fsync_file", "fsync_tree", "partial_path", "replace_dir"]

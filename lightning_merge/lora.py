@@ -1,7 +1,12 @@
-"""LoRA adapters in ΔW space: the weight update ΔW = s·B A of an adapter, and a precision for ΔW from the
-statistics captured for A and B (the delta method of ALGORITHMS.md, "LoRA statistics").
+"""LoRA adapters in ΔW space: reading PEFT adapter folders as a source of tensors (θ₀ + ΔW, ΔW on demand), the
+weight update ΔW = s·B A, and a precision for ΔW from the statistics captured for A and B (the delta method of
+ALGORITHMS.md, "LoRA statistics").
 
-Never average A and B separately: (Σ Bᵢ)(Σ Aᵢ) has cross terms Bᵢ Aⱼ no expert learned. Merges happen on ΔW.
+Never average A and B separately: (Σ Bᵢ)(Σ Aᵢ) has cross terms Bᵢ Aⱼ no expert learned. Merges happen on ΔW, in
+float32 whatever the stored dtypes (a bf16 base plus a small ΔW rounded to bf16 would lose most of ΔW).
+
+This module depends on the readers only (it is a source the experts module uses); the adapter *output* is a writer
+(:class:`lightning_merge.writers.PeftWriter`).
 """
 
 from __future__ import annotations
@@ -10,11 +15,21 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_merge.safetensors_io import SafetensorsFile, TensorSpec
+from lightning_merge.torch_io import load_torch_file
+
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """A PEFT adapter folder that cannot be read as an expert (the message names the folder and the module)."""
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -24,9 +39,23 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def _as_matrices(lora_a: Tensor, lora_b: Tensor) -> tuple[Tensor, Tensor]:
+    """A as (r, in·k…) and B as (out, r), float32: linear factors as they are, convolution factors flattened
+    (B is a 1×1 convolution; ΔW[o, i, h, w] = Σᵣ B[o, r] A[r, i, h, w])."""
+    a = lora_a.to(torch.float32)
+    b = lora_b.to(torch.float32)
+    if b.dim() > 2:
+        b = b.reshape(b.shape[0], b.shape[1])
+    return a.reshape(a.shape[0], -1), b
+
+
 def delta_weight(lora_a: Tensor, lora_b: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
-    """ΔW = s · B A (transposed when the layer stores weights as (in, out), PEFT's ``fan_in_fan_out``)."""
-    delta = (lora_b.float() @ lora_a.float()) * scaling
+    """ΔW = s · B A in float32, of the adapted weight's shape: (out, in) for linear layers, transposed to (in, out)
+    for PEFT's ``fan_in_fan_out`` (GPT-2's Conv1D), (out, in, kh, kw…) for convolutions (groups = 1)."""
+    a, b = _as_matrices(lora_a, lora_b)
+    delta = (b @ a).mul_(scaling)
+    if lora_a.dim() > 2:
+        return delta.reshape(lora_b.shape[0], *lora_a.shape[1:])
     return delta.T.contiguous() if fan_in_fan_out else delta
 
 
@@ -50,8 +79,8 @@ def delta_precision(
     merging several adapters see the entries other adapters moved weighted by theirs).
 
     Args:
-        lora_a: A, shape (r, in).
-        lora_b: B, shape (out, r).
+        lora_a: A, shape (r, in) (convolutions: (r, in, kh, kw)).
+        lora_b: B, shape (out, r) (convolutions: (out, r, 1, 1)).
         fisher_a: the precision (Fisher, or second moments) of A, same shape.
         fisher_b: the precision of B, same shape.
         scaling: s.
@@ -62,16 +91,43 @@ def delta_precision(
     Returns:
         float32 tensor of ΔW's shape.
     """
-    a, b = lora_a.float(), lora_b.float()
-    inv_a = 1.0 / fisher_a.float().clamp(min=floor)
-    inv_b = 1.0 / fisher_b.float().clamp(min=floor)
+    a, b = _as_matrices(lora_a, lora_b)
+    fa, fb = _as_matrices(fisher_a, fisher_b)
+    inv_a = 1.0 / fa.clamp(min=floor)
+    inv_b = 1.0 / fb.clamp(min=floor)
     var = (b.square() @ inv_a + inv_b @ a.square()) * (scaling * scaling)
     precision = 1.0 / var.clamp(min=eps)
+    if lora_a.dim() > 2:
+        return precision.reshape(lora_b.shape[0], *lora_a.shape[1:])
     return precision.T.contiguous() if fan_in_fan_out else precision
 
 
-# -- PEFT adapter folders as experts ---------------------------------------------------------------------------
-_PEFT_PREFIX = "base_model.model."
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of a PEFT folder, checked to be a JSON object."""
+    path = folder / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"'{folder}' is not a PEFT adapter folder: it has no adapter_config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(
+            f"adapter '{folder}': adapter_config.json is not valid JSON ({err}); fix or re-save it"
+        ) from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter '{folder}': adapter_config.json holds a {type(config).__name__}, not an object")
+    return config
+
+
+def adapter_base_path(folder: str | os.PathLike) -> Path | None:
+    """The local base model an adapter names in ``base_model_name_or_path`` (None when it is not a local path)."""
+    folder = Path(folder)
+    guess = read_adapter_config(folder).get("base_model_name_or_path")
+    if not guess or not isinstance(guess, str):
+        return None
+    for candidate in (Path(os.path.expanduser(guess)), folder / guess):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 class LoraAdapter:
@@ -80,92 +136,175 @@ class LoraAdapter:
     Maps each adapted module to the base tensor it changes (``<module path>.weight``) with its factors and
     scaling: ``s = α/r`` (``α/√r`` with rsLoRA), with ``rank_pattern`` / ``alpha_pattern`` as PEFT resolves them
     (the first key that matches the end of the module's name), ``fan_in_fan_out`` transposing ΔW. Full tensors the
-    adapter saves (``modules_to_save``) replace the base's.
+    adapter saves (``modules_to_save``) replace the base's; with ``lora_bias`` the module's bias moves by
+    ``s · lora_B.bias``.
 
     Args:
         folder: the adapter folder.
         base_names: the base model's tensor names, to resolve module paths (with or without a leading prefix).
+        base_spec: the base's ``spec(name)``, to check the factors' shapes against the weights they change.
     """
 
-    def __init__(self, folder: str | os.PathLike, base_names: list[str]):
-        from lightning_merge.experts import SafetensorsFile, load_torch_file
-
+    def __init__(self, folder: str | os.PathLike, base_names: list[str], base_spec: Callable[[str], TensorSpec]):
         self.folder = Path(folder)
-        self.config = json.loads((self.folder / "adapter_config.json").read_text())
+        self.config = read_adapter_config(self.folder)
         peft_type = self.config.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
-            raise ValueError(f"adapter '{self.folder}' is {peft_type}, not LoRA: only LoRA adapters can be experts")
+            raise AdapterError(f"adapter '{self.folder}' is {peft_type}, not LoRA: only LoRA adapters can be experts")
         if self.config.get("bias", "none") != "none":
-            raise ValueError(f"adapter '{self.folder}' trains biases (bias={self.config['bias']!r}): not supported yet")
+            raise AdapterError(
+                f"adapter '{self.folder}' trains the base model's biases (bias={self.config['bias']!r}), which PEFT "
+                "saves without their original values; only bias='none' (and lora_bias) adapters can be experts"
+            )
+        if self.config.get("use_dora"):
+            raise AdapterError(f"adapter '{self.folder}' is a DoRA adapter (use_dora=true): not supported yet")
         weights = self.folder / "adapter_model.safetensors"
         if weights.exists():
             file = SafetensorsFile(weights)
-            self._get = file.get
+            self._get: Callable[[str], Tensor] = file.get
             keys = file.keys()
+            shape_of = lambda k: file.spec(k).shape  # noqa: E731
         elif (self.folder / "adapter_model.bin").exists():
             data = load_torch_file(self.folder / "adapter_model.bin")
+            if not isinstance(data, dict):
+                raise AdapterError(f"adapter '{self.folder}': adapter_model.bin holds no state dict")
             self._get = data.__getitem__
             keys = list(data)
+            shape_of = lambda k: tuple(data[k].shape)  # noqa: E731
         else:
-            raise FileNotFoundError(f"adapter '{self.folder}' has no adapter_model.safetensors or adapter_model.bin")
+            raise AdapterError(f"adapter '{self.folder}' has no adapter_model.safetensors or adapter_model.bin")
         base_set = set(base_names)
-        self.modules: dict[str, dict[str, Any]] = {}  # base tensor name -> factors and scaling
+        key_set = set(keys)
+        self.modules: dict[str, dict[str, Any]] = {}  # base weight name -> factors' keys, rank, scaling
         self.full: dict[str, str] = {}  # base tensor name -> adapter key holding a whole tensor
-        self.keys_of: dict[str, tuple[str, str]] = {}
+        self.bias_of: dict[str, str] = {}  # base bias name -> adapted weight name (lora_bias)
+        use_rslora = bool(self.config.get("use_rslora", False))
+        fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         for key in keys:
-            body = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+            body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             if ".lora_embedding_" in body or ".lora_magnitude" in body:
-                raise ValueError(f"adapter '{self.folder}': '{key}' (embedding LoRA or DoRA) is not supported yet")
-            if ".lora_A." in body or body.endswith(".lora_A.weight"):
-                module = body.split(".lora_A.")[0]
-                target = _resolve(module + ".weight", base_set)
-                if target is None:
-                    raise ValueError(
-                        f"adapter '{self.folder}' adapts '{module}', which the base has no '{module}.weight' for: "
-                        "is it the adapter of another base?"
+                raise AdapterError(f"adapter '{self.folder}': '{key}' (embedding LoRA or DoRA) is not supported yet")
+            if ".lora_B." in body:
+                if (key.replace(".lora_B.", ".lora_A.").rsplit(".", 1)[0] + ".weight") not in key_set:
+                    raise AdapterError(
+                        f"adapter '{self.folder}': '{key}' has no matching lora_A; the file is incomplete"
                     )
-                b_key = key.replace(".lora_A.", ".lora_B.")
-                self.keys_of[target] = (key, b_key)
-            elif ".lora_B." in body:
                 continue
-            else:
+            if ".lora_A." not in body:
                 target = _resolve(body, base_set)
                 if target is None:
-                    raise ValueError(f"adapter '{self.folder}' saves '{key}', which the base does not have")
+                    raise AdapterError(f"adapter '{self.folder}' saves '{key}', which the base does not have")
                 self.full[target] = key
-        use_rslora = bool(self.config.get("use_rslora", False))
-        for target, (a_key, _) in self.keys_of.items():
-            module = target[: -len(".weight")]
-            rank = int(self._shape(a_key)[0])
+                continue
+            if not body.endswith(".lora_A.weight"):
+                continue
+            module = body.split(".lora_A.")[0]
+            target = _resolve(module + ".weight", base_set)
+            if target is None:
+                raise AdapterError(
+                    f"adapter '{self.folder}' adapts '{module}', which the base has no '{module}.weight' for: "
+                    "is it the adapter of another base?"
+                )
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            if b_key not in key_set:
+                raise AdapterError(
+                    f"adapter '{self.folder}': module '{module}' has lora_A but no lora_B ('{b_key}'); the file is "
+                    "incomplete"
+                )
+            a_shape, b_shape = shape_of(key), shape_of(b_key)
+            rank = int(a_shape[0])
+            if len(b_shape) < 2 or b_shape[1] != rank:
+                raise AdapterError(
+                    f"adapter '{self.folder}': module '{module}' has lora_A of rank {rank} {list(a_shape)} but lora_B "
+                    f"{list(b_shape)}: the ranks disagree"
+                )
+            weight_shape = base_spec(target).shape
+            expected = _delta_shape(a_shape, b_shape, fan_in_fan_out)
+            if tuple(weight_shape) != expected:
+                hint = " (a grouped convolution: not supported)" if len(a_shape) > 2 else ""
+                raise AdapterError(
+                    f"adapter '{self.folder}': module '{module}' gives ΔW of shape {list(expected)} but the base's "
+                    f"'{target}' is {list(weight_shape)}{hint}; is it the adapter of another base?"
+                )
             alpha = float(_pattern(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", rank)))
-            self.modules[target] = {
+            info = {
+                "a_key": key,
+                "b_key": b_key,
                 "rank": rank,
+                "a_shape": tuple(a_shape),
+                "b_shape": tuple(b_shape),
                 "alpha": alpha,
                 "scaling": lora_scaling(alpha, rank, use_rslora),
-                "fan_in_fan_out": bool(self.config.get("fan_in_fan_out", False)),
+                "fan_in_fan_out": fan_in_fan_out,
+                "module_key": key[: key.index(".lora_A.")],
             }
+            bias_key = b_key.rsplit(".", 1)[0] + ".bias"
+            if bias_key in key_set:
+                bias_target = target[: -len(".weight")] + ".bias"
+                if bias_target not in base_set:
+                    raise AdapterError(
+                        f"adapter '{self.folder}': module '{module}' was trained with lora_bias but the base has no "
+                        f"'{bias_target}' to add it to"
+                    )
+                info["bias_key"] = bias_key
+                self.bias_of[bias_target] = target
+            self.modules[target] = info
 
-    def _shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._get(key).shape)
+    @property
+    def keys_of(self) -> dict[str, tuple[str, str]]:
+        """Base weight name → the adapter keys of its (lora_A, lora_B)."""
+        return {t: (info["a_key"], info["b_key"]) for t, info in self.modules.items()}
 
     def factors(self, target: str) -> tuple[Tensor, Tensor]:
-        a_key, b_key = self.keys_of[target]
-        return self._get(a_key), self._get(b_key)
+        info = self.modules[target]
+        return self._get(info["a_key"]), self._get(info["b_key"])
 
     def delta(self, target: str) -> Tensor:
-        """ΔW of the base tensor ``target`` (float32)."""
+        """ΔW of the base weight ``target`` (float32)."""
         a, b = self.factors(target)
         info = self.modules[target]
         return delta_weight(a, b, info["scaling"], info["fan_in_fan_out"])
 
+    def bias_delta(self, bias_name: str) -> Tensor:
+        """The change ``s · lora_B.bias`` of a base bias under ``lora_bias`` (float32)."""
+        info = self.modules[self.bias_of[bias_name]]
+        return self._get(info["bias_key"]).to(torch.float32) * info["scaling"]
+
+    def tensor(self, key: str) -> Tensor:
+        return self._get(key)
+
     def precision(self, target: str, statistics: Any, kind: str, estimator: str | None = None) -> Tensor:
         """The delta-method precision of ΔW from the adapter's statistics of A and B."""
         a, b = self.factors(target)
-        a_key, b_key = self.keys_of[target]
-        fa = statistics.get(a_key, kind, estimator)
-        fb = statistics.get(b_key, kind, estimator)
         info = self.modules[target]
+        fa = statistics.get(info["a_key"], kind, estimator)
+        fb = statistics.get(info["b_key"], kind, estimator)
         return delta_precision(a, b, fa, fb, info["scaling"], fan_in_fan_out=info["fan_in_fan_out"])
+
+    def describe(self) -> dict[str, Any]:
+        """What ``lightning-merge inspect`` shows of an adapter: ranks, alphas, targets, base, options."""
+        ranks = sorted({info["rank"] for info in self.modules.values()})
+        return {
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "lora_alpha": self.config.get("lora_alpha"),
+            "target_modules": self.config.get("target_modules"),
+            "modules": len(self.modules),
+            "adapted_parameters": sum(
+                math.prod(info["a_shape"]) + math.prod(info["b_shape"])
+                for info in self.modules.values()
+            ),
+            "modules_to_save": sorted(self.full),
+            "use_rslora": bool(self.config.get("use_rslora", False)),
+            "lora_bias": bool(self.bias_of),
+            "base_model_name_or_path": self.config.get("base_model_name_or_path"),
+        }
+
+
+def _delta_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, ...]:
+    if len(a_shape) > 2:
+        return (int(b_shape[0]), *(int(d) for d in a_shape[1:]))
+    out, inp = int(b_shape[0]), int(a_shape[1])
+    return (inp, out) if fan_in_fan_out else (out, inp)
 
 
 def _resolve(name: str, base_names: set[str]) -> str | None:
@@ -185,7 +324,8 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 class LoraSource:
-    """Tensor source of an adapter expert: θ₀ + ΔW on adapted tensors, θ₀ elsewhere (computed on demand)."""
+    """Tensor source of an adapter expert: θ₀ + ΔW on adapted tensors (float32: ΔW is never rounded to the base's
+    dtype), θ₀ elsewhere, the adapter's own tensors where it saves whole ones."""
 
     def __init__(self, adapter: LoraAdapter, base: Any):
         self.adapter = adapter
@@ -194,155 +334,28 @@ class LoraSource:
     def keys(self) -> list[str]:
         return self.base.names()
 
-    def spec(self, key: str) -> Any:
+    def spec(self, key: str) -> TensorSpec:
         return self.base.spec(key)
 
     def get(self, key: str) -> Tensor:
         if key in self.adapter.full:
-            return self.adapter._get(self.adapter.full[key])
+            return self.adapter.tensor(self.adapter.full[key])
         value = self.base.tensor(key)
         if key in self.adapter.modules:
-            return (value.to(torch.float32) + self.adapter.delta(key)).to(value.dtype)
+            return value.to(torch.float32) + self.adapter.delta(key)
+        if key in self.adapter.bias_of:
+            return value.to(torch.float32) + self.adapter.bias_delta(key)
         return value
 
 
-__all__ = ["LoraAdapter", "LoraSource", "delta_precision", "delta_weight", "lora_scaling"]
-
-
-def merge_to_peft(
-    experts: list[Any],
-    base: Any,
-    strategy: Any,
-    out: Path,
-    *,
-    rank: int | None = None,
-    overwrite: bool = False,
-    on_missing_statistic: str = "error",
-) -> Path:
-    """Merge LoRA experts and write a PEFT adapter folder (see :func:`lightning_merge.merge`, ``output="peft"``).
-
-    Exact mode (``rank=None``; Linear and TaskArithmetic): ΔW = Σ cᵢ sᵢ Bᵢ Aᵢ is written as the concatenated factors
-    A = [A₁; …; A_N], B = [c₁s₁B₁, …, c_Ns_NB_N] (rank Σrᵢ per module, scaling 1). Otherwise the merged ΔW of each
-    module (θ_merged − θ₀) is factored by a truncated SVD at ``rank``: B = U√Σ, A = √Σ Vᵀ; the relative
-    reconstruction error ‖ΔW − BA‖/‖ΔW‖ per module goes into ``lightning_merge.json``.
-    """
-    from safetensors.torch import save_file
-
-    from lightning_merge.engine import merge
-    from lightning_merge.experts import as_expert
-    from lightning_merge.io import replace_dir
-    from lightning_merge.strategies.linear import Linear, TaskArithmetic
-    from lightning_merge.writers import check_output_path
-
-    if any(e.lora is None for e in experts):
-        plain = next(e.name for e in experts if e.lora is None)
-        raise ValueError(f"output='peft' needs LoRA adapter experts; '{plain}' is not one")
-    if base is None:
-        raise ValueError("output='peft' needs base= the model the adapters adapt")
-    check_output_path(out, overwrite)
-    base_expert = as_expert(base, "base")
-    adapters = [e.lora for e in experts]
-    fan = {a.modules[t]["fan_in_fan_out"] for a in adapters for t in a.modules}
-    if len(fan) > 1:
-        raise ValueError("the adapters disagree on fan_in_fan_out; they cannot share one adapter")
-    fan_in_fan_out = fan.pop() if fan else False
-    targets = sorted({t for a in adapters for t in a.modules})
-    module_key = {}
-    for a in adapters:
-        for t, (a_key, _) in a.keys_of.items():
-            module_key.setdefault(t, a_key[: a_key.index(".lora_A.")])
-    exact = rank is None
-    linear = type(strategy) is Linear or (type(strategy) is TaskArithmetic and strategy.weighting is None)
-    if exact and not linear:
-        raise ValueError(
-            f"strategy {strategy.name!r} is not linear in the task vectors: pass rank= for a truncated-SVD adapter"
-        )
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    errors: dict[str, float] = {}
-    if exact:
-        n = len(adapters)
-        weights = strategy._weights(n)
-        if isinstance(strategy, Linear):
-            coeffs = (weights / weights.sum()).tolist() if strategy.normalize else weights.tolist()
-        else:
-            coeffs = (
-                (weights * strategy.scale).tolist()
-                if not strategy.normalize
-                else (weights / weights.sum() * strategy.scale).tolist()
-            )
-        for t in targets:
-            a_parts, b_parts = [], []
-            for c, adapter in zip(coeffs, adapters):
-                if t not in adapter.modules:
-                    continue
-                a, b = adapter.factors(t)
-                a_parts.append(a.float())
-                b_parts.append(b.float() * (c * adapter.modules[t]["scaling"]))
-            tensors[f"{module_key[t]}.lora_A.weight"] = torch.cat(a_parts, 0).contiguous()
-            tensors[f"{module_key[t]}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
-            ranks[t] = sum(p.shape[0] for p in a_parts)
-    else:
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        # Only the adapted tensors: a view of the base restricted to them keeps memory to those tensors.
-        merged = merge(
-            [e.subset(targets) for e in experts],
-            base=base_expert.subset(targets),
-            strategy=strategy,
-            on_missing_statistic=on_missing_statistic,
-        )
-        for t in targets:
-            delta = merged[t].to(torch.float32) - base_expert.tensor(t).to(torch.float32)
-            m = delta.T if fan_in_fan_out else delta
-            u, s, vh = torch.linalg.svd(m, full_matrices=False)
-            k = min(rank, s.numel())
-            root = s[:k].sqrt()
-            b = (u[:, :k] * root).contiguous()
-            a = (root.unsqueeze(1) * vh[:k]).contiguous()
-            norm = float(m.norm())
-            errors[t[: -len(".weight")]] = float((m - b @ a).norm()) / norm if norm > 0 else 0.0
-            tensors[f"{module_key[t]}.lora_A.weight"] = a
-            tensors[f"{module_key[t]}.lora_B.weight"] = b
-            ranks[t] = k
-    config = dict(adapters[0].config)
-    top = max(ranks.values())
-    modules = {
-        t: module_key[t][len(_PEFT_PREFIX) :] if module_key[t].startswith(_PEFT_PREFIX) else module_key[t]
-        for t in targets
-    }
-    config.update(
-        {
-            "r": top,
-            "lora_alpha": top,
-            "rank_pattern": {re.escape(modules[t]): ranks[t] for t in targets if ranks[t] != top},
-            "alpha_pattern": {re.escape(modules[t]): ranks[t] for t in targets if ranks[t] != top},
-            "target_modules": sorted(modules.values()),
-            "use_rslora": False,
-            "fan_in_fan_out": fan_in_fan_out,
-            "lora_dropout": 0.0,
-            "init_lora_weights": True,
-        }
-    )
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "lightning_merge.json").write_text(
-        json.dumps(
-            {
-                "strategy": strategy.to_dict(),
-                "experts": [e.name for e in experts],
-                "mode": "concatenated factors (exact)" if exact else f"truncated SVD at rank {rank}",
-                "ranks": {t[: -len(".weight")]: r for t, r in ranks.items()},
-                "relative_error": errors,
-            },
-            indent=2,
-        )
-    )
-    replace_dir(tmp, out)
-    return out
+__all__ = [
+    "AdapterError",
+    "LoraAdapter",
+    "LoraSource",
+    "PEFT_PREFIX",
+    "adapter_base_path",
+    "delta_precision",
+    "delta_weight",
+    "lora_scaling",
+    "read_adapter_config",
+]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,6 +23,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_merge._version import __version__
+from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, TensorFileMapping, save_tensors
 
 FORMAT = "lightning-merge/statistics"
 FORMAT_VERSION = 1
@@ -123,11 +127,6 @@ def write_statistics(
     Returns:
         The path written.
     """
-    from safetensors.torch import save_file
-
-    from lightning_merge import __version__
-    from lightning_merge.io import atomic_file
-
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     tensors: dict[str, Tensor] = {}
@@ -154,10 +153,7 @@ def write_statistics(
         "kinds": json.dumps(kinds_meta, sort_keys=True),
         **dict(metadata or {}),
     }
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
+    return save_tensors(path, tensors, meta)
 
 
 def export_second_moments(
@@ -181,10 +177,6 @@ def export_second_moments(
     Returns:
         The path written.
     """
-    from safetensors.torch import save_file
-
-    from lightning_merge.io import atomic_file
-
     stats = source if isinstance(source, Statistics) else Statistics.load(source)
     if not stats.has("exp_avg_sq"):
         raise StatisticsError(f"{stats.origin} holds no exp_avg_sq (capture with second_moments=True and Adam/AdamW)")
@@ -196,14 +188,15 @@ def export_second_moments(
         tensors[name[len(strip_prefix) :]] = value.contiguous()
     if not tensors:
         raise StatisticsError(f"{stats.origin}: no exp_avg_sq name starts with {strip_prefix!r}")
-    out = Path(out)
-    with atomic_file(out) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "exp_avg_sq", "bias_corrected": str(bias_correct).lower()})
-    return out
+    return save_tensors(out, tensors, {"format": "exp_avg_sq", "bias_corrected": str(bias_correct).lower()})
 
 
 class StatisticsError(ValueError):
     """A sidecar that is missing, corrupted, or does not match its expert."""
+
+
+class MissingStatistic(StatisticsError):
+    """No statistic of the asked kind for the asked tensor (the others are errors in what is there)."""
 
 
 class Statistics:
@@ -219,29 +212,32 @@ class Statistics:
         self._tensors = tensors
         self.kinds: dict[str, dict[str, Any]] = {k: dict(v) for k, v in kinds.items()}
         self.origin = origin
+        for kind, kind_meta in self.kinds.items():
+            check_kind_metadata(origin, kind, kind_meta)
         self.metadata: dict[str, str] = {}  # the file's __metadata__ (set by load)
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> Statistics:
-        """Open a sidecar (memory-mapped; tensors are read on demand).
+        """Open a sidecar (the header is read and checked now; tensors are read on demand).
 
         Raises:
-            StatisticsError: the file is not a readable sidecar of a supported version.
+            StatisticsError: the file is not a readable sidecar of a supported version, or its metadata is invalid.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         try:
-            handle = safe_open(str(path), framework="pt")
-            meta = handle.metadata() or {}
-        except Exception as err:  # safetensors raises its own error types
-            raise StatisticsError(
-                f"statistics file '{path}' is truncated or corrupted ({err}); delete it and capture again"
-            ) from err
+            file = SafetensorsFile(path)
+        except SafetensorsError as err:
+            raise StatisticsError(f"statistics file '{path}' {err.reason}; delete it and capture again") from None
+        except FileNotFoundError:
+            raise StatisticsError(f"statistics file '{path}' does not exist") from None
+        meta = file.metadata
         if meta.get("format") != FORMAT:
             raise StatisticsError(f"'{path}' is not a lightning-merge statistics file (format={meta.get('format')!r})")
-        version = int(meta.get("format_version", 0))
+        try:
+            version = int(meta.get("format_version", 0))
+        except ValueError:
+            raise StatisticsError(f"'{path}': format_version {meta.get('format_version')!r} is not a number") from None
         if version > FORMAT_VERSION:
             raise StatisticsError(
                 f"'{path}' uses statistics format version {version}; this lightning-merge reads up to "
@@ -251,7 +247,9 @@ class Statistics:
             kinds = json.loads(meta.get("kinds", "{}"))
         except json.JSONDecodeError as err:
             raise StatisticsError(f"'{path}': metadata 'kinds' is not valid JSON ({err})") from err
-        stats = cls(_SafeOpenMapping(handle), kinds, str(path))
+        if not isinstance(kinds, dict) or not all(isinstance(v, dict) for v in kinds.values()):
+            raise StatisticsError(f"'{path}': metadata 'kinds' must map each kind to an object")
+        stats = cls(TensorFileMapping(file), kinds, str(path))
         stats.metadata = meta
         return stats
 
@@ -287,7 +285,7 @@ class Statistics:
             for est in FISHER_ESTIMATORS:
                 if f"fisher.{est}" in self.kinds:
                     return f"fisher.{est}"
-        raise StatisticsError(
+        raise MissingStatistic(
             f"{self.origin} has no statistic {kind!r}; it holds {', '.join(sorted(self.kinds)) or 'no statistics'}"
         )
 
@@ -336,7 +334,7 @@ class Statistics:
             return self._tensors[key].to(torch.float32)
         if f"{key}:row" in self._tensors:
             return rank1_reconstruct(self._tensors[f"{key}:row"], self._tensors[f"{key}:col"])
-        raise StatisticsError(f"{self.origin} has no {stored!r} statistic for tensor '{name}'")
+        raise MissingStatistic(f"{self.origin} has no {stored!r} statistic for tensor '{name}'")
 
     def get(self, name: str, kind: str, estimator: str | None = None) -> Tensor:
         """The merge-ready float32 statistic of tensor ``name``.
@@ -347,6 +345,7 @@ class Statistics:
         """
         stored = self._resolve_kind(kind, estimator)
         value = self.raw(name, kind, estimator)
+        _check_values(self.origin, stored, name, value)
         meta = self.kinds.get(stored, {})
         if meta.get("ready"):
             return value
@@ -354,7 +353,10 @@ class Statistics:
             beta2 = _per_name(meta, "beta2", name, self.origin)
             step = _per_name(meta, "step", name, self.origin)
             if step <= 0:
-                raise StatisticsError(f"{self.origin}: tensor '{name}' has exp_avg_sq but step {step}")
+                raise StatisticsError(
+                    f"{self.origin}: tensor '{name}' has exp_avg_sq recorded at optimizer step {step:g}, before any "
+                    "update, so it cannot be bias-corrected; capture after at least one optimizer step"
+                )
             return value / (1.0 - beta2**step)
         if stored == "fisher.batch":
             decay = meta.get("ema_decay")
@@ -363,6 +365,52 @@ class Statistics:
                 value = value / (1.0 - float(decay) ** count)
             return value * float(meta.get("batch_size", 1))
         return value
+
+
+def _check_values(origin: str, kind: str, name: str, value: Tensor) -> None:
+    """A statistic is a variance-like quantity: every entry finite and non-negative."""
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise StatisticsError(
+            f"{origin}: the {kind!r} statistic of tensor '{name}' has {bad} NaN or infinite entries; the capture "
+            "diverged (non-finite gradients or optimizer state): capture again, or leave this expert out"
+        )
+    if bool((value < 0).any()):
+        bad = int((value < 0).sum())
+        raise StatisticsError(
+            f"{origin}: the {kind!r} statistic of tensor '{name}' has {bad} negative entries; Fisher and second "
+            "moments are non-negative, so the file is corrupted or was written by something else"
+        )
+
+
+def _in_range(origin: str, kind: str, key: str, value: Any, *, low: float, high: float | None = None,
+              open_low: bool = True, open_high: bool = True) -> None:
+    values = value.values() if isinstance(value, Mapping) else [value]
+    for v in values:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > low if open_low else v >= low)
+        if high is not None:
+            ok = ok and (v < high if open_high else v <= high)
+        if not ok:
+            lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
+            bound = f"{lo}{low}, {'inf' if high is None else high}{hi}"
+            raise StatisticsError(f"{origin}: metadata {kind}.{key} = {v!r} is not in {bound}; the sidecar is invalid")
+
+
+def check_kind_metadata(origin: str, kind: str, meta: Mapping[str, Any]) -> None:
+    """Refuse metadata that would silently give wrong statistics (β₂ = 1 divides by zero, a negative batch size
+    drops the expert, a step of 0 is no optimizer step)."""
+    if kind == "exp_avg_sq":
+        if "beta2" in meta:
+            _in_range(origin, kind, "beta2", meta["beta2"], low=0.0, high=1.0)
+    if kind.startswith("fisher"):
+        if meta.get("batch_size") is not None:
+            _in_range(origin, kind, "batch_size", meta["batch_size"], low=0.0)
+        if meta.get("ema_decay") is not None:
+            _in_range(origin, kind, "ema_decay", meta["ema_decay"], low=0.0, high=1.0)
+        if meta.get("count") is not None:
+            _in_range(origin, kind, "count", meta["count"], low=0.0)
 
 
 def _per_name(meta: Mapping[str, Any], key: str, name: str, origin: str) -> float:
@@ -374,26 +422,3 @@ def _per_name(meta: Mapping[str, Any], key: str, name: str, origin: str) -> floa
     if value is None:
         raise StatisticsError(f"{origin}: metadata '{key}' is missing; the sidecar is incomplete")
     return float(value)
-
-
-class _SafeOpenMapping(Mapping):
-    """A read-only mapping over a safetensors ``safe_open`` handle."""
-
-    def __init__(self, handle: Any):
-        self._handle = handle
-        self._keys = list(handle.keys())
-        self._key_set = set(self._keys)
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key not in self._key_set:
-            raise KeyError(key)
-        return self._handle.get_tensor(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._key_set
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)

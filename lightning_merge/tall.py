@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_merge.engine import _open_expert, plan_merge
+from lightning_merge.engine import open_inputs, plan_merge, unique_names
 from lightning_merge.experts import Expert, as_expert
-from lightning_merge.io import partial_path, replace_dir
+from lightning_merge.io import fsync_tree, partial_path, replace_dir
+from lightning_merge.safetensors_io import SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.base import Strategy
 from lightning_merge.strategies.linear import TaskArithmetic
+from lightning_merge.writers import check_output_path, write_json
 
 FORMAT = "lightning-merge/tall"
 VERSION = 1
@@ -80,56 +80,57 @@ def compress(
         The compressed experts, opened.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-    opened = [_open_expert(e, base, i) for i, e in enumerate(experts)]
-    base_expert = as_expert(base, "base")
+    experts_opened, base_expert = open_inputs(experts, base)
+    if base_expert is None:
+        raise ValueError("TALL compression needs base= the model the experts were fine-tuned from")
+    inputs = [e.path for e in experts_opened if e.path is not None] + ([base_expert.path] if base_expert.path else [])
+    check_output_path(out, overwrite, inputs=inputs, folder=True)
     strategy = strategy or TaskArithmetic()
-    n = len(opened)
+    n = len(experts_opened)
     lambdas = list(tall_lambda) if isinstance(tall_lambda, (list, tuple)) else [float(tall_lambda)] * n
     if len(lambdas) != n:
         raise ValueError(f"tall_lambda has {len(lambdas)} values for {n} experts; give one or one per expert")
-    plan = plan_merge(opened, base_expert, strategy)
+    plan = plan_merge(experts_opened, base_expert, strategy)
+    missing = [name for name in plan.names if name not in base_expert]
+    if missing:
+        raise ValueError(f"tensor '{missing[0]}' is not in the base: TALL masks need every merged tensor in the base")
 
-    task_vector: dict[str, Tensor] = {}
-    masks: dict[str, Tensor] = {}
-    shapes: dict[str, list[int]] = {}
-    for name in plan.names:
-        base_t = plan.base_tensor(name)
-        if base_t is None:
-            raise ValueError(f"tensor '{name}' is not in the base: TALL masks need every merged tensor in the base")
-        tensors = plan.expert_tensors(name, base_t)
-        merged = strategy.merge_tensor(name, base_t, tensors, plan.stats(name)).sub_(base_t)
-        tau = torch.stack([t - base_t for t in tensors])
-        for i, m in enumerate(F.tall_masks(tau, merged, lambdas)):
-            masks[f"{i}/{name}"] = pack_bits(m)
-        task_vector[name] = merged.contiguous()
-        shapes[name] = list(merged.shape)
-
+    shapes = {name: list(plan.spec(name).shape) for name in plan.names}
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "experts": _unique([e.name for e in opened]),
+        "experts": unique_names(experts_opened),
         "tall_lambda": lambdas,
         "strategy": strategy.to_dict(),
         "shapes": shapes,
     }
     tmp = partial_path(out)
     tmp.mkdir(parents=True)
+    vector_entries = [(name, TensorSpec(tuple(shape), torch.float32)) for name, shape in shapes.items()]
+    mask_entries = [(f"{i}/{name}", TensorSpec(((math.prod(shape) + 7) // 8,), torch.uint8))
+                    for i in range(n) for name, shape in shapes.items()]
+    vectors = ShardWriter(tmp / "task_vector.safetensors", vector_entries, {"format": FORMAT})
+    masks = ShardWriter(tmp / "masks.safetensors", mask_entries, {"format": FORMAT})
     try:
-        save_file(task_vector, str(tmp / "task_vector.safetensors"), metadata={"format": FORMAT})
-        save_file(masks, str(tmp / "masks.safetensors"), metadata={"format": FORMAT})
-        (tmp / "tall.json").write_text(json.dumps(meta, indent=2))
+        for name in plan.names:  # streamed: one tensor of every expert at a time
+            base_t = plan.base_tensor(name)
+            tensors = plan.expert_tensors(name, base_t)
+            merged = plan.prepared.merge_tensor(name, base_t, tensors, plan.stats(name)).sub_(base_t)
+            tau = torch.stack([t - base_t for t in tensors])
+            for i, m in enumerate(F.tall_masks(tau, merged, lambdas)):
+                masks.write(f"{i}/{name}", pack_bits(m))
+            vectors.write(name, merged.contiguous())
+        vectors.close(sync=True)
+        masks.close(sync=True)
+        write_json(tmp / "tall.json", meta)
+        fsync_tree(tmp)
         replace_dir(tmp, out)
     finally:
+        vectors.close(sync=False)
+        masks.close(sync=False)
         if tmp.exists():
             shutil.rmtree(tmp)
     return TallCompressed(out)
-
-
-def _unique(names: list[str]) -> list[str]:
-    """Expert names made unique (``#i`` appended where several share one)."""
-    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 class TallCompressed:
@@ -169,20 +170,20 @@ class TallCompressed:
     def mask(self, which: int | str, name: str) -> Tensor:
         """Expert ``which``'s TALL mask of tensor ``name`` (booleans)."""
         i = self._index(which)
-        with safe_open(self.folder / "masks.safetensors", "pt") as f:
-            return unpack_bits(f.get_tensor(f"{i}/{name}"), self.shapes[name])
+        with SafetensorsFile(self.folder / "masks.safetensors") as f:
+            return unpack_bits(f.get(f"{i}/{name}"), self.shapes[name])
 
     def task_vector(self, name: str) -> Tensor:
         """The stored merged task vector τ_MTL of tensor ``name``."""
-        with safe_open(self.folder / "task_vector.safetensors", "pt") as f:
-            return f.get_tensor(name)
+        with SafetensorsFile(self.folder / "task_vector.safetensors") as f:
+            return f.get(name)
 
     def iter_expert(self, which: int | str, base: Any) -> Iterator[tuple[str, Tensor]]:
         """Yield ``(name, tensor)`` of the recovered expert, one tensor at a time (base dtype)."""
         i = self._index(which)
         base_expert = as_expert(base, "base")
-        with safe_open(self.folder / "task_vector.safetensors", "pt") as tv, \
-                safe_open(self.folder / "masks.safetensors", "pt") as mk:
+        with SafetensorsFile(self.folder / "task_vector.safetensors") as tv, \
+                SafetensorsFile(self.folder / "masks.safetensors") as mk:
             for name in base_expert.names():
                 theta0 = base_expert.tensor(name)
                 if name not in self.shapes:
@@ -191,8 +192,8 @@ class TallCompressed:
                 if list(theta0.shape) != self.shapes[name]:
                     raise ValueError(f"base tensor '{name}' has shape {list(theta0.shape)}, the compressed experts "
                                      f"{self.shapes[name]}: pass the base they were compressed against")
-                mask = unpack_bits(mk.get_tensor(f"{i}/{name}"), self.shapes[name])
-                value = theta0.to(torch.float32) + tv.get_tensor(name).to(torch.float32) * mask
+                mask = unpack_bits(mk.get(f"{i}/{name}"), self.shapes[name])
+                value = theta0.to(torch.float32) + tv.get(name).to(torch.float32) * mask
                 yield name, value.to(theta0.dtype)
 
     def state_dict(self, which: int | str, base: Any) -> dict[str, Tensor]:
@@ -215,9 +216,9 @@ class TallCompressed:
         """The fraction of entries each expert's mask keeps."""
         total = sum(math.prod(shape) for shape in self.shapes.values())
         out = {}
-        with safe_open(self.folder / "masks.safetensors", "pt") as f:
+        with SafetensorsFile(self.folder / "masks.safetensors") as f:
             for i, name in enumerate(self.experts):
-                kept = sum(int(unpack_bits(f.get_tensor(f"{i}/{t}"), shape).sum()) for t, shape in self.shapes.items())
+                kept = sum(int(unpack_bits(f.get(f"{i}/{t}"), shape).sum()) for t, shape in self.shapes.items())
                 out[name] = kept / max(total, 1)
         return out
 

@@ -31,11 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_merge.io import atomic_file
+from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, save_tensors
 
 FORMAT = "lightning-merge/variance-correction"
 VERSION = 1
@@ -335,9 +333,7 @@ class VarianceCorrection:
         meta = {"format": FORMAT, "version": str(VERSION), "eps": repr(self.eps),
                 "layers": json.dumps(self.layers), "channel_dims": json.dumps(self.channel_dims),
                 "tasks": json.dumps(self.tasks)}
-        with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        return save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VarianceCorrection:
@@ -348,11 +344,11 @@ class VarianceCorrection:
         if not path.is_file():
             raise FileNotFoundError(f"no variance-correction statistics at {path}")
         try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for truncated files
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); write it again with save()") from err
+            with SafetensorsFile(path) as f:
+                meta = f.metadata
+                tensors = {k: f.get(k) for k in f.keys()}
+        except SafetensorsError as err:
+            raise ValueError(f"{err}; write it again with save()") from None
         if meta.get("format") != FORMAT or int(meta.get("version", "0")) > VERSION:
             raise ValueError(f"{path} is not variance-correction statistics this version reads "
                              f"(format {meta.get('format')!r}, version {meta.get('version')!r})")

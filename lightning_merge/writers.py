@@ -1,12 +1,13 @@
-"""Where merged tensors go: a state dict, a live module, a sharded safetensors folder, a single safetensors file,
-or a Lightning checkpoint. Every file output is written under a temporary name and renamed when complete."""
+"""Where merged tensors go: a state dict, a live module, a sharded safetensors folder, a single safetensors file, a
+Lightning checkpoint, or a PEFT LoRA adapter folder. Every file output is written under a temporary name, fsync'd,
+and swapped in atomically when complete; what can be checked (the output path, a checkpoint template) is checked
+when the writer is created, before any tensor is merged."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_merge.experts import SAFETENSORS_DTYPES, TensorSpec
-from lightning_merge.io import atomic_file, fsync_dir, partial_path, replace_dir
+from lightning_merge.io import atomic_file, cleanup_stale, fsync_dir, fsync_tree, partial_path, replace_dir
+from lightning_merge.lora import PEFT_PREFIX, LoraAdapter
+from lightning_merge.safetensors_io import ShardWriter, TensorSpec
 
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+FILE_SUFFIXES = (".safetensors", ".ckpt")
+PROVENANCE_NAME = "lightning_merge.json"
 
 
 class Writer:
     """Receives merged tensors (possibly from several threads) and makes them durable in :meth:`finish`."""
+
+    #: the dtype the writer wants merged tensors in (None: the planned output dtype).
+    compute_dtype: torch.dtype | None = None
 
     def write(self, name: str, tensor: Tensor) -> None:
         raise NotImplementedError
@@ -36,11 +42,8 @@ class Writer:
 
 
 class DictWriter(Writer):
-    def __init__(self) -> None:
+    def __init__(self, names: Sequence[str]) -> None:
         self.tensors: dict[str, Tensor] = {}
-        self._order: list[str] = []
-
-    def plan(self, names: Sequence[str]) -> None:
         self._order = list(names)
 
     def write(self, name: str, tensor: Tensor) -> None:
@@ -79,65 +82,69 @@ class ModuleWriter(Writer):
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MB"`` or a number of bytes."""
-    if isinstance(size, int):
+    """``"5GB"``, ``"500MB"`` or a number of bytes.
+
+    Raises:
+        ValueError: naming the value and the accepted units.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"shard size must be positive, got {size}")
         return size
-    text = size.strip().upper().replace("IB", "B")
-    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    text = str(size).strip().upper().replace("IB", "B")
+    units = (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1))
+    unit, factor = next(((u, f) for u, f in units if text.endswith(u)), ("", 1))
+    number = text[: len(text) - len(unit)].strip()
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise ValueError(f"shard size {size!r} is not a size: use a number of bytes or e.g. 500MB, 5GB") from None
+    if value <= 0:
+        raise ValueError(f"shard size {size!r} must be positive")
+    return value
 
 
-class _Shard:
-    """A safetensors file whose header is known up front, so tensors are written at their offsets as they come."""
+def check_output_path(out: Path, overwrite: bool, *, inputs: Sequence[Path] = (), folder: bool | None = None) -> None:
+    """Refuse, before any work, an output that cannot be written or must not be: it exists (without ``overwrite``),
+    it is one of the inputs (``overwrite`` would destroy it), its parent is a file, it is a symbolic link loop, or it
+    is a folder where a file is asked (``folder=False``) or a file where a folder is asked (``folder=True``).
 
-    def __init__(self, path: Path, entries: Sequence[tuple[str, TensorSpec]], metadata: dict[str, str]):
-        self.path = path
-        header: dict[str, Any] = {"__metadata__": metadata}
-        self.offsets: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, spec in entries:
-            size = spec.nbytes
-            header[name] = {
-                "dtype": TORCH_TO_SAFETENSORS[spec.dtype],
-                "shape": list(spec.shape),
-                "data_offsets": [offset, offset + size],
-            }
-            self.offsets[name] = (offset, size)
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.data_start = 8 + len(raw)
-        self.total = self.data_start + offset
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.total)
-        _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
-
-    def write(self, name: str, tensor: Tensor) -> None:
-        offset, size = self.offsets[name]
-        data = tensor.detach().contiguous().reshape(-1)
-        if data.dtype == torch.bool:
-            data = data.to(torch.uint8)
-        view = data.view(torch.uint8).numpy()
-        if view.nbytes != size:
-            raise RuntimeError(f"tensor '{name}' has {view.nbytes} bytes, planned {size}")
-        _pwrite_all(self.fd, memoryview(view), self.data_start + offset)
-
-    def close(self, sync: bool) -> None:
-        if self.fd >= 0:
-            if sync:
-                os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _pwrite_all(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
+    Also restores an output that a crash left moved aside, and removes abandoned temporary siblings.
+    """
+    try:
+        cleanup_stale(out)
+        exists = os.path.lexists(out)
+        if exists and out.is_symlink() and not out.exists():
+            out.resolve(strict=True)  # raises for a loop; a dangling link is replaced like a file
+    except RuntimeError as err:
+        raise ValueError(f"output '{out}' is a symbolic link loop; remove it or choose another path") from err
+    except OSError as err:
+        raise ValueError(f"output '{out}' cannot be used: {err.strerror or err}") from None
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"output '{out}' is under '{parent}', which is a file, not a folder")
+        if parent.exists():
+            break
+    resolved = out.resolve()
+    for source in inputs:
+        try:
+            src = Path(source).resolve()
+        except OSError:
+            continue
+        if src == resolved or resolved in src.parents:
+            raise ValueError(
+                f"output '{out}' is an input of this merge ('{source}'); writing it would destroy the input: choose "
+                "another output path"
+            )
+    if exists:
+        if folder is True and out.is_file():
+            raise ValueError(f"output '{out}' is a file, and this output is a folder: remove it or choose another path")
+        if folder is False and out.is_dir():
+            raise ValueError(f"output '{out}' is a folder, and this output is a file: remove it or choose another path")
+        if not overwrite:
+            raise FileExistsError(
+                f"output '{out}' already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+            )
 
 
 class SafetensorsWriter(Writer):
@@ -148,9 +155,11 @@ class SafetensorsWriter(Writer):
         out: the folder (or file) to create.
         entries: every output tensor with its final shape and dtype, in writing order.
         shard_size: largest shard in bytes (a tensor larger than this gets a shard of its own).
-        copy_from: a folder whose non-weight files (config.json, tokenizer files...) are copied in.
+        copy_from: a folder whose non-weight files (config.json, tokenizer files...) are copied in; ``config.json``'s
+            ``torch_dtype`` is updated to the output's floating dtype.
         provenance: written as ``lightning_merge.json`` in the folder (and in each file's metadata).
         overwrite: replace an existing ``out`` once the new one is complete.
+        inputs: the merge's input paths (an output that is one of them is refused).
     """
 
     def __init__(
@@ -163,12 +172,13 @@ class SafetensorsWriter(Writer):
         provenance: dict[str, Any] | None = None,
         overwrite: bool = False,
         single_file: bool = False,
+        inputs: Sequence[Path] = (),
     ):
         self.out = out
         self.single_file = single_file
         self.copy_from = copy_from
         self.provenance = provenance or {}
-        check_output_path(out, overwrite)
+        check_output_path(out, overwrite, inputs=inputs, folder=not single_file)
         self.tmp = partial_path(out)
         groups: list[list[tuple[str, TensorSpec]]] = [[]]
         size = 0
@@ -178,9 +188,11 @@ class SafetensorsWriter(Writer):
                 size = 0
             groups[-1].append((name, spec))
             size += spec.nbytes
+        floating = {spec.dtype for _, spec in entries if spec.dtype.is_floating_point}
+        self.dtype = floating.pop() if len(floating) == 1 else None
         metadata = {"format": "pt", "lightning_merge": json.dumps(self.provenance, default=str)}
-        self.shards: list[_Shard] = []
-        self.shard_of: dict[str, _Shard] = {}
+        self.shards: list[ShardWriter] = []
+        self.shard_of: dict[str, ShardWriter] = {}
         if single_file:
             out.parent.mkdir(parents=True, exist_ok=True)
             paths = [self.tmp]
@@ -192,7 +204,7 @@ class SafetensorsWriter(Writer):
         self.total_size = sum(spec.nbytes for _, spec in entries)
         try:
             for path, group in zip(paths, groups):
-                shard = _Shard(path, group, metadata)
+                shard = ShardWriter(path, group, metadata)
                 self.shards.append(shard)
                 for name, _ in group:
                     self.shard_of[name] = shard
@@ -215,10 +227,11 @@ class SafetensorsWriter(Writer):
                 "metadata": {"total_size": self.total_size},
                 "weight_map": {name: shard.path.name for name, shard in self.shard_of.items()},
             }
-            _write_json(self.tmp / "model.safetensors.index.json", index)
+            write_json(self.tmp / "model.safetensors.index.json", index)
         if self.copy_from is not None:
-            copy_support_files(self.copy_from, self.tmp)
-        _write_json(self.tmp / "lightning_merge.json", self.provenance)
+            copy_support_files(self.copy_from, self.tmp, dtype=self.dtype)
+        write_json(self.tmp / PROVENANCE_NAME, self.provenance)
+        fsync_dir(self.tmp)
         replace_dir(self.tmp, self.out)
         return self.out
 
@@ -237,39 +250,228 @@ class CheckpointWriter(Writer):
     With a template checkpoint (the base's, or the first expert's), its other entries are kept (hyper-parameters,
     epoch, global step, tensors outside the merged prefix) so ``LightningModule.load_from_checkpoint`` works;
     optimizer and scheduler states are dropped (they belong to the template's weights, not the merge): the result
-    loads like a ``save_weights_only`` checkpoint.
+    loads like a ``save_weights_only`` checkpoint. The template is loaded (and refused if it cannot be) when the
+    writer is created, before the merge.
     """
 
     def __init__(self, out: Path, *, template: Path | None, prefix: str, provenance: dict[str, Any],
-                 overwrite: bool, trust_checkpoint: bool = False):
-        check_output_path(out, overwrite)
+                 overwrite: bool, trust_checkpoint: bool = False, inputs: Sequence[Path] = ()):
+        from lightning_merge.torch_io import load_torch_file
+
+        check_output_path(out, overwrite, inputs=inputs, folder=False)
         self.out = out
-        self.template = template
         self.prefix = prefix
         self.provenance = provenance
-        self.trust_checkpoint = trust_checkpoint
         self.tensors: dict[str, Tensor] = {}
+        if template is not None:
+            loaded = load_torch_file(template, trust_checkpoint)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"checkpoint template '{template}' holds a {type(loaded).__name__}, not a checkpoint")
+            self.checkpoint = dict(loaded)
+            self.state = dict(self.checkpoint.get("state_dict", {}))
+        else:
+            self.checkpoint = {"pytorch-lightning_version": _lightning_version(), "epoch": 0, "global_step": 0}
+            self.state = {}
 
     def write(self, name: str, tensor: Tensor) -> None:
         self.tensors[self.prefix + name] = tensor
 
     def finish(self) -> Path:
-        from lightning_merge.experts import load_torch_file
-
-        if self.template is not None:
-            checkpoint = dict(load_torch_file(self.template, self.trust_checkpoint))
-            state = dict(checkpoint.get("state_dict", {}))
-        else:
-            checkpoint = {"pytorch-lightning_version": _lightning_version(), "epoch": 0, "global_step": 0}
-            state = {}
+        checkpoint = dict(self.checkpoint)
         for key in ("optimizer_states", "lr_schedulers", "loops"):
             checkpoint.pop(key, None)
+        state = dict(self.state)
         state.update(self.tensors)
         checkpoint["state_dict"] = state
         checkpoint["lightning_merge"] = json.loads(json.dumps(self.provenance, default=str))
         with atomic_file(self.out) as tmp:
             torch.save(checkpoint, tmp)
         return self.out
+
+
+class PeftWriter(Writer):
+    """A PEFT LoRA adapter folder, written module by module as the merge produces them.
+
+    - **Exact** (``rank=None``; strategies linear in the experts): each module's merged ΔW = Σ cᵢ sᵢ Bᵢ Aᵢ is written
+      as concatenated factors A = [A₁; …], B = [c₁s₁B₁, …] (rank Σrᵢ, scaling 1), from the coefficients the
+      prepared strategy declares (:meth:`~lightning_merge.strategies.Prepared.linear_form`); no ΔW is formed.
+    - **Truncated SVD** (``rank=k``; any strategy): each merged weight arrives through :meth:`write` and is factored
+      at once (ΔW = merged − θ₀ in float32; B = U√Σ, A = √Σ Vᵀ), so only one module is held at a time; the relative
+      reconstruction error per module goes into ``lightning_merge.json``.
+    - Whole tensors some adapters save (``modules_to_save``) are written merged; ``lora_bias`` biases as
+      ``lora_B.bias`` (the merged bias minus the base's).
+
+    Args:
+        out: the adapter folder to create.
+        adapters: the experts' adapters, in order.
+        base: the base :class:`~lightning_merge.Expert`.
+        rank: None for the exact concatenation, else the SVD rank.
+        prepared: the prepared strategy (its linear forms drive the exact mode).
+        provenance: what ``lightning_merge.json`` records.
+        overwrite: replace an existing folder once the new one is complete.
+        inputs: the merge's input paths.
+    """
+
+    compute_dtype = torch.float32
+
+    def __init__(self, out: Path, adapters: Sequence[LoraAdapter], base: Any, *, rank: int | None, prepared: Any,
+                 provenance: dict[str, Any], overwrite: bool, inputs: Sequence[Path] = ()):
+        check_output_path(out, overwrite, inputs=inputs, folder=True)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive integer (or None for the exact adapter), got {rank!r}")
+        self.out, self.adapters, self.base, self.rank, self.prepared = out, list(adapters), base, rank, prepared
+        self.provenance = dict(provenance)
+        fan = {info["fan_in_fan_out"] for a in adapters for info in a.modules.values()}
+        if len(fan) > 1:
+            raise ValueError("the adapters disagree on fan_in_fan_out; they cannot share one adapter")
+        self.fan_in_fan_out = fan.pop() if fan else False
+        self.targets = sorted({t for a in adapters for t in a.modules})
+        self.full = sorted({t for a in adapters for t in a.full})
+        clash = sorted(set(self.targets) & set(self.full))
+        if clash:
+            raise ValueError(
+                f"'{clash[0]}' is adapted by LoRA in one adapter and saved whole (modules_to_save) in another: one "
+                "adapter cannot hold both; merge full weights instead (no output='peft')"
+            )
+        self.biases = sorted({b for a in adapters for b in a.bias_of})
+        self.info = {t: next(a.modules[t] for a in adapters if t in a.modules) for t in self.targets}
+        self.full_key = {t: next(a.full[t] for a in adapters if t in a.full) for t in self.full}
+        self.errors: dict[str, float] = {}
+        self.ranks: dict[str, int] = {}
+        entries: list[tuple[str, TensorSpec]] = []
+        for t in self.targets:
+            a_shape, b_shape = self._factor_shapes(t)
+            key = self.info[t]["module_key"]
+            entries.append((f"{key}.lora_A.weight", TensorSpec(a_shape, torch.float32)))
+            entries.append((f"{key}.lora_B.weight", TensorSpec(b_shape, torch.float32)))
+            self.ranks[t] = a_shape[0]
+        for b in self.biases:
+            key = self.info[self._bias_target(b)]["module_key"]
+            entries.append((f"{key}.lora_B.bias", TensorSpec(base.spec(b).shape, torch.float32)))
+        for t in self.full:
+            entries.append((self.full_key[t], TensorSpec(base.spec(t).shape, torch.float32)))
+        self.tmp = partial_path(out)
+        self.tmp.mkdir(parents=True)
+        self.file = ShardWriter(self.tmp / "adapter_model.safetensors", entries, {"format": "pt"})
+
+    def _bias_target(self, bias: str) -> str:
+        return next(a.bias_of[bias] for a in self.adapters if bias in a.bias_of)
+
+    def _factor_shapes(self, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        weight = tuple(self.base.spec(target).shape)
+        stored = (weight[1], weight[0]) if self.fan_in_fan_out and len(weight) == 2 else weight  # (out, in, k...)
+        if self.rank is None:
+            rank = sum(a.modules[target]["rank"] for a in self.adapters if target in a.modules)
+        else:
+            rank = min(self.rank, stored[0], int(torch.Size(stored[1:]).numel()))
+        b_shape = (stored[0], rank) + (1,) * (len(stored) - 2)
+        return (rank, *stored[1:]), b_shape
+
+    @property
+    def exact(self) -> bool:
+        return self.rank is None
+
+    def names_to_merge(self) -> list[str]:
+        """The tensors the engine must merge for this adapter (the others never reach :meth:`write`)."""
+        return ([] if self.exact else list(self.targets)) + list(self.biases) + list(self.full)
+
+    def write_exact_factors(self) -> None:
+        """Exact mode: every module's concatenated factors, from the prepared linear forms (no merge needed)."""
+        for t in self.targets:
+            form = self.prepared.linear_form(t)
+            if form is None or not form.preserves_base:
+                raise ValueError(f"the strategy is not linear with coefficients summing to 1 at '{t}'; pass rank=")
+            a_parts, b_parts = [], []
+            for c, adapter in zip(form.experts, self.adapters):
+                if t not in adapter.modules:
+                    continue
+                a, b = adapter.factors(t)
+                a_parts.append(a.to(torch.float32))
+                b_parts.append(b.to(torch.float32) * (c * adapter.modules[t]["scaling"]))
+            key = self.info[t]["module_key"]
+            self.file.write(f"{key}.lora_A.weight", torch.cat(a_parts, 0).contiguous())
+            self.file.write(f"{key}.lora_B.weight", torch.cat(b_parts, 1).contiguous())
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        merged = tensor.to(torch.float32)
+        if name in self.full_key:
+            self.file.write(self.full_key[name], merged.contiguous())
+            return
+        delta = merged - self.base.tensor(name).to(torch.float32)
+        if name in self.biases:
+            key = self.info[self._bias_target(name)]["module_key"]
+            self.file.write(f"{key}.lora_B.bias", delta.contiguous())
+            return
+        a, b, error = factor_delta(delta, self.ranks[name], self.fan_in_fan_out)
+        key = self.info[name]["module_key"]
+        self.file.write(f"{key}.lora_A.weight", a)
+        self.file.write(f"{key}.lora_B.weight", b)
+        self.errors[name[: -len(".weight")]] = error
+
+    def finish(self) -> Path:
+        if self.exact:
+            self.write_exact_factors()
+        self.file.close(sync=True)
+        config = dict(self.adapters[0].config)
+        top = max(self.ranks.values()) if self.ranks else 1
+        modules = {t: _module_name(self.info[t]["module_key"]) for t in self.targets}
+        to_save = sorted({_module_name(k[: k.rindex(".")]) for k in self.full_key.values()})
+        config.update({
+            "r": top,
+            "lora_alpha": top,
+            "rank_pattern": {_escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
+            "alpha_pattern": {_escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
+            "target_modules": sorted(modules.values()),
+            "modules_to_save": to_save or None,
+            "use_rslora": False,
+            "use_dora": False,
+            "lora_bias": bool(self.biases),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "lora_dropout": 0.0,
+            "init_lora_weights": True,
+        })
+        write_json(self.tmp / "adapter_config.json", config)
+        self.provenance.update({
+            "mode": "concatenated factors (exact)" if self.exact else f"truncated SVD at rank {self.rank}",
+            "ranks": {t[: -len(".weight")]: r for t, r in self.ranks.items()},
+            "relative_error": self.errors,
+        })
+        write_json(self.tmp / PROVENANCE_NAME, self.provenance)
+        fsync_tree(self.tmp)
+        replace_dir(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        self.file.close(sync=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def factor_delta(delta: Tensor, rank: int, fan_in_fan_out: bool) -> tuple[Tensor, Tensor, float]:
+    """Truncated SVD of one module's ΔW (float32): ``(A, B, relative error ‖ΔW − BA‖/‖ΔW‖)``, A and B shaped as PEFT
+    stores them (convolutions: A (k, in, kh, kw), B (out, k, 1, 1))."""
+    m = delta.T if fan_in_fan_out and delta.dim() == 2 else delta
+    out_shape = m.shape
+    m = m.reshape(out_shape[0], -1)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    b = u[:, :k] * root
+    a = root.unsqueeze(1) * vh[:k]
+    norm = float(m.norm())
+    error = float((m - b @ a).norm()) / norm if norm > 0 else 0.0
+    a = a.reshape(k, *out_shape[1:]).contiguous()
+    b = b.reshape(out_shape[0], k, *([1] * (len(out_shape) - 2))).contiguous()
+    return a, b, error
+
+
+def _module_name(module_key: str) -> str:
+    return module_key[len(PEFT_PREFIX):] if module_key.startswith(PEFT_PREFIX) else module_key
+
+
+def _escape(name: str) -> str:
+    import re
+
+    return re.escape(name)
 
 
 def _lightning_version() -> str:
@@ -281,25 +483,50 @@ def _lightning_version() -> str:
         return "2.0.0"
 
 
-def check_output_path(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output '{out}' already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
-def copy_support_files(src: Path, dst: Path) -> None:
-    """Copy a model folder's non-weight files (config, generation config, tokenizer) into ``dst``."""
-    from lightning_merge.stats import SIDECAR_NAME
+def copy_support_files(src: Path, dst: Path, dtype: torch.dtype | None = None) -> None:
+    """Copy a model folder's non-weight files (config, generation config, tokenizer) into ``dst``; with ``dtype``,
+    ``config.json``'s ``torch_dtype`` (and ``dtype``) say the written dtype, as mergekit does."""
+    from lightning_merge.stats import SIDECAR_NAME, SIDECAR_SUFFIX
 
     for item in src.iterdir():
-        if not item.is_file() or item.name == SIDECAR_NAME or item.name == "lightning_merge.json":
+        if not item.is_file() or item.name in (SIDECAR_NAME, PROVENANCE_NAME) or item.name.endswith(SIDECAR_SUFFIX):
             continue
-        if item.name.endswith(WEIGHT_SUFFIXES):
+        if item.name.endswith(WEIGHT_SUFFIXES) or item.name.startswith("."):
             continue
+        if item.name == "config.json" and dtype in DTYPE_NAMES:
+            try:
+                config = json.loads(item.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                config = None
+            if isinstance(config, dict):
+                for key in ("torch_dtype", "dtype"):
+                    if key in config or key == "torch_dtype":
+                        config[key] = DTYPE_NAMES[dtype]
+                write_json(dst / item.name, config)
+                continue
         shutil.copy2(item, dst / item.name)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
         f.flush()
         os.fsync(f.fileno())
+
+
+__all__ = [
+    "CheckpointWriter",
+    "DictWriter",
+    "ModuleWriter",
+    "PeftWriter",
+    "SafetensorsWriter",
+    "Writer",
+    "check_output_path",
+    "copy_support_files",
+    "factor_delta",
+    "parse_size",
+    "write_json",
+]

@@ -22,6 +22,7 @@ from lightning_merge import (
     TaskArithmetic,
     Ties,
     merge,
+    prepare,
     tall,
 )
 from lightning_merge.strategies import functional as F
@@ -294,9 +295,10 @@ def test_lines_layer_scaling_rule():
     inner_out = merge(experts, base, inner)
     strategy = LiNeS(Ties(density=0.5), alpha=0.2, beta=0.6)
     out = merge(experts, base, strategy)
+    prepared = prepare(experts, base, strategy)
     factors = {"layers.0.w": 0.2, "layers.1.w": 0.2 + 0.6 * 1 / 2, "layers.2.w": 0.8, "emb": 0.2}
     for name, f in factors.items():
-        assert strategy.layer_scale(name) == pytest.approx(f)
+        assert prepared.layer_scale(name) == pytest.approx(f)
         torch.testing.assert_close(out[name], base[name] + f * (inner_out[name] - base[name]))
 
 
@@ -306,7 +308,7 @@ def test_lines_beta_zero_is_uniform_and_default_alpha_is_the_average_for_task_ar
            merge(experts, base, TaskArithmetic(scale=0.7)))
     strategy = LiNeS(TaskArithmetic(), beta=0.0)
     out = merge(experts, base, strategy)
-    assert strategy.alpha_ == pytest.approx(0.25)  # ‖Στ‖₁ / (N ‖Στ‖₁)
+    assert prepare(experts, base, strategy).alpha == pytest.approx(0.25)  # ‖Στ‖₁ / (N ‖Στ‖₁)
     _close(out, merge(experts, base, TaskArithmetic(scale=0.25)))
     # for another inner method, alpha·τ_merged has the L1 norm of the average task vector
     strategy = LiNeS(Ties(density=0.3), beta=0.0)
@@ -320,12 +322,12 @@ def test_lines_block_pattern_is_configurable_and_one_block_gets_alpha():
     shapes = {"transformer.h.0.attn.w": (4, 4), "transformer.h.3.attn.w": (4, 4), "transformer.wte": (6,)}
     base, experts = _setup(shapes=shapes)
     strategy = LiNeS(TaskArithmetic(), alpha=0.5, beta=1.0, pattern=r"\.h\.(\d+)\.")
-    merge(experts, base, strategy)
-    assert strategy.layer_scale("transformer.h.0.attn.w") == 0.5
-    assert strategy.layer_scale("transformer.h.3.attn.w") == 1.5
-    assert strategy.layer_scale("transformer.wte") == 0.5
+    prepared = prepare(experts, base, strategy)
+    assert prepared.layer_scale("transformer.h.0.attn.w") == 0.5
+    assert prepared.layer_scale("transformer.h.3.attn.w") == 1.5
+    assert prepared.layer_scale("transformer.wte") == 0.5
     single = {"block.0.w": (3,), "head": (2,)}
     base, experts = _setup(shapes=single)
     strategy = LiNeS(TaskArithmetic(), alpha=0.5, beta=1.0)
-    merge(experts, base, strategy)
-    assert strategy.layer_scale("block.0.w") == strategy.layer_scale("head") == 0.5
+    prepared = prepare(experts, base, strategy)
+    assert prepared.layer_scale("block.0.w") == prepared.layer_scale("head") == 0.5

@@ -13,10 +13,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightning_merge import OPCM, OTA, Cabs, ContinualState, Expert, Fisher, Linear, TaskArithmetic, merge
+from lightning_merge import (
+    OPCM,
+    OTA,
+    Consensus,
+    ContinualState,
+    Expert,
+    Fisher,
+    Linear,
+    TaskArithmetic,
+    Ties,
+    WeightedMedian,
+    merge,
+)
 from lightning_merge.continual import ContinualError
 from lightning_merge.stats import write_statistics
-from lightning_merge.strategies.continual import opcm_project
+from lightning_merge.strategies.opcm import opcm_project
 
 
 def rand(*shape, seed=0):
@@ -135,10 +147,13 @@ def test_folding_one_at_a_time_equals_merging_at_once(tmp_path, strategy):
 
 def test_duplicates_other_bases_and_missing_statistics_are_refused(tmp_path):
     base_path, paths = write_family(tmp_path)
-    with pytest.raises(ContinualError, match="use the strategy 'fisher'"):
-        ContinualState.create(tmp_path / "weighted", base=base_path, strategy=TaskArithmetic(weighting="fisher"))
+    with pytest.raises(ContinualError, match="elects each entry's sign over all experts"):
+        ContinualState.create(tmp_path / "ties", base=base_path, strategy=Ties())
     with pytest.raises(ContinualError, match="no continual form"):
-        ContinualState.create(tmp_path / "cabs", base=base_path, strategy=Cabs())
+        ContinualState.create(tmp_path / "median", base=base_path, strategy=WeightedMedian())
+    with pytest.raises(ContinualError, match="consensus mask"):
+        ContinualState.create(tmp_path / "consensus", base=base_path, strategy=Consensus())
+    assert not (tmp_path / "ties").exists()
     state = ContinualState.create(tmp_path / "state", base=base_path, strategy=Fisher())
     state.add(paths[0])
     with pytest.raises(ContinualError, match="already merged"):
@@ -184,7 +199,7 @@ def test_a_crash_before_the_commit_leaves_the_previous_state_and_the_add_can_be_
     real_replace = os.replace
 
     def crash(src, dst):
-        if str(dst).endswith("current"):
+        if str(dst).endswith("CURRENT"):
             raise OSError("simulated crash at the commit point")
         return real_replace(src, dst)
 

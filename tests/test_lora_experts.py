@@ -104,9 +104,17 @@ def test_linear_merge_as_concatenated_adapter_equals_the_full_weight_merge(famil
 
 def test_nonlinear_merges_need_a_rank_and_record_the_reconstruction_error(family, tmp_path):
     experts = [family / "a", family / "c"]
-    for strategy in (Ties(density=0.5), TaskArithmetic(weighting="ota"), LiNeS(TaskArithmetic(), alpha=0.5)):
+    for strategy in (Ties(density=0.5), TaskArithmetic(weighting="ota")):
         with pytest.raises(ValueError, match="pass rank="):
             merge(experts, base=family / "base", strategy=strategy, out=tmp_path / "x", output="peft")
+    assert not (tmp_path / "x").exists()
+    # LiNeS over task arithmetic is linear tensor by tensor: its exact adapter equals the full-weight merge
+    lines = LiNeS(TaskArithmetic(), alpha=0.5, beta=1.0)
+    adapter = merge(experts, base=family / "base", strategy=lines, out=tmp_path / "lines", output="peft")
+    full_lines = merge(experts, base=family / "base", strategy=lines)
+    back = peft.PeftModel.from_pretrained(tiny_llama(), adapter).merge_and_unload().state_dict()
+    for key, value in full_lines.items():
+        torch.testing.assert_close(back[key], value, rtol=1e-5, atol=1e-5)
     # the strategies of the task-vector family work on ΔW like any other (CABS' disjoint masks here)
     cabs = merge(experts, base=family / "base", strategy=Cabs(n=2, m=8))
     key = "model.layers.0.self_attn.v_proj.weight"

@@ -11,7 +11,7 @@ import torch
 
 from lightning_merge import OPCM, merge
 from lightning_merge.strategies import functional as F
-from lightning_merge.strategies.continual import DEFAULT_NOT_LINEAR
+from lightning_merge.strategies.opcm import DEFAULT_NOT_LINEAR
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]

@@ -728,20 +728,8 @@ def _collapse(per_name: dict[str, Any]) -> Any:
 
 
 def _save_weights(state: Mapping[str, Tensor] | None, path: Path) -> None:
-    """Save a state dict as safetensors atomically; tensors sharing storage (tied weights) are cloned."""
-    from safetensors.torch import save_file
-
-    from lightning_merge.io import atomic_file
+    """Save a state dict as safetensors atomically (tensors sharing storage, tied weights, become copies)."""
+    from lightning_merge.safetensors_io import save_tensors
 
     assert state is not None
-    seen: set[int] = set()
-    tensors = {}
-    for key, value in state.items():
-        value = value.detach().to("cpu")
-        storage = value.untyped_storage().data_ptr()
-        if storage in seen or not value.is_contiguous():
-            value = value.contiguous().clone()
-        seen.add(storage)
-        tensors[key] = value
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp))
+    save_tensors(path, {key: value.detach().to("cpu") for key, value in state.items()})

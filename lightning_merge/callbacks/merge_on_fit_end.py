@@ -165,7 +165,7 @@ class MergeOnFitEnd(Callback):
 
     # -- merging -------------------------------------------------------------------------------------------------
     def _merge(self, state: Mapping[str, Tensor], statistics: Any) -> dict[str, Tensor]:
-        from lightning_merge import merge
+        from lightning_merge.engine import merge
         from lightning_merge.experts import Expert
 
         trained = Expert({k: v.detach().cpu() for k, v in state.items()}, statistics=statistics, name="trained")

@@ -1,26 +1,45 @@
-"""Merge strategies: small configured objects whose ``merge_tensor`` is a pure function per tensor.
+"""Merge strategies: immutable configured objects that declare what they are (docs/design.md, "The strategy
+contract"); ``prepare(plan)`` returns a :class:`Prepared` whose ``merge_tensor`` is a pure function per tensor.
 
 ``Strategy.from_dict({"name": "ties", "density": 0.5})`` builds any of them by name.
 """
 
-from lightning_merge.strategies.base import STRATEGIES, Strategy
+from lightning_merge.strategies.base import (
+    STRATEGIES,
+    ContinualForm,
+    ContinualSummary,
+    FoldContext,
+    LinearForm,
+    NoContinualForm,
+    Prepared,
+    Strategy,
+)
 from lightning_merge.strategies.composed import Cabs, Consensus, Generalized, LiNeS
-from lightning_merge.strategies.continual import OPCM
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
+from lightning_merge.strategies.opcm import OPCM
+from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
 
 __all__ = [
+    "SPARSIFIERS",
     "STRATEGIES",
     "Breadcrumbs",
     "Cabs",
     "Consensus",
+    "ContinualForm",
+    "ContinualSummary",
     "Dare",
     "Fisher",
+    "FoldContext",
     "Generalized",
     "LiNeS",
     "Linear",
+    "LinearForm",
+    "NoContinualForm",
     "OPCM",
     "OTA",
+    "Prepared",
+    "Sparsification",
     "Strategy",
     "TaskArithmetic",
     "TaskVectorMerge",

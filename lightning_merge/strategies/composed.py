@@ -1,13 +1,11 @@
-"""CABS, TALL masks / Consensus, LiNeS, and the generalized preset that composes sparsification, sign election,
-consensus and curvature weighting in the one task-vector engine (ALGORITHMS.md, "Task-vector family").
-
-Everything here is a configuration of :class:`~lightning_merge.strategies.TaskVectorMerge` except
-:class:`LiNeS`, which wraps any strategy.
-"""
+"""CABS, TALL masks / Consensus, the ``Generalized`` preset that composes any sparsification with sign election,
+consensus and curvature weighting, all presets of the one task-vector engine; and LiNeS, which wraps any strategy.
+Rules: ALGORITHMS.md."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +13,25 @@ import torch
 from torch import Tensor
 
 from lightning_merge.strategies import functional as F
-from lightning_merge.strategies.base import Strategy, check_choice, check_number
-from lightning_merge.strategies.linear import PerExpert, TaskVectorMerge, _check_density
+from lightning_merge.strategies.base import (
+    ContinualForm,
+    ContinualSummary,
+    FoldContext,
+    LinearForm,
+    NoContinualForm,
+    PerExpert,
+    Prepared,
+    Strategy,
+    check_choice,
+    check_int,
+    check_number,
+    set_field,
+)
+from lightning_merge.strategies.linear import TaskArithmetic, TaskVectorMerge, _check_density
+from lightning_merge.strategies.sparsify import SCOPES, SPARSIFIERS, Sparsification
 
 if TYPE_CHECKING:
     from lightning_merge.engine import MergePlan
-
-SPARSIFICATIONS = ("none", "magnitude", "random", "breadcrumbs", "cabs", "saliency")
 
 
 def _check_order(owner: str, order: list[int] | None, n: int) -> None:
@@ -31,7 +41,7 @@ def _check_order(owner: str, order: list[int] | None, n: int) -> None:
         )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Cabs(TaskVectorMerge):
     """CABS: conflict-aware, balanced sparsification, then task arithmetic.
 
@@ -76,15 +86,16 @@ class Cabs(TaskVectorMerge):
     def density(self) -> float:
         return self.n / self.m
 
-    def prepare(self, plan: MergePlan) -> None:
-        super().prepare(plan)
+    @property
+    def sparsifier(self) -> Sparsification:
+        return Sparsification("cabs", n=self.n, m=self.m, order=self.order, rescale=self.rescale)
+
+    def prepare(self, plan: MergePlan) -> Prepared:
         _check_order("Cabs", self.order, plan.num_experts)
-
-    def sparsify_stack(self, name: str, buf: Tensor, stats: Sequence[Mapping[str, Tensor]]) -> None:
-        buf.mul_(F.cabs_masks(buf, self.n, self.m, self.order))
+        return super().prepare(plan)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Generalized(TaskVectorMerge):
     """The composable task-vector merge: any sparsification, with or without sign election, a consensus mask,
     and scalar or curvature weights; mergekit's "generalized task arithmetic" with this project's pieces.
@@ -97,13 +108,14 @@ class Generalized(TaskVectorMerge):
     * ``Generalized(sparsification="cabs", density=0.25, consensus_k=2)``: CABS masks, then TALL consensus.
 
     Args:
-        sparsification: ``"none"``, ``"magnitude"`` (TIES' top-k of |τ|), ``"random"`` (DARE's Bernoulli drop,
-            kept entries × 1/density), ``"breadcrumbs"`` (drop the ``gamma`` largest too), ``"cabs"``
-            (conflict-aware n:m with ``n = round(density·group_size)``) or ``"saliency"`` (top-k of
-            ``statistic ⊙ τ²`` per tensor, FFG's rule).
+        sparsification: a method of :data:`~lightning_merge.strategies.sparsify.SPARSIFIERS`: ``"none"``,
+            ``"magnitude"`` (TIES' top-k of |τ|), ``"random"`` (DARE's Bernoulli drop), ``"breadcrumbs"`` (drop the
+            ``gamma`` largest too), ``"cabs"`` (conflict-aware n:m with ``n = round(density·group_size)``) or
+            ``"saliency"`` (top-k of ``statistic ⊙ τ²`` per tensor, FFG's rule).
         density: fraction kept (one number, or one per expert except for ``"cabs"``).
-        rescale: ``"none"`` (random drops still multiply kept entries by 1/density, DARE's rule) or ``"l1"``
-            (every sparsification: match the kept entries' L1 norm to the unsparsified task vector's).
+        rescale: ``"none"``, ``"inverse"`` or ``"l1"`` (see :class:`TaskVectorMerge`); None: ``"inverse"`` for
+            ``"random"`` (DARE's rule) and ``"none"`` otherwise.
+        topk: ``"magnitude"`` per ``"tensor"`` or over the whole ``"model"`` per expert.
         gamma: Breadcrumbs' fraction of largest entries dropped.
         group_size: CABS' m.
         order: CABS' pruning order.
@@ -112,13 +124,15 @@ class Generalized(TaskVectorMerge):
         consensus_k: None for no consensus; otherwise keep only entries where at least k TALL task masks
             agree (see :class:`Consensus`).
         tall_lambda: λᵢ of the TALL masks, one number or one per expert.
-        weights, scale, normalize, election, rescale, weighting: see :class:`TaskVectorMerge`.
+        weights, scale, normalize, election, weighting: see :class:`TaskVectorMerge`.
     """
 
     name = "generalized"
 
     sparsification: str = "none"
     density: float | list[float] = 1.0
+    rescale: str | None = None
+    topk: str = "tensor"
     gamma: float = 0.01
     group_size: int = 256
     order: list[int] | None = None
@@ -128,10 +142,13 @@ class Generalized(TaskVectorMerge):
     tall_lambda: PerExpert = 0.6
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         owner = type(self).__name__
-        check_choice(owner, "sparsification", self.sparsification, SPARSIFICATIONS)
+        check_choice(owner, "sparsification", self.sparsification, tuple(SPARSIFIERS))
+        if self.rescale is None:
+            set_field(self, "rescale", "inverse" if self.sparsification == "random" else "none")
+        super().__post_init__()
         _check_density(owner, self.density)
+        check_choice(owner, "topk", self.topk, SCOPES)
         check_number(owner, "gamma", self.gamma, low=0.0, high=1.0)
         check_choice(owner, "saliency", self.saliency, ("exp_avg_sq", "fisher"))
         if self.sparsification == "cabs":
@@ -139,63 +156,40 @@ class Generalized(TaskVectorMerge):
                 raise ValueError(f"{owner}: CABS takes one density for all experts (n:m is shared)")
             if self.election is not None:
                 raise ValueError(f"{owner}: CABS masks are disjoint; leave election=None")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"{owner}.group_size must be a positive integer, got {self.group_size!r}")
+        check_int(owner, "group_size", self.group_size, low=1)
         if self.consensus_k is not None:
-            check_number(owner, "consensus_k", self.consensus_k, low=0)
+            check_int(owner, "consensus_k", self.consensus_k, low=0)
         check_number(owner, "tall_lambda", self.tall_lambda, low=0.0, per_expert=True)
 
     @property
-    def requires(self) -> tuple[str, ...]:  # type: ignore[override]
-        kinds = list(super().requires)
-        if self.sparsification == "saliency" and self.saliency not in kinds:
-            kinds.append(self.saliency)
-        return tuple(kinds)
+    def sparsifier(self) -> Sparsification:
+        return Sparsification(
+            self.sparsification, density=self.density, gamma=self.gamma, scope=self.topk, seed=self.seed,
+            m=self.group_size, order=self.order, statistic=self.saliency, rescale=self.rescale,
+        )
+
+    @property
+    def consensus(self) -> bool:
+        return self.consensus_k is not None
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights", "density", "tall_lambda")
 
-    def prepare(self, plan: MergePlan) -> None:
-        super().prepare(plan)
+    def prepare(self, plan: MergePlan) -> Prepared:
         _check_order(type(self).__name__, self.order, plan.num_experts)
-
-    def sparsify_stack(self, name: str, buf: Tensor, stats: Sequence[Mapping[str, Tensor]]) -> None:
-        method = self.sparsification
-        if method == "none":
-            return
-        if method == "cabs":
-            n = round(float(self.density) * self.group_size)
-            buf.mul_(F.cabs_masks(buf, n, self.group_size, self.order))
-            return
-        for i in range(buf.shape[0]):
-            density = self._per_expert("density", i, 1.0)
-            tau = buf[i]
-            original = tau.clone() if self.rescale == "l1" else None
-            if method == "magnitude":
-                tau.mul_(F.magnitude_mask(tau, density))
-            elif method == "breadcrumbs":
-                tau.mul_(F.breadcrumbs_mask(tau, density, self.gamma))
-            elif method == "random":
-                if density < 1:
-                    tau.mul_(F.random_mask(tau.shape, density, F.tensor_seed(self.seed, name, i)))
-                    if density > 0 and original is None:
-                        tau.div_(density)
-            else:  # saliency
-                score = stats[i][self.saliency] * tau.square()
-                tau.mul_(F.topk_mask(score, F.keep_count(density, score.numel())))
-            if original is not None:
-                tau.copy_(F.l1_rescale(original, tau))
+        return super().prepare(plan)
 
     def finish(self, name: str, mixed: Tensor, base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         if self.consensus_k is None:
             return mixed
         tau = torch.stack([t - base for t in tensors])
-        lambdas = [self._per_expert("tall_lambda", i, 0.6) for i in range(len(tensors))]
+        lambdas = [self.per_expert("tall_lambda", i, 0.6) for i in range(len(tensors))]
         votes = F.tall_masks(tau, mixed, lambdas).sum(0)
         return mixed.mul_(votes >= self.consensus_k)
 
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class Consensus(Generalized):
     """Consensus merging with TALL masks (Wang et al.).
 
@@ -223,7 +217,19 @@ class Consensus(Generalized):
             raise ValueError("Consensus.consensus_k must be an integer >= 0 (Generalized has consensus off)")
 
 
-@dataclasses.dataclass
+class LiNeSPrepared(Prepared):
+    """LiNeS bound to one merge: the α used (given, or the multi-task rule's) and the per-tensor factors."""
+
+    @property
+    def alpha(self) -> float:
+        return self["alpha"]
+
+    def layer_scale(self, name: str) -> float:
+        """The factor applied to tensor ``name``'s merged task vector."""
+        return self.strategy.layer_scale(name, self)
+
+
+@dataclasses.dataclass(frozen=True)
 class LiNeS(Strategy):
     """LiNeS: layer-increasing scaling of any strategy's merged task vector.
 
@@ -238,7 +244,9 @@ class LiNeS(Strategy):
             arithmetic, the paper's multi-task setting); its own ``scale`` applies first (leave it at 1).
         alpha: the scale of the shallowest block. None: the multi-task rule ``α = ‖Σᵢ τᵢ‖₁ / (N ‖τ_merged‖₁)``
             over the whole model (an extra pass that runs ``inner`` once at every tensor), which makes
-            ``alpha · τ_merged`` as large as the average task vector.
+            ``alpha · τ_merged`` as large as the average task vector. The value used is the prepared merge's
+            ``alpha`` (``lightning_merge.prepare(experts, base, strategy).alpha``), and is recorded in the output's
+            ``lightning_merge.json``.
         beta: the extra scale of the deepest block (tune on validation; 0 is uniform scaling).
         pattern: a regular expression with one group capturing the block index.
     """
@@ -250,24 +258,18 @@ class LiNeS(Strategy):
     alpha: float | None = None
     beta: float = 1.0
     pattern: str = r"(?:^|\.)(\d+)(?:\.|$)"
-    alpha_: float | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
-    _blocks: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.inner is None:
-            from lightning_merge.strategies.linear import TaskArithmetic
-
-            self.inner = TaskArithmetic()
-        if isinstance(self.inner, Mapping):
-            self.inner = Strategy.from_dict(self.inner)
-        if not isinstance(self.inner, Strategy) or isinstance(self.inner, LiNeS):
+        inner = TaskArithmetic() if self.inner is None else self.inner
+        if isinstance(inner, Mapping):
+            inner = Strategy.from_dict(inner)
+        if not isinstance(inner, Strategy) or isinstance(inner, LiNeS):
             raise ValueError(f"LiNeS.inner must be a strategy (or its to_dict()), e.g. LiNeS(TaskArithmetic()); "
                              f"got {self.inner!r}")
+        set_field(self, "inner", inner)
         if self.alpha is not None:
             check_number("LiNeS", "alpha", self.alpha)
         check_number("LiNeS", "beta", self.beta)
-        import re
-
         try:
             if re.compile(self.pattern).groups != 1:
                 raise ValueError
@@ -279,47 +281,109 @@ class LiNeS(Strategy):
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self.inner.requires)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "inner": self.inner.to_dict(), "alpha": self.alpha, "beta": self.beta,
-                "pattern": self.pattern}
+    @property
+    def global_pass(self) -> bool:  # type: ignore[override]
+        return True  # the block count L is model-wide
 
-    def prepare(self, plan: MergePlan) -> None:
-        self.inner.prepare(plan)
+    def prepare(self, plan: MergePlan) -> Prepared:
+        inner = self.inner.prepare(plan)
         indices = {name: F.block_index(name, self.pattern) for name in plan.names}
         numbered = [i for i in indices.values() if i is not None]
-        self._blocks = {"indices": indices, "L": 1 + max(numbered) if numbered else 1}
-        self.alpha_ = self.alpha if self.alpha is not None else self._default_alpha(plan)
+        layers = 1 + max(numbered) if numbered else 1
+        alpha = self.alpha if self.alpha is not None else self._default_alpha(plan, inner)
+        return LiNeSPrepared(self, plan.num_experts, inner=inner, indices=indices, layers=layers, alpha=alpha)
 
-    def _default_alpha(self, plan: MergePlan) -> float:
+    def _default_alpha(self, plan: MergePlan, inner: Prepared) -> float:
         summed = merged = 0.0
         for name in plan.names:
             base = plan.base_tensor(name)
             tensors = plan.expert_tensors(name, base)
             summed += float(torch.stack([t - base for t in tensors]).sum(0).abs().double().sum())
-            out = self.inner.merge_tensor(name, base, tensors, plan.stats(name))
+            out = inner.merge_tensor(name, base, tensors, plan.stats(name))
             merged += float((out - base).abs().double().sum())
         if merged == 0.0:
             return 1.0
         return summed / (plan.num_experts * merged)
 
-    def layer_scale(self, name: str) -> float:
-        """The factor applied to tensor ``name``'s merged task vector (after :meth:`prepare`)."""
-        alpha = self.alpha_ if self.alpha_ is not None else (self.alpha if self.alpha is not None else 1.0)
-        index = self._blocks.get("indices", {}).get(name)
+    def layer_scale(self, name: str, prepared: Prepared) -> float:
+        """The factor applied to tensor ``name``'s merged task vector in the prepared merge."""
+        index = prepared["indices"].get(name)
         if index is None:
             index = F.block_index(name, self.pattern)
-        layers = self._blocks.get("L", 1)
+        layers = prepared["layers"]
         if index is None or layers <= 1:
-            return alpha
-        return alpha + self.beta * index / (layers - 1)
+            return prepared["alpha"]
+        return prepared["alpha"] + self.beta * index / (layers - 1)
 
     def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
+        prepared: Prepared | None = None,
     ) -> Tensor:
         if base is None:
             raise ValueError("LiNeS scales a task vector: it needs a base model (base=...)")
-        merged = self.inner.merge_tensor(name, base, tensors, stats)
-        return merged.sub_(base).mul_(self.layer_scale(name)).add_(base)
+        if prepared is None:
+            prepared = self._unprepared(len(tensors))
+        merged = prepared["inner"].merge_tensor(name, base, tensors, stats)
+        return merged.sub_(base).mul_(self.layer_scale(name, prepared)).add_(base)
+
+    @property
+    def linear(self) -> bool:
+        return self.inner.linear
+
+    def linear_form(
+        self, num_experts: int, name: str | None = None, prepared: Prepared | None = None
+    ) -> LinearForm | None:
+        if prepared is None or name is None:
+            return None
+        inner = prepared["inner"].linear_form(name)
+        if inner is None:
+            return None
+        factor = self.layer_scale(name, prepared)
+        coefficients = tuple(factor * c for c in inner.experts)
+        # θ = θ₀ + f·(inner(θ) − θ₀) = (1 − f + f·c₀)θ₀ + Σ f·cᵢθᵢ
+        return LinearForm(1.0 - factor + factor * inner.base, coefficients)
+
+    def continual_form(self) -> ContinualForm:
+        if self.alpha is None:
+            raise NoContinualForm(
+                "LiNeS(alpha=None) computes α over the whole merged model of every expert; give alpha= (and beta=) "
+                "for continual merging"
+            )
+        return _LiNeSFold(self, self.inner.continual_form())
 
 
-__all__ = ["SPARSIFICATIONS", "Cabs", "Consensus", "Generalized", "LiNeS"]
+class _LiNeSFold(ContinualForm):
+    """The inner strategy's continual form, its merged task vector scaled per block in the finish."""
+
+    def __init__(self, strategy: LiNeS, inner: ContinualForm):
+        self.strategy = strategy
+        self.inner = inner
+        self.quantities = inner.quantities
+        self._cache: tuple[tuple[str, ...] | None, int] = (None, 1)
+
+    def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
+        return self.inner.begin(index, expert, names)
+
+    def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
+        return self.inner.fold(name, running, tau, stats, ctx)
+
+    def reduce(self, name: str, running: Mapping[str, Tensor]) -> dict[str, float]:
+        return self.inner.reduce(name, running)
+
+    def _layers(self, names: Sequence[str]) -> int:
+        key = tuple(names)
+        if self._cache[0] != key:
+            numbered = [i for i in (F.block_index(n, self.strategy.pattern) for n in names) if i is not None]
+            self._cache = (key, 1 + max(numbered) if numbered else 1)
+        return self._cache[1]
+
+    def finish(self, name: str, base: Tensor, running: Mapping[str, Tensor], summary: ContinualSummary) -> Tensor:
+        index = F.block_index(name, self.strategy.pattern)
+        layers = self._layers(summary.names)
+        alpha, beta = float(self.strategy.alpha), self.strategy.beta
+        factor = alpha if index is None or layers <= 1 else alpha + beta * index / (layers - 1)
+        merged = self.inner.finish(name, base, running, summary)
+        return merged.sub_(base).mul_(factor).add_(base)
+
+
+__all__ = ["Cabs", "Consensus", "Generalized", "LiNeS", "LiNeSPrepared"]

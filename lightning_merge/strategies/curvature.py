@@ -10,15 +10,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lightning_merge.stats import FISHER_ESTIMATORS
 from lightning_merge.strategies import functional as F
-from lightning_merge.strategies.base import Strategy, check_choice, check_number
-from lightning_merge.strategies.linear import PerExpert
+from lightning_merge.strategies.base import (
+    TINY,
+    ContinualForm,
+    ContinualSummary,
+    FoldContext,
+    PerExpert,
+    Prepared,
+    Strategy,
+    check_choice,
+    check_number,
+    expert_norm,
+    model_norms,
+)
 
 if TYPE_CHECKING:
     from lightning_merge.engine import MergePlan
@@ -38,8 +49,70 @@ def _apply_scale(owner: str, merged: Tensor, base: Tensor | None, scale: float) 
     return merged.sub_(base).mul_(scale).add_(base)
 
 
-@dataclasses.dataclass
-class Fisher(Strategy):
+@dataclasses.dataclass(frozen=True)
+class _PrecisionStrategy(Strategy):
+    """Shared by Fisher and OTA: ``θ = θ₀ + scale · Σ Pᵢτᵢ / Σ Pᵢ`` (no base: ``Σ Pᵢθᵢ / Σ Pᵢ``) with elementwise
+    precisions Pᵢ that depend only on expert i, so adding experts one at a time is exact (:class:`_PrecisionFold`)."""
+
+    scalable = True
+
+    def expert_precision(
+        self, index: int, weight: float, stats: Mapping[str, Tensor], x: Tensor, norm: float | None
+    ) -> Tensor:
+        """Expert ``index``'s elementwise weight wᵢ·Pᵢ for the merge of ``x`` (its τ, or θ without a base)."""
+        raise NotImplementedError
+
+    def _expert_norm(self, expert: Any, names: Sequence[str]) -> float | None:
+        return None
+
+    def merge_tensor(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
+        prepared: Prepared | None = None,
+    ) -> Tensor:
+        n = len(tensors)
+        prepared = prepared if prepared is not None else self._unprepared(n)
+        norms = prepared.get("norms")
+        weights = self.expert_weights(n)
+        num = torch.zeros_like(tensors[0])
+        den = torch.zeros_like(tensors[0])
+        for i, (t, s) in enumerate(zip(tensors, stats)):
+            x = t if base is None else t - base
+            p = self.expert_precision(i, weights[i], s, x, None if norms is None else norms[i])
+            F.accumulate_precision(num, den, p, x)
+        merged = F.precision_quotient(num, den)
+        if base is None:
+            return _apply_scale(type(self).__name__, merged, None, self.scale)
+        return merged.mul_(self.scale).add_(base)
+
+    def continual_form(self) -> ContinualForm:
+        return _PrecisionFold(self)
+
+
+class _PrecisionFold(ContinualForm):
+    """Σ wᵢPᵢτᵢ and Σ wᵢPᵢ, kept per tensor; the merge is their quotient."""
+
+    quantities = (("num", torch.float32), ("den", torch.float32))
+
+    def __init__(self, strategy: _PrecisionStrategy):
+        self.strategy = strategy
+
+    def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
+        s = self.strategy
+        return FoldContext(index, s.per_expert("weights", index, 1.0), {"norm": s._expert_norm(expert, names)})
+
+    def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
+        num = torch.zeros_like(tau) if running is None else running["num"]
+        den = torch.zeros_like(tau) if running is None else running["den"]
+        p = self.strategy.expert_precision(ctx.index, ctx.weight, stats, tau, ctx.values.get("norm"))
+        F.accumulate_precision(num, den, p, tau)
+        return {"num": num, "den": den}
+
+    def finish(self, name: str, base: Tensor, running: Mapping[str, Tensor], summary: ContinualSummary) -> Tensor:
+        return F.precision_quotient(running["num"], running["den"]).mul_(self.strategy.scale).add_(base)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fisher(_PrecisionStrategy):
     """Fisher merging (Matena & Raffel): ``θ = Σ λᵢ F̃ᵢ θᵢ / Σ λᵢ F̃ᵢ``, ``F̃ = max(F, floor) + eps``.
 
     With a base, ``θ = θ₀ + scale · Σ λᵢF̃ᵢτᵢ / Σ λᵢF̃ᵢ`` (identical at scale 1). Uses each expert's preferred
@@ -64,7 +137,6 @@ class Fisher(Strategy):
     eps: float = 0.0
     normalize: bool = True
     estimator: str | None = None
-    _norms: list[float] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.weights is not None:
@@ -82,33 +154,28 @@ class Fisher(Strategy):
     def needs_base(self) -> bool:  # type: ignore[override]
         return self.scale != 1.0  # at scale 1 the weighted average of θᵢ equals θ₀ + the average of τᵢ
 
+    @property
+    def global_pass(self) -> bool:  # type: ignore[override]
+        return self.normalize
+
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)
 
-    def prepare(self, plan: MergePlan) -> None:
-        super().prepare(plan)
-        self._norms = model_norms(plan, self.requires[0]) if self.normalize else None
+    def prepare(self, plan: MergePlan) -> Prepared:
+        self.check_num_experts(plan.num_experts)
+        norms = model_norms(plan, self.requires[0]) if self.normalize else None
+        return Prepared(self, plan.num_experts, norms=norms)
 
-    def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
-    ) -> Tensor:
-        weights = self._weights(len(tensors))
-        if self._norms is not None:
-            weights = weights / torch.tensor(self._norms).clamp(min=torch.finfo(torch.float32).tiny)
-        num = torch.zeros_like(tensors[0])
-        den = torch.zeros_like(tensors[0])
-        for w, t, s in zip(weights.tolist(), tensors, stats):
-            f = F.fisher_precision(s[self.requires[0]], self.floor, self.eps).mul_(w)
-            den.add_(f)
-            num.addcmul_(f, t if base is None else t - base)
-        merged = num.div_(den.clamp_(min=torch.finfo(torch.float32).tiny))
-        if base is None:
-            return _apply_scale("Fisher", merged, None, self.scale)
-        return merged.mul_(self.scale).add_(base)
+    def _expert_norm(self, expert: Any, names: Sequence[str]) -> float | None:
+        return expert_norm(expert, names, self.requires[0]) if self.normalize else None
+
+    def expert_precision(self, index, weight, stats, x, norm):  # type: ignore[override]
+        scale = weight / max(norm, TINY) if norm is not None else weight
+        return F.fisher_precision(stats[self.requires[0]], self.floor, self.eps).mul_(scale)
 
 
-@dataclasses.dataclass
-class OTA(Strategy):
+@dataclasses.dataclass(frozen=True)
+class OTA(_PrecisionStrategy):
     """OTA: precision-weighted averaging with Adam's bias-corrected second moments v̂ as the curvature proxy.
 
     ``wᵢ = λᵢ (v̂ᵢᵖ + eps)`` (optionally divided by its tensor mean), ``θ = θ₀ + scale · Σ wᵢτᵢ / Σ wᵢ``
@@ -164,35 +231,25 @@ class OTA(Strategy):
     def needs_base(self) -> bool:  # type: ignore[override]
         return self.scale != 1.0 or self.grafting
 
-    def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
-    ) -> Tensor:
+    def merge_tensor(self, name, base, tensors, stats, prepared=None):  # type: ignore[override]
         if base is None and self.grafting:
             raise ValueError("OTA with Fast Fisher Grafting (density/threshold) needs a base model; pass base=")
-        weights = self._weights(len(tensors)).tolist()
-        num = torch.zeros_like(tensors[0])
-        den = torch.zeros_like(tensors[0])
-        for i, (t, s) in enumerate(zip(tensors, stats)):
-            v = s["exp_avg_sq"]
-            w = F.ota_precision(v, self.power, self.eps, self.mean_normalize).mul_(weights[i])
-            x = t if base is None else t - base
-            if self.grafting:
-                saliency = v * x.square()
-                if self.density is not None:
-                    keep = F.topk_mask(saliency, F.keep_count(self.density, saliency.numel()))
-                else:
-                    keep = saliency >= self._per_expert("threshold", i, 0.0)
-                w.mul_(keep)
-            den.add_(w)
-            num.addcmul_(w, x)
-        covered = den > 0
-        merged = torch.where(covered, num / den.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(num))
-        if base is None:
-            return _apply_scale("OTA", merged, None, self.scale)
-        return merged.mul_(self.scale).add_(base)
+        return super().merge_tensor(name, base, tensors, stats, prepared)
+
+    def expert_precision(self, index, weight, stats, x, norm):  # type: ignore[override]
+        v = stats["exp_avg_sq"]
+        w = F.ota_precision(v, self.power, self.eps, self.mean_normalize).mul_(weight)
+        if self.grafting:
+            saliency = v * x.square()
+            if self.density is not None:
+                keep = F.topk_mask(saliency, F.keep_count(self.density, saliency.numel()))
+            else:
+                keep = saliency >= self.per_expert("threshold", index, 0.0)
+            w.mul_(keep)
+        return w
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class WeightedMedian(Strategy):
     """Fisher-weighted median of the task vectors with TIES-like interference handling (DRIFT-MEDIAN style;
     this project's formulation, ALGORITHMS.md).
@@ -212,6 +269,7 @@ class WeightedMedian(Strategy):
 
     name = "weighted_median"
     needs_base = True
+    scalable = True
 
     weights: PerExpert = None
     scale: float = 1.0
@@ -235,12 +293,15 @@ class WeightedMedian(Strategy):
         return ("weights",)
 
     def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
+        prepared: Prepared | None = None,
     ) -> Tensor:
+        if base is None:
+            raise ValueError("WeightedMedian takes the median of task vectors: it needs a base model (base=...)")
         n = len(tensors)
         tau = torch.stack([t - base for t in tensors]).reshape(n, -1)
         fisher = torch.stack([s[self.requires[0]] for s in stats]).reshape(n, -1)
-        merged = weighted_median(tau, fisher, self._weights(n), self.kappa, self.importance)
+        merged = weighted_median(tau, fisher, torch.tensor(self.expert_weights(n)), self.kappa, self.importance)
         return merged.view_as(base).mul_(self.scale).add_(base)
 
 
@@ -270,13 +331,4 @@ def weighted_median(tau: Tensor, fisher: Tensor, weights: Tensor, kappa: float, 
     return torch.where(total > 0, out, torch.zeros_like(out))
 
 
-def model_norms(plan: MergePlan, kind: str) -> list[float]:
-    """Per expert, the L2 norm of its statistic ``kind`` over every merged tensor (reads statistics only)."""
-    squares = [0.0] * plan.num_experts
-    for name in plan.names:
-        for i, value in enumerate(plan.statistics(name, kind)):
-            squares[i] += float(value.double().square().sum())
-    return [math.sqrt(s) for s in squares]
-
-
-__all__ = ["OTA", "Fisher", "WeightedMedian", "model_norms", "weighted_median"]
+__all__ = ["OTA", "Fisher", "WeightedMedian", "fisher_kind", "weighted_median"]

@@ -7,6 +7,7 @@ reads files or keeps state. ``x`` of shape ``(N, *shape)`` holds one row per exp
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -129,6 +130,41 @@ def ota_precision(v: Tensor, power: float = 0.5, eps: float = 1e-8, mean_normali
     if mean_normalize:
         out.div_(out.mean().clamp(min=torch.finfo(torch.float32).tiny))
     return out
+
+
+def accumulate_precision(num: Tensor, den: Tensor, precision: Tensor, x: Tensor) -> None:
+    """One expert's term of a precision-weighted mean, in place: ``den += P``, ``num += P ⊙ x``."""
+    den.add_(precision)
+    num.addcmul_(precision, x)
+
+
+def precision_quotient(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den > 0``, else 0 (a coordinate no expert weighs stays at the base)."""
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(den > 0, num / den.clamp(min=tiny), torch.zeros_like(num))
+
+
+def precision_mean(tau: Tensor, precisions: Iterable[Tensor], election: str | None) -> Tensor:
+    """``Σ Pᵢ τᵢ / Σ Pᵢ`` over stacked task vectors ``tau (N, *shape)`` and per-expert precisions (already
+    multiplied by the scalar weights): over every expert without election (``precisions`` may then be a generator,
+    one precision alive at a time), over the agreeing entries with it (TIES' disjoint mean, weighted by the
+    precisions; the sign is elected on ``Σ Pᵢτᵢ`` for ``"weighted"`` and on ``Σ τᵢ`` for ``"unweighted"``)."""
+    if election is not None:
+        precisions = list(precisions)
+        if election == "weighted":
+            signed = torch.zeros_like(tau[0])
+            for p, t in zip(precisions, tau):
+                signed.addcmul_(p, t)
+        else:
+            signed = tau.sum(0)
+        positive = signed >= 0
+        for p, t in zip(precisions, tau):
+            p.mul_(torch.where(positive, t > 0, t < 0))
+    num = torch.zeros_like(tau[0])
+    den = torch.zeros_like(tau[0])
+    for p, t in zip(precisions, tau):
+        accumulate_precision(num, den, p, t)
+    return precision_quotient(num, den)
 
 
 def weighted_sum(tensors: list[Tensor], weights: Tensor, normalize: bool) -> Tensor:

@@ -1,29 +1,54 @@
-"""The linear family: weighted average, task arithmetic, and the sparsify-elect-combine engine behind TIES,
-DARE and Breadcrumbs (one engine, configured; not a tree of algorithms)."""
+"""The linear family: weighted average, and the one task-vector engine (sparsify → elect → combine → scale) behind
+task arithmetic, TIES, DARE and Breadcrumbs (mergekit's "generalized task arithmetic": presets, not a tree of
+algorithms). CABS, Consensus and ``Generalized`` are presets of the same engine (``composed.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lightning_merge.strategies import functional as F
-from lightning_merge.strategies.base import Strategy, check_choice, check_number
+from lightning_merge.strategies.base import (
+    TINY,
+    ContinualForm,
+    ContinualSummary,
+    FoldContext,
+    LinearForm,
+    NoContinualForm,
+    PerExpert,
+    Prepared,
+    Strategy,
+    check_choice,
+    check_number,
+    expert_norm,
+    model_norms,
+    set_field,
+)
+from lightning_merge.strategies.sparsify import RESCALES, SCOPES, Sparsification
 
 if TYPE_CHECKING:
     from lightning_merge.engine import MergePlan
 
-PerExpert = float | list[float] | None
+WEIGHTINGS = (None, "fisher", "ota")
+ELECTIONS = (None, "weighted", "unweighted")
 
 
-@dataclasses.dataclass
+def _linear_coefficients(weights: list[float], normalize: bool, scale: float = 1.0) -> list[float]:
+    """cᵢ = scale·wᵢ, divided by Σw when normalising (a sum below 1e-8 divides by 1, as :func:`F.weighted_sum`)."""
+    total = sum(weights)
+    divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    return [scale * w / divisor for w in weights]
+
+
+@dataclasses.dataclass(frozen=True)
 class Linear(Strategy):
     """Weighted average of the experts: ``θ = Σ λᵢθᵢ / Σ λᵢ`` (or ``Σ λᵢθᵢ`` without normalisation).
 
-    Needs no base (a base, if given, is ignored).
+    Needs no base (a base, if given, is not read).
 
     Args:
         weights: one weight per expert, or None for uniform weights.
@@ -32,6 +57,7 @@ class Linear(Strategy):
 
     name = "linear"
     needs_base = False
+    uses_base = False
 
     weights: PerExpert = None
     normalize: bool = True
@@ -44,17 +70,57 @@ class Linear(Strategy):
         return ("weights",)
 
     def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
+        prepared: Prepared | None = None,
     ) -> Tensor:
-        return F.weighted_sum(list(tensors), self._weights(len(tensors)), self.normalize)
+        return F.weighted_sum(list(tensors), torch.tensor(self.expert_weights(len(tensors))), self.normalize)
+
+    @property
+    def linear(self) -> bool:
+        return True
+
+    def linear_form(self, num_experts: int, name: str | None = None, prepared: Prepared | None = None) -> LinearForm:
+        return LinearForm(0.0, tuple(_linear_coefficients(self.expert_weights(num_experts), self.normalize)))
+
+    def continual_form(self) -> ContinualForm:
+        return _LinearFold(self)
 
 
-@dataclasses.dataclass
+class _LinearFold(ContinualForm):
+    """Σ wᵢτᵢ and Σ wᵢ: θ = θ₀ + Σwτ/Σw (normalised), or Σwᵢθᵢ = (Σw)θ₀ + Σwτ."""
+
+    quantities = (("sum", torch.float32),)
+
+    def __init__(self, strategy: Linear):
+        self.strategy = strategy
+
+    def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
+        return FoldContext(index, self.strategy.per_expert("weights", index, 1.0))
+
+    def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
+        return {"sum": _add_scaled(None if running is None else running["sum"], tau, ctx.weight)}
+
+    def finish(self, name: str, base: Tensor, running: Mapping[str, Tensor], summary: ContinualSummary) -> Tensor:
+        total = sum(summary.weights)
+        if self.strategy.normalize and abs(total) >= 1e-8:
+            return running["sum"] / total + base
+        return base * total + running["sum"]
+
+
+def _add_scaled(previous: Tensor | None, x: Tensor, weight: float) -> Tensor:
+    """``previous + weight·x`` (``weight·x`` for the first), in the order :func:`F.weighted_sum` adds."""
+    if previous is None:
+        return x * weight
+    return previous.add_(x, alpha=weight)
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskVectorMerge(Strategy):
-    """Sparsify each task vector, optionally elect signs, combine: ``θ = θ₀ + scale · combine(sparsify(τᵢ))``.
+    """The task-vector engine: ``θ = θ₀ + scale · consensus(combine(sparsify(τᵢ)))``.
 
-    The shared engine of :class:`TaskArithmetic`, :class:`Ties`, :class:`Dare` and :class:`Breadcrumbs`
-    (mergekit's "generalized task arithmetic"). Subclasses only choose the sparsification.
+    Every preset (:class:`TaskArithmetic`, :class:`Ties`, :class:`Dare`, :class:`Breadcrumbs`,
+    :class:`~lightning_merge.strategies.Cabs`, :class:`~lightning_merge.strategies.Generalized`,
+    :class:`~lightning_merge.strategies.Consensus`) only chooses the :class:`Sparsification` and defaults.
 
     Args:
         weights: one weight per expert (λᵢ), or None for 1.
@@ -63,16 +129,18 @@ class TaskVectorMerge(Strategy):
             under sign election).
         election: None (no sign election), ``"weighted"`` (mergekit's convention: elect on Σ wᵢτᵢ, divide by
             the agreeing weights) or ``"unweighted"`` (PEFT's: elect on Σ τᵢ, divide by the agreeing count).
-        rescale: after sparsification, ``"none"`` keeps kept entries as they are; ``"l1"`` matches their L1 norm
-            to the unsparsified task vector's (mergekit's ``rescale``); :class:`Dare` adds ``"inverse"``.
+        rescale: what happens to the entries a sparsification keeps: ``"none"``, ``"inverse"`` (divided by the
+            kept fraction, DARE's rule) or ``"l1"`` (their L1 norm matched to the unsparsified task vector's,
+            mergekit's ``rescale``). The same meaning for every sparsification.
         weighting: None combines with the scalar weights only. ``"fisher"`` or ``"ota"`` makes the combine a
             precision-weighted mean ``τ* = Σ wᵢ Pᵢ τᵢ' / Σ wᵢ Pᵢ`` of the sparsified task vectors τᵢ', the sums over
-            every expert without election and over the agreeing entries with it (mergekit's ``normalize``
-            with elementwise weights), with ``P = max(F, 1e-6) / ‖F‖₂`` (Fisher merging's weights, the norm over
-            the whole model) or ``P = v̂^0.5 + 1e-8`` (OTA's). ``normalize`` is then ignored (it is always a mean,
-            so tune ``scale`` as for :class:`~lightning_merge.strategies.Fisher`). This is how DARE, TIES or CABS
+            every expert without election and over the agreeing entries with it, with ``P = max(F, 1e-6) / ‖F‖₂``
+            (Fisher merging's weights, the norm over the whole model) or ``P = v̂^0.5 + 1e-8`` (OTA's).
+            ``normalize`` is then ignored (it is always a mean; tune ``scale``). This is how DARE, TIES or CABS
             compose with curvature: ``Dare(drop_rate=0.5, weighting="fisher")``.
     """
+
+    scalable = True
 
     weights: PerExpert = None
     scale: float = 1.0
@@ -80,105 +148,175 @@ class TaskVectorMerge(Strategy):
     election: str | None = None
     rescale: str = "none"
     weighting: str | None = None
-    _norms: list[float] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         if self.weights is not None:
             check_number(owner, "weights", self.weights, per_expert=True)
         check_number(owner, "scale", self.scale)
-        check_choice(owner, "election", self.election, (None, "weighted", "unweighted"))
-        check_choice(owner, "rescale", self.rescale, ("inverse", "l1", "none") if owner == "Dare" else ("l1", "none"))
-        check_choice(owner, "weighting", self.weighting, (None, "fisher", "ota"))
+        check_choice(owner, "election", self.election, ELECTIONS)
+        check_choice(owner, "rescale", self.rescale, RESCALES)
+        check_choice(owner, "weighting", self.weighting, WEIGHTINGS)
+
+    # -- what a preset chooses ----------------------------------------------------------------------------------
+    @property
+    def sparsifier(self) -> Sparsification:
+        """The preset's sparsification (none for task arithmetic)."""
+        return Sparsification("none", rescale=self.rescale)
 
     @property
+    def consensus(self) -> bool:
+        """Whether a consensus mask follows the combine (:class:`~lightning_merge.strategies.Consensus`)."""
+        return False
+
+    # -- declarations -------------------------------------------------------------------------------------------
+    @property
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]
-        return {None: (), "fisher": ("fisher",), "ota": ("exp_avg_sq",)}[self.weighting]
+        kinds = list({None: (), "fisher": ("fisher",), "ota": ("exp_avg_sq",)}[self.weighting])
+        for kind in self.sparsifier.requires:
+            if kind not in kinds:
+                kinds.append(kind)
+        return tuple(kinds)
 
-    def prepare(self, plan: MergePlan) -> None:
-        super().prepare(plan)
-        if self.weighting == "fisher":
-            from lightning_merge.strategies.curvature import model_norms
-
-            self._norms = model_norms(plan, "fisher")
-
-    def _rescaled(self, tau: Tensor, kept: Tensor) -> Tensor:
-        return F.l1_rescale(tau, kept) if self.rescale == "l1" else kept
+    @property
+    def global_pass(self) -> bool:  # type: ignore[override]
+        return self.weighting == "fisher" or self.sparsifier.global_pass
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)
 
-    def sparsify(self, name: str, index: int, tau: Tensor) -> Tensor:
-        """Return expert ``index``'s task vector after sparsification (identity here)."""
-        return tau
+    @property
+    def linear(self) -> bool:
+        sp = self.sparsifier
+        identity = sp.method == "none" or (
+            not isinstance(sp.density, (list, tuple)) and sp.is_identity(0)
+        )
+        return identity and self.election is None and self.weighting is None and not self.consensus
 
-    def sparsify_stack(self, name: str, buf: Tensor, stats: Sequence[Mapping[str, Tensor]]) -> None:
-        """Sparsify the stacked task vectors ``buf (N, *shape)`` in place; the default calls :meth:`sparsify` per
-        expert. Strategies whose masks depend on each other (CABS) override this."""
-        for i in range(buf.shape[0]):
-            sparse = self.sparsify(name, i, buf[i])
-            if sparse is not buf[i]:
-                buf[i].copy_(sparse)
-            del sparse
+    def linear_form(
+        self, num_experts: int, name: str | None = None, prepared: Prepared | None = None
+    ) -> LinearForm | None:
+        sp = self.sparsifier
+        if self.election is not None or self.weighting is not None or self.consensus:
+            return None
+        if not all(sp.is_identity(i) for i in range(num_experts)):
+            return None
+        coefficients = _linear_coefficients(self.expert_weights(num_experts), self.normalize, self.scale)
+        return LinearForm(1.0 - sum(coefficients), tuple(coefficients))
+
+    # -- batch merge --------------------------------------------------------------------------------------------
+    def prepare(self, plan: MergePlan) -> Prepared:
+        self.check_num_experts(plan.num_experts)
+        norms = model_norms(plan, "fisher") if self.weighting == "fisher" else None
+        return Prepared(self, plan.num_experts, norms=norms, sparsify=self.sparsifier.prepare(plan))
+
+    def precision(self, stat: Mapping[str, Tensor], norm: float | None) -> Tensor:
+        """An expert's elementwise precision for ``weighting`` (a new tensor): Fisher merging's or OTA's default."""
+        if self.weighting == "fisher":
+            p = F.fisher_precision(stat["fisher"])
+            return p.div_(max(norm, TINY)) if norm is not None else p
+        return F.ota_precision(stat["exp_avg_sq"])
+
+    def merge_tensor(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
+        prepared: Prepared | None = None,
+    ) -> Tensor:
+        if base is None:
+            raise ValueError(f"{type(self).__name__} merges task vectors: it needs a base model (base=...)")
+        n = len(tensors)
+        prepared = prepared if prepared is not None else self._unprepared(n)
+        weights = self.expert_weights(n)
+        buf = torch.empty((n, *base.shape), dtype=base.dtype)
+        for i, t in enumerate(tensors):
+            torch.sub(t, base, out=buf[i])
+        self.sparsifier.apply_stack(name, buf, stats, prepared.get("sparsify") or {})
+        if self.weighting is not None:
+            norms = prepared.get("norms")
+            precisions = (self.precision(stats[i], None if norms is None else norms[i]).mul_(w)
+                          for i, w in enumerate(weights))
+            mixed = F.precision_mean(buf, precisions, self.election)
+        elif self.election is None:
+            mixed = F.weighted_sum(list(buf), torch.tensor(weights), self.normalize)
+        else:
+            mixed = F.combine_task_vectors(buf, torch.tensor(weights), election=self.election,
+                                           normalize=self.normalize, inplace=True)
+        del buf
+        return self.finish(name, mixed, base, tensors).mul_(self.scale).add_(base)
 
     def finish(self, name: str, mixed: Tensor, base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         """Post-process the merged task vector before scaling (identity here; consensus masks it)."""
         return mixed
 
-    def precision(self, index: int, stat: Mapping[str, Tensor]) -> Tensor:
-        """Expert ``index``'s elementwise precision for ``weighting``: Fisher merging's or OTA's default weights
-        (a new tensor)."""
-        if self.weighting == "fisher":
-            p = F.fisher_precision(stat["fisher"])
-            if self._norms is not None:
-                p.div_(max(self._norms[index], torch.finfo(torch.float32).tiny))
-            return p
-        return F.ota_precision(stat["exp_avg_sq"])
+    # -- continual ----------------------------------------------------------------------------------------------
+    def continual_form(self) -> ContinualForm:
+        owner = type(self).__name__
+        sp = self.sparsifier
+        if self.election is not None:
+            raise NoContinualForm(
+                f"{owner}(election={self.election!r}) elects each entry's sign over all experts at once, so it cannot "
+                "fold experts one at a time; use election=None (task arithmetic, DARE or Breadcrumbs without TIES' "
+                "election) or a precision-weighted strategy (fisher, ota)"
+            )
+        if self.consensus:
+            raise NoContinualForm(f"{owner}'s consensus mask compares every expert with the merge of all of them")
+        if sp.global_pass:
+            raise NoContinualForm(
+                f"{owner}(topk='model') thresholds over every expert's whole model; use topk='tensor'"
+            )
+        if sp.sequential and sp.order is not None:
+            raise NoContinualForm(
+                f"{owner}(order=...) prunes in a given order; experts arrive in their own (order=None)"
+            )
+        return _TaskVectorFold(self)
 
-    def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
-    ) -> Tensor:
-        weights = self._weights(len(tensors))
-        buf = torch.empty((len(tensors), *base.shape), dtype=base.dtype)
-        for i, t in enumerate(tensors):
-            torch.sub(t, base, out=buf[i])
-        self.sparsify_stack(name, buf, stats)
-        if self.weighting is not None:
-            mixed = self._precision_mean(buf, weights, stats)
-        elif self.election is None:
-            mixed = F.weighted_sum(list(buf), weights, self.normalize)
+
+class _TaskVectorFold(ContinualForm):
+    """The continual form of the task-vector engine without election or consensus: each expert's sparsified task
+    vector τᵢ' (CABS: among the positions earlier experts left free) is added to Σ wᵢτᵢ', or to Σ wᵢPᵢτᵢ' and Σ wᵢPᵢ
+    under curvature weighting."""
+
+    def __init__(self, strategy: TaskVectorMerge):
+        self.strategy = strategy
+        sums = (("sum", torch.float32),) if strategy.weighting is None else (("num", torch.float32),
+                                                                            ("den", torch.float32))
+        self.quantities = sums + ((("taken", torch.bool),) if strategy.sparsifier.sequential else ())
+
+    def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
+        s = self.strategy
+        s.sparsifier.keep_fraction(index)  # a per-expert list too short for this expert fails here, by name
+        values = {"norm": expert_norm(expert, names, "fisher")} if s.weighting == "fisher" else {}
+        return FoldContext(index, s.per_expert("weights", index, 1.0), values)
+
+    def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
+        s = self.strategy
+        taken = None if running is None else running.get("taken")
+        tau, taken = s.sparsifier.apply(name, ctx.index, tau, stats, {}, taken)
+        out: dict[str, Tensor] = {}
+        if s.weighting is None:
+            out["sum"] = _add_scaled(None if running is None else running["sum"], tau, ctx.weight)
         else:
-            mixed = F.combine_task_vectors(buf, weights, election=self.election, normalize=self.normalize,
-                                           inplace=True)
-        del buf
-        return self.finish(name, mixed, base, tensors).mul_(self.scale).add_(base)
+            p = s.precision(stats, ctx.values.get("norm")).mul_(ctx.weight)
+            num = torch.zeros_like(tau) if running is None else running["num"]
+            den = torch.zeros_like(tau) if running is None else running["den"]
+            F.accumulate_precision(num, den, p, tau)
+            out.update(num=num, den=den)
+        if taken is not None:
+            out["taken"] = taken
+        return out
 
-    def _precision_mean(self, buf: Tensor, weights: Tensor, stats: Sequence[Mapping[str, Tensor]]) -> Tensor:
-        """Σ wᵢPᵢτᵢ' / Σ wᵢPᵢ: over every expert without election (so DARE's inverse rescale stays unbiased),
-        over the agreeing entries with election (TIES' disjoint mean; 0 where none agrees)."""
-        ws = weights.tolist()
-        if self.election is None:  # one precision at a time
-            precisions = (self.precision(i, stats[i]).mul_(w) for i, w in enumerate(ws))
+    def finish(self, name: str, base: Tensor, running: Mapping[str, Tensor], summary: ContinualSummary) -> Tensor:
+        s = self.strategy
+        if s.weighting is None:
+            mixed = running["sum"].clone()
+            total = sum(summary.weights)
+            if s.normalize and abs(total) >= 1e-8:
+                mixed.div_(total)
         else:
-            precisions = [self.precision(i, stats[i]).mul_(w) for i, w in enumerate(ws)]
-            if self.election == "weighted":
-                signed = torch.zeros_like(buf[0])
-                for p, tau in zip(precisions, buf):
-                    signed.addcmul_(p, tau)
-            else:
-                signed = buf.sum(0)
-            positive = signed >= 0
-            for p, tau in zip(precisions, buf):
-                p.mul_(torch.where(positive, tau > 0, tau < 0))
-        num = torch.zeros_like(buf[0])
-        den = torch.zeros_like(buf[0])
-        for p, tau in zip(precisions, buf):
-            den.add_(p)
-            num.addcmul_(p, tau)
-        return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(num))
+            mixed = F.precision_quotient(running["num"], running["den"])
+        return mixed.mul_(s.scale).add_(base)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TaskArithmetic(TaskVectorMerge):
     """Task arithmetic: ``θ = θ₀ + scale · Σ λᵢ τᵢ``. ``scale = 1/N`` is the uniform average.
 
@@ -192,7 +330,7 @@ def _check_density(owner: str, value: float | list[float]) -> None:
     check_number(owner, "density", value, low=0.0, high=1.0, per_expert=True)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Ties(TaskVectorMerge):
     """TIES-merging: trim each task vector to its top-``density`` entries by magnitude, elect signs, average
     the agreeing entries (disjoint mean).
@@ -203,7 +341,8 @@ class Ties(TaskVectorMerge):
             the whole model per expert (the original paper's code; one extra read pass, exact, ties broken by
             the lower flat index in tensor order).
         election: ``"weighted"`` (mergekit, default) or ``"unweighted"`` (PEFT).
-        weights, scale, normalize: see :class:`TaskVectorMerge`; normalize defaults to True (disjoint mean).
+        weights, scale, normalize, rescale, weighting: see :class:`TaskVectorMerge`; normalize defaults to True
+            (disjoint mean).
     """
 
     name = "ties"
@@ -213,32 +352,22 @@ class Ties(TaskVectorMerge):
     normalize: bool = True
     election: str | None = "weighted"
 
-    _thresholds: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
-
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_density("Ties", self.density)
-        check_choice("Ties", "topk", self.topk, ("tensor", "model"))
+        check_choice("Ties", "topk", self.topk, SCOPES)
         if self.election is None:
             raise ValueError("Ties.election must be 'weighted' or 'unweighted' (TaskArithmetic has no election)")
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights", "density")
 
-    def prepare(self, plan: MergePlan) -> None:
-        super().prepare(plan)
-        self._thresholds = {}
-        if self.topk == "model":
-            densities = [self._per_expert("density", i, 0.2) for i in range(plan.num_experts)]
-            self._thresholds = model_topk_thresholds(plan, densities)
-
-    def sparsify(self, name: str, index: int, tau: Tensor) -> Tensor:
-        if self.topk == "model":
-            return self._rescaled(tau, tau * self._thresholds[name][index].mask(tau))
-        return self._rescaled(tau, tau * F.magnitude_mask(tau, self._per_expert("density", index, 0.2)))
+    @property
+    def sparsifier(self) -> Sparsification:
+        return Sparsification("magnitude", density=self.density, scope=self.topk, rescale=self.rescale)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Dare(TaskVectorMerge):
     """DARE: drop each task-vector entry with probability ``drop_rate``, rescale the rest, then combine
     linearly (``dare_linear``) or with TIES' sign election (``dare_ties``).
@@ -251,7 +380,8 @@ class Dare(TaskVectorMerge):
         seed: masks are drawn per tensor from (seed, tensor name, expert index): results do not depend on
             thread order.
         normalize: None chooses by ``combine`` (ties: disjoint mean; linear: plain sum).
-        weights, scale: see :class:`TaskVectorMerge`.
+        election: None chooses by ``combine`` (ties: ``"weighted"``).
+        weights, scale, weighting: see :class:`TaskVectorMerge`.
     """
 
     name = "dare"
@@ -264,29 +394,25 @@ class Dare(TaskVectorMerge):
     election: str | None = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         check_number("Dare", "drop_rate", self.drop_rate, low=0.0, high=1.0, per_expert=True)
         check_choice("Dare", "combine", self.combine, ("linear", "ties"))
         if self.election is None and self.combine == "ties":
-            self.election = "weighted"
+            set_field(self, "election", "weighted")
         if self.normalize is None:
-            self.normalize = self.combine == "ties"
+            set_field(self, "normalize", self.combine == "ties")
+        super().__post_init__()
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights", "drop_rate")
 
-    def sparsify(self, name: str, index: int, tau: Tensor) -> Tensor:
-        p = self._per_expert("drop_rate", index, 0.9)
-        if p <= 0:
-            return tau
-        keep = 1.0 - p
-        kept = tau * F.random_mask(tau.shape, keep, F.tensor_seed(self.seed, name, index))
-        if self.rescale == "inverse":
-            return kept / keep if keep > 0 else kept
-        return self._rescaled(tau, kept)
+    @property
+    def sparsifier(self) -> Sparsification:
+        p = self.drop_rate
+        density = [1.0 - x for x in p] if isinstance(p, (list, tuple)) else 1.0 - p
+        return Sparsification("random", density=density, seed=self.seed, rescale=self.rescale)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Breadcrumbs(TaskVectorMerge):
     """Model Breadcrumbs: drop the largest ``gamma`` fraction (outliers) and the smallest entries so that
     ``density`` remains, then task arithmetic (or TIES election with ``election="weighted"``).
@@ -294,7 +420,7 @@ class Breadcrumbs(TaskVectorMerge):
     Args:
         density: fraction kept, one number or one per expert.
         gamma: fraction of largest-magnitude entries dropped, one number or one per expert.
-        weights, scale, normalize, election: see :class:`TaskVectorMerge`.
+        weights, scale, normalize, election, rescale, weighting: see :class:`TaskVectorMerge`.
     """
 
     name = "breadcrumbs"
@@ -310,90 +436,9 @@ class Breadcrumbs(TaskVectorMerge):
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights", "density", "gamma")
 
-    def sparsify(self, name: str, index: int, tau: Tensor) -> Tensor:
-        density = self._per_expert("density", index, 0.9)
-        gamma = self._per_expert("gamma", index, 0.01)
-        return self._rescaled(tau, tau * F.breadcrumbs_mask(tau, density, gamma))
+    @property
+    def sparsifier(self) -> Sparsification:
+        return Sparsification("breadcrumbs", density=self.density, gamma=self.gamma, rescale=self.rescale)
 
 
-# -- model-wide top-k -----------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _GlobalCut:
-    """Keep entries whose |τ| float32 bit pattern is above ``bits``, plus the first ``quota`` equal to it."""
-
-    bits: int
-    quota: int
-    keep_all: bool = False
-    keep_none: bool = False
-
-    def mask(self, tau: Tensor) -> Tensor:
-        if self.keep_all:
-            return torch.ones_like(tau, dtype=torch.bool)
-        if self.keep_none:
-            return torch.zeros_like(tau, dtype=torch.bool)
-        bits = tau.abs().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
-        equal = bits == self.bits
-        keep = (bits > self.bits) | (equal & (torch.cumsum(equal, 0) <= self.quota))
-        return keep.view(tau.shape)
-
-
-def model_topk_thresholds(plan: MergePlan, densities: list[float]) -> dict[str, list[_GlobalCut]]:
-    """Exact model-wide top-k of |τᵢ| per expert, in two streaming passes over float32 bit histograms.
-
-    Non-negative float32 values order like their int32 bit patterns. Pass 1 counts the high 16 bits; the bin
-    holding the k-th largest is then resolved by the low 16 bits of the entries in that bin (pass 2, which keeps
-    only those entries' low bits). Ties at the threshold are kept in tensor order, then flat index.
-    """
-    names = plan.names
-    n_experts = plan.num_experts
-    total = sum(plan.spec(n).numel for n in names)
-    ks = [F.keep_count(d, total) if d < 1 else total for d in densities]
-
-    def bits_of(name: str) -> Tensor:
-        return plan.task_vectors(name).abs().contiguous().view(torch.int32).reshape(n_experts, -1)
-
-    hist = torch.zeros(n_experts, 1 << 15, dtype=torch.int64)
-    for name in names:
-        b = bits_of(name)
-        for i in range(n_experts):
-            hist[i] += torch.bincount((b[i] >> 16).clamp_(0, (1 << 15) - 1), minlength=1 << 15)
-    at_or_above = hist.flip(1).cumsum(1).flip(1)
-    bins = []
-    for i in range(n_experts):
-        k = ks[i]
-        idx = torch.nonzero(at_or_above[i] >= k).flatten() if k > 0 else torch.tensor([], dtype=torch.int64)
-        bins.append(int(idx.max()) if len(idx) else -1)
-
-    low_bits: dict[str, list[Tensor]] = {}
-    for name in names:
-        b = bits_of(name)
-        low_bits[name] = [
-            (b[i][(b[i] >> 16) == bins[i]] & 0xFFFF) if bins[i] >= 0 else torch.empty(0, dtype=torch.int32)
-            for i in range(n_experts)
-        ]
-
-    cuts: dict[str, list[_GlobalCut]] = {name: [] for name in names}
-    for i in range(n_experts):
-        k = ks[i]
-        if k >= total or k == 0:
-            for name in names:
-                cuts[name].append(_GlobalCut(0, 0, keep_all=k >= total and k > 0, keep_none=k == 0))
-            continue
-        above_bin = int(at_or_above[i, bins[i] + 1]) if bins[i] + 1 < (1 << 15) else 0
-        lo_hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for name in names:
-            lo_hist += torch.bincount(low_bits[name][i].to(torch.int64), minlength=1 << 16)
-        lo_at_or_above = lo_hist.flip(0).cumsum(0).flip(0)
-        need = k - above_bin
-        lo = int(torch.nonzero(lo_at_or_above >= need).flatten().max())
-        threshold = (bins[i] << 16) | lo
-        greater = above_bin + (int(lo_at_or_above[lo + 1]) if lo + 1 < (1 << 16) else 0)
-        remaining = k - greater
-        for name in names:
-            equal = int((low_bits[name][i] == lo).sum())
-            quota = max(0, min(remaining, equal))
-            remaining -= quota
-            cuts[name].append(_GlobalCut(threshold, quota))
-    return cuts
+__all__ = ["Breadcrumbs", "Dare", "Linear", "TaskArithmetic", "TaskVectorMerge", "Ties"]

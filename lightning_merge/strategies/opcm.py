@@ -6,7 +6,8 @@ components along the leading singular directions of Sₜ₋₁ (the projection d
 each tensor's Sₜ evolves on its own; only the final rescale is global). Order matters.
 
 Used by :class:`OPCM` (a batch merge of experts in the given order) and by the continual state
-(:mod:`lightning_merge.continual`), which persists Sₜ and the norms so adding expert t+1 never re-reads 1..t.
+(:mod:`lightning_merge.continual`) through :meth:`OPCM.continual_form`, which persists Sₜ and the norms so adding
+expert t+1 never re-reads 1..t.
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from lightning_merge.strategies.base import Strategy, check_number
+from lightning_merge.strategies.base import (
+    ContinualForm,
+    ContinualSummary,
+    FoldContext,
+    Prepared,
+    Strategy,
+    check_number,
+)
 
 if TYPE_CHECKING:
     from lightning_merge.engine import MergePlan
@@ -73,13 +81,13 @@ def opcm_step(
     return previous + tau
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class OPCM(Strategy):
     """Orthogonal projection continual merging of the experts, in the order given.
 
     ``θ = θ₀ + n̄ · S / ‖S‖``: see the module docstring. As a batch merge it runs two passes over the tensors (the
     first finds the global norms; the second recomputes each tensor's S and writes it). For experts that arrive one
-    at a time, use :class:`lightning_merge.continual.ContinualState`, which keeps S between additions.
+    at a time, use :class:`lightning_merge.ContinualState`, which keeps S between additions.
 
     Args:
         alpha: the singular-value share OPCM protects (0.5).
@@ -88,14 +96,17 @@ class OPCM(Strategy):
 
     name = "opcm"
     needs_base = True
+    global_pass = True
 
     alpha: float = 0.5
     not_linear: str = DEFAULT_NOT_LINEAR
-    _scale: float | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_number("OPCM", "alpha", self.alpha, low=0, high=1)
-        re.compile(self.not_linear)
+        try:
+            re.compile(self.not_linear)
+        except (re.error, TypeError):
+            raise ValueError(f"OPCM.not_linear must be a regular expression, got {self.not_linear!r}") from None
 
     def _final(self, name: str, base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         s = None
@@ -103,8 +114,7 @@ class OPCM(Strategy):
             s = opcm_step(name, s, t - base, self.alpha, self.not_linear)
         return s
 
-    def prepare(self, plan: MergePlan) -> None:
-        super().prepare(plan)
+    def prepare(self, plan: MergePlan) -> Prepared:
         norms = [0.0] * plan.num_experts
         s_norm = 0.0
         for name in plan.names:
@@ -113,15 +123,47 @@ class OPCM(Strategy):
             for i, t in enumerate(tensors):
                 norms[i] += float((t - base).double().square().sum())
             s_norm += float(self._final(name, base, tensors).double().square().sum())
-        mean_norm = sum(math.sqrt(n) for n in norms) / len(norms)
-        self._scale = mean_norm / math.sqrt(s_norm) if s_norm > 0 else 0.0
+        return Prepared(self, plan.num_experts, factor=_factor([math.sqrt(n) for n in norms], s_norm))
 
     def merge_tensor(
-        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
+        prepared: Prepared | None = None,
     ) -> Tensor:
-        if self._scale is None:
-            raise RuntimeError("OPCM.merge_tensor needs prepare(plan) first (merge() calls it)")
-        return self._final(name, base, tensors).mul_(self._scale).add_(base)
+        if base is None:
+            raise ValueError("OPCM merges task vectors: it needs a base model (base=...)")
+        prepared = prepared if prepared is not None else self._unprepared(len(tensors))
+        return self._final(name, base, tensors).mul_(prepared["factor"]).add_(base)
+
+    def continual_form(self) -> ContinualForm:
+        return _OPCMFold(self)
+
+
+def _factor(norms: Sequence[float], s_norm_sq: float) -> float:
+    """n̄ / ‖S‖ (0 when S vanishes)."""
+    return (sum(norms) / len(norms)) / math.sqrt(s_norm_sq) if s_norm_sq > 0 else 0.0
+
+
+class _OPCMFold(ContinualForm):
+    """Sₜ = Sₜ₋₁ + Proj(τₜ) per tensor; ‖Sₜ‖² summed over tensors; θ = θ₀ + n̄ₜ Sₜ/‖Sₜ‖."""
+
+    quantities = (("S", torch.float32),)
+
+    def __init__(self, strategy: OPCM):
+        self.strategy = strategy
+
+    def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
+        return FoldContext(index, 1.0)
+
+    def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
+        s = self.strategy
+        return {"S": opcm_step(name, None if running is None else running["S"], tau, s.alpha, s.not_linear)}
+
+    def reduce(self, name: str, running: Mapping[str, Tensor]) -> dict[str, float]:
+        return {"s_norm_sq": float(running["S"].double().square().sum())}
+
+    def finish(self, name: str, base: Tensor, running: Mapping[str, Tensor], summary: ContinualSummary) -> Tensor:
+        factor = _factor(summary.norms, summary.totals.get("s_norm_sq", 0.0))
+        return base + factor * running["S"]
 
 
 __all__ = ["DEFAULT_NOT_LINEAR", "OPCM", "is_projected", "opcm_project", "opcm_step"]

@@ -1,0 +1,262 @@
+"""The sparsifier registry: every way a task-vector merge keeps part of each task vector, in one place.
+
+A :class:`Sparsification` is a method from :data:`SPARSIFIERS` with its parameters. It sparsifies one expert's task
+vector at a time (:meth:`Sparsification.apply`), given the positions earlier experts took (CABS is the one method
+whose choice depends on them), so the batch merge and the continual fold run the same code. ``rescale`` means one
+thing everywhere:
+
+- ``"none"``: kept entries stay as they are;
+- ``"inverse"``: kept entries are divided by the kept fraction (DARE's 1/(1 − p), so E[τ̂] = τ for random drops);
+- ``"l1"``: kept entries are scaled so their L1 norm equals the unsparsified task vector's (mergekit's ``rescale``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_merge.strategies import functional as F
+
+if TYPE_CHECKING:
+    from lightning_merge.engine import MergePlan
+
+#: method → what it keeps (the docstrings of the presets give the exact rules).
+SPARSIFIERS = {
+    "none": "everything",
+    "magnitude": "the top-density entries by |τ| (TIES' trim), per tensor or over the whole model (scope)",
+    "random": "each entry with probability density, seeded per (seed, tensor, expert) (DARE's drop)",
+    "breadcrumbs": "the density entries below the gamma largest by |τ| (Model Breadcrumbs)",
+    "saliency": "the top-density entries by statistic ⊙ τ² (Fast Fisher Grafting's saliency)",
+    "cabs": "n:m per group among the positions earlier experts left free (CABS, conflict-aware and balanced)",
+}
+RESCALES = ("none", "inverse", "l1")
+SCOPES = ("tensor", "model")
+
+
+def _value(value: Any, index: int, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, (list, tuple)):
+        if index >= len(value):
+            raise ValueError(f"a per-expert list of {len(value)} values has no value for expert {index + 1}")
+        return float(value[index])
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparsification:
+    """One configured sparsification (see :data:`SPARSIFIERS`).
+
+    Attributes:
+        method: a key of :data:`SPARSIFIERS`.
+        density: fraction kept (one number, or one per expert), for every method but ``"none"``.
+        gamma: Breadcrumbs' fraction of largest entries dropped (one number, or one per expert).
+        scope: ``"magnitude"`` over each tensor or over the whole model per expert.
+        seed: seed of ``"random"``.
+        n, m: CABS' n:m (``n`` None: ``round(density·m)``).
+        order: CABS' pruning order (None: the experts' order).
+        statistic: the statistic kind of ``"saliency"``.
+        rescale: see the module docstring.
+    """
+
+    method: str = "none"
+    density: float | Sequence[float] = 1.0
+    gamma: float | Sequence[float] = 0.01
+    scope: str = "tensor"
+    seed: int = 0
+    n: int | None = None
+    m: int = 256
+    order: Sequence[int] | None = None
+    statistic: str = "exp_avg_sq"
+    rescale: str = "none"
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return (self.statistic,) if self.method == "saliency" else ()
+
+    @property
+    def sequential(self) -> bool:
+        """An expert's mask depends on the earlier experts' (CABS)."""
+        return self.method == "cabs"
+
+    @property
+    def global_pass(self) -> bool:
+        return self.method == "magnitude" and self.scope == "model"
+
+    def keep_fraction(self, index: int) -> float:
+        if self.method == "cabs":
+            return self.cabs_n() / self.m
+        return _value(self.density, index, 1.0)
+
+    def cabs_n(self) -> int:
+        return self.n if self.n is not None else round(float(_value(self.density, 0, 1.0)) * self.m)
+
+    def is_identity(self, index: int) -> bool:
+        """Whether expert ``index``'s task vector passes unchanged (no entry dropped, no rescale)."""
+        if self.method == "none":
+            return True
+        if self.method == "cabs" or self.method == "saliency":
+            return False
+        if self.method == "breadcrumbs":
+            return False
+        return self.keep_fraction(index) >= 1.0
+
+    def prepare(self, plan: MergePlan) -> dict[str, Any]:
+        """Model-wide quantities (the model-wide top-k thresholds); empty for the other methods."""
+        if not self.global_pass:
+            return {}
+        densities = [_value(self.density, i, 1.0) for i in range(plan.num_experts)]
+        return {"cuts": model_topk_thresholds(plan, densities)}
+
+    def mask(
+        self, name: str, index: int, tau: Tensor, stats: Mapping[str, Tensor], ctx: Mapping[str, Any],
+        taken: Tensor | None = None,
+    ) -> Tensor | None:
+        """Expert ``index``'s keep-mask of tensor ``name`` (None keeps everything). ``taken``: for CABS, the
+        positions earlier experts took (None for the first)."""
+        method = self.method
+        if method == "none":
+            return None
+        density = self.keep_fraction(index)
+        if method == "magnitude":
+            if self.scope == "model":
+                return ctx["cuts"][name][index].mask(tau)
+            return F.magnitude_mask(tau, density)
+        if method == "random":
+            if density >= 1:
+                return None
+            return F.random_mask(tau.shape, density, F.tensor_seed(self.seed, name, index))
+        if method == "breadcrumbs":
+            return F.breadcrumbs_mask(tau, density, _value(self.gamma, index, 0.01))
+        if method == "saliency":
+            score = stats[self.statistic] * tau.square()
+            return F.topk_mask(score, F.keep_count(density, score.numel()))
+        if method == "cabs":
+            return F.nm_mask(tau, self.cabs_n(), self.m, None if taken is None else ~taken)
+        raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFIERS)}")
+
+    def apply(
+        self, name: str, index: int, tau: Tensor, stats: Mapping[str, Tensor], ctx: Mapping[str, Any],
+        taken: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Sparsify and rescale expert ``index``'s task vector ``tau`` in place.
+
+        Returns:
+            ``(tau, taken)``: the same tensor, and for CABS the positions taken so far (earlier experts' and this
+            one's non-zero kept entries); None otherwise.
+        """
+        keep = self.mask(name, index, tau, stats, ctx, taken)
+        if keep is not None:
+            original = tau.clone() if self.rescale == "l1" else None
+            tau.mul_(keep)
+            if self.rescale == "inverse":
+                fraction = self.keep_fraction(index)
+                if fraction > 0:
+                    tau.div_(fraction)
+            elif original is not None:
+                tau.copy_(F.l1_rescale(original, tau))
+        if self.sequential:
+            mine = (keep if keep is not None else torch.ones_like(tau, dtype=torch.bool)) & (tau != 0)
+            taken = mine if taken is None else taken | mine
+        return tau, taken
+
+    def apply_stack(
+        self, name: str, buf: Tensor, stats: Sequence[Mapping[str, Tensor]], ctx: Mapping[str, Any]
+    ) -> None:
+        """Sparsify stacked task vectors ``buf (N, *shape)`` in place, in the pruning order."""
+        if self.method == "none":
+            return
+        order = list(self.order) if self.order is not None and self.sequential else range(buf.shape[0])
+        taken = None
+        for i in order:
+            _, taken = self.apply(name, i, buf[i], stats[i], ctx, taken)
+
+
+# -- model-wide top-k -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _GlobalCut:
+    """Keep entries whose |τ| float32 bit pattern is above ``bits``, plus the first ``quota`` equal to it."""
+
+    bits: int
+    quota: int
+    keep_all: bool = False
+    keep_none: bool = False
+
+    def mask(self, tau: Tensor) -> Tensor:
+        if self.keep_all:
+            return torch.ones_like(tau, dtype=torch.bool)
+        if self.keep_none:
+            return torch.zeros_like(tau, dtype=torch.bool)
+        bits = tau.abs().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+        equal = bits == self.bits
+        keep = (bits > self.bits) | (equal & (torch.cumsum(equal, 0) <= self.quota))
+        return keep.view(tau.shape)
+
+
+def model_topk_thresholds(plan: MergePlan, densities: list[float]) -> dict[str, list[_GlobalCut]]:
+    """Exact model-wide top-k of |τᵢ| per expert, in two streaming passes over float32 bit histograms.
+
+    Non-negative float32 values order like their int32 bit patterns. Pass 1 counts the high 16 bits; the bin
+    holding the k-th largest is then resolved by the low 16 bits of the entries in that bin (pass 2, which keeps
+    only those entries' low bits). Ties at the threshold are kept in tensor order, then flat index.
+    """
+    names = plan.names
+    n_experts = plan.num_experts
+    total = sum(plan.spec(n).numel for n in names)
+    ks = [F.keep_count(d, total) if d < 1 else total for d in densities]
+
+    def bits_of(name: str) -> Tensor:
+        return plan.task_vectors(name).abs().contiguous().view(torch.int32).reshape(n_experts, -1)
+
+    hist = torch.zeros(n_experts, 1 << 15, dtype=torch.int64)
+    for name in names:
+        b = bits_of(name)
+        for i in range(n_experts):
+            hist[i] += torch.bincount((b[i] >> 16).clamp_(0, (1 << 15) - 1), minlength=1 << 15)
+    at_or_above = hist.flip(1).cumsum(1).flip(1)
+    bins = []
+    for i in range(n_experts):
+        k = ks[i]
+        idx = torch.nonzero(at_or_above[i] >= k).flatten() if k > 0 else torch.tensor([], dtype=torch.int64)
+        bins.append(int(idx.max()) if len(idx) else -1)
+
+    low_bits: dict[str, list[Tensor]] = {}
+    for name in names:
+        b = bits_of(name)
+        low_bits[name] = [
+            (b[i][(b[i] >> 16) == bins[i]] & 0xFFFF) if bins[i] >= 0 else torch.empty(0, dtype=torch.int32)
+            for i in range(n_experts)
+        ]
+
+    cuts: dict[str, list[_GlobalCut]] = {name: [] for name in names}
+    for i in range(n_experts):
+        k = ks[i]
+        if k >= total or k == 0:
+            for name in names:
+                cuts[name].append(_GlobalCut(0, 0, keep_all=k >= total and k > 0, keep_none=k == 0))
+            continue
+        above_bin = int(at_or_above[i, bins[i] + 1]) if bins[i] + 1 < (1 << 15) else 0
+        lo_hist = torch.zeros(1 << 16, dtype=torch.int64)
+        for name in names:
+            lo_hist += torch.bincount(low_bits[name][i].to(torch.int64), minlength=1 << 16)
+        lo_at_or_above = lo_hist.flip(0).cumsum(0).flip(0)
+        need = k - above_bin
+        lo = int(torch.nonzero(lo_at_or_above >= need).flatten().max())
+        threshold = (bins[i] << 16) | lo
+        greater = above_bin + (int(lo_at_or_above[lo + 1]) if lo + 1 < (1 << 16) else 0)
+        remaining = k - greater
+        for name in names:
+            equal = int((low_bits[name][i] == lo).sum())
+            quota = max(0, min(remaining, equal))
+            remaining -= quota
+            cuts[name].append(_GlobalCut(threshold, quota))
+    return cuts
+
+
+__all__ = ["RESCALES", "SCOPES", "SPARSIFIERS", "Sparsification", "model_topk_thresholds"]

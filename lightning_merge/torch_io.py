@@ -1,0 +1,83 @@
+"""Loading ``torch.save`` files (Lightning ``.ckpt``, ``.bin``, ``.pt``) without running their code.
+
+``torch.load(weights_only=True)`` only: custom objects (a Namespace in ``hyper_parameters``, a tokenizer) are refused
+with a message naming the object and the explicit opt-in ``trust_checkpoint=True``. Empty, truncated, corrupted and
+crafted files (a tensor declaring more bytes than the file holds) are refused with one clear line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A ``torch.save`` file that cannot be loaded safely: corrupted, truncated, or holding custom objects."""
+
+
+def _custom_object_error(path: Path, err: Exception) -> CheckpointError:
+    text = str(err)
+    match = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global ([\w.]+)", text)
+    what = match.group(1) if match else "a custom Python object"
+    return CheckpointError(
+        f"'{path}' holds {what} (typically in hyper_parameters from save_hyperparameters()), which a safe load "
+        f"refuses. If you trust this file, pass trust_checkpoint=True (CLI: --trust-checkpoint): that unpickles it "
+        f"and can run arbitrary code."
+    )
+
+
+def _is_weights_only_refusal(err: Exception) -> bool:
+    text = str(err).lower().replace(" ", "_").replace("-", "_")
+    return "weights_only" in text and ("unsupported" in text or "load_failed" in text or "global" in text)
+
+
+def load_torch_file(path: str | os.PathLike, trust_checkpoint: bool = False) -> Any:
+    """``torch.load`` a file safely (memory-mapped where the format allows).
+
+    Args:
+        path: the file.
+        trust_checkpoint: unpickle arbitrary objects (only for files you trust: it can run code).
+
+    Raises:
+        CheckpointError: the file is empty, truncated, corrupted, not a ``torch.save`` file, declares tensors larger
+            than its data, or holds custom objects (without ``trust_checkpoint``).
+        FileNotFoundError: the file does not exist.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"'{path}' does not exist") from None
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a folder, not a checkpoint file")
+    if size == 0:
+        raise CheckpointError(f"'{path}' is empty (0 bytes): not a checkpoint; was its write interrupted?")
+    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trust_checkpoint}
+    try:
+        try:
+            return torch.load(path, mmap=True, **kwargs)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+        # The legacy (non-zip) format cannot be memory-mapped: load it plainly, outside the handler above.
+        return torch.load(path, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ValueError... by case
+        if not trust_checkpoint and _is_weights_only_refusal(err):
+            raise _custom_object_error(path, err) from None
+        text = " ".join(str(err).split())
+        if "out of bounds for storage" in text or "storage of size" in text:
+            reason = "it declares a tensor larger than the data it holds (corrupted or crafted)"
+        elif "zip archive" in text or "central directory" in text or "EOF" in text or isinstance(err, EOFError):
+            reason = "it is truncated or not a torch.save file"
+        else:
+            reason = f"{type(err).__name__}: {text[:200]}"
+        raise CheckpointError(f"cannot load '{path}' as a PyTorch/Lightning checkpoint: {reason}") from None
+
+
+__all__ = ["CheckpointError", "load_torch_file"]
