@@ -11,7 +11,14 @@ The module says how to get log-likelihoods through a small protocol:
         '''Logits (..., C) and integer targets (...) for ``batch``; targets equal to -100 are ignored.'''
 
 Without that method, a batch ``(x, y, ...)`` (tuple or list) is read as inputs ``x`` and targets ``y`` with
-logits ``module(x)``, and a mapping with ``"labels"`` as ``module(**inputs).logits`` (Hugging Face style).
+logits ``module(x)``, and a mapping with ``"labels"`` as ``module(**inputs).logits`` (Hugging Face style); for a
+Hugging Face causal language model (a ``...ForCausalLM`` / ``...LMHeadModel`` inside the module) the labels are
+shifted as its own loss shifts them (position t predicts token t + 1), so the log-likelihood is the one the model's
+loss uses.
+
+:func:`batch_counts` tells the batch-empirical estimator how many sequences a batch holds and over how many predicted
+units its loss is averaged (tokens for a token-mean loss), through the module's ``fisher_counts(batch)`` when it
+defines one.
 """
 
 from __future__ import annotations
@@ -28,18 +35,78 @@ ESTIMATORS = ("example", "true")
 LogitsFn = Callable[[Any], tuple[Tensor, Tensor]]
 
 
+def is_causal_lm(module: nn.Module) -> bool:
+    """Whether ``module`` is or holds a Hugging Face causal language model (whose loss shifts the labels)."""
+    cached = getattr(module, "_lightning_merge_causal", None)
+    if cached is not None:
+        return bool(cached)
+    found = any(type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) for m in module.modules())
+    try:
+        object.__setattr__(module, "_lightning_merge_causal", found)
+    except (AttributeError, TypeError):
+        pass
+    return found
+
+
+def batch_counts(batch: Any, module: nn.Module | None = None, reduction: str = "auto") -> tuple[int, int]:
+    """``(sequences, predicted units)`` of a training batch: the units its loss is averaged over.
+
+    Args:
+        batch: the batch as the training step receives it.
+        module: the LightningModule; its ``fisher_counts(batch) -> (sequences, units)`` wins when it defines one.
+        reduction: how the loss reduces: ``"example_mean"`` (units = sequences), ``"token_mean"`` (units = labels
+            other than -100, shifted by one for a causal LM: Hugging Face's losses), ``"sum"`` (units = 1), or
+            ``"auto"``: token mean when the batch is a mapping whose ``labels`` have a position axis (2-D or more),
+            else example mean.
+
+    Raises:
+        TypeError: the number of examples cannot be read from the batch (the message says how to declare it).
+    """
+    hook = getattr(module, "fisher_counts", None) if module is not None else None
+    if callable(hook):
+        sequences, units = hook(batch)
+        return int(sequences), int(units)
+    try:
+        sequences = _batch_len(batch)
+    except TypeError:
+        raise TypeError(
+            f"CurvatureCapture cannot tell how many examples a training batch of type {type(batch).__name__} holds "
+            "(it needs it to scale the batch Fisher): define `fisher_counts(self, batch) -> (sequences, tokens)` on "
+            "the LightningModule, or yield tensors, tuples or mappings of tensors"
+        ) from None
+    if reduction == "example_mean":
+        return sequences, sequences
+    if reduction == "sum":
+        return sequences, 1
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if reduction == "token_mean" or (reduction == "auto" and isinstance(labels, Tensor) and labels.dim() >= 2):
+        if not isinstance(labels, Tensor):
+            raise TypeError(
+                "loss_reduction='token_mean' needs a mapping batch with 'labels' (Hugging Face style); define "
+                "`fisher_counts(self, batch) -> (sequences, tokens)` on the LightningModule otherwise"
+            )
+        if module is not None and is_causal_lm(module):
+            labels = labels[..., 1:]
+        return sequences, int((labels != IGNORE_INDEX).sum())
+    return sequences, sequences
+
+
 def default_logits_fn(module: nn.Module) -> LogitsFn:
     """The module's ``fisher_logits`` if it has one, else the classification default (see the module docstring)."""
     custom = getattr(module, "fisher_logits", None)
     if callable(custom):
         return custom
+    causal = is_causal_lm(module)
 
     def logits_fn(batch: Any) -> tuple[Tensor, Tensor]:
         if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
             return _logits_of(module(batch[0])), batch[1]
         if isinstance(batch, Mapping) and "labels" in batch:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            return _logits_of(module(**inputs)), batch["labels"]
+            logits, labels = _logits_of(module(**inputs)), batch["labels"]
+            if causal and labels.dim() >= 2:  # Hugging Face's causal-LM loss: position t predicts token t + 1
+                return logits[..., :-1, :], labels[..., 1:]
+            return logits, labels
         raise TypeError(
             f"cannot get log-likelihoods from {type(module).__name__} for a batch of type {type(batch).__name__}: "
             "define `fisher_logits(self, batch) -> (logits, targets)` on the module (logits (..., C), integer "
@@ -292,4 +359,4 @@ def _batched_only(batch: Any, size: int) -> Any:
     raise TypeError(f"cannot vmap over {type(batch).__name__}")
 
 
-__all__ = ["ESTIMATORS", "compute_fisher", "default_logits_fn", "log_likelihood"]
+__all__ = ["ESTIMATORS", "batch_counts", "compute_fisher", "default_logits_fn", "is_causal_lm", "log_likelihood"]

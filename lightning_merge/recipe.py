@@ -30,7 +30,7 @@ _MERGEKIT: dict[str, tuple[type[Strategy], dict[str, Any], bool | None, tuple[st
     "breadcrumbs_ties": (Breadcrumbs, {"election": "weighted"}, False, ("weight", "density", "gamma"),
                          ("normalize", "lambda", "rescale", "int8_mask")),
 }
-_TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
+_TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
 _REFUSED = {
     "slices": "layer slices (frankenmerges)",
     "tokenizer_source": "tokenizer merging",
@@ -118,9 +118,19 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected {', '.join(sorted(_TOP_LEVEL))}"
         )
     method = config.get("merge_method")
+    exact = config.get("strategy")
+    if exact is not None:
+        if method is not None or config.get("parameters"):
+            raise RecipeError(
+                f"{path}: give either 'strategy' (this project's strategy as Strategy.to_dict() writes it) or "
+                "'merge_method' with 'parameters' (mergekit's form), not both"
+            )
+        if not isinstance(exact, Mapping):
+            raise RecipeError(f"{path}: 'strategy' must be a mapping such as {{name: ties, density: 0.2}}")
+        method = exact.get("name", exact.get("class_path"))
     if method is None:
         raise RecipeError(f"{path}: 'merge_method' is missing")
-    if method not in _MERGEKIT and method not in STRATEGIES:
+    if exact is None and method not in _MERGEKIT and method not in STRATEGIES:
         known = sorted(set(_MERGEKIT) | set(STRATEGIES))
         raise RecipeError(f"{path}: merge_method '{method}' is not supported; supported: {', '.join(known)}")
 
@@ -144,13 +154,26 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         params = dict(entry.get("parameters") or {})
         for key, value in params.items():
             _check_scalar(value, path, f"models[{i}].parameters.{key}")
-        if base_path is not None and model_path.resolve() == base_path.resolve() and method != "linear":
+        if base_path is not None and model_path.resolve() == base_path.resolve() and method != "linear" and \
+                exact is None:
             continue  # mergekit lists the base among the models; it is not a task vector
         entries.append((model_path, params))
     if not entries:
         raise RecipeError(f"{path}: no model to merge besides the base")
 
-    strategy = _build_strategy(method, shared, [p for _, p in entries], overrides or {}, path)
+    if exact is not None:
+        per_model = [i for i, (_, params) in enumerate(entries) if params]
+        if per_model:
+            raise RecipeError(
+                f"{path}: models[{per_model[0]}] has parameters, but with 'strategy' every argument is the strategy's "
+                "(per-expert values as lists in it, in the order of models)"
+            )
+        try:
+            strategy = Strategy.from_dict({**exact, **(overrides or {})})
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"{path}: strategy: {err}") from None
+    else:
+        strategy = _build_strategy(method, shared, [p for _, p in entries], overrides or {}, path)
     if strategy.needs_base and base_path is None:
         raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
     dtype = config.get("out_dtype") or config.get("dtype")
@@ -158,9 +181,14 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         dtype = parse_dtype(dtype, "dtype")
     except ValueError as err:
         raise RecipeError(f"{path}: {err}") from None
-    experts = [Expert(p, trust_checkpoint=trust_checkpoint) for p, _ in entries]
-    base = Expert(base_path, trust_checkpoint=trust_checkpoint) if base_path is not None else None
+    base = Expert(base_path, trust_checkpoint=trust_checkpoint, name=str(base_path)) if base_path is not None else None
+    experts = [Expert(p, trust_checkpoint=trust_checkpoint, base=base if _is_adapter(p) else None, name=str(p))
+               for p, _ in entries]
     return Recipe(path, experts, base, strategy, dtype)
+
+
+def _is_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").exists()
 
 
 def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[str, Any]],

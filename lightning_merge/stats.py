@@ -363,7 +363,8 @@ class Statistics:
             if decay:  # an exponential moving average: bias-corrected like Adam's second moments
                 count = _per_name(meta, "count", name, self.origin)
                 value = value / (1.0 - float(decay) ** count)
-            return value * float(meta.get("batch_size", 1))
+            # ``scale`` (this version): values already weighted per step by N²/B; older sidecars: × the mean batch
+            return value * float(meta.get("scale", meta.get("batch_size", 1)))
         return value
 
 
@@ -407,6 +408,8 @@ def check_kind_metadata(origin: str, kind: str, meta: Mapping[str, Any]) -> None
     if kind.startswith("fisher"):
         if meta.get("batch_size") is not None:
             _in_range(origin, kind, "batch_size", meta["batch_size"], low=0.0)
+        if meta.get("scale") is not None:
+            _in_range(origin, kind, "scale", meta["scale"], low=0.0)
         if meta.get("ema_decay") is not None:
             _in_range(origin, kind, "ema_decay", meta["ema_decay"], low=0.0, high=1.0)
         if meta.get("count") is not None:

@@ -142,3 +142,19 @@ def batch_grads(model: nn.Module, batches) -> list[dict[str, torch.Tensor]]:
         out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
     model.zero_grad()
     return out
+
+
+import dataclasses  # noqa: E402
+
+from lightning_merge.strategies import Strategy  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplodingStrategy(Strategy):
+    """A strategy that fails on every tensor: rank 0 raises inside a merge callback (the other ranks must not hang)."""
+
+    name = "test_exploding"
+    needs_base = False
+
+    def merge_tensor(self, name, base, tensors, stats, prepared=None):
+        raise RuntimeError("boom at rank zero")

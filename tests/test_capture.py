@@ -49,7 +49,8 @@ def test_second_moments_and_batch_fisher_equal_hand_computation(tmp_path):
     for name in v:
         torch.testing.assert_close(stats.raw(name, "exp_avg_sq"), v[name], rtol=1e-5, atol=1e-10)
         torch.testing.assert_close(stats.get(name, "exp_avg_sq"), v[name] / (1 - BETA2**8), rtol=1e-5, atol=1e-10)
-        torch.testing.assert_close(stats.raw(name, "fisher", "batch"), mean[name], rtol=1e-5, atol=1e-10)
+        # stored per-example already: each step's g² weighted by its batch of 8 (a mean over examples)
+        torch.testing.assert_close(stats.raw(name, "fisher", "batch"), 8 * mean[name], rtol=1e-5, atol=1e-10)
         torch.testing.assert_close(stats.get(name, "fisher", "batch"), 8 * mean[name], rtol=1e-5, atol=1e-10)
     # the final weights pair with the sidecar: an Expert finds it, names match the module's state_dict
     expert = Expert(tmp_path / "final.safetensors")
@@ -74,7 +75,7 @@ def test_gradient_accumulation_records_once_per_effective_batch(tmp_path):
     model = Tiny(lr=0.0)
     g = batch_grads(model, fixed_batches(bs=16))  # the mean loss of 16 examples = Lightning's averaged micro-losses
     for name in g[0]:
-        expected = (g[0][name] ** 2 + g[1][name] ** 2) / 2
+        expected = 16 * (g[0][name] ** 2 + g[1][name] ** 2) / 2  # w = (W·A)² / Σ B/N² = 4 / (2·8/64) = 16
         torch.testing.assert_close(stats.raw(name, "fisher", "batch"), expected, rtol=1e-5, atol=1e-10)
 
 
@@ -91,7 +92,7 @@ def test_start_step_every_n_and_ema(tmp_path):
     recorded = [1, 3, 5, 7]  # steps 1, 3, 5, 7 → batches 1, 3, 1, 3
     assert stats.kinds["fisher.batch"]["count"] == 4
     for name in g[0]:
-        expected = sum(g[s % 4][name] ** 2 for s in recorded) / 4
+        expected = 8 * sum(g[s % 4][name] ** 2 for s in recorded) / 4
         torch.testing.assert_close(stats.raw(name, "fisher", "batch"), expected, rtol=1e-5, atol=1e-10)
 
     decay = 0.5
@@ -101,9 +102,9 @@ def test_start_step_every_n_and_ema(tmp_path):
     for name in g[0]:
         ema = torch.zeros_like(g[0][name])
         for s in range(4):
-            ema = decay * ema + (1 - decay) * g[s][name] ** 2
+            ema = decay * ema + (1 - decay) * 8 * g[s][name] ** 2
         torch.testing.assert_close(stats.raw(name, "fisher", "batch"), ema, rtol=1e-5, atol=1e-10)
-        torch.testing.assert_close(stats.get(name, "fisher", "batch"), 8 * ema / (1 - decay**4), rtol=1e-5, atol=1e-10)
+        torch.testing.assert_close(stats.get(name, "fisher", "batch"), ema / (1 - decay**4), rtol=1e-5, atol=1e-10)
 
 
 def test_parameter_groups_are_named_by_identity_not_position(tmp_path):
@@ -133,7 +134,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert meta["skipped_nonfinite"] == 1 and meta["count"] == 3
     g = batch_grads(Tiny(lr=0.0), fixed_batches())
     for name in g[0]:
-        expected = (g[0][name] ** 2 + g[1][name] ** 2 + g[3][name] ** 2) / 3
+        expected = 8 * (g[0][name] ** 2 + g[1][name] ** 2 + g[3][name] ** 2) / 3
         torch.testing.assert_close(stats.raw(name, "fisher", "batch"), expected, rtol=1e-5, atol=1e-10)
         assert torch.isfinite(stats.raw(name, "fisher", "batch")).all()
 
@@ -221,7 +222,8 @@ def test_renamed_parameters_on_resume_are_refused(tmp_path):
     saved = torch.load(path, weights_only=True)
     saved["state_dict"] = {k: v for k, v in saved["state_dict"].items()}
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("CurvatureCapture"))
-    state["counts"] = {"body.0.weight" if k == "net.0.weight" else k: c for k, c in state["counts"].items()}
+    counts = state["fisher"]["counts"]
+    state["fisher"]["counts"] = {"body.0.weight" if k == "net.0.weight" else k: c for k, c in counts.items()}
     torch.save(saved, path)
     with pytest.raises(StatisticsError, match="parameter names changed"):
         trainer(tmp_path, [CurvatureCapture()], max_epochs=2).fit(Tiny(lr=1e-2), loader(), ckpt_path=str(path))
@@ -354,3 +356,44 @@ def test_export_second_moments_in_the_ota_convention(tmp_path):
     corrected = load_file(export_second_moments(final, tmp_path / "c.safetensors", bias_correct=True))
     assert torch.equal(corrected["net.2.bias"], final.get("net.2.bias", "exp_avg_sq"))
     assert main(["export-second-moments", str(tmp_path / "nothing.ckpt"), str(out)]) == 2
+
+
+class _Batch:
+    """A custom batch object whose length cannot be read."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+class _CustomBatchModel(Tiny):
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch.x), batch.y)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch
+
+
+class _CountedCustomBatchModel(_CustomBatchModel):
+    def fisher_counts(self, batch):
+        return len(batch.y), len(batch.y)
+
+
+def _custom_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = data(32)
+    return DataLoader(TensorDataset(x, y), batch_size=8, collate_fn=lambda items: _Batch(
+        torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])))
+
+
+def test_a_batch_whose_size_cannot_be_read_is_an_error_not_a_zero_fisher(tmp_path):
+    with pytest.raises(TypeError, match="fisher_counts"):
+        trainer(tmp_path / "a", [CurvatureCapture()], max_epochs=1).fit(_CustomBatchModel(lr=0.0), _custom_loader())
+    capture = CurvatureCapture(second_moments=False)
+    trainer(tmp_path / "b", [capture], max_epochs=1).fit(_CountedCustomBatchModel(lr=0.0), _custom_loader())
+    stats = capture.finalize()
+    assert stats.kinds["fisher.batch"]["batch_size"] == 8
+    g = batch_grads(Tiny(lr=0.0), [(b.x, b.y) for b in _custom_loader()])
+    for name in g[0]:
+        expected = 8 * sum(step[name] ** 2 for step in g) / 4
+        torch.testing.assert_close(stats.get(name, "fisher", "batch"), expected, rtol=1e-5, atol=1e-10)

@@ -17,6 +17,7 @@ from lightning_merge.averaging import (
     read_info,
     select_checkpoints,
 )
+from lightning_merge.callbacks._distributed import on_rank_zero
 
 SELECTS = ("top_k", "last", "window", "all")
 
@@ -141,7 +142,8 @@ class CheckpointAveraging(Callback):
         for callback in trainer.callbacks:  # sidecars still being written in the background must be complete
             if isinstance(callback, CurvatureCapture):
                 callback.wait()
-        if trainer.is_global_zero:
+
+        def average() -> None:
             last = ckpt.CHECKPOINT_NAME_LAST or "last"
             files = sorted(
                 p
@@ -177,7 +179,8 @@ class CheckpointAveraging(Callback):
             self.averaged = list(zip(paths, weights or [None] * len(paths)))
             used = ", ".join(f"{Path(p).name} ({w:.3f})" if w is not None else Path(p).name for p, w in self.averaged)
             rank_zero_info(f"CheckpointAveraging ({self.weighting}): {used} → {out}")
-        trainer.strategy.barrier("lightning_merge_average")
+
+        on_rank_zero(trainer, average, "CheckpointAveraging: the average")
         self.averaged_path = str(out)
 
     def _update_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

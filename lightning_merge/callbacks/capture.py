@@ -3,40 +3,42 @@
 What it records, per trainable parameter (names as in the LightningModule's ``state_dict``):
 
 - ``exp_avg_sq``: Adam's second moments, read from the optimizer state when a checkpoint is saved and at fit end,
-  with β₂ and the per-parameter step for bias correction at merge time.
-- ``fisher.batch``: the batch-empirical diagonal Fisher, the mean (or an exponential moving average) of g² over
-  optimizer steps, g the gradient of the effective batch's mean loss, seen in ``on_before_optimizer_step``
-  (after AMP unscaling and gradient accumulation, after DDP averaging); steps with non-finite gradients are
-  skipped and counted.
+  with β₂ and the per-parameter step for bias correction at merge time (:mod:`._second_moments`).
+- ``fisher.batch``: the batch-empirical diagonal Fisher, the mean (or an exponential moving average) over optimizer
+  steps of wₜ·gₜ², gₜ the gradient the optimizer sees in ``on_before_optimizer_step`` (after AMP unscaling, gradient
+  accumulation and DDP averaging) and wₜ the step's own scale from its counted sequences and predicted tokens, so
+  token-mean losses (Hugging Face's) give the per-sequence Fisher (:mod:`._fisher_accumulator`); steps with
+  non-finite gradients are skipped and counted.
 - ``fisher.example`` / ``fisher.true``: optionally, after fit, the per-example empirical or the sampled true
-  Fisher over a dataloader (see :mod:`lightning_merge.fisher` for the log-likelihood protocol).
+  Fisher over a dataloader (:mod:`._post_fit`, :mod:`lightning_merge.fisher`).
 
 Where it goes: a sidecar ``X.statistics.safetensors`` next to every checkpoint ``X.ckpt`` the Trainer writes
 (ModelCheckpoint's top-k and ``last``, ``trainer.save_checkpoint``, OnExceptionCheckpoint), deleted when
-ModelCheckpoint rotates ``X.ckpt`` away, and ``final.safetensors`` + ``final.statistics.safetensors`` at fit end.
-The mechanism is a thin wrapper around the strategy's ``CheckpointIO``: it sees every save and every removal.
-See docs/capture.md and docs/format.md.
+ModelCheckpoint rotates ``X.ckpt`` away (:mod:`._sidecars`), and ``final.safetensors`` +
+``final.statistics.safetensors`` at fit end. See docs/capture.md and docs/format.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import uuid
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_merge.fisher import ESTIMATORS, _batch_len, compute_fisher
+from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.callbacks._fisher_accumulator import REDUCTIONS, BatchCounts, BatchFisher
+from lightning_merge.callbacks._post_fit import LOADERS, post_fit_fisher
+from lightning_merge.callbacks._second_moments import cpu_float, has_second_moments, read_second_moments
+from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
+from lightning_merge.fisher import ESTIMATORS, batch_counts
 from lightning_merge.stats import (
     COMPRESSIONS,
     RESUME_PREFIX,
@@ -48,8 +50,7 @@ from lightning_merge.stats import (
     write_statistics,
 )
 
-STATE_VERSION = 1
-LOADERS = ("val", "train", "test")
+STATE_VERSION = 2
 
 
 class CurvatureCapture(Callback):
@@ -69,10 +70,14 @@ class CurvatureCapture(Callback):
             NAdam, RAdam...). With an optimizer that has none (SGD), capturing only second moments is an error;
             with the Fisher also on, a warning.
         fisher: record the batch-empirical Fisher during training.
+        loss_reduction: how the training loss reduces, so the batch Fisher estimates the per-example
+            (per-sequence) Fisher: ``"auto"`` (a token mean for mapping batches whose ``labels`` have a position
+            axis, as Hugging Face's losses; else a mean over examples), ``"example_mean"``, ``"token_mean"`` or
+            ``"sum"``. A module's ``fisher_counts(batch) -> (sequences, tokens)`` overrides it.
         fisher_start_step: first optimizer step (``trainer.global_step``) whose gradients are recorded.
         fisher_every_n_steps: record every n-th optimizer step from ``fisher_start_step`` on.
         fisher_ema_decay: ``None`` averages over the whole run; a decay d in (0, 1) keeps an exponential moving
-            average F ← d·F + (1 − d)·g², bias-corrected at merge time like Adam's.
+            average F ← d·F + (1 − d)·wg², bias-corrected at merge time like Adam's.
         fisher_after_fit: ``"example"`` (per-example empirical) or ``"true"`` (labels sampled from the model)
             computed once when the fit ends, over ``fisher_loader``; ``None`` for neither.
         fisher_loader: ``"val"``, ``"train"`` or ``"test"`` (the Trainer's dataloaders) or, from Python, any
@@ -95,14 +100,15 @@ class CurvatureCapture(Callback):
         self,
         second_moments: bool = True,
         fisher: bool = True,
+        loss_reduction: Literal["auto", "example_mean", "token_mean", "sum"] = "auto",
         fisher_start_step: int = 0,
         fisher_every_n_steps: int = 1,
         fisher_ema_decay: float | None = None,
-        fisher_after_fit: str | None = None,
-        fisher_loader: str | Iterable[Any] = "val",
+        fisher_after_fit: Literal["example", "true"] | None = None,
+        fisher_loader: Literal["val", "train", "test"] | Iterable[Any] = "val",
         fisher_examples: int = 512,
         fisher_samples: int = 1,
-        compression: str = "float32",
+        compression: Literal["float32", "bfloat16", "rank1"] = "float32",
         checkpoint_sidecars: bool = True,
         save_final: bool = True,
         dirpath: str | None = None,
@@ -112,6 +118,8 @@ class CurvatureCapture(Callback):
         super().__init__()
         if not second_moments and not fisher and fisher_after_fit is None:
             raise ValueError("CurvatureCapture records nothing: enable second_moments, fisher or fisher_after_fit")
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {', '.join(REDUCTIONS)}, got {loss_reduction!r}")
         if fisher_start_step < 0:
             raise ValueError(f"fisher_start_step must be >= 0, got {fisher_start_step}")
         if fisher_every_n_steps < 1:
@@ -134,6 +142,7 @@ class CurvatureCapture(Callback):
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
         self.second_moments = second_moments
         self.fisher = fisher
+        self.loss_reduction = loss_reduction
         self.fisher_start_step = fisher_start_step
         self.fisher_every_n_steps = fisher_every_n_steps
         self.fisher_ema_decay = fisher_ema_decay
@@ -151,11 +160,7 @@ class CurvatureCapture(Callback):
 
     # -- state --------------------------------------------------------------------------------------------------
     def _reset(self) -> None:
-        self._fisher_acc: dict[str, Tensor] = {}  # running mean of g² (or raw EMA)
-        self._counts: dict[str, int] = {}  # recorded steps per parameter
-        self._batch_total = 0.0  # Σ global effective batch size over recorded steps
-        self._recorded = 0
-        self._skipped = 0
+        self._batch_fisher = BatchFisher(self.fisher_ema_decay)
         self._fingerprint: dict[str, str] = {}
         self._restarted_at: int | None = None
         self._post: dict[str, tuple[dict[str, Tensor], int]] = {}
@@ -164,32 +169,27 @@ class CurvatureCapture(Callback):
     def _runtime(self) -> None:
         self._trainer: pl.Trainer | None = None
         self._names: dict[int, str] = {}
-        self._micro_examples = 0
+        self._counts = BatchCounts()
         self._token: str | None = None
         self._pending: dict[str, tuple[dict, dict, dict]] = {}
-        self._executor: ThreadPoolExecutor | None = None
-        self._futures: dict[str, Future] = {}
-        self._lock = threading.Lock()
+        self._sidecars = SidecarWriter(self._write_sidecar, self.async_write)
         self._resume_path: str | None = None
         self._module_names: set[str] | None = None
         self._final: Statistics | None = None
         self._final_key: tuple | None = None
-        self._warned_no_moments = False
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: drop threads, locks and the trainer
         state = self.__dict__.copy()
-        for key in ("_trainer", "_executor", "_futures", "_lock", "_pending", "_final"):
+        for key in ("_trainer", "_sidecars", "_pending", "_final"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._trainer = None
-        self._executor = None
-        self._futures = {}
-        self._lock = threading.Lock()
         self._pending = {}
         self._final = None
+        self._sidecars = SidecarWriter(self._write_sidecar, self.async_write)
 
     @property
     def state_key(self) -> str:
@@ -198,14 +198,11 @@ class CurvatureCapture(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Plain values (counts, the token that pairs a checkpoint with its sidecar, the base fingerprint); the
         float32 accumulators travel in the checkpoint's sidecar."""
-        self._token = f"{self._recorded}-{uuid.uuid4().hex}"
+        self._token = f"{self._batch_fisher.steps}-{uuid.uuid4().hex}"
         return {
             "version": STATE_VERSION,
             "token": self._token,
-            "counts": dict(self._counts),
-            "batch_total": self._batch_total,
-            "recorded": self._recorded,
-            "skipped": self._skipped,
+            "fisher": self._batch_fisher.state_dict(),
             "fingerprint": dict(self._fingerprint),
             "restarted_at": self._restarted_at,
         }
@@ -216,7 +213,8 @@ class CurvatureCapture(Callback):
             raise StatisticsError(
                 f"the checkpoint's CurvatureCapture state has version {version}; upgrade lightning-merge"
             )
-        counts = dict(state_dict.get("counts", {}))
+        fisher_state = state_dict.get("fisher", state_dict)  # version 1 kept the counts at the top level
+        counts = dict(fisher_state.get("counts", {}))
         if self._module_names is not None:
             gone = sorted(set(counts) - self._module_names)
             if gone:
@@ -225,14 +223,10 @@ class CurvatureCapture(Callback):
                     f"longer has ({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}); the parameter names "
                     "changed since the checkpoint was saved. Rename them back, or start a fresh fit"
                 )
-        self._counts = counts
-        self._batch_total = float(state_dict.get("batch_total", 0.0))
-        self._recorded = int(state_dict.get("recorded", 0))
-        self._skipped = int(state_dict.get("skipped", 0))
+        self._batch_fisher.load_state_dict(fisher_state)
         self._fingerprint = dict(state_dict.get("fingerprint", {}))
         self._restarted_at = state_dict.get("restarted_at")
-        self._fisher_acc = {}
-        if self._counts and self.fisher:
+        if self._batch_fisher.counts and self.fisher:
             self._restore_accumulators(state_dict.get("token"))
 
     def _restore_accumulators(self, token: str | None) -> None:
@@ -242,36 +236,38 @@ class CurvatureCapture(Callback):
             problem = "it has no statistics sidecar"
         else:
             stats = Statistics.load(path)
+            meta = stats.kinds.get("fisher.batch", {})
+            legacy = float(meta.get("batch_size", 1.0)) if "scale" not in meta else 1.0  # version-1 sidecars
             if stats.metadata.get("resume_token") != token:
                 problem = f"its sidecar '{path}' was written for another save (token mismatch)"
             else:
                 keys = set(stats.keys())
-                for name in self._counts:
+                for name in self._batch_fisher.counts:
                     key = next(
                         (k for k in (RESUME_PREFIX + "fisher.batch/" + name, "fisher.batch/" + name) if k in keys), None
                     )
                     if key is None:
                         problem = f"its sidecar '{path}' has no float32 accumulator for '{name}'"
                         break
-                    self._fisher_acc[name] = stats._tensors[key].to(torch.float32).clone()
+                    value = stats._tensors[key].to(torch.float32).clone()
+                    self._batch_fisher.acc[name] = value * legacy if legacy != 1.0 else value
         if problem is not None:
             rank_zero_warn(
                 f"CurvatureCapture: resuming from '{self._resume_path}', but {problem}: the batch-empirical Fisher "
-                f"restarts at step {self._recorded} (recorded in the metadata as restarted_at)"
+                f"restarts at step {self._batch_fisher.steps} (recorded in the metadata as restarted_at)"
             )
-            self._fisher_acc, self._counts = {}, {}
-            self._batch_total, self._restarted_at = 0.0, self._recorded
-            self._recorded = 0
+            self._restarted_at = self._batch_fisher.steps
+            self._batch_fisher.restart()
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         if stage == "fit" and self.checkpoint_sidecars:
             io = trainer.strategy.checkpoint_io
-            if not isinstance(io, _SidecarCheckpointIO):
-                trainer.strategy.checkpoint_io = _SidecarCheckpointIO(io, self)
+            if not isinstance(io, SidecarCheckpointIO):
+                trainer.strategy.checkpoint_io = SidecarCheckpointIO(io, self)
             else:
-                io.capture = self
+                io.owner = self
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._resume_path = str(trainer.ckpt_path) if trainer.ckpt_path else None
@@ -285,6 +281,7 @@ class CurvatureCapture(Callback):
             )
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._post = {}
+        self._counts.reset()
         if not self._fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
             self._fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
         self._final = None
@@ -292,7 +289,7 @@ class CurvatureCapture(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.second_moments:
             return
-        lacking = [type(o).__name__ for o in trainer.optimizers if "betas" not in o.defaults]
+        lacking = [type(o).__name__ for o in trainer.optimizers if not has_second_moments(o)]
         if lacking:
             message = (
                 f"CurvatureCapture(second_moments=True): {', '.join(lacking)} keeps no second moments "
@@ -306,146 +303,75 @@ class CurvatureCapture(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.fisher:
-            try:
-                self._micro_examples += _batch_len(batch)
-            except TypeError:
-                pass
+            self._counts.add(*batch_counts(batch, pl_module, self.loss_reduction))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self._wait_for_writes()  # pending sidecars reference the live accumulators and optimizer state
+        self._sidecars.wait()  # pending sidecars reference the live accumulators and optimizer state
         if not self.fisher:
             return
-        examples, self._micro_examples = self._micro_examples, 0
+        counts, self._counts = self._counts, BatchCounts()
         step = trainer.global_step
         if step < self.fisher_start_step or (step - self.fisher_start_step) % self.fisher_every_n_steps:
             return
+
+        def reduce(t: Tensor) -> Tensor:  # every rank reaches this line on every recorded step
+            return trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum").cpu()
+
+        weight, sequences, tokens = self._batch_fisher.step_weight(
+            counts, trainer.world_size, trainer.accumulate_grad_batches, reduce
+        )
         named: list[tuple[str, Tensor]] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) in self._names:
                     named.append((self._names[id(p)], p.grad))
-        if not named:
+        if weight <= 0 or not named:
             return
-        grads = [g for _, g in named]
-        norms = torch._foreach_norm(grads)
-        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-            self._skipped += 1
-            return
-        self._accumulate(named)
-        self._recorded += 1
-        self._batch_total += examples * trainer.world_size
-        self._final = None
-
-    @torch.no_grad()
-    def _accumulate(self, named: list[tuple[str, Tensor]]) -> None:
-        # Group parameters by their recorded-step count (normally one group) to use the fused foreach kernels.
-        groups: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        for name, grad in named:
-            acc = self._fisher_acc.get(name)
-            if acc is None:
-                acc = self._fisher_acc[name] = torch.zeros_like(grad, dtype=torch.float32)
-            elif acc.device != grad.device:
-                acc = self._fisher_acc[name] = acc.to(grad.device)
-            n = self._counts.get(name, 0) + 1
-            self._counts[name] = n
-            groups.setdefault(n, []).append((acc, grad.float() if grad.dtype != torch.float32 else grad))
-        for n, pairs in groups.items():
-            accs = [a for a, _ in pairs]
-            grads = [g for _, g in pairs]
-            if self.fisher_ema_decay is None:  # running mean: m ← m·(n−1)/n + g²/n
-                torch._foreach_mul_(accs, (n - 1) / n)
-                torch._foreach_addcmul_(accs, grads, grads, value=1.0 / n)
-            else:
-                torch._foreach_mul_(accs, self.fisher_ema_decay)
-                torch._foreach_addcmul_(accs, grads, grads, value=1.0 - self.fisher_ema_decay)
+        if self._batch_fisher.step(named, weight, sequences, tokens):
+            self._final = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if not self.checkpoint_sidecars or not trainer.is_global_zero or self._token is None:
             return
         # No copy: the live tensors are written as they are, and the next mutation (our accumulation and the
-        # optimizer's step, both after ``on_before_optimizer_step``) waits for the write (see _wait_for_writes).
+        # optimizer's step, both after ``on_before_optimizer_step``) waits for the write (SidecarWriter.wait).
         self._pending[self._token] = self._collect(trainer, checkpoint.get("optimizer_states"), resume=True, copy=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure_post_fit(trainer, pl_module)
         state = trainer.strategy.lightning_module_state_dict() if self.save_final else None  # all ranks (FSDP)
         self._final = None
-        if trainer.is_global_zero and self.save_final:
-            directory = Path(self._final_dir(trainer))
-            weights = directory / "final.safetensors"
+
+        def write_final() -> None:
+            self._sidecars.flush()
+            if not self.save_final:
+                return
+            weights = Path(self._final_dir(trainer)) / "final.safetensors"
             _save_weights(state, weights)
             statistics, kinds, _ = self._collect(trainer, None, resume=False)
             write_statistics(
                 sidecar_path(weights), statistics, kinds, compression=self.compression, metadata=self._metadata(trainer)
             )
             rank_zero_info(f"CurvatureCapture: wrote {weights} and its statistics")
-        self._flush()
-        # Every rank leaves together: none tears down (or reads the final files) while rank 0 still writes.
-        trainer.strategy.barrier("lightning_merge_capture_end")
+
+        # Every rank leaves together, or every rank raises: none tears down while rank 0 still writes.
+        on_rank_zero(trainer, write_final, "CurvatureCapture: writing final.safetensors")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._flush()
+        self._sidecars.flush()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._flush()
+        self._sidecars.flush()
 
     # -- after fit -----------------------------------------------------------------------------------------------
     def _ensure_post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute the post-fit Fisher once per fit (every rank must call this: it reduces across ranks)."""
         if self.fisher_after_fit is not None and self.fisher_after_fit not in self._post:
-            self._post_fit_fisher(trainer, pl_module)
-            self._final = None
-
-    def _post_fit_fisher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loader, shard = self._loader(trainer)
-        world, rank = trainer.world_size, trainer.global_rank
-        if shard and world > 1:
-            loader = (b for i, b in enumerate(loader) if i % world == rank)
-        per_rank = -(-self.fisher_examples // world)
-        device = pl_module.device
-
-        def transfer(batch: Any) -> Any:
-            return trainer.strategy.batch_to_device(batch, device)
-
-        sums, count = compute_fisher(
-            pl_module,
-            loader,
-            estimator=self.fisher_after_fit,
-            num_examples=per_rank,
-            samples=self.fisher_samples,
-            seed=self.seed + rank,
-            names=[n for n, p in pl_module.named_parameters() if p.requires_grad],
-            transfer=transfer,
-        )
-        if world > 1:  # outside any rank-zero-only code: every rank takes part
-            names = list(sums)
-            flat = torch.cat([sums[n].reshape(-1) for n in names] + [torch.tensor([float(count)], device=device)])
-            flat = trainer.strategy.reduce(flat, reduce_op="sum")
-            count = int(round(flat[-1].item()))
-            offset = 0
-            for n in names:
-                size = sums[n].numel()
-                sums[n] = flat[offset : offset + size].view_as(sums[n]).clone()
-                offset += size
-        self._post[self.fisher_after_fit] = ({n: s / count for n, s in sums.items()}, count)
-
-    def _loader(self, trainer: pl.Trainer) -> tuple[Iterable[Any], bool]:
-        if not isinstance(self.fisher_loader, str):
-            return self.fisher_loader, True
-        loaders = {
-            "val": trainer.val_dataloaders,
-            "train": trainer.train_dataloader,
-            "test": trainer.test_dataloaders,
-        }[self.fisher_loader]
-        if isinstance(loaders, (list, tuple)):
-            loaders = loaders[0] if loaders else None
-        if loaders is None:
-            raise ValueError(
-                f"CurvatureCapture(fisher_after_fit={self.fisher_after_fit!r}, fisher_loader={self.fisher_loader!r}): "
-                "the Trainer has no such dataloader at fit end; give the module or datamodule one, or pass a "
-                "DataLoader as fisher_loader"
+            self._post[self.fisher_after_fit] = post_fit_fisher(
+                trainer, pl_module, estimator=self.fisher_after_fit, loader=self.fisher_loader,
+                examples=self.fisher_examples, samples=self.fisher_samples, seed=self.seed,
             )
-        return loaders, False
+            self._final = None
 
     # -- collection -----------------------------------------------------------------------------------------------
     def _collect(
@@ -456,23 +382,21 @@ class CurvatureCapture(Callback):
         kinds: dict[str, dict[str, Any]] = {}
         resume_acc: dict[str, dict[str, Tensor]] = {}
         if self.second_moments:
-            moments, meta = self._second_moments(trainer, optimizer_states, copy)
+            fsdp = "fsdp" in type(trainer.strategy).__name__.lower()
+            index_names = [n for n, _ in trainer.lightning_module.named_parameters()] if fsdp else None
+            moments, meta = read_second_moments(
+                trainer.optimizers, self._names, optimizer_states=optimizer_states, index_names=index_names, copy=copy
+            )
             if moments:
                 statistics["exp_avg_sq"], kinds["exp_avg_sq"] = moments, meta
-        if self.fisher and self._fisher_acc:
-            values = {n: _cpu_float(t, copy) for n, t in self._fisher_acc.items()}
+        if self.fisher and self._batch_fisher.acc:
+            values = {n: cpu_float(t, copy) for n, t in self._batch_fisher.acc.items()}
             statistics["fisher.batch"] = values
-            counts = set(self._counts.values())
             kinds["fisher.batch"] = {
-                "estimator": "batch",
-                "count": counts.pop() if len(counts) == 1 else dict(self._counts),
-                "batch_size": self._batch_total / self._recorded if self._recorded else 1.0,
-                "steps_recorded": self._recorded,
-                "skipped_nonfinite": self._skipped,
+                **self._batch_fisher.metadata(),
+                "loss_reduction": self.loss_reduction,
                 "start_step": self.fisher_start_step,
                 "every_n_steps": self.fisher_every_n_steps,
-                "ema_decay": self.fisher_ema_decay,
-                "window": "run" if self.fisher_ema_decay is None else "ema",
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "world_size": trainer.world_size,
                 "precision": str(trainer.precision),
@@ -490,57 +414,6 @@ class CurvatureCapture(Callback):
                 "seed": self.seed,
             }
         return statistics, kinds, resume_acc
-
-    def _second_moments(
-        self, trainer: pl.Trainer, optimizer_states: list[dict] | None, copy: bool
-    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        values: dict[str, Tensor] = {}
-        beta2: dict[str, float] = {}
-        steps: dict[str, int] = {}
-        optimizers_meta = []
-        fsdp = "fsdp" in type(trainer.strategy).__name__.lower()
-        module_names = [n for n, _ in trainer.lightning_module.named_parameters()] if fsdp else None
-        for i, optimizer in enumerate(trainer.optimizers):
-            if "betas" not in optimizer.defaults:
-                continue
-            state = optimizer_states[i] if optimizer_states is not None else optimizer.state_dict()
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            group_of = {}
-            for g_index, group in enumerate(state.get("param_groups", [])):
-                for idx in group["params"]:
-                    group_of[idx] = g_index
-            for idx, entry in state.get("state", {}).items():
-                if "exp_avg_sq" not in entry:
-                    continue
-                if fsdp and module_names is not None:
-                    name = module_names[idx] if isinstance(idx, int) and idx < len(module_names) else str(idx)
-                else:
-                    name = self._names.get(id(params[idx])) if isinstance(idx, int) and idx < len(params) else None
-                if name is None:
-                    continue
-                group = state["param_groups"][group_of.get(idx, 0)]
-                values[name] = _cpu_float(entry["exp_avg_sq"], copy)
-                beta2[name] = float(group["betas"][1])
-                step = entry.get("step", 0)
-                steps[name] = int(step.item() if isinstance(step, Tensor) else step)
-            group0 = optimizer.param_groups[0]
-            optimizers_meta.append(
-                {
-                    "class": type(optimizer).__name__,
-                    "lr": float(group0.get("lr", 0.0)),
-                    "betas": [float(b) for b in group0.get("betas", ())],
-                    "eps": float(group0.get("eps", 0.0)),
-                    "weight_decay": float(group0.get("weight_decay", 0.0)),
-                    "param_groups": len(optimizer.param_groups),
-                }
-            )
-        meta: dict[str, Any] = {
-            "estimator": "adam",
-            "beta2": _collapse(beta2),
-            "step": _collapse(steps),
-            "optimizers": optimizers_meta,
-        }
-        return values, meta
 
     def _metadata(self, trainer: pl.Trainer, token: str | None = None) -> dict[str, str]:
         meta = {
@@ -576,7 +449,7 @@ class CurvatureCapture(Callback):
             raise RuntimeError("CurvatureCapture.finalize() needs a fit first (the callback has seen no Trainer)")
         if after_fit:
             self._ensure_post_fit(self._trainer, self._trainer.lightning_module)
-        key = (self._trainer.global_step, self._recorded, tuple(self._post))
+        key = (self._trainer.global_step, self._batch_fisher.steps, tuple(self._post))
         if self._final is None or self._final_key != key:
             statistics, kinds, _ = self._collect(self._trainer, None, resume=False)
             tensors = {f"{kind}/{name}": t for kind, per in statistics.items() for name, t in per.items()}
@@ -620,9 +493,10 @@ class CurvatureCapture(Callback):
         """
         from peft import get_peft_model_state_dict
 
+        if self._trainer is None:
+            raise RuntimeError("save_adapter_statistics() needs a fit first")
         adapter_state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
         by_storage = {(t.data_ptr(), tuple(t.shape)): key for key, t in adapter_state.items()}
-        assert self._trainer is not None, "save_adapter_statistics() needs a fit first"
         names = {}
         for name, p in self._trainer.lightning_module.named_parameters():
             key = by_storage.get((p.data_ptr(), tuple(p.shape)))
@@ -637,10 +511,10 @@ class CurvatureCapture(Callback):
 
     def wait(self) -> None:
         """Block until every sidecar written in the background is on disk (re-raises a failed write)."""
-        self._flush()
+        self._sidecars.flush()
 
-    # -- sidecar I/O ---------------------------------------------------------------------------------------------
-    def _after_save(self, checkpoint: dict, path: str) -> None:
+    # -- sidecar I/O (called by SidecarCheckpointIO) -----------------------------------------------------------------
+    def after_save(self, checkpoint: dict, path: str) -> None:
         state = checkpoint.get("callbacks", {}).get(self.state_key, {})
         token = state.get("token")
         snapshot = self._pending.pop(token, None) if token else None
@@ -648,83 +522,15 @@ class CurvatureCapture(Callback):
             assert self._trainer is not None
             snapshot = self._collect(self._trainer, None, resume=False, copy=False)
         self._pending.clear()
-        statistics, kinds, resume = snapshot
-        if not statistics:
-            return
-        target = sidecar_path(path)
-        metadata = self._metadata(self._trainer, token)
+        if snapshot[0]:  # the metadata is taken now: the step moves on while the sidecar is written
+            self._sidecars.save(path, (*snapshot, self._metadata(self._trainer, token)))
 
-        def write() -> None:
-            write_statistics(target, statistics, kinds, compression=self.compression, resume=resume, metadata=metadata)
+    def after_remove(self, path: str) -> None:
+        self._sidecars.remove(path)
 
-        if self.async_write:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-merge-sidecar")
-                self._futures[str(target)] = self._executor.submit(write)
-        else:
-            write()
-
-    def _after_remove(self, path: str) -> None:
-        target = sidecar_path(path)
-        with self._lock:
-            future = self._futures.pop(str(target), None)
-        if future is not None:
-            future.result()
-        if target.exists() or target.is_symlink():
-            target.unlink()
-
-    def _wait_for_writes(self) -> None:
-        """Block until the pending sidecar writes are done (they read the live tensors the next step changes)."""
-        if not self._futures:
-            return
-        with self._lock:
-            futures = list(self._futures.items())
-        for path, future in futures:
-            future.result()
-            with self._lock:
-                if self._futures.get(path) is future:
-                    del self._futures[path]
-
-    def _flush(self) -> None:
-        """Wait for every pending sidecar write; re-raise the first failure."""
-        with self._lock:
-            futures, self._futures = list(self._futures.values()), {}
-        for future in futures:
-            future.result()
-
-
-class _SidecarCheckpointIO(CheckpointIO):
-    """Delegates to the strategy's CheckpointIO and writes / removes the statistics sidecar of each checkpoint."""
-
-    def __init__(self, inner: CheckpointIO, capture: CurvatureCapture):
-        self.inner = inner
-        self.capture = capture
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        self.capture._after_save(checkpoint, str(path))
-
-    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self.inner.load_checkpoint(path, *args, **kwargs)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self.inner.remove_checkpoint(path)
-        self.capture._after_remove(str(path))
-
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-
-def _cpu_float(tensor: Tensor, copy: bool) -> Tensor:
-    """A float32 CPU view of ``tensor`` (a copy when asked, or when it lives elsewhere or in another dtype)."""
-    return tensor.detach().to("cpu", torch.float32, copy=copy)
-
-
-def _collapse(per_name: dict[str, Any]) -> Any:
-    """One value when every parameter has the same (the usual case), else the per-name mapping."""
-    values = set(per_name.values())
-    return values.pop() if len(values) == 1 else per_name
+    def _write_sidecar(self, target: Path, snapshot: tuple) -> None:
+        statistics, kinds, resume, metadata = snapshot
+        write_statistics(target, statistics, kinds, compression=self.compression, resume=resume, metadata=metadata)
 
 
 def _save_weights(state: Mapping[str, Tensor] | None, path: Path) -> None:
@@ -733,3 +539,6 @@ def _save_weights(state: Mapping[str, Tensor] | None, path: Path) -> None:
 
     assert state is not None
     save_tensors(path, {key: value.detach().to("cpu") for key, value in state.items()})
+
+
+__all__ = ["CurvatureCapture"]

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.strategies.base import Strategy
 
 
@@ -64,7 +65,8 @@ class ContinualMerge(Callback):
         captures = [c for c in trainer.callbacks if isinstance(c, CurvatureCapture)]
         statistics = captures[0].finalize(after_fit=True) if captures else None  # every rank
         weights = trainer.strategy.lightning_module_state_dict()
-        if trainer.is_global_zero:
+
+        def fold() -> None:
             from pathlib import Path
 
             if (Path(self.state) / "state.json").exists():
@@ -82,7 +84,8 @@ class ContinualMerge(Callback):
             )
             self.entry = state.add(expert, allow_duplicate=self.allow_duplicate)
             rank_zero_info(f"ContinualMerge: folded this run into {self.state} as expert {self.entry['order']}")
-        trainer.strategy.barrier("lightning_merge_continual")
+
+        on_rank_zero(trainer, fold, "ContinualMerge: folding the run into the state")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.load_merged:

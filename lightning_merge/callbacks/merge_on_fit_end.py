@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.strategies.base import Strategy
 
 SNAPSHOTS = ("disk", "memory")
@@ -127,11 +128,9 @@ class MergeOnFitEnd(Callback):
             self._snapshot_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             return
         path = Path(self._dir(trainer)) / "merge_base_snapshot.safetensors"
-        if trainer.is_global_zero:
-            from lightning_merge.callbacks.capture import _save_weights
+        from lightning_merge.callbacks.capture import _save_weights
 
-            _save_weights(state, path)
-        trainer.strategy.barrier("lightning_merge_snapshot")
+        on_rank_zero(trainer, lambda: _save_weights(state, path), "MergeOnFitEnd: writing the base snapshot")
         self._snapshot_path = str(path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -141,7 +140,8 @@ class MergeOnFitEnd(Callback):
         statistics = captures[0].finalize(after_fit=True) if captures else None  # every rank (post-fit Fisher)
         state = trainer.strategy.lightning_module_state_dict()
         out = Path(self.out) if self.out else Path(self._dir(trainer)) / "merged.safetensors"
-        if trainer.is_global_zero:
+
+        def merge_and_write() -> None:
             merged = self._merge(state, statistics)
             if out.suffix == ".safetensors":
                 from lightning_merge.callbacks.capture import _save_weights
@@ -150,7 +150,8 @@ class MergeOnFitEnd(Callback):
             else:
                 self._save_checkpoint(merged, out, trainer, pl_module)
             rank_zero_info(f"MergeOnFitEnd: merged {1 + len(self.experts)} experts with {self.strategy.name} → {out}")
-        trainer.strategy.barrier("lightning_merge_merged")
+
+        on_rank_zero(trainer, merge_and_write, "MergeOnFitEnd: the merge")  # every rank raises if it fails
         self.merged_path = str(out)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

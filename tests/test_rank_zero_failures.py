@@ -1,0 +1,84 @@
+"""A rank that raises inside a merge callback never leaves the other ranks waiting: every rank raises.
+
+The ranks must be independent processes, as under ``torchrun`` or Lightning's ``ddp`` (subprocess) launcher: under
+``ddp_spawn`` the launcher kills the other workers when one fails, which hides a hang. Each fit runs as a script in a
+subprocess with a time limit, so a hang fails the test instead of stalling CI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from capture_helpers import ExplodingStrategy, Tiny, ddp_loader, quiet
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning_merge import Ties
+    from lightning_merge.callbacks import CheckpointAveraging, ContinualMerge, MergeOnFitEnd
+
+    quiet()
+    which, root, base = sys.argv[1], sys.argv[2], sys.argv[3]
+    rank = os.environ.get("LOCAL_RANK", "0")
+    callbacks = {
+        "merge": lambda: [MergeOnFitEnd(experts=[base], strategy=ExplodingStrategy(), base=base, dirpath=root)],
+        "continual": lambda: [ContinualMerge(state=root + "/state", base=base, strategy=Ties())],
+        "average": lambda: [ModelCheckpoint(dirpath=root + "/ckpt"), CheckpointAveraging(select="top_k", k=1)],
+    }[which]()
+    trainer = Trainer(default_root_dir=root, max_epochs=1, accelerator="cpu", strategy="ddp", devices=2,
+                      callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                      use_distributed_sampler=False)
+    try:
+        trainer.fit(Tiny(lr=1e-2), ddp_loader(16, 4))
+    except Exception as err:  # rank 0 survives its error, as in a notebook: the others must not wait for it
+        Path(root, f"raised-{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        if rank == "0":
+            for _ in range(300):
+                if Path(root, "raised-1.txt").exists():
+                    break
+                time.sleep(0.1)
+            else:
+                print("rank 1 is still waiting", file=sys.stderr)
+                os._exit(3)
+        os._exit(1)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which,message", [
+    ("merge", "boom at rank zero"),
+    ("continual", "elects each entry's sign"),
+    ("average", "needs a monitored score"),
+])
+def test_a_failure_on_rank_zero_raises_on_every_rank(tmp_path, which, message):
+    import torch
+    from capture_helpers import Tiny
+
+    from lightning_merge.safetensors_io import save_tensors
+
+    save_tensors(tmp_path / "base.safetensors", Tiny().state_dict())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    script = tmp_path / "fit.py"
+    script.write_text(SCRIPT)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), which, str(tmp_path), str(tmp_path / "base.safetensors")],
+            capture_output=True, text=True, timeout=90, env=env, cwd=HERE, start_new_session=True,
+        )
+    except subprocess.TimeoutExpired as err:
+        subprocess.run(["pkill", "-f", str(script)], check=False)
+        pytest.fail(f"{which}: a rank waited forever after rank 0 failed ({err})")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert message in (tmp_path / "raised-0.txt").read_text()
+    assert message in (tmp_path / "raised-1.txt").read_text()  # rank 1 raised too, quoting rank 0's error
+    del torch
