@@ -182,9 +182,12 @@ def average_checkpoints(
     from lightning_merge.strategies.curvature import OTA, Fisher
     from lightning_merge.strategies.linear import Linear
     from lightning_merge.torch_io import load_torch_file
+    from lightning_merge.writers import check_output_path
 
     if not paths:
         raise ValueError("no checkpoints to average")
+    if out is not None:  # checked before anything is read: an output that is one of the inputs is refused
+        check_output_path(Path(out), overwrite, inputs=[Path(p) for p in paths], folder=False)
     if source not in ("state_dict", "current_model_state"):
         raise ValueError(f"source must be 'state_dict' or 'current_model_state', got {source!r}")
     infos = [read_info(path, trust_checkpoint) for path in paths]
@@ -256,10 +259,10 @@ def write_averaged_checkpoint(
     """The newest checkpoint with its ``state_dict`` replaced by the average, written atomically."""
     from lightning_merge.io import atomic_file
     from lightning_merge.torch_io import load_torch_file
+    from lightning_merge.writers import check_output_path
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output '{out}' already exists; pass overwrite=True (CLI: --overwrite)")
+    check_output_path(out, overwrite, inputs=[Path(p) for p in paths], folder=False)
     newest = max(paths, key=lambda p: read_info(p, trust_checkpoint).global_step)
     checkpoint = dict(load_torch_file(Path(newest), trust_checkpoint))
     if not keep_training_state:

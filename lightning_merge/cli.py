@@ -18,9 +18,13 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"lightning-merge: --set expects key=value, got {pair!r}")
+            raise ValueError(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ValueError(f"--set {key.strip()}={value}: the value is not valid YAML ({first})") from None
     return out
 
 
@@ -184,8 +188,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lightning_merge._version import __version__
+
     parser = argparse.ArgumentParser(prog="lightning-merge", description="Merge models, curvature-aware.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    parser.add_argument("--version", action="version", version=f"lightning-merge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does; tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge the models of a recipe (mergekit's YAML format)")
@@ -266,15 +273,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; every error is one line on stderr (``-v`` adds the traceback), exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError) as err:
-        print(f"lightning-merge: error: {err}", file=sys.stderr)
+    except BrokenPipeError:  # `lightning-merge ... | head`: the reader left; not an error of ours
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        print("lightning-merge: interrupted (nothing was committed)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place errors become a message
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"lightning-merge: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError) and text.startswith(("'", '"')):
+        text = text.strip("'\"")
+    if isinstance(err, OSError) and err.filename:
+        text = f"{err.strerror or text}: '{err.filename}'"
+    if not isinstance(err, (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError)):
+        text = f"{type(err).__name__}: {text}"
+    return text
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

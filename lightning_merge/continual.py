@@ -461,6 +461,12 @@ class ContinualState:
         os.replace(tmp, link)
         fsync_dir(self.path)
 
+    def tidy(self) -> None:
+        """Remove what a crashed add left behind (partial generations, the previous generation of an add killed
+        after its commit) and repair the ``current`` link; waits for a concurrent add. ``add`` does this first."""
+        with self._locked():
+            self._cleanup()
+
     def _cleanup(self) -> None:
         """Remove what a crashed add left behind (partial generations, stray links, old generations) and repair the
         convenience link; the commit pointer decides what is current (never the link, which a copy can break)."""

@@ -77,6 +77,14 @@ class _TorchSource(_DictSource):
         if not isinstance(obj, Mapping):
             raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint")
         super().__init__(obj)
+        for key, tensor in self._tensors.items():
+            declared = tensor.numel() * tensor.element_size()
+            held = tensor.untyped_storage().nbytes()
+            if declared > held:  # an expanded view (stride 0) declaring more than its data: refuse, never allocate it
+                raise ValueError(
+                    f"'{path}': tensor '{key}' declares {list(tensor.shape)} ({declared} bytes) but holds only {held} "
+                    "bytes of data; the checkpoint is corrupted or crafted"
+                )
 
 
 _SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")

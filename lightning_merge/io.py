@@ -114,6 +114,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    cleanup_stale(target)
     tmp = partial_path(target)
     try:
         yield tmp

@@ -3,6 +3,7 @@ before any tensor is merged, and build the experts and the strategy with mergeki
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import yaml
 from lightning_merge.engine import parse_dtype
 from lightning_merge.experts import Expert
 from lightning_merge.strategies import STRATEGIES, Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
+
+log = logging.getLogger("lightning_merge")
 
 # mergekit method → (class, fixed arguments, default normalize, per-model parameters, shared parameters)
 _MERGEKIT: dict[str, tuple[type[Strategy], dict[str, Any], bool | None, tuple[str, ...], tuple[str, ...]]] = {
@@ -30,6 +33,14 @@ _MERGEKIT: dict[str, tuple[type[Strategy], dict[str, Any], bool | None, tuple[st
     "breadcrumbs_ties": (Breadcrumbs, {"election": "weighted"}, False, ("weight", "density", "gamma"),
                          ("normalize", "lambda", "rescale", "int8_mask")),
 }
+# Parameters mergekit knows for some method: given to a method that does not use them, mergekit ignores them (and
+# published recipes rely on it), so they are ignored here with a warning; a name no method knows is an error.
+_MERGEKIT_PARAMETERS = {"weight", "density", "normalize", "lambda", "rescale", "int8_mask", "gamma", "epsilon", "k",
+                        "select_topk", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "lambda_"}
+# This project's arguments accepted with a mergekit method name (they extend mergekit's method).
+_EXTENSIONS = {"ties": ("topk", "election", "weighting"), "task_arithmetic": ("election", "weighting"),
+               "dare_linear": ("weighting", "seed"), "dare_ties": ("weighting", "seed", "election"),
+               "breadcrumbs": ("weighting", "election"), "breadcrumbs_ties": ("weighting", "election")}
 _TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
 _REFUSED = {
     "slices": "layer slices (frankenmerges)",
@@ -195,32 +206,35 @@ def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[st
                     overrides: Mapping[str, Any], recipe: Path) -> Strategy:
     if method in _MERGEKIT:
         cls, fixed, default_normalize, model_params, shared_params = _MERGEKIT[method]
-        allowed_shared = set(shared_params) | set(model_params)
-        bad = sorted(set(shared) - allowed_shared)
-        if bad:
-            raise RecipeError(f"{recipe}: parameter(s) {', '.join(bad)} not accepted by '{method}'; "
-                              f"accepted: {', '.join(sorted(allowed_shared))}")
-        for i, params in enumerate(per_model):
-            bad = sorted(set(params) - set(model_params))
-            if bad:
-                raise RecipeError(f"{recipe}: models[{i}].parameters {', '.join(bad)} not accepted by '{method}'; "
-                                  f"accepted: {', '.join(model_params)}")
+        extensions = set(_EXTENSIONS.get(method, ()))
+        allowed_shared = set(shared_params) | set(model_params) | extensions
+        shared = {k: v for k, v in shared.items() if _accepted(k, allowed_shared, method, "parameters", recipe)}
+        per_model = [
+            {k: v for k, v in params.items() if _accepted(k, set(model_params), method, f"models[{i}].parameters",
+                                                          recipe)}
+            for i, params in enumerate(per_model)
+        ]
 
         def per_expert(key: str, default: float | None) -> list[float]:
             values = []
             for i, params in enumerate(per_model):
+                where = f"models[{i}].parameters.{key}" if key in params else f"parameters.{key}"
                 value = params.get(key, shared.get(key, default))
                 if value is None:
                     raise RecipeError(f"{recipe}: models[{i}] has no '{key}' (mergekit requires it for '{method}')")
-                values.append(float(value))
+                values.append(_number(value, recipe, where))
             return values
 
         kwargs: dict[str, Any] = dict(fixed)
         kwargs["weights"] = per_expert("weight", None)
-        kwargs["normalize"] = bool(shared.get("normalize", default_normalize))
+        kwargs["normalize"] = _boolean(shared.get("normalize", default_normalize), recipe, "parameters.normalize")
         if cls is not Linear:
-            kwargs["scale"] = float(shared.get("lambda", 1.0))
-            kwargs["rescale"] = "l1" if shared.get("rescale", cls is Dare) else "none"
+            kwargs["scale"] = _number(shared.get("lambda", 1.0), recipe, "parameters.lambda")
+            rescale = _boolean(shared.get("rescale", cls is Dare), recipe, "parameters.rescale")
+            kwargs["rescale"] = "l1" if rescale else "none"
+        for key in extensions:
+            if key in shared:
+                kwargs[key] = shared[key]
         if cls is Ties or cls is Breadcrumbs:
             kwargs["density"] = per_expert("density", 1.0)
         if cls is Breadcrumbs:
@@ -232,7 +246,8 @@ def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[st
         spec = {"name": method, **shared, **overrides}
         weights = [p.pop("weight", None) for p in per_model]
         if any(w is not None for w in weights):
-            spec["weights"] = [1.0 if w is None else float(w) for w in weights]
+            spec["weights"] = [1.0 if w is None else _number(w, recipe, f"models[{i}].parameters.weight")
+                               for i, w in enumerate(weights)]
         for i, params in enumerate(per_model):
             if params:
                 raise RecipeError(f"{recipe}: models[{i}].parameters {', '.join(params)}: only 'weight' is per model "
@@ -241,3 +256,27 @@ def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[st
         return Strategy.from_dict(spec)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{recipe}: {err}") from None
+
+
+def _accepted(key: str, allowed: set[str], method: str, where: str, recipe: Path) -> bool:
+    """Whether a mergekit parameter is used; mergekit's own parameters that this method ignores are dropped with a
+    warning (as mergekit ignores them), unknown names are errors."""
+    if key in allowed:
+        return True
+    if key in _MERGEKIT_PARAMETERS:
+        log.warning("%s: %s.%s is ignored by '%s' (as mergekit ignores it)", recipe, where, key, method)
+        return False
+    raise RecipeError(f"{recipe}: {where}.{key} is not a parameter of '{method}'; it takes: "
+                      f"{', '.join(sorted(allowed))}")
+
+
+def _number(value: Any, recipe: Path, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{recipe}: {where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _boolean(value: Any, recipe: Path, where: str) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise RecipeError(f"{recipe}: {where} must be true or false, got {value!r}")

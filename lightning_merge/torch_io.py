@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,9 @@ def _custom_object_error(path: Path, err: Exception) -> CheckpointError:
     )
 
 
-def _is_weights_only_refusal(err: Exception) -> bool:
-    text = str(err).lower().replace(" ", "_").replace("-", "_")
-    return "weights_only" in text and ("unsupported" in text or "load_failed" in text or "global" in text)
+def _is_custom_object_refusal(err: Exception) -> bool:
+    """The safe unpickler refused a named global (a class or function): the file is a checkpoint holding objects."""
+    return re.search(r"GLOBAL [\w.]+", str(err)) is not None
 
 
 def load_torch_file(path: str | os.PathLike, trust_checkpoint: bool = False) -> Any:
@@ -58,23 +59,30 @@ def load_torch_file(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
         raise CheckpointError(f"'{path}' is empty (0 bytes): not a checkpoint; was its write interrupted?")
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trust_checkpoint}
     try:
-        try:
-            return torch.load(path, mmap=True, **kwargs)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-        # The legacy (non-zip) format cannot be memory-mapped: load it plainly, outside the handler above.
-        return torch.load(path, **kwargs)
+        with warnings.catch_warnings():  # the safe unpickler warns about pickle protocols of files it then refuses
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            try:
+                return torch.load(path, mmap=True, **kwargs)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+            # The legacy (non-zip) format cannot be memory-mapped: load it plainly, outside the handler above.
+            return torch.load(path, **kwargs)
     except CheckpointError:
         raise
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ValueError... by case
-        if not trust_checkpoint and _is_weights_only_refusal(err):
+        if not trust_checkpoint and _is_custom_object_refusal(err):
             raise _custom_object_error(path, err) from None
         text = " ".join(str(err).split())
+        operand = re.search(r"Unsupported operand \d+", text)
         if "out of bounds for storage" in text or "storage of size" in text:
             reason = "it declares a tensor larger than the data it holds (corrupted or crafted)"
         elif "zip archive" in text or "central directory" in text or "EOF" in text or isinstance(err, EOFError):
             reason = "it is truncated or not a torch.save file"
+        elif operand or "magic number" in text or "invalid load key" in text:
+            what = operand.group(0) if operand else "bad magic"
+            reason = f"it is not a torch.save file the safe loader reads ({what}): random bytes, a raw pickle, or a " \
+                     "corrupted checkpoint"
         else:
             reason = f"{type(err).__name__}: {text[:200]}"
         raise CheckpointError(f"cannot load '{path}' as a PyTorch/Lightning checkpoint: {reason}") from None
