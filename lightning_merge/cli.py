@@ -57,6 +57,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         threads=args.threads,
         progress=False if args.no_progress else None,
+        output=args.output,
+        rank=args.rank,
     )
     print(f"merged {len(recipe.experts)} experts with {recipe.strategy.name} into {out} "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
@@ -64,7 +66,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """What an expert (or a statistics sidecar) holds: counts, dtypes, size, statistics and their metadata."""
+    """What a model, a PEFT adapter or a statistics sidecar holds: counts, dtypes, size, architecture, statistics,
+    and how it was made (``lightning_merge.json``)."""
     from lightning_merge.experts import Expert
     from lightning_merge.stats import SIDECAR_SUFFIX, Statistics
 
@@ -72,7 +75,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     if path.name.endswith(SIDECAR_SUFFIX) or path.name == "statistics.safetensors":
         stats = Statistics.load(path)
         return {"path": str(path), "kind": "statistics", "statistics": _describe_stats(stats),
-                "metadata": {k: v for k, v in stats.metadata.items() if k != "kinds"}}
+                "metadata": {k: v for k, v in stats.metadata.items() if k not in ("kinds", "base_fingerprint")}}
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        return _describe_adapter(path)
     expert = Expert(path, trust_checkpoint=False)
     dtypes: Counter[str] = Counter()
     params = 0
@@ -82,15 +87,80 @@ def describe(path: str | Path) -> dict[str, Any]:
         dtypes[str(spec.dtype).replace("torch.", "")] += 1
         params += spec.numel
         size += spec.nbytes
-    info = {
+    info: dict[str, Any] = {
         "path": str(path),
-        "kind": "expert",
+        "kind": "model",
         "tensors": len(expert.names()),
         "parameters": params,
         "bytes": size,
         "dtypes": dict(dtypes),
         "statistics": _describe_stats(expert.statistics) if expert.statistics else {},
     }
+    folder = path if path.is_dir() else None
+    if folder is not None and (folder / "config.json").exists():
+        info["architecture"] = _architecture(folder / "config.json")
+    provenance = (folder / "lightning_merge.json") if folder is not None else None
+    if provenance is not None and provenance.exists():
+        info["merged_by"] = json.loads(provenance.read_text())
+    elif path.suffix == ".safetensors":
+        from lightning_merge.safetensors_io import SafetensorsFile
+
+        with SafetensorsFile(path) as file:
+            if "lightning_merge" in file.metadata:
+                info["merged_by"] = json.loads(file.metadata["lightning_merge"])
+    return info
+
+
+def _architecture(config_path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    keys = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size", "vocab_size", "torch_dtype")
+    return {k: config[k] for k in keys if k in config}
+
+
+def _describe_adapter(path: Path) -> dict[str, Any]:
+    """A PEFT adapter as an adapter: ranks, alpha, targets, base, size, statistics (no base is read)."""
+    from lightning_merge.lora import adapter_base_path, read_adapter_config
+    from lightning_merge.safetensors_io import SafetensorsFile
+    from lightning_merge.stats import SIDECAR_NAME, Statistics
+
+    config = read_adapter_config(path)
+    ranks: Counter[int] = Counter()
+    params = size = 0
+    weights = path / "adapter_model.safetensors"
+    modules = 0
+    if weights.exists():
+        with SafetensorsFile(weights) as file:
+            for key in file.keys():
+                spec = file.spec(key)
+                params += spec.numel
+                size += spec.nbytes
+                if ".lora_A." in key:
+                    ranks[spec.shape[0]] += 1
+                    modules += 1
+    base = adapter_base_path(path)
+    info: dict[str, Any] = {
+        "path": str(path),
+        "kind": "adapter",
+        "peft_type": config.get("peft_type"),
+        "rank": sorted(ranks) if len(ranks) > 1 else next(iter(ranks), config.get("r")),
+        "lora_alpha": config.get("lora_alpha"),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "target_modules": config.get("target_modules"),
+        "modules": modules,
+        "parameters": params,
+        "bytes": size,
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "base_found": str(base) if base is not None else None,
+        "statistics": {},
+    }
+    if (path / SIDECAR_NAME).exists():
+        info["statistics"] = _describe_stats(Statistics.load(path / SIDECAR_NAME))
+    if (path / "lightning_merge.json").exists():
+        info["merged_by"] = json.loads((path / "lightning_merge.json").read_text())
     return info
 
 
@@ -107,12 +177,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"{info['path']}")
-    if info["kind"] == "expert":
+    print(f"{info['path']} ({info['kind']})")
+    if info["kind"] == "model":
         print(f"  tensors     {info['tensors']}")
         print(f"  parameters  {info['parameters']:,}")
         print(f"  size        {_human(info['bytes'])}")
         print(f"  dtypes      {', '.join(f'{k} ({v})' for k, v in info['dtypes'].items())}")
+        arch = info.get("architecture")
+        if arch:
+            print(f"  architecture {', '.join(f'{k}={v}' for k, v in arch.items())}")
+    if info["kind"] == "adapter":
+        print(f"  LoRA        rank {info['rank']}, alpha {info['lora_alpha']}"
+              f"{', rsLoRA' if info['use_rslora'] else ''}, {info['modules']} modules")
+        print(f"  targets     {info['target_modules']}")
+        print(f"  parameters  {info['parameters']:,} ({_human(info['bytes'])})")
+        found = "found" if info["base_found"] else "not a local path: pass --base / base="
+        print(f"  base        {info['base_model_name_or_path']} ({found})")
+    merged_by = info.get("merged_by")
+    if merged_by:
+        strategy = merged_by.get("strategy", {})
+        print(f"  merged by   lightning-merge {merged_by.get('version', '?')}: {strategy.get('name', '?')} of "
+              f"{len(merged_by.get('experts', []))} experts ({', '.join(map(str, merged_by.get('experts', [])))})")
     stats = info["statistics"]
     if not stats:
         print("  statistics  none")
@@ -204,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--exclude", action="append", metavar="GLOB", help="copy these tensor names from the base")
     m.add_argument("--on-missing", default="error", choices=["error", "union", "intersection", "base"])
     m.add_argument("--on-missing-statistic", default="error", choices=["error", "uniform"])
+    m.add_argument("--output", choices=["peft"], default=None,
+                   help="peft: write a PEFT LoRA adapter folder (the experts are LoRA adapters)")
+    m.add_argument("--rank", type=int, default=None,
+                   help="with --output peft: the SVD rank of the adapter (default: exact, for linear strategies)")
     m.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     m.add_argument("--threads", type=int, default=None, help="worker threads over tensors (default: up to 2)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT once the new merge is complete")

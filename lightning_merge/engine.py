@@ -518,6 +518,15 @@ class _StatisticReader:
                     kind,
                 )
                 self.uniform_experts.add(i)
+            if kind == "fisher":
+                used = {e.name: e.statistics.resolve_kind("fisher") for i, e in enumerate(self.experts)
+                        if i not in self.uniform_experts}
+                if len(set(used.values())) > 1:
+                    listing = ", ".join(f"'{n}': {k}" for n, k in used.items())
+                    log.warning(
+                        "the experts' Fisher statistics come from different estimators (%s); each estimates the "
+                        "per-example Fisher with its own bias, so their weights are only roughly comparable: pass "
+                        "estimator= to the strategy to use one estimator for all", listing)
 
     def __call__(self, name: str) -> list[dict[str, Tensor]]:
         if not self.kinds:

@@ -254,6 +254,20 @@ class Expert:
         self.lora_base = base_expert
         return LoraSource(self.lora, base_expert)
 
+    @classmethod
+    def from_adapter(cls, adapter: LoraAdapter, base: Expert, *, name: str,
+                     statistics: str | os.PathLike | Mapping[str, Any] | Statistics | None = None) -> Expert:
+        """An expert reading θ₀ + ΔW of an adapter already opened (a :class:`~lightning_merge.lora.LoraAdapter` built
+        from memory, e.g. one adapter of a live ``PeftModel``), with its statistics keyed like the adapter."""
+        expert = cls({}, name=name)
+        expert.lora, expert.lora_base = adapter, base
+        expert._source = LoraSource(adapter, base)
+        expert._keys = {k: k for k in base.names()}
+        if statistics is not None:
+            expert._statistics = (Statistics.load(statistics) if isinstance(statistics, (str, os.PathLike))
+                                  else Statistics.from_mapping(statistics, origin=f"statistics of adapter '{name}'"))
+        return expert
+
     def _check_statistics_names(self) -> None:
         """A sidecar must describe tensors of this expert: refuse one written for another checkpoint."""
         assert self._statistics is not None

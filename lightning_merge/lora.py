@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +140,20 @@ class LoraAdapter:
     ``s · lora_B.bias``.
 
     Args:
-        folder: the adapter folder.
+        folder: the adapter folder (for messages only when ``tensors`` is given).
         base_names: the base model's tensor names, to resolve module paths (with or without a leading prefix).
         base_spec: the base's ``spec(name)``, to check the factors' shapes against the weights they change.
+        config: the adapter's config as a dict (default: read ``adapter_config.json``).
+        tensors: the adapter's weights keyed as PEFT saves them (default: read ``adapter_model.safetensors``), for
+            an adapter that lives in a ``PeftModel``.
     """
 
-    def __init__(self, folder: str | os.PathLike, base_names: list[str], base_spec: Callable[[str], TensorSpec]):
+    def __init__(self, folder: str | os.PathLike, base_names: list[str], base_spec: Callable[[str], TensorSpec], *,
+                 config: dict[str, Any] | None = None, tensors: Mapping[str, Tensor] | None = None):
         self.folder = Path(folder)
-        self.config = read_adapter_config(self.folder)
+        self.config = dict(config) if config is not None else read_adapter_config(self.folder)
         peft_type = self.config.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
+        if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
             raise AdapterError(f"adapter '{self.folder}' is {peft_type}, not LoRA: only LoRA adapters can be experts")
         if self.config.get("bias", "none") != "none":
             raise AdapterError(
@@ -159,7 +163,11 @@ class LoraAdapter:
         if self.config.get("use_dora"):
             raise AdapterError(f"adapter '{self.folder}' is a DoRA adapter (use_dora=true): not supported yet")
         weights = self.folder / "adapter_model.safetensors"
-        if weights.exists():
+        if tensors is not None:
+            self._get = tensors.__getitem__
+            keys = list(tensors)
+            shape_of = lambda k: tuple(tensors[k].shape)  # noqa: E731
+        elif weights.exists():
             file = SafetensorsFile(weights)
             self._get: Callable[[str], Tensor] = file.get
             keys = file.keys()

@@ -66,20 +66,7 @@ class Recipe:
     dtype: Any
 
 
-def _resolve_model(ref: Any, recipe: Path, where: str) -> Path:
-    if isinstance(ref, Mapping):
-        if "path" in ref and len(ref) == 1:
-            ref = ref["path"]
-        elif "model" in ref and isinstance(ref["model"], Mapping) and set(ref["model"]) == {"path"}:
-            if ref.get("lora"):
-                raise RecipeError(f"{recipe}: {where} uses a LoRA (model.lora), which recipes do not support yet")
-            ref = ref["model"]["path"]
-        else:
-            raise RecipeError(f"{recipe}: {where} must be a path, got {ref!r}")
-    if not isinstance(ref, str):
-        raise RecipeError(f"{recipe}: {where} must be a path string, got {ref!r}")
-    if "+" in ref and not (recipe.parent / ref).exists():
-        raise RecipeError(f"{recipe}: {where} '{ref}' uses mergekit's 'model+lora' syntax, not supported yet")
+def _existing(ref: str, recipe: Path, where: str) -> Path:
     path = Path(os.path.expanduser(ref))
     if not path.is_absolute():
         path = recipe.parent / path
@@ -89,6 +76,36 @@ def _resolve_model(ref: Any, recipe: Path, where: str) -> Path:
             f"model ids are not downloaded: download the model first and give its folder"
         )
     return path
+
+
+def _resolve_model(ref: Any, recipe: Path, where: str) -> tuple[Path, Path | None]:
+    """``(model path, LoRA adapter path or None)`` of a mergekit model reference: a path, ``{path: ...}``,
+    ``{model: {path: ...}, lora: {path: ...}}``, or the ``"model+lora"`` shorthand."""
+    lora: Any = None
+    if isinstance(ref, Mapping):
+        if "path" in ref and len(ref) == 1:
+            ref = ref["path"]
+        elif "model" in ref and isinstance(ref["model"], Mapping) and set(ref["model"]) == {"path"} and \
+                set(ref) <= {"model", "lora"}:
+            lora = ref.get("lora")
+            if isinstance(lora, Mapping):
+                lora = lora.get("path")
+            ref = ref["model"]["path"]
+        else:
+            raise RecipeError(f"{recipe}: {where} must be a path, got {ref!r}")
+    if not isinstance(ref, str):
+        raise RecipeError(f"{recipe}: {where} must be a path string, got {ref!r}")
+    if lora is None and "+" in ref and not (recipe.parent / ref).exists() and not Path(ref).exists():
+        ref, lora = ref.split("+", 1)
+    path = _existing(ref, recipe, where)
+    if lora is None:
+        return path, None
+    if not isinstance(lora, str):
+        raise RecipeError(f"{recipe}: {where}'s lora must be a path, got {lora!r}")
+    adapter = _existing(lora, recipe, f"{where} (its LoRA)")
+    if not _is_adapter(adapter):
+        raise RecipeError(f"{recipe}: {where}'s LoRA '{lora}' is not a PEFT adapter folder (no adapter_config.json)")
+    return path, adapter
 
 
 def _check_scalar(value: Any, recipe: Path, where: str) -> None:
@@ -145,7 +162,11 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         known = sorted(set(_MERGEKIT) | set(STRATEGIES))
         raise RecipeError(f"{path}: merge_method '{method}' is not supported; supported: {', '.join(known)}")
 
-    base_path = _resolve_model(config["base_model"], path, "base_model") if config.get("base_model") else None
+    base_path = None
+    if config.get("base_model"):
+        base_path, base_lora = _resolve_model(config["base_model"], path, "base_model")
+        if base_lora is not None:
+            raise RecipeError(f"{path}: base_model with a LoRA is not supported: merge the adapter into it first")
     shared = dict(config.get("parameters") or {})
     if method in _MERGEKIT:  # this project's methods take lists (order) and mappings (LiNeS' inner) as they are
         for key, value in shared.items():
@@ -155,13 +176,17 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if not isinstance(models, list) or not models:
         raise RecipeError(f"{path}: 'models' must be a non-empty list")
     entries: list[tuple[Path, dict[str, Any]]] = []
+    adapter_bases: dict[Path, Path] = {}
     for i, entry in enumerate(models):
         if not isinstance(entry, Mapping) or "model" not in entry:
             raise RecipeError(f"{path}: models[{i}] must be a mapping with a 'model' key")
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise RecipeError(f"{path}: models[{i}] has unknown key(s) {', '.join(extra)}")
-        model_path = _resolve_model(entry["model"], path, f"models[{i}].model")
+        model_path, lora_path = _resolve_model(entry["model"], path, f"models[{i}].model")
+        if lora_path is not None:  # mergekit's model+lora: the adapter, over that model
+            adapter_bases[lora_path] = model_path
+            model_path = lora_path
         params = dict(entry.get("parameters") or {})
         for key, value in params.items():
             _check_scalar(value, path, f"models[{i}].parameters.{key}")
@@ -193,8 +218,13 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     except ValueError as err:
         raise RecipeError(f"{path}: {err}") from None
     base = Expert(base_path, trust_checkpoint=trust_checkpoint, name=str(base_path)) if base_path is not None else None
-    experts = [Expert(p, trust_checkpoint=trust_checkpoint, base=base if _is_adapter(p) else None, name=str(p))
-               for p, _ in entries]
+    experts = []
+    for p, _ in entries:
+        adapter_base: Any = None
+        if _is_adapter(p):
+            named = adapter_bases.get(p)
+            adapter_base = base if named is None or (base_path and named.resolve() == base_path.resolve()) else named
+        experts.append(Expert(p, trust_checkpoint=trust_checkpoint, base=adapter_base, name=str(p)))
     return Recipe(path, experts, base, strategy, dtype)
 
 

@@ -289,6 +289,11 @@ class Statistics:
             f"{self.origin} has no statistic {kind!r}; it holds {', '.join(sorted(self.kinds)) or 'no statistics'}"
         )
 
+    def resolve_kind(self, kind: str, estimator: str | None = None) -> str:
+        """The stored kind a request reads (``"fisher"`` → ``"fisher.true"``, ``"fisher.example"`` or
+        ``"fisher.batch"``, in that order of preference)."""
+        return self._resolve_kind(kind, estimator)
+
     def all_names(self) -> set[str]:
         """Every parameter name with a statistic of any kind (resume accumulators excluded)."""
         out = set()

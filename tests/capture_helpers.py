@@ -158,3 +158,74 @@ class ExplodingStrategy(Strategy):
 
     def merge_tensor(self, name, base, tensors, stats, prepared=None):
         raise RuntimeError("boom at rank zero")
+
+
+# -- a tiny causal language model (Hugging Face Llama), optionally with LoRA ---------------------------------------
+
+
+def lm_examples(n: int, seed: int = 0, vocab: int = 32, min_len: int = 6, max_len: int = 16) -> list[dict]:
+    """``n`` token sequences of varied lengths (so steps hold different numbers of predicted tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        out.append({"input_ids": torch.randint(1, vocab, (length,), generator=g)})
+    return out
+
+
+def pad_lm(items: list[dict]) -> dict:
+    """Pad to the longest sequence: input_ids with 0, labels with -100 (ignored by the loss), an attention mask."""
+    width = max(len(i["input_ids"]) for i in items)
+    ids = torch.zeros(len(items), width, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(items), width, dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        ids[row, :n] = item["input_ids"]
+        labels[row, :n] = item["input_ids"]
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_loader(n: int = 8, batch_size: int = 1, seed: int = 0) -> DataLoader:
+    return DataLoader(lm_examples(n, seed), batch_size=batch_size, shuffle=False, collate_fn=pad_lm)
+
+
+def tiny_llama_config():
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+
+
+class TinyLM(pl.LightningModule):
+    """A tiny Llama trained with Hugging Face's token-mean causal-LM loss; ``lora`` wraps it with PEFT."""
+
+    def __init__(self, lr: float = 0.0, lora: bool = False, seed: int = 0, base_path: str | None = None):
+        super().__init__()
+        import transformers
+
+        torch.manual_seed(seed)
+        model = (transformers.LlamaForCausalLM.from_pretrained(base_path) if base_path
+                 else transformers.LlamaForCausalLM(tiny_llama_config()))
+        if lora:
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+        self.model = model
+        self.lr = lr
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr, betas=(0.9, 0.99))
+
+
+def lm_ddp_loader(n: int = 8, seed: int = 0) -> DataLoader:
+    """One sequence per rank and step: rank r reads sequences r, r + W... (RankInterleaved)."""
+    return DataLoader(lm_examples(n, seed), batch_size=1, sampler=RankInterleaved(n), collate_fn=pad_lm)

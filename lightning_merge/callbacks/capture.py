@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -87,8 +89,14 @@ class CurvatureCapture(Callback):
         compression: storage of the statistics: ``"float32"``, ``"bfloat16"`` or ``"rank1"`` (row and column
             sums of 2-D statistics, Adafactor style). Lossy choices also store float32 accumulators in
             checkpoint sidecars, so a resumed run stays exact.
-        checkpoint_sidecars: write a sidecar next to every checkpoint the Trainer saves.
-        save_final: at fit end write ``final.safetensors`` (the weights) and ``final.statistics.safetensors``.
+        checkpoint_sidecars: write a sidecar next to every checkpoint the Trainer saves; for a PEFT model also the
+            adapter folder ``X.adapter/`` (weights, config, statistics keyed like the adapter), rotated with ``X.ckpt``.
+        save_final: at fit end write the trained model and its statistics: ``True`` writes, for a PEFT model, the
+            adapter folder ``final.adapter/`` (no full-model copy), else ``final.safetensors`` and
+            ``final.statistics.safetensors``; ``"full"`` writes the full model in either case (a PEFT model's base and
+            adapter weights, as its ``state_dict`` names them); ``"adapter"`` requires a PEFT model; False writes
+            nothing.
+        adapter: the PEFT adapter to save (default: the model's active adapter).
         dirpath: folder of the final files; default: the ModelCheckpoint's folder, else the Trainer's
             ``default_root_dir``.
         async_write: write checkpoint sidecars in a background thread (the training loop waits only for a copy
@@ -110,7 +118,8 @@ class CurvatureCapture(Callback):
         fisher_samples: int = 1,
         compression: Literal["float32", "bfloat16", "rank1"] = "float32",
         checkpoint_sidecars: bool = True,
-        save_final: bool = True,
+        save_final: bool | Literal["full", "adapter"] = True,
+        adapter: str | None = None,
         dirpath: str | None = None,
         async_write: bool = True,
         seed: int = 0,
@@ -140,6 +149,8 @@ class CurvatureCapture(Callback):
             raise ValueError(f"fisher_samples must be >= 1, got {fisher_samples}")
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+        if save_final not in (True, False, "full", "adapter"):
+            raise ValueError(f"save_final must be True, False, 'full' or 'adapter', got {save_final!r}")
         self.second_moments = second_moments
         self.fisher = fisher
         self.loss_reduction = loss_reduction
@@ -153,6 +164,7 @@ class CurvatureCapture(Callback):
         self.compression = compression
         self.checkpoint_sidecars = checkpoint_sidecars
         self.save_final = save_final
+        self.adapter = adapter
         self.dirpath = dirpath
         self.async_write = async_write
         self.seed = seed
@@ -177,10 +189,12 @@ class CurvatureCapture(Callback):
         self._module_names: set[str] | None = None
         self._final: Statistics | None = None
         self._final_key: tuple | None = None
+        self._peft: Any = None
+        self._adapter_keys: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: drop threads, locks and the trainer
         state = self.__dict__.copy()
-        for key in ("_trainer", "_sidecars", "_pending", "_final"):
+        for key in ("_trainer", "_sidecars", "_pending", "_final", "_peft"):
             state.pop(key, None)
         return state
 
@@ -189,6 +203,7 @@ class CurvatureCapture(Callback):
         self._trainer = None
         self._pending = {}
         self._final = None
+        self._peft = None
         self._sidecars = SidecarWriter(self._write_sidecar, self.async_write)
 
     @property
@@ -280,6 +295,9 @@ class CurvatureCapture(Callback):
                 "pass fisher=False to capture the second moments, and/or fisher_after_fit"
             )
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._peft, self._adapter_keys = _find_adapter(pl_module, self.adapter)
+        if self.save_final == "adapter" and self._peft is None:
+            raise ValueError("CurvatureCapture(save_final='adapter'): the module holds no PEFT model (peft.PeftModel)")
         self._post = {}
         self._counts.reset()
         if not self._fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
@@ -339,16 +357,25 @@ class CurvatureCapture(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure_post_fit(trainer, pl_module)
-        state = trainer.strategy.lightning_module_state_dict() if self.save_final else None  # all ranks (FSDP)
+        full = self.save_final == "full" or (self.save_final is True and self._peft is None)
+        state = trainer.strategy.lightning_module_state_dict() if full else None  # all ranks (FSDP)
         self._final = None
+
+        adapter = self._adapter_snapshot() if self.save_final in (True, "adapter") else None
 
         def write_final() -> None:
             self._sidecars.flush()
             if not self.save_final:
                 return
-            weights = Path(self._final_dir(trainer)) / "final.safetensors"
-            _save_weights(state, weights)
+            directory = Path(self._final_dir(trainer))
             statistics, kinds, _ = self._collect(trainer, None, resume=False)
+            if adapter is not None:
+                folder = directory / "final.adapter"
+                self._write_adapter(folder, adapter, statistics, kinds, self._metadata(trainer))
+                rank_zero_info(f"CurvatureCapture: wrote the adapter {folder} with its statistics")
+                return
+            weights = directory / "final.safetensors"
+            _save_weights(state, weights)
             write_statistics(
                 sidecar_path(weights), statistics, kinds, compression=self.compression, metadata=self._metadata(trainer)
             )
@@ -470,10 +497,7 @@ class CurvatureCapture(Callback):
         statistics, kinds, _ = self._collect(self._trainer, None, resume=False)
         if names is not None:
             statistics = {k: {names[n]: t for n, t in per.items() if n in names} for k, per in statistics.items()}
-            for meta in kinds.values():
-                for key in ("beta2", "step", "count"):
-                    if isinstance(meta.get(key), dict):
-                        meta[key] = {names[n]: v for n, v in meta[key].items() if n in names}
+            kinds = {k: _rename_meta(meta, names) for k, meta in kinds.items()}
         return write_statistics(
             path, statistics, kinds, compression=self.compression, metadata=self._metadata(self._trainer)
         )
@@ -522,15 +546,94 @@ class CurvatureCapture(Callback):
             assert self._trainer is not None
             snapshot = self._collect(self._trainer, None, resume=False, copy=False)
         self._pending.clear()
-        if snapshot[0]:  # the metadata is taken now: the step moves on while the sidecar is written
-            self._sidecars.save(path, (*snapshot, self._metadata(self._trainer, token)))
+        if snapshot[0] or self._peft is not None:  # metadata and adapter weights now: the step moves on meanwhile
+            self._sidecars.save(path, (*snapshot, self._metadata(self._trainer, token), self._adapter_snapshot(), path))
 
     def after_remove(self, path: str) -> None:
         self._sidecars.remove(path)
+        folder = adapter_path(path)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _write_sidecar(self, target: Path, snapshot: tuple) -> None:
-        statistics, kinds, resume, metadata = snapshot
-        write_statistics(target, statistics, kinds, compression=self.compression, resume=resume, metadata=metadata)
+        statistics, kinds, resume, metadata, adapter, checkpoint = snapshot
+        if statistics:
+            write_statistics(target, statistics, kinds, compression=self.compression, resume=resume,
+                             metadata=metadata)
+        if adapter is not None:
+            self._write_adapter(adapter_path(checkpoint), adapter, statistics, kinds, metadata)
+
+    # -- PEFT adapters ----------------------------------------------------------------------------------------------
+    def _adapter_snapshot(self) -> tuple[dict[str, Tensor], Any] | None:
+        """A copy of the adapter's weights (keyed as PEFT saves them) and its config, or None without PEFT."""
+        if self._peft is None:
+            return None
+        from peft import get_peft_model_state_dict
+
+        name = self.adapter or self._peft.active_adapter
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in
+                   get_peft_model_state_dict(self._peft, adapter_name=name).items()}
+        return weights, self._peft.peft_config[name]
+
+    def _write_adapter(self, folder: Path, adapter: tuple, statistics: dict, kinds: dict, metadata: dict) -> None:
+        """An adapter folder as PEFT writes one, with ``statistics.safetensors`` keyed like its weights; atomic."""
+        from lightning_merge.io import fsync_tree, partial_path, replace_dir
+        from lightning_merge.safetensors_io import save_tensors
+
+        weights, config = adapter
+        keys = self._adapter_keys
+        tmp = partial_path(folder)
+        tmp.mkdir(parents=True)
+        try:
+            save_tensors(tmp / "adapter_model.safetensors", weights, {"format": "pt"})
+            config.save_pretrained(str(tmp))
+            renamed = {k: {keys[n]: t for n, t in per.items() if n in keys} for k, per in statistics.items()}
+            renamed = {k: v for k, v in renamed.items() if v}
+            if renamed:
+                meta = {k: _rename_meta(kinds[k], keys) for k in renamed}
+                write_statistics(tmp / "statistics.safetensors", renamed, meta, compression=self.compression,
+                                 metadata=metadata)
+            fsync_tree(tmp)
+            replace_dir(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def adapter_path(checkpoint: str | os.PathLike) -> Path:
+    """The adapter folder saved beside a checkpoint of a PEFT model: ``X.ckpt`` → ``X.adapter``."""
+    path = Path(checkpoint)
+    return path.with_name((path.name[: -len(path.suffix)] if path.suffix else path.name) + ".adapter")
+
+
+def _find_adapter(module: torch.nn.Module, adapter: str | None) -> tuple[Any, dict[str, str]]:
+    """The PEFT model inside ``module`` (None without one) and ``{module parameter name: adapter key}``."""
+    if "peft" not in sys.modules:
+        return None, {}
+    from peft import PeftModel, get_peft_model_state_dict
+
+    peft_model = next((m for m in module.modules() if isinstance(m, PeftModel)), None)
+    if peft_model is None:
+        if adapter is not None:
+            raise ValueError(f"CurvatureCapture(adapter={adapter!r}): the module holds no PEFT model")
+        return None, {}
+    name = adapter or peft_model.active_adapter
+    if name not in peft_model.peft_config:
+        raise ValueError(f"CurvatureCapture(adapter={name!r}): the PEFT model has adapters "
+                         f"{', '.join(peft_model.peft_config)}")
+    by_storage = {(t.data_ptr(), tuple(t.shape)): key
+                  for key, t in get_peft_model_state_dict(peft_model, adapter_name=name).items()}
+    keys = {n: by_storage[(p.data_ptr(), tuple(p.shape))] for n, p in module.named_parameters()
+            if (p.data_ptr(), tuple(p.shape)) in by_storage}
+    return peft_model, keys
+
+
+def _rename_meta(meta: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
+    out = dict(meta)
+    for key in ("beta2", "step", "count"):
+        if isinstance(out.get(key), dict):
+            out[key] = {keys[n]: v for n, v in out[key].items() if n in keys}
+    return out
 
 
 def _save_weights(state: Mapping[str, Tensor] | None, path: Path) -> None:

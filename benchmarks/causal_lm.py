@@ -1,0 +1,384 @@
+"""Merge quality on the LLM fine-tuning path: a small Llama-architecture causal LM, LoRA experts, a bf16 base,
+Hugging Face's token-mean loss, CurvatureCapture on.
+
+Offline text, byte-level tokens (vocabulary 256 + BOS):
+
+- ``code``: Python standard-library source files;
+- ``english``: English prose, the Python language reference shipped in ``pydoc_data``;
+- ``spanish`` / ``german``: text sampled word by word from wordfreq's frequency lists (lexical statistics of the
+  language, no grammar).
+
+A base is trained briefly from scratch on a mix of all four (then stored in bf16); one LoRA expert per domain is
+fine-tuned on its domain with Lightning and ``CurvatureCapture`` (each domain has its own sequence length, so the
+token-aware batch Fisher matters); the adapters are merged with every strategy, λ (and LiNeS' β) chosen on each
+domain's validation loss; merged models are scored by test perplexity against each domain's expert. Normalized =
+mean over domains of expert perplexity ÷ merged perplexity (1 = as good as each expert on its own domain). Mean ± std
+over seeds, and paired differences against tuned task arithmetic. Also: the capture's step-time overhead.
+
+    python benchmarks/causal_lm.py [--seeds 3] [--out benchmarks/_work/causal_lm.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import sysconfig
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_merge import (
+    OPCM,
+    OTA,
+    Breadcrumbs,
+    Cabs,
+    Consensus,
+    Dare,
+    Fisher,
+    Linear,
+    LiNeS,
+    TaskArithmetic,
+    Ties,
+    WeightedMedian,
+    merge,
+)
+from lightning_merge.callbacks import CurvatureCapture
+from lightning_merge.evaluation import sweep_scale
+
+DOMAINS = {"code": 128, "english": 96, "spanish": 64, "german": 48}  # domain → sequence length (tokens)
+VOCAB = 257  # bytes + BOS
+BOS = 256
+GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)
+BETAS = (0.0, 0.5, 1.0, 2.0)
+
+
+def quiet() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# -- offline text ---------------------------------------------------------------------------------------------------
+
+
+def domain_text(domain: str, seed: int, size: int = 600_000) -> bytes:
+    rng = random.Random(seed)
+    if domain == "code":
+        files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))
+        rng.shuffle(files)
+        parts, total = [], 0
+        for f in files:
+            data = Path(f).read_bytes()
+            parts.append(data)
+            total += len(data)
+            if total > size:
+                break
+        return b"\n".join(parts)[:size]
+    if domain == "english":
+        import pydoc_data.topics as topics
+
+        texts = [topics.topics[k] for k in sorted(topics.topics)]
+        rng.shuffle(texts)
+        return "\n\n".join(texts).encode("utf-8")[:size]
+    import wordfreq
+
+    lang = {"spanish": "es", "german": "de"}[domain]
+    words = wordfreq.top_n_list(lang, 5000)
+    weights = [wordfreq.word_frequency(w, lang) for w in words]
+    out, total = [], 0
+    while total < size:
+        sentence = rng.choices(words, weights, k=rng.randint(6, 18))
+        line = " ".join(sentence).capitalize() + rng.choice([". ", ", ", "? ", "! "])
+        out.append(line)
+        total += len(line.encode("utf-8"))
+    return "".join(out).encode("utf-8")[:size]
+
+
+@dataclasses.dataclass
+class Domain:
+    name: str
+    length: int
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def make_domains(seed: int) -> dict[str, Domain]:
+    out = {}
+    for name, length in DOMAINS.items():
+        data = torch.tensor(list(domain_text(name, seed)), dtype=torch.long)
+        n = data.numel() // (length - 1)
+        seqs = data[: n * (length - 1)].view(n, length - 1)
+        seqs = torch.cat([torch.full((n, 1), BOS), seqs], 1)
+        g = torch.Generator().manual_seed(seed)
+        seqs = seqs[torch.randperm(n, generator=g)]
+        out[name] = Domain(name, length, seqs[:-128], seqs[-128:-64], seqs[-64:])
+    return out
+
+
+# -- model ---------------------------------------------------------------------------------------------------------
+
+
+def config():
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    tie_word_embeddings=False)
+
+
+class LM(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module, lr: float):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
+
+
+def loader(seqs: torch.Tensor, batch_size: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, seqs.shape[0], (steps, batch_size), generator=g)
+    return [{"input_ids": seqs[i], "labels": seqs[i]} for i in idx]
+
+
+class _List(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def fit(module: LM, batches: list, callbacks: list, root: Path) -> pl.Trainer:
+    data = torch.utils.data.DataLoader(_List(batches), batch_size=None, shuffle=False)
+    trainer = pl.Trainer(default_root_dir=str(root), max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=callbacks)
+    trainer.fit(module, data)
+    return trainer
+
+
+@torch.no_grad()
+def loss_of(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int = 32) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, seqs.shape[0], batch_size):
+        batch = seqs[i: i + batch_size]
+        logits = model(input_ids=batch).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch[:, 1:, None]).squeeze(-1)
+        total += float(-lp.sum())
+        count += lp.numel()
+    return total / count
+
+
+def load(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    import transformers
+
+    model = transformers.LlamaForCausalLM(config()).to(torch.bfloat16)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+class StepTimer(pl.Callback):
+    def __init__(self):
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._t)
+
+
+# -- one seed ----------------------------------------------------------------------------------------------------
+
+
+def strategies() -> dict[str, object]:
+    return {
+        "average": Linear(),
+        "task_arithmetic": TaskArithmetic(),
+        "ties (0.2)": Ties(density=0.2),
+        "dare_ties (p 0.5)": Dare(drop_rate=0.5, combine="ties"),
+        "breadcrumbs": Breadcrumbs(density=0.9, gamma=0.01),
+        "cabs 64:256": Cabs(n=64, m=256),
+        "consensus": Consensus(),
+        "fisher (batch)": Fisher(estimator="batch"),
+        "fisher (batch, no norm)": Fisher(estimator="batch", normalize=False),
+        "fisher (per-example)": Fisher(estimator="example"),
+        "ota": OTA(),
+        "ota + ffg (0.3)": OTA(density=0.3),
+        "weighted_median": WeightedMedian(estimator="batch"),
+        "opcm": OPCM(),
+        "lines(task arithmetic)": LiNeS(TaskArithmetic()),
+    }
+
+
+def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int) -> dict:
+    import peft
+    import transformers
+
+    torch.manual_seed(seed)
+    domains = make_domains(seed)
+    started = time.perf_counter()
+    # the base: from scratch on a mix of every domain
+    base_model = transformers.LlamaForCausalLM(config())
+    mixed = []
+    per = pretrain_steps // len(domains)
+    for k, d in enumerate(domains.values()):
+        mixed += loader(d.train, 16, per, seed * 100 + k)
+    random.Random(seed).shuffle(mixed)
+    fit(LM(base_model, 3e-3), mixed, [], root / "pretrain")
+    base_model.to(torch.bfloat16).save_pretrained(root / "base")
+    base_time = time.perf_counter() - started
+    # one LoRA expert per domain, CurvatureCapture on
+    adapters, expert_loss = {}, {}
+    overhead = []
+    for k, d in enumerate(domains.values()):
+        model = peft.get_peft_model(
+            transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16),
+            peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"], lora_dropout=0.0))
+        timer = StepTimer()
+        capture = CurvatureCapture(fisher_after_fit="example", fisher_loader=loader(d.train, 8, 32, seed + 7),
+                                   fisher_examples=256, dirpath=str(root / d.name))
+        fit(LM(model, 2e-3), loader(d.train, 16, expert_steps, seed * 10 + k), [capture, timer], root / d.name)
+        adapters[d.name] = root / d.name / "final.adapter"
+        expert_loss[d.name] = loss_of(model, d.test)
+        overhead.append(statistics.median(timer.times[10:]))
+        if k == 0:  # the capture's cost: the same fine-tune without it
+            bare = peft.get_peft_model(
+                transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16),
+                peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"]))
+            plain = StepTimer()
+            fit(LM(bare, 2e-3), loader(d.train, 16, expert_steps, seed * 10 + k), [plain], root / "bare")
+            timed = StepTimer()
+            again = peft.get_peft_model(
+                transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16),
+                peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"]))
+            fit(LM(again, 2e-3), loader(d.train, 16, expert_steps, seed * 10 + k),
+                [CurvatureCapture(save_final=False, checkpoint_sidecars=False), timed], root / "timed")
+            step_bare = statistics.median(plain.times[10:])
+            step_captured = statistics.median(timed.times[10:])
+    experts_time = time.perf_counter() - started - base_time
+    base_state = {k: v for k, v in transformers.LlamaForCausalLM.from_pretrained(
+        root / "base", dtype=torch.bfloat16).state_dict().items()}
+    base_loss = {name: loss_of(load(base_state), d.test) for name, d in domains.items()}
+    names = list(domains)
+    experts = [adapters[n] for n in names]
+
+    def normalized(losses: dict[str, float]) -> float:
+        return sum(math.exp(expert_loss[n]) / math.exp(losses[n]) for n in names) / len(names)
+
+    def val_score(state: dict[str, torch.Tensor]) -> float:
+        model = load(state)
+        return sum(expert_loss[n] / loss_of(model, domains[n].val) for n in names) / len(names)
+
+    rows = {}
+    for label, strategy in strategies().items():
+        t0 = time.perf_counter()
+        chosen = {}
+        if isinstance(strategy, LiNeS):
+            best = None
+            for beta in BETAS:
+                candidate = dataclasses.replace(strategy, beta=beta)
+                state = merge(experts, root / "base", candidate)
+                score = val_score(state)
+                if best is None or score > best[0]:
+                    best = (score, state, beta)
+            _, state, chosen["beta"] = best
+        elif getattr(strategy, "scalable", False):
+            result = sweep_scale(strategy, experts, root / "base", val_score, GRID)
+            state, chosen["scale"] = result.state, result.scale
+        else:
+            state = merge(experts, root / "base", strategy)
+        model = load(state)
+        losses = {n: loss_of(model, domains[n].test) for n in names}
+        rows[label] = {"normalized": normalized(losses), "perplexity": {n: math.exp(v) for n, v in losses.items()},
+                       **chosen, "seconds": time.perf_counter() - t0}
+        print(f"  seed {seed} {label:<26} normalized {100 * rows[label]['normalized']:.1f}  {chosen}", flush=True)
+    return {
+        "expert_perplexity": {n: math.exp(v) for n, v in expert_loss.items()},
+        "base": {"normalized": normalized(base_loss), "perplexity": {n: math.exp(v) for n, v in base_loss.items()}},
+        "rows": rows,
+        "timing": {"pretrain_s": base_time, "experts_s": experts_time,
+                   "step_s_without_capture": step_bare, "step_s_with_capture": step_captured,
+                   "capture_overhead": step_captured / step_bare},
+    }
+
+
+def summarize(results: list[dict]) -> str:
+    labels = list(results[0]["rows"])
+    ta = [r["rows"]["task_arithmetic"]["normalized"] for r in results]
+    lines = [f"{'method':<28}{'normalized':>16}{'vs tuned TA (paired)':>24}  " + "  ".join(
+        f"{n:>9}" for n in DOMAINS)]
+    base = [r["base"]["normalized"] for r in results]
+    lines.append(f"{'base (no merge)':<28}{_ms(base):>16}{'':>24}  " + "  ".join(
+        f"{statistics.mean(r['base']['perplexity'][n] for r in results):>9.2f}" for n in DOMAINS))
+    for label in labels:
+        values = [r["rows"][label]["normalized"] for r in results]
+        diffs = [v - t for v, t in zip(values, ta)]
+        ppl = "  ".join(f"{statistics.mean(r['rows'][label]['perplexity'][n] for r in results):>9.2f}" for n in DOMAINS)
+        lines.append(f"{label:<28}{_ms(values):>16}{_ms(diffs, sign=True):>24}  {ppl}")
+    experts = "  ".join(f"{statistics.mean(r['expert_perplexity'][n] for r in results):>9.2f}" for n in DOMAINS)
+    lines.append(f"{'experts (own domain)':<28}{'100.0':>16}{'':>24}  {experts}")
+    over = [r["timing"]["capture_overhead"] for r in results]
+    lines.append(f"capture overhead (step time with / without CurvatureCapture, median): {_ms(over, pct=False)}")
+    return "\n".join(lines)
+
+
+def _ms(values: list[float], sign: bool = False, pct: bool = True) -> str:
+    scale = 100 if pct else 1
+    mean = statistics.mean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    fmt = "+.1f" if sign else (".1f" if pct else ".3f")
+    return f"{mean:{fmt}} ± {std:.1f}" if pct else f"{mean:{fmt}} ± {std:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pretrain-steps", type=int, default=1600)
+    parser.add_argument("--expert-steps", type=int, default=300)
+    parser.add_argument("--out", default="benchmarks/_work/causal_lm.json")
+    args = parser.parse_args()
+    quiet()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results = []
+    for seed in range(args.seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            results.append(run_seed(seed, Path(tmp), args.pretrain_steps, args.expert_steps))
+            print(f"seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print(summarize(results))
+
+
+if __name__ == "__main__":
+    main()
