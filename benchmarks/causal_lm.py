@@ -59,7 +59,7 @@ from lightning_merge.evaluation import sweep_scale
 DOMAINS = {"code": 128, "english": 96, "spanish": 64, "german": 48}  # domain → sequence length (tokens)
 VOCAB = 257  # bytes + BOS
 BOS = 256
-GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)
+GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 BETAS = (0.0, 0.5, 1.0, 2.0)
 
 

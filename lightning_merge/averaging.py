@@ -7,6 +7,7 @@ Used by :class:`lightning_merge.callbacks.CheckpointAveraging` and ``lightning-m
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_merge.stats import tensor_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ class CheckpointInfo:
         epoch: the epoch.
         score: the monitored metric ModelCheckpoint recorded for it (``current_score``), or None.
         monitor: the metric's name, or None.
+        made_by_lightning_merge: the checkpoint is an output of this project (an average or a merge).
+        digest: identity of its weights (names and sampled values of every tensor), to find copies.
     """
 
     path: Path
@@ -39,6 +44,8 @@ class CheckpointInfo:
     epoch: int
     score: float | None
     monitor: str | None
+    made_by_lightning_merge: bool = False
+    digest: str = ""
 
 
 def read_info(path: str | os.PathLike, trust_checkpoint: bool = False) -> CheckpointInfo:
@@ -56,7 +63,42 @@ def read_info(path: str | os.PathLike, trust_checkpoint: bool = False) -> Checkp
                 score = float(current)
                 monitor = state.get("monitor")
                 break
-    return CheckpointInfo(Path(path), int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)), score, monitor)
+    digest = hashlib.sha256()
+    state = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), Mapping) else {}
+    for name in sorted(state):
+        value = state[name]
+        if isinstance(value, Tensor):
+            digest.update(name.encode())
+            digest.update(tensor_fingerprint(value).encode())
+    return CheckpointInfo(Path(path), int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)), score, monitor,
+                          made_by_lightning_merge="lightning_merge" in ckpt, digest=digest.hexdigest())
+
+
+def distinct_checkpoints(infos: Sequence[CheckpointInfo]) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
+    """The checkpoints worth averaging: without links or copies of one another (``last.ckpt`` is a copy of the
+    newest) and without this project's own outputs (an earlier ``averaged.ckpt``, a merge). Returns
+    ``(kept, [(skipped path, why)])``; of identical checkpoints the one with the plainest name is kept."""
+    kept: list[CheckpointInfo] = []
+    skipped: list[tuple[Path, str]] = []
+    by_digest: dict[str, CheckpointInfo] = {}
+    by_target: dict[Path, CheckpointInfo] = {}
+    # ModelCheckpoint's own names (epoch=..-step=..) before last.ckpt and other copies
+    for info in sorted(infos, key=lambda i: (i.path.is_symlink(), i.path.stem.startswith("last"), str(i.path))):
+        target = info.path.resolve()
+        if info.made_by_lightning_merge:
+            skipped.append((info.path, "an output of lightning-merge (an average or a merge), not a checkpoint of the "
+                                       "run"))
+        elif target in by_target:
+            skipped.append((info.path, f"the same file as '{by_target[target].path}'"))
+        elif info.digest and info.digest in by_digest:
+            skipped.append((info.path, f"a copy of '{by_digest[info.digest].path}' (same weights)"))
+        else:
+            kept.append(info)
+            by_target[target] = info
+            if info.digest:
+                by_digest[info.digest] = info
+    order = {id(i): n for n, i in enumerate(infos)}
+    return sorted(kept, key=lambda i: order[id(i)]), skipped
 
 
 def mwa_weights(values: Sequence[float], p: float, mode: str, names: Sequence[str] | None = None) -> list[float]:
@@ -285,6 +327,7 @@ def write_averaged_checkpoint(
 __all__ = [
     "CheckpointInfo",
     "average_checkpoints",
+    "distinct_checkpoints",
     "checkpoint_weights",
     "mwa_weights",
     "read_info",

@@ -59,10 +59,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         output=args.output,
         rank=args.rank,
+        dry_run=args.dry_run,
     )
+    if args.dry_run:
+        _print_plan(out, recipe.path)
+        return 0
     print(f"merged {len(recipe.experts)} experts with {recipe.strategy.name} into {out} "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
+
+
+def _print_plan(plan: dict[str, Any], source: Any) -> None:
+    t = plan["tensors"]
+    print(f"plan of {source} (dry run: nothing read or written)")
+    print(f"  strategy    {json.dumps(plan['strategy'])}" + ("  (first pass over the model)" if plan["global_pass"]
+                                                              else ""))
+    print(f"  base        {plan['base']}")
+    for name, found in zip(plan["experts"], plan["statistics"]):
+        stats = ", ".join(f"{k}: {v or 'MISSING'}" for k, v in found.items())
+        print(f"  expert      {name}" + (f"  ({stats})" if stats else ""))
+    print(f"  tensors     {t['merge']} merged, {t['copy']} copied, {t['non_floating']} non-floating checked; "
+          f"{plan['parameters']:,} parameters")
+    size = f", {_human(plan['output_bytes'])}" if plan["output_bytes"] is not None else ""
+    exists = " (exists: --overwrite replaces it)" if plan["output_exists"] else ""
+    print(f"  output      {plan['output']} ({plan['output_kind']}{size}){exists}")
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -222,11 +242,24 @@ def cmd_export_second_moments(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    from lightning_merge.averaging import average_checkpoints, read_info, select_checkpoints
+    from lightning_merge.averaging import average_checkpoints, distinct_checkpoints, read_info, select_checkpoints
 
-    infos = [read_info(p, args.trust_checkpoint) for p in args.checkpoints]
+    out = Path(args.out).resolve()
+    infos = [read_info(p, args.trust_checkpoint) for p in args.checkpoints if Path(p).resolve() != out]
+    infos, skipped = distinct_checkpoints(infos)
+    for path, why in skipped:
+        print(f"  skipped {path}: {why}", file=sys.stderr)
     chosen = select_checkpoints(infos, select=args.select, k=args.k, mode=args.mode) if args.select != "all" else infos
     paths = [str(i.path) for i in chosen]
+    if args.dry_run:
+        from lightning_merge.averaging import checkpoint_weights
+
+        weights = checkpoint_weights(chosen, args.weighting, mwa_by=args.mwa_by, p=args.p, mode=args.mode)
+        print(f"plan (dry run: nothing averaged or written): {len(paths)} checkpoints, {args.weighting}")
+        for path, w in zip(paths, weights or [None] * len(paths)):
+            print(f"  {path}" + (f"  weight {w:.4f}" if w is not None else f"  ({args.weighting} per entry)"))
+        print(f"  output      {args.out}" + (" (exists: --overwrite replaces it)" if Path(args.out).exists() else ""))
+        return 0
     _, weights = average_checkpoints(
         paths, args.out, weighting=args.weighting, mwa_by=args.mwa_by, p=args.p, mode=args.mode, source=args.source,
         include=args.include, exclude=args.exclude, keep_training_state=not args.weights_only,
@@ -249,7 +282,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
             state = ContinualState.create(args.state, base=args.base, strategy=Strategy.from_dict(spec))
             print(f"created continual state {state.path} ({args.strategy}, base {args.base})")
         elif args.action == "add":
-            entry = ContinualState(args.state).add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate)
+            entry = ContinualState(args.state).add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate,
+                                                   force=args.force)
             print(f"added '{entry['name']}' as expert {entry['order']}; merged model: {args.state}/current/model")
         else:
             info = ContinualState(args.state).describe()
@@ -297,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=None, help="worker threads over tensors (default: up to 2)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT once the new merge is complete")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--dry-run", action="store_true",
+                   help="check and print the plan (tensors, experts, statistics, output size); merge nothing")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
     m.set_defaults(func=cmd_merge)
@@ -322,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--weights-only", action="store_true", help="drop optimizer/loop state (default: keep the newest's)")
     a.add_argument("--on-missing-statistic", default="error", choices=["error", "uniform"])
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--dry-run", action="store_true", help="print the checkpoints and weights; average nothing")
     a.add_argument("--trust-checkpoint", action="store_true",
                    help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
     a.set_defaults(func=cmd_average)
@@ -338,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("expert")
     ca.add_argument("--name", default=None, help="the journal's name for it")
     ca.add_argument("--allow-duplicate", action="store_true", help="fold in an expert already merged")
+    ca.add_argument("--force", action="store_true",
+                    help="fold in an expert that looks unrelated to the base (a task vector 10x the others')")
     cs = csub.add_parser("show", help="the journal, norms and where the merged model is")
     cs.add_argument("state")
     cs.add_argument("--json", action="store_true")

@@ -52,8 +52,9 @@ from lightning_merge.writers import copy_support_files, write_json
 FORMAT = "lightning-merge/continual"
 FORMAT_VERSION = 2
 POINTER = "CURRENT"
-#: an expert whose task vector is longer than the base itself (‖τ‖ > ‖θ₀‖) was not fine-tuned from it.
-MAX_RELATIVE_DISTANCE = 1.0
+#: an expert whose task vector is this many times longer than the median expert already merged is refused as not
+#: fine-tuned from the base (an unrelated model); a third of that is warned about.
+MAX_RELATIVE_NORM = 10.0
 
 
 class ContinualError(ValueError):
@@ -255,14 +256,16 @@ class ContinualState:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def add(self, expert: Any, *, name: str | None = None, allow_duplicate: bool = False,
-            force: bool = False) -> dict[str, Any]:
+            force: bool = False, progress: bool | None = None) -> dict[str, Any]:
         """Fold one expert in (atomically; waits for another process's add to finish first).
 
         Args:
             expert: a path or :class:`~lightning_merge.Expert` (with statistics for Fisher/OTA).
             name: the journal's name for it (default: the expert's name).
             allow_duplicate: fold in an expert whose weights are already in the journal.
-            force: fold in an expert that looks unrelated to the base (a task vector longer than the base itself).
+            force: fold in an expert that looks unrelated to the base (a task vector ten times longer than those of the
+                experts already merged).
+            progress: show progress bars (default: when stderr is a terminal).
 
         Returns:
             The journal entry.
@@ -292,7 +295,7 @@ class ContinualState:
                 "checksum": checksum,
                 "time": _now(),
             }
-            self._write_generation(expert, meta, entry, force)
+            self._write_generation(expert, meta, entry, force, progress)
         return entry
 
     def _check(self, expert: Expert) -> None:
@@ -323,7 +326,10 @@ class ContinualState:
                     "capture them with CurvatureCapture"
                 )
 
-    def _write_generation(self, expert: Expert, meta: dict[str, Any], entry: dict[str, Any], force: bool) -> None:
+    def _write_generation(self, expert: Expert, meta: dict[str, Any], entry: dict[str, Any], force: bool,
+                          progress: bool | None = None) -> None:
+        from lightning_merge.progress import track
+
         base = as_expert(self.config["base"], "base")
         names = list(self.config["tensors"])
         form = self.form
@@ -350,8 +356,9 @@ class ContinualState:
             writers.append(model)
             fingerprints = self.config["base_fingerprint"]
             totals: dict[str, float] = {}
-            tau_sq = base_sq = 0.0
-            for n in names:
+            tau_sq = 0.0
+            sizes = [base.spec(n).nbytes for n in names]
+            for n in track(names, sizes, "folding in", progress):
                 b_raw = base.tensor(n)
                 if tensor_fingerprint(b_raw) != fingerprints[n]:
                     raise ContinualError(
@@ -361,7 +368,6 @@ class ContinualState:
                 b = base.float32(n)
                 tau = expert.float32(n) - b
                 tau_sq += float(tau.double().square().sum())
-                base_sq += float(b.double().square().sum())
                 prev = None
                 if previous is not None:
                     try:
@@ -380,7 +386,7 @@ class ContinualState:
                 del b_raw, b, tau, prev, new, stats
             running.close(sync=True)
             norm = math.sqrt(tau_sq)
-            self._check_distance(expert, norm, math.sqrt(base_sq), meta["norms"], force)
+            self._check_distance(expert, norm, meta["norms"], force)
             summary = ContinualSummary(
                 count=count + 1,
                 norms=(*meta["norms"], norm),
@@ -389,7 +395,8 @@ class ContinualState:
                 names=tuple(names),
             )
             with SafetensorsFile(tmp / "running.safetensors") as fresh:
-                for n in base.names():
+                every = base.names()
+                for n in track(every, [base.spec(n).nbytes for n in every], "writing the model", progress):
                     if n not in self.config["tensors"]:  # non-floating tensors come from the base
                         model.write(n, base.tensor(n).contiguous())
                         continue
@@ -433,23 +440,27 @@ class ContinualState:
         if current is not None and current != final:
             shutil.rmtree(current, ignore_errors=True)
 
-    def _check_distance(self, expert: Expert, norm: float, base_norm: float, norms: list[float], force: bool) -> None:
-        if force:
+    def _check_distance(self, expert: Expert, norm: float, norms: list[float], force: bool) -> None:
+        """An expert ten times farther from the base than those already merged is refused (an unrelated model, or
+        one fine-tuned from another base without a capture fingerprint to say so); three times is warned about."""
+        if force or not norms:
             return
-        if base_norm > 0 and norm > MAX_RELATIVE_DISTANCE * base_norm:
+        typical = _statistics.median(norms)
+        if typical <= 0:
+            return
+        ratio = norm / typical
+        if ratio > MAX_RELATIVE_NORM:
             raise ContinualError(
-                f"expert '{expert.name}' is farther from the base than the base is from zero (‖τ‖ = {norm:.4g}, "
-                f"‖θ₀‖ = {base_norm:.4g}): it was not fine-tuned from this state's base. Pass force=True (--force) "
-                "to fold it in anyway"
+                f"expert '{expert.name}' moved {ratio:.1f}× farther from the base than the experts already merged "
+                f"(‖τ‖ = {norm:.4g}, median {typical:.4g}): it does not look fine-tuned from this state's base. Pass "
+                "force=True (--force) to fold it in anyway"
             )
-        if len(norms) >= 2:
-            typical = _statistics.median(norms)
-            if typical > 0 and norm > 10 * typical:
-                import logging
+        if ratio > MAX_RELATIVE_NORM / 3:
+            import logging
 
-                logging.getLogger("lightning_merge").warning(
-                    "expert '%s' moved %.1f× farther from the base than the experts already merged (‖τ‖ = %.4g, median "
-                    "%.4g): check that it was fine-tuned from this base", expert.name, norm / typical, norm, typical)
+            logging.getLogger("lightning_merge").warning(
+                "expert '%s' moved %.1f× farther from the base than the experts already merged (‖τ‖ = %.4g, median "
+                "%.4g): check that it was fine-tuned from this base", expert.name, ratio, norm, typical)
 
     def _refresh_link(self, final: Path) -> None:
         """Point the convenience link ``current`` at ``final`` (replacing a stale link, or a folder a copy made)."""

@@ -213,6 +213,8 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
     Classifier = _module_class()
     base = make_backbone()
     pre = Classifier(base, 10, lr=3e-3)
+    if verbose:
+        print(f"pre-training a base on 10-way digits ({epochs} epochs)...", flush=True)
     train(pre, *splits["pretrain"], epochs=epochs, seed=seed)
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
 
@@ -229,6 +231,8 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
                            checkpoint_sidecars=False, save_final=False)
             options.update(capture_args)
             callbacks.append(CurvatureCapture(**options))
+        if verbose:
+            print(f"fine-tuning expert {t + 1}/{len(tasks)} ({task.name}) with CurvatureCapture...", flush=True)
         train(model, *task_data(task, splits["train"]), epochs=epochs, seed=seed + 1 + t, callbacks=callbacks)
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("backbone.")}
         stats = callbacks[0].finalize() if capture else None
@@ -290,7 +294,10 @@ def run_demo(out_dir: str | os.PathLike | None = None, seed: int = 0, quick: boo
     def val_score(state: dict[str, Tensor]) -> float:
         return normalized_score(setup.scores(state, "val"), own_val)
 
-    for name, strategy in demo_strategies(quick).items():
+    strategies = demo_strategies(quick)
+    for i, (name, strategy) in enumerate(strategies.items()):
+        print(f"merging {i + 1}/{len(strategies)}: {name}" + (" (λ on validation)" if hasattr(strategy, "scale")
+                                                               else ""), flush=True)
         if hasattr(strategy, "scale"):
             result = sweep_scale(strategy, setup.experts, setup.base, val_score, grid)
             report.add(name, setup.scores(result.state, "test"), result.scale)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +99,15 @@ class MergePlan:
         self.names = [job.name for job in jobs if job.action == "merge"]
         self._statistic_reader = statistic_reader
         self.prepared: Prepared | None = None
+        self.progress: bool | None = None
+
+    def passes(self, desc: str) -> Iterator[str]:
+        """The merged tensors' names for a first pass over the model, with a progress bar (counted in the bytes of
+        the experts' tensors read)."""
+        from lightning_merge.progress import track
+
+        per = self.num_experts + (self.base is not None)
+        return track(self.names, (self.spec(n).nbytes * per for n in self.names), desc, self.progress)
 
     @property
     def num_experts(self) -> int:
@@ -147,6 +155,7 @@ def plan_merge(
     dtype: torch.dtype | None = None,
     on_missing: str = "error",
     on_missing_statistic: str = "error",
+    progress: bool | None = None,
 ) -> MergePlan:
     """Everything before the first tensor is merged: the tensor jobs, the check that every expert has the
     statistics the strategy requires, and the strategy's first pass (its :class:`Prepared`, in ``plan.prepared``).
@@ -160,6 +169,7 @@ def plan_merge(
     reader = _StatisticReader(strategy, experts, on_missing_statistic, {j.name: j for j in jobs})
     reader.check()
     plan = MergePlan(experts, base, jobs, reader)
+    plan.progress = progress
     plan.prepared = strategy.prepare(plan)
     if not isinstance(plan.prepared, Prepared):
         raise TypeError(f"{type(strategy).__name__}.prepare must return a Prepared object, got {plan.prepared!r}")
@@ -300,7 +310,8 @@ def merge(
     threads: int | None = None,
     progress: bool | None = None,
     rank: int | None = None,
-) -> dict[str, Tensor] | Path | nn.Module:
+    dry_run: bool = False,
+) -> dict[str, Tensor] | Path | nn.Module | dict[str, Any]:
     """Merge experts tensor by tensor with a strategy.
 
     Args:
@@ -334,9 +345,12 @@ def merge(
         rank: with ``output="peft"``: None writes the exact concatenation of the adapters' factors (rank Σrᵢ; for
             strategies linear in the experts, ``strategy.linear``); an integer writes a truncated SVD of each
             merged ΔW at that rank and records the relative reconstruction error per module.
+        dry_run: check everything that needs no tensor data (names, shapes, dtypes, statistics present, the output
+            path) and return the plan instead of merging: the tensors to merge and copy, the experts, the strategy,
+            the statistics found, the output's size.
 
     Returns:
-        The merged state dict (``out=None``), the written path, or the module.
+        The merged state dict (``out=None``), the written path, or the module; with ``dry_run``, the plan.
 
     Raises:
         ValueError: anything that makes the merge impossible, before any tensor is merged: the message names the
@@ -371,9 +385,13 @@ def merge(
             )
 
     experts, base_expert = open_inputs(experts, base)
+    if dry_run:
+        return describe_plan(experts, base_expert, strategy, out, output=output, rank=rank, include=include,
+                             exclude=exclude, dtype=out_dtype, on_missing=on_missing,
+                             on_missing_statistic=on_missing_statistic, overwrite=overwrite)
     plan = plan_merge(experts, base_expert, strategy, include=include, exclude=exclude,
                       dtype=torch.float32 if output == "peft" else out_dtype,
-                      on_missing=on_missing, on_missing_statistic=on_missing_statistic)
+                      on_missing=on_missing, on_missing_statistic=on_missing_statistic, progress=progress)
     provenance = {
         "library": "lightning-merge",
         "version": __version__,
@@ -422,6 +440,41 @@ def prepare(
     plan = plan_merge(opened, base_expert, strategy, include=include, exclude=exclude, on_missing=on_missing,
                       on_missing_statistic=on_missing_statistic)
     return plan.prepared
+
+
+def describe_plan(experts: list[Expert], base: Expert | None, strategy: Strategy, out: Any, *, output: str | None,
+                  rank: int | None, include: Any, exclude: Any, dtype: torch.dtype | None, on_missing: str,
+                  on_missing_statistic: str, overwrite: bool) -> dict[str, Any]:
+    """What :func:`merge` would do, from headers alone (``dry_run=True``): nothing is read or written."""
+    from lightning_merge.writers import check_output_path
+
+    if strategy.needs_base and base is None:
+        raise ValueError(f"strategy {strategy.name!r} needs a base model (base=...); Linear does not")
+    strategy.check_num_experts(len(experts))
+    jobs = build_jobs(experts, base, include=include, exclude=exclude, dtype=dtype, on_missing=on_missing)
+    _StatisticReader(strategy, experts, on_missing_statistic, {j.name: j for j in jobs}).check()
+    if isinstance(out, (str, os.PathLike)):
+        check_output_path(Path(out), overwrite, folder=Path(out).suffix not in FILE_SUFFIXES or output == "peft")
+    actions: dict[str, int] = {}
+    for job in jobs:
+        actions[job.action] = actions.get(job.action, 0) + 1
+    statistics = [{kind: (e.statistics.resolve_kind(kind) if e.has_statistic(kind) else None)
+                   for kind in strategy.requires} for e in experts]
+    return {
+        "experts": unique_names(experts),
+        "base": base.name if base is not None else None,
+        "strategy": strategy.to_dict(),
+        "global_pass": strategy.global_pass,
+        "tensors": {"merge": actions.get("merge", 0), "copy": actions.get("copy", 0),
+                    "non_floating": actions.get("equal", 0) + actions.get("max", 0)},
+        "parameters": sum(j.spec.numel for j in jobs),
+        "statistics": statistics,
+        "output": None if out is None or isinstance(out, nn.Module) else str(out),
+        "output_kind": "peft adapter" if output == "peft" else ("module" if isinstance(out, nn.Module) else
+                                                                  "state dict" if out is None else "files"),
+        "output_bytes": sum(j.spec.nbytes for j in jobs) if output != "peft" else None,
+        "output_exists": isinstance(out, (str, os.PathLike)) and os.path.lexists(out),
+    }
 
 
 def unique_names(experts: Sequence[Expert]) -> list[str]:
@@ -565,12 +618,9 @@ class _StatisticReader:
 
 def run_jobs(plan: MergePlan, jobs: list[TensorJob], writer: Writer, threads: int, progress: bool | None) -> None:
     """Compute and write every job, ``threads`` tensors at a time within the memory bound, with a progress bar."""
-    from tqdm.auto import tqdm
+    from lightning_merge.progress import Progress
 
-    show = sys.stderr.isatty() if progress is None else progress
-    total = sum(job.spec.nbytes for job in jobs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=not show,
-               leave=False)
+    bar = Progress("merging", sum(job.spec.nbytes for job in jobs), progress)
 
     def work(job: TensorJob) -> None:
         writer.write(job.name, compute(plan, job, writer.compute_dtype))

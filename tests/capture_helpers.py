@@ -229,3 +229,61 @@ class TinyLM(pl.LightningModule):
 def lm_ddp_loader(n: int = 8, seed: int = 0) -> DataLoader:
     """One sequence per rank and step: rank r reads sequences r, r + W... (RankInterleaved)."""
     return DataLoader(lm_examples(n, seed), batch_size=1, sampler=RankInterleaved(n), collate_fn=pad_lm)
+
+
+class TinyData(pl.LightningDataModule):
+    """Train and validation loaders of the tiny classifier, for LightningCLI configs."""
+
+    def __init__(self, n: int = 32, batch_size: int = 8):
+        super().__init__()
+        self.n = n
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return loader(self.n, self.batch_size)
+
+    def val_dataloader(self):
+        return loader(16, 8, seed=1)
+
+
+class CountSteps(pl.Callback):
+    """Counts training batches (to show a check ran before any)."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += 1
+
+
+from lightning_merge.strategies import Linear  # noqa: E402
+
+
+class _ExplodingFold:
+    quantities = (("sum", torch.float32),)
+
+    def begin(self, index, expert, names):
+        from lightning_merge.strategies import FoldContext
+
+        return FoldContext(index, 1.0)
+
+    def fold(self, *args, **kwargs):
+        raise RuntimeError("boom while folding")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplodingFoldStrategy(Linear):
+    """A continual strategy whose fold fails (only rank 0 folds)."""
+
+    name = "test_exploding_fold"
+
+    def continual_form(self):
+        return _ExplodingFold()
+
+
+class NegativeValTiny(Tiny):
+    """Logs a negative validation metric: metrics-weighted averaging refuses it (on rank 0, which averages)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_score", -F.cross_entropy(self(x), y), sync_dist=True)

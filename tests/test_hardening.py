@@ -240,6 +240,18 @@ def _base_replaced_after_init(t):
     return state.add(paths[0])
 
 
+def _unrelated_model_in_continual(t):
+    base, paths = family(t, stats=False)
+    state = ContinualState.create(t / "state", base=base, strategy=Linear())
+    state.add(paths[0])
+    state.add(paths[1])
+    save_tensors(t / "unrelated.safetensors", {"w": 10 * torch.randn(4, 4), "b": 10 * torch.randn(4)})
+    try:
+        return state.add(t / "unrelated.safetensors")
+    finally:
+        assert state.count == 2
+
+
 def _overwrite_the_base(t):
     base, paths = family(t, stats=False)
     return merge(paths, base, Linear(), out=base, overwrite=True)
@@ -368,6 +380,7 @@ CASES: list[tuple[str, Callable, str]] = [
     ("continual: the current generation is gone", _missing_current_generation, "current generation '000002' is "
                                                                                 "missing"),
     ("continual: the base was replaced after init", _base_replaced_after_init, "changed since the state was created"),
+    ("continual: an unrelated model (no statistics)", _unrelated_model_in_continual, "farther from the base than"),
     ("output: overwrite the base", _overwrite_the_base, "is an input of this merge"),
     ("output: overwrite an expert folder", _overwrite_an_expert_folder, "is an input of this merge"),
     ("output: average over one of its inputs", _overwrite_an_average_input, "is an input of this merge"),
@@ -441,7 +454,7 @@ def test_verbose_shows_the_traceback(tmp_path, capsys):
 
 
 def test_the_table_is_what_the_note_reports():
-    assert len(CASES) + len(CLI_CASES) == 49
+    assert len(CASES) + len(CLI_CASES) == 50
 
 
 # -- fuzzing the readers -------------------------------------------------------------------------------------------

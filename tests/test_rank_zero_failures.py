@@ -20,10 +20,9 @@ SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from capture_helpers import ExplodingStrategy, Tiny, ddp_loader, quiet
+    from capture_helpers import ExplodingFoldStrategy, ExplodingStrategy, NegativeValTiny, Tiny, ddp_loader, quiet
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning_merge import Ties
     from lightning_merge.callbacks import CheckpointAveraging, ContinualMerge, MergeOnFitEnd
 
     quiet()
@@ -31,14 +30,16 @@ SCRIPT = textwrap.dedent(
     rank = os.environ.get("LOCAL_RANK", "0")
     callbacks = {
         "merge": lambda: [MergeOnFitEnd(experts=[base], strategy=ExplodingStrategy(), base=base, dirpath=root)],
-        "continual": lambda: [ContinualMerge(state=root + "/state", base=base, strategy=Ties())],
-        "average": lambda: [ModelCheckpoint(dirpath=root + "/ckpt"), CheckpointAveraging(select="top_k", k=1)],
+        "continual": lambda: [ContinualMerge(state=root + "/state", base=base, strategy=ExplodingFoldStrategy())],
+        "average": lambda: [ModelCheckpoint(dirpath=root + "/ckpt", monitor="val_score", mode="max"),
+                            CheckpointAveraging(select="top_k", k=1, weighting="mwa", mode="max")],
     }[which]()
     trainer = Trainer(default_root_dir=root, max_epochs=1, accelerator="cpu", strategy="ddp", devices=2,
                       callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, logger=False,
                       use_distributed_sampler=False)
     try:
-        trainer.fit(Tiny(lr=1e-2), ddp_loader(16, 4))
+        module = NegativeValTiny(lr=1e-2) if which == "average" else Tiny(lr=1e-2)
+        trainer.fit(module, ddp_loader(16, 4), ddp_loader(8, 4, seed=1))
     except Exception as err:  # rank 0 survives its error, as in a notebook: the others must not wait for it
         Path(root, f"raised-{rank}.txt").write_text(f"{type(err).__name__}: {err}")
         if rank == "0":
@@ -57,8 +58,8 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("which,message", [
     ("merge", "boom at rank zero"),
-    ("continual", "elects each entry's sign"),
-    ("average", "needs a monitored score"),
+    ("continual", "boom while folding"),
+    ("average", "metrics-weighted averaging needs positive finite metrics"),
 ])
 def test_a_failure_on_rank_zero_raises_on_every_rank(tmp_path, which, message):
     import torch

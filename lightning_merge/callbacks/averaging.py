@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -14,9 +14,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_merge.averaging import (
     WEIGHTINGS,
     average_checkpoints,
+    distinct_checkpoints,
     read_info,
     select_checkpoints,
 )
+from lightning_merge.callbacks._checks import capture_of, captures_kind
 from lightning_merge.callbacks._distributed import on_rank_zero
 
 SELECTS = ("top_k", "last", "window", "all")
@@ -63,22 +65,22 @@ class CheckpointAveraging(Callback):
 
     def __init__(
         self,
-        select: str = "top_k",
+        select: Literal["top_k", "last", "window", "all"] = "top_k",
         k: int | None = None,
         window: tuple[int, int] | None = None,
-        window_unit: str = "step",
-        weighting: str = "uniform",
-        mwa_by: str = "metric",
+        window_unit: Literal["step", "epoch"] = "step",
+        weighting: Literal["uniform", "mwa", "fisher", "ota"] = "uniform",
+        mwa_by: Literal["metric", "step"] = "metric",
         p: float = 1.0,
-        mode: str | None = None,
-        source: str = "state_dict",
+        mode: Literal["min", "max"] | None = None,
+        source: Literal["state_dict", "current_model_state"] = "state_dict",
         out: str | None = None,
         load_averaged: bool = True,
         every_validation: bool = False,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         keep_training_state: bool = True,
-        update_bn_loader: str | None = None,
+        update_bn_loader: Literal["train", "val"] | None = None,
     ) -> None:
         super().__init__()
         if select not in SELECTS:
@@ -107,17 +109,60 @@ class CheckpointAveraging(Callback):
         self.update_bn_loader = update_bn_loader
         self.averaged: list[tuple[str, float | None]] = []  # what the last average used: (path, weight)
         self.averaged_path: str | None = None
+        self._averaged_at: int | None = None
+        self.merged_by: str | None = None  # a MergeOnFitEnd that merges this average and loads the merge
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(select=self.select, k=self.k, weighting=self.weighting, out=self.out)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        who = "CheckpointAveraging"
+        checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+        if not checkpoints:
+            raise ValueError(f"{who} averages the checkpoints a ModelCheckpoint writes: add one to the Trainer")
+        monitored = any(c.monitor for c in checkpoints)
+        if (self.select == "top_k" or (self.weighting == "mwa" and self.mwa_by == "metric")) and not monitored:
+            raise ValueError(
+                f"{who}(select={self.select!r}, weighting={self.weighting!r}) ranks or weighs checkpoints by the "
+                "monitored metric, and the ModelCheckpoint monitors none: give it monitor=..., or use select='last' "
+                "and mwa_by='step'"
+            )
+        if self.weighting in ("fisher", "ota"):
+            kind = "fisher" if self.weighting == "fisher" else "exp_avg_sq"
+            capture = capture_of(trainer)
+            if not captures_kind(capture, kind) or not capture.checkpoint_sidecars:
+                raise ValueError(
+                    f"{who}(weighting={self.weighting!r}) reads the {kind!r} statistic of each checkpoint from its "
+                    "sidecar: add CurvatureCapture() (with checkpoint_sidecars=True, the default) to the Trainer"
+                )
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
             self._average(trainer, load=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._average(trainer, load=False)
+        if self._averaged_at != trainer.global_step:  # a MergeOnFitEnd may have asked for it already
+            self._average(trainer, load=False)
+
+    def average(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The average of this fit (computed now if it has not been; every rank must call it), as a state dict:
+        what :class:`~lightning_merge.callbacks.MergeOnFitEnd` merges as the trained model."""
+        from lightning_merge.experts import Expert
+
+        if self._averaged_at != trainer.global_step or self.averaged_path is None:
+            self._average(trainer, load=False)
+        averaged = Expert(self.averaged_path)
+        return {n: averaged.tensor(n) for n in averaged.names()}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's on_train_end (ModelCheckpoint's last save included); every rank reads the file.
+        if self.merged_by is not None:
+            rank_zero_info(f"CheckpointAveraging: the module keeps the merge of the average ({self.merged_by})")
+            return
         if self.load_averaged and self.averaged_path is not None:
             from lightning_merge.experts import Expert
 
@@ -144,18 +189,14 @@ class CheckpointAveraging(Callback):
                 callback.wait()
 
         def average() -> None:
-            last = ckpt.CHECKPOINT_NAME_LAST or "last"
-            files = sorted(
-                p
-                for p in Path(ckpt.dirpath).glob("*.ckpt")
-                if not p.is_symlink()
-                and p.resolve() != out.resolve()
-                and not (p.stem == last or p.stem.startswith(f"{last}-v"))
-            )
-            if not files:
+            files = sorted(p for p in Path(ckpt.dirpath).glob("*.ckpt") if p.resolve() != out.resolve())
+            distinct, skipped = distinct_checkpoints([read_info(f) for f in files])
+            if skipped:
+                rank_zero_info("CheckpointAveraging: skipped " + "; ".join(f"{p.name} ({why})" for p, why in skipped))
+            if not distinct:
                 raise ValueError(f"CheckpointAveraging: no checkpoint in '{ckpt.dirpath}' to average")
             infos = select_checkpoints(
-                [read_info(f) for f in files],
+                distinct,
                 select=self.select,
                 k=self.k,
                 window=self.window,
@@ -182,6 +223,7 @@ class CheckpointAveraging(Callback):
 
         on_rank_zero(trainer, average, "CheckpointAveraging: the average")
         self.averaged_path = str(out)
+        self._averaged_at = trainer.global_step
 
     def _update_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from torch.optim.swa_utils import update_bn

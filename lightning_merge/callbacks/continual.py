@@ -56,6 +56,57 @@ class ContinualMerge(Callback):
         self.allow_duplicate = allow_duplicate
         self.load_merged = load_merged
         self.entry: dict[str, Any] | None = None
+        if self.strategy is not None:
+            from lightning_merge.strategies.base import NoContinualForm
+
+            try:
+                self.strategy.continual_form()
+            except NoContinualForm as err:
+                raise ValueError(f"ContinualMerge: {err}") from None
+
+    def _run_name(self, trainer: pl.Trainer) -> str:
+        from pathlib import Path
+
+        return self.name or Path(trainer.default_root_dir).name
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check before training what would make the fold fail after it: the state, the base, the statistics."""
+        if stage != "fit":
+            return
+        from pathlib import Path
+
+        from lightning_merge.callbacks._checks import check_experts_match, check_statistics
+        from lightning_merge.continual import ContinualState
+        from lightning_merge.experts import Expert
+
+        who = "ContinualMerge"
+        if (Path(self.state) / "state.json").exists():
+            state = ContinualState(self.state)
+            strategy = state.strategy
+            if self.strategy is not None and self.strategy.to_dict() != strategy.to_dict():
+                raise ValueError(f"{who}: '{self.state}' merges with {strategy!r}, not {self.strategy!r}")
+            name = self._run_name(trainer)
+            if not self.allow_duplicate and any(e["name"] == name for e in state.journal):
+                raise ValueError(
+                    f"{who}: a run named '{name}' is already in '{self.state}'; this fit would fold a second copy. "
+                    "Pass name= a new name, or allow_duplicate=True"
+                )
+            base = Expert(state.config["base"])
+        else:
+            if self.base is None or self.strategy is None:
+                raise ValueError(f"{who}: '{self.state}' does not exist yet; pass base= and strategy= to create it")
+            strategy = self.strategy
+            base = Expert(self.base)
+        module_state = pl_module.state_dict()
+        missing = [n for n in base.names() if base.spec(n).is_floating and n not in module_state]
+        if missing:
+            raise ValueError(
+                f"{who}: the module has no tensor '{missing[0]}' of the base '{base.name}' ({len(missing)} missing); "
+                "the base must be a final.safetensors or .ckpt of this LightningModule (its state_dict names)"
+            )
+        floating = {n: v for n, v in module_state.items() if n in base}
+        check_experts_match(who, [base], floating)
+        check_statistics(who, strategy, [], trainer, "error")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_merge.callbacks.capture import CurvatureCapture

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selected
 from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.strategies.base import Strategy
 
@@ -43,7 +43,14 @@ class MergeOnFitEnd(Callback):
     names (a ``.ckpt`` of another run of the same module has the same ones).
 
     Under DDP rank 0 merges and writes while the other ranks wait; every rank then loads the written file, so all
-    end with the same weights.
+    end with the same weights; a failure on rank 0 is raised on every rank.
+
+    What can be checked is checked in ``setup``, before the first training step: the experts' tensor names and shapes
+    against the module, their statistics, and that a ``CurvatureCapture`` in the Trainer records the statistics the
+    strategy needs for the model being trained.
+
+    With a :class:`~lightning_merge.callbacks.CheckpointAveraging` in the same Trainer, its average is the trained
+    model that is merged (computed first, whatever the callbacks' order), and the module ends with the merge.
 
     Args:
         experts: paths of the other experts (``.ckpt``, ``.safetensors``, Hugging Face folders), in order.
@@ -68,13 +75,13 @@ class MergeOnFitEnd(Callback):
         experts: Sequence[str],
         strategy: Strategy | Mapping[str, Any],
         base: str | None = None,
-        snapshot: str = "disk",
+        snapshot: Literal["disk", "memory"] = "disk",
         out: str | None = None,
         dirpath: str | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         load_merged: bool = True,
-        on_missing_statistic: str = "error",
+        on_missing_statistic: Literal["error", "uniform"] = "error",
     ) -> None:
         super().__init__()
         if isinstance(experts, (str, os.PathLike)):
@@ -105,6 +112,10 @@ class MergeOnFitEnd(Callback):
         self.merged_path: str | None = None  # set when a fit ends
 
     # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(experts=self.experts, out=self.out, strategy=self.strategy.name)
+
     def state_dict(self) -> dict[str, Any]:
         return {"snapshot_path": self._snapshot_path}
 
@@ -112,6 +123,24 @@ class MergeOnFitEnd(Callback):
         self._snapshot_path = state_dict.get("snapshot_path")
 
     # -- hooks ---------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_merge.experts import Expert
+
+        who = "MergeOnFitEnd"
+        experts = [Expert(path) for path in self.experts]
+        state = pl_module.state_dict()
+        check_experts_match(who, experts, state, self.include, self.exclude)
+        if self.base is not None:
+            check_experts_match(who, [Expert(self.base)], state, self.include, self.exclude)
+        check_statistics(who, self.strategy, experts, trainer, self.on_missing_statistic)
+        from lightning_merge.callbacks.averaging import CheckpointAveraging
+
+        for callback in trainer.callbacks:  # the average is what this merges: the module must end with the merge
+            if isinstance(callback, CheckpointAveraging) and self.load_merged:
+                callback.merged_by = "MergeOnFitEnd"
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.merged_path = None
         if self.base is not None:
@@ -134,11 +163,15 @@ class MergeOnFitEnd(Callback):
         self._snapshot_path = str(path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_merge.callbacks.averaging import CheckpointAveraging
         from lightning_merge.callbacks.capture import CurvatureCapture
 
         captures = [c for c in trainer.callbacks if isinstance(c, CurvatureCapture)]
         statistics = captures[0].finalize(after_fit=True) if captures else None  # every rank (post-fit Fisher)
         state = trainer.strategy.lightning_module_state_dict()
+        averaging = next((c for c in trainer.callbacks if isinstance(c, CheckpointAveraging)), None)
+        if averaging is not None:  # the average is the trained model: compute it now if its hook has not run yet
+            state = averaging.average(trainer)
         out = Path(self.out) if self.out else Path(self._dir(trainer)) / "merged.safetensors"
 
         def merge_and_write() -> None:
@@ -189,7 +222,7 @@ class MergeOnFitEnd(Callback):
         # Tensors left out of the merge keep the module's own values (its head), not the base's.
         out = {}
         for name, value in state.items():
-            chosen = _matches(name, self.include, self.exclude)
+            chosen = selected(name, self.include, self.exclude)
             out[name] = merged[name] if chosen and name in merged else value.detach().cpu()
         return out
 
@@ -216,12 +249,6 @@ class MergeOnFitEnd(Callback):
 
     def _dir(self, trainer: pl.Trainer) -> str:
         return self.dirpath or trainer.default_root_dir
-
-
-def _matches(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
-    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
 __all__ = ["MergeOnFitEnd"]

@@ -417,7 +417,7 @@ def set_field(obj: Any, field: str, value: Any) -> None:
 def model_norms(plan: MergePlan, kind: str) -> list[float]:
     """Per expert, the L2 norm of its statistic ``kind`` over every merged tensor (reads statistics only)."""
     squares = [0.0] * plan.num_experts
-    for name in plan.names:
+    for name in plan.passes(f"{kind} norms"):
         for i, value in enumerate(plan.statistics(name, kind)):
             squares[i] += float(value.double().square().sum())
     return [math.sqrt(s) for s in squares]

@@ -295,7 +295,7 @@ class LiNeS(Strategy):
 
     def _default_alpha(self, plan: MergePlan, inner: Prepared) -> float:
         summed = merged = 0.0
-        for name in plan.names:
+        for name in plan.passes("LiNeS alpha"):
             base = plan.base_tensor(name)
             tensors = plan.expert_tensors(name, base)
             summed += float(torch.stack([t - base for t in tensors]).sum(0).abs().double().sum())

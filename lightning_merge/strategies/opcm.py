@@ -117,7 +117,7 @@ class OPCM(Strategy):
     def prepare(self, plan: MergePlan) -> Prepared:
         norms = [0.0] * plan.num_experts
         s_norm = 0.0
-        for name in plan.names:
+        for name in plan.passes("OPCM norms"):
             base = plan.base_tensor(name)
             tensors = plan.expert_tensors(name, base)
             for i, t in enumerate(tensors):

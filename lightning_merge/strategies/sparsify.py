@@ -215,7 +215,7 @@ def model_topk_thresholds(plan: MergePlan, densities: list[float]) -> dict[str, 
         return plan.task_vectors(name).abs().contiguous().view(torch.int32).reshape(n_experts, -1)
 
     hist = torch.zeros(n_experts, 1 << 15, dtype=torch.int64)
-    for name in names:
+    for name in plan.passes("top-k thresholds (1/2)"):
         b = bits_of(name)
         for i in range(n_experts):
             hist[i] += torch.bincount((b[i] >> 16).clamp_(0, (1 << 15) - 1), minlength=1 << 15)
@@ -227,7 +227,7 @@ def model_topk_thresholds(plan: MergePlan, densities: list[float]) -> dict[str, 
         bins.append(int(idx.max()) if len(idx) else -1)
 
     low_bits: dict[str, list[Tensor]] = {}
-    for name in names:
+    for name in plan.passes("top-k thresholds (2/2)"):
         b = bits_of(name)
         low_bits[name] = [
             (b[i][(b[i] >> 16) == bins[i]] & 0xFFFF) if bins[i] >= 0 else torch.empty(0, dtype=torch.int32)

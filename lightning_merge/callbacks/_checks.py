@@ -1,0 +1,84 @@
+"""What the merge callbacks can check in ``setup``, before the first training step, instead of after the fit: the
+experts match the module (names and shapes), the statistics the strategy needs exist or will be captured."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+
+def capture_of(trainer: Any) -> Any:
+    """The trainer's ``CurvatureCapture``, or None."""
+    from lightning_merge.callbacks.capture import CurvatureCapture
+
+    return next((c for c in trainer.callbacks if isinstance(c, CurvatureCapture)), None)
+
+
+def selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def check_experts_match(who: str, experts: Sequence[Any], module_state: Mapping[str, Tensor],
+                        include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> None:
+    """Every floating tensor of the module that will be merged is in each expert, with the module's shape."""
+    for expert in experts:
+        for name, value in module_state.items():
+            if not value.is_floating_point() or not selected(name, include, exclude):
+                continue
+            if name not in expert:
+                raise ValueError(
+                    f"{who}: expert '{expert.name}' has no tensor '{name}' of the module; its names are the "
+                    "module's state_dict names (a .ckpt or final.safetensors of the same LightningModule), or pass "
+                    "include=/exclude= to merge only the tensors they share"
+                )
+            shape = tuple(expert.spec(name).shape)
+            if shape != tuple(value.shape):
+                raise ValueError(
+                    f"{who}: tensor '{name}' has shape {list(shape)} in expert '{expert.name}' but {list(value.shape)} "
+                    "in the module: they do not share an architecture"
+                )
+
+
+def captures_kind(capture: Any, kind: str) -> bool:
+    """Whether a ``CurvatureCapture`` configured like this records the statistic ``kind``."""
+    if capture is None:
+        return False
+    if kind == "exp_avg_sq":
+        return bool(capture.second_moments)
+    if kind == "fisher":
+        return bool(capture.fisher or capture.fisher_after_fit)
+    if kind == "fisher.batch":
+        return bool(capture.fisher)
+    if kind.startswith("fisher."):
+        return capture.fisher_after_fit == kind.split(".", 1)[1]
+    return False
+
+
+def check_statistics(who: str, strategy: Any, experts: Sequence[Any], trainer: Any, policy: str,
+                     trained: bool = True) -> None:
+    """The statistics ``strategy`` needs: each expert has them, and the run will capture them for the model it
+    trains (``trained``), unless the policy is ``"uniform"``."""
+    if policy == "uniform":
+        return
+    capture = capture_of(trainer)
+    for kind in strategy.requires:
+        for expert in experts:
+            if not expert.has_statistic(kind):
+                raise ValueError(
+                    f"{who}: expert '{expert.name}' has no {kind!r} statistics, which {strategy.name} needs; capture "
+                    "them with CurvatureCapture, or pass on_missing_statistic='uniform'"
+                )
+        if trained and not captures_kind(capture, kind):
+            what = "no CurvatureCapture" if capture is None else "a CurvatureCapture that does not record it"
+            raise ValueError(
+                f"{who}: {strategy.name} needs the {kind!r} statistic of the model this fit trains, and the Trainer "
+                f"has {what}; add CurvatureCapture() (with fisher_after_fit= for a post-fit estimator) before the fit"
+            )
+
+
+__all__ = ["capture_of", "captures_kind", "check_experts_match", "check_statistics", "selected"]
