@@ -368,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     ci = csub.add_parser("init", help="create a continual-merge state folder")
     ci.add_argument("state")
     ci.add_argument("--base", required=True, help="the base model every expert was fine-tuned from")
-    ci.add_argument("--strategy", default="opcm", choices=["opcm", "linear", "task_arithmetic", "fisher", "ota"])
+    ci.add_argument("--strategy", default="opcm",
+                    help="a strategy with a continual form: opcm, linear, task_arithmetic, dare, breadcrumbs, cabs, "
+                         "generalized, fisher, ota, lines (the state refuses others, saying why)")
     ci.add_argument("--set", action="append", metavar="KEY=VALUE", help="a strategy argument")
     ca = csub.add_parser("add", help="fold an expert into the state (atomic; waits for a concurrent add)")
     ca.add_argument("state")

@@ -222,3 +222,41 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("lightning-merge ")
+
+
+def test_mergekit_parameters_a_method_ignores_are_warned_not_refused(tmp_path, caplog):
+    import logging
+
+    from lightning_merge.recipe import RecipeError, load_recipe
+
+    base = _expert(tmp_path, 0, "base.safetensors")
+    experts = [_expert(tmp_path, i, f"e{i}.safetensors") for i in (1, 2)]
+    recipe = tmp_path / "r.yaml"
+    models = [{"model": str(e), "parameters": {"weight": 0.5, "density": 0.3}} for e in experts]
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": models}))
+    with caplog.at_level(logging.WARNING, logger="lightning_merge"):
+        loaded = load_recipe(recipe)
+    assert loaded.strategy == Linear(weights=[0.5, 0.5], normalize=True)
+    assert "density is ignored by 'linear'" in caplog.text
+    recipe.write_text(json.dumps({"merge_method": "ties", "base_model": str(base), "models": models,
+                                  "parameters": {"topk": "model"}}))
+    assert load_recipe(recipe).strategy.topk == "model"
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": models, "parameters": {"densty": 0.3}}))
+    with pytest.raises(RecipeError, match="densty is not a parameter of 'linear'"):
+        load_recipe(recipe)
+
+
+def test_names_are_the_paths_as_given_everywhere(tmp_path):
+    base = _expert(tmp_path, 0, "base.safetensors")
+    (tmp_path / "math").mkdir()
+    (tmp_path / "code").mkdir()
+    a = _expert(tmp_path / "math", 1, "last.safetensors")
+    b = _expert(tmp_path / "code", 2, "last.safetensors")
+    out = merge([a, b], base, Linear(), out=tmp_path / "out")
+    assert json.loads((out / "lightning_merge.json").read_text())["experts"] == [str(a), str(b)]
+    state = ContinualState.create(tmp_path / "state", base=base, strategy=Linear())
+    state.add(a)
+    source = Expert(b)
+    state.add(Expert({k: source.tensor(k) for k in source.names()}, name="in-memory run"))
+    paths = [e["path"] for e in state.journal]
+    assert paths[0] == str(a.resolve()) and paths[1] == "<in memory: in-memory run>"
