@@ -256,7 +256,7 @@ class ContinualState:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def add(self, expert: Any, *, name: str | None = None, allow_duplicate: bool = False,
-            force: bool = False, progress: bool | None = None) -> dict[str, Any]:
+            force: bool = False, progress: bool | None = None, threads: int | None = None) -> dict[str, Any]:
         """Fold one expert in (atomically; waits for another process's add to finish first).
 
         Args:
@@ -266,6 +266,8 @@ class ContinualState:
             force: fold in an expert that looks unrelated to the base (a task vector ten times longer than those of the
                 experts already merged).
             progress: show progress bars (default: when stderr is a terminal).
+            threads: tensors folded at once (default: the CPU count, at most 4); each thread computes with
+                ``torch.get_num_threads() // threads`` threads, so an OPCM add's SVDs run side by side.
 
         Returns:
             The journal entry.
@@ -295,7 +297,7 @@ class ContinualState:
                 "checksum": checksum,
                 "time": _now(),
             }
-            self._write_generation(expert, meta, entry, force, progress)
+            self._write_generation(expert, meta, entry, force, progress, threads)
         return entry
 
     def _check(self, expert: Expert) -> None:
@@ -327,7 +329,7 @@ class ContinualState:
                 )
 
     def _write_generation(self, expert: Expert, meta: dict[str, Any], entry: dict[str, Any], force: bool,
-                          progress: bool | None = None) -> None:
+                          progress: bool | None = None, threads: int | None = None) -> None:
         from lightning_merge.progress import track
 
         base = as_expert(self.config["base"], "base")
@@ -358,7 +360,8 @@ class ContinualState:
             totals: dict[str, float] = {}
             tau_sq = 0.0
             sizes = [base.spec(n).nbytes for n in names]
-            for n in track(names, sizes, "folding in", progress):
+            def fold(n: str) -> tuple[float, dict[str, float]]:
+                """Fold tensor ``n`` in and write its new running quantities (tensors are independent: threads)."""
                 b_raw = base.tensor(n)
                 if tensor_fingerprint(b_raw) != fingerprints[n]:
                     raise ContinualError(
@@ -367,7 +370,6 @@ class ContinualState:
                     )
                 b = base.float32(n)
                 tau = expert.float32(n) - b
-                tau_sq += float(tau.double().square().sum())
                 prev = None
                 if previous is not None:
                     try:
@@ -381,9 +383,12 @@ class ContinualState:
                 new = form.fold(n, prev, tau, stats, ctx)
                 for q, dtype in form.quantities:
                     running.write(f"{q}/{n}", new[q].to(dtype).contiguous())
-                for key, value in form.reduce(n, new).items():
+                return float(tau.double().square().sum()), form.reduce(n, new)
+
+            for square, reduced in parallel_map(fold, names, sizes, "folding in", progress, threads):
+                tau_sq += square  # summed in tensor order whatever the threads: the same floats every time
+                for key, value in reduced.items():
                     totals[key] = totals.get(key, 0.0) + value
-                del b_raw, b, tau, prev, new, stats
             running.close(sync=True)
             norm = math.sqrt(tau_sq)
             self._check_distance(expert, norm, meta["norms"], force)
@@ -511,6 +516,40 @@ class ContinualState:
             "mean_task_vector_norm": (sum(meta["norms"]) / len(meta["norms"])) if meta["norms"] else None,
             "journal": [{**e, "task_vector_norm": n} for e, n in zip(meta["journal"], meta["norms"])],
         }
+
+
+def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progress: bool | None,
+                 threads: int | None) -> Iterator[Any]:
+    """``fn(name)`` for each name, ``threads`` at a time (each with its share of torch's threads), results yielded in
+    the order of ``names``; at most ``threads`` tensors are in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_merge.progress import Progress
+
+    workers = max(1, min(threads or min(4, os.cpu_count() or 1), len(names) or 1))
+    total_threads = torch.get_num_threads()
+    bar = Progress(desc, sum(sizes), progress)
+    try:
+        if workers == 1:
+            for name, size in zip(names, sizes):
+                yield fn(name)
+                bar.update(size)
+            return
+        torch.set_num_threads(max(1, total_threads // workers))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lightning-merge-fold") as pool:
+            pending: list[Any] = []
+            for name, size in zip(names, sizes):
+                pending.append((pool.submit(fn, name), size))
+                if len(pending) >= workers:
+                    future, done = pending.pop(0)
+                    yield future.result()
+                    bar.update(done)
+            for future, done in pending:
+                yield future.result()
+                bar.update(done)
+    finally:
+        torch.set_num_threads(total_threads)
+        bar.close()
 
 
 def _expert_base_fingerprint(expert: Expert) -> dict[str, str]:

@@ -92,6 +92,17 @@ def test_projection_equals_the_full_svd_definition_on_full_rank_matrices():
     assert opcm_project(prev, inside, 0.5).abs().max() < 1e-4
 
 
+def test_projection_at_alpha_one_or_above_removes_only_the_diagonal():
+    """α ≥ 1: no cumulative share exceeds α, r = 0, whatever float32 rounding does to the last share."""
+    for seed in range(40):  # FusionBench's float32 argmax would give r = k − 1 on about a fifth of these
+        prev, tau = rand(12, 8, seed=seed), rand(12, 8, seed=seed + 500)
+        u, s, vh = torch.linalg.svd(prev, full_matrices=False)
+        m = u.T @ tau @ vh.T
+        expected = tau - u @ torch.diag(torch.diagonal(m)) @ vh
+        for alpha in (1.0, 1.5):
+            torch.testing.assert_close(opcm_project(prev, tau, alpha), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_opcm_sanity(tmp_path):
     base_path, paths = write_family(tmp_path, stats=False)
     base = Expert(base_path)

@@ -45,39 +45,60 @@ def is_projected(name: str, tensor: Tensor, not_linear: str = DEFAULT_NOT_LINEAR
     return tensor.dim() == 2 and name.endswith("weight") and re.search(not_linear, name) is None
 
 
-def opcm_project(previous: Tensor, tau: Tensor, alpha: float, tol: float = 1e-6) -> Tensor:
+def opcm_device(device: str | None) -> torch.device:
+    """Where OPCM computes its SVDs: ``device``, or the GPU when one is present."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"OPCM(device={device!r}): no CUDA device is available; leave device=None or use 'cpu'")
+    return resolved
+
+
+def opcm_project(previous: Tensor, tau: Tensor, alpha: float, tol: float = 1e-6,
+                 device: torch.device | None = None) -> Tensor:
     """τ minus its components along the singular directions of ``previous`` that OPCM protects.
 
     With the thin SVD previous = U diag(σ) Vᵀ (k = min(m, n)), r = the number of singular values before the
     cumulative share Σ_{i≤j} σᵢ / Σ σ first exceeds ``alpha``; M = Uᵀ τ V; the entries of M on the diagonal and in
     the top-left r×r block are removed: τ̃ = τ − U (mask ⊙ M) Vᵀ. Diagonal entries are removed only where
-    σᵢ > tol·σ₁ (elsewhere the singular vectors are arbitrary; FusionBench removes them all).
+    σᵢ > tol·σ₁ (elsewhere the singular vectors are arbitrary; FusionBench removes them all). Where no cumulative
+    share exceeds ``alpha`` (α ≥ 1), r = 0. FusionBench computes the share in float32 and takes the ``argmax`` of
+    the comparison, so at α = 1 its r is 0 or k − 1 depending on whether the last share rounds above 1 (about one
+    random matrix in five): rounding noise, which we do not reproduce. Below 1 we use its exact expression.
+
+    ``device``: where to compute (the SVD dominates an OPCM add; a GPU does it much faster); the result comes back
+    on ``tau``'s device.
     """
+    home = tau.device
+    if device is not None and device != home:
+        previous, tau = previous.to(device), tau.to(device)
     u, s, vh = torch.linalg.svd(previous.to(torch.float32), full_matrices=False)
-    total = float(s.sum())
-    if total <= 0:
-        return tau.clone()
-    share = torch.cumsum(s, 0) / total
-    above = share > alpha
-    r = int(torch.argmax(above.to(torch.int8))) if bool(above.any()) else s.numel()
+    if float(s.sum()) <= 0:
+        return tau.clone().to(home)
+    if alpha >= 1:
+        r = 0  # no cumulative share exceeds α (FusionBench's float32 rounding makes this 0 or k − 1 at random)
+    else:  # FusionBench's own expression, float32 rounding included, so that boundary cases agree
+        r = int(((s.cumsum(dim=0) / s.sum()) > alpha).float().argmax())
     k = s.numel()
-    mask = torch.zeros(k, k, dtype=torch.bool)
+    mask = torch.zeros(k, k, dtype=torch.bool, device=s.device)
     mask[:r, :r] = True
     significant = s > tol * s[0]
-    idx = torch.arange(k)
+    idx = torch.arange(k, device=s.device)
     mask[idx[significant], idx[significant]] = True
     m = u.T @ tau @ vh.T
-    return tau - u @ (m * mask) @ vh
+    return (tau - u @ (m * mask) @ vh).to(home)
 
 
 def opcm_step(
-    name: str, previous: Tensor | None, tau: Tensor, alpha: float, not_linear: str = DEFAULT_NOT_LINEAR
+    name: str, previous: Tensor | None, tau: Tensor, alpha: float, not_linear: str = DEFAULT_NOT_LINEAR,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Sₜ from Sₜ₋₁ (None for the first expert) and τₜ for one tensor."""
     if previous is None:
         return tau.clone()
     if is_projected(name, tau, not_linear):
-        return previous + opcm_project(previous, tau, alpha)
+        return previous + opcm_project(previous, tau, alpha, device=device)
     return previous + tau
 
 
@@ -90,8 +111,11 @@ class OPCM(Strategy):
     at a time, use :class:`lightning_merge.ContinualState`, which keeps S between additions.
 
     Args:
-        alpha: the singular-value share OPCM protects (0.5).
+        alpha: the singular-value share OPCM protects (0.5); with α ≥ 1 no block is protected (r = 0, as
+            FusionBench), only the diagonal.
         not_linear: regular expression of 2-D weight names not projected (embeddings, output heads).
+        device: where the SVDs run: None uses the GPU when one is present, else the CPU (results agree within
+            float32 rounding); ``"cpu"`` or ``"cuda"`` to choose.
     """
 
     name = "opcm"
@@ -100,6 +124,7 @@ class OPCM(Strategy):
 
     alpha: float = 0.5
     not_linear: str = DEFAULT_NOT_LINEAR
+    device: str | None = None
 
     def __post_init__(self) -> None:
         check_number("OPCM", "alpha", self.alpha, low=0, high=1)
@@ -107,11 +132,17 @@ class OPCM(Strategy):
             re.compile(self.not_linear)
         except (re.error, TypeError):
             raise ValueError(f"OPCM.not_linear must be a regular expression, got {self.not_linear!r}") from None
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"OPCM.device must be None, 'cpu' or 'cuda[:i]', got {self.device!r}") from None
 
     def _final(self, name: str, base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         s = None
+        device = opcm_device(self.device)
         for t in tensors:
-            s = opcm_step(name, s, t - base, self.alpha, self.not_linear)
+            s = opcm_step(name, s, t - base, self.alpha, self.not_linear, device)
         return s
 
     def prepare(self, plan: MergePlan) -> Prepared:
@@ -156,7 +187,8 @@ class _OPCMFold(ContinualForm):
 
     def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
         s = self.strategy
-        return {"S": opcm_step(name, None if running is None else running["S"], tau, s.alpha, s.not_linear)}
+        return {"S": opcm_step(name, None if running is None else running["S"], tau, s.alpha, s.not_linear,
+                               opcm_device(s.device))}
 
     def reduce(self, name: str, running: Mapping[str, Tensor]) -> dict[str, float]:
         return {"s_norm_sq": float(running["S"].double().square().sum())}
