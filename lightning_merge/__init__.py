@@ -7,6 +7,7 @@ package does not import Lightning).
 
 from lightning_merge._version import __version__
 from lightning_merge.continual import ContinualState
+from lightning_merge.diagnostics import Report, report
 from lightning_merge.engine import MergePlan, merge, prepare
 from lightning_merge.experts import Expert, TensorSpec
 from lightning_merge.stats import Statistics, StatisticsError
@@ -45,6 +46,7 @@ __all__ = [
     "OPCM",
     "OTA",
     "Prepared",
+    "Report",
     "Statistics",
     "StatisticsError",
     "Strategy",
@@ -55,4 +57,5 @@ __all__ = [
     "__version__",
     "merge",
     "prepare",
+    "report",
 ]

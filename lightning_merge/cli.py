@@ -299,6 +299,38 @@ def cmd_continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from lightning_merge.diagnostics import report
+
+    strategy = None
+    experts: list[Any] = list(args.experts)
+    base: Any = args.base
+    if args.recipe:
+        from lightning_merge.recipe import load_recipe
+
+        if experts:
+            raise ValueError("give either experts (with --base) or --recipe, not both")
+        recipe = load_recipe(args.recipe, overrides=_parse_set(args.set), trust_checkpoint=args.trust_checkpoint)
+        experts, base, strategy = recipe.experts, recipe.base, recipe.strategy
+    elif args.strategy:
+        from lightning_merge.strategies import Strategy
+
+        strategy = Strategy.from_dict({"name": args.strategy, **_parse_set(args.set)})
+    if not experts:
+        raise ValueError("report needs experts (EXPERT... --base BASE) or --recipe RECIPE")
+    if base is None:
+        raise ValueError("report compares task vectors: pass --base (or a recipe with base_model)")
+    result = report(experts, base, strategy, progress=False if args.no_progress else None)
+    out = result.save(args.out, overwrite=args.overwrite)
+    data = result.data
+    n = len(data["experts"])
+    mean_cos = (sum(sum(r) for r in data["cosine"]) - n) / max(n * (n - 1), 1)
+    conflicts = [b["sign_conflict"] for b in data["blocks"].values()]
+    print(f"wrote {out}/index.html: {n} experts, mean pairwise cosine {mean_cos:.3f}, sign conflicts "
+          f"{min(conflicts):.1%}-{max(conflicts):.1%} per block")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_merge.demo import run_demo
 
@@ -393,6 +425,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strip-prefix", default="", help="remove this prefix from names (e.g. model.)")
     e.add_argument("--bias-correct", action="store_true", help="write v/(1-beta2^t) instead of the raw exp_avg_sq")
     e.set_defaults(func=cmd_export_second_moments)
+
+    r = sub.add_parser("report", help="diagnose experts (and a merge of them): an HTML report with figures")
+    r.add_argument("experts", nargs="*", help="the experts (or give --recipe)")
+    r.add_argument("--base", default=None, help="the base the experts were fine-tuned from")
+    r.add_argument("--out", required=True, help="the folder to write (index.html, report.json, PNGs)")
+    r.add_argument("--strategy", default=None, help="a strategy to diagnose (e.g. ties), arguments with --set")
+    r.add_argument("--recipe", default=None, help="a recipe: its experts, base and strategy")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="a strategy argument")
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
+    r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="train small experts on scikit-learn's digits, merge them, print a table")
     d.add_argument("--out", default=None, help="keep the experts and merged models in this folder")

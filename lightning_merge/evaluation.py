@@ -134,6 +134,24 @@ class MergeReport:
     def __str__(self) -> str:
         return self.table()
 
+    def plot(self, ax: Any = None) -> Any:
+        """Per-task scores of every model as grouped bars, with the normalized score in the legend (a matplotlib
+        Figure; draws on ``ax`` if given)."""
+        import numpy as np
+
+        fig, ax = _axes(ax, size=(1.5 + 1.6 * len(self.tasks), 3.5))
+        rows = self.as_dict()
+        width = 0.8 / max(len(rows), 1)
+        x = np.arange(len(self.tasks))
+        for i, (name, row) in enumerate(rows.items()):
+            ax.bar(x + i * width, [row[t] for t in self.tasks], width,
+                   label=f"{name} ({100 * row['normalized']:.1f}%)")
+        ax.set_xticks(x + 0.4 - width / 2, self.tasks, fontsize=8)
+        ax.set_ylabel("score")
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title("per-task scores (normalized in parentheses)", fontsize=10)
+        return fig
+
 
 @dataclasses.dataclass
 class SweepResult:
@@ -152,6 +170,28 @@ class SweepResult:
     scores: dict[float, float]
     state: dict[str, Tensor]
     strategy: Any
+
+    def plot(self, ax: Any = None, label: str | None = None) -> Any:
+        """The validation score against λ, the best marked (a matplotlib Figure; draws on ``ax`` if given)."""
+        fig, ax = _axes(ax)
+        xs = sorted(self.scores)
+        ax.plot(xs, [self.scores[x] for x in xs], marker="o", label=label or getattr(self.strategy, "name", None))
+        ax.axvline(self.scale, ls=":", color="grey")
+        ax.set_xlabel("λ (scale)")
+        ax.set_ylabel("validation score")
+        ax.set_title(f"best λ = {self.scale:g}", fontsize=10)
+        return fig
+
+
+def _axes(ax: Any = None, size: tuple[float, float] = (6, 3)) -> tuple[Any, Any]:
+    import matplotlib
+
+    if ax is not None:
+        return ax.figure, ax
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
 
 
 def scale_task_vector(merged_at_1: Mapping[str, Tensor], base: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:

@@ -220,6 +220,16 @@ class CheckpointAveraging(Callback):
             self.averaged = list(zip(paths, weights or [None] * len(paths)))
             used = ", ".join(f"{Path(p).name} ({w:.3f})" if w is not None else Path(p).name for p, w in self.averaged)
             rank_zero_info(f"CheckpointAveraging ({self.weighting}): {used} → {out}")
+            if trainer.loggers:
+                from lightning_merge.callbacks._logging import bars, log_to_loggers
+
+                metrics: dict[str, float] = {"checkpoints": len(paths)}
+                figures = {}
+                if weights:
+                    metrics.update({f"weight/{i}": w for i, w in enumerate(weights)})
+                    figures["weights"] = bars({Path(p).name: w for p, w in self.averaged}, "averaging weights",
+                                              "weight")
+                log_to_loggers(trainer, "averaging", metrics, figures)
 
         on_rank_zero(trainer, average, "CheckpointAveraging: the average")
         self.averaged_path = str(out)

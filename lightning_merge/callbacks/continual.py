@@ -135,6 +135,15 @@ class ContinualMerge(Callback):
             )
             self.entry = state.add(expert, allow_duplicate=self.allow_duplicate)
             rank_zero_info(f"ContinualMerge: folded this run into {self.state} as expert {self.entry['order']}")
+            if trainer.loggers:
+                from lightning_merge.callbacks._logging import bars, log_to_loggers
+
+                info = state.describe()
+                norms = {e["name"]: e["task_vector_norm"] for e in info["journal"]}
+                metrics = {"count": info["count"], "task_vector_norm": info["journal"][-1]["task_vector_norm"],
+                           "mean_task_vector_norm": info["mean_task_vector_norm"]}
+                log_to_loggers(trainer, "continual", metrics,
+                               {"norms": bars(norms, "task-vector norm of each expert folded in", "‖τ‖")})
 
         on_rank_zero(trainer, fold, "ContinualMerge: folding the run into the state")
 

@@ -68,6 +68,9 @@ class MergeOnFitEnd(Callback):
         exclude: glob patterns of tensors not to merge.
         load_merged: load the merged weights into the module at the end.
         on_missing_statistic: ``"error"`` or ``"uniform"`` (see :func:`lightning_merge.merge`).
+        log_report: with loggers in the Trainer, log the merge's key numbers (mean cosine of the task vectors, sign
+            conflicts, each ‖τᵢ‖, ‖τ*‖) and figures (:func:`lightning_merge.report`) under ``merge/``; it reads the
+            experts once more.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class MergeOnFitEnd(Callback):
         exclude: Sequence[str] | None = None,
         load_merged: bool = True,
         on_missing_statistic: Literal["error", "uniform"] = "error",
+        log_report: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(experts, (str, os.PathLike)):
@@ -107,6 +111,7 @@ class MergeOnFitEnd(Callback):
         self.exclude = list(exclude) if exclude else None
         self.load_merged = load_merged
         self.on_missing_statistic = on_missing_statistic
+        self.log_report = log_report
         self._snapshot_path: str | None = None
         self._snapshot_state: dict[str, Tensor] | None = None
         self.merged_path: str | None = None  # set when a fit ends
@@ -175,7 +180,7 @@ class MergeOnFitEnd(Callback):
         out = Path(self.out) if self.out else Path(self._dir(trainer)) / "merged.safetensors"
 
         def merge_and_write() -> None:
-            merged = self._merge(state, statistics)
+            merged = self._merge(state, statistics, trainer)
             if out.suffix == ".safetensors":
                 from lightning_merge.callbacks.capture import _save_weights
 
@@ -198,7 +203,7 @@ class MergeOnFitEnd(Callback):
             pl_module.load_state_dict(loaded, strict=True)
 
     # -- merging -------------------------------------------------------------------------------------------------
-    def _merge(self, state: Mapping[str, Tensor], statistics: Any) -> dict[str, Tensor]:
+    def _merge(self, state: Mapping[str, Tensor], statistics: Any, trainer: Any = None) -> dict[str, Tensor]:
         from lightning_merge.engine import merge
         from lightning_merge.experts import Expert
 
@@ -219,12 +224,23 @@ class MergeOnFitEnd(Callback):
             on_missing_statistic=self.on_missing_statistic,
             on_missing="base",
         )
+        if self.log_report and trainer is not None and trainer.loggers:
+            self._log(trainer, [trained, *others], base)
         # Tensors left out of the merge keep the module's own values (its head), not the base's.
         out = {}
         for name, value in state.items():
             chosen = selected(name, self.include, self.exclude)
             out[name] = merged[name] if chosen and name in merged else value.detach().cpu()
         return out
+
+    def _log(self, trainer: Any, experts: list[Any], base: Any) -> None:
+        """The merge's diagnosis (an extra read pass over the experts) to the Trainer's loggers."""
+        from lightning_merge.callbacks._logging import log_to_loggers, report_summary
+        from lightning_merge.diagnostics import report
+
+        diagnosis = report(experts, base, self.strategy, include=self.include, exclude=self.exclude,
+                           on_missing_statistic=self.on_missing_statistic, progress=False)
+        log_to_loggers(trainer, "merge", report_summary(diagnosis.data), diagnosis.figures())
 
     def _save_checkpoint(
         self, merged: Mapping[str, Tensor], out: Path, trainer: pl.Trainer, pl_module: pl.LightningModule
