@@ -16,6 +16,7 @@ mean over domains of expert perplexity ÷ merged perplexity (1 = as good as each
 over seeds, and paired differences against tuned task arithmetic. Also: the capture's step-time overhead.
 
     python benchmarks/causal_lm.py [--seeds 3] [--out benchmarks/_work/causal_lm.json]
+    python benchmarks/causal_lm.py --overhead [--rounds 7]     # the capture's step-time overhead only
 """
 
 from __future__ import annotations
@@ -360,15 +361,57 @@ def _ms(values: list[float], sign: bool = False, pct: bool = True) -> str:
     return f"{mean:{fmt}} ± {std:.1f}" if pct else f"{mean:{fmt}} ± {std:.3f}"
 
 
+def measure_overhead(rounds: int, steps: int) -> dict:
+    """The capture's step-time cost on its own: ``rounds`` pairs of short LoRA fine-tunes of a random base (the
+    code domain), without and with ``CurvatureCapture`` (second moments + batch Fisher), alternated so that drift in
+    the machine's load hits both alike; the median step time of each fit (after 10 warm-up steps), the ratio per
+    pair, and the median ratio."""
+    import peft
+    import transformers
+
+    domain = make_domains(0)["code"]
+    ratios, bare_s, captured_s = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            times = {}
+            for kind in ("bare", "captured"):
+                torch.manual_seed(r)
+                model = peft.get_peft_model(
+                    transformers.LlamaForCausalLM(config()).to(torch.bfloat16),
+                    peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "gate_proj", "up_proj", "down_proj"]))
+                timer = StepTimer()
+                extra = [CurvatureCapture(save_final=False, checkpoint_sidecars=False)] if kind == "captured" else []
+                fit(LM(model, 2e-3), loader(domain.train, 16, steps, r), [*extra, timer], Path(tmp) / f"{kind}{r}")
+                times[kind] = statistics.median(timer.times[10:])
+            bare_s.append(times["bare"])
+            captured_s.append(times["captured"])
+            ratios.append(times["captured"] / times["bare"])
+            print(f"  round {r}: step {times['bare'] * 1e3:.1f} ms bare, {times['captured'] * 1e3:.1f} ms captured, "
+                  f"ratio {ratios[-1]:.3f}", flush=True)
+    return {"bare_step_s": statistics.median(bare_s), "captured_step_s": statistics.median(captured_s),
+            "ratios": ratios, "median_ratio": statistics.median(ratios)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pretrain-steps", type=int, default=1600)
     parser.add_argument("--expert-steps", type=int, default=300)
     parser.add_argument("--out", default="benchmarks/_work/causal_lm.json")
+    parser.add_argument("--overhead", action="store_true",
+                        help="measure only the capture's step-time overhead (alternated pairs of short fits)")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     quiet()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.overhead:
+        result = measure_overhead(args.rounds, 80)
+        print(f"capture overhead: median step {result['bare_step_s'] * 1e3:.1f} ms without, "
+              f"{result['captured_step_s'] * 1e3:.1f} ms with CurvatureCapture; median ratio over "
+              f"{args.rounds} alternated pairs {result['median_ratio']:.3f} "
+              f"(range {min(result['ratios']):.3f}–{max(result['ratios']):.3f})")
+        return
     results = []
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,10 @@
 """Wall time and peak RSS of `lightning-merge merge` against `mergekit-yaml` on the same recipes.
 
 Builds (once, in benchmarks/_work/) a base and 3 experts of a ~400M-parameter Llama-architecture model in bf16
-safetensors (random weights, experts = base + sparse deltas), then runs both command lines on linear,
-task_arithmetic and ties recipes: whole-process wall time and peak RSS, median of --runs runs each, with ratios.
+safetensors (random weights), then runs both command lines on linear, task_arithmetic and ties (density 0.2)
+recipes: whole-process wall time and peak RSS, median of --runs runs each, with ratios. Two families: "dense"
+experts change every weight, as real fine-tunes do (the primary rows); "sparse" experts change 10 % of the entries
+(TIES' top-20 % threshold is then zero and nothing is trimmed: a cheaper, less realistic case).
 Also prints how far our merge is from the bandwidth floor (bytes read over the page-cache read bandwidth plus
 bytes written over the fsync'd write bandwidth, both measured in the same run).
 
@@ -28,12 +30,19 @@ RECIPES = {
     "linear": "merge_method: linear\nmodels:\n{models_w}\ndtype: bfloat16\n",
     "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: 0.5}}\n"
     "models:\n{models_w}\ndtype: bfloat16\n",
-    "ties": "merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.3}}\nmodels:\n{models_w}\n"
+    "ties": "merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.2}}\nmodels:\n{models_w}\n"
     "dtype: bfloat16\n",
 }
 
 
-def build(root: Path, small: bool) -> tuple[Path, list[Path]]:
+FAMILIES = {"dense": 1.0, "sparse": 0.1}  # the fraction of entries each expert changes
+
+
+def family_root(small: bool, family: str = "dense") -> Path:
+    return WORK / f"llama-{'small' if small else '400m'}-{family}"
+
+
+def build(root: Path, small: bool, delta_density: float = 1.0) -> tuple[Path, list[Path]]:
     from lightning_merge.testing import llama_config, write_llama_family
 
     config = (
@@ -41,12 +50,14 @@ def build(root: Path, small: bool) -> tuple[Path, list[Path]]:
         if small
         else llama_config(hidden=1024, layers=26, intermediate=2816, vocab=32000, heads=16)
     )
+    config = {**config, "_delta_density": delta_density}  # recorded in the marker only
     marker = root / "done.json"
     if marker.exists() and json.loads(marker.read_text()) == config:
         return root / "base", sorted(root.glob("expert_*"))
     shutil.rmtree(root, ignore_errors=True)
     started = time.perf_counter()
-    base, experts = write_llama_family(root, config, n_experts=3, delta_density=0.1)
+    model_config = {k: v for k, v in config.items() if not k.startswith("_")}
+    base, experts = write_llama_family(root, model_config, n_experts=3, delta_density=delta_density)
     marker.write_text(json.dumps(config))
     print(f"built the model family in {time.perf_counter() - started:.0f}s")
     return base, experts
@@ -96,73 +107,86 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="a ~20M model (quick check of the script)")
     parser.add_argument("--methods", nargs="*", default=list(RECIPES))
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=None, help="pass --threads to lightning-merge")
     args = parser.parse_args()
 
-    root = WORK / ("llama-small" if args.small else "llama-400m")
-    base, experts = build(root, args.small)
-    model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    n_params = model_bytes // 2
-    print(f"model: {n_params / 1e6:.0f}M parameters, {model_bytes / 1e9:.2f} GB bf16 per model, 3 experts")
-    for folder in [base, *experts]:  # warm the page cache for both tools alike
-        for f in folder.glob("*.safetensors"):
-            with open(f, "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
-    read_bw, write_bw = bandwidths(base, WORK / "copy.tmp")
-    print(f"measured bandwidth: read {read_bw / 1e9:.2f} GB/s (page cache), write {write_bw / 1e9:.2f} GB/s (fsync'd)")
     ours_cmd = [sys.executable, "-m", "lightning_merge.cli"]
     have_mergekit = Path(args.mergekit).exists()
     if not have_mergekit:
         print(f"mergekit not found at {args.mergekit}: measuring lightning-merge only")
+    startup = statistics.median(run_measured([sys.executable, "-c", "import lightning_merge.cli"])[0]
+                                for _ in range(max(3, args.runs)))
+    torch_startup = statistics.median(run_measured([sys.executable, "-c", "import torch"])[0]
+                                      for _ in range(max(3, args.runs)))
+    print(f"start-up: import torch {torch_startup:.2f}s, import lightning_merge.cli {startup:.2f}s")
 
     rows = []
-    for method in args.methods:
-        models_w = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}" for e in experts)
-        recipe = WORK / f"{method}.yaml"
-        recipe.write_text(RECIPES[method].format(base=base, models_w=models_w))
-        out = WORK / f"out-{method}"
-        ours, theirs, merge_times = [], [], []
-        for _ in range(args.runs):
-            extra = ["--threads", str(args.threads)] if args.threads else []
-            wall, rss, err = run_measured(
-                [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra]
-            )
-            ours.append((wall, rss))
-            merge_times.append(float(re.findall(r"in ([\d.]+)s", err)[-1]))
-            if have_mergekit:
-                shutil.rmtree(WORK / "out-mergekit", ignore_errors=True)
-                theirs.append(run_measured([args.mergekit, str(recipe), str(WORK / "out-mergekit"), "--quiet"])[:2])
-        read = model_bytes * (3 if method == "linear" else 4)  # linear does not read the base
-        floor = read / read_bw + model_bytes / write_bw
-        row = {
-            "method": method,
-            "ours_s": statistics.median(w for w, _ in ours),
-            "ours_rss_mb": statistics.median(r for _, r in ours),
-            "ours_merge_s": statistics.median(merge_times),
-            "floor_s": floor,
-        }
-        if theirs:
-            row["mergekit_s"] = statistics.median(w for w, _ in theirs)
-            row["mergekit_rss_mb"] = statistics.median(r for _, r in theirs)
-        rows.append(row)
-        print(json.dumps(row))
-        shutil.rmtree(out, ignore_errors=True)
+    for family in args.families:
+        base, experts = build(family_root(args.small, family), args.small, FAMILIES[family])
+        model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        n_params = model_bytes // 2
+        print(f"{family}: {n_params / 1e6:.0f}M parameters, {model_bytes / 1e9:.2f} GB bf16 per model, 3 experts "
+              f"changing {FAMILIES[family]:.0%} of the entries")
+        for folder in [base, *experts]:  # warm the page cache for both tools alike
+            for f in folder.glob("*.safetensors"):
+                with open(f, "rb") as fh:
+                    while fh.read(64 << 20):
+                        pass
+        read_bw, write_bw = bandwidths(base, WORK / "copy.tmp")
+        print(f"measured bandwidth: read {read_bw / 1e9:.2f} GB/s (page cache), "
+              f"write {write_bw / 1e9:.2f} GB/s (fsync'd)")
+        for method in args.methods:
+            models_w = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}" for e in experts)
+            recipe = WORK / f"{method}-{family}.yaml"
+            recipe.write_text(RECIPES[method].format(base=base, models_w=models_w))
+            out = WORK / f"out-{method}"
+            ours, theirs, merge_times = [], [], []
+            for _ in range(args.runs):
+                extra = ["--threads", str(args.threads)] if args.threads else []
+                wall, rss, err = run_measured(
+                    [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra]
+                )
+                ours.append((wall, rss))
+                merge_times.append(float(re.findall(r"in ([\d.]+)s", err)[-1]))
+                if have_mergekit:
+                    shutil.rmtree(WORK / "out-mergekit", ignore_errors=True)
+                    theirs.append(
+                        run_measured([args.mergekit, str(recipe), str(WORK / "out-mergekit"), "--quiet"])[:2]
+                    )
+            read = model_bytes * (3 if method == "linear" else 4)  # linear does not read the base
+            floor = read / read_bw + model_bytes / write_bw
+            row = {
+                "family": family,
+                "method": method,
+                "ours_s": statistics.median(w for w, _ in ours),
+                "ours_rss_mb": statistics.median(r for _, r in ours),
+                "ours_merge_s": statistics.median(merge_times),
+                "floor_s": floor,
+            }
+            if theirs:
+                row["mergekit_s"] = statistics.median(w for w, _ in theirs)
+                row["mergekit_rss_mb"] = statistics.median(r for _, r in theirs)
+            rows.append(row)
+            print(json.dumps(row))
+            shutil.rmtree(out, ignore_errors=True)
 
     print()
     print(
-        f"{'method':<16}{'ours s':>9}{'mergekit s':>12}{'ratio':>8}{'ours MB':>10}{'mergekit MB':>13}{'ratio':>8}"
-        f"{'merge s':>9}{'floor s':>9}{'×floor':>8}"
+        f"{'family':<8}{'method':<16}{'ours s':>9}{'mergekit s':>12}{'ratio':>8}{'ours MB':>10}{'mergekit MB':>13}"
+        f"{'ratio':>8}{'merge s':>9}{'floor s':>9}{'×floor':>8}"
     )
     for r in rows:
         mk_s, mk_mb = r.get("mergekit_s"), r.get("mergekit_rss_mb")
         ratio_s = f"{r['ours_s'] / mk_s:.2f}" if mk_s else "-"
         ratio_mb = f"{r['ours_rss_mb'] / mk_mb:.2f}" if mk_mb else "-"
         print(
-            f"{r['method']:<16}{r['ours_s']:>9.1f}{(mk_s or 0):>12.1f}{ratio_s:>8}{r['ours_rss_mb']:>10.0f}"
-            f"{(mk_mb or 0):>13.0f}{ratio_mb:>8}{r['ours_merge_s']:>9.1f}{r['floor_s']:>9.1f}"
-            f"{r['ours_merge_s'] / r['floor_s']:>8.2f}"
+            f"{r['family']:<8}{r['method']:<16}{r['ours_s']:>9.1f}{(mk_s or 0):>12.1f}{ratio_s:>8}"
+            f"{r['ours_rss_mb']:>10.0f}{(mk_mb or 0):>13.0f}{ratio_mb:>8}{r['ours_merge_s']:>9.1f}"
+            f"{r['floor_s']:>9.1f}{r['ours_merge_s'] / r['floor_s']:>8.2f}"
         )
+    print(f"(whole-process times include start-up: import torch {torch_startup:.2f}s, "
+          f"import lightning_merge.cli {startup:.2f}s)")
 
 
 if __name__ == "__main__":

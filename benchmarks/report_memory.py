@@ -1,8 +1,8 @@
 """Peak memory and wall time of `lightning-merge report` against `lightning-merge merge` on the same experts: the
 report streams tensor by tensor like a merge, so its peak should stay within the merge's.
 
-Uses the ~400M-parameter Llama family of merge_speed.py (built once in benchmarks/_work/, 3 bf16 experts), the TIES
-strategy for both; each command in its own process, median of --runs runs.
+Uses the ~400M-parameter dense Llama family of merge_speed.py (built once in benchmarks/_work/, 3 bf16 experts),
+the TIES strategy for both; each command in its own process, median of --runs runs.
 
     python benchmarks/report_memory.py [--runs 3] [--small]
 """
@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from merge_speed import WORK, build, run_measured
+from merge_speed import build, family_root, run_measured
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="a 20M-parameter family, for a quick check")
     args = parser.parse_args()
-    root = WORK / ("family_small" if args.small else "family")
+    root = family_root(args.small, "dense")
     base, experts = build(root, args.small)
     recipe = root / "report-ties.yaml"
     models = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}" for e in experts)

@@ -19,12 +19,14 @@ from lightning_merge import (
     Cabs,
     Consensus,
     Dare,
+    Expert,
     Fisher,
     Generalized,
     LiNeS,
     TaskArithmetic,
     Ties,
     WeightedMedian,
+    prepare,
 )
 
 
@@ -59,13 +61,20 @@ def main() -> None:
     stats = [{"fisher": torch.rand(base.shape, generator=g), "exp_avg_sq": torch.rand(base.shape, generator=g)}
              for _ in range(args.experts)]
     name = "layers.3.mlp.weight"
+    experts = [
+        Expert({name: t}, statistics={"fisher.batch": {name: st["fisher"]}, "exp_avg_sq": {name: st["exp_avg_sq"]}},
+               name=f"expert{i}")
+        for i, (t, st) in enumerate(zip(tensors, stats))
+    ]
     times: dict[str, float] = {}
     for label, strategy in strategies().items():
-        strategy.merge_tensor(name, base, tensors, stats)  # warm-up
+        # the strategy's first pass (norms, LiNeS' α, model-wide thresholds), as merge() runs it; not timed
+        prepared = prepare(experts, {name: base}, strategy)
+        prepared.merge_tensor(name, base, tensors, stats)  # warm-up
         runs = []
         for _ in range(args.runs):
             started = time.perf_counter()
-            strategy.merge_tensor(name, base, tensors, stats)
+            prepared.merge_tensor(name, base, tensors, stats)
             runs.append(time.perf_counter() - started)
         times[label] = statistics.median(runs)
     floor = times["task_arithmetic"]

@@ -38,6 +38,20 @@ def test_topk_mask_breaks_ties_by_lower_flat_index():
     assert F.topk_mask(x, 4).tolist() == [False, True, True, True, True, False]
 
 
+def test_topk_mask_equals_a_stable_sort_on_many_ties():
+    """The selection path (radix select, then ties dropped from the highest index) against a stable descending
+    sort of (value, index), on inputs with heavy ties (values drawn from a few levels) and every k."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        x = torch.randint(0, 1 + trial % 6, (n,), generator=g).float() * 0.25
+        order = sorted(range(n), key=lambda i: (-float(x[i]), i))
+        for k in {0, 1, n // 3, n // 2, n - 1, n}:
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[order[:k]] = True
+            assert torch.equal(F.topk_mask(x, k), expected), (trial, k)
+
+
 def test_magnitude_mask_keeps_largest_abs():
     tau = torch.tensor([0.1, -5.0, 0.3, 4.0, -0.2, 0.0, 1.0, -2.0, 0.05, 3.0])
     mask = F.magnitude_mask(tau, 0.3)
