@@ -1,9 +1,11 @@
 """Cost of adding one expert to a continual-merge state, for the 1st to the 20th expert of a ~100M-parameter model.
 
-Each add runs in a fresh process (so its peak RSS is its own); experts are generated from seeds, written, added,
-and deleted. Prints time and peak memory per add for each strategy and draws docs/continual_cost.png.
+Each add runs in a fresh process (so its peak RSS is its own); experts are generated from seeds, written (with a
+statistics sidecar for the curvature strategies), added, and deleted. Prints time and peak memory per add for each
+strategy, the peak as a multiple of the model's bytes (raw, and above the process's baseline: Python, torch and
+lightning_merge imported, measured in the same run), and draws docs/continual_cost.png.
 
-    python benchmarks/continual_cost.py [--experts 20] [--params 100e6] [--strategies opcm linear]
+    python benchmarks/continual_cost.py [--experts 10] [--params 100e6] [--strategies opcm linear fisher]
 """
 
 from __future__ import annotations
@@ -47,15 +49,34 @@ def write(path: Path, shapes: dict, seed: int, base: dict | None = None) -> dict
     return tensors
 
 
+BASELINE = r"""
+import torch
+from lightning_merge import ContinualState
+"""
+
+
+def write_sidecar(expert: Path, tensors: dict, seed: int) -> None:
+    """A statistics sidecar next to ``expert``: positive random second moments and batch Fisher."""
+    from lightning_merge.stats import sidecar_path, write_statistics
+
+    g = torch.Generator().manual_seed(seed)
+    stats = {kind: {n: torch.rand(t.shape, generator=g) + 0.05 for n, t in tensors.items()}
+             for kind in ("fisher.batch", "exp_avg_sq")}
+    write_statistics(sidecar_path(expert), stats,
+                     {"fisher.batch": {"count": 5, "batch_size": 4}, "exp_avg_sq": {"beta2": 0.999, "step": 100}})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=20)
+    parser.add_argument("--experts", type=int, default=10)
     parser.add_argument("--params", type=float, default=100e6)
-    parser.add_argument("--strategies", nargs="+", default=["opcm", "linear"])
+    parser.add_argument("--strategies", nargs="+", default=["opcm", "linear", "task_arithmetic", "fisher", "ota"])
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "continual_cost.png"))
     args = parser.parse_args()
     shapes = layout(args.params)
     total = sum(torch.Size(s).numel() for s in shapes.values())
+    model_mb = total * 4 / 2**20
+    baseline = min(run_measured(BASELINE)["peak_mb"] for _ in range(3))
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -69,25 +90,32 @@ def main() -> None:
             results[strategy] = []
             for i in range(args.experts):
                 expert = tmp / f"expert-{i}.safetensors"
-                write(expert, shapes, seed=1000 + i, base=base)
+                tensors = write(expert, shapes, seed=1000 + i, base=base)
+                if strategy in ("fisher", "ota"):
+                    write_sidecar(expert, tensors, seed=5000 + i)
                 started = time.perf_counter()
                 row = run_measured(ADD, str(state), str(expert))
                 row["wall"] = time.perf_counter() - started
                 results[strategy].append(row)
                 os.remove(expert)
+                for sidecar in tmp.glob("expert-*.statistics.safetensors"):
+                    os.remove(sidecar)
                 print(
                     f"{strategy:8s} expert {i + 1:2d}: {row['seconds']:6.2f} s  peak {row['peak_mb']:7.0f} MB",
                     flush=True,
                 )
-    print(f"\nmodel: {total / 1e6:.0f}M parameters ({len(shapes) // 2} linear layers 1024×1024 + biases), float32")
+    print(f"\nmodel: {total / 1e6:.0f}M parameters ({len(shapes) // 2} linear layers 1024×1024 + biases), float32, "
+          f"{model_mb:.0f} MB; process baseline (imports) {baseline:.0f} MB")
     # The first add has no running merge yet (OPCM: no SVD), so compare the 2nd add with the later ones.
-    print(f"{'strategy':10s}{'2nd add s':>10s}{'median 2..N':>13s}{'last add s':>12s}{'max MB':>9s}")
+    print(f"{'strategy':16s}{'2nd add s':>10s}{'median 2..N':>13s}{'last add s':>12s}{'max MB':>9s}"
+          f"{'× model':>9s}{'(− baseline) × model':>22s}")
     for strategy, rows in results.items():
         later = rows[1:] or rows
         median = sorted(r["seconds"] for r in later)[len(later) // 2]
+        peak = max(r["peak_mb"] for r in rows)
         print(
-            f"{strategy:10s}{later[0]['seconds']:10.2f}{median:13.2f}{rows[-1]['seconds']:12.2f}"
-            f"{max(r['peak_mb'] for r in rows):9.0f}"
+            f"{strategy:16s}{later[0]['seconds']:10.2f}{median:13.2f}{rows[-1]['seconds']:12.2f}"
+            f"{peak:9.0f}{peak / model_mb:9.2f}{(peak - baseline) / model_mb:22.2f}"
         )
     try:
         import matplotlib

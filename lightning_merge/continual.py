@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_merge._finite import all_finite
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, as_expert
 from lightning_merge.io import atomic_file, fsync_dir
@@ -407,7 +408,7 @@ class ContinualState:
                         continue
                     state = {q: fresh.get(f"{q}/{n}") for q, _ in form.quantities}
                     merged = form.finish(n, base.float32(n), state, summary)
-                    if not bool(torch.isfinite(merged).all()):
+                    if not all_finite(merged):
                         raise ContinualError(f"continual {self.strategy.name} produced non-finite values at '{n}'")
                     model.write(n, merged.to(base.spec(n).dtype).contiguous())
             model.close(sync=True)

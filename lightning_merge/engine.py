@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_merge._finite import all_finite
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, TensorSpec, as_expert
 from lightning_merge.stats import MissingStatistic, StatisticsError
@@ -690,7 +691,7 @@ def compute(plan: MergePlan, job: TensorJob, dtype: torch.dtype | None = None) -
             f"strategy {strategy.name!r} returned shape {list(merged.shape)} for tensor '{name}', "
             f"expected {list(job.spec.shape)}"
         )
-    if not bool(torch.isfinite(merged).all()):
+    if not all_finite(merged):
         raise ValueError(
             f"strategy {strategy.name!r} produced NaN or infinite values for tensor '{name}' from finite inputs; "
             f"check its arguments ({strategy!r})"

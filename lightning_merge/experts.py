@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_merge._finite import all_finite, count_non_finite
 from lightning_merge.lora import LoraAdapter, LoraSource, adapter_base_path
 from lightning_merge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsError, SafetensorsFile, TensorSpec
 from lightning_merge.stats import (
@@ -321,8 +322,8 @@ class Expert:
             ValueError: naming the expert, the tensor and the number of non-finite entries.
         """
         value = self.tensor(name).to(torch.float32)
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        if not all_finite(value):
+            bad = count_non_finite(value)
             raise ValueError(
                 f"expert '{self.name}': tensor '{name}' has {bad} NaN or infinite entries; the model diverged or the "
                 "file is corrupted: leave this expert out, or exclude the tensor (exclude=[...])"

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_merge._finite import all_non_negative_finite
 from lightning_merge._version import __version__
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, TensorFileMapping, save_tensors
 
@@ -375,6 +376,8 @@ class Statistics:
 
 def _check_values(origin: str, kind: str, name: str, value: Tensor) -> None:
     """A statistic is a variance-like quantity: every entry finite and non-negative."""
+    if all_non_negative_finite(value):
+        return
     finite = torch.isfinite(value)
     if not bool(finite.all()):
         bad = int((~finite).sum())

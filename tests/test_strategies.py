@@ -52,6 +52,22 @@ def test_topk_mask_equals_a_stable_sort_on_many_ties():
             assert torch.equal(F.topk_mask(x, k), expected), (trial, k)
 
 
+def test_kth_largest_radix_select_equals_kthvalue():
+    """The two-pass radix select on float32 bit patterns against torch.kthvalue: magnitudes over many exponents,
+    subnormals, exact zeros and repeated values."""
+    g = torch.Generator().manual_seed(5)
+    inputs = [
+        torch.randn(10_000, generator=g).abs(),
+        (torch.randn(10_000, generator=g) * 10.0 ** torch.randint(-40, 30, (10_000,), generator=g)).abs(),
+        torch.cat([torch.zeros(500), torch.full((300,), 1e-42), torch.rand(700, generator=g)]),
+        torch.randint(0, 4, (5_000,), generator=g).float(),
+    ]
+    for x in inputs:
+        for k in (1, 2, x.numel() // 5, x.numel() // 2, x.numel() - 1, x.numel()):
+            expected = torch.kthvalue(x, x.numel() - k + 1).values
+            assert F.kth_largest(x, k).item() == expected.item(), k
+
+
 def test_magnitude_mask_keeps_largest_abs():
     tau = torch.tensor([0.1, -5.0, 0.3, 4.0, -0.2, 0.0, 1.0, -2.0, 0.05, 3.0])
     mask = F.magnitude_mask(tau, 0.3)

@@ -7,6 +7,7 @@ reads files or keeps state. ``x`` of shape ``(N, *shape)`` holds one row per exp
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -30,7 +31,8 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
     if x.dtype != torch.float32 or bool((x < 0).any()):
         return torch.kthvalue(x, x.numel() - k + 1).values
     bits = x.contiguous().view(torch.int32)
-    high = bits >> 16
+    # the high 16 bits of each value, as a strided int16 view (no shift pass; non-negative floats keep them < 2¹⁵)
+    high = bits.view(torch.int16)[1::2] if sys.byteorder == "little" else bits.view(torch.int16)[0::2]
     at_or_above = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0).flip(0)
     top = int(torch.nonzero(at_or_above >= k).max())
     above = int(at_or_above[top + 1]) if top + 1 < at_or_above.numel() else 0
@@ -202,13 +204,16 @@ def combine_task_vectors(
     return _elect_and_combine(tau if inplace else tau.clone(), weights.tolist(), election, normalize)
 
 
-ELECTION_CHUNK = 1 << 14  # entries per expert processed at once: the chunk's temporaries stay in the CPU's cache
+ELECTION_CHUNK = 1 << 16  # entries per expert processed at once: the chunk's temporaries stay in the CPU's cache
 
 
 def _elect_and_combine(buf: Tensor, ws: list[float], election: str, normalize: bool) -> Tensor:
-    """TIES election on a stacked buffer that is modified in place, in chunks of :data:`ELECTION_CHUNK` entries
-    (elementwise, so chunking changes no value; a chunk's temporaries stay in cache: 1.27× faster than
-    whole-tensor passes on a 4096² tensor, one thread)."""
+    """TIES election on a stacked buffer that is modified in place, in chunks of :data:`ELECTION_CHUNK` entries.
+
+    With γ = ±1 the elected sign, the disjoint sum Σᵢ bᵢ·[γbᵢ > 0] is computed as γ·Σᵢ relu(γbᵢ): the same floats
+    (γbᵢ is exact, and the kept terms are summed in the same order), in fewer passes. Chunks keep the temporaries in
+    cache; together 1.6× faster than whole-tensor passes on a 4096² tensor (``benchmarks/strategy_cost.py``).
+    """
     n = len(ws)
     flat = buf.reshape(n, -1)
     out = torch.empty(flat.shape[1], dtype=buf.dtype, device=buf.device)
@@ -217,13 +222,15 @@ def _elect_and_combine(buf: Tensor, ws: list[float], election: str, normalize: b
     for start in range(0, flat.shape[1], ELECTION_CHUNK):
         b = flat[:, start:start + ELECTION_CHUNK]
         if election == "weighted" and not (uniform and ws[0] == 1.0):
-            b.mul_(w)  # mergekit: elect on Σ wᵢτᵢ
+            b.mul_(w)  # mergekit: elect on Σ wᵢτᵢ (and sum the weighted τ)
         gamma = torch.where(b.sum(dim=0) >= 0, 1.0, -1.0)  # γ = +1 where the sum is >= 0
-        agree = torch.mul(b, gamma) > 0  # sgn(x) == γ (γ = ±1, so the product is exact); a zero never agrees
+        gb = b.mul_(gamma)  # γbᵢ; an entry agrees where γbᵢ > 0 (a zero never does)
+        agree = gb > 0 if normalize else None
+        kept = gb.clamp_(min=0)
         if election == "unweighted":
-            b.mul_(w)  # PEFT: elect on Σ τᵢ
-        mixed = b.mul_(agree).sum(dim=0)
-        if normalize:
+            kept.mul_(w)  # PEFT: elect on Σ τᵢ, sum Σ wᵢτᵢ over the agreeing entries
+        mixed = kept.sum(dim=0).mul_(gamma)
+        if agree is not None:
             if election == "weighted" and not uniform:
                 divisor = agree.to(b.dtype).mul_(w).sum(dim=0)  # the weights that agree
             else:
