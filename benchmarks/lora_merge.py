@@ -4,7 +4,9 @@
 Each method runs in its own process (peak RSS is its own). The merge is the weighted sum Σ wᵢ sᵢ BᵢAᵢ of every
 adapted module, factored at rank 16 by a truncated SVD (PEFT's svd combination; lightning-merge's TaskArithmetic
 with output="peft", rank=16); lightning-merge's exact mode (concatenated factors, rank 64, no SVD) is shown too.
-Prints time, peak memory, and the relative difference of the two adapters' ΔW.
+A TIES merge (not linear in the adapters: each module's ΔW is merged, then factored as soon as it is merged) is
+compared with PEFT's ``ties_svd`` too (the two TIES variants differ in detail: PEFT weights after the election).
+Prints time, peak memory, and the relative difference of the two linear adapters' ΔW.
 
     python benchmarks/lora_merge.py [--models minilm llama400m]
 """
@@ -26,21 +28,24 @@ TARGETS = {"minilm": ["query", "value"], "llama400m": ["q_proj", "k_proj", "v_pr
 
 PEFT_RUN = r"""
 import torch, transformers, peft
-root, kind = sys.argv[1], sys.argv[2]
+root, kind, combination = sys.argv[1], sys.argv[2], sys.argv[3]
 base = transformers.AutoModel.from_pretrained(root + "/base") if kind == "minilm" else \
     transformers.AutoModelForCausalLM.from_pretrained(root + "/base")
 model = peft.PeftModel.from_pretrained(base, root + "/ad0", adapter_name="ad0")
 for i in (1, 2, 3):
     model.load_adapter(root + f"/ad{i}", adapter_name=f"ad{i}")
-model.add_weighted_adapter(["ad0", "ad1", "ad2", "ad3"], WEIGHTS, "merged", combination_type="svd", svd_rank=16)
-model.save_pretrained(root + "/peft_out", selected_adapters=["merged"])
+extra = {"density": 0.5} if combination == "ties_svd" else {}
+model.add_weighted_adapter(["ad0", "ad1", "ad2", "ad3"], WEIGHTS, "merged", combination_type=combination, svd_rank=16,
+                           **extra)
+model.save_pretrained(root + "/peft_" + combination, selected_adapters=["merged"])
 """.replace("WEIGHTS", repr(WEIGHTS))
 
 OURS_RUN = r"""
-from lightning_merge import TaskArithmetic, merge
-root, rank = sys.argv[1], sys.argv[2]
+from lightning_merge import TaskArithmetic, Ties, merge
+root, rank, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 experts = [root + f"/ad{i}" for i in range(4)]
-merge(experts, base=root + "/base", strategy=TaskArithmetic(weights=WEIGHTS), out=root + "/ours_" + rank,
+strategy = Ties(density=0.5, weights=WEIGHTS) if kind == "ties" else TaskArithmetic(weights=WEIGHTS)
+merge(experts, base=root + "/base", strategy=strategy, out=root + f"/ours_{kind}_{rank}",
       output="peft", rank=None if rank == "exact" else int(rank), overwrite=True)
 """.replace("WEIGHTS", repr(WEIGHTS))
 
@@ -115,32 +120,36 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             params = prepare(kind, root)
-            peft_fig = run_measured(PEFT_RUN, str(root), kind)
-            ours = run_measured(OURS_RUN, str(root), "16")
-            exact = run_measured(OURS_RUN, str(root), "exact")
-            a, b = deltas(root / "peft_out" / "merged"), deltas(root / "ours_16")
+            peft_fig = run_measured(PEFT_RUN, str(root), kind, "svd")
+            ours = run_measured(OURS_RUN, str(root), "16", "linear")
+            exact = run_measured(OURS_RUN, str(root), "exact", "linear")
+            peft_ties = run_measured(PEFT_RUN, str(root), kind, "ties_svd")
+            ours_ties = run_measured(OURS_RUN, str(root), "16", "ties")
+            a, b = deltas(root / "peft_svd" / "merged"), deltas(root / "ours_linear_16")
             diff = max(float((a[m] - b[m]).norm() / b[m].norm()) for m in b)
-            exact_delta = deltas(root / "ours_exact")
+            exact_delta = deltas(root / "ours_linear_exact")
             svd_err = max(float((exact_delta[m] - b[m]).norm() / exact_delta[m].norm()) for m in b)
             print(f"\n{kind}: {params / 1e6:.0f}M parameters, 4 adapters r=16 on {', '.join(TARGETS[kind])}")
-            print(f"  {'method':44s}{'seconds':>9s}{'peak MB':>9s}")
+            print(f"  {'method':50s}{'seconds':>9s}{'peak MB':>9s}")
+            rows = [
+                ("PEFT add_weighted_adapter (svd, rank 16)", peft_fig),
+                ("lightning-merge, TaskArithmetic, rank 16 (SVD)", ours),
+                ("lightning-merge, exact (concatenated, r 64)", exact),
+                ("PEFT add_weighted_adapter (ties_svd 0.5, rank 16)", peft_ties),
+                ("lightning-merge, Ties(density=0.5), rank 16", ours_ties),
+            ]
+            for label, fig in rows:
+                print(f"  {label:50s}{fig['seconds']:9.1f}{fig['peak_mb']:9.0f}")
             print(
-                f"  {'PEFT add_weighted_adapter (svd, rank 16)':44s}{peft_fig['seconds']:9.1f}"
-                f"{peft_fig['peak_mb']:9.0f}"
-            )
-            print(
-                f"  {'lightning-merge, TaskArithmetic, rank 16 (SVD)':44s}{ours['seconds']:9.1f}{ours['peak_mb']:9.0f}"
-            )
-            print(
-                f"  {'lightning-merge, exact (concatenated, r 64)':44s}{exact['seconds']:9.1f}{exact['peak_mb']:9.0f}"
-            )
-            print(
-                f"  time ratio {ours['seconds'] / peft_fig['seconds']:.2f}, memory ratio "
+                f"  linear: time ratio {ours['seconds'] / peft_fig['seconds']:.2f}, memory ratio "
                 f"{ours['peak_mb'] / peft_fig['peak_mb']:.2f} (ours / PEFT)"
             )
-            print(f"  largest relative ΔW difference, ours vs PEFT (rank 16): {diff:.2e}")
+            print(
+                f"  TIES:   time ratio {ours_ties['seconds'] / peft_ties['seconds']:.2f}, memory ratio "
+                f"{ours_ties['peak_mb'] / peft_ties['peak_mb']:.2f} (ours / PEFT; the two TIES differ in detail)"
+            )
+            print(f"  largest relative ΔW difference, ours vs PEFT (linear, rank 16): {diff:.2e}")
             print(f"  largest relative error of rank 16 against the exact merge: {svd_err:.3f}")
-        os.sync()
 
 
 if __name__ == "__main__":

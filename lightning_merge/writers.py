@@ -6,6 +6,7 @@ when the writer is created, before any tensor is merged."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -297,7 +298,9 @@ class PeftWriter(Writer):
       prepared strategy declares (:meth:`~lightning_merge.strategies.Prepared.linear_form`); no ΔW is formed.
     - **Truncated SVD** (``rank=k``; any strategy): each merged weight arrives through :meth:`write` and is factored
       at once (ΔW = merged − θ₀ in float32; B = U√Σ, A = √Σ Vᵀ), so only one module is held at a time; the relative
-      reconstruction error per module goes into ``lightning_merge.json``.
+      reconstruction error per module goes into ``lightning_merge.json``. For a strategy linear in the experts the
+      merged ΔW is the product of the concatenated factors, so its truncated SVD comes from their QR factors and the
+      SVD of a small (Σrᵢ)² core: the same factors (to float32 rounding) without forming ΔW or merging the module.
     - Whole tensors some adapters save (``modules_to_save``) are written merged; ``lora_bias`` biases as
       ``lora_B.bias`` (the merged bias minus the base's).
 
@@ -350,9 +353,15 @@ class PeftWriter(Writer):
             entries.append((f"{key}.lora_B.bias", TensorSpec(base.spec(b).shape, torch.float32)))
         for t in self.full:
             entries.append((self.full_key[t], TensorSpec(base.spec(t).shape, torch.float32)))
+        # a strategy linear in the experts everywhere: factors straight from the adapters' own (no merge of ΔW)
+        self.from_factors = self.exact or all(self._linear_form(t) is not None for t in self.targets)
         self.tmp = partial_path(out)
         self.tmp.mkdir(parents=True)
         self.file = ShardWriter(self.tmp / "adapter_model.safetensors", entries, {"format": "pt"})
+
+    def _linear_form(self, target: str) -> Any:
+        form = self.prepared.linear_form(target) if self.prepared is not None else None
+        return form if form is not None and form.preserves_base else None
 
     def _bias_target(self, bias: str) -> str:
         return next(a.bias_of[bias] for a in self.adapters if bias in a.bias_of)
@@ -373,24 +382,31 @@ class PeftWriter(Writer):
 
     def names_to_merge(self) -> list[str]:
         """The tensors the engine must merge for this adapter (the others never reach :meth:`write`)."""
-        return ([] if self.exact else list(self.targets)) + list(self.biases) + list(self.full)
+        return ([] if self.from_factors else list(self.targets)) + list(self.biases) + list(self.full)
 
-    def write_exact_factors(self) -> None:
-        """Exact mode: every module's concatenated factors, from the prepared linear forms (no merge needed)."""
+    def _concatenated(self, t: str) -> tuple[Tensor, Tensor]:
+        """Module ``t``'s merged ΔW as factors: A = [A₁; …], B = [c₁s₁B₁, …] (ΔW = B A), from the linear form."""
+        form = self._linear_form(t)
+        if form is None:
+            raise ValueError(f"the strategy is not linear with coefficients summing to 1 at '{t}'; pass rank=")
+        a_parts, b_parts = [], []
+        for c, adapter in zip(form.experts, self.adapters):
+            if t not in adapter.modules:
+                continue
+            a, b = adapter.factors(t)
+            a_parts.append(a.to(torch.float32))
+            b_parts.append(b.to(torch.float32) * (c * adapter.modules[t]["scaling"]))
+        return torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+
+    def write_factors(self) -> None:
+        """Every module from the adapters' factors: concatenated (exact mode) or their truncated SVD (rank k)."""
         for t in self.targets:
-            form = self.prepared.linear_form(t)
-            if form is None or not form.preserves_base:
-                raise ValueError(f"the strategy is not linear with coefficients summing to 1 at '{t}'; pass rank=")
-            a_parts, b_parts = [], []
-            for c, adapter in zip(form.experts, self.adapters):
-                if t not in adapter.modules:
-                    continue
-                a, b = adapter.factors(t)
-                a_parts.append(a.to(torch.float32))
-                b_parts.append(b.to(torch.float32) * (c * adapter.modules[t]["scaling"]))
+            a, b = self._concatenated(t)
             key = self.info[t]["module_key"]
-            self.file.write(f"{key}.lora_A.weight", torch.cat(a_parts, 0).contiguous())
-            self.file.write(f"{key}.lora_B.weight", torch.cat(b_parts, 1).contiguous())
+            if not self.exact:
+                a, b, self.errors[t[: -len(".weight")]] = factor_product(b, a, self.ranks[t])
+            self.file.write(f"{key}.lora_A.weight", a.contiguous())
+            self.file.write(f"{key}.lora_B.weight", b.contiguous())
 
     def write(self, name: str, tensor: Tensor) -> None:
         merged = tensor.to(torch.float32)
@@ -409,8 +425,8 @@ class PeftWriter(Writer):
         self.errors[name[: -len(".weight")]] = error
 
     def finish(self) -> Path:
-        if self.exact:
-            self.write_exact_factors()
+        if self.from_factors:
+            self.write_factors()
         self.file.close(sync=True)
         config = dict(self.adapters[0].config)
         top = max(self.ranks.values()) if self.ranks else 1
@@ -448,20 +464,62 @@ class PeftWriter(Writer):
 
 def factor_delta(delta: Tensor, rank: int, fan_in_fan_out: bool) -> tuple[Tensor, Tensor, float]:
     """Truncated SVD of one module's ΔW (float32): ``(A, B, relative error ‖ΔW − BA‖/‖ΔW‖)``, A and B shaped as PEFT
-    stores them (convolutions: A (k, in, kh, kw), B (out, k, 1, 1))."""
+    stores them (convolutions: A (k, in, kh, kw), B (out, k, 1, 1)).
+
+    The leading k singular directions come from the eigenvectors of the smaller Gram matrix (ΔW ΔWᵀ or ΔWᵀ ΔW), and
+    the factors from projecting ΔW onto them: B A is the projection of ΔW onto its top-k singular subspace (the
+    truncated SVD), balanced as U√Σ and √ΣVᵀ. Computing only that is faster than a full SVD and gives
+    its truncation (to float32 rounding where the k-th and (k+1)-th singular values are apart)."""
     m = delta.T if fan_in_fan_out and delta.dim() == 2 else delta
     out_shape = m.shape
     m = m.reshape(out_shape[0], -1)
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    b = u[:, :k] * root
-    a = root.unsqueeze(1) * vh[:k]
+    rows, cols = m.shape
+    k = min(rank, rows, cols)
+    if rows <= cols:
+        _, vectors = torch.linalg.eigh(m @ m.T)
+        u = vectors[:, -k:].flip(1) if k else vectors[:, :0]  # (rows, k), leading first
+        a = u.T @ m  # Σ Vᵀ: row i has norm σᵢ
+        sigma = a.norm(dim=1)
+        root = sigma.sqrt()
+        b = u * root
+        a = a / torch.where(root > 0, root, torch.ones_like(root)).unsqueeze(1)
+    else:
+        _, vectors = torch.linalg.eigh(m.T @ m)
+        v = vectors[:, -k:].flip(1) if k else vectors[:, :0]  # (cols, k)
+        b = m @ v  # U Σ: column i has norm σᵢ
+        sigma = b.norm(dim=0)
+        root = sigma.sqrt()
+        a = root.unsqueeze(1) * v.T
+        b = b / torch.where(root > 0, root, torch.ones_like(root))
     norm = float(m.norm())
     error = float((m - b @ a).norm()) / norm if norm > 0 else 0.0
     a = a.reshape(k, *out_shape[1:]).contiguous()
     b = b.reshape(out_shape[0], k, *([1] * (len(out_shape) - 2))).contiguous()
     return a, b, error
+
+
+def factor_product(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """The truncated SVD of ΔW = B A from its factors (B (out, R, 1…), A (R, in, k…), float32), without forming
+    ΔW: B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), then the SVD of the R × R core R_B R_Aᵀ gives ΔW = (Q_B U) Σ (Q_A V)ᵀ.
+    Returns ``(A', B', relative error)`` at ``rank`` (shaped as PEFT stores them; columns beyond the product's rank
+    are zero), the error ‖ΔW − B'A'‖/‖ΔW‖ from the discarded singular values."""
+    out_dim, inner = b.shape[0], b.shape[1]
+    a_shape = a.shape
+    qb, rb = torch.linalg.qr(b.reshape(out_dim, inner).double())
+    qa, ra = torch.linalg.qr(a.reshape(inner, -1).double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    left = (qb @ u[:, :k]) * root  # (out, k)
+    right = root.unsqueeze(1) * (vh[:k] @ qa.T)  # (k, in·k…)
+    total = float(s.square().sum())
+    error = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
+    if k < rank:  # the requested rank exceeds the product's: zero columns keep the planned shapes
+        left = torch.cat([left, left.new_zeros(out_dim, rank - k)], 1)
+        right = torch.cat([right, right.new_zeros(rank - k, right.shape[1])], 0)
+    a_out = right.to(torch.float32).reshape(rank, *a_shape[1:])
+    b_out = left.to(torch.float32).reshape(out_dim, rank, *([1] * (len(a_shape) - 2)))
+    return a_out, b_out, error
 
 
 def _module_name(module_key: str) -> str:

@@ -105,3 +105,62 @@ def test_a_small_adapter_over_a_bf16_base_keeps_its_whole_update(tmp_path):
     tau = Expert(experts[0], base=tmp_path / "base").tensor("layer.weight") - weight.to(torch.bfloat16).float()
     a, b = factors[0]
     assert float((tau - b @ a).norm() / (b @ a).norm()) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("out_dim", "a_shape", "rank"),
+    [(24, (6, 40), 4), (24, (6, 40), 6), (5, (9, 30), 8), (8, (6, 3, 3, 3), 3), (8, (12, 3, 3, 3), 20)],
+)
+def test_factors_of_a_product_equal_the_svd_of_the_formed_product(out_dim, a_shape, rank):
+    """The streaming SVD (QR of each factor, SVD of the small core) gives the dense truncated SVD's product and error,
+    in PEFT's shapes, with zero columns where the rank asked exceeds the product's."""
+    from lightning_merge.writers import factor_delta, factor_product
+
+    torch.manual_seed(rank)
+    inner = a_shape[0]
+    b = torch.randn(out_dim, inner, *([1] * (len(a_shape) - 2)))
+    a = torch.randn(*a_shape)
+    delta = (b.reshape(out_dim, inner) @ a.reshape(inner, -1)).reshape(out_dim, *a_shape[1:])
+    got_a, got_b, got_error = factor_product(b, a, rank)
+    want_a, want_b, want_error = factor_delta(delta, rank, fan_in_fan_out=False)
+    assert got_a.shape == (rank, *a_shape[1:]) and got_b.shape == (out_dim, rank, *([1] * (len(a_shape) - 2)))
+    flat = lambda x, y: x.reshape(x.shape[0], -1) @ y.reshape(y.shape[0], -1)  # noqa: E731
+    got = flat(got_b.reshape(out_dim, rank), got_a)
+    want = flat(want_b.reshape(out_dim, -1), want_a)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert got_error == pytest.approx(want_error, abs=1e-4)
+    if rank >= min(out_dim, inner, a.reshape(inner, -1).shape[1]):
+        assert got_error < 1e-6  # the full product: exact
+        torch.testing.assert_close(got, delta.reshape(out_dim, -1), rtol=1e-4, atol=1e-4 * float(delta.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("shape", "rank", "true_rank"),
+    [((40, 64), 5, 64), ((64, 40), 5, 64), ((40, 64), 40, 64), ((30, 12), 8, 3), ((8, 6, 3, 3), 4, 54), ((6, 5), 3, 0)],
+)
+def test_module_factors_equal_the_truncated_svd(shape, rank, true_rank):
+    """factor_delta's B A is the rank-k truncation of torch.linalg.svd, with its error, in PEFT's shapes (both
+    orientations, convolutions, rank-deficient and zero updates)."""
+    from lightning_merge.writers import factor_delta
+
+    torch.manual_seed(rank)
+    flat = torch.Size((shape[0], int(torch.Size(shape[1:]).numel())))
+    if true_rank == 0:
+        m = torch.zeros(flat)
+    else:
+        spectrum = torch.linspace(3.0, 0.1, min(true_rank, *flat))  # distinct singular values
+        u, _ = torch.linalg.qr(torch.randn(flat[0], spectrum.numel()))
+        v, _ = torch.linalg.qr(torch.randn(flat[1], spectrum.numel()))
+        m = (u * spectrum) @ v.T
+    a, b, error = factor_delta(m.reshape(shape), rank, fan_in_fan_out=False)
+    k = min(rank, *flat)
+    assert a.shape == (k, *shape[1:]) and b.shape == (shape[0], k, *([1] * (len(shape) - 2)))
+    got = b.reshape(shape[0], k) @ a.reshape(k, -1)
+    uu, ss, vh = torch.linalg.svd(m, full_matrices=False)
+    want = (uu[:, :k] * ss[:k]) @ vh[:k]
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    want_error = float((m - want).norm() / m.norm()) if true_rank else 0.0
+    assert error == pytest.approx(want_error, abs=1e-5)
+    if true_rank:  # balanced as U√Σ, √ΣVᵀ: both factors carry √σᵢ
+        torch.testing.assert_close(b.reshape(shape[0], k).norm(dim=0), a.reshape(k, -1).norm(dim=1), rtol=1e-4,
+                                   atol=1e-6)
