@@ -521,9 +521,14 @@ class ContinualState:
 
 def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progress: bool | None,
                  threads: int | None) -> Iterator[Any]:
-    """``fn(name)`` for each name, ``threads`` at a time (each with its share of torch's threads), results yielded in
-    the order of ``names``; at most ``threads`` tensors are in flight."""
-    from concurrent.futures import ThreadPoolExecutor
+    """``fn(name)`` for each name on ``threads`` worker threads (each with its share of torch's threads), results
+    yielded in the order of ``names``.
+
+    Memory: the tensors being folded (running or queued) never exceed ``threads`` × the largest one in bytes; a
+    slot is freed when its tensor finishes, not when its result's turn comes, so a small tensor (a bias) between two
+    large ones (weights) never leaves a worker idle. ``fn``'s results are held until their turn (they are small).
+    An error in any ``fn`` cancels the queued ones and is raised here."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from lightning_merge.progress import Progress
 
@@ -536,18 +541,43 @@ def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progres
                 yield fn(name)
                 bar.update(size)
             return
-        torch.set_num_threads(max(1, total_threads // workers))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lightning-merge-fold") as pool:
-            pending: list[Any] = []
-            for name, size in zip(names, sizes):
-                pending.append((pool.submit(fn, name), size))
-                if len(pending) >= workers:
-                    future, done = pending.pop(0)
-                    yield future.result()
-                    bar.update(done)
-            for future, done in pending:
-                yield future.result()
-                bar.update(done)
+        share = max(1, total_threads // workers)
+        torch.set_num_threads(share)
+        limit = workers * max(sizes)
+        # OpenMP's thread count is per thread: each worker sets its own share, or it would run torch's default count
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lightning-merge-fold",
+                                  initializer=torch.set_num_threads, initargs=(share,))
+        try:
+            running: dict[Any, tuple[int, int]] = {}
+            results: dict[int, Any] = {}
+            in_flight = 0
+            turn = 0
+
+            def collect(block: bool) -> None:
+                nonlocal in_flight
+                done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, size = running.pop(future)
+                    in_flight -= size
+                    results[index] = future.result()
+                    bar.update(size)
+
+            for index, (name, size) in enumerate(zip(names, sizes)):
+                while running and in_flight + size > limit:
+                    collect(block=True)
+                running[pool.submit(fn, name)] = (index, size)
+                in_flight += size
+                collect(block=False)
+                while turn in results:
+                    yield results.pop(turn)
+                    turn += 1
+            while running:
+                collect(block=True)
+                while turn in results:
+                    yield results.pop(turn)
+                    turn += 1
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         torch.set_num_threads(total_threads)
         bar.close()

@@ -318,6 +318,20 @@ def test_lines_beta_zero_is_uniform_and_default_alpha_is_the_average_for_task_ar
     assert merged_l1 == pytest.approx(mean_l1, rel=1e-5)
 
 
+def test_lines_single_task_keeps_the_deepest_block_whole_and_scales_the_shallowest_by_strength():
+    """LiNeS.single_task(λ) on one expert: block l of L gets λ + (1 − λ)·l/(L − 1) of its task vector (α = λ,
+    β = 1 − λ), the deepest block is the expert itself, and λ = 1 returns the expert."""
+    base, experts = _setup(n=1)
+    strategy = LiNeS.single_task(0.4)
+    assert (strategy.alpha, strategy.beta) == (0.4, pytest.approx(0.6))
+    out = merge(experts, base, strategy)
+    for name, f in {"layers.0.w": 0.4, "layers.1.w": 0.7, "layers.2.w": 1.0, "emb": 0.4}.items():
+        torch.testing.assert_close(out[name], base[name] + f * (experts[0][name] - base[name]))
+    _close(merge(experts, base, LiNeS.single_task(1.0)), experts[0])
+    with pytest.raises(ValueError, match="strength"):
+        LiNeS.single_task(float("nan"))
+
+
 def test_lines_block_pattern_is_configurable_and_one_block_gets_alpha():
     shapes = {"transformer.h.0.attn.w": (4, 4), "transformer.h.3.attn.w": (4, 4), "transformer.wte": (6,)}
     base, experts = _setup(shapes=shapes)

@@ -92,6 +92,25 @@ def test_projection_equals_the_full_svd_definition_on_full_rank_matrices():
     assert opcm_project(prev, inside, 0.5).abs().max() < 1e-4
 
 
+def test_projection_on_rank_deficient_matrices_keeps_the_null_directions():
+    """Where σᵢ ≤ 1e-6·σ₁ the singular vectors are arbitrary, so their diagonal entries stay; the rest as defined
+    (the block and the diagonal of M = Uᵀ τ V removed), wide and tall, at several α."""
+    for seed, shape, alpha in ((0, (10, 16), 0.5), (1, (16, 10), 0.3), (2, (12, 12), 0.9), (3, (9, 14), 1.0)):
+        prev, tau = rand(*shape, seed=seed), rand(*shape, seed=seed + 50)
+        prev[:, :4] = 0  # rank at most min(shape) − 4 (wide) or the columns lost (tall)
+        prev[:3] = 0
+        u, s, vh = torch.linalg.svd(prev, full_matrices=False)
+        r = 0 if alpha >= 1 else int((s.cumsum(0) / s.sum() > alpha).float().argmax())
+        m = u.T @ tau @ vh.T
+        mask = torch.zeros_like(m, dtype=torch.bool)
+        mask[:r, :r] = True
+        significant = s > 1e-6 * s[0]
+        mask.diagonal().copy_(mask.diagonal() | significant)
+        assert not significant.all()
+        expected = tau - u @ (m * mask) @ vh
+        torch.testing.assert_close(opcm_project(prev, tau, alpha), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_projection_at_alpha_one_or_above_removes_only_the_diagonal():
     """α ≥ 1: no cumulative share exceeds α, r = 0, whatever float32 rounding does to the last share."""
     for seed in range(40):  # FusionBench's float32 argmax would give r = k − 1 on about a fifth of these
@@ -306,3 +325,47 @@ def test_continual_merge_under_ddp(tmp_path):
         use_distributed_sampler=False,
     ).fit(Tiny(lr=5e-2), ddp_loader(32, 4))
     assert ContinualState(tmp_path / "state").count == 1  # rank 0 added once
+
+
+def test_parallel_fold_keeps_workers_busy_within_its_byte_bound_and_in_order():
+    """Large tensors alternating with small ones run two at a time (a slot frees when a tensor finishes, not when
+    its turn to be yielded comes); bytes in flight stay within threads × the largest; results come in order; an
+    error is raised and the queued tensors are cancelled."""
+    import threading
+    import time
+
+    from lightning_merge.continual import parallel_map
+
+    names = [f"{kind}{i}" for i in range(6) for kind in ("w", "b")]
+    sizes = [1000 if n.startswith("w") else 1 for n in names]
+    lock = threading.Lock()
+    state = {"bytes": 0, "peak_bytes": 0, "large": 0, "peak_large": 0}
+
+    def fold(name):
+        size = 1000 if name.startswith("w") else 1
+        with lock:
+            state["bytes"] += size
+            state["peak_bytes"] = max(state["peak_bytes"], state["bytes"])
+            state["large"] += size == 1000
+            state["peak_large"] = max(state["peak_large"], state["large"])
+        time.sleep(0.05 if size == 1000 else 0.0)
+        with lock:
+            state["bytes"] -= size
+            state["large"] -= size == 1000
+        return name
+
+    assert list(parallel_map(fold, names, sizes, "t", False, 2)) == names
+    assert state["peak_large"] == 2 and state["peak_bytes"] <= 2000
+
+    ran = []
+
+    def failing(name):
+        ran.append(name)
+        if name == "w1":
+            raise RuntimeError("tensor w1 broke")
+        time.sleep(0.02)
+        return name
+
+    with pytest.raises(RuntimeError, match="w1 broke"):
+        list(parallel_map(failing, names, sizes, "t", False, 2))
+    assert len(ran) < len(names)

@@ -277,6 +277,22 @@ class LiNeS(Strategy):
             raise ValueError(f"LiNeS.pattern must be a regular expression with exactly one group capturing the "
                              f"block index, got {self.pattern!r}") from None
 
+    @classmethod
+    def single_task(cls, strength: float, inner: Any = None, pattern: str = r"(?:^|\.)(\d+)(?:\.|$)") -> LiNeS:
+        """The paper's single-task setting: one fine-tuned model edited to forget less of the base. The shallowest
+        block keeps ``strength`` of its task vector and the deepest all of it (α = λ, β = 1 − λ), so block l of L
+        gets λ + (1 − λ)·l/(L − 1).
+
+        Args:
+            strength: λ, the scale of the shallowest block (the paper tunes it in [0, 1]).
+            inner: as for :class:`LiNeS` (None: task arithmetic, which for one expert is its task vector).
+            pattern: as for :class:`LiNeS`.
+
+        In a recipe: ``merge_method: lines`` with ``parameters: {alpha: λ, beta: 1 − λ}``.
+        """
+        check_number("LiNeS.single_task", "strength", strength)
+        return cls(inner=inner, alpha=strength, beta=1.0 - strength, pattern=pattern)
+
     @property
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self.inner.requires)

@@ -80,14 +80,16 @@ def opcm_project(previous: Tensor, tau: Tensor, alpha: float, tol: float = 1e-6,
         r = 0  # no cumulative share exceeds α (FusionBench's float32 rounding makes this 0 or k − 1 at random)
     else:  # FusionBench's own expression, float32 rounding included, so that boundary cases agree
         r = int(((s.cumsum(dim=0) / s.sum()) > alpha).float().argmax())
-    k = s.numel()
-    mask = torch.zeros(k, k, dtype=torch.bool, device=s.device)
-    mask[:r, :r] = True
-    significant = s > tol * s[0]
-    idx = torch.arange(k, device=s.device)
-    mask[idx[significant], idx[significant]] = True
-    m = u.T @ tau @ vh.T
-    return (tau - u @ (m * mask) @ vh).to(home)
+    # U (M ⊙ mask) Vᵀ without forming M = Uᵀ τ V: the masked diagonal is Σᵢ uᵢ mᵢᵢ vᵢᵀ (mᵢᵢ from τV), the block
+    # U_r (M_rr minus the diagonal already removed) V_rᵀ; two full matrix products instead of four
+    tv = tau.to(torch.float32) @ vh.T  # (m, k)
+    diagonal = (u * tv).sum(0) * (s > tol * s[0])
+    removed = (u * diagonal) @ vh
+    if r > 0:
+        block = u[:, :r].T @ tv[:, :r]
+        block.diagonal().sub_(diagonal[:r])
+        removed += u[:, :r] @ block @ vh[:r]
+    return (tau - removed).to(home)
 
 
 def opcm_step(
