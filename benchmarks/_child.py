@@ -29,9 +29,16 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_mb()}))
 """
 
 
-def run_measured(body: str, *args: str) -> dict:
+def run_measured(body: str, *args: str, code: str | None = None) -> dict:
     """Run ``body`` (Python source reading ``sys.argv[1:]``) in a child; ``{"seconds": ..., "peak_mb": ...}``
-    measured inside it, from before its imports to its end."""
+    measured inside it, from before its imports to its end. ``code``: a checkout of lightning-merge whose package
+    the child imports instead of the installed one (to measure another version side by side)."""
+    import os
+
     script = _PRELUDE + body + _EPILOGUE
-    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, text=True)
+    env = None
+    if code is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", script, *args], check=True, capture_output=True, text=True, env=env,
+                         cwd=code)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -85,7 +85,7 @@ def timed_saves(configs: list[tuple[str, pl.Trainer, CurvatureCapture | None]], 
             trainer.save_checkpoint(path)
             t1 = time.perf_counter()
             if capture is not None:
-                capture._flush()
+                capture._sidecars.flush()
             waits[label].append(t1 - t0)
             totals[label].append(time.perf_counter() - t0)
     return {label: (statistics.median(waits[label]), statistics.median(totals[label])) for label in waits}

@@ -6,12 +6,17 @@ strategy, the peak as a multiple of the model's bytes (raw, and above the proces
 lightning_merge imported, measured in the same run), and draws docs/continual_cost.png.
 
     python benchmarks/continual_cost.py [--experts 10] [--params 100e6] [--strategies opcm linear fisher]
+    python benchmarks/continual_cost.py --against ../old-checkout --strategies opcm --experts 3
+
+``--against PATH`` adds every expert to a second state run by another checkout of lightning-merge (PATH holds its
+``lightning_merge`` package), interleaved with this one's adds, and prints the two side by side with their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +31,12 @@ from _child import run_measured  # noqa: E402
 ADD = r"""
 from lightning_merge import ContinualState
 ContinualState(sys.argv[1]).add(sys.argv[2])
+"""
+
+CREATE = r"""
+from lightning_merge import ContinualState
+from lightning_merge.strategies import Strategy
+ContinualState.create(sys.argv[1], base=sys.argv[2], strategy=Strategy.from_dict({"name": sys.argv[3]}))
 """
 
 
@@ -72,12 +83,17 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=100e6)
     parser.add_argument("--strategies", nargs="+", default=["opcm", "linear", "task_arithmetic", "fisher", "ota"])
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "continual_cost.png"))
+    parser.add_argument("--against", help="another lightning-merge checkout to measure side by side")
     args = parser.parse_args()
+    against = str(Path(args.against).resolve()) if args.against else None
+    if against and not (Path(against) / "lightning_merge" / "__init__.py").is_file():
+        parser.error(f"--against {args.against}: no lightning_merge package there")
     shapes = layout(args.params)
     total = sum(torch.Size(s).numel() for s in shapes.values())
     model_mb = total * 4 / 2**20
     baseline = min(run_measured(BASELINE)["peak_mb"] for _ in range(3))
     results: dict[str, list[dict]] = {}
+    other: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = write(tmp / "base.safetensors", shapes, seed=0)
@@ -88,6 +104,10 @@ def main() -> None:
             state = tmp / f"state-{strategy}"
             ContinualState.create(state, base=tmp / "base.safetensors", strategy=Strategy.from_dict({"name": strategy}))
             results[strategy] = []
+            other[strategy] = []
+            if against:
+                run_measured(CREATE, str(tmp / f"other-{strategy}"), str(tmp / "base.safetensors"), strategy,
+                             code=against)
             for i in range(args.experts):
                 expert = tmp / f"expert-{i}.safetensors"
                 tensors = write(expert, shapes, seed=1000 + i, base=base)
@@ -97,11 +117,15 @@ def main() -> None:
                 row = run_measured(ADD, str(state), str(expert))
                 row["wall"] = time.perf_counter() - started
                 results[strategy].append(row)
+                if against:
+                    other[strategy].append(run_measured(ADD, str(tmp / f"other-{strategy}"), str(expert), code=against))
                 os.remove(expert)
                 for sidecar in tmp.glob("expert-*.statistics.safetensors"):
                     os.remove(sidecar)
+                theirs = (f"   (--against: {other[strategy][-1]['seconds']:6.2f} s  peak "
+                          f"{other[strategy][-1]['peak_mb']:7.0f} MB)") if against else ""
                 print(
-                    f"{strategy:8s} expert {i + 1:2d}: {row['seconds']:6.2f} s  peak {row['peak_mb']:7.0f} MB",
+                    f"{strategy:8s} expert {i + 1:2d}: {row['seconds']:6.2f} s  peak {row['peak_mb']:7.0f} MB{theirs}",
                     flush=True,
                 )
     print(f"\nmodel: {total / 1e6:.0f}M parameters ({len(shapes) // 2} linear layers 1024×1024 + biases), float32, "
@@ -117,6 +141,15 @@ def main() -> None:
             f"{strategy:16s}{later[0]['seconds']:10.2f}{median:13.2f}{rows[-1]['seconds']:12.2f}"
             f"{peak:9.0f}{peak / model_mb:9.2f}{(peak - baseline) / model_mb:22.2f}"
         )
+    if against:
+        print(f"\nside by side with {against} (median of adds 2..N; peak over all adds)")
+        print(f"{'strategy':16s}{'this s':>9s}{'other s':>9s}{'ratio':>7s}{'this MB':>9s}{'other MB':>9s}{'ratio':>7s}")
+        for strategy, rows in results.items():
+            mine, theirs = rows[1:] or rows, other[strategy][1:] or other[strategy]
+            a = statistics.median(r["seconds"] for r in mine)
+            b = statistics.median(r["seconds"] for r in theirs)
+            pa, pb = max(r["peak_mb"] for r in rows), max(r["peak_mb"] for r in other[strategy])
+            print(f"{strategy:16s}{a:9.2f}{b:9.2f}{a / b:7.2f}{pa:9.0f}{pb:9.0f}{pa / pb:7.2f}")
     try:
         import matplotlib
 

@@ -39,6 +39,7 @@ from lightning_merge.strategies.base import Strategy
 
 BLOCK_PATTERN = r"(?:^|\.)(\d+)(?:\.|$)"
 KINDS = ("fisher", "exp_avg_sq")
+CHUNK = 1 << 20  # columns per chunk of the float64 sums
 
 
 @dataclasses.dataclass
@@ -131,22 +132,37 @@ def report(
     gram = torch.zeros(n, n, dtype=torch.float64)
     tensors: dict[str, dict[str, Any]] = {}
     kinds = [k for k in KINDS if all(e.has_statistic(k) for e in opened)]
-    opcm_state: dict[str, Tensor | None] = {}
     for name in track(names, [plan.spec(nm).nbytes * (n + 1) for nm in names], "report", progress):
         b = plan.base_tensor(name)
-        taus = torch.stack([t - b for t in plan.expert_tensors(name, b)])
+        experts = plan.expert_tensors(name, b)
+        merged = None
+        if strategy is not None:  # merged first, from the experts as the merge reads them (then they become τ)
+            raw = plan.prepared.merge_tensor(name, b, experts, plan.stats(name))
+            merged = raw.sub_(b) if not _shares_memory(raw, [*experts, b]) else raw - b
+            del raw
+        taus = torch.empty((n, *b.shape), dtype=torch.float32)
+        for i in range(n):  # τᵢ written into one buffer, each expert's tensor released as soon as it is used
+            torch.sub(experts[i], b, out=taus[i])
+            experts[i] = None  # type: ignore[call-overload]
+        del experts, b
         flat = taus.reshape(n, -1)
-        gram += (flat.double() @ flat.double().T)
+        products, conflicts = _gram_and_conflicts(flat)
+        gram += products
         entry: dict[str, Any] = {
             "numel": flat.shape[1],
             "block": F.block_index(name, pattern),
-            "norm": [float(v) for v in flat.double().norm(dim=1)],
-            "sign_conflict": float(((flat > 0).any(0) & (flat < 0).any(0)).double().mean()),
+            "norm": [math.sqrt(max(float(v), 0.0)) for v in products.diagonal()],
+            "sign_conflict": conflicts / max(flat.shape[1], 1),
         }
         if kinds:
-            entry["statistic_mass"] = {k: [float(e.statistic(name, k).double().sum()) for e in opened] for k in kinds}
+            entry["statistic_mass"] = {
+                k: [float(e.statistic(name, k).sum(dtype=torch.float64)) for e in opened] for k in kinds
+            }
         if strategy is not None:
-            entry.update(_strategy_view(plan, strategy, name, b, taus, opcm_state))
+            entry.update(_merged_view(strategy, name, taus, merged))
+            del merged
+            entry.update(_kept_view(plan, strategy, name, taus))
+        del taus, flat
         tensors[name] = entry
     diag = gram.diagonal().clamp(min=1e-300).sqrt()
     cosine = (gram / diag[:, None] / diag[None, :]).tolist()
@@ -163,35 +179,47 @@ def report(
     return Report(data)
 
 
-def _strategy_view(plan: Any, strategy: Strategy, name: str, base: Tensor, taus: Tensor,
-                   opcm_state: dict[str, Tensor | None]) -> dict[str, Any]:
-    """What the strategy keeps of each expert at this tensor, and the norm of its merged task vector."""
+def _gram_and_conflicts(flat: Tensor) -> tuple[Tensor, int]:
+    """``(Σ τᵢ·τⱼ over the tensor (N × N, float64), entries where two experts' τ have opposite signs)``, in column
+    chunks so the float64 copies stay small."""
+    n = flat.shape[0]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    conflicts = 0
+    for start in range(0, flat.shape[1], CHUNK):
+        part = flat[:, start:start + CHUNK]
+        wide = part.double()
+        gram += wide @ wide.T
+        conflicts += int(((part > 0).any(0) & (part < 0).any(0)).sum())
+    return gram, conflicts
+
+
+def _shares_memory(tensor: Tensor, others: Sequence[Tensor | None]) -> bool:
+    """Whether ``tensor`` may alias one of ``others`` (a strategy may return an input, or a view of one)."""
+    storage = tensor.untyped_storage().data_ptr()
+    return any(o is not None and o.untyped_storage().data_ptr() == storage for o in others)
+
+
+def _merged_view(strategy: Strategy, name: str, taus: Tensor, merged: Tensor) -> dict[str, Any]:
+    """The norm of the merged task vector ``merged`` and what it takes from each expert (``taus``, (N, *shape))."""
     from lightning_merge.strategies.composed import Generalized
     from lightning_merge.strategies.curvature import WeightedMedian
-    from lightning_merge.strategies.linear import TaskVectorMerge
     from lightning_merge.strategies.opcm import OPCM, is_projected, opcm_project
 
     n = taus.shape[0]
-    tensors = [base + t for t in taus]
-    stats = plan.stats(name)
-    merged = plan.prepared.merge_tensor(name, base, tensors, stats) - base
-    out: dict[str, Any] = {"merged_norm": float(merged.double().norm())}
+    out: dict[str, Any] = {"merged_norm": float(torch.linalg.vector_norm(merged, dtype=torch.float64))}
     flat = taus.reshape(n, -1)
-    if isinstance(strategy, TaskVectorMerge) and strategy.sparsifier.method != "none":
-        buf = taus.clone()
-        strategy.sparsifier.apply_stack(name, buf, stats, plan.prepared.get("sparsify") or {})
-        kept = (buf.reshape(n, -1) != 0) & (flat != 0)
-        out["kept"] = _kept(kept, flat.shape[1])
     if isinstance(strategy, Generalized) and strategy.consensus_k is not None:
         lambdas = [strategy.per_expert("tall_lambda", i, 0.6) for i in range(n)]
         masks = F.tall_masks(taus, merged / strategy.scale if strategy.scale else merged, lambdas)
         out["tall_kept"] = [float(m.double().mean()) for m in masks.reshape(n, -1)]
+        del masks
     if isinstance(strategy, WeightedMedian):
         chosen = merged.reshape(-1) / strategy.scale if strategy.scale else merged.reshape(-1)
-        close = (flat - chosen).abs() <= 1e-6 * (1 + chosen.abs())
         nonzero = chosen != 0
-        winner = torch.where(close & nonzero, torch.arange(n)[:, None].expand_as(flat), -1)
-        first = winner.max(0).values  # the (any) expert whose value the median took
+        first = torch.full_like(chosen, -1, dtype=torch.int64)
+        for i in range(n):  # the (any) expert whose value the median took: the last that matches
+            close = (flat[i] - chosen).abs() <= 1e-6 * (1 + chosen.abs())
+            first[close & nonzero] = i
         out["winners"] = [float((first == i).double().sum() / max(int(nonzero.sum()), 1)) for i in range(n)]
     if isinstance(strategy, OPCM):
         shares = [0.0] * n
@@ -202,24 +230,45 @@ def _strategy_view(plan: Any, strategy: Strategy, name: str, base: Tensor, taus:
                 kept_tau = tau
             else:
                 kept_tau = opcm_project(running, tau, strategy.alpha)
-            total = float(tau.double().square().sum())
-            shares[i] = 1.0 - float(kept_tau.double().square().sum()) / total if total > 0 else 0.0
+            total = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+            kept_sq = float(torch.linalg.vector_norm(kept_tau, dtype=torch.float64)) ** 2
+            shares[i] = 1.0 - kept_sq / total if total > 0 else 0.0
             running = kept_tau.clone() if running is None else running + kept_tau
         out["projected_share"] = shares
-        out["tau_sq"] = [float(t.double().square().sum()) for t in taus]
+        out["tau_sq"] = [float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in taus]
     return out
 
 
-def _kept(kept: Tensor, numel: int) -> dict[str, list[float]]:
-    counts = kept.sum(1).double()
-    others = kept.sum(0, keepdim=True) - kept.to(torch.int64)  # how many other experts keep each entry
-    shared = (kept & (others > 0)).sum(1).double()
-    return {
-        "density": [float(c / numel) for c in counts],
-        "overlap": [float(s / c) if c > 0 else 0.0 for s, c in zip(shared, counts)],
-        "kept": [int(c) for c in counts],
-        "shared": [int(s) for s in shared],
-    }
+def _kept_view(plan: Any, strategy: Strategy, name: str, taus: Tensor) -> dict[str, Any]:
+    """What a task-vector strategy's sparsifier keeps of each expert; sparsifies ``taus`` in place (its last use).
+
+    A sparsifier only zeroes or rescales entries, so an entry is kept exactly where the sparsified τᵢ is non-zero
+    (entries that were zero count as not kept); ``overlap`` is the share of an expert's kept entries that another
+    expert keeps too."""
+    from lightning_merge.strategies.linear import TaskVectorMerge
+
+    if not isinstance(strategy, TaskVectorMerge) or strategy.sparsifier.method == "none":
+        return {}
+    strategy.sparsifier.apply_stack(name, taus, plan.stats(name), plan.prepared.get("sparsify") or {})
+    n = taus.shape[0]
+    flat = taus.reshape(n, -1)
+    keepers = torch.zeros(flat.shape[1], dtype=torch.int16)  # how many experts keep each entry
+    for i in range(n):
+        keepers += flat[i] != 0
+    shared_anywhere = keepers >= 2
+    del keepers
+    counts, shared = [], []
+    for i in range(n):
+        kept = flat[i] != 0
+        counts.append(int(kept.sum()))
+        shared.append(int((kept & shared_anywhere).sum()))
+    numel = flat.shape[1]
+    return {"kept": {
+        "density": [c / numel for c in counts],
+        "overlap": [s / c if c > 0 else 0.0 for s, c in zip(shared, counts)],
+        "kept": counts,
+        "shared": shared,
+    }}
 
 
 def _blocks(tensors: Mapping[str, Mapping[str, Any]], n: int) -> dict[str, dict[str, Any]]:

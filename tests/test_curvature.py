@@ -151,6 +151,14 @@ def test_weighted_median_properties():
     assert weighted_median(tau, ones, torch.ones(3), 1.0, "none").item() == 2.0
     tau4 = torch.tensor([[1.0], [4.0], [2.0], [3.0]])
     assert weighted_median(tau4, torch.ones(4, 1), torch.ones(4), 1.0, "none").item() == 2.0  # lower of 2, 3
+    # the tie rule is symmetric in sign: two equal halves give the smaller magnitude, and negating τ negates τ*
+    assert weighted_median(-tau4, torch.ones(4, 1), torch.ones(4), 1.0, "none").item() == -2.0
+    t = torch.randint(-3, 4, (4, 500)).float()  # many exact ties
+    t[:, t.sum(0) == 0] += 1  # the election's "+ at 0" is the one asymmetric choice
+    for importance in ("none", "magnitude"):
+        for kappa in (1.0, 0.5):
+            torch.testing.assert_close(weighted_median(-t, torch.ones(4, 500), torch.ones(4), kappa, importance),
+                                       -weighted_median(t, torch.ones(4, 500), torch.ones(4), kappa, importance))
     # an expert holding more than half of the weight wins
     fisher = torch.tensor([[1.0], [10.0], [1.0]])
     assert weighted_median(tau, fisher, torch.ones(3), 1.0, "none").item() == 3.0
@@ -182,7 +190,7 @@ def test_weighted_median_matches_a_plain_loop_reference():
         agree = [i for i in range(n) if torch.sign(col[i]) == gamma]
         agree.sort(key=lambda i: -abs(col[i].item()))
         kept = agree[: int(torch.ceil(torch.tensor(kappa * len(agree) - 1e-9)))]
-        pairs = sorted((col[i].item(), (fisher[i, j] * col[i].abs()).item()) for i in kept)
+        pairs = sorted(((col[i].item(), (fisher[i, j] * col[i].abs()).item()) for i in kept), key=lambda p: abs(p[0]))
         total = sum(w for _, w in pairs)
         acc, value = 0.0, 0.0
         for v, w in pairs:

@@ -255,9 +255,10 @@ class WeightedMedian(Strategy):
     this project's formulation, ALGORITHMS.md).
 
     Per coordinate: elect the sign of Σᵢ τᵢ (+ at 0); among the experts of that sign keep the top ⌈κ·|A|⌉ by
-    |τᵢ|; weigh each by ``λᵢ · Fᵢ · Iᵢ`` (importance I = |τᵢ|, or 1); τ* is the lower weighted median of the
-    kept values (0 where the total weight is 0); ``θ = θ₀ + scale·τ*``. The output is always one of the
-    inputs or 0. Vectorised: one sort along the expert axis, a cumulative sum and one gather.
+    |τᵢ|; weigh each by ``λᵢ · Fᵢ · Iᵢ`` (importance I = |τᵢ|, or 1); τ* is the weighted median of the kept
+    values, the one of smaller magnitude where the weight splits exactly in half (a tie rule symmetric in sign, as
+    ALGORITHMS.md's fidelity notes ask; 0 where the total weight is 0); ``θ = θ₀ + scale·τ*``. The output is
+    always one of the inputs or 0. Vectorised: one sort along the expert axis, a cumulative sum and one gather.
 
     Args:
         weights: one weight λᵢ per expert, or None for 1.
@@ -322,12 +323,14 @@ def weighted_median(tau: Tensor, fisher: Tensor, weights: Tensor, kappa: float, 
     if importance == "magnitude":
         w = w * tau.abs()
     w = torch.where(agree, w, torch.zeros_like(w))
-    values = torch.where(agree, tau, torch.full_like(tau, math.inf))
+    # the kept values share the sign γ: order them by magnitude (γ·τ = |τ|), so that the tie rule (two equal halves
+    # give the smaller) is symmetric in sign: negating every τ negates the median
+    values = torch.where(agree, gamma * tau, torch.full_like(tau, math.inf))
     values, order = torch.sort(values, dim=0, stable=True)
     cum = torch.gather(w, 0, order).cumsum(0)
     total = cum[-1]
     first = (2 * cum >= total).to(torch.int8).argmax(0, keepdim=True)
-    out = torch.gather(values, 0, first).squeeze(0)
+    out = gamma * torch.gather(values, 0, first).squeeze(0)
     return torch.where(total > 0, out, torch.zeros_like(out))
 
 
