@@ -55,7 +55,7 @@ def _close(a, b, atol=1e-6):
 # -- CABS ------------------------------------------------------------------------------------------------------
 
 
-def _reference_nm(tau, n, m, free):
+def _reference_nm(tau, n, m, free, fill=False):
     """A plain loop over groups: the rule as written, to compare the vectorised one against."""
     flat, ok = tau.reshape(-1).abs().tolist(), free.reshape(-1).tolist()
     keep = [False] * len(flat)
@@ -66,6 +66,11 @@ def _reference_nm(tau, n, m, free):
         idx.sort(key=lambda j: (-flat[j], j))
         for j in idx[:quota]:
             keep[j] = True
+        if fill and len(idx) < quota:  # complete the quota with the largest of the positions not free
+            rest = [j for j in range(start, min(start + m, len(flat))) if not ok[j]]
+            rest.sort(key=lambda j: (-flat[j], j))
+            for j in rest[: quota - len(idx)]:
+                keep[j] = True
     return torch.tensor(keep).view_as(tau)
 
 
@@ -76,10 +81,11 @@ def test_nm_mask_matches_the_rule(n, m, numel, dtype):
     tau = torch.randn(numel, generator=g, dtype=dtype)
     tau[::7] = 0.5  # ties: the lower index wins
     free = torch.rand(numel, generator=g) > 0.3
-    for f in (None, free):
-        got = F.nm_mask(tau, n, m, f)
-        want = _reference_nm(tau, n, m, torch.ones(numel, dtype=torch.bool) if f is None else f)
-        assert torch.equal(got, want)
+    for f in (None, free, torch.rand(numel, generator=g) > 0.8):  # the last leaves many groups short of n
+        for fill in (False, True):
+            got = F.nm_mask(tau, n, m, f, fill=fill)
+            want = _reference_nm(tau, n, m, torch.ones(numel, dtype=torch.bool) if f is None else f, fill)
+            assert torch.equal(got, want)
 
 
 def test_nm_mask_balanced_counts_and_incomplete_last_group():
@@ -105,11 +111,21 @@ def test_cabs_masks_are_disjoint_balanced_and_order_dependent():
     assert not torch.equal(reversed_masks, masks)
 
 
-def test_cabs_group_with_too_few_free_positions_keeps_all_of_them():
+def test_cabs_group_with_too_few_free_positions_completes_n_from_the_largest_taken_ones():
+    """The reference scripts' rule (density ≥ 1/N): the free positions, then the largest |τ| among those earlier
+    experts took, up to n; the merge then adds both experts' values there."""
     tau = torch.ones(2, 4) + torch.arange(4.0)
-    masks = F.cabs_masks(tau, 3, 4)  # expert 0 takes 3 of 4: expert 1 has 1 free position
+    tau[1] = torch.tensor([1.0, 5.0, -2.0, 4.0])
+    masks = F.cabs_masks(tau, 3, 4)  # expert 0 takes 3 of 4: expert 1 has 1 free position and takes 2 more
     assert masks[0].tolist() == [False, True, True, True]
-    assert masks[1].tolist() == [True, False, False, False]
+    assert masks[1].tolist() == [True, True, False, True]
+    base = {"w": torch.zeros(4)}
+    experts = [{"w": tau[0]}, {"w": tau[1]}]
+    got = merge(experts, base, Cabs(n=3, m=4))["w"]
+    torch.testing.assert_close(got, tau[0] * masks[0] + tau[1] * masks[1])
+    # at density ≤ 1/N every group has n free positions: the masks stay disjoint
+    wide = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    assert int(F.cabs_masks(wide, 4, 16).sum(0).max()) == 1
 
 
 def test_cabs_zero_entries_do_not_take_positions():
@@ -127,9 +143,17 @@ def test_cabs_merge_is_base_plus_weighted_sum_of_disjoint_unscaled_parts():
         masks = F.cabs_masks(tau, 3, 8, [1, 0, 2])
         want = base[name] + (torch.tensor([1.2, 0.7, 1.0]).view(-1, *[1] * base[name].dim()) * tau * masks).sum(0)
         torch.testing.assert_close(out[name], want)
-        parts = tau * masks
-        assert float((parts[0] * parts[1]).sum()) == 0.0  # orthogonal task vectors
+        # n·N = 9 > m: later experts complete short groups from taken positions, so the masks overlap
+        assert bool((masks.sum(0) > 1).any())
+    disjoint = Cabs(n=2, m=8, order=[1, 0, 2])  # n·N ≤ m and whole groups: orthogonal task vectors
+    base, experts = _setup(shapes={"a": (4, 16), "b": (32,)})
+    for name in base:
+        tau = torch.stack([e[name] - base[name] for e in experts])
+        parts = tau * F.cabs_masks(tau, 2, 8, [1, 0, 2])
+        assert all(float((parts[i] * parts[j]).sum()) == 0.0 for i in range(3) for j in range(i))
+        torch.testing.assert_close(merge(experts, base, disjoint)[name], base[name] + parts.sum(0))
     assert Cabs(n=64, m=256).density == 0.25
+    base, experts = _setup()
     _close(merge(experts, base, Generalized(sparsification="cabs", density=3 / 8, group_size=8, order=[1, 0, 2],
                                             weights=[1.2, 0.7, 1.0])), out)
 

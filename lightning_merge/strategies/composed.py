@@ -47,12 +47,14 @@ class Cabs(TaskVectorMerge):
 
     Balanced (n:m): each run of ``m`` consecutive entries of a task vector (row-major) keeps its ``n`` largest
     magnitudes. Conflict-aware: experts are pruned one after another in ``order``; each chooses only among the
-    positions no earlier expert took, so the kept task vectors are disjoint (``⟨τ₁', τ₂'⟩ = 0``) and no
-    rescaling is needed. ``θ = θ₀ + scale · Σ λₖ τₖ'``.
+    positions no earlier expert took, so at density ≤ 1/N the kept task vectors are disjoint
+    (``⟨τ₁', τ₂'⟩ = 0``) and no rescaling is needed. ``θ = θ₀ + scale · Σ λₖ τₖ'``.
 
     Incomplete groups: a tensor whose size is not a multiple of ``m`` ends with a group of ``g < m`` entries,
-    which keeps ``ceil(n·g/m)`` (the same density); a group with fewer free positions than its quota keeps all
-    free ones. Tensors smaller than ``m`` are one such group.
+    which keeps ``ceil(n·g/m)`` (the same density). A group with fewer free positions than its quota keeps all
+    free ones and completes the quota with the largest ``|τ|`` among the taken positions (the reference scripts'
+    rule; there the parts overlap). A kept zero takes no position (the reference's would: documented in
+    docs/strategies.md). Tensors smaller than ``m`` are one such group.
 
     Args:
         n: entries kept per group (the paper's 64 of 256 on 7B models, 3 of 32 on RoBERTa).
@@ -78,7 +80,8 @@ class Cabs(TaskVectorMerge):
             raise ValueError(f"Cabs needs integers 0 <= n <= m and m >= 1 (n:m sparsity), got n={self.n!r}, "
                              f"m={self.m!r}")
         if self.election is not None:
-            raise ValueError("Cabs' masks are disjoint, so sign election has nothing to resolve; leave election=None")
+            raise ValueError("Cabs' masks (nearly) never overlap, so sign election has nothing to resolve; leave "
+                             "election=None")
         if self.rescale != "none":
             raise ValueError("Cabs keeps the kept entries as they are (no rescaling); leave rescale='none'")
 
@@ -155,7 +158,7 @@ class Generalized(TaskVectorMerge):
             if isinstance(self.density, (list, tuple)):
                 raise ValueError(f"{owner}: CABS takes one density for all experts (n:m is shared)")
             if self.election is not None:
-                raise ValueError(f"{owner}: CABS masks are disjoint; leave election=None")
+                raise ValueError(f"{owner}: CABS masks (nearly) never overlap; leave election=None")
         check_int(owner, "group_size", self.group_size, low=1)
         if self.consensus_k is not None:
             check_int(owner, "consensus_k", self.consensus_k, low=0)

@@ -242,11 +242,12 @@ def _elect_and_combine(buf: Tensor, ws: list[float], election: str, normalize: b
     return out.view(buf.shape[1:])
 
 
-def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None) -> Tensor:
+def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None, fill: bool = False) -> Tensor:
     """Balanced n:m sparsification (CABS' BS step): in each run of ``m`` consecutive entries (row-major), keep the
     ``n`` largest ``|tau|`` among the ``free`` positions.
 
-    A group with fewer than ``n`` free positions keeps all of them; a last incomplete group of ``g < m`` entries
+    A group with fewer than ``n`` free positions keeps all of them, and with ``fill`` then the largest ``|tau|``
+    among its other positions up to ``n`` (CABS' reference scripts); a last incomplete group of ``g < m`` entries
     keeps ``ceil(n·g/m)``. Ties are broken by the lower flat index.
 
     float32 input is ranked by one ``topk`` per group on unique integer keys (the value's bit pattern, then the
@@ -257,6 +258,7 @@ def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None) -> Tensor:
         n: entries kept per group.
         m: group size.
         free: boolean mask of the positions that may be chosen (None: all).
+        fill: in a group with fewer than its quota of free positions, complete the quota from the other positions.
 
     Returns:
         A boolean mask of ``tau``'s shape.
@@ -279,6 +281,7 @@ def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None) -> Tensor:
         order = torch.sort(magnitude, dim=1, descending=True, stable=True).indices
         key = torch.empty_like(order)
         key.scatter_(1, order, (m - 1 - torch.arange(m)).expand(groups, m).contiguous())
+    key_all = key.clone() if fill and free is not None else None  # every position's key, for the fill
     key.masked_fill_(~valid, -1)
 
     def top(rows: Tensor, k: int) -> Tensor:
@@ -290,20 +293,36 @@ def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None) -> Tensor:
 
     keep = top(key, n)
     tail = numel - (groups - 1) * m
+    quota = torch.full((groups,), min(n, m), dtype=torch.int64)
     if tail < m:
-        keep[-1] = top(key[-1], -(-n * tail // m))
+        quota[-1] = min(-(-n * tail // m), m)
+        keep[-1] = top(key[-1], int(quota[-1]))
+    if key_all is not None:
+        need = (quota - keep.sum(1)).clamp(min=0)
+        rows = need.nonzero().squeeze(1)
+        if rows.numel():  # the largest of the positions not free (and inside the tensor) up to each group's quota
+            in_range = torch.zeros(groups * m, dtype=torch.bool)
+            in_range[:numel] = True
+            others = torch.where(~valid[rows] & in_range.view(groups, m)[rows], key_all[rows], -1)
+            width = int(need[rows].max())
+            values, index = torch.topk(others, width, dim=1)
+            chosen = (torch.arange(width) < need[rows].unsqueeze(1)) & (values >= 0)
+            extra = torch.zeros_like(others, dtype=torch.bool)
+            extra.scatter_(1, index, chosen)
+            keep[rows] |= extra
     return keep.reshape(-1)[:numel].view_as(tau)
 
 
 def cabs_masks(tau: Tensor, n: int, m: int, order: list[int] | None = None) -> Tensor:
     """CABS' conflict-aware masks for stacked task vectors ``tau (N, *shape)``: experts are pruned in ``order``;
     each chooses its n:m among the positions that no earlier expert took (only non-zero kept entries take a
-    position). Returns disjoint boolean masks ``(N, *shape)``."""
+    position); a group with fewer than n free positions completes its n with the largest |τ| among the taken ones
+    (the reference scripts' rule). Returns boolean masks ``(N, *shape)``, disjoint while n·N ≤ m."""
     order = list(range(tau.shape[0])) if order is None else order
     masks = torch.zeros_like(tau, dtype=torch.bool)
     taken = torch.zeros_like(tau[0], dtype=torch.bool)
     for k, i in enumerate(order):
-        keep = nm_mask(tau[i], n, m, None if k == 0 else ~taken)
+        keep = nm_mask(tau[i], n, m, None if k == 0 else ~taken, fill=True)
         masks[i] = keep
         taken |= keep & (tau[i] != 0)
     return masks

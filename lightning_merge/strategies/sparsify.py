@@ -136,7 +136,7 @@ class Sparsification:
             score = stats[self.statistic] * tau.square()
             return F.topk_mask(score, F.keep_count(density, score.numel()))
         if method == "cabs":
-            return F.nm_mask(tau, self.cabs_n(), self.m, None if taken is None else ~taken)
+            return F.nm_mask(tau, self.cabs_n(), self.m, None if taken is None else ~taken, fill=True)
         raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFIERS)}")
 
     def apply(
