@@ -76,6 +76,46 @@ def test_fisher_sanity_properties():
         merge(experts, strategy=Fisher(scale=2.0))
 
 
+def test_fisher_favor_target_floors_only_the_first_expert_in_batch_and_continual(tmp_path):
+    """Matena & Raffel's favor_target_model: max(F, floor) for the first expert, F for the others; where no Fisher
+    covers a coordinate the first expert's value wins (the default floors every expert: the plain average)."""
+    from lightning_merge import ContinualState
+    from lightning_merge.stats import sidecar_path, write_statistics
+
+    base, experts, raw = experts_with("fisher")
+    fishers = []
+    for _, st in raw:
+        f = {k: v.clone() for k, v in st.items()}
+        f["w"][0] = 0.0  # row 0 of "w": no expert's Fisher covers it
+        fishers.append(f)
+    zeroed = [Expert(sd, statistics={"fisher": f}, name=f"e{i}") for i, ((sd, _), f) in enumerate(zip(raw, fishers))]
+    got = merge(zeroed, base=base, strategy=Fisher(favor_target=True, normalize=False))
+    floors = [1e-6, 0.0, 0.0]
+    for k in ("w", "b"):
+        p = [f[k].clamp(min=fl) for f, fl in zip(fishers, floors)]
+        want = sum(pi * sd[k] for pi, (sd, _) in zip(p, raw)) / sum(p)
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["w"][0], raw[0][0]["w"][0])  # the target wins where nothing covers
+    plain = merge(zeroed, base=base, strategy=Fisher(normalize=False))
+    torch.testing.assert_close(plain["w"][0], sum(sd["w"][0] for sd, _ in raw) / 3)
+    # the continual form folds the same precisions: the first expert added is the target
+    from safetensors.torch import save_file
+
+    save_file({k: base.tensor(k).contiguous() for k in ("w", "b")}, str(tmp_path / "base.safetensors"))
+    state = ContinualState.create(tmp_path / "state", base=tmp_path / "base.safetensors",
+                                  strategy=Fisher(favor_target=True, normalize=False))
+    for i, ((sd, _), f) in enumerate(zip(raw, fishers)):
+        path = tmp_path / f"e{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        write_statistics(sidecar_path(path), {"fisher.example": f}, {"fisher.example": {"count": 8}})
+        state.add(path)
+    continual = state.state_dict()
+    for k in ("w", "b"):
+        torch.testing.assert_close(continual[k], got[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="favor_target"):
+        Fisher(favor_target="yes")
+
+
 def test_missing_fisher_is_an_error_naming_the_expert_or_a_loud_uniform_fallback(caplog):
     base, experts, raw = experts_with("fisher")
     plain = Expert(raw[1][0], name="no-stats")

@@ -127,6 +127,10 @@ class Fisher(_PrecisionStrategy):
             the statistics), so experts whose Fisher has a different overall scale count equally.
         estimator: which Fisher estimator to read (``"true"``, ``"example"``, ``"batch"``); None takes each
             expert's preferred one.
+        favor_target: apply ``floor`` to the first expert only (the target model), as Matena & Raffel's code does
+            by default (``favor_target_model=True``): where no other expert's Fisher covers a coordinate, the first
+            expert's value wins instead of the average. Off by default here, where experts are usually peers (see
+            docs/strategies.md); in the continual form the first expert is the first one added.
     """
 
     name = "fisher"
@@ -137,10 +141,13 @@ class Fisher(_PrecisionStrategy):
     eps: float = 0.0
     normalize: bool = True
     estimator: str | None = None
+    favor_target: bool = False
 
     def __post_init__(self) -> None:
         if self.weights is not None:
             check_number("Fisher", "weights", self.weights, per_expert=True)
+        if not isinstance(self.favor_target, bool):
+            raise ValueError(f"Fisher.favor_target must be True or False, got {self.favor_target!r}")
         check_number("Fisher", "scale", self.scale)
         check_number("Fisher", "floor", self.floor, low=0)
         check_number("Fisher", "eps", self.eps, low=0)
@@ -171,7 +178,8 @@ class Fisher(_PrecisionStrategy):
 
     def expert_precision(self, index, weight, stats, x, norm):  # type: ignore[override]
         scale = weight / max(norm, TINY) if norm is not None else weight
-        return F.fisher_precision(stats[self.requires[0]], self.floor, self.eps).mul_(scale)
+        floor = self.floor if index == 0 or not self.favor_target else 0.0
+        return F.fisher_precision(stats[self.requires[0]], floor, self.eps).mul_(scale)
 
 
 @dataclasses.dataclass(frozen=True)
