@@ -53,6 +53,10 @@ def strategies() -> dict[str, object]:
         "ota": OTA(),
         "ota + ffg (density 0.3)": OTA(density=0.3),
         "weighted_median (batch)": WeightedMedian(estimator="batch"),
+        # the references' conventions (docs/strategies.md): OTA's per-tensor mean normalisation, Fisher's floor on
+        # the target (first) model only
+        "ota, mean-normalized (reference)": OTA(mean_normalize=True),
+        "fisher (batch), favor target (reference)": Fisher(estimator="batch", favor_target=True),
         # issue 8: CABS against magnitude-pruned TIES at equal density, and the ablation without conflict-awareness
         "ties (density 0.25)": Ties(density=0.25),
         "magnitude 0.25, no election": Generalized(sparsification="magnitude", density=0.25),
@@ -281,6 +285,8 @@ PAIRS = (
     ("lines (fisher)", "fisher (batch)"),
     ("dare p0.5 + fisher weights", "dare_ties (p 0.5)"),
     ("saliency 0.2 + ties election", "ties (density 0.2)"),
+    ("ota, mean-normalized (reference)", "ota"),
+    ("fisher (batch), favor target (reference)", "fisher (batch)"),
 )
 
 
