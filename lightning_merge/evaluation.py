@@ -267,4 +267,96 @@ def sweep_scale(
     )
 
 
-__all__ = ["MergeReport", "SweepResult", "evaluate", "normalized_score", "scale_task_vector", "sweep_scale"]
+@dataclasses.dataclass
+class GridSweep:
+    """The outcome of :func:`sweep`.
+
+    Attributes:
+        arguments: the best combination of the swept arguments (with ``scale`` when λ was swept too).
+        score: its validation score.
+        results: every combination tried, as ``(arguments, score)`` in grid order.
+        state: the merged state dict of the best combination.
+        strategy: the strategy with the best arguments, for ``merge(..., out=...)`` on disk.
+    """
+
+    arguments: dict[str, Any]
+    score: float
+    results: list[tuple[dict[str, Any], float]]
+    state: dict[str, Tensor]
+    strategy: Any
+
+
+def sweep(
+    strategy: Any,
+    experts: Sequence[Any],
+    base: Any,
+    score: Callable[[dict[str, Tensor]], float],
+    grid: Mapping[str, Sequence[Any]],
+    scales: Sequence[float] | None = DEFAULT_SCALES,
+    **merge_kwargs: Any,
+) -> GridSweep:
+    """Choose several arguments of a strategy jointly on validation data (e.g. the weighted median's κ with λ).
+
+    Every combination of ``grid`` is built as a strategy (so a bad value is refused before anything merges) and
+    merged once; for a ``scalable`` strategy each combination's λ grid then comes from that one merge, as in
+    :func:`sweep_scale`. ``result.state`` is the model ``merge`` gives with ``result.strategy``.
+
+    Args:
+        strategy: the strategy whose arguments are swept (its other arguments stay as given).
+        experts: as for :func:`lightning_merge.merge`.
+        base: the base (a path, an ``Expert`` or a state dict).
+        score: ``state dict -> float``, higher is better. Ties go to the first combination in grid order (then
+            to the λ nearest 1).
+        grid: ``{argument: values}``, e.g. ``{"kappa": [0.5, 0.75, 1.0]}``; any argument of the strategy but
+            ``scale``.
+        scales: the λ grid swept for every combination when the strategy is scalable; None merges each
+            combination at the strategy's own ``scale``. Strategies without a scale (LiNeS, OPCM, Linear) need
+            None.
+        merge_kwargs: passed to :func:`lightning_merge.merge`.
+
+    Returns:
+        A :class:`GridSweep`.
+    """
+    import itertools
+
+    from lightning_merge.engine import merge
+
+    name = type(strategy).__name__
+    if not dataclasses.is_dataclass(strategy):
+        raise ValueError(f"sweep needs a strategy object, got {strategy!r}")
+    fields = {f.name for f in dataclasses.fields(strategy)}
+    if not grid:
+        raise ValueError("sweep: grid is empty; give {argument: values}, e.g. {'kappa': [0.5, 1.0]}")
+    for key, values in grid.items():
+        if key == "scale":
+            raise ValueError("sweep: λ is swept by scales=, not in grid (one merge serves every λ)")
+        if key not in fields:
+            raise ValueError(f"sweep: {name} has no argument {key!r}; its arguments: {', '.join(sorted(fields))}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ValueError(f"sweep: grid[{key!r}] must be a non-empty list of values, got {values!r}")
+    if scales is not None and not (getattr(strategy, "scalable", False) and "scale" in fields):
+        raise ValueError(f"sweep: {name} has no scale λ to sweep; pass scales=None to merge each combination as is")
+    keys = list(grid)
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    candidates = [dataclasses.replace(strategy, **combo) for combo in combos]  # every value checked up front
+    results: list[tuple[dict[str, Any], float]] = []
+    best: tuple[float, dict[str, Any], dict[str, Tensor], Any] | None = None
+    for combo, candidate in zip(combos, candidates):
+        if scales is not None:
+            found = sweep_scale(candidate, experts, base, score, scales=scales, **merge_kwargs)
+            for lam, value in found.scores.items():
+                results.append(({**combo, "scale": lam}, value))
+            chosen, value, state, final = {**combo, "scale": found.scale}, found.score, found.state, found.strategy
+        else:
+            state = merge(experts, base=base, strategy=candidate, **merge_kwargs)
+            value = float(score(state))
+            results.append((dict(combo), value))
+            chosen, final = dict(combo), candidate
+        if best is None or value > best[0]:
+            best = (value, chosen, state, final)
+    assert best is not None
+    return GridSweep(arguments=best[1], score=best[0], results=results, state=best[2], strategy=best[3])
+
+
+__all__ = ["GridSweep", "MergeReport", "SweepResult", "evaluate", "normalized_score", "scale_task_vector", "sweep",
+           "sweep_scale"]

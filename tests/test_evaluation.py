@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_merge import Expert, Fisher, TaskArithmetic, Ties, merge
-from lightning_merge.evaluation import MergeReport, evaluate, normalized_score, sweep_scale
+from lightning_merge import Expert, Fisher, LiNeS, TaskArithmetic, Ties, WeightedMedian, merge
+from lightning_merge.evaluation import MergeReport, evaluate, normalized_score, sweep, sweep_scale
 
 
 def test_evaluate_accuracy_per_task_with_per_task_models():
@@ -67,3 +67,45 @@ def test_sweep_scale_merges_once_and_equals_the_strategy_at_the_best_scale():
     )
     with pytest.raises(ValueError, match="needs a base"):
         sweep_scale(TaskArithmetic(), experts, None, score)
+
+
+def test_sweep_chooses_arguments_jointly_as_brute_force_does_and_gives_the_merge_of_its_strategy():
+    """κ with λ for the weighted median: the best of every (κ, λ) by brute force (one merge per κ), and the state
+    equals merge() with the returned strategy; a strategy without a scale sweeps its own arguments (LiNeS α, β)."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(8, 6, generator=g)}
+    raw = [{"w": base["w"] + torch.randn(8, 6, generator=g)} for _ in range(4)]
+    experts = [Expert(e, statistics={"fisher": {"w": torch.rand(8, 6, generator=g) + 0.1}}, name=f"e{i}")
+               for i, e in enumerate(raw)]
+    target = base["w"] + 0.6 * (raw[0]["w"] - base["w"])
+
+    def score(state):
+        return -float((state["w"] - target).square().sum())
+
+    kappas, scales = [0.25, 0.5, 1.0], (0.5, 1.0, 1.5)
+    result = sweep(WeightedMedian(), experts, base, score, grid={"kappa": kappas}, scales=scales)
+    brute = {(k, s): score(merge(experts, base, WeightedMedian(kappa=k, scale=s))) for k in kappas for s in scales}
+    best = max(brute.values())
+    assert result.score == pytest.approx(best, rel=1e-5)
+    assert brute[(result.arguments["kappa"], result.arguments["scale"])] == pytest.approx(best, rel=1e-5)
+    assert len(result.results) == len(brute)
+    for args, value in result.results:
+        assert value == pytest.approx(brute[(args["kappa"], args["scale"])], rel=1e-5)
+    assert result.strategy == WeightedMedian(kappa=result.arguments["kappa"], scale=result.arguments["scale"])
+    torch.testing.assert_close(result.state["w"], merge(experts, base, result.strategy)["w"], rtol=1e-5, atol=1e-5)
+
+    lines = sweep(LiNeS(TaskArithmetic()), raw, base, score, grid={"alpha": [0.2, 0.6], "beta": [0.0, 0.5]},
+                  scales=None)
+    assert [tuple(a.values()) for a, _ in lines.results] == [(0.2, 0.0), (0.2, 0.5), (0.6, 0.0), (0.6, 0.5)]
+    want = max(lines.results, key=lambda r: r[1])
+    assert lines.arguments == want[0] and lines.strategy == LiNeS(TaskArithmetic(), **want[0])
+    torch.testing.assert_close(lines.state["w"], merge(raw, base, lines.strategy)["w"])
+
+    with pytest.raises(ValueError, match="no argument 'kapa'"):
+        sweep(WeightedMedian(), experts, base, score, grid={"kapa": [0.5]})
+    with pytest.raises(ValueError, match="scales="):
+        sweep(WeightedMedian(), experts, base, score, grid={"scale": [0.5]})
+    with pytest.raises(ValueError, match="scales=None"):
+        sweep(LiNeS(TaskArithmetic()), raw, base, score, grid={"beta": [0.0]})
+    with pytest.raises(ValueError, match="kappa"):  # a bad value is refused before anything merges
+        sweep(WeightedMedian(), experts, base, score, grid={"kappa": [0.5, -1.0]})
