@@ -219,6 +219,32 @@ def test_weighted_median_properties():
     assert bool(((a.unsqueeze(0) == t).any(0) | (a == 0)).all())
 
 
+def test_weighted_median_normalize_makes_one_experts_fisher_scale_irrelevant():
+    """normalize divides λᵢ by ‖Fᵢ‖ over the model: multiplying one expert's Fisher by 1000 changes nothing; without
+    it that expert wins more medians."""
+    base, experts, raw = experts_with("fisher", n=4)
+    scaled = [Expert(sd, statistics={"fisher": {k: v * (1000.0 if i == 1 else 1.0) for k, v in st.items()}})
+              for i, (sd, st) in enumerate(raw)]
+    for kappa in (1.0, 0.5):
+        strategy = WeightedMedian(normalize=True, kappa=kappa)
+        a, b = merge(experts, base=base, strategy=strategy), merge(scaled, base=base, strategy=strategy)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k])
+    plain_a = merge(experts, base=base, strategy=WeightedMedian())
+    plain_b = merge(scaled, base=base, strategy=WeightedMedian())
+    assert any(not torch.equal(plain_a[k], plain_b[k]) for k in plain_a)
+    # by hand: the weights are 1/‖Fᵢ‖ with the norm over both tensors
+    norms = [torch.sqrt(sum((st[k].double() ** 2).sum() for k in st)).item() for _, st in raw]
+    b_w = base.tensor("w").reshape(-1)
+    tau = torch.stack([sd["w"].reshape(-1) - b_w for sd, _ in raw])
+    fisher = torch.stack([st["w"].reshape(-1) for _, st in raw])
+    want = weighted_median(tau, fisher, torch.tensor([1 / n for n in norms]), 1.0, "magnitude")
+    got = merge(experts, base=base, strategy=WeightedMedian(normalize=True))["w"].reshape(-1) - b_w
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="normalize"):
+        WeightedMedian(normalize=1)
+
+
 def test_weighted_median_matches_a_plain_loop_reference():
     n, m = 5, 300
     tau, fisher = rand(n, m, seed=7), rand(n, m, seed=8).abs()

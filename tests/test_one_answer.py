@@ -188,7 +188,8 @@ def strategies(draw, n: int):
                    threshold=draw(st.floats(0.0, 1e-4)) if graft == "threshold" else None)
     if name == "weighted_median":
         return WeightedMedian(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)),
-                              kappa=draw(st.floats(0.3, 1.0)), importance=draw(st.sampled_from(["magnitude", "none"])))
+                              kappa=draw(st.floats(0.3, 1.0)), importance=draw(st.sampled_from(["magnitude", "none"])),
+                              normalize=draw(st.booleans()))
     if name == "opcm":
         return OPCM(alpha=draw(st.floats(0.1, 0.9)))
     if name == "lines":

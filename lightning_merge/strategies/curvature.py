@@ -274,6 +274,9 @@ class WeightedMedian(Strategy):
         kappa: fraction of the agreeing experts kept per coordinate (1 keeps all).
         importance: ``"magnitude"`` (I = |τ|) or ``"none"`` (I = 1).
         estimator: which Fisher estimator to read; None takes each expert's preferred one.
+        normalize: λᵢ ← λᵢ / ‖Fᵢ‖₂ over the whole model (a first pass that reads only the statistics), so an
+            expert whose Fisher has a larger overall scale (more data, another loss reduction) does not win every
+            median; as Fisher merging's ``normalize``.
     """
 
     name = "weighted_median"
@@ -285,10 +288,13 @@ class WeightedMedian(Strategy):
     kappa: float = 1.0
     importance: str = "magnitude"
     estimator: str | None = None
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if self.weights is not None:
             check_number("WeightedMedian", "weights", self.weights, per_expert=True, low=0)
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"WeightedMedian.normalize must be True or False, got {self.normalize!r}")
         check_number("WeightedMedian", "scale", self.scale)
         check_number("WeightedMedian", "kappa", self.kappa, low=0, high=1)
         check_choice("WeightedMedian", "importance", self.importance, ("magnitude", "none"))
@@ -298,8 +304,17 @@ class WeightedMedian(Strategy):
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]
         return (fisher_kind(self.estimator),)
 
+    @property
+    def global_pass(self) -> bool:  # type: ignore[override]
+        return self.normalize
+
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)
+
+    def prepare(self, plan: MergePlan) -> Prepared:
+        self.check_num_experts(plan.num_experts)
+        norms = model_norms(plan, self.requires[0]) if self.normalize else None
+        return Prepared(self, plan.num_experts, norms=norms)
 
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
@@ -308,9 +323,14 @@ class WeightedMedian(Strategy):
         if base is None:
             raise ValueError("WeightedMedian takes the median of task vectors: it needs a base model (base=...)")
         n = len(tensors)
+        prepared = prepared if prepared is not None else self._unprepared(n)
+        weights = self.expert_weights(n)
+        norms = prepared.get("norms")
+        if norms is not None:
+            weights = [w / max(norm, TINY) for w, norm in zip(weights, norms)]
         tau = torch.stack([t - base for t in tensors]).reshape(n, -1)
         fisher = torch.stack([s[self.requires[0]] for s in stats]).reshape(n, -1)
-        merged = weighted_median(tau, fisher, torch.tensor(self.expert_weights(n)), self.kappa, self.importance)
+        merged = weighted_median(tau, fisher, torch.tensor(weights), self.kappa, self.importance)
         return merged.view_as(base).mul_(self.scale).add_(base)
 
 
