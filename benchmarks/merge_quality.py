@@ -66,6 +66,7 @@ def strategies() -> dict[str, object]:
         "consensus (TA, k 2)": Consensus(),
         "consensus (TIES 0.2, k 2)": Consensus(sparsification="magnitude", density=0.2, election="weighted",
                                                normalize=True),
+        "consensus (TALL reference)": Consensus.tall_reference(),
         "dare p0.5 + fisher weights": Dare(drop_rate=0.5, weighting="fisher"),
         "saliency 0.2 + ties election": Generalized(sparsification="saliency", density=0.2, election="weighted",
                                                     normalize=True),

@@ -369,3 +369,31 @@ def test_lines_block_pattern_is_configurable_and_one_block_gets_alpha():
     strategy = LiNeS(TaskArithmetic(), alpha=0.5, beta=1.0)
     prepared = prepare(experts, base, strategy)
     assert prepared.layer_scale("block.0.w") == prepared.layer_scale("head") == 0.5
+
+
+def test_consensus_tall_reference_builds_tau_mtl_as_the_tall_code_does():
+    """Model-wide top-20 % trim per task vector, sign elected on the plain sum, disjoint sum (not mean); TALL masks
+    from the untrimmed task vectors against τ_MTL; entries that k masks keep survive."""
+    base, experts = _setup(n=4, seed=5)
+    names = list(base)
+    strategy = Consensus.tall_reference(consensus_k=2, tall_lambda=0.4, scale=0.7)
+    got = merge(experts, base, strategy)
+    taus = [{k: e[k] - base[k] for k in names} for e in experts]
+    trimmed = []
+    for tau in taus:  # the k-th largest |τ| over the whole model (continuous values: no ties)
+        flat = torch.cat([tau[k].reshape(-1).abs() for k in names])
+        keep = int(0.2 * flat.numel())
+        threshold = torch.topk(flat, keep).values[-1]
+        trimmed.append({k: torch.where(tau[k].abs() >= threshold, tau[k], 0.0) for k in names})
+    for k in names:
+        stack = torch.stack([t[k] for t in trimmed])
+        sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+        mtl = torch.where(torch.sign(stack) == sign, stack, 0.0).sum(0)  # the disjoint sum
+        raw = torch.stack([t[k] for t in taus])
+        votes = (raw.abs() > 0.4 * (mtl - raw).abs()).sum(0)
+        want = base[k] + 0.7 * mtl * (votes >= 2)
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    # the default over TIES trims per tensor and takes the mean: a different merge
+    default = merge(experts, base, Consensus(sparsification="magnitude", density=0.2, election="weighted",
+                                            normalize=True, tall_lambda=0.4, scale=0.7))
+    assert any(not torch.allclose(default[k], got[k]) for k in names)

@@ -219,6 +219,24 @@ class Consensus(Generalized):
         if self.consensus_k is None:
             raise ValueError("Consensus.consensus_k must be an integer >= 0 (Generalized has consensus off)")
 
+    @classmethod
+    def tall_reference(cls, consensus_k: int = 2, tall_lambda: Any = 0.6, density: float = 0.2,
+                       scale: float = 1.0) -> Consensus:
+        """Consensus over TIES as the TALL reference code builds τ_MTL: a model-wide top-``density`` trim of each
+        task vector (``topk="model"``), the sign elected on the unweighted sum, and the disjoint *sum* of the
+        agreeing entries (not their mean). The default :class:`Consensus` over TIES trims per tensor and takes the
+        disjoint mean (``normalize=True``), as mergekit's TIES does; the reference's sum is larger, so its best
+        ``scale`` is smaller.
+
+        Args:
+            consensus_k: k, the masks that must keep an entry.
+            tall_lambda: λᵢ of the TALL masks.
+            density: the fraction of each task vector's entries kept, over the whole model.
+            scale: α, the step along the masked τ_MTL (the paper tunes it).
+        """
+        return cls(sparsification="magnitude", density=density, topk="model", election="unweighted",
+                   normalize=False, consensus_k=consensus_k, tall_lambda=tall_lambda, scale=scale)
+
 
 class LiNeSPrepared(Prepared):
     """LiNeS bound to one merge: the α used (given, or the multi-task rule's) and the per-tensor factors."""
