@@ -30,6 +30,7 @@ from lightning_merge import (
     LiNeS,
     TaskArithmetic,
     Ties,
+    TSVMerge,
     WeightedMedian,
     merge,
 )
@@ -53,6 +54,7 @@ def strategies() -> dict[str, object]:
         "ota": OTA(),
         "ota + ffg (density 0.3)": OTA(density=0.3),
         "weighted_median (batch)": WeightedMedian(estimator="batch"),
+        "tsv_merge": TSVMerge(),
         # the references' conventions (docs/strategies.md): OTA's per-tensor mean normalisation, Fisher's floor on
         # the target (first) model only
         "ota, mean-normalized (reference)": OTA(mean_normalize=True),
@@ -288,6 +290,8 @@ PAIRS = (
     ("saliency 0.2 + ties election", "ties (density 0.2)"),
     ("ota, mean-normalized (reference)", "ota"),
     ("fisher (batch), favor target (reference)", "fisher (batch)"),
+    ("tsv_merge", "task_arithmetic"),
+    ("tsv_merge", "lines (fisher)"),
 )
 
 

@@ -27,6 +27,7 @@ from lightning_merge.strategies import (
     Strategy,
     TaskArithmetic,
     Ties,
+    TSVMerge,
     WeightedMedian,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "Statistics",
     "StatisticsError",
     "Strategy",
+    "TSVMerge",
     "TaskArithmetic",
     "TensorSpec",
     "Ties",

@@ -38,6 +38,7 @@ from lightning_merge.strategies import (
     Strategy,
     TaskArithmetic,
     Ties,
+    TSVMerge,
     WeightedMedian,
 )
 
@@ -179,7 +180,7 @@ def strategies(draw, n: int):
         return Generalized(consensus_k=draw(st.one_of(st.none(), st.integers(0, n))), **kwargs)
     if name == "fisher":
         return Fisher(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)), normalize=draw(st.booleans()),
-                      floor=draw(st.sampled_from([1e-6, 1e-3])))
+                      floor=draw(st.sampled_from([1e-6, 1e-3])), favor_target=draw(st.booleans()))
     if name == "ota":
         graft = draw(st.sampled_from(["none", "density", "threshold"]))
         return OTA(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)), power=draw(st.sampled_from([0.5, 1.0])),
@@ -192,6 +193,9 @@ def strategies(draw, n: int):
                               normalize=draw(st.booleans()))
     if name == "opcm":
         return OPCM(alpha=draw(st.floats(0.1, 0.9)))
+    if name == "tsv_merge":
+        return TSVMerge(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)),
+                        not_svd=draw(st.sampled_from([None, r"\.1\."])))
     if name == "lines":
         inner = draw(st.sampled_from([TaskArithmetic(), Ties(density=0.5), TaskArithmetic(weights=[1.0] * n),
                                       Fisher(normalize=False)]))
@@ -338,4 +342,4 @@ def test_every_registered_strategy_has_a_generator():
     """A new strategy must join the property tests (``strategies`` raises for a name it does not know)."""
     names = set(_library_strategies())
     assert names == {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "cabs", "generalized", "consensus",
-                     "fisher", "ota", "weighted_median", "opcm", "lines"}, sorted(names)
+                     "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge"}, sorted(names)

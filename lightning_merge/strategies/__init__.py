@@ -19,6 +19,7 @@ from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.opcm import OPCM
 from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
+from lightning_merge.strategies.tsv import TSVMerge
 
 __all__ = [
     "SPARSIFIERS",
@@ -41,6 +42,7 @@ __all__ = [
     "Prepared",
     "Sparsification",
     "Strategy",
+    "TSVMerge",
     "TaskArithmetic",
     "TaskVectorMerge",
     "Ties",
