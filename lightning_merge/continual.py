@@ -553,6 +553,13 @@ def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progres
             in_flight = 0
             turn = 0
 
+            def ready() -> Iterator[Any]:
+                """The results whose turn has come, in the order of ``names``."""
+                nonlocal turn
+                while turn in results:
+                    yield results.pop(turn)
+                    turn += 1
+
             def collect(block: bool) -> None:
                 nonlocal in_flight
                 done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
@@ -568,14 +575,10 @@ def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progres
                 running[pool.submit(fn, name)] = (index, size)
                 in_flight += size
                 collect(block=False)
-                while turn in results:
-                    yield results.pop(turn)
-                    turn += 1
+                yield from ready()
             while running:
                 collect(block=True)
-                while turn in results:
-                    yield results.pop(turn)
-                    turn += 1
+                yield from ready()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     finally:

@@ -404,6 +404,12 @@ def check_choice(owner: str, field: str, value: Any, choices: Sequence[Any]) -> 
         raise ValueError(f"{owner}.{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def check_bool(owner: str, field: str, value: Any) -> None:
+    """Validate a flag: ``True`` or ``False`` only (``1`` or ``"yes"`` are refused, though ``1 == True``)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{field} must be True or False, got {value!r}")
+
+
 def check_int(owner: str, field: str, value: Any, *, low: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         raise ValueError(f"{owner}.{field} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
@@ -442,6 +448,7 @@ __all__ = [
     "Prepared",
     "STRATEGIES",
     "Strategy",
+    "check_bool",
     "check_choice",
     "check_int",
     "check_number",

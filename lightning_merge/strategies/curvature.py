@@ -25,6 +25,7 @@ from lightning_merge.strategies.base import (
     PerExpert,
     Prepared,
     Strategy,
+    check_bool,
     check_choice,
     check_number,
     expert_norm,
@@ -146,8 +147,7 @@ class Fisher(_PrecisionStrategy):
     def __post_init__(self) -> None:
         if self.weights is not None:
             check_number("Fisher", "weights", self.weights, per_expert=True)
-        if not isinstance(self.favor_target, bool):
-            raise ValueError(f"Fisher.favor_target must be True or False, got {self.favor_target!r}")
+        check_bool("Fisher", "favor_target", self.favor_target)
         check_number("Fisher", "scale", self.scale)
         check_number("Fisher", "floor", self.floor, low=0)
         check_number("Fisher", "eps", self.eps, low=0)
@@ -293,8 +293,7 @@ class WeightedMedian(Strategy):
     def __post_init__(self) -> None:
         if self.weights is not None:
             check_number("WeightedMedian", "weights", self.weights, per_expert=True, low=0)
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"WeightedMedian.normalize must be True or False, got {self.normalize!r}")
+        check_bool("WeightedMedian", "normalize", self.normalize)
         check_number("WeightedMedian", "scale", self.scale)
         check_number("WeightedMedian", "kappa", self.kappa, low=0, high=1)
         check_choice("WeightedMedian", "importance", self.importance, ("magnitude", "none"))
