@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from lightning_merge.stats import tensor_fingerprint
+from lightning_merge.storage import basename, is_url, local_path, output_file
+from lightning_merge.storage import exists as remote_exists
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def read_info(path: str | os.PathLike, trust_checkpoint: bool = False) -> Checkp
     """Step, epoch and monitored score of a checkpoint (memory-mapped: tensors are not read)."""
     from lightning_merge.torch_io import load_torch_file
 
-    ckpt = load_torch_file(Path(path), trust_checkpoint)
+    ckpt = load_torch_file(local_path(path), trust_checkpoint)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"'{path}' holds a {type(ckpt).__name__}, not a Lightning checkpoint")
     score, monitor = None, None
@@ -70,7 +72,8 @@ def read_info(path: str | os.PathLike, trust_checkpoint: bool = False) -> Checkp
         if isinstance(value, Tensor):
             digest.update(name.encode())
             digest.update(tensor_fingerprint(value).encode())
-    return CheckpointInfo(Path(path), int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)), score, monitor,
+    where = path if is_url(path) else Path(path)
+    return CheckpointInfo(where, int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)), score, monitor,
                           made_by_lightning_merge="lightning_merge" in ckpt, digest=digest.hexdigest())
 
 
@@ -83,8 +86,11 @@ def distinct_checkpoints(infos: Sequence[CheckpointInfo]) -> tuple[list[Checkpoi
     by_digest: dict[str, CheckpointInfo] = {}
     by_target: dict[Path, CheckpointInfo] = {}
     # ModelCheckpoint's own names (epoch=..-step=..) before last.ckpt and other copies
-    for info in sorted(infos, key=lambda i: (i.path.is_symlink(), i.path.stem.startswith("last"), str(i.path))):
-        target = info.path.resolve()
+    def is_link(path: Any) -> bool:
+        return not is_url(path) and path.is_symlink()
+
+    for info in sorted(infos, key=lambda i: (is_link(i.path), basename(i.path).startswith("last"), str(i.path))):
+        target = info.path if is_url(info.path) else info.path.resolve()
         if info.made_by_lightning_merge:
             skipped.append((info.path, "an output of lightning-merge (an average or a merge), not a checkpoint of the "
                                        "run"))
@@ -224,12 +230,11 @@ def average_checkpoints(
     from lightning_merge.strategies.curvature import OTA, Fisher
     from lightning_merge.strategies.linear import Linear
     from lightning_merge.torch_io import load_torch_file
-    from lightning_merge.writers import check_output_path
 
     if not paths:
         raise ValueError("no checkpoints to average")
     if out is not None:  # checked before anything is read: an output that is one of the inputs is refused
-        check_output_path(Path(out), overwrite, inputs=[Path(p) for p in paths], folder=False)
+        _check_output(out, paths, overwrite)
     if source not in ("state_dict", "current_model_state"):
         raise ValueError(f"source must be 'state_dict' or 'current_model_state', got {source!r}")
     infos = [read_info(path, trust_checkpoint) for path in paths]
@@ -245,7 +250,7 @@ def average_checkpoints(
         if source == "state_dict":
             experts.append(Expert(path, trust_checkpoint=trust_checkpoint))
         else:
-            ckpt = load_torch_file(Path(path), trust_checkpoint)
+            ckpt = load_torch_file(local_path(path), trust_checkpoint)
             if "current_model_state" not in ckpt:
                 raise ValueError(
                     f"checkpoint '{path}' has no 'current_model_state' (it was not saved with WeightAveraging)"
@@ -271,7 +276,7 @@ def average_checkpoints(
         "averaged %d checkpoints (%s): %s",
         len(paths),
         weighting,
-        ", ".join(f"{Path(i.path).name}={w:.3f}" for i, w in zip(infos, ws or [float("nan")] * len(infos))),
+        ", ".join(f"{basename(i.path)}={w:.3f}" for i, w in zip(infos, ws or [float("nan")] * len(infos))),
     )
     if out is not None:
         write_averaged_checkpoint(
@@ -298,15 +303,14 @@ def write_averaged_checkpoint(
     trust_checkpoint: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """The newest checkpoint with its ``state_dict`` replaced by the average, written atomically."""
-    from lightning_merge.io import atomic_file
+    """The newest checkpoint with its ``state_dict`` replaced by the average, written atomically (a local path or an
+    object-storage URL)."""
     from lightning_merge.torch_io import load_torch_file
-    from lightning_merge.writers import check_output_path
 
-    out = Path(out)
-    check_output_path(out, overwrite, inputs=[Path(p) for p in paths], folder=False)
+    _check_output(out, paths, overwrite)
+    out = out if is_url(out) else Path(out)
     newest = max(paths, key=lambda p: read_info(p, trust_checkpoint).global_step)
-    checkpoint = dict(load_torch_file(Path(newest), trust_checkpoint))
+    checkpoint = dict(load_torch_file(local_path(newest), trust_checkpoint))
     if not keep_training_state:
         for key in ("optimizer_states", "lr_schedulers", "loops"):
             checkpoint.pop(key, None)
@@ -319,9 +323,23 @@ def write_averaged_checkpoint(
         "weights": list(weights) if weights is not None else None,
         "template": str(newest),
     }
-    with atomic_file(out) as tmp:
+    with output_file(out) as tmp:
         torch.save(checkpoint, tmp)
-    return out
+    return out  # type: ignore[return-value]
+
+
+def _check_output(out: str | os.PathLike, paths: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """An existing output needs ``overwrite``; an output that is one of the inputs is refused."""
+    from lightning_merge.writers import check_output_path
+
+    if is_url(out):
+        if str(out) in {str(p) for p in paths}:
+            raise ValueError(f"output '{out}' is one of the checkpoints being averaged; choose another path")
+        if not overwrite and remote_exists(str(out)):
+            raise FileExistsError(f"output '{out}' already exists; pass overwrite=True (CLI: --overwrite) to "
+                                  "replace it")
+        return
+    check_output_path(Path(out), overwrite, inputs=[Path(p) for p in paths if not is_url(p)], folder=False)
 
 
 __all__ = [

@@ -243,9 +243,13 @@ def cmd_export_second_moments(args: argparse.Namespace) -> int:
 
 def cmd_average(args: argparse.Namespace) -> int:
     from lightning_merge.averaging import average_checkpoints, distinct_checkpoints, read_info, select_checkpoints
+    from lightning_merge.storage import exists, is_url
 
-    out = Path(args.out).resolve()
-    infos = [read_info(p, args.trust_checkpoint) for p in args.checkpoints if Path(p).resolve() != out]
+    def same(p: str) -> Any:
+        return p if is_url(p) else Path(p).resolve()
+
+    out = same(args.out)
+    infos = [read_info(p, args.trust_checkpoint) for p in args.checkpoints if same(p) != out]
     infos, skipped = distinct_checkpoints(infos)
     for path, why in skipped:
         print(f"  skipped {path}: {why}", file=sys.stderr)
@@ -258,7 +262,8 @@ def cmd_average(args: argparse.Namespace) -> int:
         print(f"plan (dry run: nothing averaged or written): {len(paths)} checkpoints, {args.weighting}")
         for path, w in zip(paths, weights or [None] * len(paths)):
             print(f"  {path}" + (f"  weight {w:.4f}" if w is not None else f"  ({args.weighting} per entry)"))
-        print(f"  output      {args.out}" + (" (exists: --overwrite replaces it)" if Path(args.out).exists() else ""))
+        print(f"  output      {args.out}" + (" (exists: --overwrite replaces it)" if (
+            exists(args.out) if is_url(args.out) else Path(args.out).exists()) else ""))
         return 0
     _, weights = average_checkpoints(
         paths, args.out, weighting=args.weighting, mwa_by=args.mwa_by, p=args.p, mode=args.mode, source=args.source,
@@ -280,11 +285,12 @@ def cmd_continual(args: argparse.Namespace) -> int:
         if args.action == "init":
             spec = {"name": args.strategy, **_parse_set(args.set or [])}
             state = ContinualState.create(args.state, base=args.base, strategy=Strategy.from_dict(spec))
-            print(f"created continual state {state.path} ({args.strategy}, base {args.base})")
+            print(f"created continual state {state.url or state.path} ({args.strategy}, base {args.base})")
         elif args.action == "add":
-            entry = ContinualState(args.state).add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate,
-                                                   force=args.force)
-            print(f"added '{entry['name']}' as expert {entry['order']}; merged model: {args.state}/current/model")
+            state = ContinualState(args.state)
+            entry = state.add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate, force=args.force)
+            where = state.describe()["model"] if state.url else f"{args.state}/current/model"
+            print(f"added '{entry['name']}' as expert {entry['order']}; merged model: {where}")
         else:
             info = ContinualState(args.state).describe()
             if args.json:

@@ -47,6 +47,19 @@ from lightning_merge.experts import Expert, as_expert
 from lightning_merge.io import atomic_file, fsync_dir
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.stats import StatisticsError, tensor_fingerprint
+from lightning_merge.storage import (
+    PreconditionFailed,
+    cache_dir,
+    download_tree,
+    filesystem,
+    is_url,
+    join,
+    put_conditional,
+    read_versioned,
+    remove,
+    upload,
+)
+from lightning_merge.storage import exists as remote_exists
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, NoContinualForm, Strategy
 from lightning_merge.writers import copy_support_files, write_json
 
@@ -90,7 +103,12 @@ class ContinualState:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.url: str | None = str(path).rstrip("/") if is_url(path) else None
+        if self.url is not None:  # object storage: a local mirror of the state, synchronised by the commit protocol
+            self.path = _mirror(self.url)
+            self._pull()
+        else:
+            self.path = Path(path)
         config = self.path / "state.json"
         if not config.exists():
             raise FileNotFoundError(f"'{self.path}' is not a continual-merge state (no state.json); create it first")
@@ -143,13 +161,16 @@ class ContinualState:
             strategy.continual_form()
         except NoContinualForm as err:
             raise ContinualError(str(err)) from None
-        path = Path(path)
-        if (path / "state.json").exists():
+        url = str(path).rstrip("/") if is_url(path) else None
+        base_ref = str(base) if is_url(base) else str(Path(base).resolve())
+        path = Path(path) if url is None else _mirror(url)
+        if (url is not None and remote_exists(join(url, "state.json"))) or (url is None and
+                                                                          (path / "state.json").exists()):
             if not exist_ok:
-                raise FileExistsError(f"continual state '{path}' already exists")
-            state = cls(path)
-            if state.strategy.to_dict() != strategy.to_dict() or state.config["base"] != str(Path(base).resolve()):
-                raise ContinualError(f"continual state '{path}' exists with another base or strategy")
+                raise FileExistsError(f"continual state '{url or path}' already exists")
+            state = cls(url or path)
+            if state.strategy.to_dict() != strategy.to_dict() or state.config["base"] != base_ref:
+                raise ContinualError(f"continual state '{url or path}' exists with another base or strategy")
             return state
         base_expert = as_expert(str(base), "base")
         names = [n for n in base_expert.names() if base_expert.spec(n).is_floating]
@@ -158,11 +179,18 @@ class ContinualState:
             "format_version": FORMAT_VERSION,
             "library_version": __version__,
             "strategy": strategy.to_dict(),
-            "base": str(Path(base).resolve()),
+            "base": base_ref,
             "created": _now(),
             "tensors": {n: list(base_expert.spec(n).shape) for n in names},
             "base_fingerprint": {n: tensor_fingerprint(base_expert.tensor(n)) for n in names},
         }
+        if url is not None:  # created by one conditional write: of two creators, one wins and the other is told
+            try:
+                put_conditional(join(url, "state.json"), json.dumps(config, indent=2).encode())
+            except PreconditionFailed:
+                raise FileExistsError(f"continual state '{url}' already exists (created concurrently)") from None
+            shutil.rmtree(path, ignore_errors=True)  # a mirror of an earlier state at this URL
+            return cls(url)
         path.mkdir(parents=True, exist_ok=True)
         (path / "generations").mkdir(exist_ok=True)
         with atomic_file(path / "state.json") as tmp:
@@ -279,6 +307,16 @@ class ContinualState:
             StatisticsError: statistics the strategy needs are missing or invalid.
         """
         expert = as_expert(expert)
+        if self.url is not None:
+            with self._remote_lease():
+                etag = self._pull()
+                entry = self._add_locked(expert, name, allow_duplicate, force, progress, threads)
+                self._push(etag)
+            return entry
+        return self._add_locked(expert, name, allow_duplicate, force, progress, threads)
+
+    def _add_locked(self, expert: Expert, name: str | None, allow_duplicate: bool, force: bool,
+                    progress: bool | None, threads: int | None) -> dict[str, Any]:
         with self._locked():
             self._cleanup()
             meta = self.meta()
@@ -294,7 +332,8 @@ class ContinualState:
             entry = {
                 "order": meta["count"] + 1,
                 "name": name or expert.name,
-                "path": str(Path(expert.path).resolve()) if expert.path is not None else f"<in memory: {expert.name}>",
+                "path": (expert.name if is_url(expert.name) else str(Path(expert.path).resolve()))
+                if expert.path is not None else f"<in memory: {expert.name}>",
                 "checksum": checksum,
                 "time": _now(),
             }
@@ -427,7 +466,10 @@ class ContinualState:
             write_json(tmp / "meta.json", new_meta)
             fsync_dir(tmp / "model")
             fsync_dir(tmp)
-            final = self.path / "generations" / f"{count + 1:06d}"
+            # on object storage a generation is uploaded before the commit, so its name must be one no other writer
+            # can pick: a losing writer's upload then never touches the committed generation
+            unique = f"-{uuid.uuid4().hex[:8]}" if self.url is not None else ""
+            final = self.path / "generations" / f"{count + 1:06d}{unique}"
             if final.exists():  # left by a crash after the rename but before the commit: not current, replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -505,15 +547,120 @@ class ContinualState:
             if not link.is_symlink() or Path(os.readlink(link)).name != current.name:
                 self._refresh_link(current)
 
+    # -- object storage ------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """For a state on object storage: bring the local mirror up to the committed generation (another process
+        may have added experts since this object was made). A no-op for a local state."""
+        if self.url is not None:
+            self._pull()
+
+    def _pull(self) -> str | None:
+        """Mirror the committed generation (``CURRENT``, its folder, ``state.json``); return CURRENT's ETag (None
+        before the first expert): the add commits only if CURRENT still has it."""
+        assert self.url is not None
+        self.path.mkdir(parents=True, exist_ok=True)
+        config = read_versioned(join(self.url, "state.json"))
+        if config is None:
+            raise FileNotFoundError(f"'{self.url}' is not a continual-merge state (no state.json); create it first")
+        if not (self.path / "state.json").is_file() or (self.path / "state.json").read_bytes() != config[0]:
+            with atomic_file(self.path / "state.json") as tmp:
+                tmp.write_bytes(config[0])
+        pointer = read_versioned(join(self.url, POINTER))
+        if pointer is None:
+            (self.path / POINTER).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "generations", ignore_errors=True)
+            (self.path / "generations").mkdir()
+            return None
+        name = pointer[0].decode().strip()
+        if not name or "/" in name or name.startswith("."):
+            raise ContinualError(f"'{join(self.url, POINTER)}' holds {name!r}, not a generation name; the state is "
+                                 "damaged")
+        folder = self.path / "generations" / name
+        mirrored = self.path / ".mirrored"  # the ETag of the CURRENT this mirror reflects
+        fresh = mirrored.is_file() and mirrored.read_text() == pointer[1] and self._pointer() == name
+        if not fresh or not (folder / "meta.json").is_file():
+            # an add that was not committed (a lost compare-and-swap, a crash mid-upload) may have left the mirror
+            # ahead of the store, under the same generation name: the store decides
+            download_tree(join(self.url, "generations", name), folder)
+            with atomic_file(self.path / POINTER) as tmp:
+                tmp.write_text(name + "\n")
+            self._mark_mirrored(pointer[1])
+        return pointer[1]
+
+    def _mark_mirrored(self, etag: str) -> None:
+        with atomic_file(self.path / ".mirrored") as tmp:
+            tmp.write_text(etag)
+
+    def _push(self, etag: str | None) -> None:
+        """Upload the generation just written locally, then commit it by a compare-and-swap of ``CURRENT``: the
+        generation's objects are all in place before the pointer names it, and the pointer moves only if no other
+        writer committed since :meth:`_pull` (else the add is reported and nothing is lost: retry it)."""
+        assert self.url is not None
+        name = self._pointer()
+        assert name is not None
+        upload(self.path / "generations" / name, join(self.url, "generations", name))
+        try:
+            committed = put_conditional(join(self.url, POINTER), (name + "\n").encode(), if_match=etag)
+        except PreconditionFailed:
+            (self.path / ".mirrored").unlink(missing_ok=True)  # the mirror is stale: the next pull refetches
+            raise ContinualError(
+                f"continual state '{self.url}': another writer committed while this expert was being added; nothing "
+                "was committed by this add: retry it"
+            ) from None
+        self._mark_mirrored(committed)
+        fs, root = filesystem(join(self.url, "generations"))
+        for item in fs.ls(root, detail=False):  # generations no pointer names any more (this add's predecessor,
+            if item.rstrip("/").rsplit("/", 1)[-1] != name:  # a crashed add's upload)
+                remove(f"{self.url.split('://', 1)[0]}://{item}")
+
+    @contextlib.contextmanager
+    def _remote_lease(self, timeout: float = 600.0, ttl: float = 3600.0) -> Iterator[None]:
+        """Take turns with other machines: a ``LEASE`` object created only if absent (expired leases are broken).
+        Correctness does not rest on it (the conditional CURRENT write does); it saves a losing add its work."""
+        import socket
+        import time
+
+        assert self.url is not None
+        lease = join(self.url, "LEASE")
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + timeout
+        while True:
+            body = json.dumps({"owner": owner, "expires": time.time() + ttl}).encode()
+            try:
+                put_conditional(lease, body)
+                break
+            except PreconditionFailed:
+                held = read_versioned(lease)
+                try:
+                    info = json.loads(held[0]) if held else {}
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    info = {}
+                if held is not None and float(info.get("expires", 0)) < time.time():
+                    remove(lease)  # its holder died: break it
+                    continue
+                if time.monotonic() > deadline:
+                    raise ContinualError(
+                        f"continual state '{self.url}' is being added to by {info.get('owner', 'another process')} "
+                        f"(waited {timeout:.0f} s); if that process is gone, delete '{lease}'"
+                    ) from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            held = read_versioned(lease)
+            if held is not None and owner.encode() in held[0]:
+                remove(lease)
+
     def describe(self) -> dict[str, Any]:
         """What ``lightning-merge continual show`` prints: strategy, base, count, journal, norms, model path."""
         meta = self.meta()
         return {
-            "path": str(self.path),
+            "path": self.url or str(self.path),
             "strategy": self.config["strategy"],
             "base": self.config["base"],
             "count": meta["count"],
-            "model": str(self.model_path) if self.model_path else None,
+            "model": (join(self.url, "generations", self.model_path.parent.name, "model") if self.url else
+                      str(self.model_path)) if self.model_path else None,
             "mean_task_vector_norm": (sum(meta["norms"]) / len(meta["norms"])) if meta["norms"] else None,
             "journal": [{**e, "task_vector_norm": n} for e, n in zip(meta["journal"], meta["norms"])],
         }
@@ -599,6 +746,11 @@ def _expert_base_fingerprint(expert: Expert) -> dict[str, str]:
         raise ContinualError(f"{stats.origin}: metadata base_fingerprint is not valid JSON") from None
     prefix = expert.prefix or ""
     return {k[len(prefix):]: v for k, v in fingerprint.items() if k.startswith(prefix)}
+
+
+def _mirror(url: str) -> Path:
+    """The local mirror of a continual state kept in object storage (under the fetch cache)."""
+    return cache_dir() / "continual" / hashlib.sha256(url.encode()).hexdigest()[:24]
 
 
 def _now() -> str:

@@ -24,6 +24,8 @@ from lightning_merge._finite import all_finite
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, TensorSpec, as_expert
 from lightning_merge.stats import MissingStatistic, StatisticsError
+from lightning_merge.storage import exists as remote_exists
+from lightning_merge.storage import is_url, staged
 from lightning_merge.strategies.base import Prepared, Strategy
 from lightning_merge.strategies.linear import Linear
 from lightning_merge.writers import (
@@ -325,7 +327,9 @@ def merge(
         out: None returns a state dict; a folder path writes sharded safetensors (Hugging Face style, with the
             base folder's config and tokenizer files); a ``.safetensors`` path writes one file; a ``.ckpt`` path
             writes a Lightning checkpoint; an ``nn.Module`` is loaded in place. Other file suffixes (``.pt``,
-            ``.bin``) are refused rather than silently written as a folder.
+            ``.bin``) are refused rather than silently written as a folder. Any of these paths may be an
+            object-storage URL (``s3://bucket/merged``): the output is written locally, then uploaded with its entry
+            point last (see :mod:`lightning_merge.storage`), and the URL is returned.
         output: ``"peft"`` to write a PEFT LoRA adapter folder at ``out`` from LoRA experts (see ``rank``); None
             writes full weights as ``out`` says.
         include: glob patterns of tensor names to merge; others are copied from the base (or the first expert).
@@ -385,6 +389,13 @@ def merge(
                 "file or a .ckpt Lightning checkpoint"
             )
 
+    if isinstance(out, str) and is_url(out) and not dry_run:
+        # Object storage: write the output locally as usual, then upload it (entry point last; see storage).
+        with staged(out, overwrite=overwrite) as local:
+            merge(experts, base, strategy, local, output=output, include=include, exclude=exclude, dtype=dtype,
+                  on_missing=on_missing, on_missing_statistic=on_missing_statistic, shard_size=shard_size,
+                  threads=threads, progress=progress, rank=rank)
+        return out  # type: ignore[return-value]
     experts, base_expert = open_inputs(experts, base)
     if dry_run:
         return describe_plan(experts, base_expert, strategy, out, output=output, rank=rank, include=include,
@@ -454,7 +465,11 @@ def describe_plan(experts: list[Expert], base: Expert | None, strategy: Strategy
     strategy.check_num_experts(len(experts))
     jobs = build_jobs(experts, base, include=include, exclude=exclude, dtype=dtype, on_missing=on_missing)
     _StatisticReader(strategy, experts, on_missing_statistic, {j.name: j for j in jobs}).check()
-    if isinstance(out, (str, os.PathLike)):
+    if isinstance(out, str) and is_url(out):
+        if not overwrite and remote_exists(out):
+            raise FileExistsError(f"output '{out}' already exists; pass overwrite=True (CLI: --overwrite) to "
+                                  "replace it")
+    elif isinstance(out, (str, os.PathLike)):
         check_output_path(Path(out), overwrite, folder=Path(out).suffix not in FILE_SUFFIXES or output == "peft")
     actions: dict[str, int] = {}
     for job in jobs:
@@ -474,7 +489,8 @@ def describe_plan(experts: list[Expert], base: Expert | None, strategy: Strategy
         "output_kind": "peft adapter" if output == "peft" else ("module" if isinstance(out, nn.Module) else
                                                                   "state dict" if out is None else "files"),
         "output_bytes": sum(j.spec.nbytes for j in jobs) if output != "peft" else None,
-        "output_exists": isinstance(out, (str, os.PathLike)) and os.path.lexists(out),
+        "output_exists": isinstance(out, (str, os.PathLike)) and (remote_exists(out) if is_url(out) else
+                                                                   os.path.lexists(out)),
     }
 
 

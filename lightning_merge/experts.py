@@ -23,7 +23,9 @@ from lightning_merge.stats import (
     Statistics,
     StatisticsError,
     find_sidecar,
+    sidecar_name,
 )
+from lightning_merge.storage import fetch, is_url
 from lightning_merge.torch_io import CheckpointError, load_torch_file
 
 
@@ -139,7 +141,9 @@ class Expert:
     Args:
         source: a ``.ckpt`` Lightning checkpoint (its ``state_dict``), a ``.safetensors`` file, a ``.bin`` /
             ``.pt`` state dict, a Hugging Face style folder (sharded safetensors with an index), an in-memory
-            state dict, or an ``nn.Module``.
+            state dict, or an ``nn.Module``. Paths may be object-storage URLs (``s3://bucket/run/last.ckpt``): the
+            file (with its sidecar) or folder is fetched into the local cache once (see
+            :mod:`lightning_merge.storage`); ``name`` stays the URL.
         prefix: keep only tensors whose name starts with this prefix, and strip it (``"model."`` for a
             LightningModule that holds its network as ``self.model``). Applies to statistic names too.
         statistics: a sidecar path or an in-memory mapping that overrides the sidecar found next to ``source``
@@ -179,9 +183,15 @@ class Expert:
             self._source = _DictSource(source)
             default_name = "<state dict>"
         elif isinstance(source, (str, os.PathLike)):
+            default_name = str(source)
+            if is_url(source):
+                name_part = str(source).rstrip("/").rsplit("/", 1)[-1]
+                try:
+                    source = fetch(str(source), companions=(sidecar_name(name_part),))
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"expert '{default_name}' does not exist") from None
             path = Path(source)
             self.path = path
-            default_name = str(source)
             try:
                 exists = path.exists()
             except OSError as err:  # a symbolic link loop, a path under a file...

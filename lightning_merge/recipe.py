@@ -14,6 +14,8 @@ import yaml
 
 from lightning_merge.engine import parse_dtype
 from lightning_merge.experts import Expert
+from lightning_merge.stats import sidecar_name
+from lightning_merge.storage import basename, fetch, is_url
 from lightning_merge.strategies import STRATEGIES, Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
 
 log = logging.getLogger("lightning_merge")
@@ -67,6 +69,13 @@ class Recipe:
 
 
 def _existing(ref: str, recipe: Path, where: str) -> Path:
+    if is_url(ref):  # object storage: the local copy (fetched once, with its sidecar); named by its URL
+        try:
+            local = fetch(ref, companions=(sidecar_name(basename(ref)),))
+        except FileNotFoundError:
+            raise RecipeError(f"{recipe}: {where} '{ref}' not found (nothing exists at that URL)") from None
+        _URL_OF[local] = ref
+        return local
     path = Path(os.path.expanduser(ref))
     if not path.is_absolute():
         path = recipe.parent / path
@@ -76,6 +85,9 @@ def _existing(ref: str, recipe: Path, where: str) -> Path:
             f"model ids are not downloaded: download the model first and give its folder"
         )
     return path
+
+
+_URL_OF: dict[Path, str] = {}  # local copies of models given as URLs -> the URL (their display name)
 
 
 def _resolve_model(ref: Any, recipe: Path, where: str) -> tuple[Path, Path | None]:
@@ -95,7 +107,8 @@ def _resolve_model(ref: Any, recipe: Path, where: str) -> tuple[Path, Path | Non
             raise RecipeError(f"{recipe}: {where} must be a path, got {ref!r}")
     if not isinstance(ref, str):
         raise RecipeError(f"{recipe}: {where} must be a path string, got {ref!r}")
-    if lora is None and "+" in ref and not (recipe.parent / ref).exists() and not Path(ref).exists():
+    if lora is None and "+" in ref and not is_url(ref) and not (recipe.parent / ref).exists() and \
+            not Path(ref).exists():
         ref, lora = ref.split("+", 1)
     path = _existing(ref, recipe, where)
     if lora is None:
@@ -217,14 +230,15 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         dtype = parse_dtype(dtype, "dtype")
     except ValueError as err:
         raise RecipeError(f"{path}: {err}") from None
-    base = Expert(base_path, trust_checkpoint=trust_checkpoint, name=str(base_path)) if base_path is not None else None
+    base = Expert(base_path, trust_checkpoint=trust_checkpoint, name=_URL_OF.get(base_path, str(base_path))) \
+        if base_path is not None else None
     experts = []
     for p, _ in entries:
         adapter_base: Any = None
         if _is_adapter(p):
             named = adapter_bases.get(p)
             adapter_base = base if named is None or (base_path and named.resolve() == base_path.resolve()) else named
-        experts.append(Expert(p, trust_checkpoint=trust_checkpoint, base=adapter_base, name=str(p)))
+        experts.append(Expert(p, trust_checkpoint=trust_checkpoint, base=adapter_base, name=_URL_OF.get(p, str(p))))
     return Recipe(path, experts, base, strategy, dtype)
 
 

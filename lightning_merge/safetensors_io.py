@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_merge.io import atomic_file
+from lightning_merge.storage import is_url, output_file
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -317,20 +317,22 @@ def save_tensors(
     path: str | os.PathLike, tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], metadata: Mapping[str, str]
     | None = None
 ) -> Path:
-    """Write ``tensors`` as one safetensors file, atomically (temporary name, fsync, rename).
+    """Write ``tensors`` as one safetensors file, atomically (temporary name, fsync, rename; or, for an
+    object-storage URL, one upload of the finished file).
 
     Tensors that share storage (tied weights) are written as independent copies, as safetensors requires.
     """
     items = dict(tensors)
-    path = Path(path)
-    with atomic_file(path) as tmp:
+    if not is_url(path):
+        path = Path(path)
+    with output_file(path) as tmp:
         writer = ShardWriter(tmp, specs_of(items), metadata or {})
         try:
             for name, tensor in items.items():
                 writer.write(name, tensor)
         finally:
             writer.close(sync=False)  # atomic_file fsyncs the file before the rename
-    return path
+    return path  # type: ignore[return-value]
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -27,6 +27,8 @@ from torch import Tensor
 from lightning_merge._finite import all_non_negative_finite
 from lightning_merge._version import __version__
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, TensorFileMapping, save_tensors
+from lightning_merge.storage import exists as remote_exists
+from lightning_merge.storage import fetch, is_url
 
 FORMAT = "lightning-merge/statistics"
 FORMAT_VERSION = 1
@@ -38,23 +40,38 @@ COMPRESSIONS = ("float32", "bfloat16", "rank1")
 RESUME_PREFIX = "resume/"  # float32 accumulators kept for exact resume when the statistics are compressed
 
 
-def sidecar_path(source: str | os.PathLike) -> Path:
-    """Where the statistics of ``source`` live: inside a folder, or ``X.statistics.safetensors`` next to a file."""
+def sidecar_name(filename: str) -> str:
+    """The sidecar file name of a weights file (``last.ckpt`` -> ``last.statistics.safetensors``)."""
+    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        if filename.endswith(suffix):
+            filename = filename[: -len(suffix)]
+            break
+    return filename + SIDECAR_SUFFIX
+
+
+def sidecar_path(source: str | os.PathLike) -> Path | str:
+    """Where the statistics of ``source`` live: inside a folder, or ``X.statistics.safetensors`` next to a file.
+
+    For an object-storage URL (``s3://bucket/run/last.ckpt``) the answer is a URL string: a key ending in ``.ckpt``,
+    ``.safetensors``, ``.pt``, ``.pth`` or ``.bin`` is a file, anything else a folder."""
+    if is_url(source):
+        url = str(source).rstrip("/")
+        parent, _, name = url.rpartition("/")
+        if name.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
+            return f"{parent}/{sidecar_name(name)}"
+        return f"{url}/{SIDECAR_NAME}"
     source = Path(source)
     if source.is_dir():
         return source / SIDECAR_NAME
-    name = source.name
-    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return source.with_name(name + SIDECAR_SUFFIX)
+    return source.with_name(sidecar_name(source.name))
 
 
-def find_sidecar(source: str | os.PathLike) -> Path | None:
+def find_sidecar(source: str | os.PathLike) -> Path | str | None:
     """The sidecar of ``source`` if one exists; a symbolic link (``save_last="link"``) is followed to its target's
-    sidecar when it has none of its own."""
+    sidecar when it has none of its own. For a URL, the sidecar's URL when that object exists."""
     path = sidecar_path(source)
+    if isinstance(path, str):
+        return path if remote_exists(path) else None
     if path.exists():
         return path
     source = Path(source)
@@ -222,9 +239,18 @@ class Statistics:
     def load(cls, path: str | os.PathLike) -> Statistics:
         """Open a sidecar (the header is read and checked now; tensors are read on demand).
 
+        Args:
+            path: a local file, or an object-storage URL (fetched into the local cache first, see
+                :mod:`lightning_merge.storage`).
+
         Raises:
             StatisticsError: the file is not a readable sidecar of a supported version, or its metadata is invalid.
         """
+        if is_url(path):
+            try:
+                path = fetch(str(path))
+            except FileNotFoundError:
+                raise StatisticsError(f"statistics file '{path}' does not exist") from None
         path = Path(path)
         try:
             file = SafetensorsFile(path)

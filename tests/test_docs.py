@@ -76,13 +76,15 @@ def _yaml(code: str, index: int, page: Path) -> None:
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=[p.name for p in RUNNABLE])
-def test_the_examples_of_a_page_run(world, tmp_path, monkeypatch, page):
+def test_the_examples_of_a_page_run(world, tmp_path, monkeypatch, page, request):
     from docworld import namespace, quiet
 
     quiet()
     work = tmp_path / "world"
     shutil.copytree(world, work, symlinks=True)
     monkeypatch.chdir(work)
+    if page.name == "storage.md":  # its examples read and write s3://my-bucket on the suite's S3 server
+        _bucket(request.getfixturevalue("s3"), work)
     ns = namespace(work)
     for index, (lang, _info, code) in enumerate(blocks(page)):
         if lang == "python":
@@ -94,6 +96,18 @@ def test_the_examples_of_a_page_run(world, tmp_path, monkeypatch, page):
                     _cli(args[1:])
         else:
             _yaml(code, index, page)
+
+
+def _bucket(s3: str, work: Path) -> None:
+    """``s3://my-bucket/experts/{base,code,math}``: the doc world's models, in a bucket of its own."""
+    from lightning_merge.storage import filesystem
+
+    fs, _ = filesystem(s3)
+    if fs.exists("my-bucket"):
+        fs.rm("my-bucket", recursive=True)
+    fs.mkdir("my-bucket")
+    for name in ("base", "code", "math"):
+        fs.put(str(work / name), f"my-bucket/experts/{name}", recursive=True)
 
 
 def test_every_page_with_code_is_run():

@@ -13,6 +13,7 @@ from typing import Any
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from lightning_merge.stats import sidecar_path
+from lightning_merge.storage import remove
 
 
 class SidecarWriter:
@@ -52,7 +53,9 @@ class SidecarWriter:
             future = self._futures.pop(str(target), None)
         if future is not None:
             future.result()
-        if target.exists() or target.is_symlink():
+        if isinstance(target, str):  # object storage (the checkpoint's folder is a URL)
+            remove(target)
+        elif target.exists() or target.is_symlink():
             target.unlink()
 
     def wait(self) -> None:

@@ -20,6 +20,7 @@ from lightning_merge.averaging import (
 )
 from lightning_merge.callbacks._checks import capture_of, captures_kind
 from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.storage import basename, glob, is_url, join
 
 SELECTS = ("top_k", "last", "window", "all")
 
@@ -181,7 +182,8 @@ class CheckpointAveraging(Callback):
     def _average(self, trainer: pl.Trainer, load: bool) -> None:
         ckpt = self._checkpoint_callback(trainer)
         mode = self.mode or getattr(ckpt, "mode", "min")
-        out = Path(self.out) if self.out else Path(ckpt.dirpath) / "averaged.ckpt"
+        out: Any = self.out or join(str(ckpt.dirpath), "averaged.ckpt")
+        out = out if is_url(out) else Path(out)
         from lightning_merge.callbacks.capture import CurvatureCapture
 
         for callback in trainer.callbacks:  # sidecars still being written in the background must be complete
@@ -189,10 +191,11 @@ class CheckpointAveraging(Callback):
                 callback.wait()
 
         def average() -> None:
-            files = sorted(p for p in Path(ckpt.dirpath).glob("*.ckpt") if p.resolve() != out.resolve())
+            files = [p for p in glob(ckpt.dirpath, "*.ckpt") if _same(p) != _same(out)]
             distinct, skipped = distinct_checkpoints([read_info(f) for f in files])
             if skipped:
-                rank_zero_info("CheckpointAveraging: skipped " + "; ".join(f"{p.name} ({why})" for p, why in skipped))
+                why = "; ".join(f"{basename(p)} ({why})" for p, why in skipped)
+                rank_zero_info(f"CheckpointAveraging: skipped {why}")
             if not distinct:
                 raise ValueError(f"CheckpointAveraging: no checkpoint in '{ckpt.dirpath}' to average")
             infos = select_checkpoints(
@@ -218,7 +221,7 @@ class CheckpointAveraging(Callback):
                 overwrite=True,
             )
             self.averaged = list(zip(paths, weights or [None] * len(paths)))
-            used = ", ".join(f"{Path(p).name} ({w:.3f})" if w is not None else Path(p).name for p, w in self.averaged)
+            used = ", ".join(f"{basename(p)} ({w:.3f})" if w is not None else basename(p) for p, w in self.averaged)
             rank_zero_info(f"CheckpointAveraging ({self.weighting}): {used} → {out}")
             if trainer.loggers:
                 from lightning_merge.callbacks._logging import bars, log_to_loggers
@@ -227,7 +230,7 @@ class CheckpointAveraging(Callback):
                 figures = {}
                 if weights:
                     metrics.update({f"weight/{i}": w for i, w in enumerate(weights)})
-                    figures["weights"] = bars({Path(p).name: w for p, w in self.averaged}, "averaging weights",
+                    figures["weights"] = bars({basename(p): w for p, w in self.averaged}, "averaging weights",
                                               "weight")
                 log_to_loggers(trainer, "averaging", metrics, figures)
 
@@ -251,6 +254,10 @@ class CheckpointAveraging(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.averaged = [(p, w) for p, w in state_dict.get("averaged", [])]
+
+
+def _same(path: Any) -> Any:
+    return path if is_url(path) else Path(path).resolve()
 
 
 __all__ = ["CheckpointAveraging"]

@@ -51,6 +51,7 @@ from lightning_merge.stats import (
     tensor_fingerprint,
     write_statistics,
 )
+from lightning_merge.storage import is_url, join, remove, staged
 
 STATE_VERSION = 2
 
@@ -367,14 +368,15 @@ class CurvatureCapture(Callback):
             self._sidecars.flush()
             if not self.save_final:
                 return
-            directory = Path(self._final_dir(trainer))
+            root = self._final_dir(trainer)
+            directory: Any = root if is_url(root) else Path(root)
             statistics, kinds, _ = self._collect(trainer, None, resume=False)
             if adapter is not None:
-                folder = directory / "final.adapter"
+                folder = join(root, "final.adapter") if is_url(root) else directory / "final.adapter"
                 self._write_adapter(folder, adapter, statistics, kinds, self._metadata(trainer))
                 rank_zero_info(f"CurvatureCapture: wrote the adapter {folder} with its statistics")
                 return
-            weights = directory / "final.safetensors"
+            weights = join(root, "final.safetensors") if is_url(root) else directory / "final.safetensors"
             _save_weights(state, weights)
             write_statistics(
                 sidecar_path(weights), statistics, kinds, compression=self.compression, metadata=self._metadata(trainer)
@@ -552,7 +554,10 @@ class CurvatureCapture(Callback):
     def after_remove(self, path: str) -> None:
         self._sidecars.remove(path)
         folder = adapter_path(path)
-        if folder.is_dir():
+        if isinstance(folder, str):
+            if self._peft is not None:
+                remove(folder)
+        elif folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
 
     def _write_sidecar(self, target: Path, snapshot: tuple) -> None:
@@ -575,10 +580,16 @@ class CurvatureCapture(Callback):
                    get_peft_model_state_dict(self._peft, adapter_name=name).items()}
         return weights, self._peft.peft_config[name]
 
-    def _write_adapter(self, folder: Path, adapter: tuple, statistics: dict, kinds: dict, metadata: dict) -> None:
+    def _write_adapter(self, folder: Path | str, adapter: tuple, statistics: dict, kinds: dict,
+                       metadata: dict) -> None:
         """An adapter folder as PEFT writes one, with ``statistics.safetensors`` keyed like its weights; atomic."""
         from lightning_merge.io import fsync_tree, partial_path, replace_dir
         from lightning_merge.safetensors_io import save_tensors
+
+        if isinstance(folder, str):  # object storage: written locally, uploaded weights last
+            with staged(folder) as local:
+                self._write_adapter(local, adapter, statistics, kinds, metadata)
+            return
 
         weights, config = adapter
         keys = self._adapter_keys
@@ -600,8 +611,13 @@ class CurvatureCapture(Callback):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def adapter_path(checkpoint: str | os.PathLike) -> Path:
-    """The adapter folder saved beside a checkpoint of a PEFT model: ``X.ckpt`` → ``X.adapter``."""
+def adapter_path(checkpoint: str | os.PathLike) -> Path | str:
+    """The adapter folder saved beside a checkpoint of a PEFT model: ``X.ckpt`` → ``X.adapter`` (a URL string
+    for a checkpoint in object storage)."""
+    if is_url(checkpoint):
+        url = str(checkpoint)
+        stem = url[: -len(".ckpt")] if url.endswith(".ckpt") else url
+        return stem + ".adapter"
     path = Path(checkpoint)
     return path.with_name((path.name[: -len(path.suffix)] if path.suffix else path.name) + ".adapter")
 

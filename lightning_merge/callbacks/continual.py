@@ -73,14 +73,14 @@ class ContinualMerge(Callback):
         """Check before training what would make the fold fail after it: the state, the base, the statistics."""
         if stage != "fit":
             return
-        from pathlib import Path
 
         from lightning_merge.callbacks._checks import check_experts_match, check_statistics
         from lightning_merge.continual import ContinualState
         from lightning_merge.experts import Expert
+        from lightning_merge.storage import exists, join
 
         who = "ContinualMerge"
-        if (Path(self.state) / "state.json").exists():
+        if exists(join(str(self.state), "state.json")):
             state = ContinualState(self.state)
             strategy = state.strategy
             if self.strategy is not None and self.strategy.to_dict() != strategy.to_dict():
@@ -120,7 +120,9 @@ class ContinualMerge(Callback):
         def fold() -> None:
             from pathlib import Path
 
-            if (Path(self.state) / "state.json").exists():
+            from lightning_merge.storage import exists, join
+
+            if exists(join(str(self.state), "state.json")):
                 state = ContinualState(self.state)
             else:
                 if self.base is None or self.strategy is None:

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selected
 from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.storage import exists as remote_exists
+from lightning_merge.storage import is_url, join, output_file
 from lightning_merge.strategies.base import Strategy
 
 SNAPSHOTS = ("disk", "memory")
@@ -99,9 +101,9 @@ class MergeOnFitEnd(Callback):
         if on_missing_statistic not in ("error", "uniform"):
             raise ValueError(f"on_missing_statistic must be 'error' or 'uniform', got {on_missing_statistic!r}")
         for path in self.experts:
-            if not os.path.exists(path):
+            if not remote_exists(path):
                 raise FileNotFoundError(f"MergeOnFitEnd: expert '{path}' does not exist")
-        if base is not None and not os.path.exists(base):
+        if base is not None and not remote_exists(base):
             raise FileNotFoundError(f"MergeOnFitEnd: base '{base}' does not exist")
         self.base = base
         self.snapshot = snapshot
@@ -151,7 +153,7 @@ class MergeOnFitEnd(Callback):
         if self.base is not None:
             return
         if trainer.ckpt_path is not None:  # a resumed fit: the snapshot of the first fit start is the base
-            if self.snapshot == "disk" and self._snapshot_path and os.path.exists(self._snapshot_path):
+            if self.snapshot == "disk" and self._snapshot_path and remote_exists(self._snapshot_path):
                 return
             raise ValueError(
                 "MergeOnFitEnd: resuming a fit whose base snapshot is gone (or was kept in memory); pass base= the "
@@ -161,7 +163,7 @@ class MergeOnFitEnd(Callback):
         if self.snapshot == "memory":
             self._snapshot_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             return
-        path = Path(self._dir(trainer)) / "merge_base_snapshot.safetensors"
+        path = join(self._dir(trainer), "merge_base_snapshot.safetensors")
         from lightning_merge.callbacks.capture import _save_weights
 
         on_rank_zero(trainer, lambda: _save_weights(state, path), "MergeOnFitEnd: writing the base snapshot")
@@ -177,11 +179,12 @@ class MergeOnFitEnd(Callback):
         averaging = next((c for c in trainer.callbacks if isinstance(c, CheckpointAveraging)), None)
         if averaging is not None:  # the average is the trained model: compute it now if its hook has not run yet
             state = averaging.average(trainer)
-        out = Path(self.out) if self.out else Path(self._dir(trainer)) / "merged.safetensors"
+        out: Any = self.out or join(self._dir(trainer), "merged.safetensors")
+        out = out if is_url(out) else Path(out)
 
         def merge_and_write() -> None:
             merged = self._merge(state, statistics, trainer)
-            if out.suffix == ".safetensors":
+            if str(out).endswith(".safetensors"):
                 from lightning_merge.callbacks.capture import _save_weights
 
                 _save_weights(merged, out)
@@ -243,13 +246,11 @@ class MergeOnFitEnd(Callback):
         log_to_loggers(trainer, "merge", report_summary(diagnosis.data), diagnosis.figures())
 
     def _save_checkpoint(
-        self, merged: Mapping[str, Tensor], out: Path, trainer: pl.Trainer, pl_module: pl.LightningModule
+        self, merged: Mapping[str, Tensor], out: Path | str, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
         """A weights-only Lightning checkpoint (``Module.load_from_checkpoint`` loads it; optimizer state is not
         kept: a merged model starts a new optimisation), written atomically."""
         import lightning
-
-        from lightning_merge.io import atomic_file
 
         checkpoint: dict[str, Any] = {
             "state_dict": dict(merged),
@@ -260,7 +261,7 @@ class MergeOnFitEnd(Callback):
         }
         if pl_module.hparams:
             checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
-        with atomic_file(out) as tmp:
+        with output_file(out) as tmp:
             torch.save(checkpoint, tmp)
 
     def _dir(self, trainer: pl.Trainer) -> str:
