@@ -214,6 +214,13 @@ def test_checkpoint_averaging_reads_and_writes_a_bucket(s3, tmp_path):
     torch.testing.assert_close(saved["state_dict"]["net.0.weight"], expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(model.state_dict()["net.0.weight"], expected, rtol=1e-6, atol=1e-7)
 
+    from lightning_merge.cli import main
+
+    assert main(["average", *paths, "--out", f"{s3}/avg/cli.ckpt"]) == 0  # the command line takes URLs too
+    by_cli = torch.load(fetch(f"{s3}/avg/cli.ckpt"), weights_only=True)
+    torch.testing.assert_close(by_cli["state_dict"]["net.0.weight"], expected, rtol=1e-6, atol=1e-7)
+    assert main(["average", *paths, "--out", f"{s3}/avg/cli.ckpt"]) != 0  # exists: --overwrite needed
+
 
 def test_cli_merges_a_recipe_of_urls_into_a_bucket(s3, tmp_path, capsys):
     from lightning_merge.cli import main
@@ -368,3 +375,30 @@ def test_a_continual_state_needs_conditional_writes(tmp_path):
     base, _ = _family(tmp_path / "family")
     with pytest.raises(ValueError, match="memory:// is not supported: keep the state on a local or network"):
         ContinualState.create("memory://bucket/state", base=base, strategy=Linear())
+
+
+def test_callbacks_under_ddp_write_checkpoints_sidecars_and_a_continual_state_to_a_bucket(s3, tmp_path):
+    from capture_helpers import Tiny, ddp_loader, trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_continual import _tiny_base
+
+    from lightning_merge import ContinualState, TaskArithmetic
+    from lightning_merge.callbacks import ContinualMerge, CurvatureCapture
+
+    base = _put(_tiny_base(tmp_path), f"{s3}/base.safetensors")
+    trainer(
+        tmp_path / "run",
+        [CurvatureCapture(), ModelCheckpoint(dirpath=f"{s3}/ddp/ckpt", save_top_k=1),
+         ContinualMerge(state=f"{s3}/ddp/state", base=base, strategy=TaskArithmetic(), name="run0")],
+        max_epochs=2,
+        strategy="ddp_spawn",
+        devices=2,
+        use_distributed_sampler=False,
+    ).fit(Tiny(lr=5e-2), ddp_loader(32, 4))
+    names = _names(f"{s3}/ddp/ckpt")
+    ckpts = [n for n in names if n.endswith(".ckpt")]
+    assert len(ckpts) == 1 and ckpts[0].replace(".ckpt", ".statistics.safetensors") in names  # rank 0 wrote once
+    state = ContinualState(f"{s3}/ddp/state")
+    assert state.count == 1 and state.journal[0]["name"] == "run0"
+    expert = Expert(f"{s3}/ddp/ckpt/{ckpts[0]}")
+    assert expert.has_statistic("exp_avg_sq") and expert.has_statistic("fisher")
