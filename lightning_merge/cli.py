@@ -37,6 +37,36 @@ def _human(n: float) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    import os
+
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be a positive integer, got {nproc}")
+    if nproc is not None and nproc > 1 and not args.dry_run:
+        from lightning_merge.distributed import spawn
+
+        started = time.perf_counter()
+        spawn(nproc, _merge_rank, (vars(args),))
+        print(f"merged into {args.out} with {nproc} processes in {time.perf_counter() - started:.1f}s",
+              file=sys.stderr)
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and not args.dry_run:
+        import torch.distributed as dist  # launched by torchrun (one or several nodes): join its process group
+
+        dist.init_process_group("gloo")
+        try:
+            return _merge_once(args, group="world")
+        finally:
+            dist.destroy_process_group()
+    return _merge_once(args)
+
+
+def _merge_rank(rank: int, world_size: int, namespace: dict) -> None:
+    """One worker of ``merge --nproc`` (spawned; the process group is already joined)."""
+    _merge_once(argparse.Namespace(**namespace), group="world", quiet=rank != 0)
+
+
+def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False) -> int:
     from lightning_merge.engine import merge
     from lightning_merge.recipe import load_recipe
 
@@ -56,11 +86,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
         threads=args.threads,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress or quiet else None,
         output=args.output,
         rank=args.rank,
         dry_run=args.dry_run,
+        group=group,
     )
+    if quiet:
+        return 0
     if args.dry_run:
         _print_plan(out, recipe.path)
         return 0
@@ -367,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --output peft: the SVD rank of the adapter (default: exact, for linear strategies)")
     m.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     m.add_argument("--threads", type=int, default=None, help="worker threads over tensors (default: up to 2)")
+    m.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="split the merge over N processes on this machine (torch.distributed, gloo); the output is "
+                        "bit-identical to one process. Under torchrun the launcher's processes are used")
     m.add_argument("--overwrite", action="store_true", help="replace OUT once the new merge is complete")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--dry-run", action="store_true",

@@ -11,7 +11,7 @@ import fnmatch
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,14 +103,55 @@ class MergePlan:
         self._statistic_reader = statistic_reader
         self.prepared: Prepared | None = None
         self.progress: bool | None = None
+        self.distribution: Any = None  # a Distribution when the merge is split over ranks
+
+    def _own(self, desc: str) -> Iterator[str]:
+        from lightning_merge.progress import track
+
+        names = self.names if self.distribution is None else [n for n in self.names if n in self.distribution.owned]
+        per = self.num_experts + (self.base is not None)
+        return track(names, (self.spec(n).nbytes * per for n in names), desc, self.progress)
 
     def passes(self, desc: str) -> Iterator[str]:
         """The merged tensors' names for a first pass over the model, with a progress bar (counted in the bytes of
-        the experts' tensors read)."""
-        from lightning_merge.progress import track
+        the experts' tensors read). In a distributed merge a pass must go through :meth:`map` or :meth:`sum`
+        instead (each rank sees only its tensors), and this raises."""
+        if self.distribution is not None:
+            raise RuntimeError(
+                f"{desc}: in a distributed merge (group=...) a first pass over the model must use plan.map() or "
+                "plan.sum(), which combine the ranks' results; plan.passes() sees one rank's tensors only"
+            )
+        return self._own(desc)
 
-        per = self.num_experts + (self.base is not None)
-        return track(self.names, (self.spec(n).nbytes * per for n in self.names), desc, self.progress)
+    def map(self, fn: Callable[[str], Any], desc: str) -> dict[str, Any]:
+        """``{name: fn(name)}`` for every merged tensor, in plan order (a first pass: ``fn`` reads what it needs).
+        Split over the ranks in a distributed merge; reduce the values in this order to get one process's floats."""
+        if self.distribution is None:
+            return {n: fn(n) for n in self._own(desc)}
+        return self.distribution.gather_map(self.names, lambda n: fn(n), desc)
+
+    def sum(self, fn: Callable[[str], Tensor], desc: str, zero: Tensor) -> Tensor:
+        """Σ over the merged tensors of ``fn(name)``, for integer tensors (counts, histograms), whose sums are exact
+        in any order: split over the ranks in a distributed merge."""
+        total = zero.clone()
+        if self.distribution is None:
+            for n in self._own(desc):
+                total += fn(n)
+            return total
+        from lightning_merge.distributed import PeerFailed
+
+        try:
+            for n in self._own(desc):
+                total += fn(n)
+        except PeerFailed:
+            raise
+        except BaseException as err:
+            self.distribution.exchange(desc, error=err)
+            raise
+        out = zero.clone()
+        for part in self.distribution.exchange(desc, total):
+            out += part
+        return out
 
     @property
     def num_experts(self) -> int:
@@ -159,11 +200,13 @@ def plan_merge(
     on_missing: str = "error",
     on_missing_statistic: str = "error",
     progress: bool | None = None,
+    distribution: Any = None,
 ) -> MergePlan:
     """Everything before the first tensor is merged: the tensor jobs, the check that every expert has the
     statistics the strategy requires, and the strategy's first pass (its :class:`Prepared`, in ``plan.prepared``).
 
-    Arguments as for :func:`merge`, with experts and base already opened.
+    Arguments as for :func:`merge`, with experts and base already opened; ``distribution``: a
+    :class:`~lightning_merge.distributed.Distribution` to split the first pass (and the merge) over.
     """
     if strategy.needs_base and base is None:
         raise ValueError(f"strategy {strategy.name!r} needs a base model (base=...); Linear does not")
@@ -173,6 +216,9 @@ def plan_merge(
     reader.check()
     plan = MergePlan(experts, base, jobs, reader)
     plan.progress = progress
+    if distribution is not None:
+        distribution.assign([(j.name, j.spec.nbytes) for j in jobs])
+        plan.distribution = distribution
     plan.prepared = strategy.prepare(plan)
     if not isinstance(plan.prepared, Prepared):
         raise TypeError(f"{type(strategy).__name__}.prepare must return a Prepared object, got {plan.prepared!r}")
@@ -314,6 +360,7 @@ def merge(
     progress: bool | None = None,
     rank: int | None = None,
     dry_run: bool = False,
+    group: Any = None,
 ) -> dict[str, Tensor] | Path | nn.Module | dict[str, Any]:
     """Merge experts tensor by tensor with a strategy.
 
@@ -353,6 +400,11 @@ def merge(
         dry_run: check everything that needs no tensor data (names, shapes, dtypes, statistics present, the output
             path) and return the plan instead of merging: the tensors to merge and copy, the experts, the strategy,
             the statistics found, the output's size.
+        group: split the merge over the ranks of a ``torch.distributed`` process group (``"world"`` for the default
+            group, as ``torchrun`` sets up; see :mod:`lightning_merge.distributed`). Every rank calls ``merge``
+            with the same arguments; each reads and writes only its tensors (balanced by bytes) into the shared
+            output, which must be a safetensors folder or file at a path every rank sees. The output is
+            bit-identical to one process's; a rank that fails makes every rank raise, and nothing is written.
 
     Returns:
         The merged state dict (``out=None``), the written path, or the module; with ``dry_run``, the plan.
@@ -389,6 +441,11 @@ def merge(
                 "file or a .ckpt Lightning checkpoint"
             )
 
+    if group is not None and not dry_run:
+        return _merge_distributed(experts, base, strategy, out, group, include=include, exclude=exclude,
+                                  dtype=out_dtype, on_missing=on_missing, on_missing_statistic=on_missing_statistic,
+                                  shard_bytes=shard_bytes, overwrite=overwrite, threads=threads, progress=progress,
+                                  output=output)
     if isinstance(out, str) and is_url(out) and not dry_run:
         # Object storage: write the output locally as usual, then upload it (entry point last; see storage).
         with staged(out, overwrite=overwrite) as local:
@@ -404,16 +461,8 @@ def merge(
     plan = plan_merge(experts, base_expert, strategy, include=include, exclude=exclude,
                       dtype=torch.float32 if output == "peft" else out_dtype,
                       on_missing=on_missing, on_missing_statistic=on_missing_statistic, progress=progress)
-    provenance = {
-        "library": "lightning-merge",
-        "version": __version__,
-        "strategy": strategy.to_dict(),
-        "prepared": plan.prepared.summary(),
-        "experts": unique_names(experts),
-        "base": base_expert.name if base_expert else None,
-    }
-    inputs = [e.path for e in experts if e.path is not None] + ([base_expert.path] if base_expert and base_expert.path
-                                                              else [])
+    provenance = _provenance(plan, strategy)
+    inputs = _input_paths(experts, base_expert)
     if output == "peft":
         writer: Writer = _peft_writer(plan, strategy, out, rank, provenance, overwrite, inputs)
         names = set(writer.names_to_merge())  # type: ignore[attr-defined]
@@ -429,6 +478,73 @@ def merge(
         raise
     log.info("merged %d tensors of %d experts with %s in %.2fs", len(jobs), len(experts), strategy.name,
              time.perf_counter() - started)
+    return result
+
+
+def _provenance(plan: MergePlan, strategy: Strategy) -> dict[str, Any]:
+    return {
+        "library": "lightning-merge",
+        "version": __version__,
+        "strategy": strategy.to_dict(),
+        "prepared": plan.prepared.summary(),
+        "experts": unique_names(plan.experts),
+        "base": plan.base.name if plan.base else None,
+    }
+
+
+def _input_paths(experts: list[Expert], base: Expert | None) -> list[Path]:
+    return [e.path for e in experts if e.path is not None] + ([base.path] if base and base.path else [])
+
+
+def _merge_distributed(experts: Any, base: Any, strategy: Strategy, out: Any, group: Any, *, include: Any,
+                       exclude: Any, dtype: torch.dtype | None, on_missing: str, on_missing_statistic: str,
+                       shard_bytes: int, overwrite: bool, threads: int | None, progress: bool | None,
+                       output: str | None) -> Path:
+    """:func:`merge` over the ranks of ``group`` (see :mod:`lightning_merge.distributed`)."""
+    from lightning_merge.distributed import Distribution, PeerFailed
+
+    if output is not None or not isinstance(out, (str, os.PathLike)) or is_url(out) or \
+            Path(out).suffix not in ("", ".safetensors"):
+        raise ValueError(
+            f"group=: a distributed merge writes safetensors (a folder or a .safetensors file) at a path every rank "
+            f"sees (one machine, or a shared filesystem), got out={out!r}"
+            + (f", output={output!r}" if output is not None else "")
+            + "; merge in one process for a .ckpt, a module, a state dict, an adapter or a URL (or upload after)"
+        )
+    d = Distribution(group)
+    started = time.perf_counter()
+    writer: Any = None
+    try:
+        opened, base_expert = open_inputs(experts, base)
+        plan = plan_merge(opened, base_expert, strategy, include=include, exclude=exclude, dtype=dtype,
+                          on_missing=on_missing, on_missing_statistic=on_missing_statistic, progress=progress,
+                          distribution=d)
+        reference = base_expert or opened[0]
+        args = (out, plan.jobs, reference, _provenance(plan, strategy), shard_bytes, overwrite,
+                _input_paths(opened, base_expert))
+        if d.rank == 0:
+            writer = make_writer(*args)
+        tmp = d.exchange("output created", writer.tmp if d.rank == 0 else None)[0]
+        if d.rank != 0:
+            writer = make_writer(*args, attach=tmp)
+        mine = [j for j in plan.jobs if j.name in d.owned]
+        run_jobs(plan, mine, writer, threads or _default_threads(), progress)
+        writer.close_shards()  # this rank's bytes are durable before rank 0 commits
+        d.exchange("tensors written")
+        result = writer.finish() if d.rank == 0 else Path(out)
+        d.exchange("committed")
+    except BaseException as err:
+        if writer is not None:
+            if d.rank == 0:
+                writer.abort()
+            else:
+                for shard in writer.shards:
+                    shard.close(sync=False)
+        if not isinstance(err, PeerFailed) and not d.announced:
+            d.exchange("failed", error=err)  # raises err here, after telling every other rank
+        raise
+    log.info("rank %d/%d merged %d of %d tensors with %s in %.2fs", d.rank, d.size, len(mine), len(plan.jobs),
+             strategy.name, time.perf_counter() - started)
     return result
 
 
@@ -536,9 +652,10 @@ def _peft_writer(plan: MergePlan, strategy: Strategy, out: Any, rank: int | None
 
 def make_writer(
     out: Any, jobs: list[TensorJob], reference: Expert, provenance: dict, shard_size: int, overwrite: bool,
-    inputs: Sequence[Path] = (),
+    inputs: Sequence[Path] = (), attach: Path | None = None,
 ) -> Writer:
-    """The writer ``out`` asks for (checked now: path, template checkpoint)."""
+    """The writer ``out`` asks for (checked now: path, template checkpoint). ``attach``: the temporary output another
+    rank of a distributed merge created (safetensors outputs only)."""
     if out is None:
         return DictWriter([j.name for j in jobs])
     if isinstance(out, nn.Module):
@@ -553,11 +670,11 @@ def make_writer(
     entries = [(j.name, j.spec) for j in jobs]
     if path.suffix == ".safetensors":
         return SafetensorsWriter(path, entries, provenance=provenance, overwrite=overwrite, single_file=True,
-                                 inputs=inputs)
+                                 inputs=inputs, attach=attach)
     source = reference.lora_base if reference.lora is not None else reference
     copy_from = source.path if source is not None and source.path is not None and source.path.is_dir() else None
     return SafetensorsWriter(path, entries, shard_size=shard_size, copy_from=copy_from, provenance=provenance,
-                             overwrite=overwrite, inputs=inputs)
+                             overwrite=overwrite, inputs=inputs, attach=attach)
 
 
 class _StatisticReader:

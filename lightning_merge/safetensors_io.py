@@ -258,10 +258,12 @@ class ShardWriter:
         metadata: the ``__metadata__`` strings.
         early_writeback: start writing large tensors to disk as soon as they are written (see
             :data:`EARLY_WRITEBACK_BYTES`), so the final fsync overlaps the work before it.
+        create: create the file and write its header; False opens a file another process created from the same
+            entries (a distributed merge: each rank writes its tensors at their offsets).
     """
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, TensorSpec]], metadata: Mapping[str, str],
-                 early_writeback: bool = True):
+                 early_writeback: bool = True, create: bool = True):
         self.path = path
         self.early_writeback = early_writeback
         header: dict[str, Any] = {"__metadata__": dict(metadata)}
@@ -280,6 +282,9 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)
         self.data_start = 8 + len(raw)
         self.total = self.data_start + offset
+        if not create:
+            self.fd = os.open(path, os.O_RDWR)
+            return
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, self.total)
         _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)

@@ -174,13 +174,14 @@ class SafetensorsWriter(Writer):
         overwrite: bool = False,
         single_file: bool = False,
         inputs: Sequence[Path] = (),
+        attach: Path | None = None,
     ):
         self.out = out
         self.single_file = single_file
         self.copy_from = copy_from
         self.provenance = provenance or {}
         check_output_path(out, overwrite, inputs=inputs, folder=not single_file)
-        self.tmp = partial_path(out)
+        self.tmp = attach if attach is not None else partial_path(out)
         groups: list[list[tuple[str, TensorSpec]]] = [[]]
         size = 0
         for name, spec in entries:
@@ -198,14 +199,15 @@ class SafetensorsWriter(Writer):
             out.parent.mkdir(parents=True, exist_ok=True)
             paths = [self.tmp]
         else:
-            self.tmp.mkdir(parents=True)
+            if attach is None:
+                self.tmp.mkdir(parents=True)
             n = len(groups)
             names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
             paths = [self.tmp / name for name in names]
         self.total_size = sum(spec.nbytes for _, spec in entries)
         try:
             for path, group in zip(paths, groups):
-                shard = ShardWriter(path, group, metadata)
+                shard = ShardWriter(path, group, metadata, create=attach is None)
                 self.shards.append(shard)
                 for name, _ in group:
                     self.shard_of[name] = shard
@@ -216,9 +218,13 @@ class SafetensorsWriter(Writer):
     def write(self, name: str, tensor: Tensor) -> None:
         self.shard_of[name].write(name, tensor)
 
-    def finish(self) -> Path:
+    def close_shards(self) -> None:
+        """fsync and close this process's shard files (a distributed merge's ranks, before rank 0 finishes)."""
         for shard in self.shards:
             shard.close(sync=True)
+
+    def finish(self) -> Path:
+        self.close_shards()
         if self.single_file:
             os.replace(self.tmp, self.out)
             fsync_dir(self.out.parent)

@@ -422,10 +422,12 @@ def set_field(obj: Any, field: str, value: Any) -> None:
 
 def model_norms(plan: MergePlan, kind: str) -> list[float]:
     """Per expert, the L2 norm of its statistic ``kind`` over every merged tensor (reads statistics only)."""
+    parts = plan.map(lambda name: [float(v.double().square().sum()) for v in plan.statistics(name, kind)],
+                     f"{kind} norms")
     squares = [0.0] * plan.num_experts
-    for name in plan.passes(f"{kind} norms"):
-        for i, value in enumerate(plan.statistics(name, kind)):
-            squares[i] += float(value.double().square().sum())
+    for per_expert in parts.values():  # in plan order: one process's floats, however the pass was split
+        for i, value in enumerate(per_expert):
+            squares[i] += value
     return [math.sqrt(s) for s in squares]
 
 

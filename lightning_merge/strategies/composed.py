@@ -331,13 +331,17 @@ class LiNeS(Strategy):
         return LiNeSPrepared(self, plan.num_experts, inner=inner, indices=indices, layers=layers, alpha=alpha)
 
     def _default_alpha(self, plan: MergePlan, inner: Prepared) -> float:
-        summed = merged = 0.0
-        for name in plan.passes("LiNeS alpha"):
+        def partial(name: str) -> tuple[float, float]:
             base = plan.base_tensor(name)
             tensors = plan.expert_tensors(name, base)
-            summed += float(torch.stack([t - base for t in tensors]).sum(0).abs().double().sum())
             out = inner.merge_tensor(name, base, tensors, plan.stats(name))
-            merged += float((out - base).abs().double().sum())
+            return (float(torch.stack([t - base for t in tensors]).sum(0).abs().double().sum()),
+                    float((out - base).abs().double().sum()))
+
+        summed = merged = 0.0
+        for part_summed, part_merged in plan.map(partial, "LiNeS alpha").values():  # summed in plan order
+            summed += part_summed
+            merged += part_merged
         if merged == 0.0:
             return 1.0
         return summed / (plan.num_experts * merged)

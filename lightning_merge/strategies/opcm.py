@@ -148,14 +148,18 @@ class OPCM(Strategy):
         return s
 
     def prepare(self, plan: MergePlan) -> Prepared:
-        norms = [0.0] * plan.num_experts
-        s_norm = 0.0
-        for name in plan.passes("OPCM norms"):
+        def partial(name: str) -> tuple[list[float], float]:
             base = plan.base_tensor(name)
             tensors = plan.expert_tensors(name, base)
-            for i, t in enumerate(tensors):
-                norms[i] += float((t - base).double().square().sum())
-            s_norm += float(self._final(name, base, tensors).double().square().sum())
+            return ([float((t - base).double().square().sum()) for t in tensors],
+                    float(self._final(name, base, tensors).double().square().sum()))
+
+        norms = [0.0] * plan.num_experts
+        s_norm = 0.0
+        for per_expert, final in plan.map(partial, "OPCM norms").values():  # summed in plan order
+            for i, value in enumerate(per_expert):
+                norms[i] += value
+            s_norm += final
         return Prepared(self, plan.num_experts, factor=_factor([math.sqrt(n) for n in norms], s_norm))
 
     def merge_tensor(

@@ -214,11 +214,12 @@ def model_topk_thresholds(plan: MergePlan, densities: list[float]) -> dict[str, 
     def bits_of(name: str) -> Tensor:
         return plan.task_vectors(name).abs().contiguous().view(torch.int32).reshape(n_experts, -1)
 
-    hist = torch.zeros(n_experts, 1 << 15, dtype=torch.int64)
-    for name in plan.passes("top-k thresholds (1/2)"):
+    def high_histogram(name: str) -> Tensor:
         b = bits_of(name)
-        for i in range(n_experts):
-            hist[i] += torch.bincount((b[i] >> 16).clamp_(0, (1 << 15) - 1), minlength=1 << 15)
+        return torch.stack([torch.bincount((b[i] >> 16).clamp_(0, (1 << 15) - 1), minlength=1 << 15)
+                            for i in range(n_experts)])
+
+    hist = plan.sum(high_histogram, "top-k thresholds (1/2)", torch.zeros(n_experts, 1 << 15, dtype=torch.int64))
     at_or_above = hist.flip(1).cumsum(1).flip(1)
     bins = []
     for i in range(n_experts):
@@ -226,13 +227,12 @@ def model_topk_thresholds(plan: MergePlan, densities: list[float]) -> dict[str, 
         idx = torch.nonzero(at_or_above[i] >= k).flatten() if k > 0 else torch.tensor([], dtype=torch.int64)
         bins.append(int(idx.max()) if len(idx) else -1)
 
-    low_bits: dict[str, list[Tensor]] = {}
-    for name in plan.passes("top-k thresholds (2/2)"):
+    def low(name: str) -> list[Tensor]:
         b = bits_of(name)
-        low_bits[name] = [
-            (b[i][(b[i] >> 16) == bins[i]] & 0xFFFF) if bins[i] >= 0 else torch.empty(0, dtype=torch.int32)
-            for i in range(n_experts)
-        ]
+        return [(b[i][(b[i] >> 16) == bins[i]] & 0xFFFF) if bins[i] >= 0 else torch.empty(0, dtype=torch.int32)
+                for i in range(n_experts)]
+
+    low_bits: dict[str, list[Tensor]] = plan.map(low, "top-k thresholds (2/2)")
 
     cuts: dict[str, list[_GlobalCut]] = {name: [] for name in names}
     for i in range(n_experts):
