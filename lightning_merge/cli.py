@@ -55,7 +55,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
         dist.init_process_group("gloo")
         try:
-            return _merge_once(args, group="world")
+            return _merge_once(args, group="world", quiet=dist.get_rank() != 0)
         finally:
             dist.destroy_process_group()
     return _merge_once(args)

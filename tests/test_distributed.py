@@ -111,3 +111,25 @@ def test_cli_nproc(family, tmp_path, capsys):
     assert main(["merge", str(recipe), str(tmp_path / "two"), "--nproc", "2"]) == 0
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     assert "with 2 processes" in capsys.readouterr().err
+
+
+def test_cli_under_torchrun(family, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    root, base, experts = family
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("merge_method: ties\n" + f"base_model: {base}\nparameters: {{density: 0.3}}\nmodels:\n"
+                      + "".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}\n" for e in experts))
+    merge_one = subprocess.run([sys.executable, "-m", "lightning_merge", "merge", str(recipe), str(tmp_path / "one")],
+                               capture_output=True, text=True, timeout=120)
+    assert merge_one.returncode == 0, merge_one.stderr[-2000:]
+    done = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "lightning_merge", "merge", str(recipe),
+                           str(tmp_path / "two")], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert done.stderr.count("merged 3 experts") == 1  # rank 0 reports; the others are quiet

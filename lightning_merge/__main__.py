@@ -1,0 +1,8 @@
+"""``python -m lightning_merge ...`` runs the command line (as ``torchrun -m lightning_merge merge ...`` does on each
+rank)."""
+
+import sys
+
+from lightning_merge.cli import main
+
+sys.exit(main())
