@@ -403,8 +403,9 @@ def merge(
         group: split the merge over the ranks of a ``torch.distributed`` process group (``"world"`` for the default
             group, as ``torchrun`` sets up; see :mod:`lightning_merge.distributed`). Every rank calls ``merge``
             with the same arguments; each reads and writes only its tensors (balanced by bytes) into the shared
-            output, which must be a safetensors folder or file at a path every rank sees. The output is
-            bit-identical to one process's; a rank that fails makes every rank raise, and nothing is written.
+            output, which must be a safetensors folder or file, or a PEFT adapter folder (``output="peft"``), at a
+            path every rank sees. The output is bit-identical to one process's (given the same torch thread count);
+            a rank that fails makes every rank raise, and nothing is written.
 
     Returns:
         The merged state dict (``out=None``), the written path, or the module; with ``dry_run``, the plan.
@@ -445,7 +446,7 @@ def merge(
         return _merge_distributed(experts, base, strategy, out, group, include=include, exclude=exclude,
                                   dtype=out_dtype, on_missing=on_missing, on_missing_statistic=on_missing_statistic,
                                   shard_bytes=shard_bytes, overwrite=overwrite, threads=threads, progress=progress,
-                                  output=output)
+                                  output=output, rank=rank)
     if isinstance(out, str) and is_url(out) and not dry_run:
         # Object storage: write the output locally as usual, then upload it (entry point last; see storage).
         with staged(out, overwrite=overwrite) as local:
@@ -499,47 +500,63 @@ def _input_paths(experts: list[Expert], base: Expert | None) -> list[Path]:
 def _merge_distributed(experts: Any, base: Any, strategy: Strategy, out: Any, group: Any, *, include: Any,
                        exclude: Any, dtype: torch.dtype | None, on_missing: str, on_missing_statistic: str,
                        shard_bytes: int, overwrite: bool, threads: int | None, progress: bool | None,
-                       output: str | None) -> Path:
+                       output: str | None, rank: int | None = None) -> Path:
     """:func:`merge` over the ranks of ``group`` (see :mod:`lightning_merge.distributed`)."""
     from lightning_merge.distributed import Distribution, PeerFailed
 
-    if output is not None or not isinstance(out, (str, os.PathLike)) or is_url(out) or \
-            Path(out).suffix not in ("", ".safetensors"):
+    if not isinstance(out, (str, os.PathLike)) or is_url(out) or \
+            Path(out).suffix not in (("",) if output == "peft" else ("", ".safetensors")):
         raise ValueError(
-            f"group=: a distributed merge writes safetensors (a folder or a .safetensors file) at a path every rank "
-            f"sees (one machine, or a shared filesystem), got out={out!r}"
-            + (f", output={output!r}" if output is not None else "")
-            + "; merge in one process for a .ckpt, a module, a state dict, an adapter or a URL (or upload after)"
+            f"group=: a distributed merge writes safetensors (a folder or a .safetensors file, or a PEFT adapter "
+            f"folder) at a path every rank sees (one machine, or a shared filesystem), got out={out!r}; merge in one "
+            "process for a .ckpt, a module, a state dict or a URL (or upload after)"
         )
     d = Distribution(group)
     started = time.perf_counter()
     writer: Any = None
     try:
         opened, base_expert = open_inputs(experts, base)
-        plan = plan_merge(opened, base_expert, strategy, include=include, exclude=exclude, dtype=dtype,
-                          on_missing=on_missing, on_missing_statistic=on_missing_statistic, progress=progress,
-                          distribution=d)
+        plan = plan_merge(opened, base_expert, strategy, include=include, exclude=exclude,
+                          dtype=torch.float32 if output == "peft" else dtype, on_missing=on_missing,
+                          on_missing_statistic=on_missing_statistic, progress=progress, distribution=d)
         reference = base_expert or opened[0]
-        args = (out, plan.jobs, reference, _provenance(plan, strategy), shard_bytes, overwrite,
-                _input_paths(opened, base_expert))
+        provenance, inputs = _provenance(plan, strategy), _input_paths(opened, base_expert)
+
+        def make(attach: Path | None = None) -> Any:
+            if output == "peft":
+                return _peft_writer(plan, strategy, out, rank, provenance, overwrite, inputs, attach=attach)
+            return make_writer(out, plan.jobs, reference, provenance, shard_bytes, overwrite, inputs, attach=attach)
+
         if d.rank == 0:
-            writer = make_writer(*args)
+            writer = make()
         tmp = d.exchange("output created", writer.tmp if d.rank == 0 else None)[0]
         if d.rank != 0:
-            writer = make_writer(*args, attach=tmp)
-        mine = [j for j in plan.jobs if j.name in d.owned]
+            writer = make(attach=tmp)
+        if output == "peft":
+            writer.owned = d.owned  # the modules this rank factors from the adapters
+            names = set(writer.names_to_merge())
+            mine = [j for j in plan.jobs if j.name in d.owned and j.name in names]
+        else:
+            mine = [j for j in plan.jobs if j.name in d.owned]
         run_jobs(plan, mine, writer, threads or _default_threads(), progress)
         writer.close_shards()  # this rank's bytes are durable before rank 0 commits
-        d.exchange("tensors written")
-        result = writer.finish() if d.rank == 0 else Path(out)
+        errors = d.exchange("tensors written", getattr(writer, "errors", None))
+        if d.rank == 0:
+            if output == "peft":
+                for part in errors:
+                    writer.errors.update(part)
+                result = writer.commit()
+            else:
+                result = writer.finish()
+        else:
+            result = Path(out)
         d.exchange("committed")
     except BaseException as err:
         if writer is not None:
             if d.rank == 0:
                 writer.abort()
             else:
-                for shard in writer.shards:
-                    shard.close(sync=False)
+                writer.release()
         if not isinstance(err, PeerFailed) and not d.announced:
             d.exchange("failed", error=err)  # raises err here, after telling every other rank
         raise
@@ -636,7 +653,7 @@ def _check_peft_request(strategy: Strategy, out: Any, rank: int | None, num_expe
 
 
 def _peft_writer(plan: MergePlan, strategy: Strategy, out: Any, rank: int | None, provenance: dict,
-                 overwrite: bool, inputs: list) -> PeftWriter:
+                 overwrite: bool, inputs: list, attach: Path | None = None) -> PeftWriter:
     plain = [e.name for e in plan.experts if e.lora is None]
     if plain:
         raise ValueError(f"output='peft' needs LoRA adapter experts; '{plain[0]}' is not one")
@@ -647,7 +664,7 @@ def _peft_writer(plan: MergePlan, strategy: Strategy, out: Any, rank: int | None
         if form is not None and not form.preserves_base:
             raise ValueError(f"{strategy!r} scales the base at '{name}': an adapter holds only a change to the base")
     return PeftWriter(Path(out), [e.lora for e in plan.experts], plan.base, rank=rank, prepared=plan.prepared,
-                      provenance=provenance, overwrite=overwrite, inputs=inputs)
+                      provenance=provenance, overwrite=overwrite, inputs=inputs, attach=attach)
 
 
 def make_writer(

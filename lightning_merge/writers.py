@@ -41,6 +41,10 @@ class Writer:
     def abort(self) -> None:
         """Discard a partial result (called on any error)."""
 
+    def release(self) -> None:
+        """Close this process's handles without discarding anything (another rank of a distributed merge owns the
+        output and discards it)."""
+
 
 class DictWriter(Writer):
     def __init__(self, names: Sequence[str]) -> None:
@@ -242,6 +246,10 @@ class SafetensorsWriter(Writer):
         replace_dir(self.tmp, self.out)
         return self.out
 
+    def release(self) -> None:
+        for shard in self.shards:
+            shard.close(sync=False)
+
     def abort(self) -> None:
         for shard in self.shards:
             shard.close(sync=False)
@@ -324,7 +332,7 @@ class PeftWriter(Writer):
     compute_dtype = torch.float32
 
     def __init__(self, out: Path, adapters: Sequence[LoraAdapter], base: Any, *, rank: int | None, prepared: Any,
-                 provenance: dict[str, Any], overwrite: bool, inputs: Sequence[Path] = ()):
+                 provenance: dict[str, Any], overwrite: bool, inputs: Sequence[Path] = (), attach: Path | None = None):
         check_output_path(out, overwrite, inputs=inputs, folder=True)
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"rank must be a positive integer (or None for the exact adapter), got {rank!r}")
@@ -361,9 +369,12 @@ class PeftWriter(Writer):
             entries.append((self.full_key[t], TensorSpec(base.spec(t).shape, torch.float32)))
         # a strategy linear in the experts everywhere: factors straight from the adapters' own (no merge of ΔW)
         self.from_factors = self.exact or all(self._linear_form(t) is not None for t in self.targets)
-        self.tmp = partial_path(out)
-        self.tmp.mkdir(parents=True)
-        self.file = ShardWriter(self.tmp / "adapter_model.safetensors", entries, {"format": "pt"})
+        self.owned: set[str] | None = None  # a distributed merge: the modules this rank factors
+        self.tmp = attach if attach is not None else partial_path(out)
+        if attach is None:
+            self.tmp.mkdir(parents=True)
+        self.file = ShardWriter(self.tmp / "adapter_model.safetensors", entries, {"format": "pt"},
+                                create=attach is None)
 
     def _linear_form(self, target: str) -> Any:
         form = self.prepared.linear_form(target) if self.prepared is not None else None
@@ -405,8 +416,11 @@ class PeftWriter(Writer):
         return torch.cat(a_parts, 0), torch.cat(b_parts, 1)
 
     def write_factors(self) -> None:
-        """Every module from the adapters' factors: concatenated (exact mode) or their truncated SVD (rank k)."""
+        """Every module from the adapters' factors: concatenated (exact mode) or their truncated SVD (rank k); in a
+        distributed merge, this rank's modules."""
         for t in self.targets:
+            if self.owned is not None and t not in self.owned:
+                continue
             a, b = self._concatenated(t)
             key = self.info[t]["module_key"]
             if not self.exact:
@@ -430,10 +444,18 @@ class PeftWriter(Writer):
         self.file.write(f"{key}.lora_B.weight", b)
         self.errors[name[: -len(".weight")]] = error
 
-    def finish(self) -> Path:
-        if self.from_factors:
+    def close_shards(self) -> None:
+        """Write what comes from the adapters' factors, then fsync and close the adapter file."""
+        if self.from_factors and self.file.fd >= 0:
             self.write_factors()
         self.file.close(sync=True)
+
+    def finish(self) -> Path:
+        self.close_shards()
+        return self.commit()
+
+    def commit(self) -> Path:
+        """The config and provenance, then the folder into place (after every module is written)."""
         config = dict(self.adapters[0].config)
         top = max(self.ranks.values()) if self.ranks else 1
         modules = {t: _module_name(self.info[t]["module_key"]) for t in self.targets}
@@ -456,12 +478,15 @@ class PeftWriter(Writer):
         self.provenance.update({
             "mode": "concatenated factors (exact)" if self.exact else f"truncated SVD at rank {self.rank}",
             "ranks": {t[: -len(".weight")]: r for t, r in self.ranks.items()},
-            "relative_error": self.errors,
+            "relative_error": {k: self.errors[k] for k in sorted(self.errors)},
         })
         write_json(self.tmp / PROVENANCE_NAME, self.provenance)
         fsync_tree(self.tmp)
         replace_dir(self.tmp, self.out)
         return self.out
+
+    def release(self) -> None:
+        self.file.close(sync=False)
 
     def abort(self) -> None:
         self.file.close(sync=False)

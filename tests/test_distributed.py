@@ -133,3 +133,41 @@ def test_cli_under_torchrun(family, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     assert done.stderr.count("merged 3 experts") == 1  # rank 0 reports; the others are quiet
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A tiny Llama base and three LoRA adapters over it (different ranks and targets)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("dist-lora")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
+    targets = (["q_proj", "v_proj"], ["q_proj", "down_proj"], ["v_proj", "o_proj"])
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for i in range(3):
+        torch.manual_seed(10 + i)
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(
+            r=2 + i, lora_alpha=4, target_modules=targets[i], init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3, generator=g)
+        model.save_pretrained(root / f"a{i}")
+        paths.append(str(root / f"a{i}"))
+    return str(root / "base"), paths
+
+
+@pytest.mark.parametrize("strategy,rank", [(TaskArithmetic(scale=0.7), None), (TaskArithmetic(), 3),
+                                           (Ties(density=0.5), 3)], ids=["exact", "svd-linear", "svd-ties"])
+def test_a_peft_adapter_output_from_two_ranks_is_the_one_process_adapter(adapters, tmp_path, strategy, rank):
+    base, paths = adapters
+    one = merge(paths, base, strategy, tmp_path / "one", output="peft", rank=rank)
+    _distributed(2, paths, base, strategy, tmp_path / "two", output="peft", rank=rank)
+    a, b = _files(Path(one)), _files(tmp_path / "two")
+    assert a.keys() == b.keys() and "adapter_model.safetensors" in a
+    for name in a:
+        assert a[name] == b[name], name
