@@ -6,6 +6,7 @@ package does not import Lightning).
 """
 
 from lightning_merge._version import __version__
+from lightning_merge.coefficients import QuadraticChoice, quadratic_coefficients
 from lightning_merge.continual import ContinualState
 from lightning_merge.diagnostics import Report, report
 from lightning_merge.engine import MergePlan, merge, prepare
@@ -47,6 +48,7 @@ __all__ = [
     "OPCM",
     "OTA",
     "Prepared",
+    "QuadraticChoice",
     "Report",
     "Statistics",
     "StatisticsError",
@@ -59,5 +61,6 @@ __all__ = [
     "__version__",
     "merge",
     "prepare",
+    "quadratic_coefficients",
     "report",
 ]
