@@ -51,6 +51,7 @@ from lightning_merge import (
     LiNeS,
     TaskArithmetic,
     Ties,
+    TSVMerge,
     WeightedMedian,
     merge,
 )
@@ -235,6 +236,11 @@ def strategies() -> dict[str, object]:
         "weighted_median": WeightedMedian(estimator="batch"),
         "opcm": OPCM(),
         "lines(task arithmetic)": LiNeS(TaskArithmetic()),
+        "tsv_merge": TSVMerge(),
+        # the references' conventions (docs/strategies.md): OTA's per-tensor mean normalisation, Fisher's floor on
+        # the target (first) model only
+        "ota, mean-normalized (reference)": OTA(mean_normalize=True),
+        "fisher (batch), favor_target (reference)": Fisher(estimator="batch", favor_target=True),
     }
 
 

@@ -166,11 +166,20 @@ def fetch(url: str, companions: tuple[str, ...] = ()) -> Path:
         if not found:
             raise FileNotFoundError(f"'{url}' is an empty folder")
         prefix = path.rstrip("/") + "/"
+        wanted: set[str] = set()
         for remote, entry in found.items():
             rel = remote[len(prefix):] if remote.startswith(prefix) else remote.rsplit("/", 1)[-1]
             if not rel or rel.endswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
                 continue
             _fetch_file(fs, remote, entry, local / rel)
+            wanted.add(rel)
+        for item in list(local.rglob("*")):  # files the remote folder no longer has: never read them
+            if not item.is_file():
+                continue
+            marker = item.name.startswith(".") and item.name.endswith(".version")
+            subject = item.with_name(item.name[1:-len(".version")]) if marker else item
+            if subject.relative_to(local).as_posix() not in wanted:
+                item.unlink()
         return local
     _fetch_file(fs, path, info, local)
     for companion in companions:

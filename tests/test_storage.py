@@ -128,11 +128,18 @@ def test_a_failed_merge_uploads_nothing_and_a_replaced_folder_has_no_stale_files
         merge(experts, base, Boom(), f"{s3}/failed")
     assert not exists(f"{s3}/failed")
 
+    fetched_first = fetch(out)
+    assert (fetched_first / "model.safetensors.index.json").exists()
     merge(experts, base, Fisher(), out, overwrite=True)  # one shard now: the old shards and index are gone
     fs.invalidate_cache()
     second = sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
     assert "model.safetensors" in second and not any(f.startswith("model-") for f in second)
     assert "model.safetensors.index.json" not in second
+    # and the cached copy follows: no stale shard or index is left to be read
+    cached = sorted(p.name for p in fetch(out).iterdir() if not p.name.startswith("."))
+    assert cached == sorted(second)
+    got, want = load_tensors(fetch(out) / "model.safetensors"), merge(experts, base, Fisher())
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_upload_writes_the_entry_point_last(s3, tmp_path, monkeypatch):
