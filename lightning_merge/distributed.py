@@ -71,17 +71,16 @@ class Distribution:
                              "the same merge with the same arguments")
         return [g[2] for g in gathered]
 
-    def run(self, tag: str, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on this rank, then an exchange that tells every rank whether all succeeded."""
+    def attempt(self, tag: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on this rank; if it raises, the error is announced at exchange ``tag`` (every other rank raises
+        :class:`PeerFailed` there) and re-raised here."""
         try:
-            result = fn()
+            return fn()
         except PeerFailed:
             raise
         except BaseException as err:
             self.exchange(tag, error=err)
             raise
-        self.exchange(tag)
-        return result
 
     # -- work split ------------------------------------------------------------------------------------------------
     def assign(self, sizes: Sequence[tuple[str, int]]) -> set[str]:
@@ -99,13 +98,7 @@ class Distribution:
 
     def gather_map(self, names: Sequence[str], fn: Callable[[str], Any], tag: str) -> dict[str, Any]:
         """``{name: fn(name)}`` for every name, in ``names`` order, each computed by the rank that owns it."""
-        try:
-            local = {n: fn(n) for n in names if n in self.owned}
-        except PeerFailed:
-            raise
-        except BaseException as err:
-            self.exchange(tag, error=err)
-            raise
+        local = self.attempt(tag, lambda: {n: fn(n) for n in names if n in self.owned})
         merged: dict[str, Any] = {}
         for part in self.exchange(tag, local):
             merged.update(part)

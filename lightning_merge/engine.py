@@ -138,16 +138,11 @@ class MergePlan:
             for n in self._own(desc):
                 total += fn(n)
             return total
-        from lightning_merge.distributed import PeerFailed
-
-        try:
+        def accumulate() -> None:
             for n in self._own(desc):
-                total += fn(n)
-        except PeerFailed:
-            raise
-        except BaseException as err:
-            self.distribution.exchange(desc, error=err)
-            raise
+                total.add_(fn(n))
+
+        self.distribution.attempt(desc, accumulate)
         out = zero.clone()
         for part in self.distribution.exchange(desc, total):
             out += part
