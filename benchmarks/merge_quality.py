@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lightning_merge import (
     OTA,
+    PCB,
     Breadcrumbs,
     Cabs,
     Consensus,
@@ -55,6 +56,8 @@ def strategies() -> dict[str, object]:
         "ota + ffg (density 0.3)": OTA(density=0.3),
         "weighted_median (batch)": WeightedMedian(estimator="batch"),
         "tsv_merge": TSVMerge(),
+        "pcb (ratio 0.1)": PCB(ratio=0.1),
+        "pcb (ratio 0.2)": PCB(ratio=0.2),
         # the references' conventions (docs/strategies.md): OTA's per-tensor mean normalisation, Fisher's floor on
         # the target (first) model only
         "ota, mean-normalized (reference)": OTA(mean_normalize=True),
@@ -113,7 +116,8 @@ def state_of(expert: Expert) -> dict:
     return {name: expert.tensor(name) for name in expert.names()}
 
 
-def run_seed(seed: int, epochs: int, folder: Path) -> dict[str, tuple[float, float | None]]:
+def run_seed(seed: int, epochs: int, folder: Path,
+             only: list[str] | None = None) -> dict[str, tuple[float, float | None]]:
     setup = train_digits_experts(seed=seed, epochs=epochs, verbose=False)
     own_val, own_test = setup.own_scores("val"), setup.own_scores("test")
 
@@ -125,8 +129,12 @@ def run_seed(seed: int, epochs: int, folder: Path) -> dict[str, tuple[float, flo
 
     rows: dict[str, tuple[float, float | None]] = {"base (no merge)": (test(setup.base), None)}
     for name, strategy in strategies().items():
+        if only and not any(o in name for o in only):
+            continue
         state, chosen = tuned(strategy, setup.experts, setup.base, val)
         rows[name] = (test(state), chosen)
+    if only:
+        return rows
     for compression in ("bfloat16", "rank1"):
         experts = recompressed(setup.experts, compression, folder)
         for name, strategy in (("fisher (batch)", Fisher(estimator="batch")), ("ota", OTA())):
@@ -292,6 +300,9 @@ PAIRS = (
     ("fisher (batch), favor target (reference)", "fisher (batch)"),
     ("tsv_merge", "task_arithmetic"),
     ("tsv_merge", "lines (fisher)"),
+    ("pcb (ratio 0.1)", "task_arithmetic"),
+    ("pcb (ratio 0.1)", "ties (density 0.2)"),
+    ("pcb (ratio 0.2)", "ties (density 0.2)"),
 )
 
 
@@ -313,6 +324,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--part", choices=["digits", "minilm", "all"], default="all")
     parser.add_argument("--minilm-epochs", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="digits: only the strategies whose row name contains one of these (no compression rows)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.part in ("minilm", "all"):
@@ -325,7 +338,7 @@ def main() -> None:
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            per_seed.append(run_seed(seed, args.epochs, Path(tmp)))
+            per_seed.append(run_seed(seed, args.epochs, Path(tmp), args.only))
     report(
         f"digits, 4 tasks, {args.seeds} seeds: normalized test accuracy (mean ± std), λ chosen on validation", per_seed
     )

@@ -15,6 +15,7 @@ from lightning_merge.stats import Statistics, StatisticsError
 from lightning_merge.strategies import (
     OPCM,
     OTA,
+    PCB,
     Breadcrumbs,
     Cabs,
     Consensus,
@@ -47,6 +48,7 @@ __all__ = [
     "MergePlan",
     "OPCM",
     "OTA",
+    "PCB",
     "Prepared",
     "QuadraticChoice",
     "Report",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_merge import OPCM, Dare, Fisher, Linear, LiNeS, TaskArithmetic, Ties, merge
+from lightning_merge import OPCM, PCB, Dare, Fisher, Linear, LiNeS, TaskArithmetic, Ties, merge
 from lightning_merge.distributed import Distribution, spawn
 from lightning_merge.safetensors_io import save_tensors
 from lightning_merge.stats import write_statistics
@@ -63,6 +63,7 @@ def test_the_assignment_balances_bytes_and_covers_every_tensor():
 
 @pytest.mark.parametrize("strategy", [
     Ties(density=0.3, topk="model"), Fisher(), Dare(drop_rate=0.5, seed=3), LiNeS(TaskArithmetic()), OPCM(),
+    PCB(ratio=0.2),
 ], ids=lambda s: s.name)
 def test_two_ranks_write_the_bytes_of_one_process(family, tmp_path, strategy):
     root, base, experts = family

@@ -25,6 +25,7 @@ from lightning_merge.stats import write_statistics
 from lightning_merge.strategies import (
     OPCM,
     OTA,
+    PCB,
     STRATEGIES,
     Breadcrumbs,
     Cabs,
@@ -196,6 +197,9 @@ def strategies(draw, n: int):
     if name == "tsv_merge":
         return TSVMerge(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)),
                         not_svd=draw(st.sampled_from([None, r"\.1\."])))
+    if name == "pcb":
+        return PCB(ratio=draw(st.floats(0.05, 1.0)), clamp_ratio=draw(st.sampled_from([0.0, 0.0001, 0.01])),
+                   scale=draw(st.floats(0.5, 1.5)))
     if name == "lines":
         inner = draw(st.sampled_from([TaskArithmetic(), Ties(density=0.5), TaskArithmetic(weights=[1.0] * n),
                                       Fisher(normalize=False)]))
@@ -342,4 +346,4 @@ def test_every_registered_strategy_has_a_generator():
     """A new strategy must join the property tests (``strategies`` raises for a name it does not know)."""
     names = set(_library_strategies())
     assert names == {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "cabs", "generalized", "consensus",
-                     "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge"}, sorted(names)
+                     "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge", "pcb"}, sorted(names)

@@ -18,6 +18,7 @@ from lightning_merge.strategies.composed import Cabs, Consensus, Generalized, Li
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.opcm import OPCM
+from lightning_merge.strategies.pcb import PCB
 from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
 from lightning_merge.strategies.tsv import TSVMerge
 
@@ -39,6 +40,7 @@ __all__ = [
     "NoContinualForm",
     "OPCM",
     "OTA",
+    "PCB",
     "Prepared",
     "Sparsification",
     "Strategy",
