@@ -1,7 +1,9 @@
-"""Diagonal Fisher after training: per-example empirical and true (sampled) estimators.
+"""Diagonal Fisher after training: per-example empirical, true (sampled) and exact-expectation estimators.
 
-Both are ``(1/M) Σₓ (∇ log p(y|x))²`` over M examples; the empirical estimator uses the dataset's labels, the true
-one labels drawn from the model's own prediction (Matena & Raffel). Per-example gradients come from
+All are ``(1/M) Σₓ (∇ log p(y|x))²`` over M examples; the empirical estimator uses the dataset's labels, the true
+one labels drawn from the model's own prediction (Matena & Raffel), and the exact one the expectation over every
+class, ``(1/M) Σₓ Σ_c p(c|x) (∇ log p(c|x))²`` (one pass per class: for classifiers with one label per example
+and at most :data:`EXACT_MAX_CLASSES` classes). Per-example gradients come from
 ``torch.func`` (``vmap`` over ``grad``), with a loop over single examples as the fallback for models that
 ``vmap`` cannot trace.
 
@@ -30,7 +32,9 @@ import torch
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
-ESTIMATORS = ("example", "true")
+ESTIMATORS = ("example", "true", "exact")
+#: the exact-expectation estimator runs one per-example gradient pass per class: refused above this many classes
+EXACT_MAX_CLASSES = 1000
 
 LogitsFn = Callable[[Any], tuple[Tensor, Tensor]]
 
@@ -182,9 +186,10 @@ def per_example_squared_grads(
     batch: Any,
     targets_override: Tensor | None,
     logits_fn: LogitsFn,
+    weights: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Σ over the examples of ``batch`` of (∇ log p(y|x))², one gradient per example, by a loop over
-    single examples (exact for any module; ``compute_fisher`` uses vmap first)."""
+    """Σ over the examples of ``batch`` of (∇ log p(y|x))² (times ``weights[i]`` when given), one gradient per
+    example, by a loop over single examples (exact for any module; ``compute_fisher`` uses vmap first)."""
     out = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     examples = _split(batch)
     for i, example in enumerate(examples):
@@ -194,9 +199,10 @@ def per_example_squared_grads(
             targets = targets_override[i : i + 1]
         ll = log_likelihood(logits, targets)
         grads = torch.autograd.grad(ll, list(params.values()), allow_unused=True)
+        w = 1.0 if weights is None else float(weights[i])
         for (name, _), g in zip(params.items(), grads):
             if g is not None:
-                out[name].add_(g.float().square())
+                out[name].add_(g.float().square(), alpha=w)
     return out
 
 
@@ -221,8 +227,10 @@ def compute_fisher(
     Args:
         module: the model; its ``fisher_logits(batch)`` is used when present (see the module docstring).
         dataloader: batches to read until ``num_examples`` examples are seen.
-        estimator: ``"example"`` (the dataset's labels: empirical Fisher) or ``"true"`` (labels drawn from the
-            model's prediction, ``samples`` draws per example).
+        estimator: ``"example"`` (the dataset's labels: empirical Fisher), ``"true"`` (labels drawn from the
+            model's prediction, ``samples`` draws per example) or ``"exact"`` (the expectation over every class,
+            weighted by the model's probabilities: one pass per class; one label per example, at most
+            :data:`EXACT_MAX_CLASSES` classes).
         num_examples: how many examples to use at most (M).
         samples: label draws per example for the true Fisher (ignored for ``"example"``).
         seed: seed of the label draws.
@@ -262,23 +270,28 @@ def compute_fisher(
             if count + size > num_examples:
                 batch = _truncate(batch, num_examples - count, size)
                 size = num_examples - count
-            for _ in range(draws):
+            passes: list[tuple[Tensor | None, Tensor | None, float]] = []  # (targets, per-example weights, α)
+            if estimator == "exact":
+                passes = _class_passes(logits_fn, batch)
+            for _ in range(draws if estimator != "exact" else 0):
                 override = None
                 if estimator == "true":
                     with torch.no_grad():
                         logits, targets = logits_fn(batch)
                     override = _sample_targets(logits, targets, generator)
+                passes.append((override, None, 1.0 / draws))
+            for override, weights, alpha in passes:
                 part = None
                 if vmap_ok:
                     try:
-                        part = _vmap_squared_grads(module, params, batch, override, logits_fn)
+                        part = _vmap_squared_grads(module, params, batch, override, logits_fn, weights)
                     except Exception:  # models vmap cannot trace (data-dependent control flow...)
                         vmap_ok = False
                 if part is None:
                     with torch.enable_grad():
-                        part = per_example_squared_grads(module, params, batch, override, logits_fn)
+                        part = per_example_squared_grads(module, params, batch, override, logits_fn, weights)
                 for name, value in part.items():
-                    sums[name].add_(value, alpha=1.0 / draws)
+                    sums[name].add_(value, alpha=alpha)
             count += size
     finally:
         module.train(was_training)
@@ -286,6 +299,27 @@ def compute_fisher(
     if count == 0:
         raise ValueError("the Fisher dataloader yielded no examples")
     return sums, count
+
+
+def _class_passes(logits_fn: LogitsFn, batch: Any) -> list[tuple[Tensor, Tensor, float]]:
+    """The exact estimator's passes: for every class c, targets c (where the dataset has a target) weighted by
+    p(c|x) per example."""
+    with torch.no_grad():
+        logits, targets = logits_fn(batch)
+    if targets.dim() != 1 or logits.dim() != 2:
+        raise ValueError(
+            f"the exact Fisher needs one class label per example (targets of shape (batch,), logits (batch, C)); got "
+            f"targets {tuple(targets.shape)} and logits {tuple(logits.shape)}. For sequences use estimator='true'"
+        )
+    classes = logits.shape[-1]
+    if classes > EXACT_MAX_CLASSES:
+        raise ValueError(
+            f"the exact Fisher runs one gradient pass per class; {classes} classes is more than {EXACT_MAX_CLASSES}: "
+            "use estimator='true' (sampled labels) instead"
+        )
+    probs = torch.softmax(logits.float(), dim=-1).cpu()
+    valid = targets != IGNORE_INDEX
+    return [(torch.where(valid, torch.full_like(targets, c), targets), probs[:, c], 1.0) for c in range(classes)]
 
 
 def _truncate(batch: Any, keep: int, size: int) -> Any:
@@ -304,6 +338,7 @@ def _vmap_squared_grads(
     batch: Any,
     targets_override: Tensor | None,
     logits_fn: LogitsFn,
+    weights: Tensor | None = None,
 ) -> dict[str, Tensor]:
     from torch.func import functional_call, grad, vmap
 
@@ -321,7 +356,10 @@ def _vmap_squared_grads(
     per = vmap(grad(one), in_dims=(None, 0, in_target), randomness="different")(
         detached, _batched_only(batch, size), targets_override
     )
-    return {n[len("module.") :]: g.float().square().sum(0) for n, g in per.items()}
+    if weights is None:
+        return {n[len("module.") :]: g.float().square().sum(0) for n, g in per.items()}
+    w = weights.float()
+    return {n[len("module.") :]: torch.tensordot(w.to(g.device), g.float().square(), dims=1) for n, g in per.items()}
 
 
 class _LogitsModule(nn.Module):
@@ -359,4 +397,12 @@ def _batched_only(batch: Any, size: int) -> Any:
     raise TypeError(f"cannot vmap over {type(batch).__name__}")
 
 
-__all__ = ["ESTIMATORS", "batch_counts", "compute_fisher", "default_logits_fn", "is_causal_lm", "log_likelihood"]
+__all__ = [
+    "ESTIMATORS",
+    "EXACT_MAX_CLASSES",
+    "batch_counts",
+    "compute_fisher",
+    "default_logits_fn",
+    "is_causal_lm",
+    "log_likelihood",
+]

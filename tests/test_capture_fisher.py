@@ -68,6 +68,53 @@ def test_true_fisher_is_an_unbiased_sample_of_the_exact_expectation():
     assert all(torch.equal(again[n], sums[n]) for n in sums)  # seeded
 
 
+def test_exact_fisher_equals_the_expectation_over_classes_with_vmap_and_with_the_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = data(10)
+    y[3] = -100  # an example without a target takes no part
+    keep = torch.arange(10) != 3
+    want = exact_true_reference(model, x[keep])
+    for use_vmap in (True, False):
+        sums, count = compute_fisher(model, [(x[:6], y[:6]), (x[6:], y[6:])], estimator="exact", num_examples=10,
+                                     use_vmap=use_vmap)
+        assert count == 10
+        for n in want:
+            torch.testing.assert_close(sums[n], want[n], rtol=1e-5, atol=1e-8)
+
+
+def test_exact_fisher_of_softmax_regression_is_p_one_minus_p_times_x_squared():
+    torch.manual_seed(1)
+    model = nn.Linear(5, 4)
+    x = torch.randn(7, 5)
+    sums, _ = compute_fisher(model, [(x, torch.zeros(7, dtype=torch.long))], estimator="exact", num_examples=7)
+    p = torch.softmax(model(x), -1).detach()
+    # Σ_c p_c (δ_ck − p_k)² = p_k (1 − p_k): the diagonal Fisher of W[k, j] is Σₓ p_k(1 − p_k) x_j²
+    torch.testing.assert_close(sums["weight"], (p * (1 - p)).T @ x.square(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sums["bias"], (p * (1 - p)).sum(0), rtol=1e-5, atol=1e-7)
+
+
+def test_exact_fisher_refuses_sequences_and_huge_vocabularies():
+    model = nn.Linear(4, 3)
+
+    def sequence_logits(batch):
+        return torch.randn(2, 5, 3, requires_grad=True), torch.zeros(2, 5, dtype=torch.long)
+
+    with pytest.raises(ValueError, match="one class label per example.*estimator='true'"):
+        compute_fisher(model, [torch.zeros(2, 4)], estimator="exact", logits_fn=sequence_logits)
+    wide = nn.Linear(4, 2000)
+    with pytest.raises(ValueError, match="2000 classes is more than 1000: use estimator='true'"):
+        compute_fisher(wide, [(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))], estimator="exact")
+
+
+def test_capture_writes_the_exact_fisher_and_strategies_prefer_it(tmp_path):
+    capture = CurvatureCapture(fisher_after_fit="exact", fisher_examples=16)
+    trainer(tmp_path, [capture], max_epochs=1).fit(Tiny(lr=1e-2), loader(32, 8), loader(16, 8, seed=1))
+    stats = Statistics.load(tmp_path / "final.statistics.safetensors")
+    assert stats.kinds["fisher.exact"]["count"] == 16
+    assert stats.resolve_kind("fisher") == "fisher.exact"  # preferred over the batch estimate
+
+
 def test_log_likelihood_ignores_minus_100_and_sums_positions():
     logits = torch.randn(2, 3, 5)
     targets = torch.tensor([[1, -100, 4], [0, 2, -100]])

@@ -1,5 +1,6 @@
-"""The post-fit Fisher of :class:`~lightning_merge.callbacks.CurvatureCapture`: per-example empirical or true
-Fisher over one of the Trainer's loaders (or any iterable), every rank computing its share and the sums reduced."""
+"""The post-fit Fisher of :class:`~lightning_merge.callbacks.CurvatureCapture`: per-example empirical, true or
+exact-expectation Fisher over one of the Trainer's loaders (or any iterable), every rank computing its share and the
+sums reduced."""
 
 from __future__ import annotations
 

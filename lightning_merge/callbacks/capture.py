@@ -81,8 +81,9 @@ class CurvatureCapture(Callback):
         fisher_every_n_steps: record every n-th optimizer step from ``fisher_start_step`` on.
         fisher_ema_decay: ``None`` averages over the whole run; a decay d in (0, 1) keeps an exponential moving
             average F ← d·F + (1 − d)·wg², bias-corrected at merge time like Adam's.
-        fisher_after_fit: ``"example"`` (per-example empirical) or ``"true"`` (labels sampled from the model)
-            computed once when the fit ends, over ``fisher_loader``; ``None`` for neither.
+        fisher_after_fit: ``"example"`` (per-example empirical), ``"true"`` (labels sampled from the model) or
+            ``"exact"`` (the expectation over every class: classifiers with one label per example) computed once
+            when the fit ends, over ``fisher_loader``; ``None`` for none.
         fisher_loader: ``"val"``, ``"train"`` or ``"test"`` (the Trainer's dataloaders) or, from Python, any
             iterable of batches (under DDP each rank then reads every world_size-th batch).
         fisher_examples: the number of examples M for ``fisher_after_fit`` (over all ranks).
@@ -113,7 +114,7 @@ class CurvatureCapture(Callback):
         fisher_start_step: int = 0,
         fisher_every_n_steps: int = 1,
         fisher_ema_decay: float | None = None,
-        fisher_after_fit: Literal["example", "true"] | None = None,
+        fisher_after_fit: Literal["example", "true", "exact"] | None = None,
         fisher_loader: Literal["val", "train", "test"] | Iterable[Any] = "val",
         fisher_examples: int = 512,
         fisher_samples: int = 1,

@@ -126,8 +126,8 @@ class Fisher(_PrecisionStrategy):
         eps: added to F̃ after the floor (0 by default).
         normalize: λᵢ ← λᵢ / ‖Fᵢ‖₂ with the norm over the whole model (computed in a first pass that reads only
             the statistics), so experts whose Fisher has a different overall scale count equally.
-        estimator: which Fisher estimator to read (``"true"``, ``"example"``, ``"batch"``); None takes each
-            expert's preferred one.
+        estimator: which Fisher estimator to read (``"exact"``, ``"true"``, ``"example"``, ``"batch"``); None takes
+            each expert's preferred one.
         favor_target: apply ``floor`` to the first expert only (the target model), as Matena & Raffel's code does
             by default (``favor_target_model=True``): where no other expert's Fisher covers a coordinate, the first
             expert's value wins instead of the average. Off by default here, where experts are usually peers (see
