@@ -336,7 +336,7 @@ def test_arguments_are_validated():
     with pytest.raises(ValueError, match="fisher_ema_decay"):
         CurvatureCapture(fisher_ema_decay=1.0)
     with pytest.raises(ValueError, match="fisher_after_fit"):
-        CurvatureCapture(fisher_after_fit="exact")
+        CurvatureCapture(fisher_after_fit="sampled")
 
 
 def test_export_second_moments_in_the_ota_convention(tmp_path):
