@@ -8,7 +8,7 @@ For each seed: four digits experts trained with CurvatureCapture (as merge_quali
   the measured validation normalized accuracy over 30 coefficient vectors (the 8 uniform λ of the tuning grid and 22
   random ones in [0, 1.5]⁴), negated so that ρ = 1 is a perfect ranking.
 
-    python benchmarks/coefficient_choice.py [--seeds 5] [--epochs 12]
+    python benchmarks/coefficient_choice.py [--seeds 5] [--epochs 12] [--fisher example|true|exact]
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx @ ry) / (rx.norm() * ry.norm()))
 
 
-def run_seed(seed: int, epochs: int) -> dict[str, float]:
-    setup = train_digits_experts(seed=seed, epochs=epochs, verbose=False)
+def run_seed(seed: int, epochs: int, fisher: str = "example") -> dict[str, float]:
+    setup = train_digits_experts(seed=seed, epochs=epochs, verbose=False, fisher_after_fit=fisher)
     own_val, own_test = setup.own_scores("val"), setup.own_scores("test")
 
     def val(state):
@@ -83,12 +83,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--fisher", default="example", choices=["example", "true", "exact"],
+                        help="the post-fit Fisher estimator the experts capture (the model reads it)")
     args = parser.parse_args()
     per_seed = []
     for seed in range(args.seeds):
-        per_seed.append(run_seed(seed, args.epochs))
+        per_seed.append(run_seed(seed, args.epochs, args.fisher))
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_seed[-1].items()), flush=True)
-    print(f"\ndigits, {args.seeds} seeds (mean ± std; accuracies normalized ×100)")
+    print(f"\ndigits, {args.seeds} seeds, {args.fisher} Fisher (mean ± std; accuracies normalized ×100)")
     for key in per_seed[0]:
         values = [r[key] for r in per_seed]
         scale = 1 if "ρ" in key or key in ("λ* mean", "λ tuned") else 100
