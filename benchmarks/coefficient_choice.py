@@ -1,7 +1,8 @@
 """Task-arithmetic coefficients chosen from the captured Fisher, without evaluation data, on the digits benchmark.
 
 For each seed: four digits experts trained with CurvatureCapture (as merge_quality.py), then
-- test normalized accuracy of task arithmetic with λ* from ``quadratic_coefficients`` (no evaluation data), against
+- test normalized accuracy of task arithmetic with λ* from ``quadratic_coefficients`` (no evaluation data; model-wide
+  and per layer), against
   task arithmetic with one λ tuned on validation data, task arithmetic at λ = 1 (no data), and λ*'s per-expert
   ratios with one overall λ tuned on validation;
 - how well the Fisher-quadratic model ranks real merges: Spearman's ρ between the predicted mean relative loss and
@@ -54,13 +55,15 @@ def run_seed(seed: int, epochs: int, fisher: str = "example") -> dict[str, float
         return normalized_score(setup.scores(state, "test"), own_test)
 
     n = len(setup.experts)
-    choice = quadratic_coefficients(setup.experts, setup.base)
+    choice = quadratic_coefficients(setup.experts, setup.base, per_block=True)
     tuned = sweep_scale(TaskArithmetic(), setup.experts, setup.base, val, GRID)
     rows = {
         "base (no merge)": test(setup.base),
         "task arithmetic, λ = 1 (no data)": test(merge(setup.experts, setup.base, TaskArithmetic())),
         "task arithmetic, λ tuned on validation": test(tuned.state),
         "Fisher-quadratic λ* (no data)": test(merge(setup.experts, setup.base, choice.strategy())),
+        "Fisher-quadratic λ* per layer (no data)": test(merge(setup.experts, setup.base,
+                                                              choice.strategy(per_block=True))),
     }
     # the per-expert ratios of λ* with one overall λ tuned on validation: do the ratios carry information?
     mean_w = sum(choice.weights) / n

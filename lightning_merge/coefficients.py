@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lightning_merge.engine import open_inputs, plan_merge
 from lightning_merge.strategies import functional as F
+from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 from lightning_merge.strategies.linear import TaskArithmetic
 
 log = logging.getLogger("lightning_merge")
@@ -53,6 +54,7 @@ class QuadraticChoice:
     gram: Tensor
     target: Tensor
     per_task: list[tuple[Tensor, Tensor, float]]
+    pattern: str = r"(?:^|\.)(\d+)(?:\.|$)"
 
     def predict(self, weights: Sequence[float]) -> list[float]:
         """Each task's predicted loss for θ₀ + Σ λⱼτⱼ, relative to the base's (1 = no better than the base, 0 =
@@ -70,8 +72,15 @@ class QuadraticChoice:
         values = self.predict(weights)
         return sum(values) / len(values)
 
-    def strategy(self) -> TaskArithmetic:
-        """Task arithmetic with these coefficients: θ₀ + Σ λ*ⱼ τⱼ (``normalize=False``, ``scale=1``)."""
+    def strategy(self, per_block: bool = False) -> TaskArithmetic | LayerwiseTaskArithmetic:
+        """Task arithmetic with these coefficients: θ₀ + Σ λ*ⱼ τⱼ (``normalize=False``, ``scale=1``); with
+        ``per_block``, :class:`~lightning_merge.LayerwiseTaskArithmetic` with each block's λ* (the model-wide λ*
+        elsewhere; needs ``quadratic_coefficients(..., per_block=True)``)."""
+        if per_block:
+            if self.per_block is None:
+                raise ValueError("strategy(per_block=True) needs quadratic_coefficients(..., per_block=True)")
+            return LayerwiseTaskArithmetic(coefficients={k.split()[-1]: v for k, v in self.per_block.items()},
+                                           default=[float(w) for w in self.weights], pattern=self.pattern)
         return TaskArithmetic(weights=[float(w) for w in self.weights], normalize=False, scale=1.0)
 
 
@@ -145,7 +154,7 @@ def quadratic_coefficients(
     gram = sum(total_a[i] / c[i] for i in range(n))
     target = torch.stack([total_a[i][:, i] / c[i] for i in range(n)]).sum(0)
     log.info("quadratic coefficients: %s", ", ".join(f"{w:.3f}" for w in weights))
-    return QuadraticChoice(weights, per_block_weights, [e.name for e in opened], gram, target, per_task)
+    return QuadraticChoice(weights, per_block_weights, [e.name for e in opened], gram, target, per_task, pattern)
 
 
 def _solve(a: Tensor, c: Tensor, ridge: float) -> list[float]:

@@ -124,3 +124,39 @@ def test_errors_name_what_is_wrong():
         quadratic_coefficients([plain, experts[1]], base)
     with pytest.raises(ValueError, match="predict|weights"):
         quadratic_coefficients(experts, base).predict([1.0])
+
+
+def test_per_block_coefficients_merge_through_the_layerwise_strategy():
+    from lightning_merge import LayerwiseTaskArithmetic
+
+    base, experts, _, _ = _random_family(seed=6)
+    choice = quadratic_coefficients(experts, base, per_block=True)
+    strategy = choice.strategy(per_block=True)
+    assert isinstance(strategy, LayerwiseTaskArithmetic)
+    merged = merge(experts, base, strategy)
+    for k in SHAPES:
+        block = {"layers.0.weight": "block 0", "layers.0.bias": "block 0", "layers.1.weight": "block 1"}.get(k)
+        lam = choice.per_block[block] if block else choice.weights  # "head.weight" has no block: the model-wide λ*
+        want = base.tensor(k) + sum(w * (e.tensor(k) - base.tensor(k)) for w, e in zip(lam, experts))
+        torch.testing.assert_close(merged[k], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="per_block=True"):
+        quadratic_coefficients(experts, base).strategy(per_block=True)
+
+
+def test_layerwise_arguments_are_checked():
+    from lightning_merge import LayerwiseTaskArithmetic, Strategy
+
+    with pytest.raises(ValueError, match="block 'x' is not a non-negative integer"):
+        LayerwiseTaskArithmetic(coefficients={"x": [1.0]})
+    with pytest.raises(ValueError, match="different numbers of experts"):
+        LayerwiseTaskArithmetic(coefficients={"0": [1.0], "1": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="not a finite number"):
+        LayerwiseTaskArithmetic(coefficients={"0": [float("nan")]})
+    s = LayerwiseTaskArithmetic(coefficients={0: [0.5, 0.25]}, default=[1.0, 0.5], scale=2.0)
+    assert Strategy.from_dict(s.to_dict()) == s and s.coefficients == {"0": [0.5, 0.25]}
+    form = s.linear_form(2, "layers.0.weight")
+    assert form.experts == (1.0, 0.5) and form.base == pytest.approx(-0.5)
+    assert s.linear_form(2, "head.weight").experts == (2.0, 1.0)
+    base, experts, _, _ = _random_family(n=3)
+    with pytest.raises(ValueError, match="lists 2 coefficients for 3 experts"):
+        merge(experts, base, LayerwiseTaskArithmetic(coefficients={"0": [1.0, 1.0]}))

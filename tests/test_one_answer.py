@@ -33,6 +33,7 @@ from lightning_merge.strategies import (
     Dare,
     Fisher,
     Generalized,
+    LayerwiseTaskArithmetic,
     Linear,
     LiNeS,
     NoContinualForm,
@@ -197,6 +198,11 @@ def strategies(draw, n: int):
     if name == "tsv_merge":
         return TSVMerge(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)),
                         not_svd=draw(st.sampled_from([None, r"\.1\."])))
+    if name == "layerwise_task_arithmetic":
+        blocks = draw(st.lists(st.sampled_from(["0", "1", "2"]), unique=True, max_size=3))
+        coefficients = {b: [draw(st.floats(0.1, 1.2)) for _ in range(n)] for b in blocks}
+        default = draw(st.one_of(st.none(), st.just([draw(st.floats(0.1, 1.2)) for _ in range(n)])))
+        return LayerwiseTaskArithmetic(coefficients=coefficients, default=default, scale=draw(st.floats(0.5, 1.5)))
     if name == "pcb":
         return PCB(ratio=draw(st.floats(0.05, 1.0)), clamp_ratio=draw(st.sampled_from([0.0, 0.0001, 0.01])),
                    scale=draw(st.floats(0.5, 1.5)))
@@ -346,4 +352,5 @@ def test_every_registered_strategy_has_a_generator():
     """A new strategy must join the property tests (``strategies`` raises for a name it does not know)."""
     names = set(_library_strategies())
     assert names == {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "cabs", "generalized", "consensus",
-                     "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge", "pcb"}, sorted(names)
+                     "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge", "pcb",
+                     "layerwise_task_arithmetic"}, sorted(names)

@@ -16,6 +16,7 @@ from lightning_merge.strategies.base import (
 )
 from lightning_merge.strategies.composed import Cabs, Consensus, Generalized, LiNeS
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
+from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.opcm import OPCM
 from lightning_merge.strategies.pcb import PCB
@@ -34,6 +35,7 @@ __all__ = [
     "Fisher",
     "FoldContext",
     "Generalized",
+    "LayerwiseTaskArithmetic",
     "LiNeS",
     "Linear",
     "LinearForm",

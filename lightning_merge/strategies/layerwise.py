@@ -1,0 +1,137 @@
+"""Task arithmetic with one coefficient vector per block (layer): θ = θ₀ + scale · Σⱼ λⱼ(block) τⱼ.
+
+Blocks are numbered as LiNeS numbers them (the first integer component of a tensor's name: ``layers.3.mlp.weight`` →
+3). The coefficients usually come from :func:`lightning_merge.quadratic_coefficients` with ``per_block=True``, or
+from a per-layer search of your own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from lightning_merge.strategies import functional as F
+from lightning_merge.strategies.base import (
+    LinearForm,
+    NoContinualForm,
+    PerExpert,
+    Prepared,
+    Strategy,
+    check_number,
+    set_field,
+)
+
+DEFAULT_PATTERN = r"(?:^|\.)(\d+)(?:\.|$)"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerwiseTaskArithmetic(Strategy):
+    """Task arithmetic whose per-expert coefficients depend on the tensor's block.
+
+    Args:
+        coefficients: ``{block index: [λ₁, …, λ_N]}`` (keys as strings or integers; stored as strings, as in YAML
+            and JSON).
+        default: the coefficients of tensors outside the listed blocks (None: 1 for every expert).
+        scale: an overall step multiplying every coefficient (swept by ``sweep_scale``).
+        pattern: the regular expression whose first group is a tensor's block index (LiNeS' default).
+    """
+
+    name = "layerwise_task_arithmetic"
+    scalable = True
+
+    coefficients: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict)
+    default: PerExpert = None
+    scale: float = 1.0
+    pattern: str = DEFAULT_PATTERN
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.coefficients, Mapping):
+            raise ValueError("LayerwiseTaskArithmetic.coefficients must map block indices to per-expert lists, got "
+                             f"{type(self.coefficients).__name__}")
+        normalised: dict[str, list[float]] = {}
+        for key, values in self.coefficients.items():
+            if isinstance(key, bool) or not str(key).isdigit():
+                raise ValueError(f"LayerwiseTaskArithmetic.coefficients: block {key!r} is not a non-negative integer")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ValueError(f"LayerwiseTaskArithmetic.coefficients[{key!r}] must be a list of per-expert "
+                                 f"numbers, got {values!r}")
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"LayerwiseTaskArithmetic.coefficients[{key!r}] holds {v!r}, not a finite number")
+            normalised[str(int(key))] = [float(v) for v in values]
+        lengths = {len(v) for v in normalised.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"LayerwiseTaskArithmetic.coefficients: the blocks list different numbers of experts "
+                             f"({sorted(lengths)})")
+        set_field(self, "coefficients", normalised)
+        if self.default is not None:
+            check_number("LayerwiseTaskArithmetic", "default", self.default, per_expert=True)
+            if isinstance(self.default, (list, tuple)) and lengths and len(self.default) not in lengths:
+                raise ValueError("LayerwiseTaskArithmetic.default must list as many experts as the blocks do")
+        check_number("LayerwiseTaskArithmetic", "scale", self.scale)
+        try:
+            if re.compile(self.pattern).groups != 1:
+                raise re.error("needs one group")
+        except (re.error, TypeError):
+            raise ValueError("LayerwiseTaskArithmetic.pattern must be a regular expression with exactly one group "
+                             f"capturing the block index, got {self.pattern!r}") from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerwiseTaskArithmetic) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(repr(sorted(self.to_dict().items(), key=lambda kv: kv[0])))
+
+    def _per_expert_fields(self) -> tuple[str, ...]:
+        return ("default",)
+
+    def check_num_experts(self, num_experts: int) -> None:
+        super().check_num_experts(num_experts)
+        for key, values in self.coefficients.items():
+            if len(values) != num_experts:
+                raise ValueError(f"LayerwiseTaskArithmetic.coefficients[{key!r}] lists {len(values)} coefficients for "
+                                 f"{num_experts} experts")
+
+    def coefficients_of(self, name: str, num_experts: int) -> list[float]:
+        """The per-expert coefficients (scale included) of tensor ``name``."""
+        index = F.block_index(name, self.pattern)
+        values = self.coefficients.get(str(index)) if index is not None else None
+        if values is None:
+            values = [self.per_expert("default", i, 1.0) for i in range(num_experts)]
+        return [self.scale * float(v) for v in values]
+
+    @property
+    def linear(self) -> bool:
+        return True
+
+    def continual_form(self) -> Any:
+        raise NoContinualForm(
+            "strategy 'layerwise_task_arithmetic' has no continual form: its coefficients belong to a fixed set of "
+            "experts (one list entry per expert), which a continual state does not have; merge the set in one go, or "
+            "fold with task_arithmetic"
+        )
+
+    def linear_form(self, num_experts: int, name: str | None = None, prepared: Prepared | None = None) -> LinearForm:
+        if name is None:
+            raise ValueError("LayerwiseTaskArithmetic's coefficients depend on the tensor: pass its name")
+        c = self.coefficients_of(name, num_experts)
+        return LinearForm(1.0 - sum(c), tuple(c))
+
+    def merge_tensor(
+        self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
+        prepared: Prepared | None = None,
+    ) -> Tensor:
+        if base is None:
+            raise ValueError("LayerwiseTaskArithmetic merges task vectors: it needs a base model (base=...)")
+        out = base.clone()
+        for c, t in zip(self.coefficients_of(name, len(tensors)), tensors):
+            out.add_(t - base, alpha=c)
+        return out
+
+
+__all__ = ["LayerwiseTaskArithmetic"]
