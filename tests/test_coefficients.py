@@ -157,6 +157,8 @@ def test_layerwise_arguments_are_checked():
     form = s.linear_form(2, "layers.0.weight")
     assert form.experts == (1.0, 0.5) and form.base == pytest.approx(-0.5)
     assert s.linear_form(2, "head.weight").experts == (2.0, 1.0)
+    # without a tensor name (the adapter output's up-front check asks so): the form outside the listed blocks
+    assert s.linear_form(2).experts == (2.0, 1.0) and s.linear_form(2).preserves_base
     base, experts, _, _ = _random_family(n=3)
     with pytest.raises(ValueError, match="lists 2 coefficients for 3 experts"):
         merge(experts, base, LayerwiseTaskArithmetic(coefficients={"0": [1.0, 1.0]}))

@@ -117,9 +117,10 @@ class LayerwiseTaskArithmetic(Strategy):
         )
 
     def linear_form(self, num_experts: int, name: str | None = None, prepared: Prepared | None = None) -> LinearForm:
-        if name is None:
-            raise ValueError("LayerwiseTaskArithmetic's coefficients depend on the tensor: pass its name")
-        c = self.coefficients_of(name, num_experts)
+        """Tensor ``name``'s coefficients; without a name, those of tensors outside the listed blocks (every form
+        has c₀ = 1 − Σcᵢ, so what holds of one, preserving the base, holds of all)."""
+        c = self.coefficients_of(name, num_experts) if name is not None else \
+            [self.scale * self.per_expert("default", i, 1.0) for i in range(num_experts)]
         return LinearForm(1.0 - sum(c), tuple(c))
 
     def merge_tensor(
