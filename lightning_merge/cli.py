@@ -39,7 +39,7 @@ def _human(n: float) -> str:
 def cmd_merge(args: argparse.Namespace) -> int:
     import os
 
-    nproc = getattr(args, "nproc", None)
+    nproc = args.nproc
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")
     if nproc is not None and nproc > 1 and not args.dry_run:

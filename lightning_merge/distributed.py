@@ -45,7 +45,6 @@ class Distribution:
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         self.owned: set[str] = set()
-        self.loads: list[int] = []
         self.announced = False  # this rank told the others it failed (no further exchange may follow)
 
     # -- the one collective ----------------------------------------------------------------------------------------
@@ -93,7 +92,6 @@ class Distribution:
             owner[sizes[i][0]] = rank
             load[rank] += sizes[i][1]
         self.owned = {name for name, rank in owner.items() if rank == self.rank}
-        self.loads = load
         return self.owned
 
     def gather_map(self, names: Sequence[str], fn: Callable[[str], Any], tag: str) -> dict[str, Any]:

@@ -128,7 +128,7 @@ class MergePlan:
         Split over the ranks in a distributed merge; reduce the values in this order to get one process's floats."""
         if self.distribution is None:
             return {n: fn(n) for n in self._own(desc)}
-        return self.distribution.gather_map(self.names, lambda n: fn(n), desc)
+        return self.distribution.gather_map(self.names, fn, desc)
 
     def sum(self, fn: Callable[[str], Tensor], desc: str, zero: Tensor) -> Tensor:
         """Σ over the merged tensors of ``fn(name)``, for integer tensors (counts, histograms), whose sums are exact

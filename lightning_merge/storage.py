@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_merge.io import atomic_file, fsync_dir
+from lightning_merge.io import atomic_file
 
 LOCAL_PROTOCOLS = ("file", "local")
 # Files whose presence makes a folder loadable, in the order a loader looks for them: uploaded last.
@@ -102,11 +101,6 @@ def remove(url: str) -> None:
             fs.rm(path, recursive=True)
         else:
             fs.rm_file(path)
-
-
-def read_bytes(url: str) -> bytes:
-    fs, path = filesystem(url)
-    return fs.cat_file(path)
 
 
 def cache_dir() -> Path:
@@ -287,12 +281,6 @@ def output_file(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
 
 
-def write_json(target: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON at a local path or URL, atomically."""
-    with output_file(target) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-
-
 __all__ = [
     "ENTRY_POINTS",
     "PreconditionFailed",
@@ -302,7 +290,6 @@ __all__ = [
     "exists",
     "fetch",
     "filesystem",
-    "fsync_dir",
     "is_url",
     "glob",
     "join",
@@ -310,11 +297,9 @@ __all__ = [
     "output_file",
     "put_conditional",
     "read_versioned",
-    "read_bytes",
     "remove",
     "staged",
     "upload",
-    "write_json",
 ]
 
 
