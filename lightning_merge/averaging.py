@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_merge.stats import tensor_fingerprint
-from lightning_merge.storage import basename, is_url, local_path, output_file
-from lightning_merge.storage import exists as remote_exists
+from lightning_merge.storage import basename, is_url, local_path, output_file, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +334,7 @@ def _check_output(out: str | os.PathLike, paths: Sequence[str | os.PathLike], ov
     if is_url(out):
         if str(out) in {str(p) for p in paths}:
             raise ValueError(f"output '{out}' is one of the checkpoints being averaged; choose another path")
-        if not overwrite and remote_exists(str(out)):
-            raise FileExistsError(f"output '{out}' already exists; pass overwrite=True (CLI: --overwrite) to "
-                                  "replace it")
+        refuse_existing(out, overwrite)
         return
     check_output_path(Path(out), overwrite, inputs=[Path(p) for p in paths if not is_url(p)], folder=False)
 

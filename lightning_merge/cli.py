@@ -295,8 +295,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         print(f"plan (dry run: nothing averaged or written): {len(paths)} checkpoints, {args.weighting}")
         for path, w in zip(paths, weights or [None] * len(paths)):
             print(f"  {path}" + (f"  weight {w:.4f}" if w is not None else f"  ({args.weighting} per entry)"))
-        print(f"  output      {args.out}" + (" (exists: --overwrite replaces it)" if (
-            exists(args.out) if is_url(args.out) else Path(args.out).exists()) else ""))
+        print(f"  output      {args.out}" + (" (exists: --overwrite replaces it)" if exists(args.out) else ""))
         return 0
     _, weights = average_checkpoints(
         paths, args.out, weighting=args.weighting, mwa_by=args.mwa_by, p=args.p, mode=args.mode, source=args.source,

@@ -25,7 +25,7 @@ from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, TensorSpec, as_expert
 from lightning_merge.stats import MissingStatistic, StatisticsError
 from lightning_merge.storage import exists as remote_exists
-from lightning_merge.storage import is_url, staged
+from lightning_merge.storage import is_url, refuse_existing, staged
 from lightning_merge.strategies.base import Prepared, Strategy
 from lightning_merge.strategies.linear import Linear
 from lightning_merge.writers import (
@@ -594,9 +594,7 @@ def describe_plan(experts: list[Expert], base: Expert | None, strategy: Strategy
     jobs = build_jobs(experts, base, include=include, exclude=exclude, dtype=dtype, on_missing=on_missing)
     _StatisticReader(strategy, experts, on_missing_statistic, {j.name: j for j in jobs}).check()
     if isinstance(out, str) and is_url(out):
-        if not overwrite and remote_exists(out):
-            raise FileExistsError(f"output '{out}' already exists; pass overwrite=True (CLI: --overwrite) to "
-                                  "replace it")
+        refuse_existing(out, overwrite)
     elif isinstance(out, (str, os.PathLike)):
         check_output_path(Path(out), overwrite, folder=Path(out).suffix not in FILE_SUFFIXES or output == "peft")
     actions: dict[str, int] = {}

@@ -22,10 +22,10 @@ from lightning_merge.stats import (
     MissingStatistic,
     Statistics,
     StatisticsError,
+    fetch_with_sidecar,
     find_sidecar,
-    sidecar_name,
 )
-from lightning_merge.storage import fetch, is_url
+from lightning_merge.storage import is_url
 from lightning_merge.torch_io import CheckpointError, load_torch_file
 
 
@@ -185,9 +185,8 @@ class Expert:
         elif isinstance(source, (str, os.PathLike)):
             default_name = str(source)
             if is_url(source):
-                name_part = str(source).rstrip("/").rsplit("/", 1)[-1]
                 try:
-                    source = fetch(str(source), companions=(sidecar_name(name_part),))
+                    source = fetch_with_sidecar(str(source))
                 except FileNotFoundError:
                     raise FileNotFoundError(f"expert '{default_name}' does not exist") from None
             path = Path(source)

@@ -14,8 +14,8 @@ import yaml
 
 from lightning_merge.engine import parse_dtype
 from lightning_merge.experts import Expert
-from lightning_merge.stats import sidecar_name
-from lightning_merge.storage import basename, fetch, is_url
+from lightning_merge.stats import fetch_with_sidecar
+from lightning_merge.storage import is_url
 from lightning_merge.strategies import STRATEGIES, Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
 
 log = logging.getLogger("lightning_merge")
@@ -71,7 +71,7 @@ class Recipe:
 def _existing(ref: str, recipe: Path, where: str) -> Path:
     if is_url(ref):  # object storage: the local copy (fetched once, with its sidecar); named by its URL
         try:
-            local = fetch(ref, companions=(sidecar_name(basename(ref)),))
+            local = fetch_with_sidecar(ref)
         except FileNotFoundError:
             raise RecipeError(f"{recipe}: {where} '{ref}' not found (nothing exists at that URL)") from None
         _URL_OF[local] = ref

@@ -49,6 +49,12 @@ def sidecar_name(filename: str) -> str:
     return filename + SIDECAR_SUFFIX
 
 
+def fetch_with_sidecar(url: str) -> Path:
+    """The local copy of a remote model file or folder (:func:`lightning_merge.storage.fetch`), a file's sidecar
+    fetched beside it so the copy is found with its statistics."""
+    return fetch(url, companions=(sidecar_name(url.rstrip("/").rsplit("/", 1)[-1]),))
+
+
 def sidecar_path(source: str | os.PathLike) -> Path | str:
     """Where the statistics of ``source`` live: inside a folder, or ``X.statistics.safetensors`` next to a file.
 

@@ -209,6 +209,16 @@ def basename(path: str | os.PathLike) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[-1] if is_url(path) else Path(path).name
 
 
+def refuse_existing(url: str | os.PathLike, overwrite: bool) -> None:
+    """The check every output at a URL makes before anything is written.
+
+    Raises:
+        FileExistsError: something exists at ``url`` and ``overwrite`` is False.
+    """
+    if not overwrite and exists(url):
+        raise FileExistsError(f"output '{url}' already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+
+
 def upload(local: Path, url: str, *, replace: bool = True) -> str:
     """Upload a file or folder to ``url``; a folder's entry point last (see the module docs). Returns ``url``.
 
@@ -218,6 +228,7 @@ def upload(local: Path, url: str, *, replace: bool = True) -> str:
         replace: an existing output at ``url`` is replaced (its entry point deleted first, then stale files
             that the new output does not have are deleted after the new entry point lands).
     """
+    refuse_existing(url, replace)
     fs, path = filesystem(url)
     _fresh(fs, path)
     if local.is_dir():
@@ -225,8 +236,6 @@ def upload(local: Path, url: str, *, replace: bool = True) -> str:
         rel = [p.relative_to(local).as_posix() for p in files]
         old: list[str] = []
         if fs.exists(path):
-            if not replace:
-                raise FileExistsError(f"output '{url}' already exists; pass overwrite=True to replace it")
             prefix = path.rstrip("/") + "/"
             old = [o[len(prefix):] for o in fs.find(path) if o.startswith(prefix)]
             for entry in ENTRY_POINTS:
@@ -241,8 +250,6 @@ def upload(local: Path, url: str, *, replace: bool = True) -> str:
             with contextlib.suppress(FileNotFoundError):
                 fs.rm_file(join(path, r))
         return url
-    if fs.exists(path) and not replace:
-        raise FileExistsError(f"output '{url}' already exists; pass overwrite=True to replace it")
     fs.put_file(str(local), path)  # one object: appears whole or not at all
     return url
 
@@ -255,8 +262,7 @@ def staged(url: str, *, overwrite: bool = True) -> Iterator[Path]:
     Raises:
         FileExistsError: ``url`` exists and ``overwrite`` is False (checked before anything is written).
     """
-    if not overwrite and exists(url):
-        raise FileExistsError(f"output '{url}' already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    refuse_existing(url, overwrite)
     base = cache_dir() / "staging"
     base.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"pid{os.getpid()}-", dir=base))
@@ -297,6 +303,7 @@ __all__ = [
     "output_file",
     "put_conditional",
     "read_versioned",
+    "refuse_existing",
     "remove",
     "staged",
     "upload",
