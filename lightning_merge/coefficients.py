@@ -54,7 +54,7 @@ class QuadraticChoice:
     gram: Tensor
     target: Tensor
     per_task: list[tuple[Tensor, Tensor, float]]
-    pattern: str = r"(?:^|\.)(\d+)(?:\.|$)"
+    pattern: str = F.BLOCK_PATTERN
 
     def predict(self, weights: Sequence[float]) -> list[float]:
         """Each task's predicted loss for θ₀ + Σ λⱼτⱼ, relative to the base's (1 = no better than the base, 0 =
@@ -124,7 +124,7 @@ def quadratic_coefficients(
         raise ValueError(f"quadratic_coefficients needs at least 2 experts, got {n}")
     plan = plan_merge(opened, base_expert, Fisher(), include=include, exclude=exclude,
                       on_missing_statistic=on_missing_statistic)
-    pattern = pattern or _default_pattern()
+    pattern = pattern or F.BLOCK_PATTERN
 
     def partial(name: str) -> tuple[Tensor, Tensor]:
         base_t = plan.base_tensor(name)
@@ -148,28 +148,26 @@ def quadratic_coefficients(
         raise ValueError(f"expert '{bad[0]}' has a zero Fisher-weighted task vector (τᵀFτ = 0): its loss model is "
                          "flat; check its statistics")
     per_task = [(total_a[i], total_a[i][:, i].clone(), float(c[i])) for i in range(n)]
-    weights = _solve(total_a, c, ridge)
-    per_block_weights = {k: _solve(v, c, ridge) for k, v in sorted(blocks.items(), key=lambda kv: int(kv[0][6:]))} \
-        if per_block else None
-    gram = sum(total_a[i] / c[i] for i in range(n))
-    target = torch.stack([total_a[i][:, i] / c[i] for i in range(n)]).sum(0)
+    gram, target = _system(total_a, c)
+    weights = _solve(gram, target, ridge)
+    per_block_weights = {k: _solve(*_system(v, c), ridge)
+                         for k, v in sorted(blocks.items(), key=lambda kv: int(kv[0][6:]))} if per_block else None
     log.info("quadratic coefficients: %s", ", ".join(f"{w:.3f}" for w in weights))
     return QuadraticChoice(weights, per_block_weights, [e.name for e in opened], gram, target, per_task, pattern)
 
 
-def _solve(a: Tensor, c: Tensor, ridge: float) -> list[float]:
+def _system(a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """G = Σᵢ Aᵢ/cᵢ and b = Σᵢ aᵢ/cᵢ ((aᵢ)ⱼ = (Aᵢ)ⱼᵢ) from the per-task matrices ``a`` (n, n, n)."""
     n = a.shape[0]
-    gram = sum(a[i] / c[i] for i in range(n))
-    target = torch.stack([a[i][:, i] / c[i] for i in range(n)]).sum(0)
+    return sum(a[i] / c[i] for i in range(n)), torch.stack([a[i][:, i] / c[i] for i in range(n)]).sum(0)
+
+
+def _solve(gram: Tensor, target: Tensor, ridge: float) -> list[float]:
+    """λ = (G + ridge·mean(diag G)·I)⁻¹ b."""
+    n = gram.shape[0]
     scale = float(torch.diagonal(gram).mean()) or 1.0
     lam = torch.linalg.solve(gram + ridge * scale * torch.eye(n, dtype=gram.dtype), target)
     return [float(x) for x in lam]
-
-
-def _default_pattern() -> str:
-    from lightning_merge.strategies.composed import LiNeS
-
-    return LiNeS.__dataclass_fields__["pattern"].default
 
 
 __all__ = ["QuadraticChoice", "quadratic_coefficients"]

@@ -37,7 +37,7 @@ from lightning_merge.engine import open_inputs, plan_merge, unique_names
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.base import Strategy
 
-BLOCK_PATTERN = r"(?:^|\.)(\d+)(?:\.|$)"
+BLOCK_PATTERN = F.BLOCK_PATTERN
 KINDS = ("fisher", "exp_avg_sq")
 CHUNK = 1 << 20  # columns per chunk of the float64 sums
 

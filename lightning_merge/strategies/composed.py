@@ -278,7 +278,7 @@ class LiNeS(Strategy):
     inner: Any = None
     alpha: float | None = None
     beta: float = 1.0
-    pattern: str = r"(?:^|\.)(\d+)(?:\.|$)"
+    pattern: str = F.BLOCK_PATTERN
 
     def __post_init__(self) -> None:
         inner = TaskArithmetic() if self.inner is None else self.inner
@@ -299,7 +299,7 @@ class LiNeS(Strategy):
                              f"block index, got {self.pattern!r}") from None
 
     @classmethod
-    def single_task(cls, strength: float, inner: Any = None, pattern: str = r"(?:^|\.)(\d+)(?:\.|$)") -> LiNeS:
+    def single_task(cls, strength: float, inner: Any = None, pattern: str = F.BLOCK_PATTERN) -> LiNeS:
         """The paper's single-task setting: one fine-tuned model edited to forget less of the base. The shallowest
         block keeps ``strength`` of its task vector and the deepest all of it (α = λ, β = 1 − λ), so block l of L
         gets λ + (1 − λ)·l/(L − 1).

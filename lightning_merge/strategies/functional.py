@@ -335,7 +335,11 @@ def tall_masks(tau: Tensor, merged: Tensor, lambdas: list[float]) -> Tensor:
     return tau.abs() > lam * (merged.unsqueeze(0) - tau).abs()
 
 
-def block_index(name: str, pattern: str) -> int | None:
+#: the block (layer) number of a tensor: the first integer component of its name (``layers.3.mlp.weight`` → 3)
+BLOCK_PATTERN = r"(?:^|\.)(\d+)(?:\.|$)"
+
+
+def block_index(name: str, pattern: str = BLOCK_PATTERN) -> int | None:
     """The block (layer) index of a parameter name: the first match of ``pattern``'s group, or None."""
     import re
 

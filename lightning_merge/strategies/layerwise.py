@@ -26,8 +26,6 @@ from lightning_merge.strategies.base import (
     set_field,
 )
 
-DEFAULT_PATTERN = r"(?:^|\.)(\d+)(?:\.|$)"
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LayerwiseTaskArithmetic(Strategy):
@@ -47,7 +45,7 @@ class LayerwiseTaskArithmetic(Strategy):
     coefficients: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict)
     default: PerExpert = None
     scale: float = 1.0
-    pattern: str = DEFAULT_PATTERN
+    pattern: str = F.BLOCK_PATTERN
 
     def __post_init__(self) -> None:
         if not isinstance(self.coefficients, Mapping):
