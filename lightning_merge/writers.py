@@ -251,8 +251,7 @@ class SafetensorsWriter(Writer):
             shard.close(sync=False)
 
     def abort(self) -> None:
-        for shard in self.shards:
-            shard.close(sync=False)
+        self.release()
         if self.single_file:
             self.tmp.unlink(missing_ok=True)
         else:
@@ -489,7 +488,7 @@ class PeftWriter(Writer):
         self.file.close(sync=False)
 
     def abort(self) -> None:
-        self.file.close(sync=False)
+        self.release()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -28,6 +28,35 @@ def make_models(n: int = 3, seed: int = 0, scale: float = 0.1, dtype=torch.float
     return base, experts
 
 
+def write_lora_family(root, n: int = 3, each=None):
+    """A tiny Llama base (``root/base``) and ``n`` LoRA adapters over it (``root/a{i}``; different ranks and target
+    modules, random factors). ``each(folder, generator)`` runs after each adapter is saved (to add statistics).
+    Returns ``(base folder, adapter folders)``."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
+    targets = (["q_proj", "v_proj"], ["q_proj", "down_proj"], ["v_proj", "o_proj"])
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for i in range(n):
+        torch.manual_seed(10 + i)
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(
+            r=2 + i, lora_alpha=4, target_modules=targets[i % len(targets)], init_lora_weights=False))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.3, generator=g)
+        folder = root / f"a{i}"
+        model.save_pretrained(folder)
+        if each is not None:
+            each(folder, g)
+        paths.append(folder)
+    return root / "base", paths
+
+
 @pytest.fixture(scope="session")
 def _moto_server():
     """A real S3-compatible server (moto's server mode) for the object-storage tests, started once."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_lora_family
 
 from lightning_merge import OPCM, PCB, Dare, Fisher, Linear, LiNeS, TaskArithmetic, Ties, merge
 from lightning_merge.distributed import Distribution, spawn
@@ -139,27 +140,8 @@ def test_cli_under_torchrun(family, tmp_path):
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """A tiny Llama base and three LoRA adapters over it (different ranks and targets)."""
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("dist-lora")
-    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
-    targets = (["q_proj", "v_proj"], ["q_proj", "down_proj"], ["v_proj", "o_proj"])
-    g = torch.Generator().manual_seed(1)
-    paths = []
-    for i in range(3):
-        torch.manual_seed(10 + i)
-        model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(
-            r=2 + i, lora_alpha=4, target_modules=targets[i], init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.normal_(0, 0.3, generator=g)
-        model.save_pretrained(root / f"a{i}")
-        paths.append(str(root / f"a{i}"))
-    return str(root / "base"), paths
+    base, paths = write_lora_family(tmp_path_factory.mktemp("dist-lora"), 3)
+    return str(base), [str(p) for p in paths]
 
 
 @pytest.mark.parametrize("strategy,rank", [(TaskArithmetic(scale=0.7), None), (TaskArithmetic(), 3),

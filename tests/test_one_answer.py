@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import yaml
+from conftest import write_lora_family
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -92,31 +93,13 @@ def dense(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """A tiny Llama base and N_MAX LoRA adapters over it (different ranks and targets), with ΔW statistics."""
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("lora")
-    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
-    targets = (["q_proj", "v_proj"], ["q_proj", "down_proj"], ["v_proj", "o_proj"])
-    paths = []
-    g = torch.Generator().manual_seed(1)
-    for i in range(N_MAX):
-        torch.manual_seed(10 + i)
-        model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(
-            r=2 + i, lora_alpha=4, target_modules=targets[i], init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.normal_(0, 0.3, generator=g)
-        folder = root / f"a{i}"
-        model.save_pretrained(folder)
+
+    def statistics(folder, g):
         keys = Expert(folder / "adapter_model.safetensors")
         shapes = {k: tuple(keys.spec(k).shape) for k in keys.names()}
         write_statistics(folder / "statistics.safetensors", _stats(shapes, g), _KINDS)
-        paths.append(folder)
-    return root / "base", paths
+
+    return write_lora_family(tmp_path_factory.mktemp("lora"), N_MAX, statistics)
 
 
 # -- strategies and their options ----------------------------------------------------------------------------------
