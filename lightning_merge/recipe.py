@@ -68,13 +68,13 @@ class Recipe:
     dtype: Any
 
 
-def _existing(ref: str, recipe: Path, where: str) -> Path:
+def _existing(ref: str, recipe: Path, where: str, urls: dict[Path, str]) -> Path:
     if is_url(ref):  # object storage: the local copy (fetched once, with its sidecar); named by its URL
         try:
             local = fetch_with_sidecar(ref)
         except FileNotFoundError:
             raise RecipeError(f"{recipe}: {where} '{ref}' not found (nothing exists at that URL)") from None
-        _URL_OF[local] = ref
+        urls[local] = ref
         return local
     path = Path(os.path.expanduser(ref))
     if not path.is_absolute():
@@ -87,10 +87,7 @@ def _existing(ref: str, recipe: Path, where: str) -> Path:
     return path
 
 
-_URL_OF: dict[Path, str] = {}  # local copies of models given as URLs -> the URL (their display name)
-
-
-def _resolve_model(ref: Any, recipe: Path, where: str) -> tuple[Path, Path | None]:
+def _resolve_model(ref: Any, recipe: Path, where: str, urls: dict[Path, str]) -> tuple[Path, Path | None]:
     """``(model path, LoRA adapter path or None)`` of a mergekit model reference: a path, ``{path: ...}``,
     ``{model: {path: ...}, lora: {path: ...}}``, or the ``"model+lora"`` shorthand."""
     lora: Any = None
@@ -110,12 +107,12 @@ def _resolve_model(ref: Any, recipe: Path, where: str) -> tuple[Path, Path | Non
     if lora is None and "+" in ref and not is_url(ref) and not (recipe.parent / ref).exists() and \
             not Path(ref).exists():
         ref, lora = ref.split("+", 1)
-    path = _existing(ref, recipe, where)
+    path = _existing(ref, recipe, where, urls)
     if lora is None:
         return path, None
     if not isinstance(lora, str):
         raise RecipeError(f"{recipe}: {where}'s lora must be a path, got {lora!r}")
-    adapter = _existing(lora, recipe, f"{where} (its LoRA)")
+    adapter = _existing(lora, recipe, f"{where} (its LoRA)", urls)
     if not _is_adapter(adapter):
         raise RecipeError(f"{recipe}: {where}'s LoRA '{lora}' is not a PEFT adapter folder (no adapter_config.json)")
     return path, adapter
@@ -176,8 +173,9 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         raise RecipeError(f"{path}: merge_method '{method}' is not supported; supported: {', '.join(known)}")
 
     base_path = None
+    urls: dict[Path, str] = {}  # local copies of models given as URLs -> the URL (their display name)
     if config.get("base_model"):
-        base_path, base_lora = _resolve_model(config["base_model"], path, "base_model")
+        base_path, base_lora = _resolve_model(config["base_model"], path, "base_model", urls)
         if base_lora is not None:
             raise RecipeError(f"{path}: base_model with a LoRA is not supported: merge the adapter into it first")
     shared = dict(config.get("parameters") or {})
@@ -196,7 +194,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise RecipeError(f"{path}: models[{i}] has unknown key(s) {', '.join(extra)}")
-        model_path, lora_path = _resolve_model(entry["model"], path, f"models[{i}].model")
+        model_path, lora_path = _resolve_model(entry["model"], path, f"models[{i}].model", urls)
         if lora_path is not None:  # mergekit's model+lora: the adapter, over that model
             adapter_bases[lora_path] = model_path
             model_path = lora_path
@@ -230,7 +228,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         dtype = parse_dtype(dtype, "dtype")
     except ValueError as err:
         raise RecipeError(f"{path}: {err}") from None
-    base = Expert(base_path, trust_checkpoint=trust_checkpoint, name=_URL_OF.get(base_path, str(base_path))) \
+    base = Expert(base_path, trust_checkpoint=trust_checkpoint, name=urls.get(base_path, str(base_path))) \
         if base_path is not None else None
     experts = []
     for p, _ in entries:
@@ -238,7 +236,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         if _is_adapter(p):
             named = adapter_bases.get(p)
             adapter_base = base if named is None or (base_path and named.resolve() == base_path.resolve()) else named
-        experts.append(Expert(p, trust_checkpoint=trust_checkpoint, base=adapter_base, name=_URL_OF.get(p, str(p))))
+        experts.append(Expert(p, trust_checkpoint=trust_checkpoint, base=adapter_base, name=urls.get(p, str(p))))
     return Recipe(path, experts, base, strategy, dtype)
 
 
