@@ -49,11 +49,13 @@ from lightning_merge import (
     Fisher,
     Linear,
     LiNeS,
+    RegMean,
     TaskArithmetic,
     Ties,
     TSVMerge,
     WeightedMedian,
     merge,
+    quadratic_coefficients,
 )
 from lightning_merge.callbacks import CurvatureCapture
 from lightning_merge.evaluation import sweep_scale
@@ -63,6 +65,7 @@ VOCAB = 257  # bytes + BOS
 BOS = 256
 GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 BETAS = (0.0, 0.5, 1.0, 2.0)
+ALPHAS = (0.0, 0.5, 0.9, 0.95, 1.0)  # RegMean's off-diagonal scale, chosen on validation for "regmean (α on val.)"
 
 
 def quiet() -> None:
@@ -241,10 +244,31 @@ def strategies() -> dict[str, object]:
         # the target (first) model only
         "ota, mean-normalized (reference)": OTA(mean_normalize=True),
         "fisher (batch), favor_target (reference)": Fisher(estimator="batch", favor_target=True),
+        # from the input Gram matrices the experts capture after the fit (CurvatureCapture(gram="after_fit"))
+        "regmean (α 0.95)": RegMean(),
+        "regmean (α on validation)": RegMean(alpha=1.0),
     }
 
 
-def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int) -> dict:
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    def ranks(values: list[float]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.float64)
+        order = t.argsort()
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(values), dtype=torch.float64)
+        for v in t.unique():
+            tied = t == v
+            r[tied] = r[tied].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx @ ry) / (rx.norm() * ry.norm()))
+
+
+def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only: list[str] | None = None,
+             quadratic: bool = False) -> dict:
     import peft
     import transformers
 
@@ -271,7 +295,7 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int) -> d
                                                                 "up_proj", "down_proj"], lora_dropout=0.0))
         timer = StepTimer()
         capture = CurvatureCapture(fisher_after_fit="example", fisher_loader=loader(d.train, 8, 32, seed + 7),
-                                   fisher_examples=256, dirpath=str(root / d.name))
+                                   fisher_examples=256, gram="after_fit", dirpath=str(root / d.name))
         fit(LM(model, 2e-3), loader(d.train, 16, expert_steps, seed * 10 + k), [capture, timer], root / d.name)
         adapters[d.name] = root / d.name / "final.adapter"
         expert_loss[d.name] = loss_of(model, d.test)
@@ -308,9 +332,19 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int) -> d
 
     rows = {}
     for label, strategy in strategies().items():
+        if only and label != "task_arithmetic" and not any(o in label for o in only):
+            continue
         t0 = time.perf_counter()
         chosen = {}
-        if isinstance(strategy, LiNeS):
+        if label == "regmean (α on validation)":
+            best = None
+            for alpha in ALPHAS:
+                state = merge(experts, root / "base", RegMean(alpha=alpha))
+                score = val_score(state)
+                if best is None or score > best[0]:
+                    best = (score, state, alpha)
+            _, state, chosen["alpha"] = best
+        elif isinstance(strategy, LiNeS):
             best = None
             for beta in BETAS:
                 candidate = dataclasses.replace(strategy, beta=beta)
@@ -329,7 +363,24 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int) -> d
         rows[label] = {"normalized": normalized(losses), "perplexity": {n: math.exp(v) for n, v in losses.items()},
                        **chosen, "seconds": time.perf_counter() - t0}
         print(f"  seed {seed} {label:<26} normalized {100 * rows[label]['normalized']:.1f}  {chosen}", flush=True)
+    extra = {}
+    if quadratic:  # the Fisher-quadratic loss model (#19): its λ*, and how well it ranks real merges
+        choice = quadratic_coefficients(experts, root / "base")
+        model = load(merge(experts, root / "base", choice.strategy()))
+        losses = {n: loss_of(model, domains[n].test) for n in names}
+        rows["fisher-quadratic λ* (no data)"] = {"normalized": normalized(losses),
+                                                 "perplexity": {n: math.exp(v) for n, v in losses.items()},
+                                                 "weights": list(choice.weights)}
+        g = torch.Generator().manual_seed(1000 + seed)
+        n = len(experts)
+        vectors = [[lam] * n for lam in GRID] + [(torch.rand(n, generator=g) * 0.8).tolist() for _ in range(12)]
+        predicted = [-choice.predicted_mean(lam) for lam in vectors]
+        measured = [val_score(merge(experts, root / "base", TaskArithmetic(weights=lam))) for lam in vectors]
+        extra = {"spearman": spearman(predicted, measured), "lambda_star": list(choice.weights)}
+        print(f"  seed {seed} quadratic model: λ* {[round(w, 3) for w in choice.weights]}, Spearman ρ "
+              f"{extra['spearman']:.3f} over {len(vectors)} coefficient vectors", flush=True)
     return {
+        **extra,
         "expert_perplexity": {n: math.exp(v) for n, v in expert_loss.items()},
         "base": {"normalized": normalized(base_loss), "perplexity": {n: math.exp(v) for n, v in base_loss.items()}},
         "rows": rows,
@@ -354,6 +405,10 @@ def summarize(results: list[dict]) -> str:
         lines.append(f"{label:<28}{_ms(values):>16}{_ms(diffs, sign=True):>24}  {ppl}")
     experts = "  ".join(f"{statistics.mean(r['expert_perplexity'][n] for r in results):>9.2f}" for n in DOMAINS)
     lines.append(f"{'experts (own domain)':<28}{'100.0':>16}{'':>24}  {experts}")
+    if "spearman" in results[0]:
+        rho = [r["spearman"] for r in results]
+        lines.append(f"Fisher-quadratic model: Spearman ρ (predicted loss vs validation score) "
+                     f"{statistics.mean(rho):.2f} ± {statistics.stdev(rho) if len(rho) > 1 else 0.0:.2f}")
     over = [r["timing"]["capture_overhead"] for r in results]
     lines.append(f"capture overhead (step time with / without CurvatureCapture, median): {_ms(over, pct=False)}")
     return "\n".join(lines)
@@ -408,6 +463,10 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true",
                         help="measure only the capture's step-time overhead (alternated pairs of short fits)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="only the strategies whose row name contains one of these (task arithmetic always)")
+    parser.add_argument("--quadratic", action="store_true",
+                        help="also the Fisher-quadratic λ* and its rank correlation with validation scores")
     args = parser.parse_args()
     quiet()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -422,7 +481,8 @@ def main() -> None:
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            results.append(run_seed(seed, Path(tmp), args.pretrain_steps, args.expert_steps))
+            results.append(run_seed(seed, Path(tmp), args.pretrain_steps, args.expert_steps, args.only,
+                                    args.quadratic))
             print(f"seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))

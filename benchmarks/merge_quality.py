@@ -6,16 +6,25 @@ merged; per-task accuracy with each expert's head; normalized = merged ÷ expert
 over seeds. Also: each statistics compression (float32, bfloat16, rank-1) through a real sidecar round trip.
 
     python benchmarks/merge_quality.py [--seeds 3] [--epochs 12]
+
+RegMean rows need the linear layers' input Gram matrices: the experts capture them after the fit
+(``CurvatureCapture(gram="after_fit")``, the Fisher's 512 training examples); α (off-diagonal scale) is chosen on
+validation like λ. With a fusion-bench environment (``.venv-fusionbench`` or FUSION_BENCH_PYTHON), the same Gram
+matrices also go through FusionBench's own ``merging_with_regmean_weights`` for a row side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from lightning_merge import (
     OTA,
@@ -29,6 +38,7 @@ from lightning_merge import (
     Generalized,
     Linear,
     LiNeS,
+    RegMean,
     TaskArithmetic,
     Ties,
     TSVMerge,
@@ -77,14 +87,22 @@ def strategies() -> dict[str, object]:
                                                     normalize=True),
         "lines (task arithmetic)": LiNeS(TaskArithmetic()),
         "lines (fisher)": LiNeS(Fisher(estimator="batch")),
+        "regmean (α 0.95)": RegMean(),
+        "regmean (α on validation)": "regmean-tuned",
     }
 
 
 BETAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+ALPHAS = (0.0, 0.3, 0.6, 0.9, 0.95, 1.0)
 
 
 def tuned(strategy, experts, base, score, **merge_kwargs):
-    """(state, chosen value): λ swept for strategies with a scale; LiNeS' β swept (α from its norm rule)."""
+    """(state, chosen value): λ swept for strategies with a scale; LiNeS' β swept (α from its norm rule); RegMean's
+    α swept for "regmean-tuned"."""
+    if strategy == "regmean-tuned":
+        states = {a: merge(experts, base, RegMean(alpha=a), **merge_kwargs) for a in ALPHAS}
+        best = max(states, key=lambda a: (score(states[a]), a))
+        return states[best], best
     if isinstance(strategy, LiNeS):
         states = {b: merge(experts, base, dataclasses.replace(strategy, beta=b), **merge_kwargs) for b in BETAS}
         best = max(states, key=lambda b: (score(states[b]), -b))
@@ -93,6 +111,70 @@ def tuned(strategy, experts, base, score, **merge_kwargs):
         result = sweep_scale(strategy, experts, base, score, GRID, **merge_kwargs)
         return result.state, result.scale
     return merge(experts, base, strategy, **merge_kwargs), None
+
+
+FUSION_BENCH = next((c for c in (os.environ.get("FUSION_BENCH_PYTHON"),
+                                  str(Path(__file__).resolve().parents[1] / ".venv-fusionbench" / "bin" / "python"))
+                     if c and Path(c).exists()), None)
+FUSION_BENCH_REGMEAN = """
+import sys, torch
+from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
+d = torch.load(sys.argv[1], weights_only=True)
+torch.save(merging_with_regmean_weights(d["params"], d["grams"], reduce_non_diagonal_ratio=d["alpha"]), sys.argv[2])
+"""
+
+
+def fusionbench_regmean(experts: list[Expert], alpha: float, folder: Path, base: dict | None = None,
+                        names: list[str] | None = None) -> dict | str:
+    """FusionBench's RegMean merge (its own function, in its environment) of the experts' tensors ``names`` (default:
+    all) with the Gram matrices they captured (the mean xxᵀ: FusionBench's convention), keyed by module name as it
+    expects; the other tensors from ``base``. Returns the state, or the reason it failed (its last line)."""
+    names = names or experts[0].names()
+    params = {n: [e.tensor(n).float() for e in experts] for n in names}
+    grams = [{n[: -len(".weight")]: e.statistic(n, "gram") for n in names
+              if n.endswith(".weight") and len(e.spec(n).shape) == 2} for e in experts]
+    torch.save({"params": params, "grams": grams, "alpha": alpha}, folder / "fb-in.pt")
+    done = subprocess.run([FUSION_BENCH, "-c", FUSION_BENCH_REGMEAN, str(folder / "fb-in.pt"),
+                           str(folder / "fb-out.pt")], capture_output=True, text=True)
+    if done.returncode:
+        return [line for line in done.stderr.splitlines() if "Error" in line][-1].strip()
+    return {**(base or {}), **torch.load(folder / "fb-out.pt", weights_only=True)}
+
+
+class _TaskInputs(torch.utils.data.Dataset):
+    """Unlabeled inputs of every task at once: item i is ``{task: x_task[i mod n_task]}``."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor]):
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return max(len(x) for x in self.inputs.values())
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {task: x[i % len(x)] for task, x in self.inputs.items()}
+
+
+def adamerging(setup, granularity: str, steps: int = 1000, seed: int = 0) -> dict:
+    """AdaMerging on the digits experts: λ learned by entropy minimisation on the tasks' *validation inputs*
+    (labels unused), each task through its own head; FusionBench's settings (λ₀ 0.3, Adam 1e-3, 1000 steps, batch
+    16 per task). Returns the merged backbone's state, written by merge() from the learned strategy."""
+    import lightning.pytorch as pl
+
+    from lightning_merge.adamerging import AdaMerging
+    from lightning_merge.demo import make_backbone, task_data
+
+    heads = {task.name: head.requires_grad_(False) for task, head in zip(setup.tasks, setup.heads)}
+    inputs = {task.name: task_data(task, setup.splits["val"])[0] for task in setup.tasks}
+
+    def logits_fn(ada, batch):
+        return {name: heads[name](ada(x)) for name, x in batch.items()}
+
+    ada = AdaMerging(make_backbone(), setup.experts, setup.base, granularity=granularity, logits_fn=logits_fn)
+    pl.seed_everything(seed, verbose=False)
+    loader = torch.utils.data.DataLoader(_TaskInputs(inputs), batch_size=16, shuffle=True)
+    pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(ada, loader)
+    return merge(setup.experts, setup.base, ada.strategy())
 
 
 def recompressed(experts: list[Expert], compression: str, folder: Path) -> list[Expert]:
@@ -133,6 +215,16 @@ def run_seed(seed: int, epochs: int, folder: Path,
             continue
         state, chosen = tuned(strategy, setup.experts, setup.base, val)
         rows[name] = (test(state), chosen)
+    for granularity in ("tensor", "block"):
+        name = f"adamerging ({granularity}-wise, unlabeled validation inputs)"
+        if not only or any(o in name for o in only):
+            rows[name] = (test(adamerging(setup, granularity, seed=seed)), None)
+    if FUSION_BENCH is not None and (not only or any("regmean" in o for o in only)):
+        reference = fusionbench_regmean(setup.experts, 0.95, folder)
+        if isinstance(reference, str):  # digits' border pixels are never on: Σ G is singular for its inverse
+            print(f"seed {seed}: FusionBench's RegMean merge failed: {reference}")
+        else:
+            rows["regmean, FusionBench's merge on the same Gram matrices (α 0.95)"] = (test(reference), None)
     if only:
         return rows
     for compression in ("bfloat16", "rank1"):
@@ -144,7 +236,8 @@ def run_seed(seed: int, epochs: int, folder: Path,
 
 
 # -- MiniLM-L6 with LoRA experts on word-level tasks --------------------------------------------------------------
-def minilm_part(seed: int, epochs: int, rank: int = 8) -> dict[str, tuple[float, float | None]]:
+def minilm_part(seed: int, epochs: int, rank: int = 8,
+                only: list[str] | None = None) -> dict[str, tuple[float, float | None]]:
     """Three LoRA experts (query/value of every layer, r = 8) on MiniLM-L6, each with its own head; merged in ΔW
     space (expert = θ₀ + s·B A on the adapted weights); curvature from the delta-method precision of ΔW."""
     import sys
@@ -186,6 +279,10 @@ def minilm_part(seed: int, epochs: int, rank: int = 8) -> dict[str, tuple[float,
             x, y = batch
             return F.cross_entropy(self(**x), y)
 
+        def fisher_logits(self, batch):  # how the post-fit pass (here: the Gram matrices) runs a batch
+            x, y = batch
+            return self(**x), y
+
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-3)
 
@@ -211,9 +308,11 @@ def minilm_part(seed: int, epochs: int, rank: int = 8) -> dict[str, tuple[float,
             LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], lora_dropout=0.0),
         )
         module = WordClassifier(encoder, classes)
-        capture = CurvatureCapture(checkpoint_sidecars=False, save_final=False)
         train_enc, train_y = data[name]["train"]
         loader = torch.utils.data.DataLoader(Words(train_enc, train_y.tolist()), batch_size=32, shuffle=True)
+        gram_loader = torch.utils.data.DataLoader(Words(train_enc, train_y.tolist()), batch_size=32)
+        capture = CurvatureCapture(checkpoint_sidecars=False, save_final=False, gram="after_fit",
+                                   fisher_loader=gram_loader, fisher_examples=256)
         pl.seed_everything(seed + t, verbose=False)
         pl.Trainer(
             max_epochs=epochs,
@@ -227,7 +326,7 @@ def minilm_part(seed: int, epochs: int, rank: int = 8) -> dict[str, tuple[float,
         ).fit(module, loader)
         stats = capture.finalize()
         state = dict(base_state)
-        fisher, moments = {}, {}
+        fisher, moments, grams = {}, {}, {}
         for pname, _ in module.named_parameters():
             if not pname.endswith("lora_A.default.weight"):
                 continue
@@ -242,7 +341,9 @@ def minilm_part(seed: int, epochs: int, rank: int = 8) -> dict[str, tuple[float,
             moments[target] = delta_precision(
                 a, b, stats.get(a_name, "exp_avg_sq"), stats.get(b_name, "exp_avg_sq"), scaling
             )
-        experts.append(Expert(state, statistics={"fisher.batch": fisher, "exp_avg_sq": moments}, name=name))
+            grams[target] = stats.get(a_name, "gram")  # lora_A's input is the adapted layer's
+        experts.append(Expert(state, statistics={"fisher.batch": fisher, "exp_avg_sq": moments, "gram": grams},
+                              name=name))
         heads.append(module.head.eval())
         tasks.append(name)
 
@@ -269,9 +370,22 @@ def minilm_part(seed: int, epochs: int, rank: int = 8) -> dict[str, tuple[float,
     for name, strategy in strategies().items():
         if isinstance(strategy, Fisher) and strategy.estimator == "example":
             continue  # no per-example Fisher captured for the adapters here
+        if only and not any(o in name for o in only):
+            continue
         state, chosen = tuned(strategy, experts, base_state, lambda st: normalized_score(scores(st, "val"), own_val),
                               include=include)
         rows[name] = (normalized_score(scores(state, "test"), own_test), chosen)
+    if FUSION_BENCH is not None and (not only or any("regmean" in o for o in only)):
+        import tempfile as _tempfile
+
+        targets = [n for n in base_state if n.endswith((".query.weight", ".value.weight"))]
+        with _tempfile.TemporaryDirectory() as tmp:
+            reference = fusionbench_regmean(experts, 0.95, Path(tmp), base=base_state, names=targets)
+        if isinstance(reference, str):
+            print(f"seed {seed}: FusionBench's RegMean merge failed: {reference}")
+        else:
+            rows["regmean, FusionBench's merge on the same Gram matrices (α 0.95)"] = (
+                normalized_score(scores(reference, "test"), own_test), None)
     rows["(expert own-task accuracy)"] = (sum(own_test.values()) / len(own_test), None)
     return rows
 
@@ -303,6 +417,12 @@ PAIRS = (
     ("pcb (ratio 0.1)", "task_arithmetic"),
     ("pcb (ratio 0.1)", "ties (density 0.2)"),
     ("pcb (ratio 0.2)", "ties (density 0.2)"),
+    ("regmean (α 0.95)", "task_arithmetic"),
+    ("regmean (α on validation)", "task_arithmetic"),
+    ("regmean (α on validation)", "fisher (batch)"),
+    ("regmean (α 0.95)", "regmean, FusionBench's merge on the same Gram matrices (α 0.95)"),
+    ("adamerging (tensor-wise, unlabeled validation inputs)", "task_arithmetic"),
+    ("adamerging (block-wise, unlabeled validation inputs)", "task_arithmetic"),
 )
 
 
@@ -325,11 +445,11 @@ def main() -> None:
     parser.add_argument("--part", choices=["digits", "minilm", "all"], default="all")
     parser.add_argument("--minilm-epochs", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None,
-                        help="digits: only the strategies whose row name contains one of these (no compression rows)")
+                        help="only the strategies whose row name contains one of these (digits: no compression rows)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.part in ("minilm", "all"):
-        runs = [minilm_part(seed, args.minilm_epochs) for seed in range(args.seeds)]
+        runs = [minilm_part(seed, args.minilm_epochs, only=args.only) for seed in range(args.seeds)]
         report(f"MiniLM-L6, LoRA r=8 on query/value, 3 word tasks, {args.seeds} seeds: normalized test accuracy", runs)
         report_pairs(runs)
         print(f"total {time.perf_counter() - started:.0f}s\n")

@@ -164,7 +164,7 @@ class DigitsExperts:
         splits: the digits splits.
         base: the pre-trained backbone's state dict (names ``0.weight``...).
         experts: one :class:`~lightning_merge.Expert` per task: the fine-tuned backbone with the statistics
-            ``CurvatureCapture`` recorded (Adam second moments, batch and per-example Fisher).
+            ``CurvatureCapture`` recorded (Adam second moments, batch and per-example Fisher, input Gram matrices).
         heads: each task's own head.
         tasks: the tasks.
     """
@@ -198,7 +198,8 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
     Args:
         seed: seeds the split, the base and the experts.
         epochs: epochs of pre-training and of each fine-tune.
-        capture: record statistics (second moments, batch Fisher, per-example Fisher on 512 training examples).
+        capture: record statistics (second moments, batch Fisher; per-example Fisher and the linear layers' input
+            Gram matrices on 512 training examples).
         lr: the experts' learning rate.
         tasks: the tasks.
         verbose: print the training time.
@@ -227,7 +228,7 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
         if capture:
             from lightning_merge.callbacks import CurvatureCapture
 
-            options = dict(fisher_after_fit="example", fisher_loader="train", fisher_examples=512,
+            options = dict(fisher_after_fit="example", fisher_loader="train", fisher_examples=512, gram="after_fit",
                            checkpoint_sidecars=False, save_final=False)
             options.update(capture_args)
             callbacks.append(CurvatureCapture(**options))
@@ -253,6 +254,7 @@ def demo_strategies(quick: bool = False) -> dict[str, object]:
         Dare,
         Fisher,
         Linear,
+        RegMean,
         TaskArithmetic,
         Ties,
         WeightedMedian,
@@ -270,6 +272,7 @@ def demo_strategies(quick: bool = False) -> dict[str, object]:
         "ota": OTA(),
         "ota_ffg": OTA(density=0.3),
         "weighted_median": WeightedMedian(),
+        "regmean": RegMean(),
     }
 
 

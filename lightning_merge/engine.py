@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lightning_merge._finite import all_finite
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, TensorSpec, as_expert
-from lightning_merge.stats import MissingStatistic, StatisticsError
+from lightning_merge.stats import GRAM, MissingStatistic, StatisticsError
 from lightning_merge.storage import exists as remote_exists
 from lightning_merge.storage import is_url, refuse_existing, staged
 from lightning_merge.strategies.base import Prepared, Strategy
@@ -755,7 +755,10 @@ class _StatisticReader:
         shape = job.spec.shape
         for entry in out:
             for kind, value in entry.items():
-                if value is None:  # no expert has it (buffers, frozen tensors), or the uniform fallback
+                # No expert has it (buffers, frozen tensors), or the uniform fallback: ones of the tensor's shape.
+                # A Gram matrix is not of the tensor's shape and has no uniform value: it stays None, and the
+                # strategy (RegMean) says what None means.
+                if value is None and kind != GRAM:
                     entry[kind] = torch.ones(shape, dtype=torch.float32)
         return out  # type: ignore[return-value]
 

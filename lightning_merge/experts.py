@@ -17,6 +17,7 @@ from lightning_merge._finite import all_finite, count_non_finite
 from lightning_merge.lora import LoraAdapter, LoraSource, adapter_base_path
 from lightning_merge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsError, SafetensorsFile, TensorSpec
 from lightning_merge.stats import (
+    GRAM,
     SIDECAR_NAME,
     SIDECAR_SUFFIX,
     MissingStatistic,
@@ -361,7 +362,9 @@ class Expert:
         return self._statistics is not None and self._statistics.has(kind)
 
     def statistic(self, name: str, kind: str, estimator: str | None = None) -> Tensor:
-        """The merge-ready float32 statistic of tensor ``name`` (see :meth:`Statistics.get`).
+        """The merge-ready float32 statistic of tensor ``name`` (see :meth:`Statistics.get`): of the tensor's
+        shape, except a ``"gram"`` statistic: the (in, in) mean input Gram matrix of a linear weight (out, in); for
+        a LoRA module, that of its ``lora_A`` (the module's input).
 
         Raises:
             StatisticsError: no statistics attached, or none of that kind for this tensor.
@@ -370,19 +373,50 @@ class Expert:
             raise MissingStatistic(
                 f"expert '{self.name}' has no statistics (no sidecar next to it and none passed as statistics=)"
             )
+        gram = kind == GRAM
         if self.lora is not None:
             if name in self.lora.modules:
+                if gram:  # the input of ΔW = B A is lora_A's input: its Gram matrix
+                    info = self.lora.modules[name]
+                    if info["fan_in_fan_out"] or len(info["a_shape"]) != 2:
+                        raise StatisticsError(
+                            f"expert '{self.name}': tensor '{name}' is a LoRA module whose weight is not laid out "
+                            "(out, in) (fan_in_fan_out or a convolution); Gram matrices apply to linear layers only")
+                    value = self._statistics.get(info["a_key"], kind, estimator)
+                    return self._check_gram_shape(name, value)
                 return self.lora.precision(name, self._statistics, kind, estimator)
             if name in self.lora.full:  # a whole tensor the adapter saves (modules_to_save): its own statistic
-                return self._statistics.get(self.lora.full[name], kind, estimator)
-            # The adapter does not change this tensor (ΔW = 0): it carries no curvature there.
-            return torch.zeros(self.spec(name).shape, dtype=torch.float32)
+                value = self._statistics.get(self.lora.full[name], kind, estimator)
+                return self._check_gram_shape(name, value) if gram else value
+            # The adapter does not change this tensor (ΔW = 0): it carries no curvature there, and, for RegMean, a
+            # zero Gram matrix (the expert does not pull the layer; a layer no expert adapts keeps the base).
+            shape = tuple(self.spec(name).shape)
+            if gram:
+                if len(shape) != 2:
+                    raise MissingStatistic(f"expert '{self.name}' has no Gram matrix for tensor '{name}' (not a "
+                                           "linear weight)")
+                return torch.zeros(shape[1], shape[1], dtype=torch.float32)
+            return torch.zeros(shape, dtype=torch.float32)
         value = self._statistics.get(self._stats_prefix + name, kind, estimator)
+        if gram:
+            return self._check_gram_shape(name, value)
         shape = self.spec(name).shape
         if tuple(value.shape) != tuple(shape):
             raise StatisticsError(
                 f"expert '{self.name}': the {kind!r} statistic of tensor '{name}' has shape {list(value.shape)}, the "
                 f"tensor {list(shape)}; the statistics do not belong to this expert ({self._statistics.origin})"
+            )
+        return value
+
+
+    def _check_gram_shape(self, name: str, value: Tensor) -> Tensor:
+        """A Gram matrix multiplies the last axis of a 2-D weight (nn.Linear's input features): (in, in)."""
+        shape = tuple(self.spec(name).shape)
+        if len(shape) != 2 or tuple(value.shape) != (shape[1], shape[1]):
+            raise StatisticsError(
+                f"expert '{self.name}': the Gram matrix of tensor '{name}' has shape {list(value.shape)}, but the "
+                f"tensor is {list(shape)}: a Gram matrix is (in, in) for a linear weight (out, in); the statistics do "
+                f"not belong to this expert ({self._statistics.origin if self._statistics else '?'})"
             )
         return value
 

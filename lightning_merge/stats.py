@@ -6,6 +6,9 @@ A sidecar is one safetensors file (see docs/format.md):
   folder (Hugging Face model, PEFT adapter).
 - Tensor keys ``{kind}/{parameter name}``; rank-1 compressed 2-D statistics as ``{kind}/{name}:row`` and
   ``{kind}/{name}:col`` (row and column sums).
+- The ``gram`` kind (input Gram matrices Σ xxᵀ of linear layers, for RegMean) is not of its tensor's shape: for a
+  weight of shape (out, in) it is (in, in), stored whole (``gram/{name}``), as its diagonal (``gram/{name}:diag``), or
+  low rank (``gram/{name}:factor`` F of shape (in, r) and ``gram/{name}:diag`` the residual diagonal: F Fᵀ + diag).
 - ``__metadata__``: ``format`` (:data:`FORMAT`), ``format_version``, ``library_version``, ``names_checksum``
   and ``kinds``, a JSON object with one entry per kind (estimator, counts, batch size, β₂ and step per
   parameter, compression).
@@ -35,8 +38,11 @@ FORMAT_VERSION = 1
 SIDECAR_NAME = "statistics.safetensors"
 SIDECAR_SUFFIX = ".statistics.safetensors"
 FISHER_ESTIMATORS = ("exact", "true", "example", "batch")  # preference order when a capture holds several
-KNOWN_KINDS = ("fisher", "exp_avg_sq")
+KNOWN_KINDS = ("fisher", "exp_avg_sq", "gram")
 COMPRESSIONS = ("float32", "bfloat16", "rank1")
+GRAM = "gram"  # the one statistic kind that is not of its tensor's shape (see the module docstring)
+GRAM_FORMS = ("full", "diagonal", "lowrank")
+_PART_SUFFIXES = (":row", ":col", ":diag", ":factor")
 RESUME_PREFIX = "resume/"  # float32 accumulators kept for exact resume when the statistics are compressed
 
 
@@ -115,6 +121,23 @@ def tensor_fingerprint(tensor: Tensor, samples: int = 256) -> str:
     return hashlib.sha256(shape.encode() + b"|" + data).hexdigest()[:16]
 
 
+def encode_gram(key: str, value: Tensor, form: str, rank: int = 64) -> dict[str, Tensor]:
+    """The stored tensors of a Gram matrix (symmetric positive semi-definite, (in, in)) in ``form``: ``"full"``,
+    ``"diagonal"`` (its diagonal only), or ``"lowrank"``: the ``rank`` leading eigenpairs as a factor F = U√Λ plus the
+    residual diagonal, so F Fᵀ + diag(residual) keeps the diagonal exactly (float64 eigendecomposition)."""
+    value = value.detach().to(device="cpu", dtype=torch.float32)
+    if form == "full" or (form == "lowrank" and rank >= value.shape[0]):  # a rank as large as the matrix: whole
+        return {key: value.contiguous()}
+    diag = torch.diagonal(value).clamp_min(0.0).contiguous()
+    if form == "diagonal":
+        return {f"{key}:diag": diag}
+    evals, evecs = torch.linalg.eigh(value.double())
+    top = evals[-rank:].clamp_min(0.0)
+    factor = evecs[:, -rank:] * top.sqrt()
+    residual = (diag.double() - factor.square().sum(1)).clamp_min(0.0)
+    return {f"{key}:factor": factor.float().contiguous(), f"{key}:diag": residual.float().contiguous()}
+
+
 def encode(key: str, value: Tensor, compression: str) -> dict[str, Tensor]:
     """The stored tensors of one statistic under ``compression`` (float32, bfloat16, or rank1 for 2-D tensors;
     tensors of other ranks are stored in float32 under rank1)."""
@@ -143,6 +166,8 @@ def write_statistics(
             ``exp_avg_sq``, mean g² for ``fisher.batch``...).
         kinds: per-kind metadata (β₂, steps, counts, batch size...); ``compression`` is added.
         compression: ``"float32"``, ``"bfloat16"`` or ``"rank1"`` (Adafactor row/column sums for 2-D tensors).
+            Gram matrices (kind ``gram``) are stored in float32 in the form their metadata names (``form``:
+            full, diagonal or lowrank with ``rank``), whatever the compression.
         resume: optional float32 accumulators ``{kind: {name: tensor}}`` stored uncompressed under
             ``resume/{kind}/{name}`` (unless ``{kind}/{name}`` already holds them in float32) so a resumed run
             continues exactly; readers of statistics ignore them.
@@ -160,13 +185,19 @@ def write_statistics(
         if "/" in kind or kind.startswith("resume"):
             raise ValueError(f"invalid statistic kind {kind!r}")
         kinds_meta[kind] = {**dict(kinds.get(kind, {})), "compression": compression}
+        if kind == GRAM:
+            form = kinds_meta[kind].setdefault("form", "full")
+            check_kind_metadata(str(path), kind, kinds_meta[kind])
         for name, value in per_name.items():
-            tensors.update(encode(f"{kind}/{name}", value, compression))
+            if kind == GRAM:
+                tensors.update(encode_gram(f"{kind}/{name}", value, form, int(kinds_meta[kind].get("rank", 64))))
+            else:
+                tensors.update(encode(f"{kind}/{name}", value, compression))
             names.add(name)
     for kind, per_name in (resume or {}).items():
         for name, value in per_name.items():
             stored = tensors.get(f"{kind}/{name}")
-            if stored is not None and stored.dtype == torch.float32:
+            if stored is not None and stored.dtype == torch.float32 and stored.shape == value.shape:
                 continue  # already stored exactly
             tensors[f"{RESUME_PREFIX}{kind}/{name}"] = value.detach().to("cpu", torch.float32).contiguous()
     meta = {
@@ -333,10 +364,7 @@ class Statistics:
         for key in self._tensors.keys():
             if key.startswith(RESUME_PREFIX) or "/" not in key:
                 continue
-            name = key.split("/", 1)[1]
-            if name.endswith(":row") or name.endswith(":col"):
-                name = name[:-4]
-            out.add(name)
+            out.add(_strip_part(key.split("/", 1)[1]))
         return out
 
     def keys(self) -> Iterable[str]:
@@ -355,14 +383,11 @@ class Statistics:
         """Parameter names that have a statistic of ``kind``."""
         stored = self._resolve_kind(kind, estimator)
         prefix = stored + "/"
-        out = []
+        out: dict[str, None] = {}
         for key in self._tensors.keys():
             if key.startswith(prefix):
-                name = key[len(prefix) :]
-                if name.endswith(":col"):
-                    continue
-                out.append(name[: -len(":row")] if name.endswith(":row") else name)
-        return out
+                out[_strip_part(key[len(prefix) :])] = None
+        return list(out)
 
     def raw(self, name: str, kind: str, estimator: str | None = None) -> Tensor:
         """The stored tensor in float32 (rank-1 halves reconstructed), before any correction."""
@@ -372,19 +397,35 @@ class Statistics:
             return self._tensors[key].to(torch.float32)
         if f"{key}:row" in self._tensors:
             return rank1_reconstruct(self._tensors[f"{key}:row"], self._tensors[f"{key}:col"])
+        if f"{key}:diag" in self._tensors:  # a Gram matrix stored as its diagonal, or low rank + residual diagonal
+            value = torch.diag(self._tensors[f"{key}:diag"].to(torch.float32))
+            if f"{key}:factor" in self._tensors:
+                factor = self._tensors[f"{key}:factor"].to(torch.float32)
+                value = value.addmm_(factor, factor.T)
+            return value
         raise MissingStatistic(f"{self.origin} has no {stored!r} statistic for tensor '{name}'")
 
     def get(self, name: str, kind: str, estimator: str | None = None) -> Tensor:
         """The merge-ready float32 statistic of tensor ``name``.
 
         ``exp_avg_sq`` is bias-corrected with the β₂ and the per-parameter step recorded at capture; the
-        batch-empirical Fisher is multiplied by the global effective batch size; other kinds are returned as
-        stored. See docs/format.md and ALGORITHMS.md.
+        batch-empirical Fisher is multiplied by the global effective batch size; a Gram matrix is divided by its
+        count of input rows (the mean xxᵀ, FusionBench's RegMean convention); other kinds are returned as stored.
+        See docs/format.md and ALGORITHMS.md.
         """
         stored = self._resolve_kind(kind, estimator)
         value = self.raw(name, kind, estimator)
-        _check_values(self.origin, stored, name, value)
         meta = self.kinds.get(stored, {})
+        if stored == GRAM:
+            _check_gram(self.origin, name, value)
+            if meta.get("ready"):
+                return value
+            count = _per_name(meta, "count", name, self.origin)
+            if count <= 0:
+                raise StatisticsError(f"{self.origin}: the Gram matrix of tensor '{name}' was accumulated over no "
+                                      "input rows; capture it over some data")
+            return value / count
+        _check_values(self.origin, stored, name, value)
         if meta.get("ready"):
             return value
         if stored == "exp_avg_sq":
@@ -425,6 +466,31 @@ def _check_values(origin: str, kind: str, name: str, value: Tensor) -> None:
         )
 
 
+def _strip_part(name: str) -> str:
+    """A parameter name without the suffix of a stored part (``:row``, ``:col``, ``:diag``, ``:factor``)."""
+    for suffix in _PART_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_gram(origin: str, name: str, value: Tensor) -> None:
+    """A Gram matrix Σ xxᵀ: square, finite, symmetric, with a non-negative diagonal."""
+    if value.dim() != 2 or value.shape[0] != value.shape[1]:
+        raise StatisticsError(f"{origin}: the Gram matrix of tensor '{name}' has shape {list(value.shape)}, not "
+                              "square; the file is corrupted or was written by something else")
+    if not bool(torch.isfinite(value).all()):
+        raise StatisticsError(f"{origin}: the Gram matrix of tensor '{name}' has NaN or infinite entries; the "
+                              "capture saw non-finite activations: capture again, or leave this expert out")
+    if not value.numel():
+        return
+    scale = float(torch.diagonal(value).abs().max())
+    if bool((torch.diagonal(value) < 0).any()) or float((value - value.T).abs().amax()) > 1e-3 * scale:
+        raise StatisticsError(f"{origin}: the Gram matrix of tensor '{name}' is not symmetric with a non-negative "
+                              "diagonal, so it is no Gram matrix: the file is corrupted or was written by something "
+                              "else")
+
+
 def _in_range(origin: str, kind: str, key: str, value: Any, *, low: float, high: float | None = None,
               open_low: bool = True, open_high: bool = True) -> None:
     values = value.values() if isinstance(value, Mapping) else [value]
@@ -445,6 +511,14 @@ def check_kind_metadata(origin: str, kind: str, meta: Mapping[str, Any]) -> None
     if kind == "exp_avg_sq":
         if "beta2" in meta:
             _in_range(origin, kind, "beta2", meta["beta2"], low=0.0, high=1.0)
+    if kind == GRAM:
+        if meta.get("form", "full") not in GRAM_FORMS:
+            raise StatisticsError(f"{origin}: metadata gram.form = {meta.get('form')!r} is not one of "
+                                  f"{', '.join(GRAM_FORMS)}; the sidecar is invalid")
+        if meta.get("count") is not None:
+            _in_range(origin, kind, "count", meta["count"], low=0.0)
+        if meta.get("rank") is not None:
+            _in_range(origin, kind, "rank", meta["rank"], low=1.0, open_low=False)
     if kind.startswith("fisher"):
         if meta.get("batch_size") is not None:
             _in_range(origin, kind, "batch_size", meta["batch_size"], low=0.0)

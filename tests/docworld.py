@@ -82,12 +82,19 @@ def trainer(root: Path, callbacks: list, **kwargs) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **options)
 
 
+def _gram(d: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(2 * d, d, generator=g)
+    return x.T @ x
+
+
 def _stats(shapes: dict, g: torch.Generator) -> dict:
     return {"fisher.batch": {k: torch.rand(s, generator=g) + 0.05 for k, s in shapes.items()},
-            "exp_avg_sq": {k: torch.rand(s, generator=g) * 1e-3 + 1e-5 for k, s in shapes.items()}}
+            "exp_avg_sq": {k: torch.rand(s, generator=g) * 1e-3 + 1e-5 for k, s in shapes.items()},
+            "gram": {k: _gram(s[-1], g) for k, s in shapes.items() if len(s) == 2}}  # RegMean's input Gram matrices
 
 
-_KINDS = {"fisher.batch": {"count": 10, "batch_size": 8}, "exp_avg_sq": {"beta2": 0.999, "step": 100}}
+_KINDS = {"fisher.batch": {"count": 10, "batch_size": 8}, "exp_avg_sq": {"beta2": 0.999, "step": 100},
+          "gram": {"count": 64}}
 
 
 def _llama_family(root: Path) -> None:

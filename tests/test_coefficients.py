@@ -146,8 +146,12 @@ def test_per_block_coefficients_merge_through_the_layerwise_strategy():
 def test_layerwise_arguments_are_checked():
     from lightning_merge import LayerwiseTaskArithmetic, Strategy
 
-    with pytest.raises(ValueError, match="block 'x' is not a non-negative integer"):
-        LayerwiseTaskArithmetic(coefficients={"x": [1.0]})
+    for bad in ("", -1, 1.5, True):
+        with pytest.raises(ValueError, match="is not a non-negative integer or a non-empty name"):
+            LayerwiseTaskArithmetic(coefficients={bad: [1.0]})
+    named = LayerwiseTaskArithmetic(coefficients={"head.weight": [2.0], "03": [0.5]}, pattern=r"^(.*)$")
+    assert named.coefficients == {"head.weight": [2.0], "3": [0.5]}
+    assert named.coefficients_of("head.weight", 1) == [2.0] and named.coefficients_of("body.weight", 1) == [1.0]
     with pytest.raises(ValueError, match="different numbers of experts"):
         LayerwiseTaskArithmetic(coefficients={"0": [1.0], "1": [1.0, 2.0]})
     with pytest.raises(ValueError, match="not a finite number"):

@@ -38,6 +38,7 @@ from lightning_merge.strategies import (
     Linear,
     LiNeS,
     NoContinualForm,
+    RegMean,
     Strategy,
     TaskArithmetic,
     Ties,
@@ -50,6 +51,8 @@ SHAPES = {"layers.0.weight": (12, 10), "layers.0.bias": (12,), "layers.1.weight"
 TOL = dict(rtol=2e-4, atol=2e-5)
 # CI runs a fixed sample (derandomized); LIGHTNING_MERGE_EXAMPLES=500 searches wider with fresh randomness.
 _EXAMPLES = int(os.environ.get("LIGHTNING_MERGE_EXAMPLES", "0"))
+# LIGHTNING_MERGE_ONLY="regmean,ties" draws only those strategies (to prove a new one on every path quickly).
+_ONLY = [n for n in os.environ.get("LIGHTNING_MERGE_ONLY", "").split(",") if n]
 SETTINGS = settings(max_examples=_EXAMPLES or 25, deadline=None, derandomize=not _EXAMPLES,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -57,14 +60,20 @@ SETTINGS = settings(max_examples=_EXAMPLES or 25, deadline=None, derandomize=not
 # -- experts -----------------------------------------------------------------------------------------------------
 
 
+def _gram(d: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(d + 3, d, generator=g)
+    return x.T @ x
+
+
 def _stats(shapes: dict, g: torch.Generator) -> dict:
     return {
         "fisher.example": {k: torch.rand(s, generator=g) + 0.05 for k, s in shapes.items()},
         "exp_avg_sq": {k: torch.rand(s, generator=g) * 1e-3 + 1e-5 for k, s in shapes.items()},
+        "gram": {k: _gram(s[-1], g) for k, s in shapes.items() if len(s) == 2},  # keyed like lora_A for adapters
     }
 
 
-_KINDS = {"fisher.example": {"count": 16}, "exp_avg_sq": {"beta2": 0.999, "step": 100}}
+_KINDS = {"fisher.example": {"count": 16}, "exp_avg_sq": {"beta2": 0.999, "step": 100}, "gram": {"count": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +140,7 @@ def _task_vector_common(draw, n: int, election=True) -> dict:
 @st.composite
 def strategies(draw, n: int):
     """Every registered strategy, with its options drawn."""
-    name = draw(st.sampled_from(_library_strategies()))
+    name = draw(st.sampled_from(_ONLY or _library_strategies()))
     if name == "linear":
         return Linear(weights=_weights(draw, n), normalize=draw(st.booleans()))
     if name == "task_arithmetic":
@@ -189,6 +198,8 @@ def strategies(draw, n: int):
     if name == "pcb":
         return PCB(ratio=draw(st.floats(0.05, 1.0)), clamp_ratio=draw(st.sampled_from([0.0, 0.0001, 0.01])),
                    scale=draw(st.floats(0.5, 1.5)))
+    if name == "regmean":
+        return RegMean(alpha=draw(st.floats(0.0, 1.0)), weights=_weights(draw, n))
     if name == "lines":
         inner = draw(st.sampled_from([TaskArithmetic(), Ties(density=0.5), TaskArithmetic(weights=[1.0] * n),
                                       Fisher(normalize=False)]))
@@ -336,4 +347,4 @@ def test_every_registered_strategy_has_a_generator():
     names = set(_library_strategies())
     assert names == {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "cabs", "generalized", "consensus",
                      "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge", "pcb",
-                     "layerwise_task_arithmetic"}, sorted(names)
+                     "layerwise_task_arithmetic", "regmean"}, sorted(names)

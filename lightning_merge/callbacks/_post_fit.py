@@ -1,6 +1,6 @@
-"""The post-fit Fisher of :class:`~lightning_merge.callbacks.CurvatureCapture`: per-example empirical, true or
-exact-expectation Fisher over one of the Trainer's loaders (or any iterable), every rank computing its share and the
-sums reduced."""
+"""The post-fit passes of :class:`~lightning_merge.callbacks.CurvatureCapture`: the per-example empirical, true or
+exact-expectation Fisher, and the linear layers' input Gram matrices, over one of the Trainer's loaders (or any
+iterable), every rank computing its share and the sums reduced."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_merge.activations import compute_grams, gram_modules
 from lightning_merge.fisher import compute_fisher
 
 LOADERS = ("val", "train", "test")
 
 
-def trainer_loader(trainer: Any, which: str | Iterable[Any], estimator: str) -> tuple[Iterable[Any], bool]:
+def trainer_loader(trainer: Any, which: str | Iterable[Any], setting: str) -> tuple[Iterable[Any], bool]:
     """``(loader, shard)``: the Trainer's loader named ``which`` (already sharded by its sampler), or the given
     iterable (``shard``: each rank reads every world_size-th batch)."""
     if not isinstance(which, str):
@@ -29,7 +30,7 @@ def trainer_loader(trainer: Any, which: str | Iterable[Any], estimator: str) -> 
         loaders = loaders[0] if loaders else None
     if loaders is None:
         raise ValueError(
-            f"CurvatureCapture(fisher_after_fit={estimator!r}, fisher_loader={which!r}): the Trainer has no such "
+            f"CurvatureCapture({setting}, fisher_loader={which!r}): the Trainer has no such "
             "dataloader at fit end; give the module or datamodule one, or pass a DataLoader as fisher_loader"
         )
     return loaders, False
@@ -42,16 +43,8 @@ def post_fit_fisher(
 
     Every rank must call it (it reduces across ranks).
     """
-    batches, shard = trainer_loader(trainer, loader, estimator)
-    world, rank = trainer.world_size, trainer.global_rank
-    if shard and world > 1:
-        batches = (b for i, b in enumerate(batches) if i % world == rank)
-    per_rank = -(-examples // world)
-    device = module.device
-
-    def transfer(batch: Any) -> Any:
-        return trainer.strategy.batch_to_device(batch, device)
-
+    batches, per_rank, transfer = _rank_share(trainer, module, loader, f"fisher_after_fit={estimator!r}", examples)
+    world, rank, device = trainer.world_size, trainer.global_rank, module.device
     sums, count = compute_fisher(
         module,
         batches,
@@ -75,4 +68,52 @@ def post_fit_fisher(
     return {n: s / count for n, s in sums.items()}, count
 
 
-__all__ = ["LOADERS", "post_fit_fisher", "trainer_loader"]
+def _rank_share(trainer: Any, module: Any, loader: str | Iterable[Any], setting: str,
+                examples: int) -> tuple[Iterable[Any], int, Any]:
+    """This rank's batches, its number of examples, and the transfer of a batch to the module's device."""
+    batches, shard = trainer_loader(trainer, loader, setting)
+    world, rank = trainer.world_size, trainer.global_rank
+    if shard and world > 1:
+        batches = (b for i, b in enumerate(batches) if i % world == rank)
+    device = module.device
+
+    def transfer(batch: Any) -> Any:
+        return trainer.strategy.batch_to_device(batch, device)
+
+    return batches, -(-examples // world), transfer
+
+
+def reduce_grams(trainer: Any, layers: dict[str, Any], sums: dict[str, Tensor], rows: dict[str, int],
+                 extra: float = 0.0) -> tuple[dict[str, Tensor], dict[str, int], float]:
+    """Σ xxᵀ, rows and one more number summed over ranks (every rank must call it), on the CPU in float32; a layer
+    a rank never saw counts as zeros there."""
+    device = trainer.lightning_module.device
+    names = sorted(layers)
+    parts = [sums[n].to(device) if n in sums else torch.zeros(layers[n].in_features, layers[n].in_features,
+                                                               device=device) for n in names]
+    counts = torch.tensor([float(rows.get(n, 0)) for n in names] + [float(extra)], dtype=torch.float64,
+                          device=device)
+    if trainer.world_size > 1:
+        flat = trainer.strategy.reduce(torch.cat([p.reshape(-1) for p in parts]), reduce_op="sum")
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        offset = 0
+        for i, p in enumerate(parts):
+            parts[i] = flat[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+    counts = counts.cpu().tolist()
+    return ({n: p.detach().to("cpu", torch.float32).clone() for n, p in zip(names, parts)},
+            {n: int(round(c)) for n, c in zip(names, counts)}, counts[-1])
+
+
+def post_fit_grams(trainer: Any, module: Any, *, loader: str | Iterable[Any],
+                   examples: int) -> tuple[dict[str, Tensor], dict[str, int], int]:
+    """``(Σ xxᵀ by weight name, rows by weight name, examples)`` over ``examples`` examples of all ranks together,
+    in eval mode. Every rank must call it (it reduces across ranks)."""
+    batches, per_rank, transfer = _rank_share(trainer, module, loader, "gram='after_fit'", examples)
+    layers = gram_modules(module)
+    sums, rows, count = compute_grams(module, batches, num_examples=per_rank, transfer=transfer)
+    sums, rows, total = reduce_grams(trainer, layers, sums, rows, count)
+    return sums, rows, int(round(total))
+
+
+__all__ = ["LOADERS", "post_fit_fisher", "post_fit_grams", "reduce_grams", "trainer_loader"]

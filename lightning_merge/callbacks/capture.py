@@ -11,6 +11,8 @@ What it records, per trainable parameter (names as in the LightningModule's ``st
   non-finite gradients are skipped and counted.
 - ``fisher.example`` / ``fisher.true``: optionally, after fit, the per-example empirical or the sampled true
   Fisher over a dataloader (:mod:`._post_fit`, :mod:`lightning_merge.fisher`).
+- ``gram``: optionally, each trained linear layer's input Gram matrix Σ xxᵀ (the statistic of
+  :class:`~lightning_merge.RegMean`), during training or after the fit (:mod:`lightning_merge.activations`).
 
 Where it goes: a sidecar ``X.statistics.safetensors`` next to every checkpoint ``X.ckpt`` the Trainer writes
 (ModelCheckpoint's top-k and ``last``, ``trainer.save_checkpoint``, OnExceptionCheckpoint), deleted when
@@ -35,14 +37,17 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_merge.activations import GramAccumulator, gram_modules
 from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.callbacks._fisher_accumulator import REDUCTIONS, BatchCounts, BatchFisher
-from lightning_merge.callbacks._post_fit import LOADERS, post_fit_fisher
+from lightning_merge.callbacks._post_fit import LOADERS, post_fit_fisher, post_fit_grams, reduce_grams
 from lightning_merge.callbacks._second_moments import cpu_float, has_second_moments, read_second_moments
 from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
 from lightning_merge.fisher import ESTIMATORS, batch_counts
 from lightning_merge.stats import (
     COMPRESSIONS,
+    GRAM,
+    GRAM_FORMS,
     RESUME_PREFIX,
     Statistics,
     StatisticsError,
@@ -85,8 +90,9 @@ class CurvatureCapture(Callback):
             ``"exact"`` (the expectation over every class: classifiers with one label per example) computed once
             when the fit ends, over ``fisher_loader``; ``None`` for none.
         fisher_loader: ``"val"``, ``"train"`` or ``"test"`` (the Trainer's dataloaders) or, from Python, any
-            iterable of batches (under DDP each rank then reads every world_size-th batch).
-        fisher_examples: the number of examples M for ``fisher_after_fit`` (over all ranks).
+            iterable of batches (under DDP each rank then reads every world_size-th batch); the post-fit passes
+            (``fisher_after_fit`` and ``gram="after_fit"``) read it.
+        fisher_examples: the number of examples M of the post-fit passes (over all ranks).
         fisher_samples: label draws per example for the true Fisher.
         compression: storage of the statistics: ``"float32"``, ``"bfloat16"`` or ``"rank1"`` (row and column
             sums of 2-D statistics, Adafactor style). Lossy choices also store float32 accumulators in
@@ -104,6 +110,16 @@ class CurvatureCapture(Callback):
         async_write: write checkpoint sidecars in a background thread (the training loop waits only for a copy
             of the statistics); writes are joined before their checkpoint is removed and at fit end.
         seed: seed of the true Fisher's label draws.
+        gram: record each trained ``nn.Linear``'s input Gram matrix Σ xxᵀ for :class:`~lightning_merge.RegMean`:
+            ``"after_fit"`` over ``fisher_examples`` examples of ``fisher_loader`` when the fit ends (eval mode, no
+            gradients; FusionBench's RegMean uses 256 examples), ``"train"`` over every training forward (costs
+            about one more matmul per layer and step), or None. Rows are the input's flattened leading axes
+            (tokens of a sequence model); a mapping batch's ``attention_mask`` leaves padding out. For a PEFT model
+            the layers are the adapters' ``lora_A`` (their input is the adapted module's).
+        gram_form: how Gram matrices are stored: ``"full"`` (in × in floats per layer), ``"diagonal"`` (in floats:
+            RegMean then weighs input features without their correlations) or ``"lowrank"`` (the ``gram_rank``
+            leading eigenpairs and the exact diagonal), for large layers.
+        gram_rank: the rank kept by ``gram_form="lowrank"``.
     """
 
     def __init__(
@@ -125,10 +141,21 @@ class CurvatureCapture(Callback):
         dirpath: str | None = None,
         async_write: bool = True,
         seed: int = 0,
+        gram: Literal["train", "after_fit"] | None = None,
+        gram_form: Literal["full", "diagonal", "lowrank"] = "full",
+        gram_rank: int = 64,
     ) -> None:
         super().__init__()
-        if not second_moments and not fisher and fisher_after_fit is None:
-            raise ValueError("CurvatureCapture records nothing: enable second_moments, fisher or fisher_after_fit")
+        if not second_moments and not fisher and fisher_after_fit is None and gram is None:
+            raise ValueError(
+                "CurvatureCapture records nothing: enable second_moments, fisher, fisher_after_fit or gram"
+            )
+        if gram not in (None, "train", "after_fit"):
+            raise ValueError(f"gram must be 'train', 'after_fit' or None, got {gram!r}")
+        if gram_form not in GRAM_FORMS:
+            raise ValueError(f"gram_form must be one of {', '.join(GRAM_FORMS)}, got {gram_form!r}")
+        if isinstance(gram_rank, bool) or not isinstance(gram_rank, int) or gram_rank < 1:
+            raise ValueError(f"gram_rank must be an integer >= 1, got {gram_rank!r}")
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {', '.join(REDUCTIONS)}, got {loss_reduction!r}")
         if fisher_start_step < 0:
@@ -170,6 +197,9 @@ class CurvatureCapture(Callback):
         self.dirpath = dirpath
         self.async_write = async_write
         self.seed = seed
+        self.gram = gram
+        self.gram_form = gram_form
+        self.gram_rank = gram_rank
         self._reset()
 
     # -- state --------------------------------------------------------------------------------------------------
@@ -178,6 +208,9 @@ class CurvatureCapture(Callback):
         self._fingerprint: dict[str, str] = {}
         self._restarted_at: int | None = None
         self._post: dict[str, tuple[dict[str, Tensor], int]] = {}
+        # Σ xxᵀ restored from a checkpoint (global totals, held by rank 0) and the last all-rank totals
+        self._gram_restored: tuple[dict[str, Tensor], dict[str, int]] = ({}, {})
+        self._gram_totals: tuple[dict[str, Tensor], dict[str, int], int] | None = None
         self._runtime()
 
     def _runtime(self) -> None:
@@ -193,10 +226,11 @@ class CurvatureCapture(Callback):
         self._final_key: tuple | None = None
         self._peft: Any = None
         self._adapter_keys: dict[str, str] = {}
+        self._grams: GramAccumulator | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: drop threads, locks and the trainer
         state = self.__dict__.copy()
-        for key in ("_trainer", "_sidecars", "_pending", "_final", "_peft"):
+        for key in ("_trainer", "_sidecars", "_pending", "_final", "_peft", "_grams"):
             state.pop(key, None)
         return state
 
@@ -206,6 +240,7 @@ class CurvatureCapture(Callback):
         self._pending = {}
         self._final = None
         self._peft = None
+        self._grams = None
         self._sidecars = SidecarWriter(self._write_sidecar, self.async_write)
 
     @property
@@ -222,6 +257,7 @@ class CurvatureCapture(Callback):
             "fisher": self._batch_fisher.state_dict(),
             "fingerprint": dict(self._fingerprint),
             "restarted_at": self._restarted_at,
+            "gram": self.gram == "train",
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -245,6 +281,39 @@ class CurvatureCapture(Callback):
         self._restarted_at = state_dict.get("restarted_at")
         if self._batch_fisher.counts and self.fisher:
             self._restore_accumulators(state_dict.get("token"))
+        if self.gram == "train" and state_dict.get("gram"):
+            self._restore_grams(state_dict.get("token"))
+
+    def _restore_grams(self, token: str | None) -> None:
+        """The training-time Σ xxᵀ of the checkpoint resumed from (from its sidecar), so the resumed run continues
+        the sums; without them the Gram matrices restart, with a warning."""
+        path = find_sidecar(self._resume_path) if self._resume_path else None
+        problem = None
+        sums: dict[str, Tensor] = {}
+        rows: dict[str, int] = {}
+        if path is None:
+            problem = "it has no statistics sidecar"
+        else:
+            stats = Statistics.load(path)
+            meta = stats.kinds.get(GRAM, {})
+            counts = meta.get("count") if isinstance(meta.get("count"), dict) else {}
+            keys = set(stats.keys())
+            if stats.metadata.get("resume_token") != token:
+                problem = f"its sidecar '{path}' was written for another save (token mismatch)"
+            for name, count in counts.items():
+                if problem is not None:
+                    break
+                key = next((k for k in (f"{RESUME_PREFIX}{GRAM}/{name}", f"{GRAM}/{name}") if k in keys), None)
+                if key is None:
+                    problem = f"its sidecar '{path}' has no float32 Gram sum for '{name}'"
+                    break
+                sums[name] = stats._tensors[key].to(torch.float32).clone()
+                rows[name] = int(count)
+        if problem is not None:
+            rank_zero_warn(f"CurvatureCapture: resuming from '{self._resume_path}', but {problem}: the input Gram "
+                           "matrices restart from this step")
+            sums, rows = {}, {}
+        self._gram_restored = (sums, rows)
 
     def _restore_accumulators(self, token: str | None) -> None:
         path = find_sidecar(self._resume_path) if self._resume_path else None
@@ -301,6 +370,15 @@ class CurvatureCapture(Callback):
         if self.save_final == "adapter" and self._peft is None:
             raise ValueError("CurvatureCapture(save_final='adapter'): the module holds no PEFT model (peft.PeftModel)")
         self._post = {}
+        self._gram_totals = None
+        if self.gram == "train":
+            layers = gram_modules(pl_module)
+            if not layers:
+                raise ValueError(
+                    "CurvatureCapture(gram='train'): the module has no trained nn.Linear layer to record input Gram "
+                    "matrices of (RegMean merges linear layers; GPT-2's Conv1D layers are not supported)"
+                )
+            self._grams = GramAccumulator(layers, when=lambda m: m.training and torch.is_grad_enabled()).attach()
         self._counts.reset()
         if not self._fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
             self._fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
@@ -324,6 +402,8 @@ class CurvatureCapture(Callback):
     ) -> None:
         if self.fisher:
             self._counts.add(*batch_counts(batch, pl_module, self.loss_reduction))
+        if self._grams is not None:
+            self._grams.set_batch(batch)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._sidecars.wait()  # pending sidecars reference the live accumulators and optimizer state
@@ -351,6 +431,8 @@ class CurvatureCapture(Callback):
             self._final = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._grams is not None and self.checkpoint_sidecars:
+            self._total_grams(trainer)  # every rank: the sums are reduced over ranks
         if not self.checkpoint_sidecars or not trainer.is_global_zero or self._token is None:
             return
         # No copy: the live tensors are written as they are, and the next mutation (our accumulation and the
@@ -359,6 +441,8 @@ class CurvatureCapture(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure_post_fit(trainer, pl_module)
+        if self._grams is not None:
+            self._total_grams(trainer)
         full = self.save_final == "full" or (self.save_final is True and self._peft is None)
         state = trainer.strategy.lightning_module_state_dict() if full else None  # all ranks (FSDP)
         self._final = None
@@ -389,19 +473,51 @@ class CurvatureCapture(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._sidecars.flush()
+        if self._grams is not None:
+            self._grams.detach()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._sidecars.flush()
 
     # -- after fit -----------------------------------------------------------------------------------------------
     def _ensure_post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Compute the post-fit Fisher once per fit (every rank must call this: it reduces across ranks)."""
+        """Compute the post-fit Fisher and Gram matrices once per fit (every rank must call this: it reduces across
+        ranks). The passes leave the process's random state as they found it (a shuffling loader draws from it), so
+        turning a statistic on changes no later random draw of the user's program."""
+        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self._post_fit_passes(trainer, pl_module)
+
+    def _post_fit_passes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.fisher_after_fit is not None and self.fisher_after_fit not in self._post:
             self._post[self.fisher_after_fit] = post_fit_fisher(
                 trainer, pl_module, estimator=self.fisher_after_fit, loader=self.fisher_loader,
                 examples=self.fisher_examples, samples=self.fisher_samples, seed=self.seed,
             )
             self._final = None
+        if self.gram == "after_fit" and self._gram_totals is None:
+            self._gram_totals = post_fit_grams(trainer, pl_module, loader=self.fisher_loader,
+                                               examples=self.fisher_examples)
+            self._final = None
+
+    def _total_grams(self, trainer: pl.Trainer) -> None:
+        """The training-time Σ xxᵀ over every rank and the restored checkpoint (every rank must call it)."""
+        assert self._grams is not None
+        sums, rows, _ = reduce_grams(trainer, self._grams.modules, self._grams.sums, self._grams.rows)
+        restored_sums, restored_rows = self._gram_restored
+        for name, value in restored_sums.items():
+            if name in sums:
+                sums[name] += value
+                rows[name] += restored_rows.get(name, 0)
+        self._gram_totals = (sums, rows, 0)
+        self._final = None
+
+    def _gram_statistics(self, trainer: pl.Trainer) -> tuple[dict[str, Tensor], dict[str, int], int] | None:
+        """The Gram sums to store now: the post-fit pass, or the training-time sums (one process: current; under
+        DDP: as of the last all-rank reduction, at the last checkpoint or the fit's end)."""
+        if self.gram == "train" and self._grams is not None and trainer.world_size == 1:
+            self._total_grams(trainer)
+        return self._gram_totals
 
     # -- collection -----------------------------------------------------------------------------------------------
     def _collect(
@@ -434,6 +550,14 @@ class CurvatureCapture(Callback):
             }
             if resume and self.compression != "float32":
                 resume_acc["fisher.batch"] = values
+        grams = self._gram_statistics(trainer) if self.gram is not None else None
+        if grams is not None and any(grams[1].values()):
+            sums, rows, examples = grams
+            statistics[GRAM] = sums
+            kinds[GRAM] = {"count": {n: rows[n] for n in sums}, "form": self.gram_form, "rank": self.gram_rank,
+                           "source": self.gram, "examples": examples if self.gram == "after_fit" else None}
+            if resume and self.gram_form != "full":
+                resume_acc[GRAM] = sums
         for estimator, (values, count) in self._post.items():
             statistics[f"fisher.{estimator}"] = {n: t.detach().to("cpu", torch.float32) for n, t in values.items()}
             kinds[f"fisher.{estimator}"] = {
@@ -479,7 +603,8 @@ class CurvatureCapture(Callback):
             raise RuntimeError("CurvatureCapture.finalize() needs a fit first (the callback has seen no Trainer)")
         if after_fit:
             self._ensure_post_fit(self._trainer, self._trainer.lightning_module)
-        key = (self._trainer.global_step, self._batch_fisher.steps, tuple(self._post))
+        key = (self._trainer.global_step, self._batch_fisher.steps, tuple(self._post),
+               sum(self._grams.rows.values()) if self._grams is not None else 0, self._gram_totals is None)
         if self._final is None or self._final_key != key:
             statistics, kinds, _ = self._collect(self._trainer, None, resume=False)
             tensors = {f"{kind}/{name}": t for kind, per in statistics.items() for name, t in per.items()}

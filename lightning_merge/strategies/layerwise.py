@@ -1,8 +1,10 @@
 """Task arithmetic with one coefficient vector per block (layer): θ = θ₀ + scale · Σⱼ λⱼ(block) τⱼ.
 
 Blocks are numbered as LiNeS numbers them (the first integer component of a tensor's name: ``layers.3.mlp.weight`` →
-3). The coefficients usually come from :func:`lightning_merge.quadratic_coefficients` with ``per_block=True``, or
-from a per-layer search of your own.
+3), or named by any other ``pattern`` (its group; ``r"^(.*)$"`` gives every tensor its own coefficients, as
+AdaMerging's layer-wise mode learns them). The coefficients usually come from
+:func:`lightning_merge.quadratic_coefficients` with ``per_block=True``, from
+:class:`lightning_merge.adamerging.AdaMerging`, or from a per-layer search of your own.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class LayerwiseTaskArithmetic(Strategy):
     """Task arithmetic whose per-expert coefficients depend on the tensor's block.
 
     Args:
-        coefficients: ``{block index: [λ₁, …, λ_N]}`` (keys as strings or integers; stored as strings, as in YAML
-            and JSON).
+        coefficients: ``{block: [λ₁, …, λ_N]}``: block indices (as strings or integers; stored as strings, as in YAML
+            and JSON), or whatever else ``pattern``'s group captures (tensor names with ``r"^(.*)$"``).
         default: the coefficients of tensors outside the listed blocks (None: 1 for every expert).
         scale: an overall step multiplying every coefficient (swept by ``sweep_scale``).
-        pattern: the regular expression whose first group is a tensor's block index (LiNeS' default).
+        pattern: the regular expression whose first group is a tensor's block (LiNeS' default: the block index;
+            a group of digits is compared as a number, so ``"03"`` is block 3).
     """
 
     name = "layerwise_task_arithmetic"
@@ -53,15 +56,17 @@ class LayerwiseTaskArithmetic(Strategy):
                              f"{type(self.coefficients).__name__}")
         normalised: dict[str, list[float]] = {}
         for key, values in self.coefficients.items():
-            if isinstance(key, bool) or not str(key).isdigit():
-                raise ValueError(f"LayerwiseTaskArithmetic.coefficients: block {key!r} is not a non-negative integer")
+            if isinstance(key, bool) or not isinstance(key, (int, str)) or str(key) == "" or \
+                    (isinstance(key, int) and key < 0):
+                raise ValueError(f"LayerwiseTaskArithmetic.coefficients: block {key!r} is not a non-negative integer "
+                                 "or a non-empty name")
             if not isinstance(values, (list, tuple)) or not values:
                 raise ValueError(f"LayerwiseTaskArithmetic.coefficients[{key!r}] must be a list of per-expert "
                                  f"numbers, got {values!r}")
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise ValueError(f"LayerwiseTaskArithmetic.coefficients[{key!r}] holds {v!r}, not a finite number")
-            normalised[str(int(key))] = [float(v) for v in values]
+            normalised[_block_key(str(key))] = [float(v) for v in values]
         lengths = {len(v) for v in normalised.values()}
         if len(lengths) > 1:
             raise ValueError(f"LayerwiseTaskArithmetic.coefficients: the blocks list different numbers of experts "
@@ -97,8 +102,8 @@ class LayerwiseTaskArithmetic(Strategy):
 
     def coefficients_of(self, name: str, num_experts: int) -> list[float]:
         """The per-expert coefficients (scale included) of tensor ``name``."""
-        index = F.block_index(name, self.pattern)
-        values = self.coefficients.get(str(index)) if index is not None else None
+        found = re.search(self.pattern, name)
+        values = self.coefficients.get(_block_key(found.group(1))) if found else None
         if values is None:
             values = [self.per_expert("default", i, 1.0) for i in range(num_experts)]
         return [self.scale * float(v) for v in values]
@@ -131,6 +136,11 @@ class LayerwiseTaskArithmetic(Strategy):
         for c, t in zip(self.coefficients_of(name, len(tensors)), tensors):
             out.add_(t - base, alpha=c)
         return out
+
+
+def _block_key(key: str) -> str:
+    """A block's key: digits as the number they write (``"03"`` → ``"3"``), any other text as it is."""
+    return str(int(key)) if key.isdigit() else key
 
 
 __all__ = ["LayerwiseTaskArithmetic"]
