@@ -286,3 +286,16 @@ def test_regmean_matches_fusionbench(tmp_path, alpha):
     ours = merge([tmp_path / f"e{i}.safetensors" for i in range(3)], None, RegMean(alpha=alpha))
     worst = max(float((ours[k] - reference[k]).abs().max()) for k in reference)
     assert worst < 1e-5, worst
+
+
+def test_bf16_mixed_training_accumulates_in_float32(tmp_path):
+    capture = CurvatureCapture(second_moments=False, fisher=False, gram="train")
+    model = Tiny(lr=0.0)
+    trainer(tmp_path, [capture], max_epochs=1, precision="bf16-mixed").fit(model, loader(32, 8))
+    stats = capture.finalize()
+    x = torch.cat([b[0] for b in loader(32, 8)])
+    assert stats.get("net.0.weight", "gram").dtype == torch.float32
+    torch.testing.assert_close(stats.get("net.0.weight", "gram"), x.T @ x / 32, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.tanh(model.net[0](x)).float()  # the bf16 activations the second layer saw
+    torch.testing.assert_close(stats.get("net.2.weight", "gram"), h.T @ h / 32, rtol=1e-4, atol=1e-5)
