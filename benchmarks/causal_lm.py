@@ -65,7 +65,8 @@ VOCAB = 257  # bytes + BOS
 BOS = 256
 GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 BETAS = (0.0, 0.5, 1.0, 2.0)
-ALPHAS = (0.0, 0.5, 0.9, 0.95, 1.0)  # RegMean's off-diagonal scale, chosen on validation for "regmean (α on val.)"
+ALPHAS = (0.0, 0.5, 0.9, 0.95, 1.0)  # RegMean's α, chosen on validation for "regmean (α on validation)"
+UNSWEPT = {"regmean (α 0.95)"}  # as published: no scale
 
 
 def quiet() -> None:
@@ -247,6 +248,7 @@ def strategies() -> dict[str, object]:
         # from the input Gram matrices the experts capture after the fit (CurvatureCapture(gram="after_fit"))
         "regmean (α 0.95)": RegMean(),
         "regmean (α on validation)": RegMean(alpha=1.0),
+        "regmean (α 0.95), λ on validation": RegMean(),  # an extension: θ₀ + λ·τ*
     }
 
 
@@ -353,7 +355,7 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
                 if best is None or score > best[0]:
                     best = (score, state, beta)
             _, state, chosen["beta"] = best
-        elif getattr(strategy, "scalable", False):
+        elif getattr(strategy, "scalable", False) and label not in UNSWEPT:
             result = sweep_scale(strategy, experts, root / "base", val_score, GRID)
             state, chosen["scale"] = result.state, result.scale
         else:

@@ -87,8 +87,9 @@ def strategies() -> dict[str, object]:
                                                     normalize=True),
         "lines (task arithmetic)": LiNeS(TaskArithmetic()),
         "lines (fisher)": LiNeS(Fisher(estimator="batch")),
-        "regmean (α 0.95)": RegMean(),
+        "regmean (α 0.95)": "regmean-published",   # as published: no scale
         "regmean (α on validation)": "regmean-tuned",
+        "regmean (α 0.95), λ on validation": RegMean(),  # an extension: θ₀ + λ·τ*, λ swept like task arithmetic's
     }
 
 
@@ -99,6 +100,8 @@ ALPHAS = (0.0, 0.3, 0.6, 0.9, 0.95, 1.0)
 def tuned(strategy, experts, base, score, **merge_kwargs):
     """(state, chosen value): λ swept for strategies with a scale; LiNeS' β swept (α from its norm rule); RegMean's
     α swept for "regmean-tuned"."""
+    if strategy == "regmean-published":
+        return merge(experts, base, RegMean(), **merge_kwargs), None
     if strategy == "regmean-tuned":
         states = {a: merge(experts, base, RegMean(alpha=a), **merge_kwargs) for a in ALPHAS}
         best = max(states, key=lambda a: (score(states[a]), a))
@@ -420,6 +423,8 @@ PAIRS = (
     ("regmean (α 0.95)", "task_arithmetic"),
     ("regmean (α on validation)", "task_arithmetic"),
     ("regmean (α on validation)", "fisher (batch)"),
+    ("regmean (α 0.95), λ on validation", "task_arithmetic"),
+    ("regmean (α 0.95), λ on validation", "ota"),
     ("regmean (α 0.95)", "regmean, FusionBench's merge on the same Gram matrices (α 0.95)"),
     ("adamerging (tensor-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (block-wise, unlabeled validation inputs)", "task_arithmetic"),

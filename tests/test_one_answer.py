@@ -199,7 +199,7 @@ def strategies(draw, n: int):
         return PCB(ratio=draw(st.floats(0.05, 1.0)), clamp_ratio=draw(st.sampled_from([0.0, 0.0001, 0.01])),
                    scale=draw(st.floats(0.5, 1.5)))
     if name == "regmean":
-        return RegMean(alpha=draw(st.floats(0.0, 1.0)), weights=_weights(draw, n))
+        return RegMean(alpha=draw(st.floats(0.0, 1.0)), weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)))
     if name == "lines":
         inner = draw(st.sampled_from([TaskArithmetic(), Ties(density=0.5), TaskArithmetic(weights=[1.0] * n),
                                       Fisher(normalize=False)]))

@@ -105,6 +105,26 @@ def test_regmean_sanity():
         RegMean().continual_form()
 
 
+def test_scale_steps_along_the_merged_task_vector():
+    """An extension: θ₀ + s·(RegMean − θ₀) on every tensor; s ≠ 1 needs the base (refused before any tensor);
+    sweep_scale chooses s and gives merge() at that s."""
+    from lightning_merge.evaluation import sweep_scale
+
+    base, experts, inputs = _family()
+    one = merge(_experts(experts, inputs), base, RegMean())
+    scaled = merge(_experts(experts, inputs), base, RegMean(scale=1.7))
+    for k in base:
+        torch.testing.assert_close(scaled[k], base[k] + 1.7 * (one[k] - base[k]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a base model"):
+        merge(_experts(experts, inputs), None, RegMean(scale=1.7))
+    result = sweep_scale(RegMean(), _experts(experts, inputs), base,
+                         score=lambda st: -float((st["l0.weight"] - 2 * experts[0]["l0.weight"]).square().sum()),
+                         scales=(0.5, 1.0, 1.5, 2.0))
+    want = merge(_experts(experts, inputs), base, RegMean(scale=result.scale))
+    for k in base:
+        torch.testing.assert_close(result.state[k], want[k])
+
+
 def test_regmean_refusals(tmp_path):
     base, experts, inputs = _family()
     with pytest.raises(StatisticsError, match="no 'gram' statistics"):

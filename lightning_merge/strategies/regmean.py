@@ -11,8 +11,10 @@ outputs on its own inputs Xᵢ), whose solution is W* = (Σᵢ Wᵢ Gᵢ)(Σᵢ 
 
 Here, with weights λᵢ (default 1): W* = R + (Σᵢ λᵢ (Wᵢ − R) G̃ᵢ)(Σᵢ λᵢ G̃ᵢ)⁻¹ and the others R + Σλᵢ(θᵢ − R)/Σλᵢ, with R
 the base when one is given, else expert 0: the same model as the reference's formula in exact arithmetic, with the
-solve done in float64 on differences (better conditioned). Input features no expert ever saw (a zero column and row
-of Σ G̃) are left out of the solve and take the weighted mean; the reference inverts the singular matrix instead.
+solve done in float64 on differences (better conditioned). An extension, off by default: ``scale`` s steps along the
+merged task vector, θ = θ₀ + s·τ*, as task arithmetic's λ does (it needs the base). Input features no expert ever
+saw (a zero column and row of Σ G̃) are left out of the solve and take the weighted mean; the reference inverts the
+singular matrix instead.
 """
 
 from __future__ import annotations
@@ -66,17 +68,27 @@ class RegMean(Strategy):
             input feature.
         weights: one weight per expert, multiplying its Gram matrices (and its share of the mean elsewhere), or
             None for 1.
+        scale: s in θ = θ₀ + s·τ*, τ* the RegMean merge minus the base (every tensor); 1 is RegMean as published.
+            Not 1 needs a base; ``sweep_scale`` chooses it on validation data (an extension: RegMean's merge is a
+            weighted *mean* of the task vectors, while tuned task arithmetic usually steps further).
     """
 
     name = "regmean"
     requires = ("gram",)
-    needs_base = False
+    scalable = True
 
     alpha: float = 0.95
     weights: PerExpert = None
+    scale: float = 1.0
+
+    @property
+    def needs_base(self) -> bool:  # type: ignore[override]
+        """A base is needed only to scale the merged task vector."""
+        return self.scale != 1.0
 
     def __post_init__(self) -> None:
         check_number("RegMean", "alpha", self.alpha, low=0.0, high=1.0)
+        check_number("RegMean", "scale", self.scale)
         if self.weights is not None:
             check_number("RegMean", "weights", self.weights, per_expert=True, low=0.0)
             values = self.weights if isinstance(self.weights, (list, tuple)) else [self.weights]
@@ -90,20 +102,22 @@ class RegMean(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
+        if base is None and self.scale != 1.0:
+            raise ValueError("RegMean(scale=...) steps along the merged task vector: it needs a base model (base=...)")
         weights = self.expert_weights(len(tensors))
         reference = base if base is not None else tensors[0]
         deltas = [t - reference for t in tensors]
         grams = [s.get("gram") for s in stats]
         if tensors[0].dim() != 2 or all(g is None for g in grams):
             mean = sum(w * d for w, d in zip(weights, deltas)) / sum(weights)
-            return mean.add_(reference)
+            return mean.mul_(self.scale).add_(reference)
         present = [g for g in grams if g is not None]
         if len(present) < len(grams):  # on_missing_statistic="uniform": isotropic inputs of the others' mean energy
             level = float(torch.stack([g.diagonal().mean() for g in present]).mean())
             identity = torch.eye(tensors[0].shape[1]) * level
             grams = [identity if g is None else g for g in grams]
         grams = [reduce_off_diagonal(g, self.alpha) for g in grams]
-        return regmean_solve(deltas, grams, weights).add_(reference)
+        return regmean_solve(deltas, grams, weights).mul_(self.scale).add_(reference)
 
     def continual_form(self):  # noqa: D102
         raise NoContinualForm(
