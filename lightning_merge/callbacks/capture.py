@@ -208,7 +208,7 @@ class CurvatureCapture(Callback):
         self._fingerprint: dict[str, str] = {}
         self._restarted_at: int | None = None
         self._post: dict[str, tuple[dict[str, Tensor], int]] = {}
-        # Σ xxᵀ restored from a checkpoint (global totals, held by rank 0) and the last all-rank totals
+        # Σ xxᵀ restored from a checkpoint (global totals, added once after the ranks are reduced) and the last totals
         self._gram_restored: tuple[dict[str, Tensor], dict[str, int]] = ({}, {})
         self._gram_totals: tuple[dict[str, Tensor], dict[str, int], int] | None = None
         self._runtime()
