@@ -319,3 +319,24 @@ def test_bf16_mixed_training_accumulates_in_float32(tmp_path):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         h = torch.tanh(model.net[0](x)).float()  # the bf16 activations the second layer saw
     torch.testing.assert_close(stats.get("net.2.weight", "gram"), h.T @ h / 32, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_on_fit_end_merges_the_trained_model_with_regmean(tmp_path):
+    """MergeOnFitEnd(strategy=RegMean()) takes the Gram matrices of the model just trained from the capture, and
+    refuses at setup when the capture does not record them."""
+    from lightning_merge.callbacks import MergeOnFitEnd
+
+    val = loader(16, 8, seed=1)
+    first = CurvatureCapture(second_moments=False, fisher=False, gram="after_fit", fisher_loader=val)
+    trainer(tmp_path / "a", [first], max_epochs=1).fit(Tiny(lr=5e-2, seed=1), loader(32, 8, seed=2))
+    expert = tmp_path / "a" / "final.safetensors"
+    merger = MergeOnFitEnd(experts=[str(expert)], strategy=RegMean(), dirpath=str(tmp_path / "run"))
+    capture = CurvatureCapture(second_moments=False, fisher=False, gram="after_fit", fisher_loader=val)
+    model = Tiny(lr=5e-2)
+    trainer(tmp_path / "run", [merger, capture], max_epochs=1).fit(model, loader(32, 8, seed=3))
+    by_hand = merge([tmp_path / "run" / "final.safetensors", expert], None, RegMean())
+    for name, value in by_hand.items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    no_gram = MergeOnFitEnd(experts=[str(expert)], strategy=RegMean(), dirpath=str(tmp_path / "run2"))
+    with pytest.raises(ValueError, match="needs the 'gram' statistic of the model this fit trains.*gram= for"):
+        trainer(tmp_path / "run2", [no_gram, CurvatureCapture()], max_epochs=1).fit(Tiny(lr=5e-2), loader(32, 8))

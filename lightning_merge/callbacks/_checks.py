@@ -56,6 +56,8 @@ def captures_kind(capture: Any, kind: str) -> bool:
         return bool(capture.fisher)
     if kind.startswith("fisher."):
         return capture.fisher_after_fit == kind.split(".", 1)[1]
+    if kind == "gram":
+        return capture.gram is not None
     return False
 
 
@@ -77,7 +79,8 @@ def check_statistics(who: str, strategy: Any, experts: Sequence[Any], trainer: A
             what = "no CurvatureCapture" if capture is None else "a CurvatureCapture that does not record it"
             raise ValueError(
                 f"{who}: {strategy.name} needs the {kind!r} statistic of the model this fit trains, and the Trainer "
-                f"has {what}; add CurvatureCapture() (with fisher_after_fit= for a post-fit estimator) before the fit"
+                f"has {what}; add CurvatureCapture() (with fisher_after_fit= for a post-fit estimator, gram= for "
+                "RegMean) before the fit"
             )
 
 
