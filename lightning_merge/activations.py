@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_merge.fisher import _batch_len, _truncate, default_logits_fn
+from lightning_merge.fisher import _batch_len, _truncate
 
 
 def attention_mask(batch: Any) -> Tensor | None:
@@ -61,7 +61,7 @@ class GramAccumulator:
     def attach(self) -> GramAccumulator:
         """Register the hooks (idempotent)."""
         if not self._handles:
-            self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+            self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.modules.items()]
         return self
 
     def detach(self) -> None:
@@ -80,10 +80,13 @@ class GramAccumulator:
         self.mask = attention_mask(batch)
 
     def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        def hook(module: nn.Module, inputs: tuple, kwargs: dict, output: Any) -> None:
             if self.when is not None and not self.when(module):
                 return
-            x = inputs[0].detach()
+            x = inputs[0] if inputs else kwargs.get("input")  # linear(x) or linear(input=x)
+            if not isinstance(x, Tensor):
+                return
+            x = x.detach()
             flat = x.reshape(-1, x.shape[-1])
             if self.mask is not None and tuple(self.mask.shape) == tuple(x.shape[:-1]):
                 flat = flat[self.mask.reshape(-1).to(flat.device) != 0]
@@ -96,6 +99,24 @@ class GramAccumulator:
             self.rows[name] = self.rows.get(name, 0) + int(flat.shape[0])
 
         return hook
+
+
+def default_forward(module: nn.Module) -> Callable[[Any], Any]:
+    """How a batch runs through ``module`` for the Gram pass: its ``fisher_logits`` if it has one (the post-fit
+    protocol of docs/capture.md), else ``module(x)`` for a tuple or list ``(x, ...)`` (labels, if any, unused),
+    ``module(**batch)`` without ``labels`` for a mapping, ``module(batch)`` for a tensor."""
+    custom = getattr(module, "fisher_logits", None)
+    if callable(custom):
+        return custom
+
+    def run(batch: Any) -> Any:
+        if isinstance(batch, Mapping):
+            return module(**{k: v for k, v in batch.items() if k != "labels"})
+        if isinstance(batch, (tuple, list)):
+            return module(batch[0])
+        return module(batch)
+
+    return run
 
 
 def compute_grams(
@@ -115,8 +136,7 @@ def compute_grams(
         num_examples: how many examples (FusionBench's RegMean uses 256).
         names: weight names to capture (default: every trained ``nn.Linear`` weight).
         transfer: applied to each batch first (moving it to the module's device).
-        forward: runs the module on a batch (default: the module's ``fisher_logits``, else ``module(batch[0])``
-            for a tuple batch, ``module(**batch without labels)`` for a mapping).
+        forward: runs the module on a batch (default: :func:`default_forward`).
 
     Returns:
         ``(sums, rows, examples)``: float32 Σ xxᵀ by weight name, the rows each layer saw, the examples read.
@@ -129,7 +149,7 @@ def compute_grams(
             f"{type(module).__name__} has no trained nn.Linear layer to capture input Gram matrices of (RegMean "
             "merges linear layers; GPT-2's Conv1D layers are not supported)"
         )
-    run = forward or default_logits_fn(module)
+    run = forward or default_forward(module)
     acc = GramAccumulator(layers).attach()
     was_training = module.training
     module.eval()
@@ -156,4 +176,4 @@ def compute_grams(
     return acc.sums, acc.rows, count
 
 
-__all__ = ["GramAccumulator", "attention_mask", "compute_grams", "gram_modules"]
+__all__ = ["GramAccumulator", "attention_mask", "compute_grams", "default_forward", "gram_modules"]

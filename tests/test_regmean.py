@@ -340,3 +340,19 @@ def test_merge_on_fit_end_merges_the_trained_model_with_regmean(tmp_path):
     no_gram = MergeOnFitEnd(experts=[str(expert)], strategy=RegMean(), dirpath=str(tmp_path / "run2"))
     with pytest.raises(ValueError, match="needs the 'gram' statistic of the model this fit trains.*gram= for"):
         trainer(tmp_path / "run2", [no_gram, CurvatureCapture()], max_epochs=1).fit(Tiny(lr=5e-2), loader(32, 8))
+
+
+def test_a_layer_called_with_a_keyword_input_is_counted():
+    class KeywordCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.inner(input=x)
+
+    module = KeywordCall()
+    x = torch.randn(5, 3)
+    sums, rows, count = compute_grams(module, [(x,)], num_examples=5)
+    assert rows == {"inner.weight": 5} and count == 5
+    torch.testing.assert_close(sums["inner.weight"], x.T @ x)
