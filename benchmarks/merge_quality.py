@@ -392,8 +392,62 @@ def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = 
         else:
             rows["regmean, FusionBench's merge on the same Gram matrices (α 0.95)"] = (
                 normalized_score(scores(reference, "test"), own_test), None)
+    if not only or any("adamerging" in o for o in only):
+        rows["adamerging (tensor-wise, unlabeled validation inputs)"] = (
+            normalized_score(scores(minilm_adamerging(experts, base_state, heads, tasks, data, seed), "test"),
+                             own_test), None)
     rows["(expert own-task accuracy)"] = (sum(own_test.values()) / len(own_test), None)
     return rows
+
+
+class _EncodedInputs(torch.utils.data.Dataset):
+    """Unlabeled tokenised inputs of every task at once: item i is ``{task: {input_ids, attention_mask}}``."""
+
+    def __init__(self, inputs: dict[str, dict[str, torch.Tensor]]):
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return max(len(enc["input_ids"]) for enc in self.inputs.values())
+
+    def __getitem__(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        return {task: {k: v[i % len(v)] for k, v in enc.items()} for task, enc in self.inputs.items()}
+
+
+def minilm_adamerging(experts, base_state, heads, tasks, data, seed: int, steps: int = 1000) -> dict:
+    """AdaMerging of the MiniLM LoRA experts: tensor-wise λ on the adapted query/value weights, learned on the
+    tasks' validation words (labels unused), each task through its own head; FusionBench's settings."""
+    import lightning.pytorch as pl
+    from transformers import AutoModel
+
+    from lightning_merge.adamerging import AdaMerging
+
+    sys_path = str(Path(__file__).parent)
+    import sys
+
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    from _minilm import minilm_path
+
+    frozen = [h.requires_grad_(False) for h in heads]
+    inputs = {name: {k: v for k, v in data[name]["val"][0].items() if k in ("input_ids", "attention_mask")}
+              for name in tasks}
+
+    def logits_fn(ada, batch):
+        out = {}
+        for t, name in enumerate(tasks):
+            enc = batch[name]
+            hidden = ada(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            out[name] = frozen[t]((hidden * mask).sum(1) / mask.sum(1))
+        return out
+
+    ada = AdaMerging(AutoModel.from_pretrained(minilm_path()), experts, base_state, logits_fn=logits_fn,
+                     include=r"\.(query|value)\.weight$")
+    pl.seed_everything(seed, verbose=False)
+    loader = torch.utils.data.DataLoader(_EncodedInputs(inputs), batch_size=16, shuffle=True)
+    pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(ada, loader)
+    return merge(experts, base_state, ada.strategy())
 
 
 def report(title: str, per_seed: list[dict[str, tuple[float, float | None]]]) -> None:
@@ -431,6 +485,7 @@ PAIRS = (
     ("regmean (α 0.95)", "regmean, FusionBench's merge on the same Gram matrices (α 0.95)"),
     ("adamerging (tensor-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (block-wise, unlabeled validation inputs)", "task_arithmetic"),
+    ("adamerging (tensor-wise, unlabeled validation inputs)", "ota"),
 )
 
 
