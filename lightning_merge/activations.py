@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_merge.fisher import _batch_len, _truncate
+from lightning_merge.fisher import limited_batches
 
 
 def attention_mask(batch: Any) -> Tensor | None:
@@ -156,15 +156,7 @@ def compute_grams(
     count = 0
     try:
         with torch.no_grad():
-            for batch in dataloader:
-                if count >= num_examples:
-                    break
-                if transfer is not None:
-                    batch = transfer(batch)
-                size = _batch_len(batch)
-                if count + size > num_examples:
-                    batch = _truncate(batch, num_examples - count, size)
-                    size = num_examples - count
+            for batch, size in limited_batches(dataloader, num_examples, transfer):
                 acc.set_batch(batch)
                 run(batch)
                 count += size

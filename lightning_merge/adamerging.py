@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_merge.experts import as_expert
+from lightning_merge.fisher import _logits_of
 from lightning_merge.strategies.functional import BLOCK_PATTERN
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 
@@ -39,14 +40,11 @@ def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def _logits(output: Any) -> Any:
-    if isinstance(output, Tensor) or isinstance(output, Mapping):
+    """A mapping of per-task outputs as it is, else the logits in the output (:func:`~lightning_merge.fisher`'s
+    reading of a tensor, a Hugging Face output, a tuple)."""
+    if isinstance(output, Mapping):
         return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"AdaMerging: the model returned {type(output).__name__}, not logits; pass logits_fn=")
+    return _logits_of(output, "pass AdaMerging(logits_fn=...)")
 
 
 class AdaMerging(pl.LightningModule):

@@ -408,7 +408,6 @@ class Expert:
             )
         return value
 
-
     def _check_gram_shape(self, name: str, value: Tensor) -> Tensor:
         """A Gram matrix multiplies the last axis of a 2-D weight (nn.Linear's input features): (in, in)."""
         shape = tuple(self.spec(name).shape)

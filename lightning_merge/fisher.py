@@ -25,7 +25,7 @@ defines one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -120,7 +120,8 @@ def default_logits_fn(module: nn.Module) -> LogitsFn:
     return logits_fn
 
 
-def _logits_of(output: Any) -> Tensor:
+def _logits_of(output: Any, remedy: str = "define `fisher_logits(self, batch)` on it") -> Tensor:
+    """The logits in a module's output: a tensor, a Hugging Face output's ``.logits``, or a tuple's first tensor."""
     if isinstance(output, Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -128,9 +129,7 @@ def _logits_of(output: Any) -> Tensor:
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    raise TypeError(
-        f"the module returned {type(output).__name__}, not logits: define `fisher_logits(self, batch)` on it"
-    )
+    raise TypeError(f"the module returned {type(output).__name__}, not logits: {remedy}")
 
 
 def log_likelihood(logits: Tensor, targets: Tensor) -> Tensor:
@@ -261,15 +260,7 @@ def compute_fisher(
     vmap_ok = use_vmap
     count = 0
     try:
-        for batch in dataloader:
-            if count >= num_examples:
-                break
-            if transfer is not None:
-                batch = transfer(batch)
-            size = _batch_len(batch)
-            if count + size > num_examples:
-                batch = _truncate(batch, num_examples - count, size)
-                size = num_examples - count
+        for batch, size in limited_batches(dataloader, num_examples, transfer):
             passes: list[tuple[Tensor | None, Tensor | None, float]] = []  # (targets, per-example weights, α)
             if estimator == "exact":
                 passes = _class_passes(logits_fn, batch)
@@ -320,6 +311,24 @@ def _class_passes(logits_fn: LogitsFn, batch: Any) -> list[tuple[Tensor, Tensor,
     probs = torch.softmax(logits.float(), dim=-1).cpu()
     valid = targets != IGNORE_INDEX
     return [(torch.where(valid, torch.full_like(targets, c), targets), probs[:, c], 1.0) for c in range(classes)]
+
+
+def limited_batches(dataloader: Iterable[Any], num_examples: int,
+                    transfer: Callable[[Any], Any] | None = None) -> Iterator[tuple[Any, int]]:
+    """``(batch, examples in it)`` from ``dataloader`` (each passed through ``transfer``) until ``num_examples``
+    examples are seen, the last batch cut to what is left."""
+    count = 0
+    for batch in dataloader:
+        if count >= num_examples:
+            break
+        if transfer is not None:
+            batch = transfer(batch)
+        size = _batch_len(batch)
+        if count + size > num_examples:
+            batch = _truncate(batch, num_examples - count, size)
+            size = num_examples - count
+        count += size
+        yield batch, size
 
 
 def _truncate(batch: Any, keep: int, size: int) -> Any:

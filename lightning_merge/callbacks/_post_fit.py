@@ -57,15 +57,23 @@ def post_fit_fisher(
     )
     if world > 1:  # outside any rank-zero-only code: every rank takes part
         names = list(sums)
-        flat = torch.cat([sums[n].reshape(-1) for n in names] + [torch.tensor([float(count)], device=device)])
-        flat = trainer.strategy.reduce(flat, reduce_op="sum")
-        count = int(round(flat[-1].item()))
-        offset = 0
-        for n in names:
-            size = sums[n].numel()
-            sums[n] = flat[offset: offset + size].view_as(sums[n]).clone()
-            offset += size
+        *parts, total = reduce_sum(trainer, [sums[n] for n in names] + [torch.tensor([float(count)], device=device)])
+        sums = dict(zip(names, parts))
+        count = int(round(total.item()))
     return {n: s / count for n, s in sums.items()}, count
+
+
+def reduce_sum(trainer: Any, parts: list[Tensor]) -> list[Tensor]:
+    """Each tensor summed over ranks, in one all-reduce of their concatenation (every rank must call it; one
+    process: the tensors as they are)."""
+    if trainer.world_size <= 1:
+        return parts
+    flat = trainer.strategy.reduce(torch.cat([p.reshape(-1) for p in parts]), reduce_op="sum")
+    out, offset = [], 0
+    for p in parts:
+        out.append(flat[offset: offset + p.numel()].view_as(p).clone())
+        offset += p.numel()
+    return out
 
 
 def _rank_share(trainer: Any, module: Any, loader: str | Iterable[Any], setting: str,
@@ -93,14 +101,8 @@ def reduce_grams(trainer: Any, layers: dict[str, Any], sums: dict[str, Tensor], 
                                                                device=device) for n in names]
     counts = torch.tensor([float(rows.get(n, 0)) for n in names] + [float(extra)], dtype=torch.float64,
                           device=device)
-    if trainer.world_size > 1:
-        flat = trainer.strategy.reduce(torch.cat([p.reshape(-1) for p in parts]), reduce_op="sum")
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        offset = 0
-        for i, p in enumerate(parts):
-            parts[i] = flat[offset: offset + p.numel()].view_as(p)
-            offset += p.numel()
-    counts = counts.cpu().tolist()
+    parts = reduce_sum(trainer, parts)
+    counts = reduce_sum(trainer, [counts])[0].cpu().tolist()  # float64: row counts stay exact
     return ({n: p.detach().to("cpu", torch.float32).clone() for n, p in zip(names, parts)},
             {n: int(round(c)) for n, c in zip(names, counts)}, counts[-1])
 
@@ -116,4 +118,4 @@ def post_fit_grams(trainer: Any, module: Any, *, loader: str | Iterable[Any],
     return sums, rows, int(round(total))
 
 
-__all__ = ["LOADERS", "post_fit_fisher", "post_fit_grams", "reduce_grams", "trainer_loader"]
+__all__ = ["LOADERS", "post_fit_fisher", "post_fit_grams", "reduce_grams", "reduce_sum", "trainer_loader"]

@@ -279,63 +279,62 @@ class CurvatureCapture(Callback):
         self._batch_fisher.load_state_dict(fisher_state)
         self._fingerprint = dict(state_dict.get("fingerprint", {}))
         self._restarted_at = state_dict.get("restarted_at")
-        if self._batch_fisher.counts and self.fisher:
-            self._restore_accumulators(state_dict.get("token"))
-        if self.gram == "train" and state_dict.get("gram"):
-            self._restore_grams(state_dict.get("token"))
+        fisher = bool(self._batch_fisher.counts and self.fisher)
+        gram = self.gram == "train" and bool(state_dict.get("gram"))
+        if fisher or gram:  # one read of the checkpoint's sidecar for every accumulator it holds
+            stats, problem = self._resume_sidecar(state_dict.get("token"))
+            if fisher:
+                self._restore_accumulators(stats, problem)
+            if gram:
+                self._restore_grams(stats, problem)
 
-    def _restore_grams(self, token: str | None) -> None:
-        """The training-time Σ xxᵀ of the checkpoint resumed from (from its sidecar), so the resumed run continues
-        the sums; without them the Gram matrices restart, with a warning."""
+    def _resume_sidecar(self, token: str | None) -> tuple[Statistics | None, str | None]:
+        """The sidecar of the checkpoint resumed from, or why it cannot give the accumulators back."""
         path = find_sidecar(self._resume_path) if self._resume_path else None
-        problem = None
+        if path is None:
+            return None, "it has no statistics sidecar"
+        stats = Statistics.load(path)
+        if stats.metadata.get("resume_token") != token:
+            return None, f"its sidecar '{path}' was written for another save (token mismatch)"
+        return stats, None
+
+    @staticmethod
+    def _accumulators(stats: Statistics, kind: str, names: Iterable[str]) -> tuple[dict[str, Tensor], str | None]:
+        """The float32 accumulators of ``kind`` for ``names`` (the ``resume/`` copy when the statistic itself was
+        stored lossy), or the name of the first one missing."""
+        keys = set(stats.keys())
+        out = {}
+        for name in names:
+            key = next((k for k in (f"{RESUME_PREFIX}{kind}/{name}", f"{kind}/{name}") if k in keys), None)
+            if key is None:
+                return out, f"its sidecar '{stats.origin}' has no float32 accumulator for '{name}'"
+            out[name] = stats._tensors[key].to(torch.float32).clone()
+        return out, None
+
+    def _restore_grams(self, stats: Statistics | None, problem: str | None) -> None:
+        """The training-time Σ xxᵀ of the checkpoint resumed from, so the resumed run continues the sums; without
+        them the Gram matrices restart, with a warning."""
         sums: dict[str, Tensor] = {}
         rows: dict[str, int] = {}
-        if path is None:
-            problem = "it has no statistics sidecar"
-        else:
-            stats = Statistics.load(path)
-            meta = stats.kinds.get(GRAM, {})
-            counts = meta.get("count") if isinstance(meta.get("count"), dict) else {}
-            keys = set(stats.keys())
-            if stats.metadata.get("resume_token") != token:
-                problem = f"its sidecar '{path}' was written for another save (token mismatch)"
-            for name, count in counts.items():
-                if problem is not None:
-                    break
-                key = next((k for k in (f"{RESUME_PREFIX}{GRAM}/{name}", f"{GRAM}/{name}") if k in keys), None)
-                if key is None:
-                    problem = f"its sidecar '{path}' has no float32 Gram sum for '{name}'"
-                    break
-                sums[name] = stats._tensors[key].to(torch.float32).clone()
-                rows[name] = int(count)
+        if stats is not None:
+            count = stats.kinds.get(GRAM, {}).get("count")
+            rows = {n: int(c) for n, c in count.items()} if isinstance(count, dict) else {}
+            sums, problem = self._accumulators(stats, GRAM, rows)
         if problem is not None:
             rank_zero_warn(f"CurvatureCapture: resuming from '{self._resume_path}', but {problem}: the input Gram "
                            "matrices restart from this step")
             sums, rows = {}, {}
         self._gram_restored = (sums, rows)
 
-    def _restore_accumulators(self, token: str | None) -> None:
-        path = find_sidecar(self._resume_path) if self._resume_path else None
-        problem = None
-        if path is None:
-            problem = "it has no statistics sidecar"
-        else:
-            stats = Statistics.load(path)
+    def _restore_accumulators(self, stats: Statistics | None, problem: str | None) -> None:
+        """The batch Fisher's float32 accumulators of the checkpoint resumed from; without them it restarts, with a
+        warning and ``restarted_at`` in the metadata."""
+        if stats is not None:
             meta = stats.kinds.get("fisher.batch", {})
             legacy = float(meta.get("batch_size", 1.0)) if "scale" not in meta else 1.0  # version-1 sidecars
-            if stats.metadata.get("resume_token") != token:
-                problem = f"its sidecar '{path}' was written for another save (token mismatch)"
-            else:
-                keys = set(stats.keys())
-                for name in self._batch_fisher.counts:
-                    key = next(
-                        (k for k in (RESUME_PREFIX + "fisher.batch/" + name, "fisher.batch/" + name) if k in keys), None
-                    )
-                    if key is None:
-                        problem = f"its sidecar '{path}' has no float32 accumulator for '{name}'"
-                        break
-                    value = stats._tensors[key].to(torch.float32).clone()
+            values, problem = self._accumulators(stats, "fisher.batch", self._batch_fisher.counts)
+            if problem is None:
+                for name, value in values.items():
                     self._batch_fisher.acc[name] = value * legacy if legacy != 1.0 else value
         if problem is not None:
             rank_zero_warn(
