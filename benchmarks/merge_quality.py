@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -242,10 +243,9 @@ def run_seed(seed: int, epochs: int, folder: Path,
 
 
 # -- MiniLM-L6 with LoRA experts on word-level tasks --------------------------------------------------------------
-def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = None,
-                grid: tuple[float, ...] = GRID) -> dict[str, tuple[float, float | None]]:
-    """Three LoRA experts (query/value of every layer, r = 8) on MiniLM-L6, each with its own head; merged in ΔW
-    space (expert = θ₀ + s·B A on the adapted weights); curvature from the delta-method precision of ΔW."""
+def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = None) -> types.SimpleNamespace:
+    """The MiniLM benchmark's experts for one seed (trained, or read from ``cache``) and its scorer: a namespace
+    with experts, base, heads, tasks, data, scores(state, split) -> {task: accuracy}, own_val, own_test, include."""
     import sys
 
     import lightning.pytorch as pl
@@ -302,12 +302,22 @@ def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = 
         def __getitem__(self, i):
             return {k: v[i] for k, v in self.enc.items()}, self.labels[i]
 
-    tasks, experts, heads, data = [], [], [], {}
+    tasks, experts, heads, data, statistics_of = [], [], [], {}, []
     scaling = lora_scaling(2 * rank, rank)
+    cached = cache / f"minilm-seed{seed}-epochs{epochs}-r{rank}.pt" if cache is not None else None
+    saved = torch.load(cached, weights_only=True) if cached is not None and cached.exists() else None
     for t, (name, make) in enumerate(WORD_TASKS.items()):
         words, labels, classes = make(seed)
         split = split_words(words, labels, seed)
         data[name] = {k: (encode(w), torch.tensor(y)) for k, (w, y) in split.items()}
+        if saved is not None:  # the same seed's experts, trained by an earlier run (--cache)
+            e = saved["experts"][t]
+            experts.append(Expert({**base_state, **e["delta"]}, statistics=e["statistics"], name=name))
+            head = nn.Linear(384, classes)
+            head.load_state_dict(e["head"])
+            heads.append(head.eval())
+            tasks.append(name)
+            continue
         torch.manual_seed(seed * 100 + t)
         encoder = get_peft_model(
             AutoModel.from_pretrained(minilm_path()),
@@ -348,10 +358,17 @@ def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = 
                 a, b, stats.get(a_name, "exp_avg_sq"), stats.get(b_name, "exp_avg_sq"), scaling
             )
             grams[target] = stats.get(a_name, "gram")  # lora_A's input is the adapted layer's
-        experts.append(Expert(state, statistics={"fisher.batch": fisher, "exp_avg_sq": moments, "gram": grams},
-                              name=name))
+        statistics_of.append({"fisher.batch": fisher, "exp_avg_sq": moments, "gram": grams})
+        experts.append(Expert(state, statistics=statistics_of[-1], name=name))
         heads.append(module.head.eval())
         tasks.append(name)
+    if cached is not None and saved is None:
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(".partial")
+        torch.save({"experts": [
+            {"delta": {k: e.tensor(k) for k in grams}, "statistics": statistics_of[t], "head": heads[t].state_dict()}
+            for t, e in enumerate(experts)]}, partial)
+        partial.replace(cached)
 
     scorer = AutoModel.from_pretrained(minilm_path()).eval()
 
@@ -370,6 +387,19 @@ def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = 
     own_val = {n: scores(state_of(experts[t]), "val")[n] for t, n in enumerate(tasks)}
     own_test = {n: scores(state_of(experts[t]), "test")[n] for t, n in enumerate(tasks)}
     include = ["*.query.weight", "*.value.weight"]
+    return types.SimpleNamespace(experts=experts, base=base_state, heads=heads, tasks=tasks, data=data,
+                                 scores=scores, own_val=own_val, own_test=own_test, include=include)
+
+
+def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = None,
+                grid: tuple[float, ...] = GRID, cache: Path | None = None) -> dict[str, tuple[float, float | None]]:
+    """Three LoRA experts (query/value of every layer, r = 8) on MiniLM-L6, each with its own head; merged in ΔW
+    space (expert = θ₀ + s·B A on the adapted weights); curvature from the delta-method precision of ΔW. With
+    ``cache``, a seed's trained experts are kept there and read back by later runs (training is most of a run)."""
+    m = minilm_setup(seed, epochs, rank, cache)
+    experts, base_state, scores, own_val, own_test = m.experts, m.base, m.scores, m.own_val, m.own_test
+    include = m.include
+    heads, tasks, data = m.heads, m.tasks, m.data
     rows: dict[str, tuple[float, float | None]] = {
         "base (no merge)": (normalized_score(scores(base_state, "test"), own_test), None)
     }
@@ -508,12 +538,15 @@ def main() -> None:
     parser.add_argument("--part", choices=["digits", "minilm", "all"], default="all")
     parser.add_argument("--minilm-epochs", type=int, default=2)
     parser.add_argument("--wide-grid", action="store_true", help="MiniLM: sweep λ up to 3.5 instead of 2.5")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="MiniLM: keep each seed's trained experts in this folder and reuse them in later runs")
     parser.add_argument("--only", nargs="*", default=None,
                         help="only the strategies whose row name contains one of these (digits: no compression rows)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.part in ("minilm", "all"):
-        runs = [minilm_part(seed, args.minilm_epochs, only=args.only, grid=WIDE_GRID if args.wide_grid else GRID)
+        runs = [minilm_part(seed, args.minilm_epochs, only=args.only, grid=WIDE_GRID if args.wide_grid else GRID,
+                            cache=args.cache)
                 for seed in range(args.seeds)]
         report(f"MiniLM-L6, LoRA r=8 on query/value, 3 word tasks, {args.seeds} seeds: normalized test accuracy", runs)
         report_pairs(runs)
