@@ -47,7 +47,7 @@ from lightning_merge import (
     merge,
 )
 from lightning_merge.demo import train_digits_experts
-from lightning_merge.evaluation import normalized_score, sweep_scale
+from lightning_merge.evaluation import normalized_score, sweep, sweep_scale
 from lightning_merge.stats import Statistics, write_statistics
 
 GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)
@@ -94,7 +94,25 @@ def strategies() -> dict[str, object]:
         "regmean (α 0.95)": "regmean-published",   # as published: no scale
         "regmean (α on validation)": "regmean-tuned",
         "regmean (α 0.95), λ on validation": RegMean(),  # an extension: θ₀ + λ·τ*, λ swept like task arithmetic's
+        # more arguments on validation (lightning_merge.sweep, every combination × the λ grid): OTA's exponent on v̂,
+        # and per-expert weights λᵢ as Matena & Raffel tune Fisher merging's
+        "ota, power on validation": ("sweep", OTA(), {"power": (0.25, 0.5, 0.75, 1.0)}),
+        "ota, per-expert weights on validation": ("sweep", OTA(), "weights"),
     }
+
+
+def weight_grid(n: int, values: tuple[float, ...] = (0.5, 1.0, 2.0)) -> list[list[float]]:
+    """Every per-expert weight vector from ``values``, once per direction (OTA and Fisher are invariant to a
+    common factor: (2, 2, 2) is (1, 1, 1))."""
+    import itertools
+
+    seen, out = set(), []
+    for w in itertools.product(values, repeat=n):
+        key = tuple(round(x / max(w), 6) for x in w)
+        if key not in seen:
+            seen.add(key)
+            out.append(list(w))
+    return out
 
 
 BETAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -104,6 +122,12 @@ ALPHAS = (0.0, 0.3, 0.6, 0.9, 0.95, 1.0)
 def tuned(strategy, experts, base, score, grid=GRID, **merge_kwargs):
     """(state, chosen value): λ swept for strategies with a scale; LiNeS' β swept (α from its norm rule); RegMean's
     α swept for "regmean-tuned"."""
+    if isinstance(strategy, tuple) and strategy[0] == "sweep":
+        _, inner, grid_of = strategy
+        arguments = {"weights": weight_grid(len(experts))} if grid_of == "weights" else grid_of
+        result = sweep(inner, experts, base, score, arguments, scales=grid, **merge_kwargs)
+        chosen = ", ".join(f"{k} {getattr(result.strategy, k)}" for k in arguments)
+        return result.state, f"{chosen}, λ {result.strategy.scale:g}"
     if strategy == "regmean-published":
         return merge(experts, base, RegMean(), **merge_kwargs), None
     if strategy == "regmean-tuned":
@@ -487,7 +511,7 @@ def report(title: str, per_seed: list[dict[str, tuple[float, float | None]]]) ->
         values = [100 * s[name][0] for s in per_seed]
         scales = [s[name][1] for s in per_seed]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lam = "" if scales[0] is None else ", ".join(f"{x:g}" for x in scales)
+        lam = "" if scales[0] is None else ", ".join(x if isinstance(x, str) else f"{x:g}" for x in scales)
         print(f"{name:34s}{statistics.mean(values):11.1f} ± {std:4.1f}   {lam}")
 
 
@@ -516,6 +540,8 @@ PAIRS = (
     ("adamerging (tensor-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (block-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (tensor-wise, unlabeled validation inputs)", "ota"),
+    ("ota, power on validation", "ota"),
+    ("ota, per-expert weights on validation", "ota"),
 )
 
 
