@@ -6,6 +6,7 @@ merged; per-task accuracy with each expert's head; normalized = merged ÷ expert
 over seeds. Also: each statistics compression (float32, bfloat16, rank-1) through a real sidecar round trip.
 
     python benchmarks/merge_quality.py [--seeds 3] [--epochs 12]
+    python benchmarks/merge_quality.py --part minilm --cache /tmp/minilm-experts --only ota  # reuses the experts
 
 RegMean rows need the linear layers' input Gram matrices: the experts capture them after the fit
 (``CurvatureCapture(gram="after_fit")``, the Fisher's 512 training examples); α (off-diagonal scale) is chosen on
