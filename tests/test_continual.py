@@ -150,6 +150,30 @@ def test_opcm_sanity(tmp_path):
     assert not torch.allclose(forward["layer.0.weight"], backward["layer.0.weight"])  # order matters
 
 
+def test_opcm_device_choice(tmp_path):
+    """OPCM(device=...): a bad name is refused at construction, "cuda" without a GPU is refused when the merge
+    resolves it (naming the argument and the remedy), and the SVDs on an explicit device give the default's
+    model: on the CPU exactly; on a GPU, when this machine has one, within float32 SVD noise."""
+    from lightning_merge.strategies.opcm import opcm_device
+
+    with pytest.raises(ValueError, match="OPCM.device must be"):
+        OPCM(device="not-a-device")
+    assert opcm_device("cpu") == torch.device("cpu")
+    assert opcm_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base_path, paths = write_family(tmp_path, stats=False)
+    default = merge(paths, base=base_path, strategy=OPCM(alpha=0.5))
+    on_cpu = merge(paths, base=base_path, strategy=OPCM(alpha=0.5, device="cpu"))
+    if not torch.cuda.is_available():
+        assert all(torch.equal(default[n], on_cpu[n]) for n in default)
+        with pytest.raises(ValueError, match=r"OPCM\(device='cuda'\): no CUDA device"):
+            merge(paths, base=base_path, strategy=OPCM(alpha=0.5, device="cuda"))
+    else:  # the GPU's SVDs: the same model within float32 noise, on the tensors' own device (the CPU)
+        on_gpu = merge(paths, base=base_path, strategy=OPCM(alpha=0.5, device="cuda"))
+        for n in on_cpu:
+            assert on_gpu[n].device.type == "cpu"
+            torch.testing.assert_close(on_gpu[n], on_cpu[n], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "strategy",
     [
