@@ -98,7 +98,7 @@ def strategies() -> dict[str, object]:
         # more arguments on validation (lightning_merge.sweep, every combination × the λ grid): OTA's exponent on v̂,
         # and per-expert weights λᵢ as Matena & Raffel tune Fisher merging's
         "ota, power on validation": ("sweep", OTA(), {"power": (0.25, 0.5, 0.75, 1.0)}),
-        "ota, per-expert weights on validation": ("sweep", OTA(), "weights"),
+        "ota, per-expert weights on validation": ("sweep", OTA(), lambda n: {"weights": weight_grid(n)}),
     }
 
 
@@ -122,10 +122,12 @@ ALPHAS = (0.0, 0.3, 0.6, 0.9, 0.95, 1.0)
 
 def tuned(strategy, experts, base, score, grid=GRID, **merge_kwargs):
     """(state, chosen value): λ swept for strategies with a scale; LiNeS' β swept (α from its norm rule); RegMean's
-    α swept for "regmean-tuned"."""
+    α swept for "regmean-tuned"; for ``("sweep", strategy, arguments)`` every combination of ``arguments`` (a grid,
+    or a function of the number of experts giving one) with λ, by ``lightning_merge.sweep``."""
     if isinstance(strategy, tuple) and strategy[0] == "sweep":
-        _, inner, grid_of = strategy
-        arguments = {"weights": weight_grid(len(experts))} if grid_of == "weights" else grid_of
+        _, inner, arguments = strategy
+        if callable(arguments):
+            arguments = arguments(len(experts))
         result = sweep(inner, experts, base, score, arguments, scales=grid, **merge_kwargs)
         chosen = ", ".join(f"{k} {getattr(result.strategy, k)}" for k in arguments)
         return result.state, f"{chosen}, λ {result.strategy.scale:g}"
@@ -337,7 +339,7 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
         data[name] = {k: (encode(w), torch.tensor(y)) for k, (w, y) in split.items()}
         if saved is not None:  # the same seed's experts, trained by an earlier run (--cache)
             e = saved["experts"][t]
-            experts.append(Expert({**base_state, **e["delta"]}, statistics=e["statistics"], name=name))
+            experts.append(Expert({**base_state, **e["adapted"]}, statistics=e["statistics"], name=name))
             head = nn.Linear(384, classes)
             head.load_state_dict(e["head"])
             heads.append(head.eval())
@@ -391,7 +393,7 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
         cache.mkdir(parents=True, exist_ok=True)
         partial = cached.with_suffix(".partial")
         torch.save({"experts": [
-            {"delta": {k: e.tensor(k) for k in grams}, "statistics": statistics_of[t], "head": heads[t].state_dict()}
+            {"adapted": {k: e.tensor(k) for k in grams}, "statistics": statistics_of[t], "head": heads[t].state_dict()}
             for t, e in enumerate(experts)]}, partial)
         partial.replace(cached)
 
