@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_merge._finite import all_finite
+from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, as_expert
 from lightning_merge.io import atomic_file, fsync_dir
@@ -66,6 +66,9 @@ from lightning_merge.writers import copy_support_files, write_json
 FORMAT = "lightning-merge/continual"
 FORMAT_VERSION = 2
 POINTER = "CURRENT"
+#: how the dtype of a continual state's model is chosen (it is the base's), for messages
+CONTINUAL_DTYPE_HINT = ("a continual model is written in its base's dtype: create the state over a copy of the base in "
+                        "that dtype")
 #: an expert whose task vector is this many times longer than the median expert already merged is refused as not
 #: fine-tuned from the base (an unrelated model); a third of that is warned about.
 MAX_RELATIVE_NORM = 10.0
@@ -447,9 +450,11 @@ class ContinualState:
                         continue
                     state = {q: fresh.get(f"{q}/{n}") for q, _ in form.quantities}
                     merged = form.finish(n, base.float32(n), state, summary)
-                    if not all_finite(merged):
+                    magnitude = largest_magnitude(merged)  # one reduction: finiteness, then the base dtype's range
+                    if not math.isfinite(magnitude):
                         raise ContinualError(f"continual {self.strategy.name} produced non-finite values at '{n}'")
-                    model.write(n, merged.to(base.spec(n).dtype).contiguous())
+                    model.write(n, cast_checked(merged, base.spec(n).dtype, n, CONTINUAL_DTYPE_HINT,
+                                                magnitude=magnitude).contiguous())
             model.close(sync=True)
             base_path = Path(self.config["base"])
             if base_path.is_dir():

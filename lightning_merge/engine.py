@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_merge._finite import all_finite
+from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, TensorSpec, as_expert
 from lightning_merge.stats import GRAM, MissingStatistic, StatisticsError
@@ -43,6 +44,7 @@ log = logging.getLogger("lightning_merge")
 
 ON_MISSING = ("error", "union", "intersection", "base")
 ON_MISSING_STATISTIC = ("error", "uniform")
+DTYPE_HINT = "dtype= / --dtype"  # how a merge's output dtype is chosen, for messages
 OUTPUTS = (None, "peft")
 DTYPES = {
     "float32": torch.float32,
@@ -313,7 +315,27 @@ def build_jobs(
             jobs.append(TensorJob(name, "copy", out_spec, present, source=holders[0]))
         else:
             jobs.append(TensorJob(name, "merge", out_spec, present))
+    _check_patterns(names, jobs, include, exclude)
     return jobs
+
+
+def _check_patterns(names: Sequence[str], jobs: Sequence[TensorJob], include: Sequence[str] | str | None,
+                    exclude: Sequence[str] | str | None) -> None:
+    """A pattern that matches no tensor is a typo or a wrong prefix (what it was meant to select would be merged, or
+    left out, without a word); patterns that leave nothing to merge would write a copy of the base: both refused."""
+    sample = ", ".join(repr(n) for n in names[:4]) + (" ..." if len(names) > 4 else "")
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in [patterns] if isinstance(patterns, str) else list(patterns or ()):
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(
+                    f"{option} pattern {pattern!r} matches no tensor (tensors are named like {sample}); patterns are "
+                    "shell globs over whole names (use 'layers.0.*', not 'layers.0'), after any prefix= is removed"
+                )
+    if (include is not None or exclude) and not any(job.action == "merge" for job in jobs):
+        raise ValueError(
+            f"include={include!r} and exclude={exclude!r} leave no floating-point tensor to merge, so the output "
+            f"would be a copy of the base (tensors are named like {sample}); widen include or narrow exclude"
+        )
 
 
 def _default_threads() -> int:
@@ -810,7 +832,7 @@ def compute(plan: MergePlan, job: TensorJob, dtype: torch.dtype | None = None) -
     once at the end to the job's dtype, or ``dtype``)."""
     name, out_dtype = job.name, dtype or job.spec.dtype
     if job.action == "copy":
-        return job.source.tensor(name).to(out_dtype)
+        return cast_checked(job.source.tensor(name), out_dtype, name, DTYPE_HINT)
     if job.action in ("equal", "max"):
         holders = ([plan.base] if plan.base is not None and name in plan.base else []) + [
             e for e, present in zip(plan.experts, job.present) if present
@@ -837,12 +859,13 @@ def compute(plan: MergePlan, job: TensorJob, dtype: torch.dtype | None = None) -
             f"strategy {strategy.name!r} returned shape {list(merged.shape)} for tensor '{name}', "
             f"expected {list(job.spec.shape)}"
         )
-    if not all_finite(merged):
+    magnitude = largest_magnitude(merged)  # one reduction: finiteness here, the output dtype's range in the cast
+    if not math.isfinite(magnitude):
         raise ValueError(
             f"strategy {strategy.name!r} produced NaN or infinite values for tensor '{name}' from finite inputs; "
             f"check its arguments ({strategy!r})"
         )
-    return merged.to(out_dtype)
+    return cast_checked(merged, out_dtype, name, DTYPE_HINT, magnitude=magnitude)
 
 
 __all__ = ["MergePlan", "TensorJob", "build_jobs", "merge", "open_inputs", "parse_dtype", "plan_merge", "prepare"]

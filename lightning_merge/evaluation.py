@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_merge._finite import cast_checked
 from lightning_merge.fisher import default_logits_fn
 
 DEFAULT_SCALES = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
@@ -243,6 +244,8 @@ def sweep_scale(
         raise ValueError("sweep_scale needs a base model (θ = θ₀ + λ·τ)")
     if not scales:
         raise ValueError("scales is empty")
+    for s in scales:  # each λ is the strategy's scale, validated as the strategy would validate it
+        dataclasses.replace(strategy, scale=s)
     out_dtype = parse_dtype(merge_kwargs.pop("dtype", None))
     if "out" in merge_kwargs or "output" in merge_kwargs:
         raise ValueError("sweep_scale returns state dicts: it takes no out= or output=")
@@ -254,7 +257,8 @@ def sweep_scale(
     base_state = {name: base_expert.tensor(name) for name in at_one if name in base_expert}
 
     def at(scale: float) -> dict[str, Tensor]:
-        return {n: v.to(dtypes[n]) for n, v in scale_task_vector(at_one, base_state, scale).items()}
+        return {n: cast_checked(v, dtypes[n], n, "dtype= (or a smaller scale)")
+                for n, v in scale_task_vector(at_one, base_state, scale).items()}
 
     results = {float(s): float(score(at(s))) for s in scales}
     best = max(results, key=lambda s: (results[s], -abs(s - 1.0)))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge.engine import open_inputs, plan_merge, unique_names
 from lightning_merge.experts import Expert, as_expert
 from lightning_merge.io import fsync_tree, partial_path, replace_dir
@@ -116,6 +117,9 @@ def compress(
             base_t = plan.base_tensor(name)
             tensors = plan.expert_tensors(name, base_t)
             merged = plan.prepared.merge_tensor(name, base_t, tensors, plan.stats(name)).sub_(base_t)
+            if not math.isfinite(largest_magnitude(merged)):
+                raise ValueError(f"strategy {strategy.name!r} produced NaN or infinite values for tensor '{name}' "
+                                 f"from finite inputs; check its arguments ({strategy!r})")
             tau = torch.stack([t - base_t for t in tensors])
             for i, m in enumerate(F.tall_masks(tau, merged, lambdas)):
                 masks.write(f"{i}/{name}", pack_bits(m))
@@ -194,7 +198,8 @@ class TallCompressed:
                                      f"{self.shapes[name]}: pass the base they were compressed against")
                 mask = unpack_bits(mk.get(f"{i}/{name}"), self.shapes[name])
                 value = theta0.to(torch.float32) + tv.get(name).to(torch.float32) * mask
-                yield name, value.to(theta0.dtype)
+                yield name, cast_checked(value, theta0.dtype, name, "the recovered expert takes the base's dtype: "
+                                         "pass the base in that dtype")
 
     def state_dict(self, which: int | str, base: Any) -> dict[str, Tensor]:
         """The recovered expert ``which`` (index or name) as a state dict."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_merge._finite import cast_checked
 from lightning_merge.io import atomic_file, cleanup_stale, fsync_dir, fsync_tree, partial_path, replace_dir
 from lightning_merge.lora import PEFT_PREFIX, LoraAdapter
 from lightning_merge.safetensors_io import ShardWriter, TensorSpec
@@ -80,7 +81,8 @@ class ModuleWriter(Writer):
     def write(self, name: str, tensor: Tensor) -> None:
         target = self.targets[name]
         with torch.no_grad():
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            value = cast_checked(tensor, target.dtype, name, "the module's dtype: convert it, e.g. module.float()")
+            target.copy_(value.to(device=target.device))
 
     def finish(self) -> nn.Module:
         return self.module
