@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from lightning_merge.stats import StatisticsError
 
 if TYPE_CHECKING:
     from lightning_merge.engine import MergePlan
@@ -398,6 +400,52 @@ def check_number(owner: str, field: str, value: Any, *, low: float | None = None
             raise ValueError(f"{owner}.{field} must be in [{lo}, {hi}], got {v!r}")
 
 
+#: normalising by Σw is refused when |Σw| is at most this fraction of Σ|w| (weights that cancel)
+CANCELLING = 1e-6
+
+
+def normalizing_sum(owner: str, weights: Sequence[float], what: str = "weights") -> float:
+    """Σw, the sum a normalised weighted average divides by: refused when it is 0, or negligible next to Σ|w|
+    (weights that cancel, such as 1 and −1, or 0.1, 0.2 and −0.3, whose float sum is 6e-17), where the "average" would
+    be undefined or its task vectors amplified a million times.
+
+    Raises:
+        ValueError: naming ``owner.what``, the weights and their sum, and what to do.
+    """
+    total = math.fsum(weights)
+    if abs(total) <= CANCELLING * math.fsum(abs(w) for w in weights):
+        listed = ", ".join(f"{w:g}" for w in weights)
+        raise ValueError(
+            f"{owner}.{what} [{listed}] sum to {total:g}: normalize=True divides by their sum, so the weighted average "
+            "is undefined; give weights with a non-zero sum (e.g. positive ones), or normalize=False for the plain "
+            "weighted sum"
+        )
+    return total
+
+
+def check_precision_weights(owner: str, weights: PerExpert) -> None:
+    """λᵢ of a precision-weighted mean (Fisher, OTA, ``weighting=``, the weighted median): numbers ≥ 0 (a negative
+    weight makes Σ λᵢPᵢ vanish or change sign, and the quotient meaningless) and not all 0 (no expert would weigh
+    anything: the merge would be the base). None (every λᵢ = 1) passes."""
+    if weights is None:
+        return
+    check_number(owner, "weights", weights, per_expert=True, low=0)
+    values = list(weights) if isinstance(weights, (list, tuple)) else [weights]
+    if not any(values):
+        raise ValueError(f"{owner}.weights are all 0: no expert would have any weight in the merge; give a positive "
+                         "weight to at least one expert")
+
+
+def check_weights_so_far(strategy: Strategy, index: int) -> None:
+    """In a continual state, the model after adding expert ``index`` is the precision-weighted mean of experts
+    0..index: refused before any work when their weights are all 0 (it would be the base)."""
+    if not any(strategy.per_expert("weights", i, 1.0) for i in range(index + 1)):
+        raise ValueError(
+            f"{type(strategy).__name__}.weights of the experts added so far, this one included, are all 0: the "
+            "continual model would be the base; give this expert a positive weight"
+        )
+
+
 def check_choice(owner: str, field: str, value: Any, choices: Sequence[Any]) -> None:
     """Validate that ``value`` is one of ``choices``."""
     if value not in choices:
@@ -420,21 +468,61 @@ def set_field(obj: Any, field: str, value: Any) -> None:
     object.__setattr__(obj, field, value)
 
 
-def model_norms(plan: MergePlan, kind: str) -> list[float]:
-    """Per expert, the L2 norm of its statistic ``kind`` over every merged tensor (reads statistics only)."""
-    parts = plan.map(lambda name: [float(v.double().square().sum()) for v in plan.statistics(name, kind)],
+#: an expert's elementwise weight derived from its statistic: ``precision(index, statistic)`` (a new tensor)
+Precision = Callable[[int, Tensor], Tensor]
+
+
+def _squares(index: int, value: Tensor, precision: Precision | None) -> tuple[float, float]:
+    """Σ F² of one statistic tensor and Σ P² of the precision derived from it (in float64)."""
+    raw = float(value.double().square().sum())
+    return raw, raw if precision is None else float(precision(index, value).double().square().sum())
+
+
+def _refuse_zero(expert: str, kind: str, raw: float, remedy: str) -> None:
+    if raw == 0.0:
+        raise StatisticsError(
+            f"expert '{expert}' has a {kind!r} statistic that is zero on every merged tensor: normalising its weight "
+            f"by that statistic's norm is undefined (it would take all the weight, or none). Its capture recorded no "
+            f"gradient (frozen parameters? a loss without gradient?): capture it again or leave it out, or {remedy}"
+        )
+
+
+def model_norms(plan: MergePlan, kind: str, precision: Precision | None = None,
+                remedy: str = "merge without normalize") -> list[float]:
+    """Per expert, the L2 norm over every merged tensor of its statistic ``kind``, or of ``precision(i, F)``: the
+    elementwise weight a strategy derives from it (Fisher merging's floored F̃ = max(F, floor) + eps). Normalising by
+    the norm of the weight actually used keeps the floor and the normalisation consistent: a Fisher that lies below
+    the floor almost everywhere is then an expert of uniform weight, not one whose tiny norm gives it all the weight.
+    Reads statistics only.
+
+    Raises:
+        StatisticsError: an expert whose statistic is zero on every merged tensor (its normalisation is undefined);
+            ``remedy`` ends the message.
+    """
+    parts = plan.map(lambda name: [_squares(i, v, precision) for i, v in enumerate(plan.statistics(name, kind))],
                      f"{kind} norms")
+    raw = [0.0] * plan.num_experts
     squares = [0.0] * plan.num_experts
     for per_expert in parts.values():  # in plan order: one process's floats, however the pass was split
-        for i, value in enumerate(per_expert):
+        for i, (r, value) in enumerate(per_expert):
+            raw[i] += r
             squares[i] += value
+    for i, r in enumerate(raw):
+        _refuse_zero(plan.experts[i].name, kind, r, remedy)
     return [math.sqrt(s) for s in squares]
 
 
-def expert_norm(expert: Any, names: Sequence[str], kind: str) -> float:
-    """One expert's L2 norm of its statistic ``kind`` over ``names`` (the continual counterpart of
-    :func:`model_norms`)."""
-    return math.sqrt(sum(float(expert.statistic(n, kind).double().square().sum()) for n in names))
+def expert_norm(expert: Any, names: Sequence[str], kind: str, precision: Precision | None = None, index: int = 0,
+                remedy: str = "merge without normalize") -> float:
+    """One expert's norm of its statistic ``kind`` (or of ``precision(index, F)``) over ``names``: the continual
+    counterpart of :func:`model_norms`, with the same refusal of a statistic that is zero everywhere."""
+    raw = squares = 0.0
+    for n in names:
+        r, value = _squares(index, expert.statistic(n, kind), precision)
+        raw += r
+        squares += value
+    _refuse_zero(expert.name, kind, raw, remedy)
+    return math.sqrt(squares)
 
 
 TINY = torch.finfo(torch.float32).tiny
@@ -454,7 +542,10 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_number",
+    "check_precision_weights",
+    "check_weights_so_far",
     "continual_strategy_names",
+    "normalizing_sum",
     "expert_norm",
     "model_norms",
 ]

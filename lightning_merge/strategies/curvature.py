@@ -28,12 +28,17 @@ from lightning_merge.strategies.base import (
     check_bool,
     check_choice,
     check_number,
+    check_precision_weights,
+    check_weights_so_far,
     expert_norm,
     model_norms,
 )
 
 if TYPE_CHECKING:
     from lightning_merge.engine import MergePlan
+
+
+_NORMALIZE_REMEDY = "pass normalize=False"
 
 
 def fisher_kind(estimator: str | None) -> str:
@@ -63,7 +68,7 @@ class _PrecisionStrategy(Strategy):
         """Expert ``index``'s elementwise weight wᵢ·Pᵢ for the merge of ``x`` (its τ, or θ without a base)."""
         raise NotImplementedError
 
-    def _expert_norm(self, expert: Any, names: Sequence[str]) -> float | None:
+    def _expert_norm(self, index: int, expert: Any, names: Sequence[str]) -> float | None:
         return None
 
     def merge_tensor(
@@ -82,6 +87,11 @@ class _PrecisionStrategy(Strategy):
             F.accumulate_precision(num, den, p, x)
         merged = F.precision_quotient(num, den)
         if base is None:
+            empty = den <= 0
+            if bool(empty.any()):
+                # No expert weighs these entries (a zero Fisher with floor=0, v̂ = 0 with eps=0) and no base holds
+                # them: the λ-weighted mean of the experts there (θ₀ itself where every expert kept it frozen), never 0.
+                merged[empty] = sum(w * t[empty] for w, t in zip(weights, tensors)) / math.fsum(weights)
             return _apply_scale(type(self).__name__, merged, None, self.scale)
         return merged.mul_(self.scale).add_(base)
 
@@ -99,7 +109,8 @@ class _PrecisionFold(ContinualForm):
 
     def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
         s = self.strategy
-        return FoldContext(index, s.per_expert("weights", index, 1.0), {"norm": s._expert_norm(expert, names)})
+        check_weights_so_far(s, index)
+        return FoldContext(index, s.per_expert("weights", index, 1.0), {"norm": s._expert_norm(index, expert, names)})
 
     def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
         num = torch.zeros_like(tau) if running is None else running["num"]
@@ -145,8 +156,7 @@ class Fisher(_PrecisionStrategy):
     favor_target: bool = False
 
     def __post_init__(self) -> None:
-        if self.weights is not None:
-            check_number("Fisher", "weights", self.weights, per_expert=True)
+        check_precision_weights("Fisher", self.weights)
         check_bool("Fisher", "favor_target", self.favor_target)
         check_number("Fisher", "scale", self.scale)
         check_number("Fisher", "floor", self.floor, low=0)
@@ -170,16 +180,23 @@ class Fisher(_PrecisionStrategy):
 
     def prepare(self, plan: MergePlan) -> Prepared:
         self.check_num_experts(plan.num_experts)
-        norms = model_norms(plan, self.requires[0]) if self.normalize else None
+        norms = model_norms(plan, self.requires[0], self._precision, _NORMALIZE_REMEDY) if self.normalize else None
         return Prepared(self, plan.num_experts, norms=norms)
 
-    def _expert_norm(self, expert: Any, names: Sequence[str]) -> float | None:
-        return expert_norm(expert, names, self.requires[0]) if self.normalize else None
+    def _expert_norm(self, index: int, expert: Any, names: Sequence[str]) -> float | None:
+        if not self.normalize:
+            return None
+        return expert_norm(expert, names, self.requires[0], self._precision, index, _NORMALIZE_REMEDY)
+
+    def _precision(self, index: int, fisher: Tensor) -> Tensor:
+        """F̃ = max(F, floor) + eps: expert ``index``'s elementwise weight before λᵢ (``favor_target`` floors only the
+        first expert's), and what ``normalize`` takes the norm of."""
+        floor = self.floor if index == 0 or not self.favor_target else 0.0
+        return F.fisher_precision(fisher, floor, self.eps)
 
     def expert_precision(self, index, weight, stats, x, norm):  # type: ignore[override]
         scale = weight / max(norm, TINY) if norm is not None else weight
-        floor = self.floor if index == 0 or not self.favor_target else 0.0
-        return F.fisher_precision(stats[self.requires[0]], floor, self.eps).mul_(scale)
+        return self._precision(index, stats[self.requires[0]]).mul_(scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +233,7 @@ class OTA(_PrecisionStrategy):
     threshold: PerExpert = None
 
     def __post_init__(self) -> None:
-        if self.weights is not None:
-            check_number("OTA", "weights", self.weights, per_expert=True)
+        check_precision_weights("OTA", self.weights)
         check_number("OTA", "scale", self.scale)
         check_number("OTA", "power", self.power, low=0)
         check_number("OTA", "eps", self.eps, low=0)
@@ -291,8 +307,7 @@ class WeightedMedian(Strategy):
     normalize: bool = False
 
     def __post_init__(self) -> None:
-        if self.weights is not None:
-            check_number("WeightedMedian", "weights", self.weights, per_expert=True, low=0)
+        check_precision_weights("WeightedMedian", self.weights)
         check_bool("WeightedMedian", "normalize", self.normalize)
         check_number("WeightedMedian", "scale", self.scale)
         check_number("WeightedMedian", "kappa", self.kappa, low=0, high=1)
@@ -312,7 +327,7 @@ class WeightedMedian(Strategy):
 
     def prepare(self, plan: MergePlan) -> Prepared:
         self.check_num_experts(plan.num_experts)
-        norms = model_norms(plan, self.requires[0]) if self.normalize else None
+        norms = model_norms(plan, self.requires[0], remedy=_NORMALIZE_REMEDY) if self.normalize else None
         return Prepared(self, plan.num_experts, norms=norms)
 
     def merge_tensor(

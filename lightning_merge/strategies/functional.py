@@ -7,6 +7,7 @@ reads files or keeps state. ``x`` of shape ``(N, *shape)`` holds one row per exp
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Iterable
 
@@ -170,16 +171,15 @@ def precision_mean(tau: Tensor, precisions: Iterable[Tensor], election: str | No
 
 
 def weighted_sum(tensors: list[Tensor], weights: Tensor, normalize: bool) -> Tensor:
-    """``Σ wᵢ xᵢ`` (divided by ``Σ wᵢ`` when ``normalize``; a sum below 1e-8 divides by 1), accumulated in place
-    without stacking the inputs."""
+    """``Σ wᵢ xᵢ`` (divided by ``Σ wᵢ`` when ``normalize``), accumulated in place without stacking the inputs.
+    Strategies refuse weights that sum to 0 when they are built (``normalizing_sum``); a zero sum reaching this
+    function divides by 0, and the merge refuses the non-finite result."""
     ws = weights.tolist()
     out = tensors[0] * ws[0]
     for w, x in zip(ws[1:], tensors[1:]):
         out.add_(x, alpha=w)
     if normalize:
-        total = sum(ws)
-        if abs(total) >= 1e-8:
-            out.div_(total)
+        out.div_(math.fsum(ws))
     return out
 
 

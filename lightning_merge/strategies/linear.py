@@ -24,8 +24,11 @@ from lightning_merge.strategies.base import (
     Strategy,
     check_choice,
     check_number,
+    check_precision_weights,
+    check_weights_so_far,
     expert_norm,
     model_norms,
+    normalizing_sum,
     set_field,
 )
 from lightning_merge.strategies.sparsify import RESCALES, SCOPES, Sparsification
@@ -37,11 +40,29 @@ WEIGHTINGS = (None, "fisher", "ota")
 ELECTIONS = (None, "weighted", "unweighted")
 
 
+_WEIGHTING_REMEDY = "use weighting='ota' or None"
+
+
+def _fisher_weight(index: int, fisher: Tensor) -> Tensor:
+    """Fisher merging's elementwise weight max(F, 1e-6) under ``weighting="fisher"``, whose norm the weights are
+    normalised by (the floored weight's, as :class:`~lightning_merge.strategies.Fisher`'s)."""
+    return F.fisher_precision(fisher)
+
+
 def _linear_coefficients(weights: list[float], normalize: bool, scale: float = 1.0) -> list[float]:
-    """cᵢ = scale·wᵢ, divided by Σw when normalising (a sum below 1e-8 divides by 1, as :func:`F.weighted_sum`)."""
-    total = sum(weights)
-    divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    """cᵢ = scale·wᵢ, divided by Σw when normalising (weights that sum to 0 are refused, as at construction)."""
+    divisor = normalizing_sum("weights", weights) if normalize else 1.0
     return [scale * w / divisor for w in weights]
+
+
+def _check_weight_sum(strategy: Strategy) -> None:
+    """A normalised weighted average of weights that sum to 0 is undefined: refused when the strategy is built (a
+    single number w stands for one w per expert, whose sum is 0 only when w is)."""
+    weights = strategy.weights  # type: ignore[attr-defined]
+    if weights is not None:
+        many = isinstance(weights, (list, tuple))
+        normalizing_sum(type(strategy).__name__, list(weights) if many else [weights],
+                        "weights" if many else "weights (one value for every expert)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +86,8 @@ class Linear(Strategy):
     def __post_init__(self) -> None:
         if self.weights is not None:
             check_number("Linear", "weights", self.weights, per_expert=True)
+        if self.normalize:
+            _check_weight_sum(self)
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)
@@ -95,16 +118,28 @@ class _LinearFold(ContinualForm):
         self.strategy = strategy
 
     def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
+        if self.strategy.normalize:  # the weights of the experts merged so far, this one included
+            _prefix_sum(self.strategy, index)
         return FoldContext(index, self.strategy.per_expert("weights", index, 1.0))
 
     def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
         return {"sum": _add_scaled(None if running is None else running["sum"], tau, ctx.weight)}
 
     def finish(self, name: str, base: Tensor, running: Mapping[str, Tensor], summary: ContinualSummary) -> Tensor:
-        total = sum(summary.weights)
-        if self.strategy.normalize and abs(total) >= 1e-8:
-            return running["sum"] / total + base
-        return base * total + running["sum"]
+        if self.strategy.normalize:
+            return running["sum"] / normalizing_sum("Linear", summary.weights) + base
+        return base * sum(summary.weights) + running["sum"]
+
+
+def _prefix_sum(strategy: Strategy, index: int) -> float:
+    """Σw of experts 0..index, refused as a batch merge of them would be (a continual state's model after the add is
+    their normalised average): the add is refused before any work."""
+    weights = [strategy.per_expert("weights", i, 1.0) for i in range(index + 1)]
+    try:
+        return normalizing_sum(type(strategy).__name__, weights)
+    except ValueError as err:
+        raise ValueError(f"{err} (in a continual state the weights of the experts added so far, this one included, "
+                         f"must not sum to 0)") from None
 
 
 def _add_scaled(previous: Tensor | None, x: Tensor, weight: float) -> Tensor:
@@ -134,8 +169,9 @@ class TaskVectorMerge(Strategy):
             mergekit's ``rescale``). The same meaning for every sparsification.
         weighting: None combines with the scalar weights only. ``"fisher"`` or ``"ota"`` makes the combine a
             precision-weighted mean ``τ* = Σ wᵢ Pᵢ τᵢ' / Σ wᵢ Pᵢ`` of the sparsified task vectors τᵢ', the sums over
-            every expert without election and over the agreeing entries with it, with ``P = max(F, 1e-6) / ‖F‖₂``
-            (Fisher merging's weights, the norm over the whole model) or ``P = v̂^0.5 + 1e-8`` (OTA's).
+            every expert without election and over the agreeing entries with it, with ``P = F̃ / ‖F̃‖₂``,
+            ``F̃ = max(F, 1e-6)`` (Fisher merging's weights, the norm over the whole model) or ``P = v̂^0.5 + 1e-8``
+            (OTA's).
             ``normalize`` is then ignored (it is always a mean; tune ``scale``). This is how DARE, TIES or CABS
             compose with curvature: ``Dare(drop_rate=0.5, weighting="fisher")``.
     """
@@ -157,6 +193,10 @@ class TaskVectorMerge(Strategy):
         check_choice(owner, "election", self.election, ELECTIONS)
         check_choice(owner, "rescale", self.rescale, RESCALES)
         check_choice(owner, "weighting", self.weighting, WEIGHTINGS)
+        if self.weighting is not None:  # a precision-weighted mean: the weights scale precisions
+            check_precision_weights(owner, self.weights)
+        if self.normalize and self.election is None and self.weighting is None:
+            _check_weight_sum(self)  # with election the divisor is the agreeing weights, per entry
 
     # -- what a preset chooses ----------------------------------------------------------------------------------
     @property
@@ -207,13 +247,13 @@ class TaskVectorMerge(Strategy):
     # -- batch merge --------------------------------------------------------------------------------------------
     def prepare(self, plan: MergePlan) -> Prepared:
         self.check_num_experts(plan.num_experts)
-        norms = model_norms(plan, "fisher") if self.weighting == "fisher" else None
+        norms = model_norms(plan, "fisher", _fisher_weight, _WEIGHTING_REMEDY) if self.weighting == "fisher" else None
         return Prepared(self, plan.num_experts, norms=norms, sparsify=self.sparsifier.prepare(plan))
 
     def precision(self, stat: Mapping[str, Tensor], norm: float | None) -> Tensor:
         """An expert's elementwise precision for ``weighting`` (a new tensor): Fisher merging's or OTA's default."""
         if self.weighting == "fisher":
-            p = F.fisher_precision(stat["fisher"])
+            p = _fisher_weight(0, stat["fisher"])
             return p.div_(max(norm, TINY)) if norm is not None else p
         return F.ota_precision(stat["exp_avg_sq"])
 
@@ -284,7 +324,12 @@ class _TaskVectorFold(ContinualForm):
     def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
         s = self.strategy
         s.sparsifier.keep_fraction(index)  # a per-expert list too short for this expert fails here, by name
-        values = {"norm": expert_norm(expert, names, "fisher")} if s.weighting == "fisher" else {}
+        if s.normalize and s.weighting is None:
+            _prefix_sum(s, index)
+        if s.weighting is not None:
+            check_weights_so_far(s, index)
+        values = {"norm": expert_norm(expert, names, "fisher", _fisher_weight, index, _WEIGHTING_REMEDY)} \
+            if s.weighting == "fisher" else {}
         return FoldContext(index, s.per_expert("weights", index, 1.0), values)
 
     def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
@@ -308,9 +353,8 @@ class _TaskVectorFold(ContinualForm):
         s = self.strategy
         if s.weighting is None:
             mixed = running["sum"].clone()
-            total = sum(summary.weights)
-            if s.normalize and abs(total) >= 1e-8:
-                mixed.div_(total)
+            if s.normalize:
+                mixed.div_(normalizing_sum(type(s).__name__, summary.weights))
         else:
             mixed = F.precision_quotient(running["num"], running["den"])
         return mixed.mul_(s.scale).add_(base)
