@@ -226,6 +226,7 @@ def average_checkpoints(
     from lightning_merge.engine import merge
     from lightning_merge.experts import Expert
     from lightning_merge.stats import find_sidecar
+    from lightning_merge.strategies.base import check_number, normalizing_sum
     from lightning_merge.strategies.curvature import OTA, Fisher
     from lightning_merge.strategies.linear import Linear
     from lightning_merge.torch_io import load_torch_file
@@ -240,7 +241,8 @@ def average_checkpoints(
     if weights is not None:
         if len(weights) != len(paths):
             raise ValueError(f"{len(weights)} weights for {len(paths)} checkpoints")
-        total = float(sum(weights))
+        check_number("average_checkpoints", "weights", list(weights), per_expert=True)  # finite numbers
+        total = normalizing_sum("average_checkpoints", [float(w) for w in weights])  # refuses a sum of 0
         ws: list[float] | None = [float(w) / total for w in weights]
     else:
         ws = checkpoint_weights(infos, weighting, mwa_by=mwa_by, p=p, mode=mode)
