@@ -13,9 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_merge._finite import all_finite, count_non_finite
+from lightning_merge._finite import all_finite, cast_checked, count_non_finite
 from lightning_merge.lora import LoraAdapter, LoraSource, adapter_base_path
-from lightning_merge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsError, SafetensorsFile, TensorSpec
+from lightning_merge.safetensors_io import (
+    SAFETENSORS_DTYPES,
+    DuplicateKeyError,
+    SafetensorsError,
+    SafetensorsFile,
+    TensorSpec,
+    unique_keys,
+)
 from lightning_merge.stats import (
     GRAM,
     SIDECAR_NAME,
@@ -66,6 +73,11 @@ class _SafetensorsSource:
     def keys(self) -> list[str]:
         return list(self._order)
 
+    def file_of(self, key: str) -> Path | None:
+        """The shard that holds tensor ``key`` (None: none does)."""
+        handle = self._files.get(key)
+        return handle.path if handle is not None else None
+
     def spec(self, key: str) -> TensorSpec:
         return self._files[key].spec(key)
 
@@ -94,14 +106,21 @@ class _TorchSource(_DictSource):
 _SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 
 
-def _folder_files(folder: Path) -> tuple[str, list[Path]]:
+Index = tuple[Path, dict[str, str]]  # a shard index file and its weight_map (tensor name -> shard file name)
+
+
+def _folder_files(folder: Path) -> tuple[str, list[Path], Index | None]:
+    """How a model folder stores its weights: ``(kind, files, index)``, ``index`` when a shard index lists them."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(), object_pairs_hook=unique_keys)["weight_map"]
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise KeyError("weight_map must map tensor names to file names")
+            except DuplicateKeyError as err:
+                raise ValueError(f"'{index}' names {err.args[0]!r} twice; which entry is meant cannot be known: fix "
+                                 "the index") from None
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
                 raise ValueError(f"'{index}' is not a valid shard index ({err})") from None
             files = sorted({folder / f for f in weight_map.values()})
@@ -111,7 +130,8 @@ def _folder_files(folder: Path) -> tuple[str, list[Path]]:
             missing = [str(f) for f in files if not f.exists()]
             if missing:
                 raise ValueError(f"'{index}' lists shard files that are missing: {', '.join(missing)}")
-            return ("safetensors" if index_name.startswith("model.safetensors") else "torch"), files
+            kind = "safetensors" if index_name.startswith("model.safetensors") else "torch"
+            return kind, files, (index, weight_map)
     try:
         files = sorted(
             p for p in folder.glob("*.safetensors")
@@ -126,10 +146,10 @@ def _folder_files(folder: Path) -> tuple[str, list[Path]]:
             "model.safetensors.index.json: it looks like several models, not one; give the file of the model to merge"
         )
     if files:
-        return "safetensors", files
+        return "safetensors", files, None
     for name in ("pytorch_model.bin", "model.pt", "model.ckpt"):
         if (folder / name).exists():
-            return "torch", [folder / name]
+            return "torch", [folder / name], None
     raise ValueError(
         f"folder '{folder}' holds no model weights (no model.safetensors[.index.json], *.safetensors or "
         f"pytorch_model.bin)"
@@ -241,10 +261,11 @@ class Expert:
         if path.is_dir() and (path / "adapter_config.json").exists():
             return self._open_adapter(path, base, trust_checkpoint)
         if path.is_dir():
-            kind, files = _folder_files(path)
-            if kind == "safetensors":
-                return _SafetensorsSource(files)
-            return _merged_torch(files, trust_checkpoint)
+            kind, files, index = _folder_files(path)
+            source = _SafetensorsSource(files) if kind == "safetensors" else _TorchShards(files, trust_checkpoint)
+            if index is not None:
+                _check_index(*index, source.file_of)
+            return source
         if path.suffix == ".safetensors":
             return _SafetensorsSource([path])
         return _TorchSource(path, trust_checkpoint)
@@ -330,8 +351,10 @@ class Expert:
 
         Raises:
             ValueError: naming the expert, the tensor and the number of non-finite entries.
+            DtypeRangeError: a float64 value beyond float32's range (merges compute in float32).
         """
-        value = self.tensor(name).to(torch.float32)
+        value = cast_checked(self.tensor(name), torch.float32, name, "", where=f"expert '{self.name}': ",
+                             remedy="merges compute in float32; exclude the tensor (exclude=[...]) or rescale it")
         if not all_finite(value):
             bad = count_non_finite(value)
             raise ValueError(
@@ -420,11 +443,41 @@ class Expert:
         return value
 
 
-def _merged_torch(files: list[Path], trust_checkpoint: bool) -> _DictSource:
-    tensors: dict[str, Tensor] = {}
-    for file in files:
-        tensors.update(_TorchSource(file, trust_checkpoint)._tensors)
-    return _DictSource(tensors)
+class _TorchShards(_DictSource):
+    """The state dicts of several ``.bin`` shards as one; a tensor name in two shards is an error naming both, as for
+    safetensors shards."""
+
+    def __init__(self, files: list[Path], trust_checkpoint: bool):
+        tensors: dict[str, Tensor] = {}
+        self._origin: dict[str, Path] = {}
+        for file in files:
+            for key, value in _TorchSource(file, trust_checkpoint)._tensors.items():
+                if key in self._origin:
+                    raise ValueError(
+                        f"tensor '{key}' is in both '{self._origin[key]}' and '{file}': the folder holds two models or "
+                        "a stray shard; remove the extra file, or give the file of the model to merge"
+                    )
+                tensors[key] = value
+                self._origin[key] = file
+        super().__init__(tensors)
+
+    def file_of(self, key: str) -> Path | None:
+        return self._origin.get(key)
+
+
+def _check_index(index: Path, weight_map: dict[str, str], file_of: Any) -> None:
+    """Every tensor a shard index lists is in the shard it names (a loader that trusts the index would drop it, or
+    read it from another file)."""
+    wrong = [(name, shard, file_of(name)) for name, shard in weight_map.items()
+             if file_of(name) is None or file_of(name).name != shard]
+    if wrong:
+        name, shard, holder = wrong[0]
+        where = "no shard holds it" if holder is None else f"it is in '{holder.name}'"
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ValueError(
+            f"'{index}' lists tensor '{name}' in shard '{shard}', but {where}{more}: the index does not describe these "
+            "shards (a shard from another save, or a damaged download); re-save or re-download the model"
+        )
 
 
 def as_expert(obj: Any, what: str = "expert", base: Any = None) -> Expert:

@@ -104,6 +104,25 @@ def _entry_spec(path: Path, key: str, info: Any) -> tuple[TensorSpec, int, int]:
     return spec, start, end
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object that gives one key twice (``args[0]`` is the key)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook`` for files that name tensors (a safetensors header, a shard index): a key
+    given twice is an error, not the last value silently kept.
+
+    Raises:
+        DuplicateKeyError: naming the key.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[TensorSpec, int, int]], int]:
     """Read and validate a safetensors header: ``(metadata, {name: (spec, start, end)}, data_start)``.
 
@@ -126,9 +145,14 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[TensorSpec,
     except OSError as err:
         raise SafetensorsError(path, f"cannot be read: {err.strerror or err}") from None
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SafetensorsError(path, f"is truncated or corrupted: its header is not JSON ({err})") from None
+    except DuplicateKeyError as err:
+        raise SafetensorsError(
+            path, f"is corrupted or crafted: its header names {err.args[0]!r} twice (which one holds the data cannot "
+                  "be known; a JSON reader would silently keep the last)"
+        ) from None
     if not isinstance(header, dict):
         kind = type(header).__name__
         raise SafetensorsError(path, f"is truncated or corrupted: its header is a {kind}, not an object")
@@ -347,6 +371,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 __all__ = [
+    "DuplicateKeyError",
     "SAFETENSORS_DTYPES",
     "SafetensorsError",
     "SafetensorsFile",
@@ -356,4 +381,5 @@ __all__ = [
     "load_tensors",
     "read_header",
     "save_tensors",
+    "unique_keys",
 ]
