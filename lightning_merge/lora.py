@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_merge._finite import all_finite, count_non_finite
 from lightning_merge.safetensors_io import SafetensorsFile, TensorSpec
 from lightning_merge.torch_io import load_torch_file
 
 PEFT_PREFIX = "base_model.model."
+PEFT_DEFAULTS = 8  # PEFT's LoraConfig defaults of r and lora_alpha, for a config that omits them
 
 
 class AdapterError(ValueError):
@@ -226,6 +228,13 @@ class LoraAdapter:
                     f"adapter '{self.folder}': module '{module}' has lora_A of rank {rank} {list(a_shape)} but lora_B "
                     f"{list(b_shape)}: the ranks disagree"
                 )
+            configured = _pattern(self.config.get("rank_pattern") or {}, module, self.config.get("r", PEFT_DEFAULTS))
+            if isinstance(configured, bool) or not isinstance(configured, int) or configured != rank:
+                raise AdapterError(
+                    f"adapter '{self.folder}': module '{module}' stores factors of rank {rank} but adapter_config.json "
+                    f"gives it r = {configured!r} (from r and rank_pattern): PEFT would not load it, and its scaling "
+                    "lora_alpha / r would be wrong; fix r or rank_pattern in adapter_config.json or re-save the adapter"
+                )
             weight_shape = base_spec(target).shape
             expected = _delta_shape(a_shape, b_shape, fan_in_fan_out)
             if tuple(weight_shape) != expected:
@@ -234,7 +243,8 @@ class LoraAdapter:
                     f"adapter '{self.folder}': module '{module}' gives ΔW of shape {list(expected)} but the base's "
                     f"'{target}' is {list(weight_shape)}{hint}; is it the adapter of another base?"
                 )
-            alpha = float(_pattern(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", rank)))
+            alpha = float(_pattern(self.config.get("alpha_pattern") or {}, module,
+                                   self.config.get("lora_alpha", PEFT_DEFAULTS)))
             info = {
                 "a_key": key,
                 "b_key": b_key,
@@ -264,8 +274,17 @@ class LoraAdapter:
         return {t: (info["a_key"], info["b_key"]) for t, info in self.modules.items()}
 
     def factors(self, target: str) -> tuple[Tensor, Tensor]:
+        """``(lora_A, lora_B)`` of the base weight ``target`` as stored, checked finite (every use reads them here:
+        ΔW, the precisions, and the exact adapter output, which writes them without merging a tensor)."""
         info = self.modules[target]
-        return self._get(info["a_key"]), self._get(info["b_key"])
+        factors = self._get(info["a_key"]), self._get(info["b_key"])
+        for key, value in zip((info["a_key"], info["b_key"]), factors):
+            if not all_finite(value):
+                raise AdapterError(
+                    f"adapter '{self.folder}': '{key}' has {count_non_finite(value)} NaN or infinite values (of "
+                    f"{value.numel()}); the adapter is corrupted or its training diverged: leave it out"
+                )
+        return factors
 
     def delta(self, target: str) -> Tensor:
         """ΔW of the base weight ``target`` (float32)."""
@@ -324,9 +343,10 @@ def _resolve(name: str, base_names: set[str]) -> str | None:
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's pattern lookup: the first key matching the end of the module name."""
+    """PEFT's pattern lookup (``get_pattern_key``): the first key matching the end of the module name, the key
+    grouped as PEFT groups it (an alternation ``q_proj|v_proj`` applies to the end of the name only)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
