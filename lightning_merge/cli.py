@@ -316,13 +316,18 @@ def cmd_continual(args: argparse.Namespace) -> int:
     try:
         if args.action == "init":
             spec = {"name": args.strategy, **_parse_set(args.set or [])}
-            state = ContinualState.create(args.state, base=args.base, strategy=Strategy.from_dict(spec))
+            state = ContinualState.create(args.state, base=args.base, strategy=Strategy.from_dict(spec),
+                                          on_missing=args.on_missing)
             print(f"created continual state {state.url or state.path} ({args.strategy}, base {args.base})")
         elif args.action == "add":
             state = ContinualState(args.state)
             entry = state.add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate, force=args.force)
             where = state.describe()["model"] if state.url else f"{args.state}/current/model"
-            print(f"added '{entry['name']}' as expert {entry['order']}; merged model: {where}")
+            if entry.get("completed_interrupted_add"):
+                print(f"completed an interrupted add: '{entry['name']}' had been committed as expert {entry['order']} "
+                      f"before its process stopped; merged model: {where}")
+            else:
+                print(f"added '{entry['name']}' as expert {entry['order']}; merged model: {where}")
         else:
             info = ContinualState(args.state).describe()
             if args.json:
@@ -445,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a strategy with a continual form: opcm, linear, task_arithmetic, dare, breadcrumbs, cabs, "
                          "generalized, fisher, ota, lines (the state refuses others, saying why)")
     ci.add_argument("--set", action="append", metavar="KEY=VALUE", help="a strategy argument")
+    ci.add_argument("--on-missing", choices=["error", "base"], default="error",
+                    help="an expert whose tensors are not the base's: 'error' refuses it (default); 'base' leaves its "
+                         "extra tensors (a new head) out and counts a base tensor it lacks as unchanged")
     ca = csub.add_parser("add", help="fold an expert into the state (atomic; waits for a concurrent add)")
     ca.add_argument("state")
     ca.add_argument("expert")

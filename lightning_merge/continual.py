@@ -9,6 +9,7 @@ Layout of a state folder (docs/continual.md)::
     STATE/
       state.json                 configuration: format, version, strategy, base path, base fingerprint, tensors
       CURRENT                    the name of the current generation: the commit point (replaced atomically)
+      ADDING                     while an add runs: the generation it is writing and the expert's checksum
       current -> generations/000003      a convenience link to it (refreshed after each commit)
       generations/000003/
         meta.json                count, per-expert norms and weights, the journal (name, path, checksum, order, time)
@@ -18,8 +19,10 @@ Layout of a state folder (docs/continual.md)::
 
 Adding an expert writes a complete new generation next to the current one, streamed tensor by tensor (read the
 running quantities, fold, write; then finish and write the model), then replaces ``CURRENT``: a crash at any point
-leaves the previous state whole, and the add can be retried. Two processes adding at once take turns (an exclusive
-``fcntl`` lock), so neither expert is lost.
+leaves the previous state whole, and the add can be retried (a retry of an add killed after its commit completes it).
+Two processes adding at once take turns (an exclusive ``fcntl`` lock), so neither expert is lost; readers never take
+the lock and always see the last committed generation. The state deletes only what it wrote: generations it named,
+never through a symbolic link (a state whose own files or folders are links is refused).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import statistics as _statistics
 import uuid
@@ -44,7 +49,7 @@ from torch import Tensor
 from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, as_expert
-from lightning_merge.io import atomic_file, fsync_dir
+from lightning_merge.io import atomic_file, cleanup_stale, fsync_dir
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.stats import StatisticsError, tensor_fingerprint
 from lightning_merge.storage import (
@@ -69,6 +74,23 @@ POINTER = "CURRENT"
 #: how the dtype of a continual state's model is chosen (it is the base's), for messages
 CONTINUAL_DTYPE_HINT = ("a continual model is written in its base's dtype: create the state over a copy of the base in "
                         "that dtype")
+#: written before an add renames its generation into place, removed when the add has finished: names the generation
+#: being added and the expert's checksum, so a reader knows that generation is not committed yet and a retry of an add
+#: killed after its commit can complete it.
+MARKER = "ADDING"
+#: the missing-tensor policies a state can record (as ``merge(..., on_missing=...)``): ``"error"`` refuses an expert
+#: whose tensors are not exactly the base's; ``"base"`` keeps the base's tensors only (an expert's extra tensors are
+#: left out, a base tensor the expert lacks counts as unchanged).
+ON_MISSING = ("error", "base")
+#: the names a state gives its generations (a bucket's have a unique suffix) and the folders an add writes into first
+_GENERATION = re.compile(r"\d{6}(?:-[0-9a-f]{8})?")
+_PARTIAL = re.compile(r"\.partial-\d+-[0-9a-f]{8}")
+#: the state's own files and folders directly under its path (``current`` is a link the state writes)
+_OWN = ("state.json", POINTER, MARKER, "generations", ".lock")
+#: a reader retries this many times when an add commits and removes the generation it was reading
+_READ_ATTEMPTS = 20
+
+log = logging.getLogger("lightning_merge")
 #: an expert whose task vector is this many times longer than the median expert already merged is refused as not
 #: fine-tuned from the base (an unrelated model); a third of that is warned about.
 MAX_RELATIVE_NORM = 10.0
@@ -112,29 +134,24 @@ class ContinualState:
             self._pull()
         else:
             self.path = Path(path)
+        _refuse_links(self.path)
         config = self.path / "state.json"
-        if not config.exists():
-            raise FileNotFoundError(f"'{self.path}' is not a continual-merge state (no state.json); create it first")
+        if not config.is_file():
+            raise FileNotFoundError(
+                f"'{self.path}' is not a continual-merge state (no state.json): create it first, or wait for the "
+                "process creating it"
+            )
         try:
             self.config = json.loads(config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ContinualError(f"'{config}' is not valid JSON ({err}); the state is damaged") from None
-        if not isinstance(self.config, dict) or self.config.get("format") != FORMAT:
-            raise ContinualError(f"'{config}' is not a lightning-merge continual state")
-        try:
-            version = int(self.config.get("format_version", 0))
-        except (TypeError, ValueError):
-            raise ContinualError(f"'{config}': format_version is not a number; the state is damaged") from None
-        if version > FORMAT_VERSION:
-            raise ContinualError(f"'{self.path}' was written by a newer lightning-merge; upgrade")
-        for key in ("strategy", "base", "tensors", "base_fingerprint"):
-            if key not in self.config:
-                raise ContinualError(f"'{config}' has no {key!r}; the state is damaged")
+        _validate_config(config, self.config)
         try:
             self.strategy = Strategy.from_dict(self.config["strategy"])
             self.form: ContinualForm = self.strategy.continual_form()
         except (ValueError, TypeError) as err:
             raise ContinualError(f"'{config}': its strategy cannot be used: {err}") from None
+        self.on_missing: str = self.config.get("on_missing", "error")
 
     # -- creation ------------------------------------------------------------------------------------------------
     @classmethod
@@ -145,36 +162,64 @@ class ContinualState:
         strategy: Strategy | Mapping[str, Any],
         *,
         exist_ok: bool = False,
+        on_missing: str = "error",
     ) -> ContinualState:
         """Create a state folder for merging experts of ``base`` with ``strategy``.
 
         Args:
-            path: the folder (created).
+            path: the folder (created; it must be new or empty: a state deletes and replaces files inside it).
             base: the base model every expert was fine-tuned from (a path: the state refers to it and checks, at
                 every add, that it has not changed).
             strategy: a strategy with a continual form, or its ``to_dict()``.
-            exist_ok: return the existing state if ``path`` already holds one with the same base and strategy.
+            exist_ok: return the existing state if ``path`` already holds one with the same base, strategy and
+                ``on_missing``.
+            on_missing: an expert whose tensors are not exactly the base's, as ``merge(..., on_missing=...)``:
+                ``"error"`` (the default) refuses it, naming the tensor; ``"base"`` leaves its extra tensors (a new
+                head) out of the merge and counts a base tensor it lacks as unchanged (refused where the strategy
+                weighs experts by statistics, which such an expert does not have for that tensor).
 
         Raises:
-            ContinualError: the strategy has no continual form (the message says why), or ``path`` holds a state
-                with another base or strategy.
+            ContinualError: the strategy has no continual form (the message says why), ``path`` holds a state with
+                another base, strategy or policy, or holds files that are not a state's.
         """
         strategy = strategy if isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
         try:
             strategy.continual_form()
         except NoContinualForm as err:
             raise ContinualError(str(err)) from None
+        if on_missing not in ON_MISSING:
+            raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)} for a continual state, got "
+                             f"{on_missing!r} ('union' and 'intersection' would change the model's tensors from one "
+                             "expert to the next)")
         url = str(path).rstrip("/") if is_url(path) else None
         base_ref = str(base) if is_url(base) else str(Path(base).resolve())
         path = Path(path) if url is None else _mirror(url)
-        if (url is not None and remote_exists(join(url, "state.json"))) or (url is None and
-                                                                          (path / "state.json").exists()):
+        holder = None if is_url(base) else _state_holding(Path(base_ref))
+        if holder is not None:
+            raise ContinualError(
+                f"base '{base}' is inside the continual state '{holder}', whose generations are replaced at every add "
+                "(the state refers to its base at every add): copy the model out of the state first"
+            )
+
+        def existing() -> ContinualState:
             if not exist_ok:
                 raise FileExistsError(f"continual state '{url or path}' already exists")
             state = cls(url or path)
-            if state.strategy.to_dict() != strategy.to_dict() or state.config["base"] != base_ref:
-                raise ContinualError(f"continual state '{url or path}' exists with another base or strategy")
+            if (state.strategy.to_dict() != strategy.to_dict() or state.config["base"] != base_ref
+                    or state.on_missing != on_missing):
+                raise ContinualError(f"continual state '{url or path}' exists with another base, strategy or "
+                                     "on_missing policy")
             return state
+
+        if url is not None:
+            if remote_exists(join(url, "state.json")):
+                return existing()
+        else:
+            if path.exists() and not path.is_dir():
+                raise ContinualError(f"'{path}' is a file; a continual state is a folder: choose another path")
+            if (path / "state.json").exists():
+                return existing()
+            _refuse_foreign(path)
         base_expert = as_expert(str(base), "base")
         names = [n for n in base_expert.names() if base_expert.spec(n).is_floating]
         config = {
@@ -187,6 +232,8 @@ class ContinualState:
             "tensors": {n: list(base_expert.spec(n).shape) for n in names},
             "base_fingerprint": {n: tensor_fingerprint(base_expert.tensor(n)) for n in names},
         }
+        if on_missing != "error":
+            config["on_missing"] = on_missing
         if url is not None:  # created by one conditional write: of two creators, one wins and the other is told
             try:
                 put_conditional(join(url, "state.json"), json.dumps(config, indent=2).encode())
@@ -195,66 +242,115 @@ class ContinualState:
             shutil.rmtree(path, ignore_errors=True)  # a mirror of an earlier state at this URL
             return cls(url)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "generations").mkdir(exist_ok=True)
-        with atomic_file(path / "state.json") as tmp:
-            tmp.write_text(json.dumps(config, indent=2))
-        return cls(path)
+        with _flock(path):  # two creators at once: one writes state.json, the other finds it (exist_ok) or is told
+            if (path / "state.json").exists():
+                created = None
+            else:
+                _refuse_foreign(path)
+                (path / "generations").mkdir(exist_ok=True)
+                with atomic_file(path / "state.json") as tmp:
+                    tmp.write_text(json.dumps(config, indent=2))
+                created = cls(path)
+        return created if created is not None else existing()
 
     # -- reading -------------------------------------------------------------------------------------------------
+    # Readers take no lock: they read the pointer, then the generation it names. An add renames its generation into
+    # place (named in ADDING first) before it replaces the pointer, and removes the previous generation after: a
+    # reader that finds a generation the pointer does not name, or loses the one it named, reads again.
+
     @property
     def current(self) -> Path | None:
-        """The current generation folder, or None before the first expert.
+        """The last committed generation folder, or None before the first expert.
 
         Raises:
             ContinualError: the state names a generation that is gone, or has generations but no commit pointer.
         """
-        name = self._pointer()
-        if name is None:
-            done = [p for p in (self.path / "generations").glob("[0-9]*") if p.is_dir()] \
-                if (self.path / "generations").is_dir() else []
-            if done:
-                raise ContinualError(
-                    f"continual state '{self.path}' holds generations ({', '.join(sorted(p.name for p in done))}) but "
-                    f"no {POINTER} pointer: it is damaged; write the name of the newest complete generation into "
-                    f"'{self.path / POINTER}' to recover it"
-                )
-            return None
-        folder = self.path / "generations" / name
-        if not (folder / "meta.json").is_file():
-            raise ContinualError(
-                f"continual state '{self.path}': its current generation '{name}' is missing or incomplete; the state "
-                "is damaged (restore the folder from a backup, or start a new state)"
-            )
-        return folder
+        return self._snapshot()[0]
 
     def _pointer(self) -> str | None:
+        """The generation ``CURRENT`` names (or a version-1 state's ``current`` link), checked to be a generation
+        name: never a path out of ``generations/``."""
         pointer = self.path / POINTER
-        if pointer.is_file():
-            name = pointer.read_text().strip()
-            if not name or "/" in name or name.startswith("."):
-                raise ContinualError(f"'{pointer}' holds {name!r}, not a generation name; the state is damaged")
+        if os.path.lexists(pointer):
+            _refuse_links(self.path)
+            with open(pointer, "rb") as handle:
+                raw = handle.read(64)
+            name = raw.decode(errors="replace").strip()
+            if not _GENERATION.fullmatch(name):
+                raise ContinualError(f"'{pointer}' holds {name[:40]!r}, not a generation name; the state is damaged: "
+                                     "write the name of the newest complete folder of generations/ into it")
             return name
         link = self.path / "current"
         if link.is_symlink():  # a state written before the pointer file existed
-            return Path(os.readlink(link)).name
+            name = Path(os.readlink(link)).name
+            return name if _GENERATION.fullmatch(name) else None
         return None
+
+    def _marker(self) -> dict[str, Any] | None:
+        """What ``ADDING`` says (the generation an add is writing, the expert's checksum), or None; a damaged marker
+        reads as none (it only ever describes an add that has not finished)."""
+        try:
+            info = json.loads((self.path / MARKER).read_text())
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError,
+                RecursionError):
+            return None
+        if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("generation", "checksum")):
+            return None
+        return info
+
+    def _committed(self) -> str | None:
+        """The last committed generation's name, or None before the first commit. Generations without a pointer
+        are an add in progress (or one that crashed before its commit) when ``ADDING`` names them; otherwise the
+        pointer was lost, and the state is damaged."""
+        name = self._pointer()
+        if name is not None:
+            return name
+        folder = self.path / "generations"
+        listed = {p.name for p in folder.iterdir() if _GENERATION.fullmatch(p.name)} if folder.is_dir() else set()
+        marker = self._marker()
+        unexplained = listed - {marker["generation"]} if marker is not None else listed
+        if not unexplained:
+            return None
+        name = self._pointer()  # an add committed (and removed ADDING) while this looked: read again
+        if name is not None:
+            return name
+        raise ContinualError(
+            f"continual state '{self.path}' holds generations ({', '.join(sorted(unexplained))}) but no {POINTER} "
+            f"pointer: it is damaged; write the name of the newest complete generation into "
+            f"'{self.path / POINTER}' to recover it"
+        )
+
+    def _snapshot(self) -> tuple[Path | None, dict[str, Any]]:
+        """The last committed generation and its ``meta.json``, read consistently while other processes add."""
+        for _ in range(_READ_ATTEMPTS):
+            name = self._committed()
+            if name is None:
+                return None, {"count": 0, "norms": [], "weights": [], "journal": []}
+            folder = self.path / "generations" / name
+            try:
+                text = (folder / "meta.json").read_text()
+            except (FileNotFoundError, NotADirectoryError):
+                if self._pointer() != name:  # a newer add committed and removed it meanwhile
+                    continue
+                raise ContinualError(
+                    f"continual state '{self.path}': its current generation '{name}' is missing or incomplete; the "
+                    "state is damaged (restore the folder from a backup, or start a new state)"
+                ) from None
+            return folder, _parse_meta(folder / "meta.json", text)
+        raise ContinualError(f"continual state '{self.path}' changed {_READ_ATTEMPTS} times while being read; "
+                             "read it again")
 
     @property
     def model_path(self) -> Path | None:
-        """The merged model (a safetensors folder), or None before the first expert."""
+        """The merged model (a safetensors folder), or None before the first expert. It stays in place until the
+        next add commits (then the next generation's replaces it)."""
         current = self.current
         return (current / "model") if current is not None else None
 
     def meta(self) -> dict[str, Any]:
-        current = self.current
-        if current is None:
-            return {"count": 0, "norms": [], "weights": [], "journal": []}
-        try:
-            meta = json.loads((current / "meta.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ContinualError(f"'{current / 'meta.json'}' is not valid JSON ({err}); the state is damaged") from None
-        meta.setdefault("weights", [1.0] * int(meta.get("count", 0)))
-        return meta
+        """The current generation's ``meta.json``: count, norms, weights, journal (empty before the first
+        expert)."""
+        return self._snapshot()[1]
 
     @property
     def journal(self) -> list[dict[str, Any]]:
@@ -267,9 +363,17 @@ class ContinualState:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The current merged model as a state dict (base tensors before the first expert)."""
-        source = self.model_path if self.model_path is not None else self.config["base"]
-        expert = Expert(source)
-        return {n: expert.tensor(n) for n in expert.names()}
+        for _ in range(_READ_ATTEMPTS):
+            current = self.current
+            try:
+                expert = Expert(current / "model" if current is not None else self.config["base"])
+            except (OSError, ValueError):
+                if current is not None and self._pointer() != current.name:
+                    continue  # a newer add committed and removed it while it was being opened: read again
+                raise
+            return {n: expert.tensor(n) for n in expert.names()}  # open files: a later removal does not matter
+        raise ContinualError(f"continual state '{self.path}' changed {_READ_ATTEMPTS} times while being read; "
+                             "read it again")
 
     def load_into(self, module: torch.nn.Module, prefix: str = "", strict: bool = True) -> None:
         """Load the current merged model into ``module`` (``prefix`` is prepended to names, e.g. ``"model."`` for
@@ -280,12 +384,8 @@ class ContinualState:
     # -- adding --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.path / ".lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with _flock(self.path):
+            yield
 
     def add(self, expert: Any, *, name: str | None = None, allow_duplicate: bool = False,
             force: bool = False, progress: bool | None = None, threads: int | None = None) -> dict[str, Any]:
@@ -302,29 +402,41 @@ class ContinualState:
                 ``torch.get_num_threads() // threads`` threads, so an OPCM add's SVDs run side by side.
 
         Returns:
-            The journal entry.
+            The journal entry. When this add retries one that was killed after its commit (the expert is already
+            the last one folded in, and that add never finished), nothing is folded in again: the entry is the
+            committed one, with ``"completed_interrupted_add": True``, and a warning says so.
 
         Raises:
-            ContinualError: another base, other tensor names or shapes, a duplicate, a changed base file, an
-                expert not fine-tuned from the base.
+            ContinualError: another base, tensor names, shapes or integer tensors than the base's (as the batch
+                merge with ``on_missing="error"``), a duplicate, a changed base file, an expert not fine-tuned from
+                the base, an expert inside the state's folder, a damaged state.
             StatisticsError: statistics the strategy needs are missing or invalid.
         """
         expert = as_expert(expert)
         if self.url is not None:
             with self._remote_lease():
                 etag = self._pull()
-                entry = self._add_locked(expert, name, allow_duplicate, force, progress, threads)
-                self._push(etag)
-            return entry
+                return self._add_locked(expert, name, allow_duplicate, force, progress, threads,
+                                        publish=lambda: self._push(etag))
         return self._add_locked(expert, name, allow_duplicate, force, progress, threads)
 
     def _add_locked(self, expert: Expert, name: str | None, allow_duplicate: bool, force: bool,
-                    progress: bool | None, threads: int | None) -> dict[str, Any]:
+                    progress: bool | None, threads: int | None, publish: Any = None) -> dict[str, Any]:
         with self._locked():
             self._cleanup()
-            meta = self.meta()
+            current, meta = self._snapshot()
             self._check(expert)
             checksum = expert_checksum(expert)
+            marker = self._marker()
+            last = meta["journal"][-1] if meta["journal"] else None
+            if (marker is not None and current is not None and marker["generation"] == current.name
+                    and marker["checksum"] == checksum and last is not None and last["checksum"] == checksum):
+                # the same add, killed after its commit and before it finished (the cleanup above did the rest)
+                (self.path / MARKER).unlink()
+                log.warning("continual state '%s': completed an interrupted add of '%s' (committed as expert %d "
+                            "before its process stopped); nothing was folded in twice", self.url or self.path,
+                            expert.name, last["order"])
+                return {**last, "completed_interrupted_add": True}
             if not allow_duplicate:
                 for entry in meta["journal"]:
                     if entry["checksum"] == checksum:
@@ -340,21 +452,70 @@ class ContinualState:
                 "checksum": checksum,
                 "time": _now(),
             }
-            self._write_generation(expert, meta, entry, force, progress, threads)
+            self._write_generation(expert, current, meta, entry, force, progress, threads, publish)
         return entry
 
     def _check(self, expert: Expert) -> None:
+        """Refuse, before any work, what the batch merge of the base and this expert would refuse (tensors not in
+        both, shapes, floating against integer, integer tensors that differ: ``build_jobs`` with ``on_missing``),
+        and what a state cannot fold (another base, missing statistics, an expert inside the state)."""
+        if expert.path is not None and self.url is None and _inside(expert.path, self.path):
+            raise ContinualError(
+                f"expert '{expert.name}' is inside the continual state '{self.path}', whose generations are replaced "
+                "at every add; copy it out of the state first"
+            )
+        base = as_expert(self.config["base"], "base")
         tensors: dict[str, list[int]] = self.config["tensors"]
-        missing = [n for n in tensors if n not in expert]
-        if missing:
+        floats = [n for n in base.names() if base.spec(n).is_floating]
+        changed = [n for n in tensors if n not in floats] + [n for n in floats if n not in tensors]
+        if changed:
+            raise ContinualError(
+                f"the base '{self.config['base']}' changed since the state was created: its floating-point tensors are "
+                f"not those state.json records ({', '.join(changed[:3])}); restore the original base file"
+            )
+        lenient = self.on_missing == "base"
+        missing = [n for n in base.names() if n not in expert]
+        if missing and not lenient:
             raise ContinualError(
                 f"expert '{expert.name}' lacks {len(missing)} tensor(s) of the base ({', '.join(missing[:3])}); "
-                "it was not fine-tuned from this state's base"
+                "it was not fine-tuned from this state's base (a state created with on_missing='base' counts a "
+                "missing tensor as unchanged)"
             )
-        for n, shape in tensors.items():
-            got = list(expert.spec(n).shape)
-            if got != shape:
-                raise ContinualError(f"expert '{expert.name}': tensor '{n}' has shape {got}, the base {shape}")
+        extra = [n for n in expert.names() if n not in base]
+        if extra and not lenient:
+            raise ContinualError(
+                f"tensor '{extra[0]}' is in '{expert.name}' but not in the base '{base.name}' ({len(extra)} such "
+                "tensor(s)); a continual state merges the base's tensors, as merge(..., on_missing='error'): create "
+                "the state with on_missing='base' (--on-missing base) to leave such tensors out"
+            )
+        lacking = [n for n in missing if n in tensors]
+        if lacking and self.strategy.requires:
+            raise ContinualError(
+                f"expert '{expert.name}' lacks tensor '{lacking[0]}' of the base ({len(lacking)} such), and continual "
+                f"{self.strategy.name} weighs every tensor by the expert's statistics, which it cannot have there"
+            )
+        if lacking and len(lacking) == len(tensors):
+            raise ContinualError(f"expert '{expert.name}' has none of the base's floating-point tensors; it was not "
+                                 "fine-tuned from this state's base")
+        for n in base.names():
+            if n not in expert:
+                continue
+            want, got = base.spec(n), expert.spec(n)
+            if list(got.shape) != list(want.shape):
+                raise ContinualError(f"expert '{expert.name}': tensor '{n}' has shape {list(got.shape)}, the base "
+                                     f"{list(want.shape)}")
+            if got.is_floating != want.is_floating:
+                raise ContinualError(
+                    f"expert '{expert.name}': tensor '{n}' is {'' if got.is_floating else 'not '}floating point and "
+                    f"the base's is {'' if want.is_floating else 'not'}; the expert was not fine-tuned from this base"
+                )
+            if not want.is_floating and not n.endswith("num_batches_tracked") \
+                    and not torch.equal(expert.tensor(n), base.tensor(n)):
+                raise ContinualError(
+                    f"non-floating tensor '{n}' differs between the base '{base.name}' and '{expert.name}'; such "
+                    "tensors (indices, position ids) are copied, not merged, so they must be equal, as in "
+                    "merge(...): fix the expert"
+                )
         fingerprint = _expert_base_fingerprint(expert)
         if fingerprint:
             base_fp = self.config["base_fingerprint"]
@@ -371,8 +532,9 @@ class ContinualState:
                     "capture them with CurvatureCapture"
                 )
 
-    def _write_generation(self, expert: Expert, meta: dict[str, Any], entry: dict[str, Any], force: bool,
-                          progress: bool | None = None, threads: int | None = None) -> None:
+    def _write_generation(self, expert: Expert, current: Path | None, meta: dict[str, Any], entry: dict[str, Any],
+                          force: bool, progress: bool | None = None, threads: int | None = None,
+                          publish: Any = None) -> None:
         from lightning_merge.progress import track
 
         base = as_expert(self.config["base"], "base")
@@ -380,18 +542,29 @@ class ContinualState:
         form = self.form
         count = meta["count"]
         ctx = form.begin(count, expert, names)
-        current = self.current
-        try:
-            previous = SafetensorsFile(current / "running.safetensors") if current is not None else None
-        except (SafetensorsError, OSError) as err:
-            raise ContinualError(
-                f"continual state '{self.path}': the running quantities of generation '{current.name}' cannot be read "
-                f"({err}); the state is damaged (restore it from a backup, or start a new state)"
-            ) from None
+        previous = previous_model = None
+        if current is not None:
+            counters = any(n.endswith("num_batches_tracked") for n in base.names() if n not in names)
+            for what, file in (("running quantities", "running.safetensors"), ("model", "model/model.safetensors")):
+                if what == "model" and not counters:
+                    continue  # the previous model is read only for the counters it carries forward
+                try:
+                    handle = SafetensorsFile(current / file)
+                except (SafetensorsError, OSError) as err:
+                    if previous is not None:
+                        previous.close()
+                    raise ContinualError(
+                        f"continual state '{self.path}': the {what} of generation '{current.name}' cannot be read "
+                        f"({err}); the state is damaged (restore it from a backup, or start a new state)"
+                    ) from None
+                if what == "model":
+                    previous_model = handle
+                else:
+                    previous = handle
         tmp = self.path / "generations" / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        (tmp / "model").mkdir(parents=True)
         writers: list[ShardWriter] = []
         try:
+            (tmp / "model").mkdir(parents=True)
             running_entries = [(f"{q}/{n}", TensorSpec(tuple(self.config["tensors"][n]), dtype))
                                for n in names for q, dtype in form.quantities]
             running = ShardWriter(tmp / "running.safetensors", running_entries, {"format": FORMAT})
@@ -412,7 +585,8 @@ class ContinualState:
                         "from its fingerprint in state.json); restore the original base file"
                     )
                 b = base.float32(n)
-                tau = expert.float32(n) - b
+                # a tensor the expert lacks (on_missing="base") is unchanged, as the batch merge reads the base's
+                tau = expert.float32(n) - b if n in expert else torch.zeros_like(b)
                 prev = None
                 if previous is not None:
                     try:
@@ -445,8 +619,12 @@ class ContinualState:
             with SafetensorsFile(tmp / "running.safetensors") as fresh:
                 every = base.names()
                 for n in track(every, [base.spec(n).nbytes for n in every], "writing the model", progress):
-                    if n not in self.config["tensors"]:  # non-floating tensors come from the base
-                        model.write(n, base.tensor(n).contiguous())
+                    if n not in self.config["tensors"]:  # non-floating tensors: the base's (checked equal) ...
+                        value = base.tensor(n)
+                        if n.endswith("num_batches_tracked") and n in expert:  # ... or the largest seen, as merge()
+                            seen = previous_model.get(n) if previous_model is not None else value
+                            value = torch.maximum(seen, expert.tensor(n).to(seen.dtype))
+                        model.write(n, value.to(base.spec(n).dtype).contiguous())
                         continue
                     state = {q: fresh.get(f"{q}/{n}") for q, _ in form.quantities}
                     merged = form.finish(n, base.float32(n), state, summary)
@@ -475,6 +653,11 @@ class ContinualState:
             # can pick: a losing writer's upload then never touches the committed generation
             unique = f"-{uuid.uuid4().hex[:8]}" if self.url is not None else ""
             final = self.path / "generations" / f"{count + 1:06d}{unique}"
+            # named before it appears: a reader then knows it is not committed, and a retry of this add after a
+            # kill past the commit completes it instead of calling the expert a duplicate
+            with atomic_file(self.path / MARKER) as marker:
+                marker.write_text(json.dumps({"generation": final.name, "checksum": entry["checksum"],
+                                              "pid": os.getpid()}))
             if final.exists():  # left by a crash after the rename but before the commit: not current, replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -487,11 +670,17 @@ class ContinualState:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
-            if previous is not None:
-                previous.close()
+            for handle in (previous, previous_model):
+                if handle is not None:
+                    handle.close()
         self._refresh_link(final)
         if current is not None and current != final:
-            shutil.rmtree(current, ignore_errors=True)
+            self._remove_generation(current)
+        if publish is not None:
+            publish()
+        # the add has finished: the last step (not made durable: if a crash undoes it, ADDING names the current
+        # generation again and a retry of this add completes it)
+        (self.path / MARKER).unlink(missing_ok=True)
 
     def _check_distance(self, expert: Expert, norm: float, norms: list[float], force: bool) -> None:
         """An expert ten times farther from the base than those already merged is refused (an unrelated model, or
@@ -518,12 +707,36 @@ class ContinualState:
     def _refresh_link(self, final: Path) -> None:
         """Point the convenience link ``current`` at ``final`` (replacing a stale link, or a folder a copy made)."""
         link = self.path / "current"
-        if link.is_dir() and not link.is_symlink():
+        if os.path.lexists(link) and not link.is_symlink():
+            if not (link.is_dir() and {p.name for p in link.iterdir()} <= {"meta.json", "running.safetensors",
+                                                                            "model"}):
+                raise ContinualError(
+                    f"continual state '{self.path}': '{link}' is not the state's link to its current generation (nor a "
+                    "copy of one); it was not written by lightning-merge: move it out of the state"
+                )
             shutil.rmtree(link)  # a copy of the state (shutil.copytree) turned the link into a folder
         tmp = self.path / f".current-{uuid.uuid4().hex[:8]}"
         os.symlink(os.path.relpath(final, self.path), tmp)
         os.replace(tmp, link)
         fsync_dir(self.path)
+
+    def _remove_generation(self, folder: Path) -> None:
+        """Delete a generation that is no longer current, unless someone saved files into it (a tokenizer next to
+        the merged model, an evaluation): those are the user's, so the folder is left, with a warning naming them."""
+        base = Path(self.config["base"])
+        copied = {p.name for p in base.iterdir() if p.is_file()} if base.is_dir() else set()
+        written = {"": {"meta.json", "running.safetensors", "model"}, "model": {"model.safetensors"} | copied}
+        foreign = []
+        for root, dirs, files in os.walk(folder):
+            rel = os.path.relpath(root, folder)
+            rel = "" if rel == "." else rel
+            foreign += [os.path.join(rel, n) for n in dirs + files if n not in written.get(rel, set())]
+        if foreign:
+            log.warning("continual state '%s': generation '%s' is no longer current but holds files the state did not "
+                        "write (%s): left in place; move them out and delete the folder", self.url or self.path,
+                        folder.name, ", ".join(sorted(foreign)[:3]))
+            return
+        shutil.rmtree(folder, ignore_errors=True)
 
     def tidy(self) -> None:
         """Remove what a crashed add left behind (partial generations, the previous generation of an add killed
@@ -532,18 +745,34 @@ class ContinualState:
             self._cleanup()
 
     def _cleanup(self) -> None:
-        """Remove what a crashed add left behind (partial generations, stray links, old generations) and repair the
-        convenience link; the commit pointer decides what is current (never the link, which a copy can break)."""
+        """Remove what a crashed add left behind (partial generations, generations never committed, old
+        generations, stray links) and repair the convenience link; the commit pointer decides what is current
+        (never the link, which a copy can break). Only what the state names is removed: folders of ``generations/``
+        named as the state names generations, never another file, and never through a symbolic link."""
+        _refuse_links(self.path)
         generations = self.path / "generations"
         generations.mkdir(exist_ok=True)
         current = self.current
         for item in generations.iterdir():
-            if item.name.startswith(".partial-") or (current is not None and item.name != current.name):
-                shutil.rmtree(item, ignore_errors=True)
+            if not (_GENERATION.fullmatch(item.name) or _PARTIAL.fullmatch(item.name)):
+                continue  # not the state's: left alone
+            if item.is_symlink():
+                raise ContinualError(
+                    f"continual state '{self.path}': '{item}' is a symbolic link (to '{os.readlink(item)}'); the "
+                    "state's generations must be its own folders, since an add replaces and deletes them: replace "
+                    "the link by a copy of its target"
+                )
+            if item.is_dir() and (current is None or item.name != current.name):
+                self._remove_generation(item)
+        marker = self._marker()
+        if os.path.lexists(self.path / MARKER) and (marker is None or current is None
+                                                    or marker["generation"] != current.name):
+            (self.path / MARKER).unlink()  # an add that never committed (its generation is gone now)
         for item in self.path.glob(".current-*"):
-            item.unlink(missing_ok=True)
-        for item in self.path.glob(f".{POINTER}.partial-*"):
-            item.unlink(missing_ok=True)
+            if item.is_symlink():
+                item.unlink()
+        cleanup_stale(self.path / POINTER)
+        cleanup_stale(self.path / MARKER)
         if current is not None:
             if not (self.path / POINTER).is_file():  # a state written by version 1: adopt its link as the pointer
                 with atomic_file(self.path / POINTER) as pointer:
@@ -657,15 +886,19 @@ class ContinualState:
                 remove(lease)
 
     def describe(self) -> dict[str, Any]:
-        """What ``lightning-merge continual show`` prints: strategy, base, count, journal, norms, model path."""
-        meta = self.meta()
+        """What ``lightning-merge continual show`` prints: strategy, base, count, journal, norms, model path (all
+        from one committed generation, while other processes add)."""
+        current, meta = self._snapshot()
+        model = None
+        if current is not None:
+            model = join(self.url, "generations", current.name, "model") if self.url else str(current / "model")
         return {
             "path": self.url or str(self.path),
             "strategy": self.config["strategy"],
             "base": self.config["base"],
+            "on_missing": self.on_missing,
             "count": meta["count"],
-            "model": (join(self.url, "generations", self.model_path.parent.name, "model") if self.url else
-                      str(self.model_path)) if self.model_path else None,
+            "model": model,
             "mean_task_vector_norm": (sum(meta["norms"]) / len(meta["norms"])) if meta["norms"] else None,
             "journal": [{**e, "task_vector_norm": n} for e, n in zip(meta["journal"], meta["norms"])],
         }
@@ -751,6 +984,141 @@ def _expert_base_fingerprint(expert: Expert) -> dict[str, str]:
         raise ContinualError(f"{stats.origin}: metadata base_fingerprint is not valid JSON") from None
     prefix = expert.prefix or ""
     return {k[len(prefix):]: v for k, v in fingerprint.items() if k.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """Hold the state's exclusive lock (``path/.lock``): adds, and the creation of ``state.json``, take turns."""
+    try:
+        handle = open(path / ".lock", "a+")  # noqa: SIM115 (closed below)
+    except OSError as err:
+        raise ContinualError(f"continual state '{path}': cannot open its lock file '{path / '.lock'}' "
+                             f"({err.strerror or err}); adding needs write access to the state's folder") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _refuse_links(path: Path) -> None:
+    """A state's own files and folders must be its own: not symbolic links (an add replaces and deletes inside them,
+    and through a link it would touch what the link points to: a shared folder, another state), and not a folder
+    where the state keeps a file (or the reverse)."""
+    for name in _OWN:
+        item = path / name
+        if item.is_symlink():
+            raise ContinualError(
+                f"continual state '{path}': '{item}' is a symbolic link (to '{os.readlink(item)}'); a state's own "
+                "files and folders must not be links, since an add replaces and deletes inside them: replace the link "
+                "by a copy of its target"
+            )
+        folder = name == "generations"
+        if item.exists() and item.is_dir() != folder:
+            raise ContinualError(
+                f"continual state '{path}': '{item}' is a {'file' if folder else 'folder'}, not the state's "
+                f"{'folder' if folder else 'file'}; it was not written by lightning-merge: move it out of the state"
+            )
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A new state goes into a new or empty folder: the state's cleanup deletes what it names, and a folder holding
+    other files (a model, an expert, notes) is not one the state should write into."""
+    if not path.is_dir():
+        return
+    _refuse_links(path)
+    foreign = sorted(p.name for p in path.iterdir()
+                     if not (p.name == ".lock" or p.name.startswith(".state.json.partial-")
+                             or (p.name == "generations" and not any(p.iterdir()))))
+    if foreign:
+        listing = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise ContinualError(
+            f"'{path}' is not empty ({listing}) and holds no continual state; create the state in a new or empty "
+            "folder"
+        )
+
+
+def _state_holding(path: Path) -> Path | None:
+    """The continual state folder ``path`` lies in (its ``state.json`` above it), or None."""
+    for parent in path.parents:
+        config = parent / "state.json"
+        if (parent / "generations").is_dir() and config.is_file():
+            with contextlib.suppress(OSError, ValueError, RecursionError):
+                found = json.loads(config.read_text())
+                if isinstance(found, dict) and found.get("format") == FORMAT:
+                    return parent
+    return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _validate_config(where: Path, config: Any) -> None:
+    """``state.json`` as the state wrote it, or a one-line error naming what is wrong (never a traceback later)."""
+    def damaged(what: str) -> ContinualError:
+        return ContinualError(f"'{where}': {what}; the state is damaged (restore state.json from a backup)")
+
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ContinualError(f"'{where}' is not a lightning-merge continual state")
+    version = config.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise damaged("format_version is not a number")
+    if version > FORMAT_VERSION:
+        raise ContinualError(f"'{where.parent}' was written by a newer lightning-merge; upgrade")
+    for key in ("strategy", "base", "tensors", "base_fingerprint"):
+        if key not in config:
+            raise damaged(f"it has no {key!r}")
+    if not isinstance(config["strategy"], dict):
+        raise damaged(f"'strategy' is a {type(config['strategy']).__name__}, not an object")
+    if not isinstance(config["base"], str) or not config["base"]:
+        raise damaged("'base' is not a path")
+    tensors, fingerprints = config["tensors"], config["base_fingerprint"]
+    if not isinstance(tensors, dict) or not all(
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            for shape in tensors.values()):
+        raise damaged("'tensors' is not an object of tensor names and shapes")
+    if not isinstance(fingerprints, dict) or set(fingerprints) != set(tensors) or \
+            not all(isinstance(v, str) for v in fingerprints.values()):
+        raise damaged("'base_fingerprint' does not give one fingerprint per tensor")
+    if config.get("on_missing", "error") not in ON_MISSING:
+        raise damaged(f"'on_missing' is {config.get('on_missing')!r}, not one of {', '.join(ON_MISSING)}")
+
+
+def _parse_meta(where: Path, text: str) -> dict[str, Any]:
+    """A generation's ``meta.json``, checked as the state wrote it (count, one norm, weight and journal entry per
+    expert), or a one-line error naming the file."""
+    def damaged(what: str) -> ContinualError:
+        return ContinualError(f"'{where}': {what}; the state is damaged (restore the generation from a backup, or "
+                              "start a new state)")
+
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise damaged(f"not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise damaged(f"a {type(meta).__name__}, not an object")
+    count = meta.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise damaged(f"count is {count!r}, not a positive number")
+    meta.setdefault("weights", [1.0] * count)
+    for key in ("norms", "weights"):
+        values = meta.get(key)
+        if not isinstance(values, list) or len(values) != count or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise damaged(f"{key!r} is not a list of {count} numbers")
+    journal = meta.get("journal")
+    if not isinstance(journal, list) or len(journal) != count or not all(
+            isinstance(e, dict) and isinstance(e.get("order"), int)
+            and all(isinstance(e.get(k), str) for k in ("name", "path", "checksum", "time")) for e in journal):
+        raise damaged(f"its journal is not a list of {count} entries with order, name, path, checksum and time")
+    if not isinstance(meta.setdefault("totals", {}), dict):
+        raise damaged("'totals' is not an object")
+    return meta
 
 
 def _mirror(url: str) -> Path:

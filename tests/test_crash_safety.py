@@ -3,8 +3,9 @@
 A forked child runs a write (merge over an existing output, a new single-file merge, a checkpoint average, a continual
 add) and SIGKILLs itself just before the k-th call of every rename, exchange, delete, fsync and mkdir, for every k;
 other children are killed at random times. After each kill the output must be whole, the old one or the new one, never
-half-written or missing; then a retry must succeed and leave no temporary sibling behind. The counts of kill points
-tried and outputs lost are what the hardening note reports.
+half-written or missing; then a retry must succeed and leave no temporary sibling behind (a continual add's retry
+succeeds at every kill point, the ones after its commit included, and gives the uninterrupted run's model). The counts
+of kill points tried and outputs lost are what the hardening note reports.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import lightning_merge.io as lio
 from lightning_merge import ContinualState, Expert, Linear, TaskArithmetic, merge
 from lightning_merge.averaging import average_checkpoints
+from lightning_merge.continual import ContinualError
 from lightning_merge.safetensors_io import save_tensors
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -96,9 +98,10 @@ def _siblings(path: Path) -> list[str]:
 
 
 def _sweep(name: str, prepare: Callable[[], None], action: Callable[[], None], check: Callable[[], bool],
-           finish: Callable[[], None], random_kills: int = 6, retry: Callable[[], None] | None = None) -> None:
+           finish: Callable[[], None], random_kills: int = 6, retry: Callable[[bool], None] | None = None) -> None:
     """Kill ``action`` before each hooked call in turn, and at random times; after each, ``check`` must hold, and
-    after the retry ``finish`` checks the result."""
+    after the retry ``finish`` checks the result. ``retry(completed)`` is told whether the child finished before its
+    kill (a random-time kill can come too late)."""
     prepare()
     status, total = _run_child(action, None)
     assert status == 0 and total > 0, f"{name}: the write did not succeed without a kill"
@@ -110,12 +113,16 @@ def _sweep(name: str, prepare: Callable[[], None], action: Callable[[], None], c
     plans = [(k, None) for k in range(1, total + 1)] + [(None, rng.uniform(0, duration)) for _ in range(random_kills)]
     for kill_at, delay in plans:
         prepare()
-        _run_child(action, kill_at, delay)
+        status, _ = _run_child(action, kill_at, delay)
         TALLY["tried"] += 1
         if not check():
             TALLY["lost"] += 1
             pytest.fail(f"{name}: output lost or half-written after a kill at call {kill_at} / delay {delay}")
-        (retry or action)()  # the retry, in this process
+        completed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        try:
+            retry(completed) if retry is not None else action()  # the retry, in this process
+        except Exception as err:  # noqa: BLE001
+            pytest.fail(f"{name}: the retry after a kill at call {kill_at} / delay {delay} failed: {err}")
         finish()
 
 
@@ -200,10 +207,14 @@ def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path):
 
 
 def test_a_continual_add_survives_every_kill(tmp_path):
+    """At every kill point the state is the old one or the new one, whole; a retry of the same add then succeeds
+    (after a kill past the commit it completes the interrupted add, saying so, and folds nothing in twice) and the
+    state is the uninterrupted run's, to the bit."""
     base, paths = _family(tmp_path)
     folder = tmp_path / "state"
     one = merge(paths[:1], base, TaskArithmetic())
     two = merge(paths[:2], base, TaskArithmetic())
+    outcomes = {"added": 0, "completed": 0, "duplicate": 0}
 
     def prepare():
         shutil.rmtree(folder, ignore_errors=True)
@@ -212,25 +223,39 @@ def test_a_continual_add_survives_every_kill(tmp_path):
     def action():
         ContinualState(folder).add(paths[1])
 
+    prepare()
+    action()
+    uninterrupted = ContinualState(folder).state_dict()
+    journal = ContinualState(folder).journal
+
     def check():
         state = ContinualState(folder)
         got = state.state_dict()
         return (state.count == 1 and _close(got, one)) or (state.count == 2 and _close(got, two))
 
+    def retry(completed):
+        state = ContinualState(folder)
+        if completed:  # the child finished before its kill: the same add again is a duplicate, refused as one
+            with pytest.raises(ContinualError, match="already merged"):
+                state.add(paths[1])
+            outcomes["duplicate"] += 1
+            return
+        entry = state.add(paths[1])  # the same add, after a kill at any point: it succeeds
+        assert entry["order"] == 2 and entry["checksum"] == journal[1]["checksum"]
+        outcomes["completed" if entry.get("completed_interrupted_add") else "added"] += 1
+
     def finish():
         state = ContinualState(folder)
-        assert state.count == 2 and _close(state.state_dict(), two)
+        assert state.count == 2 and _same(state.state_dict(), uninterrupted)
+        assert [(e["order"], e["checksum"]) for e in state.journal] == [(e["order"], e["checksum"]) for e in journal]
         assert [p.name for p in (folder / "generations").iterdir()] == ["000002"]
         assert not [p for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+        assert not (folder / "ADDING").exists()
 
-    def retry_after_kill():  # a retry after a kill that committed already is a duplicate: allow it only then
-        state = ContinualState(folder)
-        if state.count == 1:
-            state.add(paths[1])
-        else:
-            state.tidy()
-
-    _sweep("continual add", prepare, action, check, finish, retry=retry_after_kill)
+    _sweep("continual add", prepare, action, check, finish, retry=retry)
+    print(f"\ncontinual add: retried after {outcomes['added']} kills before the commit, completed "
+          f"{outcomes['completed']} interrupted adds, refused {outcomes['duplicate']} repeats of a finished add")
+    assert outcomes["completed"] >= 3  # the kills between the commit and the end of the add
 
 
 def _close(a: dict, b: dict) -> bool:

@@ -37,6 +37,10 @@ class ContinualMerge(Callback):
         name: the journal's name for this run (default: the Trainer's ``default_root_dir`` name).
         allow_duplicate: fold in a model whose weights are already in the journal.
         load_merged: load the state's merged model into the module when done.
+        on_missing: what to do with a module whose tensors are not exactly the base's (``ContinualState.create``'s
+            ``on_missing``): ``"error"`` refuses it before training, naming the tensor; ``"base"`` leaves tensors
+            the base lacks (a new head) out of the merge. Default: the existing state's policy, ``"error"`` for a
+            new state.
     """
 
     def __init__(
@@ -47,8 +51,14 @@ class ContinualMerge(Callback):
         name: str | None = None,
         allow_duplicate: bool = False,
         load_merged: bool = False,
+        on_missing: str | None = None,
     ) -> None:
         super().__init__()
+        from lightning_merge.continual import ON_MISSING
+
+        if on_missing is not None and on_missing not in ON_MISSING:
+            raise ValueError(f"ContinualMerge: on_missing must be one of {', '.join(ON_MISSING)}, got {on_missing!r}")
+        self.on_missing = on_missing
         self.state = state
         self.base = base
         self.strategy = strategy if strategy is None or isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
@@ -92,14 +102,26 @@ class ContinualMerge(Callback):
                     "Pass name= a new name, or allow_duplicate=True"
                 )
             base = Expert(state.config["base"])
+            on_missing = state.on_missing
+            if self.on_missing is not None and self.on_missing != on_missing:
+                raise ValueError(f"{who}: '{self.state}' was created with on_missing={on_missing!r}, not "
+                                 f"{self.on_missing!r}")
         else:
             if self.base is None or self.strategy is None:
                 raise ValueError(f"{who}: '{self.state}' does not exist yet; pass base= and strategy= to create it")
             strategy = self.strategy
             base = Expert(self.base)
+            on_missing = self.on_missing or "error"
         module_state = pl_module.state_dict()
+        extra = [n for n in module_state if n not in base]
+        if extra and on_missing == "error":
+            raise ValueError(
+                f"{who}: the module has tensor '{extra[0]}' ({len(extra)} such) that the base '{base.name}' lacks; a "
+                "continual state merges the base's tensors: pass on_missing='base' to leave such tensors out of the "
+                "merge, or save a base with them"
+            )
         missing = [n for n in base.names() if base.spec(n).is_floating and n not in module_state]
-        if missing:
+        if missing and on_missing == "error":
             raise ValueError(
                 f"{who}: the module has no tensor '{missing[0]}' of the base '{base.name}' ({len(missing)} missing); "
                 "the base must be a final.safetensors or .ckpt of this LightningModule (its state_dict names)"
@@ -129,7 +151,8 @@ class ContinualMerge(Callback):
                     raise ValueError(
                         f"ContinualMerge: '{self.state}' does not exist yet; pass base= and strategy= to create it"
                     )
-                state = ContinualState.create(self.state, base=self.base, strategy=self.strategy, exist_ok=True)
+                state = ContinualState.create(self.state, base=self.base, strategy=self.strategy, exist_ok=True,
+                                              on_missing=self.on_missing or "error")
             expert = Expert(
                 {k: v.detach().cpu() for k, v in weights.items()},
                 statistics=statistics,
