@@ -45,6 +45,7 @@ from lightning_merge._finite import all_finite
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, as_expert
 from lightning_merge.io import atomic_file, fsync_dir
+from lightning_merge.ownership import refusal
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.stats import StatisticsError, tensor_fingerprint
 from lightning_merge.storage import (
@@ -56,6 +57,7 @@ from lightning_merge.storage import (
     join,
     put_conditional,
     read_versioned,
+    redact,
     remove,
     upload,
 )
@@ -82,6 +84,23 @@ def expert_checksum(expert: Expert) -> str:
         digest.update(name.encode())
         digest.update(tensor_fingerprint(expert.tensor(name)).encode())
     return digest.hexdigest()
+
+
+
+def _refuse_occupied(url: str | None, path: Path) -> None:
+    """A new state goes into a new or empty folder: never into a folder (or a bucket prefix) holding other files,
+    which its later adds and tidying would mix with its own (see :mod:`lightning_merge.ownership`)."""
+    if url is not None:
+        fs, remote = filesystem(url)
+        held = sorted(p.rsplit("/", 1)[-1] for p in fs.find(remote)) if fs.exists(remote) else []
+    elif os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
+        raise refusal(path, "is not a folder; a continual state needs a new or empty folder")
+    else:
+        held = sorted(p.name for p in path.iterdir() if p.name != ".lock") if path.is_dir() else []
+    if held:
+        raise refusal(redact(url) if url else path, f"holds files and no continual state ({', '.join(held[:3])}"
+                                                   f"{' ...' if len(held) > 3 else ''}); a continual state needs a "
+                                                   "new or empty folder")
 
 
 class ContinualState:
@@ -172,6 +191,7 @@ class ContinualState:
             if state.strategy.to_dict() != strategy.to_dict() or state.config["base"] != base_ref:
                 raise ContinualError(f"continual state '{url or path}' exists with another base or strategy")
             return state
+        _refuse_occupied(url, path)
         base_expert = as_expert(str(base), "base")
         names = [n for n in base_expert.names() if base_expert.spec(n).is_floating]
         config = {

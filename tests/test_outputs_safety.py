@@ -715,3 +715,23 @@ def test_capture_never_deletes_an_adapter_folder_it_did_not_write(tmp_path):
                      {"fisher.example": {"count": 1}})
     assert remove_output(tmp_path / "x.statistics.safetensors") is True
     assert not (tmp_path / "x.statistics.safetensors").exists()
+
+
+def test_a_continual_state_is_never_created_inside_a_users_folder(tmp_path, s3):
+    from lightning_merge import ContinualState
+    from lightning_merge.storage import filesystem
+
+    base, _ = family(tmp_path)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "notes.txt").write_text("keep")
+    with pytest.raises(ForeignOutput, match="proj' holds files and no continual state \\(notes.txt\\)"):
+        ContinualState.create(proj, base=base, strategy=Linear())
+    assert tree(proj) == {".": "folder", "notes.txt": b"keep"}
+    fs, _ = filesystem(s3)
+    fs.pipe_file(f"{s3}/proj/notes.txt".split("://", 1)[1], b"keep")
+    with pytest.raises(ForeignOutput, match="holds files and no continual state"):
+        ContinualState.create(f"{s3}/proj", base=base, strategy=Linear())
+    assert list(_objects(f"{s3}/proj").values()) == [b"keep"]
+    (tmp_path / "empty").mkdir()
+    assert ContinualState.create(tmp_path / "empty", base=base, strategy=Linear()).count == 0
