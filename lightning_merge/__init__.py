@@ -11,6 +11,7 @@ from lightning_merge.continual import ContinualState
 from lightning_merge.diagnostics import Report, report
 from lightning_merge.engine import MergePlan, merge, prepare
 from lightning_merge.experts import Expert, TensorSpec
+from lightning_merge.ownership import ForeignOutput, IncompleteOutput
 from lightning_merge.stats import Statistics, StatisticsError
 from lightning_merge.strategies import (
     OPCM,
@@ -43,7 +44,9 @@ __all__ = [
     "Dare",
     "Expert",
     "Fisher",
+    "ForeignOutput",
     "Generalized",
+    "IncompleteOutput",
     "LayerwiseTaskArithmetic",
     "LiNeS",
     "Linear",

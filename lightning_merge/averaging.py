@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_merge.stats import tensor_fingerprint
-from lightning_merge.storage import basename, is_url, local_path, output_file, refuse_existing
+from lightning_merge.storage import basename, is_url, local_path, output_file, redact
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def average_checkpoints(
             False writes a weights-only checkpoint.
         on_missing_statistic: for the curvature weightings.
         trust_checkpoint: allow unpickling checkpoints that hold custom objects.
-        overwrite: replace ``out`` if it exists.
+        overwrite: replace ``out`` if it is an earlier output of lightning-merge (anything else is refused).
 
     Returns:
         ``(averaged state dict, weights or None)``.
@@ -277,7 +277,7 @@ def average_checkpoints(
         "averaged %d checkpoints (%s): %s",
         len(paths),
         weighting,
-        ", ".join(f"{basename(i.path)}={w:.3f}" for i, w in zip(infos, ws or [float("nan")] * len(infos))),
+        ", ".join(f"{redact(basename(i.path))}={w:.3f}" for i, w in zip(infos, ws or [float("nan")] * len(infos))),
     )
     if out is not None:
         write_averaged_checkpoint(
@@ -319,26 +319,24 @@ def write_averaged_checkpoint(
     checkpoint.pop("averaging_state", None)
     checkpoint["state_dict"] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
     checkpoint["lightning_merge"] = {
-        "averaged": [str(p) for p in paths],
+        "averaged": [redact(p) for p in paths],
         "weighting": weighting,
         "weights": list(weights) if weights is not None else None,
-        "template": str(newest),
+        "template": redact(newest),
     }
-    with output_file(out) as tmp:
+    with output_file(out, replace="own" if overwrite else "never") as tmp:
         torch.save(checkpoint, tmp)
     return out  # type: ignore[return-value]
 
 
 def _check_output(out: str | os.PathLike, paths: Sequence[str | os.PathLike], overwrite: bool) -> None:
-    """An existing output needs ``overwrite``; an output that is one of the inputs is refused."""
-    from lightning_merge.writers import check_output_path
+    """The output rule (see :mod:`lightning_merge.outputs`): an existing output must be an earlier one of
+    lightning-merge and needs ``overwrite``; an output that is one of the inputs (or their sidecars) is refused."""
+    from lightning_merge.outputs import check_output
+    from lightning_merge.stats import sidecar_path
 
-    if is_url(out):
-        if str(out) in {str(p) for p in paths}:
-            raise ValueError(f"output '{out}' is one of the checkpoints being averaged; choose another path")
-        refuse_existing(out, overwrite)
-        return
-    check_output_path(Path(out), overwrite, inputs=[Path(p) for p in paths if not is_url(p)], folder=False)
+    inputs = [q for p in paths for q in ((p, sidecar_path(p)) if is_url(p) else (Path(p), sidecar_path(Path(p))))]
+    check_output(out, overwrite, inputs=inputs, folder=False)
 
 
 __all__ = [

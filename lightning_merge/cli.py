@@ -47,7 +47,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
         started = time.perf_counter()
         spawn(nproc, _merge_rank, (vars(args),))
-        print(f"merged into {args.out} with {nproc} processes in {time.perf_counter() - started:.1f}s",
+        from lightning_merge.storage import redact
+
+        print(f"merged into {redact(args.out)} with {nproc} processes in {time.perf_counter() - started:.1f}s",
               file=sys.stderr)
         return 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and not args.dry_run:
@@ -97,7 +99,9 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
     if args.dry_run:
         _print_plan(out, recipe.path)
         return 0
-    print(f"merged {len(recipe.experts)} experts with {recipe.strategy.name} into {out} "
+    from lightning_merge.storage import redact
+
+    print(f"merged {len(recipe.experts)} experts with {recipe.strategy.name} into {redact(out)} "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
 
@@ -269,23 +273,23 @@ def cmd_export_second_moments(args: argparse.Namespace) -> int:
         if found is None:
             raise FileNotFoundError(f"'{source}' has no statistics sidecar (X.statistics.safetensors) next to it")
         source = found
-    out = export_second_moments(source, args.out, strip_prefix=args.strip_prefix, bias_correct=args.bias_correct)
+    out = export_second_moments(source, args.out, strip_prefix=args.strip_prefix, bias_correct=args.bias_correct,
+                                overwrite=args.overwrite, inputs=[args.source])
     print(f"wrote {out}")
     return 0
 
 
 def cmd_average(args: argparse.Namespace) -> int:
     from lightning_merge.averaging import average_checkpoints, distinct_checkpoints, read_info, select_checkpoints
-    from lightning_merge.storage import exists, is_url
+    from lightning_merge.storage import exists, redact
 
-    def same(p: str) -> Any:
-        return p if is_url(p) else Path(p).resolve()
-
-    out = same(args.out)
-    infos = [read_info(p, args.trust_checkpoint) for p in args.checkpoints if same(p) != out]
+    # OUT among the checkpoints (a glob over the run's folder) is skipped only when it is an earlier average or
+    # merge (distinct_checkpoints leaves those out); a checkpoint of the run named as OUT stays an input, and is
+    # refused as the output.
+    infos = [read_info(p, args.trust_checkpoint) for p in args.checkpoints]
     infos, skipped = distinct_checkpoints(infos)
     for path, why in skipped:
-        print(f"  skipped {path}: {why}", file=sys.stderr)
+        print(f"  skipped {redact(path)}: {why}", file=sys.stderr)
     chosen = select_checkpoints(infos, select=args.select, k=args.k, mode=args.mode) if args.select != "all" else infos
     paths = [str(i.path) for i in chosen]
     if args.dry_run:
@@ -294,8 +298,8 @@ def cmd_average(args: argparse.Namespace) -> int:
         weights = checkpoint_weights(chosen, args.weighting, mwa_by=args.mwa_by, p=args.p, mode=args.mode)
         print(f"plan (dry run: nothing averaged or written): {len(paths)} checkpoints, {args.weighting}")
         for path, w in zip(paths, weights or [None] * len(paths)):
-            print(f"  {path}" + (f"  weight {w:.4f}" if w is not None else f"  ({args.weighting} per entry)"))
-        print(f"  output      {args.out}" + (" (exists: --overwrite replaces it)" if exists(args.out) else ""))
+            print(f"  {redact(path)}" + (f"  weight {w:.4f}" if w is not None else f"  ({args.weighting} per entry)"))
+        print(f"  output      {redact(args.out)}" + (" (exists: --overwrite replaces it)" if exists(args.out) else ""))
         return 0
     _, weights = average_checkpoints(
         paths, args.out, weighting=args.weighting, mwa_by=args.mwa_by, p=args.p, mode=args.mode, source=args.source,
@@ -304,8 +308,8 @@ def cmd_average(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     for path, w in zip(paths, weights or [None] * len(paths)):
-        print(f"  {path}" + (f"  weight {w:.4f}" if w is not None else f"  ({args.weighting} per entry)"))
-    print(f"wrote {args.out} (average of {len(paths)} checkpoints, {args.weighting})")
+        print(f"  {redact(path)}" + (f"  weight {w:.4f}" if w is not None else f"  ({args.weighting} per entry)"))
+    print(f"wrote {redact(args.out)} (average of {len(paths)} checkpoints, {args.weighting})")
     return 0
 
 
@@ -473,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="the .safetensors file to write")
     e.add_argument("--strip-prefix", default="", help="remove this prefix from names (e.g. model.)")
     e.add_argument("--bias-correct", action="store_true", help="write v/(1-beta2^t) instead of the raw exp_avg_sq")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier export")
     e.set_defaults(func=cmd_export_second_moments)
 
     r = sub.add_parser("report", help="diagnose experts (and a merge of them): an HTML report with figures")
@@ -520,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(err: BaseException) -> str:
+    """The error as one line; the last line of defence against a URL's credentials or signature in a message."""
+    from lightning_merge.storage import redact
+
     text = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, KeyError) and text.startswith(("'", '"')):
         text = text.strip("'\"")
@@ -527,7 +535,7 @@ def _one_line(err: BaseException) -> str:
         text = f"{err.strerror or text}: '{err.filename}'"
     if not isinstance(err, (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError)):
         text = f"{type(err).__name__}: {text}"
-    return text
+    return redact(text)
 
 
 def _silence_stdout() -> None:

@@ -50,6 +50,7 @@ from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, as_expert
 from lightning_merge.io import atomic_file, cleanup_stale, fsync_dir
+from lightning_merge.ownership import refusal
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.stats import StatisticsError, tensor_fingerprint
 from lightning_merge.storage import (
@@ -61,6 +62,7 @@ from lightning_merge.storage import (
     join,
     put_conditional,
     read_versioned,
+    redact,
     remove,
     upload,
 )
@@ -107,6 +109,23 @@ def expert_checksum(expert: Expert) -> str:
         digest.update(name.encode())
         digest.update(tensor_fingerprint(expert.tensor(name)).encode())
     return digest.hexdigest()
+
+
+
+def _refuse_occupied(url: str | None, path: Path) -> None:
+    """A new state goes into a new or empty folder: never into a folder (or a bucket prefix) holding other files,
+    which its later adds and tidying would mix with its own (see :mod:`lightning_merge.ownership`)."""
+    if url is not None:
+        fs, remote = filesystem(url)
+        held = sorted(p.rsplit("/", 1)[-1] for p in fs.find(remote)) if fs.exists(remote) else []
+    elif os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
+        raise refusal(path, "is not a folder; a continual state needs a new or empty folder")
+    else:
+        held = sorted(p.name for p in path.iterdir() if p.name != ".lock") if path.is_dir() else []
+    if held:
+        raise refusal(redact(url) if url else path, f"holds files and no continual state ({', '.join(held[:3])}"
+                                                   f"{' ...' if len(held) > 3 else ''}); a continual state needs a "
+                                                   "new or empty folder")
 
 
 class ContinualState:
@@ -214,6 +233,7 @@ class ContinualState:
         if url is not None:
             if remote_exists(join(url, "state.json")):
                 return existing()
+            _refuse_occupied(url, path)
         else:
             if path.exists() and not path.is_dir():
                 raise ContinualError(f"'{path}' is a file; a continual state is a folder: choose another path")
@@ -1033,10 +1053,8 @@ def _refuse_foreign(path: Path) -> None:
                              or (p.name == "generations" and not any(p.iterdir()))))
     if foreign:
         listing = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
-        raise ContinualError(
-            f"'{path}' is not empty ({listing}) and holds no continual state; create the state in a new or empty "
-            "folder"
-        )
+        raise refusal(path, f"holds files and no continual state ({listing}); a continual state needs a new or empty "
+                            "folder")
 
 
 def _state_holding(path: Path) -> Path | None:

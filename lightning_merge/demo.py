@@ -314,14 +314,16 @@ def run_demo(out_dir: str | os.PathLike | None = None, seed: int = 0, quick: boo
 
 def _save_experts(setup: DigitsExperts, out: Path) -> None:
     """Write the base and each expert (with its statistics) as safetensors files under ``out``."""
+    from lightning_merge.ownership import marked
     from lightning_merge.safetensors_io import save_tensors
     from lightning_merge.stats import write_statistics
 
+    mark = marked({"format": "pt"}, {"output": "demo"})  # a re-run replaces these, and never a user's file
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / "base.safetensors", setup.base)
+    save_tensors(out / "base.safetensors", setup.base, mark, replace="own")
     for t, expert in enumerate(setup.experts):
         path = out / f"{setup.tasks[t].name}.safetensors"
-        save_tensors(path, setup.expert_state(t))
+        save_tensors(path, setup.expert_state(t), mark, replace="own")
         stats = expert.statistics
         if stats is not None:
             per_kind: dict[str, dict[str, Tensor]] = {}

@@ -61,9 +61,11 @@ class Report:
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``index.html``, ``report.json`` and the PNGs into ``folder`` (atomically: the folder appears
-        complete or not at all)."""
-        from lightning_merge.io import fsync_tree, partial_path, replace_dir
-        from lightning_merge.writers import check_output_path
+        complete or not at all). ``overwrite`` replaces an earlier report there, never anything lightning-merge did
+        not write."""
+        from lightning_merge.io import commit, fsync_tree, partial_path
+        from lightning_merge.outputs import check_output_path
+        from lightning_merge.ownership import write_record
 
         folder = Path(folder)
         check_output_path(folder, overwrite, folder=True)
@@ -78,8 +80,9 @@ class Report:
                 figure.savefig(tmp / f"{stem}.png", dpi=110, bbox_inches="tight")
                 plt.close(figure)
             (tmp / "index.html").write_text(_html(self.data, list(figures)))
+            write_record(tmp, {"output": "report", "experts": self.data.get("experts")})
             fsync_tree(tmp)
-            replace_dir(tmp, folder)
+            commit(tmp, folder, replace="own" if overwrite else "never")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

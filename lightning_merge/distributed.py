@@ -126,8 +126,8 @@ def spawn(nproc: int, fn: Callable[..., Any], args: tuple) -> None:
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="lightning-merge-rendezvous-") as folder:
         init_file = os.path.join(folder, "init")
-        context = mp.start_processes(_worker, args=(nproc, init_file, threads, fn, args), nprocs=nproc, join=False,
-                                     start_method="spawn")
+        context = mp.start_processes(_worker, args=(nproc, init_file, threads, fn, args, os.getpid()), nprocs=nproc,
+                                     join=False, start_method="spawn")
         try:
             while not context.join():
                 pass
@@ -137,10 +137,13 @@ def spawn(nproc: int, fn: Callable[..., Any], args: tuple) -> None:
             raise RuntimeError(f"a merge worker exited: {err}") from None
 
 
-def _worker(rank: int, world_size: int, init_file: str, threads: int, fn: Callable[..., Any], args: tuple) -> None:
+def _worker(rank: int, world_size: int, init_file: str, threads: int, fn: Callable[..., Any], args: tuple,
+            launcher: int | None = None) -> None:
     import torch
     import torch.distributed as dist
 
+    if launcher is not None:
+        die_with(launcher)
     torch.set_num_threads(threads)
     init_process_group(rank, world_size, init_file)
     try:
@@ -149,4 +152,30 @@ def _worker(rank: int, world_size: int, init_file: str, threads: int, fn: Callab
         dist.destroy_process_group()
 
 
-__all__ = ["Distribution", "PeerFailed", "init_process_group", "spawn"]
+def die_with(parent: int, interval: float = 0.2) -> None:
+    """End this process when ``parent`` (the launcher) ends, so a merge whose launcher was killed never commits its
+    output later: the kernel kills it (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``), and a watchdog thread exits it
+    where the kernel cannot (and covers a launcher that died before the ``prctl``)."""
+    import ctypes
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lightning-merge-launcher-watch", daemon=True).start()
+
+
+__all__ = ["Distribution", "PeerFailed", "die_with", "init_process_group", "spawn"]

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, TensorSpec, as_expert
+from lightning_merge.outputs import check_not_an_input, check_output
 from lightning_merge.stats import GRAM, MissingStatistic, StatisticsError
 from lightning_merge.storage import exists as remote_exists
-from lightning_merge.storage import is_url, refuse_existing, staged
+from lightning_merge.storage import is_url, redact, staged
 from lightning_merge.strategies.base import Prepared, Strategy
 from lightning_merge.strategies.linear import Linear
 from lightning_merge.writers import (
@@ -407,7 +408,10 @@ def merge(
         on_missing_statistic: an expert without a statistic the strategy requires: ``"error"``, or ``"uniform"``
             (warn and use weight 1 for that expert).
         shard_size: largest safetensors shard (``"5GB"``, ``"500MB"`` or bytes).
-        overwrite: replace an existing output once the new one is complete (never one of the inputs).
+        overwrite: replace an earlier output of lightning-merge at ``out`` once the new one is complete (never one
+            of the inputs, and never anything the tool did not write, whatever this says: see
+            :mod:`lightning_merge.ownership`). Without it, ``out`` must not exist, up to the commit: a merge that
+            finds ``out`` created by another process meanwhile raises :class:`FileExistsError`.
         threads: worker threads over tensors (default: up to 2). Whatever the count, the tensors being merged at
             once hold at most as many elements as the largest tensor, so threads do not raise peak memory.
         progress: show a progress bar (default: when stderr is a terminal).
@@ -430,6 +434,9 @@ def merge(
     Raises:
         ValueError: anything that makes the merge impossible, before any tensor is merged: the message names the
             expert, tensor, statistic or argument and says what to do.
+        ForeignOutput: something lightning-merge did not write is at ``out``.
+        FileExistsError: an earlier output is at ``out`` without ``overwrite``, or another process created ``out``
+            while this merge ran.
     """
     started = time.perf_counter()
     strategy = strategy if strategy is not None else Linear()
@@ -464,14 +471,15 @@ def merge(
                                   dtype=out_dtype, on_missing=on_missing, on_missing_statistic=on_missing_statistic,
                                   shard_bytes=shard_bytes, overwrite=overwrite, threads=threads, progress=progress,
                                   output=output, rank=rank)
+    experts, base_expert = open_inputs(experts, base)
     if isinstance(out, str) and is_url(out) and not dry_run:
         # Object storage: write the output locally as usual, then upload it (entry point last; see storage).
+        check_not_an_input(out, _input_paths(experts, base_expert))
         with staged(out, overwrite=overwrite) as local:
-            merge(experts, base, strategy, local, output=output, include=include, exclude=exclude, dtype=dtype,
-                  on_missing=on_missing, on_missing_statistic=on_missing_statistic, shard_size=shard_size,
-                  threads=threads, progress=progress, rank=rank)
+            merge(experts, base_expert, strategy, local, output=output, include=include, exclude=exclude,
+                  dtype=dtype, on_missing=on_missing, on_missing_statistic=on_missing_statistic,
+                  shard_size=shard_size, threads=threads, progress=progress, rank=rank)
         return out  # type: ignore[return-value]
-    experts, base_expert = open_inputs(experts, base)
     if dry_run:
         return describe_plan(experts, base_expert, strategy, out, output=output, rank=rank, include=include,
                              exclude=exclude, dtype=out_dtype, on_missing=on_missing,
@@ -510,8 +518,9 @@ def _provenance(plan: MergePlan, strategy: Strategy) -> dict[str, Any]:
     }
 
 
-def _input_paths(experts: list[Expert], base: Expert | None) -> list[Path]:
-    return [e.path for e in experts if e.path is not None] + ([base.path] if base and base.path else [])
+def _input_paths(experts: list[Expert], base: Expert | None) -> list[Path | str]:
+    """Every file, folder and URL the merge reads (weights, sidecars, adapters' bases): the output must be none."""
+    return [s for e in [*experts, *([base] if base is not None else [])] for s in e.sources()]
 
 
 def _merge_distributed(experts: Any, base: Any, strategy: Strategy, out: Any, group: Any, *, include: Any,
@@ -608,17 +617,14 @@ def describe_plan(experts: list[Expert], base: Expert | None, strategy: Strategy
                   rank: int | None, include: Any, exclude: Any, dtype: torch.dtype | None, on_missing: str,
                   on_missing_statistic: str, overwrite: bool) -> dict[str, Any]:
     """What :func:`merge` would do, from headers alone (``dry_run=True``): nothing is read or written."""
-    from lightning_merge.writers import check_output_path
-
     if strategy.needs_base and base is None:
         raise ValueError(f"strategy {strategy.name!r} needs a base model (base=...); Linear does not")
     strategy.check_num_experts(len(experts))
     jobs = build_jobs(experts, base, include=include, exclude=exclude, dtype=dtype, on_missing=on_missing)
     _StatisticReader(strategy, experts, on_missing_statistic, {j.name: j for j in jobs}).check()
-    if isinstance(out, str) and is_url(out):
-        refuse_existing(out, overwrite)
-    elif isinstance(out, (str, os.PathLike)):
-        check_output_path(Path(out), overwrite, folder=Path(out).suffix not in FILE_SUFFIXES or output == "peft")
+    if isinstance(out, (str, os.PathLike)):
+        check_output(out, overwrite, inputs=_input_paths(experts, base),
+                     folder=Path(out).suffix not in FILE_SUFFIXES or output == "peft")
     actions: dict[str, int] = {}
     for job in jobs:
         actions[job.action] = actions.get(job.action, 0) + 1
@@ -633,7 +639,7 @@ def describe_plan(experts: list[Expert], base: Expert | None, strategy: Strategy
                     "non_floating": actions.get("equal", 0) + actions.get("max", 0)},
         "parameters": sum(j.spec.numel for j in jobs),
         "statistics": statistics,
-        "output": None if out is None or isinstance(out, nn.Module) else str(out),
+        "output": None if out is None or isinstance(out, nn.Module) else redact(out),
         "output_kind": "peft adapter" if output == "peft" else ("module" if isinstance(out, nn.Module) else
                                                                   "state dict" if out is None else "files"),
         "output_bytes": sum(j.spec.nbytes for j in jobs) if output != "peft" else None,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_merge._finite import all_finite, cast_checked, count_non_finite
 from lightning_merge.lora import LoraAdapter, LoraSource, adapter_base_path
+from lightning_merge.ownership import INCOMPLETE_NAME, incomplete
 from lightning_merge.safetensors_io import (
     SAFETENSORS_DTYPES,
     DuplicateKeyError,
@@ -32,8 +33,9 @@ from lightning_merge.stats import (
     StatisticsError,
     fetch_with_sidecar,
     find_sidecar,
+    sidecar_path,
 )
-from lightning_merge.storage import is_url
+from lightning_merge.storage import is_url, redact
 from lightning_merge.torch_io import CheckpointError, load_torch_file
 
 
@@ -193,6 +195,8 @@ class Expert:
         base: str | os.PathLike | Expert | None = None,
     ) -> None:
         self.path: Path | None = None
+        self.url: str | None = None  # the object-storage URL the expert was fetched from
+        self.statistics_source: Path | str | None = None  # the sidecar (or statistics file) read, if any
         self.prefix = prefix or ""
         self.lora: LoraAdapter | None = None
         self.lora_base: Expert | None = None
@@ -204,8 +208,9 @@ class Expert:
             self._source = _DictSource(source)
             default_name = "<state dict>"
         elif isinstance(source, (str, os.PathLike)):
-            default_name = str(source)
+            default_name = redact(source)  # never a URL's credentials or signature in names, messages, provenance
             if is_url(source):
+                self.url = str(source)
                 try:
                     source = fetch_with_sidecar(str(source))
                 except FileNotFoundError:
@@ -241,12 +246,14 @@ class Expert:
         if statistics is not None:
             if isinstance(statistics, (str, os.PathLike)):
                 self._statistics = Statistics.load(statistics)
+                self.statistics_source = statistics if is_url(statistics) else Path(statistics)
             else:
                 self._statistics = Statistics.from_mapping(statistics, origin=f"statistics of expert '{self.name}'")
         elif self.path is not None:
             sidecar = find_sidecar(self.path)
             if sidecar is not None:
                 self._statistics = Statistics.load(sidecar)
+                self.statistics_source = sidecar
 
         # A sidecar keyed like the checkpoint carries the prefix; an in-memory one may already be stripped.
         self._stats_prefix = ""
@@ -257,7 +264,23 @@ class Expert:
         if self._statistics is not None and isinstance(statistics, (str, os.PathLike, type(None))) and not self.lora:
             self._check_statistics_names()
 
+    def sources(self) -> list[Path | str]:
+        """Every file, folder and URL this expert reads: its weights, its statistics, a LoRA adapter's base (an
+        output must be none of them)."""
+        found: list[Path | str] = []
+        if self.path is not None:
+            found.append(self.path)
+        if self.url is not None:
+            found.extend([self.url, sidecar_path(self.url)])
+        if self.statistics_source is not None:
+            found.append(self.statistics_source)
+        if self.lora_base is not None:
+            found.extend(self.lora_base.sources())
+        return found
+
     def _open_path(self, path: Path, base: Any, trust_checkpoint: bool) -> Any:
+        if path.is_dir() and os.path.lexists(path / INCOMPLETE_NAME):  # a copy of a folder upload that did not end
+            raise incomplete(redact(self.url) if self.url else path)
         if path.is_dir() and (path / "adapter_config.json").exists():
             return self._open_adapter(path, base, trust_checkpoint)
         if path.is_dir():

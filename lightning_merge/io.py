@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -106,24 +107,107 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
+REPLACE_MODES = ("always", "own", "never")
+
+
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success fsync it and rename it over ``target``.
+def atomic_file(target: str | os.PathLike, *, replace: str = "always") -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success fsync it and move it to ``target`` (see :func:`commit`
+    for ``replace``).
 
     On an exception the temporary file is removed and ``target`` is left as it was.
     """
     target = Path(target)
+    _check_mode(replace)
     target.parent.mkdir(parents=True, exist_ok=True)
     cleanup_stale(target)
     tmp = partial_path(target)
     try:
         yield tmp
         fsync_file(tmp)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        commit(tmp, target, replace=replace)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _check_mode(replace: str) -> None:
+    if replace not in REPLACE_MODES:
+        raise ValueError(f"replace must be one of {', '.join(REPLACE_MODES)}, got {replace!r}")
+
+
+def commit(tmp: Path, target: Path, *, replace: str = "always") -> None:
+    """Move a finished ``tmp`` (file or folder, already fsync'd) to ``target``: the commit point of every output.
+
+    Args:
+        tmp: the temporary sibling written.
+        target: where it goes.
+        replace: what may be at ``target`` now. ``"never"``: nothing (a new output; if another process created
+            ``target`` meanwhile, :class:`FileExistsError` and nothing of it is touched: the check holds at the
+            commit itself, by ``renameat2(RENAME_NOREPLACE)`` or a hard link where the OS has no such rename).
+            ``"own"``: an earlier output of lightning-merge or an empty folder (checked again here, see
+            :mod:`lightning_merge.ownership`), replaced as :func:`replace_dir` does. ``"always"``: anything (the
+            tool's internal files: caches, pointers).
+    """
+    _check_mode(replace)
+    if replace == "never":
+        if tmp.is_dir():
+            fsync_dir(tmp)
+        _rename_noreplace(tmp, target)
+        fsync_dir(target.parent)
+        return
+    if replace == "own":
+        from lightning_merge.ownership import refuse_foreign
+
+        refuse_foreign(target)
+    if tmp.is_dir():
+        replace_dir(tmp, target)
+    else:
+        os.replace(tmp, target)  # one atomic step for a file
+        fsync_dir(target.parent)
+
+
+def _created_meanwhile(target: Path) -> FileExistsError:
+    return FileExistsError(
+        f"output '{target}' was created by another process while this one was writing it; it was left as it is and "
+        "this result was discarded: choose another path, or pass overwrite=True (CLI: --overwrite) to replace it"
+    )
+
+
+def _rename_noreplace(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target`` only if nothing is at ``target``, atomically where the OS can."""
+    libc = _libc()
+    if libc is not None:
+        if libc.renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise _created_meanwhile(target)
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(target))
+    if not tmp.is_dir():  # a hard link is created only where nothing is: the same guarantee for a file
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise _created_meanwhile(target) from None
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+        else:
+            os.unlink(tmp)
+            return
+    # No atomic way here: check, then rename (a folder never replaces a file nor a non-empty folder; at worst an
+    # empty folder created in between is replaced, which loses nothing).
+    if os.path.lexists(target):
+        raise _created_meanwhile(target)
+    try:
+        os.rename(tmp, target)
+    except (IsADirectoryError, NotADirectoryError, FileExistsError) as err:
+        raise _created_meanwhile(target) from err
+    except OSError as err:
+        if err.errno == errno.ENOTEMPTY:
+            raise _created_meanwhile(target) from err
+        raise
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -177,4 +261,14 @@ def replace_dir(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-__all__ = ["atomic_file", "cleanup_stale", "fsync_dir", "fsync_file", "fsync_tree", "partial_path", "replace_dir"]
+__all__ = [
+    "REPLACE_MODES",
+    "atomic_file",
+    "cleanup_stale",
+    "commit",
+    "fsync_dir",
+    "fsync_file",
+    "fsync_tree",
+    "partial_path",
+    "replace_dir",
+]

@@ -15,7 +15,7 @@ import yaml
 from lightning_merge.engine import parse_dtype
 from lightning_merge.experts import Expert
 from lightning_merge.stats import fetch_with_sidecar
-from lightning_merge.storage import is_url
+from lightning_merge.storage import is_url, redact
 from lightning_merge.strategies import STRATEGIES, Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
 
 log = logging.getLogger("lightning_merge")
@@ -73,7 +73,7 @@ def _existing(ref: str, recipe: Path, where: str, urls: dict[Path, str]) -> Path
         try:
             local = fetch_with_sidecar(ref)
         except FileNotFoundError:
-            raise RecipeError(f"{recipe}: {where} '{ref}' not found (nothing exists at that URL)") from None
+            raise RecipeError(f"{recipe}: {where} '{redact(ref)}' not found (nothing exists at that URL)") from None
         urls[local] = ref
         return local
     path = Path(os.path.expanduser(ref))
@@ -228,15 +228,19 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         dtype = parse_dtype(dtype, "dtype")
     except ValueError as err:
         raise RecipeError(f"{path}: {err}") from None
-    base = Expert(base_path, trust_checkpoint=trust_checkpoint, name=urls.get(base_path, str(base_path))) \
-        if base_path is not None else None
+    def open_model(local: Path, **kwargs: Any) -> Expert:
+        expert = Expert(local, trust_checkpoint=trust_checkpoint, name=redact(urls.get(local, str(local))), **kwargs)
+        expert.url = urls.get(local)  # named by its URL (redacted); the merge's output must not be that URL
+        return expert
+
+    base = open_model(base_path) if base_path is not None else None
     experts = []
     for p, _ in entries:
         adapter_base: Any = None
         if _is_adapter(p):
             named = adapter_bases.get(p)
             adapter_base = base if named is None or (base_path and named.resolve() == base_path.resolve()) else named
-        experts.append(Expert(p, trust_checkpoint=trust_checkpoint, base=adapter_base, name=urls.get(p, str(p))))
+        experts.append(open_model(p, base=adapter_base))
     return Recipe(path, experts, base, strategy, dtype)
 
 

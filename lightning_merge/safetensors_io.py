@@ -344,17 +344,25 @@ def specs_of(tensors: Mapping[str, Tensor]) -> list[tuple[str, TensorSpec]]:
 
 def save_tensors(
     path: str | os.PathLike, tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], metadata: Mapping[str, str]
-    | None = None
+    | None = None, *, replace: str = "always"
 ) -> Path:
     """Write ``tensors`` as one safetensors file, atomically (temporary name, fsync, rename; or, for an
     object-storage URL, one upload of the finished file).
 
     Tensors that share storage (tied weights) are written as independent copies, as safetensors requires.
+
+    Args:
+        path: the file (or URL).
+        tensors: the tensors, in order.
+        metadata: the header's ``__metadata__`` strings.
+        replace: what may be at ``path``: ``"always"`` (anything), ``"own"`` (an earlier output of lightning-merge:
+            the tool's outputs pass this, with the ``lightning_merge`` mark in ``metadata``), ``"never"`` (nothing;
+            see :func:`lightning_merge.io.commit`).
     """
     items = dict(tensors)
     if not is_url(path):
         path = Path(path)
-    with output_file(path) as tmp:
+    with output_file(path, replace=replace) as tmp:
         writer = ShardWriter(tmp, specs_of(items), metadata or {})
         try:
             for name, tensor in items.items():

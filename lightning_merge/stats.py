@@ -29,6 +29,7 @@ from torch import Tensor
 
 from lightning_merge._finite import all_non_negative_finite
 from lightning_merge._version import __version__
+from lightning_merge.ownership import marked
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, TensorFileMapping, save_tensors
 from lightning_merge.storage import exists as remote_exists
 from lightning_merge.storage import fetch, is_url
@@ -208,7 +209,7 @@ def write_statistics(
         "kinds": json.dumps(kinds_meta, sort_keys=True),
         **dict(metadata or {}),
     }
-    return save_tensors(path, tensors, meta)
+    return save_tensors(path, tensors, meta, replace="own")  # a sidecar (its format marks it) replaces only a sidecar
 
 
 def export_second_moments(
@@ -217,21 +218,31 @@ def export_second_moments(
     *,
     strip_prefix: str = "",
     bias_correct: bool = False,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write Adam second moments as one plain safetensors file keyed by parameter name: the convention of the
     OTA reference code (``exp_avg_sq.safetensors``, given per model as ``preconditioner_path``).
 
     Args:
         source: a sidecar path or :class:`Statistics` holding ``exp_avg_sq``.
-        out: the file to write (atomically).
+        out: the file to write (atomically). It must not be ``source``, nor one of ``inputs``; an existing ``out``
+            must be an earlier output of lightning-merge (see docs/merging.md) and needs ``overwrite``.
         strip_prefix: removed from the start of each name (``"model."`` to key a LightningModule's capture like
             the Hugging Face model inside it); names without it are left out.
         bias_correct: write v / (1 − β₂ᵗ) instead of the raw ``exp_avg_sq`` the optimizer holds (the reference
             reads raw optimizer state, so the default is raw).
+        overwrite: replace an earlier export at ``out``.
+        inputs: other files the export comes from (the model whose sidecar ``source`` is), protected the same way.
 
     Returns:
         The path written.
     """
+    from lightning_merge.outputs import check_output
+
+    origin = [source] if isinstance(source, (str, os.PathLike)) else \
+        ([source.origin] if os.path.exists(source.origin) else [])
+    check_output(out, overwrite, inputs=[*origin, *inputs], folder=False)
     stats = source if isinstance(source, Statistics) else Statistics.load(source)
     if not stats.has("exp_avg_sq"):
         raise StatisticsError(f"{stats.origin} holds no exp_avg_sq (capture with second_moments=True and Adam/AdamW)")
@@ -243,7 +254,8 @@ def export_second_moments(
         tensors[name[len(strip_prefix) :]] = value.contiguous()
     if not tensors:
         raise StatisticsError(f"{stats.origin}: no exp_avg_sq name starts with {strip_prefix!r}")
-    return save_tensors(out, tensors, {"format": "exp_avg_sq", "bias_corrected": str(bias_correct).lower()})
+    metadata = marked({"format": "exp_avg_sq", "bias_corrected": str(bias_correct).lower()})
+    return save_tensors(out, tensors, metadata, replace="own" if overwrite else "never")
 
 
 class StatisticsError(ValueError):

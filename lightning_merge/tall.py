@@ -28,12 +28,14 @@ from torch import Tensor
 from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge.engine import open_inputs, plan_merge, unique_names
 from lightning_merge.experts import Expert, as_expert
-from lightning_merge.io import fsync_tree, partial_path, replace_dir
+from lightning_merge.io import commit, fsync_tree, partial_path
+from lightning_merge.outputs import check_output_path
+from lightning_merge.ownership import write_record
 from lightning_merge.safetensors_io import SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.base import Strategy
 from lightning_merge.strategies.linear import TaskArithmetic
-from lightning_merge.writers import check_output_path, write_json
+from lightning_merge.writers import write_json
 
 FORMAT = "lightning-merge/tall"
 VERSION = 1
@@ -75,7 +77,7 @@ def compress(
             paper; pick it by the recovered experts' validation scores).
         strategy: how τ_MTL is formed (a strategy with a base; its merged task vector is stored). Default:
             ``TaskArithmetic()``, the sum of the task vectors, as in the paper.
-        overwrite: replace an existing folder.
+        overwrite: replace an earlier TALL folder at ``out`` (never anything lightning-merge did not write).
 
     Returns:
         The compressed experts, opened.
@@ -84,7 +86,7 @@ def compress(
     experts_opened, base_expert = open_inputs(experts, base)
     if base_expert is None:
         raise ValueError("TALL compression needs base= the model the experts were fine-tuned from")
-    inputs = [e.path for e in experts_opened if e.path is not None] + ([base_expert.path] if base_expert.path else [])
+    inputs = [s for e in [*experts_opened, base_expert] for s in e.sources()]
     check_output_path(out, overwrite, inputs=inputs, folder=True)
     strategy = strategy or TaskArithmetic()
     n = len(experts_opened)
@@ -127,8 +129,9 @@ def compress(
         vectors.close(sync=True)
         masks.close(sync=True)
         write_json(tmp / "tall.json", meta)
+        write_record(tmp, {"output": "tall", "experts": meta["experts"]})
         fsync_tree(tmp)
-        replace_dir(tmp, out)
+        commit(tmp, out, replace="own" if overwrite else "never")
     finally:
         vectors.close(sync=False)
         masks.close(sync=False)

@@ -323,7 +323,8 @@ class VarianceCorrection:
 
     # -- storage ------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the statistics as safetensors (atomically); a folder gets ``variance_correction.safetensors``."""
+        """Write the statistics as safetensors (atomically); a folder gets ``variance_correction.safetensors``. An
+        existing file there is replaced only if it is an earlier one (never a file lightning-merge did not write)."""
         path = Path(path)
         if path.is_dir():
             path = path / FILENAME
@@ -333,7 +334,7 @@ class VarianceCorrection:
         meta = {"format": FORMAT, "version": str(VERSION), "eps": repr(self.eps),
                 "layers": json.dumps(self.layers), "channel_dims": json.dumps(self.channel_dims),
                 "tasks": json.dumps(self.tasks)}
-        return save_tensors(path, tensors, meta)
+        return save_tensors(path, tensors, meta, replace="own")  # replaces only an earlier one (its format marks it)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VarianceCorrection:

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_merge._finite import cast_checked
-from lightning_merge.io import atomic_file, cleanup_stale, fsync_dir, fsync_tree, partial_path, replace_dir
+from lightning_merge.io import atomic_file, commit, fsync_tree, partial_path
 from lightning_merge.lora import PEFT_PREFIX, LoraAdapter
+from lightning_merge.outputs import check_not_an_input, check_output_path
+from lightning_merge.ownership import PROVENANCE_NAME, write_record
 from lightning_merge.safetensors_io import ShardWriter, TensorSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 FILE_SUFFIXES = (".safetensors", ".ckpt")
-PROVENANCE_NAME = "lightning_merge.json"
 
 
 class Writer:
@@ -111,49 +112,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def check_output_path(out: Path, overwrite: bool, *, inputs: Sequence[Path] = (), folder: bool | None = None) -> None:
-    """Refuse, before any work, an output that cannot be written or must not be: it exists (without ``overwrite``),
-    it is one of the inputs (``overwrite`` would destroy it), its parent is a file, it is a symbolic link loop, or it
-    is a folder where a file is asked (``folder=False``) or a file where a folder is asked (``folder=True``).
-
-    Also restores an output that a crash left moved aside, and removes abandoned temporary siblings.
-    """
-    try:
-        cleanup_stale(out)
-        exists = os.path.lexists(out)
-        if exists and out.is_symlink() and not out.exists():
-            out.resolve(strict=True)  # raises for a loop; a dangling link is replaced like a file
-    except RuntimeError as err:
-        raise ValueError(f"output '{out}' is a symbolic link loop; remove it or choose another path") from err
-    except OSError as err:
-        raise ValueError(f"output '{out}' cannot be used: {err.strerror or err}") from None
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"output '{out}' is under '{parent}', which is a file, not a folder")
-        if parent.exists():
-            break
-    resolved = out.resolve()
-    for source in inputs:
-        try:
-            src = Path(source).resolve()
-        except OSError:
-            continue
-        if src == resolved or resolved in src.parents:
-            raise ValueError(
-                f"output '{out}' is an input of this merge ('{source}'); writing it would destroy the input: choose "
-                "another output path"
-            )
-    if exists:
-        if folder is True and out.is_file():
-            raise ValueError(f"output '{out}' is a file, and this output is a folder: remove it or choose another path")
-        if folder is False and out.is_dir():
-            raise ValueError(f"output '{out}' is a folder, and this output is a file: remove it or choose another path")
-        if not overwrite:
-            raise FileExistsError(
-                f"output '{out}' already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-            )
-
-
 class SafetensorsWriter(Writer):
     """A Hugging Face style folder (``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index), or one
     ``.safetensors`` file when ``single_file``.
@@ -187,6 +145,7 @@ class SafetensorsWriter(Writer):
         self.copy_from = copy_from
         self.provenance = provenance or {}
         check_output_path(out, overwrite, inputs=inputs, folder=not single_file)
+        self.replace = "own" if overwrite else "never"  # what the commit may find at ``out`` (see io.commit)
         self.tmp = attach if attach is not None else partial_path(out)
         groups: list[list[tuple[str, TensorSpec]]] = [[]]
         size = 0
@@ -232,8 +191,7 @@ class SafetensorsWriter(Writer):
     def finish(self) -> Path:
         self.close_shards()
         if self.single_file:
-            os.replace(self.tmp, self.out)
-            fsync_dir(self.out.parent)
+            commit(self.tmp, self.out, replace=self.replace)
             return self.out
         if len(self.shards) > 1:
             index = {
@@ -243,9 +201,9 @@ class SafetensorsWriter(Writer):
             write_json(self.tmp / "model.safetensors.index.json", index)
         if self.copy_from is not None:
             copy_support_files(self.copy_from, self.tmp, dtype=self.dtype)
-        write_json(self.tmp / PROVENANCE_NAME, self.provenance)
-        fsync_dir(self.tmp)
-        replace_dir(self.tmp, self.out)
+        write_record(self.tmp, self.provenance)  # last: it lists every file of the folder
+        fsync_tree(self.tmp)
+        commit(self.tmp, self.out, replace=self.replace)
         return self.out
 
     def release(self) -> None:
@@ -276,6 +234,7 @@ class CheckpointWriter(Writer):
 
         check_output_path(out, overwrite, inputs=inputs, folder=False)
         self.out = out
+        self.replace = "own" if overwrite else "never"
         self.prefix = prefix
         self.provenance = provenance
         self.tensors: dict[str, Tensor] = {}
@@ -300,7 +259,7 @@ class CheckpointWriter(Writer):
         state.update(self.tensors)
         checkpoint["state_dict"] = state
         checkpoint["lightning_merge"] = json.loads(json.dumps(self.provenance, default=str))
-        with atomic_file(self.out) as tmp:
+        with atomic_file(self.out, replace=self.replace) as tmp:
             torch.save(checkpoint, tmp)
         return self.out
 
@@ -335,6 +294,7 @@ class PeftWriter(Writer):
     def __init__(self, out: Path, adapters: Sequence[LoraAdapter], base: Any, *, rank: int | None, prepared: Any,
                  provenance: dict[str, Any], overwrite: bool, inputs: Sequence[Path] = (), attach: Path | None = None):
         check_output_path(out, overwrite, inputs=inputs, folder=True)
+        self.replace = "own" if overwrite else "never"
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"rank must be a positive integer (or None for the exact adapter), got {rank!r}")
         self.out, self.adapters, self.base, self.rank, self.prepared = out, list(adapters), base, rank, prepared
@@ -481,9 +441,9 @@ class PeftWriter(Writer):
             "ranks": {t[: -len(".weight")]: r for t, r in self.ranks.items()},
             "relative_error": {k: self.errors[k] for k in sorted(self.errors)},
         })
-        write_json(self.tmp / PROVENANCE_NAME, self.provenance)
+        write_record(self.tmp, self.provenance)  # last: it lists every file of the folder
         fsync_tree(self.tmp)
-        replace_dir(self.tmp, self.out)
+        commit(self.tmp, self.out, replace=self.replace)
         return self.out
 
     def release(self) -> None:
@@ -614,6 +574,7 @@ __all__ = [
     "PeftWriter",
     "SafetensorsWriter",
     "Writer",
+    "check_not_an_input",
     "check_output_path",
     "copy_support_files",
     "factor_delta",

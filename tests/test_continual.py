@@ -29,6 +29,7 @@ from lightning_merge import (
     merge,
 )
 from lightning_merge.continual import ContinualError
+from lightning_merge.ownership import ForeignOutput
 from lightning_merge.stats import write_statistics
 from lightning_merge.strategies.opcm import opcm_project
 
@@ -493,7 +494,7 @@ def test_a_state_is_created_only_in_a_new_or_empty_folder(tmp_path):
     save_file({k: Expert(paths[0]).tensor(k) for k in Expert(paths[0]).names()},
               str(expert_folder / "model.safetensors"))
     before = _tree(expert_folder)
-    with pytest.raises(ContinualError, match="expert' is not empty \\(model.safetensors\\) and holds no continual"):
+    with pytest.raises(ForeignOutput, match="expert' holds files and no continual state \\(model.safetensors\\)"):
         ContinualState.create(expert_folder, base=base_path, strategy=Linear())
     assert _tree(expert_folder) == before  # not even a lock file
     with pytest.raises(ContinualError, match="is a file"):

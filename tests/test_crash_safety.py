@@ -30,7 +30,7 @@ from lightning_merge.safetensors_io import save_tensors
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
 HOOKED = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "rmdir"), (os, "fsync"), (os, "mkdir"),
-          (os, "symlink"), (lio, "_exchange")]
+          (os, "symlink"), (lio, "_exchange"), (lio, "_rename_noreplace")]
 TALLY = {"tried": 0, "lost": 0}
 
 
@@ -178,6 +178,34 @@ def test_a_new_single_file_merge_survives_every_kill(tmp_path):
     _sweep("merge to a file", prepare, action, check, finish)
 
 
+def test_a_new_output_without_overwrite_survives_every_kill(tmp_path):
+    """The no-overwrite commit (renameat2 RENAME_NOREPLACE) leaves nothing, or the whole new output."""
+    base, paths = _family(tmp_path)
+    out = tmp_path / "merged"
+    new = merge(paths, base, Linear())
+
+    def prepare():
+        for p in tmp_path.iterdir():
+            if p.name.startswith((".merged", "merged")):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def action():
+        merge(paths, base, Linear(), out=out)
+
+    def check():
+        lio.cleanup_stale(out)
+        return not out.exists() or _same(_read(out), new)
+
+    def retry(completed: bool):
+        if not out.exists():
+            action()
+
+    def finish():
+        assert _same(_read(out), new) and _siblings(out) == []
+
+    _sweep("merge to a new folder", prepare, action, check, finish, retry=retry)
+
+
 def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path):
     ckpts = []
     for i in range(3):
@@ -190,7 +218,8 @@ def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path):
         for p in tmp_path.iterdir():
             if p.name.startswith((".avg", "avg")):
                 p.unlink()
-        torch.save({"state_dict": {"w": torch.zeros(32, 32)}, "global_step": 0}, out)
+        # an earlier average (its lightning_merge key marks it): --overwrite replaces only the tool's own outputs
+        torch.save({"state_dict": {"w": torch.zeros(32, 32)}, "global_step": 0, "lightning_merge": {}}, out)
 
     def action():
         average_checkpoints(ckpts, out, overwrite=True)

@@ -6,6 +6,8 @@ per step and fixed weights it equals the per-example Fisher exactly (it was 1/NÂ
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -98,7 +100,10 @@ def test_a_lora_run_saves_adapters_with_statistics_not_full_models(tmp_path):
     final = folder / "final.adapter"
     assert final.is_dir() and not (folder / "final.safetensors").exists()
     assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "statistics.safetensors"]
+                                                      "lightning_merge.json", "statistics.safetensors"]
+    # lightning_merge.json lists what the capture wrote: the next save (or rotation) may replace only that
+    assert json.loads((final / "lightning_merge.json").read_text())["files"] == [
+        "adapter_config.json", "adapter_model.safetensors", "statistics.safetensors"]
     expert = Expert(final)  # the base comes from adapter_config.json
     merged_back = module.model.merge_and_unload().state_dict()
     for name in expert.names():

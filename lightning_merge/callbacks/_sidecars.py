@@ -12,8 +12,8 @@ from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from lightning_merge.outputs import remove_output
 from lightning_merge.stats import sidecar_path
-from lightning_merge.storage import remove
 
 
 class SidecarWriter:
@@ -53,10 +53,7 @@ class SidecarWriter:
             future = self._futures.pop(str(target), None)
         if future is not None:
             future.result()
-        if isinstance(target, str):  # object storage (the checkpoint's folder is a URL)
-            remove(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
+        remove_output(target)  # a sidecar (local or in a bucket); never a file lightning-merge did not write
 
     def wait(self) -> None:
         """Block until the pending writes are done (they read live tensors the next step changes); re-raise."""

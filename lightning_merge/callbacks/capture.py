@@ -44,6 +44,7 @@ from lightning_merge.callbacks._post_fit import LOADERS, post_fit_fisher, post_f
 from lightning_merge.callbacks._second_moments import cpu_float, has_second_moments, read_second_moments
 from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
 from lightning_merge.fisher import ESTIMATORS, batch_counts
+from lightning_merge.outputs import remove_output
 from lightning_merge.stats import (
     COMPRESSIONS,
     GRAM,
@@ -56,7 +57,7 @@ from lightning_merge.stats import (
     tensor_fingerprint,
     write_statistics,
 )
-from lightning_merge.storage import is_url, join, remove, staged
+from lightning_merge.storage import is_url, join, staged
 
 STATE_VERSION = 2
 
@@ -679,11 +680,8 @@ class CurvatureCapture(Callback):
     def after_remove(self, path: str) -> None:
         self._sidecars.remove(path)
         folder = adapter_path(path)
-        if isinstance(folder, str):
-            if self._peft is not None:
-                remove(folder)
-        elif folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
+        if not isinstance(folder, str) or self._peft is not None:
+            remove_output(folder)  # the adapter saved beside it, if this capture wrote it
 
     def _write_sidecar(self, target: Path, snapshot: tuple) -> None:
         statistics, kinds, resume, metadata, adapter, checkpoint = snapshot
@@ -708,13 +706,16 @@ class CurvatureCapture(Callback):
     def _write_adapter(self, folder: Path | str, adapter: tuple, statistics: dict, kinds: dict,
                        metadata: dict) -> None:
         """An adapter folder as PEFT writes one, with ``statistics.safetensors`` keyed like its weights; atomic."""
-        from lightning_merge.io import fsync_tree, partial_path, replace_dir
+        from lightning_merge.io import commit, fsync_tree, partial_path
+        from lightning_merge.outputs import check_output_path
+        from lightning_merge.ownership import write_record
         from lightning_merge.safetensors_io import save_tensors
 
         if isinstance(folder, str):  # object storage: written locally, uploaded weights last
             with staged(folder) as local:
                 self._write_adapter(local, adapter, statistics, kinds, metadata)
             return
+        check_output_path(folder, True, folder=True)  # an earlier adapter of this capture, or nothing
 
         weights, config = adapter
         keys = self._adapter_keys
@@ -729,8 +730,9 @@ class CurvatureCapture(Callback):
                 meta = {k: _rename_meta(kinds[k], keys) for k in renamed}
                 write_statistics(tmp / "statistics.safetensors", renamed, meta, compression=self.compression,
                                  metadata=metadata)
+            write_record(tmp, {"output": "adapter", "checkpoint_metadata": metadata})
             fsync_tree(tmp)
-            replace_dir(tmp, folder)
+            commit(tmp, folder, replace="own")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -777,12 +779,15 @@ def _rename_meta(meta: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, 
     return out
 
 
-def _save_weights(state: Mapping[str, Tensor] | None, path: Path) -> None:
-    """Save a state dict as safetensors atomically (tensors sharing storage, tied weights, become copies)."""
+def _save_weights(state: Mapping[str, Tensor] | None, path: Path | str, what: str = "weights") -> None:
+    """Save a state dict as safetensors atomically (tensors sharing storage, tied weights, become copies), marked as
+    an output of lightning-merge: it replaces only an earlier one (see :mod:`lightning_merge.ownership`)."""
+    from lightning_merge.ownership import marked
     from lightning_merge.safetensors_io import save_tensors
 
     assert state is not None
-    save_tensors(path, {key: value.detach().to("cpu") for key, value in state.items()})
+    save_tensors(path, {key: value.detach().to("cpu") for key, value in state.items()},
+                 marked({"format": "pt"}, {"library": "lightning-merge", "output": what}), replace="own")
 
 
 __all__ = ["CurvatureCapture"]

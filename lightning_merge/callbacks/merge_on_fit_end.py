@@ -16,8 +16,9 @@ from torch import Tensor
 
 from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selected
 from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.outputs import check_not_an_input
 from lightning_merge.storage import exists as remote_exists
-from lightning_merge.storage import is_url, join, output_file
+from lightning_merge.storage import is_url, join, output_file, redact
 from lightning_merge.strategies.base import Strategy
 
 SNAPSHOTS = ("disk", "memory")
@@ -166,7 +167,8 @@ class MergeOnFitEnd(Callback):
         path = join(self._dir(trainer), "merge_base_snapshot.safetensors")
         from lightning_merge.callbacks.capture import _save_weights
 
-        on_rank_zero(trainer, lambda: _save_weights(state, path), "MergeOnFitEnd: writing the base snapshot")
+        on_rank_zero(trainer, lambda: _save_weights(state, path, "MergeOnFitEnd base snapshot"),
+                     "MergeOnFitEnd: writing the base snapshot")
         self._snapshot_path = str(path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,13 +183,15 @@ class MergeOnFitEnd(Callback):
             state = averaging.average(trainer)
         out: Any = self.out or join(self._dir(trainer), "merged.safetensors")
         out = out if is_url(out) else Path(out)
+        check_not_an_input(out, [*self.experts, *([self.base] if isinstance(self.base, (str, os.PathLike)) else []),
+                                 *([self._snapshot_path] if self._snapshot_path else [])])
 
         def merge_and_write() -> None:
             merged = self._merge(state, statistics, trainer)
             if str(out).endswith(".safetensors"):
                 from lightning_merge.callbacks.capture import _save_weights
 
-                _save_weights(merged, out)
+                _save_weights(merged, out, "MergeOnFitEnd merge")
             else:
                 self._save_checkpoint(merged, out, trainer, pl_module)
             rank_zero_info(f"MergeOnFitEnd: merged {1 + len(self.experts)} experts with {self.strategy.name} → {out}")
@@ -257,11 +261,12 @@ class MergeOnFitEnd(Callback):
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
             "pytorch-lightning_version": lightning.__version__,
-            "lightning_merge": {"strategy": self.strategy.to_dict(), "experts": ["<trained>", *self.experts]},
+            "lightning_merge": {"strategy": self.strategy.to_dict(),
+                                "experts": ["<trained>", *(redact(e) for e in self.experts)]},
         }
         if pl_module.hparams:
             checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
-        with output_file(out) as tmp:
+        with output_file(out, replace="own") as tmp:  # replaces only an earlier merge (see ownership)
             torch.save(checkpoint, tmp)
 
     def _dir(self, trainer: pl.Trainer) -> str:
