@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_merge.stats import tensor_fingerprint
 from lightning_merge.storage import basename, is_url, local_path, output_file, refuse_existing
+from lightning_merge.torch_io import save_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def write_averaged_checkpoint(
         "template": str(newest),
     }
     with output_file(out) as tmp:
-        torch.save(checkpoint, tmp)
+        save_torch_file(checkpoint, tmp)
     return out  # type: ignore[return-value]
 
 

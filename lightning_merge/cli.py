@@ -25,6 +25,10 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             first = str(err).splitlines()[0]
             raise ValueError(f"--set {key.strip()}={value}: the value is not valid YAML ({first})") from None
+    if out:
+        from lightning_merge.recipe import check_expansion
+
+        check_expansion(out, "--set")
     return out
 
 
@@ -165,6 +169,10 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def _architecture(config_path: Path) -> dict[str, Any]:
+    from lightning_merge.io import special_file_kind
+
+    if special_file_kind(config_path) is not None:  # a FIFO would block the read
+        return {}
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, OSError):
@@ -511,8 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+#: the longest error line printed: a value echoed from a file (a YAML-expanded list) must not fill the terminal
+MAX_MESSAGE = 1000
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]}... (cut: {len(text):,} characters)"
     if isinstance(err, KeyError) and text.startswith(("'", '"')):
         text = text.strip("'\"")
     if isinstance(err, OSError) and err.filename:

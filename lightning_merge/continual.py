@@ -42,9 +42,10 @@ import torch
 from torch import Tensor
 
 from lightning_merge._finite import all_finite
+from lightning_merge._text import brief
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, as_expert
-from lightning_merge.io import atomic_file, fsync_dir
+from lightning_merge.io import atomic_file, fsync_dir, special_file_kind, writing
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.stats import StatisticsError, tensor_fingerprint
 from lightning_merge.storage import (
@@ -112,6 +113,8 @@ class ContinualState:
         config = self.path / "state.json"
         if not config.exists():
             raise FileNotFoundError(f"'{self.path}' is not a continual-merge state (no state.json); create it first")
+        if special_file_kind(config) is not None:
+            raise ContinualError(f"'{config}' is {special_file_kind(config)}, not a file; the state is damaged")
         try:
             self.config = json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -127,6 +130,7 @@ class ContinualState:
         for key in ("strategy", "base", "tensors", "base_fingerprint"):
             if key not in self.config:
                 raise ContinualError(f"'{config}' has no {key!r}; the state is damaged")
+        _check_config(config, self.config)
         try:
             self.strategy = Strategy.from_dict(self.config["strategy"])
             self.form: ContinualForm = self.strategy.continual_form()
@@ -191,10 +195,11 @@ class ContinualState:
                 raise FileExistsError(f"continual state '{url}' already exists (created concurrently)") from None
             shutil.rmtree(path, ignore_errors=True)  # a mirror of an earlier state at this URL
             return cls(url)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "generations").mkdir(exist_ok=True)
-        with atomic_file(path / "state.json") as tmp:
-            tmp.write_text(json.dumps(config, indent=2))
+        with writing(path):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "generations").mkdir(exist_ok=True)
+            with atomic_file(path / "state.json") as tmp:
+                tmp.write_text(json.dumps(config, indent=2))
         return cls(path)
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -250,7 +255,9 @@ class ContinualState:
             meta = json.loads((current / "meta.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ContinualError(f"'{current / 'meta.json'}' is not valid JSON ({err}); the state is damaged") from None
-        meta.setdefault("weights", [1.0] * int(meta.get("count", 0)))
+        if isinstance(meta, dict) and "weights" not in meta and isinstance(meta.get("count"), int):
+            meta["weights"] = [1.0] * meta["count"]  # written before per-expert weights were recorded
+        _check_meta(current / "meta.json", meta)
         return meta
 
     @property
@@ -308,12 +315,13 @@ class ContinualState:
         """
         expert = as_expert(expert)
         if self.url is not None:
-            with self._remote_lease():
+            with self._remote_lease(), writing(self.path):
                 etag = self._pull()
                 entry = self._add_locked(expert, name, allow_duplicate, force, progress, threads)
                 self._push(etag)
             return entry
-        return self._add_locked(expert, name, allow_duplicate, force, progress, threads)
+        with writing(self.path):  # a full disk or a read-only state: one error naming the state
+            return self._add_locked(expert, name, allow_duplicate, force, progress, threads)
 
     def _add_locked(self, expert: Expert, name: str | None, allow_duplicate: bool, force: bool,
                     progress: bool | None, threads: int | None) -> dict[str, Any]:
@@ -731,6 +739,53 @@ def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progres
     finally:
         torch.set_num_threads(total_threads)
         bar.close()
+
+
+def _damaged(path: Path, what: str) -> ContinualError:
+    return ContinualError(f"'{path}': {what}; the state is damaged (restore it from a backup, or start a new state)")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_config(path: Path, config: Mapping[str, Any]) -> None:
+    """``state.json`` as the state writes it: a strategy object, a base path, tensor shapes and their fingerprints."""
+    if not isinstance(config["strategy"], Mapping) or not isinstance(config["strategy"].get("name"), str):
+        raise _damaged(path, "'strategy' is not an object with a 'name'")
+    if not isinstance(config["base"], str) or not config["base"]:
+        raise _damaged(path, "'base' is not a path")
+    tensors, fingerprints = config["tensors"], config["base_fingerprint"]
+    if not isinstance(tensors, Mapping):
+        raise _damaged(path, "'tensors' is not an object of tensor names to shapes")
+    for name, shape in tensors.items():
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise _damaged(path, f"the shape of tensor {name!r} is {brief(shape)}, not a list of sizes")
+    if not isinstance(fingerprints, Mapping) or set(fingerprints) != set(tensors) or \
+            not all(isinstance(v, str) for v in fingerprints.values()):
+        raise _damaged(path, "'base_fingerprint' does not hold one fingerprint per tensor")
+
+
+def _check_meta(path: Path, meta: Any) -> None:
+    """A generation's ``meta.json`` as the state writes it: ``count`` experts, and as many norms, weights and journal
+    entries (objects with a name and a checksum)."""
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"it holds a {type(meta).__name__}, not an object")
+    count = meta.get("count")
+    if not _is_count(count):
+        raise _damaged(path, f"'count' is {brief(count)}, not a number of experts")
+    for key in ("norms", "weights", "journal"):
+        value = meta.get(key)
+        if not isinstance(value, list) or len(value) != count:
+            raise _damaged(path, f"'{key}' is {brief(value)}, not a list of {count} entries (one per expert)")
+    for key in ("norms", "weights"):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in meta[key]):
+            raise _damaged(path, f"'{key}' holds {brief(meta[key])}, not finite numbers")
+    for i, entry in enumerate(meta["journal"]):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("name", "checksum")):
+            raise _damaged(path, f"journal entry {i} is {brief(entry)}, not an object with a name and a checksum")
+    if not isinstance(meta.get("totals", {}), dict):
+        raise _damaged(path, "'totals' is not an object")
 
 
 def _expert_base_fingerprint(expert: Expert) -> dict[str, str]:

@@ -62,12 +62,19 @@ class Report:
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``index.html``, ``report.json`` and the PNGs into ``folder`` (atomically: the folder appears
         complete or not at all)."""
-        from lightning_merge.io import fsync_tree, partial_path, replace_dir
+        from lightning_merge.io import partial_path, writing
         from lightning_merge.writers import check_output_path
 
         folder = Path(folder)
         check_output_path(folder, overwrite, folder=True)
         tmp = partial_path(folder)
+        with writing(folder):  # a full disk or a read-only folder: one error naming the report's folder
+            self._write(folder, tmp)
+        return folder
+
+    def _write(self, folder: Path, tmp: Path) -> None:
+        from lightning_merge.io import fsync_tree, replace_dir
+
         tmp.mkdir(parents=True)
         try:
             (tmp / "report.json").write_text(json.dumps(self.data, indent=1))
@@ -83,7 +90,6 @@ class Report:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return folder
 
 
 def report(

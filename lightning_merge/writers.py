@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lightning_merge.io import atomic_file, cleanup_stale, fsync_dir, fsync_tree, partial_path, replace_dir
 from lightning_merge.lora import PEFT_PREFIX, LoraAdapter
 from lightning_merge.safetensors_io import ShardWriter, TensorSpec
+from lightning_merge.torch_io import save_torch_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -299,7 +300,7 @@ class CheckpointWriter(Writer):
         checkpoint["state_dict"] = state
         checkpoint["lightning_merge"] = json.loads(json.dumps(self.provenance, default=str))
         with atomic_file(self.out) as tmp:
-            torch.save(checkpoint, tmp)
+            save_torch_file(checkpoint, tmp)
         return self.out
 
 

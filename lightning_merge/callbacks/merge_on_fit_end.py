@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
@@ -19,6 +18,7 @@ from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.storage import exists as remote_exists
 from lightning_merge.storage import is_url, join, output_file
 from lightning_merge.strategies.base import Strategy
+from lightning_merge.torch_io import save_torch_file
 
 SNAPSHOTS = ("disk", "memory")
 
@@ -262,7 +262,7 @@ class MergeOnFitEnd(Callback):
         if pl_module.hparams:
             checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
         with output_file(out) as tmp:
-            torch.save(checkpoint, tmp)
+            save_torch_file(checkpoint, tmp)
 
     def _dir(self, trainer: pl.Trainer) -> str:
         return self.dirpath or trainer.default_root_dir
