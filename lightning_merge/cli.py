@@ -41,12 +41,21 @@ def _human(n: float) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import os
+    from lightning_merge.distributed import join_launcher_group, launcher_world_size
 
     nproc = args.nproc
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")
-    if nproc is not None and nproc > 1 and not args.dry_run:
+    if not 0 < args.rendezvous_timeout < float("inf"):
+        raise ValueError(f"--rendezvous-timeout must be a positive number of seconds, got {args.rendezvous_timeout}")
+    if nproc == 1 or args.dry_run:  # one process, whatever a launcher's variables say
+        return _merge_once(args)
+    launched = launcher_world_size()
+    if nproc is not None and launched > 1:
+        raise ValueError(f"--nproc {nproc} inside a {launched}-process job (WORLD_SIZE={launched}): each of its "
+                         "processes would start its own merge of OUT; drop --nproc to split the merge over the "
+                         "launcher's processes, or pass --nproc 1 to merge in one process")
+    if nproc is not None:
         from lightning_merge.distributed import spawn
 
         started = time.perf_counter()
@@ -54,10 +63,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"merged into {args.out} with {nproc} processes in {time.perf_counter() - started:.1f}s",
               file=sys.stderr)
         return 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and not args.dry_run:
-        import torch.distributed as dist  # launched by torchrun (one or several nodes): join its process group
+    if join_launcher_group(args.rendezvous_timeout):  # launched by torchrun (one or several nodes): its group
+        import torch.distributed as dist
 
-        dist.init_process_group("gloo")
         try:
             return _merge_once(args, group="world", quiet=dist.get_rank() != 0)
         finally:
@@ -410,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="split the merge over N processes on this machine (torch.distributed, gloo); the output is "
                         "bit-identical to one process. Under torchrun the launcher's processes are used")
+    m.add_argument("--rendezvous-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="under torchrun: how long to wait for every rank to join (default 120)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT once the new merge is complete")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--dry-run", action="store_true",
