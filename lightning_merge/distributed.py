@@ -16,8 +16,10 @@ are in: every rank raises :class:`PeerFailed` with the failing rank's message an
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 
@@ -198,12 +200,17 @@ def join_launcher_group(timeout: float = RENDEZVOUS_TIMEOUT, environ: Mapping[st
     hosts = rank == 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     try:
         if hosts:
-            store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timedelta(seconds=timeout),
-                                  wait_for_workers=False, multi_tenant=True)
+            with _native_log_held():
+                store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timedelta(seconds=timeout),
+                                      wait_for_workers=False, multi_tenant=True)
         else:
             _wait_for_server(host, port, deadline, late, where)
             left = max(deadline - time.monotonic(), 1.0)
-            store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=left))
+            with _native_log_held():  # a listener that never answers blocks torch's client past its timeout
+                store = _within(left + 5.0, lambda: dist.TCPStore(host, port, world_size, is_master=False,
+                                                                  timeout=timedelta(seconds=left)),
+                                lambda: late(f"the program listening at {where} never answered as a rendezvous "
+                                             "store (another program holds MASTER_PORT?)"))
         key = "lightning_merge/joined/{}/{}".format(environ.get("TORCHELASTIC_RUN_ID", ""),
                                                     environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         arrived = store.add(key, 1)
@@ -218,6 +225,58 @@ def join_launcher_group(timeout: float = RENDEZVOUS_TIMEOUT, environ: Mapping[st
                               f"found: {_found(environ)}); {_REMEDIES}") from None
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     return True
+
+
+def _within(seconds: float, fn: Callable[[], Any], late: Callable[[], BaseException]) -> Any:
+    """``fn()`` on a helper thread, or ``late()`` raised when it has not returned within ``seconds`` (the thread is
+    left blocked; it is a daemon, so the process still exits)."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="lightning-merge-rendezvous", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise late()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@contextlib.contextmanager
+def _native_log_held() -> Iterator[None]:
+    """Hold what C++ code writes to stderr (file descriptor 2) meanwhile: torch's TCPStore logs a stack trace at every
+    failed connection attempt. It is written out when the block succeeds and dropped when it raises (the error,
+    made into one line, says what happened)."""
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
 
 
 def _wait_for_server(host: str, port: int, deadline: float, late: Callable[[str], TimeoutError], where: str) -> None:

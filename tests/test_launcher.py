@@ -138,3 +138,31 @@ def test_two_ranks_started_by_hand_meet_and_merge(tmp_path):
     one = load_tensors(tmp_path / "one" / "model.safetensors")
     two = load_tensors(tmp_path / "two" / "model.safetensors")
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_port_held_by_something_else_is_one_line(tmp_path, rank):
+    """MASTER_PORT taken by another program: rank 0 cannot host the rendezvous, rank 1 reaches no store there
+    (torch's client then logged a C++ stack trace at every attempt, before the error)."""
+    import socket
+
+    base, paths = family(tmp_path)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
+        env.update(WORLD_SIZE="2", RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(other.getsockname()[1]),
+                   PYTHONPATH=str(ROOT))
+        done = subprocess.run([sys.executable, "-m", "lightning_merge", "merge", str(recipe(tmp_path, paths)),
+                               str(tmp_path / "out"), "--rendezvous-timeout", "3"], env=env, capture_output=True,
+                              text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    if rank == "0":  # it cannot listen there
+        assert "rank 0 of 2: the rendezvous at MASTER_ADDR:MASTER_PORT = 127.0.0.1:" in lines[0]
+        assert "address already in use" in lines[0]
+    else:  # the other program accepts the connection and never answers: torch's client waited forever
+        assert "rank 1 of 2: the program listening at MASTER_ADDR:MASTER_PORT = 127.0.0.1:" in lines[0]
+        assert "never answered as a rendezvous store (another program holds MASTER_PORT?) within 3 s" in lines[0]
+    assert "pass --nproc 1" in lines[0]
