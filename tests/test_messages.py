@@ -182,6 +182,20 @@ def _strategy_argument_of_a_huge_value(t):
     return Ties(density=value)
 
 
+def _recipe_not_utf8(t):
+    (t / "r.yaml").write_bytes(b"merge_method: linear\xff\xfe\n")
+    return load_recipe(t / "r.yaml")
+
+
+def _sidecar_metadata_huge_value(t):
+    from lightning_merge.stats import Statistics
+
+    kinds = json.dumps({"gram": {"form": [["full"] * 1000] * 1000, "count": 4}})
+    save_tensors(t / "s.statistics.safetensors", {"gram/w": torch.eye(2)},
+                 {"format": "lightning-merge/statistics", "format_version": "1", "kinds": kinds})
+    return Statistics.load(t / "s.statistics.safetensors")
+
+
 CASES: list[tuple[str, Callable, type, str]] = [
     ("adapter: alpha_pattern is not a regular expression", _adapter_bad_regex, AdapterError,
      "adapter'.*alpha_pattern key 'lay\\(er' is not a regular expression"),
@@ -213,6 +227,9 @@ CASES: list[tuple[str, Callable, type, str]] = [
      "bomb.yaml: the recipe at parameters.lambda expands to more than 100,000 values"),
     ("recipe: a YAML alias inside its own anchor", _yaml_alias_inside_itself, RecipeError,
      "loop.yaml: the recipe at parameters.density contains itself"),
+    ("recipe: not UTF-8", _recipe_not_utf8, RecipeError, "recipe '.*r.yaml' is not UTF-8 text"),
+    ("statistics: a metadata value of a million strings is shown short", _sidecar_metadata_huge_value, ValueError,
+     "s.statistics.safetensors: metadata gram.form = \\[\\['full', 'full'"),
     ("strategy: a million-number argument is shown short", _strategy_argument_of_a_huge_value, ValueError,
      "Ties.density must be a number or a list of numbers, got \\[\\[\\[\\["),
 ]
@@ -227,7 +244,7 @@ def test_bad_input_is_one_clear_message(tmp_path, name, fn, cls, match):
 
 
 def test_the_table_is_what_the_note_reports():
-    assert len(CASES) == 17
+    assert len(CASES) == 19
 
 
 # -- writes the filesystem refuses (item 13) -------------------------------------------------------------------------
