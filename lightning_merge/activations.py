@@ -127,6 +127,7 @@ def compute_grams(
     names: Iterable[str] | None = None,
     transfer: Callable[[Any], Any] | None = None,
     forward: Callable[[Any], Any] | None = None,
+    allow_empty: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, int], int]:
     """Σ xxᵀ of every trained linear layer's inputs over ``num_examples`` examples (eval mode, no gradients).
 
@@ -137,6 +138,8 @@ def compute_grams(
         names: weight names to capture (default: every trained ``nn.Linear`` weight).
         transfer: applied to each batch first (moving it to the module's device).
         forward: runs the module on a batch (default: :func:`default_forward`).
+        allow_empty: return empty sums and 0 examples when the dataloader yields none (one rank's share of a short
+            loader), instead of raising.
 
     Returns:
         ``(sums, rows, examples)``: float32 Σ xxᵀ by weight name, the rows each layer saw, the examples read.
@@ -163,7 +166,7 @@ def compute_grams(
     finally:
         acc.detach()
         module.train(was_training)
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise ValueError("the Gram dataloader yielded no examples")
     return acc.sums, acc.rows, count
 

@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_merge.stats import tensor_fingerprint
 from lightning_merge.storage import basename, is_url, local_path, output_file, redact
+from lightning_merge.torch_io import save_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def write_averaged_checkpoint(
         "template": redact(newest),
     }
     with output_file(out, replace="own" if overwrite else "never") as tmp:
-        torch.save(checkpoint, tmp)
+        save_torch_file(checkpoint, tmp)
     return out  # type: ignore[return-value]
 
 

@@ -25,6 +25,10 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             first = str(err).splitlines()[0]
             raise ValueError(f"--set {key.strip()}={value}: the value is not valid YAML ({first})") from None
+    if out:
+        from lightning_merge.recipe import check_expansion
+
+        check_expansion(out, "--set")
     return out
 
 
@@ -37,12 +41,21 @@ def _human(n: float) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    import os
+    from lightning_merge.distributed import join_launcher_group, launcher_world_size
 
     nproc = args.nproc
     if nproc is not None and nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")
-    if nproc is not None and nproc > 1 and not args.dry_run:
+    if not 0 < args.rendezvous_timeout < float("inf"):
+        raise ValueError(f"--rendezvous-timeout must be a positive number of seconds, got {args.rendezvous_timeout}")
+    if nproc == 1 or args.dry_run:  # one process, whatever a launcher's variables say
+        return _merge_once(args)
+    launched = launcher_world_size()
+    if nproc is not None and launched > 1:
+        raise ValueError(f"--nproc {nproc} inside a {launched}-process job (WORLD_SIZE={launched}): each of its "
+                         "processes would start its own merge of OUT; drop --nproc to split the merge over the "
+                         "launcher's processes, or pass --nproc 1 to merge in one process")
+    if nproc is not None:
         from lightning_merge.distributed import spawn
 
         started = time.perf_counter()
@@ -52,10 +65,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"merged into {redact(args.out)} with {nproc} processes in {time.perf_counter() - started:.1f}s",
               file=sys.stderr)
         return 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and not args.dry_run:
-        import torch.distributed as dist  # launched by torchrun (one or several nodes): join its process group
+    if join_launcher_group(args.rendezvous_timeout):  # launched by torchrun (one or several nodes): its group
+        import torch.distributed as dist
 
-        dist.init_process_group("gloo")
         try:
             return _merge_once(args, group="world", quiet=dist.get_rank() != 0)
         finally:
@@ -169,6 +181,10 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def _architecture(config_path: Path) -> dict[str, Any]:
+    from lightning_merge.io import special_file_kind
+
+    if special_file_kind(config_path) is not None:  # a FIFO would block the read
+        return {}
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, OSError):
@@ -411,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="split the merge over N processes on this machine (torch.distributed, gloo); the output is "
                         "bit-identical to one process. Under torchrun the launcher's processes are used")
+    m.add_argument("--rendezvous-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="under torchrun: how long to wait for every rank to join (default 120)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT once the new merge is complete")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--dry-run", action="store_true",
@@ -524,11 +542,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+#: the longest error line printed: a value echoed from a file (a YAML-expanded list) must not fill the terminal
+MAX_MESSAGE = 1000
+
+
 def _one_line(err: BaseException) -> str:
     """The error as one line; the last line of defence against a URL's credentials or signature in a message."""
     from lightning_merge.storage import redact
 
     text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]}... (cut: {len(text):,} characters)"
     if isinstance(err, KeyError) and text.startswith(("'", '"')):
         text = text.strip("'\"")
     if isinstance(err, OSError) and err.filename:

@@ -49,7 +49,7 @@ from torch import Tensor
 from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, as_expert
-from lightning_merge.io import atomic_file, cleanup_stale, fsync_dir
+from lightning_merge.io import atomic_file, cleanup_stale, fsync_dir, special_file_kind, writing
 from lightning_merge.ownership import refusal
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.stats import StatisticsError, tensor_fingerprint
@@ -155,6 +155,8 @@ class ContinualState:
             self.path = Path(path)
         _refuse_links(self.path)
         config = self.path / "state.json"
+        if special_file_kind(config) is not None:
+            raise ContinualError(f"'{config}' is {special_file_kind(config)}, not a file; the state is damaged")
         if not config.is_file():
             raise FileNotFoundError(
                 f"'{self.path}' is not a continual-merge state (no state.json): create it first, or wait for the "
@@ -261,16 +263,17 @@ class ContinualState:
                 raise FileExistsError(f"continual state '{url}' already exists (created concurrently)") from None
             shutil.rmtree(path, ignore_errors=True)  # a mirror of an earlier state at this URL
             return cls(url)
-        path.mkdir(parents=True, exist_ok=True)
-        with _flock(path):  # two creators at once: one writes state.json, the other finds it (exist_ok) or is told
-            if (path / "state.json").exists():
-                created = None
-            else:
-                _refuse_foreign(path)
-                (path / "generations").mkdir(exist_ok=True)
-                with atomic_file(path / "state.json") as tmp:
-                    tmp.write_text(json.dumps(config, indent=2))
-                created = cls(path)
+        with writing(path):
+            path.mkdir(parents=True, exist_ok=True)
+            with _flock(path):  # two creators: one writes state.json, the other finds it (exist_ok) or is told
+                if (path / "state.json").exists():
+                    created = None
+                else:
+                    _refuse_foreign(path)
+                    (path / "generations").mkdir(exist_ok=True)
+                    with atomic_file(path / "state.json") as tmp:
+                        tmp.write_text(json.dumps(config, indent=2))
+                    created = cls(path)
         return created if created is not None else existing()
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -434,11 +437,12 @@ class ContinualState:
         """
         expert = as_expert(expert)
         if self.url is not None:
-            with self._remote_lease():
+            with self._remote_lease(), writing(self.path):
                 etag = self._pull()
                 return self._add_locked(expert, name, allow_duplicate, force, progress, threads,
                                         publish=lambda: self._push(etag))
-        return self._add_locked(expert, name, allow_duplicate, force, progress, threads)
+        with writing(self.path):  # a full disk or a read-only state: one error naming the state
+            return self._add_locked(expert, name, allow_duplicate, force, progress, threads)
 
     def _add_locked(self, expert: Expert, name: str | None, allow_duplicate: bool, force: bool,
                     progress: bool | None, threads: int | None, publish: Any = None) -> dict[str, Any]:

@@ -63,13 +63,20 @@ class Report:
         """Write ``index.html``, ``report.json`` and the PNGs into ``folder`` (atomically: the folder appears
         complete or not at all). ``overwrite`` replaces an earlier report there, never anything lightning-merge did
         not write."""
-        from lightning_merge.io import commit, fsync_tree, partial_path
+        from lightning_merge.io import partial_path, writing
         from lightning_merge.outputs import check_output_path
-        from lightning_merge.ownership import write_record
 
         folder = Path(folder)
         check_output_path(folder, overwrite, folder=True)
         tmp = partial_path(folder)
+        with writing(folder):  # a full disk or a read-only folder: one error naming the report's folder
+            self._write(folder, tmp, overwrite)
+        return folder
+
+    def _write(self, folder: Path, tmp: Path, overwrite: bool) -> None:
+        from lightning_merge.io import commit, fsync_tree
+        from lightning_merge.ownership import write_record
+
         tmp.mkdir(parents=True)
         try:
             (tmp / "report.json").write_text(json.dumps(self.data, indent=1))
@@ -86,7 +93,6 @@ class Report:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return folder
 
 
 def report(

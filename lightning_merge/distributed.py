@@ -16,8 +16,10 @@ are in: every rank raises :class:`PeerFailed` with the failing rank's message an
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 
@@ -103,6 +105,197 @@ class Distribution:
         return {n: merged[n] for n in names}
 
 
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+RENDEZVOUS_TIMEOUT = 120.0
+_REMEDIES = ("run every rank under the launcher (`torchrun --nproc-per-node N -m lightning_merge merge ...`), or "
+             "merge in one process: unset WORLD_SIZE and RANK, or pass --nproc 1")
+
+
+def _found(environ: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={environ[k]}" for k in LAUNCHER_VARIABLES if k in environ) or "none"
+
+
+def launcher_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """The number of processes a launcher (``torchrun``) described in the environment: ``WORLD_SIZE``, else 1.
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` is not a positive integer.
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get("WORLD_SIZE", "").strip()
+    if not text:
+        return 1
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"the environment variable WORLD_SIZE={text!r} is not a positive integer (variables of a "
+                         f"launcher found: {_found(environ)}); {_REMEDIES}")
+    return size
+
+
+def join_launcher_group(timeout: float = RENDEZVOUS_TIMEOUT, environ: Mapping[str, str] | None = None) -> bool:
+    """Join the gloo process group a launcher such as ``torchrun`` describes in the environment (``WORLD_SIZE``,
+    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), waiting at most ``timeout`` seconds for every rank to arrive.
+
+    Every variable is checked before anything waits, and a rank that is missing after ``timeout`` seconds is an
+    error naming the variables found, instead of gloo's 30-minute wait. Once every rank has arrived, the group's
+    collectives keep torch's default timeout (a rank may be busy with a large tensor for minutes).
+
+    Args:
+        timeout: seconds to wait for the other ranks (and, on ranks other than 0, for rank 0's rendezvous server).
+        environ: the environment to read (default ``os.environ``).
+
+    Returns:
+        ``True`` when a group was joined; ``False`` when the environment describes a single process (``WORLD_SIZE``
+        unset or 1), in which case nothing is done.
+
+    Raises:
+        ValueError: a variable is missing or invalid (``RANK`` outside ``[0, WORLD_SIZE)``, ``MASTER_PORT`` not a
+            port) or ``timeout`` is not positive.
+        TimeoutError: not every rank arrived within ``timeout`` seconds.
+        ConnectionError: the rendezvous server could not be reached or started.
+    """
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    environ = os.environ if environ is None else environ
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"the rendezvous timeout must be a positive number of seconds, got {timeout}")
+    world_size = launcher_world_size(environ)
+    if world_size == 1:
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k, "").strip()]
+    if missing:
+        raise ValueError(f"this process looks like one rank of a {world_size}-process job (variables found: "
+                         f"{_found(environ)}) but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                         f"set, so it cannot join the others; {_REMEDIES}")
+    try:
+        rank = int(environ["RANK"])
+        if not 0 <= rank < world_size:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"RANK={environ['RANK']!r} is not a rank of a {world_size}-process job (an integer from 0 "
+                         f"to {world_size - 1}; variables found: {_found(environ)}); {_REMEDIES}") from None
+    host = environ["MASTER_ADDR"].strip()
+    try:
+        port = int(environ["MASTER_PORT"])
+        if not 0 < port < 65536:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"MASTER_PORT={environ['MASTER_PORT']!r} is not a TCP port (variables found: "
+                         f"{_found(environ)}); {_REMEDIES}") from None
+
+    where = f"MASTER_ADDR:MASTER_PORT = {host}:{port}"
+    deadline = time.monotonic() + timeout
+
+    def late(what: str) -> TimeoutError:
+        return TimeoutError(f"rank {rank} of {world_size}: {what} within {timeout:g} s (variables found: "
+                            f"{_found(environ)}); {_REMEDIES}; or give the ranks longer with --rendezvous-timeout")
+
+    # torchrun's agent hosts the store itself (every worker is a client); otherwise rank 0 hosts it, as env:// does.
+    hosts = rank == 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        if hosts:
+            with _native_log_held():
+                store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timedelta(seconds=timeout),
+                                      wait_for_workers=False, multi_tenant=True)
+        else:
+            _wait_for_server(host, port, deadline, late, where)
+            left = max(deadline - time.monotonic(), 1.0)
+            with _native_log_held():  # a listener that never answers blocks torch's client past its timeout
+                store = _within(left + 5.0, lambda: dist.TCPStore(host, port, world_size, is_master=False,
+                                                                  timeout=timedelta(seconds=left)),
+                                lambda: late(f"the program listening at {where} never answered as a rendezvous "
+                                             "store (another program holds MASTER_PORT?)"))
+        key = "lightning_merge/joined/{}/{}".format(environ.get("TORCHELASTIC_RUN_ID", ""),
+                                                    environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        arrived = store.add(key, 1)
+        while arrived < world_size:
+            if time.monotonic() > deadline:
+                raise late(f"only {arrived} of the {world_size} ranks joined the rendezvous at {where}")
+            time.sleep(0.05)
+            arrived = store.add(key, 0)
+    except dist.DistError as err:
+        first = " ".join(str(err).split("Exception raised from")[0].split())
+        raise ConnectionError(f"rank {rank} of {world_size}: the rendezvous at {where} failed ({first}; variables "
+                              f"found: {_found(environ)}); {_REMEDIES}") from None
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    return True
+
+
+def _within(seconds: float, fn: Callable[[], Any], late: Callable[[], BaseException]) -> Any:
+    """``fn()`` on a helper thread, or ``late()`` raised when it has not returned within ``seconds`` (the thread is
+    left blocked; it is a daemon, so the process still exits)."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="lightning-merge-rendezvous", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise late()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@contextlib.contextmanager
+def _native_log_held() -> Iterator[None]:
+    """Hold what C++ code writes to stderr (file descriptor 2) meanwhile: torch's TCPStore logs a stack trace at every
+    failed connection attempt. It is written out when the block succeeds and dropped when it raises (the error,
+    made into one line, says what happened)."""
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+
+
+def _wait_for_server(host: str, port: int, deadline: float, late: Callable[[str], TimeoutError], where: str) -> None:
+    """Wait for a TCP server at ``host:port`` in Python (torch's client logs a C++ stack trace at every retry)."""
+    import socket
+    import time
+
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except socket.gaierror as err:
+            raise ConnectionError(f"MASTER_ADDR={host!r} does not resolve ({err.strerror}); {_REMEDIES}") from None
+        except OSError:
+            if time.monotonic() > deadline:
+                raise late(f"no rendezvous server answered at {where} (rank 0 hosts it)") from None
+            time.sleep(0.2)
+
+
 def init_process_group(rank: int, world_size: int, init_file: str) -> None:
     """Join a gloo process group through a file rendezvous (the workers of ``lightning-merge merge --nproc``)."""
     import torch.distributed as dist
@@ -178,4 +371,12 @@ def die_with(parent: int, interval: float = 0.2) -> None:
     threading.Thread(target=watch, name="lightning-merge-launcher-watch", daemon=True).start()
 
 
-__all__ = ["Distribution", "PeerFailed", "die_with", "init_process_group", "spawn"]
+__all__ = [
+    "Distribution",
+    "PeerFailed",
+    "die_with",
+    "init_process_group",
+    "join_launcher_group",
+    "launcher_world_size",
+    "spawn",
+]

@@ -7,6 +7,7 @@ needs, the output path, the strategy's algebra for the chosen output.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from lightning_merge._finite import cast_checked, largest_magnitude
 from lightning_merge._version import __version__
 from lightning_merge.experts import Expert, TensorSpec, as_expert
+from lightning_merge.io import output_error, writing
 from lightning_merge.outputs import check_not_an_input, check_output
 from lightning_merge.stats import GRAM, MissingStatistic, StatisticsError
 from lightning_merge.storage import exists as remote_exists
@@ -489,19 +491,20 @@ def merge(
                       on_missing=on_missing, on_missing_statistic=on_missing_statistic, progress=progress)
     provenance = _provenance(plan, strategy)
     inputs = _input_paths(experts, base_expert)
-    if output == "peft":
-        writer: Writer = _peft_writer(plan, strategy, out, rank, provenance, overwrite, inputs)
-        names = set(writer.names_to_merge())  # type: ignore[attr-defined]
-        jobs = [j for j in plan.jobs if j.name in names]
-    else:
-        writer = make_writer(out, plan.jobs, base_expert or experts[0], provenance, shard_bytes, overwrite, inputs)
-        jobs = plan.jobs
-    try:
-        run_jobs(plan, jobs, writer, threads or _default_threads(), progress)
-        result = writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
+    with writing(out) if isinstance(out, (str, os.PathLike)) else contextlib.nullcontext():
+        if output == "peft":
+            writer: Writer = _peft_writer(plan, strategy, out, rank, provenance, overwrite, inputs)
+            names = set(writer.names_to_merge())  # type: ignore[attr-defined]
+            jobs = [j for j in plan.jobs if j.name in names]
+        else:
+            writer = make_writer(out, plan.jobs, base_expert or experts[0], provenance, shard_bytes, overwrite, inputs)
+            jobs = plan.jobs
+        try:
+            run_jobs(plan, jobs, writer, threads or _default_threads(), progress)
+            result = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
     log.info("merged %d tensors of %d experts with %s in %.2fs", len(jobs), len(experts), strategy.name,
              time.perf_counter() - started)
     return result
@@ -577,7 +580,8 @@ def _merge_distributed(experts: Any, base: Any, strategy: Strategy, out: Any, gr
         else:
             result = Path(out)
         d.exchange("committed")
-    except BaseException as err:
+    except BaseException as caught:
+        err = output_error(out, caught) or caught  # a refused write names the output and what to do
         if writer is not None:
             if d.rank == 0:
                 writer.abort()
@@ -585,6 +589,8 @@ def _merge_distributed(experts: Any, base: Any, strategy: Strategy, out: Any, gr
                 writer.release()
         if not isinstance(err, PeerFailed) and not d.announced:
             d.exchange("failed", error=err)  # raises err here, after telling every other rank
+        if err is not caught:
+            raise err from caught
         raise
     log.info("rank %d/%d merged %d of %d tensors with %s in %.2fs", d.rank, d.size, len(mine), len(plan.jobs),
              strategy.name, time.perf_counter() - started)
@@ -848,10 +854,11 @@ def compute(plan: MergePlan, job: TensorJob, dtype: torch.dtype | None = None) -
             return torch.stack(values).amax(dim=0)
         for holder, value in zip(holders[1:], values[1:]):
             if not torch.equal(value, values[0]):
+                what = "complex" if value.is_complex() else "non-floating"
                 raise ValueError(
-                    f"non-floating tensor '{name}' differs between '{holders[0].name}' and '{holder.name}'; such "
-                    f"tensors (indices, position ids) are copied, not merged, so they must be equal. Exclude it "
-                    f"or fix the expert"
+                    f"{what} tensor '{name}' differs between '{holders[0].name}' and '{holder.name}'; such "
+                    f"tensors (indices, position ids, complex buffers) are copied, not merged, so they must be equal. "
+                    f"Exclude it or fix the expert"
                 )
         return values[0]
     prepared = plan.prepared

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -14,10 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_merge._finite import all_finite, cast_checked, count_non_finite
+from lightning_merge.io import special_file_kind
 from lightning_merge.lora import LoraAdapter, LoraSource, adapter_base_path
 from lightning_merge.ownership import INCOMPLETE_NAME, incomplete
 from lightning_merge.safetensors_io import (
     SAFETENSORS_DTYPES,
+    TORCH_TO_SAFETENSORS,
     DuplicateKeyError,
     SafetensorsError,
     SafetensorsFile,
@@ -38,10 +41,14 @@ from lightning_merge.stats import (
 from lightning_merge.storage import is_url, redact
 from lightning_merge.torch_io import CheckpointError, load_torch_file
 
+log = logging.getLogger("lightning_merge")
+
 
 class _DictSource:
-    def __init__(self, tensors: Mapping[str, Tensor]):
+    def __init__(self, tensors: Mapping[str, Tensor], origin: str = "the state dict"):
         self._tensors = {k: v for k, v in tensors.items() if isinstance(v, Tensor)}
+        for key, tensor in self._tensors.items():
+            _check_readable(origin, key, tensor)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -88,13 +95,15 @@ class _SafetensorsSource:
 
 
 class _TorchSource(_DictSource):
-    def __init__(self, path: Path, trust_checkpoint: bool):
+    def __init__(self, path: Path, trust_checkpoint: bool, prefix: str = ""):
         obj = load_torch_file(path, trust_checkpoint)
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
             raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint")
-        super().__init__(obj)
+        if not any(isinstance(v, Tensor) for v in obj.values()):
+            obj = _nested_weights(path, obj, prefix)
+        super().__init__(obj, origin=f"'{path}'")
         for key, tensor in self._tensors.items():
             declared = tensor.numel() * tensor.element_size()
             held = tensor.untyped_storage().nbytes()
@@ -103,6 +112,52 @@ class _TorchSource(_DictSource):
                     f"'{path}': tensor '{key}' declares {list(tensor.shape)} ({declared} bytes) but holds only {held} "
                     "bytes of data; the checkpoint is corrupted or crafted"
                 )
+
+
+def _check_readable(origin: str, key: str, tensor: Tensor) -> None:
+    """A tensor the merge can read and the outputs can hold: dense (strided), with data, of a dtype safetensors
+    stores; anything else is refused by name before any work."""
+    if tensor.layout != torch.strided:
+        raise ValueError(f"{origin}: tensor '{key}' is a {str(tensor.layout).replace('torch.', '')} tensor; "
+                         "lightning-merge reads dense tensors: save it with .to_dense() (or leave it out)")
+    if tensor.is_quantized or tensor.device.type == "meta":
+        what = "quantized" if tensor.is_quantized else "on the meta device (it holds no data)"
+        raise ValueError(f"{origin}: tensor '{key}' is {what}; save the model's real weights (dequantized, "
+                         "materialised) to merge it")
+    if tensor.dtype not in TORCH_TO_SAFETENSORS:
+        raise ValueError(f"{origin}: tensor '{key}' has dtype {str(tensor.dtype).replace('torch.', '')}, which "
+                         f"lightning-merge cannot read or write (it handles {', '.join(_dtype_names())}); convert it "
+                         "(e.g. .to(torch.float32)) or leave it out of the state dict")
+
+
+def _dtype_names() -> list[str]:
+    return [str(d).replace("torch.", "") for d in TORCH_TO_SAFETENSORS]
+
+
+def _nested_weights(path: Path, obj: Mapping[str, Any], prefix: str) -> dict[str, Tensor]:
+    """The weights of a ``torch.save`` file without a ``state_dict`` and without tensors at its top level, as
+    ``torch.save({"model": model.state_dict(), "optimizer": ...})`` writes: the one entry that is a mapping of
+    tensors; with several (``model`` and ``ema``), those under ``prefix`` (``"ema."``), flattened as ``ema.NAME``."""
+    groups = {str(k): v for k, v in obj.items()
+              if isinstance(v, Mapping) and any(isinstance(t, Tensor) for t in v.values())}
+    if not groups:
+        keys = ", ".join(repr(str(k)) for k in list(obj)[:8]) or "none"
+        raise ValueError(f"'{path}' holds no tensors: no 'state_dict' and no weights among its entries ({keys}); "
+                         "it is not a model checkpoint")
+    if len(groups) == 1:
+        key, weights = next(iter(groups.items()))
+        if not prefix.startswith(f"{key}."):
+            log.info("'%s' has no 'state_dict': reading the weights under its entry '%s'", path, key)
+            return dict(weights)
+    chosen = prefix.split(".", 1)[0] if prefix else None
+    if chosen not in groups:
+        listing = ", ".join(repr(k) for k in groups)
+        raise ValueError(
+            f"'{path}' has no 'state_dict' and holds weights under several entries ({listing}): which to merge "
+            f"cannot be known; pass prefix='{next(iter(groups))}.' (Expert(..., prefix=...)) to choose one, or save "
+            "the model's state dict alone"
+        )
+    return {f"{key}.{name}": t for key, weights in groups.items() for name, t in weights.items()}
 
 
 _SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
@@ -116,6 +171,8 @@ def _folder_files(folder: Path) -> tuple[str, list[Path], Index | None]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
+            if special_file_kind(index) is not None:
+                raise ValueError(f"'{index}' is {special_file_kind(index)}, not a shard index file")
             try:
                 weight_map = json.loads(index.read_text(), object_pairs_hook=unique_keys)["weight_map"]
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -202,11 +259,11 @@ class Expert:
         self.lora_base: Expert | None = None
         self.trust_checkpoint = trust_checkpoint
         if isinstance(source, nn.Module):
-            self._source: Any = _DictSource(source.state_dict())
             default_name = type(source).__name__
+            self._source: Any = _DictSource(source.state_dict(), origin=f"expert '{name or default_name}'")
         elif isinstance(source, Mapping):
-            self._source = _DictSource(source)
             default_name = "<state dict>"
+            self._source = _DictSource(source, origin=f"expert '{name or default_name}'")
         elif isinstance(source, (str, os.PathLike)):
             default_name = redact(source)  # never a URL's credentials or signature in names, messages, provenance
             if is_url(source):
@@ -223,6 +280,10 @@ class Expert:
                 raise ValueError(f"expert '{path}' cannot be opened: {err.strerror or err}") from None
             if not exists:
                 raise FileNotFoundError(f"expert '{path}' does not exist")
+            special = special_file_kind(path)
+            if special is not None:
+                raise ValueError(f"expert '{path}' is {special}, not a model file or folder: reading it could wait "
+                                 "forever; give the model's file or folder")
             try:
                 self._source = self._open_path(path, base, trust_checkpoint)
             except SafetensorsError as err:
@@ -291,7 +352,7 @@ class Expert:
             return source
         if path.suffix == ".safetensors":
             return _SafetensorsSource([path])
-        return _TorchSource(path, trust_checkpoint)
+        return _TorchSource(path, trust_checkpoint, self.prefix)
 
     def _open_adapter(self, path: Path, base: Any, trust_checkpoint: bool) -> Any:
         if base is None:
@@ -305,7 +366,7 @@ class Expert:
         if not isinstance(base, Expert):
             base = Expert(base, trust_checkpoint=trust_checkpoint, name=str(base))
         base_expert = base
-        self.lora = LoraAdapter(path, base_expert.names(), base_expert.spec)
+        self.lora = LoraAdapter(path, base_expert.names(), base_expert.spec, trust_checkpoint=trust_checkpoint)
         self.lora_base = base_expert
         return LoraSource(self.lora, base_expert)
 

@@ -217,6 +217,7 @@ def compute_fisher(
     names: Iterable[str] | None = None,
     transfer: Callable[[Any], Any] | None = None,
     use_vmap: bool = True,
+    allow_empty: bool = False,
 ) -> tuple[dict[str, Tensor], int]:
     """Sum over examples of the squared per-example gradient of log p(y|x), for every trainable parameter.
 
@@ -237,6 +238,8 @@ def compute_fisher(
         names: the parameters to compute (default: every parameter with ``requires_grad``).
         transfer: applied to each batch before use (for example moving it to the module's device).
         use_vmap: try ``torch.func.vmap`` first (fast); a module it cannot trace falls back to a loop.
+        allow_empty: return zero sums and a count of 0 when the dataloader yields no examples (one rank's share of a
+            short loader, which the caller adds over ranks), instead of raising.
 
     Returns:
         ``(sums, count)``: float32 sums of squared per-example gradients by parameter name, and M.
@@ -287,7 +290,7 @@ def compute_fisher(
     finally:
         module.train(was_training)
         module.zero_grad(set_to_none=True)
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise ValueError("the Fisher dataloader yielded no examples")
     return sums, count
 

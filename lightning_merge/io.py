@@ -13,9 +13,11 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -110,25 +112,114 @@ def _glob_escape(name: str) -> str:
 REPLACE_MODES = ("always", "own", "never")
 
 
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a folder (``"a named pipe (FIFO)"``, a
+    device, a socket): reading one can block forever or never end. None otherwise (symbolic links are followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+class OutputError(OSError):
+    """The filesystem refused to write an output (full, over quota, read-only, no permission). The message names the
+    output and what to do; ``errno`` is the system's, and nothing partial is left behind."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# errors only a write can cause: when one carries no file name (os.pwrite, os.fsync), it is the output's
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_ADVICE = {
+    errno.ENOSPC: "the filesystem is full: free space there, or write elsewhere",
+    errno.EDQUOT: "the disk quota is reached: free space there, or write elsewhere",
+    errno.EFBIG: "the file is larger than that filesystem allows: write elsewhere (or use a smaller shard size)",
+    errno.EROFS: "the filesystem is read-only: write elsewhere",
+    errno.EACCES: "no permission to write there: choose a path you can write, or fix the folder's permissions",
+    errno.EPERM: "the operation is not permitted there: choose a path you can write, or fix the folder's permissions",
+}
+
+
+def _concerns(filename: Any, target: Path) -> bool:
+    """Whether a path an error names is ``target``, a folder above it, something inside it, or one of its
+    temporary siblings (``.NAME.partial-…``, ``.NAME.old-…``)."""
+    path = Path(os.fsdecode(filename)).absolute()
+    target = target.absolute()
+    if path == target or path in target.parents or target in path.parents:
+        return True
+    sibling = f".{target.name}."
+    return any(p.parent == target.parent and p.name.startswith(sibling) for p in (path, *path.parents))
+
+
+def output_error(target: str | os.PathLike, err: BaseException) -> OutputError | None:
+    """The clear error for a failed write of ``target``: an ``OSError`` a write caused (one naming ``target`` or a
+    path of its, or a full / read-only filesystem), or ``torch.save``'s "[enforce fail at inline_container.cc]"; None
+    for anything else (an input that cannot be read keeps its own message)."""
+    if isinstance(err, OutputError):
+        return err
+    if isinstance(err, OSError) and err.errno is not None:
+        if err.filename is not None and not _concerns(err.filename, Path(target)):
+            return None
+        if err.filename is None and err.errno not in _WRITE_ERRNOS:
+            return None
+        reason = err.strerror or os.strerror(err.errno)
+        advice = _ADVICE.get(err.errno)
+        where = f" (at '{err.filename}')" if err.filename is not None and \
+            Path(os.fsdecode(err.filename)).absolute() in Path(target).absolute().parents else ""
+        text = f"cannot write '{target}'{where}: {reason}" + (f"; {advice}" if advice else "")
+        return OutputError(err.errno, text + "; nothing was replaced")
+    if isinstance(err, RuntimeError) and "inline_container" in str(err):
+        detail = str(err).split("]", 1)[-1].strip(" .")
+        return OutputError(errno.EIO, f"cannot write '{target}': torch.save failed ({detail}); the filesystem is "
+                                      "full, read-only or not writable by you: free space or write elsewhere; "
+                                      "nothing was replaced")
+    return None
+
+
+@contextlib.contextmanager
+def writing(target: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write of ``target`` into an :class:`OutputError` that names it and says what to do (see
+    :func:`output_error`); every other error passes through unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        clear = output_error(target, err)
+        if clear is None or clear is err:
+            raise
+        raise clear from err
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, *, replace: str = "always") -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success fsync it and move it to ``target`` (see :func:`commit`
     for ``replace``).
 
-    On an exception the temporary file is removed and ``target`` is left as it was.
+    On an exception the temporary file is removed and ``target`` is left as it was; a write the filesystem refuses
+    is an :class:`OutputError` naming ``target``.
     """
     target = Path(target)
     _check_mode(replace)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    cleanup_stale(target)
-    tmp = partial_path(target)
-    try:
-        yield tmp
-        fsync_file(tmp)
-        commit(tmp, target, replace=replace)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cleanup_stale(target)
+        tmp = partial_path(target)
+        try:
+            yield tmp
+            fsync_file(tmp)
+            commit(tmp, target, replace=replace)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _check_mode(replace: str) -> None:
@@ -263,12 +354,16 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 __all__ = [
     "REPLACE_MODES",
+    "OutputError",
     "atomic_file",
     "cleanup_stale",
     "commit",
     "fsync_dir",
     "fsync_file",
     "fsync_tree",
+    "output_error",
     "partial_path",
     "replace_dir",
+    "special_file_kind",
+    "writing",
 ]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_merge._finite import all_finite, count_non_finite
+from lightning_merge.io import special_file_kind
 from lightning_merge.safetensors_io import SafetensorsFile, TensorSpec
 from lightning_merge.torch_io import load_torch_file
 
@@ -107,6 +108,9 @@ def delta_precision(
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """``adapter_config.json`` of a PEFT folder, checked to be a JSON object."""
     path = folder / "adapter_config.json"
+    special = special_file_kind(path)
+    if special is not None:
+        raise AdapterError(f"adapter '{folder}': adapter_config.json is {special}, not a file")
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -148,10 +152,13 @@ class LoraAdapter:
         config: the adapter's config as a dict (default: read ``adapter_config.json``).
         tensors: the adapter's weights keyed as PEFT saves them (default: read ``adapter_model.safetensors``), for
             an adapter that lives in a ``PeftModel``.
+        trust_checkpoint: allow unpickling custom objects from an ``adapter_model.bin`` (only for files you trust:
+            it can run code); safetensors weights never need it.
     """
 
     def __init__(self, folder: str | os.PathLike, base_names: list[str], base_spec: Callable[[str], TensorSpec], *,
-                 config: dict[str, Any] | None = None, tensors: Mapping[str, Tensor] | None = None):
+                 config: dict[str, Any] | None = None, tensors: Mapping[str, Tensor] | None = None,
+                 trust_checkpoint: bool = False):
         self.folder = Path(folder)
         self.config = dict(config) if config is not None else read_adapter_config(self.folder)
         peft_type = self.config.get("peft_type", "LORA")
@@ -164,6 +171,7 @@ class LoraAdapter:
             )
         if self.config.get("use_dora"):
             raise AdapterError(f"adapter '{self.folder}' is a DoRA adapter (use_dora=true): not supported yet")
+        check_adapter_config(self.folder, self.config)
         weights = self.folder / "adapter_model.safetensors"
         if tensors is not None:
             self._get = tensors.__getitem__
@@ -175,7 +183,7 @@ class LoraAdapter:
             keys = file.keys()
             shape_of = lambda k: file.spec(k).shape  # noqa: E731
         elif (self.folder / "adapter_model.bin").exists():
-            data = load_torch_file(self.folder / "adapter_model.bin")
+            data = load_torch_file(self.folder / "adapter_model.bin", trust_checkpoint)
             if not isinstance(data, dict):
                 raise AdapterError(f"adapter '{self.folder}': adapter_model.bin holds no state dict")
             self._get = data.__getitem__
@@ -201,7 +209,7 @@ class LoraAdapter:
                     )
                 continue
             if ".lora_A." not in body:
-                target = _resolve(body, base_set)
+                target = self._resolve(body, base_set)
                 if target is None:
                     raise AdapterError(f"adapter '{self.folder}' saves '{key}', which the base does not have")
                 self.full[target] = key
@@ -209,7 +217,7 @@ class LoraAdapter:
             if not body.endswith(".lora_A.weight"):
                 continue
             module = body.split(".lora_A.")[0]
-            target = _resolve(module + ".weight", base_set)
+            target = self._resolve(module + ".weight", base_set)
             if target is None:
                 raise AdapterError(
                     f"adapter '{self.folder}' adapts '{module}', which the base has no '{module}.weight' for: "
@@ -222,7 +230,12 @@ class LoraAdapter:
                     "incomplete"
                 )
             a_shape, b_shape = shape_of(key), shape_of(b_key)
-            rank = int(a_shape[0])
+            rank = int(a_shape[0]) if len(a_shape) else 0
+            if rank < 1:
+                raise AdapterError(
+                    f"adapter '{self.folder}': module '{module}' has lora_A of shape {list(a_shape)}, of rank 0: the "
+                    "adapter holds no update for it (an empty or corrupted file); save the adapter again"
+                )
             if len(b_shape) < 2 or b_shape[1] != rank:
                 raise AdapterError(
                     f"adapter '{self.folder}': module '{module}' has lora_A of rank {rank} {list(a_shape)} but lora_B "
@@ -267,6 +280,16 @@ class LoraAdapter:
                 info["bias_key"] = bias_key
                 self.bias_of[bias_target] = target
             self.modules[target] = info
+
+    def _resolve(self, name: str, base_names: set[str]) -> str | None:
+        matches = _matches(name, base_names)
+        if len(matches) > 1:
+            raise AdapterError(
+                f"adapter '{self.folder}': '{name}' matches {len(matches)} tensors of the base "
+                f"({', '.join(repr(m) for m in matches[:3])}{' ...' if len(matches) > 3 else ''}), so which one it "
+                "changes cannot be known; give the base the adapter was trained on (its module paths name one tensor)"
+            )
+        return matches[0] if matches else None
 
     @property
     def keys_of(self) -> dict[str, tuple[str, str]]:
@@ -334,12 +357,12 @@ def _delta_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], fan_in_fan_
     return (inp, out) if fan_in_fan_out else (out, inp)
 
 
-def _resolve(name: str, base_names: set[str]) -> str | None:
-    """The base tensor a PEFT module path refers to (exact, or the base carries/lacks a leading component)."""
+def _matches(name: str, base_names: set[str]) -> list[str]:
+    """The base tensors a PEFT module path may refer to: itself, or those that carry or lack a leading component
+    (one is the answer; several are ambiguous)."""
     if name in base_names:
-        return name
-    matches = [n for n in base_names if n.endswith("." + name) or name.endswith("." + n)]
-    return matches[0] if len(matches) == 1 else None
+        return [name]
+    return sorted(n for n in base_names if n.endswith("." + name) or name.endswith("." + n))
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -349,6 +372,49 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_adapter_config(folder: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """Refuse an ``adapter_config.json`` whose values would be misread: ``r`` not a positive integer, ``lora_alpha``
+    not a finite number, ``alpha_pattern`` / ``rank_pattern`` not objects of valid regular expressions to numbers,
+    ``use_rslora`` / ``fan_in_fan_out`` not booleans (the string ``"false"`` would read as true).
+
+    Raises:
+        AdapterError: naming the folder, the key and the value, and what PEFT expects.
+    """
+    from lightning_merge._text import brief
+
+    where = f"adapter '{folder}': adapter_config.json"
+    r = config.get("r")
+    if "r" in config and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise AdapterError(f"{where} has r = {brief(r)}; the LoRA rank must be a positive integer")
+    alpha = config.get("lora_alpha")
+    if "lora_alpha" in config and not _is_number(alpha):
+        raise AdapterError(f"{where} has lora_alpha = {brief(alpha)}; it must be a finite number (PEFT's scaling "
+                           "is lora_alpha / r)")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise AdapterError(f"{where} has {key} = {brief(config[key])}; it must be true or false")
+    for key, valid, what in (("alpha_pattern", _is_number, "a finite number"),
+                             ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                              "a positive integer")):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, Mapping):
+            raise AdapterError(f"{where} has {key} = {brief(patterns)}; it must map module-name patterns to values")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?{pattern}$")
+            except re.error as err:
+                raise AdapterError(f"{where}: {key} key {brief(pattern)} is not a regular expression ({err})") \
+                    from None
+            if not valid(value):
+                raise AdapterError(f"{where}: {key}[{brief(pattern)}] = {brief(value)}; it must be {what}")
 
 
 class LoraSource:
@@ -382,6 +448,7 @@ __all__ = [
     "LoraSource",
     "PEFT_PREFIX",
     "adapter_base_path",
+    "check_adapter_config",
     "delta_precision",
     "delta_weight",
     "lora_scaling",

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from lightning_merge._text import brief
 from lightning_merge.engine import parse_dtype
 from lightning_merge.experts import Expert
 from lightning_merge.stats import fetch_with_sidecar
@@ -68,6 +69,40 @@ class Recipe:
     dtype: Any
 
 
+#: the most values a recipe may expand to: YAML anchors and aliases let a few lines name a list of billions of numbers
+MAX_VALUES = 100_000
+
+
+def check_expansion(value: Any, where: str, limit: int = MAX_VALUES) -> None:
+    """Refuse a value (a loaded recipe, a ``--set`` value) that expands to more than ``limit`` values, or that
+    contains itself: YAML aliases make both from a few lines, and reading, checking or printing one would take
+    hours or the machine's memory. The count stops at the limit, so the check itself is quick.
+
+    Raises:
+        RecipeError: naming ``where`` and the key where the limit was crossed.
+    """
+    stack: list[tuple[Any, str, frozenset[int]]] = [(value, "", frozenset())]
+    seen = 0
+    while stack:
+        item, key, above = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise RecipeError(f"{where}{' at ' + key if key else ''} expands to more than {limit:,} values (YAML "
+                              "anchors and aliases repeating a list?); a merge takes numbers and short lists")
+        if isinstance(item, (Mapping, list, tuple)):
+            if id(item) in above:
+                raise RecipeError(f"{where}{' at ' + key if key else ''} contains itself (a YAML alias inside its own "
+                                  "anchor)")
+            inner = above | {id(item)}
+            pairs = item.items() if isinstance(item, Mapping) else enumerate(item)
+            for k, v in pairs:
+                if isinstance(item, Mapping):
+                    label = f"{key}.{k}" if key else str(k)
+                else:  # a list's entries: indexed when they are entries of their own (models[0]), else the list
+                    label = f"{key}[{k}]" if isinstance(v, Mapping) else key
+                stack.append((v, label, inner))
+
+
 def _existing(ref: str, recipe: Path, where: str, urls: dict[Path, str]) -> Path:
     if is_url(ref):  # object storage: the local copy (fetched once, with its sidecar); named by its URL
         try:
@@ -101,9 +136,9 @@ def _resolve_model(ref: Any, recipe: Path, where: str, urls: dict[Path, str]) ->
                 lora = lora.get("path")
             ref = ref["model"]["path"]
         else:
-            raise RecipeError(f"{recipe}: {where} must be a path, got {ref!r}")
+            raise RecipeError(f"{recipe}: {where} must be a path, got {brief(ref)}")
     if not isinstance(ref, str):
-        raise RecipeError(f"{recipe}: {where} must be a path string, got {ref!r}")
+        raise RecipeError(f"{recipe}: {where} must be a path string, got {brief(ref)}")
     if lora is None and "+" in ref and not is_url(ref) and not (recipe.parent / ref).exists() and \
             not Path(ref).exists():
         ref, lora = ref.split("+", 1)
@@ -111,7 +146,7 @@ def _resolve_model(ref: Any, recipe: Path, where: str, urls: dict[Path, str]) ->
     if lora is None:
         return path, None
     if not isinstance(lora, str):
-        raise RecipeError(f"{recipe}: {where}'s lora must be a path, got {lora!r}")
+        raise RecipeError(f"{recipe}: {where}'s lora must be a path, got {brief(lora)}")
     adapter = _existing(lora, recipe, f"{where} (its LoRA)", urls)
     if not _is_adapter(adapter):
         raise RecipeError(f"{recipe}: {where}'s LoRA '{lora}' is not a PEFT adapter folder (no adapter_config.json)")
@@ -145,8 +180,14 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         raise RecipeError(f"recipe '{path}' does not exist") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe '{path}' is not valid YAML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe '{path}' is not UTF-8 text ({err.reason} at byte {err.start}): is it a model file "
+                          "rather than the YAML recipe?") from None
     if not isinstance(config, Mapping):
         raise RecipeError(f"recipe '{path}' must be a mapping with merge_method and models")
+    check_expansion(config, f"{path}: the recipe")
+    if overrides:
+        check_expansion(dict(overrides), f"{path}: --set")
     for key, what in _REFUSED.items():
         if key in config:
             raise RecipeError(f"{path}: '{key}' ({what}) is a mergekit feature lightning-merge does not implement")
@@ -170,7 +211,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         raise RecipeError(f"{path}: 'merge_method' is missing")
     if exact is None and method not in _MERGEKIT and method not in STRATEGIES:
         known = sorted(set(_MERGEKIT) | set(STRATEGIES))
-        raise RecipeError(f"{path}: merge_method '{method}' is not supported; supported: {', '.join(known)}")
+        raise RecipeError(f"{path}: merge_method {brief(method)} is not supported; supported: {', '.join(known)}")
 
     base_path = None
     urls: dict[Path, str] = {}  # local copies of models given as URLs -> the URL (their display name)
@@ -318,11 +359,11 @@ def _accepted(key: str, allowed: set[str], method: str, where: str, recipe: Path
 
 def _number(value: Any, recipe: Path, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError(f"{recipe}: {where} must be a number, got {value!r}")
+        raise RecipeError(f"{recipe}: {where} must be a number, got {brief(value)}")
     return float(value)
 
 
 def _boolean(value: Any, recipe: Path, where: str) -> bool:
     if isinstance(value, bool) or value in (0, 1):
         return bool(value)
-    raise RecipeError(f"{recipe}: {where} must be true or false, got {value!r}")
+    raise RecipeError(f"{recipe}: {where} must be true or false, got {brief(value)}")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_merge.io import special_file_kind
 from lightning_merge.storage import is_url, output_file
 
 SAFETENSORS_DTYPES = {
@@ -34,10 +35,14 @@ SAFETENSORS_DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 << 20
@@ -130,6 +135,10 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[TensorSpec,
         SafetensorsError: the file is truncated, the header is not a JSON object of well-formed entries, an entry's
             bytes lie outside the file, or two entries share bytes.
     """
+    special = special_file_kind(path)
+    if special is not None:
+        raise SafetensorsError(path, f"is {special}, not a regular file: reading it could wait forever; give the "
+                                     "file itself")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -294,6 +303,10 @@ class ShardWriter:
         self.offsets: dict[str, tuple[int, int, TensorSpec]] = {}
         offset = 0
         for name, spec in entries:
+            if spec.dtype not in TORCH_TO_SAFETENSORS:
+                stored = ", ".join(str(d).replace("torch.", "") for d in TORCH_TO_SAFETENSORS)
+                raise ValueError(f"tensor '{name}' has dtype {str(spec.dtype).replace('torch.', '')}, which a "
+                                 f"safetensors file cannot hold (it holds {stored}): convert it, or write a .ckpt")
             size = spec.nbytes
             header[name] = {
                 "dtype": TORCH_TO_SAFETENSORS[spec.dtype],
@@ -339,6 +352,15 @@ class ShardWriter:
 
 
 def specs_of(tensors: Mapping[str, Tensor]) -> list[tuple[str, TensorSpec]]:
+    """``(name, spec)`` of each tensor; a sparse or quantized tensor, or a value that is no tensor, is refused by name
+    (safetensors holds dense tensors)."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"'{name}' is a {type(t).__name__}, not a tensor: safetensors files hold tensors only")
+        if t.layout != torch.strided or t.is_quantized:
+            what = "quantized" if t.is_quantized else str(t.layout).replace("torch.", "")
+            raise ValueError(f"tensor '{name}' is a {what} tensor: safetensors files hold dense tensors; save it with "
+                             ".to_dense() (or .dequantize())")
     return [(name, TensorSpec(tuple(t.shape), t.dtype)) for name, t in tensors.items()]
 
 

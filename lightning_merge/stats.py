@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_merge._finite import all_non_negative_finite
+from lightning_merge._text import brief
 from lightning_merge._version import __version__
 from lightning_merge.ownership import marked
 from lightning_merge.safetensors_io import SafetensorsError, SafetensorsFile, TensorFileMapping, save_tensors
@@ -514,7 +515,8 @@ def _in_range(origin: str, kind: str, key: str, value: Any, *, low: float, high:
         if not ok:
             lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
             bound = f"{lo}{low}, {'inf' if high is None else high}{hi}"
-            raise StatisticsError(f"{origin}: metadata {kind}.{key} = {v!r} is not in {bound}; the sidecar is invalid")
+            raise StatisticsError(f"{origin}: metadata {kind}.{key} = {brief(v)} is not in {bound}; the sidecar is "
+                                  "invalid")
 
 
 def check_kind_metadata(origin: str, kind: str, meta: Mapping[str, Any]) -> None:
@@ -525,7 +527,7 @@ def check_kind_metadata(origin: str, kind: str, meta: Mapping[str, Any]) -> None
             _in_range(origin, kind, "beta2", meta["beta2"], low=0.0, high=1.0)
     if kind == GRAM:
         if meta.get("form", "full") not in GRAM_FORMS:
-            raise StatisticsError(f"{origin}: metadata gram.form = {meta.get('form')!r} is not one of "
+            raise StatisticsError(f"{origin}: metadata gram.form = {brief(meta.get('form'))} is not one of "
                                   f"{', '.join(GRAM_FORMS)}; the sidecar is invalid")
         if meta.get("count") is not None:
             _in_range(origin, kind, "count", meta["count"], low=0.0)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lightning_merge.io import special_file_kind
+
 
 class CheckpointError(ValueError):
     """A ``torch.save`` file that cannot be loaded safely: corrupted, truncated, or holding custom objects."""
@@ -55,6 +57,10 @@ def load_torch_file(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
         raise FileNotFoundError(f"'{path}' does not exist") from None
     if path.is_dir():
         raise CheckpointError(f"'{path}' is a folder, not a checkpoint file")
+    special = special_file_kind(path)
+    if special is not None:
+        raise CheckpointError(f"'{path}' is {special}, not a checkpoint file: reading it could wait forever; give "
+                              "the file itself")
     if size == 0:
         raise CheckpointError(f"'{path}' is empty (0 bytes): not a checkpoint; was its write interrupted?")
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trust_checkpoint}
@@ -88,4 +94,36 @@ def load_torch_file(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
         raise CheckpointError(f"cannot load '{path}' as a PyTorch/Lightning checkpoint: {reason}") from None
 
 
-__all__ = ["CheckpointError", "load_torch_file"]
+class _RecordingFile:
+    """A file object for ``torch.save`` that keeps the ``OSError`` of a failed write: torch's writer reports a full
+    disk only as "[enforce fail at inline_container.cc] unexpected pos"."""
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_torch_file(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``; a write the filesystem refuses raises its ``OSError`` naming ``path`` (disk full,
+    read-only, no permission) instead of torch's "[enforce fail at inline_container.cc]"."""
+    with open(path, "wb") as file:
+        recorder = _RecordingFile(file)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise OSError(recorder.error.errno, recorder.error.strerror, str(path)) from None
+            raise
+
+
+__all__ = ["CheckpointError", "load_torch_file", "save_torch_file"]

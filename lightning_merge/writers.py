@@ -22,6 +22,7 @@ from lightning_merge.lora import PEFT_PREFIX, LoraAdapter
 from lightning_merge.outputs import check_not_an_input, check_output_path
 from lightning_merge.ownership import PROVENANCE_NAME, write_record
 from lightning_merge.safetensors_io import ShardWriter, TensorSpec
+from lightning_merge.torch_io import save_torch_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -260,7 +261,7 @@ class CheckpointWriter(Writer):
         checkpoint["state_dict"] = state
         checkpoint["lightning_merge"] = json.loads(json.dumps(self.provenance, default=str))
         with atomic_file(self.out, replace=self.replace) as tmp:
-            torch.save(checkpoint, tmp)
+            save_torch_file(checkpoint, tmp)
         return self.out
 
 

@@ -16,6 +16,10 @@ from lightning_merge.fisher import compute_fisher
 LOADERS = ("val", "train", "test")
 
 
+class MissingLoader(ValueError):
+    """The Trainer has no dataloader of the kind a post-fit pass reads."""
+
+
 def trainer_loader(trainer: Any, which: str | Iterable[Any], setting: str) -> tuple[Iterable[Any], bool]:
     """``(loader, shard)``: the Trainer's loader named ``which`` (already sharded by its sampler), or the given
     iterable (``shard``: each rank reads every world_size-th batch)."""
@@ -29,7 +33,7 @@ def trainer_loader(trainer: Any, which: str | Iterable[Any], setting: str) -> tu
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
     if loaders is None:
-        raise ValueError(
+        raise MissingLoader(
             f"CurvatureCapture({setting}, fisher_loader={which!r}): the Trainer has no such "
             "dataloader at fit end; give the module or datamodule one, or pass a DataLoader as fisher_loader"
         )
@@ -54,12 +58,15 @@ def post_fit_fisher(
         seed=seed + rank,
         names=[n for n, p in module.named_parameters() if p.requires_grad],
         transfer=transfer,
+        allow_empty=True,  # this rank's share may be empty: the count over every rank decides
     )
     if world > 1:  # outside any rank-zero-only code: every rank takes part
         names = list(sums)
         *parts, total = reduce_sum(trainer, [sums[n] for n in names] + [torch.tensor([float(count)], device=device)])
         sums = dict(zip(names, parts))
         count = int(round(total.item()))
+    if count == 0:  # no rank saw an example: no estimate (the caller warns and leaves it out)
+        return {}, 0
     return {n: s / count for n, s in sums.items()}, count
 
 
@@ -113,9 +120,17 @@ def post_fit_grams(trainer: Any, module: Any, *, loader: str | Iterable[Any],
     in eval mode. Every rank must call it (it reduces across ranks)."""
     batches, per_rank, transfer = _rank_share(trainer, module, loader, "gram='after_fit'", examples)
     layers = gram_modules(module)
-    sums, rows, count = compute_grams(module, batches, num_examples=per_rank, transfer=transfer)
+    sums, rows, count = compute_grams(module, batches, num_examples=per_rank, transfer=transfer, allow_empty=True)
     sums, rows, total = reduce_grams(trainer, layers, sums, rows, count)
     return sums, rows, int(round(total))
 
 
-__all__ = ["LOADERS", "post_fit_fisher", "post_fit_grams", "reduce_grams", "reduce_sum", "trainer_loader"]
+__all__ = [
+    "LOADERS",
+    "MissingLoader",
+    "post_fit_fisher",
+    "post_fit_grams",
+    "reduce_grams",
+    "reduce_sum",
+    "trainer_loader",
+]

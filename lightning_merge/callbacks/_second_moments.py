@@ -49,10 +49,15 @@ def read_second_moments(
         index_names: parameter names in state-index order (FSDP full state dicts re-key by index), overriding the
             naming through ``names_by_id``.
         copy: copy the tensors (False: float32 CPU views of the live state where possible).
+
+    A parameter whose state records step 0 (created, never updated) is left out, named in the metadata's
+    ``unstepped``: second moments before any update cannot be bias-corrected, and a sidecar holding them would be
+    refused when merged.
     """
     values: dict[str, Tensor] = {}
     beta2: dict[str, float] = {}
     steps: dict[str, int] = {}
+    unstepped: list[str] = []
     optimizers_meta = []
     for i, optimizer in enumerate(optimizers):
         if not has_second_moments(optimizer):
@@ -73,10 +78,14 @@ def read_second_moments(
             if name is None:
                 continue
             group = state["param_groups"][group_of.get(idx, 0)]
+            step = entry.get("step", 0)
+            step = int(step.item() if isinstance(step, Tensor) else step)
+            if step <= 0:  # state created but no update yet: nothing to bias-correct, so nothing to record
+                unstepped.append(name)
+                continue
             values[name] = cpu_float(entry["exp_avg_sq"], copy)
             beta2[name] = float(group["betas"][1])
-            step = entry.get("step", 0)
-            steps[name] = int(step.item() if isinstance(step, Tensor) else step)
+            steps[name] = step
         group0 = optimizer.param_groups[0]
         optimizers_meta.append(
             {
@@ -94,6 +103,8 @@ def read_second_moments(
         "step": collapse(steps),
         "optimizers": optimizers_meta,
     }
+    if unstepped:
+        meta["unstepped"] = sorted(unstepped)
     return values, meta
 
 

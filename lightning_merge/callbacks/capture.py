@@ -40,7 +40,7 @@ from torch import Tensor
 from lightning_merge.activations import GramAccumulator, gram_modules
 from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.callbacks._fisher_accumulator import REDUCTIONS, BatchCounts, BatchFisher
-from lightning_merge.callbacks._post_fit import LOADERS, post_fit_fisher, post_fit_grams, reduce_grams
+from lightning_merge.callbacks._post_fit import LOADERS, MissingLoader, post_fit_fisher, post_fit_grams, reduce_grams
 from lightning_merge.callbacks._second_moments import cpu_float, has_second_moments, read_second_moments
 from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
 from lightning_merge.fisher import ESTIMATORS, batch_counts
@@ -228,6 +228,7 @@ class CurvatureCapture(Callback):
         self._peft: Any = None
         self._adapter_keys: dict[str, str] = {}
         self._grams: GramAccumulator | None = None
+        self._left_out: set[str] = set()  # layers whose Gram matrix is left out (warned about once)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: drop threads, locks and the trainer
         state = self.__dict__.copy()
@@ -371,14 +372,19 @@ class CurvatureCapture(Callback):
             raise ValueError("CurvatureCapture(save_final='adapter'): the module holds no PEFT model (peft.PeftModel)")
         self._post = {}
         self._gram_totals = None
-        if self.gram == "train":
+        self._left_out = set()
+        if self.gram is not None:
             layers = gram_modules(pl_module)
-            if not layers:
+            if not layers:  # checked now, not when the fit ends
                 raise ValueError(
-                    "CurvatureCapture(gram='train'): the module has no trained nn.Linear layer to record input Gram "
-                    "matrices of (RegMean merges linear layers; GPT-2's Conv1D layers are not supported)"
+                    f"CurvatureCapture(gram={self.gram!r}): the module has no trained nn.Linear layer to record input "
+                    "Gram matrices of (RegMean merges linear layers; GPT-2's Conv1D layers are not supported)"
                 )
-            self._grams = GramAccumulator(layers, when=lambda m: m.training and torch.is_grad_enabled()).attach()
+        if self.gram == "train":
+            # a training forward is one of the LightningModule in training mode with gradients on: a sub-module put
+            # in eval mode (to switch its dropout off) still sees training inputs
+            self._grams = GramAccumulator(layers, when=lambda m: pl_module.training and torch.is_grad_enabled())
+            self._grams.attach()
         self._counts.reset()
         if not self._fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
             self._fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
@@ -489,16 +495,39 @@ class CurvatureCapture(Callback):
             self._post_fit_passes(trainer, pl_module)
 
     def _post_fit_passes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A pass that cannot run (no such loader, no example in it) is left out with a warning: the rest of the
+        capture (the trained weights, second moments, batch Fisher) is still written."""
         if self.fisher_after_fit is not None and self.fisher_after_fit not in self._post:
-            self._post[self.fisher_after_fit] = post_fit_fisher(
-                trainer, pl_module, estimator=self.fisher_after_fit, loader=self.fisher_loader,
-                examples=self.fisher_examples, samples=self.fisher_samples, seed=self.seed,
-            )
+            try:
+                values, count = post_fit_fisher(
+                    trainer, pl_module, estimator=self.fisher_after_fit, loader=self.fisher_loader,
+                    examples=self.fisher_examples, samples=self.fisher_samples, seed=self.seed,
+                )
+            except MissingLoader as err:
+                values, count = {}, 0
+                rank_zero_warn(f"{err}; the post-fit Fisher is left out of the statistics")
+            else:
+                if count == 0:
+                    rank_zero_warn(f"CurvatureCapture(fisher_after_fit={self.fisher_after_fit!r}): the "
+                                   f"{self._loader_name()} gave no example; the post-fit Fisher is left out of the "
+                                   "statistics")
+            self._post[self.fisher_after_fit] = (values, count)
             self._final = None
         if self.gram == "after_fit" and self._gram_totals is None:
-            self._gram_totals = post_fit_grams(trainer, pl_module, loader=self.fisher_loader,
-                                               examples=self.fisher_examples)
+            try:
+                self._gram_totals = post_fit_grams(trainer, pl_module, loader=self.fisher_loader,
+                                                   examples=self.fisher_examples)
+            except MissingLoader as err:
+                rank_zero_warn(f"{err}; the Gram matrices are left out of the statistics")
+                self._gram_totals = ({}, {}, 0)
+            if self._gram_totals[0] and not self._gram_totals[2]:
+                rank_zero_warn(f"CurvatureCapture(gram='after_fit'): the {self._loader_name()} gave no example; the "
+                               "Gram matrices are left out of the statistics")
+                self._gram_totals = ({}, {}, 0)
             self._final = None
+
+    def _loader_name(self) -> str:
+        return f"'{self.fisher_loader}' dataloader" if isinstance(self.fisher_loader, str) else "fisher_loader"
 
     def _total_grams(self, trainer: pl.Trainer) -> None:
         """The training-time Σ xxᵀ over every rank and the restored checkpoint (every rank must call it)."""
@@ -533,6 +562,7 @@ class CurvatureCapture(Callback):
             moments, meta = read_second_moments(
                 trainer.optimizers, self._names, optimizer_states=optimizer_states, index_names=index_names, copy=copy
             )
+            self._warn_unstepped(meta.get("unstepped", []))
             if moments:
                 statistics["exp_avg_sq"], kinds["exp_avg_sq"] = moments, meta
         if self.fisher and self._batch_fisher.acc:
@@ -551,14 +581,20 @@ class CurvatureCapture(Callback):
             if resume and self.compression != "float32":
                 resume_acc["fisher.batch"] = values
         grams = self._gram_statistics(trainer) if self.gram is not None else None
-        if grams is not None and any(grams[1].values()):
+        if grams is not None:
             sums, rows, examples = grams
+            unseen = sorted(n for n in sums if rows.get(n, 0) <= 0)
+            self._warn_left_out(unseen)
+            sums = {n: s for n, s in sums.items() if rows.get(n, 0) > 0}
+        if grams is not None and sums:
             statistics[GRAM] = sums
             kinds[GRAM] = {"count": {n: rows[n] for n in sums}, "form": self.gram_form, "rank": self.gram_rank,
                            "source": self.gram, "examples": examples if self.gram == "after_fit" else None}
             if resume and self.gram_form != "full":
                 resume_acc[GRAM] = sums
         for estimator, (values, count) in self._post.items():
+            if count <= 0:  # the pass saw no example (warned when it ran)
+                continue
             statistics[f"fisher.{estimator}"] = {n: t.detach().to("cpu", torch.float32) for n, t in values.items()}
             kinds[f"fisher.{estimator}"] = {
                 "estimator": estimator,
@@ -568,6 +604,32 @@ class CurvatureCapture(Callback):
                 "seed": self.seed,
             }
         return statistics, kinds, resume_acc
+
+    def _warn_unstepped(self, names: list[str]) -> None:
+        new = [n for n in names if f"exp_avg_sq/{n}" not in self._left_out]
+        if new:
+            self._left_out.update(f"exp_avg_sq/{n}" for n in new)
+            rank_zero_warn(
+                f"CurvatureCapture: the optimizer state of {', '.join(repr(n) for n in new[:5])}"
+                f"{' ...' if len(new) > 5 else ''} records step 0 (no update yet), so its second moments cannot be "
+                "bias-corrected and are left out of the statistics until it is updated"
+            )
+
+    def _warn_left_out(self, names: list[str]) -> None:
+        """Warn once per layer whose Gram matrix is left out because it saw no input: a statistic over no rows is no
+        statistic (a sidecar holding one would be refused when read, and refused when written)."""
+        new = [n for n in names if n not in self._left_out]
+        if not new:
+            return
+        self._left_out.update(new)
+        when = ("no training forward reached" if self.gram == "train" else
+                f"no forward over the {self._loader_name()} reached")
+        rank_zero_warn(
+            f"CurvatureCapture(gram={self.gram!r}): {when} {', '.join(repr(n) for n in new[:5])}"
+            f"{' ...' if len(new) > 5 else ''}: its forward hook never ran (a layer called as F.linear(x, "
+            "layer.weight) or layer.forward(x) bypasses hooks; call layer(x)), so its Gram matrix is left out of the "
+            "statistics (RegMean averages a weight no expert has a Gram matrix for)"
+        )
 
     def _metadata(self, trainer: pl.Trainer, token: str | None = None) -> dict[str, str]:
         meta = {

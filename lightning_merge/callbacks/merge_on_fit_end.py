@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
@@ -20,6 +19,7 @@ from lightning_merge.outputs import check_not_an_input
 from lightning_merge.storage import exists as remote_exists
 from lightning_merge.storage import is_url, join, output_file, redact
 from lightning_merge.strategies.base import Strategy
+from lightning_merge.torch_io import save_torch_file
 
 SNAPSHOTS = ("disk", "memory")
 
@@ -267,7 +267,7 @@ class MergeOnFitEnd(Callback):
         if pl_module.hparams:
             checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
         with output_file(out, replace="own") as tmp:  # replaces only an earlier merge (see ownership)
-            torch.save(checkpoint, tmp)
+            save_torch_file(checkpoint, tmp)
 
     def _dir(self, trainer: pl.Trainer) -> str:
         return self.dirpath or trainer.default_root_dir

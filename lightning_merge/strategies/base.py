@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_merge._text import brief
 from lightning_merge.stats import StatisticsError
 
 if TYPE_CHECKING:
@@ -301,13 +302,13 @@ class Strategy:
             return _from_class_path(spec)
         name = spec.pop("name", None)
         if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(STRATEGIES))}")
+            raise ValueError(f"unknown strategy {brief(name)}; known strategies: {', '.join(sorted(STRATEGIES))}")
         cls = STRATEGIES[name]
         valid = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(spec) - valid)
         if unknown:
             raise ValueError(
-                f"strategy {name!r} has no argument {', '.join(map(repr, unknown))}; "
+                f"strategy {name!r} has no argument {', '.join(map(brief, unknown[:5]))}; "
                 f"its arguments are: {', '.join(sorted(valid)) or '(none)'}"
             )
         return cls(**spec)
@@ -391,7 +392,7 @@ def check_number(owner: str, field: str, value: Any, *, low: float | None = None
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             kind = "a number or a list of numbers" if per_expert else "a number"
-            raise ValueError(f"{owner}.{field} must be {kind}, got {value!r}")
+            raise ValueError(f"{owner}.{field} must be {kind}, got {brief(value)}")
         if finite and not math.isfinite(v):
             raise ValueError(f"{owner}.{field} must be finite, got {v!r}")
         if (low is not None and v < low) or (high is not None and v > high):
@@ -449,18 +450,19 @@ def check_weights_so_far(strategy: Strategy, index: int) -> None:
 def check_choice(owner: str, field: str, value: Any, choices: Sequence[Any]) -> None:
     """Validate that ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{owner}.{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ValueError(f"{owner}.{field} must be one of {', '.join(map(repr, choices))}; got {brief(value)}")
 
 
 def check_bool(owner: str, field: str, value: Any) -> None:
     """Validate a flag: ``True`` or ``False`` only (``1`` or ``"yes"`` are refused, though ``1 == True``)."""
     if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{field} must be True or False, got {value!r}")
+        raise ValueError(f"{owner}.{field} must be True or False, got {brief(value)}")
 
 
 def check_int(owner: str, field: str, value: Any, *, low: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        raise ValueError(f"{owner}.{field} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
+        bound = f" >= {low}" if low is not None else ""
+        raise ValueError(f"{owner}.{field} must be an integer{bound}, got {brief(value)}")
 
 
 def set_field(obj: Any, field: str, value: Any) -> None:

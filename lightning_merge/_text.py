@@ -1,0 +1,23 @@
+"""Values in messages: a value read from a user's file (a YAML recipe whose aliases expand a short text into a
+huge nested list, a JSON config) is shown by a bounded ``repr``, never by one the size of the value."""
+
+from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong = 40
+
+
+def brief(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut short: at most a few items per level, three levels, and ``limit`` characters (the
+    work is bounded too: a deeply nested value is not expanded to be cut)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+__all__ = ["brief"]
