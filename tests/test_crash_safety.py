@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 HOOKED = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "rmdir"), (os, "fsync"), (os, "mkdir"),
           (os, "symlink"), (lio, "_exchange"), (lio, "_rename_noreplace")]
 TALLY = {"tried": 0, "lost": 0}
+CHILD_LIMIT = 120.0  # seconds one forked write may take
 
 
 def _run_child(action: Callable[[], None], kill_at: int | None, delay: float | None = None) -> tuple[int, int]:
@@ -41,6 +42,9 @@ def _run_child(action: Callable[[], None], kill_at: int | None, delay: float | N
     pid = os.fork()
     if pid == 0:  # the child
         os.close(read)
+        # one intra-op thread, as DataLoader workers do: OpenMP's pool is not valid after a fork, and a child that
+        # enters a parallel region with the parent's stale pool can wait forever
+        torch.set_num_threads(1)
         calls = [0]
 
         def hook(real):
@@ -66,7 +70,17 @@ def _run_child(action: Callable[[], None], kill_at: int | None, delay: float | N
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + CHILD_LIMIT
+    while True:  # never wait forever: a child stuck after the fork fails the test instead of stalling the suite
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read)
+            pytest.fail(f"a forked child (kill_at={kill_at}) did not finish within {CHILD_LIMIT} s")
+        time.sleep(0.005)
     data = os.read(read, 64)
     os.close(read)
     return status, int(data) if data else -1
