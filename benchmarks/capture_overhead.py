@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _minilm import SentenceClassifier, sentiment_phrases, tokenized  # noqa: E402
 
 from lightning_merge.callbacks import CurvatureCapture  # noqa: E402
-from lightning_merge.stats import write_statistics  # noqa: E402
+from lightning_merge.formats.sidecar import write_statistics  # noqa: E402
 
 
 class StepTimer(pl.Callback):

@@ -58,7 +58,7 @@ from lightning_merge import (
     quadratic_coefficients,
 )
 from lightning_merge.callbacks import CurvatureCapture
-from lightning_merge.evaluation import sweep_scale
+from lightning_merge.tools.evaluation import sweep_scale
 
 DOMAINS = {"code": 128, "english": 96, "spanish": 64, "german": 48}  # domain → sequence length (tokens)
 VOCAB = 257  # bytes + BOS

@@ -24,9 +24,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_merge.averaging import average_checkpoints, read_info, select_checkpoints
 from lightning_merge.callbacks import CurvatureCapture
-from lightning_merge.demo import TASKS, load_digits_splits, make_backbone, quiet_lightning, task_data
+from lightning_merge.cli.demo import TASKS, load_digits_splits, make_backbone, quiet_lightning, task_data
+from lightning_merge.tools.averaging import average_checkpoints, read_info, select_checkpoints
 
 
 class Classifier(pl.LightningModule):

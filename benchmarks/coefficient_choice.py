@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lightning_merge import TaskArithmetic, merge  # noqa: E402
-from lightning_merge.coefficients import quadratic_coefficients  # noqa: E402
-from lightning_merge.demo import train_digits_experts  # noqa: E402
-from lightning_merge.evaluation import normalized_score, sweep_scale  # noqa: E402
+from lightning_merge.cli.demo import train_digits_experts  # noqa: E402
+from lightning_merge.tools.coefficients import quadratic_coefficients  # noqa: E402
+from lightning_merge.tools.evaluation import normalized_score, sweep_scale  # noqa: E402
 
 GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)
 

@@ -68,7 +68,7 @@ from lightning_merge import ContinualState
 
 def write_sidecar(expert: Path, tensors: dict, seed: int) -> None:
     """A statistics sidecar next to ``expert``: positive random second moments and batch Fisher."""
-    from lightning_merge.stats import sidecar_path, write_statistics
+    from lightning_merge.formats.sidecar import sidecar_path, write_statistics
 
     g = torch.Generator().manual_seed(seed)
     stats = {kind: {n: torch.rand(t.shape, generator=g) + 0.05 for n, t in tensors.items()}

@@ -17,9 +17,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lightning_merge import OPCM, ContinualState, Fisher, Linear
-from lightning_merge.demo import train_digits_experts
-from lightning_merge.evaluation import normalized_score
-from lightning_merge.stats import write_statistics
+from lightning_merge.cli.demo import train_digits_experts
+from lightning_merge.formats.sidecar import write_statistics
+from lightning_merge.tools.evaluation import normalized_score
 
 STRATEGIES = {"OPCM (α 0.5)": OPCM(alpha=0.5), "continual average": Linear(), "continual Fisher": Fisher()}
 

@@ -1,7 +1,7 @@
 """Wall time and per-rank peak memory of a merge split over 1, 2 and 4 processes (torch.distributed, gloo).
 
 Uses the ~400M-parameter Llama family of merge_speed.py (bf16, 3 dense experts; built once in benchmarks/_work/).
-For each process count, the merge runs in that many spawned processes (``lightning_merge.distributed.spawn``, the
+For each process count, the merge runs in that many spawned processes (``lightning_merge.engine.distributed.spawn``, the
 code path of ``lightning-merge merge --nproc N``), each rank reading and writing only its tensors. Prints the
 median wall time (spawn and imports included), each rank's peak RSS (its own VmHWM), the ratios to one process,
 and checks that every output is byte-identical to the one-process output.
@@ -36,8 +36,8 @@ def _peak_mb() -> float:
 
 
 def worker(rank: int, world_size: int, recipe: str, out: str, log: str) -> None:
-    from lightning_merge.engine import merge
-    from lightning_merge.recipe import load_recipe
+    from lightning_merge.engine.run import merge
+    from lightning_merge.tools.recipe import load_recipe
 
     started = time.perf_counter()
     loaded = load_recipe(recipe)
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a ~20M model (quick check of the script)")
     args = parser.parse_args()
 
-    from lightning_merge.distributed import spawn
+    from lightning_merge.engine.distributed import spawn
 
     root = family_root(args.small)
     base, experts = build(root, args.small)

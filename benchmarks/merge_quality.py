@@ -47,9 +47,9 @@ from lightning_merge import (
     WeightedMedian,
     merge,
 )
-from lightning_merge.demo import train_digits_experts
-from lightning_merge.evaluation import normalized_score, sweep, sweep_scale
-from lightning_merge.stats import Statistics, write_statistics
+from lightning_merge.cli.demo import train_digits_experts
+from lightning_merge.formats.sidecar import Statistics, write_statistics
+from lightning_merge.tools.evaluation import normalized_score, sweep, sweep_scale
 
 GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)
 # MiniLM: the curvature merges' λ reached the top of GRID there (2.5 for OTA mean-normalized on 2 of 3 seeds), so its
@@ -194,8 +194,8 @@ def adamerging(setup, granularity: str, steps: int = 1000, seed: int = 0) -> dic
     16 per task). Returns the merged backbone's state, written by merge() from the learned strategy."""
     import lightning.pytorch as pl
 
-    from lightning_merge.adamerging import AdaMerging
-    from lightning_merge.demo import make_backbone, task_data
+    from lightning_merge.cli.demo import make_backbone, task_data
+    from lightning_merge.tools.adamerging import AdaMerging
 
     heads = {task.name: head.requires_grad_(False) for task, head in zip(setup.tasks, setup.heads)}
     inputs = {task.name: task_data(task, setup.splits["val"])[0] for task in setup.tasks}
@@ -286,8 +286,8 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
     from _minilm import WORD_TASKS, minilm_path, split_words
 
     from lightning_merge.callbacks import CurvatureCapture
-    from lightning_merge.demo import quiet_lightning
-    from lightning_merge.lora import delta_precision, delta_weight, lora_scaling
+    from lightning_merge.cli.demo import quiet_lightning
+    from lightning_merge.formats.lora import delta_precision, delta_weight, lora_scaling
 
     quiet_lightning()
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -476,7 +476,7 @@ def minilm_adamerging(experts, base_state, heads, tasks, data, seed: int, steps:
     import lightning.pytorch as pl
     from transformers import AutoModel
 
-    from lightning_merge.adamerging import AdaMerging
+    from lightning_merge.tools.adamerging import AdaMerging
 
     sys_path = str(Path(__file__).parent)
     import sys

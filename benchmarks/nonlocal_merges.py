@@ -1,7 +1,7 @@
 """Non-local merges on digits: does the variance-collapse correction recover accuracy for experts fine-tuned far
 from their base? And TALL masks as compression: storage against N full experts, each recovered expert's score.
 
-Experts are the merge-quality benchmark's four digits experts (lightning_merge.demo), trained twice: "local"
+Experts are the merge-quality benchmark's four digits experts (lightning_merge.cli.demo), trained twice: "local"
 (Adam lr 1e-3, 12 epochs, the usual setting) and "far" (Adam lr 1e-2, 60 epochs: the backbones move far from
 the base). Merges: task arithmetic and TIES with λ chosen on validation, and the plain average. Each is evaluated
 as merged and with the per-task correction (``VarianceCorrection`` on both hidden Linear layers, calibrated on 256
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from lightning_merge import Linear, TaskArithmetic, Ties, merge, tall
-from lightning_merge.demo import accuracy, make_backbone, task_data, train_digits_experts
-from lightning_merge.evaluation import normalized_score, scale_task_vector
-from lightning_merge.variance import VarianceCorrection
+from lightning_merge.cli.demo import accuracy, make_backbone, task_data, train_digits_experts
+from lightning_merge.tools.evaluation import normalized_score, scale_task_vector
+from lightning_merge.tools.variance import VarianceCorrection
 
 GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 LAYERS = ["0", "2"]  # the backbone's two Linear layers (outputs before ReLU)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_merge import Expert
 from lightning_merge.callbacks import CurvatureCapture
-from lightning_merge.demo import load_digits_splits, make_backbone, quiet_lightning
+from lightning_merge.cli.demo import load_digits_splits, make_backbone, quiet_lightning
 
 
 class Digits(pl.LightningModule):

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_merge import Expert, Fisher
 from lightning_merge.callbacks import CurvatureCapture, MergeOnFitEnd
-from lightning_merge.demo import TASKS, load_digits_splits, make_backbone, quiet_lightning, task_data
-from lightning_merge.evaluation import MergeReport, evaluate
+from lightning_merge.cli.demo import TASKS, load_digits_splits, make_backbone, quiet_lightning, task_data
+from lightning_merge.tools.evaluation import MergeReport, evaluate
 
 
 class TaskModel(pl.LightningModule):

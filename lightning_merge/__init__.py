@@ -5,14 +5,14 @@ The public API is short: :func:`merge`, :class:`Expert`, the strategies in :mod:
 package does not import Lightning).
 """
 
+from lightning_merge import moved
 from lightning_merge._version import __version__
-from lightning_merge.coefficients import QuadraticChoice, quadratic_coefficients
-from lightning_merge.continual import ContinualState
-from lightning_merge.diagnostics import Report, report
-from lightning_merge.engine import MergePlan, merge, prepare
-from lightning_merge.experts import Expert, TensorSpec
-from lightning_merge.ownership import ForeignOutput, IncompleteOutput
-from lightning_merge.stats import Statistics, StatisticsError
+from lightning_merge.continual.state import ContinualState
+from lightning_merge.engine.run import merge, prepare
+from lightning_merge.errors import ForeignOutput, IncompleteOutput, LightningMergeError, StatisticsError
+from lightning_merge.formats.sidecar import Statistics
+from lightning_merge.sources.expert import Expert
+from lightning_merge.sources.expert import TensorSpec as TensorSpec
 from lightning_merge.strategies import (
     OPCM,
     OTA,
@@ -25,9 +25,7 @@ from lightning_merge.strategies import (
     Generalized,
     LayerwiseTaskArithmetic,
     Linear,
-    LinearForm,
     LiNeS,
-    Prepared,
     RegMean,
     Strategy,
     TaskArithmetic,
@@ -35,7 +33,21 @@ from lightning_merge.strategies import (
     TSVMerge,
     WeightedMedian,
 )
+from lightning_merge.strategies import (
+    LinearForm as LinearForm,
+)
+from lightning_merge.strategies import (
+    Prepared as Prepared,
+)
+from lightning_merge.strategies.plan import MergePlan as MergePlan
+from lightning_merge.tools.coefficients import QuadraticChoice, quadratic_coefficients
+from lightning_merge.tools.diagnostics import Report, report
 
+moved.install()
+
+# The features: merging, experts, strategies, continual merging, statistics, diagnostics, the errors to catch.
+# The contract's building blocks (MergePlan, Prepared, LinearForm, TensorSpec) stay importable from here but live in
+# lightning_merge.strategies (a strategy's author imports them there).
 __all__ = [
     "Breadcrumbs",
     "Cabs",
@@ -49,13 +61,11 @@ __all__ = [
     "IncompleteOutput",
     "LayerwiseTaskArithmetic",
     "LiNeS",
+    "LightningMergeError",
     "Linear",
-    "LinearForm",
-    "MergePlan",
     "OPCM",
     "OTA",
     "PCB",
-    "Prepared",
     "QuadraticChoice",
     "RegMean",
     "Report",
@@ -64,7 +74,6 @@ __all__ = [
     "Strategy",
     "TSVMerge",
     "TaskArithmetic",
-    "TensorSpec",
     "Ties",
     "WeightedMedian",
     "__version__",

@@ -3,6 +3,6 @@ rank)."""
 
 import sys
 
-from lightning_merge.cli import main
+from lightning_merge.cli.main import main
 
 sys.exit(main())

@@ -13,7 +13,7 @@ def merge_rank(rank: int, world_size: int, spec: str) -> None:
     strategy = Strategy.from_dict(args.pop("strategy"))
     fail_on = args.pop("fail_on", None)
     if fail_on is not None:  # merging that tensor raises, on whichever rank owns it
-        import lightning_merge.engine as engine
+        import lightning_merge.engine.run as engine
 
         real = engine.compute
 

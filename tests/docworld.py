@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_merge.safetensors_io import save_tensors
-from lightning_merge.stats import write_statistics
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.formats.sidecar import write_statistics
 
 
 def quiet() -> None:

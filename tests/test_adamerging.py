@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_merge import LayerwiseTaskArithmetic, TaskArithmetic, merge
-from lightning_merge.adamerging import AdaMerging, entropy_loss
+from lightning_merge.tools.adamerging import AdaMerging, entropy_loss
 
 
 def _net() -> nn.Module:

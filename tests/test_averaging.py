@@ -11,8 +11,8 @@ from capture_helpers import SaveRankWeights, Tiny, ddp_loader, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import Expert, Fisher, merge
-from lightning_merge.averaging import CheckpointInfo, mwa_weights, read_info, select_checkpoints
 from lightning_merge.callbacks import CheckpointAveraging, CurvatureCapture
+from lightning_merge.tools.averaging import CheckpointInfo, mwa_weights, read_info, select_checkpoints
 
 
 def test_mwa_weights_formula():
@@ -103,7 +103,7 @@ def test_weight_averaging_checkpoints_average_the_raw_weights_on_request(tmp_pat
 
 
 def test_cli_average(tmp_path):
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer(tmp_path, [ckpt], max_epochs=3).fit(Tiny(lr=5e-2), loader())

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import Expert, StatisticsError
 from lightning_merge.callbacks import CurvatureCapture
-from lightning_merge.stats import Statistics
+from lightning_merge.formats.sidecar import Statistics
 
 BETA2 = 0.99
 
@@ -342,8 +342,8 @@ def test_arguments_are_validated():
 def test_export_second_moments_in_the_ota_convention(tmp_path):
     from safetensors.torch import load_file
 
-    from lightning_merge.cli import main
-    from lightning_merge.stats import export_second_moments
+    from lightning_merge.cli.main import main
+    from lightning_merge.formats.sidecar import export_second_moments
 
     capture = CurvatureCapture()
     trainer(tmp_path, [capture], max_epochs=1).fit(Tiny(lr=1e-2), loader())

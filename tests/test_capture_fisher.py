@@ -10,8 +10,8 @@ from capture_helpers import Tiny, batch_grads, data, ddp_loader, loader, trainer
 from torch import nn
 
 from lightning_merge.callbacks import CurvatureCapture
-from lightning_merge.fisher import _vmap_squared_grads, compute_fisher, default_logits_fn, log_likelihood
-from lightning_merge.stats import Statistics
+from lightning_merge.capture.fisher import _vmap_squared_grads, compute_fisher, default_logits_fn, log_likelihood
+from lightning_merge.formats.sidecar import Statistics
 
 
 def per_example_reference(model, x, y):

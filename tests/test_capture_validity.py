@@ -78,7 +78,7 @@ def test_a_post_fit_pass_over_no_example_is_left_out_with_a_warning(tmp_path, gr
 
 
 def test_second_moments_before_any_update_are_left_out():
-    from lightning_merge.callbacks._second_moments import read_second_moments
+    from lightning_merge.capture.second_moments import read_second_moments
 
     layer = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(layer.parameters())

@@ -11,8 +11,8 @@ from conftest import make_models
 from safetensors.torch import load_file, save_file
 
 from lightning_merge import Cabs, Dare, Linear, LiNeS, TaskArithmetic, Ties, merge
-from lightning_merge.cli import main
-from lightning_merge.recipe import RecipeError, load_recipe
+from lightning_merge.cli.main import main
+from lightning_merge.tools.recipe import RecipeError, load_recipe
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_inspect_reports_counts(tmp_path, models, capsys):
 def test_cli_merge_path_imports_no_lightning(tmp_path, models):
     recipe = write(tmp_path, RECIPES["ties"][0])
     code = (
-        "import sys; from lightning_merge.cli import main; "
+        "import sys; from lightning_merge.cli.main import main; "
         f"rc = main(['merge', {str(recipe)!r}, {str(tmp_path / 'o')!r}, '--no-progress']); "
         "heavy = [m for m in ('lightning', 'transformers', 'peft') if m in sys.modules]; "
         "print(rc, heavy)"
@@ -208,7 +208,7 @@ def test_cli_merge_path_imports_no_lightning(tmp_path, models):
 
 @pytest.mark.slow
 def test_demo_runs_and_reports_normalized_accuracy(capsys):
-    from lightning_merge.demo import TASKS, run_demo
+    from lightning_merge.cli.demo import TASKS, run_demo
 
     results = run_demo(quick=True)
     assert results["experts (own task)"]["normalized"] == 1.0
@@ -236,8 +236,8 @@ def test_recipe_with_a_curvature_strategy_reads_the_sidecars(tmp_path):
     from safetensors.torch import save_file
 
     from lightning_merge import Expert, Fisher, merge
-    from lightning_merge.cli import main
-    from lightning_merge.stats import write_statistics
+    from lightning_merge.cli.main import main
+    from lightning_merge.formats.sidecar import write_statistics
 
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(4, 3, generator=g)}

@@ -1,4 +1,4 @@
-"""Coefficients chosen from the captured Fisher (lightning_merge.coefficients): the closed form against a direct
+"""Coefficients chosen from the captured Fisher (lightning_merge.tools.coefficients): the closed form against a direct
 evaluation of the quadratic model, known answers, blocks, errors."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_merge import Expert, merge
-from lightning_merge.coefficients import quadratic_coefficients
+from lightning_merge.tools.coefficients import quadratic_coefficients
 
 SHAPES = {"layers.0.weight": (6, 5), "layers.0.bias": (6,), "layers.1.weight": (4, 6), "head.weight": (3, 4)}
 

@@ -28,9 +28,9 @@ from lightning_merge import (
     WeightedMedian,
     merge,
 )
-from lightning_merge.continual import ContinualError
-from lightning_merge.ownership import ForeignOutput
-from lightning_merge.stats import write_statistics
+from lightning_merge.continual.state import ContinualError
+from lightning_merge.files.ownership import ForeignOutput
+from lightning_merge.formats.sidecar import write_statistics
 from lightning_merge.strategies.opcm import opcm_project
 
 
@@ -286,7 +286,7 @@ def test_two_processes_adding_at_once_lose_neither_expert(tmp_path):
 
 
 def test_cli_continual(tmp_path, capsys):
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
 
     base_path, paths = write_family(tmp_path, stats=False)
     s = str(tmp_path / "state")
@@ -361,7 +361,7 @@ def test_parallel_fold_keeps_workers_busy_within_its_byte_bound_and_in_order():
     import threading
     import time
 
-    from lightning_merge.continual import parallel_map
+    from lightning_merge.continual.state import parallel_map
 
     names = [f"{kind}{i}" for i in range(6) for kind in ("w", "b")]
     sizes = [1000 if n.startswith("w") else 1 for n in names]
@@ -641,9 +641,10 @@ def test_readers_never_see_damage_while_six_processes_add_to_a_new_state(tmp_pat
     go back), four experts are merged, both duplicates are refused, the model is the batch merge's. Bounded: each
     round waits at most 120 s."""
     base_path, paths = write_family(tmp_path, n=4, stats=False)
-    code = ("import sys\nfrom lightning_merge import ContinualState, Linear\nfrom lightning_merge.continual import "
-            "ContinualError\nstate = ContinualState.create(sys.argv[1], base=sys.argv[2], strategy=Linear(), "
-            "exist_ok=True)\ntry:\n    state.add(sys.argv[3])\nexcept ContinualError as err:\n"
+    code = ("import sys\nfrom lightning_merge import ContinualState, Linear\n"
+            "from lightning_merge.continual.state import ContinualError\n"
+            "state = ContinualState.create(sys.argv[1], base=sys.argv[2], strategy=Linear(), exist_ok=True)\n"
+            "try:\n    state.add(sys.argv[3])\nexcept ContinualError as err:\n"
             "    print(err)\n    sys.exit(5 if 'already merged' in str(err) else 6)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     reads = 0
@@ -678,7 +679,7 @@ def test_concurrent_creators_with_other_strategies_do_not_overwrite_each_other(t
     """Another process creates the state while this one reads the base to create it with another strategy: this
     creator is told (before, it silently replaced the other's state.json, and the other's adds then read running
     quantities of another strategy)."""
-    from lightning_merge import continual
+    from lightning_merge.continual import state as continual
 
     base_path, paths = write_family(tmp_path, stats=False)
     folder = tmp_path / "state"
@@ -730,7 +731,7 @@ def test_a_damaged_state_json_is_one_clear_error(tmp_path, edit, match):
 ], ids=["journal-strings", "entry-without-checksum", "count-string", "no-norms", "nan-norm", "count-off",
         "emptied"])
 def test_a_damaged_meta_json_is_one_clear_error(tmp_path, capsys, edit, match):
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
 
     state, base_path, paths = _state_with(tmp_path)
     meta_path = state.current / "meta.json"
@@ -761,8 +762,8 @@ def test_a_retry_after_an_add_killed_past_its_commit_completes_it(tmp_path, caps
     """Issue 27 #14 from the command line: the add committed, then its process stopped (simulated at the removal of
     the previous generation); `continual add` of the same expert exits 0 saying it completed the interrupted add,
     and the model is an uninterrupted run's; adding it once more is a duplicate."""
-    from lightning_merge import continual
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
+    from lightning_merge.continual import state as continual
 
     state, base_path, paths = _state_with(tmp_path)
     real_rmtree = continual.shutil.rmtree

@@ -21,8 +21,8 @@ from lightning_merge import (
     merge,
     prepare,
 )
-from lightning_merge.safetensors_io import save_tensors
-from lightning_merge.stats import write_statistics
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.formats.sidecar import write_statistics
 from lightning_merge.strategies import LinearForm, Prepared
 
 
@@ -143,7 +143,7 @@ def test_checkpoint_output_whose_template_needs_trust_fails_before_the_merge(tmp
     template = tmp_path / "template.ckpt"
     torch.save({"state_dict": {k: Expert(base).tensor(k) for k in Expert(base).names()},
                 "hyper_parameters": {"args": argparse.Namespace(lr=1)}}, template)
-    import lightning_merge.engine as engine
+    import lightning_merge.engine.run as engine
 
     merged = []
     real = engine.compute
@@ -160,8 +160,8 @@ def test_checkpoint_output_whose_template_needs_trust_fails_before_the_merge(tmp
 def test_adapter_and_tall_folders_are_fsynced_under_unique_temporary_names(tmp_path, monkeypatch):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    import lightning_merge.tall as tall
-    import lightning_merge.writers as writers
+    import lightning_merge.engine.writers as writers
+    import lightning_merge.formats.tall as tall
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,

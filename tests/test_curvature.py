@@ -80,7 +80,7 @@ def test_fisher_favor_target_floors_only_the_first_expert_in_batch_and_continual
     """Matena & Raffel's favor_target_model: max(F, floor) for the first expert, F for the others; where no Fisher
     covers a coordinate the first expert's value wins (the default floors every expert: the plain average)."""
     from lightning_merge import ContinualState
-    from lightning_merge.stats import sidecar_path, write_statistics
+    from lightning_merge.formats.sidecar import sidecar_path, write_statistics
 
     base, experts, raw = experts_with("fisher")
     fishers = []

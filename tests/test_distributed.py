@@ -12,9 +12,9 @@ import torch
 from conftest import write_lora_family
 
 from lightning_merge import OPCM, PCB, Dare, Fisher, Linear, LiNeS, TaskArithmetic, Ties, merge
-from lightning_merge.distributed import Distribution, spawn
-from lightning_merge.safetensors_io import save_tensors
-from lightning_merge.stats import write_statistics
+from lightning_merge.engine.distributed import Distribution, spawn
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.formats.sidecar import write_statistics
 
 SHAPES = {"embed.weight": (40, 16), "layers.0.weight": (16, 16), "layers.0.bias": (16,), "layers.1.weight": (24, 16),
           "layers.1.bias": (24,), "head.weight": (5, 24)}
@@ -103,7 +103,7 @@ def test_outputs_a_distributed_merge_cannot_write_are_refused_before_anything_st
 
 
 def test_cli_nproc(family, tmp_path, capsys):
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
 
     root, base, experts = family
     recipe = tmp_path / "recipe.yaml"

@@ -45,7 +45,7 @@ def world(tmp_path_factory):
 
 
 def _cli(args: list[str]) -> None:
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
 
     expanded: list[str] = []
     for arg in args:
@@ -100,7 +100,7 @@ def test_the_examples_of_a_page_run(world, tmp_path, monkeypatch, page, request)
 
 def _bucket(s3: str, work: Path) -> None:
     """``s3://my-bucket/experts/{base,code,math}``: the doc world's models, in a bucket of its own."""
-    from lightning_merge.storage import filesystem
+    from lightning_merge.files.remote import filesystem
 
     fs, _ = filesystem(s3)
     if fs.exists("my-bucket"):

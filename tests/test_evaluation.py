@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_merge import Expert, Fisher, LiNeS, TaskArithmetic, Ties, WeightedMedian, merge
-from lightning_merge.evaluation import MergeReport, evaluate, normalized_score, sweep, sweep_scale
+from lightning_merge.tools.evaluation import MergeReport, evaluate, normalized_score, sweep, sweep_scale
 
 
 def test_evaluate_accuracy_per_task_with_per_task_models():

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from lightning_merge import OTA, ContinualState, Expert, Fisher, Linear, Statistics, Ties, merge
-from lightning_merge.averaging import average_checkpoints
-from lightning_merge.cli import main as cli
-from lightning_merge.safetensors_io import save_tensors
-from lightning_merge.stats import write_statistics
+from lightning_merge.cli.main import main as cli
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.formats.sidecar import write_statistics
+from lightning_merge.tools.averaging import average_checkpoints
 
 CLEAR = (ValueError, FileNotFoundError, FileExistsError, TypeError)
 

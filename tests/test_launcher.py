@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_messages import ROOT, family, one_line, recipe
 
-from lightning_merge.cli import main as cli
-from lightning_merge.distributed import join_launcher_group
-from lightning_merge.safetensors_io import load_tensors
+from lightning_merge.cli.main import main as cli
+from lightning_merge.engine.distributed import join_launcher_group
+from lightning_merge.files.safetensors import load_tensors
 
 BAD_ENVIRONMENTS = [
     ("WORLD_SIZE and RANK without MASTER_ADDR", {"WORLD_SIZE": "2", "RANK": "1"},

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_merge import Expert, Fisher, merge  # noqa: E402
 from lightning_merge.callbacks import CurvatureCapture  # noqa: E402
-from lightning_merge.fisher import batch_counts  # noqa: E402
+from lightning_merge.capture.fisher import batch_counts  # noqa: E402
 
 
 def _grads(model: TinyLM, batches: list[dict]) -> list[dict[str, torch.Tensor]]:
@@ -119,7 +119,7 @@ def test_ddp_weights_each_step_by_every_rank_s_tokens(tmp_path):
     the weight needs both ranks' token counts (an all-reduce), not this rank's times the world size."""
     from capture_helpers import lm_ddp_loader
 
-    from lightning_merge.stats import Statistics
+    from lightning_merge.formats.sidecar import Statistics
 
     trainer(tmp_path / "single", [CurvatureCapture(second_moments=False)], max_epochs=1,
             accumulate_grad_batches=2).fit(TinyLM(lr=0.0), lm_loader(8))
@@ -152,7 +152,7 @@ def adapters(tmp_path):
 def test_the_command_line_writes_adapters_and_reads_mergekit_lora_references(adapters, tmp_path, capsys):
     import yaml
 
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
 
     base, folders = adapters
     recipe = {"strategy": {"name": "task_arithmetic", "weights": [0.5, 0.5]},

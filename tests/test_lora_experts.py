@@ -13,8 +13,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from lightning_merge import Cabs, Expert, Linear, LiNeS, TaskArithmetic, Ties, merge  # noqa: E402
-from lightning_merge.lora import delta_precision  # noqa: E402
-from lightning_merge.stats import write_statistics  # noqa: E402
+from lightning_merge.formats.lora import delta_precision  # noqa: E402
+from lightning_merge.formats.sidecar import write_statistics  # noqa: E402
 from lightning_merge.strategies import functional as F  # noqa: E402
 
 

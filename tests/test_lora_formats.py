@@ -9,7 +9,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 from lightning_merge import Expert, TaskArithmetic, merge  # noqa: E402
-from lightning_merge.safetensors_io import save_tensors  # noqa: E402
+from lightning_merge.files.safetensors import save_tensors  # noqa: E402
 
 
 class ConvNet(nn.Module):
@@ -114,7 +114,7 @@ def test_a_small_adapter_over_a_bf16_base_keeps_its_whole_update(tmp_path):
 def test_factors_of_a_product_equal_the_svd_of_the_formed_product(out_dim, a_shape, rank):
     """The streaming SVD (QR of each factor, SVD of the small core) gives the dense truncated SVD's product and error,
     in PEFT's shapes, with zero columns where the rank asked exceeds the product's."""
-    from lightning_merge.writers import factor_delta, factor_product
+    from lightning_merge.engine.writers import factor_delta, factor_product
 
     torch.manual_seed(rank)
     inner = a_shape[0]
@@ -141,7 +141,7 @@ def test_factors_of_a_product_equal_the_svd_of_the_formed_product(out_dim, a_sha
 def test_module_factors_equal_the_truncated_svd(shape, rank, true_rank):
     """factor_delta's B A is the rank-k truncation of torch.linalg.svd, with its error, in PEFT's shapes (both
     orientations, convolutions, rank-deficient and zero updates)."""
-    from lightning_merge.writers import factor_delta
+    from lightning_merge.engine.writers import factor_delta
 
     torch.manual_seed(rank)
     flat = torch.Size((shape[0], int(torch.Size(shape[1:]).numel())))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_merge.lora import delta_precision, delta_weight, lora_scaling
+from lightning_merge.formats.lora import delta_precision, delta_weight, lora_scaling
 
 
 def test_scaling_and_delta_weight():

@@ -26,12 +26,12 @@ import pytest
 import torch
 
 from lightning_merge import ContinualState, Expert, Linear, Ties, merge
-from lightning_merge.cli import main as cli
-from lightning_merge.continual import ContinualError
-from lightning_merge.io import OutputError
-from lightning_merge.lora import AdapterError
-from lightning_merge.recipe import RecipeError, load_recipe
-from lightning_merge.safetensors_io import load_tensors, save_tensors
+from lightning_merge.cli.main import main as cli
+from lightning_merge.continual.state import ContinualError
+from lightning_merge.files.atomic import OutputError
+from lightning_merge.files.safetensors import load_tensors, save_tensors
+from lightning_merge.formats.lora import AdapterError
+from lightning_merge.tools.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def _recipe_not_utf8(t):
 
 
 def _sidecar_metadata_huge_value(t):
-    from lightning_merge.stats import Statistics
+    from lightning_merge.formats.sidecar import Statistics
 
     kinds = json.dumps({"gram": {"form": [["full"] * 1000] * 1000, "count": 4}})
     save_tensors(t / "s.statistics.safetensors", {"gram/w": torch.eye(2)},
@@ -291,7 +291,7 @@ def test_a_full_disk_during_a_continual_add_names_the_state_and_keeps_it(tmp_pat
 
 def test_a_full_disk_under_a_report_names_its_folder(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from lightning_merge.diagnostics import report
+    from lightning_merge.tools.diagnostics import report
 
     base, paths = family(tmp_path)
     result = report(paths, base, progress=False)
@@ -324,7 +324,7 @@ def test_a_full_disk_under_torch_save_names_the_checkpoint(tmp_path, monkeypatch
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr("lightning_merge.torch_io.open", Full, raising=False)
+    monkeypatch.setattr("lightning_merge.files.torch_load.open", Full, raising=False)
     with pytest.raises(OutputError, match=f"cannot write '{re.escape(str(tmp_path / 'm.ckpt'))}': No space left"):
         merge(paths, base, Linear(), tmp_path / "m.ckpt")
     assert list(tmp_path.glob(".m.ckpt*")) == [] and not (tmp_path / "m.ckpt").exists()
@@ -348,7 +348,7 @@ def test_torch_save_s_enforce_failure_names_the_checkpoint(tmp_path, monkeypatch
 
 def test_an_unreadable_input_keeps_its_own_message(tmp_path, monkeypatch):
     """Only the output's errors are renamed: a read error of an input names the input, as before."""
-    from lightning_merge.io import output_error
+    from lightning_merge.files.atomic import output_error
 
     err = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "e0.safetensors"))
     assert output_error(tmp_path / "out", err) is None
@@ -367,7 +367,7 @@ def test_a_file_size_limit_is_one_line_naming_the_output(tmp_path, suffix):
     base, paths = family(tmp_path, shape=(256, 256))
     out = tmp_path / f"merged{suffix}"
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); from lightning_merge.cli import main; "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); from lightning_merge.cli.main import main; "
             f"sys.exit(main(['merge', {str(recipe(tmp_path, paths))!r}, {str(out)!r}]))")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
@@ -467,7 +467,7 @@ def test_values_in_command_line_errors_are_cut_short(tmp_path, capsys):
     nest = f"&a [{nest}" + ",*b" * 9 + "]"  # 100,000: refused as a value no merge takes
     assert cli(["merge", str(recipe(tmp_path, paths)), str(tmp_path / "o"), "--set", f"weights={nest}"]) == 2
     assert "--set at weights expands to more than 100,000 values" in one_line(capsys)
-    from lightning_merge.cli import MAX_MESSAGE, _one_line
+    from lightning_merge.cli.main import MAX_MESSAGE, _one_line
 
     text = _one_line(ValueError("x" * 50_000))
     assert len(text) < MAX_MESSAGE + 60 and text.endswith("(cut: 50,000 characters)")

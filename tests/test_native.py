@@ -14,10 +14,10 @@ from capture_helpers import CountSteps, Tiny, TinyData, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import ContinualState, Expert, Fisher, Linear, Ties, merge
-from lightning_merge.averaging import read_info
 from lightning_merge.callbacks import CheckpointAveraging, ContinualMerge, MergeOnFitEnd
-from lightning_merge.cli import main
-from lightning_merge.safetensors_io import save_tensors
+from lightning_merge.cli.main import main
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.tools.averaging import read_info
 
 
 def _expert(tmp_path, seed=1, name="other.safetensors"):
@@ -213,7 +213,7 @@ def test_piping_into_head_is_not_an_error(tmp_path):
     state = ContinualState.create(tmp_path / "state", base=base, strategy=Linear())
     for i in range(3):
         state.add(_expert(tmp_path, i + 1, f"e{i}.safetensors"))
-    script = (f"{sys.executable} -m lightning_merge.cli continual show {tmp_path / 'state'} --json | head -2")
+    script = (f"{sys.executable} -m lightning_merge.cli.main continual show {tmp_path / 'state'} --json | head -2")
     done = subprocess.run(script, shell=True, capture_output=True, text=True)
     assert done.stdout.count("\n") == 2 and "Traceback" not in done.stderr and "Broken" not in done.stderr
 
@@ -227,7 +227,7 @@ def test_version(capsys):
 def test_mergekit_parameters_a_method_ignores_are_warned_not_refused(tmp_path, caplog):
     import logging
 
-    from lightning_merge.recipe import RecipeError, load_recipe
+    from lightning_merge.tools.recipe import RecipeError, load_recipe
 
     base = _expert(tmp_path, 0, "base.safetensors")
     experts = [_expert(tmp_path, i, f"e{i}.safetensors") for i in (1, 2)]

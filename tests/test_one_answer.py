@@ -18,11 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_merge import ContinualState, Expert, merge
-from lightning_merge.cli import main as cli
-from lightning_merge.continual import ContinualError
-from lightning_merge.evaluation import sweep_scale
-from lightning_merge.safetensors_io import save_tensors
-from lightning_merge.stats import write_statistics
+from lightning_merge.cli.main import main as cli
+from lightning_merge.continual.state import ContinualError
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.formats.sidecar import write_statistics
 from lightning_merge.strategies import (
     OPCM,
     OTA,
@@ -45,6 +44,7 @@ from lightning_merge.strategies import (
     TSVMerge,
     WeightedMedian,
 )
+from lightning_merge.tools.evaluation import sweep_scale
 
 N_MAX = 3
 SHAPES = {"layers.0.weight": (12, 10), "layers.0.bias": (12,), "layers.1.weight": (6, 12), "norm.weight": (10,)}

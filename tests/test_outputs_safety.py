@@ -1,7 +1,7 @@
 """Outputs never lose or expose a user's data (issue 27: items 1, 2, 3, 5, 6 and 10, and the probes beyond them).
 
-One rule (lightning_merge.ownership) for every output: an existing path is replaced only if it is an earlier output
-of lightning-merge (a folder's lightning_merge.json lists every file in it; a safetensors file's metadata or a
+One rule (lightning_merge.files.ownership) for every output: an existing path is replaced only if it is an earlier
+output of lightning-merge (a folder's lightning_merge.json lists every file in it; a safetensors file's metadata or a
 .ckpt's top-level dict carries the lightning_merge mark) or an empty folder. Every case below checks the error the
 user sees and that nothing was lost (the same files with the same bytes).
 """
@@ -21,10 +21,8 @@ import pytest
 import torch
 
 from lightning_merge import Expert, Fisher, Linear, TaskArithmetic, merge, tall
-from lightning_merge.averaging import average_checkpoints
-from lightning_merge.cli import main as cli
-from lightning_merge.diagnostics import report
-from lightning_merge.ownership import (
+from lightning_merge.cli.main import main as cli
+from lightning_merge.files.ownership import (
     INCOMPLETE_NAME,
     PROVENANCE_NAME,
     ForeignOutput,
@@ -32,9 +30,11 @@ from lightning_merge.ownership import (
     local_reason,
     top_level_keys,
 )
-from lightning_merge.safetensors_io import load_tensors, save_tensors
-from lightning_merge.stats import export_second_moments, write_statistics
-from lightning_merge.storage import redact
+from lightning_merge.files.remote import redact
+from lightning_merge.files.safetensors import load_tensors, save_tensors
+from lightning_merge.formats.sidecar import export_second_moments, write_statistics
+from lightning_merge.tools.averaging import average_checkpoints
+from lightning_merge.tools.diagnostics import report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,7 +260,7 @@ def _rewrite(kind: str, root: Path):
         with pytest.raises(FileExistsError, match="already exists"):
             export_second_moments(root / "e1.statistics.safetensors", root / "v.safetensors")
         export_second_moments(root / "e1.statistics.safetensors", root / "v.safetensors", overwrite=True)
-        from lightning_merge.stats import Statistics
+        from lightning_merge.formats.sidecar import Statistics
 
         want = Statistics.load(root / "e1.statistics.safetensors")
         got = load_tensors(root / "v.safetensors")
@@ -343,7 +343,7 @@ def test_merge_on_fit_end_refuses_a_users_file_and_rewrites_its_own(tmp_path):
 
 
 def _bucket(s3: str, root: Path) -> tuple[str, list[str]]:
-    from lightning_merge.storage import filesystem
+    from lightning_merge.files.remote import filesystem
 
     base, paths = family(root)
     fs, _ = filesystem(s3)
@@ -355,7 +355,7 @@ def _bucket(s3: str, root: Path) -> tuple[str, list[str]]:
 
 
 def _objects(url: str) -> dict[str, bytes]:
-    from lightning_merge.storage import filesystem
+    from lightning_merge.files.remote import filesystem
 
     fs, path = filesystem(url)
     fs.invalidate_cache()
@@ -376,7 +376,7 @@ def test_an_s3_output_that_is_holds_or_lies_in_an_input_is_refused(s3, tmp_path,
 
 
 def test_an_s3_upload_never_replaces_or_deletes_objects_the_tool_did_not_write(s3, tmp_path):
-    from lightning_merge.storage import filesystem, upload
+    from lightning_merge.files.remote import filesystem, upload
 
     base, urls = _bucket(s3, tmp_path)
     fs, _ = filesystem(s3)
@@ -469,7 +469,7 @@ def test_credentials_in_urls_never_reach_names_provenance_errors_or_logs(s3, tmp
 
 
 def test_the_command_line_printer_redacts_any_message(capsys, monkeypatch):
-    import lightning_merge.cli as cli_module
+    import lightning_merge.cli.main as cli_module
 
     def boom(args):
         raise RuntimeError("could not read https://b/x?X-Amz-Signature=SIG123&X-Amz-Credential=AKIA and "
@@ -485,7 +485,7 @@ def test_the_command_line_printer_redacts_any_message(capsys, monkeypatch):
 
 
 def test_an_interrupted_s3_replacement_is_refused_then_retried_cleanly(s3, tmp_path, monkeypatch):
-    from lightning_merge.storage import filesystem
+    from lightning_merge.files.remote import filesystem
 
     base, paths = family(tmp_path, shape=(8, 8))
     out = f"{s3}/merged"
@@ -526,7 +526,7 @@ def test_an_interrupted_s3_replacement_is_refused_then_retried_cleanly(s3, tmp_p
 
 
 def test_a_folder_replaced_while_it_is_fetched_is_fetched_again_never_mixed(s3, tmp_path, monkeypatch):
-    import lightning_merge.storage as storage
+    import lightning_merge.files.remote as storage
 
     base, paths = family(tmp_path, shape=(8, 8))
     out = f"{s3}/merged"
@@ -703,7 +703,7 @@ def test_a_local_folder_with_the_upload_marker_is_not_loaded(tmp_path):
 
 
 def test_capture_never_deletes_an_adapter_folder_it_did_not_write(tmp_path):
-    from lightning_merge.outputs import remove_output
+    from lightning_merge.files.outputs import remove_output
 
     folder = tmp_path / "last.adapter"
     folder.mkdir()
@@ -719,7 +719,7 @@ def test_capture_never_deletes_an_adapter_folder_it_did_not_write(tmp_path):
 
 def test_a_continual_state_is_never_created_inside_a_users_folder(tmp_path, s3):
     from lightning_merge import ContinualState
-    from lightning_merge.storage import filesystem
+    from lightning_merge.files.remote import filesystem
 
     base, _ = family(tmp_path)
     proj = tmp_path / "proj"

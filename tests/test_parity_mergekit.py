@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lightning_merge import Expert
-from lightning_merge.cli import main
-from lightning_merge.testing import llama_config, write_llama_family
+from lightning_merge.cli.main import main
+from lightning_merge.tools.testing import llama_config, write_llama_family
 
 
 def _mergekit_yaml():

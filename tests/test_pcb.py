@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_merge import PCB, Expert, Strategy, merge
-from lightning_merge.engine import open_inputs, plan_merge
+from lightning_merge.engine.run import open_inputs, plan_merge
 from lightning_merge.strategies.pcb import model_order_statistics
 
 SHAPES = {"a.weight": (12, 9), "a.bias": (12,), "b.weight": (7, 12), "c.weight": (5, 7)}
@@ -91,8 +91,8 @@ def test_declarations_arguments_and_round_trip():
 
 
 def test_a_recipe_names_it(tmp_path):
-    from lightning_merge.recipe import load_recipe
-    from lightning_merge.safetensors_io import save_tensors
+    from lightning_merge.files.safetensors import save_tensors
+    from lightning_merge.tools.recipe import load_recipe
 
     base, experts = _family(n=2)
     save_tensors(tmp_path / "base.safetensors", base)

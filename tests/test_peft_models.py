@@ -28,8 +28,8 @@ from lightning_merge import (  # noqa: E402
     WeightedMedian,
     merge,
 )
-from lightning_merge.peft_models import add_merged_adapter  # noqa: E402
-from lightning_merge.stats import write_statistics  # noqa: E402
+from lightning_merge.formats.sidecar import write_statistics  # noqa: E402
+from lightning_merge.tools.peft_models import add_merged_adapter  # noqa: E402
 
 STRATEGIES = [
     Linear(), TaskArithmetic(weights=[0.7, 0.5]), Ties(density=0.5), Dare(drop_rate=0.3, combine="ties"),

@@ -67,7 +67,7 @@ def test_a_failure_on_rank_zero_raises_on_every_rank(tmp_path, which, message):
     import torch
     from capture_helpers import Tiny
 
-    from lightning_merge.safetensors_io import save_tensors
+    from lightning_merge.files.safetensors import save_tensors
 
     save_tensors(tmp_path / "base.safetensors", Tiny().state_dict())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}

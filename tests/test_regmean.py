@@ -14,11 +14,11 @@ from capture_helpers import Tiny, TinyLM, ddp_loader, lm_loader, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import Expert, RegMean, merge
-from lightning_merge.activations import compute_grams
 from lightning_merge.callbacks import CurvatureCapture
-from lightning_merge.continual import ContinualError, ContinualState
-from lightning_merge.safetensors_io import save_tensors
-from lightning_merge.stats import Statistics, StatisticsError, write_statistics
+from lightning_merge.capture.grams import compute_grams
+from lightning_merge.continual.state import ContinualError, ContinualState
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.formats.sidecar import Statistics, StatisticsError, write_statistics
 from lightning_merge.strategies import NoContinualForm, Strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_regmean_sanity():
 def test_scale_steps_along_the_merged_task_vector():
     """An extension: θ₀ + s·(RegMean − θ₀) on every tensor; s ≠ 1 needs the base (refused before any tensor);
     sweep_scale chooses s and gives merge() at that s."""
-    from lightning_merge.evaluation import sweep_scale
+    from lightning_merge.tools.evaluation import sweep_scale
 
     base, experts, inputs = _family()
     one = merge(_experts(experts, inputs), base, RegMean())

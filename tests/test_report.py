@@ -14,8 +14,8 @@ pytest.importorskip("matplotlib")
 from capture_helpers import Tiny, loader, trainer  # noqa: E402
 
 from lightning_merge import OPCM, Expert, Fisher, Linear, Ties, WeightedMedian, merge, report  # noqa: E402
-from lightning_merge.cli import main  # noqa: E402
-from lightning_merge.safetensors_io import save_tensors  # noqa: E402
+from lightning_merge.cli.main import main  # noqa: E402
+from lightning_merge.files.safetensors import save_tensors  # noqa: E402
 from lightning_merge.strategies import functional as F  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def test_the_numbers_match_an_independent_computation(tmp_path):
 
 
 def test_median_winners_opcm_shares_and_statistic_masses(tmp_path):
-    from lightning_merge.stats import write_statistics
+    from lightning_merge.formats.sidecar import write_statistics
 
     base_path, paths, base, _ = _family(tmp_path)
     for i in range(len(paths)):
@@ -110,7 +110,7 @@ def test_the_command_line_writes_a_report(tmp_path, capsys):
 
 
 def test_plots_of_sweeps_and_merge_reports(tmp_path):
-    from lightning_merge.evaluation import MergeReport, sweep_scale
+    from lightning_merge.tools.evaluation import MergeReport, sweep_scale
 
     base_path, paths, _, _ = _family(tmp_path)
     result = sweep_scale(Ties(density=0.5), paths, base_path, score=lambda s: -abs(float(

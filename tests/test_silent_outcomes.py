@@ -25,15 +25,15 @@ from lightning_merge import (
     WeightedMedian,
     merge,
 )
-from lightning_merge._finite import DtypeRangeError, dtype_limit
-from lightning_merge.averaging import average_checkpoints
-from lightning_merge.cli import main as cli
-from lightning_merge.evaluation import sweep_scale
-from lightning_merge.lora import AdapterError
-from lightning_merge.recipe import RecipeError, load_recipe
-from lightning_merge.safetensors_io import SafetensorsError, save_tensors
-from lightning_merge.stats import sidecar_path, write_statistics
-from lightning_merge.tall import compress
+from lightning_merge.cli.main import main as cli
+from lightning_merge.files.finite import DtypeRangeError, dtype_limit
+from lightning_merge.files.safetensors import SafetensorsError, save_tensors
+from lightning_merge.formats.lora import AdapterError
+from lightning_merge.formats.sidecar import sidecar_path, write_statistics
+from lightning_merge.formats.tall import compress
+from lightning_merge.tools.averaging import average_checkpoints
+from lightning_merge.tools.evaluation import sweep_scale
+from lightning_merge.tools.recipe import RecipeError, load_recipe
 
 
 def fp16_family(root: Path, value: float = 40000.0) -> tuple[Path, list[Path]]:
@@ -319,7 +319,7 @@ def test_a_safetensors_header_naming_a_tensor_twice_is_refused(tmp_path):
         Expert(_raw_safetensors(tmp_path / "m.safetensors", text, data))
     twice = '{"w": {"dtype": "F32", "dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}'
     with pytest.raises(SafetensorsError, match="names 'dtype' twice"):
-        from lightning_merge.safetensors_io import SafetensorsFile
+        from lightning_merge.files.safetensors import SafetensorsFile
 
         SafetensorsFile(_raw_safetensors(tmp_path / "d.safetensors", twice, data[:4]))
 
@@ -418,7 +418,7 @@ def test_rank_and_alpha_patterns_resolve_as_peft_resolves_them():
     ``….q_proj``; PEFT groups the key, so it applies to the end of the name only."""
     from peft.utils.other import get_pattern_key
 
-    from lightning_merge.lora import _pattern
+    from lightning_merge.formats.lora import _pattern
 
     patterns = {"q_proj|v_proj": 4, r"layers\.1\.k_proj": 6, "o_proj": 2}
     for module in ("model.layers.0.q_proj", "model.layers.0.q_proj_extra", "model.v_proj", "model.layers.1.k_proj",

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from lightning_merge import Expert, StatisticsError
-from lightning_merge.stats import FORMAT, Statistics, names_checksum, rank1_reconstruct, sidecar_path
+from lightning_merge.formats.sidecar import FORMAT, Statistics, names_checksum, rank1_reconstruct, sidecar_path
 
 
 def write_sidecar(path, tensors, kinds, version=1):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lightning_merge import Expert, Fisher, Ties, merge
-from lightning_merge.safetensors_io import load_tensors, save_tensors
-from lightning_merge.stats import Statistics, find_sidecar, sidecar_path, write_statistics
-from lightning_merge.storage import exists, fetch, filesystem, is_url, upload
+from lightning_merge.files.remote import exists, fetch, filesystem, is_url, upload
+from lightning_merge.files.safetensors import load_tensors, save_tensors
+from lightning_merge.formats.sidecar import Statistics, find_sidecar, sidecar_path, write_statistics
 
 pytest.importorskip("s3fs")
 
@@ -84,7 +84,7 @@ def test_a_fisher_merge_of_remote_experts_to_a_remote_folder_equals_the_local_me
 def test_fetch_downloads_once_and_again_only_when_the_object_changes(s3, tmp_path, monkeypatch):
     _, experts = _world(tmp_path / "local", n=1)
     url = _put(experts[0], f"{s3}/e.safetensors")
-    import lightning_merge.storage as storage
+    import lightning_merge.files.remote as storage
 
     calls = []
     real = storage._fetch_file
@@ -221,7 +221,7 @@ def test_checkpoint_averaging_reads_and_writes_a_bucket(s3, tmp_path):
     torch.testing.assert_close(saved["state_dict"]["net.0.weight"], expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(model.state_dict()["net.0.weight"], expected, rtol=1e-6, atol=1e-7)
 
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
 
     assert main(["average", *paths, "--out", f"{s3}/avg/cli.ckpt"]) == 0  # the command line takes URLs too
     by_cli = torch.load(fetch(f"{s3}/avg/cli.ckpt"), weights_only=True)
@@ -230,7 +230,7 @@ def test_checkpoint_averaging_reads_and_writes_a_bucket(s3, tmp_path):
 
 
 def test_cli_merges_a_recipe_of_urls_into_a_bucket(s3, tmp_path, capsys):
-    from lightning_merge.cli import main
+    from lightning_merge.cli.main import main
 
     base, experts = _world(tmp_path / "local")
     for p in [base, *experts]:
@@ -348,7 +348,7 @@ def test_a_lost_compare_and_swap_commits_nothing_and_the_retry_folds_on_top(s3, 
 
 
 def test_a_crash_while_uploading_a_generation_leaves_the_committed_state(s3, tmp_path, monkeypatch):
-    import lightning_merge.continual as continual
+    import lightning_merge.continual.state as continual
     from lightning_merge import ContinualState, Linear
 
     base, paths = _family(tmp_path / "family")

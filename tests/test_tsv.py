@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lightning_merge import TSVMerge, merge
-from lightning_merge.evaluation import sweep_scale
 from lightning_merge.strategies import Strategy
 from lightning_merge.strategies.tsv import task_singular_vectors
+from lightning_merge.tools.evaluation import sweep_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]

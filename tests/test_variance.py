@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_merge.variance import VarianceCorrection
+from lightning_merge.tools.variance import VarianceCorrection
 
 
 def _mlp(seed: int) -> nn.Module:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from lightning_merge.errors import RankZeroError
+
 T = TypeVar("T")
 
-
-class RankZeroError(RuntimeError):
-    """Raised on the other ranks when the work rank 0 did for all of them failed."""
 
 
 def on_rank_zero(trainer: Any, fn: Callable[[], T], what: str) -> T | None:

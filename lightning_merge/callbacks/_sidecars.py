@@ -12,8 +12,8 @@ from typing import Any
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from lightning_merge.outputs import remove_output
-from lightning_merge.stats import sidecar_path
+from lightning_merge.files.outputs import remove_output
+from lightning_merge.formats.sidecar import sidecar_path
 
 
 class SidecarWriter:

@@ -11,16 +11,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_merge.averaging import (
+from lightning_merge.callbacks._checks import capture_of, captures_kind
+from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.files.remote import basename, glob, is_url, join
+from lightning_merge.tools.averaging import (
     WEIGHTINGS,
     average_checkpoints,
     distinct_checkpoints,
     read_info,
     select_checkpoints,
 )
-from lightning_merge.callbacks._checks import capture_of, captures_kind
-from lightning_merge.callbacks._distributed import on_rank_zero
-from lightning_merge.storage import basename, glob, is_url, join
 
 SELECTS = ("top_k", "last", "window", "all")
 
@@ -152,7 +152,7 @@ class CheckpointAveraging(Callback):
     def average(self, trainer: pl.Trainer) -> dict[str, Any]:
         """The average of this fit (computed now if it has not been; every rank must call it), as a state dict:
         what :class:`~lightning_merge.callbacks.MergeOnFitEnd` merges as the trained model."""
-        from lightning_merge.experts import Expert
+        from lightning_merge.sources.expert import Expert
 
         if self._averaged_at != trainer.global_step or self.averaged_path is None:
             self._average(trainer, load=False)
@@ -165,7 +165,7 @@ class CheckpointAveraging(Callback):
             rank_zero_info(f"CheckpointAveraging: the module keeps the merge of the average ({self.merged_by})")
             return
         if self.load_averaged and self.averaged_path is not None:
-            from lightning_merge.experts import Expert
+            from lightning_merge.sources.expert import Expert
 
             averaged = Expert(self.averaged_path)
             pl_module.load_state_dict({n: averaged.tensor(n) for n in averaged.names()}, strict=True)

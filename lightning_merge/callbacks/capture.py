@@ -10,9 +10,9 @@ What it records, per trainable parameter (names as in the LightningModule's ``st
   token-mean losses (Hugging Face's) give the per-sequence Fisher (:mod:`._fisher_accumulator`); steps with
   non-finite gradients are skipped and counted.
 - ``fisher.example`` / ``fisher.true``: optionally, after fit, the per-example empirical or the sampled true
-  Fisher over a dataloader (:mod:`._post_fit`, :mod:`lightning_merge.fisher`).
+  Fisher over a dataloader (:mod:`._post_fit`, :mod:`lightning_merge.capture.fisher`).
 - ``gram``: optionally, each trained linear layer's input Gram matrix Σ xxᵀ (the statistic of
-  :class:`~lightning_merge.RegMean`), during training or after the fit (:mod:`lightning_merge.activations`).
+  :class:`~lightning_merge.RegMean`), during training or after the fit (:mod:`lightning_merge.capture.grams`).
 
 Where it goes: a sidecar ``X.statistics.safetensors`` next to every checkpoint ``X.ckpt`` the Trainer writes
 (ModelCheckpoint's top-k and ``last``, ``trainer.save_checkpoint``, OnExceptionCheckpoint), deleted when
@@ -37,15 +37,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_merge.activations import GramAccumulator, gram_modules
 from lightning_merge.callbacks._distributed import on_rank_zero
-from lightning_merge.callbacks._fisher_accumulator import REDUCTIONS, BatchCounts, BatchFisher
-from lightning_merge.callbacks._post_fit import LOADERS, MissingLoader, post_fit_fisher, post_fit_grams, reduce_grams
-from lightning_merge.callbacks._second_moments import cpu_float, has_second_moments, read_second_moments
 from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
-from lightning_merge.fisher import ESTIMATORS, batch_counts
-from lightning_merge.outputs import remove_output
-from lightning_merge.stats import (
+from lightning_merge.capture.fisher import ESTIMATORS, batch_counts
+from lightning_merge.capture.fisher_accumulator import REDUCTIONS, BatchCounts, BatchFisher
+from lightning_merge.capture.grams import GramAccumulator, gram_modules
+from lightning_merge.capture.post_fit import LOADERS, MissingLoader, post_fit_fisher, post_fit_grams, reduce_grams
+from lightning_merge.capture.second_moments import cpu_float, has_second_moments, read_second_moments
+from lightning_merge.files.outputs import remove_output
+from lightning_merge.files.remote import is_url, join, staged
+from lightning_merge.formats.sidecar import (
     COMPRESSIONS,
     GRAM,
     GRAM_FORMS,
@@ -57,7 +58,6 @@ from lightning_merge.stats import (
     tensor_fingerprint,
     write_statistics,
 )
-from lightning_merge.storage import is_url, join, staged
 
 STATE_VERSION = 2
 
@@ -768,10 +768,10 @@ class CurvatureCapture(Callback):
     def _write_adapter(self, folder: Path | str, adapter: tuple, statistics: dict, kinds: dict,
                        metadata: dict) -> None:
         """An adapter folder as PEFT writes one, with ``statistics.safetensors`` keyed like its weights; atomic."""
-        from lightning_merge.io import commit, fsync_tree, partial_path
-        from lightning_merge.outputs import check_output_path
-        from lightning_merge.ownership import write_record
-        from lightning_merge.safetensors_io import save_tensors
+        from lightning_merge.files.atomic import commit, fsync_tree, partial_path
+        from lightning_merge.files.outputs import check_output_path
+        from lightning_merge.files.ownership import write_record
+        from lightning_merge.files.safetensors import save_tensors
 
         if isinstance(folder, str):  # object storage: written locally, uploaded weights last
             with staged(folder) as local:
@@ -843,9 +843,9 @@ def _rename_meta(meta: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, 
 
 def _save_weights(state: Mapping[str, Tensor] | None, path: Path | str, what: str = "weights") -> None:
     """Save a state dict as safetensors atomically (tensors sharing storage, tied weights, become copies), marked as
-    an output of lightning-merge: it replaces only an earlier one (see :mod:`lightning_merge.ownership`)."""
-    from lightning_merge.ownership import marked
-    from lightning_merge.safetensors_io import save_tensors
+    an output of lightning-merge: it replaces only an earlier one (see :mod:`lightning_merge.files.ownership`)."""
+    from lightning_merge.files.ownership import marked
+    from lightning_merge.files.safetensors import save_tensors
 
     assert state is not None
     save_tensors(path, {key: value.detach().to("cpu") for key, value in state.items()},

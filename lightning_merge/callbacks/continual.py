@@ -54,7 +54,7 @@ class ContinualMerge(Callback):
         on_missing: str | None = None,
     ) -> None:
         super().__init__()
-        from lightning_merge.continual import ON_MISSING
+        from lightning_merge.continual.state import ON_MISSING
 
         if on_missing is not None and on_missing not in ON_MISSING:
             raise ValueError(f"ContinualMerge: on_missing must be one of {', '.join(ON_MISSING)}, got {on_missing!r}")
@@ -85,9 +85,9 @@ class ContinualMerge(Callback):
             return
 
         from lightning_merge.callbacks._checks import check_experts_match, check_statistics
-        from lightning_merge.continual import ContinualState
-        from lightning_merge.experts import Expert
-        from lightning_merge.storage import exists, join
+        from lightning_merge.continual.state import ContinualState
+        from lightning_merge.files.remote import exists, join
+        from lightning_merge.sources.expert import Expert
 
         who = "ContinualMerge"
         if exists(join(str(self.state), "state.json")):
@@ -132,8 +132,8 @@ class ContinualMerge(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_merge.callbacks.capture import CurvatureCapture
-        from lightning_merge.continual import ContinualState
-        from lightning_merge.experts import Expert
+        from lightning_merge.continual.state import ContinualState
+        from lightning_merge.sources.expert import Expert
 
         captures = [c for c in trainer.callbacks if isinstance(c, CurvatureCapture)]
         statistics = captures[0].finalize(after_fit=True) if captures else None  # every rank
@@ -142,7 +142,7 @@ class ContinualMerge(Callback):
         def fold() -> None:
             from pathlib import Path
 
-            from lightning_merge.storage import exists, join
+            from lightning_merge.files.remote import exists, join
 
             if exists(join(str(self.state), "state.json")):
                 state = ContinualState(self.state)
@@ -174,7 +174,7 @@ class ContinualMerge(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.load_merged:
-            from lightning_merge.continual import ContinualState
+            from lightning_merge.continual.state import ContinualState
 
             ContinualState(self.state).load_into(pl_module)
 

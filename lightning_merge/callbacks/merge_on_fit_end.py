@@ -15,11 +15,11 @@ from torch import Tensor
 
 from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selected
 from lightning_merge.callbacks._distributed import on_rank_zero
-from lightning_merge.outputs import check_not_an_input
-from lightning_merge.storage import exists as remote_exists
-from lightning_merge.storage import is_url, join, output_file, redact
+from lightning_merge.files.outputs import check_not_an_input
+from lightning_merge.files.remote import exists as remote_exists
+from lightning_merge.files.remote import is_url, join, output_file, redact
+from lightning_merge.files.torch_load import save_torch_file
 from lightning_merge.strategies.base import Strategy
-from lightning_merge.torch_io import save_torch_file
 
 SNAPSHOTS = ("disk", "memory")
 
@@ -134,7 +134,7 @@ class MergeOnFitEnd(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_merge.experts import Expert
+        from lightning_merge.sources.expert import Expert
 
         who = "MergeOnFitEnd"
         experts = [Expert(path) for path in self.experts]
@@ -203,7 +203,7 @@ class MergeOnFitEnd(Callback):
         # Loaded here, after every callback's on_train_end, so that those still see the trained weights (a
         # CurvatureCapture saves them as final.safetensors). Every rank reads the same file: no collective.
         if self.load_merged and self.merged_path is not None:
-            from lightning_merge.experts import Expert
+            from lightning_merge.sources.expert import Expert
 
             merged_expert = Expert(self.merged_path)
             loaded = {name: merged_expert.tensor(name) for name in merged_expert.names()}
@@ -211,8 +211,8 @@ class MergeOnFitEnd(Callback):
 
     # -- merging -------------------------------------------------------------------------------------------------
     def _merge(self, state: Mapping[str, Tensor], statistics: Any, trainer: Any = None) -> dict[str, Tensor]:
-        from lightning_merge.engine import merge
-        from lightning_merge.experts import Expert
+        from lightning_merge.engine.run import merge
+        from lightning_merge.sources.expert import Expert
 
         trained = Expert({k: v.detach().cpu() for k, v in state.items()}, statistics=statistics, name="trained")
         others = [Expert(path) for path in self.experts]
@@ -243,7 +243,7 @@ class MergeOnFitEnd(Callback):
     def _log(self, trainer: Any, experts: list[Any], base: Any) -> None:
         """The merge's diagnosis (an extra read pass over the experts) to the Trainer's loggers."""
         from lightning_merge.callbacks._logging import log_to_loggers, report_summary
-        from lightning_merge.diagnostics import report
+        from lightning_merge.tools.diagnostics import report
 
         diagnosis = report(experts, base, self.strategy, include=self.include, exclude=self.exclude,
                            on_missing_statistic=self.on_missing_statistic, progress=False)

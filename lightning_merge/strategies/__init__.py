@@ -20,11 +20,13 @@ from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.opcm import OPCM
 from lightning_merge.strategies.pcb import PCB
+from lightning_merge.strategies.plan import MergePlan
 from lightning_merge.strategies.regmean import RegMean
 from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
 from lightning_merge.strategies.tsv import TSVMerge
 
 __all__ = [
+    "MergePlan",
     "SPARSIFIERS",
     "STRATEGIES",
     "Breadcrumbs",

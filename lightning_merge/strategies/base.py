@@ -24,18 +24,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_merge._text import brief
-from lightning_merge.stats import StatisticsError
+from lightning_merge.errors import NoContinualForm
+from lightning_merge.files.text import brief
+from lightning_merge.formats.sidecar import StatisticsError
 
 if TYPE_CHECKING:
-    from lightning_merge.engine import MergePlan
+    from lightning_merge.strategies.plan import MergePlan
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 PerExpert = float | list[float] | None
 
-
-class NoContinualForm(ValueError):
-    """The strategy cannot fold experts one at a time (the message says why and what to use instead)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from lightning_merge.strategies.linear import TaskArithmetic, TaskVectorMerge, _
 from lightning_merge.strategies.sparsify import SCOPES, SPARSIFIERS, Sparsification
 
 if TYPE_CHECKING:
-    from lightning_merge.engine import MergePlan
+    from lightning_merge.strategies.plan import MergePlan
 
 
 def _check_order(owner: str, order: list[int] | None, n: int) -> None:
@@ -202,7 +202,7 @@ class Consensus(Generalized):
     least ``k`` masks keep survive: ``θ = θ₀ + scale · 1[Σ mᵢ ≥ k] ⊙ τ_MTL``. ``k = 0`` is plain τ_MTL, ``k > N``
     gives θ₀; ``k = 2`` removes "selfish" weights (one task only) and "catastrophic" ones (no task).
 
-    For storing N experts as one task vector plus N bit-masks, see :func:`lightning_merge.tall.compress`.
+    For storing N experts as one task vector plus N bit-masks, see :func:`lightning_merge.formats.tall.compress`.
 
     Args:
         consensus_k: the number k of task masks that must keep an entry (2 in the paper).

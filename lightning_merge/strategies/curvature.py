@@ -2,7 +2,7 @@
 and the Fisher-weighted median (DRIFT-MEDIAN style). Formulas: ALGORITHMS.md, "Curvature-aware".
 
 Each produces a merged task vector τ* and returns θ₀ + scale·τ*; scale = 1 is the plain weighted average, and
-it needs tuning on validation data like task arithmetic's (``lightning_merge.evaluation.sweep_scale``).
+it needs tuning on validation data like task arithmetic's (``lightning_merge.tools.evaluation.sweep_scale``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_merge.stats import FISHER_ESTIMATORS
+from lightning_merge.formats.sidecar import FISHER_ESTIMATORS
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.base import (
     TINY,
@@ -35,7 +35,7 @@ from lightning_merge.strategies.base import (
 )
 
 if TYPE_CHECKING:
-    from lightning_merge.engine import MergePlan
+    from lightning_merge.strategies.plan import MergePlan
 
 
 _NORMALIZE_REMEDY = "pass normalize=False"

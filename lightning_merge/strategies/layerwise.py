@@ -4,7 +4,7 @@ Blocks are numbered as LiNeS numbers them (the first integer component of a tens
 3), or named by any other ``pattern`` (its group; ``r"^(.*)$"`` gives every tensor its own coefficients, as
 AdaMerging's layer-wise mode learns them). The coefficients usually come from
 :func:`lightning_merge.quadratic_coefficients` with ``per_block=True``, from
-:class:`lightning_merge.adamerging.AdaMerging`, or from a per-layer search of your own.
+:class:`lightning_merge.tools.adamerging.AdaMerging`, or from a per-layer search of your own.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from lightning_merge.strategies.base import (
 from lightning_merge.strategies.sparsify import RESCALES, SCOPES, Sparsification
 
 if TYPE_CHECKING:
-    from lightning_merge.engine import MergePlan
+    from lightning_merge.strategies.plan import MergePlan
 
 WEIGHTINGS = (None, "fisher", "ota")
 ELECTIONS = (None, "weighted", "unweighted")

@@ -6,7 +6,7 @@ components along the leading singular directions of Sₜ₋₁ (the projection d
 each tensor's Sₜ evolves on its own; only the final rescale is global). Order matters.
 
 Used by :class:`OPCM` (a batch merge of experts in the given order) and by the continual state
-(:mod:`lightning_merge.continual`) through :meth:`OPCM.continual_form`, which persists Sₜ and the norms so adding
+(:mod:`lightning_merge.continual.state`) through :meth:`OPCM.continual_form`, which persists Sₜ and the norms so adding
 expert t+1 never re-reads 1..t.
 """
 
@@ -31,7 +31,7 @@ from lightning_merge.strategies.base import (
 )
 
 if TYPE_CHECKING:
-    from lightning_merge.engine import MergePlan
+    from lightning_merge.strategies.plan import MergePlan
 
 DEFAULT_NOT_LINEAR = (
     r"(^|\.)(embed_tokens|embeddings?|word_embeddings|position_embeddings|token_type_embeddings|wte|wpe|lm_head"

@@ -26,7 +26,7 @@ from torch import Tensor
 from lightning_merge.strategies.base import Prepared, Strategy, check_number
 
 if TYPE_CHECKING:
-    from lightning_merge.engine import MergePlan
+    from lightning_merge.strategies.plan import MergePlan
 
 _BINS = 1 << 16
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_merge.strategies import functional as F
 
 if TYPE_CHECKING:
-    from lightning_merge.engine import MergePlan
+    from lightning_merge.strategies.plan import MergePlan
 
 #: method → what it keeps (the docstrings of the presets give the exact rules).
 SPARSIFIERS = {

@@ -1,0 +1,367 @@
+"""mergekit-format recipes: read a YAML file, check everything (methods, parameters, files, architectures)
+before any tensor is merged, and build the experts and the strategy with mergekit's semantics."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_merge.engine.run import parse_dtype
+from lightning_merge.errors import RecipeError
+from lightning_merge.files.remote import is_url, redact
+from lightning_merge.files.text import brief
+from lightning_merge.formats.sidecar import fetch_with_sidecar
+from lightning_merge.sources.expert import Expert
+from lightning_merge.strategies import STRATEGIES, Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
+
+log = logging.getLogger("lightning_merge")
+
+# mergekit method → (class, fixed arguments, default normalize, per-model parameters, shared parameters)
+_MERGEKIT: dict[str, tuple[type[Strategy], dict[str, Any], bool | None, tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (Linear, {}, True, ("weight",), ("normalize",)),
+    "task_arithmetic": (TaskArithmetic, {}, False, ("weight",), ("normalize", "lambda", "rescale", "int8_mask")),
+    "ties": (Ties, {"election": "weighted", "topk": "tensor"}, True, ("weight", "density"),
+             ("normalize", "lambda", "rescale", "int8_mask")),
+    "dare_linear": (Dare, {"combine": "linear"}, False, ("weight", "density"),
+                    ("normalize", "lambda", "rescale", "int8_mask")),
+    "dare_ties": (Dare, {"combine": "ties", "election": "weighted"}, False, ("weight", "density"),
+                  ("normalize", "lambda", "rescale", "int8_mask")),
+    "breadcrumbs": (Breadcrumbs, {}, False, ("weight", "density", "gamma"),
+                    ("normalize", "lambda", "rescale", "int8_mask")),
+    "breadcrumbs_ties": (Breadcrumbs, {"election": "weighted"}, False, ("weight", "density", "gamma"),
+                         ("normalize", "lambda", "rescale", "int8_mask")),
+}
+# Parameters mergekit knows for some method: given to a method that does not use them, mergekit ignores them (and
+# published recipes rely on it), so they are ignored here with a warning; a name no method knows is an error.
+_MERGEKIT_PARAMETERS = {"weight", "density", "normalize", "lambda", "rescale", "int8_mask", "gamma", "epsilon", "k",
+                        "select_topk", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "lambda_"}
+# This project's arguments accepted with a mergekit method name (they extend mergekit's method).
+_EXTENSIONS = {"ties": ("topk", "election", "weighting"), "task_arithmetic": ("election", "weighting"),
+               "dare_linear": ("weighting", "seed"), "dare_ties": ("weighting", "seed", "election"),
+               "breadcrumbs": ("weighting", "election"), "breadcrumbs_ties": ("weighting", "election")}
+_TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
+_REFUSED = {
+    "slices": "layer slices (frankenmerges)",
+    "tokenizer_source": "tokenizer merging",
+    "tokenizer": "tokenizer merging",
+    "chat_template": "chat templates",
+    "modules": "per-module merge definitions",
+}
+
+
+
+@dataclass
+class Recipe:
+    """A checked recipe: experts opened (headers read), base, strategy and output dtype."""
+
+    path: Path
+    experts: list[Expert]
+    base: Expert | None
+    strategy: Strategy
+    dtype: Any
+
+
+#: the most values a recipe may expand to: YAML anchors and aliases let a few lines name a list of billions of numbers
+MAX_VALUES = 100_000
+
+
+def check_expansion(value: Any, where: str, limit: int = MAX_VALUES) -> None:
+    """Refuse a value (a loaded recipe, a ``--set`` value) that expands to more than ``limit`` values, or that
+    contains itself: YAML aliases make both from a few lines, and reading, checking or printing one would take
+    hours or the machine's memory. The count stops at the limit, so the check itself is quick.
+
+    Raises:
+        RecipeError: naming ``where`` and the key where the limit was crossed.
+    """
+    stack: list[tuple[Any, str, frozenset[int]]] = [(value, "", frozenset())]
+    seen = 0
+    while stack:
+        item, key, above = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise RecipeError(f"{where}{' at ' + key if key else ''} expands to more than {limit:,} values (YAML "
+                              "anchors and aliases repeating a list?); a merge takes numbers and short lists")
+        if isinstance(item, (Mapping, list, tuple)):
+            if id(item) in above:
+                raise RecipeError(f"{where}{' at ' + key if key else ''} contains itself (a YAML alias inside its own "
+                                  "anchor)")
+            inner = above | {id(item)}
+            pairs = item.items() if isinstance(item, Mapping) else enumerate(item)
+            for k, v in pairs:
+                if isinstance(item, Mapping):
+                    label = f"{key}.{k}" if key else str(k)
+                else:  # a list's entries: indexed when they are entries of their own (models[0]), else the list
+                    label = f"{key}[{k}]" if isinstance(v, Mapping) else key
+                stack.append((v, label, inner))
+
+
+def _existing(ref: str, recipe: Path, where: str, urls: dict[Path, str]) -> Path:
+    if is_url(ref):  # object storage: the local copy (fetched once, with its sidecar); named by its URL
+        try:
+            local = fetch_with_sidecar(ref)
+        except FileNotFoundError:
+            raise RecipeError(f"{recipe}: {where} '{redact(ref)}' not found (nothing exists at that URL)") from None
+        urls[local] = ref
+        return local
+    path = Path(os.path.expanduser(ref))
+    if not path.is_absolute():
+        path = recipe.parent / path
+    if not path.exists():
+        raise RecipeError(
+            f"{recipe}: {where} '{ref}' not found (looked for '{path}'); paths are relative to the recipe, and hub "
+            f"model ids are not downloaded: download the model first and give its folder"
+        )
+    return path
+
+
+def _resolve_model(ref: Any, recipe: Path, where: str, urls: dict[Path, str]) -> tuple[Path, Path | None]:
+    """``(model path, LoRA adapter path or None)`` of a mergekit model reference: a path, ``{path: ...}``,
+    ``{model: {path: ...}, lora: {path: ...}}``, or the ``"model+lora"`` shorthand."""
+    lora: Any = None
+    if isinstance(ref, Mapping):
+        if "path" in ref and len(ref) == 1:
+            ref = ref["path"]
+        elif "model" in ref and isinstance(ref["model"], Mapping) and set(ref["model"]) == {"path"} and \
+                set(ref) <= {"model", "lora"}:
+            lora = ref.get("lora")
+            if isinstance(lora, Mapping):
+                lora = lora.get("path")
+            ref = ref["model"]["path"]
+        else:
+            raise RecipeError(f"{recipe}: {where} must be a path, got {brief(ref)}")
+    if not isinstance(ref, str):
+        raise RecipeError(f"{recipe}: {where} must be a path string, got {brief(ref)}")
+    if lora is None and "+" in ref and not is_url(ref) and not (recipe.parent / ref).exists() and \
+            not Path(ref).exists():
+        ref, lora = ref.split("+", 1)
+    path = _existing(ref, recipe, where, urls)
+    if lora is None:
+        return path, None
+    if not isinstance(lora, str):
+        raise RecipeError(f"{recipe}: {where}'s lora must be a path, got {brief(lora)}")
+    adapter = _existing(lora, recipe, f"{where} (its LoRA)", urls)
+    if not _is_adapter(adapter):
+        raise RecipeError(f"{recipe}: {where}'s LoRA '{lora}' is not a PEFT adapter folder (no adapter_config.json)")
+    return path, adapter
+
+
+def _check_scalar(value: Any, recipe: Path, where: str) -> None:
+    if isinstance(value, (list, Mapping)):
+        raise RecipeError(
+            f"{recipe}: {where} is a list or a mapping: per-layer gradients and 'filter' values are not supported; "
+            f"give one number"
+        )
+
+
+def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
+                trust_checkpoint: bool = False) -> Recipe:
+    """Read and check a recipe; open every model's header. Reads no tensor data.
+
+    Args:
+        path: the YAML recipe (mergekit's format, or one of this project's methods with its arguments).
+        overrides: ``--set key=value`` pairs applied to the strategy's arguments.
+        trust_checkpoint: allow unpickling ``.ckpt`` files (only for files you trust).
+
+    Raises:
+        RecipeError: unknown method or parameter, unsupported mergekit feature, missing file.
+    """
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe '{path}' does not exist") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe '{path}' is not valid YAML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe '{path}' is not UTF-8 text ({err.reason} at byte {err.start}): is it a model file "
+                          "rather than the YAML recipe?") from None
+    if not isinstance(config, Mapping):
+        raise RecipeError(f"recipe '{path}' must be a mapping with merge_method and models")
+    check_expansion(config, f"{path}: the recipe")
+    if overrides:
+        check_expansion(dict(overrides), f"{path}: --set")
+    for key, what in _REFUSED.items():
+        if key in config:
+            raise RecipeError(f"{path}: '{key}' ({what}) is a mergekit feature lightning-merge does not implement")
+    unknown = sorted(set(config) - _TOP_LEVEL)
+    if unknown:
+        raise RecipeError(
+            f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected {', '.join(sorted(_TOP_LEVEL))}"
+        )
+    method = config.get("merge_method")
+    exact = config.get("strategy")
+    if exact is not None:
+        if method is not None or config.get("parameters"):
+            raise RecipeError(
+                f"{path}: give either 'strategy' (this project's strategy as Strategy.to_dict() writes it) or "
+                "'merge_method' with 'parameters' (mergekit's form), not both"
+            )
+        if not isinstance(exact, Mapping):
+            raise RecipeError(f"{path}: 'strategy' must be a mapping such as {{name: ties, density: 0.2}}")
+        method = exact.get("name", exact.get("class_path"))
+    if method is None:
+        raise RecipeError(f"{path}: 'merge_method' is missing")
+    if exact is None and method not in _MERGEKIT and method not in STRATEGIES:
+        known = sorted(set(_MERGEKIT) | set(STRATEGIES))
+        raise RecipeError(f"{path}: merge_method {brief(method)} is not supported; supported: {', '.join(known)}")
+
+    base_path = None
+    urls: dict[Path, str] = {}  # local copies of models given as URLs -> the URL (their display name)
+    if config.get("base_model"):
+        base_path, base_lora = _resolve_model(config["base_model"], path, "base_model", urls)
+        if base_lora is not None:
+            raise RecipeError(f"{path}: base_model with a LoRA is not supported: merge the adapter into it first")
+    shared = dict(config.get("parameters") or {})
+    if method in _MERGEKIT:  # this project's methods take lists (order) and mappings (LiNeS' inner) as they are
+        for key, value in shared.items():
+            _check_scalar(value, path, f"parameters.{key}")
+
+    models = config.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise RecipeError(f"{path}: 'models' must be a non-empty list")
+    entries: list[tuple[Path, dict[str, Any]]] = []
+    adapter_bases: dict[Path, Path] = {}
+    for i, entry in enumerate(models):
+        if not isinstance(entry, Mapping) or "model" not in entry:
+            raise RecipeError(f"{path}: models[{i}] must be a mapping with a 'model' key")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise RecipeError(f"{path}: models[{i}] has unknown key(s) {', '.join(extra)}")
+        model_path, lora_path = _resolve_model(entry["model"], path, f"models[{i}].model", urls)
+        if lora_path is not None:  # mergekit's model+lora: the adapter, over that model
+            adapter_bases[lora_path] = model_path
+            model_path = lora_path
+        params = dict(entry.get("parameters") or {})
+        for key, value in params.items():
+            _check_scalar(value, path, f"models[{i}].parameters.{key}")
+        if base_path is not None and model_path.resolve() == base_path.resolve() and method != "linear" and \
+                exact is None:
+            continue  # mergekit lists the base among the models; it is not a task vector
+        entries.append((model_path, params))
+    if not entries:
+        raise RecipeError(f"{path}: no model to merge besides the base")
+
+    if exact is not None:
+        per_model = [i for i, (_, params) in enumerate(entries) if params]
+        if per_model:
+            raise RecipeError(
+                f"{path}: models[{per_model[0]}] has parameters, but with 'strategy' every argument is the strategy's "
+                "(per-expert values as lists in it, in the order of models)"
+            )
+        try:
+            strategy = Strategy.from_dict({**exact, **(overrides or {})})
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"{path}: strategy: {err}") from None
+    else:
+        strategy = _build_strategy(method, shared, [p for _, p in entries], overrides or {}, path)
+    if strategy.needs_base and base_path is None:
+        raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
+    dtype = config.get("out_dtype") or config.get("dtype")
+    try:
+        dtype = parse_dtype(dtype, "dtype")
+    except ValueError as err:
+        raise RecipeError(f"{path}: {err}") from None
+    def open_model(local: Path, **kwargs: Any) -> Expert:
+        expert = Expert(local, trust_checkpoint=trust_checkpoint, name=redact(urls.get(local, str(local))), **kwargs)
+        expert.url = urls.get(local)  # named by its URL (redacted); the merge's output must not be that URL
+        return expert
+
+    base = open_model(base_path) if base_path is not None else None
+    experts = []
+    for p, _ in entries:
+        adapter_base: Any = None
+        if _is_adapter(p):
+            named = adapter_bases.get(p)
+            adapter_base = base if named is None or (base_path and named.resolve() == base_path.resolve()) else named
+        experts.append(open_model(p, base=adapter_base))
+    return Recipe(path, experts, base, strategy, dtype)
+
+
+def _is_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").exists()
+
+
+def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[str, Any]],
+                    overrides: Mapping[str, Any], recipe: Path) -> Strategy:
+    if method in _MERGEKIT:
+        cls, fixed, default_normalize, model_params, shared_params = _MERGEKIT[method]
+        extensions = set(_EXTENSIONS.get(method, ()))
+        allowed_shared = set(shared_params) | set(model_params) | extensions
+        shared = {k: v for k, v in shared.items() if _accepted(k, allowed_shared, method, "parameters", recipe)}
+        per_model = [
+            {k: v for k, v in params.items() if _accepted(k, set(model_params), method, f"models[{i}].parameters",
+                                                          recipe)}
+            for i, params in enumerate(per_model)
+        ]
+
+        def per_expert(key: str, default: float | None) -> list[float]:
+            values = []
+            for i, params in enumerate(per_model):
+                where = f"models[{i}].parameters.{key}" if key in params else f"parameters.{key}"
+                value = params.get(key, shared.get(key, default))
+                if value is None:
+                    raise RecipeError(f"{recipe}: models[{i}] has no '{key}' (mergekit requires it for '{method}')")
+                values.append(_number(value, recipe, where))
+            return values
+
+        kwargs: dict[str, Any] = dict(fixed)
+        kwargs["weights"] = per_expert("weight", None)
+        kwargs["normalize"] = _boolean(shared.get("normalize", default_normalize), recipe, "parameters.normalize")
+        if cls is not Linear:
+            kwargs["scale"] = _number(shared.get("lambda", 1.0), recipe, "parameters.lambda")
+            rescale = _boolean(shared.get("rescale", cls is Dare), recipe, "parameters.rescale")
+            kwargs["rescale"] = "l1" if rescale else "none"
+        for key in extensions:
+            if key in shared:
+                kwargs[key] = shared[key]
+        if cls is Ties or cls is Breadcrumbs:
+            kwargs["density"] = per_expert("density", 1.0)
+        if cls is Breadcrumbs:
+            kwargs["gamma"] = per_expert("gamma", 0.01)
+        if cls is Dare:
+            kwargs["drop_rate"] = [1.0 - d for d in per_expert("density", 1.0)]
+        spec = {"name": cls.name, **kwargs, **overrides}
+    else:
+        spec = {"name": method, **shared, **overrides}
+        weights = [p.pop("weight", None) for p in per_model]
+        if any(w is not None for w in weights):
+            spec["weights"] = [1.0 if w is None else _number(w, recipe, f"models[{i}].parameters.weight")
+                               for i, w in enumerate(weights)]
+        for i, params in enumerate(per_model):
+            if params:
+                raise RecipeError(f"{recipe}: models[{i}].parameters {', '.join(params)}: only 'weight' is per model "
+                                  f"for '{method}'; put other parameters under 'parameters'")
+    try:
+        return Strategy.from_dict(spec)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{recipe}: {err}") from None
+
+
+def _accepted(key: str, allowed: set[str], method: str, where: str, recipe: Path) -> bool:
+    """Whether a mergekit parameter is used; mergekit's own parameters that this method ignores are dropped with a
+    warning (as mergekit ignores them), unknown names are errors."""
+    if key in allowed:
+        return True
+    if key in _MERGEKIT_PARAMETERS:
+        log.warning("%s: %s.%s is ignored by '%s' (as mergekit ignores it)", recipe, where, key, method)
+        return False
+    raise RecipeError(f"{recipe}: {where}.{key} is not a parameter of '{method}'; it takes: "
+                      f"{', '.join(sorted(allowed))}")
+
+
+def _number(value: Any, recipe: Path, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{recipe}: {where} must be a number, got {brief(value)}")
+    return float(value)
+
+
+def _boolean(value: Any, recipe: Path, where: str) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise RecipeError(f"{recipe}: {where} must be true or false, got {brief(value)}")
