@@ -250,6 +250,17 @@ def test_the_table_is_what_the_note_reports():
 # -- writes the filesystem refuses (item 13) -------------------------------------------------------------------------
 
 
+def test_a_recipe_nested_thousands_deep_is_one_line_naming_it(tmp_path, capsys):
+    base, paths = family(tmp_path)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {paths[0]}\n"
+                    "    parameters: {weight: " + "[" * 5000 + "1" + "]" * 5000 + "}\n")
+    with pytest.raises(RecipeError, match=f"recipe '{re.escape(str(deep))}' nests lists or mappings too deeply"):
+        load_recipe(deep)
+    assert cli(["merge", str(deep), str(tmp_path / "out")]) == 2
+    assert "nests lists or mappings too deeply" in one_line(capsys) and not (tmp_path / "out").exists()
+
+
 def test_a_full_disk_names_the_output_and_leaves_the_previous_one(tmp_path, monkeypatch, capsys):
     base, paths = family(tmp_path)
     merge(paths, base, Linear(), tmp_path / "out")
