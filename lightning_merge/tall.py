@@ -72,7 +72,8 @@ def compress(
     Args:
         experts: the experts (paths, state dicts, modules or :class:`~lightning_merge.Expert`).
         base: the model they were fine-tuned from (needed again to recover them).
-        out: the folder to write (written atomically: a crash leaves no folder, or the previous one).
+        out: the local folder to write (written atomically: a crash leaves no folder, or the previous one; a URL
+            is refused: compress locally, then upload the folder).
         tall_lambda: λᵢ of the masks, one number or one per expert; larger keeps fewer entries (0.2..0.6 in the
             paper; pick it by the recovered experts' validation scores).
         strategy: how τ_MTL is formed (a strategy with a base; its merged task vector is stored). Default:
@@ -82,12 +83,12 @@ def compress(
     Returns:
         The compressed experts, opened.
     """
-    out = Path(out)
     experts_opened, base_expert = open_inputs(experts, base)
     if base_expert is None:
         raise ValueError("TALL compression needs base= the model the experts were fine-tuned from")
     inputs = [s for e in [*experts_opened, base_expert] for s in e.sources()]
     check_output_path(out, overwrite, inputs=inputs, folder=True)
+    out = Path(out)
     strategy = strategy or TaskArithmetic()
     n = len(experts_opened)
     lambdas = list(tall_lambda) if isinstance(tall_lambda, (list, tuple)) else [float(tall_lambda)] * n

@@ -725,6 +725,20 @@ def test_other_spellings_of_an_input_are_still_the_input(tmp_path, monkeypatch):
     assert tree(tmp_path) == {**before, "alias.safetensors": ("link", "e0.safetensors")}
 
 
+def test_local_only_outputs_refuse_a_url_instead_of_writing_a_folder_named_s3(tmp_path, monkeypatch, capsys):
+    base, paths = family(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    url = "s3://AKIAKEY:SUPERSECRET@bucket/out"  # Path() folded it into ./s3:/AKIAKEY:SUPERSECRET@bucket/out
+    match = "output 's3://\\*\\*\\*@bucket/out' is a URL, and this output is written to a local path only"
+    with pytest.raises(ValueError, match=match):
+        tall.compress(paths, base, url)
+    with pytest.raises(ValueError, match=match):
+        report(paths, base, progress=False).save(url)
+    assert cli(["report", *map(str, paths), "--base", str(base), "--out", url, "--no-progress"]) == 2
+    assert "is a URL" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_an_output_inside_an_input_folder_is_refused(tmp_path):
     base, paths = family(tmp_path)
     folder = merge(paths, base, Linear(), out=tmp_path / "expert")
