@@ -187,8 +187,9 @@ class ContinualState:
 
         Args:
             path: the folder (created; it must be new or empty: a state deletes and replaces files inside it).
-            base: the base model every expert was fine-tuned from (a path: the state refers to it and checks, at
-                every add, that it has not changed).
+            base: the base model every expert was fine-tuned from (a path or a URL: the state refers to it and
+                checks, at every add, that it has not changed; a URL with credentials or a signature is refused, since
+                state.json would store them).
             strategy: a strategy with a continual form, or its ``to_dict()``.
             exist_ok: return the existing state if ``path`` already holds one with the same base, strategy and
                 ``on_missing``.
@@ -199,7 +200,8 @@ class ContinualState:
 
         Raises:
             ContinualError: the strategy has no continual form (the message says why), ``path`` holds a state with
-                another base, strategy or policy, or holds files that are not a state's.
+                another base, strategy or policy, or holds files that are not a state's, or ``base`` is a URL with
+                credentials or a signature.
         """
         strategy = strategy if isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
         try:
@@ -212,6 +214,12 @@ class ContinualState:
                              "expert to the next)")
         url = str(path).rstrip("/") if is_url(path) else None
         base_ref = str(base) if is_url(base) else str(Path(base).resolve())
+        if redact(base_ref) != base_ref:  # state.json would hold them, and it is read again at every add
+            raise ContinualError(
+                f"base '{redact(base_ref)}' carries credentials or a signature, which the state would store in its "
+                "state.json (it reads the base again at every add): give the credentials through the environment "
+                "(AWS_ACCESS_KEY_ID, a profile, ...) and the URL without them"
+            )
         path = Path(path) if url is None else _mirror(url)
         holder = None if is_url(base) else _state_holding(Path(base_ref))
         if holder is not None:
