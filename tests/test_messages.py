@@ -317,7 +317,7 @@ def test_a_full_disk_under_a_report_names_its_folder(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_under_tall_compression_names_its_folder_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    from lightning_merge.formats import tall
+    from lightning_merge.tools import tall
 
     base, paths = family(tmp_path)
     earlier = tall.compress(paths, base, tmp_path / "t")
