@@ -109,6 +109,19 @@ def test_the_command_line_writes_a_report(tmp_path, capsys):
     assert (tmp_path / "r" / "kept.png").exists() and (tmp_path / "r" / "report.json").exists()
 
 
+def test_the_command_line_without_matplotlib_says_what_to_install(tmp_path, capsys, monkeypatch):
+    """Issue 30 #6: a bare ModuleNotFoundError after reading the experts; now one line at once, and no output."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    base_path, paths, _, _ = _family(tmp_path)
+    code = main(["report", *map(str, paths), "--base", str(base_path), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert code != 0
+    assert "pip install 'lightning-merge[report]'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_plots_of_sweeps_and_merge_reports(tmp_path):
     from lightning_merge.tools.evaluation import MergeReport, sweep_scale
 

@@ -368,8 +368,13 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from lightning_merge.tools.diagnostics import report
 
+    if importlib.util.find_spec("matplotlib") is None:  # before reading any expert: the figures need it
+        raise ModuleNotFoundError("lightning-merge report draws its figures with matplotlib, which is not installed: "
+                                  "pip install 'lightning-merge[report]' (or matplotlib)")
     strategy = None
     experts: list[Any] = list(args.experts)
     base: Any = args.base
