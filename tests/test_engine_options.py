@@ -14,7 +14,14 @@ from safetensors.torch import save_file
 from lightning_merge import Linear, TaskArithmetic, merge, prepare
 from lightning_merge.engine.options import MergeOptions, selects
 from lightning_merge.engine.outputs import DryRun, TensorCounts
-from lightning_merge.engine.writers import CheckpointWriter, DictWriter, ModuleWriter, SafetensorsWriter, Writer
+from lightning_merge.engine.writers import (
+    CheckpointWriter,
+    DictWriter,
+    ModuleWriter,
+    SafetensorsWriter,
+    SharedOutput,
+    Writer,
+)
 from lightning_merge.files.checkpoint import TRAINING_STATE, write_checkpoint
 from lightning_merge.files.safetensors import TensorSpec
 
@@ -193,6 +200,8 @@ def test_every_writer_implements_the_protocol(tmp_path):
                CheckpointWriter(tmp_path / "c.ckpt", template=None, prefix="", provenance={}, overwrite=False)]
     for writer in writers:
         assert isinstance(writer, Writer)
+    # the outputs ranks of a distributed merge write together: safetensors (and PEFT adapters), nothing else
+    assert [isinstance(w, SharedOutput) for w in writers] == [False, False, True, False]
     writers[0].write("a", torch.ones(1))
     assert list(writers[0].finish()) == ["a"]
     writers[2].abort()

@@ -34,7 +34,7 @@ from lightning_merge.engine.outputs import (
     unique_names,
 )
 from lightning_merge.engine.plan import Plan, TensorJob, build_jobs, plan_merge
-from lightning_merge.engine.writers import Writer
+from lightning_merge.engine.writers import SharedOutput, Writer
 from lightning_merge.files.atomic import output_error, writing
 from lightning_merge.files.finite import cast_checked, largest_magnitude
 from lightning_merge.files.outputs import check_not_an_input
@@ -223,14 +223,14 @@ def _merge_distributed(experts: Any, base: Any, strategy: Strategy, out: Any, gr
         )
     d = Distribution(group)
     started = time.perf_counter()
-    writer: Any = None
+    writer: SharedOutput | None = None
     try:
         opened, base_expert = open_inputs(experts, base)
         plan = plan_merge(opened, base_expert, strategy, options, distribution=d)
         reference = base_expert or opened[0]
         provenance, inputs = _provenance(plan, strategy), input_paths(opened, base_expert)
 
-        def make(attach: Path | None = None) -> Any:
+        def make(attach: Path | None = None) -> SharedOutput:
             if output == "peft":
                 return peft_writer(plan, strategy, out, provenance, options, inputs, attach=attach)
             return make_writer(out, plan.jobs, reference, provenance, options, inputs, attach=attach)

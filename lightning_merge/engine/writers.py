@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,18 @@ class Writer(Protocol):
         output and discards it)."""
 
 
+@runtime_checkable
+class SharedOutput(Writer, Protocol):
+    """A file output the ranks of a distributed merge write together: rank 0 creates :attr:`tmp`, the others attach
+    to it; each closes its part with :meth:`close_shards` before rank 0 commits."""
+
+    #: the temporary output (file or folder) the ranks write into.
+    tmp: Path
+
+    def close_shards(self) -> None:
+        """fsync and close this process's part of the output."""
+
+
 class DictWriter(Writer):
     """Collects the merged tensors into a state dict (``out=None``), returned in plan order."""
 
@@ -97,7 +110,7 @@ class ModuleWriter(Writer):
         return self.module
 
 
-class SafetensorsWriter(Writer):
+class SafetensorsWriter(SharedOutput):
     """A Hugging Face style folder (``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index), or one
     ``.safetensors`` file when ``single_file``.
 
@@ -244,7 +257,7 @@ class CheckpointWriter(Writer):
         return self.out
 
 
-class PeftWriter(Writer):
+class PeftWriter(SharedOutput):
     """A PEFT LoRA adapter folder, written module by module as the merge produces them.
 
     - **Exact** (``rank=None``; strategies linear in the experts): each module's merged ΔW = Σ cᵢ sᵢ Bᵢ Aᵢ is written
@@ -404,8 +417,8 @@ class PeftWriter(Writer):
         config.update({
             "r": top,
             "lora_alpha": top,
-            "rank_pattern": {_escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
-            "alpha_pattern": {_escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
+            "rank_pattern": {re.escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
+            "alpha_pattern": {re.escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
             "target_modules": sorted(modules.values()),
             "modules_to_save": to_save or None,
             "use_rslora": False,
@@ -436,12 +449,6 @@ class PeftWriter(Writer):
 
 def _module_name(module_key: str) -> str:
     return module_key[len(PEFT_PREFIX):] if module_key.startswith(PEFT_PREFIX) else module_key
-
-
-def _escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
@@ -479,17 +486,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 __all__ = [
-    "CheckpointWriter",
-    "DictWriter",
-    "ModuleWriter",
-    "PeftWriter",
-    "SafetensorsWriter",
-    "Writer",
-    "check_not_an_input",
-    "check_output_path",
-    "copy_support_files",
-    "factor_delta",
-    "factor_product",
-    "parse_size",
+    "CheckpointWriter", "DictWriter", "ModuleWriter", "PeftWriter", "SafetensorsWriter", "SharedOutput", "Writer",
+    "check_not_an_input", "check_output_path", "copy_support_files", "factor_delta", "factor_product", "parse_size",
     "write_json",
 ]
