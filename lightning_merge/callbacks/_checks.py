@@ -3,11 +3,13 @@ experts match the module (names and shapes), the statistics the strategy needs e
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
+
+from lightning_merge.engine.options import patterns
+from lightning_merge.engine.options import selects as selected
 
 
 def capture_of(trainer: Any) -> Any:
@@ -17,10 +19,16 @@ def capture_of(trainer: Any) -> Any:
     return next((c for c in trainer.callbacks if isinstance(c, CurvatureCapture)), None)
 
 
-def selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
-    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-        return False
-    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+def selection(who: str, include: Sequence[str] | str | None,
+              exclude: Sequence[str] | str | None) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """A callback's ``include=`` / ``exclude=`` as the engine reads them (:func:`selected`, one rule everywhere).
+    ``include=[]`` selects no tensor, which a merge refuses: refused here, when the callback is made, not after the
+    fit."""
+    include, exclude = patterns(include, "include"), patterns(exclude, "exclude")
+    if include == ():
+        raise ValueError(f"{who}: include=[] selects no tensor, so nothing would be merged (the rule of merge()); "
+                         "pass include=None to merge every floating tensor")
+    return include, exclude
 
 
 def check_experts_match(who: str, experts: Sequence[Any], module_state: Mapping[str, Tensor],
@@ -84,4 +92,4 @@ def check_statistics(who: str, strategy: Any, experts: Sequence[Any], trainer: A
             )
 
 
-__all__ = ["capture_of", "captures_kind", "check_experts_match", "check_statistics", "selected"]
+__all__ = ["capture_of", "captures_kind", "check_experts_match", "check_statistics", "selected", "selection"]

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_merge.callbacks._checks import capture_of, captures_kind
+from lightning_merge.callbacks._checks import capture_of, captures_kind, selection
 from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.files.remote import basename, glob, is_url, join
 from lightning_merge.tools.averaging import (
@@ -104,8 +104,7 @@ class CheckpointAveraging(Callback):
         self.weighting, self.mwa_by, self.p, self.mode = weighting, mwa_by, p, mode
         self.source, self.out, self.load_averaged = source, out, load_averaged
         self.every_validation = every_validation
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include, self.exclude = selection("CheckpointAveraging", include, exclude)
         self.keep_training_state = keep_training_state
         self.update_bn_loader = update_bn_loader
         self.averaged: list[tuple[str, float | None]] = []  # what the last average used: (path, weight)

@@ -13,12 +13,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selected
+from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selected, selection
 from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.engine.options import ON_MISSING_STATISTIC
 from lightning_merge.files.outputs import check_not_an_input
 from lightning_merge.files.remote import exists as remote_exists
-from lightning_merge.files.remote import is_url, join, output_file, redact
-from lightning_merge.files.torch_load import save_torch_file
+from lightning_merge.files.remote import is_url, join, redact
 from lightning_merge.strategies.base import Strategy
 
 SNAPSHOTS = ("disk", "memory")
@@ -99,7 +99,7 @@ class MergeOnFitEnd(Callback):
             raise ValueError(f"snapshot must be one of {', '.join(SNAPSHOTS)}, got {snapshot!r}")
         if out is not None and not str(out).endswith((".safetensors", ".ckpt")):
             raise ValueError(f"out must end in .safetensors or .ckpt, got {out!r}")
-        if on_missing_statistic not in ("error", "uniform"):
+        if on_missing_statistic not in ON_MISSING_STATISTIC:
             raise ValueError(f"on_missing_statistic must be 'error' or 'uniform', got {on_missing_statistic!r}")
         for path in self.experts:
             if not remote_exists(path):
@@ -110,8 +110,7 @@ class MergeOnFitEnd(Callback):
         self.snapshot = snapshot
         self.out = out
         self.dirpath = dirpath
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include, self.exclude = selection("MergeOnFitEnd", include, exclude)
         self.load_merged = load_merged
         self.on_missing_statistic = on_missing_statistic
         self.log_report = log_report
@@ -254,20 +253,13 @@ class MergeOnFitEnd(Callback):
     ) -> None:
         """A weights-only Lightning checkpoint (``Module.load_from_checkpoint`` loads it; optimizer state is not
         kept: a merged model starts a new optimisation), written atomically."""
-        import lightning
+        from lightning_merge.files.checkpoint import new_checkpoint, write_checkpoint
 
-        checkpoint: dict[str, Any] = {
-            "state_dict": dict(merged),
-            "epoch": trainer.current_epoch,
-            "global_step": trainer.global_step,
-            "pytorch-lightning_version": lightning.__version__,
-            "lightning_merge": {"strategy": self.strategy.to_dict(),
-                                "experts": ["<trained>", *(redact(e) for e in self.experts)]},
-        }
+        template = new_checkpoint(epoch=trainer.current_epoch, global_step=trainer.global_step)
         if pl_module.hparams:
-            checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
-        with output_file(out, replace="own") as tmp:  # replaces only an earlier merge (see ownership)
-            save_torch_file(checkpoint, tmp)
+            template[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
+        record = {"strategy": self.strategy.to_dict(), "experts": ["<trained>", *(redact(e) for e in self.experts)]}
+        write_checkpoint(out, merged, record, template=template, replace="own")  # replaces only an earlier merge
 
     def _dir(self, trainer: pl.Trainer) -> str:
         return self.dirpath or trainer.default_root_dir

@@ -9,9 +9,12 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from lightning_merge.engine.outputs import DryRun
 
 
 def _parse_set(pairs: list[str]) -> dict[str, Any]:
@@ -118,20 +121,19 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
     return 0
 
 
-def _print_plan(plan: dict[str, Any], source: Any) -> None:
-    t = plan["tensors"]
+def _print_plan(plan: DryRun, source: Any) -> None:
+    t = plan.tensors
     print(f"plan of {source} (dry run: nothing read or written)")
-    print(f"  strategy    {json.dumps(plan['strategy'])}" + ("  (first pass over the model)" if plan["global_pass"]
-                                                              else ""))
-    print(f"  base        {plan['base']}")
-    for name, found in zip(plan["experts"], plan["statistics"]):
+    print(f"  strategy    {json.dumps(plan.strategy)}" + ("  (first pass over the model)" if plan.global_pass else ""))
+    print(f"  base        {plan.base}")
+    for name, found in zip(plan.experts, plan.statistics):
         stats = ", ".join(f"{k}: {v or 'MISSING'}" for k, v in found.items())
         print(f"  expert      {name}" + (f"  ({stats})" if stats else ""))
-    print(f"  tensors     {t['merge']} merged, {t['copy']} copied, {t['non_floating']} non-floating checked; "
-          f"{plan['parameters']:,} parameters")
-    size = f", {_human(plan['output_bytes'])}" if plan["output_bytes"] is not None else ""
-    exists = " (exists: --overwrite replaces it)" if plan["output_exists"] else ""
-    print(f"  output      {plan['output']} ({plan['output_kind']}{size}){exists}")
+    print(f"  tensors     {t.merge} merged, {t.copy} copied, {t.non_floating} non-floating checked; "
+          f"{plan.parameters:,} parameters")
+    size = f", {_human(plan.output_bytes)}" if plan.output_bytes is not None else ""
+    exists = " (exists: --overwrite replaces it)" if plan.output_exists else ""
+    print(f"  output      {plan.output} ({plan.output_kind}{size}){exists}")
 
 
 def describe(path: str | Path) -> dict[str, Any]:

@@ -6,35 +6,41 @@ when the writer is created, before any tensor is merged."""
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from lightning_merge.files.atomic import atomic_file, commit, fsync_tree, partial_path
+from lightning_merge.engine.lowrank import factor_delta, factor_product
+from lightning_merge.engine.options import parse_size
+from lightning_merge.files.atomic import commit, fsync_tree, partial_path
+from lightning_merge.files.checkpoint import TRAINING_STATE, new_checkpoint, write_checkpoint
 from lightning_merge.files.finite import cast_checked
 from lightning_merge.files.outputs import check_not_an_input, check_output_path
 from lightning_merge.files.ownership import PROVENANCE_NAME, write_record
 from lightning_merge.files.safetensors import ShardWriter, TensorSpec
-from lightning_merge.files.torch_load import save_torch_file
 from lightning_merge.formats.lora import PEFT_PREFIX, LoraAdapter
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-class Writer:
-    """Receives merged tensors (possibly from several threads) and makes them durable in :meth:`finish`."""
+@runtime_checkable
+class Writer(Protocol):
+    """What every output of a merge implements: it receives merged tensors (possibly from several threads) and makes
+    them durable in :meth:`finish`. The writers below implement it; a class that subclasses it gets the defaults
+    (no-op :meth:`abort` and :meth:`release`, ``finish`` returning None)."""
 
     #: the dtype the writer wants merged tensors in (None: the planned output dtype).
     compute_dtype: torch.dtype | None = None
 
     def write(self, name: str, tensor: Tensor) -> None:
+        """Take the merged tensor ``name`` (called once per tensor, possibly from several threads)."""
         raise NotImplementedError
 
     def finish(self) -> Any:
@@ -49,7 +55,21 @@ class Writer:
         output and discards it)."""
 
 
+@runtime_checkable
+class SharedOutput(Writer, Protocol):
+    """A file output the ranks of a distributed merge write together: rank 0 creates :attr:`tmp`, the others attach
+    to it; each closes its part with :meth:`close_shards` before rank 0 commits."""
+
+    #: the temporary output (file or folder) the ranks write into.
+    tmp: Path
+
+    def close_shards(self) -> None:
+        """fsync and close this process's part of the output."""
+
+
 class DictWriter(Writer):
+    """Collects the merged tensors into a state dict (``out=None``), returned in plan order."""
+
     def __init__(self, names: Sequence[str]) -> None:
         self.tensors: dict[str, Tensor] = {}
         self._order = list(names)
@@ -90,30 +110,7 @@ class ModuleWriter(Writer):
         return self.module
 
 
-def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MB"`` or a number of bytes.
-
-    Raises:
-        ValueError: naming the value and the accepted units.
-    """
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
-            raise ValueError(f"shard size must be positive, got {size}")
-        return size
-    text = str(size).strip().upper().replace("IB", "B")
-    units = (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1))
-    unit, factor = next(((u, f) for u, f in units if text.endswith(u)), ("", 1))
-    number = text[: len(text) - len(unit)].strip()
-    try:
-        value = int(float(number) * factor)
-    except ValueError:
-        raise ValueError(f"shard size {size!r} is not a size: use a number of bytes or e.g. 500MB, 5GB") from None
-    if value <= 0:
-        raise ValueError(f"shard size {size!r} must be positive")
-    return value
-
-
-class SafetensorsWriter(Writer):
+class SafetensorsWriter(SharedOutput):
     """A Hugging Face style folder (``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index), or one
     ``.safetensors`` file when ``single_file``.
 
@@ -246,26 +243,21 @@ class CheckpointWriter(Writer):
             self.checkpoint = dict(loaded)
             self.state = dict(self.checkpoint.get("state_dict", {}))
         else:
-            self.checkpoint = {"pytorch-lightning_version": _lightning_version(), "epoch": 0, "global_step": 0}
+            self.checkpoint = new_checkpoint()
             self.state = {}
 
     def write(self, name: str, tensor: Tensor) -> None:
         self.tensors[self.prefix + name] = tensor
 
     def finish(self) -> Path:
-        checkpoint = dict(self.checkpoint)
-        for key in ("optimizer_states", "lr_schedulers", "loops"):
-            checkpoint.pop(key, None)
         state = dict(self.state)
         state.update(self.tensors)
-        checkpoint["state_dict"] = state
-        checkpoint["lightning_merge"] = json.loads(json.dumps(self.provenance, default=str))
-        with atomic_file(self.out, replace=self.replace) as tmp:
-            save_torch_file(checkpoint, tmp)
+        record = json.loads(json.dumps(self.provenance, default=str))
+        write_checkpoint(self.out, state, record, template=self.checkpoint, drop=TRAINING_STATE, replace=self.replace)
         return self.out
 
 
-class PeftWriter(Writer):
+class PeftWriter(SharedOutput):
     """A PEFT LoRA adapter folder, written module by module as the merge produces them.
 
     - **Exact** (``rank=None``; strategies linear in the experts): each module's merged ΔW = Σ cᵢ sᵢ Bᵢ Aᵢ is written
@@ -425,8 +417,8 @@ class PeftWriter(Writer):
         config.update({
             "r": top,
             "lora_alpha": top,
-            "rank_pattern": {_escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
-            "alpha_pattern": {_escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
+            "rank_pattern": {re.escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
+            "alpha_pattern": {re.escape(modules[t]): self.ranks[t] for t in self.targets if self.ranks[t] != top},
             "target_modules": sorted(modules.values()),
             "modules_to_save": to_save or None,
             "use_rslora": False,
@@ -455,83 +447,8 @@ class PeftWriter(Writer):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def factor_delta(delta: Tensor, rank: int, fan_in_fan_out: bool) -> tuple[Tensor, Tensor, float]:
-    """Truncated SVD of one module's ΔW (float32): ``(A, B, relative error ‖ΔW − BA‖/‖ΔW‖)``, A and B shaped as PEFT
-    stores them (convolutions: A (k, in, kh, kw), B (out, k, 1, 1)).
-
-    The leading k singular directions come from the eigenvectors of the smaller Gram matrix (ΔW ΔWᵀ or ΔWᵀ ΔW), and
-    the factors from projecting ΔW onto them: B A is the projection of ΔW onto its top-k singular subspace (the
-    truncated SVD), balanced as U√Σ and √ΣVᵀ. Computing only that is faster than a full SVD and gives
-    its truncation (to float32 rounding where the k-th and (k+1)-th singular values are apart)."""
-    m = delta.T if fan_in_fan_out and delta.dim() == 2 else delta
-    out_shape = m.shape
-    m = m.reshape(out_shape[0], -1)
-    rows, cols = m.shape
-    k = min(rank, rows, cols)
-    if rows <= cols:
-        _, vectors = torch.linalg.eigh(m @ m.T)
-        u = vectors[:, -k:].flip(1) if k else vectors[:, :0]  # (rows, k), leading first
-        a = u.T @ m  # Σ Vᵀ: row i has norm σᵢ
-        sigma = a.norm(dim=1)
-        root = sigma.sqrt()
-        b = u * root
-        a = a / torch.where(root > 0, root, torch.ones_like(root)).unsqueeze(1)
-    else:
-        _, vectors = torch.linalg.eigh(m.T @ m)
-        v = vectors[:, -k:].flip(1) if k else vectors[:, :0]  # (cols, k)
-        b = m @ v  # U Σ: column i has norm σᵢ
-        sigma = b.norm(dim=0)
-        root = sigma.sqrt()
-        a = root.unsqueeze(1) * v.T
-        b = b / torch.where(root > 0, root, torch.ones_like(root))
-    norm = float(m.norm())
-    error = float((m - b @ a).norm()) / norm if norm > 0 else 0.0
-    a = a.reshape(k, *out_shape[1:]).contiguous()
-    b = b.reshape(out_shape[0], k, *([1] * (len(out_shape) - 2))).contiguous()
-    return a, b, error
-
-
-def factor_product(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
-    """The truncated SVD of ΔW = B A from its factors (B (out, R, 1…), A (R, in, k…), float32), without forming
-    ΔW: B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), then the SVD of the R × R core R_B R_Aᵀ gives ΔW = (Q_B U) Σ (Q_A V)ᵀ.
-    Returns ``(A', B', relative error)`` at ``rank`` (shaped as PEFT stores them; columns beyond the product's rank
-    are zero), the error ‖ΔW − B'A'‖/‖ΔW‖ from the discarded singular values."""
-    out_dim, inner = b.shape[0], b.shape[1]
-    a_shape = a.shape
-    qb, rb = torch.linalg.qr(b.reshape(out_dim, inner).double())
-    qa, ra = torch.linalg.qr(a.reshape(inner, -1).double().T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    left = (qb @ u[:, :k]) * root  # (out, k)
-    right = root.unsqueeze(1) * (vh[:k] @ qa.T)  # (k, in·k…)
-    total = float(s.square().sum())
-    error = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
-    if k < rank:  # the requested rank exceeds the product's: zero columns keep the planned shapes
-        left = torch.cat([left, left.new_zeros(out_dim, rank - k)], 1)
-        right = torch.cat([right, right.new_zeros(rank - k, right.shape[1])], 0)
-    a_out = right.to(torch.float32).reshape(rank, *a_shape[1:])
-    b_out = left.to(torch.float32).reshape(out_dim, rank, *([1] * (len(a_shape) - 2)))
-    return a_out, b_out, error
-
-
 def _module_name(module_key: str) -> str:
     return module_key[len(PEFT_PREFIX):] if module_key.startswith(PEFT_PREFIX) else module_key
-
-
-def _escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
-
-
-def _lightning_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lightning")
-    except PackageNotFoundError:
-        return "2.0.0"
 
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
@@ -569,16 +486,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 __all__ = [
-    "CheckpointWriter",
-    "DictWriter",
-    "ModuleWriter",
-    "PeftWriter",
-    "SafetensorsWriter",
-    "Writer",
-    "check_not_an_input",
-    "check_output_path",
-    "copy_support_files",
-    "factor_delta",
-    "parse_size",
+    "CheckpointWriter", "DictWriter", "ModuleWriter", "PeftWriter", "SafetensorsWriter", "SharedOutput", "Writer",
+    "check_not_an_input", "check_output_path", "copy_support_files", "factor_delta", "factor_product", "parse_size",
     "write_json",
 ]

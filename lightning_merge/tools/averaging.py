@@ -17,8 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_merge.files.remote import basename, is_url, local_path, output_file, redact
-from lightning_merge.files.torch_load import save_torch_file
+from lightning_merge.files.remote import basename, is_url, local_path, redact
 from lightning_merge.formats.sidecar import tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -306,26 +305,22 @@ def write_averaged_checkpoint(
 ) -> Path:
     """The newest checkpoint with its ``state_dict`` replaced by the average, written atomically (a local path or an
     object-storage URL)."""
+    from lightning_merge.files.checkpoint import TRAINING_STATE, write_checkpoint
     from lightning_merge.files.torch_load import load_torch_file
 
     _check_output(out, paths, overwrite)
     out = out if is_url(out) else Path(out)
     newest = max(paths, key=lambda p: read_info(p, trust_checkpoint).global_step)
-    checkpoint = dict(load_torch_file(local_path(newest), trust_checkpoint))
-    if not keep_training_state:
-        for key in ("optimizer_states", "lr_schedulers", "loops"):
-            checkpoint.pop(key, None)
-    checkpoint.pop("current_model_state", None)
-    checkpoint.pop("averaging_state", None)
-    checkpoint["state_dict"] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
-    checkpoint["lightning_merge"] = {
+    template = load_torch_file(local_path(newest), trust_checkpoint)
+    drop = (*(() if keep_training_state else TRAINING_STATE), "current_model_state", "averaging_state")
+    record = {
         "averaged": [redact(p) for p in paths],
         "weighting": weighting,
         "weights": list(weights) if weights is not None else None,
         "template": redact(newest),
     }
-    with output_file(out, replace="own" if overwrite else "never") as tmp:
-        save_torch_file(checkpoint, tmp)
+    state_dict = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+    write_checkpoint(out, state_dict, record, template=template, drop=drop, replace="own" if overwrite else "never")
     return out  # type: ignore[return-value]
 
 
