@@ -36,6 +36,8 @@ MOVED = {
     "lightning_merge.peft_models": "lightning_merge.tools.peft_models",
     "lightning_merge.testing": "lightning_merge.tools.testing",
     "lightning_merge.demo": "lightning_merge.cli.demo",
+    # split by family: CABS, Consensus, Generalized and LiNeS are each in their own module, all in the package
+    "lightning_merge.strategies.composed": "lightning_merge.strategies",
 }
 
 

@@ -16,6 +16,7 @@ from lightning_merge import (
     Expert,
     Fisher,
     Linear,
+    RegMean,
     TaskArithmetic,
     Ties,
     merge,
@@ -23,7 +24,7 @@ from lightning_merge import (
 )
 from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.formats.sidecar import write_statistics
-from lightning_merge.strategies import LinearForm, Prepared
+from lightning_merge.strategies import LinearForm, Prepared, Strategy
 
 
 def family(root, n=3, seed=0, stats=True):
@@ -188,3 +189,115 @@ def test_precision_strategies_take_their_base_form_on_every_path(tmp_path):
     base, paths = family(tmp_path)
     for i, strategy in enumerate((Fisher(), OTA(density=0.5), Fisher(normalize=False, scale=1.3))):
         close(continual(tmp_path, base, paths, strategy, name=f"state{i}"), merge(paths, base, strategy))
+
+
+# -- one check of the base, one way to call merge_tensor (issue 28) --------------------------------------------------
+
+
+def _tensors(n=2, shape=(3, 4)):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shift(Strategy):
+    """A custom strategy that writes no base check of its own (θ₀ + Σ τᵢ)."""
+
+    def merge_tensor(self, name, base, tensors, stats, prepared=None):
+        return base + sum(t - base for t in tensors)
+
+
+def test_the_base_check_is_made_once_from_the_declaration():
+    """Prepared.merge_tensor refuses a missing base for every strategy whose needs_base says so, with one message
+    naming the strategy and the tensor, a custom strategy included; those that need none merge without one."""
+    from lightning_merge.strategies import STRATEGIES
+
+    tensors = _tensors()
+    stats = [{"fisher": t.abs() + 0.1, "exp_avg_sq": t.abs() + 0.1} for t in tensors]
+    library = [cls() for name, cls in sorted(STRATEGIES.items()) if cls.__module__.startswith("lightning_merge.")]
+    optional = [Fisher(normalize=False), OTA(), RegMean()]
+    needing = [Fisher(scale=2.0), OTA(density=0.5), OTA(scale=0.5), RegMean(scale=2.0), _Shift()]
+    for strategy in library + optional + needing:
+        prepared = Prepared(strategy, len(tensors))
+        if strategy.needs_base:
+            with pytest.raises(ValueError, match=rf"^{type(strategy).__name__} needs a base model \(base=...\): "
+                                                 r"tensor 'layers.0.weight' has none"):
+                prepared.merge_tensor("layers.0.weight", None, tensors, stats)
+        else:
+            assert prepared.merge_tensor("layers.0.weight", None, tensors, stats).shape == tensors[0].shape
+    assert {type(s).__name__ for s in library if not s.needs_base} == {"Fisher", "Linear", "OTA", "RegMean"}
+    assert all(s.needs_base for s in needing) and not any(s.needs_base for s in optional)
+
+
+def test_a_tensor_the_base_lacks_is_named_when_the_strategy_needs_a_base(tmp_path):
+    base = {"w": torch.ones(3)}
+    experts = [{"w": torch.full((3,), 2.0), "head": torch.ones(2)}, {"w": torch.full((3,), 3.0), "head": torch.ones(2)}]
+    with pytest.raises(ValueError, match=r"TaskArithmetic needs a base model .*'head' has none.*on_missing='base'"):
+        merge(experts, base, TaskArithmetic(), on_missing="union")
+    assert sorted(merge(experts, base, TaskArithmetic(), on_missing="base")) == ["w"]
+
+
+def test_merge_tensor_gets_the_prepared_merge_by_its_parameter_name():
+    """Prepared passes itself to a merge_tensor that has a ``prepared`` parameter (or *args), and calls the older
+    four-argument form otherwise, whatever other parameters it has (**options used to be taken for a fifth)."""
+    tensors = _tensors()
+
+    @dataclasses.dataclass(frozen=True)
+    class Options(Strategy):
+        needs_base = False
+
+        def merge_tensor(self, name, base, tensors, stats, **options):
+            assert not options
+            return tensors[0] * 2
+
+    @dataclasses.dataclass(frozen=True)
+    class Named(Strategy):
+        needs_base = False
+
+        def merge_tensor(self, name, base, tensors, stats, prepared):
+            return tensors[0] * prepared["factor"]
+
+    @dataclasses.dataclass(frozen=True)
+    class Starred(Strategy):
+        needs_base = False
+
+        def merge_tensor(self, name, base, tensors, stats, *rest):
+            return tensors[0] * rest[0]["factor"]
+
+    assert torch.equal(Prepared(Options(), 2).merge_tensor("w", None, tensors, [{}, {}]), tensors[0] * 2)
+    for cls in (Named, Starred):
+        assert torch.equal(Prepared(cls(), 2, factor=3.0).merge_tensor("w", None, tensors, [{}, {}]), tensors[0] * 3)
+
+
+def test_declarations_are_properties_a_class_attribute_or_a_property_overrides():
+    """requires / needs_base / uses_base / scalable / global_pass read the same on every strategy object, whether a
+    class declares a constant (Linear's needs_base) or computes it from its arguments (Fisher's requires)."""
+    from lightning_merge.strategies import STRATEGIES
+
+    for name, cls in STRATEGIES.items():
+        if not cls.__module__.startswith("lightning_merge."):
+            continue
+        s = cls()
+        assert isinstance(s.requires, tuple) and all(isinstance(k, str) for k in s.requires), name
+        for flag in ("needs_base", "uses_base", "scalable", "global_pass"):
+            assert isinstance(getattr(s, flag), bool), (name, flag)
+    assert Fisher(estimator="example").requires == ("fisher.example",) and OTA().requires == ("exp_avg_sq",)
+    assert not Linear().needs_base and not Linear().uses_base and _Shift().needs_base and _Shift().uses_base
+    assert Ties(weighting="fisher").global_pass and not Ties().global_pass and Ties().scalable
+
+
+def test_an_argument_error_names_the_class_that_was_built():
+    @dataclasses.dataclass(frozen=True)
+    class MyTies(Ties):
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class MyFisher(Fisher):
+        pass
+
+    with pytest.raises(ValueError, match=r"^MyTies\.density must be in \[0.0, 1.0\]"):
+        MyTies(density=2.0)
+    with pytest.raises(ValueError, match=r"^MyFisher\.floor must be in \[0, inf\]"):
+        MyFisher(floor=-1.0)
+    with pytest.raises(ValueError, match=r"^Ties\.density must be in"):
+        Ties(density=2.0)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_merge import Expert, Linear, Strategy, TaskArithmetic, Ties, merge
-from lightning_merge.strategies.linear import TaskVectorMerge
+from lightning_merge.strategies.task_vectors import TaskVectorMerge
 
 
 def save_folder(state, folder: Path, shards: int = 1):

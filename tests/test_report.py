@@ -83,6 +83,38 @@ def test_median_winners_opcm_shares_and_statistic_masses(tmp_path):
     assert plain["strategy"] is None and "merged_norm" not in plain["tensors"]["layers.0.weight"]
 
 
+def test_any_strategy_reports_through_its_diagnose_hook(tmp_path):
+    """report() asks the strategy (Strategy.diagnose) instead of knowing its classes: a strategy the report has never
+    heard of gets the merged norm by default and shows whatever its own hook adds."""
+    import dataclasses
+
+    from lightning_merge.strategies import Strategy
+
+    @dataclasses.dataclass(frozen=True)
+    class Halfway(Strategy):  # θ₀ + ½ Σ τᵢ, and the share of ‖τ*‖ each expert's τ makes up
+        def merge_tensor(self, name, base, tensors, stats, prepared=None):
+            return base + 0.5 * sum(t - base for t in tensors)
+
+    @dataclasses.dataclass(frozen=True)
+    class Explained(Halfway):
+        def diagnose(self, plan, name, taus, merged):
+            out = super().diagnose(plan, name, taus, merged)
+            out["share"] = [float(t.double().norm() / max(merged.double().norm(), 1e-30)) for t in taus]
+            out["experts_prepared"] = plan.prepared.num_experts
+            return out
+
+    base_path, paths, base, taus = _family(tmp_path)
+    plain = report(paths, base_path, Halfway()).data["tensors"]
+    explained = report(paths, base_path, Explained()).data["tensors"]
+    for k in base:
+        merged = 0.5 * sum(t[k] for t in taus)
+        assert plain[k]["merged_norm"] == pytest.approx(float(merged.double().norm()), rel=1e-5)
+        assert "share" not in plain[k] and explained[k]["merged_norm"] == plain[k]["merged_norm"]
+        assert explained[k]["share"] == pytest.approx([float(t[k].double().norm() / merged.double().norm())
+                                                       for t in taus], rel=1e-5)
+        assert explained[k]["experts_prepared"] == 3
+
+
 def test_the_folder_is_self_contained(tmp_path):
     from PIL import Image
 

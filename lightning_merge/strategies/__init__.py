@@ -1,11 +1,11 @@
 """Merge strategies: immutable configured objects that declare what they are (docs/design.md, "The strategy
 contract"); ``prepare(plan)`` returns a :class:`Prepared` whose ``merge_tensor`` is a pure function per tensor.
 
-``Strategy.from_dict({"name": "ties", "density": 0.5})`` builds any of them by name.
+``Strategy.from_dict({"name": "ties", "density": 0.5})`` builds any of them by name (the registry,
+:mod:`lightning_merge.strategies.registry`, also gives each one's published reference).
 """
 
 from lightning_merge.strategies.base import (
-    STRATEGIES,
     ContinualForm,
     ContinualSummary,
     FoldContext,
@@ -14,15 +14,20 @@ from lightning_merge.strategies.base import (
     Prepared,
     Strategy,
 )
-from lightning_merge.strategies.composed import Cabs, Consensus, Generalized, LiNeS
+from lightning_merge.strategies.cabs import Cabs
+from lightning_merge.strategies.consensus import Consensus
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
+from lightning_merge.strategies.generalized import Generalized
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
-from lightning_merge.strategies.linear import Breadcrumbs, Dare, Linear, TaskArithmetic, TaskVectorMerge, Ties
+from lightning_merge.strategies.linear import Linear
+from lightning_merge.strategies.lines import LiNeS, LiNeSPrepared
 from lightning_merge.strategies.opcm import OPCM
 from lightning_merge.strategies.pcb import PCB
 from lightning_merge.strategies.plan import MergePlan
+from lightning_merge.strategies.registry import STRATEGIES, Reference
 from lightning_merge.strategies.regmean import RegMean
 from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
+from lightning_merge.strategies.task_vectors import Breadcrumbs, Dare, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.tsv import TSVMerge
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "Generalized",
     "LayerwiseTaskArithmetic",
     "LiNeS",
+    "LiNeSPrepared",
     "Linear",
     "LinearForm",
     "NoContinualForm",
@@ -47,6 +53,7 @@ __all__ = [
     "OTA",
     "PCB",
     "Prepared",
+    "Reference",
     "RegMean",
     "Sparsification",
     "Strategy",

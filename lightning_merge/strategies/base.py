@@ -11,14 +11,20 @@ A strategy declares:
   the exact PEFT adapter output uses them;
 - ``continual_form()``: how it folds experts one at a time (running quantities, fold, finish), or an error saying
   why it cannot; a continual state asks for it when it is created;
-- ``scalable``: whether ``scale`` (λ) enters as θ = θ₀ + λ·τ* with τ* independent of λ (``sweep_scale`` uses it).
+- ``scalable``: whether ``scale`` (λ) enters as θ = θ₀ + λ·τ* with τ* independent of λ (``sweep_scale`` uses it);
+- ``diagnose(plan, name, taus, merged)``: what a merge report shows of it at one tensor.
+
+Declarations are read-only properties: a subclass declares a constant one with a class attribute
+(``needs_base = False``) and one that depends on its arguments with a property (Fisher's ``requires``).
+Argument checks live in :mod:`lightning_merge.strategies.checks`, statistic norms in
+:mod:`lightning_merge.strategies.norms`, the names in :mod:`lightning_merge.strategies.registry`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping, Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -26,14 +32,11 @@ from torch import Tensor
 
 from lightning_merge.errors import NoContinualForm
 from lightning_merge.files.text import brief
-from lightning_merge.formats.sidecar import StatisticsError
+from lightning_merge.strategies.checks import PerExpert
+from lightning_merge.strategies.registry import STRATEGIES, Reference, by_class_path, lookup, register
 
 if TYPE_CHECKING:
     from lightning_merge.strategies.plan import MergePlan
-
-STRATEGIES: dict[str, type[Strategy]] = {}
-PerExpert = float | list[float] | None
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +83,21 @@ class Prepared:
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]]
     ) -> Tensor:
-        """The merged tensor (float32): the strategy's rule with this merge's global quantities."""
+        """The merged tensor (float32): the strategy's rule with this merge's global quantities.
+
+        Raises:
+            ValueError: the strategy ``needs_base`` and ``base`` is None (no base model, or one without this tensor).
+        """
+        strategy = self.strategy
+        if base is None and strategy.needs_base:
+            raise ValueError(
+                f"{type(strategy).__name__} needs a base model (base=...): tensor '{name}' has none; pass the base the "
+                "experts were fine-tuned from, or leave the tensor out (exclude=..., or on_missing='base' to drop the "
+                "tensors the base lacks)"
+            )
         if not self._takes_prepared:  # a custom strategy written as merge_tensor(name, base, tensors, stats)
-            return self.strategy.merge_tensor(name, base, tensors, stats)
-        return self.strategy.merge_tensor(name, base, tensors, stats, self)
+            return strategy.merge_tensor(name, base, tensors, stats)
+        return strategy.merge_tensor(name, base, tensors, stats, self)
 
     def linear_form(self, name: str) -> LinearForm | None:
         """The strategy's linear coefficients for tensor ``name`` in this merge, or None when it is not linear."""
@@ -108,14 +122,15 @@ class Prepared:
         return f"{type(self).__name__}({self.strategy!r}, {', '.join(self.values)})"
 
 
-def _takes_prepared(cls: type) -> bool:
-    import inspect
-
+def _takes_prepared(cls: type[Strategy]) -> bool:
+    """Whether ``cls.merge_tensor`` takes the prepared merge: it has a parameter named ``prepared`` (the contract's
+    signature) or ``*args``. Custom strategies written against the older ``merge_tensor(name, base, tensors, stats)``
+    have neither and are called with four arguments."""
     try:
         params = inspect.signature(cls.merge_tensor).parameters
     except (TypeError, ValueError):
         return True
-    return "prepared" in params or any(p.kind is p.VAR_POSITIONAL for p in params.values()) or len(params) > 5
+    return "prepared" in params or any(p.kind is p.VAR_POSITIONAL for p in params.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,25 +210,48 @@ class Strategy:
     model, :meth:`prepare`.
 
     Class attributes:
-        name: the name used in recipes and ``to_dict()`` (``"ties"``, ``"fisher"``...).
-        requires: statistic kinds the strategy reads for every expert (``"fisher"``, ``"exp_avg_sq"``).
-        needs_base: whether a base model is required.
-        uses_base: whether the base is read when one is given (Linear ignores it).
-        scalable: ``scale`` enters as θ = θ₀ + scale·τ* with τ* independent of it (``sweep_scale`` relies on it).
-        global_pass: :meth:`prepare` reads the plan (norms, thresholds): ``merge_tensor`` then needs its result.
+        name: the name used in recipes and ``to_dict()`` (``"ties"``, ``"fisher"``...); a class with a name is
+            registered under it (:mod:`~lightning_merge.strategies.registry`, which refuses a name taken twice).
+        reference: the published method it implements (paper and reference code), or None.
+
+    Declarations (read-only properties; a subclass overrides one with a class attribute when it is constant, with a
+    property when it depends on the arguments): :attr:`requires`, :attr:`needs_base`, :attr:`uses_base`,
+    :attr:`scalable`, :attr:`global_pass`.
     """
 
     name: ClassVar[str] = ""
-    requires: ClassVar[tuple[str, ...]] = ()
-    needs_base: ClassVar[bool] = True
-    uses_base: ClassVar[bool] = True
-    scalable: ClassVar[bool] = False
-    global_pass: ClassVar[bool] = False
+    reference: ClassVar[Reference | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
-            STRATEGIES[cls.name] = cls
+            register(cls)
+
+    # -- declarations -------------------------------------------------------------------------------------------
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """Statistic kinds the strategy reads for every expert (``"fisher"``, ``"exp_avg_sq"``); none by default."""
+        return ()
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether a base model is required (:meth:`Prepared.merge_tensor` refuses a tensor without one)."""
+        return True
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether the base is read when one is given (Linear ignores it)."""
+        return True
+
+    @property
+    def scalable(self) -> bool:
+        """``scale`` enters as θ = θ₀ + scale·τ* with τ* independent of it (``sweep_scale`` relies on it)."""
+        return False
+
+    @property
+    def global_pass(self) -> bool:
+        """:meth:`prepare` reads the plan (norms, thresholds): ``merge_tensor`` then needs its result."""
+        return False
 
     # -- the contract -------------------------------------------------------------------------------------------
     def prepare(self, plan: MergePlan) -> Prepared:
@@ -240,7 +278,8 @@ class Strategy:
 
         Args:
             name: the tensor's name (after any prefix was stripped).
-            base: the base model's tensor in float32, or None when there is no base.
+            base: the base model's tensor in float32; None only for a strategy that does not :attr:`needs_base`
+                (:meth:`Prepared.merge_tensor`, through which every merge calls this, refuses a missing base).
             tensors: the experts' tensors in float32, in expert order.
             stats: ``stats[i]`` maps each kind in :attr:`requires` to expert ``i``'s float32 statistic.
             prepared: the result of :meth:`prepare` for this merge (needed when :attr:`global_pass`).
@@ -272,6 +311,24 @@ class Strategy:
             f"{', '.join(continual_strategy_names())}"
         )
 
+    def diagnose(self, plan: MergePlan, name: str, taus: Tensor, merged: Tensor) -> dict[str, Any]:
+        """What a merge report (:func:`lightning_merge.tools.diagnostics.report`) shows of this strategy at one
+        tensor. The default, which holds for any strategy, is the norm of the merged task vector; a strategy adds what
+        it keeps of each expert, computed from its prepared form (``plan.prepared``).
+
+        Args:
+            plan: the merge's plan: ``plan.prepared`` is this strategy's :class:`Prepared`, ``plan.stats(name)`` the
+                experts' statistics of the tensor.
+            name: the tensor's name.
+            taus: the experts' task vectors ``(N, *shape)`` in float32; this is their last use, so a strategy may
+                change them in place.
+            merged: the merged task vector θ* − θ₀ in float32.
+
+        Returns:
+            ``{"merged_norm": ‖θ* − θ₀‖₂, ...}``: plain numbers and lists, as ``report.json`` holds them.
+        """
+        return {"merged_norm": float(torch.linalg.vector_norm(merged, dtype=torch.float64))}
+
     def _unprepared(self, num_experts: int) -> Prepared:
         """The prepared object of a strategy without a global pass (merge_tensor called directly)."""
         if self.global_pass:
@@ -299,9 +356,7 @@ class Strategy:
         if "class_path" in spec:
             return _from_class_path(spec)
         name = spec.pop("name", None)
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {brief(name)}; known strategies: {', '.join(sorted(STRATEGIES))}")
-        cls = STRATEGIES[name]
+        cls = lookup(name)
         valid = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(spec) - valid)
         if unknown:
@@ -358,13 +413,7 @@ def _from_class_path(spec: dict[str, Any]) -> Strategy:
     init_args = dict(spec.pop("init_args", None) or {})
     if spec:
         raise ValueError(f"a class_path strategy takes only class_path and init_args, got also {', '.join(spec)}")
-    short = path.rsplit(".", 1)[-1]
-    matches = [cls for cls in STRATEGIES.values()
-               if cls.__name__ == short or f"{cls.__module__}.{cls.__name__}" == path]
-    if not matches:
-        known = ", ".join(sorted(cls.__name__ for cls in STRATEGIES.values()))
-        raise ValueError(f"unknown strategy class {path!r}; known: {known}")
-    return Strategy.from_dict({"name": matches[0].name, **init_args})
+    return Strategy.from_dict({"name": by_class_path(path).name, **init_args})
 
 
 def continual_strategy_names() -> list[str]:
@@ -381,151 +430,21 @@ def continual_strategy_names() -> list[str]:
     return names
 
 
-def check_number(owner: str, field: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 per_expert: bool = False, finite: bool = True) -> None:
-    """Validate a number (or a list of numbers when ``per_expert``) against an inclusive range."""
-    values = value if per_expert and isinstance(value, (list, tuple)) else [value]
-    if per_expert and isinstance(value, (list, tuple)) and not value:
-        raise ValueError(f"{owner}.{field} is an empty list; give a number or one value per expert")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            kind = "a number or a list of numbers" if per_expert else "a number"
-            raise ValueError(f"{owner}.{field} must be {kind}, got {brief(value)}")
-        if finite and not math.isfinite(v):
-            raise ValueError(f"{owner}.{field} must be finite, got {v!r}")
-        if (low is not None and v < low) or (high is not None and v > high):
-            lo = "-inf" if low is None else low
-            hi = "inf" if high is None else high
-            raise ValueError(f"{owner}.{field} must be in [{lo}, {hi}], got {v!r}")
+
+#: names this module held before 0.3 that moved: the argument checks and the statistic norms
+_MOVED = {
+    **dict.fromkeys(("CANCELLING", "check_bool", "check_choice", "check_int", "check_number", "check_precision_weights",
+                     "check_weights_so_far", "normalizing_sum", "set_field"), "lightning_merge.strategies.checks"),
+    **dict.fromkeys(("TINY", "Precision", "expert_norm", "model_norms"), "lightning_merge.strategies.norms"),
+}
 
 
-#: normalising by Σw is refused when |Σw| is at most this fraction of Σ|w| (weights that cancel)
-CANCELLING = 1e-6
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from lightning_merge.moved import forward
 
-
-def normalizing_sum(owner: str, weights: Sequence[float], what: str = "weights") -> float:
-    """Σw, the sum a normalised weighted average divides by: refused when it is 0, or negligible next to Σ|w|
-    (weights that cancel, such as 1 and −1, or 0.1, 0.2 and −0.3, whose float sum is 6e-17), where the "average" would
-    be undefined or its task vectors amplified a million times.
-
-    Raises:
-        ValueError: naming ``owner.what``, the weights and their sum, and what to do.
-    """
-    total = math.fsum(weights)
-    if abs(total) <= CANCELLING * math.fsum(abs(w) for w in weights):
-        listed = ", ".join(f"{w:g}" for w in weights)
-        raise ValueError(
-            f"{owner}.{what} [{listed}] sum to {total:g}: normalize=True divides by their sum, so the weighted average "
-            "is undefined; give weights with a non-zero sum (e.g. positive ones), or normalize=False for the plain "
-            "weighted sum"
-        )
-    return total
-
-
-def check_precision_weights(owner: str, weights: PerExpert) -> None:
-    """λᵢ of a precision-weighted mean (Fisher, OTA, ``weighting=``, the weighted median): numbers ≥ 0 (a negative
-    weight makes Σ λᵢPᵢ vanish or change sign, and the quotient meaningless) and not all 0 (no expert would weigh
-    anything: the merge would be the base). None (every λᵢ = 1) passes."""
-    if weights is None:
-        return
-    check_number(owner, "weights", weights, per_expert=True, low=0)
-    values = list(weights) if isinstance(weights, (list, tuple)) else [weights]
-    if not any(values):
-        raise ValueError(f"{owner}.weights are all 0: no expert would have any weight in the merge; give a positive "
-                         "weight to at least one expert")
-
-
-def check_weights_so_far(strategy: Strategy, index: int) -> None:
-    """In a continual state, the model after adding expert ``index`` is the precision-weighted mean of experts
-    0..index: refused before any work when their weights are all 0 (it would be the base)."""
-    if not any(strategy.per_expert("weights", i, 1.0) for i in range(index + 1)):
-        raise ValueError(
-            f"{type(strategy).__name__}.weights of the experts added so far, this one included, are all 0: the "
-            "continual model would be the base; give this expert a positive weight"
-        )
-
-
-def check_choice(owner: str, field: str, value: Any, choices: Sequence[Any]) -> None:
-    """Validate that ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{owner}.{field} must be one of {', '.join(map(repr, choices))}; got {brief(value)}")
-
-
-def check_bool(owner: str, field: str, value: Any) -> None:
-    """Validate a flag: ``True`` or ``False`` only (``1`` or ``"yes"`` are refused, though ``1 == True``)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{field} must be True or False, got {brief(value)}")
-
-
-def check_int(owner: str, field: str, value: Any, *, low: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        bound = f" >= {low}" if low is not None else ""
-        raise ValueError(f"{owner}.{field} must be an integer{bound}, got {brief(value)}")
-
-
-def set_field(obj: Any, field: str, value: Any) -> None:
-    """Set a field of a frozen dataclass while it is constructed (normalising an argument in ``__post_init__``)."""
-    object.__setattr__(obj, field, value)
-
-
-#: an expert's elementwise weight derived from its statistic: ``precision(index, statistic)`` (a new tensor)
-Precision = Callable[[int, Tensor], Tensor]
-
-
-def _squares(index: int, value: Tensor, precision: Precision | None) -> tuple[float, float]:
-    """Σ F² of one statistic tensor and Σ P² of the precision derived from it (in float64)."""
-    raw = float(value.double().square().sum())
-    return raw, raw if precision is None else float(precision(index, value).double().square().sum())
-
-
-def _refuse_zero(expert: str, kind: str, raw: float, remedy: str) -> None:
-    if raw == 0.0:
-        raise StatisticsError(
-            f"expert '{expert}' has a {kind!r} statistic that is zero on every merged tensor: normalising its weight "
-            f"by that statistic's norm is undefined (it would take all the weight, or none). Its capture recorded no "
-            f"gradient (frozen parameters? a loss without gradient?): capture it again or leave it out, or {remedy}"
-        )
-
-
-def model_norms(plan: MergePlan, kind: str, precision: Precision | None = None,
-                remedy: str = "merge without normalize") -> list[float]:
-    """Per expert, the L2 norm over every merged tensor of its statistic ``kind``, or of ``precision(i, F)``: the
-    elementwise weight a strategy derives from it (Fisher merging's floored F̃ = max(F, floor) + eps). Normalising by
-    the norm of the weight actually used keeps the floor and the normalisation consistent: a Fisher that lies below
-    the floor almost everywhere is then an expert of uniform weight, not one whose tiny norm gives it all the weight.
-    Reads statistics only.
-
-    Raises:
-        StatisticsError: an expert whose statistic is zero on every merged tensor (its normalisation is undefined);
-            ``remedy`` ends the message.
-    """
-    parts = plan.map(lambda name: [_squares(i, v, precision) for i, v in enumerate(plan.statistics(name, kind))],
-                     f"{kind} norms")
-    raw = [0.0] * plan.num_experts
-    squares = [0.0] * plan.num_experts
-    for per_expert in parts.values():  # in plan order: one process's floats, however the pass was split
-        for i, (r, value) in enumerate(per_expert):
-            raw[i] += r
-            squares[i] += value
-    for i, r in enumerate(raw):
-        _refuse_zero(plan.experts[i].name, kind, r, remedy)
-    return [math.sqrt(s) for s in squares]
-
-
-def expert_norm(expert: Any, names: Sequence[str], kind: str, precision: Precision | None = None, index: int = 0,
-                remedy: str = "merge without normalize") -> float:
-    """One expert's norm of its statistic ``kind`` (or of ``precision(index, F)``) over ``names``: the continual
-    counterpart of :func:`model_norms`, with the same refusal of a statistic that is zero everywhere."""
-    raw = squares = 0.0
-    for n in names:
-        r, value = _squares(index, expert.statistic(n, kind), precision)
-        raw += r
-        squares += value
-    _refuse_zero(expert.name, kind, raw, remedy)
-    return math.sqrt(squares)
-
-
-TINY = torch.finfo(torch.float32).tiny
+    return forward(__name__, _MOVED[name], name)
 
 
 __all__ = [
@@ -536,16 +455,8 @@ __all__ = [
     "NoContinualForm",
     "PerExpert",
     "Prepared",
+    "Reference",
     "STRATEGIES",
     "Strategy",
-    "check_bool",
-    "check_choice",
-    "check_int",
-    "check_number",
-    "check_precision_weights",
-    "check_weights_so_far",
     "continual_strategy_names",
-    "normalizing_sum",
-    "expert_norm",
-    "model_norms",
 ]

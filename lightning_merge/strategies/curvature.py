@@ -17,22 +17,17 @@ from torch import Tensor
 
 from lightning_merge.formats.sidecar import FISHER_ESTIMATORS
 from lightning_merge.strategies import functional as F
-from lightning_merge.strategies.base import (
-    TINY,
-    ContinualForm,
-    ContinualSummary,
-    FoldContext,
+from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
+from lightning_merge.strategies.checks import (
     PerExpert,
-    Prepared,
-    Strategy,
     check_bool,
     check_choice,
     check_number,
     check_precision_weights,
     check_weights_so_far,
-    expert_norm,
-    model_norms,
 )
+from lightning_merge.strategies.norms import TINY, expert_norm, model_norms
+from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 if TYPE_CHECKING:
     from lightning_merge.strategies.plan import MergePlan
@@ -44,15 +39,6 @@ _NORMALIZE_REMEDY = "pass normalize=False"
 def fisher_kind(estimator: str | None) -> str:
     """The statistic kind to read: ``"fisher"`` (each expert's preferred estimator) or ``"fisher.{estimator}"``."""
     return "fisher" if estimator is None else f"fisher.{estimator}"
-
-
-def _apply_scale(owner: str, merged: Tensor, base: Tensor | None, scale: float) -> Tensor:
-    """θ₀ + scale·(merged − θ₀); without a base only scale 1 is defined."""
-    if base is None:
-        if scale != 1.0:
-            raise ValueError(f"{owner}(scale={scale}) needs a base model (θ = θ₀ + scale·τ); pass base=")
-        return merged
-    return merged.sub_(base).mul_(scale).add_(base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +78,7 @@ class _PrecisionStrategy(Strategy):
                 # No expert weighs these entries (a zero Fisher with floor=0, v̂ = 0 with eps=0) and no base holds
                 # them: the λ-weighted mean of the experts there (θ₀ itself where every expert kept it frozen), never 0.
                 merged[empty] = sum(w * t[empty] for w, t in zip(weights, tensors)) / math.fsum(weights)
-            return _apply_scale(type(self).__name__, merged, None, self.scale)
+            return merged  # no base: scale is 1 (needs_base otherwise)
         return merged.mul_(self.scale).add_(base)
 
     def continual_form(self) -> ContinualForm:
@@ -112,7 +98,8 @@ class _PrecisionFold(ContinualForm):
         check_weights_so_far(s, index)
         return FoldContext(index, s.per_expert("weights", index, 1.0), {"norm": s._expert_norm(index, expert, names)})
 
-    def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
+    def fold(self, name: str, running: Mapping[str, Tensor] | None, tau: Tensor, stats: Mapping[str, Tensor],
+             ctx: FoldContext) -> dict[str, Tensor]:
         num = torch.zeros_like(tau) if running is None else running["num"]
         den = torch.zeros_like(tau) if running is None else running["den"]
         p = self.strategy.expert_precision(ctx.index, ctx.weight, stats, tau, ctx.values.get("norm"))
@@ -146,6 +133,8 @@ class Fisher(_PrecisionStrategy):
     """
 
     name = "fisher"
+    reference = Reference("https://arxiv.org/abs/2111.09832",
+                          ("https://github.com/mmatena/model_merging", FUSION_BENCH + "fisher_merging"))
 
     weights: PerExpert = None
     scale: float = 1.0
@@ -156,23 +145,24 @@ class Fisher(_PrecisionStrategy):
     favor_target: bool = False
 
     def __post_init__(self) -> None:
-        check_precision_weights("Fisher", self.weights)
-        check_bool("Fisher", "favor_target", self.favor_target)
-        check_number("Fisher", "scale", self.scale)
-        check_number("Fisher", "floor", self.floor, low=0)
-        check_number("Fisher", "eps", self.eps, low=0)
-        check_choice("Fisher", "estimator", self.estimator, (None, *FISHER_ESTIMATORS))
+        owner = type(self)
+        check_precision_weights(owner, self.weights)
+        check_bool(owner, "favor_target", self.favor_target)
+        check_number(owner, "scale", self.scale)
+        check_number(owner, "floor", self.floor, low=0)
+        check_number(owner, "eps", self.eps, low=0)
+        check_choice(owner, "estimator", self.estimator, (None, *FISHER_ESTIMATORS))
 
     @property
-    def requires(self) -> tuple[str, ...]:  # type: ignore[override]
+    def requires(self) -> tuple[str, ...]:
         return (fisher_kind(self.estimator),)
 
     @property
-    def needs_base(self) -> bool:  # type: ignore[override]
+    def needs_base(self) -> bool:
         return self.scale != 1.0  # at scale 1 the weighted average of θᵢ equals θ₀ + the average of τᵢ
 
     @property
-    def global_pass(self) -> bool:  # type: ignore[override]
+    def global_pass(self) -> bool:
         return self.normalize
 
     def _per_expert_fields(self) -> tuple[str, ...]:
@@ -194,7 +184,9 @@ class Fisher(_PrecisionStrategy):
         floor = self.floor if index == 0 or not self.favor_target else 0.0
         return F.fisher_precision(fisher, floor, self.eps)
 
-    def expert_precision(self, index, weight, stats, x, norm):  # type: ignore[override]
+    def expert_precision(
+        self, index: int, weight: float, stats: Mapping[str, Tensor], x: Tensor, norm: float | None
+    ) -> Tensor:
         scale = weight / max(norm, TINY) if norm is not None else weight
         return self._precision(index, stats[self.requires[0]]).mul_(scale)
 
@@ -222,6 +214,7 @@ class OTA(_PrecisionStrategy):
     """
 
     name = "ota"
+    reference = Reference("https://arxiv.org/abs/2509.11167", ("https://github.com/pmahdavi/ota-merge",))
     requires = ("exp_avg_sq",)
 
     weights: PerExpert = None
@@ -233,14 +226,15 @@ class OTA(_PrecisionStrategy):
     threshold: PerExpert = None
 
     def __post_init__(self) -> None:
-        check_precision_weights("OTA", self.weights)
-        check_number("OTA", "scale", self.scale)
-        check_number("OTA", "power", self.power, low=0)
-        check_number("OTA", "eps", self.eps, low=0)
+        owner = type(self)
+        check_precision_weights(owner, self.weights)
+        check_number(owner, "scale", self.scale)
+        check_number(owner, "power", self.power, low=0)
+        check_number(owner, "eps", self.eps, low=0)
         if self.density is not None:
-            check_number("OTA", "density", self.density, low=0, high=1)
+            check_number(owner, "density", self.density, low=0, high=1)
         if self.threshold is not None:
-            check_number("OTA", "threshold", self.threshold, low=0, per_expert=True)
+            check_number(owner, "threshold", self.threshold, low=0, per_expert=True)
         if self.density is not None and self.threshold is not None:
             raise ValueError("OTA: give density or threshold for Fast Fisher Grafting, not both")
 
@@ -252,15 +246,13 @@ class OTA(_PrecisionStrategy):
         return self.density is not None or self.threshold is not None
 
     @property
-    def needs_base(self) -> bool:  # type: ignore[override]
+    def needs_base(self) -> bool:
+        """A base is needed to scale the merged task vector, and by Fast Fisher Grafting's saliency v̂ ⊙ τ²."""
         return self.scale != 1.0 or self.grafting
 
-    def merge_tensor(self, name, base, tensors, stats, prepared=None):  # type: ignore[override]
-        if base is None and self.grafting:
-            raise ValueError("OTA with Fast Fisher Grafting (density/threshold) needs a base model; pass base=")
-        return super().merge_tensor(name, base, tensors, stats, prepared)
-
-    def expert_precision(self, index, weight, stats, x, norm):  # type: ignore[override]
+    def expert_precision(
+        self, index: int, weight: float, stats: Mapping[str, Tensor], x: Tensor, norm: float | None
+    ) -> Tensor:
         v = stats["exp_avg_sq"]
         w = F.ota_precision(v, self.power, self.eps, self.mean_normalize).mul_(weight)
         if self.grafting:
@@ -296,7 +288,7 @@ class WeightedMedian(Strategy):
     """
 
     name = "weighted_median"
-    needs_base = True
+    reference = Reference("https://openreview.net/forum?id=tB6bb0ZosX")
     scalable = True
 
     weights: PerExpert = None
@@ -307,19 +299,20 @@ class WeightedMedian(Strategy):
     normalize: bool = False
 
     def __post_init__(self) -> None:
-        check_precision_weights("WeightedMedian", self.weights)
-        check_bool("WeightedMedian", "normalize", self.normalize)
-        check_number("WeightedMedian", "scale", self.scale)
-        check_number("WeightedMedian", "kappa", self.kappa, low=0, high=1)
-        check_choice("WeightedMedian", "importance", self.importance, ("magnitude", "none"))
-        check_choice("WeightedMedian", "estimator", self.estimator, (None, *FISHER_ESTIMATORS))
+        owner = type(self)
+        check_precision_weights(owner, self.weights)
+        check_bool(owner, "normalize", self.normalize)
+        check_number(owner, "scale", self.scale)
+        check_number(owner, "kappa", self.kappa, low=0, high=1)
+        check_choice(owner, "importance", self.importance, ("magnitude", "none"))
+        check_choice(owner, "estimator", self.estimator, (None, *FISHER_ESTIMATORS))
 
     @property
-    def requires(self) -> tuple[str, ...]:  # type: ignore[override]
+    def requires(self) -> tuple[str, ...]:
         return (fisher_kind(self.estimator),)
 
     @property
-    def global_pass(self) -> bool:  # type: ignore[override]
+    def global_pass(self) -> bool:
         return self.normalize
 
     def _per_expert_fields(self) -> tuple[str, ...]:
@@ -334,8 +327,6 @@ class WeightedMedian(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
-        if base is None:
-            raise ValueError("WeightedMedian takes the median of task vectors: it needs a base model (base=...)")
         n = len(tensors)
         prepared = prepared if prepared is not None else self._unprepared(n)
         weights = self.expert_weights(n)
@@ -346,6 +337,21 @@ class WeightedMedian(Strategy):
         fisher = torch.stack([s[self.requires[0]] for s in stats]).reshape(n, -1)
         merged = weighted_median(tau, fisher, torch.tensor(weights), self.kappa, self.importance)
         return merged.view_as(base).mul_(self.scale).add_(base)
+
+    def diagnose(self, plan: MergePlan, name: str, taus: Tensor, merged: Tensor) -> dict[str, Any]:
+        """The merged norm and ``winners``: the share of the non-zero entries whose median each expert supplies
+        (where two experts hold the same value, the later one)."""
+        out = super().diagnose(plan, name, taus, merged)
+        n = taus.shape[0]
+        flat = taus.reshape(n, -1)
+        chosen = merged.reshape(-1) / self.scale if self.scale else merged.reshape(-1)
+        nonzero = chosen != 0
+        first = torch.full_like(chosen, -1, dtype=torch.int64)
+        for i in range(n):
+            close = (flat[i] - chosen).abs() <= 1e-6 * (1 + chosen.abs())
+            first[close & nonzero] = i
+        out["winners"] = [float((first == i).double().sum() / max(int(nonzero.sum()), 1)) for i in range(n)]
+        return out
 
 
 def weighted_median(tau: Tensor, fisher: Tensor, weights: Tensor, kappa: float, importance: str) -> Tensor:

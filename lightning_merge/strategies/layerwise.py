@@ -18,15 +18,9 @@ from typing import Any
 from torch import Tensor
 
 from lightning_merge.strategies import functional as F
-from lightning_merge.strategies.base import (
-    LinearForm,
-    NoContinualForm,
-    PerExpert,
-    Prepared,
-    Strategy,
-    check_number,
-    set_field,
-)
+from lightning_merge.strategies.base import LinearForm, NoContinualForm, Prepared, Strategy
+from lightning_merge.strategies.checks import PerExpert, check_number, set_field
+from lightning_merge.strategies.registry import Reference
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,6 +37,7 @@ class LayerwiseTaskArithmetic(Strategy):
     """
 
     name = "layerwise_task_arithmetic"
+    reference = Reference("https://arxiv.org/abs/2310.02575", ("https://github.com/EnnengYang/AdaMerging",))
     scalable = True
 
     coefficients: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict)
@@ -73,10 +68,10 @@ class LayerwiseTaskArithmetic(Strategy):
                              f"({sorted(lengths)})")
         set_field(self, "coefficients", normalised)
         if self.default is not None:
-            check_number("LayerwiseTaskArithmetic", "default", self.default, per_expert=True)
+            check_number(type(self), "default", self.default, per_expert=True)
             if isinstance(self.default, (list, tuple)) and lengths and len(self.default) not in lengths:
                 raise ValueError("LayerwiseTaskArithmetic.default must list as many experts as the blocks do")
-        check_number("LayerwiseTaskArithmetic", "scale", self.scale)
+        check_number(type(self), "scale", self.scale)
         try:
             if re.compile(self.pattern).groups != 1:
                 raise re.error("needs one group")
@@ -130,8 +125,6 @@ class LayerwiseTaskArithmetic(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
-        if base is None:
-            raise ValueError("LayerwiseTaskArithmetic merges task vectors: it needs a base model (base=...)")
         out = base.clone()
         for c, t in zip(self.coefficients_of(name, len(tensors)), tensors):
             out.add_(t - base, alpha=c)

@@ -21,14 +21,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_merge.strategies.base import (
-    ContinualForm,
-    ContinualSummary,
-    FoldContext,
-    Prepared,
-    Strategy,
-    check_number,
-)
+from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
+from lightning_merge.strategies.checks import check_number
+from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 if TYPE_CHECKING:
     from lightning_merge.strategies.plan import MergePlan
@@ -121,7 +116,8 @@ class OPCM(Strategy):
     """
 
     name = "opcm"
-    needs_base = True
+    reference = Reference("https://arxiv.org/abs/2501.09522",
+                          ("https://github.com/tanganke/opcm", FUSION_BENCH + "opcm/opcm.py"))
     global_pass = True
 
     alpha: float = 0.5
@@ -129,7 +125,7 @@ class OPCM(Strategy):
     device: str | None = None
 
     def __post_init__(self) -> None:
-        check_number("OPCM", "alpha", self.alpha, low=0, high=1)
+        check_number(type(self), "alpha", self.alpha, low=0, high=1)
         try:
             re.compile(self.not_linear)
         except (re.error, TypeError):
@@ -166,13 +162,33 @@ class OPCM(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
-        if base is None:
-            raise ValueError("OPCM merges task vectors: it needs a base model (base=...)")
         prepared = prepared if prepared is not None else self._unprepared(len(tensors))
         return self._final(name, base, tensors).mul_(prepared["factor"]).add_(base)
 
     def continual_form(self) -> ContinualForm:
         return _OPCMFold(self)
+
+    def diagnose(self, plan: MergePlan, name: str, taus: Tensor, merged: Tensor) -> dict[str, Any]:
+        """The merged norm, ``projected_share`` (the share of each expert's ‖τᵢ‖² the projection removes: 0 for the
+        first) and ``tau_sq`` (‖τᵢ‖², to aggregate the shares over blocks). The projections are recomputed on the
+        CPU from the task vectors, in the given order."""
+        out = super().diagnose(plan, name, taus, merged)
+        n = taus.shape[0]
+        shares = [0.0] * n
+        running = None
+        for i in range(n):
+            tau = taus[i]
+            if running is None or not is_projected(name, tau, self.not_linear):
+                kept_tau = tau
+            else:
+                kept_tau = opcm_project(running, tau, self.alpha)
+            total = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+            kept_sq = float(torch.linalg.vector_norm(kept_tau, dtype=torch.float64)) ** 2
+            shares[i] = 1.0 - kept_sq / total if total > 0 else 0.0
+            running = kept_tau.clone() if running is None else running + kept_tau
+        out["projected_share"] = shares
+        out["tau_sq"] = [float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in taus]
+        return out
 
 
 def _factor(norms: Sequence[float], s_norm_sq: float) -> float:
@@ -191,7 +207,8 @@ class _OPCMFold(ContinualForm):
     def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
         return FoldContext(index, 1.0)
 
-    def fold(self, name, running, tau, stats, ctx):  # type: ignore[override]
+    def fold(self, name: str, running: Mapping[str, Tensor] | None, tau: Tensor, stats: Mapping[str, Tensor],
+             ctx: FoldContext) -> dict[str, Tensor]:
         s = self.strategy
         return {"S": opcm_step(name, None if running is None else running["S"], tau, s.alpha, s.not_linear,
                                opcm_device(s.device))}

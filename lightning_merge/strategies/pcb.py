@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_merge.strategies.base import Prepared, Strategy, check_number
+from lightning_merge.strategies.base import Prepared, Strategy
+from lightning_merge.strategies.checks import check_number
+from lightning_merge.strategies.registry import Reference
 
 if TYPE_CHECKING:
     from lightning_merge.strategies.plan import MergePlan
@@ -107,6 +109,7 @@ class PCB(Strategy):
     """
 
     name = "pcb"
+    reference = Reference("https://arxiv.org/abs/2410.02396", ("https://github.com/duguodong7/pcb-merging",))
     scalable = True
     global_pass = True
 
@@ -115,13 +118,13 @@ class PCB(Strategy):
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        check_number("PCB", "ratio", self.ratio, low=0.0, high=1.0)
+        check_number(type(self), "ratio", self.ratio, low=0.0, high=1.0)
         if not self.ratio > 0:
             raise ValueError(f"PCB.ratio must be in (0, 1], got {self.ratio!r}")
-        check_number("PCB", "clamp_ratio", self.clamp_ratio, low=0.0, high=0.5)
+        check_number(type(self), "clamp_ratio", self.clamp_ratio, low=0.0, high=0.5)
         if not self.clamp_ratio < 0.5:
             raise ValueError(f"PCB.clamp_ratio must be in [0, 0.5), got {self.clamp_ratio!r}")
-        check_number("PCB", "scale", self.scale)
+        check_number(type(self), "scale", self.scale)
 
     def prepare(self, plan: MergePlan) -> Prepared:
         self.check_num_experts(plan.num_experts)
@@ -156,8 +159,6 @@ class PCB(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
-        if base is None:
-            raise ValueError("PCB merges task vectors: it needs a base model (base=...)")
         n = len(tensors)
         prepared = prepared if prepared is not None else self._unprepared(n)
         taus = torch.stack([t - base for t in tensors]).reshape(n, -1)

@@ -25,7 +25,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_merge.strategies.base import NoContinualForm, PerExpert, Prepared, Strategy, check_number
+from lightning_merge.strategies.base import NoContinualForm, Prepared, Strategy
+from lightning_merge.strategies.checks import PerExpert, check_number
+from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 
 def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
@@ -74,6 +76,8 @@ class RegMean(Strategy):
     """
 
     name = "regmean"
+    reference = Reference("https://arxiv.org/abs/2212.09849",
+                          ("https://github.com/bloomberg/dataless-model-merging", FUSION_BENCH + "regmean"))
     requires = ("gram",)
     scalable = True
 
@@ -82,15 +86,15 @@ class RegMean(Strategy):
     scale: float = 1.0
 
     @property
-    def needs_base(self) -> bool:  # type: ignore[override]
+    def needs_base(self) -> bool:
         """A base is needed only to scale the merged task vector."""
         return self.scale != 1.0
 
     def __post_init__(self) -> None:
-        check_number("RegMean", "alpha", self.alpha, low=0.0, high=1.0)
-        check_number("RegMean", "scale", self.scale)
+        check_number(type(self), "alpha", self.alpha, low=0.0, high=1.0)
+        check_number(type(self), "scale", self.scale)
         if self.weights is not None:
-            check_number("RegMean", "weights", self.weights, per_expert=True, low=0.0)
+            check_number(type(self), "weights", self.weights, per_expert=True, low=0.0)
             values = self.weights if isinstance(self.weights, (list, tuple)) else [self.weights]
             if not any(v > 0 for v in values):
                 raise ValueError("RegMean.weights must have a positive value")
@@ -102,8 +106,6 @@ class RegMean(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
-        if base is None and self.scale != 1.0:
-            raise ValueError("RegMean(scale=...) steps along the merged task vector: it needs a base model (base=...)")
         weights = self.expert_weights(len(tensors))
         reference = base if base is not None else tensors[0]
         deltas = [t - reference for t in tensors]

@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_merge.strategies.base import PerExpert, Prepared, Strategy, check_number
+from lightning_merge.strategies.base import Prepared, Strategy
+from lightning_merge.strategies.checks import PerExpert, check_number
+from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 
 def task_singular_vectors(taus: Sequence[Tensor]) -> Tensor:
@@ -54,6 +56,8 @@ class TSVMerge(Strategy):
     """
 
     name = "tsv_merge"
+    reference = Reference("https://arxiv.org/abs/2412.00081", ("https://github.com/AntoAndGar/task_singular_vectors",
+                                                               FUSION_BENCH + "task_singular_vector"))
     scalable = True
 
     weights: PerExpert = None
@@ -62,8 +66,8 @@ class TSVMerge(Strategy):
 
     def __post_init__(self) -> None:
         if self.weights is not None:
-            check_number("TSVMerge", "weights", self.weights, per_expert=True)
-        check_number("TSVMerge", "scale", self.scale)
+            check_number(type(self), "weights", self.weights, per_expert=True)
+        check_number(type(self), "scale", self.scale)
         if self.not_svd is not None:
             try:
                 re.compile(self.not_svd)
@@ -81,8 +85,6 @@ class TSVMerge(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
-        if base is None:
-            raise ValueError("TSVMerge decomposes task vectors: it needs a base model (base=...)")
         weights = self.expert_weights(len(tensors))
         taus = [(t - base).mul_(w) for t, w in zip(tensors, weights)]
         if self.uses_svd(name, base):

@@ -226,7 +226,7 @@ def average_checkpoints(
     from lightning_merge.files.torch_load import load_torch_file
     from lightning_merge.formats.sidecar import find_sidecar
     from lightning_merge.sources.expert import Expert
-    from lightning_merge.strategies.base import check_number, normalizing_sum
+    from lightning_merge.strategies.checks import check_number, normalizing_sum
     from lightning_merge.strategies.curvature import OTA, Fisher
     from lightning_merge.strategies.linear import Linear
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from lightning_merge.engine.run import open_inputs, plan_merge
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
-from lightning_merge.strategies.linear import TaskArithmetic
+from lightning_merge.strategies.task_vectors import TaskArithmetic
 
 log = logging.getLogger("lightning_merge")
 

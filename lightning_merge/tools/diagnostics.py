@@ -7,11 +7,12 @@ and computes
 - per tensor (``tensors[name]``): ``norm`` (‖τᵢ‖₂ per expert), ``sign_conflict`` (the fraction of entries where two
   experts have non-zero τ of opposite signs), ``statistic_mass`` (each expert's sum of Fisher / second moments, where
   captured);
-- with a strategy: ``merged_norm`` (‖τ*‖ of the merge) and what it keeps per expert: ``kept`` (the density of each
-  expert's sparsified task vector, and ``overlap``: the share of its kept entries another expert also keeps) for the
-  task-vector family (TIES, DARE, Breadcrumbs, CABS, Generalized), ``tall_kept`` for consensus, ``winners`` (the
-  share of entries whose median each expert supplies) for the weighted median, ``projected_share`` (the share of
-  ‖τᵢ‖² OPCM's projection removes) for OPCM;
+- with a strategy, what its :meth:`~lightning_merge.strategies.Strategy.diagnose` returns: ``merged_norm`` (‖τ*‖ of
+  the merge) for every strategy, and what it keeps per expert: ``kept`` (the density of each expert's sparsified task
+  vector, and ``overlap``: the share of its kept entries another expert also keeps) for the task-vector family (TIES,
+  DARE, Breadcrumbs, CABS, Generalized), ``tall_kept`` for consensus, ``winners`` (the share of entries whose median
+  each expert supplies) for the weighted median, ``projected_share`` (the share of ‖τᵢ‖² OPCM's projection removes)
+  for OPCM;
 - per block (layer index from the tensor names): the same, aggregated.
 
 :meth:`Report.save` writes a self-contained folder: ``index.html`` (opens offline: PNG figures beside it, no
@@ -167,10 +168,9 @@ def report(
             entry["statistic_mass"] = {
                 k: [float(e.statistic(name, k).sum(dtype=torch.float64)) for e in opened] for k in kinds
             }
-        if strategy is not None:
-            entry.update(_merged_view(strategy, name, taus, merged))
+        if strategy is not None:  # the strategy's own view (it may sparsify taus: their last use)
+            entry.update(strategy.diagnose(plan, name, taus, merged))
             del merged
-            entry.update(_kept_view(plan, strategy, name, taus))
         del taus, flat
         tensors[name] = entry
     diag = gram.diagonal().clamp(min=1e-300).sqrt()
@@ -206,78 +206,6 @@ def _shares_memory(tensor: Tensor, others: Sequence[Tensor | None]) -> bool:
     """Whether ``tensor`` may alias one of ``others`` (a strategy may return an input, or a view of one)."""
     storage = tensor.untyped_storage().data_ptr()
     return any(o is not None and o.untyped_storage().data_ptr() == storage for o in others)
-
-
-def _merged_view(strategy: Strategy, name: str, taus: Tensor, merged: Tensor) -> dict[str, Any]:
-    """The norm of the merged task vector ``merged`` and what it takes from each expert (``taus``, (N, *shape))."""
-    from lightning_merge.strategies.composed import Generalized
-    from lightning_merge.strategies.curvature import WeightedMedian
-    from lightning_merge.strategies.opcm import OPCM, is_projected, opcm_project
-
-    n = taus.shape[0]
-    out: dict[str, Any] = {"merged_norm": float(torch.linalg.vector_norm(merged, dtype=torch.float64))}
-    flat = taus.reshape(n, -1)
-    if isinstance(strategy, Generalized) and strategy.consensus_k is not None:
-        lambdas = [strategy.per_expert("tall_lambda", i, 0.6) for i in range(n)]
-        masks = F.tall_masks(taus, merged / strategy.scale if strategy.scale else merged, lambdas)
-        out["tall_kept"] = [float(m.double().mean()) for m in masks.reshape(n, -1)]
-        del masks
-    if isinstance(strategy, WeightedMedian):
-        chosen = merged.reshape(-1) / strategy.scale if strategy.scale else merged.reshape(-1)
-        nonzero = chosen != 0
-        first = torch.full_like(chosen, -1, dtype=torch.int64)
-        for i in range(n):  # the (any) expert whose value the median took: the last that matches
-            close = (flat[i] - chosen).abs() <= 1e-6 * (1 + chosen.abs())
-            first[close & nonzero] = i
-        out["winners"] = [float((first == i).double().sum() / max(int(nonzero.sum()), 1)) for i in range(n)]
-    if isinstance(strategy, OPCM):
-        shares = [0.0] * n
-        running = None
-        for i in range(n):
-            tau = taus[i]
-            if running is None or not is_projected(name, tau, strategy.not_linear):
-                kept_tau = tau
-            else:
-                kept_tau = opcm_project(running, tau, strategy.alpha)
-            total = float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
-            kept_sq = float(torch.linalg.vector_norm(kept_tau, dtype=torch.float64)) ** 2
-            shares[i] = 1.0 - kept_sq / total if total > 0 else 0.0
-            running = kept_tau.clone() if running is None else running + kept_tau
-        out["projected_share"] = shares
-        out["tau_sq"] = [float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in taus]
-    return out
-
-
-def _kept_view(plan: Any, strategy: Strategy, name: str, taus: Tensor) -> dict[str, Any]:
-    """What a task-vector strategy's sparsifier keeps of each expert; sparsifies ``taus`` in place (its last use).
-
-    A sparsifier only zeroes or rescales entries, so an entry is kept exactly where the sparsified τᵢ is non-zero
-    (entries that were zero count as not kept); ``overlap`` is the share of an expert's kept entries that another
-    expert keeps too."""
-    from lightning_merge.strategies.linear import TaskVectorMerge
-
-    if not isinstance(strategy, TaskVectorMerge) or strategy.sparsifier.method == "none":
-        return {}
-    strategy.sparsifier.apply_stack(name, taus, plan.stats(name), plan.prepared.get("sparsify") or {})
-    n = taus.shape[0]
-    flat = taus.reshape(n, -1)
-    keepers = torch.zeros(flat.shape[1], dtype=torch.int16)  # how many experts keep each entry
-    for i in range(n):
-        keepers += flat[i] != 0
-    shared_anywhere = keepers >= 2
-    del keepers
-    counts, shared = [], []
-    for i in range(n):
-        kept = flat[i] != 0
-        counts.append(int(kept.sum()))
-        shared.append(int((kept & shared_anywhere).sum()))
-    numel = flat.shape[1]
-    return {"kept": {
-        "density": [c / numel for c in counts],
-        "overlap": [s / c if c > 0 else 0.0 for s, c in zip(shared, counts)],
-        "kept": counts,
-        "shared": shared,
-    }}
 
 
 def _blocks(tensors: Mapping[str, Mapping[str, Any]], n: int) -> dict[str, dict[str, Any]]:

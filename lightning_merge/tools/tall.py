@@ -35,7 +35,7 @@ from lightning_merge.files.safetensors import SafetensorsFile, ShardWriter, Tens
 from lightning_merge.sources.expert import Expert, as_expert
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.base import Strategy
-from lightning_merge.strategies.linear import TaskArithmetic
+from lightning_merge.strategies.task_vectors import TaskArithmetic
 
 FORMAT = "lightning-merge/tall"
 VERSION = 1
