@@ -20,7 +20,7 @@ MOVED = {
     "lightning_merge.outputs": "lightning_merge.files.outputs",
     "lightning_merge.stats": "lightning_merge.formats.sidecar",
     "lightning_merge.lora": "lightning_merge.formats.lora",
-    "lightning_merge.tall": "lightning_merge.formats.tall",
+    "lightning_merge.tall": "lightning_merge.tools.tall",
     "lightning_merge.experts": "lightning_merge.sources.expert",
     "lightning_merge.writers": "lightning_merge.engine.writers",
     "lightning_merge.distributed": "lightning_merge.engine.distributed",

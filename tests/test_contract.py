@@ -161,7 +161,7 @@ def test_adapter_and_tall_folders_are_fsynced_under_unique_temporary_names(tmp_p
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     import lightning_merge.engine.writers as writers
-    import lightning_merge.formats.tall as tall
+    import lightning_merge.tools.tall as tall
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,

@@ -74,11 +74,12 @@ def test_accumulation_weights_the_effective_batch(tmp_path):
     tokens = [batch_counts(b, TinyLM())[1] for b in micro]
     model = TinyLM(lr=0.0)
     expected: dict[str, torch.Tensor] = {}
-    for step in range(4):  # g = (g₁ + g₂)/2 of two one-sequence micro-batches; w = A² / Σ 1/Nₐ²
+    for step in range(4):  # g = (g₁ + g₂)/2 of two one-sequence micro-batches; w = A² · (ΣNₐ/ΣBₐ) / Σ 1/Nₐ
         model.zero_grad()
         for b in micro[2 * step: 2 * step + 2]:
             (model.model(**b).loss / 2).backward()
-        w = 4 / sum(1 / n ** 2 for n in tokens[2 * step: 2 * step + 2])
+        n = tokens[2 * step: 2 * step + 2]
+        w = 4 * (sum(n) / 2) / sum(1 / t for t in n)  # a sequence's Fisher grows with its length
         for n, p in model.named_parameters():
             expected[n] = expected.get(n, 0) + w * p.grad ** 2 / 4
     for name in stats.names("fisher.batch"):

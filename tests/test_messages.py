@@ -250,6 +250,17 @@ def test_the_table_is_what_the_note_reports():
 # -- writes the filesystem refuses (item 13) -------------------------------------------------------------------------
 
 
+def test_a_recipe_nested_thousands_deep_is_one_line_naming_it(tmp_path, capsys):
+    base, paths = family(tmp_path)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {paths[0]}\n"
+                    "    parameters: {weight: " + "[" * 5000 + "1" + "]" * 5000 + "}\n")
+    with pytest.raises(RecipeError, match=f"recipe '{re.escape(str(deep))}' nests lists or mappings too deeply"):
+        load_recipe(deep)
+    assert cli(["merge", str(deep), str(tmp_path / "out")]) == 2
+    assert "nests lists or mappings too deeply" in one_line(capsys) and not (tmp_path / "out").exists()
+
+
 def test_a_full_disk_names_the_output_and_leaves_the_previous_one(tmp_path, monkeypatch, capsys):
     base, paths = family(tmp_path)
     merge(paths, base, Linear(), tmp_path / "out")
@@ -303,6 +314,27 @@ def test_a_full_disk_under_a_report_names_its_folder(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=f"cannot write '{re.escape(str(tmp_path / 'report'))}': No space left"):
         result.save(tmp_path / "report")
     assert not (tmp_path / "report").exists() and list(tmp_path.glob(".report*")) == []
+
+
+def test_a_full_disk_under_tall_compression_names_its_folder_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from lightning_merge.tools import tall
+
+    base, paths = family(tmp_path)
+    earlier = tall.compress(paths, base, tmp_path / "t")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()}
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    for out, overwrite in ((tmp_path / "t", True), (tmp_path / "new", False)):
+        with pytest.raises(OutputError, match=f"cannot write '{re.escape(str(out))}': No space left on device; the "
+                                              "filesystem is full: free space there, or write elsewhere"):
+            tall.compress(paths, base, out, tall_lambda=0.2, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "t").iterdir()} == before
+    assert tall.TallCompressed(tmp_path / "t").tall_lambda == earlier.tall_lambda == [0.6, 0.6]
 
 
 def test_a_full_disk_under_torch_save_names_the_checkpoint(tmp_path, monkeypatch):

@@ -481,6 +481,57 @@ def test_the_command_line_printer_redacts_any_message(capsys, monkeypatch):
     assert "SIG123" not in line and "S3CR3T" not in line and "AKIA" not in line and "X-Amz-Signature=***" in line
 
 
+def test_a_url_cut_at_the_message_limit_still_hides_its_credentials(capsys, monkeypatch):
+    import lightning_merge.cli.main as cli_module
+
+    def boom(args):  # the limit falls inside the secret: redacting after the cut found no "@" and kept it
+        raise ValueError("x" * (cli_module.MAX_MESSAGE - 20) + " s3://AKIAKEY:SUPERSECRET@bucket/run/e0.safetensors")
+
+    monkeypatch.setattr(cli_module, "cmd_inspect", boom)
+    assert cli(["inspect", "x"]) == 2
+    line = one_line_error(capsys)
+    assert "AKIAKEY" not in line and "SUPERS" not in line and "(cut: " in line
+
+
+def test_inspect_export_and_continual_never_print_or_store_a_urls_credentials(s3, tmp_path, capsys):
+    from lightning_merge import ContinualState
+    from lightning_merge.continual.state import ContinualError
+    from lightning_merge.files.remote import filesystem
+
+    base, urls = _bucket(s3, tmp_path)
+    fs, _ = filesystem(s3)
+    fs.put_file(str(tmp_path / "e0.statistics.safetensors"), f"{s3}/run/e0.statistics.safetensors".split("://")[1])
+    secret = s3.replace("s3://", "s3://AKIAKEY:SUPERSECRET@")
+    e0 = urls[0].replace(s3, secret)
+    local_base, local_paths = family(tmp_path / "local")
+
+    def printed(argv: list[str], rc: int = 0) -> str:
+        assert cli(argv) == rc, capsys.readouterr()
+        text = "".join(capsys.readouterr())
+        assert "SUPERSECRET" not in text and "AKIAKEY" not in text, text
+        return text
+
+    # a URL given to inspect or export-second-moments was folded by Path ("s3:/KEY:SECRET@...") and echoed
+    assert f"{secret.replace('AKIAKEY:SUPERSECRET', '***')}/run/e0.safetensors (model)" in printed(["inspect", e0])
+    assert "exp_avg_sq" in printed(["inspect", e0.replace(".safetensors", ".statistics.safetensors")])
+    assert "does not exist" in printed(["inspect", e0.replace("e0", "nope")], rc=2)
+    printed(["export-second-moments", e0, str(tmp_path / "sm.safetensors")])
+    assert set(load_tensors(tmp_path / "sm.safetensors")) == {"w", "b"}
+    assert "wrote s3://***@" in printed(["export-second-moments", e0, f"{secret}/out/sm.safetensors"])
+    # continual: the state's URL in what it prints; a base URL with credentials would be written into state.json
+    with pytest.raises(ContinualError, match="carries credentials") as info:
+        ContinualState.create(tmp_path / "state", base=urls[0].replace(s3, secret), strategy=Linear())
+    assert "SUPERSECRET" not in str(info.value) and not (tmp_path / "state").exists()
+    state = f"{secret}/state"
+    printed(["continual", "init", state, "--base", str(local_base), "--strategy", "linear"])
+    assert "added" in printed(["continual", "add", state, str(local_paths[0])])
+    assert "1 expert(s)" in printed(["continual", "show", state])
+    assert json.loads(printed(["continual", "show", state, "--json"]))["count"] == 1
+    assert ContinualState(state).count == 1
+    fs.invalidate_cache()
+    assert not [p for p in fs.find(s3.split("://", 1)[1]) if b"SUPERSECRET" in fs.cat_file(p)]
+
+
 # -- 6. an interrupted s3 replacement never loads as a mix -------------------------------------------------------
 
 
@@ -672,6 +723,20 @@ def test_other_spellings_of_an_input_are_still_the_input(tmp_path, monkeypatch):
             merge(paths, base, Linear(), out=out, overwrite=True)
         assert "\n" not in str(info.value)
     assert tree(tmp_path) == {**before, "alias.safetensors": ("link", "e0.safetensors")}
+
+
+def test_local_only_outputs_refuse_a_url_instead_of_writing_a_folder_named_s3(tmp_path, monkeypatch, capsys):
+    base, paths = family(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    url = "s3://AKIAKEY:SUPERSECRET@bucket/out"  # Path() folded it into ./s3:/AKIAKEY:SUPERSECRET@bucket/out
+    match = "output 's3://\\*\\*\\*@bucket/out' is a URL, and this output is written to a local path only"
+    with pytest.raises(ValueError, match=match):
+        tall.compress(paths, base, url)
+    with pytest.raises(ValueError, match=match):
+        report(paths, base, progress=False).save(url)
+    assert cli(["report", *map(str, paths), "--base", str(base), "--out", url, "--no-progress"]) == 2
+    assert "is a URL" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 def test_an_output_inside_an_input_folder_is_refused(tmp_path):

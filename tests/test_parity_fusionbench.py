@@ -63,7 +63,7 @@ torch.save(masks, sys.argv[2])
 def test_tall_masks_match_fusionbench(tmp_path, lam):
     """Our TALL masks (the Consensus strategy and tall.compress) against FusionBench's port of the paper's code,
     ``fusion_bench.method.tall_mask.utils.generate_task_masks``, on flattened models (float64)."""
-    from lightning_merge.formats import tall
+    from lightning_merge.tools import tall
 
     g = torch.Generator().manual_seed(1)
     base = {"a": torch.randn(30, 20, generator=g, dtype=torch.float64), "b": torch.randn(17, generator=g,

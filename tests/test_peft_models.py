@@ -84,3 +84,21 @@ def test_names_are_checked(folders):
         add_merged_adapter(model, ["a", "nope"], "m", Linear())
     with pytest.raises(ValueError, match="already has an adapter 'a'"):
         add_merged_adapter(model, ["a"], "a", Linear())
+
+
+@pytest.mark.parametrize("strategy", [Fisher(), OTA(density=0.5)], ids=["fisher", "ota"])
+def test_adapter_folders_bring_their_statistics(folders, strategy):
+    """Issue 30 #5: a curvature merge of adapters given as folders reads each folder's statistics.safetensors (it
+    demanded statistics={...}); an adapter given by name with none is refused, naming both remedies."""
+    root, paths = folders
+    model = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(root / "base"), paths[0],
+                                           adapter_name="a")
+    with pytest.raises(ValueError, match=r"adapter 'a' carries none: give its folder"):
+        add_merged_adapter(model, ["a", paths[1]], "merged", strategy, rank=64)
+    add_merged_adapter(model, [str(paths[0]), paths[1]], "merged", strategy, rank=64)
+    assert sorted(model.peft_config) == ["a", "merged"]  # the folders were read, not loaded into the model
+    expected = merge(paths, root / "base", strategy)
+    model.set_adapter("merged")
+    merged = model.merge_and_unload(adapter_names=["merged"]).state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name].float(), value.float(), rtol=1e-4, atol=1e-5)

@@ -30,10 +30,10 @@ from lightning_merge.files.finite import DtypeRangeError, dtype_limit
 from lightning_merge.files.safetensors import SafetensorsError, save_tensors
 from lightning_merge.formats.lora import AdapterError
 from lightning_merge.formats.sidecar import sidecar_path, write_statistics
-from lightning_merge.formats.tall import compress
 from lightning_merge.tools.averaging import average_checkpoints
 from lightning_merge.tools.evaluation import sweep_scale
 from lightning_merge.tools.recipe import RecipeError, load_recipe
+from lightning_merge.tools.tall import compress
 
 
 def fp16_family(root: Path, value: float = 40000.0) -> tuple[Path, list[Path]]:

@@ -137,13 +137,15 @@ def _print_plan(plan: dict[str, Any], source: Any) -> None:
 def describe(path: str | Path) -> dict[str, Any]:
     """What a model, a PEFT adapter or a statistics sidecar holds: counts, dtypes, size, architecture, statistics,
     and how it was made (``lightning_merge.json``)."""
-    from lightning_merge.formats.sidecar import SIDECAR_SUFFIX, Statistics
+    from lightning_merge.files.remote import is_url, redact
+    from lightning_merge.formats.sidecar import SIDECAR_SUFFIX, Statistics, fetch_with_sidecar
     from lightning_merge.sources.expert import Expert
 
-    path = Path(path)
+    shown = redact(path)  # a URL is read from its local copy and shown without its credentials
+    path = fetch_with_sidecar(str(path)) if is_url(path) else Path(path)
     if path.name.endswith(SIDECAR_SUFFIX) or path.name == "statistics.safetensors":
         stats = Statistics.load(path)
-        return {"path": str(path), "kind": "statistics", "statistics": _describe_stats(stats),
+        return {"path": shown, "kind": "statistics", "statistics": _describe_stats(stats),
                 "metadata": {k: v for k, v in stats.metadata.items() if k not in ("kinds", "base_fingerprint")}}
     if path.is_dir() and (path / "adapter_config.json").exists():
         return _describe_adapter(path)
@@ -157,7 +159,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         params += spec.numel
         size += spec.nbytes
     info: dict[str, Any] = {
-        "path": str(path),
+        "path": shown,
         "kind": "model",
         "tensors": len(expert.names()),
         "parameters": params,
@@ -281,17 +283,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export_second_moments(args: argparse.Namespace) -> int:
+    from lightning_merge.files.remote import basename, is_url, redact
     from lightning_merge.formats.sidecar import export_second_moments, find_sidecar
 
-    source = Path(args.source)
-    if not source.name.endswith(".statistics.safetensors") and source.name != "statistics.safetensors":
+    source: Any = args.source if is_url(args.source) else Path(args.source)  # Path() would fold a URL's "//"
+    if not basename(source).endswith(".statistics.safetensors") and basename(source) != "statistics.safetensors":
         found = find_sidecar(source)
         if found is None:
             raise FileNotFoundError(f"'{source}' has no statistics sidecar (X.statistics.safetensors) next to it")
         source = found
     out = export_second_moments(source, args.out, strip_prefix=args.strip_prefix, bias_correct=args.bias_correct,
                                 overwrite=args.overwrite, inputs=[args.source])
-    print(f"wrote {out}")
+    print(f"wrote {redact(out)}")
     return 0
 
 
@@ -331,6 +334,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 def cmd_continual(args: argparse.Namespace) -> int:
     from lightning_merge.continual.state import ContinualError, ContinualState
+    from lightning_merge.files.remote import redact
     from lightning_merge.strategies import Strategy
 
     try:
@@ -338,25 +342,26 @@ def cmd_continual(args: argparse.Namespace) -> int:
             spec = {"name": args.strategy, **_parse_set(args.set or [])}
             state = ContinualState.create(args.state, base=args.base, strategy=Strategy.from_dict(spec),
                                           on_missing=args.on_missing)
-            print(f"created continual state {state.url or state.path} ({args.strategy}, base {args.base})")
+            print(redact(f"created continual state {state.url or state.path} ({args.strategy}, base {args.base})"))
         elif args.action == "add":
             state = ContinualState(args.state)
             entry = state.add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate, force=args.force)
             where = state.describe()["model"] if state.url else f"{args.state}/current/model"
             if entry.get("completed_interrupted_add"):
-                print(f"completed an interrupted add: '{entry['name']}' had been committed as expert {entry['order']} "
-                      f"before its process stopped; merged model: {where}")
+                print(redact(f"completed an interrupted add: '{entry['name']}' had been committed as expert "
+                             f"{entry['order']} before its process stopped; merged model: {where}"))
             else:
-                print(f"added '{entry['name']}' as expert {entry['order']}; merged model: {where}")
+                print(redact(f"added '{entry['name']}' as expert {entry['order']}; merged model: {where}"))
         else:
             info = ContinualState(args.state).describe()
             if args.json:
-                print(json.dumps(info, indent=2))
+                print(redact(json.dumps(info, indent=2)))
                 return 0
-            print(f"{info['path']}: {info['strategy']['name']} over {info['base']}, {info['count']} expert(s)")
-            print(f"  merged model  {info['model']}")
+            print(redact(f"{info['path']}: {info['strategy']['name']} over {info['base']}, {info['count']} expert(s)"))
+            print(redact(f"  merged model  {info['model']}"))
             for e in info["journal"]:
-                print(f"  {e['order']:>3}  {e['name']:<30} ‖τ‖={e['task_vector_norm']:.4g}  {e['time']}  {e['path']}")
+                print(redact(f"  {e['order']:>3}  {e['name']:<30} ‖τ‖={e['task_vector_norm']:.4g}  {e['time']}  "
+                             f"{e['path']}"))
     except ContinualError as err:
         raise ValueError(str(err)) from err
     return 0
@@ -550,7 +555,7 @@ def _one_line(err: BaseException) -> str:
     """The error as one line; the last line of defence against a URL's credentials or signature in a message."""
     from lightning_merge.files.remote import redact
 
-    text = " ".join(str(err).split()) or type(err).__name__
+    text = redact(" ".join(str(err).split()) or type(err).__name__)  # before the cut, which could split a URL
     if len(text) > MAX_MESSAGE:
         text = f"{text[:MAX_MESSAGE]}... (cut: {len(text):,} characters)"
     if isinstance(err, KeyError) and text.startswith(("'", '"')):

@@ -46,7 +46,7 @@ from lightning_merge.continual.remote import RemoteStore, mirror
 from lightning_merge.continual.store import READ_ATTEMPTS, flock, refuse_foreign, refuse_occupied, state_holding
 from lightning_merge.errors import ContinualError
 from lightning_merge.files.atomic import atomic_file, writing
-from lightning_merge.files.remote import PreconditionFailed, is_url, join, put_conditional
+from lightning_merge.files.remote import PreconditionFailed, is_url, join, put_conditional, redact
 from lightning_merge.files.remote import exists as remote_exists
 from lightning_merge.formats.sidecar import tensor_fingerprint
 from lightning_merge.sources.expert import Expert, as_expert
@@ -105,8 +105,9 @@ class ContinualState(RemoteStore):
 
         Args:
             path: the folder (created; it must be new or empty: a state deletes and replaces files inside it).
-            base: the base model every expert was fine-tuned from (a path: the state refers to it and checks, at
-                every add, that it has not changed).
+            base: the base model every expert was fine-tuned from (a path or a URL: the state refers to it and
+                checks, at every add, that it has not changed; a URL with credentials or a signature is refused, since
+                state.json would store them).
             strategy: a strategy with a continual form, or its ``to_dict()``.
             exist_ok: return the existing state if ``path`` already holds one with the same base, strategy and
                 ``on_missing``.
@@ -117,7 +118,8 @@ class ContinualState(RemoteStore):
 
         Raises:
             ContinualError: the strategy has no continual form (the message says why), ``path`` holds a state with
-                another base, strategy or policy, or holds files that are not a state's.
+                another base, strategy or policy, or holds files that are not a state's, or ``base`` is a URL with
+                credentials or a signature.
         """
         strategy = strategy if isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
         try:
@@ -130,6 +132,12 @@ class ContinualState(RemoteStore):
                              "expert to the next)")
         url = str(path).rstrip("/") if is_url(path) else None
         base_ref = str(base) if is_url(base) else str(Path(base).resolve())
+        if redact(base_ref) != base_ref:  # state.json would hold them, and it is read again at every add
+            raise ContinualError(
+                f"base '{redact(base_ref)}' carries credentials or a signature, which the state would store in its "
+                "state.json (it reads the base again at every add): give the credentials through the environment "
+                "(AWS_ACCESS_KEY_ID, a profile, ...) and the URL without them"
+            )
         path = Path(path) if url is None else mirror(url)
         holder = None if is_url(base) else state_holding(Path(base_ref))
         if holder is not None:

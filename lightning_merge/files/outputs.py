@@ -61,7 +61,8 @@ def check_not_an_input(out: str | os.PathLike, inputs: Sequence[Any]) -> None:
             )
 
 
-def check_output_path(out: Path, overwrite: bool, *, inputs: Sequence[Any] = (), folder: bool | None = None) -> None:
+def check_output_path(out: str | os.PathLike, overwrite: bool, *, inputs: Sequence[Any] = (),
+                      folder: bool | None = None) -> None:
     """Refuse, before any work, a local output that cannot be written or must not be: something lightning-merge
     did not write is there (a user's file or folder, a link, a device:
     :class:`~lightning_merge.files.ownership.ForeignOutput`, whatever ``overwrite`` says), an earlier output is there
@@ -69,8 +70,13 @@ def check_output_path(out: Path, overwrite: bool, *, inputs: Sequence[Any] = (),
     parent is a file, it is a symbolic link loop, or it is a folder where a file is asked (``folder=False``) or a
     file where a folder is asked (``folder=True``).
 
-    Also restores an output that a crash left moved aside, and removes abandoned temporary siblings.
+    Also restores an output that a crash left moved aside, and removes abandoned temporary siblings. An
+    object-storage URL is refused here: the writers that call this check write local paths only (``Path`` would fold
+    ``s3://bucket/x`` into a local folder ``s3:/bucket/x``).
     """
+    if is_url(out):
+        raise ValueError(f"output '{redact(out)}' is a URL, and this output is written to a local path only: write it "
+                         "to a local folder, then upload that (lightning_merge.files.remote.upload)")
     out = Path(out)
     try:
         cleanup_stale(out)

@@ -1,30 +1,75 @@
-"""Progress of long passes, counted in bytes: a tqdm bar on a terminal (or when asked), silent otherwise.
+"""Progress of long passes, counted in bytes: a tqdm bar on a terminal (or when asked); in a job's log (stderr not a
+terminal), a plain line every ``LOG_EVERY`` seconds once a pass has run that long, so a merge or continual add of
+minutes is never silent there, while short ones print nothing.
 
-Every pass over a model reports through :func:`bar`: the merge itself, the first passes of strategies that need one
-(model-wide Fisher norms, top-k thresholds, LiNeS' α, OPCM's norms), continual adds, adapter outputs.
+Every pass over a model reports through :class:`Progress`: the merge itself, the first passes of strategies that need
+one (model-wide Fisher norms, top-k thresholds, LiNeS' α, OPCM's norms), continual adds, adapter outputs.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 T = TypeVar("T")
 
+#: seconds between two progress lines in a log (the first comes after a pass has run this long)
+LOG_EVERY = 10.0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
 
 class Progress:
-    """A byte-counting bar (``enabled=None``: only when stderr is a terminal)."""
+    """A byte-counting progress report.
 
-    def __init__(self, desc: str, total: int, enabled: bool | None = None):
+    Args:
+        desc: what the pass does (``"merging"``), the line's first word.
+        total: the bytes the pass will go through.
+        enabled: True for a tqdm bar, False for nothing; None (default): a bar when stderr is a terminal, else a
+            plain line to stderr every ``every`` seconds once the pass has run that long.
+        every: seconds between two lines in a log.
+        stream: where log lines go (default ``sys.stderr``).
+    """
+
+    def __init__(self, desc: str, total: int, enabled: bool | None = None, *, every: float = LOG_EVERY,
+                 stream: TextIO | None = None):
         from tqdm.auto import tqdm
 
-        show = sys.stderr.isatty() if enabled is None else enabled
+        terminal = sys.stderr.isatty()
+        show = terminal if enabled is None else enabled
         self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not show,
                          leave=False, dynamic_ncols=True)
+        self._log = enabled is None and not terminal
+        self._desc, self._total, self._every, self._stream = desc, total, every, stream
+        self._done = 0
+        self._start = self._last = time.monotonic()
+        self._lock = threading.Lock()  # passes update from worker threads
+        self.lines = 0
 
     def update(self, nbytes: int) -> None:
         self._bar.update(nbytes)
+        if not self._log:
+            return
+        with self._lock:
+            self._done += nbytes
+            now = time.monotonic()
+            if now - self._last < self._every:
+                return
+            self._last = now
+            share = f" ({100 * self._done / self._total:.0f}%)" if self._total > 0 else ""
+            line = (f"lightning-merge: {self._desc}: {_size(self._done)} of {_size(self._total)}{share}, "
+                    f"{now - self._start:.0f} s")
+            print(line, file=self._stream or sys.stderr, flush=True)
+            self.lines += 1
 
     def close(self) -> None:
         self._bar.close()
@@ -37,7 +82,7 @@ class Progress:
 
 
 def track(items: Iterable[T], sizes: Iterable[int], desc: str, enabled: bool | None = None) -> Iterator[T]:
-    """Iterate ``items``, advancing a bar by each one's size in bytes."""
+    """Iterate ``items``, advancing a report by each one's size in bytes."""
     items, sizes = list(items), list(sizes)
     with Progress(desc, sum(sizes), enabled) as progress:
         for item, size in zip(items, sizes):
@@ -45,4 +90,4 @@ def track(items: Iterable[T], sizes: Iterable[int], desc: str, enabled: bool | N
             progress.update(size)
 
 
-__all__ = ["Progress", "track"]
+__all__ = ["LOG_EVERY", "Progress", "track"]

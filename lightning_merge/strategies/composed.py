@@ -202,7 +202,7 @@ class Consensus(Generalized):
     least ``k`` masks keep survive: ``θ = θ₀ + scale · 1[Σ mᵢ ≥ k] ⊙ τ_MTL``. ``k = 0`` is plain τ_MTL, ``k > N``
     gives θ₀; ``k = 2`` removes "selfish" weights (one task only) and "catastrophic" ones (no task).
 
-    For storing N experts as one task vector plus N bit-masks, see :func:`lightning_merge.formats.tall.compress`.
+    For storing N experts as one task vector plus N bit-masks, see :func:`lightning_merge.tools.tall.compress`.
 
     Args:
         consensus_k: the number k of task masks that must keep an entry (2 in the paper).

@@ -66,8 +66,8 @@ class Report:
         from lightning_merge.files.atomic import partial_path, writing
         from lightning_merge.files.outputs import check_output_path
 
-        folder = Path(folder)
         check_output_path(folder, overwrite, folder=True)
+        folder = Path(folder)
         tmp = partial_path(folder)
         with writing(folder):  # a full disk or a read-only folder: one error naming the report's folder
             self._write(folder, tmp, overwrite)

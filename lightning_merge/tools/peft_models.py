@@ -55,7 +55,7 @@ def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def add_merged_adapter(
     peft_model: nn.Module,
-    adapters: Sequence[str],
+    adapters: Sequence[str | os.PathLike],
     adapter_name: str,
     strategy: Strategy,
     *,
@@ -67,13 +67,18 @@ def add_merged_adapter(
 
     Args:
         peft_model: the ``PeftModel`` holding the adapters.
-        adapters: the names of the adapters to merge, in order (the strategy's per-expert lists follow it).
+        adapters: the adapters to merge, in order (the strategy's per-expert lists follow it): names of adapters
+            the ``PeftModel`` holds, or adapter folders (``adapter_config.json``, ``adapter_model.safetensors``),
+            read from disk against the model's base without being loaded into it. A folder's
+            ``statistics.safetensors`` (what ``CurvatureCapture`` writes into ``final.adapter``) is read for
+            curvature strategies without ``statistics``.
         adapter_name: the name of the new adapter (must not exist yet).
         strategy: any strategy; a strategy linear in the experts gives the exact adapter (rank Σrᵢ) without
             ``rank``, any other needs ``rank``.
         rank: None for the exact concatenation, else the rank of a truncated SVD of each merged module.
-        statistics: ``{adapter name: sidecar path, Statistics or mapping}`` for curvature strategies, keyed like
-            the adapter's weights (``CurvatureCapture.save_adapter_statistics`` writes such a file).
+        statistics: ``{adapter name or folder: sidecar path, Statistics or mapping}`` for curvature strategies,
+            keyed like the adapter's weights (``CurvatureCapture.save_adapter_statistics`` writes such a file);
+            an adapter given as a folder defaults to the ``statistics.safetensors`` inside it.
         on_missing_statistic: ``"error"`` or ``"uniform"`` (see :func:`lightning_merge.merge`).
 
     Returns:
@@ -88,15 +93,30 @@ def add_merged_adapter(
     configs = getattr(peft_model, "peft_config", None)
     if configs is None:
         raise ValueError(f"add_merged_adapter needs a peft.PeftModel, got {type(peft_model).__name__}")
-    unknown = [a for a in adapters if a not in configs]
+    def is_folder(entry: Any) -> bool:
+        return (not isinstance(entry, str) or entry not in configs) and Path(entry, "adapter_config.json").is_file()
+
+    unknown = [a for a in adapters if not is_folder(a) and a not in configs]
     if unknown:
-        raise ValueError(f"the PeftModel has no adapter {unknown[0]!r}; it has {', '.join(configs)}")
+        raise ValueError(f"the PeftModel has no adapter {unknown[0]!r} and it is no adapter folder (a folder holding "
+                         f"adapter_config.json); the model has {', '.join(configs)}")
     if adapter_name in configs:
         raise ValueError(f"the PeftModel already has an adapter {adapter_name!r}; choose another name")
     base_state = _base_state(peft_model)
     base = Expert(base_state, name="PeftModel base")
+    statistics = {str(k): v for k, v in (statistics or {}).items()}
     experts = []
     for name in adapters:
+        if is_folder(name):  # read from disk with its statistics.safetensors, if any
+            experts.append(Expert(name, base=base, statistics=statistics.get(str(name))))
+            continue
+        if strategy.requires and name not in statistics:
+            raise ValueError(
+                f"{type(strategy).__name__} reads {', '.join(strategy.requires)} statistics, and the PeftModel's "
+                f"adapter {name!r} carries none: give its folder instead of its name (its statistics.safetensors is "
+                "read), or "
+                f"pass statistics={{{name!r}: 'FOLDER/statistics.safetensors'}}"
+            )
         config = _plain_config(configs[name].to_dict())
         if str(config.get("peft_type", "LORA")).upper() != "LORA":
             raise ValueError(f"adapter {name!r} is {config.get('peft_type')}, not LoRA")
@@ -104,7 +124,7 @@ def add_merged_adapter(
         adapter = LoraAdapter(Path(f"<PeftModel adapter {name}>"), base.names(), base.spec, config=config,
                               tensors=tensors)
         experts.append(Expert.from_adapter(adapter, base, name=name,
-                                           statistics=(statistics or {}).get(name)))
+                                           statistics=statistics.get(name)))
     folder = Path(tempfile.mkdtemp(prefix="lightning-merge-adapter-"))
     try:
         merge(experts, base, strategy, out=folder / "adapter", output="peft", rank=rank,

@@ -178,6 +178,9 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         raise RecipeError(f"recipe '{path}' does not exist") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe '{path}' is not valid YAML: {err}") from err
+    except RecursionError:
+        raise RecipeError(f"recipe '{path}' nests lists or mappings too deeply to be read; a recipe needs a few "
+                          "levels") from None
     except UnicodeDecodeError as err:
         raise RecipeError(f"recipe '{path}' is not UTF-8 text ({err.reason} at byte {err.start}): is it a model file "
                           "rather than the YAML recipe?") from None

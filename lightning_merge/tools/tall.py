@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_merge.engine.run import open_inputs, plan_merge, unique_names
 from lightning_merge.engine.writers import write_json
-from lightning_merge.files.atomic import commit, fsync_tree, partial_path
+from lightning_merge.files.atomic import commit, fsync_tree, partial_path, writing
 from lightning_merge.files.finite import cast_checked, largest_magnitude
 from lightning_merge.files.outputs import check_output_path
 from lightning_merge.files.ownership import write_record
@@ -72,7 +72,8 @@ def compress(
     Args:
         experts: the experts (paths, state dicts, modules or :class:`~lightning_merge.Expert`).
         base: the model they were fine-tuned from (needed again to recover them).
-        out: the folder to write (written atomically: a crash leaves no folder, or the previous one).
+        out: the local folder to write (written atomically: a crash leaves no folder, or the previous one; a URL
+            is refused: compress locally, then upload the folder).
         tall_lambda: λᵢ of the masks, one number or one per expert; larger keeps fewer entries (0.2..0.6 in the
             paper; pick it by the recovered experts' validation scores).
         strategy: how τ_MTL is formed (a strategy with a base; its merged task vector is stored). Default:
@@ -82,12 +83,12 @@ def compress(
     Returns:
         The compressed experts, opened.
     """
-    out = Path(out)
     experts_opened, base_expert = open_inputs(experts, base)
     if base_expert is None:
         raise ValueError("TALL compression needs base= the model the experts were fine-tuned from")
     inputs = [s for e in [*experts_opened, base_expert] for s in e.sources()]
     check_output_path(out, overwrite, inputs=inputs, folder=True)
+    out = Path(out)
     strategy = strategy or TaskArithmetic()
     n = len(experts_opened)
     lambdas = list(tall_lambda) if isinstance(tall_lambda, (list, tuple)) else [float(tall_lambda)] * n
@@ -107,34 +108,38 @@ def compress(
         "strategy": strategy.to_dict(),
         "shapes": shapes,
     }
-    tmp = partial_path(out)
-    tmp.mkdir(parents=True)
     vector_entries = [(name, TensorSpec(tuple(shape), torch.float32)) for name, shape in shapes.items()]
     mask_entries = [(f"{i}/{name}", TensorSpec(((math.prod(shape) + 7) // 8,), torch.uint8))
                     for i in range(n) for name, shape in shapes.items()]
-    vectors = ShardWriter(tmp / "task_vector.safetensors", vector_entries, {"format": FORMAT})
-    masks = ShardWriter(tmp / "masks.safetensors", mask_entries, {"format": FORMAT})
+    tmp = partial_path(out)
+    writers: list[ShardWriter] = []
     try:
-        for name in plan.names:  # streamed: one tensor of every expert at a time
-            base_t = plan.base_tensor(name)
-            tensors = plan.expert_tensors(name, base_t)
-            merged = plan.prepared.merge_tensor(name, base_t, tensors, plan.stats(name)).sub_(base_t)
-            if not math.isfinite(largest_magnitude(merged)):
-                raise ValueError(f"strategy {strategy.name!r} produced NaN or infinite values for tensor '{name}' "
-                                 f"from finite inputs; check its arguments ({strategy!r})")
-            tau = torch.stack([t - base_t for t in tensors])
-            for i, m in enumerate(F.tall_masks(tau, merged, lambdas)):
-                masks.write(f"{i}/{name}", pack_bits(m))
-            vectors.write(name, merged.contiguous())
-        vectors.close(sync=True)
-        masks.close(sync=True)
-        write_json(tmp / "tall.json", meta)
-        write_record(tmp, {"output": "tall", "experts": meta["experts"]})
-        fsync_tree(tmp)
-        commit(tmp, out, replace="own" if overwrite else "never")
-    finally:
-        vectors.close(sync=False)
-        masks.close(sync=False)
+        with writing(out):  # a full disk or a read-only folder: one error naming the output
+            tmp.mkdir(parents=True)
+            vectors = ShardWriter(tmp / "task_vector.safetensors", vector_entries, {"format": FORMAT})
+            writers.append(vectors)
+            masks = ShardWriter(tmp / "masks.safetensors", mask_entries, {"format": FORMAT})
+            writers.append(masks)
+            for name in plan.names:  # streamed: one tensor of every expert at a time
+                base_t = plan.base_tensor(name)
+                tensors = plan.expert_tensors(name, base_t)
+                merged = plan.prepared.merge_tensor(name, base_t, tensors, plan.stats(name)).sub_(base_t)
+                if not math.isfinite(largest_magnitude(merged)):
+                    raise ValueError(f"strategy {strategy.name!r} produced NaN or infinite values for tensor "
+                                     f"'{name}' from finite inputs; check its arguments ({strategy!r})")
+                tau = torch.stack([t - base_t for t in tensors])
+                for i, m in enumerate(F.tall_masks(tau, merged, lambdas)):
+                    masks.write(f"{i}/{name}", pack_bits(m))
+                vectors.write(name, merged.contiguous())
+            vectors.close(sync=True)
+            masks.close(sync=True)
+            write_json(tmp / "tall.json", meta)
+            write_record(tmp, {"output": "tall", "experts": meta["experts"]})
+            fsync_tree(tmp)
+            commit(tmp, out, replace="own" if overwrite else "never")
+    finally:  # a failure anywhere (the writers' creation too) leaves no temporary folder behind
+        for writer in writers:
+            writer.close(sync=False)
         if tmp.exists():
             shutil.rmtree(tmp)
     return TallCompressed(out)
