@@ -185,7 +185,19 @@ def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progres
     Memory: the tensors being folded (running or queued) never exceed ``threads`` × the largest one in bytes; a
     slot is freed when its tensor finishes, not when its result's turn comes, so a small tensor (a bias) between two
     large ones (weights) never leaves a worker idle. ``fn``'s results are held until their turn (they are small).
-    An error in any ``fn`` cancels the queued ones and is raised here."""
+    An error in any ``fn`` cancels the queued ones and is raised here.
+
+    Args:
+        fn: called with each name.
+        names: the names, in the order results are yielded.
+        sizes: each name's tensor size in bytes (the memory bound and the progress bar).
+        desc: the progress bar's label.
+        progress: show a progress bar (default: when stderr is a terminal).
+        threads: worker threads (default: the CPU count, at most 4; never more than the names).
+
+    Yields:
+        ``fn(name)`` for each name, in the order of ``names``.
+    """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from lightning_merge.files.progress import Progress

@@ -388,7 +388,11 @@ def refuse_occupied(url: str | None, path: Path) -> None:
 
 
 def state_holding(path: Path) -> Path | None:
-    """The continual state folder ``path`` lies in (its ``state.json`` above it), or None."""
+    """The continual state folder ``path`` lies in (its ``state.json`` above it), or None.
+
+    Args:
+        path: a local path (a base model, an expert).
+    """
     for parent in path.parents:
         config = parent / "state.json"
         if (parent / "generations").is_dir() and config.is_file():
