@@ -348,7 +348,7 @@ def test_a_lost_compare_and_swap_commits_nothing_and_the_retry_folds_on_top(s3, 
 
 
 def test_a_crash_while_uploading_a_generation_leaves_the_committed_state(s3, tmp_path, monkeypatch):
-    import lightning_merge.continual.state as continual
+    import lightning_merge.continual.remote as continual
     from lightning_merge import ContinualState, Linear
 
     base, paths = _family(tmp_path / "family")

@@ -54,7 +54,7 @@ class ContinualMerge(Callback):
         on_missing: str | None = None,
     ) -> None:
         super().__init__()
-        from lightning_merge.continual.state import ON_MISSING
+        from lightning_merge.continual.layout import ON_MISSING
 
         if on_missing is not None and on_missing not in ON_MISSING:
             raise ValueError(f"ContinualMerge: on_missing must be one of {', '.join(ON_MISSING)}, got {on_missing!r}")

@@ -1,0 +1,258 @@
+"""Folding one expert into a continual state: the strategy's continual form applied tensor by tensor on a bounded
+pool of worker threads, streamed from the current generation's running quantities into a new generation's, then the
+merged model and the metadata of that generation. The commit is the store's
+(:meth:`~lightning_merge.continual.store.StateStore._commit`)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_merge._version import __version__
+from lightning_merge.continual.checks import check_distance
+from lightning_merge.continual.layout import FORMAT
+from lightning_merge.continual.store import StateStore
+from lightning_merge.engine.writers import copy_support_files, write_json
+from lightning_merge.errors import ContinualError
+from lightning_merge.files.atomic import fsync_dir
+from lightning_merge.files.finite import cast_checked, largest_magnitude
+from lightning_merge.files.safetensors import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
+from lightning_merge.formats.sidecar import tensor_fingerprint
+from lightning_merge.sources.expert import Expert, as_expert
+from lightning_merge.strategies.base import ContinualSummary
+
+#: how the dtype of a continual state's model is chosen (it is the base's), for messages
+CONTINUAL_DTYPE_HINT = ("a continual model is written in its base's dtype: create the state over a copy of the base in "
+                        "that dtype")
+
+
+def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path | None, meta: dict[str, Any],
+                     entry: dict[str, Any], force: bool, progress: bool | None = None,
+                     threads: int | None = None) -> None:
+    """Write the generation that folds ``expert`` into ``current`` into the new folder ``tmp``: its running
+    quantities, merged model and ``meta.json``, all durable when this returns. On any error ``tmp`` is removed.
+
+    Args:
+        state: the state.
+        tmp: the folder to create (under ``generations/``, named as the store names partial generations).
+        expert: the expert, checked against the state (:func:`~lightning_merge.continual.checks.check_expert`).
+        current: the last committed generation, or None before the first expert.
+        meta: its ``meta.json``.
+        entry: the expert's journal entry.
+        force: fold in an expert that looks unrelated to the base (see
+            :func:`~lightning_merge.continual.checks.check_distance`).
+        progress: show progress bars (default: when stderr is a terminal).
+        threads: tensors folded at once (see :func:`parallel_map`).
+
+    Raises:
+        ContinualError: a damaged generation, a changed base, non-finite results, an unrelated expert.
+    """
+    from lightning_merge.files.progress import track
+
+    base = as_expert(state.config["base"], "base")
+    names = list(state.config["tensors"])
+    form = state.form
+    count = meta["count"]
+    ctx = form.begin(count, expert, names)
+    previous = previous_model = None
+    if current is not None:
+        counters = any(n.endswith("num_batches_tracked") for n in base.names() if n not in names)
+        for what, file in (("running quantities", "running.safetensors"), ("model", "model/model.safetensors")):
+            if what == "model" and not counters:
+                continue  # the previous model is read only for the counters it carries forward
+            try:
+                handle = SafetensorsFile(current / file)
+            except (SafetensorsError, OSError) as err:
+                if previous is not None:
+                    previous.close()
+                raise ContinualError(
+                    f"continual state '{state.path}': the {what} of generation '{current.name}' cannot be read "
+                    f"({err}); the state is damaged (restore it from a backup, or start a new state)"
+                ) from None
+            if what == "model":
+                previous_model = handle
+            else:
+                previous = handle
+    writers: list[ShardWriter] = []
+    try:
+        (tmp / "model").mkdir(parents=True)
+        running_entries = [(f"{q}/{n}", TensorSpec(tuple(state.config["tensors"][n]), dtype))
+                           for n in names for q, dtype in form.quantities]
+        running = ShardWriter(tmp / "running.safetensors", running_entries, {"format": FORMAT})
+        writers.append(running)
+        model_entries = [(n, TensorSpec(tuple(base.spec(n).shape), base.spec(n).dtype)) for n in base.names()]
+        model = ShardWriter(tmp / "model" / "model.safetensors", model_entries, {"format": "pt"})
+        writers.append(model)
+        fingerprints = state.config["base_fingerprint"]
+        totals: dict[str, float] = {}
+        tau_sq = 0.0
+        sizes = [base.spec(n).nbytes for n in names]
+        def fold(n: str) -> tuple[float, dict[str, float]]:
+            """Fold tensor ``n`` in and write its new running quantities (tensors are independent: threads)."""
+            b_raw = base.tensor(n)
+            if tensor_fingerprint(b_raw) != fingerprints[n]:
+                raise ContinualError(
+                    f"the base '{state.config['base']}' changed since the state was created (tensor '{n}' differs "
+                    "from its fingerprint in state.json); restore the original base file"
+                )
+            b = base.float32(n)
+            # a tensor the expert lacks (on_missing="base") is unchanged, as the batch merge reads the base's
+            tau = expert.float32(n) - b if n in expert else torch.zeros_like(b)
+            prev = None
+            if previous is not None:
+                try:
+                    prev = {q: previous.get(f"{q}/{n}").to(dtype) for q, dtype in form.quantities}
+                except (KeyError, SafetensorsError) as err:
+                    raise ContinualError(
+                        f"continual state '{state.path}': generation '{current.name}' has no running quantities "
+                        f"for '{n}' ({err}); the state is damaged"
+                    ) from None
+            stats = {kind: expert.statistic(n, kind) for kind in state.strategy.requires}
+            new = form.fold(n, prev, tau, stats, ctx)
+            for q, dtype in form.quantities:
+                running.write(f"{q}/{n}", new[q].to(dtype).contiguous())
+            return float(tau.double().square().sum()), form.reduce(n, new)
+
+        for square, reduced in parallel_map(fold, names, sizes, "folding in", progress, threads):
+            tau_sq += square  # summed in tensor order whatever the threads: the same floats every time
+            for key, value in reduced.items():
+                totals[key] = totals.get(key, 0.0) + value
+        running.close(sync=True)
+        norm = math.sqrt(tau_sq)
+        check_distance(expert, norm, meta["norms"], force)
+        summary = ContinualSummary(
+            count=count + 1,
+            norms=(*meta["norms"], norm),
+            weights=(*meta["weights"], ctx.weight),
+            totals=totals,
+            names=tuple(names),
+        )
+        with SafetensorsFile(tmp / "running.safetensors") as fresh:
+            every = base.names()
+            for n in track(every, [base.spec(n).nbytes for n in every], "writing the model", progress):
+                if n not in state.config["tensors"]:  # non-floating tensors: the base's (checked equal) ...
+                    value = base.tensor(n)
+                    if n.endswith("num_batches_tracked") and n in expert:  # ... or the largest seen, as merge()
+                        seen = previous_model.get(n) if previous_model is not None else value
+                        value = torch.maximum(seen, expert.tensor(n).to(seen.dtype))
+                    model.write(n, value.to(base.spec(n).dtype).contiguous())
+                    continue
+                quantities = {q: fresh.get(f"{q}/{n}") for q, _ in form.quantities}
+                merged = form.finish(n, base.float32(n), quantities, summary)
+                magnitude = largest_magnitude(merged)  # one reduction: finiteness, then the base dtype's range
+                if not math.isfinite(magnitude):
+                    raise ContinualError(f"continual {state.strategy.name} produced non-finite values at '{n}'")
+                model.write(n, cast_checked(merged, base.spec(n).dtype, n, CONTINUAL_DTYPE_HINT,
+                                            magnitude=magnitude).contiguous())
+        model.close(sync=True)
+        base_path = Path(state.config["base"])
+        if base_path.is_dir():
+            copy_support_files(base_path, tmp / "model")
+        new_meta = {
+            "count": count + 1,
+            "norms": list(summary.norms),
+            "weights": list(summary.weights),
+            "totals": totals,
+            "journal": [*meta["journal"], entry],
+            "strategy": state.strategy.to_dict(),
+            "library_version": __version__,
+        }
+        write_json(tmp / "meta.json", new_meta)
+        fsync_dir(tmp / "model")
+        fsync_dir(tmp)
+    except BaseException:
+        for writer in writers:
+            writer.close(sync=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for handle in (previous, previous_model):
+            if handle is not None:
+                handle.close()
+
+
+def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progress: bool | None,
+                 threads: int | None) -> Iterator[Any]:
+    """``fn(name)`` for each name on ``threads`` worker threads (each with its share of torch's threads), results
+    yielded in the order of ``names``.
+
+    Memory: the tensors being folded (running or queued) never exceed ``threads`` × the largest one in bytes; a
+    slot is freed when its tensor finishes, not when its result's turn comes, so a small tensor (a bias) between two
+    large ones (weights) never leaves a worker idle. ``fn``'s results are held until their turn (they are small).
+    An error in any ``fn`` cancels the queued ones and is raised here.
+
+    Args:
+        fn: called with each name.
+        names: the names, in the order results are yielded.
+        sizes: each name's tensor size in bytes (the memory bound and the progress bar).
+        desc: the progress bar's label.
+        progress: show a progress bar (default: when stderr is a terminal).
+        threads: worker threads (default: the CPU count, at most 4; never more than the names).
+
+    Yields:
+        ``fn(name)`` for each name, in the order of ``names``.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from lightning_merge.files.progress import Progress
+
+    workers = max(1, min(threads or min(4, os.cpu_count() or 1), len(names) or 1))
+    total_threads = torch.get_num_threads()
+    bar = Progress(desc, sum(sizes), progress)
+    try:
+        if workers == 1:
+            for name, size in zip(names, sizes):
+                yield fn(name)
+                bar.update(size)
+            return
+        share = max(1, total_threads // workers)
+        torch.set_num_threads(share)
+        limit = workers * max(sizes)
+        # OpenMP's thread count is per thread: each worker sets its own share, or it would run torch's default count
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lightning-merge-fold",
+                                  initializer=torch.set_num_threads, initargs=(share,))
+        try:
+            running: dict[Any, tuple[int, int]] = {}
+            results: dict[int, Any] = {}
+            in_flight = 0
+            turn = 0
+
+            def ready() -> Iterator[Any]:
+                """The results whose turn has come, in the order of ``names``."""
+                nonlocal turn
+                while turn in results:
+                    yield results.pop(turn)
+                    turn += 1
+
+            def collect(block: bool) -> None:
+                nonlocal in_flight
+                done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, size = running.pop(future)
+                    in_flight -= size
+                    results[index] = future.result()
+                    bar.update(size)
+
+            for index, (name, size) in enumerate(zip(names, sizes)):
+                while running and in_flight + size > limit:
+                    collect(block=True)
+                running[pool.submit(fn, name)] = (index, size)
+                in_flight += size
+                collect(block=False)
+                yield from ready()
+            while running:
+                collect(block=True)
+                yield from ready()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        torch.set_num_threads(total_threads)
+        bar.close()
+
+
