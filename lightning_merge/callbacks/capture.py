@@ -3,29 +3,31 @@
 What it records, per trainable parameter (names as in the LightningModule's ``state_dict``):
 
 - ``exp_avg_sq``: Adam's second moments, read from the optimizer state when a checkpoint is saved and at fit end,
-  with β₂ and the per-parameter step for bias correction at merge time (:mod:`._second_moments`).
+  with β₂ and the per-parameter step for bias correction at merge time (:mod:`lightning_merge.capture.second_moments`).
 - ``fisher.batch``: the batch-empirical diagonal Fisher, the mean (or an exponential moving average) over optimizer
   steps of wₜ·gₜ², gₜ the gradient the optimizer sees in ``on_before_optimizer_step`` (after AMP unscaling, gradient
   accumulation and DDP averaging) and wₜ the step's own scale from its counted sequences and predicted tokens, so
-  token-mean losses (Hugging Face's) give the per-sequence Fisher (:mod:`._fisher_accumulator`); steps with
-  non-finite gradients are skipped and counted.
+  token-mean losses (Hugging Face's) give the per-sequence Fisher (:mod:`lightning_merge.capture.fisher_accumulator`);
+  steps with non-finite gradients are skipped and counted.
 - ``fisher.example`` / ``fisher.true``: optionally, after fit, the per-example empirical or the sampled true
-  Fisher over a dataloader (:mod:`._post_fit`, :mod:`lightning_merge.capture.fisher`).
+  Fisher over a dataloader (:mod:`lightning_merge.capture.post_fit`, :mod:`lightning_merge.capture.fisher`).
 - ``gram``: optionally, each trained linear layer's input Gram matrix Σ xxᵀ (the statistic of
   :class:`~lightning_merge.RegMean`), during training or after the fit (:mod:`lightning_merge.capture.grams`).
 
 Where it goes: a sidecar ``X.statistics.safetensors`` next to every checkpoint ``X.ckpt`` the Trainer writes
 (ModelCheckpoint's top-k and ``last``, ``trainer.save_checkpoint``, OnExceptionCheckpoint), deleted when
 ModelCheckpoint rotates ``X.ckpt`` away (:mod:`._sidecars`), and ``final.safetensors`` +
-``final.statistics.safetensors`` at fit end. See docs/capture.md and docs/format.md.
+``final.statistics.safetensors`` at fit end (a PEFT model: adapter folders, :mod:`lightning_merge.formats.adapter`).
+See docs/capture.md and docs/format.md.
+
+The callback holds the Trainer's hooks; its settings are a :class:`~lightning_merge.capture.config.CaptureConfig`,
+and what it records and stores is a :class:`~lightning_merge.capture.recorder.Recorder`, which knows no Lightning.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-import shutil
-import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -39,27 +41,26 @@ from torch import Tensor
 
 from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
-from lightning_merge.capture.fisher import ESTIMATORS, batch_counts
-from lightning_merge.capture.fisher_accumulator import REDUCTIONS, BatchCounts, BatchFisher
+from lightning_merge.capture.config import CaptureConfig
+from lightning_merge.capture.fisher import batch_counts
+from lightning_merge.capture.fisher_accumulator import BatchCounts
 from lightning_merge.capture.grams import GramAccumulator, gram_modules
-from lightning_merge.capture.post_fit import LOADERS, MissingLoader, post_fit_fisher, post_fit_grams, reduce_grams
-from lightning_merge.capture.second_moments import cpu_float, has_second_moments, read_second_moments
+from lightning_merge.capture.post_fit import reduce_grams
+from lightning_merge.capture.recorder import Recorder
+from lightning_merge.capture.records import Collected, SidecarSnapshot
+from lightning_merge.capture.second_moments import has_second_moments
+from lightning_merge.capture.sharding import sharding
 from lightning_merge.files.outputs import remove_output
-from lightning_merge.files.remote import is_url, join, staged
-from lightning_merge.formats.sidecar import (
-    COMPRESSIONS,
-    GRAM,
-    GRAM_FORMS,
-    RESUME_PREFIX,
-    Statistics,
-    StatisticsError,
-    find_sidecar,
-    sidecar_path,
-    tensor_fingerprint,
-    write_statistics,
+from lightning_merge.files.remote import is_url, join
+from lightning_merge.formats.adapter import (
+    adapter_keys,
+    adapter_path,
+    adapter_snapshot,
+    find_adapter,
+    rename_meta,
+    write_adapter,
 )
-
-STATE_VERSION = 2
+from lightning_merge.formats.sidecar import Statistics, sidecar_path, tensor_fingerprint, write_statistics
 
 
 class CurvatureCapture(Callback):
@@ -147,79 +148,20 @@ class CurvatureCapture(Callback):
         gram_rank: int = 64,
     ) -> None:
         super().__init__()
-        if not second_moments and not fisher and fisher_after_fit is None and gram is None:
-            raise ValueError(
-                "CurvatureCapture records nothing: enable second_moments, fisher, fisher_after_fit or gram"
-            )
-        if gram not in (None, "train", "after_fit"):
-            raise ValueError(f"gram must be 'train', 'after_fit' or None, got {gram!r}")
-        if gram_form not in GRAM_FORMS:
-            raise ValueError(f"gram_form must be one of {', '.join(GRAM_FORMS)}, got {gram_form!r}")
-        if isinstance(gram_rank, bool) or not isinstance(gram_rank, int) or gram_rank < 1:
-            raise ValueError(f"gram_rank must be an integer >= 1, got {gram_rank!r}")
-        if loss_reduction not in REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {', '.join(REDUCTIONS)}, got {loss_reduction!r}")
-        if fisher_start_step < 0:
-            raise ValueError(f"fisher_start_step must be >= 0, got {fisher_start_step}")
-        if fisher_every_n_steps < 1:
-            raise ValueError(f"fisher_every_n_steps must be >= 1, got {fisher_every_n_steps}")
-        if fisher_ema_decay is not None and not 0.0 < fisher_ema_decay < 1.0:
-            raise ValueError(f"fisher_ema_decay must be in (0, 1) or None, got {fisher_ema_decay}")
-        if fisher_after_fit is not None and fisher_after_fit not in ESTIMATORS:
-            raise ValueError(
-                f"fisher_after_fit must be one of {', '.join(ESTIMATORS)} or None, got {fisher_after_fit!r}"
-            )
-        if isinstance(fisher_loader, str) and fisher_loader not in LOADERS:
-            raise ValueError(
-                f"fisher_loader must be one of {', '.join(LOADERS)} or an iterable of batches, got {fisher_loader!r}"
-            )
-        if fisher_examples < 1:
-            raise ValueError(f"fisher_examples must be >= 1, got {fisher_examples}")
-        if fisher_samples < 1:
-            raise ValueError(f"fisher_samples must be >= 1, got {fisher_samples}")
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
-        if save_final not in (True, False, "full", "adapter"):
-            raise ValueError(f"save_final must be True, False, 'full' or 'adapter', got {save_final!r}")
-        self.second_moments = second_moments
-        self.fisher = fisher
-        self.loss_reduction = loss_reduction
-        self.fisher_start_step = fisher_start_step
-        self.fisher_every_n_steps = fisher_every_n_steps
-        self.fisher_ema_decay = fisher_ema_decay
-        self.fisher_after_fit = fisher_after_fit
-        self.fisher_loader = fisher_loader
-        self.fisher_examples = fisher_examples
-        self.fisher_samples = fisher_samples
-        self.compression = compression
-        self.checkpoint_sidecars = checkpoint_sidecars
-        self.save_final = save_final
-        self.adapter = adapter
-        self.dirpath = dirpath
-        self.async_write = async_write
-        self.seed = seed
-        self.gram = gram
-        self.gram_form = gram_form
-        self.gram_rank = gram_rank
-        self._reset()
-
-    # -- state --------------------------------------------------------------------------------------------------
-    def _reset(self) -> None:
-        self._batch_fisher = BatchFisher(self.fisher_ema_decay)
-        self._fingerprint: dict[str, str] = {}
-        self._restarted_at: int | None = None
-        self._post: dict[str, tuple[dict[str, Tensor], int]] = {}
-        # Σ xxᵀ restored from a checkpoint (global totals, added once after the ranks are reduced) and the last totals
-        self._gram_restored: tuple[dict[str, Tensor], dict[str, int]] = ({}, {})
-        self._gram_totals: tuple[dict[str, Tensor], dict[str, int], int] | None = None
-        self._runtime()
-
-    def _runtime(self) -> None:
+        self.config = CaptureConfig(
+            second_moments=second_moments, fisher=fisher, loss_reduction=loss_reduction,
+            fisher_start_step=fisher_start_step, fisher_every_n_steps=fisher_every_n_steps,
+            fisher_ema_decay=fisher_ema_decay, fisher_after_fit=fisher_after_fit, fisher_loader=fisher_loader,
+            fisher_examples=fisher_examples, fisher_samples=fisher_samples, compression=compression,
+            checkpoint_sidecars=checkpoint_sidecars, save_final=save_final, adapter=adapter, dirpath=dirpath,
+            async_write=async_write, seed=seed, gram=gram, gram_form=gram_form, gram_rank=gram_rank,
+        )
+        self._recorder = Recorder(self.config, rank_zero_warn)
         self._trainer: pl.Trainer | None = None
         self._names: dict[int, str] = {}
         self._counts = BatchCounts()
         self._token: str | None = None
-        self._pending: dict[str, tuple[dict, dict, dict]] = {}
+        self._pending: dict[str, Collected] = {}
         self._sidecars = SidecarWriter(self._write_sidecar, self.async_write)
         self._resume_path: str | None = None
         self._module_names: set[str] | None = None
@@ -228,8 +170,8 @@ class CurvatureCapture(Callback):
         self._peft: Any = None
         self._adapter_keys: dict[str, str] = {}
         self._grams: GramAccumulator | None = None
-        self._left_out: set[str] = set()  # layers whose Gram matrix is left out (warned about once)
 
+    # -- state --------------------------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: drop threads, locks and the trainer
         state = self.__dict__.copy()
         for key in ("_trainer", "_sidecars", "_pending", "_final", "_peft", "_grams"):
@@ -252,99 +194,11 @@ class CurvatureCapture(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Plain values (counts, the token that pairs a checkpoint with its sidecar, the base fingerprint); the
         float32 accumulators travel in the checkpoint's sidecar."""
-        self._token = f"{self._batch_fisher.steps}-{uuid.uuid4().hex}"
-        return {
-            "version": STATE_VERSION,
-            "token": self._token,
-            "fisher": self._batch_fisher.state_dict(),
-            "fingerprint": dict(self._fingerprint),
-            "restarted_at": self._restarted_at,
-            "gram": self.gram == "train",
-        }
+        self._token = f"{self._recorder.batch_fisher.steps}-{uuid.uuid4().hex}"
+        return self._recorder.state_dict(self._token)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version", 0)
-        if version > STATE_VERSION:
-            raise StatisticsError(
-                f"the checkpoint's CurvatureCapture state has version {version}; upgrade lightning-merge"
-            )
-        fisher_state = state_dict.get("fisher", state_dict)  # version 1 kept the counts at the top level
-        counts = dict(fisher_state.get("counts", {}))
-        if self._module_names is not None:
-            gone = sorted(set(counts) - self._module_names)
-            if gone:
-                raise StatisticsError(
-                    f"resuming from '{self._resume_path}': its captured statistics are for parameters the module no "
-                    f"longer has ({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}); the parameter names "
-                    "changed since the checkpoint was saved. Rename them back, or start a fresh fit"
-                )
-        self._batch_fisher.load_state_dict(fisher_state)
-        self._fingerprint = dict(state_dict.get("fingerprint", {}))
-        self._restarted_at = state_dict.get("restarted_at")
-        fisher = bool(self._batch_fisher.counts and self.fisher)
-        gram = self.gram == "train" and bool(state_dict.get("gram"))
-        if fisher or gram:  # one read of the checkpoint's sidecar for every accumulator it holds
-            stats, problem = self._resume_sidecar(state_dict.get("token"))
-            if fisher:
-                self._restore_accumulators(stats, problem)
-            if gram:
-                self._restore_grams(stats, problem)
-
-    def _resume_sidecar(self, token: str | None) -> tuple[Statistics | None, str | None]:
-        """The sidecar of the checkpoint resumed from, or why it cannot give the accumulators back."""
-        path = find_sidecar(self._resume_path) if self._resume_path else None
-        if path is None:
-            return None, "it has no statistics sidecar"
-        stats = Statistics.load(path)
-        if stats.metadata.get("resume_token") != token:
-            return None, f"its sidecar '{path}' was written for another save (token mismatch)"
-        return stats, None
-
-    @staticmethod
-    def _accumulators(stats: Statistics, kind: str, names: Iterable[str]) -> tuple[dict[str, Tensor], str | None]:
-        """The float32 accumulators of ``kind`` for ``names`` (the ``resume/`` copy when the statistic itself was
-        stored lossy), or the name of the first one missing."""
-        keys = set(stats.keys())
-        out = {}
-        for name in names:
-            key = next((k for k in (f"{RESUME_PREFIX}{kind}/{name}", f"{kind}/{name}") if k in keys), None)
-            if key is None:
-                return out, f"its sidecar '{stats.origin}' has no float32 accumulator for '{name}'"
-            out[name] = stats._tensors[key].to(torch.float32).clone()
-        return out, None
-
-    def _restore_grams(self, stats: Statistics | None, problem: str | None) -> None:
-        """The training-time Σ xxᵀ of the checkpoint resumed from, so the resumed run continues the sums; without
-        them the Gram matrices restart, with a warning."""
-        sums: dict[str, Tensor] = {}
-        rows: dict[str, int] = {}
-        if stats is not None:
-            count = stats.kinds.get(GRAM, {}).get("count")
-            rows = {n: int(c) for n, c in count.items()} if isinstance(count, dict) else {}
-            sums, problem = self._accumulators(stats, GRAM, rows)
-        if problem is not None:
-            rank_zero_warn(f"CurvatureCapture: resuming from '{self._resume_path}', but {problem}: the input Gram "
-                           "matrices restart from this step")
-            sums, rows = {}, {}
-        self._gram_restored = (sums, rows)
-
-    def _restore_accumulators(self, stats: Statistics | None, problem: str | None) -> None:
-        """The batch Fisher's float32 accumulators of the checkpoint resumed from; without them it restarts, with a
-        warning and ``restarted_at`` in the metadata."""
-        if stats is not None:
-            meta = stats.kinds.get("fisher.batch", {})
-            legacy = float(meta.get("batch_size", 1.0)) if "scale" not in meta else 1.0  # version-1 sidecars
-            values, problem = self._accumulators(stats, "fisher.batch", self._batch_fisher.counts)
-            if problem is None:
-                for name, value in values.items():
-                    self._batch_fisher.acc[name] = value * legacy if legacy != 1.0 else value
-        if problem is not None:
-            rank_zero_warn(
-                f"CurvatureCapture: resuming from '{self._resume_path}', but {problem}: the batch-empirical Fisher "
-                f"restarts at step {self._batch_fisher.steps} (recorded in the metadata as restarted_at)"
-            )
-            self._restarted_at = self._batch_fisher.steps
-            self._batch_fisher.restart()
+        self._recorder.load_state_dict(state_dict, self._resume_path, self._module_names)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -361,18 +215,16 @@ class CurvatureCapture(Callback):
         self._module_names = {n for n, _ in pl_module.named_parameters()}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fisher and "fsdp" in type(trainer.strategy).__name__.lower():
+        if self.fisher and sharding(pl_module, trainer.strategy) == "fsdp1":
             raise ValueError(
                 "CurvatureCapture(fisher=True) is not supported under FSDP yet (each rank sees gradient shards); "
                 "pass fisher=False to capture the second moments, and/or fisher_after_fit"
             )
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
-        self._peft, self._adapter_keys = _find_adapter(pl_module, self.adapter)
+        self._peft, self._adapter_keys = find_adapter(pl_module, self.adapter)
         if self.save_final == "adapter" and self._peft is None:
             raise ValueError("CurvatureCapture(save_final='adapter'): the module holds no PEFT model (peft.PeftModel)")
-        self._post = {}
-        self._gram_totals = None
-        self._left_out = set()
+        self._recorder.new_fit()
         if self.gram is not None:
             layers = gram_modules(pl_module)
             if not layers:  # checked now, not when the fit ends
@@ -386,8 +238,8 @@ class CurvatureCapture(Callback):
             self._grams = GramAccumulator(layers, when=lambda m: pl_module.training and torch.is_grad_enabled())
             self._grams.attach()
         self._counts.reset()
-        if not self._fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
-            self._fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
+        if not self._recorder.fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
+            self._recorder.fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
         self._final = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -423,7 +275,8 @@ class CurvatureCapture(Callback):
         def reduce(t: Tensor) -> Tensor:  # every rank reaches this line on every recorded step
             return trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum").cpu()
 
-        weight, sequences, tokens = self._batch_fisher.step_weight(
+        batch_fisher = self._recorder.batch_fisher
+        weight, sequences, tokens = batch_fisher.step_weight(
             counts, trainer.world_size, trainer.accumulate_grad_batches, reduce
         )
         named: list[tuple[str, Tensor]] = []
@@ -433,7 +286,7 @@ class CurvatureCapture(Callback):
                     named.append((self._names[id(p)], p.grad))
         if weight <= 0 or not named:
             return
-        if self._batch_fisher.step(named, weight, sequences, tokens):
+        if batch_fisher.step(named, weight, sequences, tokens):
             self._final = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -449,29 +302,30 @@ class CurvatureCapture(Callback):
         self._ensure_post_fit(trainer, pl_module)
         if self._grams is not None:
             self._total_grams(trainer)
-        full = self.save_final == "full" or (self.save_final is True and self._peft is None)
+        full = self.config.writes_full_model(peft=self._peft is not None)
         state = trainer.strategy.lightning_module_state_dict() if full else None  # all ranks (FSDP)
         self._final = None
 
-        adapter = self._adapter_snapshot() if self.save_final in (True, "adapter") else None
+        adapter = adapter_snapshot(self._peft, self.adapter) if self.config.writes_adapter() else None
 
         def write_final() -> None:
             self._sidecars.flush()
             if not self.save_final:
                 return
-            root = self._final_dir(trainer)
+            root = self.config.final_dir(getattr(trainer.checkpoint_callback, "dirpath", None),
+                                         trainer.default_root_dir)
             directory: Any = root if is_url(root) else Path(root)
-            statistics, kinds, _ = self._collect(trainer, None, resume=False)
+            collected = self._collect(trainer, None, resume=False)
             if adapter is not None:
                 folder = join(root, "final.adapter") if is_url(root) else directory / "final.adapter"
-                self._write_adapter(folder, adapter, statistics, kinds, self._metadata(trainer))
+                write_adapter(folder, adapter, collected.statistics, collected.kinds, keys=self._adapter_keys,
+                              compression=self.compression, metadata=self._recorder.metadata(trainer.global_step))
                 rank_zero_info(f"CurvatureCapture: wrote the adapter {folder} with its statistics")
                 return
             weights = join(root, "final.safetensors") if is_url(root) else directory / "final.safetensors"
             _save_weights(state, weights)
-            write_statistics(
-                sidecar_path(weights), statistics, kinds, compression=self.compression, metadata=self._metadata(trainer)
-            )
+            write_statistics(sidecar_path(weights), collected.statistics, collected.kinds,
+                             compression=self.compression, metadata=self._recorder.metadata(trainer.global_step))
             rank_zero_info(f"CurvatureCapture: wrote {weights} and its statistics")
 
         # Every rank leaves together, or every rank raises: none tears down while rank 0 still writes.
@@ -488,166 +342,32 @@ class CurvatureCapture(Callback):
     # -- after fit -----------------------------------------------------------------------------------------------
     def _ensure_post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute the post-fit Fisher and Gram matrices once per fit (every rank must call this: it reduces across
-        ranks). The passes leave the process's random state as they found it (a shuffling loader draws from it), so
-        turning a statistic on changes no later random draw of the user's program."""
-        devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            self._post_fit_passes(trainer, pl_module)
-
-    def _post_fit_passes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A pass that cannot run (no such loader, no example in it) is left out with a warning: the rest of the
-        capture (the trained weights, second moments, batch Fisher) is still written."""
-        if self.fisher_after_fit is not None and self.fisher_after_fit not in self._post:
-            try:
-                values, count = post_fit_fisher(
-                    trainer, pl_module, estimator=self.fisher_after_fit, loader=self.fisher_loader,
-                    examples=self.fisher_examples, samples=self.fisher_samples, seed=self.seed,
-                )
-            except MissingLoader as err:
-                values, count = {}, 0
-                rank_zero_warn(f"{err}; the post-fit Fisher is left out of the statistics")
-            else:
-                if count == 0:
-                    rank_zero_warn(f"CurvatureCapture(fisher_after_fit={self.fisher_after_fit!r}): the "
-                                   f"{self._loader_name()} gave no example; the post-fit Fisher is left out of the "
-                                   "statistics")
-            self._post[self.fisher_after_fit] = (values, count)
+        ranks); see :meth:`Recorder.post_fit`."""
+        if self._recorder.post_fit(trainer, pl_module):
             self._final = None
-        if self.gram == "after_fit" and self._gram_totals is None:
-            try:
-                self._gram_totals = post_fit_grams(trainer, pl_module, loader=self.fisher_loader,
-                                                   examples=self.fisher_examples)
-            except MissingLoader as err:
-                rank_zero_warn(f"{err}; the Gram matrices are left out of the statistics")
-                self._gram_totals = ({}, {}, 0)
-            if self._gram_totals[0] and not self._gram_totals[2]:
-                rank_zero_warn(f"CurvatureCapture(gram='after_fit'): the {self._loader_name()} gave no example; the "
-                               "Gram matrices are left out of the statistics")
-                self._gram_totals = ({}, {}, 0)
-            self._final = None
-
-    def _loader_name(self) -> str:
-        return f"'{self.fisher_loader}' dataloader" if isinstance(self.fisher_loader, str) else "fisher_loader"
 
     def _total_grams(self, trainer: pl.Trainer) -> None:
         """The training-time Σ xxᵀ over every rank and the restored checkpoint (every rank must call it)."""
         assert self._grams is not None
-        sums, rows, _ = reduce_grams(trainer, self._grams.modules, self._grams.sums, self._grams.rows)
-        restored_sums, restored_rows = self._gram_restored
-        for name, value in restored_sums.items():
-            if name in sums:
-                sums[name] += value
-                rows[name] += restored_rows.get(name, 0)
-        self._gram_totals = (sums, rows, 0)
+        self._recorder.total_grams(reduce_grams(trainer, self._grams.modules, self._grams.sums, self._grams.rows))
         self._final = None
 
-    def _gram_statistics(self, trainer: pl.Trainer) -> tuple[dict[str, Tensor], dict[str, int], int] | None:
-        """The Gram sums to store now: the post-fit pass, or the training-time sums (one process: current; under
-        DDP: as of the last all-rank reduction, at the last checkpoint or the fit's end)."""
+    # -- collection -----------------------------------------------------------------------------------------------
+    def _collect(self, trainer: pl.Trainer, optimizer_states: list[dict] | None, resume: bool,
+                 copy: bool = True) -> Collected:
+        """A CPU float32 copy of everything to store (:meth:`Recorder.collect`). The Gram sums stored are the
+        post-fit pass's, or the training-time sums (one process: current; under DDP: as of the last all-rank
+        reduction, at the last checkpoint or the fit's end)."""
         if self.gram == "train" and self._grams is not None and trainer.world_size == 1:
             self._total_grams(trainer)
-        return self._gram_totals
-
-    # -- collection -----------------------------------------------------------------------------------------------
-    def _collect(
-        self, trainer: pl.Trainer, optimizer_states: list[dict] | None, resume: bool, copy: bool = True
-    ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Any]], dict[str, dict[str, Tensor]]]:
-        """A CPU float32 copy of everything to store: ``(statistics, kinds, resume accumulators)``."""
-        statistics: dict[str, dict[str, Tensor]] = {}
-        kinds: dict[str, dict[str, Any]] = {}
-        resume_acc: dict[str, dict[str, Tensor]] = {}
-        if self.second_moments:
-            fsdp = "fsdp" in type(trainer.strategy).__name__.lower()
-            index_names = [n for n, _ in trainer.lightning_module.named_parameters()] if fsdp else None
-            moments, meta = read_second_moments(
-                trainer.optimizers, self._names, optimizer_states=optimizer_states, index_names=index_names, copy=copy
-            )
-            self._warn_unstepped(meta.get("unstepped", []))
-            if moments:
-                statistics["exp_avg_sq"], kinds["exp_avg_sq"] = moments, meta
-        if self.fisher and self._batch_fisher.acc:
-            values = {n: cpu_float(t, copy) for n, t in self._batch_fisher.acc.items()}
-            statistics["fisher.batch"] = values
-            kinds["fisher.batch"] = {
-                **self._batch_fisher.metadata(),
-                "loss_reduction": self.loss_reduction,
-                "start_step": self.fisher_start_step,
-                "every_n_steps": self.fisher_every_n_steps,
-                "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                "world_size": trainer.world_size,
-                "precision": str(trainer.precision),
-                "restarted_at": self._restarted_at,
-            }
-            if resume and self.compression != "float32":
-                resume_acc["fisher.batch"] = values
-        grams = self._gram_statistics(trainer) if self.gram is not None else None
-        if grams is not None:
-            sums, rows, examples = grams
-            unseen = sorted(n for n in sums if rows.get(n, 0) <= 0)
-            self._warn_left_out(unseen)
-            sums = {n: s for n, s in sums.items() if rows.get(n, 0) > 0}
-        if grams is not None and sums:
-            statistics[GRAM] = sums
-            kinds[GRAM] = {"count": {n: rows[n] for n in sums}, "form": self.gram_form, "rank": self.gram_rank,
-                           "source": self.gram, "examples": examples if self.gram == "after_fit" else None}
-            if resume and self.gram_form != "full":
-                resume_acc[GRAM] = sums
-        for estimator, (values, count) in self._post.items():
-            if count <= 0:  # the pass saw no example (warned when it ran)
-                continue
-            statistics[f"fisher.{estimator}"] = {n: t.detach().to("cpu", torch.float32) for n, t in values.items()}
-            kinds[f"fisher.{estimator}"] = {
-                "estimator": estimator,
-                "count": count,
-                "samples": self.fisher_samples if estimator == "true" else None,
-                "loader": self.fisher_loader if isinstance(self.fisher_loader, str) else "custom",
-                "seed": self.seed,
-            }
-        return statistics, kinds, resume_acc
-
-    def _warn_unstepped(self, names: list[str]) -> None:
-        new = [n for n in names if f"exp_avg_sq/{n}" not in self._left_out]
-        if new:
-            self._left_out.update(f"exp_avg_sq/{n}" for n in new)
-            rank_zero_warn(
-                f"CurvatureCapture: the optimizer state of {', '.join(repr(n) for n in new[:5])}"
-                f"{' ...' if len(new) > 5 else ''} records step 0 (no update yet), so its second moments cannot be "
-                "bias-corrected and are left out of the statistics until it is updated"
-            )
-
-    def _warn_left_out(self, names: list[str]) -> None:
-        """Warn once per layer whose Gram matrix is left out because it saw no input: a statistic over no rows is no
-        statistic (a sidecar holding one would be refused when read, and refused when written)."""
-        new = [n for n in names if n not in self._left_out]
-        if not new:
-            return
-        self._left_out.update(new)
-        when = ("no training forward reached" if self.gram == "train" else
-                f"no forward over the {self._loader_name()} reached")
-        rank_zero_warn(
-            f"CurvatureCapture(gram={self.gram!r}): {when} {', '.join(repr(n) for n in new[:5])}"
-            f"{' ...' if len(new) > 5 else ''}: its forward hook never ran (a layer called as F.linear(x, "
-            "layer.weight) or layer.forward(x) bypasses hooks; call layer(x)), so its Gram matrix is left out of the "
-            "statistics (RegMean averages a weight no expert has a Gram matrix for)"
+        module = trainer.lightning_module
+        fsdp1 = self.second_moments and sharding(module, trainer.strategy) == "fsdp1"
+        run = {"accumulate_grad_batches": trainer.accumulate_grad_batches, "world_size": trainer.world_size,
+               "precision": trainer.precision}
+        return self._recorder.collect(
+            trainer.optimizers, self._names, run, optimizer_states=optimizer_states,
+            index_names=[n for n, _ in module.named_parameters()] if fsdp1 else None, resume=resume, copy=copy,
         )
-
-    def _metadata(self, trainer: pl.Trainer, token: str | None = None) -> dict[str, str]:
-        meta = {
-            "base_fingerprint": json.dumps(self._fingerprint, sort_keys=True),
-            "global_step": str(trainer.global_step),
-            "producer": "lightning_merge.callbacks.CurvatureCapture",
-        }
-        if token is not None:
-            meta["resume_token"] = token
-        return meta
-
-    def _final_dir(self, trainer: pl.Trainer) -> str:
-        if self.dirpath is not None:
-            return self.dirpath
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "dirpath", None):
-            return str(ckpt.dirpath)
-        return trainer.default_root_dir
 
     # -- public --------------------------------------------------------------------------------------------------
     def finalize(self, after_fit: bool = False) -> Statistics:
@@ -665,13 +385,14 @@ class CurvatureCapture(Callback):
             raise RuntimeError("CurvatureCapture.finalize() needs a fit first (the callback has seen no Trainer)")
         if after_fit:
             self._ensure_post_fit(self._trainer, self._trainer.lightning_module)
-        key = (self._trainer.global_step, self._batch_fisher.steps, tuple(self._post),
-               sum(self._grams.rows.values()) if self._grams is not None else 0, self._gram_totals is None)
+        recorder = self._recorder
+        key = (self._trainer.global_step, recorder.batch_fisher.steps, tuple(recorder.post),
+               sum(self._grams.rows.values()) if self._grams is not None else 0, recorder.gram_totals is None)
         if self._final is None or self._final_key != key:
-            statistics, kinds, _ = self._collect(self._trainer, None, resume=False)
-            tensors = {f"{kind}/{name}": t for kind, per in statistics.items() for name, t in per.items()}
-            self._final = Statistics(tensors, {**kinds}, origin="CurvatureCapture.finalize()")
-            self._final.metadata = self._metadata(self._trainer)
+            collected = self._collect(self._trainer, None, resume=False)
+            tensors = {f"{kind}/{name}": t for kind, per in collected.statistics.items() for name, t in per.items()}
+            self._final = Statistics(tensors, {**collected.kinds}, origin="CurvatureCapture.finalize()")
+            self._final.metadata = self._recorder.metadata(self._trainer.global_step)
             self._final_key = key
         return self._final
 
@@ -684,13 +405,13 @@ class CurvatureCapture(Callback):
         """
         if self._trainer is None:
             raise RuntimeError("CurvatureCapture.save() needs a fit first")
-        statistics, kinds, _ = self._collect(self._trainer, None, resume=False)
+        collected = self._collect(self._trainer, None, resume=False)
+        statistics, kinds = collected.statistics, collected.kinds
         if names is not None:
             statistics = {k: {names[n]: t for n, t in per.items() if n in names} for k, per in statistics.items()}
-            kinds = {k: _rename_meta(meta, names) for k, meta in kinds.items()}
-        return write_statistics(
-            path, statistics, kinds, compression=self.compression, metadata=self._metadata(self._trainer)
-        )
+            kinds = {k: rename_meta(meta, names) for k, meta in kinds.items()}
+        metadata = self._recorder.metadata(self._trainer.global_step)
+        return write_statistics(path, statistics, kinds, compression=self.compression, metadata=metadata)
 
     def save_adapter_statistics(
         self, peft_model: torch.nn.Module, folder: str | os.PathLike, adapter_name: str = "default"
@@ -705,17 +426,9 @@ class CurvatureCapture(Callback):
             folder: the adapter folder.
             adapter_name: the adapter whose parameters to store (its name is stripped from the keys, as PEFT does).
         """
-        from peft import get_peft_model_state_dict
-
         if self._trainer is None:
             raise RuntimeError("save_adapter_statistics() needs a fit first")
-        adapter_state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-        by_storage = {(t.data_ptr(), tuple(t.shape)): key for key, t in adapter_state.items()}
-        names = {}
-        for name, p in self._trainer.lightning_module.named_parameters():
-            key = by_storage.get((p.data_ptr(), tuple(p.shape)))
-            if key is not None:
-                names[name] = key
+        names = adapter_keys(peft_model, self._trainer.lightning_module, adapter_name)
         if not names:
             raise ValueError(
                 f"none of the adapter '{adapter_name}' parameters belong to the module this capture watched; pass the "
@@ -729,116 +442,43 @@ class CurvatureCapture(Callback):
 
     # -- sidecar I/O (called by SidecarCheckpointIO) -----------------------------------------------------------------
     def after_save(self, checkpoint: dict, path: str) -> None:
+        """Write the sidecar (and adapter folder) of the checkpoint just saved at ``path``."""
         state = checkpoint.get("callbacks", {}).get(self.state_key, {})
         token = state.get("token")
-        snapshot = self._pending.pop(token, None) if token else None
-        if snapshot is None:  # a weights-only save: no callback state, take the statistics now
+        collected = self._pending.pop(token, None) if token else None
+        if collected is None:  # a weights-only save: no callback state, take the statistics now
             assert self._trainer is not None
-            snapshot = self._collect(self._trainer, None, resume=False, copy=False)
+            collected = self._collect(self._trainer, None, resume=False, copy=False)
         self._pending.clear()
-        if snapshot[0] or self._peft is not None:  # metadata and adapter weights now: the step moves on meanwhile
-            self._sidecars.save(path, (*snapshot, self._metadata(self._trainer, token), self._adapter_snapshot(), path))
+        if collected.statistics or self._peft is not None:  # metadata and adapter now: the step moves on meanwhile
+            metadata = self._recorder.metadata(self._trainer.global_step, token)
+            self._sidecars.save(path, SidecarSnapshot(collected, metadata, adapter_snapshot(self._peft, self.adapter),
+                                                      path))
 
     def after_remove(self, path: str) -> None:
+        """Delete the sidecar (and adapter folder) of the checkpoint just removed from ``path``."""
         self._sidecars.remove(path)
         folder = adapter_path(path)
         if not isinstance(folder, str) or self._peft is not None:
             remove_output(folder)  # the adapter saved beside it, if this capture wrote it
 
-    def _write_sidecar(self, target: Path, snapshot: tuple) -> None:
-        statistics, kinds, resume, metadata, adapter, checkpoint = snapshot
-        if statistics:
-            write_statistics(target, statistics, kinds, compression=self.compression, resume=resume,
-                             metadata=metadata)
-        if adapter is not None:
-            self._write_adapter(adapter_path(checkpoint), adapter, statistics, kinds, metadata)
-
-    # -- PEFT adapters ----------------------------------------------------------------------------------------------
-    def _adapter_snapshot(self) -> tuple[dict[str, Tensor], Any] | None:
-        """A copy of the adapter's weights (keyed as PEFT saves them) and its config, or None without PEFT."""
-        if self._peft is None:
-            return None
-        from peft import get_peft_model_state_dict
-
-        name = self.adapter or self._peft.active_adapter
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in
-                   get_peft_model_state_dict(self._peft, adapter_name=name).items()}
-        return weights, self._peft.peft_config[name]
-
-    def _write_adapter(self, folder: Path | str, adapter: tuple, statistics: dict, kinds: dict,
-                       metadata: dict) -> None:
-        """An adapter folder as PEFT writes one, with ``statistics.safetensors`` keyed like its weights; atomic."""
-        from lightning_merge.files.atomic import commit, fsync_tree, partial_path
-        from lightning_merge.files.outputs import check_output_path
-        from lightning_merge.files.ownership import write_record
-        from lightning_merge.files.safetensors import save_tensors
-
-        if isinstance(folder, str):  # object storage: written locally, uploaded weights last
-            with staged(folder) as local:
-                self._write_adapter(local, adapter, statistics, kinds, metadata)
-            return
-        check_output_path(folder, True, folder=True)  # an earlier adapter of this capture, or nothing
-
-        weights, config = adapter
-        keys = self._adapter_keys
-        tmp = partial_path(folder)
-        tmp.mkdir(parents=True)
-        try:
-            save_tensors(tmp / "adapter_model.safetensors", weights, {"format": "pt"})
-            config.save_pretrained(str(tmp))
-            renamed = {k: {keys[n]: t for n, t in per.items() if n in keys} for k, per in statistics.items()}
-            renamed = {k: v for k, v in renamed.items() if v}
-            if renamed:
-                meta = {k: _rename_meta(kinds[k], keys) for k in renamed}
-                write_statistics(tmp / "statistics.safetensors", renamed, meta, compression=self.compression,
-                                 metadata=metadata)
-            write_record(tmp, {"output": "adapter", "checkpoint_metadata": metadata})
-            fsync_tree(tmp)
-            commit(tmp, folder, replace="own")
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+    def _write_sidecar(self, target: Path, snapshot: SidecarSnapshot) -> None:
+        collected = snapshot.collected
+        if collected.statistics:
+            write_statistics(target, collected.statistics, collected.kinds, compression=self.compression,
+                             resume=collected.resume, metadata=snapshot.metadata)
+        if snapshot.adapter is not None:
+            write_adapter(adapter_path(snapshot.checkpoint), snapshot.adapter, collected.statistics, collected.kinds,
+                          keys=self._adapter_keys, compression=self.compression, metadata=snapshot.metadata)
 
 
-def adapter_path(checkpoint: str | os.PathLike) -> Path | str:
-    """The adapter folder saved beside a checkpoint of a PEFT model: ``X.ckpt`` → ``X.adapter`` (a URL string
-    for a checkpoint in object storage)."""
-    if is_url(checkpoint):
-        url = str(checkpoint)
-        stem = url[: -len(".ckpt")] if url.endswith(".ckpt") else url
-        return stem + ".adapter"
-    path = Path(checkpoint)
-    return path.with_name((path.name[: -len(path.suffix)] if path.suffix else path.name) + ".adapter")
+def _setting(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"The ``{name}`` setting (read-only: see "
+                    ":class:`~lightning_merge.capture.config.CaptureConfig`).")
 
 
-def _find_adapter(module: torch.nn.Module, adapter: str | None) -> tuple[Any, dict[str, str]]:
-    """The PEFT model inside ``module`` (None without one) and ``{module parameter name: adapter key}``."""
-    if "peft" not in sys.modules:
-        return None, {}
-    from peft import PeftModel, get_peft_model_state_dict
-
-    peft_model = next((m for m in module.modules() if isinstance(m, PeftModel)), None)
-    if peft_model is None:
-        if adapter is not None:
-            raise ValueError(f"CurvatureCapture(adapter={adapter!r}): the module holds no PEFT model")
-        return None, {}
-    name = adapter or peft_model.active_adapter
-    if name not in peft_model.peft_config:
-        raise ValueError(f"CurvatureCapture(adapter={name!r}): the PEFT model has adapters "
-                         f"{', '.join(peft_model.peft_config)}")
-    by_storage = {(t.data_ptr(), tuple(t.shape)): key
-                  for key, t in get_peft_model_state_dict(peft_model, adapter_name=name).items()}
-    keys = {n: by_storage[(p.data_ptr(), tuple(p.shape))] for n, p in module.named_parameters()
-            if (p.data_ptr(), tuple(p.shape)) in by_storage}
-    return peft_model, keys
-
-
-def _rename_meta(meta: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
-    out = dict(meta)
-    for key in ("beta2", "step", "count"):
-        if isinstance(out.get(key), dict):
-            out[key] = {keys[n]: v for n, v in out[key].items() if n in keys}
-    return out
+for _field in dataclasses.fields(CaptureConfig):  # capture.fisher, capture.gram, ...: the settings, read from config
+    setattr(CurvatureCapture, _field.name, _setting(_field.name))
 
 
 def _save_weights(state: Mapping[str, Tensor] | None, path: Path | str, what: str = "weights") -> None:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_merge.capture.fisher import compute_fisher
 from lightning_merge.capture.grams import compute_grams, gram_modules
+from lightning_merge.capture.records import FisherPass, GramTotals
 from lightning_merge.errors import MissingLoader
 
 LOADERS = ("val", "train", "test")
@@ -40,8 +41,9 @@ def trainer_loader(trainer: Any, which: str | Iterable[Any], setting: str) -> tu
 
 def post_fit_fisher(
     trainer: Any, module: Any, *, estimator: str, loader: str | Iterable[Any], examples: int, samples: int, seed: int
-) -> tuple[dict[str, Tensor], int]:
-    """``(mean squared per-example gradients by name, M)`` over ``examples`` examples of all ranks together.
+) -> FisherPass:
+    """The mean squared per-example gradients by name, and their number M, over ``examples`` examples of all ranks
+    together (M = 0 and no values when no rank saw an example).
 
     Every rank must call it (it reduces across ranks).
     """
@@ -64,8 +66,8 @@ def post_fit_fisher(
         sums = dict(zip(names, parts))
         count = int(round(total.item()))
     if count == 0:  # no rank saw an example: no estimate (the caller warns and leaves it out)
-        return {}, 0
-    return {n: s / count for n, s in sums.items()}, count
+        return FisherPass()
+    return FisherPass({n: s / count for n, s in sums.items()}, count)
 
 
 def reduce_sum(trainer: Any, parts: list[Tensor]) -> list[Tensor]:
@@ -97,30 +99,29 @@ def _rank_share(trainer: Any, module: Any, loader: str | Iterable[Any], setting:
 
 
 def reduce_grams(trainer: Any, layers: dict[str, Any], sums: dict[str, Tensor], rows: dict[str, int],
-                 extra: float = 0.0) -> tuple[dict[str, Tensor], dict[str, int], float]:
-    """Σ xxᵀ, rows and one more number summed over ranks (every rank must call it), on the CPU in float32; a layer
-    a rank never saw counts as zeros there."""
+                 examples: int = 0) -> GramTotals:
+    """Σ xxᵀ, rows and examples summed over ranks (every rank must call it), on the CPU in float32; a layer a rank
+    never saw counts as zeros there."""
     device = trainer.lightning_module.device
     names = sorted(layers)
     parts = [sums[n].to(device) if n in sums else torch.zeros(layers[n].in_features, layers[n].in_features,
                                                                device=device) for n in names]
-    counts = torch.tensor([float(rows.get(n, 0)) for n in names] + [float(extra)], dtype=torch.float64,
+    counts = torch.tensor([float(rows.get(n, 0)) for n in names] + [float(examples)], dtype=torch.float64,
                           device=device)
     parts = reduce_sum(trainer, parts)
     counts = reduce_sum(trainer, [counts])[0].cpu().tolist()  # float64: row counts stay exact
-    return ({n: p.detach().to("cpu", torch.float32).clone() for n, p in zip(names, parts)},
-            {n: int(round(c)) for n, c in zip(names, counts)}, counts[-1])
+    return GramTotals({n: p.detach().to("cpu", torch.float32).clone() for n, p in zip(names, parts)},
+                      {n: int(round(c)) for n, c in zip(names, counts)}, int(round(counts[-1])))
 
 
 def post_fit_grams(trainer: Any, module: Any, *, loader: str | Iterable[Any],
-                   examples: int) -> tuple[dict[str, Tensor], dict[str, int], int]:
-    """``(Σ xxᵀ by weight name, rows by weight name, examples)`` over ``examples`` examples of all ranks together,
-    in eval mode. Every rank must call it (it reduces across ranks)."""
+                   examples: int) -> GramTotals:
+    """Σ xxᵀ and rows by weight name over ``examples`` examples of all ranks together (and the examples read), in
+    eval mode. Every rank must call it (it reduces across ranks)."""
     batches, per_rank, transfer = _rank_share(trainer, module, loader, "gram='after_fit'", examples)
     layers = gram_modules(module)
     sums, rows, count = compute_grams(module, batches, num_examples=per_rank, transfer=transfer, allow_empty=True)
-    sums, rows, total = reduce_grams(trainer, layers, sums, rows, count)
-    return sums, rows, int(round(total))
+    return reduce_grams(trainer, layers, sums, rows, count)
 
 
 __all__ = [

@@ -1,0 +1,79 @@
+"""Whether a module's parameters are sharded across ranks, and how: the one place the capture asks, by type (never by
+a class name). What each answer means for the statistics:
+
+- ``"fsdp1"``: ``FullyShardedDataParallel`` (Lightning's ``FSDPStrategy``): each rank holds shards of flattened
+  parameters and sees gradient shards; the optimizer state Lightning gathers for a checkpoint is the full state,
+  keyed by index in the order of the module's parameters.
+- ``"fsdp2"``: ``fully_shard`` (an ``FSDPModule``, e.g. under Lightning's ``ModelParallelStrategy``): the parameters,
+  their gradients and the optimizer state are ``DTensor`` shards (dim 0 across the mesh).
+- ``"dtensor"``: ``DTensor`` parameters without ``fully_shard`` (tensor parallelism through ``parallelize_module``).
+- None: each rank holds every parameter whole (one process, DDP).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Sharding = Literal["fsdp1", "fsdp2", "dtensor"]
+
+
+def _fsdp_types() -> tuple[type | None, type | None, type | None]:
+    """``(FullyShardedDataParallel, FSDPModule, DTensor)`` of this torch (None where it has no such type)."""
+    if not torch.distributed.is_available():
+        return None, None, None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule  # torch 2.4, 2.5
+        except ImportError:
+            FSDPModule = None  # noqa: N806 - a class
+    try:
+        from torch.distributed.tensor import DTensor  # torch >= 2.5
+    except ImportError:
+        from torch.distributed._tensor import DTensor  # torch 2.4
+    return FullyShardedDataParallel, FSDPModule, DTensor
+
+
+def _lightning_fsdp(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's ``FSDPStrategy`` (or a subclass): it wraps the module in FSDP1."""
+    if strategy is None or "lightning.pytorch" not in sys.modules:
+        return False
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def sharding(module: nn.Module, strategy: Any = None) -> Sharding | None:
+    """How ``module``'s parameters are sharded across ranks (see the module's docstring), or None when they are not.
+
+    Args:
+        module: the module trained (a LightningModule, or any ``nn.Module``).
+        strategy: the Trainer's strategy, if any: Lightning's ``FSDPStrategy`` wraps ``module`` from outside, so
+            the module alone does not show it.
+
+    Returns:
+        ``"fsdp1"``, ``"fsdp2"``, ``"dtensor"`` or None.
+    """
+    if _lightning_fsdp(strategy):
+        return "fsdp1"
+    fsdp1, fsdp2, dtensor = _fsdp_types()
+    if fsdp1 is None:
+        return None
+    modules = list(module.modules())
+    if any(isinstance(m, fsdp1) for m in modules):
+        return "fsdp1"
+    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in modules):
+        return "fsdp2"
+    if any(isinstance(p, dtensor) for p in module.parameters()):
+        return "dtensor"
+    return None
+
+
+__all__ = ["Sharding", "sharding"]
