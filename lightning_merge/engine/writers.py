@@ -24,7 +24,7 @@ from lightning_merge.files.safetensors import ShardWriter, TensorSpec
 from lightning_merge.files.torch_load import save_torch_file
 from lightning_merge.formats.lora import PEFT_PREFIX, LoraAdapter
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".distcp")
 FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
