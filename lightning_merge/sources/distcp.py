@@ -236,17 +236,20 @@ class DistributedCheckpoint:
     def get(self, fqn: str) -> Tensor:
         """Tensor ``fqn`` whole, assembled from its chunks."""
         spec = self.specs[fqn]
-        out = torch.empty(spec.shape, dtype=spec.dtype)
-        for offsets, sizes, info in self._chunks[fqn]:
+        chunks = self._chunks[fqn]
+        out = None if len(chunks) == 1 else torch.empty(spec.shape, dtype=spec.dtype)  # one chunk: the tensor itself
+        for offsets, sizes, info in chunks:
             piece = self._read(fqn, info)
             if not isinstance(piece, Tensor) or tuple(piece.shape) != sizes or piece.dtype != spec.dtype:
                 what = f"{list(piece.shape)} {piece.dtype}" if isinstance(piece, Tensor) else type(piece).__name__
                 raise CheckpointError(f"'{self.path / info.relative_path}': the chunk of tensor '{fqn}' at "
                                       f"{list(offsets)} is {what}, its metadata says {list(sizes)} {spec.dtype}: the "
                                       "checkpoint is damaged")
+            if out is None:
+                return piece
             out[_slices(offsets, sizes)] = piece
             del piece
-        return out
+        return out if out is not None else torch.empty(spec.shape, dtype=spec.dtype)
 
     def object(self, fqn: str) -> Any:
         """A non-tensor entry (an optimizer's ``betas``, a parameter group's ``params``), loaded with
