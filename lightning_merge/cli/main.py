@@ -141,6 +141,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     and how it was made (``lightning_merge.json``)."""
     from lightning_merge.files.remote import is_url, redact
     from lightning_merge.formats.sidecar import SIDECAR_SUFFIX, Statistics, fetch_with_sidecar
+    from lightning_merge.sources.distcp import DistributedCheckpoint, is_distributed_checkpoint
     from lightning_merge.sources.expert import Expert
 
     shown = redact(path)  # a URL is read from its local copy and shown without its credentials
@@ -170,6 +171,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "statistics": _describe_stats(expert.statistics) if expert.statistics else {},
     }
     folder = path if path.is_dir() else None
+    if folder is not None and is_distributed_checkpoint(folder):
+        info["distributed_checkpoint"] = DistributedCheckpoint(folder).summary()
     if folder is not None and (folder / "config.json").exists():
         info["architecture"] = _architecture(folder / "config.json")
     provenance = (folder / "lightning_merge.json") if folder is not None else None
@@ -260,6 +263,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  parameters  {info['parameters']:,}")
         print(f"  size        {_human(info['bytes'])}")
         print(f"  dtypes      {', '.join(f'{k} ({v})' for k, v in info['dtypes'].items())}")
+        dcp = info.get("distributed_checkpoint")
+        if dcp:
+            step = f", step {dcp['global_step']}" if "global_step" in dcp else ""
+            moments = f"; optimizer exp_avg_sq for {dcp['exp_avg_sq']} tensors" if dcp["exp_avg_sq"] else ""
+            print(f"  format      distributed checkpoint, {dcp['shard_files']} shard files{step}{moments}")
         arch = info.get("architecture")
         if arch:
             print(f"  architecture {', '.join(f'{k}={v}' for k, v in arch.items())}")
@@ -287,10 +295,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export_second_moments(args: argparse.Namespace) -> int:
     from lightning_merge.files.remote import basename, is_url, redact
     from lightning_merge.formats.sidecar import export_second_moments, find_sidecar
+    from lightning_merge.sources.distcp import is_distributed_checkpoint, optimizer_second_moments
 
     source: Any = args.source if is_url(args.source) else Path(args.source)  # Path() would fold a URL's "//"
     if not basename(source).endswith(".statistics.safetensors") and basename(source) != "statistics.safetensors":
         found = find_sidecar(source)
+        if found is None and is_distributed_checkpoint(source):  # its optimizer state holds them, keyed by name
+            found = optimizer_second_moments(source)
         if found is None:
             raise FileNotFoundError(f"'{source}' has no statistics sidecar (X.statistics.safetensors) next to it")
         source = found
@@ -503,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export-second-moments",
         help="write a capture's Adam second moments as exp_avg_sq.safetensors keyed by parameter name (OTA convention)",
     )
-    e.add_argument("source", help="a sidecar, or the checkpoint/model it belongs to")
+    e.add_argument("source", help="a sidecar, or the checkpoint/model it belongs to (a distributed checkpoint "
+                                  "without a sidecar: its optimizer state)")
     e.add_argument("out", help="the .safetensors file to write")
     e.add_argument("--strip-prefix", default="", help="remove this prefix from names (e.g. model.)")
     e.add_argument("--bias-correct", action="store_true", help="write v/(1-beta2^t) instead of the raw exp_avg_sq")

@@ -28,6 +28,7 @@ from lightning_merge.engine.writers import (
 from lightning_merge.files.outputs import check_output
 from lightning_merge.files.remote import exists as remote_exists
 from lightning_merge.files.remote import is_url, redact
+from lightning_merge.sources.distcp import checkpoint_template
 from lightning_merge.sources.expert import Expert
 from lightning_merge.strategies.base import Strategy
 
@@ -135,7 +136,7 @@ def make_writer(out: Any, jobs: list[TensorJob], reference: Expert, provenance: 
         raise TypeError(f"out must be None, a path or an nn.Module, got {type(out).__name__}")
     path = Path(out)
     if path.suffix == ".ckpt":
-        template = reference.path if reference.path is not None and reference.path.suffix == ".ckpt" else None
+        template = checkpoint_template(reference.path)  # a .ckpt file, or a distributed checkpoint's meta.pt
         return CheckpointWriter(path, template=template, prefix=reference.prefix, provenance=provenance,
                                 overwrite=overwrite, trust_checkpoint=reference.trust_checkpoint, inputs=inputs)
     entries = [(j.name, j.spec) for j in jobs]

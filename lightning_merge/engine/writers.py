@@ -26,7 +26,7 @@ from lightning_merge.files.ownership import PROVENANCE_NAME, write_record
 from lightning_merge.files.safetensors import ShardWriter, TensorSpec
 from lightning_merge.formats.lora import PEFT_PREFIX, LoraAdapter
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".distcp")
 FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 

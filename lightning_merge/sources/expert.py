@@ -40,6 +40,7 @@ from lightning_merge.formats.sidecar import (
     find_sidecar,
     sidecar_path,
 )
+from lightning_merge.sources.distcp import DistcpSource, DistributedCheckpoint, is_distributed_checkpoint
 
 log = logging.getLogger("lightning_merge")
 
@@ -96,14 +97,7 @@ class _SafetensorsSource:
 
 class _TorchSource(_DictSource):
     def __init__(self, path: Path, trust_checkpoint: bool, prefix: str = ""):
-        obj = load_torch_file(path, trust_checkpoint)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint")
-        if not any(isinstance(v, Tensor) for v in obj.values()):
-            obj = _nested_weights(path, obj, prefix)
-        super().__init__(obj, origin=f"'{path}'")
+        super().__init__(_weights_of(path, load_torch_file(path, trust_checkpoint), prefix), origin=f"'{path}'")
         for key, tensor in self._tensors.items():
             declared = tensor.numel() * tensor.element_size()
             held = tensor.untyped_storage().nbytes()
@@ -112,6 +106,18 @@ class _TorchSource(_DictSource):
                     f"'{path}': tensor '{key}' declares {list(tensor.shape)} ({declared} bytes) but holds only {held} "
                     "bytes of data; the checkpoint is corrupted or crafted"
                 )
+
+
+def _weights_of(path: Path, obj: Any, prefix: str) -> Mapping[str, Any]:
+    """The weights a saved object holds: a Lightning checkpoint's ``state_dict``, a state dict, or (see
+    :func:`_nested_weights`) the one entry of tensors of a dict without either."""
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint")
+    if not any(isinstance(v, Tensor) for v in obj.values()):
+        obj = _nested_weights(path, obj, prefix)
+    return obj
 
 
 def _check_readable(origin: str, key: str, tensor: Tensor) -> None:
@@ -344,6 +350,9 @@ class Expert:
             raise incomplete(redact(self.url) if self.url else path)
         if path.is_dir() and (path / "adapter_config.json").exists():
             return self._open_adapter(path, base, trust_checkpoint)
+        if is_distributed_checkpoint(path):  # read tensor by tensor, as a .ckpt: its state_dict (see distcp.py)
+            checkpoint = DistributedCheckpoint(path)
+            return DistcpSource(checkpoint, _weights_of(path, checkpoint.tree(), self.prefix))
         if path.is_dir():
             kind, files, index = _folder_files(path)
             source = _SafetensorsSource(files) if kind == "safetensors" else _TorchShards(files, trust_checkpoint)

@@ -50,9 +50,7 @@ class CheckpointInfo:
 
 def read_info(path: str | os.PathLike, trust_checkpoint: bool = False) -> CheckpointInfo:
     """Step, epoch and monitored score of a checkpoint (memory-mapped: tensors are not read)."""
-    from lightning_merge.files.torch_load import load_torch_file
-
-    ckpt = load_torch_file(local_path(path), trust_checkpoint)
+    ckpt = _load_checkpoint(path, trust_checkpoint)
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"'{path}' holds a {type(ckpt).__name__}, not a Lightning checkpoint")
     score, monitor = None, None
@@ -67,12 +65,39 @@ def read_info(path: str | os.PathLike, trust_checkpoint: bool = False) -> Checkp
     state = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), Mapping) else {}
     for name in sorted(state):
         value = state[name]
+        if isinstance(value, _Lazy):
+            value = value.read()
         if isinstance(value, Tensor):
             digest.update(name.encode())
             digest.update(tensor_fingerprint(value).encode())
     where = path if is_url(path) else Path(path)
     return CheckpointInfo(where, int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)), score, monitor,
                           made_by_lightning_merge="lightning_merge" in ckpt, digest=digest.hexdigest())
+
+
+class _Lazy:
+    """A tensor of a distributed checkpoint, read when asked for."""
+
+    def __init__(self, expert: Any, name: str):
+        self.expert, self.name = expert, name
+
+    def read(self) -> Tensor:
+        return self.expert.tensor(self.name)
+
+
+def _load_checkpoint(path: str | os.PathLike, trust_checkpoint: bool) -> Any:
+    """A checkpoint's entries: a ``.ckpt`` file memory-mapped; a distributed checkpoint (a folder) as its ``meta.pt``
+    with a ``state_dict`` of its weights, each read when asked for (:class:`_Lazy`)."""
+    from lightning_merge.files.torch_load import load_torch_file
+    from lightning_merge.sources.distcp import DistributedCheckpoint, is_distributed_checkpoint
+    from lightning_merge.sources.expert import Expert
+
+    local = Path(local_path(path))
+    if not is_distributed_checkpoint(local):
+        return load_torch_file(local, trust_checkpoint)
+    expert = Expert(local)
+    meta = DistributedCheckpoint(local).lightning_meta(trust_checkpoint)
+    return {**meta, "state_dict": {name: _Lazy(expert, name) for name in expert.names()}}
 
 
 def distinct_checkpoints(infos: Sequence[CheckpointInfo]) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
@@ -223,7 +248,6 @@ def average_checkpoints(
         ``(averaged state dict, weights or None)``.
     """
     from lightning_merge.engine.run import merge
-    from lightning_merge.files.torch_load import load_torch_file
     from lightning_merge.formats.sidecar import find_sidecar
     from lightning_merge.sources.expert import Expert
     from lightning_merge.strategies.checks import check_number, normalizing_sum
@@ -250,7 +274,7 @@ def average_checkpoints(
         if source == "state_dict":
             experts.append(Expert(path, trust_checkpoint=trust_checkpoint))
         else:
-            ckpt = load_torch_file(local_path(path), trust_checkpoint)
+            ckpt = _load_checkpoint(path, trust_checkpoint)
             if "current_model_state" not in ckpt:
                 raise ValueError(
                     f"checkpoint '{path}' has no 'current_model_state' (it was not saved with WeightAveraging)"
@@ -304,14 +328,20 @@ def write_averaged_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """The newest checkpoint with its ``state_dict`` replaced by the average, written atomically (a local path or an
-    object-storage URL)."""
+    object-storage URL). When the newest is a distributed checkpoint (a folder), the output is a weights-only
+    ``.ckpt`` with its epoch, step, callbacks and hyper-parameters: its optimizer state is sharded, and a resume
+    without it would fail."""
     from lightning_merge.files.checkpoint import TRAINING_STATE, write_checkpoint
-    from lightning_merge.files.torch_load import load_torch_file
 
     _check_output(out, paths, overwrite)
     out = out if is_url(out) else Path(out)
     newest = max(paths, key=lambda p: read_info(p, trust_checkpoint).global_step)
-    template = load_torch_file(local_path(newest), trust_checkpoint)
+    template = dict(_load_checkpoint(newest, trust_checkpoint))
+    template.pop("state_dict", None)  # replaced by the average (a distributed checkpoint's holds lazy readers)
+    if keep_training_state and not is_url(newest) and Path(newest).is_dir():
+        log.warning("'%s' is a distributed checkpoint: the average is written without its sharded optimizer state, "
+                    "loops and schedulers (a weights-only checkpoint)", redact(newest))
+        keep_training_state = False
     drop = (*(() if keep_training_state else TRAINING_STATE), "current_model_state", "averaging_state")
     record = {
         "averaged": [redact(p) for p in paths],
