@@ -10,11 +10,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).parent
+from conftest import HELPERS
 
 SCRIPT = textwrap.dedent(
     """
@@ -70,13 +68,13 @@ def test_a_failure_on_rank_zero_raises_on_every_rank(tmp_path, which, message):
     from lightning_merge.files.safetensors import save_tensors
 
     save_tensors(tmp_path / "base.safetensors", Tiny().state_dict())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), os.environ.get("PYTHONPATH", "")])}
     script = tmp_path / "fit.py"
     script.write_text(SCRIPT)
     try:
         done = subprocess.run(
             [sys.executable, str(script), which, str(tmp_path), str(tmp_path / "base.safetensors")],
-            capture_output=True, text=True, timeout=90, env=env, cwd=HERE, start_new_session=True,
+            capture_output=True, text=True, timeout=90, env=env, cwd=HELPERS, start_new_session=True,
         )
     except subprocess.TimeoutExpired as err:
         subprocess.run(["pkill", "-f", str(script)], check=False)

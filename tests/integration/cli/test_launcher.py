@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_messages import ROOT, family, one_line, recipe
+from conftest import ROOT, family, one_line, recipe
 
 from lightning_merge.cli.main import main as cli
 from lightning_merge.engine.distributed import join_launcher_group

@@ -1,5 +1,5 @@
 """The docs cannot drift: every code block of docs/*.md and README.md that is meant to run is run here, in order per
-page, in the doc world (tests/docworld.py: the files and objects the examples name).
+page, in the doc world (tests/helpers/docworld.py: the files and objects the examples name).
 
 - ``python`` blocks are executed in one namespace per page;
 - ``bash`` blocks: each line starting with ``lightning-merge`` runs through the command line (globs expanded) and must
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 BLOCK = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```", re.S | re.M)
 RUN = ("python", "bash", "yaml")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_base, write_family
 
 from lightning_merge import Expert, Fisher, Ties, merge
 from lightning_merge.files.remote import exists, fetch, filesystem, is_url, upload
@@ -283,10 +284,8 @@ def test_merge_on_fit_end_writes_into_a_bucket_and_loads_the_merge(s3, tmp_path)
 
 
 def _family(root: Path):
-    import test_continual
-
     root.mkdir(parents=True, exist_ok=True)
-    return test_continual.write_family(root)
+    return write_family(root)
 
 
 def _put_family(s3, base, paths):
@@ -387,12 +386,11 @@ def test_a_continual_state_needs_conditional_writes(tmp_path):
 def test_callbacks_under_ddp_write_checkpoints_sidecars_and_a_continual_state_to_a_bucket(s3, tmp_path):
     from capture_helpers import Tiny, ddp_loader, trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_continual import _tiny_base
 
     from lightning_merge import ContinualState, TaskArithmetic
     from lightning_merge.callbacks import ContinualMerge, CurvatureCapture
 
-    base = _put(_tiny_base(tmp_path), f"{s3}/base.safetensors")
+    base = _put(tiny_base(tmp_path), f"{s3}/base.safetensors")
     trainer(
         tmp_path / "run",
         [CurvatureCapture(), ModelCheckpoint(dirpath=f"{s3}/ddp/ckpt", save_top_k=1),

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HELPERS, ROOT
 
 from lightning_merge import OPCM, merge
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.opcm import DEFAULT_NOT_LINEAR
 
-ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
 PYTHON = next((c for c in CANDIDATES if c and Path(c).exists()), None)
 pytestmark = pytest.mark.skipif(PYTHON is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
@@ -37,7 +37,7 @@ def test_opcm_matches_fusionbench(tmp_path, alpha):
         torch.save(expert.state_dict(), tmp_path / f"expert{i}.pt")
         experts.append(expert.state_dict())
     subprocess.run(
-        [PYTHON, str(Path(__file__).with_name("fusionbench_opcm_reference.py")), str(tmp_path), str(alpha), "5"],
+        [PYTHON, str(HELPERS / "fusionbench_opcm_reference.py"), str(tmp_path), str(alpha), "5"],
         check=True,
         cwd=tmp_path,
     )

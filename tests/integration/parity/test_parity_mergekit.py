@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from lightning_merge import Expert
 from lightning_merge.cli.main import main
@@ -21,7 +22,7 @@ def _mergekit_yaml():
     candidates = [
         os.environ.get("MERGEKIT_YAML"),
         shutil.which("mergekit-yaml"),
-        str(Path(__file__).resolve().parents[1] / ".venv-mergekit" / "bin" / "mergekit-yaml"),
+        str(ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"),
     ]
     return next((c for c in candidates if c and Path(c).exists()), None)
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_base, write_family
 from safetensors.torch import save_file
 
 from lightning_merge import (
@@ -36,40 +37,6 @@ from lightning_merge.strategies.opcm import opcm_project
 
 def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def write_family(tmp_path, n=4, stats=True):
-    base = {
-        "layer.0.weight": rand(6, 5, seed=1),
-        "layer.0.bias": rand(6, seed=2),
-        "embed.weight": rand(7, 5, seed=3),
-        "steps": torch.tensor([3]),
-    }
-    save_file(base, str(tmp_path / "base.safetensors"))
-    paths = []
-    for i in range(n):
-        expert = {
-            k: (v + 0.3 * rand(*v.shape, seed=10 * i + j) if v.is_floating_point() else v)
-            for j, (k, v) in enumerate(base.items())
-        }
-        path = tmp_path / f"e{i}.safetensors"
-        save_file(expert, str(path))
-        if stats:
-            floats = [k for k in base if base[k].is_floating_point()]
-            write_statistics(
-                tmp_path / f"e{i}.statistics.safetensors",
-                {
-                    "fisher.batch": {
-                        k: rand(*base[k].shape, seed=100 + 10 * i + j).abs() + 0.05 for j, k in enumerate(floats)
-                    },
-                    "exp_avg_sq": {
-                        k: rand(*base[k].shape, seed=200 + 10 * i + j).abs() + 0.05 for j, k in enumerate(floats)
-                    },
-                },
-                {"fisher.batch": {"count": 5, "batch_size": 4}, "exp_avg_sq": {"beta2": 0.999, "step": 100}},
-            )
-        paths.append(path)
-    return tmp_path / "base.safetensors", paths
 
 
 def full_svd_projection(prev, tau, alpha):
@@ -303,20 +270,12 @@ def test_cli_continual(tmp_path, capsys):
     torch.testing.assert_close(got.tensor("layer.0.weight"), expected["layer.0.weight"], rtol=1e-5, atol=1e-6)
 
 
-def _tiny_base(tmp_path):
-    from capture_helpers import Tiny
-
-    base = tmp_path / "tiny-base.safetensors"
-    save_file({k: v.contiguous() for k, v in Tiny(lr=5e-2).state_dict().items()}, str(base))
-    return base
-
-
 def test_continual_merge_callback_folds_each_run(tmp_path):
     from capture_helpers import Tiny, loader, trainer
 
     from lightning_merge.callbacks import ContinualMerge, CurvatureCapture
 
-    base = _tiny_base(tmp_path)
+    base = tiny_base(tmp_path)
     state_dir = tmp_path / "state"
     finals = []
     for s in range(3):
@@ -342,7 +301,7 @@ def test_continual_merge_under_ddp(tmp_path):
 
     from lightning_merge.callbacks import ContinualMerge
 
-    base = _tiny_base(tmp_path)
+    base = tiny_base(tmp_path)
     trainer(
         tmp_path / "run",
         [ContinualMerge(state=str(tmp_path / "state"), base=str(base), strategy=OPCM())],

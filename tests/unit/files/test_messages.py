@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, family, one_line, recipe
 
 from lightning_merge import ContinualState, Expert, Linear, Ties, merge
 from lightning_merge.cli.main import main as cli
@@ -32,34 +33,6 @@ from lightning_merge.files.atomic import OutputError
 from lightning_merge.files.safetensors import load_tensors, save_tensors
 from lightning_merge.formats.lora import AdapterError
 from lightning_merge.tools.recipe import RecipeError, load_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def family(root: Path, n: int = 2, shape=(4, 4)) -> tuple[Path, list[Path]]:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(shape, generator=g), "b": torch.randn(shape[0], generator=g)}
-    save_tensors(root / "base.safetensors", base)
-    paths = []
-    for i in range(n):
-        path = root / f"e{i}.safetensors"
-        save_tensors(path, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
-        paths.append(path)
-    return root / "base.safetensors", paths
-
-
-def recipe(root: Path, models: list[Path], base: Path | None = None, extra: str = "") -> Path:
-    text = "merge_method: linear\n" + (f"base_model: {base}\n" if base else "") + extra + "models:\n" + "".join(
-        f"  - model: {m}\n    parameters: {{weight: 1.0}}\n" for m in models)
-    (root / "recipe.yaml").write_text(text)
-    return root / "recipe.yaml"
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lightning-merge: error: ") and "Traceback" not in err[0], err
-    return err[0]
-
 
 # -- the table: (name, fn(tmp_path), error class, what the message must say) ---------------------------------------
 

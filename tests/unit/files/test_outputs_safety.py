@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from lightning_merge import Expert, Fisher, Linear, TaskArithmetic, merge, tall
 from lightning_merge.cli.main import main as cli
@@ -35,8 +36,6 @@ from lightning_merge.files.safetensors import load_tensors, save_tensors
 from lightning_merge.formats.sidecar import export_second_moments, write_statistics
 from lightning_merge.tools.averaging import average_checkpoints
 from lightning_merge.tools.diagnostics import report
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def family(root: Path, n: int = 2, shape=(4, 4), seed: int = 0) -> tuple[Path, list[Path]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from capture_helpers import Tiny, TinyLM, ddp_loader, lm_loader, loader, trainer
+from conftest import ROOT
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import Expert, RegMean, merge
@@ -21,7 +22,6 @@ from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.formats.sidecar import Statistics, StatisticsError, write_statistics
 from lightning_merge.strategies import NoContinualForm, Strategy
 
-ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
 FUSION_BENCH = next((c for c in CANDIDATES if c and Path(c).exists()), None)
 

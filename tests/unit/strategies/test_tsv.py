@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from lightning_merge import TSVMerge, merge
 from lightning_merge.strategies import Strategy
 from lightning_merge.strategies.tsv import task_singular_vectors
 from lightning_merge.tools.evaluation import sweep_scale
 
-ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
 FUSION_BENCH = next((c for c in CANDIDATES if c and Path(c).exists()), None)
 
