@@ -27,7 +27,7 @@ from lightning_merge.continual.state import ContinualError
 from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.tools.averaging import average_checkpoints
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")]
 
 HOOKED = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "rmdir"), (os, "fsync"), (os, "mkdir"),
           (os, "symlink"), (lio, "_exchange"), (lio, "_rename_noreplace")]

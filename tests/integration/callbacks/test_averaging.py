@@ -119,6 +119,7 @@ def test_cli_average(tmp_path):
     assert main(["average", *files, "--out", str(out), "--weighting", "mwa", "--overwrite"]) == 2  # no metric
 
 
+@pytest.mark.slow
 def test_ddp_every_rank_ends_with_the_average(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer(

@@ -159,6 +159,7 @@ def test_callback_post_fit_fisher_over_the_validation_loader(tmp_path):
         assert stats.has("fisher") and stats.get(n, "fisher", "batch").shape == ref[n].shape
 
 
+@pytest.mark.slow
 def test_ddp_spawn_statistics_equal_one_process_on_the_same_global_batch(tmp_path):
     single = tmp_path / "single"
     trainer(single, [CurvatureCapture(fisher_after_fit="example", fisher_examples=16)], max_epochs=2).fit(

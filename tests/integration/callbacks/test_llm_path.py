@@ -114,6 +114,7 @@ def test_a_lora_run_saves_adapters_with_statistics_not_full_models(tmp_path):
     assert (out / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_ddp_weights_each_step_by_every_rank_s_tokens(tmp_path):
     """Two ranks with one sequence each give the statistics of one process accumulating the same two sequences:
     the weight needs both ranks' token counts (an all-reduce), not this rank's times the world size."""

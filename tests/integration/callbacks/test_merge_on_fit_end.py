@@ -73,6 +73,7 @@ def test_bad_arguments_are_named(tmp_path):
         MergeOnFitEnd(experts=[], strategy=TaskArithmetic(), out="x.bin")
 
 
+@pytest.mark.slow
 def test_ddp_every_rank_ends_with_the_merged_weights(tmp_path):
     paths = make_experts(tmp_path)
     run = tmp_path / "run"

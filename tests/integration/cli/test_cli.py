@@ -194,6 +194,7 @@ def test_inspect_reports_counts(tmp_path, models, capsys):
     assert info["dtypes"] == {"float32": 3, "int64": 1} and info["statistics"] == {}
 
 
+@pytest.mark.slow
 def test_cli_merge_path_imports_no_lightning(tmp_path, models):
     recipe = write(tmp_path, RECIPES["ties"][0])
     code = (

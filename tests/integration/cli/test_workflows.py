@@ -208,6 +208,7 @@ def test_dry_runs_print_the_plan_and_write_nothing(tmp_path, capsys):
     assert read_info(ckpts[0]).digest != read_info(ckpts[1]).digest
 
 
+@pytest.mark.slow
 def test_piping_into_head_is_not_an_error(tmp_path):
     base = _expert(tmp_path, 0, "base.safetensors")
     state = ContinualState.create(tmp_path / "state", base=base, strategy=Linear())

@@ -23,6 +23,7 @@ import yaml
 from conftest import ROOT
 
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+pytestmark = pytest.mark.slow  # the examples train models, run the command line and merge real folders
 BLOCK = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```", re.S | re.M)
 RUN = ("python", "bash", "yaml")
 

@@ -62,6 +62,7 @@ def test_the_assignment_balances_bytes_and_covers_every_tensor():
     assert [sum(n for name, n in sizes if name in p) for p in parts] == [140, 120]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [
     Ties(density=0.3, topk="model"), Fisher(), Dare(drop_rate=0.5, seed=3), LiNeS(TaskArithmetic()), OPCM(),
     PCB(ratio=0.2),
@@ -77,6 +78,7 @@ def test_two_ranks_write_the_bytes_of_one_process(family, tmp_path, strategy):
         assert a[name] == b[name], name
 
 
+@pytest.mark.slow
 def test_a_single_file_from_three_ranks(family, tmp_path):
     root, base, experts = family
     one = merge(experts, base, Ties(density=0.3, topk="model"), tmp_path / "one.safetensors")
@@ -84,6 +86,7 @@ def test_a_single_file_from_three_ranks(family, tmp_path):
     assert Path(one).read_bytes() == (tmp_path / "three.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_every_rank_and_leaves_no_output(family, tmp_path):
     root, base, experts = family
     out = tmp_path / "failed"
@@ -102,6 +105,7 @@ def test_outputs_a_distributed_merge_cannot_write_are_refused_before_anything_st
             merge(experts, base, Linear(), out, group="world")
 
 
+@pytest.mark.slow
 def test_cli_nproc(family, tmp_path, capsys):
     from lightning_merge.cli.main import main
 
@@ -115,6 +119,7 @@ def test_cli_nproc(family, tmp_path, capsys):
     assert "with 2 processes" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun(family, tmp_path):
     import shutil
     import subprocess
@@ -144,6 +149,7 @@ def adapters(tmp_path_factory):
     return str(base), [str(p) for p in paths]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,rank", [(TaskArithmetic(scale=0.7), None), (TaskArithmetic(), 3),
                                            (Ties(density=0.5), 3)], ids=["exact", "svd-linear", "svd-ties"])
 def test_a_peft_adapter_output_from_two_ranks_is_the_one_process_adapter(adapters, tmp_path, strategy, rank):

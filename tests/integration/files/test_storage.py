@@ -383,6 +383,7 @@ def test_a_continual_state_needs_conditional_writes(tmp_path):
         ContinualState.create("memory://bucket/state", base=base, strategy=Linear())
 
 
+@pytest.mark.slow
 def test_callbacks_under_ddp_write_checkpoints_sidecars_and_a_continual_state_to_a_bucket(s3, tmp_path):
     from capture_helpers import Tiny, ddp_loader, trainer
     from lightning.pytorch.callbacks import ModelCheckpoint

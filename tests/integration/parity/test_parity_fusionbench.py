@@ -16,7 +16,8 @@ from lightning_merge.strategies.opcm import DEFAULT_NOT_LINEAR
 
 CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
 PYTHON = next((c for c in CANDIDATES if c and Path(c).exists()), None)
-pytestmark = pytest.mark.skipif(PYTHON is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(PYTHON is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")]
 
 
 def build():

@@ -28,7 +28,8 @@ def _mergekit_yaml():
 
 
 MERGEKIT = _mergekit_yaml()
-pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (set MERGEKIT_YAML)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (set MERGEKIT_YAML)")]
 
 METHODS = {
     "linear": ("", "{weight: %s}"),

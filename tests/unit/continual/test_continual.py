@@ -239,6 +239,7 @@ def test_a_crash_before_the_commit_leaves_the_previous_state_and_the_add_can_be_
     assert not any(p.name.startswith(".") for p in (tmp_path / "state" / "generations").iterdir())
 
 
+@pytest.mark.slow
 def test_two_processes_adding_at_once_lose_neither_expert(tmp_path):
     base_path, paths = write_family(tmp_path, n=4, stats=False)
     ContinualState.create(tmp_path / "state", base=base_path, strategy=Linear())
@@ -296,6 +297,7 @@ def test_continual_merge_callback_folds_each_run(tmp_path):
         torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-5, atol=1e-6)  # load_merged
 
 
+@pytest.mark.slow
 def test_continual_merge_under_ddp(tmp_path):
     from capture_helpers import Tiny, ddp_loader, trainer
 

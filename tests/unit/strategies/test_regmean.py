@@ -232,6 +232,7 @@ def test_training_gram_resumes_exactly(tmp_path):
         torch.testing.assert_close(b.get(name, "gram"), a.get(name, "gram"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ddp_spawn_grams_equal_one_process(tmp_path):
     def capture(mode):
         return CurvatureCapture(second_moments=False, fisher=False, gram=mode, fisher_examples=16)
@@ -288,6 +289,7 @@ torch.save(out, sys.argv[2])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
 @pytest.mark.parametrize("alpha", [1.0, 0.95, 0.6])
 def test_regmean_matches_fusionbench(tmp_path, alpha):

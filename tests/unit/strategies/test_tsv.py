@@ -89,6 +89,7 @@ torch.save(out, sys.argv[2])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_tsv_matches_fusionbench(tmp_path, n):

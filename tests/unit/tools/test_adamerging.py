@@ -133,6 +133,7 @@ def test_refusals():
         AdaMerging(_net(), experts, base, granularity="block", include="0")
 
 
+@pytest.mark.slow
 def test_ddp_spawn_learns_what_one_process_learns_on_the_same_global_batch(tmp_path):
     base, experts, x = _family()
     single = AdaMerging(_net(), experts, base, lr=5e-2)
