@@ -47,16 +47,23 @@ def make_models(n: int = 3, seed: int = 0, scale: float = 0.1, dtype=torch.float
     return base, experts
 
 
-def family(root: Path, n: int = 2, shape=(4, 4)) -> tuple[Path, list[Path]]:
+def family(root: Path, n: int = 2, shape=(4, 4), seed: int = 0, stats: bool = True) -> tuple[Path, list[Path]]:
     """A base ``root/base.safetensors`` (tensors ``w`` of ``shape`` and ``b``) and ``n`` experts
-    ``root/e{i}.safetensors`` = base + 0.1·noise, without statistics. Returns ``(base, expert paths)``."""
-    g = torch.Generator().manual_seed(0)
+    ``root/e{i}.safetensors`` = base + 0.1·noise, each with a sidecar holding Fisher and Adam second moments unless
+    ``stats`` is false. Returns ``(base, expert paths)``."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
     base = {"w": torch.randn(shape, generator=g), "b": torch.randn(shape[0], generator=g)}
     save_tensors(root / "base.safetensors", base)
     paths = []
     for i in range(n):
         path = root / f"e{i}.safetensors"
         save_tensors(path, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        if stats:
+            write_statistics(root / f"e{i}.statistics.safetensors",
+                             {"fisher.example": {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()},
+                              "exp_avg_sq": {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()}},
+                             {"fisher.example": {"count": 4}, "exp_avg_sq": {"beta2": 0.999, "step": 10}})
         paths.append(path)
     return root / "base.safetensors", paths
 
@@ -76,7 +83,8 @@ def one_line(capsys) -> str:
     return err[0]
 
 
-def _rand(*shape, seed=0):
+def rand(*shape, seed=0):
+    """A standard normal tensor of ``shape`` drawn from its own generator seeded with ``seed``."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -85,16 +93,16 @@ def write_family(tmp_path, n=4, stats=True):
     = base + 0.3·noise (the buffer equal), each with a sidecar (``fisher.batch`` and ``exp_avg_sq``) unless
     ``stats`` is false. Returns ``(base path, expert paths)``."""
     base = {
-        "layer.0.weight": _rand(6, 5, seed=1),
-        "layer.0.bias": _rand(6, seed=2),
-        "embed.weight": _rand(7, 5, seed=3),
+        "layer.0.weight": rand(6, 5, seed=1),
+        "layer.0.bias": rand(6, seed=2),
+        "embed.weight": rand(7, 5, seed=3),
         "steps": torch.tensor([3]),
     }
     save_file(base, str(tmp_path / "base.safetensors"))
     paths = []
     for i in range(n):
         expert = {
-            k: (v + 0.3 * _rand(*v.shape, seed=10 * i + j) if v.is_floating_point() else v)
+            k: (v + 0.3 * rand(*v.shape, seed=10 * i + j) if v.is_floating_point() else v)
             for j, (k, v) in enumerate(base.items())
         }
         path = tmp_path / f"e{i}.safetensors"
@@ -105,10 +113,10 @@ def write_family(tmp_path, n=4, stats=True):
                 tmp_path / f"e{i}.statistics.safetensors",
                 {
                     "fisher.batch": {
-                        k: _rand(*base[k].shape, seed=100 + 10 * i + j).abs() + 0.05 for j, k in enumerate(floats)
+                        k: rand(*base[k].shape, seed=100 + 10 * i + j).abs() + 0.05 for j, k in enumerate(floats)
                     },
                     "exp_avg_sq": {
-                        k: _rand(*base[k].shape, seed=200 + 10 * i + j).abs() + 0.05 for j, k in enumerate(floats)
+                        k: rand(*base[k].shape, seed=200 + 10 * i + j).abs() + 0.05 for j, k in enumerate(floats)
                     },
                 },
                 {"fisher.batch": {"count": 5, "batch_size": 4}, "exp_avg_sq": {"beta2": 0.999, "step": 100}},

@@ -4,6 +4,7 @@ found and the two remedies. Before: gloo's 30-minute wait without a word, or a r
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -11,11 +12,14 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, family, one_line, recipe
+from conftest import ROOT, one_line, recipe
+from conftest import family as _family
 
 from lightning_merge.cli.main import main as cli
 from lightning_merge.engine.distributed import join_launcher_group
 from lightning_merge.files.safetensors import load_tensors
+
+family = functools.partial(_family, stats=False)  # experts without sidecars
 
 BAD_ENVIRONMENTS = [
     ("WORLD_SIZE and RANK without MASTER_ADDR", {"WORLD_SIZE": "2", "RANK": "1"},

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_base, write_family
+from conftest import rand, tiny_base, write_family
 from safetensors.torch import save_file
 
 from lightning_merge import (
@@ -33,10 +33,6 @@ from lightning_merge.continual.state import ContinualError
 from lightning_merge.files.ownership import ForeignOutput
 from lightning_merge.formats.sidecar import write_statistics
 from lightning_merge.strategies.opcm import opcm_project
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def full_svd_projection(prev, tau, alpha):

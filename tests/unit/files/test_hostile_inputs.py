@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import family
 
 from lightning_merge import OTA, ContinualState, Expert, Fisher, Linear, Statistics, Ties, merge
 from lightning_merge.cli.main import main as cli
@@ -32,23 +33,6 @@ def raw_safetensors(path: Path, header: object, data: bytes = b"\0" * 64) -> Pat
     text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return path
-
-
-def family(root: Path, n: int = 2, stats: bool = True, shape=(4, 4)) -> tuple[Path, list[Path]]:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(shape, generator=g), "b": torch.randn(shape[0], generator=g)}
-    save_tensors(root / "base.safetensors", base)
-    paths = []
-    for i in range(n):
-        path = root / f"e{i}.safetensors"
-        save_tensors(path, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
-        if stats:
-            write_statistics(root / f"e{i}.statistics.safetensors",
-                             {"fisher.example": {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()},
-                              "exp_avg_sq": {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()}},
-                             {"fisher.example": {"count": 4}, "exp_avg_sq": {"beta2": 0.999, "step": 10}})
-        paths.append(path)
-    return root / "base.safetensors", paths
 
 
 def stats_file(path: Path, kinds: dict, values: dict) -> Path:

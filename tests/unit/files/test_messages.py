@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import json
 import os
 import re
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, family, one_line, recipe
+from conftest import ROOT, one_line, recipe
+from conftest import family as _family
 
 from lightning_merge import ContinualState, Expert, Linear, Ties, merge
 from lightning_merge.cli.main import main as cli
@@ -33,6 +35,8 @@ from lightning_merge.files.atomic import OutputError
 from lightning_merge.files.safetensors import load_tensors, save_tensors
 from lightning_merge.formats.lora import AdapterError
 from lightning_merge.tools.recipe import RecipeError, load_recipe
+
+family = functools.partial(_family, stats=False)  # experts without sidecars
 
 # -- the table: (name, fn(tmp_path), error class, what the message must say) ---------------------------------------
 

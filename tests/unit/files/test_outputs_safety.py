@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, family
 
 from lightning_merge import Expert, Fisher, Linear, TaskArithmetic, merge, tall
 from lightning_merge.cli.main import main as cli
@@ -36,24 +36,6 @@ from lightning_merge.files.safetensors import load_tensors, save_tensors
 from lightning_merge.formats.sidecar import export_second_moments, write_statistics
 from lightning_merge.tools.averaging import average_checkpoints
 from lightning_merge.tools.diagnostics import report
-
-
-def family(root: Path, n: int = 2, shape=(4, 4), seed: int = 0) -> tuple[Path, list[Path]]:
-    """A base and ``n`` experts (safetensors), each with a sidecar holding Fisher and Adam second moments."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    base = {"w": torch.randn(shape, generator=g), "b": torch.randn(shape[0], generator=g)}
-    save_tensors(root / "base.safetensors", base)
-    paths = []
-    for i in range(n):
-        path = root / f"e{i}.safetensors"
-        save_tensors(path, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
-        write_statistics(root / f"e{i}.statistics.safetensors",
-                         {"fisher.example": {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()},
-                          "exp_avg_sq": {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()}},
-                         {"fisher.example": {"count": 4}, "exp_avg_sq": {"beta2": 0.999, "step": 10}})
-        paths.append(path)
-    return root / "base.safetensors", paths
 
 
 def tree(path: Path) -> dict[str, object]:

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rand
 
 from lightning_merge import OTA, Expert, Fisher, StatisticsError, WeightedMedian, merge
 from lightning_merge.strategies import Strategy
 from lightning_merge.strategies.curvature import weighted_median
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def experts_with(stats_kind, n=3, shape=(4, 5), seed=0, positive=True):
