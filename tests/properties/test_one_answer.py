@@ -240,6 +240,7 @@ def test_continual_state_gives_the_batch_model_or_refuses_at_creation(dense, tmp
     _close(state.state_dict(), merge(experts[:n], root / "base.safetensors", strategy))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_adapter_outputs_give_the_batch_model_or_refuse_before_writing(adapters, tmp_path_factory, data):
@@ -263,6 +264,7 @@ def test_adapter_outputs_give_the_batch_model_or_refuse_before_writing(adapters,
         _close(got, want)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_sweep_scale_gives_the_batch_model_at_every_scale_or_refuses(dense, data):
@@ -290,6 +292,7 @@ def test_sweep_scale_gives_the_batch_model_at_every_scale_or_refuses(dense, data
     _close(result.state, want)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_a_recipe_through_the_command_line_gives_the_batch_model(dense, tmp_path_factory, data):
@@ -306,6 +309,7 @@ def test_a_recipe_through_the_command_line_gives_the_batch_model(dense, tmp_path
     _close({k: written.tensor(k) for k in written.names()}, merge(experts[:n], root / "base.safetensors", strategy))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_bf16_experts_merge_in_float32_and_round_once(dense, data):

@@ -55,6 +55,7 @@ def test_per_example_fisher_equals_loop_over_examples_and_vmap_is_used():
         torch.testing.assert_close(direct[n], ref8[n], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_true_fisher_is_an_unbiased_sample_of_the_exact_expectation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))

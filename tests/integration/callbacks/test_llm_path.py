@@ -54,6 +54,7 @@ def test_one_sequence_per_step_gives_the_per_example_fisher(tmp_path):
         assert float((batch - example).norm() / example.norm()) < 1e-3, name
 
 
+@pytest.mark.slow
 def test_padded_batches_weight_each_step_by_its_own_tokens(tmp_path):
     capture = CurvatureCapture(second_moments=False)
     trainer(tmp_path, [capture], max_epochs=1).fit(TinyLM(lr=0.0), lm_loader(8, batch_size=2))
@@ -66,6 +67,7 @@ def test_padded_batches_weight_each_step_by_its_own_tokens(tmp_path):
         torch.testing.assert_close(stats.get(name, "fisher", "batch"), expected, rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_accumulation_weights_the_effective_batch(tmp_path):
     capture = CurvatureCapture(second_moments=False)
     trainer(tmp_path, [capture], max_epochs=1, accumulate_grad_batches=2).fit(TinyLM(lr=0.0), lm_loader(8))

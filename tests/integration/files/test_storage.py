@@ -177,6 +177,7 @@ def _names(url):
     return sorted(p.rsplit("/", 1)[-1] for p in fs.find(path))
 
 
+@pytest.mark.slow
 def test_capture_sidecars_follow_checkpoints_in_a_bucket_and_equal_a_local_run(s3, tmp_path):
     from capture_helpers import Tiny, loader, trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -204,6 +205,7 @@ def test_capture_sidecars_follow_checkpoints_in_a_bucket_and_equal_a_local_run(s
     assert set(local.best_k_models) != set(remote.best_k_models)
 
 
+@pytest.mark.slow
 def test_checkpoint_averaging_reads_and_writes_a_bucket(s3, tmp_path):
     from capture_helpers import Tiny, loader, trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -298,6 +300,7 @@ def _put_family(s3, base, paths):
     return urls[0], urls[1:]
 
 
+@pytest.mark.slow
 def test_a_continual_state_in_a_bucket_folds_like_a_local_one(s3, tmp_path):
     from lightning_merge import ContinualState
 

