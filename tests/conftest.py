@@ -1,5 +1,24 @@
+"""Fixtures and factories shared by the suite (tests/unit, tests/integration, tests/properties).
+
+Test modules import the factories with ``from conftest import ...`` (pytest puts this folder on ``sys.path``); the
+modules of ``tests/helpers`` (Lightning modules for spawned workers, the doc world, reference scripts) are importable
+by name through pyproject's ``pythonpath``. A process a test starts gets ``ROOT`` (the package) and ``HELPERS`` on its
+``PYTHONPATH`` explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.formats.sidecar import write_statistics
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: docs/, README.md, the package
+HELPERS = Path(__file__).resolve().parent / "helpers"
 
 
 @pytest.fixture
@@ -26,6 +45,93 @@ def make_models(n: int = 3, seed: int = 0, scale: float = 0.1, dtype=torch.float
         )
     base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}
     return base, experts
+
+
+def family(root: Path, n: int = 2, shape=(4, 4), seed: int = 0, stats: bool = True) -> tuple[Path, list[Path]]:
+    """A base ``root/base.safetensors`` (tensors ``w`` of ``shape`` and ``b``) and ``n`` experts
+    ``root/e{i}.safetensors`` = base + 0.1·noise, each with a sidecar holding Fisher and Adam second moments unless
+    ``stats`` is false. Returns ``(base, expert paths)``."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(shape, generator=g), "b": torch.randn(shape[0], generator=g)}
+    save_tensors(root / "base.safetensors", base)
+    paths = []
+    for i in range(n):
+        path = root / f"e{i}.safetensors"
+        save_tensors(path, {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        if stats:
+            write_statistics(root / f"e{i}.statistics.safetensors",
+                             {"fisher.example": {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()},
+                              "exp_avg_sq": {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()}},
+                             {"fisher.example": {"count": 4}, "exp_avg_sq": {"beta2": 0.999, "step": 10}})
+        paths.append(path)
+    return root / "base.safetensors", paths
+
+
+def recipe(root: Path, models: list[Path], base: Path | None = None, extra: str = "") -> Path:
+    """A mergekit recipe ``root/recipe.yaml``: a linear merge of ``models`` (weight 1 each), ``extra`` lines added."""
+    text = "merge_method: linear\n" + (f"base_model: {base}\n" if base else "") + extra + "models:\n" + "".join(
+        f"  - model: {m}\n    parameters: {{weight: 1.0}}\n" for m in models)
+    (root / "recipe.yaml").write_text(text)
+    return root / "recipe.yaml"
+
+
+def one_line(capsys) -> str:
+    """The command line's error: exactly one line on stderr, ``lightning-merge: error: ...``, no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lightning-merge: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def rand(*shape, seed=0):
+    """A standard normal tensor of ``shape`` drawn from its own generator seeded with ``seed``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def write_family(tmp_path, n=4, stats=True):
+    """The continual tests' family: a base with three float tensors and an integer buffer ``steps``, ``n`` experts
+    = base + 0.3·noise (the buffer equal), each with a sidecar (``fisher.batch`` and ``exp_avg_sq``) unless
+    ``stats`` is false. Returns ``(base path, expert paths)``."""
+    base = {
+        "layer.0.weight": rand(6, 5, seed=1),
+        "layer.0.bias": rand(6, seed=2),
+        "embed.weight": rand(7, 5, seed=3),
+        "steps": torch.tensor([3]),
+    }
+    save_file(base, str(tmp_path / "base.safetensors"))
+    paths = []
+    for i in range(n):
+        expert = {
+            k: (v + 0.3 * rand(*v.shape, seed=10 * i + j) if v.is_floating_point() else v)
+            for j, (k, v) in enumerate(base.items())
+        }
+        path = tmp_path / f"e{i}.safetensors"
+        save_file(expert, str(path))
+        if stats:
+            floats = [k for k in base if base[k].is_floating_point()]
+            write_statistics(
+                tmp_path / f"e{i}.statistics.safetensors",
+                {
+                    "fisher.batch": {
+                        k: rand(*base[k].shape, seed=100 + 10 * i + j).abs() + 0.05 for j, k in enumerate(floats)
+                    },
+                    "exp_avg_sq": {
+                        k: rand(*base[k].shape, seed=200 + 10 * i + j).abs() + 0.05 for j, k in enumerate(floats)
+                    },
+                },
+                {"fisher.batch": {"count": 5, "batch_size": 4}, "exp_avg_sq": {"beta2": 0.999, "step": 100}},
+            )
+        paths.append(path)
+    return tmp_path / "base.safetensors", paths
+
+
+def tiny_base(tmp_path):
+    """``tmp_path/tiny-base.safetensors``: the weights of a fresh ``capture_helpers.Tiny`` (a base for callbacks)."""
+    from capture_helpers import Tiny
+
+    base = tmp_path / "tiny-base.safetensors"
+    save_file({k: v.contiguous() for k, v in Tiny(lr=5e-2).state_dict().items()}, str(base))
+    return base
 
 
 def write_lora_family(root, n: int = 3, each=None):

@@ -1,0 +1,89 @@
+"""OPCM against FusionBench's implementation (PyPI fusion-bench, `fusion_bench/method/opcm`) on the same inputs,
+order (no shuffling) and α. Runs when a fusion-bench environment is found (``.venv-fusionbench`` or
+``FUSION_BENCH_PYTHON``); FusionBench is a reference only, never a dependency."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HELPERS, ROOT
+
+from lightning_merge import OPCM, merge
+from lightning_merge.strategies import functional as F
+from lightning_merge.strategies.opcm import DEFAULT_NOT_LINEAR
+
+CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
+PYTHON = next((c for c in CANDIDATES if c and Path(c).exists()), None)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(PYTHON is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")]
+
+
+def build():
+    from fusionbench_opcm_reference import build as reference_build
+
+    return reference_build()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.95])  # at 1.0 FusionBench's r is float32 rounding noise
+def test_opcm_matches_fusionbench(tmp_path, alpha):
+    torch.manual_seed(0)
+    base = build()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    experts = []
+    for i in range(5):
+        expert = build()
+        expert.load_state_dict({k: v + 0.1 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        torch.save(expert.state_dict(), tmp_path / f"expert{i}.pt")
+        experts.append(expert.state_dict())
+    subprocess.run(
+        [PYTHON, str(HELPERS / "fusionbench_opcm_reference.py"), str(tmp_path), str(alpha), "5"],
+        check=True,
+        cwd=tmp_path,
+    )
+    reference = torch.load(tmp_path / "fusionbench.pt", weights_only=True)
+    # FusionBench projects nn.Linear weights only: here "1.weight" and "3.weight"; the embedding "0.weight" is not
+    not_linear = DEFAULT_NOT_LINEAR + r"|^0\.weight$"
+    ours = merge(experts, base=base.state_dict(), strategy=OPCM(alpha=alpha, not_linear=not_linear))
+    worst = max(float((ours[k] - reference[k]).abs().max()) for k in reference)
+    print(f"alpha={alpha}: largest difference from FusionBench {worst:.2e}")
+    assert worst < 1e-5, worst
+
+
+TALL_SCRIPT = """
+import sys, torch
+from fusion_bench.method.tall_mask.utils import generate_task_masks
+d = torch.load(sys.argv[1], weights_only=True)
+masks = generate_task_masks(d["tau"], d["ft"], d["base"], tv=d["mtl"], tall_mask_lambda=float(sys.argv[3]))
+torch.save(masks, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("lam", [0.2, 0.6])
+def test_tall_masks_match_fusionbench(tmp_path, lam):
+    """Our TALL masks (the Consensus strategy and tall.compress) against FusionBench's port of the paper's code,
+    ``fusion_bench.method.tall_mask.utils.generate_task_masks``, on flattened models (float64)."""
+    from lightning_merge.tools import tall
+
+    g = torch.Generator().manual_seed(1)
+    base = {"a": torch.randn(30, 20, generator=g, dtype=torch.float64), "b": torch.randn(17, generator=g,
+                                                                                           dtype=torch.float64)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base.items()}
+               for _ in range(4)]
+    flat_base = torch.cat([v.reshape(-1) for v in base.values()])
+    flat_ft = torch.stack([torch.cat([e[k].reshape(-1) for k in base]) for e in experts])
+    tau = flat_ft - flat_base
+    torch.save({"tau": tau, "ft": flat_ft, "base": flat_base, "mtl": tau.sum(0)}, tmp_path / "in.pt")
+    subprocess.run([PYTHON, "-c", TALL_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), str(lam)],
+                   check=True, cwd=tmp_path, capture_output=True)
+    reference = torch.load(tmp_path / "out.pt", weights_only=True)
+
+    comp = tall.compress(experts, base, tmp_path / "tall", tall_lambda=lam)
+    ours = torch.stack([torch.cat([comp.mask(i, k).reshape(-1) for k in base]) for i in range(4)])
+    mismatches = int((ours != reference).sum())
+    print(f"lambda={lam}: {mismatches} of {ours.numel()} mask entries differ from FusionBench")
+    # float32 storage of τ_MTL versus FusionBench's float64 can flip entries exactly at the boundary only
+    assert mismatches <= ours.numel() * 1e-3
+    exact = torch.stack([F.tall_masks(tau, tau.sum(0), [lam] * 4)[i] for i in range(4)])
+    assert torch.equal(exact, reference)
