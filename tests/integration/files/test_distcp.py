@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HELPERS, ROOT  # noqa: E402
 from safetensors.torch import load_file, save_file
 
 from lightning_merge import Expert, Linear, merge
 from lightning_merge.cli.main import main
 from lightning_merge.errors import CheckpointError
 from lightning_merge.sources.distcp import DistributedCheckpoint, optimizer_second_moments
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def dcp_save(state: dict, folder: Path, meta: dict | None = None) -> Path:
@@ -214,7 +213,7 @@ def fitted(tmp_path_factory) -> Path:
     at steps 2 and 4 (and last.ckpt), and the full state dicts and second moments gathered at those steps."""
     out = tmp_path_factory.mktemp("distcp-fit")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "distcp_fit.py"), str(out)], env=env, cwd=out,
+    done = subprocess.run([sys.executable, str(HELPERS / "distcp_fit.py"), str(out)], env=env, cwd=out,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
