@@ -44,6 +44,19 @@ from lightning_merge.capture.fisher_accumulator import REDUCTIONS, BatchCounts, 
 from lightning_merge.capture.grams import GramAccumulator, gram_modules
 from lightning_merge.capture.post_fit import LOADERS, MissingLoader, post_fit_fisher, post_fit_grams, reduce_grams
 from lightning_merge.capture.second_moments import cpu_float, has_second_moments, read_second_moments
+from lightning_merge.capture.sharded import (
+    all_ranks,
+    checkpoint_sidecar,
+    fingerprints,
+    like,
+    local,
+    sharded_module,
+    sharded_refusal,
+    weights_items,
+    wrap_save,
+    write_gathered,
+    write_statistics_gathered,
+)
 from lightning_merge.files.outputs import remove_output
 from lightning_merge.files.remote import is_url, join, staged
 from lightning_merge.formats.sidecar import (
@@ -55,7 +68,6 @@ from lightning_merge.formats.sidecar import (
     StatisticsError,
     find_sidecar,
     sidecar_path,
-    tensor_fingerprint,
     write_statistics,
 )
 
@@ -229,6 +241,7 @@ class CurvatureCapture(Callback):
         self._adapter_keys: dict[str, str] = {}
         self._grams: GramAccumulator | None = None
         self._left_out: set[str] = set()  # layers whose Gram matrix is left out (warned about once)
+        self._sharded = False  # FSDP2: parameters are DTensor shards (see lightning_merge.capture.sharded)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: drop threads, locks and the trainer
         state = self.__dict__.copy()
@@ -361,11 +374,13 @@ class CurvatureCapture(Callback):
         self._module_names = {n for n, _ in pl_module.named_parameters()}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fisher and "fsdp" in type(trainer.strategy).__name__.lower():
-            raise ValueError(
-                "CurvatureCapture(fisher=True) is not supported under FSDP yet (each rank sees gradient shards); "
-                "pass fisher=False to capture the second moments, and/or fisher_after_fit"
-            )
+        self._sharded = sharded_module(pl_module)
+        refusal = sharded_refusal(type(trainer.strategy).__name__, self._sharded, fisher=self.fisher,
+                                  fisher_after_fit=self.fisher_after_fit, gram=self.gram)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if self._sharded and self.checkpoint_sidecars:  # every rank takes part in gathering a sidecar
+            wrap_save(trainer.strategy, lambda checkpoint, path: self.after_save(checkpoint, path, collective=True))
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._peft, self._adapter_keys = _find_adapter(pl_module, self.adapter)
         if self.save_final == "adapter" and self._peft is None:
@@ -387,7 +402,7 @@ class CurvatureCapture(Callback):
             self._grams.attach()
         self._counts.reset()
         if not self._fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
-            self._fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
+            self._fingerprint = fingerprints(pl_module.named_parameters())  # sharded: gathered one at a time
         self._final = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -430,16 +445,17 @@ class CurvatureCapture(Callback):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) in self._names:
-                    named.append((self._names[id(p)], p.grad))
+                    named.append((self._names[id(p)], local(p.grad)))  # FSDP2: the local shard of g
         if weight <= 0 or not named:
             return
-        if self._batch_fisher.step(named, weight, sequences, tokens):
+        agree = (lambda finite: all_ranks(finite, named[0][1].device)) if self._sharded else None
+        if self._batch_fisher.step(named, weight, sequences, tokens, agree):
             self._final = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._grams is not None and self.checkpoint_sidecars:
             self._total_grams(trainer)  # every rank: the sums are reduced over ranks
-        if not self.checkpoint_sidecars or not trainer.is_global_zero or self._token is None:
+        if not self.checkpoint_sidecars or not trainer.is_global_zero or self._token is None or self._sharded:
             return
         # No copy: the live tensors are written as they are, and the next mutation (our accumulation and the
         # optimizer's step, both after ``on_before_optimizer_step``) waits for the write (SidecarWriter.wait).
@@ -454,6 +470,11 @@ class CurvatureCapture(Callback):
         self._final = None
 
         adapter = self._adapter_snapshot() if self.save_final in (True, "adapter") else None
+        if self._sharded:
+            self._sidecars.flush()
+            if self.save_final:
+                self._write_final_sharded(trainer, state)
+            return
 
         def write_final() -> None:
             self._sidecars.flush()
@@ -484,6 +505,21 @@ class CurvatureCapture(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._sidecars.flush()
+
+    def _write_final_sharded(self, trainer: pl.Trainer, state: Mapping[str, Tensor] | None) -> None:
+        """final.safetensors and its statistics of a sharded module, gathered tensor by tensor (every rank)."""
+        from lightning_merge.files.ownership import marked
+
+        directory = Path(self._final_dir(trainer))
+        weights = directory / "final.safetensors"
+        writer = trainer.is_global_zero
+        share = trainer.strategy.broadcast
+        write_gathered(weights if writer else None, weights_items(state or {}),
+                       marked({"format": "pt"}, {"library": "lightning-merge", "output": "weights"}), share=share)
+        statistics, kinds, _ = self._collect(trainer, None, resume=False)
+        write_statistics_gathered(sidecar_path(weights) if writer else None, statistics, kinds,
+                                  compression=self.compression, metadata=self._metadata(trainer), share=share)
+        rank_zero_info(f"CurvatureCapture: wrote {weights} and its statistics")
 
     # -- after fit -----------------------------------------------------------------------------------------------
     def _ensure_post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -566,7 +602,9 @@ class CurvatureCapture(Callback):
             if moments:
                 statistics["exp_avg_sq"], kinds["exp_avg_sq"] = moments, meta
         if self.fisher and self._batch_fisher.acc:
-            values = {n: cpu_float(t, copy) for n, t in self._batch_fisher.acc.items()}
+            params = dict(trainer.lightning_module.named_parameters()) if self._sharded else {}
+            values = {n: like(t, params[n]) if self._sharded else cpu_float(t, copy)  # shards laid out as params
+                      for n, t in self._batch_fisher.acc.items()}
             statistics["fisher.batch"] = values
             kinds["fisher.batch"] = {
                 **self._batch_fisher.metadata(),
@@ -728,9 +766,19 @@ class CurvatureCapture(Callback):
         self._sidecars.flush()
 
     # -- sidecar I/O (called by SidecarCheckpointIO) -----------------------------------------------------------------
-    def after_save(self, checkpoint: dict, path: str) -> None:
+    def after_save(self, checkpoint: dict, path: str, collective: bool = False) -> None:
+        if collective != self._sharded:  # a sharded module's sidecars are gathered by every rank (wrap_save)
+            return
         state = checkpoint.get("callbacks", {}).get(self.state_key, {})
         token = state.get("token")
+        if self._sharded:
+            trainer = self._trainer
+            assert trainer is not None
+            statistics, kinds, resume = self._collect(trainer, None, resume=True, copy=False)
+            write_statistics_gathered(checkpoint_sidecar(path) if trainer.is_global_zero else None, statistics, kinds,
+                                      compression=self.compression, resume=resume,
+                                      metadata=self._metadata(trainer, token), share=trainer.strategy.broadcast)
+            return
         snapshot = self._pending.pop(token, None) if token else None
         if snapshot is None:  # a weights-only save: no callback state, take the statistics now
             assert self._trainer is not None
