@@ -50,6 +50,7 @@ from lightning_merge.capture.sharded import (
     fingerprints,
     like,
     local,
+    shard_like,
     sharded_module,
     sharded_refusal,
     weights_items,
@@ -72,6 +73,11 @@ from lightning_merge.formats.sidecar import (
 )
 
 STATE_VERSION = 2
+SHARDED_IN_MEMORY = (
+    "CurvatureCapture.{} is not supported on a sharded (FSDP2) module yet: its statistics are shards on each rank. "
+    "read the sidecars the capture wrote (X.statistics.safetensors beside each checkpoint, "
+    "final.statistics.safetensors)"
+)
 
 
 class CurvatureCapture(Callback):
@@ -314,9 +320,11 @@ class CurvatureCapture(Callback):
         return stats, None
 
     @staticmethod
-    def _accumulators(stats: Statistics, kind: str, names: Iterable[str]) -> tuple[dict[str, Tensor], str | None]:
+    def _accumulators(stats: Statistics, kind: str, names: Iterable[str],
+                      params: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], str | None]:
         """The float32 accumulators of ``kind`` for ``names`` (the ``resume/`` copy when the statistic itself was
-        stored lossy), or the name of the first one missing."""
+        stored lossy), or the name of the first one missing; with ``params``, each one as its parameter is sharded
+        (this rank's part, taken one tensor at a time)."""
         keys = set(stats.keys())
         out = {}
         for name in names:
@@ -324,6 +332,8 @@ class CurvatureCapture(Callback):
             if key is None:
                 return out, f"its sidecar '{stats.origin}' has no float32 accumulator for '{name}'"
             out[name] = stats._tensors[key].to(torch.float32).clone()
+            if params is not None:
+                out[name] = shard_like(out[name], params[name]).clone()
         return out, None
 
     def _restore_grams(self, stats: Statistics | None, problem: str | None) -> None:
@@ -347,7 +357,9 @@ class CurvatureCapture(Callback):
         if stats is not None:
             meta = stats.kinds.get("fisher.batch", {})
             legacy = float(meta.get("batch_size", 1.0)) if "scale" not in meta else 1.0  # version-1 sidecars
-            values, problem = self._accumulators(stats, "fisher.batch", self._batch_fisher.counts)
+            module = self._trainer.lightning_module if self._trainer is not None else None
+            params = dict(module.named_parameters()) if module is not None and sharded_module(module) else None
+            values, problem = self._accumulators(stats, "fisher.batch", self._batch_fisher.counts, params)
             if problem is None:
                 for name, value in values.items():
                     self._batch_fisher.acc[name] = value * legacy if legacy != 1.0 else value
@@ -701,6 +713,8 @@ class CurvatureCapture(Callback):
         """
         if self._trainer is None:
             raise RuntimeError("CurvatureCapture.finalize() needs a fit first (the callback has seen no Trainer)")
+        if self._sharded:
+            raise NotImplementedError(SHARDED_IN_MEMORY.format("finalize()"))
         if after_fit:
             self._ensure_post_fit(self._trainer, self._trainer.lightning_module)
         key = (self._trainer.global_step, self._batch_fisher.steps, tuple(self._post),
@@ -722,6 +736,8 @@ class CurvatureCapture(Callback):
         """
         if self._trainer is None:
             raise RuntimeError("CurvatureCapture.save() needs a fit first")
+        if self._sharded:
+            raise NotImplementedError(SHARDED_IN_MEMORY.format("save()"))
         statistics, kinds, _ = self._collect(self._trainer, None, resume=False)
         if names is not None:
             statistics = {k: {names[n]: t for n, t in per.items() if n in names} for k, per in statistics.items()}
