@@ -206,6 +206,22 @@ def test_what_cannot_run_sharded_is_refused_before_training():
                                              gram="after_fit")
     assert "FSDP2" in sharded_refusal("FSDPStrategy", False, fisher=True, fisher_after_fit=None, gram=None)
     assert sharded_refusal("FSDPStrategy", False, fisher=False, fisher_after_fit=None, gram=None) is None
+    assert "PEFT" in sharded_refusal("ModelParallelStrategy", True, fisher=True, fisher_after_fit=None, gram=None,
+                                     peft=True)
+    assert sharded_refusal("DDPStrategy", False, fisher=True, fisher_after_fit=None, gram=None, peft=True) is None
+
+
+def test_a_peft_model_is_recognised_without_importing_peft():
+    from lightning_merge.capture.sharded import holds_peft
+
+    class PeftModel(torch.nn.Module):  # stands in for peft.PeftModel (matched by class name through the MRO)
+        pass
+
+    class Wrapped(PeftModel):
+        pass
+
+    assert holds_peft(torch.nn.Sequential(torch.nn.Linear(2, 2), Wrapped()))
+    assert not holds_peft(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 @pytest.mark.parametrize("compression", ["float32", "bfloat16", "rank1"])

@@ -48,6 +48,7 @@ from lightning_merge.capture.sharded import (
     all_ranks,
     checkpoint_sidecar,
     fingerprints,
+    holds_peft,
     like,
     local,
     shard_like,
@@ -388,7 +389,7 @@ class CurvatureCapture(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sharded = sharded_module(pl_module)
         refusal = sharded_refusal(type(trainer.strategy).__name__, self._sharded, fisher=self.fisher,
-                                  fisher_after_fit=self.fisher_after_fit, gram=self.gram)
+                                  fisher_after_fit=self.fisher_after_fit, gram=self.gram, peft=holds_peft(pl_module))
         if refusal is not None:
             raise ValueError(refusal)
         if self._sharded and self.checkpoint_sidecars:  # every rank takes part in gathering a sidecar
@@ -484,8 +485,8 @@ class CurvatureCapture(Callback):
         adapter = self._adapter_snapshot() if self.save_final in (True, "adapter") else None
         if self._sharded:
             self._sidecars.flush()
-            if self.save_final:
-                self._write_final_sharded(trainer, state)
+            if self.save_final:  # the module's own DTensors, on their devices (gathered there)
+                self._write_final_sharded(trainer, pl_module.state_dict())
             return
 
         def write_final() -> None:

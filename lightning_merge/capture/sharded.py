@@ -233,8 +233,13 @@ def weights_items(state: Mapping[str, Tensor]) -> list[tuple[str, Tensor, Encode
     return [(key, value, as_is, None) for key, value in state.items()]
 
 
+def holds_peft(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds a PEFT model (``peft.PeftModel`` or a subclass; peft is not imported)."""
+    return any(any(c.__name__ == "PeftModel" for c in type(m).__mro__) for m in module.modules())
+
+
 def sharded_refusal(strategy: str, sharded: bool, *, fisher: bool, fisher_after_fit: str | None,
-                    gram: str | None) -> str | None:
+                    gram: str | None, peft: bool = False) -> str | None:
     """Why a capture cannot run as configured on this strategy (None when it can), checked before training.
 
     Args:
@@ -243,6 +248,7 @@ def sharded_refusal(strategy: str, sharded: bool, *, fisher: bool, fisher_after_
         fisher: the batch Fisher is on.
         fisher_after_fit: the post-fit Fisher asked for, if any.
         gram: the Gram matrices asked for, if any.
+        peft: the module holds a PEFT model.
     """
     if not sharded and fisher and "fsdp" in strategy.lower():
         return ("CurvatureCapture(fisher=True) is not supported under FSDPStrategy (FSDP1: each rank sees flat "
@@ -256,6 +262,10 @@ def sharded_refusal(strategy: str, sharded: bool, *, fisher: bool, fisher_after_
                 "ranks (they mix the ranks' examples). Use the batch Fisher (fisher=True, recorded during training), "
                 "or compute the post-fit Fisher on the consolidated model after the fit (lightning_merge.capture."
                 "fisher.compute_fisher on the merged or consolidated weights, one process)")
+    if peft:
+        return ("CurvatureCapture on a sharded (FSDP2) PEFT model is not supported yet (its adapter folders are "
+                "written from unsharded weights); train the adapter without sharding, or capture a full (non-PEFT) "
+                "model")
     if gram == "after_fit":
         return ("CurvatureCapture(gram='after_fit') is not supported on a sharded (FSDP2) module (each forward "
                 "gathers parameters from every rank, so ranks with unequal shares of the loader would wait forever); "
@@ -283,6 +293,7 @@ __all__ = [
     "checkpoint_sidecar",
     "fingerprints",
     "full",
+    "holds_peft",
     "is_sharded",
     "like",
     "local",
