@@ -49,7 +49,18 @@ from lightning_merge.capture.post_fit import reduce_grams
 from lightning_merge.capture.recorder import Recorder
 from lightning_merge.capture.records import Collected, SidecarSnapshot
 from lightning_merge.capture.second_moments import has_second_moments
-from lightning_merge.capture.sharding import sharding
+from lightning_merge.capture.sharded import (
+    SHARDED_IN_MEMORY,
+    all_ranks,
+    checkpoint_sidecar,
+    fingerprints,
+    local,
+    sharded_refusal,
+    wrap_save,
+    write_final_gathered,
+    write_statistics_gathered,
+)
+from lightning_merge.capture.sharding import DTENSOR_SHARDINGS, holds_dtensors, sharding
 from lightning_merge.files.outputs import remove_output
 from lightning_merge.files.remote import is_url, join
 from lightning_merge.formats.adapter import (
@@ -60,7 +71,7 @@ from lightning_merge.formats.adapter import (
     rename_meta,
     write_adapter,
 )
-from lightning_merge.formats.sidecar import Statistics, sidecar_path, tensor_fingerprint, write_statistics
+from lightning_merge.formats.sidecar import Statistics, sidecar_path, write_statistics
 
 
 class CurvatureCapture(Callback):
@@ -170,6 +181,7 @@ class CurvatureCapture(Callback):
         self._peft: Any = None
         self._adapter_keys: dict[str, str] = {}
         self._grams: GramAccumulator | None = None
+        self._sharded = False  # DTensor parameters (FSDP2): see lightning_merge.capture.sharded
 
     # -- state --------------------------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: drop threads, locks and the trainer
@@ -198,7 +210,11 @@ class CurvatureCapture(Callback):
         return self._recorder.state_dict(self._token)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._recorder.load_state_dict(state_dict, self._resume_path, self._module_names)
+        self._recorder.load_state_dict(state_dict, self._resume_path, self._module_names, self._shard_as())
+
+    def _shard_as(self) -> dict[str, Tensor] | None:
+        """``{name: parameter}`` of a sharded module (its statistics are laid out as its parameters), else None."""
+        return dict(self._trainer.lightning_module.named_parameters()) if self._sharded and self._trainer else None
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -213,15 +229,19 @@ class CurvatureCapture(Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._resume_path = str(trainer.ckpt_path) if trainer.ckpt_path else None
         self._module_names = {n for n, _ in pl_module.named_parameters()}
+        self._sharded = holds_dtensors(pl_module, trainer.strategy)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fisher and sharding(pl_module, trainer.strategy) == "fsdp1":
-            raise ValueError(
-                "CurvatureCapture(fisher=True) is not supported under FSDP yet (each rank sees gradient shards); "
-                "pass fisher=False to capture the second moments, and/or fisher_after_fit"
-            )
+        kind = sharding(pl_module, trainer.strategy)  # the one place that tells "sharded, and how"
+        self._sharded = kind in DTENSOR_SHARDINGS
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._peft, self._adapter_keys = find_adapter(pl_module, self.adapter)
+        refusal = sharded_refusal(kind, fisher=self.fisher, fisher_after_fit=self.fisher_after_fit, gram=self.gram,
+                                  peft=self._peft is not None)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if self._sharded and self.checkpoint_sidecars:  # every rank takes part in gathering a sidecar
+            wrap_save(trainer.strategy, lambda checkpoint, path: self.after_save(checkpoint, path, collective=True))
         if self.save_final == "adapter" and self._peft is None:
             raise ValueError("CurvatureCapture(save_final='adapter'): the module holds no PEFT model (peft.PeftModel)")
         self._recorder.new_fit()
@@ -239,7 +259,7 @@ class CurvatureCapture(Callback):
             self._grams.attach()
         self._counts.reset()
         if not self._recorder.fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
-            self._recorder.fingerprint = {n: tensor_fingerprint(p) for n, p in pl_module.named_parameters()}
+            self._recorder.fingerprint = fingerprints(pl_module.named_parameters())  # sharded: gathered one by one
         self._final = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -283,16 +303,17 @@ class CurvatureCapture(Callback):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) in self._names:
-                    named.append((self._names[id(p)], p.grad))
+                    named.append((self._names[id(p)], local(p.grad)))  # FSDP2: the local shard of g
         if weight <= 0 or not named:
             return
-        if batch_fisher.step(named, weight, sequences, tokens):
+        agree = (lambda finite: all_ranks(finite, named[0][1].device)) if self._sharded else None
+        if batch_fisher.step(named, weight, sequences, tokens, agree):
             self._final = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._grams is not None and self.checkpoint_sidecars:
             self._total_grams(trainer)  # every rank: the sums are reduced over ranks
-        if not self.checkpoint_sidecars or not trainer.is_global_zero or self._token is None:
+        if not self.checkpoint_sidecars or not trainer.is_global_zero or self._token is None or self._sharded:
             return
         # No copy: the live tensors are written as they are, and the next mutation (our accumulation and the
         # optimizer's step, both after ``on_before_optimizer_step``) waits for the write (SidecarWriter.wait).
@@ -302,6 +323,12 @@ class CurvatureCapture(Callback):
         self._ensure_post_fit(trainer, pl_module)
         if self._grams is not None:
             self._total_grams(trainer)
+        if self._sharded:  # every rank gathers the module's own DTensors, on their devices, one at a time
+            self._final = None
+            self._sidecars.flush()
+            if self.save_final:
+                self._write_final_sharded(trainer, pl_module.state_dict())
+            return
         full = self.config.writes_full_model(peft=self._peft is not None)
         state = trainer.strategy.lightning_module_state_dict() if full else None  # all ranks (FSDP)
         self._final = None
@@ -339,6 +366,16 @@ class CurvatureCapture(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._sidecars.flush()
 
+    def _write_final_sharded(self, trainer: pl.Trainer, state: Mapping[str, Tensor]) -> None:
+        """final.safetensors and its statistics of a sharded module, gathered tensor by tensor (every rank)."""
+        weights = Path(self.config.final_dir(getattr(trainer.checkpoint_callback, "dirpath", None),
+                                             trainer.default_root_dir)) / "final.safetensors"
+        collected = self._collect(trainer, None, resume=False)
+        write_final_gathered(weights if trainer.is_global_zero else None, state, collected.statistics, collected.kinds,
+                             compression=self.compression, metadata=self._recorder.metadata(trainer.global_step),
+                             share=trainer.strategy.broadcast)
+        rank_zero_info(f"CurvatureCapture: wrote {weights} and its statistics")
+
     # -- after fit -----------------------------------------------------------------------------------------------
     def _ensure_post_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute the post-fit Fisher and Gram matrices once per fit (every rank must call this: it reduces across
@@ -367,6 +404,7 @@ class CurvatureCapture(Callback):
         return self._recorder.collect(
             trainer.optimizers, self._names, run, optimizer_states=optimizer_states,
             index_names=[n for n, _ in module.named_parameters()] if fsdp1 else None, resume=resume, copy=copy,
+            shard_as=self._shard_as(),
         )
 
     # -- public --------------------------------------------------------------------------------------------------
@@ -383,6 +421,8 @@ class CurvatureCapture(Callback):
         """
         if self._trainer is None:
             raise RuntimeError("CurvatureCapture.finalize() needs a fit first (the callback has seen no Trainer)")
+        if self._sharded:
+            raise NotImplementedError(SHARDED_IN_MEMORY.format("finalize()"))
         if after_fit:
             self._ensure_post_fit(self._trainer, self._trainer.lightning_module)
         recorder = self._recorder
@@ -405,6 +445,8 @@ class CurvatureCapture(Callback):
         """
         if self._trainer is None:
             raise RuntimeError("CurvatureCapture.save() needs a fit first")
+        if self._sharded:
+            raise NotImplementedError(SHARDED_IN_MEMORY.format("save()"))
         collected = self._collect(self._trainer, None, resume=False)
         statistics, kinds = collected.statistics, collected.kinds
         if names is not None:
@@ -441,10 +483,22 @@ class CurvatureCapture(Callback):
         self._sidecars.flush()
 
     # -- sidecar I/O (called by SidecarCheckpointIO) -----------------------------------------------------------------
-    def after_save(self, checkpoint: dict, path: str) -> None:
-        """Write the sidecar (and adapter folder) of the checkpoint just saved at ``path``."""
+    def after_save(self, checkpoint: dict, path: str, collective: bool = False) -> None:
+        """Write the sidecar (and adapter folder) of the checkpoint just saved at ``path``; a sharded module's is
+        gathered by every rank (``collective``, called by the strategy's wrapped ``save_checkpoint``)."""
+        if collective != self._sharded:
+            return
         state = checkpoint.get("callbacks", {}).get(self.state_key, {})
         token = state.get("token")
+        if self._sharded:
+            trainer = self._trainer
+            assert trainer is not None
+            collected = self._collect(trainer, None, resume=True, copy=False)
+            write_statistics_gathered(checkpoint_sidecar(path) if trainer.is_global_zero else None,
+                                      collected.statistics, collected.kinds, compression=self.compression,
+                                      resume=collected.resume, share=trainer.strategy.broadcast,
+                                      metadata=self._recorder.metadata(trainer.global_step, token))
+            return
         collected = self._pending.pop(token, None) if token else None
         if collected is None:  # a weights-only save: no callback state, take the statistics now
             assert self._trainer is not None

@@ -89,13 +89,24 @@ class BatchFisher:
         return (world_size * accumulate) ** 2 * (contributions / sequences) / variance, sequences, tokens
 
     @torch.no_grad()
-    def step(self, named: list[tuple[str, Tensor]], weight: float, sequences: float, tokens: float) -> bool:
+    def step(self, named: list[tuple[str, Tensor]], weight: float, sequences: float, tokens: float,
+             agree: Callable[[bool], bool] | None = None) -> bool:
         """Record one optimizer step's gradients. Returns False (and counts it as skipped) when a gradient is not
-        finite (AMP skips those updates too)."""
+        finite (AMP skips those updates too).
+
+        Args:
+            named: ``(name, gradient)`` pairs (under FSDP2, this rank's shards: the accumulators are shards too).
+            weight: the step weight wₜ (:meth:`step_weight`).
+            sequences: the step's sequences over every rank.
+            tokens: the step's predicted units over every rank.
+            agree: combines this rank's "all finite" with every rank's (sharded gradients: a shard elsewhere may be
+                the non-finite one, and every rank must skip the same steps).
+        """
         if not named:
             return False
         norms = torch._foreach_norm([g for _, g in named])
-        if not bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+        finite = bool(torch.stack([n.float() for n in norms]).isfinite().all())
+        if not (agree(finite) if agree is not None else finite):
             self.skipped += 1
             return False
         groups: dict[int, list[tuple[Tensor, Tensor]]] = {}

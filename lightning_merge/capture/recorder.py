@@ -18,6 +18,7 @@ from lightning_merge.capture.fisher_accumulator import BatchFisher
 from lightning_merge.capture.post_fit import MissingLoader, post_fit_fisher, post_fit_grams
 from lightning_merge.capture.records import Collected, FisherPass, GramTotals
 from lightning_merge.capture.second_moments import cpu_float, read_second_moments
+from lightning_merge.capture.sharded import like, shard_like
 from lightning_merge.formats.sidecar import GRAM, RESUME_PREFIX, Statistics, StatisticsError, find_sidecar
 
 STATE_VERSION = 2
@@ -70,7 +71,7 @@ class Recorder:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any], resume_path: str | None,
-                        module_names: set[str] | None) -> None:
+                        module_names: set[str] | None, shard_as: Mapping[str, Tensor] | None = None) -> None:
         """Restore the state of a checkpoint, and the float32 accumulators from its sidecar.
 
         Args:
@@ -78,6 +79,8 @@ class Recorder:
             resume_path: the checkpoint resumed from (its sidecar holds the accumulators).
             module_names: the parameter names of the module now (None: unknown); statistics for parameters it no
                 longer has are refused.
+            shard_as: ``{name: parameter}`` of a sharded module (``DTensor`` parameters: FSDP2): each accumulator
+                read back keeps this rank's part, split as its parameter is (one tensor at a time); None: whole.
 
         Raises:
             StatisticsError: the state is from a newer lightning-merge, or names parameters the module lacks.
@@ -105,7 +108,7 @@ class Recorder:
         if fisher or gram:  # one read of the checkpoint's sidecar for every accumulator it holds
             stats, problem = _resume_sidecar(resume_path, state_dict.get("token"))
             if fisher:
-                self._restore_batch_fisher(stats, problem, resume_path)
+                self._restore_batch_fisher(stats, problem, resume_path, shard_as)
             if gram:
                 self._restore_grams(stats, problem, resume_path)
 
@@ -124,13 +127,14 @@ class Recorder:
             sums, rows = {}, {}
         self.gram_restored = GramTotals(sums, rows)
 
-    def _restore_batch_fisher(self, stats: Statistics | None, problem: str | None, resume_path: str | None) -> None:
+    def _restore_batch_fisher(self, stats: Statistics | None, problem: str | None, resume_path: str | None,
+                              shard_as: Mapping[str, Tensor] | None = None) -> None:
         """The batch Fisher's float32 accumulators of the checkpoint resumed from; without them it restarts, with a
         warning and ``restarted_at`` in the metadata."""
         if stats is not None:
             meta = stats.kinds.get("fisher.batch", {})
             legacy = float(meta.get("batch_size", 1.0)) if "scale" not in meta else 1.0  # version-1 sidecars
-            values, problem = _accumulators(stats, "fisher.batch", self.batch_fisher.counts)
+            values, problem = _accumulators(stats, "fisher.batch", self.batch_fisher.counts, shard_as)
             if problem is None:
                 for name, value in values.items():
                     self.batch_fisher.acc[name] = value * legacy if legacy != 1.0 else value
@@ -206,8 +210,9 @@ class Recorder:
     # -- what to store ------------------------------------------------------------------------------------------------
     def collect(self, optimizers: Sequence[Any], names_by_id: Mapping[int, str], run: Mapping[str, Any], *,
                 optimizer_states: list[dict] | None = None, index_names: Sequence[str] | None = None,
-                resume: bool = False, copy: bool = True) -> Collected:
-        """A CPU float32 copy of everything to store.
+                resume: bool = False, copy: bool = True, shard_as: Mapping[str, Tensor] | None = None) -> Collected:
+        """A CPU float32 copy of everything to store (a sharded module's: ``DTensor`` shards, on their devices, that
+        :func:`~lightning_merge.capture.sharded.write_statistics_gathered` gathers one at a time).
 
         Args:
             optimizers: the optimizers (their second moments).
@@ -219,6 +224,8 @@ class Recorder:
             resume: also keep float32 accumulators of the statistics stored lossy (checkpoint sidecars).
             copy: copy the tensors (False: views of the live ones where possible, for a write that the next
                 optimizer step waits for).
+            shard_as: ``{name: parameter}`` of a sharded module: the batch Fisher's accumulators (this rank's
+                shards) are returned as ``DTensor`` shards laid out as their parameters; None: not sharded.
         """
         config, out = self.config, Collected()
         if config.second_moments:
@@ -229,7 +236,8 @@ class Recorder:
             if moments:
                 out.statistics["exp_avg_sq"], out.kinds["exp_avg_sq"] = moments, meta
         if config.fisher and self.batch_fisher.acc:
-            values = {n: cpu_float(t, copy) for n, t in self.batch_fisher.acc.items()}
+            values = {n: like(t, shard_as[n]) if shard_as is not None else cpu_float(t, copy)
+                      for n, t in self.batch_fisher.acc.items()}
             out.statistics["fisher.batch"] = values
             out.kinds["fisher.batch"] = {
                 **self.batch_fisher.metadata(),
@@ -317,9 +325,11 @@ def _resume_sidecar(resume_path: str | None, token: str | None) -> tuple[Statist
     return stats, None
 
 
-def _accumulators(stats: Statistics, kind: str, names: Iterable[str]) -> tuple[dict[str, Tensor], str | None]:
+def _accumulators(stats: Statistics, kind: str, names: Iterable[str], shard_as: Mapping[str, Tensor] | None = None,
+                  ) -> tuple[dict[str, Tensor], str | None]:
     """The float32 accumulators of ``kind`` for ``names`` (the ``resume/`` copy when the statistic itself was stored
-    lossy), or the name of the first one missing."""
+    lossy), or the name of the first one missing; with ``shard_as``, each one as its parameter is sharded (this
+    rank's part, taken one tensor at a time)."""
     keys = set(stats.keys())
     out = {}
     for name in names:
@@ -327,6 +337,8 @@ def _accumulators(stats: Statistics, kind: str, names: Iterable[str]) -> tuple[d
         if key is None:
             return out, f"its sidecar '{stats.origin}' has no float32 accumulator for '{name}'"
         out[name] = stats._tensors[key].to(torch.float32).clone()
+        if shard_as is not None:
+            out[name] = shard_like(out[name], shard_as[name]).clone()
     return out, None
 
 

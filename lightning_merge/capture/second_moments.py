@@ -17,7 +17,10 @@ from torch import Tensor
 
 
 def cpu_float(tensor: Tensor, copy: bool) -> Tensor:
-    """A float32 CPU view of ``tensor`` (a copy when asked, or when it lives elsewhere or in another dtype)."""
+    """A float32 CPU view of ``tensor`` (a copy when asked, or when it lives elsewhere or in another dtype); a sharded
+    tensor (``DTensor``) stays on its device, gathered when written (:mod:`lightning_merge.capture.sharded`)."""
+    if hasattr(tensor, "full_tensor"):
+        return tensor.detach().to(dtype=torch.float32, copy=copy)
     return tensor.detach().to("cpu", torch.float32, copy=copy)
 
 

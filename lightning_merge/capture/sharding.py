@@ -12,6 +12,7 @@ a class name). What each answer means for the statistics:
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Literal
 
@@ -19,8 +20,10 @@ import torch
 from torch import nn
 
 Sharding = Literal["fsdp1", "fsdp2", "dtensor"]
+DTENSOR_SHARDINGS: tuple[Sharding, ...] = ("fsdp2", "dtensor")  # parameters, gradients, Adam's state: DTensor shards
 
 
+@functools.cache
 def _fsdp_types() -> tuple[type | None, type | None, type | None]:
     """``(FullyShardedDataParallel, FSDPModule, DTensor)`` of this torch (None where it has no such type)."""
     if not torch.distributed.is_available():
@@ -76,4 +79,16 @@ def sharding(module: nn.Module, strategy: Any = None) -> Sharding | None:
     return None
 
 
-__all__ = ["Sharding", "sharding"]
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a shard of a tensor distributed over ranks: FSDP2, tensor parallelism)."""
+    dtensor = _fsdp_types()[2]
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def holds_dtensors(module: nn.Module, strategy: Any = None) -> bool:
+    """Whether ``module``'s parameters are ``DTensor`` shards (:func:`sharding` is ``"fsdp2"`` or ``"dtensor"``): the
+    capture then works on the shards (:mod:`lightning_merge.capture.sharded`)."""
+    return sharding(module, strategy) in DTENSOR_SHARDINGS
+
+
+__all__ = ["DTENSOR_SHARDINGS", "Sharding", "holds_dtensors", "is_dtensor", "sharding"]

@@ -46,12 +46,13 @@ COMPRESSIONS = ("float32", "bfloat16", "rank1")
 GRAM = "gram"  # the one statistic kind that is not of its tensor's shape (see the module docstring)
 GRAM_FORMS = ("full", "diagonal", "lowrank")
 _PART_SUFFIXES = (":row", ":col", ":diag", ":factor")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # X.<suffix> pairs with X.statistics.safetensors
 RESUME_PREFIX = "resume/"  # float32 accumulators kept for exact resume when the statistics are compressed
 
 
 def sidecar_name(filename: str) -> str:
     """The sidecar file name of a weights file (``last.ckpt`` -> ``last.statistics.safetensors``)."""
-    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+    for suffix in WEIGHT_SUFFIXES:
         if filename.endswith(suffix):
             filename = filename[: -len(suffix)]
             break
@@ -83,12 +84,19 @@ def sidecar_path(source: str | os.PathLike) -> Path | str:
 
 def find_sidecar(source: str | os.PathLike) -> Path | str | None:
     """The sidecar of ``source`` if one exists; a symbolic link (``save_last="link"``) is followed to its target's
-    sidecar when it has none of its own. For a URL, the sidecar's URL when that object exists."""
+    sidecar when it has none of its own. For a URL, the sidecar's URL when that object exists. A checkpoint folder
+    named like a file (a distributed checkpoint ``X.ckpt/``) has its sidecar ``X.statistics.safetensors`` beside it,
+    as a file ``X.ckpt`` has (``statistics.safetensors`` inside it is found too)."""
     path = sidecar_path(source)
     if isinstance(path, str):
         return path if remote_exists(path) else None
     if path.exists():
         return path
+    folder = Path(source)
+    if folder.is_dir() and folder.name.endswith(WEIGHT_SUFFIXES):  # a distributed checkpoint X.ckpt/: beside it
+        beside = folder.with_name(sidecar_name(folder.name))
+        if beside.is_file():
+            return beside
     source = Path(source)
     if source.is_symlink():
         target = sidecar_path(source.resolve())
@@ -179,9 +187,40 @@ def write_statistics(
     Returns:
         The path written.
     """
+    kinds_meta, meta = statistics_header(str(path), statistics, kinds, compression, metadata)
+    tensors: dict[str, Tensor] = {}
+    for kind, per_name in statistics.items():
+        for name, value in per_name.items():
+            if kind == GRAM:
+                tensors.update(encode_gram(f"{kind}/{name}", value, kinds_meta[kind]["form"],
+                                           int(kinds_meta[kind].get("rank", 64))))
+            else:
+                tensors.update(encode(f"{kind}/{name}", value, compression))
+    for kind, per_name in (resume or {}).items():
+        for name, value in per_name.items():
+            stored = tensors.get(f"{kind}/{name}")
+            if stored is not None and stored.dtype == torch.float32 and stored.shape == value.shape:
+                continue  # already stored exactly
+            tensors[f"{RESUME_PREFIX}{kind}/{name}"] = value.detach().to("cpu", torch.float32).contiguous()
+    return save_tensors(path, tensors, meta, replace="own")  # a sidecar (its format marks it) replaces only a sidecar
+
+
+def statistics_header(
+    origin: str, statistics: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, Mapping[str, Any]],
+    compression: str, metadata: Mapping[str, str] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``(per-kind metadata, __metadata__ strings)`` of a sidecar holding ``statistics`` (see :func:`write_statistics`;
+    the values are not read, only the kinds and names).
+
+    Args:
+        origin: the sidecar's path, for error messages.
+        statistics: ``{kind: {parameter name: value}}``.
+        kinds: per-kind metadata; ``compression`` (and a Gram matrix's default ``form``) are added.
+        compression: the storage of the statistics.
+        metadata: extra ``__metadata__`` strings.
+    """
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
-    tensors: dict[str, Tensor] = {}
     names: set[str] = set()
     kinds_meta: dict[str, dict[str, Any]] = {}
     for kind, per_name in statistics.items():
@@ -189,20 +228,9 @@ def write_statistics(
             raise ValueError(f"invalid statistic kind {kind!r}")
         kinds_meta[kind] = {**dict(kinds.get(kind, {})), "compression": compression}
         if kind == GRAM:
-            form = kinds_meta[kind].setdefault("form", "full")
-            check_kind_metadata(str(path), kind, kinds_meta[kind])
-        for name, value in per_name.items():
-            if kind == GRAM:
-                tensors.update(encode_gram(f"{kind}/{name}", value, form, int(kinds_meta[kind].get("rank", 64))))
-            else:
-                tensors.update(encode(f"{kind}/{name}", value, compression))
-            names.add(name)
-    for kind, per_name in (resume or {}).items():
-        for name, value in per_name.items():
-            stored = tensors.get(f"{kind}/{name}")
-            if stored is not None and stored.dtype == torch.float32 and stored.shape == value.shape:
-                continue  # already stored exactly
-            tensors[f"{RESUME_PREFIX}{kind}/{name}"] = value.detach().to("cpu", torch.float32).contiguous()
+            kinds_meta[kind].setdefault("form", "full")
+            check_kind_metadata(origin, kind, kinds_meta[kind])
+        names.update(per_name)
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -211,7 +239,7 @@ def write_statistics(
         "kinds": json.dumps(kinds_meta, sort_keys=True),
         **dict(metadata or {}),
     }
-    return save_tensors(path, tensors, meta, replace="own")  # a sidecar (its format marks it) replaces only a sidecar
+    return kinds_meta, meta
 
 
 def export_second_moments(

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_merge.callbacks import CurvatureCapture
 from lightning_merge.capture.config import CaptureConfig
-from lightning_merge.capture.sharding import sharding
+from lightning_merge.capture.sharding import holds_dtensors, is_dtensor, sharding
 from lightning_merge.formats.adapter import adapter_path, rename_meta
 
 
@@ -112,6 +112,11 @@ def test_sharding_of_fsdp1_fsdp2_and_dtensor_modules(process_group):
     parallel = nn.Linear(4, 4)
     parallel.weight = nn.Parameter(distribute_tensor(parallel.weight.data, process_group, [Shard(0)]))
     assert sharding(parallel) == "dtensor"
+    # the capture works on DTensor shards for fsdp2 and dtensor, never for fsdp1 or an unsharded module
+    assert holds_dtensors(model) and holds_dtensors(parallel)
+    assert not holds_dtensors(wrapped) and not holds_dtensors(nn.Linear(4, 4))
+    assert is_dtensor(parallel.weight) and not is_dtensor(parallel.bias) and not is_dtensor(wrapped)
+    assert holds_dtensors(model, Sharded()) is False  # Lightning's FSDPStrategy: FSDP1 whatever the module
 
 
 def test_a_strategy_named_like_fsdp_is_not_refused_the_batch_fisher(tmp_path):
