@@ -111,15 +111,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="pass --threads to lightning-merge")
     args = parser.parse_args()
 
-    ours_cmd = [sys.executable, "-m", "lightning_merge.cli.main"]
+    ours_cmd = [sys.executable, "-m", "lightning_merge.cli.commands"]
     have_mergekit = Path(args.mergekit).exists()
     if not have_mergekit:
         print(f"mergekit not found at {args.mergekit}: measuring lightning-merge only")
-    startup = statistics.median(run_measured([sys.executable, "-c", "import lightning_merge.cli.main"])[0]
+    startup = statistics.median(run_measured([sys.executable, "-c", "import lightning_merge.cli.commands"])[0]
                                 for _ in range(max(3, args.runs)))
     torch_startup = statistics.median(run_measured([sys.executable, "-c", "import torch"])[0]
                                       for _ in range(max(3, args.runs)))
-    print(f"start-up: import torch {torch_startup:.2f}s, import lightning_merge.cli.main {startup:.2f}s")
+    print(f"start-up: import torch {torch_startup:.2f}s, import lightning_merge.cli.commands {startup:.2f}s")
 
     rows = []
     for family in args.families:
@@ -186,7 +186,7 @@ def main() -> None:
             f"{r['floor_s']:>9.1f}{r['ours_merge_s'] / r['floor_s']:>8.2f}"
         )
     print(f"(whole-process times include start-up: import torch {torch_startup:.2f}s, "
-          f"import lightning_merge.cli.main {startup:.2f}s)")
+          f"import lightning_merge.cli.commands {startup:.2f}s)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,6 @@ rank)."""
 
 import sys
 
-from lightning_merge.cli.main import main
+from lightning_merge.cli.commands import main
 
 sys.exit(main())

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_merge import ContinualState, Expert, merge
-from lightning_merge.cli.main import main as cli
+from lightning_merge.cli.commands import main as cli
 from lightning_merge.continual.state import ContinualError
 from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.formats.sidecar import write_statistics

@@ -103,7 +103,7 @@ def test_weight_averaging_checkpoints_average_the_raw_weights_on_request(tmp_pat
 
 
 def test_cli_average(tmp_path):
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer(tmp_path, [ckpt], max_epochs=3).fit(Tiny(lr=5e-2), loader())

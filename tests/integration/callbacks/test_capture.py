@@ -342,7 +342,7 @@ def test_arguments_are_validated():
 def test_export_second_moments_in_the_ota_convention(tmp_path):
     from safetensors.torch import load_file
 
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
     from lightning_merge.formats.sidecar import export_second_moments
 
     capture = CurvatureCapture()

@@ -156,7 +156,7 @@ def adapters(tmp_path):
 def test_the_command_line_writes_adapters_and_reads_mergekit_lora_references(adapters, tmp_path, capsys):
     import yaml
 
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
 
     base, folders = adapters
     recipe = {"strategy": {"name": "task_arithmetic", "weights": [0.5, 0.5]},

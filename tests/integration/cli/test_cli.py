@@ -11,7 +11,7 @@ from conftest import make_models
 from safetensors.torch import load_file, save_file
 
 from lightning_merge import Cabs, Dare, Linear, LiNeS, TaskArithmetic, Ties, merge
-from lightning_merge.cli.main import main
+from lightning_merge.cli.commands import main
 from lightning_merge.tools.recipe import RecipeError, load_recipe
 
 
@@ -198,7 +198,7 @@ def test_inspect_reports_counts(tmp_path, models, capsys):
 def test_cli_merge_path_imports_no_lightning(tmp_path, models):
     recipe = write(tmp_path, RECIPES["ties"][0])
     code = (
-        "import sys; from lightning_merge.cli.main import main; "
+        "import sys; from lightning_merge.cli.commands import main; "
         f"rc = main(['merge', {str(recipe)!r}, {str(tmp_path / 'o')!r}, '--no-progress']); "
         "heavy = [m for m in ('lightning', 'transformers', 'peft') if m in sys.modules]; "
         "print(rc, heavy)"
@@ -237,7 +237,7 @@ def test_recipe_with_a_curvature_strategy_reads_the_sidecars(tmp_path):
     from safetensors.torch import save_file
 
     from lightning_merge import Expert, Fisher, merge
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
     from lightning_merge.formats.sidecar import write_statistics
 
     g = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, one_line, recipe
 from conftest import family as _family
 
-from lightning_merge.cli.main import main as cli
+from lightning_merge.cli.commands import main as cli
 from lightning_merge.engine.distributed import join_launcher_group
 from lightning_merge.files.safetensors import load_tensors
 

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import ContinualState, Expert, Fisher, Linear, Ties, merge
 from lightning_merge.callbacks import CheckpointAveraging, ContinualMerge, MergeOnFitEnd
-from lightning_merge.cli.main import main
+from lightning_merge.cli.commands import main
 from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.tools.averaging import read_info
 
@@ -214,7 +214,7 @@ def test_piping_into_head_is_not_an_error(tmp_path):
     state = ContinualState.create(tmp_path / "state", base=base, strategy=Linear())
     for i in range(3):
         state.add(_expert(tmp_path, i + 1, f"e{i}.safetensors"))
-    script = (f"{sys.executable} -m lightning_merge.cli.main continual show {tmp_path / 'state'} --json | head -2")
+    script = (f"{sys.executable} -m lightning_merge.cli.commands continual show {tmp_path / 'state'} --json | head -2")
     done = subprocess.run(script, shell=True, capture_output=True, text=True)
     assert done.stdout.count("\n") == 2 and "Traceback" not in done.stderr and "Broken" not in done.stderr
 

@@ -46,7 +46,7 @@ def world(tmp_path_factory):
 
 
 def _cli(args: list[str]) -> None:
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
 
     expanded: list[str] = []
     for arg in args:

@@ -107,7 +107,7 @@ def test_outputs_a_distributed_merge_cannot_write_are_refused_before_anything_st
 
 @pytest.mark.slow
 def test_cli_nproc(family, tmp_path, capsys):
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
 
     root, base, experts = family
     recipe = tmp_path / "recipe.yaml"

@@ -20,7 +20,7 @@ from conftest import HELPERS, ROOT  # noqa: E402
 from safetensors.torch import load_file, save_file
 
 from lightning_merge import Expert, Linear, merge
-from lightning_merge.cli.main import main
+from lightning_merge.cli.commands import main
 from lightning_merge.errors import CheckpointError
 from lightning_merge.sources.distcp import DistributedCheckpoint, optimizer_second_moments
 

@@ -224,7 +224,7 @@ def test_checkpoint_averaging_reads_and_writes_a_bucket(s3, tmp_path):
     torch.testing.assert_close(saved["state_dict"]["net.0.weight"], expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(model.state_dict()["net.0.weight"], expected, rtol=1e-6, atol=1e-7)
 
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
 
     assert main(["average", *paths, "--out", f"{s3}/avg/cli.ckpt"]) == 0  # the command line takes URLs too
     by_cli = torch.load(fetch(f"{s3}/avg/cli.ckpt"), weights_only=True)
@@ -233,7 +233,7 @@ def test_checkpoint_averaging_reads_and_writes_a_bucket(s3, tmp_path):
 
 
 def test_cli_merges_a_recipe_of_urls_into_a_bucket(s3, tmp_path, capsys):
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
 
     base, experts = _world(tmp_path / "local")
     for p in [base, *experts]:

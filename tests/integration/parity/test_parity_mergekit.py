@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT
 
 from lightning_merge import Expert
-from lightning_merge.cli.main import main
+from lightning_merge.cli.commands import main
 from lightning_merge.tools.testing import llama_config, write_llama_family
 
 

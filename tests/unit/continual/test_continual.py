@@ -250,7 +250,7 @@ def test_two_processes_adding_at_once_lose_neither_expert(tmp_path):
 
 
 def test_cli_continual(tmp_path, capsys):
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
 
     base_path, paths = write_family(tmp_path, stats=False)
     s = str(tmp_path / "state")
@@ -688,7 +688,7 @@ def test_a_damaged_state_json_is_one_clear_error(tmp_path, edit, match):
 ], ids=["journal-strings", "entry-without-checksum", "count-string", "no-norms", "nan-norm", "count-off",
         "emptied"])
 def test_a_damaged_meta_json_is_one_clear_error(tmp_path, capsys, edit, match):
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
 
     state, base_path, paths = _state_with(tmp_path)
     meta_path = state.current / "meta.json"
@@ -719,7 +719,7 @@ def test_a_retry_after_an_add_killed_past_its_commit_completes_it(tmp_path, caps
     """Issue 27 #14 from the command line: the add committed, then its process stopped (simulated at the removal of
     the previous generation); `continual add` of the same expert exits 0 saying it completed the interrupted add,
     and the model is an uninterrupted run's; adding it once more is a duplicate."""
-    from lightning_merge.cli.main import main
+    from lightning_merge.cli.commands import main
     from lightning_merge.continual import state as continual
 
     state, base_path, paths = _state_with(tmp_path)

@@ -25,7 +25,7 @@ from lightning_merge import (
     WeightedMedian,
     merge,
 )
-from lightning_merge.cli.main import main as cli
+from lightning_merge.cli.commands import main as cli
 from lightning_merge.files.finite import DtypeRangeError, dtype_limit
 from lightning_merge.files.safetensors import SafetensorsError, save_tensors
 from lightning_merge.formats.lora import AdapterError

@@ -21,7 +21,7 @@ import torch
 from conftest import family
 
 from lightning_merge import OTA, ContinualState, Expert, Fisher, Linear, Statistics, Ties, merge
-from lightning_merge.cli.main import main as cli
+from lightning_merge.cli.commands import main as cli
 from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.formats.sidecar import write_statistics
 from lightning_merge.tools.averaging import average_checkpoints

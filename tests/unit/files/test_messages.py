@@ -29,7 +29,7 @@ from conftest import ROOT, one_line, recipe
 from conftest import family as _family
 
 from lightning_merge import ContinualState, Expert, Linear, Ties, merge
-from lightning_merge.cli.main import main as cli
+from lightning_merge.cli.commands import main as cli
 from lightning_merge.continual.state import ContinualError
 from lightning_merge.files.atomic import OutputError
 from lightning_merge.files.safetensors import load_tensors, save_tensors
@@ -376,7 +376,8 @@ def test_a_file_size_limit_is_one_line_naming_the_output(tmp_path, suffix):
     base, paths = family(tmp_path, shape=(256, 256))
     out = tmp_path / f"merged{suffix}"
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); from lightning_merge.cli.main import main; "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+            "from lightning_merge.cli.commands import main; "
             f"sys.exit(main(['merge', {str(recipe(tmp_path, paths))!r}, {str(out)!r}]))")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
@@ -476,7 +477,7 @@ def test_values_in_command_line_errors_are_cut_short(tmp_path, capsys):
     nest = f"&a [{nest}" + ",*b" * 9 + "]"  # 100,000: refused as a value no merge takes
     assert cli(["merge", str(recipe(tmp_path, paths)), str(tmp_path / "o"), "--set", f"weights={nest}"]) == 2
     assert "--set at weights expands to more than 100,000 values" in one_line(capsys)
-    from lightning_merge.cli.main import MAX_MESSAGE, _one_line
+    from lightning_merge.cli.commands import MAX_MESSAGE, _one_line
 
     text = _one_line(ValueError("x" * 50_000))
     assert len(text) < MAX_MESSAGE + 60 and text.endswith("(cut: 50,000 characters)")

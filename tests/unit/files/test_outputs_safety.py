@@ -22,7 +22,7 @@ import torch
 from conftest import ROOT, family
 
 from lightning_merge import Expert, Fisher, Linear, TaskArithmetic, merge, tall
-from lightning_merge.cli.main import main as cli
+from lightning_merge.cli.commands import main as cli
 from lightning_merge.files.ownership import (
     INCOMPLETE_NAME,
     PROVENANCE_NAME,
@@ -451,7 +451,7 @@ def test_credentials_in_urls_never_reach_names_provenance_errors_or_logs(s3, tmp
 
 
 def test_the_command_line_printer_redacts_any_message(capsys, monkeypatch):
-    import lightning_merge.cli.main as cli_module
+    import lightning_merge.cli.commands as cli_module
 
     def boom(args):
         raise RuntimeError("could not read https://b/x?X-Amz-Signature=SIG123&X-Amz-Credential=AKIA and "
@@ -464,7 +464,7 @@ def test_the_command_line_printer_redacts_any_message(capsys, monkeypatch):
 
 
 def test_a_url_cut_at_the_message_limit_still_hides_its_credentials(capsys, monkeypatch):
-    import lightning_merge.cli.main as cli_module
+    import lightning_merge.cli.commands as cli_module
 
     def boom(args):  # the limit falls inside the secret: redacting after the cut found no "@" and kept it
         raise ValueError("x" * (cli_module.MAX_MESSAGE - 20) + " s3://AKIAKEY:SUPERSECRET@bucket/run/e0.safetensors")

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 from capture_helpers import Tiny, loader, trainer  # noqa: E402
 
 from lightning_merge import OPCM, Expert, Fisher, Linear, Ties, WeightedMedian, merge, report  # noqa: E402
-from lightning_merge.cli.main import main  # noqa: E402
+from lightning_merge.cli.commands import main  # noqa: E402
 from lightning_merge.files.safetensors import save_tensors  # noqa: E402
 from lightning_merge.strategies import functional as F  # noqa: E402
 
