@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HELPERS as HERE  # noqa: E402  (the helper modules a spawned fit imports)
 
 from lightning_merge.capture.sharded import checkpoint_sidecar, sharded_refusal
 from lightning_merge.formats.sidecar import encode, find_sidecar
-
-HERE = Path(__file__).parent
 
 MODULE = textwrap.dedent(
     """
