@@ -76,7 +76,7 @@ def check_peft_request(strategy: Strategy, out: Any, rank: int | None, num_exper
     if rank is None and not strategy.linear:
         raise ValueError(
             f"strategy {strategy.name!r} is not linear in the experts (its merge is not Σ cᵢ·ΔWᵢ), so no exact "
-            "adapter exists: pass rank= for a truncated-SVD adapter"
+            "adapter exists: pass rank= (--rank K on the command line) for a truncated-SVD adapter"
         )
     if num_experts:
         form = strategy.linear_form(num_experts)

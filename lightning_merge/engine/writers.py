@@ -359,7 +359,8 @@ class PeftWriter(SharedOutput):
         """Module ``t``'s merged ΔW as factors: A = [A₁; …], B = [c₁s₁B₁, …] (ΔW = B A), from the linear form."""
         form = self._linear_form(t)
         if form is None:
-            raise ValueError(f"the strategy is not linear with coefficients summing to 1 at '{t}'; pass rank=")
+            raise ValueError(f"the strategy is not linear with coefficients summing to 1 at '{t}'; pass rank= "
+                             "(--rank K on the command line)")
         a_parts, b_parts = [], []
         for c, adapter in zip(form.experts, self.adapters):
             if t not in adapter.modules:

@@ -105,7 +105,7 @@ def test_linear_merge_as_concatenated_adapter_equals_the_full_weight_merge(famil
 def test_nonlinear_merges_need_a_rank_and_record_the_reconstruction_error(family, tmp_path):
     experts = [family / "a", family / "c"]
     for strategy in (Ties(density=0.5), TaskArithmetic(weighting="ota")):
-        with pytest.raises(ValueError, match="pass rank="):
+        with pytest.raises(ValueError, match=r"pass rank= \(--rank K on the command line\)"):
             merge(experts, base=family / "base", strategy=strategy, out=tmp_path / "x", output="peft")
     assert not (tmp_path / "x").exists()
     # LiNeS over task arithmetic is linear tensor by tensor: its exact adapter equals the full-weight merge
