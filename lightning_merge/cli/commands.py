@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lightning_merge.files.text import byte_size
+
 if TYPE_CHECKING:
     from lightning_merge.engine.outputs import DryRun
 
@@ -33,14 +35,6 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
 
         check_expansion(out, "--set")
     return out
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -131,7 +125,7 @@ def _print_plan(plan: DryRun, source: Any) -> None:
         print(f"  expert      {name}" + (f"  ({stats})" if stats else ""))
     print(f"  tensors     {t.merge} merged, {t.copy} copied, {t.non_floating} non-floating checked; "
           f"{plan.parameters:,} parameters")
-    size = f", {_human(plan.output_bytes)}" if plan.output_bytes is not None else ""
+    size = f", {byte_size(plan.output_bytes)}" if plan.output_bytes is not None else ""
     exists = " (exists: --overwrite replaces it)" if plan.output_exists else ""
     print(f"  output      {plan.output} ({plan.output_kind}{size}){exists}")
 
@@ -261,7 +255,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if info["kind"] == "model":
         print(f"  tensors     {info['tensors']}")
         print(f"  parameters  {info['parameters']:,}")
-        print(f"  size        {_human(info['bytes'])}")
+        print(f"  size        {byte_size(info['bytes'])}")
         print(f"  dtypes      {', '.join(f'{k} ({v})' for k, v in info['dtypes'].items())}")
         dcp = info.get("distributed_checkpoint")
         if dcp:
@@ -275,7 +269,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  LoRA        rank {info['rank']}, alpha {info['lora_alpha']}"
               f"{', rsLoRA' if info['use_rslora'] else ''}, {info['modules']} modules")
         print(f"  targets     {info['target_modules']}")
-        print(f"  parameters  {info['parameters']:,} ({_human(info['bytes'])})")
+        print(f"  parameters  {info['parameters']:,} ({byte_size(info['bytes'])})")
         found = "found" if info["base_found"] else "not a local path: pass --base / base="
         print(f"  base        {info['base_model_name_or_path']} ({found})")
     merged_by = info.get("merged_by")

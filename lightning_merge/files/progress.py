@@ -14,18 +14,16 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO, TypeVar
 
+from lightning_merge.files.text import byte_size
+
 T = TypeVar("T")
 
 #: seconds between two progress lines in a log (the first comes after a pass has run this long)
 LOG_EVERY = 10.0
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+#: the units of a log line (binary: a MiB is 1024 KiB)
+UNITS = ("B", "KiB", "MiB", "GiB")
 
 
 class Progress:
@@ -66,8 +64,8 @@ class Progress:
                 return
             self._last = now
             share = f" ({100 * self._done / self._total:.0f}%)" if self._total > 0 else ""
-            line = (f"lightning-merge: {self._desc}: {_size(self._done)} of {_size(self._total)}{share}, "
-                    f"{now - self._start:.0f} s")
+            done, total = byte_size(self._done, UNITS), byte_size(self._total, UNITS)
+            line = f"lightning-merge: {self._desc}: {done} of {total}{share}, {now - self._start:.0f} s"
             print(line, file=self._stream or sys.stderr, flush=True)
             self.lines += 1
 

@@ -20,4 +20,14 @@ def brief(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-__all__ = ["brief"]
+def byte_size(n: float, units: tuple[str, ...] = ("B", "KB", "MB", "GB", "TB")) -> str:
+    """``n`` bytes in the largest of ``units`` (each 1024 times the one before) under which it stays below 1024,
+    the last unit however large: ``"512 B"``, ``"1.5 KB"``."""
+    for unit in units:
+        if abs(n) < 1024 or unit == units[-1]:
+            return f"{int(n)} {unit}" if unit == units[0] else f"{n:.1f} {unit}"
+        n /= 1024
+    raise ValueError("byte_size needs at least one unit")
+
+
+__all__ = ["brief", "byte_size"]
