@@ -1,23 +1,26 @@
 """Nothing is lost at any crash point.
 
-A forked child runs a write (merge over an existing output, a new single-file merge, a checkpoint average, a continual
-add) and SIGKILLs itself just before the k-th call of every rename, exchange, delete, fsync and mkdir, for every k;
-other children are killed at random times. After each kill the output must be whole, the old one or the new one, never
-half-written or missing; then a retry must succeed and leave no temporary sibling behind (a continual add's retry
-succeeds at every kill point, the ones after its commit included, and gives the uninterrupted run's model). The counts
-of kill points tried and outputs lost are what the hardening note reports.
+A child process (forked from a clean forkserver, see tests/helpers/crash_child.py) runs a write (merge over an
+existing output, a new single-file merge, a checkpoint average, a continual add) and SIGKILLs itself just before the
+k-th call of every rename, exchange, delete, fsync and mkdir, for every k; other children are killed at random times.
+After each kill the output must be whole, the old one or the new one, never half-written or missing; then a retry
+must succeed and leave no temporary sibling behind (a continual add's retry succeeds at every kill point, the ones
+after its commit included, and gives the uninterrupted run's model). The counts of kill points tried and outputs
+lost are what the hardening note reports.
 """
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import crash_child
 import pytest
 import torch
 
@@ -29,61 +32,43 @@ from lightning_merge.tools.averaging import average_checkpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")]
 
-HOOKED = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "rmdir"), (os, "fsync"), (os, "mkdir"),
-          (os, "symlink"), (lio, "_exchange"), (lio, "_rename_noreplace")]
 TALLY = {"tried": 0, "lost": 0}
-CHILD_LIMIT = 120.0  # seconds one forked write may take
+CHILD_LIMIT = 120.0  # seconds one child write may take
 
 
-def _run_child(action: Callable[[], None], kill_at: int | None, delay: float | None = None) -> tuple[int, int]:
-    """Run ``action`` in a forked child, killed before its ``kill_at``-th hooked call (or after ``delay`` seconds).
-    Returns ``(exit status, calls made)``; the calls come back through a pipe."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(read)
-        # one intra-op thread, as DataLoader workers do: OpenMP's pool is not valid after a fork, and a child that
-        # enters a parallel region with the parent's stale pool can wait forever
-        torch.set_num_threads(1)
-        calls = [0]
+@pytest.fixture(scope="module")
+def forkserver():
+    """A multiprocessing forkserver with torch and lightning_merge imported: each write runs in a child forked from
+    it (see tests/helpers/crash_child.py for why not from this process)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "lightning_merge", "crash_child"])
+    return context
 
-        def hook(real):
-            def wrapped(*args, **kwargs):
-                calls[0] += 1
-                if kill_at is not None and calls[0] == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real(*args, **kwargs)
-            return wrapped
 
-        for module, name in HOOKED:
-            setattr(module, name, hook(getattr(module, name)))
-        try:
-            action()
-            os.write(write, str(calls[0]).encode())
-            os._exit(0)
-        except BaseException:  # noqa: BLE001
-            os._exit(3)
-    os.close(write)
+def _run_child(context, action: Callable[[], None], kill_at: int | None, delay: float | None = None,
+               no_exchange: bool = False) -> tuple[int, int]:
+    """Run ``action`` in a child, killed before its ``kill_at``-th hooked call (or after ``delay`` seconds).
+    Returns ``(exit code, calls made)``: the exit code as ``Process.exitcode`` gives it (0, 3 for an exception,
+    -9 for a kill); the calls come back through a pipe (-1 when the child did not finish)."""
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=crash_child.run, args=(action, kill_at, no_exchange, send), daemon=True)
+    child.start()
+    send.close()
     if delay is not None:
-        time.sleep(delay)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + CHILD_LIMIT
-    while True:  # never wait forever: a child stuck after the fork fails the test instead of stalling the suite
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read)
-            pytest.fail(f"a forked child (kill_at={kill_at}) did not finish within {CHILD_LIMIT} s")
-        time.sleep(0.005)
-    data = os.read(read, 64)
-    os.close(read)
-    return status, int(data) if data else -1
+        child.join(delay)
+        if child.exitcode is None:
+            child.kill()
+    child.join(CHILD_LIMIT)  # never wait forever: a stuck child fails the test instead of stalling the suite
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        pytest.fail(f"a child write (kill_at={kill_at}) did not finish within {CHILD_LIMIT} s")
+    try:
+        calls = receive.recv() if receive.poll() else -1
+    except EOFError:  # killed: its end of the pipe closed with nothing sent
+        calls = -1
+    receive.close()
+    return child.exitcode, calls
 
 
 def _family(root: Path, n: int = 3):
@@ -111,28 +96,29 @@ def _siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
 
 
-def _sweep(name: str, prepare: Callable[[], None], action: Callable[[], None], check: Callable[[], bool],
-           finish: Callable[[], None], random_kills: int = 6, retry: Callable[[bool], None] | None = None) -> None:
+def _sweep(context, name: str, prepare: Callable[[], None], action: Callable[[], None], check: Callable[[], bool],
+           finish: Callable[[], None], random_kills: int = 6, retry: Callable[[bool], None] | None = None,
+           no_exchange: bool = False) -> None:
     """Kill ``action`` before each hooked call in turn, and at random times; after each, ``check`` must hold, and
     after the retry ``finish`` checks the result. ``retry(completed)`` is told whether the child finished before its
     kill (a random-time kill can come too late)."""
     prepare()
-    status, total = _run_child(action, None)
+    status, total = _run_child(context, action, None, no_exchange=no_exchange)
     assert status == 0 and total > 0, f"{name}: the write did not succeed without a kill"
     start = time.perf_counter()
     prepare()
-    _run_child(action, None)
+    _run_child(context, action, None, no_exchange=no_exchange)
     duration = time.perf_counter() - start
     rng = random.Random(0)
     plans = [(k, None) for k in range(1, total + 1)] + [(None, rng.uniform(0, duration)) for _ in range(random_kills)]
     for kill_at, delay in plans:
         prepare()
-        status, _ = _run_child(action, kill_at, delay)
+        status, _ = _run_child(context, action, kill_at, delay, no_exchange=no_exchange)
         TALLY["tried"] += 1
         if not check():
             TALLY["lost"] += 1
             pytest.fail(f"{name}: output lost or half-written after a kill at call {kill_at} / delay {delay}")
-        completed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        completed = status == 0
         try:
             retry(completed) if retry is not None else action()  # the retry, in this process
         except Exception as err:  # noqa: BLE001
@@ -140,7 +126,7 @@ def _sweep(name: str, prepare: Callable[[], None], action: Callable[[], None], c
         finish()
 
 
-def test_merge_over_an_existing_output_survives_every_kill(tmp_path):
+def test_merge_over_an_existing_output_survives_every_kill(tmp_path, forkserver, no_exchange=False):
     base, paths = _family(tmp_path)
     out = tmp_path / "merged"
     old = merge(paths[:2], base, Linear())
@@ -152,8 +138,7 @@ def test_merge_over_an_existing_output_survives_every_kill(tmp_path):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         merge(paths[:2], base, Linear(), out=out)
 
-    def action():
-        merge(paths, base, TaskArithmetic(scale=0.5), out=out, overwrite=True)
+    action = functools.partial(merge, paths, base, TaskArithmetic(scale=0.5), out=out, overwrite=True)
 
     def check():  # after a kill: the old output or the new one, whole (the next writer restores a moved-aside one)
         lio.cleanup_stale(out)
@@ -162,15 +147,15 @@ def test_merge_over_an_existing_output_survives_every_kill(tmp_path):
     def finish():
         assert _same(_read(out), new) and _siblings(out) == []
 
-    _sweep("merge --overwrite", prepare, action, check, finish)
+    _sweep(forkserver, "merge --overwrite", prepare, action, check, finish, no_exchange=no_exchange)
 
 
-def test_the_fallback_without_an_atomic_exchange_survives_every_kill(tmp_path, monkeypatch):
-    monkeypatch.setattr(lio, "_exchange", lambda a, b: False)  # filesystems without renameat2
-    test_merge_over_an_existing_output_survives_every_kill(tmp_path)
+def test_the_fallback_without_an_atomic_exchange_survives_every_kill(tmp_path, forkserver, monkeypatch):
+    monkeypatch.setattr(lio, "_exchange", lambda a, b: False)  # filesystems without renameat2 (the retries here)
+    test_merge_over_an_existing_output_survives_every_kill(tmp_path, forkserver, no_exchange=True)  # and children
 
 
-def test_a_new_single_file_merge_survives_every_kill(tmp_path):
+def test_a_new_single_file_merge_survives_every_kill(tmp_path, forkserver):
     base, paths = _family(tmp_path)
     out = tmp_path / "merged.safetensors"
     new = merge(paths, base, Linear())
@@ -180,8 +165,7 @@ def test_a_new_single_file_merge_survives_every_kill(tmp_path):
             if p.name.startswith((".merged", "merged")):
                 p.unlink()
 
-    def action():
-        merge(paths, base, Linear(), out=out, overwrite=True)
+    action = functools.partial(merge, paths, base, Linear(), out=out, overwrite=True)
 
     def check():
         return not out.exists() or _same(_read(out), new)
@@ -189,10 +173,10 @@ def test_a_new_single_file_merge_survives_every_kill(tmp_path):
     def finish():
         assert _same(_read(out), new) and _siblings(out) == []
 
-    _sweep("merge to a file", prepare, action, check, finish)
+    _sweep(forkserver, "merge to a file", prepare, action, check, finish)
 
 
-def test_a_new_output_without_overwrite_survives_every_kill(tmp_path):
+def test_a_new_output_without_overwrite_survives_every_kill(tmp_path, forkserver):
     """The no-overwrite commit (renameat2 RENAME_NOREPLACE) leaves nothing, or the whole new output."""
     base, paths = _family(tmp_path)
     out = tmp_path / "merged"
@@ -203,8 +187,7 @@ def test_a_new_output_without_overwrite_survives_every_kill(tmp_path):
             if p.name.startswith((".merged", "merged")):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-    def action():
-        merge(paths, base, Linear(), out=out)
+    action = functools.partial(merge, paths, base, Linear(), out=out)
 
     def check():
         lio.cleanup_stale(out)
@@ -217,10 +200,10 @@ def test_a_new_output_without_overwrite_survives_every_kill(tmp_path):
     def finish():
         assert _same(_read(out), new) and _siblings(out) == []
 
-    _sweep("merge to a new folder", prepare, action, check, finish, retry=retry)
+    _sweep(forkserver, "merge to a new folder", prepare, action, check, finish, retry=retry)
 
 
-def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path):
+def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path, forkserver):
     ckpts = []
     for i in range(3):
         path = tmp_path / f"c{i}.ckpt"
@@ -235,8 +218,7 @@ def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path):
         # an earlier average (its lightning_merge key marks it): --overwrite replaces only the tool's own outputs
         torch.save({"state_dict": {"w": torch.zeros(32, 32)}, "global_step": 0, "lightning_merge": {}}, out)
 
-    def action():
-        average_checkpoints(ckpts, out, overwrite=True)
+    action = functools.partial(average_checkpoints, ckpts, out, overwrite=True)
 
     def check():
         w = torch.load(out, weights_only=True)["state_dict"]["w"]
@@ -246,10 +228,10 @@ def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path):
         assert torch.equal(torch.load(out, weights_only=True)["state_dict"]["w"], torch.ones(32, 32))
         assert _siblings(out) == []
 
-    _sweep("average", prepare, action, check, finish)
+    _sweep(forkserver, "average", prepare, action, check, finish)
 
 
-def test_a_continual_add_survives_every_kill(tmp_path):
+def test_a_continual_add_survives_every_kill(tmp_path, forkserver):
     """At every kill point the state is the old one or the new one, whole; a retry of the same add then succeeds
     (after a kill past the commit it completes the interrupted add, saying so, and folds nothing in twice) and the
     state is the uninterrupted run's, to the bit."""
@@ -263,8 +245,7 @@ def test_a_continual_add_survives_every_kill(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
         ContinualState.create(folder, base=base, strategy=TaskArithmetic()).add(paths[0])
 
-    def action():
-        ContinualState(folder).add(paths[1])
+    action = functools.partial(crash_child.continual_add, folder, paths[1])
 
     prepare()
     action()
@@ -298,7 +279,7 @@ def test_a_continual_add_survives_every_kill(tmp_path):
         assert not [p for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock"]
         assert not (folder / "ADDING").exists()
 
-    _sweep("continual add", prepare, action, check, finish, retry=retry)
+    _sweep(forkserver, "continual add", prepare, action, check, finish, retry=retry)
     print(f"\ncontinual add: retried after {outcomes['added']} kills before the commit, completed "
           f"{outcomes['completed']} interrupted adds, refused {outcomes['duplicate']} repeats of a finished add")
     assert outcomes["completed"] >= 3  # the kills between the commit and the end of the add
