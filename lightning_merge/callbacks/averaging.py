@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_merge.callbacks._checks import capture_of, captures_kind, selection
 from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.callbacks._trained import load_weights
 from lightning_merge.files.remote import basename, glob, is_url, join
 from lightning_merge.tools.averaging import (
     WEIGHTINGS,
@@ -153,10 +154,15 @@ class CheckpointAveraging(Callback):
         what :class:`~lightning_merge.callbacks.MergeOnFitEnd` merges as the trained model."""
         from lightning_merge.sources.expert import Expert
 
+        averaged = Expert(self.averaged_file(trainer))
+        return {n: averaged.tensor(n) for n in averaged.names()}
+
+    def averaged_file(self, trainer: pl.Trainer) -> str:
+        """The file of this fit's average (computed now if it has not been; every rank must call it)."""
         if self._averaged_at != trainer.global_step or self.averaged_path is None:
             self._average(trainer, load=False)
-        averaged = Expert(self.averaged_path)
-        return {n: averaged.tensor(n) for n in averaged.names()}
+        assert self.averaged_path is not None
+        return self.averaged_path
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's on_train_end (ModelCheckpoint's last save included); every rank reads the file.
@@ -166,8 +172,7 @@ class CheckpointAveraging(Callback):
         if self.load_averaged and self.averaged_path is not None:
             from lightning_merge.sources.expert import Expert
 
-            averaged = Expert(self.averaged_path)
-            pl_module.load_state_dict({n: averaged.tensor(n) for n in averaged.names()}, strict=True)
+            load_weights(pl_module, Expert(self.averaged_path), "CheckpointAveraging")  # sharded: each its shard
             if self.update_bn_loader is not None:
                 self._update_bn(trainer, pl_module)
 

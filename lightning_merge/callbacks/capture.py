@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
+from lightning_merge.callbacks._trained import save_weights
 from lightning_merge.capture.config import CaptureConfig
 from lightning_merge.capture.fisher import batch_counts
 from lightning_merge.capture.fisher_accumulator import BatchCounts
@@ -350,7 +351,7 @@ class CurvatureCapture(Callback):
                 rank_zero_info(f"CurvatureCapture: wrote the adapter {folder} with its statistics")
                 return
             weights = join(root, "final.safetensors") if is_url(root) else directory / "final.safetensors"
-            _save_weights(state, weights)
+            save_weights(state, weights)
             write_statistics(sidecar_path(weights), collected.statistics, collected.kinds,
                              compression=self.compression, metadata=self._recorder.metadata(trainer.global_step))
             rank_zero_info(f"CurvatureCapture: wrote {weights} and its statistics")
@@ -442,17 +443,26 @@ class CurvatureCapture(Callback):
         Args:
             path: the file to write (``X.statistics.safetensors`` pairs with ``X.ckpt`` / ``X.safetensors``).
             names: optional renaming ``{module parameter name: stored name}``; parameters not in it are left out.
+
+        On a sharded (FSDP2) module every rank must call it: the statistics are gathered tensor by tensor and rank 0
+        writes the file (the same file one process writes).
         """
         if self._trainer is None:
             raise RuntimeError("CurvatureCapture.save() needs a fit first")
-        if self._sharded:
-            raise NotImplementedError(SHARDED_IN_MEMORY.format("save()"))
+        if self._sharded and self._grams is not None:
+            self._total_grams(self._trainer)  # every rank: the Gram sums are reduced over ranks
         collected = self._collect(self._trainer, None, resume=False)
         statistics, kinds = collected.statistics, collected.kinds
         if names is not None:
             statistics = {k: {names[n]: t for n, t in per.items() if n in names} for k, per in statistics.items()}
             kinds = {k: rename_meta(meta, names) for k, meta in kinds.items()}
         metadata = self._recorder.metadata(self._trainer.global_step)
+        if self._sharded:  # every rank gathers, rank 0 writes
+            trainer = self._trainer
+            write_statistics_gathered(path if trainer.is_global_zero else None, statistics, kinds,
+                                      compression=self.compression, metadata=metadata,
+                                      share=trainer.strategy.broadcast)
+            return Path(path)
         return write_statistics(path, statistics, kinds, compression=self.compression, metadata=metadata)
 
     def save_adapter_statistics(
@@ -533,17 +543,6 @@ def _setting(name: str) -> property:
 
 for _field in dataclasses.fields(CaptureConfig):  # capture.fisher, capture.gram, ...: the settings, read from config
     setattr(CurvatureCapture, _field.name, _setting(_field.name))
-
-
-def _save_weights(state: Mapping[str, Tensor] | None, path: Path | str, what: str = "weights") -> None:
-    """Save a state dict as safetensors atomically (tensors sharing storage, tied weights, become copies), marked as
-    an output of lightning-merge: it replaces only an earlier one (see :mod:`lightning_merge.files.ownership`)."""
-    from lightning_merge.files.ownership import marked
-    from lightning_merge.files.safetensors import save_tensors
-
-    assert state is not None
-    save_tensors(path, {key: value.detach().to("cpu") for key, value in state.items()},
-                 marked({"format": "pt"}, {"library": "lightning-merge", "output": what}), replace="own")
 
 
 __all__ = ["CurvatureCapture"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.callbacks._trained import holds_shards, load_weights, module_state, write_weights
 from lightning_merge.strategies.base import Strategy
 
 
@@ -75,8 +77,6 @@ class ContinualMerge(Callback):
                 raise ValueError(f"ContinualMerge: {err}") from None
 
     def _run_name(self, trainer: pl.Trainer) -> str:
-        from pathlib import Path
-
         return self.name or Path(trainer.default_root_dir).name
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -135,13 +135,45 @@ class ContinualMerge(Callback):
         from lightning_merge.continual.state import ContinualState
         from lightning_merge.sources.expert import Expert
 
-        captures = [c for c in trainer.callbacks if isinstance(c, CurvatureCapture)]
-        statistics = captures[0].finalize(after_fit=True) if captures else None  # every rank
-        weights = trainer.strategy.lightning_module_state_dict()
+        capture = next((c for c in trainer.callbacks if isinstance(c, CurvatureCapture)), None)
+        weights = module_state(trainer, pl_module)  # every rank
+        run_name = self.name or Path(trainer.default_root_dir).name
+        written: list[str] = []  # this fold's own files, removed once it is done
+        if holds_shards(weights):
+            # A sharded (FSDP2) module: the run and its statistics are gathered tensor by tensor into files that
+            # rank 0 folds in lazily; no rank holds the whole model.
+            from lightning_merge.files.remote import join
+
+            path = join(trainer.default_root_dir, "continual_trained.safetensors")
+            write_weights(trainer, weights, path, "ContinualMerge trained weights")
+            written.append(path)
+            statistics: Any = None
+            if capture is not None:
+                from lightning_merge.formats.sidecar import sidecar_path
+
+                statistics = str(sidecar_path(path))
+                capture.save(statistics)
+                written.append(statistics)
+
+            def expert() -> Expert:
+                return Expert(path, statistics=statistics, name=run_name)
+        else:
+            statistics = capture.finalize(after_fit=True) if capture is not None else None  # every rank
+
+            def expert() -> Expert:
+                return Expert({k: v.detach().cpu() for k, v in weights.items()}, statistics=statistics,
+                              name=run_name)
 
         def fold() -> None:
-            from pathlib import Path
+            try:
+                _fold()
+            finally:
+                from lightning_merge.files.outputs import remove_output
 
+                for file in written:
+                    remove_output(file)
+
+        def _fold() -> None:
             from lightning_merge.files.remote import exists, join
 
             if exists(join(str(self.state), "state.json")):
@@ -153,12 +185,7 @@ class ContinualMerge(Callback):
                     )
                 state = ContinualState.create(self.state, base=self.base, strategy=self.strategy, exist_ok=True,
                                               on_missing=self.on_missing or "error")
-            expert = Expert(
-                {k: v.detach().cpu() for k, v in weights.items()},
-                statistics=statistics,
-                name=self.name or Path(trainer.default_root_dir).name,
-            )
-            self.entry = state.add(expert, allow_duplicate=self.allow_duplicate)
+            self.entry = state.add(expert(), allow_duplicate=self.allow_duplicate)
             rank_zero_info(f"ContinualMerge: folded this run into {self.state} as expert {self.entry['order']}")
             if trainer.loggers:
                 from lightning_merge.callbacks._logging import bars, log_to_loggers
@@ -176,7 +203,7 @@ class ContinualMerge(Callback):
         if self.load_merged:
             from lightning_merge.continual.state import ContinualState
 
-            ContinualState(self.state).load_into(pl_module)
+            load_weights(pl_module, ContinualState(self.state).current_expert(), "ContinualMerge")  # sharded: shards
 
 
 __all__ = ["ContinualMerge"]

@@ -13,10 +13,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selected, selection
+from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selection
 from lightning_merge.callbacks._distributed import on_rank_zero
+from lightning_merge.callbacks._trained import holds_shards, load_weights, module_state, write_weights
 from lightning_merge.engine.options import ON_MISSING_STATISTIC
-from lightning_merge.files.outputs import check_not_an_input
+from lightning_merge.files.outputs import check_not_an_input, remove_output
 from lightning_merge.files.remote import exists as remote_exists
 from lightning_merge.files.remote import is_url, join, redact
 from lightning_merge.strategies.base import Strategy
@@ -48,6 +49,11 @@ class MergeOnFitEnd(Callback):
     Under DDP rank 0 merges and writes while the other ranks wait; every rank then loads the written file, so all
     end with the same weights; a failure on rank 0 is raised on every rank.
 
+    On a sharded module (FSDP2, ``fully_shard`` in ``configure_model`` under ``ModelParallelStrategy``) the trained
+    weights and statistics are gathered tensor by tensor into ``<dirpath>/merge_trained.safetensors`` (removed after
+    the merge), rank 0 merges from files, and every rank loads its shard of the result: no rank holds the whole
+    model (see docs/capture.md, "The fit-end callbacks on FSDP2").
+
     What can be checked is checked in ``setup``, before the first training step: the experts' tensor names and shapes
     against the module, their statistics, and that a ``CurvatureCapture`` in the Trainer records the statistics the
     strategy needs for the model being trained.
@@ -61,7 +67,7 @@ class MergeOnFitEnd(Callback):
         base: path of the base model; None snapshots the module's weights when a fresh fit starts (restored
             from the checkpoint on resume). Needed by strategies that use task vectors.
         snapshot: where the fit-start snapshot lives: ``"disk"`` (a safetensors file in ``dirpath``; keeps memory
-            bounded for large models) or ``"memory"``.
+            bounded for large models) or ``"memory"`` (refused on a sharded module).
         out: the merged model's file: ``.safetensors`` or ``.ckpt`` (a Lightning checkpoint with the merged
             ``state_dict``, loadable with ``trainer.fit(ckpt_path=...)`` weights-only); default
             ``<dirpath>/merged.safetensors``.
@@ -159,40 +165,65 @@ class MergeOnFitEnd(Callback):
                 "MergeOnFitEnd: resuming a fit whose base snapshot is gone (or was kept in memory); pass base= the "
                 "weights the first fit started from"
             )
-        state = trainer.strategy.lightning_module_state_dict()  # all ranks (FSDP gathers)
+        state = module_state(trainer, pl_module)  # every rank (a sharded module: its DTensor shards)
         if self.snapshot == "memory":
+            if holds_shards(state):
+                raise ValueError(
+                    "MergeOnFitEnd(snapshot='memory') would hold the whole model on every rank, and this module is "
+                    "sharded (FSDP2): use snapshot='disk' (written gathered tensor by tensor) or pass base="
+                )
             self._snapshot_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             return
         path = join(self._dir(trainer), "merge_base_snapshot.safetensors")
-        from lightning_merge.callbacks.capture import _save_weights
-
-        on_rank_zero(trainer, lambda: _save_weights(state, path, "MergeOnFitEnd base snapshot"),
-                     "MergeOnFitEnd: writing the base snapshot")
+        write_weights(trainer, state, path, "MergeOnFitEnd base snapshot")
         self._snapshot_path = str(path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_merge.callbacks.averaging import CheckpointAveraging
         from lightning_merge.callbacks.capture import CurvatureCapture
+        from lightning_merge.formats.sidecar import sidecar_path
+        from lightning_merge.sources.expert import Expert
 
-        captures = [c for c in trainer.callbacks if isinstance(c, CurvatureCapture)]
-        statistics = captures[0].finalize(after_fit=True) if captures else None  # every rank (post-fit Fisher)
-        state = trainer.strategy.lightning_module_state_dict()
+        capture = next((c for c in trainer.callbacks if isinstance(c, CurvatureCapture)), None)
         averaging = next((c for c in trainer.callbacks if isinstance(c, CheckpointAveraging)), None)
-        if averaging is not None:  # the average is the trained model: compute it now if its hook has not run yet
-            state = averaging.average(trainer)
         out: Any = self.out or join(self._dir(trainer), "merged.safetensors")
         out = out if is_url(out) else Path(out)
         check_not_an_input(out, [*self.experts, *([self.base] if isinstance(self.base, (str, os.PathLike)) else []),
                                  *([self._snapshot_path] if self._snapshot_path else [])])
+        state = module_state(trainer, pl_module)  # every rank
+        written: list[str] = []  # files of this merge's own, removed once it is written
+        if holds_shards(state):
+            # The trained model (or its average) and its statistics as files, gathered tensor by tensor: rank 0
+            # reads them lazily while it merges, and no rank holds the whole model.
+            trained_path = join(self._dir(trainer), "merge_trained.safetensors")
+            if averaging is not None:
+                source = averaging.averaged_file(trainer)
+            else:
+                write_weights(trainer, state, trained_path, "MergeOnFitEnd trained weights")
+                source = trained_path
+                written.append(trained_path)
+            statistics: Any = None
+            if capture is not None:
+                statistics = str(sidecar_path(trained_path))
+                capture.save(statistics)
+                written.append(statistics)
+
+            def trained() -> Expert:
+                return Expert(source, statistics=statistics, name="trained")
+        else:
+            statistics = capture.finalize(after_fit=True) if capture is not None else None  # every rank
+            if averaging is not None:  # the average is the trained model: computed now if its hook has not run
+                state = averaging.average(trainer)
+
+            def trained() -> Expert:
+                return Expert({k: v.detach().cpu() for k, v in state.items()}, statistics=statistics, name="trained")
 
         def merge_and_write() -> None:
-            merged = self._merge(state, statistics, trainer)
-            if str(out).endswith(".safetensors"):
-                from lightning_merge.callbacks.capture import _save_weights
-
-                _save_weights(merged, out, "MergeOnFitEnd merge")
-            else:
-                self._save_checkpoint(merged, out, trainer, pl_module)
+            try:
+                self._merge(trained(), out, trainer, pl_module)
+            finally:
+                for path in written:
+                    remove_output(path)
             rank_zero_info(f"MergeOnFitEnd: merged {1 + len(self.experts)} experts with {self.strategy.name} → {out}")
 
         on_rank_zero(trainer, merge_and_write, "MergeOnFitEnd: the merge")  # every rank raises if it fails
@@ -200,20 +231,20 @@ class MergeOnFitEnd(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Loaded here, after every callback's on_train_end, so that those still see the trained weights (a
-        # CurvatureCapture saves them as final.safetensors). Every rank reads the same file: no collective.
+        # CurvatureCapture saves them as final.safetensors). Every rank reads the same file: no collective; a
+        # sharded module's ranks each keep their shard.
         if self.load_merged and self.merged_path is not None:
             from lightning_merge.sources.expert import Expert
 
-            merged_expert = Expert(self.merged_path)
-            loaded = {name: merged_expert.tensor(name) for name in merged_expert.names()}
-            pl_module.load_state_dict(loaded, strict=True)
+            load_weights(pl_module, Expert(self.merged_path), "MergeOnFitEnd")
 
     # -- merging -------------------------------------------------------------------------------------------------
-    def _merge(self, state: Mapping[str, Tensor], statistics: Any, trainer: Any = None) -> dict[str, Tensor]:
+    def _merge(self, trained: Any, out: Any, trainer: Any, pl_module: Any) -> None:
+        """Merge ``trained`` with the other experts into ``out`` (rank 0). A ``.safetensors`` output is streamed
+        tensor by tensor; a ``.ckpt`` is written from the merged state dict in memory."""
         from lightning_merge.engine.run import merge
         from lightning_merge.sources.expert import Expert
 
-        trained = Expert({k: v.detach().cpu() for k, v in state.items()}, statistics=statistics, name="trained")
         others = [Expert(path) for path in self.experts]
         if self.base is not None:
             base = Expert(self.base)
@@ -221,23 +252,17 @@ class MergeOnFitEnd(Callback):
             base = Expert(self._snapshot_state, name="fit-start snapshot")
         else:
             base = Expert(self._snapshot_path)
-        merged = merge(
-            [trained, *others],
-            base=base,
-            strategy=self.strategy,
-            include=self.include,
-            exclude=self.exclude,
-            on_missing_statistic=self.on_missing_statistic,
-            on_missing="base",
-        )
+        # Tensors left out of the merge keep the module's own values (its head), not the base's; tensors the base
+        # lacks keep the module's too.
+        common = dict(base=base, strategy=self.strategy, include=self.include, exclude=self.exclude,
+                      on_missing_statistic=self.on_missing_statistic, on_missing="union", unmerged_from="first",
+                      progress=False)
+        if str(out).endswith(".safetensors"):
+            merge([trained, *others], out=out, overwrite=True, **common)
+        else:
+            self._save_checkpoint(merge([trained, *others], **common), out, trainer, pl_module)
         if self.log_report and trainer is not None and trainer.loggers:
             self._log(trainer, [trained, *others], base)
-        # Tensors left out of the merge keep the module's own values (its head), not the base's.
-        out = {}
-        for name, value in state.items():
-            chosen = selected(name, self.include, self.exclude)
-            out[name] = merged[name] if chosen and name in merged else value.detach().cpu()
-        return out
 
     def _log(self, trainer: Any, experts: list[Any], base: Any) -> None:
         """The merge's diagnosis (an extra read pass over the experts) to the Trainer's loggers."""

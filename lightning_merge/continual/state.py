@@ -225,15 +225,20 @@ class ContinualState(RemoteStore):
 
     def state_dict(self) -> dict[str, Tensor]:
         """The current merged model as a state dict (base tensors before the first expert)."""
+        expert = self.current_expert()
+        return {n: expert.tensor(n) for n in expert.names()}
+
+    def current_expert(self) -> Expert:
+        """The current merged model (the base before the first expert) as a lazy :class:`~lightning_merge.Expert`:
+        its files are open, so a later add that removes this generation does not disturb the reads."""
         for _ in range(READ_ATTEMPTS):
             current = self.current
             try:
-                expert = Expert(current / "model" if current is not None else self.config["base"])
+                return Expert(current / "model" if current is not None else self.config["base"])
             except (OSError, ValueError):
                 if current is not None and self._pointer() != current.name:
                     continue  # a newer add committed and removed it while it was being opened: read again
                 raise
-            return {n: expert.tensor(n) for n in expert.names()}  # open files: a later removal does not matter
         raise ContinualError(f"continual state '{self.path}' changed {READ_ATTEMPTS} times while being read; "
                              "read it again")
 

@@ -19,6 +19,7 @@ from lightning_merge.strategies.base import Strategy
 ON_MISSING = ("error", "union", "intersection", "base")
 ON_MISSING_STATISTIC = ("error", "uniform")
 OUTPUTS = (None, "peft")
+UNMERGED_FROM = ("base", "first")
 
 DTYPES = {
     "float32": torch.float32,
@@ -122,6 +123,8 @@ class MergeOptions:
         overwrite: replace an earlier output of lightning-merge.
         threads: worker threads over tensors (None: the default).
         progress: show a progress bar (None: when stderr is a terminal).
+        unmerged_from: where a tensor left out of the merge by ``include``/``exclude`` comes from: ``"base"`` (or the
+            first expert holding it when the base lacks it) or ``"first"`` (the first expert holding it).
     """
 
     include: tuple[str, ...] | None = None
@@ -135,6 +138,7 @@ class MergeOptions:
     overwrite: bool = False
     threads: int | None = None
     progress: bool | None = None
+    unmerged_from: str = "base"
 
     def __post_init__(self) -> None:
         if self.on_missing_statistic not in ON_MISSING_STATISTIC:
@@ -142,6 +146,8 @@ class MergeOptions:
                              f"{self.on_missing_statistic!r}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be None or 'peft', got {self.output!r}")
+        if self.unmerged_from not in UNMERGED_FROM:
+            raise ValueError(f"unmerged_from must be 'base' or 'first', got {self.unmerged_from!r}")
         if self.on_missing not in ON_MISSING:
             raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)}, got {self.on_missing!r}")
         set_ = object.__setattr__  # normalised once, here: the dataclass is frozen

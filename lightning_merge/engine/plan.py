@@ -259,7 +259,9 @@ def build_jobs(experts: list[Expert], base: Expert | None, options: MergeOptions
             )
         out_spec = TensorSpec(ref.shape, dtype or ref.dtype)
         if not selects(name, include, exclude):
-            jobs.append(TensorJob(name, "copy", out_spec, present, source=holders[0]))
+            from_first = options.unmerged_from == "first" and any(present)
+            source = next(e for e in experts if name in e) if from_first else holders[0]
+            jobs.append(TensorJob(name, "copy", out_spec, present, source=source))
         elif not all(present) and (base is None or name not in base):
             # Only some experts have it and there is no base value to stand in: keep the first expert's.
             log.warning(

@@ -88,6 +88,7 @@ def merge(
     rank: int | None = None,
     dry_run: bool = False,
     group: Any = None,
+    unmerged_from: str = "base",
 ) -> dict[str, Tensor] | Path | nn.Module | DryRun:
     """Merge experts tensor by tensor with a strategy.
 
@@ -108,6 +109,9 @@ def merge(
             writes full weights as ``out`` says.
         include: glob patterns of tensor names to merge; others are copied from the base (or the first expert).
         exclude: glob patterns of tensor names copied from the base instead of merged.
+        unmerged_from: where the tensors ``include``/``exclude`` leave out come from: ``"base"`` (the default; the
+            first expert holding one the base lacks) or ``"first"`` (the first expert holding it: the model a
+            fit-end callback trained keeps its own head).
         dtype: output dtype of floating tensors (default: each tensor's storage dtype in the base, or the first
             expert). Computation is always float32; rounding to the output dtype happens once, when writing.
         on_missing: tensors some experts lack: ``"error"``; ``"union"`` (keep all; a missing expert tensor counts
@@ -153,7 +157,7 @@ def merge(
         raise TypeError(f"strategy must be a Strategy object, got {type(strategy).__name__}")
     options = MergeOptions(include=include, exclude=exclude, dtype=dtype, on_missing=on_missing,
                            on_missing_statistic=on_missing_statistic, output=output, rank=rank, shard_size=shard_size,
-                           overwrite=overwrite, threads=threads, progress=progress)
+                           overwrite=overwrite, threads=threads, progress=progress, unmerged_from=unmerged_from)
     if output == "peft":
         check_peft_request(strategy, out, rank, len(experts) if isinstance(experts, Sequence) else None)
     check_out_suffix(out, options)

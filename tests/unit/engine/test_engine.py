@@ -186,6 +186,21 @@ def test_include_exclude_copy_from_base():
     assert not torch.equal(got["layers.0.weight"], base["layers.0.weight"])
 
 
+def test_unmerged_tensors_come_from_the_first_expert_on_request(tmp_path):
+    base, experts = make_models(2)
+    got = merge(experts, base, TaskArithmetic(), exclude=["layers.1.*"], unmerged_from="first")
+    assert torch.equal(got["layers.1.weight"], experts[0]["layers.1.weight"])
+    assert not torch.equal(experts[0]["layers.1.weight"], base["layers.1.weight"])
+    torch.testing.assert_close(got["layers.0.weight"], merge(experts, base, TaskArithmetic())["layers.0.weight"])
+    streamed = merge(experts, base, TaskArithmetic(), exclude=["layers.1.*"], unmerged_from="first",
+                     out=tmp_path / "m.safetensors")
+    from lightning_merge import Expert
+
+    assert torch.equal(Expert(streamed).tensor("layers.1.weight"), experts[0]["layers.1.weight"])
+    with pytest.raises(ValueError, match="unmerged_from must be 'base' or 'first'"):
+        merge(experts, base, TaskArithmetic(), unmerged_from="last")
+
+
 def test_merge_into_module_in_place():
     modules = [nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)) for _ in range(3)]
     target = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
