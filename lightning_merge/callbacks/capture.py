@@ -42,7 +42,7 @@ from torch import Tensor
 from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
 from lightning_merge.capture.config import CaptureConfig
-from lightning_merge.capture.fisher import batch_counts
+from lightning_merge.capture.fisher import batch_counts, protocol_refusal
 from lightning_merge.capture.fisher_accumulator import BatchCounts
 from lightning_merge.capture.grams import GramAccumulator, gram_modules
 from lightning_merge.capture.post_fit import reduce_grams
@@ -219,6 +219,12 @@ class CurvatureCapture(Callback):
     # -- hooks ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if stage == "fit" and (self.fisher_after_fit is not None or self.gram == "after_fit"):
+            setting = (f"fisher_after_fit={self.fisher_after_fit!r}" if self.fisher_after_fit is not None
+                       else "gram='after_fit'")
+            refusal = protocol_refusal(pl_module, f"CurvatureCapture({setting})")
+            if refusal is not None:  # refused now, not after the whole fit
+                raise ValueError(refusal)
         if stage == "fit" and self.checkpoint_sidecars:
             io = trainer.strategy.checkpoint_io
             if not isinstance(io, SidecarCheckpointIO):
