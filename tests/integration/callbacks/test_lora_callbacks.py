@@ -83,3 +83,101 @@ def test_post_fit_gram_calls_the_wrapped_model(world, tmp_path):
     assert len(names) == 8 and all(".lora_" in n for n in names)  # the trained linears: lora_A and lora_B
     for name in names:
         assert stats.get(name, "gram").abs().sum() > 0
+
+
+# -- item 1: MergeOnFitEnd on a PEFT module merges in ΔW space ---------------------------------------------------------
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _adapter_model(base, folder):
+    return peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(str(base)), str(folder)).eval()
+
+
+def _same_adapter(a, b, base):
+    from lightning_merge import Expert
+
+    ea, eb = Expert(a, base=base), Expert(b, base=base)
+    assert ea.names() == eb.names()
+    for name in ea.names():
+        torch.testing.assert_close(ea.tensor(name).float(), eb.tensor(name).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_on_fit_end_of_a_lora_module_equals_the_command_line_and_is_what_test_sees(world, tmp_path):
+    """Task arithmetic of the trained adapter and two adapter folders: the callback's adapter is the command line's
+    for the same experts (the trained run's final.adapter), and trainer.test evaluates it."""
+    import yaml
+
+    from lightning_merge import TaskArithmetic
+    from lightning_merge.callbacks import MergeOnFitEnd
+    from lightning_merge.cli.commands import main
+
+    base, runs = world
+    experts = [str(r / "final.adapter") for r in runs]
+    strategy = TaskArithmetic(weights=[0.5, 0.3, 0.2])
+    merger = MergeOnFitEnd(experts, strategy, out=str(tmp_path / "merged.adapter"))
+    module = LoraLM(base)
+    trainer = lora_trainer(tmp_path, [CurvatureCapture(), merger], max_steps=4)
+    trainer.fit(module, task_loader(0))
+    recipe = {"strategy": {"name": "task_arithmetic", "weights": [0.5, 0.3, 0.2]}, "base_model": str(base),
+              "models": [{"model": str(tmp_path / "final.adapter")}, *({"model": e} for e in experts)]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "r.yaml"), str(tmp_path / "cli"), "--output", "peft"]) == 0
+    _same_adapter(tmp_path / "merged.adapter", tmp_path / "cli", base)
+    # the module now runs the merged adapter: its logits are the command line adapter's, and trainer.test sees them
+    assert module.model.active_adapter == "merged"
+    ids = next(iter(task_loader(0, 4, 4)))["input_ids"]
+    reference = _adapter_model(base, tmp_path / "cli")
+    torch.testing.assert_close(_logits(module.model.eval(), ids), _logits(reference, ids), rtol=1e-4, atol=1e-5)
+    plain = transformers.LlamaForCausalLM.from_pretrained(str(base)).eval()
+    assert (_logits(module.model, ids) - _logits(plain, ids)).abs().max() > 1e-3  # the merge moved the model
+    trainer.test(module, task_loader(0, 4, 4))
+    batch = next(iter(task_loader(0, 4, 4)))
+    with torch.no_grad():
+        expected = float(reference(**batch).loss)
+    assert module.test_losses == [pytest.approx(expected, rel=1e-5)]
+
+
+def test_fisher_merge_of_lora_checkpoints_at_fit_end_equals_merge_of_their_adapter_folders(world, tmp_path):
+    """Experts given as the other runs' last.ckpt (their sidecars' statistics renamed like the adapter) and a Fisher
+    merge at rank 8: the same adapter as merge() of the adapter folders beside those checkpoints."""
+    from lightning_merge import Fisher, merge
+    from lightning_merge.callbacks import MergeOnFitEnd
+
+    base, runs = world
+    capture = CurvatureCapture(fisher_after_fit="example", fisher_loader=task_loader(0, 4, 1, seed=7),
+                               fisher_examples=4)
+    merger = MergeOnFitEnd([str(r / "last.ckpt") for r in runs], Fisher(), rank=8)
+    module = LoraLM(base)
+    lora_trainer(tmp_path, [capture, merger], max_steps=4).fit(module, task_loader(0))
+    merge([tmp_path / "final.adapter", *(r / "last.adapter" for r in runs)], strategy=Fisher(), out=tmp_path / "ref",
+          output="peft", rank=8)
+    _same_adapter(tmp_path / "merged.adapter", tmp_path / "ref", base)
+    ids = next(iter(task_loader(0, 4, 4)))["input_ids"]
+    torch.testing.assert_close(_logits(module.model.eval(), ids), _logits(_adapter_model(base, tmp_path / "ref"), ids),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_what_cannot_be_merged_in_delta_w_space_is_refused_before_training(world, tmp_path):
+    from lightning_merge import Fisher, TaskArithmetic
+    from lightning_merge.callbacks import MergeOnFitEnd
+    from lightning_merge.files.safetensors import save_tensors
+
+    base, runs = world
+    full = tmp_path / "full.safetensors"
+    save_tensors(full, {"w": torch.zeros(2)})
+    adapters = [str(r / "final.adapter") for r in runs]
+    cases = [
+        (MergeOnFitEnd([str(full)], TaskArithmetic()), "neither a LoRA adapter folder"),
+        (MergeOnFitEnd(adapters, Fisher()), "pass rank="),
+        (MergeOnFitEnd(adapters, TaskArithmetic(), out=str(tmp_path / "m.safetensors")), "give a folder"),
+        (MergeOnFitEnd(adapters, Fisher(), rank=4), "needs the 'fisher' statistic of the model this fit trains"),
+    ]
+    for merger, message in cases:
+        steps = CountSteps()
+        with pytest.raises(ValueError, match=message):
+            lora_trainer(tmp_path, [merger, steps], max_steps=2).fit(LoraLM(base), task_loader(0))
+        assert steps.batches == 0
