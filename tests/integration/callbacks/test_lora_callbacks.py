@@ -181,3 +181,125 @@ def test_what_cannot_be_merged_in_delta_w_space_is_refused_before_training(world
         with pytest.raises(ValueError, match=message):
             lora_trainer(tmp_path, [merger, steps], max_steps=2).fit(LoraLM(base), task_loader(0))
         assert steps.batches == 0
+
+
+# -- item 3: CheckpointAveraging in a LoRA run writes the averaged adapter, in ΔW space --------------------------------
+
+
+def _ckpt_delta(path, name):
+    """ΔW = s·B A of module ``name`` (e.g. ``...layers.0.self_attn.q_proj``) held in a LoRA run's checkpoint."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    a = state[f"model.base_model.model.{name}.lora_A.default.weight"]
+    b = state[f"model.base_model.model.{name}.lora_B.default.weight"]
+    return 2.0 * b @ a, a, b  # lora_alpha / r = 8 / 4
+
+
+def test_checkpoint_averaging_of_a_lora_run_averages_adapters_in_delta_w_space(world, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_merge import Expert
+    from lightning_merge.callbacks import CheckpointAveraging
+
+    base, _ = world
+    folder = tmp_path / "ckpt"
+    ckpt = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_train_steps=2, monitor="step", mode="max")
+    averaging = CheckpointAveraging(select="all")
+    module = LoraLM(base, lr=3e-2)
+    lora_trainer(tmp_path, [CurvatureCapture(), ckpt, averaging], max_steps=6).fit(module, task_loader(0, 12))
+    files = sorted(folder.glob("*step=*.ckpt"), key=lambda f: int(f.stem.split("step=")[1]))
+    assert len(files) == 3 and not (folder / "averaged.ckpt").exists()
+    averaged = Expert(folder / "averaged.adapter", base=base)
+    plain = Expert(base)
+    for layer in (0, 1):
+        for proj in ("q_proj", "v_proj"):
+            name = f"model.layers.{layer}.self_attn.{proj}"
+            deltas = [_ckpt_delta(f, name) for f in files]
+            mean = sum(d for d, _, _ in deltas) / 3
+            got = averaged.tensor(f"{name}.weight").float() - plain.tensor(f"{name}.weight").float()
+            torch.testing.assert_close(got, mean, rtol=1e-4, atol=1e-7)
+            factors = 2.0 * (sum(b for _, _, b in deltas) / 3) @ (sum(a for _, a, _ in deltas) / 3)
+            assert float((factors - mean).norm()) > 1e-3 * float(mean.norm())  # the factor average is another model
+    # the module runs the average; final.adapter keeps the last trained adapter (the one its statistics describe)
+    assert module.model.active_adapter == "averaged"
+    ids = next(iter(task_loader(0, 4, 4)))["input_ids"]
+    torch.testing.assert_close(_logits(module.model.eval(), ids),
+                               _logits(_adapter_model(base, folder / "averaged.adapter"), ids), rtol=1e-4, atol=1e-5)
+    final = Expert(folder / "final.adapter", base=base)
+    last, _, _ = _ckpt_delta(files[-1], "model.layers.0.self_attn.q_proj")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(final.tensor(name).float() - plain.tensor(name).float(), last, rtol=1e-4, atol=1e-7)
+
+
+def test_checkpoint_averaging_of_a_lora_run_refuses_what_no_adapter_holds(world, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_merge.callbacks import CheckpointAveraging
+
+    base, _ = world
+    for averaging, message in [
+        (CheckpointAveraging(select="all", weighting="fisher"), "pass rank="),
+        (CheckpointAveraging(select="all", out=str(tmp_path / "a.ckpt")), "give a folder"),
+    ]:
+        steps = CountSteps()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=2)
+        with pytest.raises(ValueError, match=message):
+            lora_trainer(tmp_path, [CurvatureCapture(), ckpt, averaging, steps], max_steps=2).fit(
+                LoraLM(base), task_loader(0))
+        assert steps.batches == 0
+
+
+def test_stochastic_weight_averaging_and_loading_the_checkpoint_average_are_refused_together(tmp_path):
+    from capture_helpers import Tiny, loader, trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+
+    from lightning_merge.callbacks import CheckpointAveraging
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    steps = CountSteps()
+    with pytest.raises(ValueError, match="StochasticWeightAveraging: both set the module's final weights"):
+        trainer(tmp_path, [StochasticWeightAveraging(swa_lrs=1e-2), ckpt, CheckpointAveraging(select="all"), steps],
+                max_epochs=2).fit(Tiny(lr=5e-2), loader())
+    assert steps.batches == 0
+    # load_averaged=False: the module keeps SWA's weights, the file holds the checkpoint average
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_top_k=-1, every_n_epochs=1)
+    swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
+    model = Tiny(lr=5e-2)
+    trainer(tmp_path, [swa, ckpt, CheckpointAveraging(select="all", load_averaged=False)], max_epochs=3).fit(
+        model, loader())
+    swa_weights = swa._average_model.state_dict()["net.0.weight"]
+    torch.testing.assert_close(model.state_dict()["net.0.weight"], swa_weights)
+    assert (tmp_path / "ckpt2" / "averaged.ckpt").exists()
+
+
+def test_ema_weight_averaging_then_the_checkpoint_average_is_what_the_module_ends_with(tmp_path):
+    from capture_helpers import Tiny, loader, trainer
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    from lightning_merge.callbacks import CheckpointAveraging
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model = Tiny(lr=5e-2)
+    trainer(tmp_path, [EMAWeightAveraging(decay=0.9), ckpt, CheckpointAveraging(select="all")], max_epochs=2).fit(
+        model, loader())
+    files = sorted((tmp_path / "ckpt").glob("epoch*.ckpt"))
+    ema = [torch.load(f, weights_only=True)["state_dict"]["net.0.weight"] for f in files]
+    torch.testing.assert_close(model.state_dict()["net.0.weight"], sum(ema) / len(ema))  # loaded after EMA's copy
+
+
+def test_merge_on_fit_end_merges_the_averaged_adapter_of_a_lora_run(world, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_merge import TaskArithmetic, merge
+    from lightning_merge.callbacks import CheckpointAveraging, MergeOnFitEnd
+
+    base, runs = world
+    experts = [str(r / "final.adapter") for r in runs]
+    folder = tmp_path / "ckpt"
+    ckpt = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_train_steps=2, monitor="step", mode="max")
+    merger = MergeOnFitEnd(experts, TaskArithmetic(), out=str(tmp_path / "merged.adapter"))
+    module = LoraLM(base)
+    lora_trainer(tmp_path, [merger, CurvatureCapture(), ckpt, CheckpointAveraging(select="all")], max_steps=4).fit(
+        module, task_loader(0))
+    merge([folder / "averaged.adapter", *experts], strategy=TaskArithmetic(), out=tmp_path / "ref", output="peft")
+    _same_adapter(tmp_path / "merged.adapter", tmp_path / "ref", base)
+    assert module.model.active_adapter == "merged"
