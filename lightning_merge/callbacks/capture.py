@@ -250,6 +250,7 @@ class CurvatureCapture(Callback):
             wrap_save(trainer.strategy, lambda checkpoint, path: self.after_save(checkpoint, path, collective=True))
         if self.save_final == "adapter" and self._peft is None:
             raise ValueError("CurvatureCapture(save_final='adapter'): the module holds no PEFT model (peft.PeftModel)")
+        self._check_final_outputs(trainer)
         self._recorder.new_fit()
         if self.gram is not None:
             layers = gram_modules(pl_module)
@@ -267,6 +268,28 @@ class CurvatureCapture(Callback):
         if not self._recorder.fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
             self._recorder.fingerprint = fingerprints(pl_module.named_parameters())  # sharded: gathered one by one
         self._final = None
+
+    def _check_final_outputs(self, trainer: pl.Trainer) -> None:
+        """Refuse before training what the fit's end would refuse (files.ownership): a ``final.adapter`` /
+        ``final.safetensors`` that lightning-merge did not write (a PEFT ``save_pretrained`` folder, a user's file)
+        raises ``ForeignOutput`` now, not after the fit; an earlier output of lightning-merge is replaced, and the
+        log says so."""
+        if not self.save_final:  # every rank checks (the same path): all raise together, none waits for rank 0
+            return
+        root = self.config.final_dir(getattr(trainer.checkpoint_callback, "dirpath", None), trainer.default_root_dir)
+        if is_url(root):
+            return  # object storage: checked when uploaded (conditional writes)
+        adapter = self._peft is not None and self.config.writes_adapter()
+        targets = [Path(root) / "final.adapter"] if adapter else []
+        if self.config.writes_full_model(peft=self._peft is not None):
+            targets += [Path(root) / "final.safetensors", Path(sidecar_path(Path(root) / "final.safetensors"))]
+        from lightning_merge.files.ownership import refuse_foreign
+
+        for target in targets:
+            if os.path.lexists(target):
+                refuse_foreign(target)
+                rank_zero_info(f"CurvatureCapture: {target} is an earlier output of lightning-merge; this fit's end "
+                               "replaces it")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.second_moments:

@@ -303,3 +303,46 @@ def test_merge_on_fit_end_merges_the_averaged_adapter_of_a_lora_run(world, tmp_p
     merge([folder / "averaged.adapter", *experts], strategy=TaskArithmetic(), out=tmp_path / "ref", output="peft")
     _same_adapter(tmp_path / "merged.adapter", tmp_path / "ref", base)
     assert module.model.active_adapter == "merged"
+
+
+# -- item 6 (part): a re-run and an existing final.adapter -------------------------------------------------------------
+
+
+def test_a_final_adapter_lightning_merge_did_not_write_is_refused_before_training(world, tmp_path):
+    from lightning_merge.errors import ForeignOutput
+
+    base, _ = world
+    theirs = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(str(base)),
+                                 peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    theirs.save_pretrained(tmp_path / "final.adapter")  # a user's adapter where the run writes its own
+    before = sorted(p.name for p in (tmp_path / "final.adapter").iterdir())
+    steps = CountSteps()
+    with pytest.raises(ForeignOutput, match="final.adapter' is a folder lightning-merge did not write"):
+        lora_trainer(tmp_path, [CurvatureCapture(), steps], max_steps=2).fit(LoraLM(base), task_loader(0))
+    assert steps.batches == 0
+    assert sorted(p.name for p in (tmp_path / "final.adapter").iterdir()) == before
+
+
+def test_a_re_run_replaces_its_own_earlier_final_adapter(world, tmp_path):
+    import json
+
+    from lightning_merge.formats.sidecar import Statistics
+
+    base, _ = world
+    lora_trainer(tmp_path, [CurvatureCapture()], max_steps=2).fit(LoraLM(base, seed=1), task_loader(0))
+    first = json.loads((tmp_path / "final.adapter" / "lightning_merge.json").read_text())
+    module = LoraLM(base, seed=2)
+    lora_trainer(tmp_path, [CurvatureCapture()], max_steps=3).fit(module, task_loader(0))
+    second = json.loads((tmp_path / "final.adapter" / "lightning_merge.json").read_text())
+    assert first["checkpoint_metadata"] != second["checkpoint_metadata"]
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "final.adapter" / "adapter_model.safetensors")
+    live = peft.get_peft_model_state_dict(module.model)
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)  # the second run's
+    assert Statistics.load(tmp_path / "final.adapter" / "statistics.safetensors").kinds["exp_avg_sq"]["step"] == 3
+    # a file the user added to the folder makes it no longer ours alone: the next run refuses it before training
+    (tmp_path / "final.adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="did not write|notes.txt"):
+        lora_trainer(tmp_path, [CurvatureCapture()], max_steps=2).fit(LoraLM(base), task_loader(0))
+    assert (tmp_path / "final.adapter" / "notes.txt").read_text() == "mine"
