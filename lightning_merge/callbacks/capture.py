@@ -128,7 +128,7 @@ class CurvatureCapture(Callback):
             gradients; FusionBench's RegMean uses 256 examples), ``"train"`` over every training forward (costs
             about one more matmul per layer and step), or None. Rows are the input's flattened leading axes
             (tokens of a sequence model); a mapping batch's ``attention_mask`` leaves padding out. For a PEFT model
-            the layers are the adapters' ``lora_A`` (their input is the adapted module's).
+            the layers are the adapters' ``lora_A`` (whose input is the adapted module's: RegMean's) and ``lora_B``.
         gram_form: how Gram matrices are stored: ``"full"`` (in × in floats per layer), ``"diagonal"`` (in floats:
             RegMean then weighs input features without their correlations) or ``"lowrank"`` (the ``gram_rank``
             leading eigenpairs and the exact diagonal), for large layers.
