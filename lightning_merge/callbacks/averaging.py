@@ -63,6 +63,23 @@ class CheckpointAveraging(Callback):
         update_bn_loader: ``"train"`` or ``"val"``: after loading the average, recompute BatchNorm running
             statistics over that Trainer loader (``torch.optim.swa_utils.update_bn``); None averages them like
             any tensor.
+        rank: in a LoRA run, the averaged adapter's rank: None for the exact ΔW-space average (concatenated factors,
+            rank k·r; uniform and metrics-weighted averaging), else a truncated SVD of each averaged ΔW (needed by
+            ``weighting="fisher"`` / ``"ota"``, whose per-entry weights no sum of factors expresses).
+
+    **A LoRA run** (the module trains a PEFT LoRA adapter) is averaged in ΔW space, never ``lora_A`` and ``lora_B``
+    separately (that adds cross terms BᵢAⱼ no checkpoint learned): each checkpoint's adapter (read from the
+    ``.ckpt`` with the module's ``LoraConfig``) is θ₀ + sᵢBᵢAᵢ, and the average is written as the adapter folder
+    ``averaged.adapter`` (``out``) instead of ``averaged.ckpt``, then loaded into the ``PeftModel`` as the active
+    adapter ``"averaged"``. ``CurvatureCapture``'s ``final.adapter`` keeps the last trained adapter (the one its
+    statistics describe), and a log line says so.
+
+    **With Lightning's weight averaging**: ``StochasticWeightAveraging`` copies its average into the module when
+    training ends; loading the checkpoint average afterwards would replace it, so the pair is refused in ``setup``
+    unless ``load_averaged=False`` (the module keeps SWA's weights; the file holds the checkpoint average).
+    ``WeightAveraging`` / ``EMAWeightAveraging`` write their running average as each checkpoint's ``state_dict``:
+    ``source="state_dict"`` averages those averages (``"current_model_state"``: the raw weights), and the checkpoint
+    average is loaded last (in ``on_fit_end``, after their ``on_train_end``), so the module ends with it.
     """
 
     def __init__(
@@ -83,6 +100,7 @@ class CheckpointAveraging(Callback):
         exclude: Sequence[str] | None = None,
         keep_training_state: bool = True,
         update_bn_loader: Literal["train", "val"] | None = None,
+        rank: int | None = None,
     ) -> None:
         super().__init__()
         if select not in SELECTS:
@@ -108,6 +126,10 @@ class CheckpointAveraging(Callback):
         self.include, self.exclude = selection("CheckpointAveraging", include, exclude)
         self.keep_training_state = keep_training_state
         self.update_bn_loader = update_bn_loader
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"CheckpointAveraging(rank=...) must be a positive integer or None, got {rank!r}")
+        self.rank = rank
+        self._adapter: Any = None  # the module's LoRA adapter (a ModuleAdapter), found in setup
         self.averaged: list[tuple[str, float | None]] = []  # what the last average used: (path, weight)
         self.averaged_path: str | None = None
         self._averaged_at: int | None = None
@@ -140,6 +162,50 @@ class CheckpointAveraging(Callback):
                     f"{who}(weighting={self.weighting!r}) reads the {kind!r} statistic of each checkpoint from its "
                     "sidecar: add CurvatureCapture() (with checkpoint_sidecars=True, the default) to the Trainer"
                 )
+        self._check_weight_averaging(trainer)
+        from lightning_merge.tools.peft_runs import module_adapter
+
+        self._adapter = module_adapter(pl_module)
+        if self._adapter is not None:
+            self._setup_lora(pl_module)
+
+    def _check_weight_averaging(self, trainer: pl.Trainer) -> None:
+        """Lightning's StochasticWeightAveraging sets the module's final weights too: refused with loading."""
+        from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+        swa = [c for c in trainer.callbacks if isinstance(c, StochasticWeightAveraging)]
+        if swa and self.load_averaged:
+            raise ValueError(
+                "CheckpointAveraging(load_averaged=True) with StochasticWeightAveraging: both set the module's final "
+                "weights (SWA copies its running average in when training ends, CheckpointAveraging would then load "
+                "the checkpoint average over it). Pass load_averaged=False to keep SWA's weights in the module and "
+                "still write the checkpoint average, or use one of the two"
+            )
+
+    def _setup_lora(self, pl_module: pl.LightningModule) -> None:
+        """What an average in ΔW space needs, checked before the first training step."""
+        who, adapter = "CheckpointAveraging", self._adapter
+        if self.out is not None and str(self.out).endswith((".ckpt", ".safetensors")):
+            raise ValueError(
+                f"{who}: the module trains the LoRA adapter {adapter.name!r}, so the average is taken in ΔW space and "
+                f"written as an adapter folder (no rank-r lora_A / lora_B of a .ckpt holds it); out={self.out!r} is a "
+                "file: give a folder (default <checkpoint dir>/averaged.adapter)"
+            )
+        if self.weighting in ("fisher", "ota") and self.rank is None:
+            raise ValueError(
+                f"{who}(weighting={self.weighting!r}) in a LoRA run: per-entry curvature weights of ΔW are no sum of "
+                "the checkpoints' factors, so no exact adapter holds the average; pass rank= for a truncated-SVD "
+                "adapter, or use weighting='uniform' / 'mwa' (exact)"
+            )
+        outside = adapter.outside(pl_module)
+        if outside:
+            raise ValueError(
+                f"{who}: the module trains {len(outside)} parameters outside its LoRA adapter {adapter.name!r} "
+                f"({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}); the averaged adapter cannot carry "
+                "them. Put them in the adapter (LoraConfig(modules_to_save=[...])) or freeze them"
+            )
+        if self.update_bn_loader is not None:
+            raise ValueError(f"{who}(update_bn_loader=...) in a LoRA run: the adapter holds no BatchNorm statistics")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
@@ -154,6 +220,9 @@ class CheckpointAveraging(Callback):
         what :class:`~lightning_merge.callbacks.MergeOnFitEnd` merges as the trained model."""
         from lightning_merge.sources.expert import Expert
 
+        if self._adapter is not None:
+            raise ValueError("CheckpointAveraging.average(): this is a LoRA run, whose average is an adapter folder "
+                             "(average_adapter())")
         averaged = Expert(self.averaged_file(trainer))
         return {n: averaged.tensor(n) for n in averaged.names()}
 
@@ -164,10 +233,21 @@ class CheckpointAveraging(Callback):
         assert self.averaged_path is not None
         return self.averaged_path
 
+    def average_adapter(self, trainer: pl.Trainer) -> str:
+        """The averaged adapter folder of this LoRA run (computed now if it has not been; every rank must call it):
+        what :class:`~lightning_merge.callbacks.MergeOnFitEnd` merges as the trained model."""
+        return self.averaged_file(trainer)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every callback's on_train_end (ModelCheckpoint's last save included); every rank reads the file.
         if self.merged_by is not None:
             rank_zero_info(f"CheckpointAveraging: the module keeps the merge of the average ({self.merged_by})")
+            return
+        if self._adapter is not None and self.load_averaged and self.averaged_path is not None:
+            from lightning_merge.tools.peft_runs import load_adapter
+
+            load_adapter(self._adapter, self.averaged_path, "averaged")
+            rank_zero_info("CheckpointAveraging: the module's active adapter is now 'averaged'")
             return
         if self.load_averaged and self.averaged_path is not None:
             from lightning_merge.sources.expert import Expert
@@ -186,7 +266,8 @@ class CheckpointAveraging(Callback):
     def _average(self, trainer: pl.Trainer, load: bool) -> None:
         ckpt = self._checkpoint_callback(trainer)
         mode = self.mode or getattr(ckpt, "mode", "min")
-        out: Any = self.out or join(str(ckpt.dirpath), "averaged.ckpt")
+        default = "averaged.adapter" if self._adapter is not None else "averaged.ckpt"
+        out: Any = self.out or join(str(ckpt.dirpath), default)
         out = out if is_url(out) else Path(out)
         from lightning_merge.callbacks.capture import CurvatureCapture
 
@@ -211,19 +292,22 @@ class CheckpointAveraging(Callback):
                 mode=mode,
             )
             paths = [str(i.path) for i in infos]
-            _, weights = average_checkpoints(
-                paths,
-                out,
-                weighting=self.weighting,
-                mwa_by=self.mwa_by,
-                p=self.p,
-                mode=mode,
-                source=self.source,
-                include=self.include,
-                exclude=self.exclude,
-                keep_training_state=self.keep_training_state,
-                overwrite=True,
-            )
+            if self._adapter is not None:
+                weights = self._average_adapters(infos, paths, out, mode)
+            else:
+                _, weights = average_checkpoints(
+                    paths,
+                    out,
+                    weighting=self.weighting,
+                    mwa_by=self.mwa_by,
+                    p=self.p,
+                    mode=mode,
+                    source=self.source,
+                    include=self.include,
+                    exclude=self.exclude,
+                    keep_training_state=self.keep_training_state,
+                    overwrite=True,
+                )
             self.averaged = list(zip(paths, weights or [None] * len(paths)))
             used = ", ".join(f"{basename(p)} ({w:.3f})" if w is not None else basename(p) for p, w in self.averaged)
             rank_zero_info(f"CheckpointAveraging ({self.weighting}): {used} → {out}")
@@ -241,6 +325,25 @@ class CheckpointAveraging(Callback):
         on_rank_zero(trainer, average, "CheckpointAveraging: the average")
         self.averaged_path = str(out)
         self._averaged_at = trainer.global_step
+
+    def _average_adapters(self, infos: list[Any], paths: list[str], out: Any, mode: str) -> list[float] | None:
+        """The checkpoints' adapters averaged in ΔW space into the adapter folder ``out``: uniform and
+        metrics-weighted averages as Linear (exact without ``rank``), the curvature weightings as Fisher / OTA."""
+        from lightning_merge.engine.run import merge
+        from lightning_merge.strategies.curvature import OTA, Fisher
+        from lightning_merge.strategies.linear import Linear
+        from lightning_merge.tools.averaging import checkpoint_weights
+        from lightning_merge.tools.peft_runs import checkpoint_expert
+
+        weights = checkpoint_weights(infos, self.weighting, mwa_by=self.mwa_by, p=self.p, mode=mode)
+        experts = [checkpoint_expert(path, self._adapter, source=self.source) for path in paths]
+        strategy: Any = (Linear(weights=weights) if weights is not None
+                         else Fisher(normalize=False) if self.weighting == "fisher" else OTA())
+        merge(experts, self._adapter.base, strategy, out=out, output="peft", rank=self.rank, include=self.include,
+              exclude=self.exclude, overwrite=True)  # replaces only an earlier output of lightning-merge
+        rank_zero_info(f"CheckpointAveraging: the averaged adapter (ΔW space) is {out}; CurvatureCapture's "
+                       "final.adapter keeps the last trained adapter, which its statistics describe")
+        return weights
 
     def _update_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from torch.optim.swa_utils import update_bn

@@ -43,7 +43,7 @@ from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.callbacks._sidecars import SidecarCheckpointIO, SidecarWriter
 from lightning_merge.callbacks._trained import save_weights
 from lightning_merge.capture.config import CaptureConfig
-from lightning_merge.capture.fisher import batch_counts
+from lightning_merge.capture.fisher import batch_counts, protocol_refusal
 from lightning_merge.capture.fisher_accumulator import BatchCounts
 from lightning_merge.capture.grams import GramAccumulator, gram_modules
 from lightning_merge.capture.post_fit import reduce_grams
@@ -129,7 +129,7 @@ class CurvatureCapture(Callback):
             gradients; FusionBench's RegMean uses 256 examples), ``"train"`` over every training forward (costs
             about one more matmul per layer and step), or None. Rows are the input's flattened leading axes
             (tokens of a sequence model); a mapping batch's ``attention_mask`` leaves padding out. For a PEFT model
-            the layers are the adapters' ``lora_A`` (their input is the adapted module's).
+            the layers are the adapters' ``lora_A`` (whose input is the adapted module's: RegMean's) and ``lora_B``.
         gram_form: how Gram matrices are stored: ``"full"`` (in × in floats per layer), ``"diagonal"`` (in floats:
             RegMean then weighs input features without their correlations) or ``"lowrank"`` (the ``gram_rank``
             leading eigenpairs and the exact diagonal), for large layers.
@@ -220,6 +220,12 @@ class CurvatureCapture(Callback):
     # -- hooks ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if stage == "fit" and (self.fisher_after_fit is not None or self.gram == "after_fit"):
+            setting = (f"fisher_after_fit={self.fisher_after_fit!r}" if self.fisher_after_fit is not None
+                       else "gram='after_fit'")
+            refusal = protocol_refusal(pl_module, f"CurvatureCapture({setting})")
+            if refusal is not None:  # refused now, not after the whole fit
+                raise ValueError(refusal)
         if stage == "fit" and self.checkpoint_sidecars:
             io = trainer.strategy.checkpoint_io
             if not isinstance(io, SidecarCheckpointIO):
@@ -245,6 +251,7 @@ class CurvatureCapture(Callback):
             wrap_save(trainer.strategy, lambda checkpoint, path: self.after_save(checkpoint, path, collective=True))
         if self.save_final == "adapter" and self._peft is None:
             raise ValueError("CurvatureCapture(save_final='adapter'): the module holds no PEFT model (peft.PeftModel)")
+        self._check_final_outputs(trainer)
         self._recorder.new_fit()
         if self.gram is not None:
             layers = gram_modules(pl_module)
@@ -262,6 +269,28 @@ class CurvatureCapture(Callback):
         if not self._recorder.fingerprint and trainer.ckpt_path is None:  # a fresh fit: the base it starts from
             self._recorder.fingerprint = fingerprints(pl_module.named_parameters())  # sharded: gathered one by one
         self._final = None
+
+    def _check_final_outputs(self, trainer: pl.Trainer) -> None:
+        """Refuse before training what the fit's end would refuse (files.ownership): a ``final.adapter`` /
+        ``final.safetensors`` that lightning-merge did not write (a PEFT ``save_pretrained`` folder, a user's file)
+        raises ``ForeignOutput`` now, not after the fit; an earlier output of lightning-merge is replaced, and the
+        log says so."""
+        if not self.save_final:  # every rank checks (the same path): all raise together, none waits for rank 0
+            return
+        root = self.config.final_dir(getattr(trainer.checkpoint_callback, "dirpath", None), trainer.default_root_dir)
+        if is_url(root):
+            return  # object storage: checked when uploaded (conditional writes)
+        adapter = self._peft is not None and self.config.writes_adapter()
+        targets = [Path(root) / "final.adapter"] if adapter else []
+        if self.config.writes_full_model(peft=self._peft is not None):
+            targets += [Path(root) / "final.safetensors", Path(sidecar_path(Path(root) / "final.safetensors"))]
+        from lightning_merge.files.ownership import refuse_foreign
+
+        for target in targets:
+            if os.path.lexists(target):
+                refuse_foreign(target)
+                rank_zero_info(f"CurvatureCapture: {target} is an earlier output of lightning-merge; this fit's end "
+                               "replaces it")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.second_moments:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -61,8 +61,19 @@ class MergeOnFitEnd(Callback):
     With a :class:`~lightning_merge.callbacks.CheckpointAveraging` in the same Trainer, its average is the trained
     model that is merged (computed first, whatever the callbacks' order), and the module ends with the merge.
 
+    **A module that trains a PEFT LoRA adapter** is merged in ΔW space, as the command line merges adapters (never
+    ``lora_A`` and ``lora_B`` separately): the trained expert is the module's adapter (with the statistics of a
+    ``CurvatureCapture``, renamed like the adapter's weights), the other experts are adapter folders (``X.adapter/``
+    written by ``CurvatureCapture``, PEFT ``save_pretrained`` folders) or ``.ckpt`` files of LoRA runs of the same
+    module, all over the module's own base; the result is an adapter folder (``out``, default
+    ``<dirpath>/merged.adapter``: exact for a strategy linear in the experts, else a truncated SVD at ``rank``),
+    loaded into the ``PeftModel`` as the active adapter ``adapter_name``. What cannot be merged so (a full-model
+    expert, a non-linear strategy without ``rank``, trained parameters outside the adapter, a ``.safetensors`` /
+    ``.ckpt`` output) is refused in ``setup`` with the reason.
+
     Args:
-        experts: paths of the other experts (``.ckpt``, ``.safetensors``, Hugging Face folders), in order.
+        experts: paths of the other experts (``.ckpt``, ``.safetensors``, Hugging Face folders; for a LoRA module
+            adapter folders or ``.ckpt`` files of LoRA runs), in order.
         strategy: a :class:`~lightning_merge.Strategy` or its ``to_dict()`` form (``{"name": "ties", ...}``).
         base: path of the base model; None snapshots the module's weights when a fresh fit starts (restored
             from the checkpoint on resume). Needed by strategies that use task vectors.
@@ -70,7 +81,8 @@ class MergeOnFitEnd(Callback):
             bounded for large models) or ``"memory"`` (refused on a sharded module).
         out: the merged model's file: ``.safetensors`` or ``.ckpt`` (a Lightning checkpoint with the merged
             ``state_dict``, loadable with ``trainer.fit(ckpt_path=...)`` weights-only); default
-            ``<dirpath>/merged.safetensors``.
+            ``<dirpath>/merged.safetensors``. For a LoRA module: the merged adapter's folder, default
+            ``<dirpath>/merged.adapter``.
         dirpath: folder of the snapshot and default output; default the Trainer's ``default_root_dir``.
         include: glob patterns of the tensors to merge (default all floating tensors); the others keep the
             just-trained module's values (its own head, for example).
@@ -80,6 +92,9 @@ class MergeOnFitEnd(Callback):
         log_report: with loggers in the Trainer, log the merge's key numbers (mean cosine of the task vectors, sign
             conflicts, each ‖τᵢ‖, ‖τ*‖) and figures (:func:`lightning_merge.report`) under ``merge/``; it reads the
             experts once more.
+        rank: for a LoRA module, the merged adapter's rank: None for the exact concatenation of the adapters'
+            factors (rank Σrᵢ; strategies linear in the experts only), else a truncated SVD of each merged ΔW.
+        adapter_name: for a LoRA module, the name the merged adapter is loaded under (and made active).
     """
 
     def __init__(
@@ -95,6 +110,8 @@ class MergeOnFitEnd(Callback):
         load_merged: bool = True,
         on_missing_statistic: Literal["error", "uniform"] = "error",
         log_report: bool = True,
+        rank: int | None = None,
+        adapter_name: str = "merged",
     ) -> None:
         super().__init__()
         if isinstance(experts, (str, os.PathLike)):
@@ -103,8 +120,11 @@ class MergeOnFitEnd(Callback):
         self.strategy = strategy if isinstance(strategy, Strategy) else Strategy.from_dict(strategy)
         if snapshot not in SNAPSHOTS:
             raise ValueError(f"snapshot must be one of {', '.join(SNAPSHOTS)}, got {snapshot!r}")
-        if out is not None and not str(out).endswith((".safetensors", ".ckpt")):
-            raise ValueError(f"out must end in .safetensors or .ckpt, got {out!r}")
+        if out is not None and PurePosixPath(str(out)).suffix not in ("", ".adapter", ".safetensors", ".ckpt"):
+            raise ValueError(f"out must end in .safetensors or .ckpt (for a module that trains a LoRA adapter: a "
+                             f"folder, such as merged.adapter), got {out!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"MergeOnFitEnd(rank=...) must be a positive integer or None, got {rank!r}")
         if on_missing_statistic not in ON_MISSING_STATISTIC:
             raise ValueError(f"on_missing_statistic must be 'error' or 'uniform', got {on_missing_statistic!r}")
         for path in self.experts:
@@ -120,6 +140,9 @@ class MergeOnFitEnd(Callback):
         self.load_merged = load_merged
         self.on_missing_statistic = on_missing_statistic
         self.log_report = log_report
+        self.rank = rank
+        self.adapter_name = adapter_name
+        self._adapter: Any = None  # the module's LoRA adapter (a ModuleAdapter), found in setup
         self._snapshot_path: str | None = None
         self._snapshot_state: dict[str, Tensor] | None = None
         self.merged_path: str | None = None  # set when a fit ends
@@ -142,6 +165,15 @@ class MergeOnFitEnd(Callback):
         from lightning_merge.sources.expert import Expert
 
         who = "MergeOnFitEnd"
+        from lightning_merge.tools.peft_runs import module_adapter
+
+        self._adapter = module_adapter(pl_module)
+        if self._adapter is not None:
+            self._setup_lora(trainer, pl_module)
+            return
+        if self.out is not None and not str(self.out).endswith((".safetensors", ".ckpt")):
+            raise ValueError(f"{who}: out must end in .safetensors or .ckpt, got {self.out!r} (an adapter folder is "
+                             "the output of a module that trains a PEFT LoRA adapter, and this one holds none)")
         experts = [Expert(path) for path in self.experts]
         state = pl_module.state_dict()
         check_experts_match(who, experts, state, self.include, self.exclude)
@@ -154,9 +186,49 @@ class MergeOnFitEnd(Callback):
             if isinstance(callback, CheckpointAveraging) and self.load_merged:
                 callback.merged_by = "MergeOnFitEnd"
 
+    def _setup_lora(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What a merge in ΔW space needs, checked before the first training step."""
+        from lightning_merge.callbacks.averaging import CheckpointAveraging
+        from lightning_merge.engine.outputs import check_peft_request
+        from lightning_merge.tools.peft_runs import adapter_expert
+
+        who, adapter = "MergeOnFitEnd", self._adapter
+        if self.out is not None and str(self.out).endswith((".safetensors", ".ckpt")):
+            raise ValueError(
+                f"{who}: the module trains the LoRA adapter {adapter.name!r}, so the merge is an adapter (ΔW space) "
+                f"written as an adapter folder and loaded into the PeftModel; out={self.out!r} is a file: give a "
+                "folder (default <dirpath>/merged.adapter)"
+            )
+        if self.base is not None:
+            raise ValueError(f"{who}(base=...): the module trains a LoRA adapter, whose base is the PeftModel's own "
+                             "base model (read from the module); leave base=None")
+        outside = adapter.outside(pl_module)
+        if outside:
+            raise ValueError(
+                f"{who}: the module trains {len(outside)} parameters outside its LoRA adapter {adapter.name!r} "
+                f"({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}); an adapter merge cannot carry them. "
+                "Put them in the adapter (LoraConfig(modules_to_save=[...])) or freeze them"
+            )
+        if self.adapter_name == adapter.name:
+            raise ValueError(f"{who}(adapter_name={self.adapter_name!r}) is the adapter being trained; the merge "
+                             "is loaded beside it under another name")
+        experts = [adapter_expert(path, adapter, who) for path in self.experts]
+        check_peft_request(self.strategy, self.out or "merged.adapter", self.rank, 1 + len(experts))
+        check_statistics(who, self.strategy, experts, trainer, self.on_missing_statistic)
+        for callback in trainer.callbacks:
+            if isinstance(callback, CheckpointAveraging):
+                if self.strategy.requires and self.on_missing_statistic != "uniform":
+                    raise ValueError(
+                        f"{who}({self.strategy.name}) with CheckpointAveraging in a LoRA run: the trained expert would "
+                        "be the averaged adapter, whose factors no statistics describe (the captured ones are the "
+                        "last adapter's); use a strategy without statistics, or drop one of the two callbacks"
+                    )
+                if self.load_merged:
+                    callback.merged_by = "MergeOnFitEnd"
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.merged_path = None
-        if self.base is not None:
+        if self.base is not None or self._adapter is not None:  # a LoRA module's base is its PeftModel's own
             return
         if trainer.ckpt_path is not None:  # a resumed fit: the snapshot of the first fit start is the base
             if self.snapshot == "disk" and self._snapshot_path and remote_exists(self._snapshot_path):
@@ -185,6 +257,10 @@ class MergeOnFitEnd(Callback):
         from lightning_merge.sources.expert import Expert
 
         capture = next((c for c in trainer.callbacks if isinstance(c, CurvatureCapture)), None)
+        if self._adapter is not None:
+            statistics = capture.finalize(after_fit=True) if capture is not None else None  # every rank
+            self._merge_lora(trainer, statistics)
+            return
         averaging = next((c for c in trainer.callbacks if isinstance(c, CheckpointAveraging)), None)
         out: Any = self.out or join(self._dir(trainer), "merged.safetensors")
         out = out if is_url(out) else Path(out)
@@ -233,12 +309,47 @@ class MergeOnFitEnd(Callback):
         # Loaded here, after every callback's on_train_end, so that those still see the trained weights (a
         # CurvatureCapture saves them as final.safetensors). Every rank reads the same file: no collective; a
         # sharded module's ranks each keep their shard.
-        if self.load_merged and self.merged_path is not None:
+        if self.load_merged and self.merged_path is not None and self._adapter is not None:
+            from lightning_merge.tools.peft_runs import load_adapter
+
+            load_adapter(self._adapter, self.merged_path, self.adapter_name)
+            rank_zero_info(f"MergeOnFitEnd: the module's active adapter is now {self.adapter_name!r} (the merge)")
+        elif self.load_merged and self.merged_path is not None:
             from lightning_merge.sources.expert import Expert
 
             load_weights(pl_module, Expert(self.merged_path), "MergeOnFitEnd")
 
     # -- merging -------------------------------------------------------------------------------------------------
+    def _merge_lora(self, trainer: pl.Trainer, statistics: Any) -> None:
+        """Merge the trained adapter (or CheckpointAveraging's averaged adapter) with the other adapters in ΔW space
+        and write the merged adapter folder (rank 0; every rank raises if it fails)."""
+        from lightning_merge.callbacks.averaging import CheckpointAveraging
+        from lightning_merge.engine.run import merge
+        from lightning_merge.sources.expert import Expert
+        from lightning_merge.tools.peft_runs import adapter_expert, live_expert
+
+        adapter = self._adapter
+        averaging = next((c for c in trainer.callbacks if isinstance(c, CheckpointAveraging)), None)
+        averaged = averaging.average_adapter(trainer) if averaging is not None else None  # every rank
+        out: Any = self.out or join(self._dir(trainer), "merged.adapter")
+        out = out if is_url(out) else Path(out)
+        check_not_an_input(out, [*self.experts, *([averaged] if averaged else [])])
+
+        def merge_and_write() -> None:
+            trained = (Expert(averaged, base=adapter.base, name="trained (averaged)") if averaged is not None
+                       else live_expert(adapter, name="trained", statistics=statistics))
+            others = [adapter_expert(path, adapter, "MergeOnFitEnd") for path in self.experts]
+            merge([trained, *others], adapter.base, self.strategy, out=out, output="peft", rank=self.rank,
+                  include=self.include, exclude=self.exclude, on_missing_statistic=self.on_missing_statistic,
+                  overwrite=True)  # replaces only an earlier output of lightning-merge (files.ownership)
+            if self.log_report and trainer.loggers:
+                self._log(trainer, [trained, *others], adapter.base)
+            rank_zero_info(f"MergeOnFitEnd: merged {1 + len(self.experts)} adapters with {self.strategy.name} in ΔW "
+                           f"space → {out}")
+
+        on_rank_zero(trainer, merge_and_write, "MergeOnFitEnd: the merge")
+        self.merged_path = str(out)
+
     def _merge(self, trained: Any, out: Any, trainer: Any, pl_module: Any) -> None:
         """Merge ``trained`` with the other experts into ``out`` (rank 0). A ``.safetensors`` output is streamed
         tensor by tensor; a ``.ckpt`` is written from the merged state dict in memory."""

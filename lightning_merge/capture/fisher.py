@@ -95,19 +95,68 @@ def batch_counts(batch: Any, module: nn.Module | None = None, reduction: str = "
     return sequences, sequences
 
 
+#: the model classes a LightningModule without ``forward`` may wrap, called in its place (names along the MRO, so
+#: neither transformers nor peft is imported here)
+WRAPPED_MODELS = ("PreTrainedModel", "PeftModel")
+_NO_FORWARD = ("Module._forward_unimplemented", "LightningModule.forward")
+
+PROTOCOL = (
+    "define `fisher_logits(self, batch) -> (logits, targets)` on the LightningModule (logits (..., C), integer "
+    "targets (...), -100 ignored), or `forward(self, **inputs)` returning the logits or a Hugging Face output, or "
+    "hold one Hugging Face / PEFT model as an attribute (self.model = get_peft_model(...)); see docs/capture.md"
+)
+
+
+def defines_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class defines its own ``forward`` (a LightningModule need not)."""
+    return getattr(type(module).forward, "__qualname__", "") not in _NO_FORWARD
+
+
+def wrapped_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attributes of ``module`` that are Hugging Face (``PreTrainedModel``) or PEFT (``PeftModel``) models."""
+    return [(name, child) for name, child in module.named_children()
+            if any(c.__name__ in WRAPPED_MODELS for c in type(child).__mro__)]
+
+
+def model_call(module: nn.Module) -> Callable[..., Any] | None:
+    """What the post-fit passes call with a batch's inputs: ``module`` itself when its class defines ``forward``,
+    else the one Hugging Face / PEFT model it holds as an attribute (the docs/lora.md pattern: a LightningModule
+    whose steps call ``self.model(input_ids=..., labels=...)``); None when neither exists (:data:`PROTOCOL`)."""
+    if defines_forward(module):
+        return module
+    wrapped = wrapped_models(module)
+    return wrapped[0][1] if len(wrapped) == 1 else None
+
+
+def protocol_refusal(module: nn.Module, what: str) -> str | None:
+    """Why a post-fit pass cannot call ``module`` (checked before the fit), or None when it can: the module defines
+    ``fisher_logits`` or ``forward``, or wraps exactly one Hugging Face / PEFT model."""
+    if callable(getattr(module, "fisher_logits", None)) or model_call(module) is not None:
+        return None
+    wrapped = wrapped_models(module)
+    held = (f"holds {len(wrapped)} Hugging Face / PEFT models ({', '.join(n for n, _ in wrapped)}), so which one to "
+            "call is not known" if wrapped else "wraps no Hugging Face / PEFT model")
+    return (f"{what}: {type(module).__name__} defines neither `forward` nor `fisher_logits` and {held}; the post-fit "
+            f"pass needs a way to get logits from a batch: {PROTOCOL}")
+
+
 def default_logits_fn(module: nn.Module) -> LogitsFn:
-    """The module's ``fisher_logits`` if it has one, else the classification default (see the module docstring)."""
+    """The module's ``fisher_logits`` if it has one, else the classification default (see the module docstring),
+    calling the module or the Hugging Face / PEFT model it wraps (:func:`model_call`)."""
     custom = getattr(module, "fisher_logits", None)
     if callable(custom):
         return custom
     causal = is_causal_lm(module)
+    call = model_call(module)
+    if call is None:
+        raise TypeError(protocol_refusal(module, "the post-fit Fisher"))
 
     def logits_fn(batch: Any) -> tuple[Tensor, Tensor]:
         if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
-            return logits_of(module(batch[0])), batch[1]
+            return logits_of(call(batch[0])), batch[1]
         if isinstance(batch, Mapping) and "labels" in batch:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            logits, labels = logits_of(module(**inputs)), batch["labels"]
+            logits, labels = logits_of(call(**inputs)), batch["labels"]
             if causal and labels.dim() >= 2:  # Hugging Face's causal-LM loss: position t predicts token t + 1
                 return logits[..., :-1, :], labels[..., 1:]
             return logits, labels
@@ -415,6 +464,10 @@ __all__ = [
     "batch_counts",
     "compute_fisher",
     "default_logits_fn",
+    "defines_forward",
     "is_causal_lm",
     "log_likelihood",
+    "model_call",
+    "protocol_refusal",
+    "wrapped_models",
 ]

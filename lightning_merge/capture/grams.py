@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_merge.capture.fisher import limited_batches
+from lightning_merge.capture.fisher import limited_batches, model_call, protocol_refusal
 
 
 def attention_mask(batch: Any) -> Tensor | None:
@@ -104,17 +104,21 @@ class GramAccumulator:
 def default_forward(module: nn.Module) -> Callable[[Any], Any]:
     """How a batch runs through ``module`` for the Gram pass: its ``fisher_logits`` if it has one (the post-fit
     protocol of docs/capture.md), else ``module(x)`` for a tuple or list ``(x, ...)`` (labels, if any, unused),
-    ``module(**batch)`` without ``labels`` for a mapping, ``module(batch)`` for a tensor."""
+    ``module(**batch)`` without ``labels`` for a mapping, ``module(batch)`` for a tensor; a LightningModule without
+    ``forward`` is called through the one Hugging Face / PEFT model it holds (:func:`model_call`)."""
     custom = getattr(module, "fisher_logits", None)
     if callable(custom):
         return custom
+    call = model_call(module)  # the module, or the Hugging Face / PEFT model a LightningModule without forward wraps
+    if call is None:
+        raise TypeError(protocol_refusal(module, "the post-fit Gram pass"))
 
     def run(batch: Any) -> Any:
         if isinstance(batch, Mapping):
-            return module(**{k: v for k, v in batch.items() if k != "labels"})
+            return call(**{k: v for k, v in batch.items() if k != "labels"})
         if isinstance(batch, (tuple, list)):
-            return module(batch[0])
-        return module(batch)
+            return call(batch[0])
+        return call(batch)
 
     return run
 

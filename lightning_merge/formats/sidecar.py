@@ -368,6 +368,29 @@ class Statistics:
                 tensors[f"{kind}/{name}"] = value
         return cls(tensors, kinds, origin)
 
+    def renamed(self, names: Mapping[str, str], origin: str | None = None) -> Statistics:
+        """These statistics under other tensor names (``{name: new name}``; names not in it are left out, and so are
+        the resume accumulators), with the per-name metadata (β₂, steps, counts) renamed alike: a LightningModule's
+        statistics keyed like a PEFT adapter's weights, for example. The tensors are not copied."""
+        tensors: dict[str, Any] = {}
+        for key in self._tensors.keys():
+            if key.startswith(RESUME_PREFIX) or "/" not in key:
+                continue
+            kind, rest = key.split("/", 1)
+            name = _strip_part(rest)
+            if name in names:
+                tensors[f"{kind}/{names[name]}{rest[len(name):]}"] = self._tensors[key]
+        kinds = {}
+        for kind, meta in self.kinds.items():
+            meta = dict(meta)
+            for field in ("beta2", "step", "count"):
+                if isinstance(meta.get(field), dict):
+                    meta[field] = {names[n]: v for n, v in meta[field].items() if n in names}
+            kinds[kind] = meta
+        out = Statistics(tensors, kinds, origin or self.origin)
+        out.metadata = dict(self.metadata)
+        return out
+
     # -- queries ------------------------------------------------------------------------------------------------
     def _resolve_kind(self, kind: str, estimator: str | None) -> str:
         if kind in self.kinds:

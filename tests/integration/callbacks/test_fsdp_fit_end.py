@@ -83,7 +83,7 @@ SCRIPT = textwrap.dedent(
 
     import torch
     from capture_helpers import ddp_loader, quiet
-    from sharded_tiny import fits
+    from sharded_fit_end import fits
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import ModelParallelStrategy
     from safetensors.torch import save_file
@@ -109,7 +109,7 @@ SCRIPT = textwrap.dedent(
     # rank 0 cannot write the merge (someone else's file is in the way): every rank raises, the file stays
     from lightning_merge.callbacks import MergeOnFitEnd
     from lightning_merge.strategies import TaskArithmetic
-    from sharded_tiny import ShardedTiny
+    from sharded_fit_end import ShardedTiny
 
     (root / "foreign.safetensors").write_bytes(b"not ours") if rank == 0 else None
     torch.distributed.barrier()
@@ -133,10 +133,10 @@ def runs(tmp_path_factory):
     from lightning_merge.files.safetensors import save_tensors
 
     tmp = tmp_path_factory.mktemp("fit_end")
-    (tmp / "sharded_tiny.py").write_text(MODULE)
+    (tmp / "sharded_fit_end.py").write_text(MODULE)
     sys.path.insert(0, str(tmp))
     try:
-        from sharded_tiny import ShardedTiny, fits
+        from sharded_fit_end import ShardedTiny, fits
 
         save_tensors(tmp / "base.safetensors", ShardedTiny(lr=1e-2).state_dict())
         for i in (1, 2):  # the other experts: fits of their own on other data, with their statistics
