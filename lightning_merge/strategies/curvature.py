@@ -84,6 +84,22 @@ class _PrecisionStrategy(Strategy):
     def continual_form(self) -> ContinualForm:
         return _PrecisionFold(self)
 
+    def diagnose(self, plan: MergePlan, name: str, taus: Tensor, merged: Tensor) -> dict[str, Any]:
+        """The merged norm and ``weight_share``: each expert's mean share wᵢPᵢ / Σⱼ wⱼPⱼ of the merge's weight over
+        the tensor's entries (what the precision weighting keeps of each expert)."""
+        out = super().diagnose(plan, name, taus, merged)
+        n = taus.shape[0]
+        norms = plan.prepared.get("norms")
+        weights = self.expert_weights(n)
+        stats = plan.stats(name)
+        shares = [self.expert_precision(i, weights[i], stats[i], taus[i], None if norms is None else norms[i])
+                  .double().reshape(-1) for i in range(n)]
+        total = torch.stack(shares).sum(0)
+        covered = total > 0
+        count = max(int(covered.sum()), 1)
+        out["weight_share"] = [float((p[covered] / total[covered]).sum() / count) for p in shares]
+        return out
+
 
 class _PrecisionFold(ContinualForm):
     """Σ wᵢPᵢτᵢ and Σ wᵢPᵢ, kept per tensor; the merge is their quotient."""

@@ -227,7 +227,7 @@ def _blocks(tensors: Mapping[str, Mapping[str, Any]], n: int) -> dict[str, dict[
             k = agg.setdefault("kept_counts", {"kept": [0] * n, "shared": [0] * n})
             k["kept"] = [a + v for a, v in zip(k["kept"], entry["kept"]["kept"])]
             k["shared"] = [a + v for a, v in zip(k["shared"], entry["kept"]["shared"])]
-        for field in ("winners", "tall_kept"):  # shares of entries: weighted by the tensor's size
+        for field in ("winners", "tall_kept", "weight_share"):  # shares of entries: weighted by the tensor's size
             if field in entry:
                 acc = agg.setdefault(field, [0.0] * n)
                 agg[field] = [a + v * entry["numel"] for a, v in zip(acc, entry[field])]
@@ -254,7 +254,7 @@ def _blocks(tensors: Mapping[str, Mapping[str, Any]], n: int) -> dict[str, dict[
         if "projected" in agg:
             p = agg["projected"]
             block["projected_share"] = [r / t if t else 0.0 for r, t in zip(p["removed"], p["total"])]
-        for field in ("winners", "tall_kept"):
+        for field in ("winners", "tall_kept", "weight_share"):
             if field in agg:
                 block[field] = [v / max(agg["numel"], 1) for v in agg[field]]
         blocks[key] = block
@@ -290,13 +290,21 @@ def _heatmap(plt: Any, matrix: list[list[float]], rows: list[str], cols: list[st
     import numpy as np
 
     values = np.array(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cols), 0.8 + 0.32 * len(rows)))
-    shown = np.log10(np.clip(values, 1e-30, None)) if log else values
-    im = ax.imshow(shown, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(cols)), [c[-18:] for c in cols], rotation=30, ha="right", fontsize=8)
+    longest = max((len(c) for c in cols), default=0)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * len(cols), 1.0 + 0.32 * len(rows) + 0.06 * longest))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#dddddd")  # no value: an empty block, a statistic of zero (log scale)
+    if log:  # the scale spans the values present; zeros are shown grey, not as log10(1e-30)
+        positive = values > 0
+        shown = np.ma.masked_array(np.log10(np.where(positive, values, 1.0)), mask=~positive)
+    else:
+        shown = values
+    im = ax.imshow(shown, aspect="auto", cmap=cmap)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label=("log10 " if log else "") + label)
+    fig.tight_layout()
     if annotate:
         for i in range(values.shape[0]):
             for j in range(values.shape[1]):
@@ -306,7 +314,7 @@ def _heatmap(plt: Any, matrix: list[list[float]], rows: list[str], cols: list[st
 
 def _figures(data: Mapping[str, Any]) -> dict[str, Any]:
     plt = _pyplot()
-    experts = data["experts"]
+    experts = expert_labels(data["experts"])  # what tells them apart, not a clipped tail of each path
     blocks = data["blocks"]
     rows = list(blocks)
     figs: dict[str, Any] = {}
@@ -329,7 +337,8 @@ def _figures(data: Mapping[str, Any]) -> dict[str, Any]:
         figs["overlap"] = _heatmap(plt, [blocks[r]["kept"]["overlap"] for r in rows], rows, experts,
                                    "share of kept entries another expert keeps too", "overlap")
     for field, title in (("winners", "share of entries whose weighted median each expert supplies"),
-                         ("tall_kept", "TALL mask density per expert (consensus)")):
+                         ("tall_kept", "TALL mask density per expert (consensus)"),
+                         ("weight_share", "each expert's share of the merge's weight (precision-weighted)")):
         if rows and all(field in blocks[r] for r in rows):
             figs[field] = _heatmap(plt, [blocks[r][field] for r in rows], rows, experts, title, "share")
     if rows and all("projected_share" in blocks[r] for r in rows):
@@ -370,6 +379,27 @@ def _figures(data: Mapping[str, Any]) -> dict[str, Any]:
     return figs
 
 
+def strategy_text(spec: Mapping[str, Any]) -> str:
+    """A strategy's ``to_dict()`` as a reader writes it: ``fisher(scale=1.0, floor=1e-06)`` (its arguments that
+    are set, in order)."""
+    arguments = ", ".join(f"{k}={v!r}" for k, v in spec.items() if k != "name" and v is not None)
+    return f"{spec.get('name', '?')}({arguments})"
+
+
+def expert_labels(names: Sequence[str]) -> list[str]:
+    """Short labels that tell the experts apart: the path components all names share at the start and at the end
+    are dropped (``runs/up/final.adapter``, ``runs/down/final.adapter`` → ``up``, ``down``); names that stay equal
+    get ``#i``."""
+    parts = [n.replace("\\", "/").rstrip("/").split("/") for n in names]
+    if len(parts) > 1:
+        while all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) == 1:
+            parts = [p[1:] for p in parts]
+        while all(len(p) > 1 for p in parts) and len({p[-1] for p in parts}) == 1:
+            parts = [p[:-1] for p in parts]
+    labels = ["/".join(p) if len(names) > 1 else p[-1] for p in parts]
+    return [f"{label}#{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
 def _key(scores: Mapping[str, Any], x: float) -> str:
     return next(k for k in scores if float(k) == x)
 
@@ -389,6 +419,8 @@ def _html(data: Mapping[str, Any], figures: list[str]) -> str:
         "sweeps": "Validation score against the scale λ.",
         "continual": "Scores after each expert is folded in.",
         "winners": "Which expert the weighted median takes each entry from.",
+        "weight_share": "What the precision weighting keeps of each expert: its mean share wᵢPᵢ / Σⱼ wⱼPⱼ of the "
+                        "weight, block by block (Fisher: the Fisher; OTA: the second moments).",
         "tall_kept": "Where each expert's own update dominates (TALL masks): consensus keeps entries at least k "
                      "masks keep.",
     }
@@ -402,7 +434,7 @@ def _html(data: Mapping[str, Any], figures: list[str]) -> str:
         f"{esc(captions.get(stem, stem.replace('_', ' ')))}</figcaption></figure>"
         for stem in figures
     )
-    strategy = esc(json.dumps(data["strategy"])) if data["strategy"] else "none (the experts only)"
+    strategy = esc(strategy_text(data["strategy"])) if data["strategy"] else "none (the experts only)"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>lightning-merge report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
@@ -418,4 +450,4 @@ Every number is in <a href="report.json">report.json</a>.</p>
 """
 
 
-__all__ = ["BLOCK_PATTERN", "Report", "report"]
+__all__ = ["BLOCK_PATTERN", "Report", "expert_labels", "report", "strategy_text"]

@@ -83,6 +83,59 @@ def test_median_winners_opcm_shares_and_statistic_masses(tmp_path):
     assert plain["strategy"] is None and "merged_norm" not in plain["tensors"]["layers.0.weight"]
 
 
+def test_what_fisher_and_ota_keep_of_each_expert(tmp_path):
+    """weight_share: each expert's mean share of the precision weighting, per tensor and per block (size-weighted),
+    equal to the hand computation; drawn as its own figure."""
+    from lightning_merge import OTA
+    from lightning_merge.formats.sidecar import write_statistics
+
+    base_path, paths, base, _ = _family(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    fishers = [{k: torch.rand(v.shape, generator=g) + 0.1 for k, v in base.items()} for _ in paths]
+    for i, fisher in enumerate(fishers):
+        write_statistics(tmp_path / f"e{i}.statistics.safetensors",
+                         {"fisher.example": fisher, "exp_avg_sq": fisher},
+                         {"fisher.example": {"count": 1}, "exp_avg_sq": {"beta2": 0.999, "step": 1000}},
+                         compression="float32")
+    got = report(paths, base_path, Fisher(floor=0.0, normalize=False)).data
+    for name, entry in got["tensors"].items():
+        total = sum(f[name].double() for f in fishers)
+        expect = [float((f[name].double() / total).mean()) for f in fishers]
+        assert entry["weight_share"] == pytest.approx(expect, rel=1e-6)
+        assert sum(entry["weight_share"]) == pytest.approx(1.0)
+    normalized = report(paths, base_path, Fisher(floor=0.0)).data  # λᵢ = 1/‖Fᵢ‖ over the whole model
+    norms = [math.sqrt(sum(float(v.double().square().sum()) for v in f.values())) for f in fishers]
+    for name, entry in normalized["tensors"].items():
+        total = sum(f[name].double() / m for f, m in zip(fishers, norms))
+        expect = [float((f[name].double() / m / total).mean()) for f, m in zip(fishers, norms)]
+        assert entry["weight_share"] == pytest.approx(expect, rel=1e-6)
+    block0 = got["blocks"]["0"]
+    w, b = got["tensors"]["layers.0.weight"], got["tensors"]["layers.0.bias"]
+    assert block0["weight_share"] == pytest.approx(
+        [(w["weight_share"][i] * 120 + b["weight_share"][i] * 12) / 132 for i in range(3)])
+    ota = report(paths, base_path, OTA()).data
+    assert all(sum(e["weight_share"]) == pytest.approx(1.0) for e in ota["tensors"].values())
+    pytest.importorskip("matplotlib")
+    assert "weight_share" in report(paths, base_path, Fisher()).figures()
+
+
+def test_figures_tell_the_experts_apart_and_scale_to_the_values_present(tmp_path):
+    from lightning_merge.tools.diagnostics import _heatmap, _pyplot, expert_labels, strategy_text
+
+    assert expert_labels(["runs/up/final.adapter", "runs/down/final.adapter"]) == ["up", "down"]
+    assert expert_labels(["s3://b/runs/up/final.adapter/", "s3://b/runs/down/final.adapter/"]) == ["up", "down"]
+    assert expert_labels(["a/e.safetensors", "b/e.safetensors", "b/e.safetensors"]) == ["a", "b#1", "b#2"]
+    assert expert_labels(["runs/up/final.adapter"]) == ["final.adapter"]
+    assert expert_labels(["x/m1.safetensors", "x/m2.safetensors"]) == ["m1.safetensors", "m2.safetensors"]
+    assert strategy_text(Fisher(scale=0.5).to_dict()).startswith("fisher(") and "{" not in strategy_text(
+        Fisher(scale=0.5).to_dict())
+    pytest.importorskip("matplotlib")
+    figure = _heatmap(_pyplot(), [[0.0, 1e3], [10.0, 0.0]], ["0", "1"], ["up", "down"], "mass", "sum", log=True)
+    image = figure.axes[0].images[0]
+    assert image.get_clim() == pytest.approx((1.0, 3.0))  # log10 of the values present, not of 1e-30
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["up", "down"]
+
+
 def test_any_strategy_reports_through_its_diagnose_hook(tmp_path):
     """report() asks the strategy (Strategy.diagnose) instead of knowing its classes: a strategy the report has never
     heard of gets the merged norm by default and shows whatever its own hook adds."""
