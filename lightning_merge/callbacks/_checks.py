@@ -93,3 +93,27 @@ def check_statistics(who: str, strategy: Any, experts: Sequence[Any], trainer: A
 
 
 __all__ = ["capture_of", "captures_kind", "check_experts_match", "check_statistics", "selected", "selection"]
+
+
+def after_weight_averaging(trainer: Any, callback: Any) -> bool:
+    """Move ``callback`` after Lightning's own weight-averaging callbacks (``StochasticWeightAveraging``,
+    ``WeightAveraging`` and its ``EMAWeightAveraging``) in ``trainer.callbacks``, so that its ``on_train_end`` sees
+    the averaged weights they copy into the module in theirs, whatever order the user listed them in. Returns
+    whether there is such a callback."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+        kinds: tuple[type, ...] = (StochasticWeightAveraging, WeightAveraging)
+    except ImportError:  # older Lightning
+        kinds = (StochasticWeightAveraging,)
+    callbacks = list(trainer.callbacks)
+    averaging = [i for i, c in enumerate(callbacks) if isinstance(c, kinds)]
+    if not averaging or callback not in callbacks:
+        return bool(averaging)
+    if callbacks.index(callback) < averaging[-1]:
+        callbacks.remove(callback)
+        callbacks.insert(averaging[-1], callback)  # the last averaging callback moved one place up: right after it
+        # a new list: the hook being called now iterates the old one, which must not change under it
+        trainer.callbacks = callbacks
+    return True

@@ -84,12 +84,13 @@ class ContinualMerge(Callback):
         if stage != "fit":
             return
 
-        from lightning_merge.callbacks._checks import check_experts_match, check_statistics
+        from lightning_merge.callbacks._checks import after_weight_averaging, check_experts_match, check_statistics
         from lightning_merge.continual.state import ContinualState
         from lightning_merge.files.remote import exists, join
         from lightning_merge.sources.expert import Expert
 
         who = "ContinualMerge"
+        after_weight_averaging(trainer, self)  # SWA / EMA put their average in the module first: that is folded in
         if exists(join(str(self.state), "state.json")):
             state = ContinualState(self.state)
             strategy = state.strategy

@@ -13,7 +13,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from lightning_merge.callbacks._checks import check_experts_match, check_statistics, selection
+from lightning_merge.callbacks._checks import (
+    after_weight_averaging,
+    check_experts_match,
+    check_statistics,
+    selection,
+)
 from lightning_merge.callbacks._distributed import on_rank_zero
 from lightning_merge.callbacks._trained import holds_shards, load_weights, module_state, write_weights
 from lightning_merge.engine.options import ON_MISSING_STATISTIC
@@ -165,6 +170,7 @@ class MergeOnFitEnd(Callback):
         from lightning_merge.sources.expert import Expert
 
         who = "MergeOnFitEnd"
+        after_weight_averaging(trainer, self)  # SWA / EMA put their average in the module first: that is merged
         from lightning_merge.tools.peft_runs import module_adapter
 
         self._adapter = module_adapter(pl_module)

@@ -91,3 +91,37 @@ def test_ddp_every_rank_ends_with_the_merged_weights(tmp_path):
     r0, r1 = torch.load(run / "rank0.pt", weights_only=True), torch.load(run / "rank1.pt", weights_only=True)
     for name in merged.names():
         assert torch.equal(r0[name], merged.tensor(name)) and torch.equal(r1[name], merged.tensor(name))
+
+
+@pytest.mark.parametrize("first", ["merge", "ema"])
+def test_the_ema_average_is_what_is_merged_and_folded_whatever_the_order(tmp_path, first):
+    """Lightning's weight averaging copies its average into the module in on_train_end: MergeOnFitEnd and
+    ContinualMerge move themselves after it, so they merge the average whichever way the callbacks are listed."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from lightning_merge import ContinualState, Linear
+    from lightning_merge.callbacks import ContinualMerge
+    from lightning_merge.files.safetensors import save_tensors
+
+    (other,) = make_experts(tmp_path, seeds=(1,))
+    save_tensors(tmp_path / "base.safetensors", Tiny(lr=5e-2).state_dict())
+    merger = MergeOnFitEnd(experts=[other], strategy=Linear(), dirpath=str(tmp_path / "run"), load_merged=False)
+    fold = ContinualMerge(state=str(tmp_path / "state"), base=str(tmp_path / "base.safetensors"),
+                          strategy=TaskArithmetic(), name="run")
+    ema = EMAWeightAveraging(decay=0.5)
+    callbacks = [merger, fold, ema] if first == "merge" else [ema, merger, fold]
+    model = Tiny(lr=5e-2)
+    fit = trainer(tmp_path / "run", callbacks, max_epochs=2)
+    fit.fit(model, loader(32, 8, seed=3))
+    averaged = {k: v.detach().clone() for k, v in model.state_dict().items()}  # EMA's average, in the module now
+    order = fit.callbacks.index
+    assert order(merger) > order(ema) and order(fold) > order(ema)
+    merged = Expert(tmp_path / "run" / "merged.safetensors")
+    for name, value in averaged.items():
+        expect = (value + Expert(other).tensor(name)) / 2
+        torch.testing.assert_close(merged.tensor(name), expect, rtol=1e-6, atol=1e-7)
+    folded = ContinualState(tmp_path / "state").state_dict()
+    base = Expert(tmp_path / "base.safetensors")
+    for name, value in averaged.items():  # one expert folded with task arithmetic (scale 1): the average itself
+        torch.testing.assert_close(folded[name], base.tensor(name) + (value - base.tensor(name)), rtol=1e-6,
+                                   atol=1e-6)
