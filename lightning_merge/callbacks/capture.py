@@ -61,7 +61,13 @@ from lightning_merge.capture.sharded import (
     write_final_gathered,
     write_statistics_gathered,
 )
-from lightning_merge.capture.sharding import DTENSOR_SHARDINGS, holds_dtensors, sharding
+from lightning_merge.capture.sharding import (
+    DEEPSPEED_REFUSAL,
+    DTENSOR_SHARDINGS,
+    holds_dtensors,
+    is_deepspeed,
+    sharding,
+)
 from lightning_merge.files.outputs import remove_output
 from lightning_merge.files.remote import is_url, join
 from lightning_merge.formats.adapter import (
@@ -220,6 +226,8 @@ class CurvatureCapture(Callback):
     # -- hooks ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if is_deepspeed(trainer.strategy):
+            raise ValueError(DEEPSPEED_REFUSAL)
         if stage == "fit" and (self.fisher_after_fit is not None or self.gram == "after_fit"):
             setting = (f"fisher_after_fit={self.fisher_after_fit!r}" if self.fisher_after_fit is not None
                        else "gram='after_fit'")

@@ -53,6 +53,21 @@ def _lightning_fsdp(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
 
+DEEPSPEED_REFUSAL = (
+    "CurvatureCapture does not support DeepSpeedStrategy: ZeRO keeps Adam's state and the gradients in flat partitions "
+    "that do not map to named parameters here, and no DeepSpeed run can be tested on this project's machines (it "
+    "needs CUDA). Shard with FSDP2 instead (ModelParallelStrategy and torch.distributed.fsdp.fully_shard in "
+    "configure_model, supported), or DDP. To merge DeepSpeed checkpoints, consolidate each with the zero_to_fp32.py "
+    "script DeepSpeed writes into the checkpoint folder and pass the consolidated file as an Expert"
+)
+
+
+def is_deepspeed(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's ``DeepSpeedStrategy`` (or a subclass), told by class name so that the
+    ``deepspeed`` package need not be importable."""
+    return any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
+
+
 def sharding(module: nn.Module, strategy: Any = None) -> Sharding | None:
     """How ``module``'s parameters are sharded across ranks (see the module's docstring), or None when they are not.
 

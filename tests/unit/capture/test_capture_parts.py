@@ -133,3 +133,22 @@ def test_adapter_paths_and_renamed_metadata():
     meta = {"estimator": "adam", "beta2": {"a": 0.9, "b": 0.99}, "step": 3, "count": {"a": 1, "c": 2}}
     assert rename_meta(meta, {"a": "A", "b": "B"}) == {"estimator": "adam", "beta2": {"A": 0.9, "B": 0.99},
                                                        "step": 3, "count": {"A": 1}}
+
+
+def test_deepspeed_is_refused_in_setup_with_what_to_do_instead():
+    """DeepSpeed cannot be installed or run here (it needs CUDA); a capture under it is refused before training
+    with the supported alternatives, told by class name without importing deepspeed."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    from lightning_merge.callbacks import CurvatureCapture
+    from lightning_merge.capture.sharding import is_deepspeed
+
+    class Mine(DeepSpeedStrategy):  # a user's subclass
+        pass
+
+    strategy = object.__new__(Mine)  # DeepSpeedStrategy() itself needs the package
+    assert is_deepspeed(strategy) and not is_deepspeed(DDPStrategy())
+    with pytest.raises(ValueError, match="DeepSpeedStrategy.*FSDP2.*zero_to_fp32.py"):
+        CurvatureCapture().setup(SimpleNamespace(strategy=strategy), nn.Linear(2, 2), "fit")
