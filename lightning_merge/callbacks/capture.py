@@ -52,7 +52,6 @@ from lightning_merge.capture.records import Collected, SidecarSnapshot
 from lightning_merge.capture.second_moments import has_second_moments
 from lightning_merge.capture.sharded import (
     SHARDED_IN_MEMORY,
-    all_ranks,
     checkpoint_sidecar,
     fingerprints,
     local,
@@ -334,18 +333,20 @@ class CurvatureCapture(Callback):
             return trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum").cpu()
 
         batch_fisher = self._recorder.batch_fisher
-        weight, sequences, tokens = batch_fisher.step_weight(
-            counts, trainer.world_size, trainer.accumulate_grad_batches, reduce
-        )
         named: list[tuple[str, Tensor]] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and id(p) in self._names:
                     named.append((self._names[id(p)], local(p.grad)))  # FSDP2: the local shard of g
+        # Sharded gradients: every rank must skip the same steps, and a shard elsewhere may be the non-finite one,
+        # so this rank's verdict travels with the counts, in the one reduction a recorded step makes.
+        weight, sequences, tokens, finite = batch_fisher.step_totals(
+            counts, trainer.world_size, trainer.accumulate_grad_batches, reduce,
+            finite=batch_fisher.finite(named) if self._sharded else True,
+        )
         if weight <= 0 or not named:
             return
-        agree = (lambda finite: all_ranks(finite, named[0][1].device)) if self._sharded else None
-        if batch_fisher.step(named, weight, sequences, tokens, agree):
+        if batch_fisher.step(named, weight, sequences, tokens, finite if self._sharded else None):
             self._final = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

@@ -80,17 +80,46 @@ class BatchFisher:
     def step_weight(self, counts: BatchCounts, world_size: int, accumulate: int,
                     reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[float, float, float]:
         """``(wₜ, sequences, tokens)`` of a step from this rank's counts (``reduce`` sums a tensor over ranks)."""
+        weight, sequences, tokens, _ = self.step_totals(counts, world_size, accumulate, reduce)
+        return weight, sequences, tokens
+
+    def step_totals(self, counts: BatchCounts, world_size: int, accumulate: int,
+                    reduce: Callable[[Tensor], Tensor] | None = None,
+                    finite: bool = True) -> tuple[float, float, float, bool]:
+        """``(wₜ, sequences, tokens, every rank's gradients finite)`` of a step, in ONE reduction over the ranks
+        (a collective per recorded step is what the capture costs a sharded step most).
+
+        Args:
+            counts: this rank's counts of the step.
+            world_size: the number of ranks.
+            accumulate: the gradient accumulation.
+            reduce: sums a tensor over the ranks (None: one process, or ranks known to agree).
+            finite: whether this rank's gradients are finite (:meth:`finite`).
+        """
         local = torch.tensor([counts.variance, float(counts.sequences), float(counts.tokens),
-                              float(counts.contributions)], dtype=torch.float64)
-        total = reduce(local) if reduce is not None and world_size > 1 else local * world_size
-        variance, sequences, tokens, contributions = (float(v) for v in total)
+                              float(counts.contributions), 0.0 if finite else 1.0], dtype=torch.float64)
+        if reduce is not None and world_size > 1:
+            total = reduce(local)
+        else:
+            total = local * world_size
+        variance, sequences, tokens, contributions, nonfinite = (float(v) for v in total)
+        all_finite = nonfinite == 0
         if variance <= 0 or sequences <= 0:
-            return 0.0, sequences, tokens
-        return (world_size * accumulate) ** 2 * (contributions / sequences) / variance, sequences, tokens
+            return 0.0, sequences, tokens, all_finite
+        weight = (world_size * accumulate) ** 2 * (contributions / sequences) / variance
+        return weight, sequences, tokens, all_finite
+
+    @staticmethod
+    def finite(named: list[tuple[str, Tensor]]) -> bool:
+        """Whether every gradient in ``named`` is finite (one fused norm per tensor)."""
+        if not named:
+            return True
+        norms = torch._foreach_norm([g for _, g in named])
+        return bool(torch.stack([n.float() for n in norms]).isfinite().all())
 
     @torch.no_grad()
     def step(self, named: list[tuple[str, Tensor]], weight: float, sequences: float, tokens: float,
-             agree: Callable[[bool], bool] | None = None) -> bool:
+             finite: bool | None = None) -> bool:
         """Record one optimizer step's gradients. Returns False (and counts it as skipped) when a gradient is not
         finite (AMP skips those updates too).
 
@@ -99,14 +128,13 @@ class BatchFisher:
             weight: the step weight wₜ (:meth:`step_weight`).
             sequences: the step's sequences over every rank.
             tokens: the step's predicted units over every rank.
-            agree: combines this rank's "all finite" with every rank's (sharded gradients: a shard elsewhere may be
-                the non-finite one, and every rank must skip the same steps).
+            finite: whether every rank's gradients are finite (:meth:`step_totals`; sharded gradients: a shard
+                elsewhere may be the non-finite one, and every rank must skip the same steps); None checks this
+                rank's.
         """
         if not named:
             return False
-        norms = torch._foreach_norm([g for _, g in named])
-        finite = bool(torch.stack([n.float() for n in norms]).isfinite().all())
-        if not (agree(finite) if agree is not None else finite):
+        if not (self.finite(named) if finite is None else finite):
             self.skipped += 1
             return False
         groups: dict[int, list[tuple[Tensor, Tensor]]] = {}
