@@ -232,9 +232,9 @@ class MultiSlerp(Strategy):
         return out if base is None else out.add_(base)
 
     def continual_form(self) -> ContinualForm:
-        raise NoContinualForm("strategy 'multislerp' has no continual form in this version: its one- and two-expert "
-                              "special cases depend on the final count; use linear or task_arithmetic for a "
-                              "continual state")
+        raise NoContinualForm("strategy 'multislerp' has no continual form: what it gives for one expert, and for "
+                              "experts that cancel, depends on how many are merged in the end; use linear or "
+                              "task_arithmetic for a continual state")
 
 
 @dataclasses.dataclass(frozen=True)
