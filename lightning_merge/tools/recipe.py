@@ -271,6 +271,10 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         strategy = _build_strategy(method, shared, [p for _, p in entries], overrides or {}, path)
     if strategy.needs_base and base_path is None:
         raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
+    try:
+        strategy.check_num_experts(len(entries))
+    except ValueError as err:
+        raise RecipeError(f"{path}: {err}") from None
     dtype = config.get("out_dtype") or config.get("dtype")
     try:
         dtype = parse_dtype(dtype, "dtype")
