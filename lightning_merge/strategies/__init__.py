@@ -5,6 +5,7 @@ contract"); ``prepare(plan)`` returns a :class:`Prepared` whose ``merge_tensor``
 :mod:`lightning_merge.strategies.registry`, also gives each one's published reference).
 """
 
+from lightning_merge.strategies.anchored import ArceeFusion, ModelStock, NearSwap
 from lightning_merge.strategies.base import (
     ContinualForm,
     ContinualSummary,
@@ -27,13 +28,17 @@ from lightning_merge.strategies.plan import MergePlan
 from lightning_merge.strategies.registry import STRATEGIES, Reference
 from lightning_merge.strategies.regmean import RegMean
 from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
+from lightning_merge.strategies.spherical import Karcher, MultiSlerp, NuSlerp, Slerp
 from lightning_merge.strategies.task_vectors import Breadcrumbs, Dare, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.tsv import TSVMerge
 
 __all__ = [
-    "MergePlan",
     "SPARSIFIERS",
     "STRATEGIES",
+    "OPCM",
+    "OTA",
+    "PCB",
+    "ArceeFusion",
     "Breadcrumbs",
     "Cabs",
     "Consensus",
@@ -43,18 +48,22 @@ __all__ = [
     "Fisher",
     "FoldContext",
     "Generalized",
+    "Karcher",
     "LayerwiseTaskArithmetic",
     "LiNeS",
     "LiNeSPrepared",
     "Linear",
     "LinearForm",
+    "MergePlan",
+    "ModelStock",
+    "MultiSlerp",
+    "NearSwap",
     "NoContinualForm",
-    "OPCM",
-    "OTA",
-    "PCB",
+    "NuSlerp",
     "Prepared",
     "Reference",
     "RegMean",
+    "Slerp",
     "Sparsification",
     "Strategy",
     "TSVMerge",

@@ -108,6 +108,30 @@ def check_int(owner: Owner, field: str, value: Any, *, low: int | None = None) -
         raise ValueError(f"{owner_name(owner)}.{field} must be an integer{bound}, got {brief(value)}")
 
 
+def check_expert_count(owner: Owner, count: int, low: int, high: int | None, hint: str) -> None:
+    """Refuse a merge of ``count`` experts outside ``[low, high]`` (``high`` None: no upper bound).
+
+    Args:
+        owner: the strategy class (or a caller's name) the message names.
+        count: the number of experts (the base not counted).
+        low: the fewest experts the method merges.
+        high: the most, or None.
+        hint: what to do instead, appended to the message.
+
+    Raises:
+        ValueError: naming the owner, the accepted count and ``count``.
+    """
+    if low <= count and (high is None or count <= high):
+        return
+    if high == low:
+        want = f"exactly {low} expert{'s' if low != 1 else ''}"
+    elif high is None:
+        want = f"at least {low} experts"
+    else:
+        want = f"{low} to {high} experts"
+    raise ValueError(f"{owner_name(owner)} merges {want} (the base not counted), got {count}; {hint}")
+
+
 def set_field(obj: Any, field: str, value: Any) -> None:
     """Set a field of a frozen dataclass while it is constructed (normalising an argument in ``__post_init__``)."""
     object.__setattr__(obj, field, value)
@@ -119,6 +143,7 @@ __all__ = [
     "PerExpert",
     "check_bool",
     "check_choice",
+    "check_expert_count",
     "check_int",
     "check_number",
     "check_precision_weights",

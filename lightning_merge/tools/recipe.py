@@ -19,6 +19,7 @@ from lightning_merge.files.text import brief
 from lightning_merge.formats.sidecar import fetch_with_sidecar
 from lightning_merge.sources.expert import Expert
 from lightning_merge.strategies import STRATEGIES, Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
+from lightning_merge.tools.recipe_methods import GEOMETRIC, INCLUDES_BASE, geometric_arguments
 
 log = logging.getLogger("lightning_merge")
 
@@ -36,11 +37,13 @@ _MERGEKIT: dict[str, tuple[type[Strategy], dict[str, Any], bool | None, tuple[st
                     ("normalize", "lambda", "rescale", "int8_mask")),
     "breadcrumbs_ties": (Breadcrumbs, {"election": "weighted"}, False, ("weight", "density", "gamma"),
                          ("normalize", "lambda", "rescale", "int8_mask")),
+    **GEOMETRIC,  # slerp, nuslerp, multislerp, karcher, model_stock, nearswap, arcee_fusion (recipe_methods.py)
 }
 # Parameters mergekit knows for some method: given to a method that does not use them, mergekit ignores them (and
 # published recipes rely on it), so they are ignored here with a warning; a name no method knows is an error.
 _MERGEKIT_PARAMETERS = {"weight", "density", "normalize", "lambda", "rescale", "int8_mask", "gamma", "epsilon", "k",
-                        "select_topk", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "lambda_"}
+                        "select_topk", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "lambda_",
+                        "normalize_weights", "max_iter", "tol"}
 # This project's arguments accepted with a mergekit method name (they extend mergekit's method).
 _EXTENSIONS = {"ties": ("topk", "election", "weighting"), "task_arithmetic": ("election", "weighting"),
                "dare_linear": ("weighting", "seed"), "dare_ties": ("weighting", "seed", "election"),
@@ -244,9 +247,12 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         for key, value in params.items():
             _check_scalar(value, path, f"models[{i}].parameters.{key}")
         if base_path is not None and model_path.resolve() == base_path.resolve() and method != "linear" and \
-                exact is None:
+                method not in INCLUDES_BASE and exact is None:
             continue  # mergekit lists the base among the models; it is not a task vector
         entries.append((model_path, params))
+    if method in INCLUDES_BASE and exact is None and base_path is not None and \
+            all(p.resolve() != base_path.resolve() for p, _ in entries):
+        entries.append((base_path, {}))  # mergekit adds the base to the models it averages
     if not entries:
         raise RecipeError(f"{path}: no model to merge besides the base")
 
@@ -265,6 +271,10 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         strategy = _build_strategy(method, shared, [p for _, p in entries], overrides or {}, path)
     if strategy.needs_base and base_path is None:
         raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
+    try:
+        strategy.check_num_experts(len(entries))
+    except ValueError as err:
+        raise RecipeError(f"{path}: {err}") from None
     dtype = config.get("out_dtype") or config.get("dtype")
     try:
         dtype = parse_dtype(dtype, "dtype")
@@ -313,6 +323,9 @@ def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[st
                 values.append(_number(value, recipe, where))
             return values
 
+        if method in GEOMETRIC:
+            arguments = geometric_arguments(method, shared, per_expert, recipe)
+            return _from_spec({"name": cls.name, **arguments, **overrides}, recipe)
         kwargs: dict[str, Any] = dict(fixed)
         kwargs["weights"] = per_expert("weight", None)
         kwargs["normalize"] = _boolean(shared.get("normalize", default_normalize), recipe, "parameters.normalize")
@@ -340,6 +353,10 @@ def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[st
             if params:
                 raise RecipeError(f"{recipe}: models[{i}].parameters {', '.join(params)}: only 'weight' is per model "
                                   f"for '{method}'; put other parameters under 'parameters'")
+    return _from_spec(spec, recipe)
+
+
+def _from_spec(spec: dict[str, Any], recipe: Path) -> Strategy:
     try:
         return Strategy.from_dict(spec)
     except (ValueError, TypeError) as err:

@@ -27,17 +27,24 @@ from lightning_merge.strategies import (
     OTA,
     PCB,
     STRATEGIES,
+    ArceeFusion,
     Breadcrumbs,
     Cabs,
     Consensus,
     Dare,
     Fisher,
     Generalized,
+    Karcher,
     LayerwiseTaskArithmetic,
     Linear,
     LiNeS,
+    ModelStock,
+    MultiSlerp,
+    NearSwap,
     NoContinualForm,
+    NuSlerp,
     RegMean,
+    Slerp,
     Strategy,
     TaskArithmetic,
     Ties,
@@ -200,11 +207,38 @@ def strategies(draw, n: int):
                    scale=draw(st.floats(0.5, 1.5)))
     if name == "regmean":
         return RegMean(alpha=draw(st.floats(0.0, 1.0)), weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)))
+    if name == "slerp":
+        return Slerp(t=draw(st.floats(-0.2, 1.2)))
+    if name == "nuslerp":  # two experts: _fit_experts gives it two
+        return NuSlerp(weights=_weights(draw, 2), nuslerp_flatten=draw(st.booleans()),
+                       nuslerp_row_wise=draw(st.booleans()))
+    if name == "multislerp":
+        return MultiSlerp(weights=_weights(draw, n), normalize_weights=draw(st.booleans()))
+    if name == "karcher":
+        return Karcher(max_iter=draw(st.integers(0, 12)), tol=draw(st.sampled_from([1e-5, 1e-7])))
+    if name == "model_stock":
+        return ModelStock(filter_wise=draw(st.booleans()))
+    if name == "nearswap":
+        return NearSwap(t=draw(st.floats(0.0, 0.5)))
+    if name == "arcee_fusion":
+        return ArceeFusion()
     if name == "lines":
         inner = draw(st.sampled_from([TaskArithmetic(), Ties(density=0.5), TaskArithmetic(weights=[1.0] * n),
                                       Fisher(normalize=False)]))
         return LiNeS(inner, alpha=draw(st.one_of(st.none(), st.floats(0.2, 1.0))), beta=draw(st.floats(0.0, 1.0)))
     raise AssertionError(f"no generator for registered strategy {name!r}: add one so it is proven too")
+
+
+def _fit_experts(strategy: Strategy, n: int) -> int:
+    """The largest count up to ``n`` the strategy merges (slerp, nearswap and arcee_fusion take one expert, nuslerp
+    two): each path is then proven on a merge the strategy accepts."""
+    for count in range(n, 0, -1):
+        try:
+            strategy.check_num_experts(count)
+        except ValueError:
+            continue
+        return count
+    raise AssertionError(f"{strategy.name} accepts no count of experts up to {n}")
 
 
 def _close(got: dict, want: dict) -> None:
@@ -226,6 +260,7 @@ def test_continual_state_gives_the_batch_model_or_refuses_at_creation(dense, tmp
     root, experts, _ = dense
     n = data.draw(_sizes())
     strategy = data.draw(strategies(n))
+    n = _fit_experts(strategy, n)
     folder = tmp_path_factory.mktemp("state") / "state"
     try:
         strategy.continual_form()
@@ -247,6 +282,7 @@ def test_adapter_outputs_give_the_batch_model_or_refuse_before_writing(adapters,
     base, paths = adapters
     n = data.draw(_sizes())
     strategy = data.draw(strategies(n))
+    n = _fit_experts(strategy, n)
     out = tmp_path_factory.mktemp("peft")
     want = merge(paths[:n], base, strategy)
     form = strategy.linear_form(n)
@@ -271,6 +307,7 @@ def test_sweep_scale_gives_the_batch_model_at_every_scale_or_refuses(dense, data
     root, experts, experts16 = dense
     n = data.draw(_sizes())
     strategy = data.draw(strategies(n))
+    n = _fit_experts(strategy, n)
     use16 = data.draw(st.booleans())
     chosen = (experts16 if use16 else experts)[:n]
     base = root / ("base16.safetensors" if use16 else "base.safetensors")
@@ -299,6 +336,7 @@ def test_a_recipe_through_the_command_line_gives_the_batch_model(dense, tmp_path
     root, experts, _ = dense
     n = data.draw(_sizes())
     strategy = data.draw(strategies(n))
+    n = _fit_experts(strategy, n)
     folder = tmp_path_factory.mktemp("recipe")
     recipe = {"strategy": strategy.to_dict(), "base_model": str(root / "base.safetensors"),
               "models": [{"model": str(p)} for p in experts[:n]], "dtype": "float32"}
@@ -316,6 +354,7 @@ def test_bf16_experts_merge_in_float32_and_round_once(dense, data):
     root, experts, experts16 = dense
     n = data.draw(_sizes())
     strategy = data.draw(strategies(n))
+    n = _fit_experts(strategy, n)
     got = merge(experts16[:n], root / "base16.safetensors", strategy)
     upcast = []
     for p in experts16[:n]:
@@ -336,6 +375,7 @@ def test_union_and_base_policies_agree_when_the_base_holds_every_tensor(dense, t
     root, experts, _ = dense
     n = data.draw(_sizes())
     strategy = data.draw(strategies(n))
+    n = _fit_experts(strategy, n)
     folder = tmp_path_factory.mktemp("missing")
     lacking = Expert(experts[0])
     kept = {k: lacking.tensor(k) for k in lacking.names() if k != "layers.1.weight"}
@@ -351,4 +391,5 @@ def test_every_registered_strategy_has_a_generator():
     names = set(_library_strategies())
     assert names == {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "cabs", "generalized", "consensus",
                      "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge", "pcb",
-                     "layerwise_task_arithmetic", "regmean"}, sorted(names)
+                     "layerwise_task_arithmetic", "regmean", "slerp", "nuslerp", "multislerp", "karcher",
+                     "model_stock", "nearswap", "arcee_fusion"}, sorted(names)

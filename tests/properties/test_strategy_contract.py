@@ -225,7 +225,8 @@ def test_the_base_check_is_made_once_from_the_declaration():
                 prepared.merge_tensor("layers.0.weight", None, tensors, stats)
         else:
             assert prepared.merge_tensor("layers.0.weight", None, tensors, stats).shape == tensors[0].shape
-    assert {type(s).__name__ for s in library if not s.needs_base} == {"Fisher", "Linear", "OTA", "RegMean"}
+    assert {type(s).__name__ for s in library if not s.needs_base} == {"Fisher", "Karcher", "Linear", "MultiSlerp",
+                                                                       "NuSlerp", "OTA", "RegMean"}
     assert all(s.needs_base for s in needing) and not any(s.needs_base for s in optional)
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import make_models
 from safetensors.torch import load_file, save_file
 
-from lightning_merge import Cabs, Dare, Linear, LiNeS, TaskArithmetic, Ties, merge
+from lightning_merge import Cabs, Dare, Karcher, Linear, LiNeS, ModelStock, NuSlerp, Slerp, TaskArithmetic, Ties, merge
 from lightning_merge.cli.commands import main
 from lightning_merge.tools.recipe import RecipeError, load_recipe
 
@@ -135,7 +135,23 @@ def test_set_overrides_strategy_arguments(tmp_path, models):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("merge_method: slerp\nmodels: [{model: models/e0.safetensors}]", "merge_method 'slerp' is not supported"),
+        ("merge_method: frankenmerge\nmodels: [{model: models/e0.safetensors}]",
+         "merge_method 'frankenmerge' is not supported"),
+        ("merge_method: slerp\nbase_model: models/base.safetensors\nmodels: [{model: models/e0.safetensors}]",
+         r"merge_method 'slerp' needs parameters.t \(mergekit requires it\)"),
+        ("merge_method: nearswap\nbase_model: models/base.safetensors\nmodels: [{model: models/e0.safetensors}]",
+         r"merge_method 'nearswap' needs parameters.t"),
+        ("merge_method: nuslerp\nbase_model: models/base.safetensors\nmodels: [{model: models/e0.safetensors, "
+         "parameters: {weight: 1}}, {model: models/e1.safetensors}]",
+         r"models\[1\] has no 'weight' \(mergekit requires it for 'nuslerp'\)"),
+        ("merge_method: slerp\nbase_model: models/base.safetensors\nparameters: {t: 0.5}\n"
+         "models: [{model: models/e0.safetensors}, {model: models/e1.safetensors}]",
+         r"Slerp merges exactly 1 expert \(the base not counted\), got 2; slerp interpolates"),
+        ("merge_method: model_stock\nbase_model: models/base.safetensors\nparameters: {filter_wise: 1}\n"
+         "models: [{model: models/e0.safetensors}, {model: models/e1.safetensors}]",
+         r"parameters.filter_wise must be true or false, got 1"),
+        ("merge_method: karcher\nparameters: {max_iter: 2.5}\nmodels: [{model: models/e0.safetensors}]",
+         r"parameters.max_iter must be an integer, got 2.5"),
         ("merge_method: ties\nslices: []", "'slices' .* does not implement"),
         ("merge_method: ties\ntokenizer_source: union\nmodels: []", "'tokenizer_source'"),
         (
@@ -166,6 +182,38 @@ def test_set_overrides_strategy_arguments(tmp_path, models):
 def test_bad_recipes_rejected_before_merging(tmp_path, models, text, match):
     with pytest.raises(RecipeError, match=match):
         load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("method, parameters, listed, strategy, expert_indices, with_base", [
+    ("slerp", "{t: 0.3}", ["base", "e0"], Slerp(t=0.3), [0], True),
+    ("nuslerp", "{nuslerp_flatten: false}", ["e0:1.0", "e1:0.5"], NuSlerp(weights=[1.0, 0.5], nuslerp_flatten=False),
+     [0, 1], True),
+    ("model_stock", "{filter_wise: true}", ["e0", "e1", "e2"], ModelStock(filter_wise=True), [0, 1, 2], True),
+    ("karcher", "{max_iter: 3}", ["e0", "e1"], Karcher(max_iter=3), [0, 1, "base"], False),
+])
+def test_geometric_recipes_build_mergekits_method(tmp_path, models, method, parameters, listed, strategy,
+                                                  expert_indices, with_base):
+    """A mergekit recipe of a geometric method builds its strategy with mergekit's names; karcher averages the base
+    with the models (mergekit adds it when it is not listed), the others merge the models other than the base."""
+    lines = []
+    for m in listed:
+        name, _, weight = m.partition(":")
+        lines.append(f"  - model: models/{name}.safetensors" + (f"\n    parameters: {{weight: {weight}}}" if weight
+                                                               else ""))
+    recipe = write(tmp_path, f"merge_method: {method}\nbase_model: models/base.safetensors\nparameters: {parameters}\n"
+                             "models:\n" + "\n".join(lines) + "\n")
+    loaded = load_recipe(recipe)
+    assert loaded.strategy == strategy
+    named = [f"e{i}" if i != "base" else "base" for i in expert_indices]
+    assert [e.name.rsplit("/", 1)[-1] for e in loaded.experts] == [f"{n}.safetensors" for n in named]
+    assert (loaded.base is not None) == (with_base or method == "karcher")
+    assert main(["merge", str(recipe), str(tmp_path / "out.safetensors"), "--no-progress"]) == 0
+    base, experts = models
+    inputs = [base if n == "base" else experts[int(n[1:])] for n in named]
+    want = merge(inputs, base, strategy)
+    got = load_file(tmp_path / "out.safetensors")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
 
 
 def test_mismatched_architecture_reported_before_any_output(tmp_path, models, capsys):

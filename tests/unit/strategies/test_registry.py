@@ -38,6 +38,13 @@ _VARIANTS = [
     S.RegMean(alpha=0.5, weights=[1.0, 3.0], scale=1.2),
     S.TSVMerge(weights=[1.0, 0.5], not_svd=r"lm_head"),
     S.LayerwiseTaskArithmetic(coefficients={"0": [0.3, 0.7], "1": [0.5, 0.5]}, default=[1.0, 0.2], scale=0.8),
+    S.Slerp(t=0.3),
+    S.NuSlerp(weights=[1.0, 0.6], nuslerp_flatten=False, nuslerp_row_wise=True),
+    S.MultiSlerp(weights=[1.0, 0.5, 2.0], normalize_weights=False, eps=1e-6),
+    S.Karcher(max_iter=20, tol=1e-7),
+    S.ModelStock(filter_wise=True),
+    S.NearSwap(t=0.001),
+    S.ArceeFusion(),
 ]
 
 
