@@ -17,15 +17,19 @@ from lightning_merge.strategies.base import (
 from lightning_merge.strategies.cabs import Cabs
 from lightning_merge.strategies.consensus import Consensus
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
+from lightning_merge.strategies.della import Della
 from lightning_merge.strategies.generalized import Generalized
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 from lightning_merge.strategies.linear import Linear
 from lightning_merge.strategies.lines import LiNeS, LiNeSPrepared
 from lightning_merge.strategies.opcm import OPCM
 from lightning_merge.strategies.pcb import PCB
+from lightning_merge.strategies.per_tensor import PerTensor
 from lightning_merge.strategies.plan import MergePlan
+from lightning_merge.strategies.ram import RAM, RAMPlusTL
 from lightning_merge.strategies.registry import STRATEGIES, Reference
 from lightning_merge.strategies.regmean import RegMean
+from lightning_merge.strategies.sce import SCE
 from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
 from lightning_merge.strategies.task_vectors import Breadcrumbs, Dare, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.tsv import TSVMerge
@@ -40,6 +44,7 @@ __all__ = [
     "ContinualForm",
     "ContinualSummary",
     "Dare",
+    "Della",
     "Fisher",
     "FoldContext",
     "Generalized",
@@ -52,9 +57,13 @@ __all__ = [
     "OPCM",
     "OTA",
     "PCB",
+    "PerTensor",
+    "RAM",
+    "RAMPlusTL",
     "Prepared",
     "Reference",
     "RegMean",
+    "SCE",
     "Sparsification",
     "Strategy",
     "TSVMerge",

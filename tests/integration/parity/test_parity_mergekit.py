@@ -40,7 +40,16 @@ METHODS = {
     "breadcrumbs_ties": ("parameters: {density: 0.7, gamma: 0.02}", "{weight: %s}"),
     "dare_linear": ("parameters: {density: 1.0}", "{weight: %s}"),
     "dare_ties": ("parameters: {density: 1.0}", "{weight: %s}"),
+    # della at density 1 draws nothing: the deterministic rest of the method (election, L1 rescale, normalize)
+    "della": ("parameters: {density: 1.0, lambda: 0.9}", "{weight: %s}"),
+    "della_linear": ("parameters: {density: 1.0}", "{weight: %s}"),
+    "sce": ("parameters: {select_topk: 0.4}", "{weight: %s}"),  # sce takes no weight: ignored by both
+    "sce_all": ("", "{weight: %s}"),
+    "ram": ("parameters: {epsilon: 0.004}", "{weight: %s}"),
+    "ramplus_tl": ("parameters: {r: 0.5, alpha: 0.6, epsilon: 0.002}", "{weight: %s}"),
 }
+#: recipe names whose mergekit method is another key's
+ALIASES = {"ties_normalize_false": "ties", "sce_all": "sce"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +64,7 @@ def family(tmp_path_factory):
 def test_same_result_as_mergekit(tmp_path, family, method):
     base, experts = family
     shared, per_model = METHODS[method]
-    mk_method = "ties" if method == "ties_normalize_false" else method
+    mk_method = ALIASES.get(method, method)
     weights = ["1.0", "0.6", "1.4"]
     models = "\n".join(f"  - model: {e}\n    parameters: {per_model % w}" for e, w in zip(experts, weights))
     recipe = tmp_path / "recipe.yaml"
