@@ -22,7 +22,9 @@ def sce_select(tau: Tensor, fraction: float) -> Tensor:
     if fraction >= 1:
         return torch.ones(tau.shape[1:], dtype=torch.bool)
     var = tau.var(dim=0, unbiased=False)
-    k = int(int(torch.count_nonzero(var)) * fraction) if fraction > 0 else 0
+    # the count times the fraction in float32, as mergekit's tensor arithmetic computes it (2670 · 0.7 gives 1869
+    # there, 1868.9999999999998 in float64)
+    k = int(torch.count_nonzero(var) * fraction) if fraction > 0 else 0
     mask = torch.zeros(var.numel(), dtype=torch.bool)
     if k > 0:
         mask[torch.topk(var.reshape(-1), k).indices] = True

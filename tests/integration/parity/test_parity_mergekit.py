@@ -89,3 +89,54 @@ def test_same_result_as_mergekit(tmp_path, family, method):
         assert a.dtype == b.dtype == torch.float32
         worst = max(worst, float((a - b).abs().max()))
     assert worst <= 1e-6, f"{method}: largest difference {worst}"
+
+
+# -- parameters that vary over the model: per-layer gradients and filter rules -------------------------------------
+
+FEATURES = {
+    # a gradient of weights per model and of the shared density, a boolean gradient (picked, not interpolated)
+    "ties_gradients": ("ties", "parameters: {density: [0.2, 0.9], normalize: [true, false]}",
+                       ["{weight: [0.2, 0.5, 0.8]}", "{weight: [1.0, 0.1]}", "{weight: 0.7}"]),
+    "linear_gradient": ("linear", "", ["{weight: [0.2, 0.5, 0.8, 1.1]}", "{weight: [1.0, 0.1]}", "{weight: 0.7}"]),
+    # filters: the first rule whose filter is in the name; a rule's value may be a gradient; no rule matching
+    # falls back to the recipe's parameters (the shared lambda falls back to mergekit's default, 1)
+    "task_arithmetic_filters": (
+        "task_arithmetic",
+        "parameters: {lambda: [{filter: mlp, value: 0.5}], weight: 0.4}",
+        ["{weight: [{filter: self_attn, value: 0.3}, {filter: mlp, value: [0.1, 0.9]}, {value: 1.0}]}",
+         "{weight: [{filter: layernorm, value: 2.0}]}",
+         "{weight: {filter: '*', value: [0.6, 0.2]}}"]),
+    "ties_filter_density": ("ties", "parameters: {density: 0.6}",
+                            ["{weight: 1.0, density: [{filter: mlp, value: 0.3}]}",
+                             "{weight: 0.6, density: [{filter: q_proj, value: [0.1, 0.9]}, {value: 0.5}]}",
+                             "{weight: 1.4}"]),
+    "sce_gradient": ("sce", "parameters: {select_topk: [0.3, 0.9]}", ["{}", "{}", "{}"]),
+    "breadcrumbs_gradient": ("breadcrumbs", "parameters: {density: [0.9, 0.6], gamma: [0.0, 0.1]}",
+                             ["{weight: 1.0}", "{weight: [0.5, 1.5]}", "{weight: 0.8}"]),
+}
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory):
+    """Four layers: t = 0, 1/3, 2/3, 1, so gradients of two, three and four values interpolate between entries."""
+    return write_llama_family(tmp_path_factory.mktemp("llama4"), llama_config(layers=4), n_experts=3,
+                              delta_density=0.3, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_parameters_varying_over_the_model_as_mergekit(tmp_path, deep_family, feature):
+    base, experts = deep_family
+    method, shared, per_model = FEATURES[feature]
+    models = "\n".join(f"  - model: {e}\n    parameters: {p}" for e, p in zip(experts, per_model))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: {method}\n" + ("" if method == "linear" else f"base_model: {base}\n")
+                      + f"dtype: float32\n{shared}\nmodels:\n{models}\n")
+    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
+    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
+    theirs, ours = Expert(tmp_path / "mk"), Expert(tmp_path / "lm")
+    assert sorted(theirs.names()) == sorted(ours.names())
+    worst = 0.0
+    for name in ours.names():
+        a, b = ours.tensor(name), theirs.tensor(name)
+        worst = max(worst, float(((a - b).abs() / b.abs().clamp(min=1e-3)).max()))
+    assert worst <= 1e-5, f"{feature}: largest relative difference {worst}"
