@@ -124,7 +124,8 @@ def della_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
     order = torch.argsort(x.abs(), dim=1, stable=True)
     positions = torch.arange(n).view(1, n, *[1] * (x.dim() - 2)).expand_as(order).contiguous()
     ranks = torch.empty_like(order).scatter_(1, order, positions)
-    probs = ranks.to(torch.float32).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
+    dtype = tau.dtype if tau.is_floating_point() else torch.float32
+    probs = ranks.to(dtype).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
     return probs.view(tau.shape)
 
 
