@@ -15,6 +15,7 @@ from lightning_merge.errors import NoContinualForm
 from lightning_merge.files.text import brief
 from lightning_merge.strategies.base import ContinualForm, LinearForm, Prepared, Strategy
 from lightning_merge.strategies.checks import set_field
+from lightning_merge.strategies.registry import Reference
 
 if TYPE_CHECKING:
     from lightning_merge.strategies.plan import MergePlan
@@ -37,8 +38,10 @@ class PerTensor(Strategy):
     """
 
     name = "per_tensor"
+    reference = Reference("https://arxiv.org/abs/2403.13257",
+                          ("https://github.com/arcee-ai/mergekit/blob/main/mergekit/config.py",))
 
-    strategies: Sequence[Any] = ()
+    strategies: Sequence[Any] = ({"name": "task_arithmetic"},)
     tensors: Mapping[str, int] = dataclasses.field(default_factory=dict)
     default: int | None = None
 

@@ -38,6 +38,11 @@ _VARIANTS = [
     S.RegMean(alpha=0.5, weights=[1.0, 3.0], scale=1.2),
     S.TSVMerge(weights=[1.0, 0.5], not_svd=r"lm_head"),
     S.LayerwiseTaskArithmetic(coefficients={"0": [0.3, 0.7], "1": [0.5, 0.5]}, default=[1.0, 0.2], scale=0.8),
+    S.Della(density=[0.4, 0.6], epsilon=0.1, combine="linear", rescale="inverse", seed=3),
+    S.SCE(select_topk=0.3, scale=0.9),
+    S.RAM(epsilon=0.01),
+    S.RAMPlusTL(r=0.5, alpha=0.3, epsilon=0.01),
+    S.PerTensor(strategies=[S.Ties(density=0.5), S.SCE()], tensors={"layers.0.w": 1}, default=0),
 ]
 
 
