@@ -140,3 +140,33 @@ def test_parameters_varying_over_the_model_as_mergekit(tmp_path, deep_family, fe
         a, b = ours.tensor(name), theirs.tensor(name)
         worst = max(worst, float(((a - b).abs() / b.abs().clamp(min=1e-3)).max()))
     assert worst <= 1e-5, f"{feature}: largest relative difference {worst}"
+
+
+def test_della_draws_the_same_distribution_as_mergekit(tmp_path, deep_family):
+    """mergekit's DELLA draws from torch's global generator in its task order, ours per (seed, tensor, expert): the
+    samples differ, so the same recipe is compared by what the distribution fixes. One expert, della_linear: each
+    tensor keeps about ``density`` of the expert's changed entries in both, and the L1 rescale gives both the task
+    vector's L1 norm exactly."""
+    base, experts = deep_family
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: della_linear\nbase_model: {base}\ndtype: float32\n"
+                      f"parameters: {{density: 0.4, epsilon: 0.2}}\nmodels:\n"
+                      f"  - model: {experts[0]}\n    parameters: {{weight: 1.0}}\n")
+    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet", "--random-seed", "7"], check=True,
+                   capture_output=True)
+    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
+    theirs, ours, b, e = (Expert(p) for p in (tmp_path / "mk", tmp_path / "lm", base, experts[0]))
+    kept_mk = kept_lm = changed = 0
+    for name in ours.names():
+        tau = e.tensor(name) - b.tensor(name)
+        if int(torch.count_nonzero(tau)) < 100:
+            continue
+        mk, lm = theirs.tensor(name) - b.tensor(name), ours.tensor(name) - b.tensor(name)
+        for got in (mk, lm):
+            torch.testing.assert_close(got.abs().sum(), tau.abs().sum(), rtol=1e-4, atol=1e-6)
+        assert not torch.equal(mk, lm)  # another sample
+        kept_mk += int(torch.count_nonzero(mk))
+        kept_lm += int(torch.count_nonzero(lm))
+        changed += int(torch.count_nonzero(tau))
+    # zeros rank lowest, so the changed entries sit in the upper ranks: both keep the same expected share of them
+    assert abs(kept_mk - kept_lm) / changed < 0.02, (kept_mk, kept_lm, changed)
