@@ -18,15 +18,19 @@ from lightning_merge.strategies.base import (
 from lightning_merge.strategies.cabs import Cabs
 from lightning_merge.strategies.consensus import Consensus
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
+from lightning_merge.strategies.della import Della
 from lightning_merge.strategies.generalized import Generalized
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 from lightning_merge.strategies.linear import Linear
 from lightning_merge.strategies.lines import LiNeS, LiNeSPrepared
 from lightning_merge.strategies.opcm import OPCM
 from lightning_merge.strategies.pcb import PCB
+from lightning_merge.strategies.per_tensor import PerTensor
 from lightning_merge.strategies.plan import MergePlan
+from lightning_merge.strategies.ram import RAM, RAMPlusTL
 from lightning_merge.strategies.registry import STRATEGIES, Reference
 from lightning_merge.strategies.regmean import RegMean
+from lightning_merge.strategies.sce import SCE
 from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
 from lightning_merge.strategies.spherical import Karcher, MultiSlerp, NuSlerp, Slerp
 from lightning_merge.strategies.task_vectors import Breadcrumbs, Dare, TaskArithmetic, TaskVectorMerge, Ties
@@ -45,6 +49,7 @@ __all__ = [
     "ContinualForm",
     "ContinualSummary",
     "Dare",
+    "Della",
     "Fisher",
     "FoldContext",
     "Generalized",
@@ -60,9 +65,13 @@ __all__ = [
     "NearSwap",
     "NoContinualForm",
     "NuSlerp",
+    "PerTensor",
     "Prepared",
+    "RAM",
+    "RAMPlusTL",
     "Reference",
     "RegMean",
+    "SCE",
     "Slerp",
     "Sparsification",
     "Strategy",

@@ -110,6 +110,25 @@ def random_mask(shape: torch.Size, keep_prob: float, seed: int) -> Tensor:
     return torch.rand(shape, generator=generator) < keep_prob
 
 
+def della_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probabilities (MagPrune): along each row (``dim=1``; a 1-D tensor is one row), the entry of
+    ascending magnitude rank r ∈ {0, …, n−1} is kept with probability ``density − ε + 2ε·r/(n−1)``, so the larger
+    entries are kept more often and the row keeps ``density`` of its entries on average (mergekit's
+    ``della_magprune``). Ties in magnitude rank by the lower index first (mergekit's ``argsort`` is unstable there).
+    A row of one entry, where mergekit's rank normalisation divides 0 by 0 and fails, is kept with ``density``.
+    """
+    x = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    n = x.shape[1]
+    if n < 2:
+        return torch.full_like(tau, density)
+    order = torch.argsort(x.abs(), dim=1, stable=True)
+    positions = torch.arange(n).view(1, n, *[1] * (x.dim() - 2)).expand_as(order).contiguous()
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    dtype = tau.dtype if tau.is_floating_point() else torch.float32
+    probs = ranks.to(dtype).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
+    return probs.view(tau.shape)
+
+
 def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
     """Rescale ``masked`` so its L1 norm matches ``original``'s (mergekit's DARE ``rescale``)."""
     before = original.abs().sum()

@@ -32,6 +32,8 @@ SPARSIFIERS = {
     "breadcrumbs": "the density entries below the gamma largest by |τ| (Model Breadcrumbs)",
     "saliency": "the top-density entries by statistic ⊙ τ² (Fast Fisher Grafting's saliency)",
     "cabs": "n:m per group among the positions earlier experts left free (CABS, conflict-aware and balanced)",
+    "della": "each entry with probability density ± epsilon by its magnitude rank in its row, seeded per (seed, "
+             "tensor, expert) (DELLA's MagPrune)",
 }
 RESCALES = ("none", "inverse", "l1")
 SCOPES = ("tensor", "model")
@@ -55,6 +57,7 @@ class Sparsification:
         method: a key of :data:`SPARSIFIERS`.
         density: fraction kept (one number, or one per expert), for every method but ``"none"``.
         gamma: Breadcrumbs' fraction of largest entries dropped (one number, or one per expert).
+        epsilon: DELLA's spread of keep probabilities around ``density`` (one number, or one per expert).
         scope: ``"magnitude"`` over each tensor or over the whole model per expert.
         seed: seed of ``"random"``.
         n, m: CABS' n:m (``n`` None: ``round(density·m)``).
@@ -66,6 +69,7 @@ class Sparsification:
     method: str = "none"
     density: float | Sequence[float] = 1.0
     gamma: float | Sequence[float] = 0.01
+    epsilon: float | Sequence[float] = 0.15
     scope: str = "tensor"
     seed: int = 0
     n: int | None = None
@@ -130,6 +134,8 @@ class Sparsification:
             if density >= 1:
                 return None
             return F.random_mask(tau.shape, density, F.tensor_seed(self.seed, name, index))
+        if method == "della":
+            return self._della(name, index, tau)[0]
         if method == "breadcrumbs":
             return F.breadcrumbs_mask(tau, density, _value(self.gamma, index, 0.01))
         if method == "saliency":
@@ -138,6 +144,19 @@ class Sparsification:
         if method == "cabs":
             return F.nm_mask(tau, self.cabs_n(), self.m, None if taken is None else ~taken, fill=True)
         raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFIERS)}")
+
+    def _della(self, name: str, index: int, tau: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """DELLA's keep-mask of expert ``index`` and the probabilities it was drawn with (None, None: keep all)."""
+        density = self.keep_fraction(index)
+        if density >= 1:
+            return None, None
+        if density <= 0:
+            return torch.zeros_like(tau, dtype=torch.bool), None
+        epsilon = _value(self.epsilon, index, 0.15)
+        check_della("Sparsification", density, epsilon)
+        probs = F.della_probabilities(tau, density, epsilon)
+        generator = torch.Generator().manual_seed(F.tensor_seed(self.seed, name, index))
+        return torch.rand(tau.shape, generator=generator) < probs, probs
 
     def apply(
         self, name: str, index: int, tau: Tensor, stats: Mapping[str, Tensor], ctx: Mapping[str, Any],
@@ -149,11 +168,17 @@ class Sparsification:
             ``(tau, taken)``: the same tensor, and for CABS the positions taken so far (earlier experts' and this
             one's non-zero kept entries); None otherwise.
         """
-        keep = self.mask(name, index, tau, stats, ctx, taken)
+        probs = None
+        if self.method == "della":
+            keep, probs = self._della(name, index, tau)
+        else:
+            keep = self.mask(name, index, tau, stats, ctx, taken)
         if keep is not None:
             original = tau.clone() if self.rescale == "l1" else None
             tau.mul_(keep)
-            if self.rescale == "inverse":
+            if self.rescale == "inverse" and probs is not None:  # DELLA: each kept entry ÷ its own probability
+                tau.div_(probs)
+            elif self.rescale == "inverse":
                 fraction = self.keep_fraction(index)
                 if fraction > 0:
                     tau.div_(fraction)
@@ -174,6 +199,27 @@ class Sparsification:
         taken = None
         for i in order:
             _, taken = self.apply(name, i, buf[i], stats[i], ctx, taken)
+
+
+def check_della(owner: Any, density: Any, epsilon: Any) -> None:
+    """Refuse a DELLA density ± epsilon outside (0, 1) where entries are dropped (0 < density < 1): the keep
+    probabilities would leave [0, 1] (mergekit refuses the same recipes, when it reaches the tensor).
+
+    Raises:
+        ValueError: naming ``owner``'s density and epsilon, and the range they must keep.
+    """
+    who = owner if isinstance(owner, str) else owner.__name__
+    densities = density if isinstance(density, (list, tuple)) else [density]
+    epsilons = epsilon if isinstance(epsilon, (list, tuple)) else [epsilon] * len(densities)
+    if len(epsilons) == 1 and len(densities) > 1:
+        epsilons = epsilons * len(densities)
+    for i, (d, e) in enumerate(zip(densities, epsilons)):
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or e != e:
+            raise ValueError(f"{who}.epsilon must be a number or a list of numbers, got {e!r}")
+        if 0 < d < 1 and not (d - abs(e) > 0 and d + abs(e) < 1):
+            which = f" (expert {i + 1})" if len(densities) > 1 else ""
+            raise ValueError(f"{who}: density {d:g} ± epsilon {e:g}{which} must stay inside (0, 1): DELLA keeps each "
+                             "entry with a probability in [density − epsilon, density + epsilon]; lower epsilon")
 
 
 # -- model-wide top-k -----------------------------------------------------------------------------------------
@@ -259,4 +305,4 @@ def model_topk_thresholds(plan: MergePlan, densities: list[float]) -> dict[str, 
     return cuts
 
 
-__all__ = ["RESCALES", "SCOPES", "SPARSIFIERS", "Sparsification", "model_topk_thresholds"]
+__all__ = ["RESCALES", "SCOPES", "SPARSIFIERS", "Sparsification", "check_della", "model_topk_thresholds"]

@@ -18,7 +18,21 @@ from lightning_merge.files.remote import is_url, redact
 from lightning_merge.files.text import brief
 from lightning_merge.formats.sidecar import fetch_with_sidecar
 from lightning_merge.sources.expert import Expert
-from lightning_merge.strategies import STRATEGIES, Breadcrumbs, Dare, Linear, Strategy, TaskArithmetic, Ties
+from lightning_merge.strategies import (
+    RAM,
+    SCE,
+    STRATEGIES,
+    Breadcrumbs,
+    Dare,
+    Della,
+    Linear,
+    PerTensor,
+    RAMPlusTL,
+    Strategy,
+    TaskArithmetic,
+    Ties,
+)
+from lightning_merge.tools import mergekit_parameters as mp
 from lightning_merge.tools.recipe_methods import GEOMETRIC, INCLUDES_BASE, geometric_arguments
 
 log = logging.getLogger("lightning_merge")
@@ -38,16 +52,24 @@ _MERGEKIT: dict[str, tuple[type[Strategy], dict[str, Any], bool | None, tuple[st
     "breadcrumbs_ties": (Breadcrumbs, {"election": "weighted"}, False, ("weight", "density", "gamma"),
                          ("normalize", "lambda", "rescale", "int8_mask")),
     **GEOMETRIC,  # slerp, nuslerp, multislerp, karcher, model_stock, nearswap, arcee_fusion (recipe_methods.py)
+    "della": (Della, {"combine": "ties"}, True, ("weight", "density", "epsilon"),
+              ("normalize", "lambda", "rescale", "int8_mask")),
+    "della_linear": (Della, {"combine": "linear"}, False, ("weight", "density", "epsilon"),
+                     ("normalize", "lambda", "rescale", "int8_mask")),
+    "sce": (SCE, {}, None, (), ("select_topk", "int8_mask")),
+    "ram": (RAM, {}, None, (), ("epsilon",)),
+    "ramplus_tl": (RAMPlusTL, {}, None, (), ("r", "alpha", "epsilon")),
 }
 # Parameters mergekit knows for some method: given to a method that does not use them, mergekit ignores them (and
 # published recipes rely on it), so they are ignored here with a warning; a name no method knows is an error.
 _MERGEKIT_PARAMETERS = {"weight", "density", "normalize", "lambda", "rescale", "int8_mask", "gamma", "epsilon", "k",
                         "select_topk", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "lambda_",
-                        "normalize_weights", "max_iter", "tol"}
+                        "normalize_weights", "max_iter", "tol", "r", "alpha"}
 # This project's arguments accepted with a mergekit method name (they extend mergekit's method).
 _EXTENSIONS = {"ties": ("topk", "election", "weighting"), "task_arithmetic": ("election", "weighting"),
                "dare_linear": ("weighting", "seed"), "dare_ties": ("weighting", "seed", "election"),
-               "breadcrumbs": ("weighting", "election"), "breadcrumbs_ties": ("weighting", "election")}
+               "breadcrumbs": ("weighting", "election"), "breadcrumbs_ties": ("weighting", "election"),
+               "della": ("weighting", "seed", "election"), "della_linear": ("weighting", "seed")}
 _TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
 _REFUSED = {
     "slices": "layer slices (frankenmerges)",
@@ -226,7 +248,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     shared = dict(config.get("parameters") or {})
     if method in _MERGEKIT:  # this project's methods take lists (order) and mappings (LiNeS' inner) as they are
         for key, value in shared.items():
-            _check_scalar(value, path, f"parameters.{key}")
+            mp.check_setting(value, path, f"parameters.{key}")
 
     models = config.get("models") or []
     if not isinstance(models, list) or not models:
@@ -245,7 +267,10 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             model_path = lora_path
         params = dict(entry.get("parameters") or {})
         for key, value in params.items():
-            _check_scalar(value, path, f"models[{i}].parameters.{key}")
+            if method in _MERGEKIT and exact is None:
+                mp.check_setting(value, path, f"models[{i}].parameters.{key}")
+            else:
+                _check_scalar(value, path, f"models[{i}].parameters.{key}")
         if base_path is not None and model_path.resolve() == base_path.resolve() and method != "linear" and \
                 method not in INCLUDES_BASE and exact is None:
             continue  # mergekit lists the base among the models; it is not a task vector
@@ -267,12 +292,15 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             strategy = Strategy.from_dict({**exact, **(overrides or {})})
         except (ValueError, TypeError) as err:
             raise RecipeError(f"{path}: strategy: {err}") from None
+    elif method in _MERGEKIT and any(mp.varies(v) for p in [shared, *(p for _, p in entries)] for v in p.values()):
+        strategy = None  # per-layer gradients or filters: built per tensor once the models' headers are open
     else:
         strategy = _build_strategy(method, shared, [p for _, p in entries], overrides or {}, path)
-    if strategy.needs_base and base_path is None:
+    if strategy is not None and strategy.needs_base and base_path is None:
         raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
     try:
-        strategy.check_num_experts(len(entries))
+        if strategy is not None:  # a per-tensor strategy checks each of its strategies when it is built
+            strategy.check_num_experts(len(entries))
     except ValueError as err:
         raise RecipeError(f"{path}: {err}") from None
     dtype = config.get("out_dtype") or config.get("dtype")
@@ -293,11 +321,50 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             named = adapter_bases.get(p)
             adapter_base = base if named is None or (base_path and named.resolve() == base_path.resolve()) else named
         experts.append(open_model(p, base=adapter_base))
+    if strategy is None:
+        names = sorted({n for e in ([base] if base is not None else experts) for n in e.names()})
+        layers = mp.count_layers(base_path if base_path is not None else entries[0][0], names)
+        strategy = _build_per_tensor(method, shared, [p for _, p in entries], overrides or {}, path, names, layers)
+        if strategy.needs_base and base_path is None:
+            raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
     return Recipe(path, experts, base, strategy, dtype)
 
 
 def _is_adapter(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").exists()
+
+
+def _build_per_tensor(method: str, shared: dict[str, Any], per_model: list[dict[str, Any]],
+                      overrides: Mapping[str, Any], recipe: Path, names: list[str], layers: int | None) -> Strategy:
+    """The strategy of a recipe whose parameters vary by layer or by tensor name: each tensor's parameters resolved
+    as mergekit resolves them (:mod:`lightning_merge.tools.mergekit_parameters`), its strategy built by the same code
+    as for plain values; one strategy when they all agree, else a :class:`PerTensor` table."""
+    built: dict[str, Strategy] = {}  # the resolved values (repr) -> strategy
+    table: dict[str, Strategy] = {}
+    for name in names:
+        values = mp.resolve(shared, per_model, name, mp.layer_position(name, layers))
+        key = repr(values)
+        if key not in built:
+            was = log.disabled
+            log.disabled = was or bool(built)  # the warnings for ignored parameters once, not once per layer
+            try:
+                built[key] = _build_strategy(method, values[0], values[1], overrides, recipe)
+            except RecipeError as err:
+                raise RecipeError(f"{err} (at tensor '{name}', whose parameters the recipe's gradients and filters "
+                                  f"give as {brief(values[0])}, {brief(values[1])})") from None
+            finally:
+                log.disabled = was
+        table[name] = built[key]
+    distinct: list[Strategy] = []
+    for s in table.values():
+        if s not in distinct:
+            distinct.append(s)
+    if len(distinct) == 1:
+        return distinct[0]
+    try:
+        return PerTensor(strategies=distinct, tensors={n: distinct.index(s) for n, s in table.items()})
+    except ValueError as err:
+        raise RecipeError(f"{recipe}: {err}") from None
 
 
 def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[str, Any]],
@@ -327,19 +394,27 @@ def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[st
             arguments = geometric_arguments(method, shared, per_expert, recipe)
             return _from_spec({"name": cls.name, **arguments, **overrides}, recipe)
         kwargs: dict[str, Any] = dict(fixed)
-        kwargs["weights"] = per_expert("weight", None)
-        kwargs["normalize"] = _boolean(shared.get("normalize", default_normalize), recipe, "parameters.normalize")
-        if cls is not Linear:
+        if "weight" in model_params:
+            kwargs["weights"] = per_expert("weight", None)
+        if "normalize" in shared_params:
+            kwargs["normalize"] = _boolean(shared.get("normalize", default_normalize), recipe, "parameters.normalize")
+        if "lambda" in shared_params:
             kwargs["scale"] = _number(shared.get("lambda", 1.0), recipe, "parameters.lambda")
-            rescale = _boolean(shared.get("rescale", cls is Dare), recipe, "parameters.rescale")
+        if "rescale" in shared_params:
+            rescale = _boolean(shared.get("rescale", cls is Dare or cls is Della), recipe, "parameters.rescale")
             kwargs["rescale"] = "l1" if rescale else "none"
+        for key in set(shared_params) - {"normalize", "lambda", "rescale", "int8_mask"}:  # plain numbers (sce, ram)
+            if key in shared:
+                kwargs[key] = _number(shared[key], recipe, f"parameters.{key}")
         for key in extensions:
             if key in shared:
                 kwargs[key] = shared[key]
-        if cls is Ties or cls is Breadcrumbs:
+        if cls is Ties or cls is Breadcrumbs or cls is Della:
             kwargs["density"] = per_expert("density", 1.0)
         if cls is Breadcrumbs:
             kwargs["gamma"] = per_expert("gamma", 0.01)
+        if cls is Della:
+            kwargs["epsilon"] = per_expert("epsilon", 0.15)
         if cls is Dare:
             kwargs["drop_rate"] = [1.0 - d for d in per_expert("density", 1.0)]
         spec = {"name": cls.name, **kwargs, **overrides}

@@ -26,12 +26,15 @@ from lightning_merge.strategies import (
     OPCM,
     OTA,
     PCB,
+    RAM,
+    SCE,
     STRATEGIES,
     ArceeFusion,
     Breadcrumbs,
     Cabs,
     Consensus,
     Dare,
+    Della,
     Fisher,
     Generalized,
     Karcher,
@@ -43,6 +46,8 @@ from lightning_merge.strategies import (
     NearSwap,
     NoContinualForm,
     NuSlerp,
+    PerTensor,
+    RAMPlusTL,
     RegMean,
     Slerp,
     Strategy,
@@ -226,6 +231,29 @@ def strategies(draw, n: int):
         inner = draw(st.sampled_from([TaskArithmetic(), Ties(density=0.5), TaskArithmetic(weights=[1.0] * n),
                                       Fisher(normalize=False)]))
         return LiNeS(inner, alpha=draw(st.one_of(st.none(), st.floats(0.2, 1.0))), beta=draw(st.floats(0.0, 1.0)))
+    if name == "della":
+        common = _task_vector_common(draw, n, election=False)
+        density = draw(st.one_of(st.just(1.0), st.floats(0.3, 0.85),
+                                 st.lists(st.floats(0.3, 0.85), min_size=n, max_size=n)))
+        return Della(density=density, epsilon=draw(st.floats(0.0, 0.12)),
+                     combine=draw(st.sampled_from(["linear", "ties"])),
+                     rescale=draw(st.sampled_from(["none", "l1", "inverse"])), seed=draw(st.integers(0, 3)), **common)
+    if name == "sce":
+        return SCE(select_topk=draw(st.floats(0.0, 1.0)), scale=draw(st.floats(0.5, 1.5)))
+    if name == "ram":
+        return RAM(epsilon=draw(st.sampled_from([1e-5, 0.1, 0.3])), scale=draw(st.floats(0.5, 1.5)))
+    if name == "ramplus_tl":
+        return RAMPlusTL(r=draw(st.floats(0.0, 1.0)), alpha=draw(st.floats(0.0, 1.0)),
+                         epsilon=draw(st.sampled_from([1e-5, 0.1, 0.3])), scale=draw(st.floats(0.5, 1.5)))
+    if name == "per_tensor":  # as recipes build it from gradients and filters: task-vector strategies per tensor
+        pool = [TaskArithmetic(weights=_weights(draw, n), scale=draw(st.floats(0.3, 1.5))),
+                TaskArithmetic(weights=_weights(draw, n), scale=draw(st.floats(0.3, 1.5))),
+                draw(st.sampled_from([Ties(density=0.5), Dare(drop_rate=0.3, seed=1), SCE(select_topk=0.5)]))]
+        chosen = draw(st.lists(st.sampled_from(range(len(pool))), min_size=1, max_size=3, unique=True))
+        strategies = [pool[i] for i in chosen]
+        index = st.integers(0, len(strategies) - 1)
+        tensors = {k: draw(index) for k in SHAPES if draw(st.booleans())}
+        return PerTensor(strategies=strategies, tensors=tensors, default=draw(index))
     raise AssertionError(f"no generator for registered strategy {name!r}: add one so it is proven too")
 
 
@@ -392,4 +420,5 @@ def test_every_registered_strategy_has_a_generator():
     assert names == {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "cabs", "generalized", "consensus",
                      "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge", "pcb",
                      "layerwise_task_arithmetic", "regmean", "slerp", "nuslerp", "multislerp", "karcher",
-                     "model_stock", "nearswap", "arcee_fusion"}, sorted(names)
+                     "model_stock", "nearswap", "arcee_fusion", "della", "sce", "ram", "ramplus_tl", "per_tensor"}, \
+        sorted(names)

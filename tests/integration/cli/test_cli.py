@@ -161,8 +161,18 @@ def test_set_overrides_strategy_arguments(tmp_path, models):
         ),
         (
             "merge_method: ties\nbase_model: models/base.safetensors\n"
-            "models: [{model: models/e0.safetensors, parameters: {weight: [0, 1]}}]",
-            "per-layer gradients",
+            "models: [{model: models/e0.safetensors, parameters: {weight: []}}]",
+            r"models\[0\].parameters.weight is an empty list",
+        ),
+        (
+            "merge_method: ties\nbase_model: models/base.safetensors\n"
+            "models: [{model: models/e0.safetensors, parameters: {weight: [{filter: mlp}]}}]",
+            r"weight\[0\] must be a rule \{filter: TEXT, value: ...\}",
+        ),
+        (
+            "merge_method: ties\nbase_model: models/base.safetensors\n"
+            "models: [{model: models/e0.safetensors, parameters: {weight: [{filter: bias, value: 1}]}}]",
+            "has no 'weight' .*at tensor 'layers.0.weight'",
         ),
         (
             "merge_method: ties\nbase_model: models/base.safetensors\n"

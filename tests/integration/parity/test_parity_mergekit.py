@@ -40,7 +40,16 @@ METHODS = {
     "breadcrumbs_ties": ("parameters: {density: 0.7, gamma: 0.02}", "{weight: %s}"),
     "dare_linear": ("parameters: {density: 1.0}", "{weight: %s}"),
     "dare_ties": ("parameters: {density: 1.0}", "{weight: %s}"),
+    # della at density 1 draws nothing: the deterministic rest of the method (election, L1 rescale, normalize)
+    "della": ("parameters: {density: 1.0, lambda: 0.9}", "{weight: %s}"),
+    "della_linear": ("parameters: {density: 1.0}", "{weight: %s}"),
+    "sce": ("parameters: {select_topk: 0.4}", "{weight: %s}"),  # sce takes no weight: ignored by both
+    "sce_all": ("", "{weight: %s}"),
+    "ram": ("parameters: {epsilon: 0.004}", "{weight: %s}"),
+    "ramplus_tl": ("parameters: {r: 0.5, alpha: 0.6, epsilon: 0.002}", "{weight: %s}"),
 }
+#: recipe names whose mergekit method is another key's
+ALIASES = {"ties_normalize_false": "ties", "sce_all": "sce"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +64,7 @@ def family(tmp_path_factory):
 def test_same_result_as_mergekit(tmp_path, family, method):
     base, experts = family
     shared, per_model = METHODS[method]
-    mk_method = "ties" if method == "ties_normalize_false" else method
+    mk_method = ALIASES.get(method, method)
     weights = ["1.0", "0.6", "1.4"]
     models = "\n".join(f"  - model: {e}\n    parameters: {per_model % w}" for e, w in zip(experts, weights))
     recipe = tmp_path / "recipe.yaml"
@@ -133,3 +142,84 @@ def test_geometric_methods_give_mergekits_model(tmp_path, family, case):
     worst = _relative_error(Expert(tmp_path / "lm"), Expert(tmp_path / "mk"))
     print(f"{case}: max relative difference {worst:.2e}")
     assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
+
+
+# -- parameters that vary over the model: per-layer gradients and filter rules -------------------------------------
+
+FEATURES = {
+    # a gradient of weights per model and of the shared density, a boolean gradient (picked, not interpolated)
+    "ties_gradients": ("ties", "parameters: {density: [0.2, 0.9], normalize: [true, false]}",
+                       ["{weight: [0.2, 0.5, 0.8]}", "{weight: [1.0, 0.1]}", "{weight: 0.7}"]),
+    "linear_gradient": ("linear", "", ["{weight: [0.2, 0.5, 0.8, 1.1]}", "{weight: [1.0, 0.1]}", "{weight: 0.7}"]),
+    # filters: the first rule whose filter is in the name; a rule's value may be a gradient; no rule matching
+    # falls back to the recipe's parameters (the shared lambda falls back to mergekit's default, 1)
+    "task_arithmetic_filters": (
+        "task_arithmetic",
+        "parameters: {lambda: [{filter: mlp, value: 0.5}], weight: 0.4}",
+        ["{weight: [{filter: self_attn, value: 0.3}, {filter: mlp, value: [0.1, 0.9]}, {value: 1.0}]}",
+         "{weight: [{filter: layernorm, value: 2.0}]}",
+         "{weight: {filter: '*', value: [0.6, 0.2]}}"]),
+    "ties_filter_density": ("ties", "parameters: {density: 0.6}",
+                            ["{weight: 1.0, density: [{filter: mlp, value: 0.3}]}",
+                             "{weight: 0.6, density: [{filter: q_proj, value: [0.1, 0.9]}, {value: 0.5}]}",
+                             "{weight: 1.4}"]),
+    "sce_gradient": ("sce", "parameters: {select_topk: [0.3, 0.9]}", ["{}", "{}", "{}"]),
+    "breadcrumbs_gradient": ("breadcrumbs", "parameters: {density: [0.9, 0.6], gamma: [0.0, 0.1]}",
+                             ["{weight: 1.0}", "{weight: [0.5, 1.5]}", "{weight: 0.8}"]),
+}
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory):
+    """Four layers: t = 0, 1/3, 2/3, 1, so gradients of two, three and four values interpolate between entries."""
+    return write_llama_family(tmp_path_factory.mktemp("llama4"), llama_config(layers=4), n_experts=3,
+                              delta_density=0.3, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_parameters_varying_over_the_model_as_mergekit(tmp_path, deep_family, feature):
+    base, experts = deep_family
+    method, shared, per_model = FEATURES[feature]
+    models = "\n".join(f"  - model: {e}\n    parameters: {p}" for e, p in zip(experts, per_model))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: {method}\n" + ("" if method == "linear" else f"base_model: {base}\n")
+                      + f"dtype: float32\n{shared}\nmodels:\n{models}\n")
+    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
+    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
+    theirs, ours = Expert(tmp_path / "mk"), Expert(tmp_path / "lm")
+    assert sorted(theirs.names()) == sorted(ours.names())
+    worst = 0.0
+    for name in ours.names():
+        a, b = ours.tensor(name), theirs.tensor(name)
+        worst = max(worst, float(((a - b).abs() / b.abs().clamp(min=1e-3)).max()))
+    assert worst <= 1e-5, f"{feature}: largest relative difference {worst}"
+
+
+def test_della_draws_the_same_distribution_as_mergekit(tmp_path, deep_family):
+    """mergekit's DELLA draws from torch's global generator in its task order, ours per (seed, tensor, expert): the
+    samples differ, so the same recipe is compared by what the distribution fixes. One expert, della_linear: each
+    tensor keeps about ``density`` of the expert's changed entries in both, and the L1 rescale gives both the task
+    vector's L1 norm exactly."""
+    base, experts = deep_family
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: della_linear\nbase_model: {base}\ndtype: float32\n"
+                      f"parameters: {{density: 0.4, epsilon: 0.2}}\nmodels:\n"
+                      f"  - model: {experts[0]}\n    parameters: {{weight: 1.0}}\n")
+    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet", "--random-seed", "7"], check=True,
+                   capture_output=True)
+    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
+    theirs, ours, b, e = (Expert(p) for p in (tmp_path / "mk", tmp_path / "lm", base, experts[0]))
+    kept_mk = kept_lm = changed = 0
+    for name in ours.names():
+        tau = e.tensor(name) - b.tensor(name)
+        if int(torch.count_nonzero(tau)) < 100:
+            continue
+        mk, lm = theirs.tensor(name) - b.tensor(name), ours.tensor(name) - b.tensor(name)
+        for got in (mk, lm):
+            torch.testing.assert_close(got.abs().sum(), tau.abs().sum(), rtol=1e-4, atol=1e-6)
+        assert not torch.equal(mk, lm)  # another sample
+        kept_mk += int(torch.count_nonzero(mk))
+        kept_lm += int(torch.count_nonzero(lm))
+        changed += int(torch.count_nonzero(tau))
+    # zeros rank lowest, so the changed entries sit in the upper ranks: both keep the same expected share of them
+    assert abs(kept_mk - kept_lm) / changed < 0.02, (kept_mk, kept_lm, changed)

@@ -45,6 +45,11 @@ _VARIANTS = [
     S.ModelStock(filter_wise=True),
     S.NearSwap(t=0.001),
     S.ArceeFusion(),
+    S.Della(density=[0.4, 0.6], epsilon=0.1, combine="linear", rescale="inverse", seed=3),
+    S.SCE(select_topk=0.3, scale=0.9),
+    S.RAM(epsilon=0.01),
+    S.RAMPlusTL(r=0.5, alpha=0.3, epsilon=0.01),
+    S.PerTensor(strategies=[S.Ties(density=0.5), S.SCE()], tensors={"layers.0.w": 1}, default=0),
 ]
 
 
