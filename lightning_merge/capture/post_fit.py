@@ -13,10 +13,12 @@ from torch import Tensor
 from lightning_merge.capture.fisher import compute_fisher
 from lightning_merge.capture.grams import compute_grams, gram_modules
 from lightning_merge.capture.records import FisherPass, GramTotals
+from lightning_merge.capture.sharded import like
+from lightning_merge.capture.sharded_post_fit import sharded_fisher, sharded_grams
+from lightning_merge.capture.sharding import holds_dtensors
 from lightning_merge.errors import MissingLoader
 
 LOADERS = ("val", "train", "test")
-
 
 
 def trainer_loader(trainer: Any, which: str | Iterable[Any], setting: str) -> tuple[Iterable[Any], bool]:
@@ -49,6 +51,14 @@ def post_fit_fisher(
     """
     batches, per_rank, transfer = _rank_share(trainer, module, loader, f"fisher_after_fit={estimator!r}", examples)
     world, rank, device = trainer.world_size, trainer.global_rank, module.device
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    if holds_dtensors(module):  # every rank runs every example; each holds its shard of the sum (no reduction)
+        sums, count = sharded_fisher(module, batches, estimator=estimator, num_examples=per_rank, samples=samples,
+                                     seed=seed, names=names, transfer=transfer, **_sharing(trainer))
+        if count == 0:
+            return FisherPass()
+        params = dict(module.named_parameters())
+        return FisherPass({n: like(s / count, params[n]) for n, s in sums.items()}, count)
     sums, count = compute_fisher(
         module,
         batches,
@@ -56,7 +66,7 @@ def post_fit_fisher(
         num_examples=per_rank,
         samples=samples,
         seed=seed + rank,
-        names=[n for n, p in module.named_parameters() if p.requires_grad],
+        names=names,
         transfer=transfer,
         allow_empty=True,  # this rank's share may be empty: the count over every rank decides
     )
@@ -98,6 +108,14 @@ def _rank_share(trainer: Any, module: Any, loader: str | Iterable[Any], setting:
     return batches, -(-examples // world), transfer
 
 
+def _sharing(trainer: Any) -> dict[str, Any]:
+    """The world size, the broadcast from a rank and the move to the CPU that :mod:`.sharded_post_fit` takes."""
+    strategy = trainer.strategy
+    cpu = torch.device("cpu")
+    return {"world": trainer.world_size, "share": lambda obj, src: strategy.broadcast(obj, src),
+            "to_cpu": lambda batch: strategy.batch_to_device(batch, cpu)}
+
+
 def reduce_grams(trainer: Any, layers: dict[str, Any], sums: dict[str, Tensor], rows: dict[str, int],
                  examples: int = 0) -> GramTotals:
     """Σ xxᵀ, rows and examples summed over ranks (every rank must call it), on the CPU in float32; a layer a rank
@@ -120,7 +138,12 @@ def post_fit_grams(trainer: Any, module: Any, *, loader: str | Iterable[Any],
     eval mode. Every rank must call it (it reduces across ranks)."""
     batches, per_rank, transfer = _rank_share(trainer, module, loader, "gram='after_fit'", examples)
     layers = gram_modules(module)
-    sums, rows, count = compute_grams(module, batches, num_examples=per_rank, transfer=transfer, allow_empty=True)
+    if holds_dtensors(module):  # every forward is a collective: every rank runs every rank's batches
+        sums, rows, count = sharded_grams(module, batches, num_examples=per_rank, rank=trainer.global_rank,
+                                          transfer=transfer, **_sharing(trainer))
+    else:
+        sums, rows, count = compute_grams(module, batches, num_examples=per_rank, transfer=transfer,
+                                          allow_empty=True)
     return reduce_grams(trainer, layers, sums, rows, count)
 
 
