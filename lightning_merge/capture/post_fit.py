@@ -1,6 +1,7 @@
 """The post-fit passes of :class:`~lightning_merge.callbacks.CurvatureCapture`: the per-example empirical, true or
 exact-expectation Fisher, and the linear layers' input Gram matrices, over one of the Trainer's loaders (or any
-iterable), every rank computing its share and the sums reduced."""
+iterable), every rank computing its share and the sums reduced (a sharded module's: see
+:mod:`lightning_merge.capture.sharded_post_fit`)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def post_fit_fisher(
     """The mean squared per-example gradients by name, and their number M, over ``examples`` examples of all ranks
     together (M = 0 and no values when no rank saw an example).
 
-    Every rank must call it (it reduces across ranks).
+    Every rank must call it (it reduces across ranks). On a sharded (FSDP2) module every rank runs every rank's
+    examples and the values are ``DTensor`` shards laid out as their parameters
+    (:func:`lightning_merge.capture.sharded_post_fit.sharded_fisher`).
     """
     batches, per_rank, transfer = _rank_share(trainer, module, loader, f"fisher_after_fit={estimator!r}", examples)
     world, rank, device = trainer.world_size, trainer.global_rank, module.device

@@ -138,8 +138,25 @@ SCRIPT = textwrap.dedent(
     lora = CurvatureCapture(fisher_after_fit="example", fisher_loader=padded_lm(), fisher_examples=8)
     checkpoints = ModelCheckpoint(dirpath=str(root / "lora" / "ck"), every_n_train_steps=1, save_top_k=1,
                                   monitor="score", mode="max")
-    trainer_for(root / "lora", [lora, checkpoints], checkpoints=True).fit(
-        ShardedLoRA(lr=1e-2), fixed_length_lm(8, 1, RankInterleaved(8)))
+    lm = ShardedLoRA(lr=1e-2)
+    fit = trainer_for(root / "lora", [lora, checkpoints], checkpoints=True)
+    fit.fit(lm, fixed_length_lm(8, 1, RankInterleaved(8)))
+
+    # rank 0 cannot write an adapter folder (a folder lightning-merge did not write is in the way): every rank raises
+    from lightning_merge.capture.sharded import write_adapter_gathered
+    from lightning_merge.formats.adapter import find_adapter
+
+    foreign = root / "foreign.adapter"
+    if rank == 0:
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("not ours")
+    torch.distributed.barrier()
+    peft_model, keys = find_adapter(lm, None)
+    try:
+        write_adapter_gathered(foreign if rank == 0 else None, peft_model, None, {}, {}, keys=keys,
+                               compression="float32", metadata={}, share=fit.strategy.broadcast)
+    except Exception as err:
+        Path(root, f"raised-{rank}.txt").write_text(f"{type(err).__name__}: {err}")
     Path(root, f"done-{rank}.txt").write_text("ok")
     """
 )
@@ -257,6 +274,14 @@ def test_each_post_fit_estimator_on_the_sharded_model_equals_one_process(runs, n
         assert got[key].abs().sum() > 0
 
 
+def _config(folder: Path) -> dict:
+    """The adapter's PEFT config; ``target_modules`` sorted (PEFT keeps a set: its order follows string hashing,
+    which differs between processes)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
 def test_lora_adapter_folders_under_fsdp2_equal_one_process(runs):
     from lightning_merge.formats.sidecar import Statistics
 
@@ -266,8 +291,7 @@ def test_lora_adapter_folders_under_fsdp2_equal_one_process(runs):
         assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in ref.iterdir())
         _assert_same_files(got / "adapter_model.safetensors", ref / "adapter_model.safetensors", rtol=1e-5, atol=1e-6)
         _assert_same_files(got / "statistics.safetensors", ref / "statistics.safetensors", rtol=1e-4, atol=1e-7)
-        assert json.loads((got / "adapter_config.json").read_text()) == json.loads(
-            (ref / "adapter_config.json").read_text())
+        assert _config(got) == _config(ref)
         stats = Statistics.load(got / "statistics.safetensors")
         keys = {k.split("/", 1)[1] for k in stats.keys()}
         assert keys == set(_tensors(got / "adapter_model.safetensors"))  # keyed like the adapter
@@ -299,3 +323,12 @@ def test_a_peft_model_loads_the_adapter_written_under_fsdp2(runs):
     assert sorted(state) == sorted(stored)
     for key, value in stored.items():
         assert torch.equal(state[key], value)
+
+
+def test_an_adapter_folder_rank_zero_cannot_write_fails_every_rank(runs):
+    _, fsdp, _ = runs
+    assert sorted(p.name for p in (fsdp / "foreign.adapter").iterdir()) == ["notes.txt"]  # left as it was
+    assert "foreign.adapter" in (fsdp / "raised-0.txt").read_text()
+    assert "failed on rank 0" in (fsdp / "raised-1.txt").read_text()
+    assert "foreign.adapter" in (fsdp / "raised-1.txt").read_text()
+    assert not [p for p in fsdp.iterdir() if p.name.startswith(".foreign.adapter")]  # no temporary sibling left
