@@ -15,7 +15,7 @@ from lightning_merge.capture.fisher import compute_fisher
 from lightning_merge.capture.grams import compute_grams, gram_modules
 from lightning_merge.capture.records import FisherPass, GramTotals
 from lightning_merge.capture.sharded import like
-from lightning_merge.capture.sharded_post_fit import sharded_fisher, sharded_grams
+from lightning_merge.capture.sharded_post_fit import sharded_fisher, sharded_grams, to_cpu
 from lightning_merge.capture.sharding import holds_dtensors
 from lightning_merge.errors import MissingLoader
 
@@ -114,9 +114,7 @@ def _rank_share(trainer: Any, module: Any, loader: str | Iterable[Any], setting:
 def _sharing(trainer: Any) -> dict[str, Any]:
     """The world size, the broadcast from a rank and the move to the CPU that :mod:`.sharded_post_fit` takes."""
     strategy = trainer.strategy
-    cpu = torch.device("cpu")
-    return {"world": trainer.world_size, "share": lambda obj, src: strategy.broadcast(obj, src),
-            "to_cpu": lambda batch: strategy.batch_to_device(batch, cpu)}
+    return {"world": trainer.world_size, "share": lambda obj, src: strategy.broadcast(obj, src), "to_cpu": to_cpu}
 
 
 def reduce_grams(trainer: Any, layers: dict[str, Any], sums: dict[str, Tensor], rows: dict[str, int],

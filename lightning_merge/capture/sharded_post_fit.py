@@ -68,6 +68,25 @@ def shared_batches(batches: Iterable[Any], num_examples: int, *, world: int, sha
             return
 
 
+def to_cpu(batch: Any) -> Any:
+    """``batch`` with every tensor on the CPU (tensors, tuples and named tuples, lists, mappings; anything else as it
+    is), to broadcast it: a loader's batch is normally there already. Not the strategy's ``batch_to_device``, which
+    would run the module's batch-transfer hooks a second time."""
+    if isinstance(batch, Tensor):
+        return batch.cpu()
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(to_cpu(b) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_cpu(b) for b in batch)
+    if isinstance(batch, Mapping):
+        moved = {k: to_cpu(v) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return moved
+    return batch
+
+
 def _square_into(sums: Mapping[str, Tensor], params: Mapping[str, Tensor], weight: float) -> None:
     """Add ``weight`` × (this rank's shard of each parameter's gradient)² to ``sums``."""
     for name, p in params.items():
@@ -180,4 +199,4 @@ def sharded_grams(
     return acc.sums, acc.rows, count
 
 
-__all__ = ["shared_batches", "sharded_fisher", "sharded_grams"]
+__all__ = ["shared_batches", "sharded_fisher", "sharded_grams", "to_cpu"]

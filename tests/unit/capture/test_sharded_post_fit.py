@@ -46,3 +46,15 @@ def test_a_rank_with_no_share_still_takes_part_in_every_round():
            shared_batches([], 8, world=2, share=share, to_cpu=lambda b: b, transfer=lambda b: b * 10)]
     assert got == [[0, 10, 20], [30, 40]]  # transferred on arrival
     assert calls == [0, 1, 0, 1, 0, 1]
+
+
+def test_a_batch_is_broadcast_from_the_cpu_in_its_own_structure():
+    from collections import namedtuple
+
+    from lightning_merge.capture.sharded_post_fit import to_cpu
+
+    pair = namedtuple("pair", "x y")
+    batch = {"ids": torch.ones(2), "rest": [pair(torch.zeros(1), 3), (torch.ones(1),)], "name": "a"}
+    moved = to_cpu(batch)
+    assert isinstance(moved["rest"][0], pair) and moved["rest"][0].y == 3 and moved["name"] == "a"
+    assert torch.equal(moved["ids"], batch["ids"]) and isinstance(moved["rest"][1], tuple)
