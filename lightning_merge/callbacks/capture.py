@@ -57,6 +57,7 @@ from lightning_merge.capture.sharded import (
     local,
     sharded_refusal,
     wrap_save,
+    write_adapter_gathered,
     write_final_gathered,
     write_statistics_gathered,
 )
@@ -250,8 +251,7 @@ class CurvatureCapture(Callback):
         self._sharded = kind in DTENSOR_SHARDINGS
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._peft, self._adapter_keys = find_adapter(pl_module, self.adapter)
-        refusal = sharded_refusal(kind, fisher=self.fisher, fisher_after_fit=self.fisher_after_fit, gram=self.gram,
-                                  peft=self._peft is not None)
+        refusal = sharded_refusal(kind, fisher=self.fisher)
         if refusal is not None:
             raise ValueError(refusal)
         if self._sharded and self.checkpoint_sidecars:  # every rank takes part in gathering a sidecar
@@ -366,7 +366,7 @@ class CurvatureCapture(Callback):
             self._final = None
             self._sidecars.flush()
             if self.save_final:
-                self._write_final_sharded(trainer, pl_module.state_dict())
+                self._write_final_sharded(trainer, pl_module)
             return
         full = self.config.writes_full_model(peft=self._peft is not None)
         state = trainer.strategy.lightning_module_state_dict() if full else None  # all ranks (FSDP)
@@ -405,14 +405,24 @@ class CurvatureCapture(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._sidecars.flush()
 
-    def _write_final_sharded(self, trainer: pl.Trainer, state: Mapping[str, Tensor]) -> None:
-        """final.safetensors and its statistics of a sharded module, gathered tensor by tensor (every rank)."""
-        weights = Path(self.config.final_dir(getattr(trainer.checkpoint_callback, "dirpath", None),
-                                             trainer.default_root_dir)) / "final.safetensors"
+    def _write_final_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """final.safetensors and its statistics of a sharded module, or a PEFT model's final.adapter/, gathered
+        tensor by tensor (every rank)."""
+        root = Path(self.config.final_dir(getattr(trainer.checkpoint_callback, "dirpath", None),
+                                          trainer.default_root_dir))
         collected = self._collect(trainer, None, resume=False)
+        metadata = self._recorder.metadata(trainer.global_step)
+        if self._peft is not None and not self.config.writes_full_model(peft=True):
+            folder = root / "final.adapter"
+            write_adapter_gathered(folder if trainer.is_global_zero else None, self._peft, self.adapter,
+                                   collected.statistics, collected.kinds, keys=self._adapter_keys,
+                                   compression=self.compression, metadata=metadata, share=trainer.strategy.broadcast)
+            rank_zero_info(f"CurvatureCapture: wrote the adapter {folder} with its statistics")
+            return
+        weights = root / "final.safetensors"
+        state = pl_module.state_dict()
         write_final_gathered(weights if trainer.is_global_zero else None, state, collected.statistics, collected.kinds,
-                             compression=self.compression, metadata=self._recorder.metadata(trainer.global_step),
-                             share=trainer.strategy.broadcast)
+                             compression=self.compression, metadata=metadata, share=trainer.strategy.broadcast)
         rank_zero_info(f"CurvatureCapture: wrote {weights} and its statistics")
 
     # -- after fit -----------------------------------------------------------------------------------------------
@@ -542,10 +552,18 @@ class CurvatureCapture(Callback):
             trainer = self._trainer
             assert trainer is not None
             collected = self._collect(trainer, None, resume=True, copy=False)
-            write_statistics_gathered(checkpoint_sidecar(path) if trainer.is_global_zero else None,
-                                      collected.statistics, collected.kinds, compression=self.compression,
-                                      resume=collected.resume, share=trainer.strategy.broadcast,
-                                      metadata=self._recorder.metadata(trainer.global_step, token))
+            metadata = self._recorder.metadata(trainer.global_step, token)
+            if collected.statistics:
+                write_statistics_gathered(checkpoint_sidecar(path) if trainer.is_global_zero else None,
+                                          collected.statistics, collected.kinds, compression=self.compression,
+                                          resume=collected.resume, share=trainer.strategy.broadcast,
+                                          metadata=metadata)
+            if self._peft is not None:  # X.adapter/ beside the checkpoint folder, gathered the same way
+                folder = adapter_path(path)
+                write_adapter_gathered(Path(folder) if trainer.is_global_zero else None, self._peft, self.adapter,
+                                       collected.statistics, collected.kinds, keys=self._adapter_keys,
+                                       compression=self.compression, metadata=metadata,
+                                       share=trainer.strategy.broadcast)
             return
         collected = self._pending.pop(token, None) if token else None
         if collected is None:  # a weights-only save: no callback state, take the statistics now

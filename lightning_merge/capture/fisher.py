@@ -214,6 +214,16 @@ def _split(batch: Any) -> list[Any]:
     return [take(batch, i) for i in range(size)]
 
 
+def split_examples(batch: Any) -> list[Any]:
+    """One-example batches (leading dimension kept) from a batch of tensors, tuples, lists and mappings."""
+    return _split(batch)
+
+
+def batch_len(batch: Any) -> int:
+    """The number of examples in a batch (the leading dimension of its first tensor)."""
+    return _batch_len(batch)
+
+
 def _batch_len(batch: Any) -> int:
     if isinstance(batch, Tensor):
         return batch.shape[0] if batch.dim() else 1
@@ -313,17 +323,7 @@ def compute_fisher(
     count = 0
     try:
         for batch, size in limited_batches(dataloader, num_examples, transfer):
-            passes: list[tuple[Tensor | None, Tensor | None, float]] = []  # (targets, per-example weights, α)
-            if estimator == "exact":
-                passes = _class_passes(logits_fn, batch)
-            for _ in range(draws if estimator != "exact" else 0):
-                override = None
-                if estimator == "true":
-                    with torch.no_grad():
-                        logits, targets = logits_fn(batch)
-                    override = _sample_targets(logits, targets, generator)
-                passes.append((override, None, 1.0 / draws))
-            for override, weights, alpha in passes:
+            for override, weights, alpha in batch_passes(estimator, logits_fn, batch, draws, generator):
                 part = None
                 if vmap_ok:
                     try:
@@ -342,6 +342,28 @@ def compute_fisher(
     if count == 0 and not allow_empty:
         raise ValueError("the Fisher dataloader yielded no examples")
     return sums, count
+
+
+Pass = tuple[Tensor | None, Tensor | None, float]  # (targets or None for the batch's, per-example weights, α)
+
+
+def batch_passes(estimator: str, logits_fn: LogitsFn, batch: Any, draws: int,
+                 generator: torch.Generator) -> list[Pass]:
+    """The gradient passes of one batch: ``(targets, per-example weights, α)``, whose squared per-example gradients,
+    weighted and times α, add up to the batch's share of the Fisher sum. ``"example"``: the dataset's targets, once;
+    ``"true"``: ``draws`` sets of targets drawn from the model (from ``generator``), each α = 1/draws;
+    ``"exact"``: one pass per class, weighted by p(c|x)."""
+    if estimator == "exact":
+        return _class_passes(logits_fn, batch)
+    passes: list[Pass] = []
+    for _ in range(draws):
+        override = None
+        if estimator == "true":
+            with torch.no_grad():
+                logits, targets = logits_fn(batch)
+            override = _sample_targets(logits, targets, generator)
+        passes.append((override, None, 1.0 / draws))
+    return passes
 
 
 def _class_passes(logits_fn: LogitsFn, batch: Any) -> list[tuple[Tensor, Tensor, float]]:
@@ -462,6 +484,8 @@ __all__ = [
     "ESTIMATORS",
     "EXACT_MAX_CLASSES",
     "batch_counts",
+    "batch_len",
+    "batch_passes",
     "compute_fisher",
     "default_logits_fn",
     "defines_forward",
@@ -469,5 +493,6 @@ __all__ = [
     "log_likelihood",
     "model_call",
     "protocol_refusal",
+    "split_examples",
     "wrapped_models",
 ]

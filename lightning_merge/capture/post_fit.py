@@ -1,6 +1,7 @@
 """The post-fit passes of :class:`~lightning_merge.callbacks.CurvatureCapture`: the per-example empirical, true or
 exact-expectation Fisher, and the linear layers' input Gram matrices, over one of the Trainer's loaders (or any
-iterable), every rank computing its share and the sums reduced."""
+iterable), every rank computing its share and the sums reduced (a sharded module's: see
+:mod:`lightning_merge.capture.sharded_post_fit`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from torch import Tensor
 from lightning_merge.capture.fisher import compute_fisher
 from lightning_merge.capture.grams import compute_grams, gram_modules
 from lightning_merge.capture.records import FisherPass, GramTotals
+from lightning_merge.capture.sharded import like
+from lightning_merge.capture.sharded_post_fit import sharded_fisher, sharded_grams, to_cpu
+from lightning_merge.capture.sharding import holds_dtensors
 from lightning_merge.errors import MissingLoader
 
 LOADERS = ("val", "train", "test")
-
 
 
 def trainer_loader(trainer: Any, which: str | Iterable[Any], setting: str) -> tuple[Iterable[Any], bool]:
@@ -45,10 +48,20 @@ def post_fit_fisher(
     """The mean squared per-example gradients by name, and their number M, over ``examples`` examples of all ranks
     together (M = 0 and no values when no rank saw an example).
 
-    Every rank must call it (it reduces across ranks).
+    Every rank must call it (it reduces across ranks). On a sharded (FSDP2) module every rank runs every rank's
+    examples and the values are ``DTensor`` shards laid out as their parameters
+    (:func:`lightning_merge.capture.sharded_post_fit.sharded_fisher`).
     """
     batches, per_rank, transfer = _rank_share(trainer, module, loader, f"fisher_after_fit={estimator!r}", examples)
     world, rank, device = trainer.world_size, trainer.global_rank, module.device
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    if holds_dtensors(module):  # every rank runs every example; each holds its shard of the sum (no reduction)
+        sums, count = sharded_fisher(module, batches, estimator=estimator, num_examples=per_rank, samples=samples,
+                                     seed=seed, names=names, transfer=transfer, **_sharing(trainer))
+        if count == 0:
+            return FisherPass()
+        params = dict(module.named_parameters())
+        return FisherPass({n: like(s / count, params[n]) for n, s in sums.items()}, count)
     sums, count = compute_fisher(
         module,
         batches,
@@ -56,7 +69,7 @@ def post_fit_fisher(
         num_examples=per_rank,
         samples=samples,
         seed=seed + rank,
-        names=[n for n, p in module.named_parameters() if p.requires_grad],
+        names=names,
         transfer=transfer,
         allow_empty=True,  # this rank's share may be empty: the count over every rank decides
     )
@@ -98,6 +111,12 @@ def _rank_share(trainer: Any, module: Any, loader: str | Iterable[Any], setting:
     return batches, -(-examples // world), transfer
 
 
+def _sharing(trainer: Any) -> dict[str, Any]:
+    """The world size, the broadcast from a rank and the move to the CPU that :mod:`.sharded_post_fit` takes."""
+    strategy = trainer.strategy
+    return {"world": trainer.world_size, "share": lambda obj, src: strategy.broadcast(obj, src), "to_cpu": to_cpu}
+
+
 def reduce_grams(trainer: Any, layers: dict[str, Any], sums: dict[str, Tensor], rows: dict[str, int],
                  examples: int = 0) -> GramTotals:
     """Σ xxᵀ, rows and examples summed over ranks (every rank must call it), on the CPU in float32; a layer a rank
@@ -120,7 +139,12 @@ def post_fit_grams(trainer: Any, module: Any, *, loader: str | Iterable[Any],
     eval mode. Every rank must call it (it reduces across ranks)."""
     batches, per_rank, transfer = _rank_share(trainer, module, loader, "gram='after_fit'", examples)
     layers = gram_modules(module)
-    sums, rows, count = compute_grams(module, batches, num_examples=per_rank, transfer=transfer, allow_empty=True)
+    if holds_dtensors(module):  # every forward is a collective: every rank runs every rank's batches
+        sums, rows, count = sharded_grams(module, batches, num_examples=per_rank, rank=trainer.global_rank,
+                                          transfer=transfer, **_sharing(trainer))
+    else:
+        sums, rows, count = compute_grams(module, batches, num_examples=per_rank, transfer=transfer,
+                                          allow_empty=True)
     return reduce_grams(trainer, layers, sums, rows, count)
 
 

@@ -19,6 +19,7 @@ from lightning_merge.capture.post_fit import MissingLoader, post_fit_fisher, pos
 from lightning_merge.capture.records import Collected, FisherPass, GramTotals
 from lightning_merge.capture.second_moments import cpu_float, read_second_moments
 from lightning_merge.capture.sharded import like, shard_like
+from lightning_merge.capture.sharding import is_dtensor
 from lightning_merge.formats.sidecar import GRAM, RESUME_PREFIX, Statistics, StatisticsError, find_sidecar
 
 STATE_VERSION = 2
@@ -265,8 +266,9 @@ class Recorder:
         for estimator, result in self.post.items():
             if result.count <= 0:  # the pass saw no example (warned when it ran)
                 continue
-            out.statistics[f"fisher.{estimator}"] = {n: t.detach().to("cpu", torch.float32)
-                                                     for n, t in result.values.items()}
+            out.statistics[f"fisher.{estimator}"] = {  # a sharded module's: float32 shards, gathered when written
+                n: t.detach() if is_dtensor(t) else t.detach().to("cpu", torch.float32)
+                for n, t in result.values.items()}
             out.kinds[f"fisher.{estimator}"] = {
                 "estimator": estimator,
                 "count": result.count,

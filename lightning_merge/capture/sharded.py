@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_merge.capture.sharding import DTENSOR_SHARDINGS, Sharding, is_dtensor
+from lightning_merge.capture.sharding import Sharding, is_dtensor
 from lightning_merge.files.remote import output_file
 from lightning_merge.files.safetensors import ShardWriter, TensorSpec
 from lightning_merge.formats.sidecar import (
@@ -249,38 +249,109 @@ def write_final_gathered(
                               compression=compression, metadata=metadata, share=share)
 
 
-def sharded_refusal(sharding: Sharding | None, *, fisher: bool, fisher_after_fit: str | None,
-                    gram: str | None, peft: bool = False) -> str | None:
+def _on_writer(writer: bool, action: Callable[[], None], share: Share, what: str) -> None:
+    """Run ``action`` on the writer, then raise on every rank if it failed there (collective: every rank calls it)."""
+    error: BaseException | None = None
+    if writer:
+        try:
+            action()
+        except BaseException as err:  # noqa: BLE001 - shared below, raised on every rank
+            error = err
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        message = share(None if error is None else f"{type(error).__name__}: {error}")
+        if message is not None and error is None:
+            raise RuntimeError(f"writing {what} failed on rank 0: {message}")
+    if error is not None:
+        raise error
+
+
+def write_adapter_gathered(
+    folder: Path | None,
+    peft_model: Any,
+    adapter: str | None,
+    statistics: Mapping[str, Mapping[str, Tensor]],
+    kinds: Mapping[str, Mapping[str, Any]],
+    *,
+    keys: Mapping[str, str],
+    compression: str,
+    metadata: dict[str, str],
+    share: Share,
+) -> None:
+    """:func:`~lightning_merge.formats.adapter.write_adapter` for a sharded PEFT model: the same folder
+    (``adapter_model.safetensors``, the PEFT config, ``statistics.safetensors`` keyed like the adapter), its weights
+    and statistics gathered tensor by tensor (:func:`write_gathered`) into a temporary sibling that rank 0 renames
+    into place once complete. Every rank calls it (``folder`` None except on the writer, a local path); a failure on
+    the writer makes every rank raise.
+
+    Args:
+        folder: the adapter folder (on the writer), None on the other ranks.
+        peft_model: the (sharded) PEFT model.
+        adapter: the adapter to write (default: the active one).
+        statistics: ``{kind: {module parameter name: tensor}}`` (shards or plain tensors).
+        kinds: ``{kind: metadata}``.
+        keys: ``{module parameter name: adapter key}``.
+        compression: the statistics' storage.
+        metadata: the statistics file's metadata (also in the folder's ownership record).
+        share: broadcast from rank 0 (``trainer.strategy.broadcast``).
+    """
+    import shutil
+
+    from peft import get_peft_model_state_dict
+
+    from lightning_merge.files.atomic import commit, fsync_tree, partial_path
+    from lightning_merge.files.outputs import check_output_path
+    from lightning_merge.files.ownership import write_record
+    from lightning_merge.formats.adapter import rename_meta
+
+    name = adapter or peft_model.active_adapter
+    weights = get_peft_model_state_dict(peft_model, adapter_name=name)  # the live (sharded) tensors, PEFT's keys
+    renamed = {k: {keys[n]: t for n, t in per.items() if n in keys} for k, per in statistics.items()}
+    renamed = {k: v for k, v in renamed.items() if v}
+    tmp = partial_path(folder) if folder is not None else None
+
+    def prepare() -> None:
+        assert folder is not None and tmp is not None
+        check_output_path(folder, True, folder=True)  # an earlier adapter of this capture, or nothing
+        tmp.mkdir(parents=True)
+
+    def finish() -> None:
+        assert folder is not None and tmp is not None
+        peft_model.peft_config[name].save_pretrained(str(tmp))
+        write_record(tmp, {"output": "adapter", "checkpoint_metadata": metadata})
+        fsync_tree(tmp)
+        commit(tmp, folder, replace="own")
+
+    what = f"the adapter folder {folder}" if folder is not None else "the adapter folder"
+    try:
+        _on_writer(folder is not None, prepare, share, what)
+        write_gathered(tmp / "adapter_model.safetensors" if tmp is not None else None, weights_items(weights),
+                       {"format": "pt"}, share=share)
+        if renamed:
+            write_statistics_gathered(tmp / "statistics.safetensors" if tmp is not None else None, renamed,
+                                      {k: rename_meta(kinds[k], keys) for k in renamed}, compression=compression,
+                                      metadata=metadata, share=share)
+        _on_writer(folder is not None, finish, share, what)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sharded_refusal(sharding: Sharding | None, *, fisher: bool) -> str | None:
     """Why a capture cannot run as configured on a module sharded so (None when it can), checked before training.
+
+    Everything runs on FSDP2 (``DTensor`` shards): the batch Fisher, second moments, training-time and post-fit Gram
+    matrices, the post-fit Fisher (:mod:`lightning_merge.capture.sharded_post_fit`) and PEFT adapters
+    (:func:`write_adapter_gathered`). FSDP1's flat gradient shards carry no per-parameter layout for the batch Fisher.
 
     Args:
         sharding: how the module's parameters are sharded
             (:func:`lightning_merge.capture.sharding.sharding`: ``"fsdp1"``, ``"fsdp2"``, ``"dtensor"`` or None).
         fisher: the batch Fisher is on.
-        fisher_after_fit: the post-fit Fisher asked for, if any.
-        gram: the Gram matrices asked for, if any.
-        peft: the module holds a PEFT model.
     """
     if sharding == "fsdp1" and fisher:
         return ("CurvatureCapture(fisher=True) is not supported under FSDPStrategy (FSDP1: each rank sees flat "
                 "gradient shards); shard with FSDP2 instead (ModelParallelStrategy and torch.distributed.fsdp."
                 "fully_shard in configure_model), or pass fisher=False to capture the second moments")
-    if sharding not in DTENSOR_SHARDINGS:
-        return None
-    if fisher_after_fit is not None:
-        return (f"CurvatureCapture(fisher_after_fit={fisher_after_fit!r}) is not supported on a sharded (FSDP2) "
-                "module: a per-example squared gradient cannot be taken from gradients reduce-scattered over the "
-                "ranks (they mix the ranks' examples). Use the batch Fisher (fisher=True, recorded during training), "
-                "or compute the post-fit Fisher on the consolidated model after the fit (lightning_merge.capture."
-                "fisher.compute_fisher on the merged or consolidated weights, one process)")
-    if peft:
-        return ("CurvatureCapture on a sharded (FSDP2) PEFT model is not supported yet (its adapter folders are "
-                "written from unsharded weights); train the adapter without sharding, or capture a full (non-PEFT) "
-                "model")
-    if gram == "after_fit":
-        return ("CurvatureCapture(gram='after_fit') is not supported on a sharded (FSDP2) module (each forward "
-                "gathers parameters from every rank, so ranks with unequal shares of the loader would wait forever); "
-                "use gram='train' (recorded during training, reduced over ranks)")
     return None
 
 
@@ -310,6 +381,7 @@ __all__ = [
     "shard_like",
     "sharded_refusal",
     "weights_items",
+    "write_adapter_gathered",
     "write_final_gathered",
     "wrap_save",
     "write_gathered",

@@ -48,10 +48,17 @@ def adapter_keys(peft_model: nn.Module, module: nn.Module, adapter_name: str) ->
     (matched by storage, so ``module`` may be any module holding the PEFT model)."""
     from peft import get_peft_model_state_dict
 
-    by_storage = {(t.data_ptr(), tuple(t.shape)): key
+    by_storage = {_storage(t): key
                   for key, t in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
-    return {n: by_storage[(p.data_ptr(), tuple(p.shape))] for n, p in module.named_parameters()
-            if (p.data_ptr(), tuple(p.shape)) in by_storage}
+    return {n: by_storage[_storage(p)] for n, p in module.named_parameters() if _storage(p) in by_storage}
+
+
+def _storage(tensor: Tensor) -> tuple[int, tuple[int, ...]]:
+    """Where a tensor's values live and its shape: a sharded tensor's (``DTensor``, FSDP2) by its local shard (a
+    ``DTensor``'s own ``data_ptr`` is 0), with its global shape."""
+    to_local = getattr(tensor, "to_local", None)
+    inner = to_local() if callable(to_local) else tensor
+    return inner.data_ptr(), tuple(tensor.shape)
 
 
 def find_adapter(module: nn.Module, adapter: str | None) -> tuple[Any, dict[str, str]]:
