@@ -97,6 +97,7 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
         shard_size=args.shard_size,
         overwrite=args.overwrite,
         threads=args.threads,
+        memory_budget=args.memory_budget,
         progress=False if args.no_progress or quiet else None,
         output=args.output,
         rank=args.rank,
@@ -441,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --output peft: the SVD rank of the adapter (default: exact, for linear strategies)")
     m.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     m.add_argument("--threads", type=int, default=None, help="worker threads over tensors (default: up to 2)")
+    m.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="bytes the tensor jobs running at once may hold, e.g. 512MB or 4GB (default 256MB); large "
+                        "tensors of elementwise strategies are merged in row chunks within it, with the same output")
     m.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="split the merge over N processes on this machine (torch.distributed, gloo); the output is "
                         "bit-identical to one process. Under torchrun the launcher's processes are used")

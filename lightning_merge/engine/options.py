@@ -51,15 +51,19 @@ def parse_dtype(dtype: str | torch.dtype | None, what: str = "dtype") -> torch.d
 
 
 
-def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MB"`` or a number of bytes.
+def parse_size(size: int | str, what: str = "shard size") -> int:
+    """``"5GB"``, ``"500MB"`` or a number of bytes (units are binary: 1MB = 2²⁰ bytes).
+
+    Args:
+        size: the size.
+        what: the argument's name, for messages.
 
     Raises:
-        ValueError: naming the value and the accepted units.
+        ValueError: naming the argument, the value and the accepted units.
     """
     if isinstance(size, int) and not isinstance(size, bool):
         if size <= 0:
-            raise ValueError(f"shard size must be positive, got {size}")
+            raise ValueError(f"{what} must be positive, got {size}")
         return size
     text = str(size).strip().upper().replace("IB", "B")
     units = (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1))
@@ -68,9 +72,9 @@ def parse_size(size: int | str) -> int:
     try:
         value = int(float(number) * factor)
     except ValueError:
-        raise ValueError(f"shard size {size!r} is not a size: use a number of bytes or e.g. 500MB, 5GB") from None
+        raise ValueError(f"{what} {size!r} is not a size: use a number of bytes or e.g. 500MB, 5GB") from None
     if value <= 0:
-        raise ValueError(f"shard size {size!r} must be positive")
+        raise ValueError(f"{what} {size!r} must be positive")
     return value
 
 
@@ -122,6 +126,10 @@ class MergeOptions:
         shard_size: the largest safetensors shard, in bytes.
         overwrite: replace an earlier output of lightning-merge.
         threads: worker threads over tensors (None: the default).
+        memory_budget: the bytes the tensor jobs running at once may hold (inputs, float32 copies, a strategy's
+            temporaries, the output; see :mod:`lightning_merge.engine.schedule`), or None for the default
+            (:data:`~lightning_merge.engine.schedule.DEFAULT_MEMORY_BUDGET`, 256 MiB); ``"1GB"``-style strings
+            are accepted.
         progress: show a progress bar (None: when stderr is a terminal).
         unmerged_from: where a tensor left out of the merge by ``include``/``exclude`` comes from: ``"base"`` (or the
             first expert holding it when the base lacks it) or ``"first"`` (the first expert holding it).
@@ -139,6 +147,7 @@ class MergeOptions:
     threads: int | None = None
     progress: bool | None = None
     unmerged_from: str = "base"
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.on_missing_statistic not in ON_MISSING_STATISTIC:
@@ -158,6 +167,8 @@ class MergeOptions:
         threads = self.threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        if self.memory_budget is not None:
+            set_(self, "memory_budget", parse_size(self.memory_budget, "memory_budget"))
         if self.output != "peft" and self.rank is not None:
             raise ValueError("rank= applies to output='peft' only (the rank of the adapter written)")
 

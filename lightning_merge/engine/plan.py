@@ -116,18 +116,21 @@ class Plan:
         """Tensor ``name``'s output shape and dtype."""
         return self._by_name[name].spec
 
-    def base_tensor(self, name: str) -> Tensor | None:
-        """The base's tensor in float32 (None without a base or where the base lacks it)."""
+    def base_tensor(self, name: str, rows: tuple[int, int] | None = None) -> Tensor | None:
+        """The base's tensor in float32 (None without a base or where the base lacks it); ``rows=(start, stop)``:
+        those rows only (see :meth:`Expert.tensor`)."""
         if self.base is None or name not in self.base:
             return None
-        return self.base.float32(name)
+        return self.base.float32(name, rows)
 
-    def expert_tensors(self, name: str, base: Tensor | None = None) -> list[Tensor]:
-        """Every expert's tensor in float32; an expert lacking it (``on_missing`` union/base) gets the base's."""
+    def expert_tensors(self, name: str, base: Tensor | None = None,
+                       rows: tuple[int, int] | None = None) -> list[Tensor]:
+        """Every expert's tensor (or its ``rows``) in float32; an expert lacking it (``on_missing`` union/base) gets
+        the base's (``base``, read here when not given)."""
         job = self._by_name[name]
         if base is None and not all(job.present):
-            base = self.base_tensor(name)
-        return [e.float32(name) if present else base for e, present in zip(self.experts, job.present)]
+            base = self.base_tensor(name, rows)
+        return [e.float32(name, rows) if present else base for e, present in zip(self.experts, job.present)]
 
     def task_vectors(self, name: str) -> Tensor:
         """Stacked task vectors ``(N, *shape)`` in float32 (needs a base)."""
@@ -136,9 +139,10 @@ class Plan:
             raise ValueError(f"task vectors of '{name}' need a base model")
         return torch.stack([t - base for t in self.expert_tensors(name, base)])
 
-    def stats(self, name: str) -> list[dict[str, Tensor]]:
-        """Every expert's merge-ready statistics for tensor ``name``, as ``merge_tensor`` receives them."""
-        return self._statistic_reader(name)
+    def stats(self, name: str, rows: tuple[int, int] | None = None) -> list[dict[str, Tensor]]:
+        """Every expert's merge-ready statistics for tensor ``name`` (or their ``rows``), as ``merge_tensor``
+        receives them."""
+        return self._statistic_reader(name, rows)
 
     def statistics(self, name: str, kind: str) -> list[Tensor]:
         """Every expert's merge-ready statistic of ``kind`` for tensor ``name``."""
@@ -340,7 +344,7 @@ class StatisticReader:
                         "per-example Fisher with its own bias, so their weights are only roughly comparable: pass "
                         "estimator= to the strategy to use one estimator for all", listing)
 
-    def __call__(self, name: str) -> list[dict[str, Tensor]]:
+    def __call__(self, name: str, rows: tuple[int, int] | None = None) -> list[dict[str, Tensor]]:
         if not self.kinds:
             return [{} for _ in self.experts]
         job = self.jobs[name]
@@ -355,7 +359,8 @@ class StatisticReader:
                         missing.append((i, kind))
                     continue
                 try:
-                    entry[kind] = expert.statistic(name, kind)
+                    entry[kind] = expert.statistic(name, kind) if rows is None else \
+                        expert.statistic(name, kind, rows=rows)
                 except MissingStatistic:
                     entry[kind] = None
                     missing.append((i, kind))
@@ -367,7 +372,7 @@ class StatisticReader:
                 f"expert '{self.experts[i].name}' {why} ({kind!r} statistic of tensor '{name}') while other experts "
                 f"have one; pass on_missing_statistic='uniform' to weigh it uniformly there"
             )
-        shape = job.spec.shape
+        shape = job.spec.shape if rows is None else (rows[1] - rows[0], *job.spec.shape[1:])
         for entry in out:
             for kind, value in entry.items():
                 # No expert has it (buffers, frozen tensors), or the uniform fallback: ones of the tensor's shape.

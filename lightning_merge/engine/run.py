@@ -14,7 +14,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from lightning_merge.engine.outputs import (
     unique_names,
 )
 from lightning_merge.engine.plan import Plan, TensorJob, build_jobs, plan_merge
+from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map, row_chunks
 from lightning_merge.engine.writers import SharedOutput, Writer
 from lightning_merge.files.atomic import output_error, writing
 from lightning_merge.files.finite import cast_checked, largest_magnitude
@@ -84,6 +84,7 @@ def merge(
     shard_size: int | str = "5GB",
     overwrite: bool = False,
     threads: int | None = None,
+    memory_budget: int | str | None = None,
     progress: bool | None = None,
     rank: int | None = None,
     dry_run: bool = False,
@@ -125,8 +126,14 @@ def merge(
             of the inputs, and never anything the tool did not write, whatever this says: see
             :mod:`lightning_merge.files.ownership`). Without it, ``out`` must not exist, up to the commit: a merge that
             finds ``out`` created by another process meanwhile raises :class:`FileExistsError`.
-        threads: worker threads over tensors (default: up to 2). Whatever the count, the tensors being merged at
-            once hold at most as many elements as the largest tensor, so threads do not raise peak memory.
+        threads: worker threads over tensors (default: up to 2). Whatever the count, the jobs running at once stay
+            within ``memory_budget``, so threads do not raise peak memory.
+        memory_budget: the bytes the tensor jobs running at once may hold: their inputs, float32 copies, the
+            strategy's temporaries and the output (``"1GB"``, or bytes; default 256 MiB). A tensor whose strategy
+            is :attr:`~lightning_merge.strategies.Strategy.row_local` (linear, task arithmetic, Fisher, OTA without
+            FFG's top-k, the weighted median...), and a tensor copied unmerged, is merged in row chunks within it,
+            with the same output bit for bit; a tensor another strategy must see whole (a top-k or norm per tensor,
+            an SVD) runs alone when it exceeds the budget. See docs/performance.md.
         progress: show a progress bar (default: when stderr is a terminal).
         rank: with ``output="peft"``: None writes the exact concatenation of the adapters' factors (rank Σrᵢ; for
             strategies linear in the experts, ``strategy.linear``); an integer writes a truncated SVD of each
@@ -157,7 +164,8 @@ def merge(
         raise TypeError(f"strategy must be a Strategy object, got {type(strategy).__name__}")
     options = MergeOptions(include=include, exclude=exclude, dtype=dtype, on_missing=on_missing,
                            on_missing_statistic=on_missing_statistic, output=output, rank=rank, shard_size=shard_size,
-                           overwrite=overwrite, threads=threads, progress=progress, unmerged_from=unmerged_from)
+                           overwrite=overwrite, threads=threads, progress=progress, unmerged_from=unmerged_from,
+                           memory_budget=memory_budget)
     if output == "peft":
         check_peft_request(strategy, out, rank, len(experts) if isinstance(experts, Sequence) else None)
     check_out_suffix(out, options)
@@ -191,7 +199,8 @@ def _merge_opened(experts: list[Expert], base: Expert | None, strategy: Strategy
             writer = make_writer(out, plan.jobs, base or experts[0], provenance, options, inputs)
             jobs = plan.jobs
         try:
-            run_jobs(plan, jobs, writer, options.threads or _default_threads(), options.progress)
+            run_jobs(plan, jobs, writer, options.threads or _default_threads(), options.progress,
+                     options.memory_budget)
             result = writer.finish()
         except BaseException:
             writer.abort()
@@ -250,7 +259,7 @@ def _merge_distributed(experts: Any, base: Any, strategy: Strategy, out: Any, gr
             mine = [j for j in plan.jobs if j.name in d.owned and j.name in names]
         else:
             mine = [j for j in plan.jobs if j.name in d.owned]
-        run_jobs(plan, mine, writer, options.threads or _default_threads(), options.progress)
+        run_jobs(plan, mine, writer, options.threads or _default_threads(), options.progress, options.memory_budget)
         writer.close_shards()  # this rank's bytes are durable before rank 0 commits
         errors = d.exchange("tensors written", getattr(writer, "errors", None))
         if d.rank == 0:
@@ -305,54 +314,99 @@ def prepare(
     return plan_merge(opened, base_expert, strategy, options).prepared
 
 
-def run_jobs(plan: Plan, jobs: list[TensorJob], writer: Writer, threads: int, progress: bool | None) -> None:
-    """Compute and write every job, ``threads`` tensors at a time within the memory bound, with a progress bar."""
-    from lightning_merge.files.progress import Progress
-
-    bar = Progress("merging", sum(job.spec.nbytes for job in jobs), progress)
-
-    def work(job: TensorJob) -> None:
-        writer.write(job.name, compute(plan, job, writer.compute_dtype))
-
-    try:
-        if threads <= 1:
-            for job in jobs:
-                work(job)
-                bar.update(job.spec.nbytes)
-            return
-        # Memory bound: the elements in flight never exceed the largest tensor's, so small tensors are merged
-        # `threads` at a time while two of the largest (embeddings, heads) never are.
-        budget = max((job.spec.numel for job in jobs), default=0)
-        pending: dict[Future, TensorJob] = {}
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lightning-merge") as pool:
-            try:
-                for job in jobs:
-                    size = job.spec.numel
-                    while pending and (len(pending) >= threads or
-                                       sum(j.spec.numel for j in pending.values()) + size > budget):
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            finished = pending.pop(f)
-                            f.result()
-                            bar.update(finished.spec.nbytes)
-                    pending[pool.submit(work, job)] = job
-                for f, job in list(pending.items()):
-                    f.result()
-                    bar.update(job.spec.nbytes)
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
-    finally:
-        bar.close()
+def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_dtype: torch.dtype | None = None,
+              ) -> list[tuple[TensorJob, tuple[int, int] | None, int]]:
+    """The scheduler's work items: ``(job, rows, cost)``, a job whole (``rows`` None) or, when it is a copy or its
+    strategy is :attr:`~lightning_merge.strategies.Strategy.row_local` and it costs more than a worker's share of
+    the budget, one item per row chunk (:func:`~lightning_merge.engine.schedule.row_chunks`). A cost counts what the
+    job holds: for a merge, the strategy's :meth:`~lightning_merge.strategies.Strategy.working_set` float32 copies
+    of its elements; for a copy, the input, its float32 check and the output."""
+    strategy = plan.prepared.strategy
+    per_worker = max(1, budget // max(1, workers))
+    units: list[tuple[TensorJob, tuple[int, int] | None, int]] = []
+    for job in jobs:
+        shape = job.spec.shape
+        if job.action == "merge":
+            per_element = 4.0 * strategy.working_set(plan.num_experts)
+            chunkable = strategy.row_local
+        elif job.action == "copy":
+            per_element = 8.0 + (out_dtype or job.spec.dtype).itemsize
+            chunkable = True
+        else:
+            per_element, chunkable = 8.0 * (len(plan.experts) + 1), False
+        ranges = row_chunks(shape, per_element, per_worker) if chunkable else [(0, shape[0] if shape else 0)]
+        if len(ranges) == 1:
+            units.append((job, None, int(job.spec.numel * per_element)))
+            continue
+        row_elements = job.spec.numel // shape[0]
+        units.extend((job, r, int((r[1] - r[0]) * row_elements * per_element)) for r in ranges)
+    return units
 
 
-def compute(plan: Plan, job: TensorJob, dtype: torch.dtype | None = None) -> Tensor:
-    """One output tensor: copied, checked equal, maxed, or merged by the prepared strategy (float32 throughout; cast
-    once at the end to the job's dtype, or ``dtype``)."""
+class _Assembler:
+    """Row chunks of a tensor gathered for a writer that takes whole tensors (a state dict, a module, a .ckpt): the
+    output tensor is allocated at its first chunk and handed to the writer when its last one is in."""
+
+    def __init__(self, writer: Writer, units: list[tuple[TensorJob, tuple[int, int] | None, int]]):
+        import threading
+
+        self.writer = writer
+        self.lock = threading.Lock()
+        self.left: dict[str, int] = {}
+        for job, rows, _ in units:
+            if rows is not None:
+                self.left[job.name] = self.left.get(job.name, 0) + 1
+        self.parts: dict[str, Tensor] = {}
+
+    def write_rows(self, job: TensorJob, rows: tuple[int, int], value: Tensor) -> None:
+        with self.lock:
+            whole = self.parts.get(job.name)
+            if whole is None:
+                whole = self.parts[job.name] = torch.empty(job.spec.shape, dtype=value.dtype)
+        whole[rows[0]:rows[1]].copy_(value)
+        with self.lock:
+            self.left[job.name] -= 1
+            done = self.left[job.name] == 0
+            if done:
+                del self.parts[job.name]
+        if done:
+            self.writer.write(job.name, whole)
+
+
+def run_jobs(plan: Plan, jobs: list[TensorJob], writer: Writer, threads: int, progress: bool | None,
+             memory_budget: int | None = None) -> None:
+    """Compute and write every job on ``threads`` workers within ``memory_budget`` bytes (see
+    :mod:`lightning_merge.engine.schedule`), large row-local jobs in row chunks, with a progress bar."""
+    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    units = job_units(plan, jobs, budget, threads, writer.compute_dtype)
+    write_rows = getattr(writer, "write_rows", None)
+    assembler = None if write_rows is not None else _Assembler(writer, units)
+
+    def work(unit: tuple[TensorJob, tuple[int, int] | None, int]) -> None:
+        job, rows, _ = unit
+        value = compute(plan, job, writer.compute_dtype, rows)
+        if rows is None:
+            writer.write(job.name, value)
+        elif write_rows is not None:
+            write_rows(job.name, rows[0], value)
+        else:
+            assembler.write_rows(job, rows, value)
+
+    sizes = [(u[0].spec.nbytes if u[1] is None else
+              u[0].spec.nbytes // u[0].spec.shape[0] * (u[1][1] - u[1][0])) for u in units]
+    for _ in bounded_map(work, units, [u[2] for u in units], budget, workers=threads, sizes=sizes, desc="merging",
+                         progress=progress):
+        pass
+
+
+def compute(plan: Plan, job: TensorJob, dtype: torch.dtype | None = None,
+            rows: tuple[int, int] | None = None) -> Tensor:
+    """One output tensor, or its ``rows`` (a row-local strategy's or a copy's): copied, checked equal, maxed, or
+    merged by the prepared strategy (float32 throughout; cast once at the end to the job's dtype, or ``dtype``)."""
     name, out_dtype = job.name, dtype or job.spec.dtype
+    shape = job.spec.shape if rows is None else (rows[1] - rows[0], *job.spec.shape[1:])
     if job.action == "copy":
-        return cast_checked(job.source.tensor(name), out_dtype, name, DTYPE_HINT)
+        return cast_checked(job.source.tensor(name, rows), out_dtype, name, DTYPE_HINT)
     if job.action in ("equal", "max"):
         holders = ([plan.base] if plan.base is not None and name in plan.base else []) + [
             e for e, present in zip(plan.experts, job.present) if present
@@ -372,13 +426,13 @@ def compute(plan: Plan, job: TensorJob, dtype: torch.dtype | None = None) -> Ten
     prepared = plan.prepared
     strategy = prepared.strategy
     wants_base = strategy.needs_base or strategy.uses_base or not all(job.present)
-    base = plan.base_tensor(name) if wants_base else None
-    tensors = plan.expert_tensors(name, base)
-    merged = prepared.merge_tensor(name, base, tensors, plan.stats(name))
-    if tuple(merged.shape) != job.spec.shape:
+    base = plan.base_tensor(name, rows) if wants_base else None
+    tensors = plan.expert_tensors(name, base, rows)
+    merged = prepared.merge_tensor(name, base, tensors, plan.stats(name) if rows is None else plan.stats(name, rows))
+    if tuple(merged.shape) != tuple(shape):
         raise RuntimeError(
             f"strategy {strategy.name!r} returned shape {list(merged.shape)} for tensor '{name}', "
-            f"expected {list(job.spec.shape)}"
+            f"expected {list(shape)}"
         )
     magnitude = largest_magnitude(merged)  # one reduction: finiteness here, the output dtype's range in the cast
     if not math.isfinite(magnitude):
@@ -387,7 +441,6 @@ def compute(plan: Plan, job: TensorJob, dtype: torch.dtype | None = None) -> Ten
             f"check its arguments ({strategy!r})"
         )
     return cast_checked(merged, out_dtype, name, DTYPE_HINT, magnitude=magnitude)
-
 
 
 __all__ = [

@@ -181,6 +181,10 @@ class SafetensorsWriter(SharedOutput):
     def write(self, name: str, tensor: Tensor) -> None:
         self.shard_of[name].write(name, tensor)
 
+    def write_rows(self, name: str, start: int, rows: Tensor) -> None:
+        """Write rows ``start ..`` of tensor ``name`` (a row chunk of a merge: the tensor is never whole in memory)."""
+        self.shard_of[name].write_rows(name, start, rows)
+
     def close_shards(self) -> None:
         """fsync and close this process's shard files (a distributed merge's ranks, before rank 0 finishes)."""
         for shard in self.shards:

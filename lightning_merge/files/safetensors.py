@@ -192,9 +192,21 @@ class SafetensorsFile:
     def spec(self, key: str) -> TensorSpec:
         return self.entries[key][0]
 
-    def get(self, key: str) -> Tensor:
-        """Tensor ``key`` in its storage dtype (a fresh buffer)."""
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """Tensor ``key`` in its storage dtype (a fresh buffer).
+
+        Args:
+            key: the tensor's name.
+            rows: ``(start, stop)``: only those rows (indices along the first axis), read from their bytes alone;
+                None reads the whole tensor.
+        """
         spec, start, end = self.entries[key]
+        shape = spec.shape
+        if rows is not None:
+            first, last = _row_range(key, shape, rows)
+            row_bytes = (end - start) // shape[0] if shape[0] else 0
+            start, end = start + first * row_bytes, start + last * row_bytes
+            shape = (last - first, *shape[1:])
         buffer = torch.empty(end - start, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         offset, pos = self.data_start + start, 0
@@ -203,7 +215,7 @@ class SafetensorsFile:
             if got <= 0:
                 raise SafetensorsError(self.path, f"ended early while reading '{key}' (truncated since it was opened)")
             pos += got
-        return buffer.view(spec.dtype).reshape(spec.shape)
+        return buffer.view(spec.dtype).reshape(shape)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -218,6 +230,14 @@ class SafetensorsFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _row_range(key: str, shape: tuple[int, ...], rows: tuple[int, int]) -> tuple[int, int]:
+    """``rows`` checked against tensor ``key``'s first axis."""
+    first, last = rows
+    if not shape or not 0 <= first <= last <= shape[0]:
+        raise ValueError(f"rows {first}:{last} are not within tensor '{key}' of shape {list(shape)}")
+    return first, last
 
 
 class TensorFileMapping(Mapping):
@@ -327,6 +347,25 @@ class ShardWriter:
             # finds little left to do: writing overlaps the next tensors' reads and compute. Durability is
             # unchanged: close(sync=True) still fsyncs the whole file.
             _start_writeback(self.fd, self.data_start + offset, size)
+
+    def write_rows(self, name: str, start: int, rows: Tensor) -> None:
+        """Write rows ``start ..`` of tensor ``name`` (a slice along its first axis, of the planned dtype): a tensor
+        written in row chunks is never whole in memory."""
+        offset, size, spec = self.offsets[name]
+        if rows.dtype != spec.dtype or tuple(rows.shape[1:]) != spec.shape[1:] or not spec.shape or \
+                start < 0 or start + rows.shape[0] > spec.shape[0]:
+            raise RuntimeError(
+                f"rows {start}:{start + (rows.shape[0] if rows.dim() else 0)} of tensor '{name}' are "
+                f"{tuple(rows.shape)} {rows.dtype}, planned {spec.shape} {spec.dtype}"
+            )
+        data = rows.detach().to("cpu").contiguous().reshape(-1)
+        if data.dtype == torch.bool:
+            data = data.to(torch.uint8)
+        row_bytes = size // spec.shape[0] if spec.shape[0] else 0
+        at = self.data_start + offset + start * row_bytes
+        _pwrite_all(self.fd, memoryview(data.view(torch.uint8).numpy()), at)
+        if self.early_writeback and data.numel() * data.element_size() >= EARLY_WRITEBACK_BYTES:
+            _start_writeback(self.fd, at, data.numel() * data.element_size())
 
     def close(self, sync: bool) -> None:
         if self.fd >= 0:

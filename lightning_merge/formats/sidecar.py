@@ -110,11 +110,14 @@ def names_checksum(names: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
 
 
-def rank1_reconstruct(row: Tensor, col: Tensor) -> Tensor:
-    """Adafactor reconstruction ``r cᵀ / (1ᵀ v 1)`` from row sums ``r`` and column sums ``c`` (0 when the sum is 0)."""
+def rank1_reconstruct(row: Tensor, col: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+    """Adafactor reconstruction ``r cᵀ / (1ᵀ v 1)`` from row sums ``r`` and column sums ``c`` (0 when the sum is 0);
+    ``rows=(start, stop)``: those rows of it only."""
     row = row.to(torch.float32)
     col = col.to(torch.float32)
     total = row.sum()
+    if rows is not None:
+        row = row[rows[0]:rows[1]]
     if total <= 0:
         return torch.zeros(row.numel(), col.numel(), dtype=torch.float32)
     return torch.outer(row, col) / total
@@ -447,14 +450,23 @@ class Statistics:
                 out[_strip_part(key[len(prefix) :])] = None
         return list(out)
 
-    def raw(self, name: str, kind: str, estimator: str | None = None) -> Tensor:
-        """The stored tensor in float32 (rank-1 halves reconstructed), before any correction."""
+    def raw(self, name: str, kind: str, estimator: str | None = None, rows: tuple[int, int] | None = None) -> Tensor:
+        """The stored tensor in float32 (rank-1 halves reconstructed), before any correction; ``rows=(start, stop)``:
+        those rows only (read from a sidecar file's bytes alone; not for a Gram matrix)."""
         stored = self._resolve_kind(kind, estimator)
         key = f"{stored}/{name}"
         if key in self._tensors:
-            return self._tensors[key].to(torch.float32)
+            if rows is None:
+                return self._tensors[key].to(torch.float32)
+            file = getattr(self._tensors, "file", None)
+            if file is not None:
+                return file.get(key, rows).to(torch.float32)
+            return self._tensors[key][rows[0]:rows[1]].to(torch.float32)
         if f"{key}:row" in self._tensors:
-            return rank1_reconstruct(self._tensors[f"{key}:row"], self._tensors[f"{key}:col"])
+            row = self._tensors[f"{key}:row"]
+            if rows is None:
+                return rank1_reconstruct(row, self._tensors[f"{key}:col"])
+            return rank1_reconstruct(row, self._tensors[f"{key}:col"], rows)
         if f"{key}:diag" in self._tensors:  # a Gram matrix stored as its diagonal, or low rank + residual diagonal
             value = torch.diag(self._tensors[f"{key}:diag"].to(torch.float32))
             if f"{key}:factor" in self._tensors:
@@ -463,16 +475,19 @@ class Statistics:
             return value
         raise MissingStatistic(f"{self.origin} has no {stored!r} statistic for tensor '{name}'")
 
-    def get(self, name: str, kind: str, estimator: str | None = None) -> Tensor:
+    def get(self, name: str, kind: str, estimator: str | None = None, rows: tuple[int, int] | None = None) -> Tensor:
         """The merge-ready float32 statistic of tensor ``name``.
 
         ``exp_avg_sq`` is bias-corrected with the β₂ and the per-parameter step recorded at capture; the
         batch-empirical Fisher is multiplied by the global effective batch size; a Gram matrix is divided by its
         count of input rows (the mean xxᵀ, FusionBench's RegMean convention); other kinds are returned as stored.
-        See docs/format.md and ALGORITHMS.md.
+        See docs/format.md and ALGORITHMS.md. ``rows=(start, stop)``: those rows only, for an elementwise kind (the
+        corrections are per tensor scalars, so the rows of the whole).
         """
         stored = self._resolve_kind(kind, estimator)
-        value = self.raw(name, kind, estimator)
+        if rows is not None and stored == GRAM:
+            raise ValueError(f"{self.origin}: the Gram matrix of tensor '{name}' has no rows of the tensor")
+        value = self.raw(name, kind, estimator, rows)
         meta = self.kinds.get(stored, {})
         if stored == GRAM:
             _check_gram(self.origin, name, value)

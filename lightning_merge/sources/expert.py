@@ -91,8 +91,8 @@ class _SafetensorsSource:
     def spec(self, key: str) -> TensorSpec:
         return self._files[key].spec(key)
 
-    def get(self, key: str) -> Tensor:
-        return self._files[key].get(key)
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> Tensor:
+        return self._files[key].get(key, rows)
 
 
 class _TorchSource(_DictSource):
@@ -436,18 +436,30 @@ class Expert:
         """Shape and dtype of tensor ``name``; reads no data."""
         return self._source.spec(self._key(name))
 
-    def tensor(self, name: str) -> Tensor:
-        """Tensor ``name`` in its storage dtype (an adapter's θ₀ + ΔW: float32)."""
-        return self._source.get(self._key(name))
+    def tensor(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """Tensor ``name`` in its storage dtype (an adapter's θ₀ + ΔW: float32).
 
-    def float32(self, name: str) -> Tensor:
-        """Tensor ``name`` in float32, checked to be finite (a NaN or an infinity would spread through a merge).
+        Args:
+            name: the tensor's name.
+            rows: ``(start, stop)``: only those rows (along the first axis). A safetensors expert reads only their
+                bytes; other sources read the tensor and return a view of its rows.
+        """
+        key = self._key(name)
+        if rows is None:
+            return self._source.get(key)
+        if isinstance(self._source, _SafetensorsSource):
+            return self._source.get(key, rows)
+        return self._source.get(key)[rows[0]:rows[1]]
+
+    def float32(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
+        """Tensor ``name`` (or its ``rows``, as for :meth:`tensor`) in float32, checked to be finite (a NaN or an
+        infinity would spread through a merge).
 
         Raises:
             ValueError: naming the expert, the tensor and the number of non-finite entries.
             DtypeRangeError: a float64 value beyond float32's range (merges compute in float32).
         """
-        value = cast_checked(self.tensor(name), torch.float32, name, "", where=f"expert '{self.name}': ",
+        value = cast_checked(self.tensor(name, rows), torch.float32, name, "", where=f"expert '{self.name}': ",
                              remedy="merges compute in float32; exclude the tensor (exclude=[...]) or rescale it")
         if not all_finite(value):
             bad = count_non_finite(value)
@@ -478,10 +490,14 @@ class Expert:
         """Whether a statistic of ``kind`` (``"fisher"``, ``"exp_avg_sq"``) is attached."""
         return self._statistics is not None and self._statistics.has(kind)
 
-    def statistic(self, name: str, kind: str, estimator: str | None = None) -> Tensor:
+    def statistic(self, name: str, kind: str, estimator: str | None = None,
+                  rows: tuple[int, int] | None = None) -> Tensor:
         """The merge-ready float32 statistic of tensor ``name`` (see :meth:`Statistics.get`): of the tensor's
         shape, except a ``"gram"`` statistic: the (in, in) mean input Gram matrix of a linear weight (out, in); for
         a LoRA module, that of its ``lora_A`` (the module's input).
+
+        ``rows=(start, stop)`` returns only those rows of an elementwise statistic (a sidecar file's are read from
+        their bytes alone); a Gram matrix has no rows of the tensor and is refused.
 
         Raises:
             StatisticsError: no statistics attached, or none of that kind for this tensor.
@@ -491,6 +507,19 @@ class Expert:
                 f"expert '{self.name}' has no statistics (no sidecar next to it and none passed as statistics=)"
             )
         gram = kind == GRAM
+        if rows is not None:
+            if gram:
+                raise ValueError(f"the Gram matrix of tensor '{name}' has no rows of the tensor: read it whole")
+            if self.lora is not None:  # θ₀ + ΔW's precision is computed whole: its rows
+                return self.statistic(name, kind, estimator)[rows[0]:rows[1]]
+            value = self._statistics.get(self._stats_prefix + name, kind, estimator, rows=rows)
+            shape = self.spec(name).shape
+            if tuple(value.shape) != (rows[1] - rows[0], *shape[1:]):
+                raise StatisticsError(
+                    f"expert '{self.name}': the {kind!r} statistic of tensor '{name}' does not have the tensor's shape "
+                    f"{list(shape)}; the statistics do not belong to this expert ({self._statistics.origin})"
+                )
+            return value
         if self.lora is not None:
             if name in self.lora.modules:
                 if gram:  # the input of ΔW = B A is lora_A's input: its Gram matrix

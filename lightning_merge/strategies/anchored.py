@@ -64,6 +64,11 @@ class ModelStock(Strategy):
         check_expert_count(type(self), num_experts, 2, None, "its ratio is the angle between two or more "
                            "fine-tuned models (mergekit: the base and at least two models)")
 
+    @property
+    def row_local(self) -> bool:
+        """``filter_wise``: one ratio per row (of a tensor of two or more dimensions); otherwise one per tensor."""
+        return self.filter_wise
+
     def merge_tensor(self, name: str, base: Tensor | None, tensors: Sequence[Tensor],
                      stats: Sequence[Mapping[str, Tensor]], prepared: Prepared | None = None) -> Tensor:
         self.check_num_experts(len(tensors))

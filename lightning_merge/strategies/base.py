@@ -253,6 +253,23 @@ class Strategy:
         """:meth:`prepare` reads the plan (norms, thresholds): ``merge_tensor`` then needs its result."""
         return False
 
+    @property
+    def row_local(self) -> bool:
+        """For a tensor of two or more dimensions, ``merge_tensor`` on rows ``[a, b)`` of every input (the base, the
+        experts, their elementwise statistics) gives rows ``[a, b)`` of the merged tensor, bit for bit, with the same
+        prepared merge: the engine then merges a large tensor in row chunks within its memory budget. False by
+        default, and for rules that read a whole tensor (a top-k or a norm per tensor, an SVD, a mask drawn per
+        tensor): those tensors are merged whole, one at a time when they exceed the budget."""
+        return False
+
+    def working_set(self, num_experts: int) -> float:
+        """How many float32 copies of a tensor a merge of it holds at its peak, counting its inputs (experts, base,
+        statistics), the temporaries of ``merge_tensor`` and the output: the engine's memory budget counts a job as
+        this × the tensor's (or the chunk's) elements × 4 bytes. The default (a stack of task vectors beside the
+        inputs, a statistic per expert and kind, the result and its cast) suits the elementwise rules; a strategy
+        that allocates more says so."""
+        return 2 * num_experts + 4 + num_experts * len(self.requires)
+
     # -- the contract -------------------------------------------------------------------------------------------
     def prepare(self, plan: MergePlan) -> Prepared:
         """The first pass for global quantities; the default checks per-expert argument lengths.

@@ -48,6 +48,11 @@ class _PrecisionStrategy(Strategy):
 
     scalable = True
 
+    @property
+    def row_local(self) -> bool:
+        """Elementwise precisions (the model-wide norms come from :meth:`prepare`)."""
+        return True
+
     def expert_precision(
         self, index: int, weight: float, stats: Mapping[str, Tensor], x: Tensor, norm: float | None
     ) -> Tensor:
@@ -262,6 +267,11 @@ class OTA(_PrecisionStrategy):
         return self.density is not None or self.threshold is not None
 
     @property
+    def row_local(self) -> bool:
+        """Not with a per-tensor mean (``mean_normalize``) or FFG's per-tensor top-k (``density``)."""
+        return not self.mean_normalize and self.density is None
+
+    @property
     def needs_base(self) -> bool:
         """A base is needed to scale the merged task vector, and by Fast Fisher Grafting's saliency v̂ ⊙ τ²."""
         return self.scale != 1.0 or self.grafting
@@ -330,6 +340,9 @@ class WeightedMedian(Strategy):
     @property
     def global_pass(self) -> bool:
         return self.normalize
+
+    #: the sign election, the sort and the median run entry by entry, over the experts
+    row_local = True
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)

@@ -121,6 +121,8 @@ class LayerwiseTaskArithmetic(Strategy):
             [self.scale * self.per_expert("default", i, 1.0) for i in range(num_experts)]
         return LinearForm(1.0 - sum(c), tuple(c))
 
+    row_local = True  # one coefficient per expert and tensor
+
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,

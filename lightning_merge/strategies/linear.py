@@ -74,6 +74,8 @@ class Linear(Strategy):
     ) -> Tensor:
         return F.weighted_sum(list(tensors), torch.tensor(self.expert_weights(len(tensors))), self.normalize)
 
+    row_local = True  # a weighted sum, entry by entry
+
     @property
     def linear(self) -> bool:
         return True

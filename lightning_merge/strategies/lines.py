@@ -160,6 +160,14 @@ class LiNeS(Strategy):
     def linear(self) -> bool:
         return self.inner.linear
 
+    @property
+    def row_local(self) -> bool:
+        """As the inner strategy (the layer's scale is one number per tensor)."""
+        return self.inner.row_local
+
+    def working_set(self, num_experts: int) -> float:
+        return self.inner.working_set(num_experts) + 1
+
     def linear_form(
         self, num_experts: int, name: str | None = None, prepared: Prepared | None = None
     ) -> LinearForm | None:

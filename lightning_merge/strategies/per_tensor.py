@@ -147,6 +147,14 @@ class PerTensor(Strategy):
             self.strategy_of(name)
         return Prepared(self, plan.num_experts)
 
+    @property
+    def row_local(self) -> bool:
+        """When every strategy of the table is."""
+        return all(s.row_local for s in self.strategies)
+
+    def working_set(self, num_experts: int) -> float:
+        return max(s.working_set(num_experts) for s in self.strategies)
+
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,

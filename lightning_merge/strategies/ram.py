@@ -40,6 +40,8 @@ class RAM(Strategy):
         check_number(type(self), "epsilon", self.epsilon, low=0.0)
         check_number(type(self), "scale", self.scale)
 
+    row_local = True  # the changed entries are counted entry by entry
+
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,

@@ -128,6 +128,12 @@ class TaskVectorMerge(Strategy):
     def global_pass(self) -> bool:
         return self.weighting == "fisher" or self.sparsifier.global_pass
 
+    @property
+    def row_local(self) -> bool:
+        """Without sparsification every step (difference, weighting, sign election, TALL's consensus masks) is entry
+        by entry; a sparsifier's top-k, its random draw and its L1 rescale read the whole tensor."""
+        return self.sparsifier.method == "none"
+
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)
 

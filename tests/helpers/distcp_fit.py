@@ -79,6 +79,9 @@ def main(out: Path) -> None:
         callbacks=[GatherReference(out / "ref"), checkpoints],
     )
     trainer.fit(ShardedModule(), torch.utils.data.DataLoader(data, batch_size=4))
+    if torch.distributed.is_initialized():  # gloo aborts at exit now and then without it (capture_helpers)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

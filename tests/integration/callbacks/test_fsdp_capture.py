@@ -73,6 +73,10 @@ SCRIPT = textwrap.dedent(
     except NotImplementedError as err:
         Path(root, f"finalize-{rank}.txt").write_text(str(err))
     Path(root, f"done-{rank}.txt").write_text("ok")
+
+    from capture_helpers import close_process_group
+
+    close_process_group()
     """
 )
 

@@ -119,6 +119,10 @@ SCRIPT = textwrap.dedent(
         trainer_for(root / "f", [merge]).fit(ShardedTiny(lr=1e-2), ddp_loader(32, 4))
     except Exception as err:
         (root / f"raised-{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+
+    from capture_helpers import close_process_group
+
+    close_process_group()
     """
 )
 

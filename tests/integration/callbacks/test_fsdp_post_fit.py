@@ -158,6 +158,10 @@ SCRIPT = textwrap.dedent(
     except Exception as err:
         Path(root, f"raised-{rank}.txt").write_text(f"{type(err).__name__}: {err}")
     Path(root, f"done-{rank}.txt").write_text("ok")
+
+    from capture_helpers import close_process_group
+
+    close_process_group()
     """
 )
 

@@ -9,48 +9,13 @@ import sys
 import warnings
 
 import pytest
+from strategy_variants import VARIANTS, library
 
 from lightning_merge import strategies as S
 from lightning_merge.strategies import STRATEGIES, Strategy, registry
 
-
-def _library() -> list[str]:
-    """The names the package registers (tests register their own)."""
-    return sorted(k for k, cls in STRATEGIES.items() if cls.__module__.startswith("lightning_merge."))
-
-
-# every option that changes what a strategy is, once: from_dict(to_dict(s)) must rebuild each exactly
-_VARIANTS = [
-    S.Linear(weights=[0.2, 0.8], normalize=False),
-    S.TaskArithmetic(weights=[1.0, 0.5], scale=0.3, weighting="ota"),
-    S.Ties(density=[0.1, 0.3], topk="model", election="unweighted", rescale="l1", weighting="fisher"),
-    S.Dare(drop_rate=[0.5, 0.2], combine="ties", seed=3),
-    S.Breadcrumbs(density=0.8, gamma=[0.02, 0.05], election="weighted"),
-    S.Cabs(n=2, m=8, order=[1, 0], weights=[1.2, 1.2]),
-    S.Generalized(sparsification="saliency", density=0.3, saliency="fisher", consensus_k=1, tall_lambda=[0.4, 0.5]),
-    S.Consensus.tall_reference(consensus_k=3, density=0.1, scale=0.7),
-    S.LiNeS(inner=S.Ties(density=0.4), alpha=0.5, beta=0.25, pattern=r"blocks\.(\d+)"),
-    S.Fisher(weights=[1, 2], scale=1.5, floor=0.0, eps=1e-8, normalize=False, estimator="example", favor_target=True),
-    S.OTA(power=1.0, mean_normalize=True, threshold=[0.1, 0.2]),
-    S.WeightedMedian(kappa=0.5, importance="none", normalize=True),
-    S.OPCM(alpha=0.7, not_linear=r"head", device="cpu"),
-    S.PCB(ratio=0.2, clamp_ratio=0.01, scale=0.9),
-    S.RegMean(alpha=0.5, weights=[1.0, 3.0], scale=1.2),
-    S.TSVMerge(weights=[1.0, 0.5], not_svd=r"lm_head"),
-    S.LayerwiseTaskArithmetic(coefficients={"0": [0.3, 0.7], "1": [0.5, 0.5]}, default=[1.0, 0.2], scale=0.8),
-    S.Slerp(t=0.3),
-    S.NuSlerp(weights=[1.0, 0.6], nuslerp_flatten=False, nuslerp_row_wise=True),
-    S.MultiSlerp(weights=[1.0, 0.5, 2.0], normalize_weights=False, eps=1e-6),
-    S.Karcher(max_iter=20, tol=1e-7),
-    S.ModelStock(filter_wise=True),
-    S.NearSwap(t=0.001),
-    S.ArceeFusion(),
-    S.Della(density=[0.4, 0.6], epsilon=0.1, combine="linear", rescale="inverse", seed=3),
-    S.SCE(select_topk=0.3, scale=0.9),
-    S.RAM(epsilon=0.01),
-    S.RAMPlusTL(r=0.5, alpha=0.3, epsilon=0.01),
-    S.PerTensor(strategies=[S.Ties(density=0.5), S.SCE()], tensors={"layers.0.w": 1}, default=0),
-]
+_library = library
+_VARIANTS = VARIANTS
 
 
 @pytest.mark.parametrize("name", _library())

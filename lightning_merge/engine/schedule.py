@@ -1,0 +1,142 @@
+"""The one bounded scheduler of the merge engine and the continual fold: work items run on a few worker threads, and
+the bytes the running items hold never exceed a memory budget.
+
+Each item declares its cost in bytes (what its job allocates: its inputs, their float32 copies, a strategy's
+temporaries, its output; see :meth:`Strategy.working_set`). An item is started only while the running items' costs
+plus its own stay within the budget; an item that alone exceeds it runs alone. A slot is freed when its item
+finishes, not when its result's turn comes, so a small item between two large ones never leaves a worker idle.
+Results are yielded in the items' order.
+
+How large items stay within a budget is the callers' part: the engine splits a tensor whose strategy is
+:attr:`~lightning_merge.strategies.Strategy.row_local` into row chunks (:func:`row_chunks`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: the default memory budget of a merge and of a continual add: the bytes their tensor jobs hold at once
+DEFAULT_MEMORY_BUDGET = 256 << 20
+
+#: a row chunk is never smaller than this many elements (smaller ones cost more in calls than they save in memory)
+MIN_CHUNK_ELEMENTS = 1 << 16
+
+
+def row_chunks(shape: Sequence[int], bytes_per_element: float, budget: int) -> list[tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` along the first axis of a tensor of ``shape`` such that a chunk's cost
+    (its elements × ``bytes_per_element``) stays within ``budget``; one range for a tensor that fits, or one of
+    fewer than two dimensions. Chunks are equal but for the last; a row never splits.
+
+    Args:
+        shape: the tensor's shape.
+        bytes_per_element: what one element of the tensor costs its job (all inputs, temporaries and output).
+        budget: the bytes a chunk may cost.
+    """
+    rows = int(shape[0]) if len(shape) else 0
+    if len(shape) < 2 or rows <= 1:
+        return [(0, rows)]
+    row_elements = 1
+    for d in shape[1:]:
+        row_elements *= int(d)
+    total = rows * row_elements * bytes_per_element
+    if total <= budget:
+        return [(0, rows)]
+    fitting = int(budget // max(row_elements * bytes_per_element, 1))
+    per = max(1, fitting, -(-MIN_CHUNK_ELEMENTS // max(row_elements, 1)))
+    count = -(-rows // per)
+    per = -(-rows // count)  # the same number of rows in each chunk, the last one possibly fewer
+    return [(start, min(start + per, rows)) for start in range(0, rows, per)]
+
+
+def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], budget: int, *,
+                workers: int | None = None, sizes: Sequence[int] | None = None, desc: str = "working",
+                progress: bool | None = None, share_threads: bool = False) -> Iterator[R]:
+    """``fn(item)`` for each item on up to ``workers`` threads within the memory ``budget``; results in item order.
+
+    An error in any ``fn`` cancels the items not started and is raised here (after the running ones finish).
+
+    Args:
+        fn: called with each item (from a worker thread when ``workers`` > 1).
+        items: the work items, in the order results are yielded.
+        costs: each item's cost in bytes (see the module docstring).
+        budget: the bytes the running items may hold together; an item costing more runs alone.
+        workers: worker threads (default: the CPU count, at most 2; never more than the items). 1 runs every item
+            in this thread.
+        sizes: each item's size for the progress bar (default: its cost).
+        desc: the progress bar's label.
+        progress: show a progress bar (default: when stderr is a terminal).
+        share_threads: give each worker ``torch.get_num_threads() // workers`` intra-op threads (and restore the
+            count after), so that workers do not oversubscribe the cores.
+
+    Yields:
+        ``fn(item)`` for each item, in the order of ``items``.
+    """
+    from lightning_merge.files.progress import Progress
+
+    sizes = list(costs) if sizes is None else list(sizes)
+    count = max(1, min(workers or min(2, os.cpu_count() or 1), len(items) or 1))
+    bar = Progress(desc, sum(sizes), progress)
+    total_threads = torch.get_num_threads()
+    try:
+        if count == 1:
+            for item, size in zip(items, sizes):
+                yield fn(item)
+                bar.update(size)
+            return
+        initializer: Any = None
+        if share_threads:
+            share = max(1, total_threads // count)
+            torch.set_num_threads(share)
+            # OpenMP's thread count is per thread: each worker sets its own share
+            initializer = lambda: torch.set_num_threads(share)  # noqa: E731
+        pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="lightning-merge", initializer=initializer)
+        running: dict[Future, tuple[int, int, int]] = {}
+        results: dict[int, Any] = {}
+        held = 0
+        turn = 0
+
+        def collect(block: bool) -> None:
+            nonlocal held
+            done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for future in done:
+                index, cost, size = running.pop(future)
+                held -= cost
+                results[index] = future.result()
+                bar.update(size)
+
+        def ready() -> Iterator[Any]:
+            nonlocal turn
+            while turn in results:
+                yield results.pop(turn)
+                turn += 1
+
+        try:
+            for index, (item, cost, size) in enumerate(zip(items, costs, sizes)):
+                while running and (len(running) >= count or held + cost > budget):
+                    collect(block=True)
+                running[pool.submit(fn, item)] = (index, cost, size)
+                held += cost
+                collect(block=False)
+                yield from ready()
+            while running:
+                collect(block=True)
+                yield from ready()
+        finally:
+            for future in running:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        if share_threads:
+            torch.set_num_threads(total_threads)
+        bar.close()
+
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "MIN_CHUNK_ELEMENTS", "bounded_map", "row_chunks"]

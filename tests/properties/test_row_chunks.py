@@ -1,0 +1,154 @@
+"""Memory by budget: a strategy that declares ``row_local`` gives, on any row range of its inputs, those rows of its
+whole-tensor merge bit for bit; the engine's chunked merges (every output kind) equal its whole ones; the scheduler
+keeps the running items within the budget and yields results in order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import family
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategy_variants import VARIANTS, library_defaults
+
+from lightning_merge import merge
+from lightning_merge import strategies as S
+from lightning_merge.engine.plan import plan_merge
+from lightning_merge.engine.run import job_units, open_inputs
+from lightning_merge.engine.schedule import bounded_map, row_chunks
+from lightning_merge.files.safetensors import SafetensorsFile, load_tensors, save_tensors
+from lightning_merge.strategies import STRATEGIES
+
+ROW_LOCAL = [s for s in library_defaults() + VARIANTS if s.row_local]
+
+
+def test_the_declared_row_local_strategies():
+    """What is declared, by name (a strategy whose rule reads a whole tensor must not be in this list)."""
+    names = sorted({s.name for s in ROW_LOCAL})
+    assert names == ["consensus", "fisher", "generalized", "layerwise_task_arithmetic", "linear", "lines",
+                     "model_stock", "ota", "per_tensor", "ram", "task_arithmetic", "weighted_median"]
+    assert not S.Ties().row_local and not S.OTA(density=0.5).row_local and not S.OTA(mean_normalize=True).row_local
+    assert not S.LiNeS(inner=S.Ties()).row_local and S.LiNeS(inner=S.TaskArithmetic()).row_local
+    assert not S.ModelStock().row_local and S.ModelStock(filter_wise=True).row_local
+
+
+@pytest.fixture(scope="module")
+def experts_of(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rows")
+    cache = {}
+
+    def get(n: int, shape: tuple[int, int]):
+        if (n, shape) not in cache:
+            base, paths = family(root / f"{n}-{shape[0]}x{shape[1]}", n=n, shape=shape)
+            cache[n, shape] = (base, paths)
+        return cache[n, shape]
+
+    return get
+
+
+@pytest.mark.parametrize("strategy", ROW_LOCAL, ids=[repr(s)[:60] for s in ROW_LOCAL])
+@settings(max_examples=6, deadline=None)
+@given(rows=st.integers(2, 40), cols=st.integers(1, 9), cuts=st.lists(st.integers(1, 39), max_size=4))
+def test_a_row_local_merge_of_rows_is_those_rows_of_the_whole(experts_of, strategy, rows, cols, cuts):
+    n = {"nearswap": 1}.get(strategy.name, 3)
+    if strategy.name == "per_tensor":
+        strategy = S.PerTensor(strategies=[S.TaskArithmetic(), S.Fisher(normalize=False)], default=1)
+    if strategy.name in ("linear", "task_arithmetic", "fisher", "ota", "layerwise_task_arithmetic", "regmean") and \
+            any(isinstance(getattr(strategy, f, None), list) for f in ("weights", "threshold", "default")):
+        n = 2
+    if strategy.name == "generalized" and isinstance(strategy.tall_lambda, list):
+        n = 2
+    base, paths = experts_of(n, (rows, cols))
+    experts, b = open_inputs([str(p) for p in paths], str(base))
+    plan = plan_merge(experts, b, strategy)
+    prepared = plan.prepared
+    whole = prepared.merge_tensor("w", plan.base_tensor("w"), plan.expert_tensors("w"), plan.stats("w"))
+    bounds = sorted({0, rows, *[c for c in cuts if c < rows]})
+    parts = [prepared.merge_tensor("w", plan.base_tensor("w", r), plan.expert_tensors("w", rows=r),
+                                   plan.stats("w", r)) for r in zip(bounds, bounds[1:])]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_rows_are_read_from_their_bytes(tmp_path):
+    x = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+    save_tensors(tmp_path / "x.safetensors", {"x": x.to(torch.bfloat16), "v": torch.arange(5.0)})
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        assert torch.equal(f.get("x", (3, 7)), x[3:7].to(torch.bfloat16))
+        assert f.get("x", (4, 4)).shape == (0, 6)
+        with pytest.raises(ValueError, match=r"rows 8:11 are not within tensor 'x' of shape \[10, 6\]"):
+            f.get("x", (8, 11))
+
+
+def test_row_chunks_cover_the_rows_within_the_budget():
+    assert row_chunks((100, 1000), 4.0, 10**9) == [(0, 100)]
+    assert row_chunks((1000,), 4.0, 10) == [(0, 1000)]  # one dimension: never split
+    chunks = row_chunks((1000, 1000), 40.0, 4_000_000)  # 40 kB a row: 100 rows a chunk
+    assert chunks[0] == (0, 100) and chunks[-1] == (900, 1000) and len(chunks) == 10
+    assert all(a == b for (_, a), (b, _) in zip(chunks, chunks[1:]))
+    tiny = row_chunks((10_000, 4), 40.0, 1)  # a tiny budget: chunks of at least MIN_CHUNK_ELEMENTS elements
+    assert tiny == [(0, 10_000)]
+
+
+def test_the_scheduler_keeps_the_budget_and_the_order():
+    held, peak, lock = [0], [0], threading.Lock()
+    costs = [30, 50, 10, 100, 20, 60, 5, 40]
+
+    def work(i: int) -> int:
+        with lock:
+            held[0] += costs[i]
+            peak[0] = max(peak[0], held[0] if costs[i] <= 80 else 0)
+        time.sleep(0.01 * (8 - i))
+        with lock:
+            held[0] -= costs[i]
+        return i * i
+
+    out = list(bounded_map(work, list(range(8)), costs, 80, workers=3))
+    assert out == [i * i for i in range(8)]
+    assert peak[0] <= 80  # 100 ran alone
+
+    def fail(i: int) -> int:
+        if i == 2:
+            raise RuntimeError("boom at 2")
+        return i
+
+    with pytest.raises(RuntimeError, match="boom at 2"):
+        list(bounded_map(fail, list(range(6)), [1] * 6, 10, workers=2))
+
+
+@pytest.mark.parametrize("strategy", [S.TaskArithmetic(scale=0.7), S.Fisher(), S.Ties(density=0.5)],
+                         ids=["task_arithmetic", "fisher", "ties"])
+def test_a_merge_within_a_small_budget_equals_the_default_bit_for_bit(tmp_path, strategy):
+    """Every output kind (folder, file, state dict in bf16, module); the chunked jobs are really chunked."""
+    base, paths = family(tmp_path / "fam", n=3, shape=(700, 129))
+    inputs = [str(p) for p in paths]
+    experts, b = open_inputs(inputs, str(base))
+    plan = plan_merge(experts, b, strategy)
+    units = job_units(plan, plan.jobs, 60_000, 2)
+    assert (len([u for u in units if u[0].name == "w"]) > 1) == strategy.row_local
+    reference = merge(inputs, str(base), strategy)
+    for budget in ("60KB", 1 << 30):
+        folder = merge(inputs, str(base), strategy, tmp_path / f"out-{budget}", memory_budget=budget)
+        got = load_tensors(folder / "model.safetensors")
+        assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+        half = merge(inputs, str(base), strategy, dtype="bfloat16", memory_budget=budget)
+        assert all(torch.equal(half[k], reference[k].to(torch.bfloat16)) for k in half)
+        module = torch.nn.Module()
+        module.register_buffer("w", torch.zeros(700, 129))
+        module.register_buffer("b", torch.zeros(700))
+        merge(inputs, str(base), strategy, module, memory_budget=budget)
+        assert torch.equal(module.w, reference["w"]) and torch.equal(module.b, reference["b"])
+
+
+def test_a_bad_budget_is_named():
+    with pytest.raises(ValueError, match="memory_budget 'lots' is not a size"):
+        merge([{"w": torch.ones(2)}], None, S.Linear(), memory_budget="lots")
+    with pytest.raises(ValueError, match="memory_budget must be positive, got 0"):
+        merge([{"w": torch.ones(2)}], None, S.Linear(), memory_budget=0)
+
+
+def test_every_registered_strategy_is_in_the_variants():
+    assert {s.name for s in library_defaults()} == {n for n, c in STRATEGIES.items()
+                                                    if c.__module__.startswith("lightning_merge.")}
