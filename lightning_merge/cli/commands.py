@@ -353,7 +353,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
             print(redact(f"created continual state {state.url or state.path} ({args.strategy}, base {args.base})"))
         elif args.action == "add":
             state = ContinualState(args.state)
-            entry = state.add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate, force=args.force)
+            entry = state.add(args.expert, name=args.name, allow_duplicate=args.allow_duplicate, force=args.force,
+                              memory_budget=args.memory_budget)
             where = state.describe()["model"] if state.url else f"{args.state}/current/model"
             if entry.get("completed_interrupted_add"):
                 print(redact(f"completed an interrupted add: '{entry['name']}' had been committed as expert "
@@ -503,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--allow-duplicate", action="store_true", help="fold in an expert already merged")
     ca.add_argument("--force", action="store_true",
                     help="fold in an expert that looks unrelated to the base (a task vector 10x the others')")
+    ca.add_argument("--memory-budget", default=None, metavar="SIZE",
+                    help="bytes the tensors folded at once may hold, e.g. 512MB (default 256MB)")
     cs = csub.add_parser("show", help="the journal, norms and where the merged model is")
     cs.add_argument("state")
     cs.add_argument("--json", action="store_true")

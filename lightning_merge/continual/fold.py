@@ -18,6 +18,7 @@ from lightning_merge._version import __version__
 from lightning_merge.continual.checks import check_distance
 from lightning_merge.continual.layout import FORMAT
 from lightning_merge.continual.store import StateStore
+from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map
 from lightning_merge.engine.writers import copy_support_files, write_json
 from lightning_merge.errors import ContinualError
 from lightning_merge.files.atomic import fsync_dir
@@ -25,7 +26,7 @@ from lightning_merge.files.finite import cast_checked, largest_magnitude
 from lightning_merge.files.safetensors import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
 from lightning_merge.formats.sidecar import tensor_fingerprint
 from lightning_merge.sources.expert import Expert, as_expert
-from lightning_merge.strategies.base import ContinualSummary
+from lightning_merge.strategies.base import ContinualForm, ContinualSummary
 
 #: how the dtype of a continual state's model is chosen (it is the base's), for messages
 CONTINUAL_DTYPE_HINT = ("a continual model is written in its base's dtype: create the state over a copy of the base in "
@@ -34,7 +35,7 @@ CONTINUAL_DTYPE_HINT = ("a continual model is written in its base's dtype: creat
 
 def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path | None, meta: dict[str, Any],
                      entry: dict[str, Any], force: bool, progress: bool | None = None,
-                     threads: int | None = None) -> None:
+                     threads: int | None = None, memory_budget: int | None = None) -> None:
     """Write the generation that folds ``expert`` into ``current`` into the new folder ``tmp``: its running
     quantities, merged model and ``meta.json``, all durable when this returns. On any error ``tmp`` is removed.
 
@@ -49,6 +50,8 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
             :func:`~lightning_merge.continual.checks.check_distance`).
         progress: show progress bars (default: when stderr is a terminal).
         threads: tensors folded at once (see :func:`parallel_map`).
+        memory_budget: the bytes the tensors folded at once may hold (default 256 MiB): each costs its continual
+            form's :meth:`~lightning_merge.strategies.ContinualForm.working_set` float32 copies of its elements.
 
     Raises:
         ContinualError: a damaged generation, a changed base, non-finite results, an unrelated expert.
@@ -119,7 +122,13 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
                 running.write(f"{q}/{n}", new[q].to(dtype).contiguous())
             return float(tau.double().square().sum()), form.reduce(n, new)
 
-        for square, reduced in parallel_map(fold, names, sizes, "folding in", progress, threads):
+        kinds = len(state.strategy.requires)
+        # a form that does not subclass ContinualForm (duck-typed) gets its default working set
+        sized = getattr(form, "working_set", None)
+        per_element = 4 * (sized(kinds) if sized is not None else ContinualForm.working_set(form, kinds))
+        costs = [int(base.spec(n).numel * per_element) for n in names]
+        for square, reduced in parallel_map(fold, names, sizes, "folding in", progress, threads, costs,
+                                            memory_budget or DEFAULT_MEMORY_BUDGET):
             tau_sq += square  # summed in tensor order whatever the threads: the same floats every time
             for key, value in reduced.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -178,81 +187,31 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
 
 
 def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progress: bool | None,
-                 threads: int | None) -> Iterator[Any]:
+                 threads: int | None, costs: list[int] | None = None, budget: int | None = None) -> Iterator[Any]:
     """``fn(name)`` for each name on ``threads`` worker threads (each with its share of torch's threads), results
-    yielded in the order of ``names``.
+    yielded in the order of ``names``: the engine's bounded scheduler
+    (:func:`~lightning_merge.engine.schedule.bounded_map`).
 
-    Memory: the tensors being folded (running or queued) never exceed ``threads`` × the largest one in bytes; a
-    slot is freed when its tensor finishes, not when its result's turn comes, so a small tensor (a bias) between two
-    large ones (weights) never leaves a worker idle. ``fn``'s results are held until their turn (they are small).
-    An error in any ``fn`` cancels the queued ones and is raised here.
+    Memory: the running tensors' ``costs`` stay within ``budget`` (a tensor costing more runs alone); a slot is freed
+    when its tensor finishes, not when its result's turn comes, so a small tensor (a bias) between two large ones
+    (weights) never leaves a worker idle. An error in any ``fn`` cancels the queued ones and is raised here.
 
     Args:
         fn: called with each name.
         names: the names, in the order results are yielded.
-        sizes: each name's tensor size in bytes (the memory bound and the progress bar).
+        sizes: each name's tensor size in bytes (the progress bar).
         desc: the progress bar's label.
         progress: show a progress bar (default: when stderr is a terminal).
         threads: worker threads (default: the CPU count, at most 4; never more than the names).
+        costs: what folding each tensor holds, in bytes (default: ``sizes``).
+        budget: the bytes the running tensors may hold together (default: ``threads`` × the largest cost).
 
     Yields:
         ``fn(name)`` for each name, in the order of ``names``.
     """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    from lightning_merge.files.progress import Progress
-
     workers = max(1, min(threads or min(4, os.cpu_count() or 1), len(names) or 1))
-    total_threads = torch.get_num_threads()
-    bar = Progress(desc, sum(sizes), progress)
-    try:
-        if workers == 1:
-            for name, size in zip(names, sizes):
-                yield fn(name)
-                bar.update(size)
-            return
-        share = max(1, total_threads // workers)
-        torch.set_num_threads(share)
-        limit = workers * max(sizes)
-        # OpenMP's thread count is per thread: each worker sets its own share, or it would run torch's default count
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lightning-merge-fold",
-                                  initializer=torch.set_num_threads, initargs=(share,))
-        try:
-            running: dict[Any, tuple[int, int]] = {}
-            results: dict[int, Any] = {}
-            in_flight = 0
-            turn = 0
-
-            def ready() -> Iterator[Any]:
-                """The results whose turn has come, in the order of ``names``."""
-                nonlocal turn
-                while turn in results:
-                    yield results.pop(turn)
-                    turn += 1
-
-            def collect(block: bool) -> None:
-                nonlocal in_flight
-                done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-                for future in done:
-                    index, size = running.pop(future)
-                    in_flight -= size
-                    results[index] = future.result()
-                    bar.update(size)
-
-            for index, (name, size) in enumerate(zip(names, sizes)):
-                while running and in_flight + size > limit:
-                    collect(block=True)
-                running[pool.submit(fn, name)] = (index, size)
-                in_flight += size
-                collect(block=False)
-                yield from ready()
-            while running:
-                collect(block=True)
-                yield from ready()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        torch.set_num_threads(total_threads)
-        bar.close()
-
-
+    costs = list(sizes) if costs is None else costs
+    if budget is None:
+        budget = workers * max(costs, default=0)
+    yield from bounded_map(fn, names, costs, budget, workers=workers, sizes=sizes, desc=desc, progress=progress,
+                           share_threads=True)

@@ -44,6 +44,7 @@ from lightning_merge.continual.layout import FORMAT, FORMAT_VERSION, MARKER, ON_
 from lightning_merge.continual.layout import POINTER as POINTER
 from lightning_merge.continual.remote import RemoteStore, mirror
 from lightning_merge.continual.store import READ_ATTEMPTS, flock, refuse_foreign, refuse_occupied, state_holding
+from lightning_merge.engine.options import parse_size
 from lightning_merge.errors import ContinualError
 from lightning_merge.files.atomic import atomic_file, writing
 from lightning_merge.files.remote import PreconditionFailed, is_url, join, put_conditional, redact
@@ -250,7 +251,8 @@ class ContinualState(RemoteStore):
 
     # -- adding --------------------------------------------------------------------------------------------------
     def add(self, expert: Any, *, name: str | None = None, allow_duplicate: bool = False,
-            force: bool = False, progress: bool | None = None, threads: int | None = None) -> dict[str, Any]:
+            force: bool = False, progress: bool | None = None, threads: int | None = None,
+            memory_budget: int | str | None = None) -> dict[str, Any]:
         """Fold one expert in (atomically; waits for another process's add to finish first).
 
         Args:
@@ -262,6 +264,9 @@ class ContinualState(RemoteStore):
             progress: show progress bars (default: when stderr is a terminal).
             threads: tensors folded at once (default: the CPU count, at most 4); each thread computes with
                 ``torch.get_num_threads() // threads`` threads, so an OPCM add's SVDs run side by side.
+            memory_budget: the bytes the tensors folded at once may hold (``"1GB"`` or bytes; default 256 MiB), each
+                counted as its continual form's working set (see :mod:`lightning_merge.engine.schedule`); a tensor
+                costing more than the budget is folded alone.
 
         Returns:
             The journal entry. When this add retries one that was killed after its commit (the expert is already
@@ -275,16 +280,18 @@ class ContinualState(RemoteStore):
             StatisticsError: statistics the strategy needs are missing or invalid.
         """
         expert = as_expert(expert)
+        budget = None if memory_budget is None else parse_size(memory_budget, "memory_budget")
         if self.url is not None:
             with self._remote_lease(), writing(self.path):
                 etag = self._pull()
                 return self._add_locked(expert, name, allow_duplicate, force, progress, threads,
-                                        publish=lambda: self._push(etag))
+                                        publish=lambda: self._push(etag), memory_budget=budget)
         with writing(self.path):  # a full disk or a read-only state: one error naming the state
-            return self._add_locked(expert, name, allow_duplicate, force, progress, threads)
+            return self._add_locked(expert, name, allow_duplicate, force, progress, threads, memory_budget=budget)
 
     def _add_locked(self, expert: Expert, name: str | None, allow_duplicate: bool, force: bool,
-                    progress: bool | None, threads: int | None, publish: Any = None) -> dict[str, Any]:
+                    progress: bool | None, threads: int | None, publish: Any = None,
+                    memory_budget: int | None = None) -> dict[str, Any]:
         with self._locked():
             self._cleanup()
             current, meta = self._snapshot()
@@ -315,16 +322,16 @@ class ContinualState(RemoteStore):
                 "checksum": checksum,
                 "time": now(),
             }
-            self._write_generation(expert, current, meta, entry, force, progress, threads, publish)
+            self._write_generation(expert, current, meta, entry, force, progress, threads, publish, memory_budget)
         return entry
 
     def _write_generation(self, expert: Expert, current: Path | None, meta: dict[str, Any], entry: dict[str, Any],
                           force: bool, progress: bool | None = None, threads: int | None = None,
-                          publish: Any = None) -> None:
+                          publish: Any = None, memory_budget: int | None = None) -> None:
         """Fold ``expert`` into a new generation (:func:`~lightning_merge.continual.fold.build_generation`), commit
         it, then remove ``current``, ``publish`` it (object storage) and finish the add."""
         tmp = self._partial()
-        build_generation(self, tmp, expert, current, meta, entry, force, progress, threads)
+        build_generation(self, tmp, expert, current, meta, entry, force, progress, threads, memory_budget)
         try:
             final = self._commit(tmp, meta["count"] + 1, entry["checksum"])
         except BaseException:

@@ -24,7 +24,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 #: the default memory budget of a merge and of a continual add: the bytes their tensor jobs hold at once
-DEFAULT_MEMORY_BUDGET = 256 << 20
+DEFAULT_MEMORY_BUDGET = 192 << 20
 
 #: a row chunk is never smaller than this many elements (smaller ones cost more in calls than they save in memory)
 MIN_CHUNK_ELEMENTS = 1 << 16

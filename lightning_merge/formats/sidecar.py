@@ -128,7 +128,10 @@ def tensor_fingerprint(tensor: Tensor, samples: int = 256) -> str:
     equal tensors, different (with overwhelming probability) for tensors that moved."""
     flat = tensor.detach().reshape(-1)
     if flat.numel() > samples:
+        # linspace runs in float32: past 2**24 elements its last point can round up to numel (one past the end);
+        # clamped, every index a smaller tensor had stays the same, so recorded fingerprints keep matching
         index = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).round().long()
+        index = index.clamp_(max=flat.numel() - 1)
         flat = flat[index]
     data = flat.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
     shape = ",".join(str(d) for d in tensor.shape)

@@ -179,6 +179,12 @@ class ContinualForm:
     #: ``(name, dtype)`` of the running tensors kept per parameter (each of the parameter's shape).
     quantities: tuple[tuple[str, torch.dtype], ...] = ()
 
+    def working_set(self, kinds: int) -> float:
+        """How many float32 copies of a tensor folding it holds at its peak (the base as stored and in float32, the
+        expert, τ, the running quantities read and written, ``kinds`` statistics): a continual add's memory budget
+        counts a tensor as this × its elements × 4 bytes. A form with larger temporaries (OPCM's SVD) says so."""
+        return 5 + 2 * len(self.quantities) + kinds
+
     def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
         """Per-expert preparation (``expert`` is an :class:`~lightning_merge.Expert`; ``names`` the merged tensors)."""
         raise NotImplementedError
@@ -268,7 +274,7 @@ class Strategy:
         this × the tensor's (or the chunk's) elements × 4 bytes. The default (a stack of task vectors beside the
         inputs, a statistic per expert and kind, the result and its cast) suits the elementwise rules; a strategy
         that allocates more says so."""
-        return 2 * num_experts + 4 + num_experts * len(self.requires)
+        return 3 * num_experts + 5 + num_experts * len(self.requires)
 
     # -- the contract -------------------------------------------------------------------------------------------
     def prepare(self, plan: MergePlan) -> Prepared:

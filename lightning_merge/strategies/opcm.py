@@ -201,6 +201,10 @@ class _OPCMFold(ContinualForm):
 
     quantities = (("S", torch.float32),)
 
+    def working_set(self, kinds: int) -> float:
+        """The fold's copies plus the SVD's: U, Vᵀ, the projected τ and its update (square matrices count whole)."""
+        return super().working_set(kinds) + 6
+
     def __init__(self, strategy: OPCM):
         self.strategy = strategy
 
