@@ -18,13 +18,13 @@ from lightning_merge._version import __version__
 from lightning_merge.continual.checks import check_distance
 from lightning_merge.continual.layout import FORMAT
 from lightning_merge.continual.store import StateStore
-from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map
+from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map, row_chunks
 from lightning_merge.engine.writers import copy_support_files, write_json
 from lightning_merge.errors import ContinualError
 from lightning_merge.files.atomic import fsync_dir
 from lightning_merge.files.finite import cast_checked, largest_magnitude
 from lightning_merge.files.safetensors import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
-from lightning_merge.formats.sidecar import tensor_fingerprint
+from lightning_merge.formats.sidecar import fingerprint_rows, tensor_fingerprint
 from lightning_merge.sources.expert import Expert, as_expert
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary
 
@@ -95,41 +95,60 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
         fingerprints = state.config["base_fingerprint"]
         totals: dict[str, float] = {}
         tau_sq = 0.0
-        sizes = [base.spec(n).nbytes for n in names]
-        def fold(n: str) -> tuple[float, dict[str, float]]:
-            """Fold tensor ``n`` in and write its new running quantities (tensors are independent: threads)."""
-            b_raw = base.tensor(n)
-            if tensor_fingerprint(b_raw) != fingerprints[n]:
-                raise ContinualError(
-                    f"the base '{state.config['base']}' changed since the state was created (tensor '{n}' differs "
-                    "from its fingerprint in state.json); restore the original base file"
-                )
-            b = base.float32(n)
+        kinds = len(state.strategy.requires)
+        # a form that does not subclass ContinualForm (duck-typed) gets the defaults
+        sized = getattr(form, "working_set", None)
+        per_element = 4 * (sized(kinds) if sized is not None else ContinualForm.working_set(form, kinds))
+        budget = memory_budget or DEFAULT_MEMORY_BUDGET
+        workers = max(1, min(threads or min(4, os.cpu_count() or 1), len(names) or 1))
+        chunked = getattr(form, "row_local", False)
+        items: list[tuple[str, tuple[int, int] | None]] = []
+        for n in names:
+            shape = tuple(state.config["tensors"][n])
+            ranges = row_chunks(shape, per_element, max(1, budget // workers)) if chunked else [(0, 0)]
+            items.extend([(n, None)] if len(ranges) == 1 else [(n, r) for r in ranges])
+
+        def fold(item: tuple[str, tuple[int, int] | None]) -> tuple[float, dict[str, float]]:
+            """Fold tensor ``n`` (or its ``rows``, for a row-local form) in and write its new running quantities
+            (tensors and row chunks are independent: threads)."""
+            n, rows = item
+            if rows is None or rows[0] == 0:
+                if base_fingerprint(base, n, whole=rows is None) != fingerprints[n]:
+                    raise ContinualError(
+                        f"the base '{state.config['base']}' changed since the state was created (tensor '{n}' differs "
+                        "from its fingerprint in state.json); restore the original base file"
+                    )
+            b = base.float32(n, rows)
             # a tensor the expert lacks (on_missing="base") is unchanged, as the batch merge reads the base's
-            tau = expert.float32(n) - b if n in expert else torch.zeros_like(b)
+            tau = expert.float32(n, rows) - b if n in expert else torch.zeros_like(b)
             prev = None
             if previous is not None:
                 try:
-                    prev = {q: previous.get(f"{q}/{n}").to(dtype) for q, dtype in form.quantities}
+                    prev = {q: previous.get(f"{q}/{n}", rows).to(dtype) for q, dtype in form.quantities}
                 except (KeyError, SafetensorsError) as err:
                     raise ContinualError(
                         f"continual state '{state.path}': generation '{current.name}' has no running quantities "
                         f"for '{n}' ({err}); the state is damaged"
                     ) from None
-            stats = {kind: expert.statistic(n, kind) for kind in state.strategy.requires}
+            stats = {kind: expert.statistic(n, kind) if rows is None else expert.statistic(n, kind, rows=rows)
+                     for kind in state.strategy.requires}
             new = form.fold(n, prev, tau, stats, ctx)
             for q, dtype in form.quantities:
-                running.write(f"{q}/{n}", new[q].to(dtype).contiguous())
+                if rows is None:
+                    running.write(f"{q}/{n}", new[q].to(dtype).contiguous())
+                else:
+                    running.write_rows(f"{q}/{n}", rows[0], new[q].to(dtype).contiguous())
             return float(tau.double().square().sum()), form.reduce(n, new)
 
-        kinds = len(state.strategy.requires)
-        # a form that does not subclass ContinualForm (duck-typed) gets its default working set
-        sized = getattr(form, "working_set", None)
-        per_element = 4 * (sized(kinds) if sized is not None else ContinualForm.working_set(form, kinds))
-        costs = [int(base.spec(n).numel * per_element) for n in names]
-        for square, reduced in parallel_map(fold, names, sizes, "folding in", progress, threads, costs,
-                                            memory_budget or DEFAULT_MEMORY_BUDGET):
-            tau_sq += square  # summed in tensor order whatever the threads: the same floats every time
+        def row_size(item: tuple[str, tuple[int, int] | None]) -> int:
+            n, rows = item
+            whole = base.spec(n).nbytes
+            return whole if rows is None else whole // base.spec(n).shape[0] * (rows[1] - rows[0])
+
+        sizes = [row_size(item) for item in items]
+        costs = [int(size // base.spec(n).dtype.itemsize * per_element) for (n, _), size in zip(items, sizes)]
+        for square, reduced in parallel_map(fold, items, sizes, "folding in", progress, threads, costs, budget):
+            tau_sq += square  # summed in tensor (and row) order whatever the threads: the same floats every time
             for key, value in reduced.items():
                 totals[key] = totals.get(key, 0.0) + value
         running.close(sync=True)
@@ -152,13 +171,20 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
                         value = torch.maximum(seen, expert.tensor(n).to(seen.dtype))
                     model.write(n, value.to(base.spec(n).dtype).contiguous())
                     continue
-                quantities = {q: fresh.get(f"{q}/{n}") for q, _ in form.quantities}
-                merged = form.finish(n, base.float32(n), quantities, summary)
-                magnitude = largest_magnitude(merged)  # one reduction: finiteness, then the base dtype's range
-                if not math.isfinite(magnitude):
-                    raise ContinualError(f"continual {state.strategy.name} produced non-finite values at '{n}'")
-                model.write(n, cast_checked(merged, base.spec(n).dtype, n, CONTINUAL_DTYPE_HINT,
-                                            magnitude=magnitude).contiguous())
+                shape = tuple(base.spec(n).shape)
+                ranges = row_chunks(shape, per_element, budget) if chunked else [(0, 0)]
+                for rows in [None] if len(ranges) == 1 else ranges:
+                    quantities = {q: fresh.get(f"{q}/{n}", rows) for q, _ in form.quantities}
+                    merged = form.finish(n, base.float32(n, rows), quantities, summary)
+                    magnitude = largest_magnitude(merged)  # one reduction: finiteness, then the base dtype's range
+                    if not math.isfinite(magnitude):
+                        raise ContinualError(f"continual {state.strategy.name} produced non-finite values at '{n}'")
+                    value = cast_checked(merged, base.spec(n).dtype, n, CONTINUAL_DTYPE_HINT,
+                                         magnitude=magnitude).contiguous()
+                    if rows is None:
+                        model.write(n, value)
+                    else:
+                        model.write_rows(n, rows[0], value)
         model.close(sync=True)
         base_path = Path(state.config["base"])
         if base_path.is_dir():
@@ -184,6 +210,14 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
         for handle in (previous, previous_model):
             if handle is not None:
                 handle.close()
+
+
+def base_fingerprint(base: Expert, name: str, whole: bool = True) -> str:
+    """The fingerprint (:func:`~lightning_merge.formats.sidecar.tensor_fingerprint`) of the base's tensor ``name``:
+    read whole, or (``whole=False``, a tensor folded in row chunks) only in the rows its samples fall in."""
+    if whole:
+        return tensor_fingerprint(base.tensor(name))
+    return fingerprint_rows(lambda rows: base.tensor(name, rows), tuple(base.spec(name).shape))
 
 
 def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progress: bool | None,

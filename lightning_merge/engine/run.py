@@ -314,21 +314,26 @@ def prepare(
     return plan_merge(opened, base_expert, strategy, options).prepared
 
 
+Unit = tuple[TensorJob, "tuple[int, int] | None", int, "Prepared | None"]
+
+
 def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_dtype: torch.dtype | None = None,
-              ) -> list[tuple[TensorJob, tuple[int, int] | None, int]]:
-    """The scheduler's work items: ``(job, rows, cost)``, a job whole (``rows`` None) or, when it is a copy or its
-    strategy is :attr:`~lightning_merge.strategies.Strategy.row_local` and it costs more than a worker's share of
-    the budget, one item per row chunk (:func:`~lightning_merge.engine.schedule.row_chunks`). A cost counts what the
-    job holds: for a merge, the strategy's :meth:`~lightning_merge.strategies.Strategy.working_set` float32 copies
-    of its elements; for a copy, the input, its float32 check and the output."""
+              ) -> list[Unit]:
+    """The scheduler's work items: ``(job, rows, cost, prepared)``, a job whole (``rows`` None) or, when it is a copy
+    or its strategy is :attr:`~lightning_merge.strategies.Strategy.row_local` (or has a
+    :attr:`~lightning_merge.strategies.Strategy.row_pass`: then ``prepared`` is the chunk's, from
+    :meth:`~lightning_merge.strategies.Strategy.prepare_rows`, run here) and it costs more than a worker's share of the
+    budget, one item per row chunk (:func:`~lightning_merge.engine.schedule.row_chunks`). A cost counts what the job
+    holds: for a merge, the strategy's :meth:`~lightning_merge.strategies.Strategy.working_set` float32 copies of its
+    elements; for a copy, the input, its float32 check and the output."""
     strategy = plan.prepared.strategy
     per_worker = max(1, budget // max(1, workers))
-    units: list[tuple[TensorJob, tuple[int, int] | None, int]] = []
+    units: list[Unit] = []
     for job in jobs:
         shape = job.spec.shape
         if job.action == "merge":
             per_element = 4.0 * strategy.working_set(plan.num_experts)
-            chunkable = strategy.row_local
+            chunkable = strategy.row_local or strategy.row_pass
         elif job.action == "copy":
             per_element = 8.0 + (out_dtype or job.spec.dtype).itemsize
             chunkable = True
@@ -336,10 +341,13 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
             per_element, chunkable = 8.0 * (len(plan.experts) + 1), False
         ranges = row_chunks(shape, per_element, per_worker) if chunkable else [(0, shape[0] if shape else 0)]
         if len(ranges) == 1:
-            units.append((job, None, int(job.spec.numel * per_element)))
+            units.append((job, None, int(job.spec.numel * per_element), None))
             continue
         row_elements = job.spec.numel // shape[0]
-        units.extend((job, r, int((r[1] - r[0]) * row_elements * per_element)) for r in ranges)
+        prepared: list[Prepared | None] = [None] * len(ranges)
+        if job.action == "merge" and not strategy.row_local:
+            prepared = list(strategy.prepare_rows(plan.prepared, plan, job.name, ranges))
+        units.extend((job, r, int((r[1] - r[0]) * row_elements * per_element), p) for r, p in zip(ranges, prepared))
     return units
 
 
@@ -347,13 +355,13 @@ class _Assembler:
     """Row chunks of a tensor gathered for a writer that takes whole tensors (a state dict, a module, a .ckpt): the
     output tensor is allocated at its first chunk and handed to the writer when its last one is in."""
 
-    def __init__(self, writer: Writer, units: list[tuple[TensorJob, tuple[int, int] | None, int]]):
+    def __init__(self, writer: Writer, units: list[Unit]):
         import threading
 
         self.writer = writer
         self.lock = threading.Lock()
         self.left: dict[str, int] = {}
-        for job, rows, _ in units:
+        for job, rows, _, _ in units:
             if rows is not None:
                 self.left[job.name] = self.left.get(job.name, 0) + 1
         self.parts: dict[str, Tensor] = {}
@@ -382,9 +390,9 @@ def run_jobs(plan: Plan, jobs: list[TensorJob], writer: Writer, threads: int, pr
     write_rows = getattr(writer, "write_rows", None)
     assembler = None if write_rows is not None else _Assembler(writer, units)
 
-    def work(unit: tuple[TensorJob, tuple[int, int] | None, int]) -> None:
-        job, rows, _ = unit
-        value = compute(plan, job, writer.compute_dtype, rows)
+    def work(unit: Unit) -> None:
+        job, rows, _, prepared = unit
+        value = compute(plan, job, writer.compute_dtype, rows, prepared)
         if rows is None:
             writer.write(job.name, value)
         elif write_rows is not None:
@@ -400,9 +408,10 @@ def run_jobs(plan: Plan, jobs: list[TensorJob], writer: Writer, threads: int, pr
 
 
 def compute(plan: Plan, job: TensorJob, dtype: torch.dtype | None = None,
-            rows: tuple[int, int] | None = None) -> Tensor:
+            rows: tuple[int, int] | None = None, prepared: Prepared | None = None) -> Tensor:
     """One output tensor, or its ``rows`` (a row-local strategy's or a copy's): copied, checked equal, maxed, or
-    merged by the prepared strategy (float32 throughout; cast once at the end to the job's dtype, or ``dtype``)."""
+    merged by the prepared strategy (``prepared``: a row chunk's, else the plan's; float32 throughout; cast once at
+    the end to the job's dtype, or ``dtype``)."""
     name, out_dtype = job.name, dtype or job.spec.dtype
     shape = job.spec.shape if rows is None else (rows[1] - rows[0], *job.spec.shape[1:])
     if job.action == "copy":
@@ -423,7 +432,7 @@ def compute(plan: Plan, job: TensorJob, dtype: torch.dtype | None = None,
                     f"Exclude it or fix the expert"
                 )
         return values[0]
-    prepared = plan.prepared
+    prepared = prepared or plan.prepared
     strategy = prepared.strategy
     wants_base = strategy.needs_base or strategy.uses_base or not all(job.present)
     base = plan.base_tensor(name, rows) if wants_base else None

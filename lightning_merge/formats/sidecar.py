@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,19 +123,44 @@ def rank1_reconstruct(row: Tensor, col: Tensor, rows: tuple[int, int] | None = N
     return torch.outer(row, col) / total
 
 
+def _sample_index(numel: int, samples: int, device: Any = None) -> Tensor | None:
+    """The flat indices a fingerprint samples (None: every element). linspace runs in float32: past 2**24 elements its
+    last point can round up to numel (one past the end); clamped, every index a smaller tensor had stays the same, so
+    recorded fingerprints keep matching."""
+    if numel <= samples:
+        return None
+    index = torch.linspace(0, numel - 1, samples, device=device).round().long()
+    return index.clamp_(max=numel - 1)
+
+
+def _fingerprint(shape: Sequence[int], values: Tensor) -> str:
+    data = values.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(",".join(str(d) for d in shape).encode() + b"|" + data).hexdigest()[:16]
+
+
 def tensor_fingerprint(tensor: Tensor, samples: int = 256) -> str:
     """A short hash of a fixed sample of ``tensor`` (cast to float32): cheap to compute for any size, equal for
     equal tensors, different (with overwhelming probability) for tensors that moved."""
     flat = tensor.detach().reshape(-1)
-    if flat.numel() > samples:
-        # linspace runs in float32: past 2**24 elements its last point can round up to numel (one past the end);
-        # clamped, every index a smaller tensor had stays the same, so recorded fingerprints keep matching
-        index = torch.linspace(0, flat.numel() - 1, samples, device=flat.device).round().long()
-        index = index.clamp_(max=flat.numel() - 1)
-        flat = flat[index]
-    data = flat.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
-    shape = ",".join(str(d) for d in tensor.shape)
-    return hashlib.sha256(shape.encode() + b"|" + data).hexdigest()[:16]
+    index = _sample_index(flat.numel(), samples, flat.device)
+    return _fingerprint(tensor.shape, flat if index is None else flat[index])
+
+
+def fingerprint_rows(read_rows: Callable[[tuple[int, int]], Tensor], shape: Sequence[int], samples: int = 256) -> str:
+    """:func:`tensor_fingerprint` of a tensor of ``shape`` read only in the rows its samples fall in
+    (``read_rows((start, stop))`` returns those rows): the same hash, without the whole tensor in memory."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    row = numel // shape[0] if len(shape) and shape[0] else max(numel, 1)
+    index = _sample_index(numel, samples)
+    if index is None or len(shape) < 2:
+        return tensor_fingerprint(read_rows((0, int(shape[0]) if len(shape) else 0)), samples)
+    values = []
+    for r in sorted({int(i) // row for i in index}):
+        part = read_rows((r, r + 1)).reshape(-1)
+        values.extend(part[int(i) - r * row] for i in index if int(i) // row == r)
+    return _fingerprint(shape, torch.stack(values))
 
 
 def encode_gram(key: str, value: Tensor, form: str, rank: int = 64) -> dict[str, Tensor]:

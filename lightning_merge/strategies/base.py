@@ -179,6 +179,10 @@ class ContinualForm:
     #: ``(name, dtype)`` of the running tensors kept per parameter (each of the parameter's shape).
     quantities: tuple[tuple[str, torch.dtype], ...] = ()
 
+    #: :meth:`fold` and :meth:`finish` on rows ``[a, b)`` of their inputs give rows ``[a, b)`` of the whole results
+    #: (and :meth:`reduce` returns nothing): a continual add then folds a large tensor in row chunks
+    row_local: bool = False
+
     def working_set(self, kinds: int) -> float:
         """How many float32 copies of a tensor folding it holds at its peak (the base as stored and in float32, the
         expert, τ, the running quantities read and written, ``kinds`` statistics): a continual add's memory budget
@@ -267,6 +271,19 @@ class Strategy:
         default, and for rules that read a whole tensor (a top-k or a norm per tensor, an SVD, a mask drawn per
         tensor): those tensors are merged whole, one at a time when they exceed the budget."""
         return False
+
+    @property
+    def row_pass(self) -> bool:
+        """Row-local once a pass over the tensor's rows has computed what the rule needs of the whole tensor (TIES'
+        per-tensor top-k threshold and its ties): :meth:`prepare_rows` returns one prepared merge per row chunk."""
+        return False
+
+    def prepare_rows(self, prepared: Prepared, plan: MergePlan, name: str,
+                     chunks: Sequence[tuple[int, int]]) -> list[Prepared]:
+        """For a strategy with :attr:`row_pass`: read tensor ``name`` chunk by chunk (``plan.base_tensor(name, rows)``,
+        ``plan.expert_tensors(name, base, rows)``) and return the prepared merge of each chunk, with which
+        ``merge_tensor`` on the chunk's rows gives those rows of the whole merge bit for bit."""
+        raise NotImplementedError(f"{type(self).__name__} has no row pass")
 
     def working_set(self, num_experts: int) -> float:
         """How many float32 copies of a tensor a merge of it holds at its peak, counting its inputs (experts, base,

@@ -110,6 +110,7 @@ class _PrecisionFold(ContinualForm):
     """Σ wᵢPᵢτᵢ and Σ wᵢPᵢ, kept per tensor; the merge is their quotient."""
 
     quantities = (("num", torch.float32), ("den", torch.float32))
+    row_local = True
 
     def __init__(self, strategy: _PrecisionStrategy):
         self.strategy = strategy

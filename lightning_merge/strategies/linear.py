@@ -92,6 +92,7 @@ class _LinearFold(ContinualForm):
     """Σ wᵢτᵢ and Σ wᵢ: θ = θ₀ + Σwτ/Σw (normalised), or Σwᵢθᵢ = (Σw)θ₀ + Σwτ."""
 
     quantities = (("sum", torch.float32),)
+    row_local = True
 
     def __init__(self, strategy: Linear):
         self.strategy = strategy

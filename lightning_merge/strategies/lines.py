@@ -197,6 +197,7 @@ class _LiNeSFold(ContinualForm):
         self.strategy = strategy
         self.inner = inner
         self.quantities = inner.quantities
+        self.row_local = getattr(inner, "row_local", False)  # the block's factor is one number per tensor
         self._cache: tuple[tuple[str, ...] | None, int] = (None, 1)
 
     def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:

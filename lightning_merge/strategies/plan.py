@@ -52,20 +52,21 @@ class MergePlan(Protocol):
         """Σ over the merged tensors of ``fn(name)`` (integer tensors: exact in any order)."""
         ...
 
-    def base_tensor(self, name: str) -> Tensor | None:
-        """The base's tensor in float32 (None without a base or where the base lacks it)."""
+    def base_tensor(self, name: str, rows: tuple[int, int] | None = None) -> Tensor | None:
+        """The base's tensor (or its ``rows``) in float32 (None without a base or where the base lacks it)."""
         ...
 
-    def expert_tensors(self, name: str, base: Tensor | None = None) -> list[Tensor]:
-        """Every expert's tensor in float32."""
+    def expert_tensors(self, name: str, base: Tensor | None = None,
+                       rows: tuple[int, int] | None = None) -> list[Tensor]:
+        """Every expert's tensor (or its ``rows``) in float32."""
         ...
 
     def task_vectors(self, name: str) -> Tensor:
         """Stacked task vectors ``(N, *shape)`` in float32 (needs a base)."""
         ...
 
-    def stats(self, name: str) -> list[dict[str, Tensor]]:
-        """Every expert's merge-ready statistics for tensor ``name``."""
+    def stats(self, name: str, rows: tuple[int, int] | None = None) -> list[dict[str, Tensor]]:
+        """Every expert's merge-ready statistics for tensor ``name`` (or their ``rows``)."""
         ...
 
     def statistics(self, name: str, kind: str) -> list[Tensor]:

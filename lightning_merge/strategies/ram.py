@@ -61,6 +61,7 @@ class _RAMFold(ContinualForm):
     entry; the merge divides one by the other."""
 
     quantities = (("sum", torch.float32), ("count", torch.int32))
+    row_local = True
 
     def __init__(self, strategy: RAM):
         self.strategy = strategy

@@ -91,6 +91,11 @@ class Sparsification:
     def global_pass(self) -> bool:
         return self.method == "magnitude" and self.scope == "model"
 
+    @property
+    def row_pass(self) -> bool:
+        """A per-tensor top-k without rescaling: its rows can be sparsified once a pass has found the cut."""
+        return self.method == "magnitude" and self.scope == "tensor" and self.rescale == "none"
+
     def keep_fraction(self, index: int) -> float:
         if self.method == "cabs":
             return self.cabs_n() / self.m
@@ -127,7 +132,7 @@ class Sparsification:
             return None
         density = self.keep_fraction(index)
         if method == "magnitude":
-            if self.scope == "model":
+            if self.scope == "model" or name in ctx.get("cuts", ()):  # model-wide, or a row chunk's cut
                 return ctx["cuts"][name][index].mask(tau)
             return F.magnitude_mask(tau, density)
         if method == "random":
@@ -305,4 +310,60 @@ def model_topk_thresholds(plan: MergePlan, densities: list[float]) -> dict[str, 
     return cuts
 
 
-__all__ = ["RESCALES", "SCOPES", "SPARSIFIERS", "Sparsification", "check_della", "model_topk_thresholds"]
+def tensor_topk_cuts(plan: MergePlan, name: str, chunks: Sequence[tuple[int, int]],
+                     densities: list[float]) -> list[list[_GlobalCut]]:
+    """Per row chunk and expert, the cut that keeps in that chunk exactly the entries :func:`F.magnitude_mask` keeps of
+    the whole tensor ``name``: its top ``keep_count(density, numel)`` of |τᵢ| (ties at the threshold by the lower flat
+    index; every non-zero entry when the threshold is 0), found in two passes over the chunks (a histogram of the
+    float32 bits' high 16, then of the low 16 inside the threshold's bin, kept per chunk so that each chunk knows the
+    ties before it)."""
+    n = plan.num_experts
+    numel = plan.spec(name).numel
+    ks = [F.keep_count(d, numel) if d < 1 else numel for d in densities]
+
+    def bits(rows: tuple[int, int]) -> Tensor:
+        base = plan.base_tensor(name, rows)
+        taus = [t - base for t in plan.expert_tensors(name, base, rows)]
+        return torch.stack(taus).abs_().contiguous().view(torch.int32).reshape(n, -1)
+
+    high = torch.zeros(n, 1 << 15, dtype=torch.int64)
+    nonzero = [0] * n
+    for rows in chunks:
+        b = bits(rows)
+        for i in range(n):
+            high[i] += torch.bincount((b[i] >> 16).clamp_(0, (1 << 15) - 1), minlength=1 << 15)
+            nonzero[i] += int(torch.count_nonzero(b[i]))
+    at_or_above = high.flip(1).cumsum(1).flip(1)
+    bins = []
+    for i in range(n):
+        found = torch.nonzero(at_or_above[i] >= ks[i]).flatten() if 0 < ks[i] < nonzero[i] else None
+        bins.append(int(found.max()) if found is not None and len(found) else -1)
+    lows: list[list[Tensor]] = []  # per chunk, per expert: the low-bits histogram of the entries in the bin
+    for rows in chunks:
+        b = bits(rows)
+        lows.append([torch.bincount((b[i][(b[i] >> 16) == bins[i]] & 0xFFFF).to(torch.int64), minlength=1 << 16)
+                     if bins[i] >= 0 else None for i in range(n)])
+    per_chunk: list[list[_GlobalCut]] = [[] for _ in chunks]
+    for i in range(n):
+        k = ks[i]
+        if k >= numel or k <= 0 or k >= nonzero[i]:
+            # magnitude_mask's shortcuts: everything, nothing, or every non-zero entry (the threshold is 0)
+            cut = _GlobalCut(0, 0, keep_all=k >= numel and k > 0, keep_none=k <= 0)
+            for c in per_chunk:
+                c.append(cut)
+            continue
+        above_bin = int(at_or_above[i, bins[i] + 1]) if bins[i] + 1 < (1 << 15) else 0
+        total = sum(chunk[i] for chunk in lows)
+        lo_at_or_above = total.flip(0).cumsum(0).flip(0)
+        lo = int(torch.nonzero(lo_at_or_above >= k - above_bin).flatten().max())
+        greater = above_bin + (int(lo_at_or_above[lo + 1]) if lo + 1 < (1 << 16) else 0)
+        remaining = k - greater
+        for c, chunk in zip(per_chunk, lows):
+            quota = max(0, min(remaining, int(chunk[i][lo])))
+            remaining -= quota
+            c.append(_GlobalCut((bins[i] << 16) | lo, quota))
+    return per_chunk
+
+
+__all__ = ["RESCALES", "SCOPES", "SPARSIFIERS", "Sparsification", "check_della", "model_topk_thresholds",
+           "tensor_topk_cuts"]

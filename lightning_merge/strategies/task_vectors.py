@@ -34,7 +34,7 @@ from lightning_merge.strategies.checks import (
 from lightning_merge.strategies.linear import _add_scaled, _check_weight_sum, _linear_coefficients, _prefix_sum
 from lightning_merge.strategies.norms import TINY, expert_norm, model_norms
 from lightning_merge.strategies.registry import MERGEKIT, Reference
-from lightning_merge.strategies.sparsify import RESCALES, SCOPES, Sparsification
+from lightning_merge.strategies.sparsify import RESCALES, SCOPES, Sparsification, tensor_topk_cuts
 
 if TYPE_CHECKING:
     from lightning_merge.strategies.plan import MergePlan
@@ -133,6 +133,22 @@ class TaskVectorMerge(Strategy):
         """Without sparsification every step (difference, weighting, sign election, TALL's consensus masks) is entry
         by entry; a sparsifier's top-k, its random draw and its L1 rescale read the whole tensor."""
         return self.sparsifier.method == "none"
+
+    @property
+    def row_pass(self) -> bool:
+        """TIES' per-tensor top-k (without rescaling): a pass over the rows finds each expert's cut
+        (:func:`~lightning_merge.strategies.sparsify.tensor_topk_cuts`); the rest is entry by entry."""
+        return self.sparsifier.row_pass
+
+    def prepare_rows(self, prepared: Prepared, plan: MergePlan, name: str,
+                     chunks: Sequence[tuple[int, int]]) -> list[Prepared]:
+        if not self.row_pass:
+            return super().prepare_rows(prepared, plan, name, chunks)
+        densities = [float(self.sparsifier.keep_fraction(i)) for i in range(plan.num_experts)]
+        context = prepared.get("sparsify") or {}
+        return [Prepared(self, prepared.num_experts, **{**prepared.values, "sparsify": {
+                    **context, "cuts": {**context.get("cuts", {}), name: cuts}}})
+                for cuts in tensor_topk_cuts(plan, name, chunks, densities)]
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)
@@ -263,6 +279,7 @@ class _TaskVectorFold(ContinualForm):
         sums = (("sum", torch.float32),) if strategy.weighting is None else (("num", torch.float32),
                                                                             ("den", torch.float32))
         self.quantities = sums + ((("taken", torch.bool),) if strategy.sparsifier.sequential else ())
+        self.row_local = strategy.row_local  # no sparsifier: every step entry by entry
 
     def begin(self, index: int, expert: Any, names: Sequence[str]) -> FoldContext:
         s = self.strategy

@@ -17,10 +17,10 @@ def merge_rank(rank: int, world_size: int, spec: str) -> None:
 
         real = engine.compute
 
-        def compute(plan, job, dtype=None, rows=None):
+        def compute(plan, job, dtype=None, rows=None, prepared=None):
             if job.name == fail_on:
                 raise RuntimeError(f"boom on {job.name} at rank {rank}")
-            return real(plan, job, dtype, rows)
+            return real(plan, job, dtype, rows, prepared)
 
         engine.compute = compute
     merge(args.pop("experts"), args.pop("base"), strategy, args.pop("out"), group="world", **args)

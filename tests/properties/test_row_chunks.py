@@ -118,8 +118,9 @@ def test_the_scheduler_keeps_the_budget_and_the_order():
         list(bounded_map(fail, list(range(6)), [1] * 6, 10, workers=2))
 
 
-@pytest.mark.parametrize("strategy", [S.TaskArithmetic(scale=0.7), S.Fisher(), S.Ties(density=0.5)],
-                         ids=["task_arithmetic", "fisher", "ties"])
+@pytest.mark.parametrize("strategy", [S.TaskArithmetic(scale=0.7), S.Fisher(), S.Ties(density=0.5),
+                                      S.Dare(drop_rate=0.5, seed=1)],
+                         ids=["task_arithmetic", "fisher", "ties", "dare"])
 def test_a_merge_within_a_small_budget_equals_the_default_bit_for_bit(tmp_path, strategy):
     """Every output kind (folder, file, state dict in bf16, module); the chunked jobs are really chunked."""
     base, paths = family(tmp_path / "fam", n=3, shape=(700, 129))
@@ -127,7 +128,9 @@ def test_a_merge_within_a_small_budget_equals_the_default_bit_for_bit(tmp_path, 
     experts, b = open_inputs(inputs, str(base))
     plan = plan_merge(experts, b, strategy)
     units = job_units(plan, plan.jobs, 60_000, 2)
-    assert (len([u for u in units if u[0].name == "w"]) > 1) == strategy.row_local
+    assert (len([u for u in units if u[0].name == "w"]) > 1) == (strategy.row_local or strategy.row_pass)
+    if strategy.row_pass:  # each chunk has its own prepared merge, with its cuts
+        assert all(u[3] is not None and "w" in u[3]["sparsify"]["cuts"] for u in units if u[0].name == "w")
     reference = merge(inputs, str(base), strategy)
     for budget in ("60KB", 1 << 30):
         folder = merge(inputs, str(base), strategy, tmp_path / f"out-{budget}", memory_budget=budget)
@@ -152,3 +155,44 @@ def test_a_bad_budget_is_named():
 def test_every_registered_strategy_is_in_the_variants():
     assert {s.name for s in library_defaults()} == {n for n, c in STRATEGIES.items()
                                                     if c.__module__.startswith("lightning_merge.")}
+
+
+ROW_PASS = [s for s in library_defaults() + VARIANTS if s.row_pass]
+
+
+def test_the_strategies_with_a_row_pass():
+    assert sorted({s.name for s in ROW_PASS}) == ["ties"]
+    assert S.Ties().row_pass and not S.Ties(rescale="l1").row_pass and not S.Ties(topk="model").row_pass
+    assert not S.Dare().row_pass and not S.Breadcrumbs().row_pass
+
+
+@pytest.mark.parametrize("density", [0.3, 0.05, 1.0, 0.9999])
+@settings(max_examples=8, deadline=None)
+@given(rows=st.integers(2, 40), cols=st.integers(1, 9), cuts=st.lists(st.integers(1, 39), max_size=4),
+       ties=st.booleans(), election=st.sampled_from(["weighted", "unweighted"]))
+def test_ties_rows_after_the_row_pass_are_those_rows_of_the_whole(tmp_path_factory, density, rows, cols, cuts, ties,
+                                                                   election):
+    """Including ties at the threshold (values rounded to a coarse grid) and experts equal to the base there."""
+    root = tmp_path_factory.mktemp("ties")
+    g = torch.Generator().manual_seed(rows * 100 + cols)
+    base = torch.randn(rows, cols, generator=g)
+    experts = []
+    for _ in range(3):
+        tau = torch.randn(rows, cols, generator=g)
+        if ties:
+            tau = (tau * 2).round() / 2  # many entries share a magnitude
+            tau[torch.rand(rows, cols, generator=g) < 0.3] = 0
+        experts.append({"w": base + tau})
+    save_tensors(root / "base.safetensors", {"w": base})
+    for i, e in enumerate(experts):
+        save_tensors(root / f"e{i}.safetensors", e)
+    strategy = S.Ties(density=density, election=election)
+    opened, b = open_inputs([str(root / f"e{i}.safetensors") for i in range(3)], str(root / "base.safetensors"))
+    plan = plan_merge(opened, b, strategy)
+    whole = plan.prepared.merge_tensor("w", plan.base_tensor("w"), plan.expert_tensors("w"), plan.stats("w"))
+    bounds = sorted({0, rows, *[c for c in cuts if c < rows]})
+    chunks = list(zip(bounds, bounds[1:]))
+    prepared = strategy.prepare_rows(plan.prepared, plan, "w", chunks)
+    parts = [p.merge_tensor("w", plan.base_tensor("w", r), plan.expert_tensors("w", rows=r), plan.stats("w", r))
+             for p, r in zip(prepared, chunks)]
+    assert torch.equal(torch.cat(parts), whole)
