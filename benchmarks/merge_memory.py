@@ -50,6 +50,11 @@ def rss():
 
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(2)
+try:  # what the lightning-merge command does first (absent in older checkouts)
+    from lightning_merge.engine.schedule import limit_heap_growth
+    limit_heap_growth()
+except ImportError:
+    pass
 start = rss()
 t0 = time.perf_counter()
 if spec["kind"] == "merge":
@@ -78,7 +83,7 @@ def write_models(root: Path, shape: str) -> tuple[Path, list[Path], int, int]:
 
         config = LlamaConfig(vocab_size=65536, hidden_size=1024, intermediate_size=512, num_hidden_layers=1,
                              num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True,
-                             torch_dtype="float32")
+                             torch_dtype="float32", architectures=["LlamaForCausalLM"])
         names = {"model.embed_tokens.weight": (65536, 1024), "model.norm.weight": (1024,),
                  "model.layers.0.input_layernorm.weight": (1024,),
                  "model.layers.0.post_attention_layernorm.weight": (1024,)}

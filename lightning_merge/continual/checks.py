@@ -14,7 +14,7 @@ import torch
 
 from lightning_merge.continual.store import StateStore
 from lightning_merge.errors import ContinualError
-from lightning_merge.formats.sidecar import StatisticsError, tensor_fingerprint
+from lightning_merge.formats.sidecar import StatisticsError
 from lightning_merge.sources.expert import Expert, as_expert
 
 log = logging.getLogger("lightning_merge")
@@ -28,7 +28,7 @@ def expert_checksum(expert: Expert) -> str:
     digest = hashlib.sha256()
     for name in sorted(expert.names()):
         digest.update(name.encode())
-        digest.update(tensor_fingerprint(expert.tensor(name)).encode())
+        digest.update(expert.fingerprint(name).encode())
     return digest.hexdigest()
 
 

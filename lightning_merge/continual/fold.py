@@ -24,7 +24,6 @@ from lightning_merge.errors import ContinualError
 from lightning_merge.files.atomic import fsync_dir
 from lightning_merge.files.finite import cast_checked, largest_magnitude
 from lightning_merge.files.safetensors import SafetensorsError, SafetensorsFile, ShardWriter, TensorSpec
-from lightning_merge.formats.sidecar import fingerprint_rows, tensor_fingerprint
 from lightning_merge.sources.expert import Expert, as_expert
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary
 
@@ -113,7 +112,7 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
             (tensors and row chunks are independent: threads)."""
             n, rows = item
             if rows is None or rows[0] == 0:
-                if base_fingerprint(base, n, whole=rows is None) != fingerprints[n]:
+                if base.fingerprint(n) != fingerprints[n]:
                     raise ContinualError(
                         f"the base '{state.config['base']}' changed since the state was created (tensor '{n}' differs "
                         "from its fingerprint in state.json); restore the original base file"
@@ -210,14 +209,6 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
         for handle in (previous, previous_model):
             if handle is not None:
                 handle.close()
-
-
-def base_fingerprint(base: Expert, name: str, whole: bool = True) -> str:
-    """The fingerprint (:func:`~lightning_merge.formats.sidecar.tensor_fingerprint`) of the base's tensor ``name``:
-    read whole, or (``whole=False``, a tensor folded in row chunks) only in the rows its samples fall in."""
-    if whole:
-        return tensor_fingerprint(base.tensor(name))
-    return fingerprint_rows(lambda rows: base.tensor(name, rows), tuple(base.spec(name).shape))
 
 
 def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progress: bool | None,

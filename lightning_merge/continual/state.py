@@ -49,7 +49,6 @@ from lightning_merge.errors import ContinualError
 from lightning_merge.files.atomic import atomic_file, writing
 from lightning_merge.files.remote import PreconditionFailed, is_url, join, put_conditional, redact
 from lightning_merge.files.remote import exists as remote_exists
-from lightning_merge.formats.sidecar import tensor_fingerprint
 from lightning_merge.sources.expert import Expert, as_expert
 from lightning_merge.strategies.base import NoContinualForm, Strategy
 
@@ -177,7 +176,7 @@ class ContinualState(RemoteStore):
             "base": base_ref,
             "created": now(),
             "tensors": {n: list(base_expert.spec(n).shape) for n in names},
-            "base_fingerprint": {n: tensor_fingerprint(base_expert.tensor(n)) for n in names},
+            "base_fingerprint": {n: base_expert.fingerprint(n) for n in names},
         }
         if on_missing != "error":
             config["on_missing"] = on_missing

@@ -30,6 +30,31 @@ DEFAULT_MEMORY_BUDGET = 192 << 20
 MIN_CHUNK_ELEMENTS = 1 << 16
 
 
+#: the size from which glibc serves an allocation by mmap once :func:`limit_heap_growth` has run
+MMAP_THRESHOLD = 4 << 20
+
+
+def limit_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve allocations of ``threshold`` bytes or more from mmap (returned to the system when freed), not from the
+    heap: glibc's default raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which
+    row chunks come from the heap, and a small allocation kept between them pins it. Measured on a continual add over
+    a 256 MiB tensor: 442 MiB above start-up with glibc's default, 198 MiB with a 4 MiB threshold (and 1.3× the time).
+    Process-wide and permanent (``mallopt(M_MMAP_THRESHOLD)``), so the ``lightning-merge`` command calls it and the
+    library does not: in your own process, call it, or set ``MALLOC_MMAP_THRESHOLD_=4194304`` before Python starts.
+
+    Returns:
+        Whether it took effect (False where the C library is not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def row_chunks(shape: Sequence[int], bytes_per_element: float, budget: int) -> list[tuple[int, int]]:
     """Row ranges ``[(start, stop), ...]`` along the first axis of a tensor of ``shape`` such that a chunk's cost
     (its elements × ``bytes_per_element``) stays within ``budget``; one range for a tensor that fits, or one of
@@ -139,4 +164,5 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
         bar.close()
 
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "MIN_CHUNK_ELEMENTS", "bounded_map", "row_chunks"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "MIN_CHUNK_ELEMENTS", "MMAP_THRESHOLD", "bounded_map", "limit_heap_growth",
+           "row_chunks"]

@@ -38,7 +38,9 @@ from lightning_merge.formats.sidecar import (
     StatisticsError,
     fetch_with_sidecar,
     find_sidecar,
+    fingerprint_rows,
     sidecar_path,
+    tensor_fingerprint,
 )
 from lightning_merge.sources.distcp import DistcpSource, DistributedCheckpoint, is_distributed_checkpoint
 
@@ -450,6 +452,14 @@ class Expert:
         if isinstance(self._source, _SafetensorsSource):
             return self._source.get(key, rows)
         return self._source.get(key)[rows[0]:rows[1]]
+
+    def fingerprint(self, name: str) -> str:
+        """:func:`~lightning_merge.formats.sidecar.tensor_fingerprint` of tensor ``name``, read only in the rows its
+        samples fall in (a tensor of two or more dimensions): the same hash, without the tensor whole in memory."""
+        shape = tuple(self.spec(name).shape)
+        if len(shape) < 2 or not isinstance(self._source, _SafetensorsSource):  # others read a tensor whole anyway
+            return tensor_fingerprint(self.tensor(name))
+        return fingerprint_rows(lambda rows: self.tensor(name, rows), shape)
 
     def float32(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
         """Tensor ``name`` (or its ``rows``, as for :meth:`tensor`) in float32, checked to be finite (a NaN or an
