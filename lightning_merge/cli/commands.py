@@ -94,7 +94,7 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
         dtype=dtype,
         on_missing=args.on_missing,
         on_missing_statistic=args.on_missing_statistic,
-        shard_size=args.shard_size,
+        shard_size=_shard_size(args),
         overwrite=args.overwrite,
         threads=args.threads,
         progress=False if args.no_progress or quiet else None,
@@ -102,6 +102,7 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
         rank=args.rank,
         dry_run=args.dry_run,
         group=group,
+        files=recipe.files,
     )
     if quiet:
         return 0
@@ -113,6 +114,30 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
     print(f"merged {len(recipe.experts)} experts with {recipe.strategy.name} into {redact(out)} "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
+
+
+def parse_kmb(value: str) -> int:
+    """mergekit's ``--out-shard-size`` value: a number with ``K``, ``M`` or ``B`` (10³, 10⁶, 10⁹); mergekit compares it
+    with each shard's bytes (its help says parameters, its writer counts bytes), so it is a size in bytes here too.
+
+    Raises:
+        ValueError: naming the option and the accepted forms.
+    """
+    text = str(value).strip()
+    factor = {"k": 1000, "m": 1000**2, "b": 1000**3}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if factor > 1 else text
+    if not digits.isdigit() or int(digits) <= 0:
+        raise ValueError(f"--out-shard-size {value!r}: give a positive whole number, optionally with K, M or B "
+                         "(thousands, millions, billions of bytes), as mergekit does; or --shard-size 5GB")
+    return int(digits) * factor
+
+
+def _shard_size(args: argparse.Namespace) -> Any:
+    if getattr(args, "out_shard_size", None) is None:
+        return args.shard_size or "5GB"
+    if args.shard_size is not None:
+        raise ValueError("give --shard-size or mergekit's --out-shard-size, not both")
+    return parse_kmb(args.out_shard_size)
 
 
 def _print_plan(plan: DryRun, source: Any) -> None:
@@ -439,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peft: write a PEFT LoRA adapter folder (the experts are LoRA adapters)")
     m.add_argument("--rank", type=int, default=None,
                    help="with --output peft: the SVD rank of the adapter (default: exact, for linear strategies)")
-    m.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    m.add_argument("--shard-size", default=None, help="largest safetensors shard (default 5GB)")
+    m.add_argument("--out-shard-size", default=None, metavar="N",
+                   help="mergekit's spelling: the largest shard in bytes, with K/M/B for 10^3/10^6/10^9 (5B = 5e9)")
     m.add_argument("--threads", type=int, default=None, help="worker threads over tensors (default: up to 2)")
     m.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="split the merge over N processes on this machine (torch.distributed, gloo); the output is "
