@@ -436,6 +436,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from lightning_merge.tools.extract_lora import extract_lora
+
+    done = extract_lora(args.finetuned, args.base, args.out, args.rank, overwrite=args.overwrite,
+                        trust_checkpoint=args.trust_checkpoint)
+    worst = max(done.relative_error.values(), default=0.0)
+    print(f"wrote {done.path}: {len(done.ranks)} modules at rank <= {args.rank} (largest relative error "
+          f"{worst:.3g}), {len(done.modules_to_save)} saved whole", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_merge.cli.demo import run_demo
 
@@ -555,6 +566,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-checkpoint", action="store_true",
                    help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
     r.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("extract-lora", help="a PEFT LoRA adapter from a full fine-tune (mergekit-extract-lora)")
+    x.add_argument("finetuned", help="the fine-tuned model (folder, .safetensors or .ckpt)")
+    x.add_argument("out", help="the adapter folder to write")
+    x.add_argument("--base", required=True, help="the model it was fine-tuned from")
+    x.add_argument("--rank", type=int, required=True, help="the rank K of each factored module")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier output")
+    x.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
+    x.set_defaults(func=cmd_extract_lora)
 
     d = sub.add_parser("demo", help="train small experts on scikit-learn's digits, merge them, print a table")
     d.add_argument("--out", default=None, help="keep the experts and merged models in this folder")
