@@ -80,5 +80,7 @@ def test_refusals(tmp_path, pair):
     assert main(["extract-lora", str(base), str(tmp_path / "x"), "--base", str(base), "--rank", "2"]) == 2
     assert not (tmp_path / "x").exists()
     (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
     assert main(["extract-lora", str(ft), str(tmp_path / "mine"), "--base", str(base), "--rank", "2",
                  "--overwrite"]) == 2  # a folder the tool did not write
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
