@@ -1,8 +1,8 @@
 """mergekit's ``chat_template`` recipe key: a template name (``chatml``, ``llama3``, ``alpaca``, ``mistral``,
 ``exaone``), ``auto`` (the template most of the input models have) or a Jinja template, written into the output's
 ``tokenizer_config.json`` (and its ``chat_template.jinja`` when the base has one), checked as mergekit 0.1.5 checks it
-(``mergekit/merge.py: _set_chat_template``). The named templates are mergekit's own texts (its
-``_data/chat_templates``, LGPL-3.0), so a recipe naming one gives mergekit's file."""
+(``mergekit/merge.py: _set_chat_template``). The named templates are written here from each format's public
+definition; each renders the text mergekit's template of that name renders (see ``TEMPLATES``)."""
 
 from __future__ import annotations
 
@@ -15,99 +15,84 @@ from typing import Any
 from lightning_merge.errors import RecipeError
 from lightning_merge.files.text import brief
 
-#: mergekit 0.1.5's named templates, verbatim
+#: The named templates, written here from each format's public definition. Each renders, under transformers'
+#: ``apply_chat_template``, the same text as mergekit 0.1.5's template of that name (its whitespace included, noted
+#: below where it is unusual), so a merged model prompts as mergekit's merge of the same recipe does.
+#: tests/unit/tools/test_chat_templates.py pins the rendered texts; tests/integration/parity/
+#: test_parity_mergekit_slices.py renders a set of conversations with each and with the template mergekit writes
+#: into its output, and asserts equal strings (and that both refuse the same conversations).
 TEMPLATES: dict[str, str] = {
-    'alpaca': (
-        "{{ (messages|selectattr('role', 'equalto', 'system')|list|last).content|trim if "
-        "(messages|selectattr('role', 'equalto', 'system')|list) else '' }}\n"
-        '\n'
-        '{% for message in messages %}\n'
-        "{% if message['role'] == 'user' %}\n"
-        '### Instruction:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        "{% elif message['role'] == 'assistant' %}\n"
-        '### Response:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        "{% elif message['role'] == 'user_context' %}\n"
-        '### Input:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        '{% endif %}\n'
-        '{% endfor %}\n'
-        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}\n"
-        '### Response:\n'
-        '{% endif %}\n'
+    # ChatML: each turn is <|im_start|>{role}\n{content}<|im_end|>\n, any role; the prompt opens an assistant turn
+    "chatml": (
+        r"{%- for message in messages -%}"
+        r"{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
     ),
-    'chatml': (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message"
-        "['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\n"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n"
+    # Llama 3: bos_token, then each turn <|start_header_id|>{role}<|end_header_id|>\n\n{content, trimmed}<|eot_id|>
+    # and (as mergekit's renders) a line end; the prompt opens an assistant header
+    "llama3": (
+        r"{%- for message in messages -%}"
+        r"{%- set turn = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        r" + message['content'] | trim + '<|eot_id|>\n' -%}"
+        r"{{- bos_token + turn if loop.first else turn -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
     ),
-    'exaone': (
-        '{% for message in messages %}\n'
-        "    {% if loop.first and message['role'] != 'system' %}\n"
-        "        {{ '[|system|][|endofturn|]\\n' }}\n"
-        '    {% endif %}\n'
-        "    {{ '[|' + message['role'] + '|]' + message['content'] }}\n"
-        "    {% if message['role'] == 'user' %}\n"
-        "        {{ '\\n' }}\n"
-        '    {% else %}\n'
-        "        {{ '[|endofturn|]\\n' }}\n"
-        '    {% endif %}\n'
-        '{% endfor %}\n'
-        '{% if add_generation_prompt %}\n'
-        "    {{ '[|assistant|]' }}\n"
-        '{% endif %}\n'
+    # Alpaca: the last system message's text (trimmed; empty without one) and a blank line, then a section per
+    # user (### Instruction:), assistant (### Response:) and user_context (### Input:) turn, its text trimmed,
+    # a blank line after it unless it is the last message; other roles are not shown. The prompt is
+    # "### Response:\n" unless the last turn is the assistant's; as mergekit's renders, it follows the last
+    # section with no blank line between.
+    "alpaca": (
+        r"{%- set systems = messages | selectattr('role', 'equalto', 'system') | list -%}"
+        r"{%- set headers = {'user': '### Instruction:\n', 'assistant': '### Response:\n',"
+        r" 'user_context': '### Input:\n'} -%}"
+        r"{{- (systems[-1]['content'] | trim if systems else '') + '\n\n' -}}"
+        r"{%- for message in messages -%}"
+        r"{%- if message['role'] in headers -%}"
+        r"{{- headers[message['role']] + message['content'] | trim + ('' if loop.last else '\n\n') -}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}{{- '### Response:\n' -}}"
+        r"{%- endif -%}"
     ),
-    'llama3': (
-        '{% set loop_messages = messages %}\n'
-        '{% for message in loop_messages %}\n'
-        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\"
-        "n'+ message['content'] | trim + '<|eot_id|>' %}\n"
-        '{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n'
-        '{{ content }}\n'
-        '{% endfor %}\n'
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\"
-        "n\\n' }}{% endif %}\n"
+    # Mistral (v1): bos_token, then " [INST] {user} [/INST]" and " {assistant}{eos_token}" turns, which must
+    # alternate from a user turn; a first system message goes before the first user text, a blank line between.
+    # [/INST] already prompts the reply, so add_generation_prompt adds nothing.
+    "mistral": (
+        r"{%- set has_system = messages[0]['role'] == 'system' -%}"
+        r"{%- set turns = messages[1:] if has_system else messages -%}"
+        r"{{- bos_token -}}"
+        r"{%- for message in turns -%}"
+        r"{%- set expected = 'user' if loop.index0 is even else 'assistant' -%}"
+        r"{%- if message['role'] != expected -%}"
+        r"{{- raise_exception('the mistral chat template takes an optional first system message, then user and "
+        r"assistant turns alternating from a user turn; turn ' ~ loop.index ~ ' is ' ~ message['role']) -}}"
+        r"{%- elif message['role'] == 'user' -%}"
+        r"{%- set text = messages[0]['content'] + '\n\n' + message['content'] if loop.first and has_system "
+        r"else message['content'] -%}"
+        r"{{- ' [INST] ' + text + ' [/INST]' -}}"
+        r"{%- else -%}"
+        r"{{- ' ' + message['content'] + eos_token -}}"
+        r"{%- endif -%}"
+        r"{%- endfor -%}"
     ),
-    'mistral': (
-        "{%- if messages[0]['role'] == 'system' %}\n"
-        "    {%- set system_message = messages[0]['content'] %}\n"
-        '    {%- set loop_messages = messages[1:] %}\n'
-        '{%- else %}\n'
-        '    {%- set loop_messages = messages %}\n'
-        '{%- endif %}\n'
-        '\n'
-        '{{- bos_token }}\n'
-        '{%- for message in loop_messages %}\n'
-        "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
-        "        {{- raise_exception('After the optional system message, conversation rol"
-        "es must alternate user/assistant/user/assistant/...') }}\n"
-        '    {%- endif %}\n'
-        "    {%- if message['role'] == 'user' %}\n"
-        '        {%- if loop.first and system_message is defined %}\n'
-        "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
-        '        {%- else %}\n'
-        "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
-        '        {%- endif %}\n'
-        "    {%- elif message['role'] == 'assistant' %}\n"
-        "        {{- ' ' + message['content'] + eos_token}}\n"
-        '    {%- else %}\n'
-        "        {{- raise_exception('Only user and assistant roles are supported, with t"
-        "he exception of an initial optional system message!') }}\n"
-        '    {%- endif %}\n'
-        '{%- endfor %}\n'
+    # EXAONE: each turn [|{role}|]{content}, ended by a line end and, after a non-user turn, [|endofturn|]; an
+    # empty [|system|][|endofturn|] turn leads when the first message is not a system message; the prompt is
+    # [|assistant|]. mergekit's template is indented, and transformers' lstrip_blocks strips the indentation
+    # before block tags but not before output, so its text carries 4 spaces before each turn and 8 before each
+    # turn end, with blank lines between; ours writes the same text.
+    "exaone": (
+        r"{%- set indent = '    ' -%}"
+        r"{%- for message in messages -%}"
+        r"{%- if loop.first and message['role'] != 'system' -%}"
+        r"{{- indent * 2 + '[|system|][|endofturn|]\n\n' -}}"
+        r"{%- endif -%}"
+        r"{{- indent + '[|' + message['role'] + '|]' + message['content'] + '\n' -}}"
+        r"{{- indent * 2 + ('\n\n' if message['role'] == 'user' else '[|endofturn|]\n\n') -}}"
+        r"{%- endfor -%}"
+        r"{%- if add_generation_prompt -%}{{- indent + '[|assistant|]\n' -}}{%- endif -%}"
     ),
 }
 

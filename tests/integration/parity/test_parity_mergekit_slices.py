@@ -3,16 +3,18 @@
 output folder holds (config.json's layer count, the recipe, a model card). Runs when a mergekit install is found
 (``MERGEKIT_YAML``)."""
 
+import itertools
 import json
 import subprocess
 
+import jinja2
 import pytest
 import torch
 from test_parity_mergekit import MERGEKIT
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
-from lightning_merge.tools.testing import llama_config, write_llama_family
+from lightning_merge.tools.testing import llama_config, render_chat, write_llama_family
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (set MERGEKIT_YAML)")]
@@ -147,9 +149,28 @@ def test_a_stacked_model_loads_in_transformers_as_its_layers(tmp_path, family):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-@pytest.mark.parametrize("template", ["chatml", "llama3", "jinja"])
-def test_chat_template_as_mergekit_writes_it(tmp_path, family, template):
-    """The merged model's tokenizer loads with the template mergekit's output loads with."""
+def _conversations():
+    """Every sequence of up to three turns over the roles the named templates handle (and one they do not), texts
+    with surrounding whitespace (llama3 and alpaca trim it), plus a longer multi-turn chat."""
+    roles, texts = ("system", "user", "assistant", "user_context", "tool"), (" Be brief. ", "w1 w2\n", "w3")
+    chats = [[{"role": r, "content": texts[i % 3]} for i, r in enumerate(rs)]
+             for n in range(4) for rs in itertools.product(roles, repeat=n)]
+    return chats + [[{"role": r, "content": f"w{i}"} for i, r in enumerate(["system"] + ["user", "assistant"] * 3)]]
+
+
+def _mergekits_template(folder):
+    """The template mergekit wrote: its chat_template.jinja (transformers 5 saves it there), else
+    tokenizer_config.json's key."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    return json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "alpaca", "mistral", "exaone", "jinja"])
+def test_chat_template_renders_as_mergekits(tmp_path, family, template):
+    """Our template renders every conversation of a set (with and without add_generation_prompt) to mergekit's
+    text, or both refuse it; the merged model's tokenizer applies it as mergekit's output's does."""
     from transformers import AutoTokenizer
 
     base, experts = family
@@ -158,8 +179,23 @@ def test_chat_template_as_mergekit_writes_it(tmp_path, family, template):
     ours, theirs = _run_both(tmp_path, f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
                                        f"chat_template: {value}\nmodels:\n"
                                        f"  - {{model: {experts[0]}, parameters: {{weight: 0.5}}}}\n")
-    got, expected = (AutoTokenizer.from_pretrained(p).chat_template for p in (ours, theirs))
-    assert got is not None and got == expected
-    messages = [{"role": "user", "content": "w1 w2"}]
-    assert AutoTokenizer.from_pretrained(ours).apply_chat_template(messages, tokenize=False) == \
-        AutoTokenizer.from_pretrained(theirs).apply_chat_template(messages, tokenize=False)
+    mine = json.loads((ours / "tokenizer_config.json").read_text())["chat_template"]
+    mk = _mergekits_template(theirs)
+    rendered = refused = 0
+    for chat in _conversations():
+        for prompt in (False, True):
+            texts = []
+            for text in (mine, mk):
+                try:
+                    texts.append(render_chat(text, chat, add_generation_prompt=prompt))
+                except (jinja2.TemplateError, TypeError) as error:
+                    texts.append(type(error))
+            assert texts[0] == texts[1], (template, [m["role"] for m in chat], prompt)
+            rendered, refused = rendered + isinstance(texts[0], str), refused + (not isinstance(texts[0], str))
+    print(f"{template}: {rendered} conversations rendered alike, {refused} refused by both")
+    assert rendered >= 10  # mistral refuses all but alternating user/assistant turns
+    messages = [{"role": "system", "content": "w0"}, {"role": "user", "content": "w1 w2"}]
+    loaded = [AutoTokenizer.from_pretrained(p) for p in (ours, theirs)]
+    assert loaded[0].chat_template is not None
+    assert loaded[0].apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        loaded[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
