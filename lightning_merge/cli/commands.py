@@ -31,7 +31,7 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
             first = str(err).splitlines()[0]
             raise ValueError(f"--set {key.strip()}={value}: the value is not valid YAML ({first})") from None
     if out:
-        from lightning_merge.tools.recipe import check_expansion
+        from lightning_merge.tools.recipe_expansion import check_expansion
 
         check_expansion(out, "--set")
     return out

@@ -36,6 +36,7 @@ from lightning_merge.strategies import (
 from lightning_merge.tools import mergekit_parameters as mp
 from lightning_merge.tools import recipe_slices
 from lightning_merge.tools.chat_templates import chat_template_files, resolve_template
+from lightning_merge.tools.recipe_expansion import check_expansion
 from lightning_merge.tools.recipe_methods import GEOMETRIC, INCLUDES_BASE, geometric_arguments
 
 log = logging.getLogger("lightning_merge")
@@ -83,7 +84,6 @@ _REFUSED = {
 }
 
 
-
 @dataclass
 class Recipe:
     """A checked recipe: experts opened (headers read), base, strategy and output dtype, and the files a folder
@@ -96,40 +96,6 @@ class Recipe:
     strategy: Strategy
     dtype: Any
     files: dict[str, Any] = field(default_factory=dict)
-
-
-#: the most values a recipe may expand to: YAML anchors and aliases let a few lines name a list of billions of numbers
-MAX_VALUES = 100_000
-
-
-def check_expansion(value: Any, where: str, limit: int = MAX_VALUES) -> None:
-    """Refuse a value (a loaded recipe, a ``--set`` value) that expands to more than ``limit`` values, or that
-    contains itself: YAML aliases make both from a few lines, and reading, checking or printing one would take
-    hours or the machine's memory. The count stops at the limit, so the check itself is quick.
-
-    Raises:
-        RecipeError: naming ``where`` and the key where the limit was crossed.
-    """
-    stack: list[tuple[Any, str, frozenset[int]]] = [(value, "", frozenset())]
-    seen = 0
-    while stack:
-        item, key, above = stack.pop()
-        seen += 1
-        if seen > limit:
-            raise RecipeError(f"{where}{' at ' + key if key else ''} expands to more than {limit:,} values (YAML "
-                              "anchors and aliases repeating a list?); a merge takes numbers and short lists")
-        if isinstance(item, (Mapping, list, tuple)):
-            if id(item) in above:
-                raise RecipeError(f"{where}{' at ' + key if key else ''} contains itself (a YAML alias inside its own "
-                                  "anchor)")
-            inner = above | {id(item)}
-            pairs = item.items() if isinstance(item, Mapping) else enumerate(item)
-            for k, v in pairs:
-                if isinstance(item, Mapping):
-                    label = f"{key}.{k}" if key else str(k)
-                else:  # a list's entries: indexed when they are entries of their own (models[0]), else the list
-                    label = f"{key}[{k}]" if isinstance(v, Mapping) else key
-                stack.append((v, label, inner))
 
 
 def _existing(ref: str, recipe: Path, where: str, urls: dict[Path, str]) -> Path:
