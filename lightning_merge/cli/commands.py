@@ -31,7 +31,7 @@ def _parse_set(pairs: list[str]) -> dict[str, Any]:
             first = str(err).splitlines()[0]
             raise ValueError(f"--set {key.strip()}={value}: the value is not valid YAML ({first})") from None
     if out:
-        from lightning_merge.tools.recipe import check_expansion
+        from lightning_merge.tools.recipe_expansion import check_expansion
 
         check_expansion(out, "--set")
     return out
@@ -94,7 +94,7 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
         dtype=dtype,
         on_missing=args.on_missing,
         on_missing_statistic=args.on_missing_statistic,
-        shard_size=args.shard_size,
+        shard_size=_shard_size(args),
         overwrite=args.overwrite,
         threads=args.threads,
         memory_budget=args.memory_budget,
@@ -103,6 +103,7 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
         rank=args.rank,
         dry_run=args.dry_run,
         group=group,
+        files=recipe.files,
     )
     if quiet:
         return 0
@@ -114,6 +115,30 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
     print(f"merged {len(recipe.experts)} experts with {recipe.strategy.name} into {redact(out)} "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
+
+
+def parse_kmb(value: str) -> int:
+    """mergekit's ``--out-shard-size`` value: a number with ``K``, ``M`` or ``B`` (10³, 10⁶, 10⁹); mergekit compares it
+    with each shard's bytes (its help says parameters, its writer counts bytes), so it is a size in bytes here too.
+
+    Raises:
+        ValueError: naming the option and the accepted forms.
+    """
+    text = str(value).strip()
+    factor = {"k": 1000, "m": 1000**2, "b": 1000**3}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if factor > 1 else text
+    if not digits.isdigit() or int(digits) <= 0:
+        raise ValueError(f"--out-shard-size {value!r}: give a positive whole number, optionally with K, M or B "
+                         "(thousands, millions, billions of bytes), as mergekit does; or --shard-size 5GB")
+    return int(digits) * factor
+
+
+def _shard_size(args: argparse.Namespace) -> Any:
+    if getattr(args, "out_shard_size", None) is None:
+        return args.shard_size or "5GB"
+    if args.shard_size is not None:
+        raise ValueError("give --shard-size or mergekit's --out-shard-size, not both")
+    return parse_kmb(args.out_shard_size)
 
 
 def _print_plan(plan: DryRun, source: Any) -> None:
@@ -413,6 +438,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from lightning_merge.tools.extract_lora import extract_lora
+
+    done = extract_lora(args.finetuned, args.base, args.out, args.rank, overwrite=args.overwrite,
+                        trust_checkpoint=args.trust_checkpoint)
+    worst = max(done.relative_error.values(), default=0.0)
+    print(f"wrote {done.path}: {len(done.ranks)} modules at rank <= {args.rank} (largest relative error "
+          f"{worst:.3g}), {len(done.modules_to_save)} saved whole", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_merge.cli.demo import run_demo
 
@@ -441,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peft: write a PEFT LoRA adapter folder (the experts are LoRA adapters)")
     m.add_argument("--rank", type=int, default=None,
                    help="with --output peft: the SVD rank of the adapter (default: exact, for linear strategies)")
-    m.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    m.add_argument("--shard-size", default=None, help="largest safetensors shard (default 5GB)")
+    m.add_argument("--out-shard-size", default=None, metavar="N",
+                   help="mergekit's spelling: the largest shard in bytes, with K/M/B for 10^3/10^6/10^9 (5B = 5e9)")
     m.add_argument("--threads", type=int, default=None, help="worker threads over tensors (default: up to 2)")
     m.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="bytes the tensor jobs running at once may hold, e.g. 512MB or 4GB (default 256MB); large "
@@ -535,6 +573,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-checkpoint", action="store_true",
                    help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
     r.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("extract-lora", help="a PEFT LoRA adapter from a full fine-tune (mergekit-extract-lora)")
+    x.add_argument("finetuned", help="the fine-tuned model (folder, .safetensors or .ckpt)")
+    x.add_argument("out", help="the adapter folder to write")
+    x.add_argument("--base", required=True, help="the model it was fine-tuned from")
+    x.add_argument("--rank", type=int, required=True, help="the rank K of each factored module")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier output")
+    x.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
+    x.set_defaults(func=cmd_extract_lora)
 
     d = sub.add_parser("demo", help="train small experts on scikit-learn's digits, merge them, print a table")
     d.add_argument("--out", default=None, help="keep the experts and merged models in this folder")

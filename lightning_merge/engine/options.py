@@ -133,6 +133,8 @@ class MergeOptions:
         progress: show a progress bar (None: when stderr is a terminal).
         unmerged_from: where a tensor left out of the merge by ``include``/``exclude`` comes from: ``"base"`` (or the
             first expert holding it when the base lacks it) or ``"first"`` (the first expert holding it).
+        files: what a folder output writes besides the weights, after the base's support files: file name → its
+            text, or (a ``.json`` file) a mapping of keys set in the copied file (see :func:`check_files`).
     """
 
     include: tuple[str, ...] | None = None
@@ -148,6 +150,7 @@ class MergeOptions:
     progress: bool | None = None
     unmerged_from: str = "base"
     memory_budget: int | None = None
+    files: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.on_missing_statistic not in ON_MISSING_STATISTIC:
@@ -164,6 +167,7 @@ class MergeOptions:
         set_(self, "exclude", patterns(self.exclude, "exclude"))
         set_(self, "dtype", parse_dtype(self.dtype))
         set_(self, "shard_size", parse_size(self.shard_size))
+        set_(self, "files", check_files(self.files))
         threads = self.threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -180,6 +184,27 @@ class MergeOptions:
     def replace(self, **changes: Any) -> MergeOptions:
         """A copy with ``changes`` (checked like the constructor's arguments)."""
         return dataclasses.replace(self, **changes)
+
+
+def check_files(files: Any) -> tuple[tuple[str, Any], ...] | None:
+    """``files=`` of a merge as a tuple of ``(name, content)``: a plain file name (no folder), its content text, or
+    for a ``.json`` file a mapping of the top-level keys to set in the file the base brought (created if none).
+
+    Raises:
+        ValueError: a name with a folder or a weight suffix, or content of the wrong type.
+    """
+    if files is None:
+        return None
+    items = tuple(files.items()) if isinstance(files, dict) else tuple(tuple(item) for item in files)
+    for name, content in items:
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".") or \
+                name.endswith((".safetensors", ".bin", ".pt", ".ckpt")) or name == "lightning_merge.json":
+            raise ValueError(f"files: {name!r} is not a file name a merge may add (a plain name, not weights, not "
+                             "lightning_merge.json)")
+        if not isinstance(content, str) and not (isinstance(content, dict) and name.endswith(".json")):
+            raise ValueError(f"files: {name!r} must be text (or, for a .json file, a mapping of keys to set), got "
+                             f"{type(content).__name__}")
+    return items
 
 
 def check_strategy(strategy: Strategy, experts: Sequence[Expert], base: Expert | None) -> None:
@@ -200,6 +225,7 @@ __all__ = [
     "ON_MISSING_STATISTIC",
     "OUTPUTS",
     "MergeOptions",
+    "check_files",
     "check_strategy",
     "parse_dtype",
     "parse_size",

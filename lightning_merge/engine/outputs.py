@@ -146,7 +146,7 @@ def make_writer(out: Any, jobs: list[TensorJob], reference: Expert, provenance: 
     source = reference.lora_base if reference.lora is not None else reference
     copy_from = source.path if source is not None and source.path is not None and source.path.is_dir() else None
     return SafetensorsWriter(path, entries, shard_size=shard_size, copy_from=copy_from, provenance=provenance,
-                             overwrite=overwrite, inputs=inputs, attach=attach)
+                             overwrite=overwrite, inputs=inputs, attach=attach, files=options.files)
 
 
 @dataclass(frozen=True)

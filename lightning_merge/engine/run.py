@@ -90,6 +90,7 @@ def merge(
     dry_run: bool = False,
     group: Any = None,
     unmerged_from: str = "base",
+    files: dict[str, Any] | None = None,
 ) -> dict[str, Tensor] | Path | nn.Module | DryRun:
     """Merge experts tensor by tensor with a strategy.
 
@@ -113,6 +114,9 @@ def merge(
         unmerged_from: where the tensors ``include``/``exclude`` leave out come from: ``"base"`` (the default; the
             first expert holding one the base lacks) or ``"first"`` (the first expert holding it: the model a
             fit-end callback trained keeps its own head).
+        files: a folder output's other files, written after the base's support files: name → text, or for a
+            ``.json`` file a mapping of keys to set in the base's copy (``{"config.json": {"num_hidden_layers": 6}}``).
+            Every folder output also gets a ``README.md`` model card from the provenance unless ``files`` gives one.
         dtype: output dtype of floating tensors (default: each tensor's storage dtype in the base, or the first
             expert). Computation is always float32; rounding to the output dtype happens once, when writing.
         on_missing: tensors some experts lack: ``"error"``; ``"union"`` (keep all; a missing expert tensor counts
@@ -165,7 +169,7 @@ def merge(
     options = MergeOptions(include=include, exclude=exclude, dtype=dtype, on_missing=on_missing,
                            on_missing_statistic=on_missing_statistic, output=output, rank=rank, shard_size=shard_size,
                            overwrite=overwrite, threads=threads, progress=progress, unmerged_from=unmerged_from,
-                           memory_budget=memory_budget)
+                           memory_budget=memory_budget, files=files)
     if output == "peft":
         check_peft_request(strategy, out, rank, len(experts) if isinstance(experts, Sequence) else None)
     check_out_suffix(out, options)

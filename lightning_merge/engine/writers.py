@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lightning_merge.engine.card import write_folder_files
 from lightning_merge.engine.lowrank import factor_delta, factor_product
 from lightning_merge.engine.options import parse_size
 from lightning_merge.files.atomic import commit, fsync_tree, partial_path
@@ -121,6 +122,8 @@ class SafetensorsWriter(SharedOutput):
         copy_from: a folder whose non-weight files (config.json, tokenizer files...) are copied in; ``config.json``'s
             ``torch_dtype`` is updated to the output's floating dtype.
         provenance: written as ``lightning_merge.json`` in the folder (and in each file's metadata).
+        files: a folder's other files (:func:`~lightning_merge.engine.card.write_folder_files`), after the support
+            files; a folder also gets a ``README.md`` model card from ``provenance`` unless ``files`` holds one.
         overwrite: replace an existing ``out`` once the new one is complete.
         inputs: the merge's input paths (an output that is one of them is refused).
     """
@@ -137,8 +140,10 @@ class SafetensorsWriter(SharedOutput):
         single_file: bool = False,
         inputs: Sequence[Path] = (),
         attach: Path | None = None,
+        files: Sequence[tuple[str, Any]] | None = None,
     ):
         self.out = out
+        self.files = tuple(files or ())
         self.single_file = single_file
         self.copy_from = copy_from
         self.provenance = provenance or {}
@@ -203,6 +208,7 @@ class SafetensorsWriter(SharedOutput):
             write_json(self.tmp / "model.safetensors.index.json", index)
         if self.copy_from is not None:
             copy_support_files(self.copy_from, self.tmp, dtype=self.dtype)
+        write_folder_files(self.tmp, self.files, self.provenance, self.out.name)
         write_record(self.tmp, self.provenance)  # last: it lists every file of the folder
         fsync_tree(self.tmp)
         commit(self.tmp, self.out, replace=self.replace)

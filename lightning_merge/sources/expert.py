@@ -68,6 +68,8 @@ class _SafetensorsSource:
     """One or more safetensors files (a sharded folder); headers only are read up front. A tensor name found in two
     files is an error naming both (which one is meant cannot be known)."""
 
+    reads_rows = True  # get(key, rows) reads only those rows' bytes
+
     def __init__(self, files: list[Path]):
         self._files: dict[str, SafetensorsFile] = {}
         self._order: list[str] = []
@@ -449,7 +451,7 @@ class Expert:
         key = self._key(name)
         if rows is None:
             return self._source.get(key)
-        if isinstance(self._source, _SafetensorsSource):
+        if getattr(self._source, "reads_rows", False):
             return self._source.get(key, rows)
         return self._source.get(key)[rows[0]:rows[1]]
 
@@ -457,7 +459,7 @@ class Expert:
         """:func:`~lightning_merge.formats.sidecar.tensor_fingerprint` of tensor ``name``, read only in the rows its
         samples fall in (a tensor of two or more dimensions): the same hash, without the tensor whole in memory."""
         shape = tuple(self.spec(name).shape)
-        if len(shape) < 2 or not isinstance(self._source, _SafetensorsSource):  # others read a tensor whole anyway
+        if len(shape) < 2 or not getattr(self._source, "reads_rows", False):  # others read a tensor whole anyway
             return tensor_fingerprint(self.tensor(name))
         return fingerprint_rows(lambda rows: self.tensor(name, rows), shape)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lightning_merge.engine.card import RECIPE_NAME
 from lightning_merge.engine.run import parse_dtype
 from lightning_merge.errors import RecipeError
 from lightning_merge.files.remote import is_url, redact
@@ -33,6 +34,9 @@ from lightning_merge.strategies import (
     Ties,
 )
 from lightning_merge.tools import mergekit_parameters as mp
+from lightning_merge.tools import recipe_slices
+from lightning_merge.tools.chat_templates import chat_template_files, resolve_template
+from lightning_merge.tools.recipe_expansion import check_expansion
 from lightning_merge.tools.recipe_methods import GEOMETRIC, INCLUDES_BASE, geometric_arguments
 
 log = logging.getLogger("lightning_merge")
@@ -59,71 +63,39 @@ _MERGEKIT: dict[str, tuple[type[Strategy], dict[str, Any], bool | None, tuple[st
     "sce": (SCE, {}, None, (), ("select_topk", "int8_mask")),
     "ram": (RAM, {}, None, (), ("epsilon",)),
     "ramplus_tl": (RAMPlusTL, {}, None, (), ("r", "alpha", "epsilon")),
+    "passthrough": (Linear, {"normalize": False}, None, ("scale",), ()),  # one input, times its scale (or 1)
 }
 # Parameters mergekit knows for some method: given to a method that does not use them, mergekit ignores them (and
 # published recipes rely on it), so they are ignored here with a warning; a name no method knows is an error.
 _MERGEKIT_PARAMETERS = {"weight", "density", "normalize", "lambda", "rescale", "int8_mask", "gamma", "epsilon", "k",
                         "select_topk", "t", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "lambda_",
-                        "normalize_weights", "max_iter", "tol", "r", "alpha"}
+                        "normalize_weights", "max_iter", "tol", "r", "alpha", "scale"}
 # This project's arguments accepted with a mergekit method name (they extend mergekit's method).
 _EXTENSIONS = {"ties": ("topk", "election", "weighting"), "task_arithmetic": ("election", "weighting"),
                "dare_linear": ("weighting", "seed"), "dare_ties": ("weighting", "seed", "election"),
                "breadcrumbs": ("weighting", "election"), "breadcrumbs_ties": ("weighting", "election"),
                "della": ("weighting", "seed", "election"), "della_linear": ("weighting", "seed")}
-_TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "parameters", "dtype", "out_dtype", "name"}
+_TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
+              "chat_template"}
 _REFUSED = {
-    "slices": "layer slices (frankenmerges)",
     "tokenizer_source": "tokenizer merging",
     "tokenizer": "tokenizer merging",
-    "chat_template": "chat templates",
     "modules": "per-module merge definitions",
 }
 
 
-
 @dataclass
 class Recipe:
-    """A checked recipe: experts opened (headers read), base, strategy and output dtype."""
+    """A checked recipe: experts opened (headers read), base, strategy and output dtype, and the files a folder
+    output gets besides the weights (``merge(files=...)``: the recipe itself, a sliced model's layer count, a chat
+    template)."""
 
     path: Path
     experts: list[Expert]
     base: Expert | None
     strategy: Strategy
     dtype: Any
-
-
-#: the most values a recipe may expand to: YAML anchors and aliases let a few lines name a list of billions of numbers
-MAX_VALUES = 100_000
-
-
-def check_expansion(value: Any, where: str, limit: int = MAX_VALUES) -> None:
-    """Refuse a value (a loaded recipe, a ``--set`` value) that expands to more than ``limit`` values, or that
-    contains itself: YAML aliases make both from a few lines, and reading, checking or printing one would take
-    hours or the machine's memory. The count stops at the limit, so the check itself is quick.
-
-    Raises:
-        RecipeError: naming ``where`` and the key where the limit was crossed.
-    """
-    stack: list[tuple[Any, str, frozenset[int]]] = [(value, "", frozenset())]
-    seen = 0
-    while stack:
-        item, key, above = stack.pop()
-        seen += 1
-        if seen > limit:
-            raise RecipeError(f"{where}{' at ' + key if key else ''} expands to more than {limit:,} values (YAML "
-                              "anchors and aliases repeating a list?); a merge takes numbers and short lists")
-        if isinstance(item, (Mapping, list, tuple)):
-            if id(item) in above:
-                raise RecipeError(f"{where}{' at ' + key if key else ''} contains itself (a YAML alias inside its own "
-                                  "anchor)")
-            inner = above | {id(item)}
-            pairs = item.items() if isinstance(item, Mapping) else enumerate(item)
-            for k, v in pairs:
-                if isinstance(item, Mapping):
-                    label = f"{key}.{k}" if key else str(k)
-                else:  # a list's entries: indexed when they are entries of their own (models[0]), else the list
-                    label = f"{key}[{k}]" if isinstance(v, Mapping) else key
-                stack.append((v, label, inner))
+    files: dict[str, Any] = field(default_factory=dict)
 
 
 def _existing(ref: str, recipe: Path, where: str, urls: dict[Path, str]) -> Path:
@@ -222,6 +194,8 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         raise RecipeError(
             f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected {', '.join(sorted(_TOP_LEVEL))}"
         )
+    if config.get("chat_template") not in (None, "auto"):
+        resolve_template(config["chat_template"], path, [])  # a bad template is refused before anything is read
     method = config.get("merge_method")
     exact = config.get("strategy")
     if exact is not None:
@@ -249,6 +223,43 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if method in _MERGEKIT:  # this project's methods take lists (order) and mappings (LiNeS' inner) as they are
         for key, value in shared.items():
             mp.check_setting(value, path, f"parameters.{key}")
+    dtype = config.get("out_dtype") or config.get("dtype")
+    try:
+        dtype = parse_dtype(dtype, "dtype")
+    except ValueError as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+    def open_model(local: Path, **kwargs: Any) -> Expert:
+        expert = Expert(local, trust_checkpoint=trust_checkpoint, name=redact(urls.get(local, str(local))), **kwargs)
+        expert.url = urls.get(local)  # named by its URL (redacted); the merge's output must not be that URL
+        return expert
+
+    files: dict[str, Any] = {RECIPE_NAME: redact(path.read_text())}  # never a URL's credentials in the output
+    if "slices" in config:
+        if config.get("models") or exact is not None or method not in _MERGEKIT:
+            raise RecipeError(f"{path}: 'slices' takes a mergekit merge_method and no 'models' (give either "
+                              "'models' or 'slices', as mergekit requires)")
+
+        def resolve(ref: Any, where: str) -> Path:
+            local, lora = _resolve_model(ref, path, where, urls)
+            if lora is not None:
+                raise RecipeError(f"{path}: {where}: a LoRA in a slice is not supported; merge the adapter into its "
+                                  "model first")
+            return local
+
+        slices = recipe_slices.parse_slices(config["slices"], path, resolve, base_path)
+        separate = method not in ("linear", "passthrough") and method not in INCLUDES_BASE
+        sliced = recipe_slices.plan_slices(slices, path, method, shared, open_model, separate)
+        strategy = _build_per_tensor(method, overrides or {}, path, sliced.names, sliced.values_of)
+        if strategy.needs_base and sliced.base is None:
+            raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
+        donor = slices[0].base or slices[0].sources[0].model
+        layers = recipe_slices.output_config(donor, sliced.layers)
+        if layers:
+            files["config.json"] = layers
+        files.update(chat_template_files(config.get("chat_template"), path, donor,
+                                         [src.model for sl in slices for src in sl.sources]))
+        return Recipe(path, sliced.experts, sliced.base, strategy, dtype, files)
 
     models = config.get("models") or []
     if not isinstance(models, list) or not models:
@@ -280,6 +291,9 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         entries.append((base_path, {}))  # mergekit adds the base to the models it averages
     if not entries:
         raise RecipeError(f"{path}: no model to merge besides the base")
+    if method == "passthrough" and exact is None and (len(entries) != 1 or base_path is not None):
+        raise RecipeError(f"{path}: passthrough takes exactly one model and no base_model (mergekit's passthrough "
+                          "has one input); to stack layers of several models, use 'slices'")
 
     if exact is not None:
         per_model = [i for i, (_, params) in enumerate(entries) if params]
@@ -303,16 +317,6 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             strategy.check_num_experts(len(entries))
     except ValueError as err:
         raise RecipeError(f"{path}: {err}") from None
-    dtype = config.get("out_dtype") or config.get("dtype")
-    try:
-        dtype = parse_dtype(dtype, "dtype")
-    except ValueError as err:
-        raise RecipeError(f"{path}: {err}") from None
-    def open_model(local: Path, **kwargs: Any) -> Expert:
-        expert = Expert(local, trust_checkpoint=trust_checkpoint, name=redact(urls.get(local, str(local))), **kwargs)
-        expert.url = urls.get(local)  # named by its URL (redacted); the merge's output must not be that URL
-        return expert
-
     base = open_model(base_path) if base_path is not None else None
     experts = []
     for p, _ in entries:
@@ -324,25 +328,30 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if strategy is None:
         names = sorted({n for e in ([base] if base is not None else experts) for n in e.names()})
         layers = mp.count_layers(base_path if base_path is not None else entries[0][0], names)
-        strategy = _build_per_tensor(method, shared, [p for _, p in entries], overrides or {}, path, names, layers)
+        per_model = [p for _, p in entries]
+        strategy = _build_per_tensor(method, overrides or {}, path, names,
+                                     lambda name: mp.resolve(shared, per_model, name, mp.layer_position(name, layers)))
         if strategy.needs_base and base_path is None:
             raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
-    return Recipe(path, experts, base, strategy, dtype)
+    donor = base_path if base_path is not None else entries[0][0]
+    files.update(chat_template_files(config.get("chat_template"), path, donor, [p for p, _ in entries]))
+    return Recipe(path, experts, base, strategy, dtype, files)
 
 
 def _is_adapter(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").exists()
 
 
-def _build_per_tensor(method: str, shared: dict[str, Any], per_model: list[dict[str, Any]],
-                      overrides: Mapping[str, Any], recipe: Path, names: list[str], layers: int | None) -> Strategy:
+def _build_per_tensor(method: str, overrides: Mapping[str, Any], recipe: Path, names: list[str],
+                      values_of: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]]]]) -> Strategy:
     """The strategy of a recipe whose parameters vary by layer or by tensor name: each tensor's parameters resolved
-    as mergekit resolves them (:mod:`lightning_merge.tools.mergekit_parameters`), its strategy built by the same code
-    as for plain values; one strategy when they all agree, else a :class:`PerTensor` table."""
+    as mergekit resolves them (``values_of(name)``: the shared and the per-model values, see
+    :mod:`lightning_merge.tools.mergekit_parameters`), its strategy built by the same code as for plain values; one
+    strategy when they all agree, else a :class:`PerTensor` table."""
     built: dict[str, Strategy] = {}  # the resolved values (repr) -> strategy
     table: dict[str, Strategy] = {}
     for name in names:
-        values = mp.resolve(shared, per_model, name, mp.layer_position(name, layers))
+        values = values_of(name)
         key = repr(values)
         if key not in built:
             was = log.disabled
@@ -390,6 +399,9 @@ def _build_strategy(method: str, shared: dict[str, Any], per_model: list[dict[st
                 values.append(_number(value, recipe, where))
             return values
 
+        if method == "passthrough":
+            return _from_spec({"name": "linear", "normalize": False, "weights": per_expert("scale", 1.0),
+                               **overrides}, recipe)
         if method in GEOMETRIC:
             arguments = geometric_arguments(method, shared, per_expert, recipe)
             return _from_spec({"name": cls.name, **arguments, **overrides}, recipe)

@@ -105,3 +105,27 @@ def write_llama_family(root: str | Path, config: dict, n_experts: int = 3, delta
         for folder in folders:
             (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return folders[0], folders[1:]
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = False,
+                bos_token: str = "<s>", eos_token: str = "</s>") -> str:
+    """A chat template's text for ``messages``, rendered as transformers' ``apply_chat_template`` renders it
+    (``transformers.utils.chat_template_utils``: a sandboxed Jinja environment with ``trim_blocks`` and
+    ``lstrip_blocks``, the loop-controls extension and a ``raise_exception`` that raises ``TemplateError``; the
+    special tokens passed as variables).
+
+    Raises:
+        jinja2.TemplateError: the template refuses the conversation (or does not parse).
+    """
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[jinja2.ext.loopcontrols])
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                    bos_token=bos_token, eos_token=eos_token)

@@ -196,3 +196,21 @@ def test_ties_rows_after_the_row_pass_are_those_rows_of_the_whole(tmp_path_facto
     parts = [p.merge_tensor("w", plan.base_tensor("w", r), plan.expert_tensors("w", rows=r), plan.stats("w", r))
              for p, r in zip(prepared, chunks)]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def test_experts_read_rows_from_every_source(tmp_path):
+    """A safetensors file reads the rows' bytes; a composed expert (mergekit's slices) asks its part; a state dict
+    slices; each gives the rows of the whole, and the fingerprint read by rows is the whole tensor's."""
+    from lightning_merge.formats.sidecar import tensor_fingerprint
+    from lightning_merge.sources.composed import ComposedExpert
+    from lightning_merge.sources.expert import Expert
+
+    x = torch.randn(300, 7)
+    save_tensors(tmp_path / "a.safetensors", {"layers.3.w": x, "b": torch.randn(7)})
+    file = Expert(str(tmp_path / "a.safetensors"))
+    composed = ComposedExpert({"layers.0.w": (file, "layers.3.w")}, name="slice")
+    in_memory = Expert({"layers.3.w": x})
+    for expert, name in ((file, "layers.3.w"), (composed, "layers.0.w"), (in_memory, "layers.3.w")):
+        assert torch.equal(expert.tensor(name, (17, 230)), x[17:230])
+        assert torch.equal(expert.float32(name, (0, 1)), x[:1])
+        assert expert.fingerprint(name) == tensor_fingerprint(x)

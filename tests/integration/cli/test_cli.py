@@ -152,7 +152,26 @@ def test_set_overrides_strategy_arguments(tmp_path, models):
          r"parameters.filter_wise must be true or false, got 1"),
         ("merge_method: karcher\nparameters: {max_iter: 2.5}\nmodels: [{model: models/e0.safetensors}]",
          r"parameters.max_iter must be an integer, got 2.5"),
-        ("merge_method: ties\nslices: []", "'slices' .* does not implement"),
+        ("merge_method: ties\nslices: []", r"'slices' must be a non-empty list"),
+        ("merge_method: passthrough\nslices: [{sources: [{model: models/e0.safetensors, layer_range: [2, 1]}]}]",
+         r"slices\[0\].sources\[0\].layer_range must be \[start, end\] with 0 <= start < end"),
+        ("merge_method: passthrough\nslices: [{sources: [{model: models/e0.safetensors, layer_range: [0, 1]}, "
+         "{model: models/e1.safetensors, layer_range: [0, 2]}]}]",
+         r"slices\[0\].sources give \[1, 2\] layers"),
+        ("merge_method: passthrough\nslices: [{sources: [{model: models/e0.safetensors, layer_range: [0, 1]}, "
+         "{model: models/e1.safetensors, layer_range: [1, 2]}]}]",
+         r"passthrough takes one source per slice"),
+        ("merge_method: ties\nbase_model: models/base.safetensors\nslices: [{sources: [{model: models/e0.safetensors, "
+         "layer_range: [0, 1]}]}]", r"slices\[0\]: its base model .* is not among its sources"),
+        ("merge_method: passthrough\nslices: [{sources: [{model: models/e0.safetensors, layer_range: [0, 9]}]}]",
+         r"layer_range \[0, 9\] goes beyond .* which has 2 layers"),
+        ("merge_method: passthrough\nmodels: [{model: models/e0.safetensors}, {model: models/e1.safetensors}]",
+         r"passthrough takes exactly one model and no base_model"),
+        ("merge_method: linear\nchat_template: chatm\nmodels: [{model: models/e0.safetensors}]",
+         r"chat_template 'chatm' is neither a template name"),
+        ("merge_method: linear\nchat_template: chatml\n"
+         "models: [{model: models/e0.safetensors, parameters: {weight: 1}}]",
+         r"chat_template needs a tokenizer in the output, but .* has no tokenizer_config.json"),
         ("merge_method: ties\ntokenizer_source: union\nmodels: []", "'tokenizer_source'"),
         (
             "merge_method: ties\nbase_model: models/base.safetensors\nparameters: {densty: 0.5}\n"
