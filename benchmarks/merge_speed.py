@@ -63,10 +63,10 @@ def build(root: Path, small: bool, delta_density: float = 1.0) -> tuple[Path, li
     return base, experts
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Whole-process wall time (s) and peak RSS (MB) of ``cmd``, via /usr/bin/time."""
     started = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
@@ -109,7 +109,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(RECIPES))
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=None, help="pass --threads to lightning-merge")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another lightning-merge checkout, run interleaved with this one (side by side)")
     args = parser.parse_args()
+    against_env = {**os.environ, "PYTHONPATH": str(args.against.resolve())} if args.against else None
 
     ours_cmd = [sys.executable, "-m", "lightning_merge.cli.commands"]
     have_mergekit = Path(args.mergekit).exists()
@@ -141,7 +144,7 @@ def main() -> None:
             recipe = WORK / f"{method}-{family}.yaml"
             recipe.write_text(RECIPES[method].format(base=base, models_w=models_w))
             out = WORK / f"out-{method}"
-            ours, theirs, merge_times = [], [], []
+            ours, theirs, merge_times, againsts = [], [], [], []
             for _ in range(args.runs):
                 extra = ["--threads", str(args.threads)] if args.threads else []
                 wall, rss, err = run_measured(
@@ -149,6 +152,11 @@ def main() -> None:
                 )
                 ours.append((wall, rss))
                 merge_times.append(float(re.findall(r"in ([\d.]+)s", err)[-1]))
+                if against_env is not None:
+                    wall, rss, _ = run_measured(
+                        [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra],
+                        env=against_env)
+                    againsts.append((wall, rss))
                 if have_mergekit:
                     shutil.rmtree(WORK / "out-mergekit", ignore_errors=True)
                     theirs.append(
@@ -167,6 +175,9 @@ def main() -> None:
             if theirs:
                 row["mergekit_s"] = statistics.median(w for w, _ in theirs)
                 row["mergekit_rss_mb"] = statistics.median(r for _, r in theirs)
+            if againsts:
+                row["against_s"] = statistics.median(w for w, _ in againsts)
+                row["against_rss_mb"] = statistics.median(r for _, r in againsts)
             rows.append(row)
             print(json.dumps(row))
             shutil.rmtree(out, ignore_errors=True)
@@ -185,6 +196,14 @@ def main() -> None:
             f"{r['ours_rss_mb']:>10.0f}{(mk_mb or 0):>13.0f}{ratio_mb:>8}{r['ours_merge_s']:>9.1f}"
             f"{r['floor_s']:>9.1f}{r['ours_merge_s'] / r['floor_s']:>8.2f}"
         )
+    if args.against:
+        print(f"\nside by side with {args.against} (interleaved runs, medians):")
+        print(f"{'family':<8}{'method':<16}{'this s':>9}{'against s':>11}{'ratio':>8}{'this MB':>10}"
+              f"{'against MB':>12}{'ratio':>8}")
+        for r in rows:
+            print(f"{r['family']:<8}{r['method']:<16}{r['ours_s']:>9.1f}{r['against_s']:>11.1f}"
+                  f"{r['ours_s'] / r['against_s']:>8.2f}{r['ours_rss_mb']:>10.0f}{r['against_rss_mb']:>12.0f}"
+                  f"{r['ours_rss_mb'] / r['against_rss_mb']:>8.2f}")
     print(f"(whole-process times include start-up: import torch {torch_startup:.2f}s, "
           f"import lightning_merge.cli.commands {startup:.2f}s)")
 

@@ -69,9 +69,9 @@ def test_the_assignment_balances_bytes_and_covers_every_tensor():
 ], ids=lambda s: s.name)
 def test_two_ranks_write_the_bytes_of_one_process(family, tmp_path, strategy):
     root, base, experts = family
-    one = merge(experts, base, strategy, tmp_path / "one", shard_size=2000)
-    _distributed(2, experts, base, strategy, tmp_path / "two", shard_size=2000)
-    a, b = _files(one), _files(tmp_path / "two")
+    one = merge(experts, base, strategy, tmp_path / "one" / "merged", shard_size=2000)
+    _distributed(2, experts, base, strategy, tmp_path / "two" / "merged", shard_size=2000)
+    a, b = _files(one), _files(tmp_path / "two" / "merged")
     assert len([n for n in a if n.startswith("model-")]) >= 2  # sharded: ranks write into shared shards
     assert a.keys() == b.keys()
     for name in a:
@@ -113,9 +113,9 @@ def test_cli_nproc(family, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("merge_method: fisher\n" + f"base_model: {base}\nmodels:\n"
                       + "".join(f"  - model: {e}\n" for e in experts))
-    assert main(["merge", str(recipe), str(tmp_path / "one")]) == 0
-    assert main(["merge", str(recipe), str(tmp_path / "two"), "--nproc", "2"]) == 0
-    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert main(["merge", str(recipe), str(tmp_path / "one" / "merged")]) == 0
+    assert main(["merge", str(recipe), str(tmp_path / "two" / "merged"), "--nproc", "2"]) == 0
+    assert _files(tmp_path / "one" / "merged") == _files(tmp_path / "two" / "merged")
     assert "with 2 processes" in capsys.readouterr().err
 
 
@@ -132,13 +132,13 @@ def test_cli_under_torchrun(family, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("merge_method: ties\n" + f"base_model: {base}\nparameters: {{density: 0.3}}\nmodels:\n"
                       + "".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}\n" for e in experts))
-    merge_one = subprocess.run([sys.executable, "-m", "lightning_merge", "merge", str(recipe), str(tmp_path / "one")],
+    merge_one = subprocess.run([sys.executable, "-m", "lightning_merge", "merge", str(recipe), str(tmp_path / "one" / "merged")],
                                capture_output=True, text=True, timeout=120)
     assert merge_one.returncode == 0, merge_one.stderr[-2000:]
     done = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "lightning_merge", "merge", str(recipe),
-                           str(tmp_path / "two")], capture_output=True, text=True, timeout=180)
+                           str(tmp_path / "two" / "merged")], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert _files(tmp_path / "one" / "merged") == _files(tmp_path / "two" / "merged")
     assert done.stderr.count("merged 3 experts") == 1  # rank 0 reports; the others are quiet
 
 
@@ -154,9 +154,9 @@ def adapters(tmp_path_factory):
                                            (Ties(density=0.5), 3)], ids=["exact", "svd-linear", "svd-ties"])
 def test_a_peft_adapter_output_from_two_ranks_is_the_one_process_adapter(adapters, tmp_path, strategy, rank):
     base, paths = adapters
-    one = merge(paths, base, strategy, tmp_path / "one", output="peft", rank=rank)
-    _distributed(2, paths, base, strategy, tmp_path / "two", output="peft", rank=rank)
-    a, b = _files(Path(one)), _files(tmp_path / "two")
+    one = merge(paths, base, strategy, tmp_path / "one" / "merged", output="peft", rank=rank)
+    _distributed(2, paths, base, strategy, tmp_path / "two" / "merged", output="peft", rank=rank)
+    a, b = _files(Path(one)), _files(tmp_path / "two" / "merged")
     assert a.keys() == b.keys() and "adapter_model.safetensors" in a
     for name in a:
         assert a[name] == b[name], name
