@@ -98,8 +98,9 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
         sizes: each item's size for the progress bar (default: its cost).
         desc: the progress bar's label.
         progress: show a progress bar (default: when stderr is a terminal).
-        share_threads: give each worker ``torch.get_num_threads() // workers`` intra-op threads (and restore the
-            count after), so that workers do not oversubscribe the cores.
+        share_threads: give each item ``torch.get_num_threads() // k`` intra-op threads, ``k`` the items running
+            once it starts (and restore the count after): items side by side do not oversubscribe the cores, and an
+            item the budget runs alone keeps every thread.
 
     Yields:
         ``fn(item)`` for each item, in the order of ``items``.
@@ -116,13 +117,12 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
                 yield fn(item)
                 bar.update(size)
             return
-        initializer: Any = None
-        if share_threads:
-            share = max(1, total_threads // count)
-            torch.set_num_threads(share)
-            # OpenMP's thread count is per thread: each worker sets its own share
-            initializer = lambda: torch.set_num_threads(share)  # noqa: E731
-        pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="lightning-merge", initializer=initializer)
+        def call(item: T, share: int | None) -> R:
+            if share is not None:  # OpenMP's thread count is per thread: each item sets its own share
+                torch.set_num_threads(share)
+            return fn(item)
+
+        pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="lightning-merge")
         running: dict[Future, tuple[int, int, int]] = {}
         results: dict[int, Any] = {}
         held = 0
@@ -147,7 +147,9 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
             for index, (item, cost, size) in enumerate(zip(items, costs, sizes)):
                 while running and (len(running) >= count or held + cost > budget):
                     collect(block=True)
-                running[pool.submit(fn, item)] = (index, cost, size)
+                # an item that starts alone (the budget held the others back) computes with every thread
+                share = max(1, total_threads // (len(running) + 1)) if share_threads else None
+                running[pool.submit(call, item, share)] = (index, cost, size)
                 held += cost
                 collect(block=False)
                 yield from ready()
