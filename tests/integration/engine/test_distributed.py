@@ -132,7 +132,8 @@ def test_cli_under_torchrun(family, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("merge_method: ties\n" + f"base_model: {base}\nparameters: {{density: 0.3}}\nmodels:\n"
                       + "".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}\n" for e in experts))
-    merge_one = subprocess.run([sys.executable, "-m", "lightning_merge", "merge", str(recipe), str(tmp_path / "one" / "merged")],
+    one = tmp_path / "one" / "merged"
+    merge_one = subprocess.run([sys.executable, "-m", "lightning_merge", "merge", str(recipe), str(one)],
                                capture_output=True, text=True, timeout=120)
     assert merge_one.returncode == 0, merge_one.stderr[-2000:]
     done = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "lightning_merge", "merge", str(recipe),
