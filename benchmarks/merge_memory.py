@@ -50,20 +50,19 @@ def rss():
 
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(2)
-try:  # what the lightning-merge command does first (absent in older checkouts)
+if spec.get("limit_heap"):  # glibc's mmap threshold fixed (lightning_merge.engine.schedule.limit_heap_growth)
     from lightning_merge.engine.schedule import limit_heap_growth
     limit_heap_growth()
-except ImportError:
-    pass
 start = rss()
 t0 = time.perf_counter()
+extra = {"memory_budget": spec["budget"]} if spec.get("budget") else {}
 if spec["kind"] == "merge":
     strategy = S.Strategy.from_dict(spec["strategy"])
-    merge(spec["experts"], spec["base"], strategy, spec["out"])
+    merge(spec["experts"], spec["base"], strategy, spec["out"], **extra)
 else:
     state = ContinualState.create(spec["out"], base=spec["base"], strategy=S.Strategy.from_dict(spec["strategy"]))
     for e in spec["experts"]:
-        state.add(e)
+        state.add(e, **extra)
 seconds = time.perf_counter() - t0
 peak = status("VmHWM")  # this process's own high-water mark (ru_maxrss keeps the parent's across exec)
 print(json.dumps({"start": start, "peak": peak, "seconds": seconds}))
@@ -177,6 +176,8 @@ def main() -> None:
     parser.add_argument("--mergekit", default=None, help="mergekit-yaml to measure on the dominant shape")
     parser.add_argument("--shapes", nargs="+", default=["dominant", "many"], choices=list(CASES))
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--budget", default=None, help="memory_budget for this checkout (e.g. 1GB; default: its own)")
+    parser.add_argument("--limit-heap", action="store_true", help="this checkout's cases call limit_heap_growth()")
     args = parser.parse_args()
     here = Path(__file__).resolve().parents[1]
     codes = [("this", here)] + ([("against", args.against.resolve())] if args.against else [])
@@ -194,7 +195,8 @@ def main() -> None:
             for tag, code in codes:
                 out = work / shape / f"out-{tag}-{kind}-{strategy['name']}"
                 spec = {"kind": kind, "strategy": strategy, "base": str(base), "out": str(out),
-                        "experts": [str(e) for e in experts]}
+                        "experts": [str(e) for e in experts], "budget": args.budget if tag == "this" else None,
+                        "limit_heap": args.limit_heap and tag == "this"}
                 got = run_case(code, spec)
                 outs[tag] = out
                 if "error" in got:

@@ -594,11 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; every error is one line on stderr (``-v`` adds the traceback), exit status 2."""
-    from lightning_merge.engine.schedule import limit_heap_growth
-
     parser = build_parser()
     args = parser.parse_args(argv)
-    limit_heap_growth()  # this process's row chunks are returned when freed (see the function)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -343,7 +343,10 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
             chunkable = True
         else:
             per_element, chunkable = 8.0 * (len(plan.experts) + 1), False
-        ranges = row_chunks(shape, per_element, per_worker) if chunkable else [(0, shape[0] if shape else 0)]
+        # a row-local job is split as soon as it would keep another from running beside it (its chunks are as cheap as
+        # the whole); a row pass reads the tensor three more times, so that job is split only to fit the budget
+        whole = per_worker if chunkable and not (job.action == "merge" and strategy.row_pass) else budget
+        ranges = row_chunks(shape, per_element, whole, per_worker) if chunkable else [(0, shape[0] if shape else 0)]
         if len(ranges) == 1:
             units.append((job, None, int(job.spec.numel * per_element), None))
             continue

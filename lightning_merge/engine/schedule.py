@@ -38,9 +38,10 @@ def limit_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
     """Serve allocations of ``threshold`` bytes or more from mmap (returned to the system when freed), not from the
     heap: glibc's default raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which
     row chunks come from the heap, and a small allocation kept between them pins it. Measured on a continual add over
-    a 256 MiB tensor: 442 MiB above start-up with glibc's default, 198 MiB with a 4 MiB threshold (and 1.3× the time).
-    Process-wide and permanent (``mallopt(M_MMAP_THRESHOLD)``), so the ``lightning-merge`` command calls it and the
-    library does not: in your own process, call it, or set ``MALLOC_MMAP_THRESHOLD_=4194304`` before Python starts.
+    a 256 MiB tensor (3 adds): 413 MiB above start-up with glibc's default, 210 MiB with a 4 MiB threshold, at 1.35×
+    the time (and 1.4× on merges of 16 MiB tensors). Process-wide and permanent (``mallopt(M_MMAP_THRESHOLD)``), so
+    nothing calls it by default: call it in your process, or start one with ``MALLOC_MMAP_THRESHOLD_=4194304``
+    (``MALLOC_MMAP_THRESHOLD_=4194304 lightning-merge merge ...``) when memory matters more than time.
 
     Returns:
         Whether it took effect (False where the C library is not glibc).
@@ -55,15 +56,17 @@ def limit_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-def row_chunks(shape: Sequence[int], bytes_per_element: float, budget: int) -> list[tuple[int, int]]:
-    """Row ranges ``[(start, stop), ...]`` along the first axis of a tensor of ``shape`` such that a chunk's cost
-    (its elements × ``bytes_per_element``) stays within ``budget``; one range for a tensor that fits, or one of
-    fewer than two dimensions. Chunks are equal but for the last; a row never splits.
+def row_chunks(shape: Sequence[int], bytes_per_element: float, budget: int,
+               chunk: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` along the first axis of a tensor of ``shape``: one range for a tensor whose
+    cost (its elements × ``bytes_per_element``) fits ``budget``, or one of fewer than two dimensions; otherwise
+    chunks that each cost at most ``chunk`` (default ``budget``), equal but for the last; a row never splits.
 
     Args:
         shape: the tensor's shape.
         bytes_per_element: what one element of the tensor costs its job (all inputs, temporaries and output).
-        budget: the bytes a chunk may cost.
+        budget: the bytes the whole tensor may cost before it is split.
+        chunk: the bytes a chunk may cost (the budget's share of one worker, so that chunks run side by side).
     """
     rows = int(shape[0]) if len(shape) else 0
     if len(shape) < 2 or rows <= 1:
@@ -74,7 +77,7 @@ def row_chunks(shape: Sequence[int], bytes_per_element: float, budget: int) -> l
     total = rows * row_elements * bytes_per_element
     if total <= budget:
         return [(0, rows)]
-    fitting = int(budget // max(row_elements * bytes_per_element, 1))
+    fitting = int((chunk or budget) // max(row_elements * bytes_per_element, 1))
     per = max(1, fitting, -(-MIN_CHUNK_ELEMENTS // max(row_elements, 1)))
     count = -(-rows // per)
     per = -(-rows // count)  # the same number of rows in each chunk, the last one possibly fewer
@@ -98,9 +101,11 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
         sizes: each item's size for the progress bar (default: its cost).
         desc: the progress bar's label.
         progress: show a progress bar (default: when stderr is a terminal).
-        share_threads: give each item ``torch.get_num_threads() // k`` intra-op threads, ``k`` the items running
-            once it starts (and restore the count after): items side by side do not oversubscribe the cores, and an
-            item the budget runs alone keeps every thread.
+        share_threads: give each item ``torch.get_num_threads() // k`` intra-op threads, ``k`` the number of
+            items of its cost the budget lets run at once (at most ``workers``; restored after): items side by side do
+            not oversubscribe the cores, and an item the budget runs alone keeps every thread. Decided from the
+            cost, not from what happens to be running, so a computation whose floats depend on its thread count
+            (an SVD) gives the same result every run.
 
     Yields:
         ``fn(item)`` for each item, in the order of ``items``.
@@ -147,8 +152,11 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
             for index, (item, cost, size) in enumerate(zip(items, costs, sizes)):
                 while running and (len(running) >= count or held + cost > budget):
                     collect(block=True)
-                # an item that starts alone (the budget held the others back) computes with every thread
-                share = max(1, total_threads // (len(running) + 1)) if share_threads else None
+                # the items that can run beside this one within the budget share the threads; one that must run
+                # alone computes with all of them (from its cost and the budget only: the same threads, so the same
+                # floats, every run)
+                beside = max(1, min(count, budget // max(cost, 1)))
+                share = max(1, total_threads // beside) if share_threads else None
                 running[pool.submit(call, item, share)] = (index, cost, size)
                 held += cost
                 collect(block=False)

@@ -156,11 +156,11 @@ def fingerprint_rows(read_rows: Callable[[tuple[int, int]], Tensor], shape: Sequ
     index = _sample_index(numel, samples)
     if index is None or len(shape) < 2:
         return tensor_fingerprint(read_rows((0, int(shape[0]) if len(shape) else 0)), samples)
-    values = []
-    for r in sorted({int(i) // row for i in index}):
-        part = read_rows((r, r + 1)).reshape(-1)
-        values.extend(part[int(i) - r * row] for i in index if int(i) // row == r)
-    return _fingerprint(shape, torch.stack(values))
+    by_row: dict[int, list[int]] = {}
+    for i in index.tolist():  # ascending: grouping by row keeps the samples' order
+        by_row.setdefault(i // row, []).append(i % row)
+    parts = [read_rows((r, r + 1)).reshape(-1)[torch.tensor(cols)] for r, cols in sorted(by_row.items())]
+    return _fingerprint(shape, torch.cat(parts))
 
 
 def encode_gram(key: str, value: Tensor, form: str, rank: int = 64) -> dict[str, Tensor]:

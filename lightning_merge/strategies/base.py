@@ -288,10 +288,12 @@ class Strategy:
     def working_set(self, num_experts: int) -> float:
         """How many float32 copies of a tensor a merge of it holds at its peak, counting its inputs (experts, base,
         statistics), the temporaries of ``merge_tensor`` and the output: the engine's memory budget counts a job as
-        this × the tensor's (or the chunk's) elements × 4 bytes. The default (a stack of task vectors beside the
-        inputs, a statistic per expert and kind, the result and its cast) suits the elementwise rules; a strategy
-        that allocates more says so."""
-        return 3 * num_experts + 5 + num_experts * len(self.requires)
+        this × the tensor's (or the chunk's) elements × 4 bytes. The default, 2n + 5 + 2nk for n experts and k
+        statistic kinds (the inputs, a stack of task vectors, each statistic and the precision derived from it, the
+        result and its cast), is what task arithmetic, TIES, DARE, Fisher and OTA were measured to hold (9–15 copies
+        for 3 experts; benchmarks/merge_memory.py); a strategy that allocates more (the weighted median's sort) or
+        less (linear) says so."""
+        return 2 * num_experts + 5 + 2 * num_experts * len(self.requires)
 
     # -- the contract -------------------------------------------------------------------------------------------
     def prepare(self, plan: MergePlan) -> Prepared:

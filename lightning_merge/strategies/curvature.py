@@ -345,6 +345,11 @@ class WeightedMedian(Strategy):
     #: the sign election, the sort and the median run entry by entry, over the experts
     row_local = True
 
+    def working_set(self, num_experts: int) -> float:
+        """The sort over the experts holds values, int64 orders and weights per expert (measured: 36 copies of the
+        tensor for 3 experts)."""
+        return 10 * num_experts + 8
+
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)
 

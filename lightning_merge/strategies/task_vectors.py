@@ -134,11 +134,6 @@ class TaskVectorMerge(Strategy):
         by entry; a sparsifier's top-k, its random draw and its L1 rescale read the whole tensor."""
         return self.sparsifier.method == "none"
 
-    def working_set(self, num_experts: int) -> float:
-        """A sparsifier adds per expert its mask, the float32 bits it compares and their running count (int64)."""
-        extra = 4 * num_experts + 4 if self.sparsifier.method != "none" else 0
-        return super().working_set(num_experts) + extra
-
     @property
     def row_pass(self) -> bool:
         """TIES' per-tensor top-k (without rescaling): a pass over the rows finds each expert's cut
