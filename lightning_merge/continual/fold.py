@@ -93,7 +93,7 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
         writers.append(model)
         fingerprints = state.config["base_fingerprint"]
         totals: dict[str, float] = {}
-        tau_sq = 0.0
+        squares: list[float] = []  # Σ τ² of each row, summed exactly at the end: the same norm whatever the chunks
         kinds = len(state.strategy.requires)
         # a form that does not subclass ContinualForm (duck-typed) gets the defaults
         sized = getattr(form, "working_set", None)
@@ -137,7 +137,8 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
                     running.write(f"{q}/{n}", new[q].to(dtype).contiguous())
                 else:
                     running.write_rows(f"{q}/{n}", rows[0], new[q].to(dtype).contiguous())
-            return float(tau.double().square().sum()), form.reduce(n, new)
+            per_row = tau.double().square().reshape(tau.shape[0] if tau.dim() else 1, -1).sum(1)
+            return per_row.tolist(), form.reduce(n, new)
 
         def row_size(item: tuple[str, tuple[int, int] | None]) -> int:
             n, rows = item
@@ -147,11 +148,11 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
         sizes = [row_size(item) for item in items]
         costs = [int(size // base.spec(n).dtype.itemsize * per_element) for (n, _), size in zip(items, sizes)]
         for square, reduced in parallel_map(fold, items, sizes, "folding in", progress, threads, costs, budget):
-            tau_sq += square  # summed in tensor (and row) order whatever the threads: the same floats every time
+            squares.extend(square)
             for key, value in reduced.items():
                 totals[key] = totals.get(key, 0.0) + value
         running.close(sync=True)
-        norm = math.sqrt(tau_sq)
+        norm = math.sqrt(math.fsum(squares))
         check_distance(expert, norm, meta["norms"], force)
         summary = ContinualSummary(
             count=count + 1,

@@ -39,11 +39,12 @@ def test_an_add_in_row_chunks_equals_a_whole_add(tmp_path, strategy):
     base, paths = _family(tmp_path / "fam")
     form = strategy.continual_form()
     assert form.row_local
-    models = []
+    models, norms = [], []
     for budget in (None, 40_000):  # 40 kB: the 600 × 130 tensor is folded in chunks
         state = ContinualState.create(tmp_path / f"state-{budget}", base=base, strategy=strategy)
         for p in paths:
             state.add(p, memory_budget=budget)
+        norms.append(state.meta()["norms"])
         current = state.path / "generations"
         models.append(state.state_dict())
         running = sorted(current.glob("*/running.safetensors"))[-1]
@@ -51,6 +52,7 @@ def test_an_add_in_row_chunks_equals_a_whole_add(tmp_path, strategy):
     whole, whole_running, chunked, chunked_running = models
     assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
     assert all(torch.equal(whole_running[k], chunked_running[k]) for k in whole_running)
+    assert norms[0] == norms[1]  # each row's Σ τ², summed exactly: the recorded norms do not depend on the chunks
 
 
 def test_opcm_and_sparsified_folds_are_not_row_local():
