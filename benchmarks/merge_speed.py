@@ -32,7 +32,14 @@ RECIPES = {
     "models:\n{models_w}\ndtype: bfloat16\n",
     "ties": "merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.2}}\nmodels:\n{models_w}\n"
     "dtype: bfloat16\n",
+    # mergekit's geometric and DELLA methods (issue 31): slerp between the base and the first expert
+    "slerp": "merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\nmodels:\n{models_first}\n"
+    "dtype: bfloat16\n",
+    "della": "merge_method: della\nbase_model: {base}\nparameters: {{density: 0.5, epsilon: 0.1}}\nmodels:\n"
+    "{models_w}\ndtype: bfloat16\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n{models_plain}\ndtype: bfloat16\n",
 }
+DEFAULT_METHODS = ["linear", "task_arithmetic", "ties"]
 
 
 FAMILIES = {"dense": 1.0, "sparse": 0.1}  # the fraction of entries each expert changes
@@ -106,7 +113,7 @@ def main() -> None:
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml") or ".venv-mergekit/bin/mergekit-yaml")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="a ~20M model (quick check of the script)")
-    parser.add_argument("--methods", nargs="*", default=list(RECIPES))
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(RECIPES))
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=None, help="pass --threads to lightning-merge")
     parser.add_argument("--against", type=Path, default=None,
@@ -142,7 +149,9 @@ def main() -> None:
         for method in args.methods:
             models_w = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}" for e in experts)
             recipe = WORK / f"{method}-{family}.yaml"
-            recipe.write_text(RECIPES[method].format(base=base, models_w=models_w))
+            recipe.write_text(RECIPES[method].format(
+                base=base, models_w=models_w, models_plain="\n".join(f"  - model: {e}" for e in experts),
+                models_first=f"  - model: {experts[0]}"))
             out = WORK / f"out-{method}"
             ours, theirs, merge_times, againsts = [], [], [], []
             for _ in range(args.runs):
@@ -162,7 +171,7 @@ def main() -> None:
                     theirs.append(
                         run_measured([args.mergekit, str(recipe), str(WORK / "out-mergekit"), "--quiet"])[:2]
                     )
-            read = model_bytes * (3 if method == "linear" else 4)  # linear does not read the base
+            read = model_bytes * {"linear": 3, "slerp": 2}.get(method, 4)  # what each method reads
             floor = read / read_bw + model_bytes / write_bw
             row = {
                 "family": family,
