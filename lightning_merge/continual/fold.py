@@ -49,7 +49,7 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
             :func:`~lightning_merge.continual.checks.check_distance`).
         progress: show progress bars (default: when stderr is a terminal).
         threads: tensors folded at once (see :func:`parallel_map`).
-        memory_budget: the bytes the tensors folded at once may hold (default 256 MiB): each costs its continual
+        memory_budget: the bytes the tensors folded at once may hold (default 192 MiB): each costs its continual
             form's :meth:`~lightning_merge.strategies.ContinualForm.working_set` float32 copies of its elements.
 
     Raises:
@@ -99,15 +99,17 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
         sized = getattr(form, "working_set", None)
         per_element = 4 * (sized(kinds) if sized is not None else ContinualForm.working_set(form, kinds))
         budget = memory_budget or DEFAULT_MEMORY_BUDGET
-        workers = max(1, min(threads or min(4, os.cpu_count() or 1), len(names) or 1))
         chunked = getattr(form, "row_local", False)
-        items: list[tuple[str, tuple[int, int] | None]] = []
-        for n in names:
-            shape = tuple(state.config["tensors"][n])
-            ranges = row_chunks(shape, per_element, max(1, budget // workers)) if chunked else [(0, 0)]
-            items.extend([(n, None)] if len(ranges) == 1 else [(n, r) for r in ranges])
 
-        def fold(item: tuple[str, tuple[int, int] | None]) -> tuple[float, dict[str, float]]:
+        def ranges(shape: tuple[int, ...], limit: int) -> list[tuple[int, int] | None]:
+            """A tensor's row chunks within ``limit`` bytes, or ``[None]`` (whole): only a row-local form's split."""
+            found = row_chunks(shape, per_element, limit) if chunked else []
+            return found if len(found) > 1 else [None]
+
+        per_worker = max(1, budget // fold_workers(threads, len(names)))
+        items = [(n, rows) for n in names for rows in ranges(tuple(state.config["tensors"][n]), per_worker)]
+
+        def fold(item: tuple[str, tuple[int, int] | None]) -> tuple[list[float], dict[str, float]]:
             """Fold tensor ``n`` (or its ``rows``, for a row-local form) in and write its new running quantities
             (tensors and row chunks are independent: threads)."""
             n, rows = item
@@ -129,8 +131,7 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
                         f"continual state '{state.path}': generation '{current.name}' has no running quantities "
                         f"for '{n}' ({err}); the state is damaged"
                     ) from None
-            stats = {kind: expert.statistic(n, kind) if rows is None else expert.statistic(n, kind, rows=rows)
-                     for kind in state.strategy.requires}
+            stats = {kind: expert.statistic(n, kind, rows=rows) for kind in state.strategy.requires}
             new = form.fold(n, prev, tau, stats, ctx)
             for q, dtype in form.quantities:
                 if rows is None:
@@ -171,9 +172,7 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
                         value = torch.maximum(seen, expert.tensor(n).to(seen.dtype))
                     model.write(n, value.to(base.spec(n).dtype).contiguous())
                     continue
-                shape = tuple(base.spec(n).shape)
-                ranges = row_chunks(shape, per_element, budget) if chunked else [(0, 0)]
-                for rows in [None] if len(ranges) == 1 else ranges:
+                for rows in ranges(tuple(base.spec(n).shape), budget):
                     quantities = {q: fresh.get(f"{q}/{n}", rows) for q, _ in form.quantities}
                     merged = form.finish(n, base.float32(n, rows), quantities, summary)
                     magnitude = largest_magnitude(merged)  # one reduction: finiteness, then the base dtype's range
@@ -212,6 +211,12 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
                 handle.close()
 
 
+def fold_workers(threads: int | None, count: int) -> int:
+    """The worker threads of a fold over ``count`` tensors: ``threads``, or the CPU count up to 4; never more than the
+    tensors."""
+    return max(1, min(threads or min(4, os.cpu_count() or 1), count or 1))
+
+
 def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progress: bool | None,
                  threads: int | None, costs: list[int] | None = None, budget: int | None = None) -> Iterator[Any]:
     """``fn(name)`` for each name on ``threads`` worker threads (each with its share of torch's threads), results
@@ -235,7 +240,7 @@ def parallel_map(fn: Any, names: list[str], sizes: list[int], desc: str, progres
     Yields:
         ``fn(name)`` for each name, in the order of ``names``.
     """
-    workers = max(1, min(threads or min(4, os.cpu_count() or 1), len(names) or 1))
+    workers = fold_workers(threads, len(names))
     costs = list(sizes) if costs is None else costs
     if budget is None:
         budget = workers * max(costs, default=0)

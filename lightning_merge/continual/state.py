@@ -263,7 +263,7 @@ class ContinualState(RemoteStore):
             progress: show progress bars (default: when stderr is a terminal).
             threads: tensors folded at once (default: the CPU count, at most 4); each thread computes with
                 ``torch.get_num_threads() // threads`` threads, so an OPCM add's SVDs run side by side.
-            memory_budget: the bytes the tensors folded at once may hold (``"1GB"`` or bytes; default 256 MiB), each
+            memory_budget: the bytes the tensors folded at once may hold (``"1GB"`` or bytes; default 192 MiB), each
                 counted as its continual form's working set (see :mod:`lightning_merge.engine.schedule`); a tensor
                 costing more than the budget is folded alone.
 

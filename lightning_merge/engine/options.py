@@ -128,7 +128,7 @@ class MergeOptions:
         threads: worker threads over tensors (None: the default).
         memory_budget: the bytes the tensor jobs running at once may hold (inputs, float32 copies, a strategy's
             temporaries, the output; see :mod:`lightning_merge.engine.schedule`), or None for the default
-            (:data:`~lightning_merge.engine.schedule.DEFAULT_MEMORY_BUDGET`, 256 MiB); ``"1GB"``-style strings
+            (:data:`~lightning_merge.engine.schedule.DEFAULT_MEMORY_BUDGET`, 192 MiB); ``"1GB"``-style strings
             are accepted.
         progress: show a progress bar (None: when stderr is a terminal).
         unmerged_from: where a tensor left out of the merge by ``include``/``exclude`` comes from: ``"base"`` (or the

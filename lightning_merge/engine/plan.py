@@ -359,8 +359,7 @@ class StatisticReader:
                         missing.append((i, kind))
                     continue
                 try:
-                    entry[kind] = expert.statistic(name, kind) if rows is None else \
-                        expert.statistic(name, kind, rows=rows)
+                    entry[kind] = expert.statistic(name, kind, rows=rows)
                 except MissingStatistic:
                     entry[kind] = None
                     missing.append((i, kind))

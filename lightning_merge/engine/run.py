@@ -133,7 +133,7 @@ def merge(
         threads: worker threads over tensors (default: up to 2). Whatever the count, the jobs running at once stay
             within ``memory_budget``, so threads do not raise peak memory.
         memory_budget: the bytes the tensor jobs running at once may hold: their inputs, float32 copies, the
-            strategy's temporaries and the output (``"1GB"``, or bytes; default 256 MiB). A tensor whose strategy
+            strategy's temporaries and the output (``"1GB"``, or bytes; default 192 MiB). A tensor whose strategy
             is :attr:`~lightning_merge.strategies.Strategy.row_local` (linear, task arithmetic, Fisher, OTA without
             FFG's top-k, the weighted median...), and a tensor copied unmerged, is merged in row chunks within it,
             with the same output bit for bit; a tensor another strategy must see whole (a top-k or norm per tensor,

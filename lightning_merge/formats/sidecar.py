@@ -491,10 +491,7 @@ class Statistics:
                 return file.get(key, rows).to(torch.float32)
             return self._tensors[key][rows[0]:rows[1]].to(torch.float32)
         if f"{key}:row" in self._tensors:
-            row = self._tensors[f"{key}:row"]
-            if rows is None:
-                return rank1_reconstruct(row, self._tensors[f"{key}:col"])
-            return rank1_reconstruct(row, self._tensors[f"{key}:col"], rows)
+            return rank1_reconstruct(self._tensors[f"{key}:row"], self._tensors[f"{key}:col"], rows)
         if f"{key}:diag" in self._tensors:  # a Gram matrix stored as its diagonal, or low rank + residual diagonal
             value = torch.diag(self._tensors[f"{key}:diag"].to(torch.float32))
             if f"{key}:factor" in self._tensors:

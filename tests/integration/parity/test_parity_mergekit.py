@@ -111,7 +111,7 @@ GEOMETRIC = {
 }
 
 
-def _relative_error(ours: Expert, theirs: Expert) -> float:
+def relative_error(ours: Expert, theirs: Expert) -> float:
     """The largest difference of any tensor, relative to that tensor's largest magnitude."""
     assert sorted(theirs.names()) == sorted(ours.names())
     worst = 0.0
@@ -139,7 +139,7 @@ def test_geometric_methods_give_mergekits_model(tmp_path, family, case):
                       + f"dtype: float32\n{shared}\nmodels:\n" + "\n".join(lines) + "\n")
     subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
-    worst = _relative_error(Expert(tmp_path / "lm"), Expert(tmp_path / "mk"))
+    worst = relative_error(Expert(tmp_path / "lm"), Expert(tmp_path / "mk"))
     print(f"{case}: max relative difference {worst:.2e}")
     assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
 
