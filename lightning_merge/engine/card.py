@@ -66,12 +66,17 @@ def model_card(provenance: Mapping[str, Any], name: str, recipe: str | None = No
 def write_folder_files(folder: Path, files: Sequence[tuple[str, Any]], provenance: Mapping[str, Any],
                        name: str) -> None:
     """Write a merge's extra files into its (temporary) output ``folder`` after the base's support files: text
-    replaces a file; a mapping sets top-level keys of a JSON file (the base's copy, or a new one). Then the model
-    card, ``README.md``, unless ``files`` gives one: it replaces the base's ``README.md`` (which describes the base,
-    not this model), as mergekit's card does."""
+    (or bytes) replaces a file; a mapping sets top-level keys of a JSON file (the base's copy, or a new one); None
+    leaves out the base's copy (a merged tokenizer's folder does not keep the base's other tokenizer files). Then
+    the model card, ``README.md``, unless ``files`` gives one: it replaces the base's ``README.md`` (which describes
+    the base, not this model), as mergekit's card does."""
     given = dict(files)
     for file_name, content in given.items():
         target = folder / file_name
+        if content is None:
+            if target.is_file() or target.is_symlink():  # a copy in the merge's own temporary folder
+                target.unlink()
+            continue
         if isinstance(content, Mapping):
             existing: Any = {}
             if target.is_file():
@@ -88,11 +93,11 @@ def write_folder_files(folder: Path, files: Sequence[tuple[str, Any]], provenanc
         _write_text(folder / CARD_NAME, model_card(provenance, name, recipe if isinstance(recipe, str) else None))
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_text(path: Path, text: str | bytes) -> None:
     if path.is_symlink():  # a link the base brought along: replaced, never written through
         path.unlink()
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(path, "wb") as f:
+        f.write(text if isinstance(text, bytes) else text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 

@@ -134,7 +134,8 @@ class MergeOptions:
         unmerged_from: where a tensor left out of the merge by ``include``/``exclude`` comes from: ``"base"`` (or the
             first expert holding it when the base lacks it) or ``"first"`` (the first expert holding it).
         files: what a folder output writes besides the weights, after the base's support files: file name → its
-            text, or (a ``.json`` file) a mapping of keys set in the copied file (see :func:`check_files`).
+            text or bytes, (a ``.json`` file) a mapping of keys set in the copied file, or None to leave the base's
+            copy out (see :func:`check_files`).
     """
 
     include: tuple[str, ...] | None = None
@@ -187,8 +188,9 @@ class MergeOptions:
 
 
 def check_files(files: Any) -> tuple[tuple[str, Any], ...] | None:
-    """``files=`` of a merge as a tuple of ``(name, content)``: a plain file name (no folder), its content text, or
-    for a ``.json`` file a mapping of the top-level keys to set in the file the base brought (created if none).
+    """``files=`` of a merge as a tuple of ``(name, content)``: a plain file name (no folder), its content (text or
+    bytes), for a ``.json`` file a mapping of the top-level keys to set in the file the base brought (created if
+    none), or None to leave out the base's copy of that file.
 
     Raises:
         ValueError: a name with a folder or a weight suffix, or content of the wrong type.
@@ -201,9 +203,10 @@ def check_files(files: Any) -> tuple[tuple[str, Any], ...] | None:
                 name.endswith((".safetensors", ".bin", ".pt", ".ckpt")) or name == "lightning_merge.json":
             raise ValueError(f"files: {name!r} is not a file name a merge may add (a plain name, not weights, not "
                              "lightning_merge.json)")
-        if not isinstance(content, str) and not (isinstance(content, dict) and name.endswith(".json")):
-            raise ValueError(f"files: {name!r} must be text (or, for a .json file, a mapping of keys to set), got "
-                             f"{type(content).__name__}")
+        if content is not None and not isinstance(content, (str, bytes)) and \
+                not (isinstance(content, dict) and name.endswith(".json")):
+            raise ValueError(f"files: {name!r} must be text or bytes (or, for a .json file, a mapping of keys to "
+                             f"set; None leaves the base's copy out), got {type(content).__name__}")
     return items
 
 

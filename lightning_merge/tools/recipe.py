@@ -38,6 +38,7 @@ from lightning_merge.tools import recipe_slices
 from lightning_merge.tools.chat_templates import chat_template_files, resolve_template
 from lightning_merge.tools.recipe_expansion import check_expansion
 from lightning_merge.tools.recipe_methods import GEOMETRIC, INCLUDES_BASE, geometric_arguments
+from lightning_merge.tools.tokenizer_merge import align_vocabularies, parse_tokenizer
 
 log = logging.getLogger("lightning_merge")
 
@@ -76,10 +77,8 @@ _EXTENSIONS = {"ties": ("topk", "election", "weighting"), "task_arithmetic": ("e
                "breadcrumbs": ("weighting", "election"), "breadcrumbs_ties": ("weighting", "election"),
                "della": ("weighting", "seed", "election"), "della_linear": ("weighting", "seed")}
 _TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
-              "chat_template"}
+              "chat_template", "tokenizer_source", "tokenizer"}
 _REFUSED = {
-    "tokenizer_source": "tokenizer merging",
-    "tokenizer": "tokenizer merging",
     "modules": "per-module merge definitions",
 }
 
@@ -235,7 +234,18 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         return expert
 
     files: dict[str, Any] = {RECIPE_NAME: redact(path.read_text())}  # never a URL's credentials in the output
+
+    def resolve_tokenizer_model(ref: Any, where: str) -> Path:
+        local, lora = _resolve_model(ref, path, where, urls)
+        if lora is not None:
+            raise RecipeError(f"{path}: {where}: give the model's folder (its tokenizer), not a LoRA")
+        return local
+
+    tokenizer = parse_tokenizer(config, path, resolve_tokenizer_model)
     if "slices" in config:
+        if tokenizer is not None:
+            raise RecipeError(f"{path}: tokenizer merging ('tokenizer_source' / 'tokenizer') with 'slices' is not "
+                              "implemented; merge the models with 'models' (or align the vocabularies first)")
         if config.get("models") or exact is not None or method not in _MERGEKIT:
             raise RecipeError(f"{path}: 'slices' takes a mergekit merge_method and no 'models' (give either "
                               "'models' or 'slices', as mergekit requires)")
@@ -334,6 +344,15 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         if strategy.needs_base and base_path is None:
             raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
     donor = base_path if base_path is not None else entries[0][0]
+    if tokenizer is not None:  # the output's tokenizer is built, and carries the chat template
+        template = config.get("chat_template")
+        model_folders = [adapter_bases.get(p, p) for p, _ in entries]
+        text = None if template is None else \
+            resolve_template(template, path, list(dict.fromkeys([donor, *model_folders])))
+        aligned = align_vocabularies(tokenizer, None if base is None else (base, base_path),
+                                     list(zip(experts, model_folders)), path, text)
+        files.update(aligned.files)
+        return Recipe(path, aligned.experts, aligned.base, strategy, dtype, files)
     files.update(chat_template_files(config.get("chat_template"), path, donor, [p for p, _ in entries]))
     return Recipe(path, experts, base, strategy, dtype, files)
 

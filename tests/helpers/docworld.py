@@ -132,6 +132,16 @@ def _llama_family(root: Path) -> None:
                          _stats({k: v.shape for k, v in state.items()}, g), _KINDS)
 
 
+def _vocabularies(root: Path) -> None:
+    """``vocab/base``, ``vocab/chat`` (the base's tokenizer plus two chat tokens) and ``vocab/domain`` (a tokenizer
+    of its own): Llamas whose tokenizers differ (cli.md's tokenizer merging)."""
+    from tokenizer_family import write_tokenizer_family
+
+    _, experts = write_tokenizer_family(root / "vocab")
+    experts[0].rename(root / "vocab" / "chat")
+    experts[1].rename(root / "vocab" / "domain")
+
+
 def _checkpoints(root: Path) -> None:
     """Lightning checkpoints written by hand: a network held as ``self.model`` (README, experts.md) and plain ones
     (strategies.md, tall.md)."""
@@ -187,6 +197,7 @@ def build(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "recipe.yaml").write_text(RECIPE)
     _llama_family(root)
+    _vocabularies(root)
     _checkpoints(root)
     _runs(root)
     return root

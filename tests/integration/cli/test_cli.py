@@ -172,7 +172,9 @@ def test_set_overrides_strategy_arguments(tmp_path, models):
         ("merge_method: linear\nchat_template: chatml\n"
          "models: [{model: models/e0.safetensors, parameters: {weight: 1}}]",
          r"chat_template needs a tokenizer in the output, but .* has no tokenizer_config.json"),
-        ("merge_method: ties\ntokenizer_source: union\nmodels: []", "'tokenizer_source'"),
+        ("merge_method: ties\nmodules: {text: {}}\nmodels: []", "'modules'"),
+        ("merge_method: linear\ntokenizer_source: union\ntokenizer: {source: base}\n"
+         "models: [{model: models/e0.safetensors}]", "either 'tokenizer_source' or 'tokenizer'"),
         (
             "merge_method: ties\nbase_model: models/base.safetensors\nparameters: {densty: 0.5}\n"
             "models: [{model: models/e0.safetensors, parameters: {weight: 1}}]",

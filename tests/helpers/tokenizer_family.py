@@ -1,0 +1,82 @@
+"""Tiny float32 Llamas whose tokenizers differ, as fine-tunes of one base often do: a base whose BPE tokenizer has
+entries past its embedding rows (mergekit strips them), an expert with the base's tokenizer plus two chat tokens
+and a resized embedding, and an expert with its own BPE tokenizer (trained on other text). Every shared token's
+row is the base's row plus a small delta, so merges are meaningful."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_merge.tools.testing import llama_config, write_llama_family
+
+CORPUS = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a merge of models keeps what each model learned",
+    "tokens rows embeddings heads layers weights",
+    "lightning trains models and merges them at the end",
+]
+OTHER_CORPUS = [
+    "curvature weighs each parameter by how much the loss cares",
+    "second moments of adam are a cheap fisher",
+    "the dog and the cat merge their rows",
+]
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+RESERVED = ["<reserved_0>", "<reserved_1>"]
+
+
+def bpe_tokenizer(corpus: list[str], size: int):
+    """A byte-level-free BPE tokenizer (whitespace pre-tokenizer) trained on ``corpus``: deterministic."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _resize(folder: Path, old_vocab: dict[str, int], new_vocab: dict[str, int], rows: int, seed: int) -> None:
+    """Rewrite a model's embedding and LM head for ``new_vocab`` with ``rows`` rows: a token it shares with
+    ``old_vocab`` keeps its row there (plus a small delta), a new token gets a random row."""
+    g = torch.Generator().manual_seed(seed)
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        old = tensors[name]
+        new = 0.02 * torch.randn((rows, old.shape[1]), generator=g, dtype=old.dtype)
+        for token, i in new_vocab.items():
+            j = old_vocab.get(token)
+            if j is not None and j < old.shape[0] and i < rows:
+                new[i] = old[j] + 0.005 * torch.randn(old.shape[1], generator=g, dtype=old.dtype)
+        tensors[name] = new
+    save_file(tensors, file, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = rows
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
+    """``root/base`` (a BPE tokenizer of n entries and two reserved tokens past its n embedding rows, which mergekit
+    strips), ``root/expert_0`` (the BPE tokenizer plus :data:`CHAT_TOKENS`, n + 4 rows) and ``root/expert_1`` (its own
+    BPE tokenizer of m entries, m + 2 rows)."""
+    base_tok = bpe_tokenizer(CORPUS, 200)
+    n = len(base_tok.get_vocab())
+    base, experts = write_llama_family(root, llama_config(vocab=n), n_experts=2, delta_density=0.3,
+                                       dtype=torch.float32)
+    reserved = bpe_tokenizer(CORPUS, 200)
+    reserved.add_special_tokens({"additional_special_tokens": RESERVED})
+    reserved.save_pretrained(base)
+    vocab = base_tok.get_vocab()
+    chat = bpe_tokenizer(CORPUS, 200)
+    chat.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+    chat.save_pretrained(experts[0])
+    _resize(experts[0], vocab, chat.get_vocab(), n + 4, seed=1)
+    other = bpe_tokenizer(OTHER_CORPUS, 200)
+    other.save_pretrained(experts[1])
+    _resize(experts[1], vocab, other.get_vocab(), len(other.get_vocab()) + 2, seed=2)
+    return base, experts

@@ -1,0 +1,148 @@
+"""Parity with mergekit 0.1.5's tokenizer merging (issue 31): ``tokenizer_source`` (base, union, a model) and
+``tokenizer:`` (source, tokens, pad_to_multiple_of) on tiny float32 Llamas whose tokenizers differ
+(tests/helpers/tokenizer_family.py). The output tokenizer has mergekit's tokens, ``config.json`` its vocabulary size,
+and every token's embedding and LM-head row is mergekit's row of that token (ids of the tokens the base lacks can
+differ: mergekit's order of them follows set iteration). Runs when a mergekit install is found (``MERGEKIT_YAML``)."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from test_parity_mergekit import MERGEKIT
+from tokenizer_family import CHAT_TOKENS, write_tokenizer_family
+
+from lightning_merge import Expert
+from lightning_merge.cli.commands import main
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (set MERGEKIT_YAML)")]
+
+TOKEN_INDEXED = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return write_tokenizer_family(tmp_path_factory.mktemp("tokenizers"))
+
+
+RECIPES = {
+    "union_ties": lambda b, e: f"""
+merge_method: ties
+base_model: {b}
+dtype: float32
+tokenizer_source: union
+parameters: {{density: 0.5}}
+models:
+  - {{model: {e[0]}, parameters: {{weight: 0.7}}}}
+  - {{model: {e[1]}, parameters: {{weight: 0.5}}}}
+""",
+    "base_task_arithmetic": lambda b, e: f"""
+merge_method: task_arithmetic
+base_model: {b}
+dtype: float32
+tokenizer_source: base
+models:
+  - {{model: {e[0]}, parameters: {{weight: 0.6}}}}
+  - {{model: {e[1]}, parameters: {{weight: 0.4}}}}
+""",
+    "model_linear_no_base": lambda b, e: f"""
+merge_method: linear
+dtype: float32
+tokenizer_source: {e[1]}
+models:
+  - {{model: {e[0]}, parameters: {{weight: 0.3}}}}
+  - {{model: {e[1]}, parameters: {{weight: 0.7}}}}
+""",
+    "tokens_and_padding": lambda b, e: f"""
+merge_method: task_arithmetic
+base_model: {b}
+dtype: float32
+tokenizer:
+  source: union
+  pad_to_multiple_of: 64
+  tokens:
+    "{CHAT_TOKENS[0]}": {{source: {e[0]}}}
+    "{CHAT_TOKENS[1]}": {{source: {{kind: zero}}}}
+    "<think>": {{source: {{kind: model_token, model: {b}, token: "</s>"}}}}
+    "cat": {{source: {{kind: model_token, model: {e[1]}, token_id: 5}}, force: true}}
+models:
+  - {{model: {e[0]}, parameters: {{weight: 1.0}}}}
+  - {{model: {e[1]}, parameters: {{weight: 0.5}}}}
+""",
+    "slerp_union": lambda b, e: f"""
+merge_method: slerp
+base_model: {b}
+dtype: float32
+tokenizer_source: union
+parameters: {{t: 0.3}}
+models:
+  - model: {b}
+  - model: {e[1]}
+""",
+}
+
+
+def _run_both(tmp_path, text):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
+    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
+    return tmp_path / "lm", tmp_path / "mk"
+
+
+def _vocab(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).get_vocab()
+
+
+@pytest.mark.parametrize("case", sorted(RECIPES))
+def test_tokenizer_merging_gives_mergekits_model(tmp_path, family, case):
+    base, experts = family
+    ours, theirs = _run_both(tmp_path, RECIPES[case](base, experts))
+    mine, mk = _vocab(ours), _vocab(theirs)
+    assert set(mine) == set(mk)
+    sizes = [json.loads((p / "config.json").read_text())["vocab_size"] for p in (ours, theirs)]
+    assert sizes[0] == sizes[1]  # (the base's reserved entries past its rows stay past them, as in mergekit's)
+    a, b = Expert(ours), Expert(theirs)
+    assert sorted(a.names()) == sorted(b.names())
+    worst = 0.0
+    for name in a.names():
+        x, y = a.tensor(name), b.tensor(name)
+        assert x.shape == y.shape, name
+        if name in TOKEN_INDEXED:  # row of each token against mergekit's row of that token; padding rows as they are
+            tokens = [t for t in sorted(mine, key=mine.get) if mine[t] < sizes[0]]
+            assert all(mk[t] < sizes[0] for t in tokens)
+            y = torch.cat([y[torch.tensor([mk[t] for t in tokens])], y[len(tokens):]])
+        worst = max(worst, float((x - y).abs().max() / y.abs().max()))
+    print(f"{case}: max relative difference {worst:.2e}")
+    assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
+
+
+def test_the_merged_model_runs_with_its_tokenizer(tmp_path, family):
+    """The merge with the union tokenizer loads in transformers and gives finite logits for text using tokens only
+    one expert knew (a chat token of expert_0, a word of expert_1's tokenizer)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    base, experts = family
+    ours, _ = _run_both(tmp_path, RECIPES["union_ties"](base, experts))
+    tokenizer = AutoTokenizer.from_pretrained(ours)
+    model = LlamaForCausalLM.from_pretrained(ours, dtype=torch.float32)
+    ids = tokenizer(f"{CHAT_TOKENS[0]} curvature weighs the cat", return_tensors="pt").input_ids
+    assert int(ids[0, 0]) == tokenizer.get_vocab()[CHAT_TOKENS[0]]
+    assert model.get_input_embeddings().weight.shape[0] == json.loads((ours / "config.json").read_text())["vocab_size"]
+    logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_the_chat_template_goes_into_the_merged_tokenizer(tmp_path, family):
+    """With tokenizer merging, the recipe's chat template is the merged tokenizer's (as mergekit saves it)."""
+    from transformers import AutoTokenizer
+
+    base, experts = family
+    text = RECIPES["union_ties"](base, experts) + "chat_template: chatml\n"
+    ours, theirs = _run_both(tmp_path, text)
+    messages = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]
+    rendered = [AutoTokenizer.from_pretrained(p).apply_chat_template(messages, tokenize=False) for p in (ours, theirs)]
+    assert rendered[0] == rendered[1] == "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\nsat<|im_end|>\n"
