@@ -144,9 +144,9 @@ class Plan:
         receives them."""
         return self._statistic_reader(name, rows)
 
-    def statistics(self, name: str, kind: str) -> list[Tensor]:
-        """Every expert's merge-ready statistic of ``kind`` for tensor ``name``."""
-        return [s[kind] for s in self._statistic_reader(name)]
+    def statistics(self, name: str, kind: str, rows: tuple[int, int] | None = None) -> list[Tensor]:
+        """Every expert's merge-ready statistic of ``kind`` for tensor ``name`` (or its ``rows``)."""
+        return [s[kind] for s in self._statistic_reader(name, rows)]
 
 
 

@@ -25,10 +25,35 @@ TINY = torch.finfo(torch.float32).tiny
 Precision = Callable[[int, Tensor], Tensor]
 
 
-def _squares(index: int, value: Tensor, precision: Precision | None) -> tuple[float, float]:
-    """Σ F² of one statistic tensor and Σ P² of the precision derived from it (in float64)."""
-    raw = float(value.double().square().sum())
-    return raw, raw if precision is None else float(precision(index, value).double().square().sum())
+#: a first pass reads a statistic in row chunks of at most this many bytes per expert (not the tensor whole)
+CHUNK_BYTES = 16 << 20
+
+
+def row_chunks(shape: tuple[int, ...] | Any) -> list[tuple[int, int] | None]:
+    """The row ranges a first pass reads a tensor of ``shape`` in: ``[None]`` (whole) for a small or 0-/1-row
+    tensor, else consecutive ``(start, stop)`` ranges of at most :data:`CHUNK_BYTES` of float32 each."""
+    shape = tuple(shape)
+    if len(shape) < 2 or math.prod(shape) * 4 <= CHUNK_BYTES:
+        return [None]
+    per_row = math.prod(shape[1:]) * 4
+    step = max(1, CHUNK_BYTES // per_row)
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
+def _row_squares(value: Tensor) -> list[float]:
+    """Σ x² of each row of ``value`` (its first axis; a 0-/1-D tensor is one row), in float64. A row's sum is the
+    same whether the row is read alone, in a chunk or in the whole tensor; the rows' sums are then added exactly
+    (``math.fsum``), so a norm does not depend on how a pass was split (chunks, ranks, batch or continual)."""
+    rows = value.shape[0] if value.dim() > 1 else 1
+    return value.double().square().reshape(rows, -1).sum(1).tolist()
+
+
+def _add_squares(into: tuple[list[float], list[float]], index: int, value: Tensor,
+                 precision: Precision | None) -> None:
+    """Append the per-row Σ F² of a statistic's rows and Σ P² of the precision derived from them to ``into``."""
+    squares = _row_squares(value)
+    into[0].extend(squares)
+    into[1].extend(squares if precision is None else _row_squares(precision(index, value)))
 
 
 def _refuse_zero(expert: str, kind: str, raw: float, remedy: str) -> None:
@@ -52,30 +77,35 @@ def model_norms(plan: MergePlan, kind: str, precision: Precision | None = None,
         StatisticsError: an expert whose statistic is zero on every merged tensor (its normalisation is undefined);
             ``remedy`` ends the message.
     """
-    parts = plan.map(lambda name: [_squares(i, v, precision) for i, v in enumerate(plan.statistics(name, kind))],
-                     f"{kind} norms")
-    raw = [0.0] * plan.num_experts
-    squares = [0.0] * plan.num_experts
-    for per_expert in parts.values():  # in plan order: one process's floats, however the pass was split
+    def per_tensor(name: str) -> list[tuple[list[float], list[float]]]:
+        out: list[tuple[list[float], list[float]]] = [([], []) for _ in range(plan.num_experts)]
+        for rows in row_chunks(plan.spec(name).shape):  # every expert's rows of a chunk, then the next chunk
+            for i, value in enumerate(plan.statistics(name, kind, rows)):
+                _add_squares(out[i], i, value, precision)
+        return out
+
+    parts = plan.map(per_tensor, f"{kind} norms")
+    raw: list[list[float]] = [[] for _ in range(plan.num_experts)]
+    squares: list[list[float]] = [[] for _ in range(plan.num_experts)]
+    for per_expert in parts.values():
         for i, (r, value) in enumerate(per_expert):
-            raw[i] += r
-            squares[i] += value
+            raw[i].extend(r)
+            squares[i].extend(value)
     for i, r in enumerate(raw):
-        _refuse_zero(plan.experts[i].name, kind, r, remedy)
-    return [math.sqrt(s) for s in squares]
+        _refuse_zero(plan.experts[i].name, kind, math.fsum(r), remedy)
+    return [math.sqrt(math.fsum(s)) for s in squares]
 
 
 def expert_norm(expert: Any, names: Sequence[str], kind: str, precision: Precision | None = None, index: int = 0,
                 remedy: str = "merge without normalize") -> float:
     """One expert's norm of its statistic ``kind`` (or of ``precision(index, F)``) over ``names``: the continual
     counterpart of :func:`model_norms`, with the same refusal of a statistic that is zero everywhere."""
-    raw = squares = 0.0
+    sums: tuple[list[float], list[float]] = ([], [])
     for n in names:
-        r, value = _squares(index, expert.statistic(n, kind), precision)
-        raw += r
-        squares += value
-    _refuse_zero(expert.name, kind, raw, remedy)
-    return math.sqrt(squares)
+        for rows in row_chunks(expert.spec(n).shape):
+            _add_squares(sums, index, expert.statistic(n, kind, rows=rows), precision)
+    _refuse_zero(expert.name, kind, math.fsum(sums[0]), remedy)
+    return math.sqrt(math.fsum(sums[1]))
 
 
-__all__ = ["TINY", "Precision", "expert_norm", "model_norms"]
+__all__ = ["CHUNK_BYTES", "TINY", "Precision", "expert_norm", "model_norms", "row_chunks"]

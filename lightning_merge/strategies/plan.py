@@ -69,8 +69,8 @@ class MergePlan(Protocol):
         """Every expert's merge-ready statistics for tensor ``name`` (or their ``rows``)."""
         ...
 
-    def statistics(self, name: str, kind: str) -> list[Tensor]:
-        """Every expert's merge-ready statistic of ``kind`` for tensor ``name``."""
+    def statistics(self, name: str, kind: str, rows: tuple[int, int] | None = None) -> list[Tensor]:
+        """Every expert's merge-ready statistic of ``kind`` for tensor ``name`` (or its ``rows``)."""
         ...
 
 

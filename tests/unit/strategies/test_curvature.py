@@ -274,3 +274,42 @@ def test_weighted_median_through_merge_and_serialisation():
     torch.testing.assert_close(got["w"].reshape(-1), expected)
     for strategy in (Fisher(weights=[1, 2, 3]), OTA(density=0.3), WeightedMedian(kappa=0.5, importance="none")):
         assert Strategy.from_dict(strategy.to_dict()) == strategy
+
+
+def test_fisher_norms_stream_in_row_chunks_and_are_exact_sums_of_the_rows(monkeypatch):
+    """The first pass of normalize reads each statistic in row chunks (never a large tensor whole) and adds the rows'
+    float64 sums of squares exactly: the norm, hence the merge, is the same bit for bit however it is chunked, and
+    equals sqrt(fsum of the rows' sums) (issue 32)."""
+    import math
+
+    from lightning_merge.strategies import norms
+
+    base, experts, raw = experts_with("fisher", shape=(64, 48))
+    whole = merge(experts, base=base, strategy=Fisher(weights=[1.0, 2.0, 0.5]))
+    reads: list = []
+    original = norms.row_chunks
+
+    def tiny_chunks(shape):
+        chunks = original(shape) if len(tuple(shape)) < 2 else \
+            [(s, min(s + 5, shape[0])) for s in range(0, shape[0], 5)]
+        reads.append(chunks)
+        return chunks
+
+    monkeypatch.setattr(norms, "row_chunks", tiny_chunks)
+    chunked = merge(experts, base=base, strategy=Fisher(weights=[1.0, 2.0, 0.5]))
+    assert any(len(c) == 13 for c in reads)  # the (64, 48) statistic was read 5 rows at a time
+    for k in whole:
+        assert torch.equal(whole[k], chunked[k]), k
+    fisher = Fisher(weights=[1.0, 2.0, 0.5])
+    got = norms.model_norms(_plan(experts, base, fisher), "fisher", fisher._precision)
+    for (_, st), norm in zip(raw, got):
+        rows = [float(r) for k in sorted(st) for r in
+                st[k].clamp(min=fisher.floor).double().square().reshape(st[k].shape[0] if st[k].dim() > 1 else 1,
+                                                                           -1).sum(1)]
+        assert norm == math.sqrt(math.fsum(rows))
+
+
+def _plan(experts, base, strategy):
+    from lightning_merge.engine.plan import plan_merge
+
+    return plan_merge(experts, base, strategy)
