@@ -7,6 +7,10 @@ and at most :data:`EXACT_MAX_CLASSES` classes). Per-example gradients come from
 ``torch.func`` (``vmap`` over ``grad``), with a loop over single examples as the fallback for models that
 ``vmap`` cannot trace.
 
+M counts examples (sequences, for a token-level model: log p(y|x) sums over a sequence's predicted tokens) with at
+least one target other than -100; an example whose every target is -100 has no log-likelihood, adds nothing to the
+sum and is not counted in M.
+
 The module says how to get log-likelihoods through a small protocol:
 
     def fisher_logits(self, batch) -> tuple[Tensor, Tensor]:
@@ -238,6 +242,11 @@ def _batch_len(batch: Any) -> int:
     raise TypeError(f"cannot tell the number of examples in a batch of type {type(batch).__name__}")
 
 
+def labelled(targets: Tensor) -> bool:
+    """Whether one example's targets hold a label (any entry other than -100): only those count in M."""
+    return bool((targets != IGNORE_INDEX).any())
+
+
 def per_example_squared_grads(
     module: nn.Module,
     params: Mapping[str, Tensor],
@@ -248,20 +257,34 @@ def per_example_squared_grads(
 ) -> dict[str, Tensor]:
     """Σ over the examples of ``batch`` of (∇ log p(y|x))² (times ``weights[i]`` when given), one gradient per
     example, by a loop over single examples (exact for any module; ``compute_fisher`` uses vmap first)."""
+    return _loop_squared_grads(module, params, batch, targets_override, logits_fn, weights)[0]
+
+
+def _loop_squared_grads(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    targets_override: Tensor | None,
+    logits_fn: LogitsFn,
+    weights: Tensor | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """:func:`per_example_squared_grads` and the number of the batch's examples with a label."""
     out = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     examples = _split(batch)
+    count = 0
     for i, example in enumerate(examples):
         module.zero_grad(set_to_none=True)
         logits, targets = logits_fn(example)
         if targets_override is not None:
             targets = targets_override[i : i + 1]
+        count += labelled(targets)
         ll = log_likelihood(logits, targets)
         grads = torch.autograd.grad(ll, list(params.values()), allow_unused=True)
         w = 1.0 if weights is None else float(weights[i])
         for (name, _), g in zip(params.items(), grads):
             if g is not None:
                 out[name].add_(g.float().square(), alpha=w)
-    return out
+    return out, count
 
 
 def compute_fisher(
@@ -290,7 +313,8 @@ def compute_fisher(
             model's prediction, ``samples`` draws per example) or ``"exact"`` (the expectation over every class,
             weighted by the model's probabilities: one pass per class; one label per example, at most
             :data:`EXACT_MAX_CLASSES` classes).
-        num_examples: how many examples to use at most (M).
+        num_examples: how many examples to read at most; M counts those among them with a label (a target other
+            than -100; for sequences, at least one predicted token).
         samples: label draws per example for the true Fisher (ignored for ``"example"``).
         seed: seed of the label draws.
         logits_fn: overrides how a batch becomes ``(logits, targets)``.
@@ -301,7 +325,8 @@ def compute_fisher(
             short loader, which the caller adds over ranks), instead of raising.
 
     Returns:
-        ``(sums, count)``: float32 sums of squared per-example gradients by parameter name, and M.
+        ``(sums, count)``: float32 sums of squared per-example gradients by parameter name, and M (the examples
+        read with at least one target other than -100).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
@@ -322,25 +347,29 @@ def compute_fisher(
     vmap_ok = use_vmap
     count = 0
     try:
-        for batch, size in limited_batches(dataloader, num_examples, transfer):
-            for override, weights, alpha in batch_passes(estimator, logits_fn, batch, draws, generator):
-                part = None
+        for batch, _ in limited_batches(dataloader, num_examples, transfer):
+            for index, (override, weights, alpha) in enumerate(
+                    batch_passes(estimator, logits_fn, batch, draws, generator)):
+                found = None
                 if vmap_ok:
                     try:
-                        part = _vmap_squared_grads(module, params, batch, override, logits_fn, weights)
+                        found = _vmap_squared_grads(module, params, batch, override, logits_fn, weights)
                     except Exception:  # models vmap cannot trace (data-dependent control flow...)
                         vmap_ok = False
-                if part is None:
+                if found is None:
                     with torch.enable_grad():
-                        part = per_example_squared_grads(module, params, batch, override, logits_fn, weights)
+                        found = _loop_squared_grads(module, params, batch, override, logits_fn, weights)
+                part, with_label = found
                 for name, value in part.items():
                     sums[name].add_(value, alpha=alpha)
-            count += size
+                if index == 0:  # every pass keeps the dataset's -100 where it has them: the same examples count
+                    count += with_label
     finally:
         module.train(was_training)
         module.zero_grad(set_to_none=True)
     if count == 0 and not allow_empty:
-        raise ValueError("the Fisher dataloader yielded no examples")
+        raise ValueError("the Fisher dataloader yielded no examples with a label (every target was -100, or no "
+                         "batch at all)")
     return sums, count
 
 
@@ -422,27 +451,31 @@ def _vmap_squared_grads(
     targets_override: Tensor | None,
     logits_fn: LogitsFn,
     weights: Tensor | None = None,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], int]:
+    """Σ over the examples of ``batch`` of (∇ log p(y|x))² (times ``weights[i]``) by ``vmap`` over ``grad``, and
+    the number of the batch's examples with a label."""
     from torch.func import functional_call, grad, vmap
 
     wrapper = _LogitsModule(module, logits_fn)
     detached = {f"module.{n}": p.detach() for n, p in params.items()}
     size = _batch_len(batch)
 
-    def one(p: dict[str, Tensor], example: Any, target: Tensor | None) -> Tensor:
+    def one(p: dict[str, Tensor], example: Any, target: Tensor | None) -> tuple[Tensor, Tensor]:
         logits, targets = functional_call(wrapper, p, (_unsqueeze(example),), strict=False)
         if target is not None:
             targets = target.unsqueeze(0)
-        return log_likelihood(logits, targets)
+        return log_likelihood(logits, targets), (targets != IGNORE_INDEX).any()
 
     in_target = 0 if targets_override is not None else None
-    per = vmap(grad(one), in_dims=(None, 0, in_target), randomness="different")(
+    per, has_label = vmap(grad(one, has_aux=True), in_dims=(None, 0, in_target), randomness="different")(
         detached, _batched_only(batch, size), targets_override
     )
+    count = int(has_label.sum())
     if weights is None:
-        return {n[len("module.") :]: g.float().square().sum(0) for n, g in per.items()}
+        return {n[len("module.") :]: g.float().square().sum(0) for n, g in per.items()}, count
     w = weights.float()
-    return {n[len("module.") :]: torch.tensordot(w.to(g.device), g.float().square(), dims=1) for n, g in per.items()}
+    return {n[len("module.") :]: torch.tensordot(w.to(g.device), g.float().square(), dims=1)
+            for n, g in per.items()}, count
 
 
 class _LogitsModule(nn.Module):
@@ -490,6 +523,7 @@ __all__ = [
     "default_logits_fn",
     "defines_forward",
     "is_causal_lm",
+    "labelled",
     "log_likelihood",
     "model_call",
     "protocol_refusal",

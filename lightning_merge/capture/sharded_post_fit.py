@@ -32,6 +32,7 @@ from lightning_merge.capture.fisher import (
     batch_len,
     batch_passes,
     default_logits_fn,
+    labelled,
     limited_batches,
     log_likelihood,
     split_examples,
@@ -114,7 +115,8 @@ def sharded_fisher(
     logits_fn: LogitsFn | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """This rank's shard of Σ over every rank's examples of the squared per-example gradient of log p(y|x), and
-    their number (the same on every rank). Collective: every rank calls it, each with its own share ``batches``.
+    the number of them with a label (a target other than -100: M, the same on every rank). Collective: every rank
+    calls it, each with its own share ``batches``.
 
     Args:
         module: the sharded module (``fully_shard``); its ``fisher_logits`` is used when present.
@@ -131,7 +133,7 @@ def sharded_fisher(
         logits_fn: overrides how a batch becomes ``(logits, targets)``.
 
     Returns:
-        ``(sums, count)``: float32 sums shaped as each parameter's local shard, and M.
+        ``(sums, count)``: float32 sums shaped as each parameter's local shard, and M (examples with a label).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
@@ -146,17 +148,19 @@ def sharded_fisher(
     count = 0
     try:
         with torch.enable_grad():
-            for src, batch, size in shared_batches(batches, num_examples, world=world, share=share, to_cpu=to_cpu,
-                                                   transfer=transfer):
-                for override, weights, alpha in batch_passes(estimator, logits_fn, batch, draws, generators[src]):
+            for src, batch, _ in shared_batches(batches, num_examples, world=world, share=share, to_cpu=to_cpu,
+                                                transfer=transfer):
+                for index, (override, weights, alpha) in enumerate(
+                        batch_passes(estimator, logits_fn, batch, draws, generators[src])):
                     for i, example in enumerate(split_examples(batch)):
                         module.zero_grad(set_to_none=True)
                         logits, targets = logits_fn(example)
                         if override is not None:
                             targets = override[i: i + 1]
+                        if index == 0 and labelled(targets):  # M counts the examples with a label
+                            count += 1
                         log_likelihood(logits, targets).backward()  # reduce-scattered: every rank, same example
                         _square_into(sums, params, alpha * (1.0 if weights is None else float(weights[i])))
-                count += size
     finally:
         module.train(was_training)
         module.zero_grad(set_to_none=True)

@@ -265,13 +265,35 @@ def _elect_and_combine(buf: Tensor, ws: list[float], election: str, normalize: b
     return out.view(buf.shape[1:])
 
 
-def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None, fill: bool = False) -> Tensor:
+#: how many entries a tensor's last incomplete group of g < m entries keeps (CABS' ``last_group``)
+LAST_GROUP_RULES = ("density", "pad", "drop")
+
+
+def last_group_quota(n: int, m: int, g: int, rule: str = "density") -> int:
+    """The entries a last group of ``g`` of ``m`` entries keeps under n:m: ``"density"`` ⌈n·g/m⌉ (the same density;
+    this project's rule), ``"pad"`` min(n, g) (n of the group zero-padded to m: the mergekit CABS plugin),
+    ``"drop"`` 0 (the group is skipped: the official CABS RoBERTa script)."""
+    if g >= m:
+        return min(n, m)
+    if rule == "density":
+        return min(-(-n * g // m), g)
+    if rule == "pad":
+        return min(n, g)
+    if rule == "drop":
+        return 0
+    raise ValueError(f"last_group must be one of {', '.join(LAST_GROUP_RULES)}, got {rule!r}")
+
+
+def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None, fill: bool = False,
+            last: str = "density") -> Tensor:
     """Balanced n:m sparsification (CABS' BS step): in each run of ``m`` consecutive entries (row-major), keep the
     ``n`` largest ``|tau|`` among the ``free`` positions.
 
     A group with fewer than ``n`` free positions keeps all of them, and with ``fill`` then the largest ``|tau|``
-    among its other positions up to ``n`` (CABS' reference scripts); a last incomplete group of ``g < m`` entries
-    keeps ``ceil(n·g/m)``. Ties are broken by the lower flat index.
+    among its other positions up to ``n`` (the intent of the official CABS 7B script); without ``fill`` it keeps
+    only its free positions (the mergekit CABS plugin and the official RoBERTa script, whose later expert's top-n
+    lands on zeroed entries). A last incomplete group of ``g < m`` entries keeps :func:`last_group_quota` of
+    them (``last``). Ties are broken by the lower flat index.
 
     float32 input is ranked by one ``topk`` per group on unique integer keys (the value's bit pattern, then the
     reversed position), about 3× faster than sorting each group; other dtypes sort.
@@ -282,12 +304,16 @@ def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None, fill: bool 
         m: group size.
         free: boolean mask of the positions that may be chosen (None: all).
         fill: in a group with fewer than its quota of free positions, complete the quota from the other positions.
+        last: the rule of the last incomplete group: ``"density"``, ``"pad"`` or ``"drop"`` (see
+            :func:`last_group_quota`).
 
     Returns:
         A boolean mask of ``tau``'s shape.
     """
     numel = tau.numel()
-    if n >= m and free is None:
+    tail = numel - (-(-numel // m) - 1) * m if numel else 0
+    tail_quota = last_group_quota(n, m, tail, last)
+    if n >= m and free is None and tail_quota >= tail:
         return torch.ones_like(tau, dtype=torch.bool)
     if n <= 0 or numel == 0:
         return torch.zeros_like(tau, dtype=torch.bool)
@@ -315,11 +341,10 @@ def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None, fill: bool 
         return (rows >= threshold) & (rows >= 0)
 
     keep = top(key, n)
-    tail = numel - (groups - 1) * m
     quota = torch.full((groups,), min(n, m), dtype=torch.int64)
     if tail < m:
-        quota[-1] = min(-(-n * tail // m), m)
-        keep[-1] = top(key[-1], int(quota[-1]))
+        quota[-1] = tail_quota
+        keep[-1] = top(key[-1], tail_quota)
     if key_all is not None:
         need = (quota - keep.sum(1)).clamp(min=0)
         rows = need.nonzero().squeeze(1)
@@ -336,16 +361,18 @@ def nm_mask(tau: Tensor, n: int, m: int, free: Tensor | None = None, fill: bool 
     return keep.reshape(-1)[:numel].view_as(tau)
 
 
-def cabs_masks(tau: Tensor, n: int, m: int, order: list[int] | None = None) -> Tensor:
+def cabs_masks(tau: Tensor, n: int, m: int, order: list[int] | None = None, *, overlap: str = "fill",
+               last: str = "density") -> Tensor:
     """CABS' conflict-aware masks for stacked task vectors ``tau (N, *shape)``: experts are pruned in ``order``;
     each chooses its n:m among the positions that no earlier expert took (only non-zero kept entries take a
     position); a group with fewer than n free positions completes its n with the largest |τ| among the taken ones
-    (the reference scripts' rule). Returns boolean masks ``(N, *shape)``, disjoint while n·N ≤ m."""
+    (``overlap="fill"``) or keeps only its free ones (``"free_only"``); ``last``: see :func:`last_group_quota`.
+    Returns boolean masks ``(N, *shape)``, disjoint while n·N ≤ m (always with ``"free_only"``)."""
     order = list(range(tau.shape[0])) if order is None else order
     masks = torch.zeros_like(tau, dtype=torch.bool)
     taken = torch.zeros_like(tau[0], dtype=torch.bool)
     for k, i in enumerate(order):
-        keep = nm_mask(tau[i], n, m, None if k == 0 else ~taken, fill=True)
+        keep = nm_mask(tau[i], n, m, None if k == 0 else ~taken, fill=overlap == "fill", last=last)
         masks[i] = keep
         taken |= keep & (tau[i] != 0)
     return masks

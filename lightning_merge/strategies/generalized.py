@@ -15,7 +15,7 @@ from lightning_merge.strategies.base import Prepared
 from lightning_merge.strategies.cabs import check_order
 from lightning_merge.strategies.checks import PerExpert, check_choice, check_int, check_number, set_field
 from lightning_merge.strategies.registry import MERGEKIT, Reference
-from lightning_merge.strategies.sparsify import SCOPES, SPARSIFIERS, Sparsification
+from lightning_merge.strategies.sparsify import OVERLAPS, SCOPES, SPARSIFIERS, Sparsification
 from lightning_merge.strategies.task_vectors import TaskVectorMerge, _check_density
 
 if TYPE_CHECKING:
@@ -46,6 +46,9 @@ class Generalized(TaskVectorMerge):
         gamma: Breadcrumbs' fraction of largest entries dropped.
         group_size: CABS' m.
         order: CABS' pruning order.
+        last_group: CABS' rule for a tensor's last incomplete group (``"density"``, ``"pad"`` or ``"drop"``; see
+            :class:`~lightning_merge.strategies.Cabs`).
+        overlap: CABS' rule for a group with fewer than n free positions (``"fill"`` or ``"free_only"``).
         saliency: the statistic of the ``"saliency"`` rule: ``"exp_avg_sq"`` (FFG) or ``"fisher"``.
         seed: seeds the ``"random"`` masks per (seed, tensor, expert).
         consensus_k: None for no consensus; otherwise keep only entries where at least k TALL task masks
@@ -64,6 +67,8 @@ class Generalized(TaskVectorMerge):
     gamma: float = 0.01
     group_size: int = 256
     order: list[int] | None = None
+    last_group: str = "density"
+    overlap: str = "fill"
     saliency: str = "exp_avg_sq"
     seed: int = 0
     consensus_k: int | None = None
@@ -85,6 +90,8 @@ class Generalized(TaskVectorMerge):
             if self.election is not None:
                 raise ValueError(f"{owner.__name__}: CABS masks (nearly) never overlap; leave election=None")
         check_int(owner, "group_size", self.group_size, low=1)
+        check_choice(owner, "last_group", self.last_group, F.LAST_GROUP_RULES)
+        check_choice(owner, "overlap", self.overlap, OVERLAPS)
         if self.consensus_k is not None:
             check_int(owner, "consensus_k", self.consensus_k, low=0)
         check_number(owner, "tall_lambda", self.tall_lambda, low=0.0, per_expert=True)
@@ -93,7 +100,8 @@ class Generalized(TaskVectorMerge):
     def sparsifier(self) -> Sparsification:
         return Sparsification(
             self.sparsification, density=self.density, gamma=self.gamma, scope=self.topk, seed=self.seed,
-            m=self.group_size, order=self.order, statistic=self.saliency, rescale=self.rescale,
+            m=self.group_size, order=self.order, last_group=self.last_group, overlap=self.overlap,
+            statistic=self.saliency, rescale=self.rescale,
         )
 
     @property

@@ -28,15 +28,19 @@ from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 if TYPE_CHECKING:
     from lightning_merge.strategies.plan import MergePlan
 
+#: the 2-D ``.weight`` tensors that are embeddings (``nn.Embedding``), by their usual names: OPCM does not project
+#: them, as FusionBench projects ``nn.Linear`` weights only. Output heads (``lm_head``, ``classifier``...) are
+#: ``nn.Linear`` and are projected.
 DEFAULT_NOT_LINEAR = (
-    r"(^|\.)(embed_tokens|embeddings?|word_embeddings|position_embeddings|token_type_embeddings|wte|wpe|lm_head"
+    r"(^|\.)(embed_tokens|embeddings?|word_embeddings|position_embeddings|token_type_embeddings|wte|wpe"
     r"|shared)(\.|$)"
 )
 
 
 def is_projected(name: str, tensor: Tensor, not_linear: str = DEFAULT_NOT_LINEAR) -> bool:
-    """Whether OPCM projects this tensor: 2-D ``.weight`` tensors (linear layers) except names matching
-    ``not_linear`` (embeddings and output heads by default, as FusionBench projects ``nn.Linear`` weights only)."""
+    """Whether OPCM projects this tensor: 2-D ``.weight`` tensors (linear layers, output heads such as ``lm_head``
+    included) except names matching ``not_linear`` (embeddings by default), as FusionBench projects every
+    ``nn.Linear`` weight and nothing else."""
     return tensor.dim() == 2 and name.endswith("weight") and re.search(not_linear, name) is None
 
 
@@ -110,7 +114,10 @@ class OPCM(Strategy):
     Args:
         alpha: the singular-value share OPCM protects (0.5); with α ≥ 1 no block is protected (r = 0, as
             FusionBench), only the diagonal.
-        not_linear: regular expression of 2-D weight names not projected (embeddings, output heads).
+        not_linear: regular expression of 2-D weight names not projected; the default matches embeddings
+            (:data:`DEFAULT_NOT_LINEAR`), so every other 2-D ``.weight``, ``lm_head`` included, is projected as
+            FusionBench projects every ``nn.Linear``. A head tied to its embedding: add ``|lm_head`` so that both
+            copies stay equal.
         device: where the SVDs run: None uses the GPU when one is present, else the CPU (results agree within
             float32 rounding); ``"cpu"`` or ``"cuda"`` to choose.
     """

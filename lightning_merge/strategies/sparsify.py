@@ -36,6 +36,8 @@ SPARSIFIERS = {
              "tensor, expert) (DELLA's MagPrune)",
 }
 RESCALES = ("none", "inverse", "l1")
+#: CABS' rule for a group with fewer free positions than n (see :class:`Sparsification`)
+OVERLAPS = ("fill", "free_only")
 SCOPES = ("tensor", "model")
 
 
@@ -62,6 +64,10 @@ class Sparsification:
         seed: seed of ``"random"``.
         n, m: CABS' n:m (``n`` None: ``round(density·m)``).
         order: CABS' pruning order (None: the experts' order).
+        last_group: CABS' rule for a tensor's last incomplete group (``"density"``, ``"pad"``, ``"drop"``: see
+            :func:`lightning_merge.strategies.functional.last_group_quota`).
+        overlap: CABS' rule for a group with fewer free positions than n: ``"fill"`` (complete n from the taken
+            positions) or ``"free_only"`` (keep only the free ones).
         statistic: the statistic kind of ``"saliency"``.
         rescale: see the module docstring.
     """
@@ -75,6 +81,8 @@ class Sparsification:
     n: int | None = None
     m: int = 256
     order: Sequence[int] | None = None
+    last_group: str = "density"
+    overlap: str = "fill"
     statistic: str = "exp_avg_sq"
     rescale: str = "none"
 
@@ -147,7 +155,8 @@ class Sparsification:
             score = stats[self.statistic] * tau.square()
             return F.topk_mask(score, F.keep_count(density, score.numel()))
         if method == "cabs":
-            return F.nm_mask(tau, self.cabs_n(), self.m, None if taken is None else ~taken, fill=True)
+            return F.nm_mask(tau, self.cabs_n(), self.m, None if taken is None else ~taken,
+                             fill=self.overlap == "fill", last=self.last_group)
         raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFIERS)}")
 
     def _della(self, name: str, index: int, tau: Tensor) -> tuple[Tensor | None, Tensor | None]:

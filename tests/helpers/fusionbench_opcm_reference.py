@@ -1,8 +1,8 @@
 """Run FusionBench's OPCM on models saved by the parity test; executed by the fusion-bench environment's Python.
 
-    python fusionbench_opcm_reference.py FOLDER ALPHA N
+    python fusionbench_opcm_reference.py FOLDER ALPHA N [KIND]
 
-Reads FOLDER/base.pt and FOLDER/expert{i}.pt (state dicts of the module built by `build()`), applies FusionBench's
+Reads FOLDER/base.pt and FOLDER/expert{i}.pt (state dicts of the module built by `build(KIND)`), applies FusionBench's
 own per-layer functions (`OPCMForCLIP.merge_linear_weights` / `merge_other_parameters`, `get_task_vector_norm`) in
 the loop of `OPCMForCLIP.run` with `shuffle_order=False`, and saves FOLDER/fusionbench.pt.
 """
@@ -15,19 +15,32 @@ import torch
 from torch import nn
 
 
-def build() -> nn.Module:
+class TinyLM(nn.Module):
+    """A causal LM's parameter names: an embedding, a linear layer, a norm and an untied ``lm_head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(11, 8)
+        self.layer = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.lm_head = nn.Linear(8, 11, bias=False)
+
+
+def build(kind: str = "sequential") -> nn.Module:
+    if kind == "lm":
+        return TinyLM()
     return nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 12), nn.LayerNorm(12), nn.Linear(12, 6))
 
 
-def main(folder: str, alpha: float, n: int) -> None:
+def main(folder: str, alpha: float, n: int, kind: str = "sequential") -> None:
     from fusion_bench.method.opcm.opcm import OPCMForCLIP
     from fusion_bench.method.opcm.utils import get_task_vector_norm, is_leaf_module
 
-    pretrained = build()
+    pretrained = build(kind)
     pretrained.load_state_dict(torch.load(f"{folder}/base.pt", weights_only=True))
     models = []
     for i in range(n):
-        m = build()
+        m = build(kind)
         m.load_state_dict(torch.load(f"{folder}/expert{i}.pt", weights_only=True))
         models.append(m)
     algo = types.SimpleNamespace(previous_lambda_t=1, lambda_t=None)
@@ -77,4 +90,4 @@ def main(folder: str, alpha: float, n: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])

@@ -20,6 +20,8 @@ VARIANTS = [
     S.Dare(drop_rate=[0.5, 0.2], combine="ties", seed=3),
     S.Breadcrumbs(density=0.8, gamma=[0.02, 0.05], election="weighted"),
     S.Cabs(n=2, m=8, order=[1, 0], weights=[1.2, 1.2]),
+    S.Cabs(n=6, m=8, last_group="pad", overlap="free_only"),
+    S.Cabs(n=3, m=8, last_group="drop"),
     S.Generalized(sparsification="saliency", density=0.3, saliency="fisher", consensus_k=1, tall_lambda=[0.4, 0.5]),
     S.Consensus.tall_reference(consensus_k=3, density=0.1, scale=0.7),
     S.LiNeS(inner=S.Ties(density=0.4), alpha=0.5, beta=0.25, pattern=r"blocks\.(\d+)"),

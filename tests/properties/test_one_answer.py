@@ -174,7 +174,9 @@ def strategies(draw, n: int):
         common = _task_vector_common(draw, n, election=False)
         m = draw(st.sampled_from([4, 8, 16]))
         order = draw(st.one_of(st.none(), st.permutations(list(range(n)))))
-        return Cabs(n=draw(st.integers(1, m)), m=m, order=order, **common)
+        return Cabs(n=draw(st.integers(1, m)), m=m, order=order,
+                    last_group=draw(st.sampled_from(["density", "pad", "drop"])),
+                    overlap=draw(st.sampled_from(["fill", "free_only"])), **common)
     if name in ("generalized", "consensus"):
         sparsification = draw(st.sampled_from(["none", "magnitude", "random", "breadcrumbs", "saliency", "cabs"]))
         common = _task_vector_common(draw, n, election=sparsification != "cabs")

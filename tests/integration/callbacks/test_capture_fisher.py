@@ -48,7 +48,9 @@ def test_per_example_fisher_equals_loop_over_examples_and_vmap_is_used():
     for n in ref:
         torch.testing.assert_close(sums[n], ref[n], rtol=1e-5, atol=1e-8)
     loop, _ = compute_fisher(model, batches, num_examples=17, use_vmap=False)
-    direct = _vmap_squared_grads(model, dict(model.named_parameters()), batches[0], None, default_logits_fn(model))
+    direct, labelled = _vmap_squared_grads(model, dict(model.named_parameters()), batches[0], None,
+                                           default_logits_fn(model))
+    assert labelled == 8
     ref8 = per_example_reference(model, x[:8], y[:8])
     for n in ref:
         torch.testing.assert_close(loop[n], ref[n], rtol=1e-5, atol=1e-8)
@@ -79,9 +81,91 @@ def test_exact_fisher_equals_the_expectation_over_classes_with_vmap_and_with_the
     for use_vmap in (True, False):
         sums, count = compute_fisher(model, [(x[:6], y[:6]), (x[6:], y[6:])], estimator="exact", num_examples=10,
                                      use_vmap=use_vmap)
-        assert count == 10
+        assert count == 9  # M: the example without a target is not counted either
         for n in want:
             torch.testing.assert_close(sums[n], want[n], rtol=1e-5, atol=1e-8)
+
+
+def _hand_fisher(model, examples, estimator):
+    """(1/M) Σ over the examples with a label of (∇ log p(y|x))², by torch.autograd one example at a time
+    (``"exact"``: Σ_c p(c|x)(∇ log p(c|x))²); M counts only those examples. ``examples``: (input, targets) pairs,
+    targets a class (or -100) or a sequence of tokens (-100 ignored, log p summed over the others)."""
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    m = 0
+    for inputs, targets in examples:
+        valid = targets != -100
+        if not bool(valid.any()):
+            continue
+        m += 1
+        logp = torch.log_softmax(model(inputs.unsqueeze(0))[0], -1)
+        if estimator == "exact":
+            labels = [(c, float(logp.detach().exp()[c])) for c in range(logp.shape[-1])]
+        else:
+            labels = [(targets, 1.0)]
+        for label, weight in labels:
+            picked = logp[label] if logp.dim() == 1 else logp[valid].gather(-1, label[valid].unsqueeze(-1)).sum()
+            grads = torch.autograd.grad(picked, list(params.values()), retain_graph=True)
+            for n, g in zip(params, grads):
+                total[n] += weight * g.square()
+    return {n: v / m for n, v in total.items()}, m
+
+
+@pytest.mark.parametrize("estimator", ["example", "exact"])
+def test_examples_whose_label_is_ignored_do_not_count_in_m(estimator):
+    """Issue 33: M counts the examples with a label. Two of ten classification examples have label -100; the
+    estimate sums/M equals the hand-computed Fisher over the eight others divided by 8 (it was divided by 10)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = data(10)
+    y[2] = y[7] = -100
+    want, m = _hand_fisher(model, list(zip(x, y)), estimator)
+    assert m == 8
+    for use_vmap in (True, False):
+        sums, count = compute_fisher(model, [(x[:6], y[:6]), (x[6:], y[6:])], estimator=estimator,
+                                     num_examples=10, use_vmap=use_vmap)
+        assert count == 8
+        for n in want:
+            torch.testing.assert_close(sums[n] / count, want[n], rtol=1e-5, atol=1e-8)
+
+
+class TokenModel(nn.Module):
+    """Logits for every position of a token sequence (a tiny token-level LM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 5)
+        self.out = nn.Linear(5, 7)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.embed(tokens)))
+
+
+def test_token_level_m_counts_sequences_with_a_predicted_token():
+    """For sequences log p(y|x) is the sum over the positions whose label is not -100 and M counts sequences
+    (the per-sequence Fisher, as the batch estimator's): a sequence whose every label is -100 is not counted, one
+    with a single predicted token counts once."""
+    torch.manual_seed(4)
+    model = TokenModel()
+    tokens = torch.randint(0, 7, (6, 5))
+    labels = torch.randint(0, 7, (6, 5))
+    labels[1] = -100  # nothing predicted
+    labels[3, :4] = -100  # one predicted token
+    labels[4, ::2] = -100
+
+    def logits_fn(batch):
+        return model(batch[0]), batch[1]
+
+    want, m = _hand_fisher(model, list(zip(tokens, labels)), "example")
+    assert m == 5
+    for use_vmap in (True, False):
+        sums, count = compute_fisher(model, [(tokens[:4], labels[:4]), (tokens[4:], labels[4:])],
+                                     num_examples=6, logits_fn=logits_fn, use_vmap=use_vmap)
+        assert count == 5
+        for n in want:
+            torch.testing.assert_close(sums[n] / count, want[n], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="no examples with a label"):
+        compute_fisher(model, [(tokens[1:2], labels[1:2])], logits_fn=logits_fn)
 
 
 def test_exact_fisher_of_softmax_regression_is_p_one_minus_p_times_x_squared():

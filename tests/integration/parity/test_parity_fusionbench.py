@@ -51,6 +51,29 @@ def test_opcm_matches_fusionbench(tmp_path, alpha):
     assert worst < 1e-5, worst
 
 
+def test_opcm_default_projects_lm_head_as_fusionbench(tmp_path):
+    """FusionBench projects every nn.Linear, the output head included; only embeddings (nn.Embedding) and other
+    modules are added unprojected. OPCM's default does the same on a causal LM's names (issue 33)."""
+    from fusionbench_opcm_reference import build as reference_build
+
+    torch.manual_seed(1)
+    base = reference_build("lm")
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    experts = []
+    for i in range(4):
+        expert = reference_build("lm")
+        expert.load_state_dict({k: v + 0.1 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        torch.save(expert.state_dict(), tmp_path / f"expert{i}.pt")
+        experts.append(expert.state_dict())
+    subprocess.run([PYTHON, str(HELPERS / "fusionbench_opcm_reference.py"), str(tmp_path), "0.5", "4", "lm"],
+                   check=True, cwd=tmp_path)
+    reference = torch.load(tmp_path / "fusionbench.pt", weights_only=True)
+    ours = merge(experts, base=base.state_dict(), strategy=OPCM(alpha=0.5))
+    worst = max(float((ours[k] - reference[k]).abs().max()) for k in reference)
+    print(f"lm_head: largest difference from FusionBench {worst:.2e}")
+    assert worst < 1e-5, worst
+
+
 TALL_SCRIPT = """
 import sys, torch
 from fusion_bench.method.tall_mask.utils import generate_task_masks

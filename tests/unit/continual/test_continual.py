@@ -116,6 +116,33 @@ def test_opcm_sanity(tmp_path):
     assert not torch.allclose(forward["layer.0.weight"], backward["layer.0.weight"])  # order matters
 
 
+def test_opcm_default_projects_the_output_head_and_not_the_embedding():
+    """FusionBench projects every nn.Linear (lm_head included) and adds embeddings as they are: the default does
+    the same. Two experts by hand: S = τ₁ + Proj_{τ₁}(τ₂) for a projected tensor, τ₁ + τ₂ otherwise, then
+    θ = θ₀ + n̄·S/‖S‖ with n̄ the mean of the experts' global task-vector norms."""
+    from lightning_merge.strategies.opcm import DEFAULT_NOT_LINEAR, is_projected
+
+    names = {"model.embed_tokens.weight": (11, 6), "model.layers.0.mlp.up_proj.weight": (9, 6),
+             "lm_head.weight": (11, 6), "model.norm.weight": (6,)}
+    base = {k: rand(*shape, seed=i) for i, (k, shape) in enumerate(names.items())}
+    experts = [{k: v + 0.1 * rand(*v.shape, seed=10 * j + i) for i, (k, v) in enumerate(base.items())}
+               for j in (1, 2)]
+    assert is_projected("lm_head.weight", base["lm_head.weight"])
+    assert not is_projected("model.embed_tokens.weight", base["model.embed_tokens.weight"])
+    taus = [{k: e[k] - base[k] for k in base} for e in experts]
+    total = {k: taus[0][k] + (opcm_project(taus[0][k], taus[1][k], 0.5) if k.endswith("proj.weight")
+                              or k == "lm_head.weight" else taus[1][k]) for k in base}
+    mean_norm = sum(math.sqrt(sum(float(t[k].square().sum()) for k in base)) for t in taus) / 2
+    norm = math.sqrt(sum(float(v.square().sum()) for v in total.values()))
+    got = merge(experts, base=base, strategy=OPCM(alpha=0.5, device="cpu"))
+    for k in base:
+        torch.testing.assert_close(got[k], base[k] + total[k] * (mean_norm / norm), rtol=1e-5, atol=1e-6)
+    # the earlier default (lm_head skipped) stays one argument away, and differs on the head
+    skipped = merge(experts, base=base, strategy=OPCM(alpha=0.5, device="cpu", not_linear=DEFAULT_NOT_LINEAR
+                                                      + "|lm_head"))
+    assert float((skipped["lm_head.weight"] - got["lm_head.weight"]).abs().max()) > 1e-3
+
+
 def test_opcm_device_choice(tmp_path):
     """OPCM(device=...): a bad name is refused at construction, "cuda" without a GPU is refused when the merge
     resolves it (naming the argument and the remedy), and the SVDs on an explicit device give the default's

@@ -55,14 +55,14 @@ def _close(a, b, atol=1e-6):
 # -- CABS ------------------------------------------------------------------------------------------------------
 
 
-def _reference_nm(tau, n, m, free, fill=False):
+def _reference_nm(tau, n, m, free, fill=False, last="density"):
     """A plain loop over groups: the rule as written, to compare the vectorised one against."""
     flat, ok = tau.reshape(-1).abs().tolist(), free.reshape(-1).tolist()
     keep = [False] * len(flat)
     for start in range(0, len(flat), m):
         idx = [j for j in range(start, min(start + m, len(flat))) if ok[j]]
         g = min(start + m, len(flat)) - start
-        quota = n if g == m else math.ceil(n * g / m)
+        quota = n if g == m else {"density": math.ceil(n * g / m), "pad": min(n, g), "drop": 0}[last]
         idx.sort(key=lambda j: (-flat[j], j))
         for j in idx[:quota]:
             keep[j] = True
@@ -76,15 +76,16 @@ def _reference_nm(tau, n, m, free, fill=False):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,m,numel", [(2, 8, 64), (3, 8, 61), (1, 4, 3), (5, 16, 100), (0, 4, 9), (4, 4, 10)])
-def test_nm_mask_matches_the_rule(n, m, numel, dtype):
+@pytest.mark.parametrize("last", ["density", "pad", "drop"])
+def test_nm_mask_matches_the_rule(n, m, numel, dtype, last):
     g = torch.Generator().manual_seed(n * 100 + numel)
     tau = torch.randn(numel, generator=g, dtype=dtype)
     tau[::7] = 0.5  # ties: the lower index wins
     free = torch.rand(numel, generator=g) > 0.3
     for f in (None, free, torch.rand(numel, generator=g) > 0.8):  # the last leaves many groups short of n
         for fill in (False, True):
-            got = F.nm_mask(tau, n, m, f, fill=fill)
-            want = _reference_nm(tau, n, m, torch.ones(numel, dtype=torch.bool) if f is None else f, fill)
+            got = F.nm_mask(tau, n, m, f, fill=fill, last=last)
+            want = _reference_nm(tau, n, m, torch.ones(numel, dtype=torch.bool) if f is None else f, fill, last)
             assert torch.equal(got, want)
 
 
