@@ -38,7 +38,7 @@ from lightning_merge.tools import recipe_slices
 from lightning_merge.tools.chat_templates import chat_template_files, resolve_template
 from lightning_merge.tools.recipe_expansion import check_expansion
 from lightning_merge.tools.recipe_methods import GEOMETRIC, INCLUDES_BASE, geometric_arguments
-from lightning_merge.tools.tokenizer_merge import align_vocabularies, parse_tokenizer
+from lightning_merge.tools.tokenizer_merge import align_vocabularies, output_vocabulary, parse_tokenizer
 
 log = logging.getLogger("lightning_merge")
 
@@ -243,9 +243,6 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
 
     tokenizer = parse_tokenizer(config, path, resolve_tokenizer_model)
     if "slices" in config:
-        if tokenizer is not None:
-            raise RecipeError(f"{path}: tokenizer merging ('tokenizer_source' / 'tokenizer') with 'slices' is not "
-                              "implemented; merge the models with 'models' (or align the vocabularies first)")
         if config.get("models") or exact is not None or method not in _MERGEKIT:
             raise RecipeError(f"{path}: 'slices' takes a mergekit merge_method and no 'models' (give either "
                               "'models' or 'slices', as mergekit requires)")
@@ -259,16 +256,50 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
 
         slices = recipe_slices.parse_slices(config["slices"], path, resolve, base_path)
         separate = method not in ("linear", "passthrough") and method not in INCLUDES_BASE
-        sliced = recipe_slices.plan_slices(slices, path, method, shared, open_model, separate)
+        opened: dict[Path, Expert] = {}
+
+        def open_once(local: Path) -> Expert:
+            if local.resolve() not in opened:
+                opened[local.resolve()] = open_model(local)
+            return opened[local.resolve()]
+
+        vocabulary = None
+        donor = slices[0].base or slices[0].sources[0].model
+        if tokenizer is not None:  # the output's tokenizer over every model; each slice's models aligned to it
+            every: list[Path] = []
+            named = [donor] + [m for sl in slices for m in [src.model for src in sl.sources] + [sl.base] if m]
+            for m in named:
+                if all(m.resolve() != e.resolve() for e in every):  # each model once, in the recipe's order
+                    every.append(m)
+            template = config.get("chat_template")
+            text = None if template is None else resolve_template(template, path, every)
+            output = output_vocabulary(tokenizer, [(open_once(m), m) for m in every], path, text)
+            views: dict[int, Callable[[Expert], Expert]] = {}
+
+            def view(s: int, expert: Expert) -> Expert:
+                if s not in views:
+                    sl = slices[s]
+                    views[s] = output.aligner([open_once(src.model) for src in sl.sources],
+                                              open_once(sl.base) if sl.base else None, f"slices[{s}]'s models")
+                return views[s](expert)
+
+            vocabulary = (output.names, view)
+        sliced = recipe_slices.plan_slices(slices, path, method, shared, open_once, separate, vocabulary)
         strategy = _build_per_tensor(method, overrides or {}, path, sliced.names, sliced.values_of)
         if strategy.needs_base and sliced.base is None:
             raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
-        donor = slices[0].base or slices[0].sources[0].model
         layers = recipe_slices.output_config(donor, sliced.layers)
         if layers:
             files["config.json"] = layers
-        files.update(chat_template_files(config.get("chat_template"), path, donor,
-                                         [src.model for sl in slices for src in sl.sources]))
+        if vocabulary is not None:
+            tokenizer_files = dict(output.files)
+            config_keys = {**(files.get("config.json") or {}), **tokenizer_files.pop("config.json", {})}
+            files.update(tokenizer_files)
+            if config_keys:
+                files["config.json"] = config_keys
+        else:
+            files.update(chat_template_files(config.get("chat_template"), path, donor,
+                                             [src.model for sl in slices for src in sl.sources]))
         return Recipe(path, sliced.experts, sliced.base, strategy, dtype, files)
 
     models = config.get("models") or []

@@ -173,7 +173,8 @@ def layout(expert: Expert, folder: Path | None, where: str, recipe: Path) -> Lay
 
 
 def plan_slices(slices: list[Slice], recipe: Path, method: str, shared: Mapping[str, Any],
-                open_model: Callable[[Path], Expert], separate_base: bool) -> Sliced:
+                open_model: Callable[[Path], Expert], separate_base: bool,
+                vocabulary: tuple[frozenset[str], Callable[[int, Expert], Expert]] | None = None) -> Sliced:
     """The composed experts, base and per-tensor parameters of a ``slices`` recipe.
 
     Args:
@@ -184,6 +185,9 @@ def plan_slices(slices: list[Slice], recipe: Path, method: str, shared: Mapping[
         open_model: opens a model folder (headers only).
         separate_base: whether the method takes the base apart from the models (task vectors): then the base is a
             source of every slice, and the others are the experts.
+        vocabulary: with tokenizer merging, the token-indexed tensors' names and ``view(s, model)``: the model as
+            slice ``s``'s models are aligned to the output vocabulary (mergekit aligns the embeddings among the first
+            slice's sources, the LM head among the last's).
 
     Raises:
         RecipeError: a slice without its base among its sources, slices with different numbers of experts, a layer
@@ -234,13 +238,18 @@ def plan_slices(slices: list[Slice], recipe: Path, method: str, shared: Mapping[
     first_expert, first_layout = model(slices[0].sources[0].model, "slices[0].sources[0]")
     prefix = first_layout.prefix
 
+    def holder(src: Source, name: str, s: int) -> tuple[Expert, str]:
+        expert, name = _holder(model(src.model, "")[0], name, recipe, s, slices[s].sources.index(src))
+        if vocabulary is not None and name in vocabulary[0]:
+            expert = vocabulary[1](s, expert)
+        return expert, name
+
     def add(out: str, s: int, t: float, reads: Callable[[Source], str]) -> None:
         base_source, others = roles[s]
         for table, src in zip(tables, others):
-            table[out] = _holder(model(src.model, "")[0], reads(src), recipe, s, slices[s].sources.index(src))
+            table[out] = holder(src, reads(src), s)
         if base_source is not None:
-            base_table[out] = _holder(model(base_source.model, "")[0], reads(base_source), recipe, s,
-                                      slices[s].sources.index(base_source))
+            base_table[out] = holder(base_source, reads(base_source), s)
         scope[out] = (s, t)
 
     def prefix_of(src: Source) -> str:

@@ -262,6 +262,129 @@ class AlignedInputs:
     plan: VocabularyPlan
 
 
+@dataclass
+class OutputVocabulary:
+    """The output's tokenizer and every model's rows of its tokens: what aligning any group of the models needs.
+
+    Attributes:
+        vocabulary: output token → id.
+        size: the output's rows (padded).
+        names: the token-indexed tensors.
+        files: the output's tokenizer files and ``config.json`` keys.
+        positions: per model (its :func:`_key`), its row of each output token (-1: it lacks it).
+        rows: per model, its embedding rows.
+        folders: per model, the folder of its tokenizer.
+        tokens: the recipe's ``tokens`` entries, by token.
+        vocabs: per tokenizer folder, its vocabulary (the base's stripped).
+    """
+
+    vocabulary: dict[str, int]
+    size: int
+    names: frozenset[str]
+    files: dict[str, Any]
+    positions: dict[tuple[str, ...], Any]
+    rows: dict[tuple[str, ...], int]
+    folders: dict[tuple[str, ...], Path]
+    tokens: dict[str, TokenEntry]
+    vocabs: dict[Path, Mapping[str, int]]
+    recipe: Path
+
+    def alignment(self, models: Sequence[Expert], base: Expert | None, group: str = "the models"
+                  ) -> tuple[VocabularyAlignment, dict[tuple[str, ...], int]]:
+        """The alignment of a group of models (each once; the base's rule applies when ``base`` is among them), and
+        each model's index in it.
+
+        Raises:
+            RecipeError: a ``tokens`` entry naming a model outside the group.
+        """
+        keys = list(dict.fromkeys(_key(e) for e in models))
+        experts = {k: next(e for e in models if _key(e) == k) for k in keys}
+        index = {k: i for i, k in enumerate(keys)}
+        by_folder: dict[Path, int] = {}
+        for k in keys:
+            by_folder.setdefault(self.folders[k], index[k])
+        tokens = {}
+        for token, entry in self.tokens.items():
+            tokens[token] = _resolve_entry(token, entry, by_folder, self.vocabs, [self.rows[k] for k in keys],
+                                           self.recipe, group)
+        base_index = index.get(_key(base)) if base is not None else None
+        plan = VocabularyPlan(models=[experts[k].name for k in keys], vocabulary=self.vocabulary,
+                              positions=[self.positions[k] for k in keys], size=self.size, tokens=tokens,
+                              base=base_index, names=self.names)
+        return VocabularyAlignment(plan, [experts[k] for k in keys]), index
+
+
+    def aligner(self, models: Sequence[Expert], base: Expert | None, group: str = "the models"
+                ) -> Callable[[Expert], Expert]:
+        """A function giving the aligned view of each of ``models`` (see :meth:`alignment`)."""
+        alignment, index = self.alignment(models, base, group)
+        return lambda expert: alignment.expert(index[_key(expert)], expert)
+
+
+def output_vocabulary(spec: TokenizerRecipe, members: Sequence[tuple[Expert, Path]], recipe: Path,
+                      chat_template: str | None = None) -> OutputVocabulary:
+    """Build the output tokenizer of a recipe's models and each model's rows of its tokens.
+
+    Args:
+        spec: the recipe's tokenizer.
+        members: every model and the folder of its tokenizer (a LoRA expert's: its model's), the tokenizer's base
+            first (the recipe's base, else its first model).
+        recipe: the recipe's path, for messages.
+        chat_template: the template the output's tokenizer gets (the recipe's ``chat_template``, resolved).
+
+    Raises:
+        RecipeError: a tokenizer that cannot be loaded, an entry naming a model or token not there.
+    """
+    keys = list(dict.fromkeys(_key(e) for e, _ in members))  # each model once: a model is the files it reads
+    expert_of = {k: next(e for e, _ in members if _key(e) == k) for k in keys}
+    folder_of = {k: next(f.resolve() for e, f in members if _key(e) == k) for k in keys}
+    folders = list(dict.fromkeys(folder_of.values()))
+    configs = {f: _config(f) for f in folders}
+    tokenizers = {f: _load_tokenizer(f, "model") for f in folders}
+    first = expert_of[keys[0]]
+    names = token_indexed_names(folder_of[keys[0]], first.names())
+    probe = sorted(names)[0]
+    rows: dict[tuple[str, ...], int] = {}
+    for k in keys:
+        if probe not in expert_of[k]:
+            raise RecipeError(f"{recipe}: model '{expert_of[k].name}' has no tensor '{probe}' (a token-indexed tensor "
+                              f"of '{first.name}'); the models' architectures must match")
+        rows[k] = expert_of[k].spec(probe).shape[0]
+        size = _vocab_size(configs[folder_of[k]])
+        if size is not None:
+            rows[k] = min(rows[k], size)
+    base_folder = folder_of[keys[0]]
+    base_tokenizer = _stripped(tokenizers[base_folder], rows[keys[0]], base_folder)
+    vocabs: dict[Path, Mapping[str, int]] = {f: tokenizers[f].get_vocab() for f in folders}
+    vocabs[base_folder] = base_tokenizer.get_vocab()
+    if spec.source == "base":
+        out = base_tokenizer
+    elif spec.source == "union":
+        most = {f: max(rows[k] for k in keys if folder_of[k] == f) for f in folders}
+        out = _union(base_tokenizer, [(base_tokenizer if f == base_folder else tokenizers[f], most[f])
+                                      for f in folders])
+    else:
+        out = _load_tokenizer(Path(spec.source), "tokenizer_source")
+    existing = set(out.get_vocab())
+    for token in spec.tokens:
+        if token not in existing:
+            out.add_tokens(token)
+            existing.add(token)
+    if chat_template is not None:
+        out.chat_template = chat_template
+    vocabulary = dict(out.get_vocab())
+    size = len(vocabulary)
+    pad = spec.pad_to_multiple_of
+    if pad and size % pad:
+        size += pad - size % pad
+    positions = {k: positions_of(vocabulary, vocabs[folder_of[k]], rows[k]) for k in keys}
+    most = [max(rows[k] for k in keys if folder_of[k] == f) for f in folders]
+    for token, entry in spec.tokens.items():  # checked once against every model, before any tensor is read
+        _resolve_entry(token, entry, {f: i for i, f in enumerate(folders)}, vocabs, most, recipe)
+    return OutputVocabulary(vocabulary, size, names, _output_files(out, base_folder, configs[base_folder], size),
+                            positions, rows, folder_of, dict(spec.tokens), vocabs, recipe)
+
+
 def align_vocabularies(spec: TokenizerRecipe, base: tuple[Expert, Path] | None,
                        experts: Sequence[tuple[Expert, Path]], recipe: Path, chat_template: str | None = None
                        ) -> AlignedInputs:
@@ -280,61 +403,12 @@ def align_vocabularies(spec: TokenizerRecipe, base: tuple[Expert, Path] | None,
     Raises:
         RecipeError: a tokenizer that cannot be loaded, an entry naming a model or token not there.
     """
-    members: list[tuple[Expert, Path]] = ([base] if base is not None else []) + list(experts)
-    # each model once (the base listed among the models is the base), the base first; a model is its files
-    keys = list(dict.fromkeys(_key(e) for e, _ in members))
-    expert_of = {k: next(e for e, _ in members if _key(e) == k) for k in keys}
-    folder_of = {k: next(f.resolve() for e, f in members if _key(e) == k) for k in keys}
-    folders = list(dict.fromkeys(folder_of.values()))
-    configs = {f: _config(f) for f in folders}
-    tokenizers = {f: _load_tokenizer(f, "model") for f in folders}
-    first = expert_of[keys[0]]
-    names = token_indexed_names(folder_of[keys[0]], first.names())
-    probe = sorted(names)[0]
-    rows: dict[Any, int] = {}
-    for k in keys:
-        if probe not in expert_of[k]:
-            raise RecipeError(f"{recipe}: model '{expert_of[k].name}' has no tensor '{probe}' (a token-indexed tensor "
-                              f"of '{first.name}'); the models' architectures must match")
-        rows[k] = expert_of[k].spec(probe).shape[0]
-        size = _vocab_size(configs[folder_of[k]])
-        if size is not None:
-            rows[k] = min(rows[k], size)
-    base_folder = folder_of[keys[0]]
-    base_tokenizer = _stripped(tokenizers[base_folder], rows[keys[0]], base_folder)
-    vocab_of = {f: tokenizers[f].get_vocab() for f in folders}
-    vocab_of[base_folder] = base_tokenizer.get_vocab()
-    if spec.source == "base":
-        out = base_tokenizer
-    elif spec.source == "union":
-        row_of_folder = {f: max(rows[k] for k in keys if folder_of[k] == f) for f in folders}
-        out = _union(base_tokenizer, [(base_tokenizer if f == base_folder else tokenizers[f], row_of_folder[f])
-                                      for f in folders])
-    else:
-        out = _load_tokenizer(Path(spec.source), "tokenizer_source")
-    existing = set(out.get_vocab())
-    for token in spec.tokens:
-        if token not in existing:
-            out.add_tokens(token)
-            existing.add(token)
-    if chat_template is not None:
-        out.chat_template = chat_template
-    vocabulary = dict(out.get_vocab())
-    size = len(vocabulary)
-    pad = spec.pad_to_multiple_of
-    if pad and size % pad:
-        size += pad - size % pad
-    positions = [positions_of(vocabulary, vocab_of[folder_of[k]], rows[k]) for k in keys]
-    index = {k: i for i, k in enumerate(keys)}
-    by_folder = {f: next(i for i, k in enumerate(keys) if folder_of[k] == f) for f in folders}
-    tokens = {token: _resolve_entry(token, entry, by_folder, vocab_of, [rows[k] for k in keys], recipe)
-              for token, entry in spec.tokens.items()}
-    plan = VocabularyPlan(models=[expert_of[k].name for k in keys], vocabulary=vocabulary, positions=positions,
-                          size=size, tokens=tokens, base=0 if base is not None else None, names=names)
-    alignment = VocabularyAlignment(plan, [expert_of[k] for k in keys])
+    members = ([base] if base is not None else []) + list(experts)
+    vocabulary = output_vocabulary(spec, members, recipe, chat_template)
+    alignment, index = vocabulary.alignment([e for e, _ in members], None if base is None else base[0])
     aligned = [alignment.expert(index[_key(e)], e) for e, _ in experts]
-    aligned_base = alignment.expert(0, base[0]) if base is not None else None
-    return AlignedInputs(aligned, aligned_base, _output_files(out, base_folder, configs[base_folder], size), plan)
+    aligned_base = alignment.expert(index[_key(base[0])], base[0]) if base is not None else None
+    return AlignedInputs(aligned, aligned_base, vocabulary.files, alignment.plan)
 
 
 def _key(expert: Expert) -> tuple[str, ...]:
@@ -343,14 +417,15 @@ def _key(expert: Expert) -> tuple[str, ...]:
 
 
 def _resolve_entry(token: str, entry: TokenEntry, by_folder: Mapping[Path, int],
-                   vocab_of: Mapping[Path, Mapping[str, int]], rows: Sequence[int], recipe: Path) -> TokenSource:
+                   vocab_of: Mapping[Path, Mapping[str, int]], rows: Sequence[int], recipe: Path,
+                   group: str = "the merged models") -> TokenSource:
     where = f"{recipe}: tokenizer.tokens[{token!r}]"
     if entry.source == "zero":
         return TokenSource(model=None, force=entry.force)
     folder, ref = entry.source if isinstance(entry.source, tuple) else (entry.source, None)
     folder = Path(folder).resolve()
     if folder not in by_folder:
-        raise RecipeError(f"{where} takes its row from '{folder}', which is not one of the merged models")
+        raise RecipeError(f"{where} takes its row from '{folder}', which is not one of {group}")
     model = by_folder[folder]
     if ref is None:
         return TokenSource(model=model, force=entry.force)
@@ -380,5 +455,5 @@ def _output_files(tokenizer: Any, donor: Path, config: Mapping[str, Any], size: 
     return files
 
 
-__all__ = ["AlignedInputs", "TokenEntry", "TokenizerRecipe", "align_vocabularies", "parse_tokenizer",
-           "token_indexed_names"]
+__all__ = ["AlignedInputs", "OutputVocabulary", "TokenEntry", "TokenizerRecipe", "align_vocabularies",
+           "output_vocabulary", "parse_tokenizer", "token_indexed_names"]

@@ -1,5 +1,5 @@
 """Parity with mergekit 0.1.5's tokenizer merging (issue 31): ``tokenizer_source`` (base, union, a model) and
-``tokenizer:`` (source, tokens, pad_to_multiple_of) on tiny float32 Llamas whose tokenizers differ
+``tokenizer:`` (source, tokens, pad_to_multiple_of), with ``models`` and with ``slices``, on tiny float32 Llamas whose tokenizers differ
 (tests/helpers/tokenizer_family.py). The output tokenizer has mergekit's tokens, ``config.json`` its vocabulary size,
 and every token's embedding and LM-head row is mergekit's row of that token (ids of the tokens the base lacks can
 differ: mergekit's order of them follows set iteration). Runs when a mergekit install is found (``MERGEKIT_YAML``)."""
@@ -79,6 +79,29 @@ parameters: {{t: 0.3}}
 models:
   - model: {b}
   - model: {e[1]}
+""",
+    # layer stacking across models whose vocabularies differ: embeddings aligned among the first slice's sources,
+    # the LM head among the last's
+    "slices_passthrough_union": lambda b, e: f"""
+merge_method: passthrough
+base_model: {b}
+dtype: float32
+tokenizer_source: union
+slices:
+  - sources: [{{model: {e[0]}, layer_range: [0, 2]}}]
+  - sources: [{{model: {e[1]}, layer_range: [1, 2]}}]
+""",
+    "slices_ties_union": lambda b, e: f"""
+merge_method: ties
+base_model: {b}
+dtype: float32
+tokenizer_source: union
+parameters: {{density: 0.5}}
+slices:
+  - sources:
+      - {{model: {b}, layer_range: [0, 2]}}
+      - {{model: {e[0]}, layer_range: [0, 2], parameters: {{weight: 0.8}}}}
+      - {{model: {e[1]}, layer_range: [0, 2], parameters: {{weight: 0.4}}}}
 """,
 }
 
