@@ -1,8 +1,9 @@
 """Parity with mergekit 0.1.5's tokenizer merging (issue 31): ``tokenizer_source`` (base, union, a model) and
-``tokenizer:`` (source, tokens, pad_to_multiple_of), with ``models`` and with ``slices``, on tiny float32 Llamas whose tokenizers differ
-(tests/helpers/tokenizer_family.py). The output tokenizer has mergekit's tokens, ``config.json`` its vocabulary size,
-and every token's embedding and LM-head row is mergekit's row of that token (ids of the tokens the base lacks can
-differ: mergekit's order of them follows set iteration). Runs when a mergekit install is found (``MERGEKIT_YAML``)."""
+``tokenizer:`` (source, tokens, pad_to_multiple_of), with ``models`` and with ``slices``, on tiny float32 Llamas
+whose tokenizers differ (tests/helpers/tokenizer_family.py). The output tokenizer has mergekit's tokens,
+``config.json`` its vocabulary size, and every token's embedding and LM-head row is mergekit's row of that token
+(ids of the tokens the base lacks can differ: mergekit's order of them follows set iteration). Runs when a mergekit
+install is found (``MERGEKIT_YAML``)."""
 
 import json
 import subprocess

@@ -1,0 +1,88 @@
+"""Tokenizer merging as a user runs it, without mergekit: a curvature-aware merge (Fisher, with captured statistics)
+of fine-tunes whose vocabularies differ, through a recipe; its token-indexed rows checked against the rule by hand
+(docs/cli.md#tokenizer-merging-tokenizer_source-tokenizer)."""
+
+import json
+
+import pytest
+import torch
+from tokenizer_family import CHAT_TOKENS, write_tokenizer_family
+
+from lightning_merge import Expert
+from lightning_merge.cli.commands import main
+from lightning_merge.formats.sidecar import write_statistics
+
+pytestmark = pytest.mark.slow  # trains three small BPE tokenizers and builds the model on the meta device
+
+EMBED = "model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    base, experts = write_tokenizer_family(tmp_path_factory.mktemp("vocab"))
+    g = torch.Generator().manual_seed(5)
+    for folder in experts:
+        expert = Expert(folder)
+        fisher = {n: torch.rand(expert.spec(n).shape, generator=g) + 0.05 for n in expert.names()}
+        write_statistics(folder / "statistics.safetensors", {"fisher.batch": fisher},
+                         {"fisher.batch": {"count": 10, "batch_size": 8}})
+    return base, experts
+
+
+def _vocab(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).get_vocab()
+
+
+def test_a_fisher_merge_of_differing_vocabularies_weighs_each_token_by_the_experts_that_know_it(tmp_path, family):
+    base, experts = family
+    recipe = tmp_path / "fisher.yaml"
+    recipe.write_text(f"strategy: {{name: fisher, normalize: false}}\nbase_model: {base}\ntokenizer_source: union\n"
+                      f"models:\n  - model: {experts[0]}\n  - model: {experts[1]}\n")
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 0
+    out = Expert(tmp_path / "out")
+    vocab = _vocab(tmp_path / "out")
+    own = [_vocab(e) for e in experts]
+    base_vocab = _vocab(base)
+    thetas = [Expert(e) for e in experts]
+    fishers = [Expert(e).statistic(EMBED, "fisher") for e in experts]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == out.spec(EMBED).shape[0]
+    checked = 0
+    for token, i in vocab.items():
+        if i >= out.spec(EMBED).shape[0]:
+            continue
+        knows = [token in v and v[token] < thetas[k].spec(EMBED).shape[0] for k, v in enumerate(own)]
+        rows = [thetas[k].tensor(EMBED)[own[k][token]] if knows[k] else None for k in range(2)]
+        got = out.tensor(EMBED)[i]
+        if all(knows):  # both know it: the Fisher-weighted average of their rows
+            f = [fishers[k][own[k][token]] for k in range(2)]
+            expected = (f[0] * rows[0] + f[1] * rows[1]) / (f[0] + f[1])
+        elif any(knows):  # one knows it: its Fisher is zero where it does not, and its row wins
+            expected = rows[knows.index(True)]
+        else:  # nobody does (the base's reserved entries past its rows are past the output's too)
+            continue
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        checked += 1
+    assert checked > len(base_vocab) - 10
+    assert all(t in vocab for t in CHAT_TOKENS)
+
+
+def test_bad_tokenizer_recipes_are_refused_by_name(tmp_path, family, capsys):
+    base, experts = family
+    cases = {
+        f"tokenizer_source: {tmp_path}/nowhere": "not found",
+        "tokenizer: {source: union, tokens: {'<x>': {source: {kind: model_token, model: BASE, token: nope}}}}":
+            "token 'nope' is not in the tokenizer of",
+        "tokenizer: {source: union, tokens: {'<x>': {source: {kind: model_token, model: BASE, token_id: 9999}}}}":
+            "token_id 9999 is out of range",
+    }
+    for line, message in cases.items():
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text(f"merge_method: linear\nbase_model: {base}\n{line.replace('BASE', str(base))}\n"
+                          f"models:\n  - {{model: {experts[0]}, parameters: {{weight: 1}}}}\n"
+                          f"  - {{model: {experts[1]}, parameters: {{weight: 1}}}}\n")
+        assert main(["merge", str(recipe), str(tmp_path / "never"), "--no-progress"]) == 2
+        error = capsys.readouterr().err
+        assert message in error and "bad.yaml" in error, error
+        assert not (tmp_path / "never").exists()
