@@ -28,6 +28,44 @@ def _mergekit_yaml():
 
 
 MERGEKIT = _mergekit_yaml()
+
+#: runs recipes with mergekit's own run_merge (what mergekit-yaml calls), many in one process: each mergekit-yaml
+#: start costs seconds of imports
+_MANY = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+pairs = sys.argv[1:]
+options = MergeOptions(quiet=True)
+options.apply_global_options()
+for recipe, out in zip(pairs[::2], pairs[1::2]):
+    text = open(recipe, encoding="utf-8").read()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out, options=options, config_source=text)
+"""
+
+
+def run_mergekit_many(pairs) -> None:
+    """Merge each ``(recipe, out)`` with mergekit (its ``run_merge``, the function ``mergekit-yaml`` calls), all in one
+    process of mergekit's environment."""
+    python = Path(MERGEKIT).with_name("python")
+    args = [str(x) for pair in pairs for x in pair]
+    subprocess.run([str(python), "-c", _MANY, *args], check=True, capture_output=True)
+
+
+def mergekit_outputs(root: Path, texts: dict) -> dict:
+    """``{case: (recipe file, mergekit's output folder)}`` for every recipe text, merged by mergekit in one process."""
+    pairs = {}
+    for case, text in texts.items():
+        (root / f"{case}.yaml").write_text(text)
+        pairs[case] = (root / f"{case}.yaml", root / case)
+    run_mergekit_many(pairs.values())
+    return pairs
+
+
+def ours(tmp_path: Path, recipe: Path) -> Path:
+    """Our merge of a recipe file, through the command line."""
+    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
+    return tmp_path / "lm"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (set MERGEKIT_YAML)")]
 
@@ -60,32 +98,34 @@ def family(tmp_path_factory):
     return write_llama_family(root, llama_config(), n_experts=3, delta_density=0.3, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_same_result_as_mergekit(tmp_path, family, method):
-    base, experts = family
+def _method_recipe(method, base, experts) -> str:
     shared, per_model = METHODS[method]
-    mk_method = ALIASES.get(method, method)
     weights = ["1.0", "0.6", "1.4"]
     models = "\n".join(f"  - model: {e}\n    parameters: {per_model % w}" for e, w in zip(experts, weights))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        textwrap.dedent(f"""\
-        merge_method: {mk_method}
+    return textwrap.dedent(f"""\
+        merge_method: {ALIASES.get(method, method)}
         {"" if method == "linear" else f"base_model: {base}"}
         dtype: float32
         {shared}
         models:
-        """)
-        + models
-        + "\n"
-    )
-    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
-    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
-    theirs, ours = Expert(tmp_path / "mk"), Expert(tmp_path / "lm")
-    assert sorted(theirs.names()) == sorted(ours.names())
+        """) + models + "\n"
+
+
+@pytest.fixture(scope="module")
+def mk_methods(tmp_path_factory, family):
+    base, experts = family
+    return mergekit_outputs(tmp_path_factory.mktemp("mk_methods"),
+                            {m: _method_recipe(m, base, experts) for m in METHODS})
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_same_result_as_mergekit(tmp_path, mk_methods, method):
+    recipe, mk = mk_methods[method]
+    theirs, ours_ = Expert(mk), Expert(ours(tmp_path, recipe))
+    assert sorted(theirs.names()) == sorted(ours_.names())
     worst = 0.0
-    for name in ours.names():
-        a, b = ours.tensor(name), theirs.tensor(name)
+    for name in ours_.names():
+        a, b = ours_.tensor(name), theirs.tensor(name)
         assert a.dtype == b.dtype == torch.float32
         worst = max(worst, float((a - b).abs().max()))
     assert worst <= 1e-6, f"{method}: largest difference {worst}"
@@ -122,11 +162,7 @@ def relative_error(ours: Expert, theirs: Expert) -> float:
     return worst
 
 
-@pytest.mark.parametrize("case", sorted(GEOMETRIC))
-def test_geometric_methods_give_mergekits_model(tmp_path, family, case):
-    """slerp, nuslerp, multislerp, karcher, model_stock, nearswap and arcee_fusion: mergekit 0.1.5's model, float32,
-    to 1e-5 relative, from the same recipe file."""
-    base, experts = family
+def _geometric_recipe(case, base, experts) -> str:
     with_base, weights, shared = GEOMETRIC[case]
     method = case.split("_")[0] if case.split("_")[0] not in ("model", "arcee") else "_".join(case.split("_")[:2])
     lines, chosen = [], iter(experts)
@@ -134,12 +170,23 @@ def test_geometric_methods_give_mergekits_model(tmp_path, family, case):
         model = base if w == "base" else next(chosen)
         params = "" if w in (None, "base") else f"\n    parameters: {{weight: {w}}}"
         lines.append(f"  - model: {model}{params}")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"merge_method: {method}\n" + (f"base_model: {base}\n" if with_base else "")
-                      + f"dtype: float32\n{shared}\nmodels:\n" + "\n".join(lines) + "\n")
-    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
-    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
-    worst = relative_error(Expert(tmp_path / "lm"), Expert(tmp_path / "mk"))
+    return (f"merge_method: {method}\n" + (f"base_model: {base}\n" if with_base else "")
+            + f"dtype: float32\n{shared}\nmodels:\n" + "\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def mk_geometric(tmp_path_factory, family):
+    base, experts = family
+    return mergekit_outputs(tmp_path_factory.mktemp("mk_geometric"),
+                            {c: _geometric_recipe(c, base, experts) for c in GEOMETRIC})
+
+
+@pytest.mark.parametrize("case", sorted(GEOMETRIC))
+def test_geometric_methods_give_mergekits_model(tmp_path, mk_geometric, case):
+    """slerp, nuslerp, multislerp, karcher, model_stock, nearswap and arcee_fusion: mergekit 0.1.5's model, float32,
+    to 1e-5 relative, from the same recipe file."""
+    recipe, mk = mk_geometric[case]
+    worst = relative_error(Expert(ours(tmp_path, recipe)), Expert(mk))
     print(f"{case}: max relative difference {worst:.2e}")
     assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
 
@@ -176,21 +223,28 @@ def deep_family(tmp_path_factory):
                               delta_density=0.3, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("feature", sorted(FEATURES))
-def test_parameters_varying_over_the_model_as_mergekit(tmp_path, deep_family, feature):
-    base, experts = deep_family
+def _feature_recipe(feature, base, experts) -> str:
     method, shared, per_model = FEATURES[feature]
     models = "\n".join(f"  - model: {e}\n    parameters: {p}" for e, p in zip(experts, per_model))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"merge_method: {method}\n" + ("" if method == "linear" else f"base_model: {base}\n")
-                      + f"dtype: float32\n{shared}\nmodels:\n{models}\n")
-    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
-    assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
-    theirs, ours = Expert(tmp_path / "mk"), Expert(tmp_path / "lm")
-    assert sorted(theirs.names()) == sorted(ours.names())
+    return (f"merge_method: {method}\n" + ("" if method == "linear" else f"base_model: {base}\n")
+            + f"dtype: float32\n{shared}\nmodels:\n{models}\n")
+
+
+@pytest.fixture(scope="module")
+def mk_features(tmp_path_factory, deep_family):
+    base, experts = deep_family
+    return mergekit_outputs(tmp_path_factory.mktemp("mk_features"),
+                            {f: _feature_recipe(f, base, experts) for f in FEATURES})
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_parameters_varying_over_the_model_as_mergekit(tmp_path, mk_features, feature):
+    recipe, mk = mk_features[feature]
+    theirs, ours_ = Expert(mk), Expert(ours(tmp_path, recipe))
+    assert sorted(theirs.names()) == sorted(ours_.names())
     worst = 0.0
-    for name in ours.names():
-        a, b = ours.tensor(name), theirs.tensor(name)
+    for name in ours_.names():
+        a, b = ours_.tensor(name), theirs.tensor(name)
         worst = max(worst, float(((a - b).abs() / b.abs().clamp(min=1e-3)).max()))
     assert worst <= 1e-5, f"{feature}: largest relative difference {worst}"
 

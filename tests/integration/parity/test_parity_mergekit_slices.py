@@ -5,12 +5,11 @@ output folder holds (config.json's layer count, the recipe, a model card). Runs 
 
 import itertools
 import json
-import subprocess
 
 import jinja2
 import pytest
 import torch
-from test_parity_mergekit import MERGEKIT, relative_error
+from test_parity_mergekit import MERGEKIT, mergekit_outputs, relative_error
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
@@ -104,18 +103,34 @@ slices:
 }
 
 
-def _run_both(tmp_path, text):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(text)
-    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
+TEMPLATES = ["chatml", "llama3", "alpaca", "mistral", "exaone", "jinja"]
+
+
+def _template_recipe(template, base, experts) -> str:
+    value = "\"{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}\"" \
+        if template == "jinja" else template
+    return (f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\nchat_template: {value}\nmodels:\n"
+            f"  - {{model: {experts[0]}, parameters: {{weight: 0.5}}}}\n")
+
+
+@pytest.fixture(scope="module")
+def mk_outputs(tmp_path_factory, family):
+    """mergekit's output of every slices recipe and chat-template recipe, made in one mergekit process."""
+    base, experts = family
+    texts = {case: make(base, experts) for case, make in SLICES.items()}
+    texts.update({f"chat_{t}": _template_recipe(t, base, experts) for t in TEMPLATES})
+    return mergekit_outputs(tmp_path_factory.mktemp("mk_slices"), texts)
+
+
+def _run_both(tmp_path, mk_outputs, case):
+    recipe, theirs = mk_outputs[case]
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
-    return tmp_path / "lm", tmp_path / "mk"
+    return tmp_path / "lm", theirs
 
 
 @pytest.mark.parametrize("case", sorted(SLICES))
-def test_slices_give_mergekits_model(tmp_path, family, case):
-    base, experts = family
-    ours, theirs = _run_both(tmp_path, SLICES[case](base, experts))
+def test_slices_give_mergekits_model(tmp_path, mk_outputs, case):
+    ours, theirs = _run_both(tmp_path, mk_outputs, case)
     worst = relative_error(Expert(ours), Expert(theirs))
     print(f"{case}: max relative difference {worst:.2e}")
     assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
@@ -124,15 +139,15 @@ def test_slices_give_mergekits_model(tmp_path, family, case):
     # mergekit writes the config through transformers (which adds its defaults): every key of ours is the same there
     assert {k: v for k, v in mine.items() if k not in ("torch_dtype", "dtype")} == \
         {k: mk.get(k) for k in mine if k not in ("torch_dtype", "dtype")}
-    assert (ours / "mergekit_config.yml").read_text() == (tmp_path / "recipe.yaml").read_text()
+    assert (ours / "mergekit_config.yml").read_text() == mk_outputs[case][0].read_text()
 
 
-def test_a_stacked_model_loads_in_transformers_as_its_layers(tmp_path, family):
+def test_a_stacked_model_loads_in_transformers_as_its_layers(tmp_path, family, mk_outputs):
     """The frankenmerge is a working LlamaForCausalLM of six layers, layer j being the source layer planned."""
     from transformers import LlamaForCausalLM
 
     base, experts = family
-    ours, _ = _run_both(tmp_path, SLICES["passthrough_stack"](base, experts))
+    ours, _ = _run_both(tmp_path, mk_outputs, "passthrough_stack")
     model = LlamaForCausalLM.from_pretrained(ours, dtype=torch.float32)
     assert len(model.model.layers) == 6
     source = Expert(experts[1])
@@ -161,18 +176,13 @@ def _mergekits_template(folder):
     return json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
 
 
-@pytest.mark.parametrize("template", ["chatml", "llama3", "alpaca", "mistral", "exaone", "jinja"])
-def test_chat_template_renders_as_mergekits(tmp_path, family, template):
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_chat_template_renders_as_mergekits(tmp_path, mk_outputs, template):
     """Our template renders every conversation of a set (with and without add_generation_prompt) to mergekit's
     text, or both refuse it; the merged model's tokenizer applies it as mergekit's output's does."""
     from transformers import AutoTokenizer
 
-    base, experts = family
-    value = "\"{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}\"" \
-        if template == "jinja" else template
-    ours, theirs = _run_both(tmp_path, f"merge_method: task_arithmetic\nbase_model: {base}\ndtype: float32\n"
-                                       f"chat_template: {value}\nmodels:\n"
-                                       f"  - {{model: {experts[0]}, parameters: {{weight: 0.5}}}}\n")
+    ours, theirs = _run_both(tmp_path, mk_outputs, f"chat_{template}")
     mine = json.loads((ours / "tokenizer_config.json").read_text())["chat_template"]
     mk = _mergekits_template(theirs)
     rendered = refused = 0

@@ -6,11 +6,10 @@ whose tokenizers differ (tests/helpers/tokenizer_family.py). The output tokenize
 install is found (``MERGEKIT_YAML``)."""
 
 import json
-import subprocess
 
 import pytest
 import torch
-from test_parity_mergekit import MERGEKIT
+from test_parity_mergekit import MERGEKIT, run_mergekit_many
 from tokenizer_family import CHAT_TOKENS, write_tokenizer_family
 
 from lightning_merge import Expert
@@ -107,12 +106,25 @@ slices:
 }
 
 
-def _run_both(tmp_path, text):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(text)
-    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def theirs(tmp_path_factory, family):
+    """mergekit's output of every recipe (and of union_ties with a chat template), made in one mergekit process."""
+    base, experts = family
+    root = tmp_path_factory.mktemp("mergekit")
+    texts = {case: make(base, experts) for case, make in RECIPES.items()}
+    texts["chat_template"] = texts["union_ties"] + "chat_template: chatml\n"
+    pairs = []
+    for case, text in texts.items():
+        (root / f"{case}.yaml").write_text(text)
+        pairs.append((root / f"{case}.yaml", root / case))
+    run_mergekit_many(pairs)
+    return {case: (root / f"{case}.yaml", root / case) for case in texts}
+
+
+def _run_both(tmp_path, theirs, case):
+    recipe, mk = theirs[case]
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
-    return tmp_path / "lm", tmp_path / "mk"
+    return tmp_path / "lm", mk
 
 
 def _vocab(folder):
@@ -122,9 +134,8 @@ def _vocab(folder):
 
 
 @pytest.mark.parametrize("case", sorted(RECIPES))
-def test_tokenizer_merging_gives_mergekits_model(tmp_path, family, case):
-    base, experts = family
-    ours, theirs = _run_both(tmp_path, RECIPES[case](base, experts))
+def test_tokenizer_merging_gives_mergekits_model(tmp_path, theirs, case):
+    ours, theirs = _run_both(tmp_path, theirs, case)
     mine, mk = _vocab(ours), _vocab(theirs)
     assert set(mine) == set(mk)
     sizes = [json.loads((p / "config.json").read_text())["vocab_size"] for p in (ours, theirs)]
@@ -144,13 +155,12 @@ def test_tokenizer_merging_gives_mergekits_model(tmp_path, family, case):
     assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
 
 
-def test_the_merged_model_runs_with_its_tokenizer(tmp_path, family):
+def test_the_merged_model_runs_with_its_tokenizer(tmp_path, theirs):
     """The merge with the union tokenizer loads in transformers and gives finite logits for text using tokens only
     one expert knew (a chat token of expert_0, a word of expert_1's tokenizer)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    base, experts = family
-    ours, _ = _run_both(tmp_path, RECIPES["union_ties"](base, experts))
+    ours, _ = _run_both(tmp_path, theirs, "union_ties")
     tokenizer = AutoTokenizer.from_pretrained(ours)
     model = LlamaForCausalLM.from_pretrained(ours, dtype=torch.float32)
     ids = tokenizer(f"{CHAT_TOKENS[0]} curvature weighs the cat", return_tensors="pt").input_ids
@@ -160,13 +170,11 @@ def test_the_merged_model_runs_with_its_tokenizer(tmp_path, family):
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
 
 
-def test_the_chat_template_goes_into_the_merged_tokenizer(tmp_path, family):
+def test_the_chat_template_goes_into_the_merged_tokenizer(tmp_path, theirs):
     """With tokenizer merging, the recipe's chat template is the merged tokenizer's (as mergekit saves it)."""
     from transformers import AutoTokenizer
 
-    base, experts = family
-    text = RECIPES["union_ties"](base, experts) + "chat_template: chatml\n"
-    ours, theirs = _run_both(tmp_path, text)
+    ours, theirs = _run_both(tmp_path, theirs, "chat_template")
     messages = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]
     rendered = [AutoTokenizer.from_pretrained(p).apply_chat_template(messages, tokenize=False) for p in (ours, theirs)]
     assert rendered[0] == rendered[1] == "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\nsat<|im_end|>\n"
