@@ -5,6 +5,10 @@ other tensor that changed (norms, biases, convolutions), are saved whole (``modu
 reads of each tensor of the pair: one to find what changed, one to factor it), into an atomically committed folder
 that ``peft.PeftModel.from_pretrained(base_model, OUT)`` loads.
 
+The options of mergekit 0.1.5's ``mergekit-extract-lora`` are :func:`extract_lora`'s arguments, with its module rules
+(``embed_lora``, ``save_modules``, ``exclude``/``include``, ``sv_epsilon``, ``skip_undecomposable``,
+``distribute_scale``); docs/lora.md lists where the adapter differs from mergekit's on purpose.
+
 With K at least the rank of every ΔW, base + adapter is the fine-tune (to float32 rounding of the factors); below,
 the relative error ‖ΔW − BA‖/‖ΔW‖ of each module is recorded in ``lightning_merge.json``.
 """
