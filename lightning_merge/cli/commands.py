@@ -441,7 +441,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_extract_lora(args: argparse.Namespace) -> int:
     from lightning_merge.tools.extract_lora import extract_lora
 
-    done = extract_lora(args.finetuned, args.base, args.out, args.rank, overwrite=args.overwrite,
+    done = extract_lora(args.finetuned, args.base, args.out, args.rank, distribute_scale=args.distribute_scale,
+                        embed_lora=args.embed_lora, save_modules=args.save_module, exclude=args.exclude_regex,
+                        include=args.include_regex, sv_epsilon=args.sv_epsilon,
+                        skip_undecomposable=args.skip_undecomposable, overwrite=args.overwrite,
                         trust_checkpoint=args.trust_checkpoint)
     worst = max(done.relative_error.values(), default=0.0)
     print(f"wrote {done.path}: {len(done.ranks)} modules at rank <= {args.rank} (largest relative error "
@@ -577,8 +580,23 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("extract-lora", help="a PEFT LoRA adapter from a full fine-tune (mergekit-extract-lora)")
     x.add_argument("finetuned", help="the fine-tuned model (folder, .safetensors or .ckpt)")
     x.add_argument("out", help="the adapter folder to write")
-    x.add_argument("--base", required=True, help="the model it was fine-tuned from")
-    x.add_argument("--rank", type=int, required=True, help="the rank K of each factored module")
+    x.add_argument("--base", "--base-model", dest="base", required=True, help="the model it was fine-tuned from")
+    x.add_argument("--rank", "--max-rank", dest="rank", type=int, default=128,
+                   help="the largest rank K of a factored module (mergekit's --max-rank; default 128)")
+    x.add_argument("--distribute-scale", action=argparse.BooleanOptionalAction, default=True,
+                   help="A = sqrt(S) V^T and B = U sqrt(S) (default); --no-distribute-scale: A = S V^T, B = U")
+    x.add_argument("--embed-lora", action=argparse.BooleanOptionalAction, default=False,
+                   help="factor embeddings (lora_embedding_A/B) and LM heads instead of saving them whole")
+    x.add_argument("--save-module", action="append", default=[], metavar="MODULE",
+                   help="save this module whole (full name or last component such as lm_head; repeatable)")
+    x.add_argument("-e", "--exclude-regex", action="append", default=[], metavar="REGEX",
+                   help="leave out modules whose name matches (re.search; repeatable)")
+    x.add_argument("-i", "--include-regex", action="append", default=[], metavar="REGEX",
+                   help="factor or save only modules whose name matches one (repeatable)")
+    x.add_argument("--sv-epsilon", type=float, default=0.0,
+                   help="discard singular values at or below this; per-module ranks then vary (default 0: keep)")
+    x.add_argument("--skip-undecomposable", action="store_true",
+                   help="leave out norms and other modules that are not linear or embeddings (default: saved whole)")
     x.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier output")
     x.add_argument("--trust-checkpoint", action="store_true",
                    help="allow unpickling .ckpt files that hold custom objects (runs code: trusted files only)")
