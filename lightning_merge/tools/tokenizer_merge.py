@@ -10,7 +10,7 @@ two differences, both documented in docs/cli.md:
 - a non-base model's tokenizer entry whose id is past the model's embedding rows makes mergekit fail (a missing
   permutation key); here the model simply lacks that token.
 
-Needs transformers (``pip install transformers``), imported only when a recipe asks for a tokenizer.
+Needs transformers (``pip install 'lightning-merge[tokenizer]'``), imported only when a recipe asks for a tokenizer.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _transformers() -> Any:
         import transformers
     except ImportError:
         raise RecipeError("tokenizer merging (tokenizer_source / tokenizer) needs transformers: pip install "
-                          "transformers") from None
+                          "'lightning-merge[tokenizer]' (or transformers)") from None
     return transformers
 
 
