@@ -4,7 +4,8 @@ model: this code side by side with another checkout (``--against``) and with mer
 Two shapes (issue 32):
 
 - ``dominant``: a Llama from a config whose embedding (65536 × 1024 float32, 256 MiB) dwarfs its other tensors (one
-  layer, hidden 1024): ``merge`` of three experts and the base with task arithmetic, TIES (0.3), Fisher and linear,
+  layer, hidden 1024): ``merge`` of three experts and the base with task arithmetic, TIES (0.3), Fisher, linear and
+  DARE-TIES (mergekit's ``dare_ties``: drop 0.7, L1 rescale),
   and ``continual add`` (linear, the third add).
 - ``many``: 16 tensors of 2048 × 2048 float32 (256 MiB in all): the same merges and continual adds (linear and OPCM).
 
@@ -164,6 +165,7 @@ def mergekit_peak(mergekit: str, base: Path, experts: list[Path], out: Path, met
 CASES = {
     "dominant": [("merge", {"name": "task_arithmetic"}), ("merge", {"name": "ties", "density": 0.3}),
                  ("merge", {"name": "fisher"}), ("merge", {"name": "linear"}),
+                 ("merge", {"name": "dare", "drop_rate": 0.7, "combine": "ties", "rescale": "l1"}),
                  ("continual", {"name": "linear"})],
     "many": [("merge", {"name": "task_arithmetic"}), ("merge", {"name": "ties", "density": 0.3}),
              ("merge", {"name": "fisher"}), ("continual", {"name": "linear"}), ("continual", {"name": "opcm"})],

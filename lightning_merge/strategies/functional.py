@@ -102,12 +102,41 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def random_mask(shape: torch.Size, keep_prob: float, seed: int) -> Tensor:
-    """Bernoulli(keep_prob) mask drawn from a generator seeded with ``seed`` (DARE's drop step)."""
+#: random draws come in blocks of this many entries (in a tensor's flat order), each from a generator of its own
+#: seeded by the tensor's seed and the block's index: any range of a tensor's entries (a chunk of its rows) is drawn
+#: alone with the same numbers as in the whole tensor
+DRAW_BLOCK = 1 << 16
+
+_MASK64 = (1 << 64) - 1
+
+
+def _block_seed(seed: int, block: int) -> int:
+    """SplitMix64 of (seed, block): a generator seed per block, uncorrelated between neighbouring blocks."""
+    z = (seed + (block + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def uniform_draws(seed: int, start: int, count: int) -> Tensor:
+    """Uniform [0, 1) float32 draws for entries ``start .. start + count − 1`` (flat order) of a tensor whose draws are
+    seeded with ``seed``: the same numbers whichever range is asked for (see :data:`DRAW_BLOCK`)."""
+    if count <= 0:
+        return torch.empty(0)
+    first, last = start // DRAW_BLOCK, (start + count - 1) // DRAW_BLOCK
+    parts = [torch.rand(DRAW_BLOCK, generator=torch.Generator().manual_seed(_block_seed(seed, b)))
+             for b in range(first, last + 1)]
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    skip = start - first * DRAW_BLOCK
+    return flat[skip:skip + count]
+
+
+def random_mask(shape: torch.Size, keep_prob: float, seed: int, start: int = 0) -> Tensor:
+    """Bernoulli(keep_prob) mask of a tensor's entries ``start ..`` (flat order; a chunk of rows begins at its first
+    row × the row's size) drawn with :func:`uniform_draws` (DARE's drop step)."""
     if keep_prob >= 1:
         return torch.ones(shape, dtype=torch.bool)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=generator) < keep_prob
+    return uniform_draws(seed, start, math.prod(shape)).view(shape) < keep_prob
 
 
 def della_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
@@ -133,13 +162,32 @@ def della_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
     return probs.view(tau.shape)
 
 
-def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
-    """Rescale ``masked`` so its L1 norm matches ``original``'s (mergekit's DARE ``rescale``)."""
-    before = original.abs().sum()
-    after = masked.abs().sum()
+def row_l1(x: Tensor) -> list[float]:
+    """Σ|x| of each row (first axis; a 0-/1-D tensor is one row) in float64: a row's sum is the same whether the row
+    is read alone, in a chunk or in the whole tensor."""
+    rows = x.shape[0] if x.dim() > 1 else 1
+    return x.double().abs().reshape(rows, -1).sum(1).tolist()
+
+
+def exact_l1(x: Tensor) -> float:
+    """Σ|x|: the rows' float64 sums (:func:`row_l1`) added exactly (``math.fsum``), so the same however the rows
+    were read."""
+    return math.fsum(row_l1(x))
+
+
+def l1_factor(before: float, after: float, eps: float = 1e-7) -> float | None:
+    """The factor that gives a masked task vector the L1 norm ``before`` of the original (``after``: its own); None
+    where either is below ``eps`` (left as is: mergekit's DARE ``rescale``)."""
     if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+        return None
+    return before / after
+
+
+def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
+    """Rescale ``masked`` so its L1 norm matches ``original``'s (mergekit's DARE ``rescale``); the norms are
+    :func:`exact_l1`'s, so a tensor rescaled in row chunks with the same factor is the same."""
+    factor = l1_factor(exact_l1(original), exact_l1(masked), eps)
+    return masked if factor is None else masked * factor
 
 
 def fisher_precision(fisher: Tensor, floor: float = 1e-6, eps: float = 0.0) -> Tensor:

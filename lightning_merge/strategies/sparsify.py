@@ -13,6 +13,7 @@ thing everywhere:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +102,11 @@ class Sparsification:
 
     @property
     def row_pass(self) -> bool:
-        """A per-tensor top-k without rescaling: its rows can be sparsified once a pass has found the cut."""
-        return self.method == "magnitude" and self.scope == "tensor" and self.rescale == "none"
+        """Its rows can be sparsified once a pass over them has found what it needs of the whole tensor: a per-tensor
+        top-k without rescaling (the cut), or a random drop (DARE, DELLA: the draws of a chunk are drawn alone, see
+        :func:`~lightning_merge.strategies.functional.uniform_draws`; with the L1 rescale, a pass finds the factor)."""
+        return (self.method == "magnitude" and self.scope == "tensor" and self.rescale == "none") or \
+            self.method in ("random", "della")
 
     def keep_fraction(self, index: int) -> float:
         if self.method == "cabs":
@@ -146,9 +150,9 @@ class Sparsification:
         if method == "random":
             if density >= 1:
                 return None
-            return F.random_mask(tau.shape, density, F.tensor_seed(self.seed, name, index))
+            return F.random_mask(tau.shape, density, F.tensor_seed(self.seed, name, index), _start(ctx, name))
         if method == "della":
-            return self._della(name, index, tau)[0]
+            return self._della(name, index, tau, _start(ctx, name))[0]
         if method == "breadcrumbs":
             return F.breadcrumbs_mask(tau, density, _value(self.gamma, index, 0.01))
         if method == "saliency":
@@ -159,8 +163,9 @@ class Sparsification:
                              fill=self.overlap == "fill", last=self.last_group)
         raise ValueError(f"unknown sparsification {method!r}; known: {', '.join(SPARSIFIERS)}")
 
-    def _della(self, name: str, index: int, tau: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """DELLA's keep-mask of expert ``index`` and the probabilities it was drawn with (None, None: keep all)."""
+    def _della(self, name: str, index: int, tau: Tensor, start: int = 0) -> tuple[Tensor | None, Tensor | None]:
+        """DELLA's keep-mask of expert ``index`` and the probabilities it was drawn with (None, None: keep all);
+        ``tau`` holds the tensor's entries from flat index ``start`` on (whole rows)."""
         density = self.keep_fraction(index)
         if density >= 1:
             return None, None
@@ -169,8 +174,8 @@ class Sparsification:
         epsilon = _value(self.epsilon, index, 0.15)
         check_della("Sparsification", density, epsilon)
         probs = F.della_probabilities(tau, density, epsilon)
-        generator = torch.Generator().manual_seed(F.tensor_seed(self.seed, name, index))
-        return torch.rand(tau.shape, generator=generator) < probs, probs
+        draws = F.uniform_draws(F.tensor_seed(self.seed, name, index), start, tau.numel()).view(tau.shape)
+        return draws < probs, probs
 
     def apply(
         self, name: str, index: int, tau: Tensor, stats: Mapping[str, Tensor], ctx: Mapping[str, Any],
@@ -184,10 +189,15 @@ class Sparsification:
         """
         probs = None
         if self.method == "della":
-            keep, probs = self._della(name, index, tau)
+            keep, probs = self._della(name, index, tau, _start(ctx, name))
         else:
             keep = self.mask(name, index, tau, stats, ctx, taken)
-        if keep is not None:
+        factors = ctx.get("l1", {}).get(name)  # a row chunk's: the whole tensor's L1 factors, found by a pass
+        if keep is not None and factors is not None:
+            tau.mul_(keep)
+            if factors[index] is not None:
+                tau.mul_(factors[index])
+        elif keep is not None:
             original = tau.clone() if self.rescale == "l1" else None
             tau.mul_(keep)
             if self.rescale == "inverse" and probs is not None:  # DELLA: each kept entry ÷ its own probability
@@ -213,6 +223,39 @@ class Sparsification:
         taken = None
         for i in order:
             _, taken = self.apply(name, i, buf[i], stats[i], ctx, taken)
+
+
+def _start(ctx: Mapping[str, Any], name: str) -> int:
+    """The flat index of the first entry of the rows being merged (0 for a whole tensor)."""
+    return ctx.get("starts", {}).get(name, 0)
+
+
+def random_chunks(plan: MergePlan, name: str, chunks: Sequence[tuple[int, int]],
+                  sparsifier: Sparsification) -> list[dict[str, Any]]:
+    """Per row chunk of tensor ``name``, what a random drop (DARE, DELLA) needs to sparsify the chunk alone as it
+    sparsifies the whole tensor: the chunk's first flat index (its draws), and with the L1 rescale each expert's
+    factor, from a pass over the chunks that adds the rows' L1 norms exactly (:func:`F.exact_l1`)."""
+    row = math.prod(plan.spec(name).shape[1:])
+    starts = [rows[0] * row for rows in chunks]
+    factors = None
+    if sparsifier.rescale == "l1":
+        n = plan.num_experts
+        before: list[list[float]] = [[] for _ in range(n)]
+        after: list[list[float]] = [[] for _ in range(n)]
+        for rows, start in zip(chunks, starts):
+            base = plan.base_tensor(name, rows)
+            ctx = {"starts": {name: start}}
+            for i, expert in enumerate(plan.expert_tensors(name, base, rows)):
+                tau = expert - base
+                keep = sparsifier._della(name, i, tau, start)[0] if sparsifier.method == "della" else \
+                    sparsifier.mask(name, i, tau, {}, ctx)
+                before[i].extend(F.row_l1(tau))
+                after[i].extend(F.row_l1(tau if keep is None else tau * keep))
+                del tau, keep
+        factors = [None if sparsifier.is_identity(i) else F.l1_factor(math.fsum(before[i]), math.fsum(after[i]))
+                   for i in range(n)]
+    return [{"starts": {name: start}, **({"l1": {name: factors}} if factors is not None else {})}
+            for start in starts]
 
 
 def check_della(owner: Any, density: Any, epsilon: Any) -> None:

@@ -34,7 +34,7 @@ from lightning_merge.strategies.checks import (
 from lightning_merge.strategies.linear import _add_scaled, _check_weight_sum, _linear_coefficients, _prefix_sum
 from lightning_merge.strategies.norms import TINY, expert_norm, model_norms
 from lightning_merge.strategies.registry import MERGEKIT, Reference
-from lightning_merge.strategies.sparsify import RESCALES, SCOPES, Sparsification, tensor_topk_cuts
+from lightning_merge.strategies.sparsify import RESCALES, SCOPES, Sparsification, random_chunks, tensor_topk_cuts
 
 if TYPE_CHECKING:
     from lightning_merge.strategies.plan import MergePlan
@@ -137,18 +137,24 @@ class TaskVectorMerge(Strategy):
     @property
     def row_pass(self) -> bool:
         """TIES' per-tensor top-k (without rescaling): a pass over the rows finds each expert's cut
-        (:func:`~lightning_merge.strategies.sparsify.tensor_topk_cuts`); the rest is entry by entry."""
+        (:func:`~lightning_merge.strategies.sparsify.tensor_topk_cuts`); DARE's and DELLA's random drops: each chunk
+        draws its own entries, and with the L1 rescale a pass finds each expert's factor
+        (:func:`~lightning_merge.strategies.sparsify.random_chunks`); the rest is entry by entry."""
         return self.sparsifier.row_pass
 
     def prepare_rows(self, prepared: Prepared, plan: MergePlan, name: str,
                      chunks: Sequence[tuple[int, int]]) -> list[Prepared]:
         if not self.row_pass:
             return super().prepare_rows(prepared, plan, name, chunks)
-        densities = [float(self.sparsifier.keep_fraction(i)) for i in range(plan.num_experts)]
         context = prepared.get("sparsify") or {}
-        return [Prepared(self, prepared.num_experts, **{**prepared.values, "sparsify": {
-                    **context, "cuts": {**context.get("cuts", {}), name: cuts}}})
-                for cuts in tensor_topk_cuts(plan, name, chunks, densities)]
+        if self.sparsifier.method in ("random", "della"):
+            added = random_chunks(plan, name, chunks, self.sparsifier)
+        else:
+            densities = [float(self.sparsifier.keep_fraction(i)) for i in range(plan.num_experts)]
+            added = [{"cuts": {**context.get("cuts", {}), name: cuts}}
+                     for cuts in tensor_topk_cuts(plan, name, chunks, densities)]
+        return [Prepared(self, prepared.num_experts, **{**prepared.values, "sparsify": {**context, **extra}})
+                for extra in added]
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)

@@ -119,8 +119,10 @@ def test_the_scheduler_keeps_the_budget_and_the_order():
 
 
 @pytest.mark.parametrize("strategy", [S.TaskArithmetic(scale=0.7), S.Fisher(), S.Ties(density=0.5),
-                                      S.Dare(drop_rate=0.5, seed=1)],
-                         ids=["task_arithmetic", "fisher", "ties", "dare"])
+                                      S.Dare(drop_rate=0.5, seed=1), S.Dare(drop_rate=0.3, seed=2, rescale="l1"),
+                                      S.Della(density=0.5, epsilon=0.1, seed=3, rescale="inverse"),
+                                      S.Della(density=0.6, epsilon=0.2, seed=4, combine="linear")],
+                         ids=["task_arithmetic", "fisher", "ties", "dare", "dare_l1", "della", "della_l1"])
 def test_a_merge_within_a_small_budget_equals_the_default_bit_for_bit(tmp_path, strategy):
     """Every output kind (folder, file, state dict in bf16, module); the chunked jobs are really chunked."""
     base, paths = family(tmp_path / "fam", n=3, shape=(700, 129))
@@ -129,8 +131,10 @@ def test_a_merge_within_a_small_budget_equals_the_default_bit_for_bit(tmp_path, 
     plan = plan_merge(experts, b, strategy)
     units = job_units(plan, plan.jobs, 60_000, 2)
     assert (len([u for u in units if u[0].name == "w"]) > 1) == (strategy.row_local or strategy.row_pass)
-    if strategy.row_pass:  # each chunk has its own prepared merge, with its cuts
-        assert all(u[3] is not None and "w" in u[3]["sparsify"]["cuts"] for u in units if u[0].name == "w")
+    if strategy.row_pass:  # each chunk has its own prepared merge: its cuts, or where its draws start
+        chunked = [u[3]["sparsify"] for u in units if u[0].name == "w" and u[3] is not None]
+        assert len(chunked) == len([u for u in units if u[0].name == "w"])
+        assert all("w" in {**c.get("cuts", {}), **c.get("starts", {})} for c in chunked)
     reference = merge(inputs, str(base), strategy)
     for budget in ("60KB", 1 << 30):
         folder = merge(inputs, str(base), strategy, tmp_path / f"out-{budget}", memory_budget=budget)
@@ -161,9 +165,10 @@ ROW_PASS = [s for s in library_defaults() + VARIANTS if s.row_pass]
 
 
 def test_the_strategies_with_a_row_pass():
-    assert sorted({s.name for s in ROW_PASS}) == ["ties"]
+    assert sorted({s.name for s in ROW_PASS}) == ["dare", "della", "ties"]
     assert S.Ties().row_pass and not S.Ties(rescale="l1").row_pass and not S.Ties(topk="model").row_pass
-    assert not S.Dare().row_pass and not S.Breadcrumbs().row_pass
+    assert S.Dare().row_pass and S.Dare(rescale="l1").row_pass and S.Della().row_pass  # draws per chunk (issue 32)
+    assert not S.Breadcrumbs().row_pass
 
 
 @pytest.mark.parametrize("density", [0.3, 0.05, 1.0, 0.9999])
