@@ -241,9 +241,9 @@ def strategies() -> dict[str, object]:
         "opcm": OPCM(),
         "lines(task arithmetic)": LiNeS(TaskArithmetic()),
         "tsv_merge": TSVMerge(),
-        # the references' conventions (docs/strategies.md): OTA's per-tensor mean normalisation, Fisher's floor on
-        # the target (first) model only
-        "ota, mean-normalized (reference)": OTA(mean_normalize=True),
+        # the references' options (docs/strategies.md): OTA's per-tensor mean normalisation (`normalise: global`,
+        # not the reference's default, which is OTA()), Fisher's floor on the target (first) model only
+        "ota, mean-normalized (reference option)": OTA(mean_normalize=True),
         "fisher (batch), favor_target (reference)": Fisher(estimator="batch", favor_target=True),
         # from the input Gram matrices the experts capture after the fit (CurvatureCapture(gram="after_fit"))
         "regmean (α 0.95)": RegMean(),

@@ -7,11 +7,12 @@ over seeds. Also: each statistics compression (float32, bfloat16, rank-1) throug
 
     python benchmarks/merge_quality.py [--seeds 3] [--epochs 12]
     python benchmarks/merge_quality.py --part minilm --cache /tmp/minilm-experts --only ota  # reuses the experts
+    python benchmarks/merge_quality.py --part digits --steps 50,400,3000 --only "v̂)" "raw v)"  # unequal lengths
 
-RegMean rows need the linear layers' input Gram matrices: the experts capture them after the fit
-(``CurvatureCapture(gram="after_fit")``, the Fisher's 512 training examples); α (off-diagonal scale) is chosen on
-validation like λ. With a fusion-bench environment (``.venv-fusionbench`` or FUSION_BENCH_PYTHON), the same Gram
-matrices also go through FusionBench's own ``merging_with_regmean_weights`` for a row side by side.
+``--steps`` fine-tunes the digits experts for unequal numbers of optimizer steps instead of ``--epochs`` (expert
+t of seed s: ``steps[(t + s) % len(steps)]``, so no task is always the short one; with 3 lengths the 4th task
+repeats the 1st's): the setting where OTA's bias-corrected v̂ and the reference's raw v weigh the experts
+differently (docs/strategies.md, OTA).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from lightning_merge import (
     WeightedMedian,
     merge,
 )
-from lightning_merge.cli.demo import train_digits_experts
+from lightning_merge.cli.demo import TASKS, train_digits_experts
 from lightning_merge.formats.sidecar import Statistics, write_statistics
 from lightning_merge.tools.evaluation import normalized_score, sweep, sweep_scale
 
@@ -69,13 +70,19 @@ def strategies() -> dict[str, object]:
         "fisher (batch, no norm)": Fisher(estimator="batch", normalize=False),
         "ota": OTA(),
         "ota + ffg (density 0.3)": OTA(density=0.3),
+        # the second-moment form, named whatever the default (issue 33): they differ when the experts ran unequal
+        # numbers of steps (--steps)
+        "ota (bias-corrected v̂)": OTA(bias_correct=True),
+        "ota (raw v)": OTA(bias_correct=False),
+        "ota + ffg 0.3 (bias-corrected v̂)": OTA(density=0.3, bias_correct=True),
+        "ota + ffg 0.3 (raw v)": OTA(density=0.3, bias_correct=False),
         "weighted_median (batch)": WeightedMedian(estimator="batch"),
         "tsv_merge": TSVMerge(),
         "pcb (ratio 0.1)": PCB(ratio=0.1),
         "pcb (ratio 0.2)": PCB(ratio=0.2),
-        # the references' conventions (docs/strategies.md): OTA's per-tensor mean normalisation, Fisher's floor on
-        # the target (first) model only
-        "ota, mean-normalized (reference)": OTA(mean_normalize=True),
+        # the references' options (docs/strategies.md): OTA's per-tensor mean normalisation (`normalise: global`,
+        # not the reference's default, which is OTA()), Fisher's floor on the target (first) model only
+        "ota, mean-normalized (reference option)": OTA(mean_normalize=True),
         "fisher (batch), favor target (reference)": Fisher(estimator="batch", favor_target=True),
         # issue 8: CABS against magnitude-pruned TIES at equal density, and the ablation without conflict-awareness
         "ties (density 0.25)": Ties(density=0.25),
@@ -232,9 +239,11 @@ def state_of(expert: Expert) -> dict:
     return {name: expert.tensor(name) for name in expert.names()}
 
 
-def run_seed(seed: int, epochs: int, folder: Path,
-             only: list[str] | None = None) -> dict[str, tuple[float, float | None]]:
-    setup = train_digits_experts(seed=seed, epochs=epochs, verbose=False)
+def run_seed(seed: int, epochs: int, folder: Path, only: list[str] | None = None,
+             steps: list[int] | None = None) -> dict[str, tuple[float, float | None]]:
+    """One seed's rows; ``steps``: each expert's optimizer steps (rotated by the seed) instead of ``epochs``."""
+    rotated = [steps[(t + seed) % len(steps)] for t in range(len(TASKS))] if steps else None
+    setup = train_digits_experts(seed=seed, epochs=epochs, verbose=False, steps=rotated)
     own_val, own_test = setup.own_scores("val"), setup.own_scores("test")
 
     def val(state):
@@ -527,7 +536,9 @@ PAIRS = (
     ("lines (fisher)", "fisher (batch)"),
     ("dare p0.5 + fisher weights", "dare_ties (p 0.5)"),
     ("saliency 0.2 + ties election", "ties (density 0.2)"),
-    ("ota, mean-normalized (reference)", "ota"),
+    ("ota, mean-normalized (reference option)", "ota"),
+    ("ota (raw v)", "ota (bias-corrected v̂)"),
+    ("ota + ffg 0.3 (raw v)", "ota + ffg 0.3 (bias-corrected v̂)"),
     ("fisher (batch), favor target (reference)", "fisher (batch)"),
     ("tsv_merge", "task_arithmetic"),
     ("tsv_merge", "lines (fisher)"),
@@ -569,6 +580,9 @@ def main() -> None:
     parser.add_argument("--wide-grid", action="store_true", help="MiniLM: sweep λ up to 3.5 instead of 2.5")
     parser.add_argument("--cache", type=Path, default=None,
                         help="MiniLM: keep each seed's trained experts in this folder and reuse them in later runs")
+    parser.add_argument("--steps", type=lambda text: [int(x) for x in text.split(",")], default=None,
+                        help="digits: fine-tune the experts for these numbers of optimizer steps (comma-separated, "
+                             "rotated by the seed) instead of --epochs")
     parser.add_argument("--only", nargs="*", default=None,
                         help="only the strategies whose row name contains one of these (digits: no compression rows)")
     args = parser.parse_args()
@@ -585,9 +599,11 @@ def main() -> None:
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            per_seed.append(run_seed(seed, args.epochs, Path(tmp), args.only))
+            per_seed.append(run_seed(seed, args.epochs, Path(tmp), args.only, args.steps))
+    lengths = f"experts fine-tuned for {'/'.join(map(str, args.steps))} steps, " if args.steps else ""
     report(
-        f"digits, 4 tasks, {args.seeds} seeds: normalized test accuracy (mean ± std), λ chosen on validation", per_seed
+        f"digits, 4 tasks, {lengths}{args.seeds} seeds: normalized test accuracy (mean ± std), λ chosen on validation",
+        per_seed,
     )
     report_pairs(per_seed)
     print(f"total {time.perf_counter() - started:.0f}s")

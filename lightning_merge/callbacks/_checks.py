@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_merge.engine.options import patterns
 from lightning_merge.engine.options import selects as selected
+from lightning_merge.formats.sidecar import RAW_SECOND_MOMENTS
 
 
 def capture_of(trainer: Any) -> Any:
@@ -56,7 +57,7 @@ def captures_kind(capture: Any, kind: str) -> bool:
     """Whether a ``CurvatureCapture`` configured like this records the statistic ``kind``."""
     if capture is None:
         return False
-    if kind == "exp_avg_sq":
+    if kind in ("exp_avg_sq", RAW_SECOND_MOMENTS):
         return bool(capture.second_moments)
     if kind == "fisher":
         return bool(capture.fisher or capture.fisher_after_fit)

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,15 +132,17 @@ def quiet_lightning() -> None:
 
 
 def train(module, x: Tensor, y: Tensor, epochs: int, seed: int, callbacks=(), default_root_dir=None,
-          batch_size: int = 32):
-    """Fit ``module`` on (x, y) with a plain Lightning Trainer on the CPU."""
+          batch_size: int = 32, max_steps: int = -1):
+    """Fit ``module`` on (x, y) with a plain Lightning Trainer on the CPU (``max_steps`` > 0: that many optimizer
+    steps, as many epochs as they take, instead of ``epochs``)."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_epochs=epochs if max_steps <= 0 else -1, max_steps=max_steps, accelerator="cpu", devices=1,
+        logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
         default_root_dir=default_root_dir,
     )
@@ -192,7 +194,8 @@ class DigitsExperts:
 
 
 def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, lr: float = 1e-3,
-                         tasks: tuple[Task, ...] = TASKS, verbose: bool = True, **capture_args) -> DigitsExperts:
+                         tasks: tuple[Task, ...] = TASKS, verbose: bool = True, steps: Sequence[int] | None = None,
+                         **capture_args) -> DigitsExperts:
     """Pre-train a backbone briefly on 10-way digits, then fine-tune one expert per task with ``CurvatureCapture``.
 
     Args:
@@ -203,6 +206,8 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
         lr: the experts' learning rate.
         tasks: the tasks.
         verbose: print the training time.
+        steps: optimizer steps of each fine-tune (expert t: ``steps[t % len(steps)]``) instead of ``epochs``
+            (experts trained for unequal lengths); the pre-training still runs ``epochs``.
         capture_args: overrides of the ``CurvatureCapture`` arguments.
     """
     from lightning_merge.sources.expert import Expert
@@ -234,7 +239,8 @@ def train_digits_experts(seed: int = 0, epochs: int = 12, capture: bool = True, 
             callbacks.append(CurvatureCapture(**options))
         if verbose:
             print(f"fine-tuning expert {t + 1}/{len(tasks)} ({task.name}) with CurvatureCapture...", flush=True)
-        train(model, *task_data(task, splits["train"]), epochs=epochs, seed=seed + 1 + t, callbacks=callbacks)
+        train(model, *task_data(task, splits["train"]), epochs=epochs, seed=seed + 1 + t, callbacks=callbacks,
+              max_steps=steps[t % len(steps)] if steps else -1)
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("backbone.")}
         stats = callbacks[0].finalize() if capture else None
         experts.append(Expert(state, prefix="backbone.", statistics=stats, name=task.name))

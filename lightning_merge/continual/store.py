@@ -96,7 +96,7 @@ class StateStore:
             raise ContinualError(f"'{config}' is not valid JSON ({err}); the state is damaged") from None
         validate_config(config, self.config)
         try:
-            self.strategy = Strategy.from_dict(self.config["strategy"])
+            self.strategy = Strategy.from_dict(_written_defaults(self.config["strategy"]))
             self.form = self.strategy.continual_form()
         except (ValueError, TypeError) as err:
             raise ContinualError(f"'{config}': its strategy cannot be used: {err}") from None
@@ -401,3 +401,16 @@ def state_holding(path: Path) -> Path | None:
                 if isinstance(found, dict) and found.get("format") == FORMAT:
                     return parent
     return None
+
+
+def _written_defaults(spec: Any) -> Any:
+    """A stored strategy with the defaults it was created under where a later version changed them: OTA folded the
+    bias-corrected v̂ before ``bias_correct`` existed (its default is now the raw v), so a state written without
+    the argument keeps v̂ for the experts it adds next."""
+    if isinstance(spec, dict):
+        spec = {k: _written_defaults(v) for k, v in spec.items()}
+        if spec.get("name") == "ota" and "bias_correct" not in spec:
+            spec["bias_correct"] = True
+    elif isinstance(spec, list):
+        spec = [_written_defaults(v) for v in spec]
+    return spec

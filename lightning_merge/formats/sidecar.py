@@ -44,6 +44,10 @@ FISHER_ESTIMATORS = ("exact", "true", "example", "batch")  # preference order wh
 KNOWN_KINDS = ("fisher", "exp_avg_sq", "gram")
 COMPRESSIONS = ("float32", "bfloat16", "rank1")
 GRAM = "gram"  # the one statistic kind that is not of its tensor's shape (see the module docstring)
+#: A request (never stored) for the ``exp_avg_sq`` as the optimizer held it, without the bias correction 1/(1 − β₂ᵗ):
+#: what ``OTA(bias_correct=False)`` reads, as the OTA reference does. Merge-ready values given without metadata
+#: (``{"exp_avg_sq": {...}}``) are returned as given, like the corrected request.
+RAW_SECOND_MOMENTS = "exp_avg_sq.raw"
 GRAM_FORMS = ("full", "diagonal", "lowrank")
 _PART_SUFFIXES = (":row", ":col", ":diag", ":factor")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # X.<suffix> pairs with X.statistics.safetensors
@@ -424,6 +428,8 @@ class Statistics:
 
     # -- queries ------------------------------------------------------------------------------------------------
     def _resolve_kind(self, kind: str, estimator: str | None) -> str:
+        if kind == RAW_SECOND_MOMENTS:
+            kind = "exp_avg_sq"
         if kind in self.kinds:
             return kind
         if kind == "fisher":
@@ -503,7 +509,8 @@ class Statistics:
     def get(self, name: str, kind: str, estimator: str | None = None, rows: tuple[int, int] | None = None) -> Tensor:
         """The merge-ready float32 statistic of tensor ``name``.
 
-        ``exp_avg_sq`` is bias-corrected with the β₂ and the per-parameter step recorded at capture; the
+        ``exp_avg_sq`` is bias-corrected with the β₂ and the per-parameter step recorded at capture (the request
+        ``"exp_avg_sq.raw"``, :data:`RAW_SECOND_MOMENTS`, returns it uncorrected, checked like the others); the
         batch-empirical Fisher is multiplied by the global effective batch size; a Gram matrix is divided by its
         count of input rows (the mean xxᵀ, FusionBench's RegMean convention); other kinds are returned as stored.
         See docs/format.md and ALGORITHMS.md. ``rows=(start, stop)``: those rows only, for an elementwise kind (the
@@ -526,15 +533,16 @@ class Statistics:
         _check_values(self.origin, stored, name, value)
         if meta.get("ready"):
             return value
-        if stored == "exp_avg_sq":
+        if stored == "exp_avg_sq":  # the raw request is checked alike: a capture before any update holds no curvature
             beta2 = _per_name(meta, "beta2", name, self.origin)
             step = _per_name(meta, "step", name, self.origin)
             if step <= 0:
                 raise StatisticsError(
                     f"{self.origin}: tensor '{name}' has exp_avg_sq recorded at optimizer step {step:g}, before any "
-                    "update, so it cannot be bias-corrected; capture after at least one optimizer step"
+                    "update, so it holds no curvature and cannot be bias-corrected; capture after at least one "
+                    "optimizer step"
                 )
-            return value / (1.0 - beta2**step)
+            return value if kind == RAW_SECOND_MOMENTS else value / (1.0 - beta2**step)
         if stored == "fisher.batch":
             decay = meta.get("ema_decay")
             if decay:  # an exponential moving average: bias-corrected like Adam's second moments

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_merge.formats.sidecar import FISHER_ESTIMATORS
+from lightning_merge.formats.sidecar import FISHER_ESTIMATORS, RAW_SECOND_MOMENTS
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
 from lightning_merge.strategies.checks import (
@@ -215,29 +215,38 @@ class Fisher(_PrecisionStrategy):
 
 @dataclasses.dataclass(frozen=True)
 class OTA(_PrecisionStrategy):
-    """OTA: precision-weighted averaging with Adam's bias-corrected second moments v̂ as the curvature proxy.
+    """OTA: precision-weighted averaging with Adam's second moments v as the curvature proxy.
 
-    ``wᵢ = λᵢ (v̂ᵢᵖ + eps)`` (optionally divided by its tensor mean), ``θ = θ₀ + scale · Σ wᵢτᵢ / Σ wᵢ``
-    (no base: ``Σ wᵢθᵢ / Σ wᵢ``). ``power = 1`` is Fisher merging with v̂ as the Fisher.
+    ``wᵢ = λᵢ (vᵢᵖ + eps)`` (optionally divided by its tensor mean), ``θ = θ₀ + scale · Σ wᵢτᵢ / Σ wᵢ``
+    (no base: ``Σ wᵢθᵢ / Σ wᵢ``). ``power = 1`` is Fisher merging with v as the Fisher. By default vᵢ is the raw
+    ``exp_avg_sq`` the optimizer held, as the reference code and the paper read it; ``bias_correct=True`` uses
+    v̂ᵢ = vᵢ / (1 − β₂ᵗ) instead, t the expert's optimizer step for that parameter. The two agree when every expert
+    ran the same number of steps (up to eps); with raw v an expert trained for fewer steps weighs less
+    (docs/strategies.md gives both forms measured on experts of unequal lengths).
 
-    Fast Fisher Grafting (``density`` or ``threshold``): saliency ``sᵢ = v̂ᵢ ⊙ τᵢ²``; expert i keeps the
-    coordinates where sᵢ is in its top ``density`` fraction (per tensor) or ``sᵢ ≥ threshold``. Masked entries
-    leave both the numerator and the denominator; where every expert is masked the coordinate stays at θ₀.
+    Fast Fisher Grafting (``density`` or ``threshold``): saliency ``sᵢ = vᵢ ⊙ τᵢ²`` with the same v as the weights;
+    expert i keeps the coordinates where sᵢ is in its top ``density`` fraction (per tensor) or ``sᵢ ≥ threshold``.
+    Masked entries leave both the numerator and the denominator; where every expert is masked the coordinate stays
+    at θ₀.
 
     Args:
         weights: one weight λᵢ per expert, or None for 1.
         scale: λ, the step along the merged task vector (needs a base when not 1).
-        power: p in v̂ᵖ (0.5: Adam's √v preconditioner).
-        eps: added to v̂ᵖ.
+        power: p in vᵖ (0.5: Adam's √v preconditioner).
+        eps: added to vᵖ.
         mean_normalize: divide each expert's weights by their tensor mean.
-        density: FFG by top-k per tensor (fraction kept, in (0, 1]); None for no FFG.
-        threshold: FFG by an absolute saliency threshold κ (one per expert or one for all); None for no FFG.
-            Saliency uses the bias-corrected v̂ (the reference code uses raw v; they differ by 1/(1 − β₂ᵗ)).
+        density: FFG by top-k per tensor (fraction kept, in (0, 1]); None for no FFG. The masks are the same in
+            both ``bias_correct`` modes (the correction is one factor per tensor).
+        threshold: FFG by an absolute saliency threshold κ (one per expert or one for all); None for no FFG. κ is
+            compared with the saliency of the ``bias_correct`` mode: raw v ⊙ τ² by default, the quantity the
+            paper's thresholds are defined on; v̂ ⊙ τ² with ``bias_correct=True`` (larger by 1/(1 − β₂ᵗ)).
+        bias_correct: False (default): the raw ``exp_avg_sq``, the reference's and the paper's form; True:
+            v̂ = v / (1 − β₂ᵗ) with the β₂ and step the capture recorded. Either form serves the weights and FFG's
+            saliency alike. Statistics given as merge-ready tensors without metadata are used as given in both.
     """
 
     name = "ota"
     reference = Reference("https://arxiv.org/abs/2509.11167", ("https://github.com/pmahdavi/ota-merge",))
-    requires = ("exp_avg_sq",)
 
     weights: PerExpert = None
     scale: float = 1.0
@@ -246,10 +255,12 @@ class OTA(_PrecisionStrategy):
     mean_normalize: bool = False
     density: float | None = None
     threshold: PerExpert = None
+    bias_correct: bool = False
 
     def __post_init__(self) -> None:
         owner = type(self)
         check_precision_weights(owner, self.weights)
+        check_bool(owner, "bias_correct", self.bias_correct)
         check_number(owner, "scale", self.scale)
         check_number(owner, "power", self.power, low=0)
         check_number(owner, "eps", self.eps, low=0)
@@ -259,6 +270,11 @@ class OTA(_PrecisionStrategy):
             check_number(owner, "threshold", self.threshold, low=0, per_expert=True)
         if self.density is not None and self.threshold is not None:
             raise ValueError("OTA: give density or threshold for Fast Fisher Grafting, not both")
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """``exp_avg_sq`` read raw (:data:`~lightning_merge.formats.sidecar.RAW_SECOND_MOMENTS`), or bias-corrected."""
+        return ("exp_avg_sq",) if self.bias_correct else (RAW_SECOND_MOMENTS,)
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights", "threshold")
@@ -274,13 +290,13 @@ class OTA(_PrecisionStrategy):
 
     @property
     def needs_base(self) -> bool:
-        """A base is needed to scale the merged task vector, and by Fast Fisher Grafting's saliency v̂ ⊙ τ²."""
+        """A base is needed to scale the merged task vector, and by Fast Fisher Grafting's saliency v ⊙ τ²."""
         return self.scale != 1.0 or self.grafting
 
     def expert_precision(
         self, index: int, weight: float, stats: Mapping[str, Tensor], x: Tensor, norm: float | None
     ) -> Tensor:
-        v = stats["exp_avg_sq"]
+        v = stats[self.requires[0]]
         w = F.ota_precision(v, self.power, self.eps, self.mean_normalize).mul_(weight)
         if self.grafting:
             saliency = v * x.square()

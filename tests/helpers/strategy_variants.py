@@ -27,6 +27,7 @@ VARIANTS = [
     S.LiNeS(inner=S.Ties(density=0.4), alpha=0.5, beta=0.25, pattern=r"blocks\.(\d+)"),
     S.Fisher(weights=[1, 2], scale=1.5, floor=0.0, eps=1e-8, normalize=False, estimator="example", favor_target=True),
     S.OTA(power=1.0, mean_normalize=True, threshold=[0.1, 0.2]),
+    S.OTA(weights=[1.0, 2.0], bias_correct=False),  # row-local: the raw exp_avg_sq read by rows
     S.WeightedMedian(kappa=0.5, importance="none", normalize=True),
     S.OPCM(alpha=0.7, not_linear=r"head", device="cpu"),
     S.PCB(ratio=0.2, clamp_ratio=0.01, scale=0.9),

@@ -85,7 +85,12 @@ def _stats(shapes: dict, g: torch.Generator) -> dict:
     }
 
 
-_KINDS = {"fisher.example": {"count": 16}, "exp_avg_sq": {"beta2": 0.999, "step": 100}, "gram": {"count": 8}}
+STEPS = (50, 400, 3000)  # expert i's optimizer steps: unequal, so OTA's raw and bias-corrected forms weigh apart
+
+
+def _kinds(i: int) -> dict:
+    return {"fisher.example": {"count": 16}, "exp_avg_sq": {"beta2": 0.999, "step": STEPS[i % len(STEPS)]},
+            "gram": {"count": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +111,7 @@ def dense(tmp_path_factory):
         for suffix, dtype, out in (("", torch.float32, experts), ("16", torch.bfloat16, experts16)):
             path = root / f"e{i}{suffix}.safetensors"
             save_tensors(path, {k: v.to(dtype) if v.is_floating_point() else v for k, v in expert.items()})
-            write_statistics(root / f"e{i}{suffix}.statistics.safetensors", stats, _KINDS)
+            write_statistics(root / f"e{i}{suffix}.statistics.safetensors", stats, _kinds(i))
             out.append(path)
     return root, experts, experts16
 
@@ -115,10 +120,13 @@ def dense(tmp_path_factory):
 def adapters(tmp_path_factory):
     """A tiny Llama base and N_MAX LoRA adapters over it (different ranks and targets), with ΔW statistics."""
 
+    written = []
+
     def statistics(folder, g):
         keys = Expert(folder / "adapter_model.safetensors")
         shapes = {k: tuple(keys.spec(k).shape) for k in keys.names()}
-        write_statistics(folder / "statistics.safetensors", _stats(shapes, g), _KINDS)
+        write_statistics(folder / "statistics.safetensors", _stats(shapes, g), _kinds(len(written)))
+        written.append(folder)
 
     return write_lora_family(tmp_path_factory.mktemp("lora"), N_MAX, statistics)
 
@@ -192,7 +200,7 @@ def strategies(draw, n: int):
     if name == "ota":
         graft = draw(st.sampled_from(["none", "density", "threshold"]))
         return OTA(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)), power=draw(st.sampled_from([0.5, 1.0])),
-                   mean_normalize=draw(st.booleans()),
+                   mean_normalize=draw(st.booleans()), bias_correct=draw(st.booleans()),
                    density=draw(st.floats(0.2, 1.0)) if graft == "density" else None,
                    threshold=draw(st.floats(0.0, 1e-4)) if graft == "threshold" else None)
     if name == "weighted_median":

@@ -213,7 +213,7 @@ def test_the_base_check_is_made_once_from_the_declaration():
     from lightning_merge.strategies import STRATEGIES
 
     tensors = _tensors()
-    stats = [{"fisher": t.abs() + 0.1, "exp_avg_sq": t.abs() + 0.1} for t in tensors]
+    stats = [{"fisher": t.abs() + 0.1, "exp_avg_sq": t.abs() + 0.1, "exp_avg_sq.raw": t.abs() + 0.1} for t in tensors]
     library = [cls() for name, cls in sorted(STRATEGIES.items()) if cls.__module__.startswith("lightning_merge.")]
     optional = [Fisher(normalize=False), OTA(), RegMean()]
     needing = [Fisher(scale=2.0), OTA(density=0.5), OTA(scale=0.5), RegMean(scale=2.0), _Shift()]
@@ -282,7 +282,8 @@ def test_declarations_are_properties_a_class_attribute_or_a_property_overrides()
         assert isinstance(s.requires, tuple) and all(isinstance(k, str) for k in s.requires), name
         for flag in ("needs_base", "uses_base", "scalable", "global_pass"):
             assert isinstance(getattr(s, flag), bool), (name, flag)
-    assert Fisher(estimator="example").requires == ("fisher.example",) and OTA().requires == ("exp_avg_sq",)
+    assert Fisher(estimator="example").requires == ("fisher.example",) and OTA().requires == ("exp_avg_sq.raw",)
+    assert OTA(bias_correct=True).requires == ("exp_avg_sq",)  # OTA reads the raw exp_avg_sq unless told to correct
     assert not Linear().needs_base and not Linear().uses_base and _Shift().needs_base and _Shift().uses_base
     assert Ties(weighting="fisher").global_pass and not Ties().global_pass and Ties().scalable
 

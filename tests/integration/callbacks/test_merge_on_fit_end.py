@@ -7,15 +7,15 @@ import pytest
 import torch
 from capture_helpers import SaveRankWeights, Tiny, ddp_loader, loader, trainer
 
-from lightning_merge import Expert, Fisher, TaskArithmetic, merge
+from lightning_merge import OTA, Expert, Fisher, TaskArithmetic, merge
 from lightning_merge.callbacks import CurvatureCapture, MergeOnFitEnd
 
 
-def make_experts(tmp_path, seeds=(1, 2)):
+def make_experts(tmp_path, seeds=(1, 2), epochs=(1, 1)):
     paths = []
-    for s in seeds:
+    for s, e in zip(seeds, epochs):
         root = tmp_path / f"expert{s}"
-        trainer(root, [CurvatureCapture()], max_epochs=1).fit(Tiny(lr=5e-2), loader(32, 8, seed=s))
+        trainer(root, [CurvatureCapture()], max_epochs=e).fit(Tiny(lr=5e-2), loader(32, 8, seed=s))
         paths.append(str(root / "final.safetensors"))
     return paths
 
@@ -36,6 +36,28 @@ def test_merge_at_fit_end_equals_merge_by_hand_and_is_loaded(tmp_path):
     for name, value in by_hand.items():
         torch.testing.assert_close(on_disk.tensor(name), value, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_ota_with_raw_second_moments_at_fit_end_is_the_reference_weighting_of_unequal_runs(tmp_path):
+    """Experts and the run trained for 4, 12 and 8 steps: the callback (whose setup checks the run captures second
+    moments for the raw form too) merges with the raw exp_avg_sq, Σ(vᵢ^0.5 + ε)τᵢ / Σ(vᵢ^0.5 + ε), as merge() does."""
+    paths = make_experts(tmp_path, epochs=(1, 3))
+    strategy = OTA(bias_correct=False, scale=1.5)
+    merger = MergeOnFitEnd(experts=paths, strategy=strategy, dirpath=str(tmp_path / "run"))
+    trainer(tmp_path / "run", [merger, CurvatureCapture()], max_epochs=2).fit(Tiny(lr=5e-2), loader(32, 8, seed=3))
+    snapshot = Expert(tmp_path / "run" / "merge_base_snapshot.safetensors")
+    experts = [Expert(tmp_path / "run" / "final.safetensors"), *(Expert(p) for p in paths)]
+    assert [e.metadata["exp_avg_sq"]["step"] for e in experts] == [8, 4, 12]  # one step for every parameter
+    on_disk = Expert(tmp_path / "run" / "merged.safetensors")
+    by_hand = merge(experts, base=snapshot, strategy=strategy)
+    corrected = merge(experts, base=snapshot, strategy=OTA(scale=1.5, bias_correct=True))
+    for name, value in by_hand.items():
+        torch.testing.assert_close(on_disk.tensor(name), value, rtol=1e-6, atol=1e-7)
+        w = [e.statistics.raw(name, "exp_avg_sq").sqrt() + 1e-8 for e in experts]
+        tau = [e.tensor(name) - snapshot.tensor(name) for e in experts]
+        expected = snapshot.tensor(name) + 1.5 * sum(a * t for a, t in zip(w, tau)) / sum(w)
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(corrected[n], by_hand[n], rtol=1e-3, atol=1e-5) for n in by_hand)
 
 
 def test_include_keeps_the_module_head_and_ckpt_output_loads(tmp_path):

@@ -192,6 +192,32 @@ def test_folding_one_at_a_time_equals_merging_at_once(tmp_path, strategy):
     assert len(list((tmp_path / "state" / "generations").iterdir())) == 1  # old generations removed
 
 
+def test_an_ota_state_written_before_bias_correct_existed_keeps_folding_the_corrected_moments(tmp_path):
+    """OTA's default second-moment form became the raw v; a state whose state.json has no ``bias_correct`` folded
+    v̂ and goes on doing so (with experts of unequal steps, mixing the forms would give neither merge)."""
+    base_path, paths = write_family(tmp_path)
+    for i, p in enumerate(paths):  # unequal numbers of steps: the two forms weigh the experts apart
+        stats = Expert(p).statistics
+        write_statistics(tmp_path / f"e{i}.statistics.safetensors",
+                         {"exp_avg_sq": {n: stats.raw(n, "exp_avg_sq") for n in stats.names("exp_avg_sq")}},
+                         {"exp_avg_sq": {"beta2": 0.999, "step": (50, 400, 3000, 20)[i]}})
+    state = ContinualState.create(tmp_path / "state", base=base_path, strategy=OTA(bias_correct=True))
+    state.add(paths[0])
+    config_path = tmp_path / "state" / "state.json"
+    config = json.loads(config_path.read_text())
+    del config["strategy"]["bias_correct"]  # as an older version wrote it
+    config_path.write_text(json.dumps(config))
+    reopened = ContinualState(tmp_path / "state")
+    for p in paths[1:]:
+        reopened.add(p)
+    assert reopened.strategy == OTA(bias_correct=True) and OTA() == OTA(bias_correct=False)
+    corrected = merge(paths, base=base_path, strategy=OTA(bias_correct=True))
+    raw = merge(paths, base=base_path, strategy=OTA())
+    for name, value in corrected.items():
+        torch.testing.assert_close(reopened.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(corrected[n], raw[n], rtol=1e-3, atol=1e-4) for n in raw)
+
+
 def test_duplicates_other_bases_and_missing_statistics_are_refused(tmp_path):
     base_path, paths = write_family(tmp_path)
     with pytest.raises(ContinualError, match="elects each entry's sign over all experts"):

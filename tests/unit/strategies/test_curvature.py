@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import rand
 
-from lightning_merge import OTA, Expert, Fisher, StatisticsError, WeightedMedian, merge
+from lightning_merge import OTA, ContinualState, Expert, Fisher, StatisticsError, WeightedMedian, merge
+from lightning_merge.files.safetensors import save_tensors
+from lightning_merge.formats.sidecar import Statistics, write_statistics
 from lightning_merge.strategies import Strategy
 from lightning_merge.strategies.curvature import weighted_median
 
@@ -178,6 +180,93 @@ def test_fast_fisher_grafting_properties():
         OTA(density=0.2, threshold=1.0)
     with pytest.raises(ValueError, match="needs a base"):
         merge(experts, strategy=OTA(density=0.2))
+
+
+def experts_with_steps(steps, beta2=0.999, shape=(6, 8), seed=0):
+    """Experts whose ``exp_avg_sq`` carries the β₂ and step of a capture (``steps[i]`` for expert i), with the raw
+    tensors; and the base."""
+    base = {"w": rand(*shape, seed=seed), "b": rand(shape[0], seed=seed + 1)}
+    experts, raw = [], []
+    for i, step in enumerate(steps):
+        sd = {k: v + 0.1 * rand(*v.shape, seed=seed + 10 + 2 * i + j) for j, (k, v) in enumerate(base.items())}
+        v = {k: 1e-3 * rand(*t.shape, seed=seed + 100 + 2 * i + j).abs() + 1e-6
+             for j, (k, t) in enumerate(base.items())}
+        stats = Statistics.from_mapping({"tensors": {f"exp_avg_sq/{k}": t for k, t in v.items()},
+                                         "kinds": {"exp_avg_sq": {"beta2": beta2, "step": step}}})
+        experts.append(Expert(sd, statistics=stats, name=f"e{i}"))
+        raw.append((sd, v))
+    return base, experts, raw
+
+
+def test_ota_raw_second_moments_are_the_reference_weights_and_differ_only_with_unequal_steps():
+    base, experts, raw = experts_with_steps([50, 400, 3000])
+    for power, eps in ((0.5, 1e-8), (1.0, 0.0)):
+        got = merge(experts, base=base, strategy=OTA(bias_correct=False, power=power, eps=eps, scale=1.5))
+        for k in ("w", "b"):  # Σ(vᵢᵖ + ε)τᵢ / Σ(vᵢᵖ + ε) with the raw exp_avg_sq, as the reference weighs
+            w = [v[k] ** power + eps for _, v in raw]
+            tau = [sd[k] - base[k] for sd, _ in raw]
+            torch.testing.assert_close(got[k], base[k] + 1.5 * sum(a * t for a, t in zip(w, tau)) / sum(w),
+                                       rtol=1e-5, atol=1e-6)
+    corrected = merge(experts, base=base, strategy=OTA(bias_correct=True))
+    by_hand = [{k: t / (1 - 0.999**step) for k, t in v.items()} for (_, v), step in zip(raw, (50, 400, 3000))]
+    w = [v["w"].sqrt() + 1e-8 for v in by_hand]
+    torch.testing.assert_close(corrected["w"], base["w"] + sum(a * (sd["w"] - base["w"]) for a, (sd, _) in
+                                                              zip(w, raw)) / sum(w), rtol=1e-5, atol=1e-6)
+    plain = merge(experts, base=base, strategy=OTA(bias_correct=False))
+    tau_c, tau_r = corrected["w"] - base["w"], plain["w"] - base["w"]
+    assert float((tau_c - tau_r).norm() / tau_c.norm()) > 0.2  # 50 / 400 / 3000 steps: the forms weigh apart
+    # the same number of steps: one factor for every expert, so the two forms agree up to eps
+    _, same, _ = experts_with_steps([400, 400, 400])
+    a = merge(same, base=base, strategy=OTA(bias_correct=True))
+    b = merge(same, base=base, strategy=OTA(bias_correct=False))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_ota_ffg_threshold_is_compared_with_the_saliency_of_its_mode():
+    base, experts, raw = experts_with_steps([50, 400, 3000])
+    tau = [sd["w"] - base["w"] for sd, _ in raw]
+    sal = [v["w"] * t**2 for (_, v), t in zip(raw, tau)]  # raw v ⊙ τ², the paper's saliency
+    kappa = float(torch.cat([s.reshape(-1) for s in sal]).median())
+    for bias_correct in (False, True):
+        got = merge(experts, base=base, strategy=OTA(threshold=kappa, eps=0.0, bias_correct=bias_correct))
+        factor = [1 / (1 - 0.999**t) if bias_correct else 1.0 for t in (50, 400, 3000)]
+        keep = [f * s >= kappa for f, s in zip(factor, sal)]
+        w = [(f * v["w"]).sqrt() * m for f, (_, v), m in zip(factor, raw, keep)]
+        den = sum(w)
+        num = sum(x * t for x, t in zip(w, tau))
+        expected = base["w"] + torch.where(den > 0, num / den.clamp(min=1e-30), 0.0)
+        torch.testing.assert_close(got["w"], expected, rtol=1e-5, atol=1e-6)
+    # density masks are the same in both modes (one correction factor per tensor), the weights are not
+    a = merge(experts, base=base, strategy=OTA(density=0.3, bias_correct=True))
+    b = merge(experts, base=base, strategy=OTA(density=0.3, bias_correct=False))
+    assert torch.equal(a["w"] == base["w"], b["w"] == base["w"]) and not torch.allclose(a["w"], b["w"])
+
+
+def test_ota_raw_reads_the_stored_moments_through_a_sidecar_a_continual_state_and_the_registry(tmp_path):
+    base, experts, raw = experts_with_steps([50, 400, 3000])
+    strategy = OTA(bias_correct=False, scale=1.2)
+    assert Strategy.from_dict(strategy.to_dict()) == strategy and strategy.requires == ("exp_avg_sq.raw",)
+    assert OTA() == OTA(bias_correct=False) and OTA(bias_correct=True).requires == ("exp_avg_sq",)
+    paths = []
+    for i, (expert, (sd, v)) in enumerate(zip(experts, raw)):
+        save_tensors(tmp_path / f"e{i}.safetensors", sd)
+        write_statistics(tmp_path / f"e{i}.statistics.safetensors", {"exp_avg_sq": v},
+                         {"exp_avg_sq": {"beta2": 0.999, "step": expert.metadata["exp_avg_sq"]["step"]}})
+        paths.append(tmp_path / f"e{i}.safetensors")
+        loaded = Expert(paths[-1])
+        torch.testing.assert_close(loaded.statistic("w", "exp_avg_sq.raw"), v["w"])
+    save_tensors(tmp_path / "base.safetensors", base)
+    want = merge(experts, base=base, strategy=strategy)
+    got = merge(paths, base=tmp_path / "base.safetensors", strategy=strategy)
+    state = ContinualState.create(tmp_path / "state", base=tmp_path / "base.safetensors", strategy=strategy)
+    for p in paths:
+        state.add(p)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(state.state_dict()[k], want[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="OTA.bias_correct must be True or False"):
+        OTA(bias_correct="no")
 
 
 # -- WeightedMedian -------------------------------------------------------------------------------------------------
