@@ -101,6 +101,9 @@ class WUDI(Strategy):
         scale: λ, the step along the merged task vector (an extension; the reference adds τ* as it is: 1).
         not_svd: a regular expression of 2-D tensor names merged by the mean instead (the reference's
             ``exclude_keys``, e.g. ``r"lm_head|embed_tokens"``); None: every 2-D tensor is optimised.
+        device: where the optimisation runs: None uses the GPU when one is present, else the CPU (results agree
+            within float32 rounding); ``"cpu"`` or ``"cuda[:i]"`` to choose. Each step is an (out × in)(in × in)
+            product: large layers want a GPU, as the reference runs them.
     """
 
     name = "wudi"
@@ -113,6 +116,7 @@ class WUDI(Strategy):
     solver: str = "adam"
     scale: float = 1.0
     not_svd: str | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
@@ -122,6 +126,25 @@ class WUDI(Strategy):
             raise ValueError(f"WUDI.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         check_number(type(self), "scale", self.scale)
         check_pattern(type(self), "not_svd", self.not_svd)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"WUDI.device must be None, 'cpu' or 'cuda[:i]', got {self.device!r}") from None
+
+    def compute_device(self) -> torch.device:
+        """Where the optimisation runs (see ``device``).
+
+        Raises:
+            ValueError: ``device`` names CUDA and none is available.
+        """
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        resolved = torch.device(self.device)
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"WUDI(device={self.device!r}): no CUDA device is available; leave device=None or "
+                             "use 'cpu'")
+        return resolved
 
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
@@ -129,12 +152,11 @@ class WUDI(Strategy):
     ) -> Tensor:
         taus = [t - base for t in tensors]
         if not matrix_rule(name, base, self.not_svd):
-            merged = torch.stack(taus).mean(0)
-        elif self.solver == "exact":
-            merged = wudi_exact(taus)
-        else:
-            merged = wudi_adam(taus, self.iterations, self.lr)
-        return merged.mul_(self.scale).add_(base)
+            return torch.stack(taus).mean(0).mul_(self.scale).add_(base)
+        device = self.compute_device()
+        taus = [t.to(device) for t in taus]
+        merged = wudi_exact(taus) if self.solver == "exact" else wudi_adam(taus, self.iterations, self.lr)
+        return merged.to(base.device).mul_(self.scale).add_(base)
 
     def working_set(self, num_experts: int) -> float:
         """The inputs, the task vectors, the merged τ, B, Adam's two moments and the gradient (A is (in × in),

@@ -148,9 +148,14 @@ def test_wudi_solvers_and_sanity():
                                                                          for e in experts], 5, 1e-5))
     with pytest.raises(NoContinualForm, match="in × in"):
         WUDI().continual_form()
-    for bad in (dict(iterations=-1), dict(iterations=1.5), dict(solver="lbfgs"), dict(lr=-1.0)):
+    for bad in (dict(iterations=-1), dict(iterations=1.5), dict(solver="lbfgs"), dict(lr=-1.0), dict(device="gpu0")):
         with pytest.raises(ValueError, match="WUDI."):
             WUDI(**bad)
+    torch.testing.assert_close(merge(experts, base, WUDI(iterations=5, device="cpu"))["layer.0.weight"],
+                               merge(experts, base, WUDI(iterations=5))["layer.0.weight"], rtol=1e-5, atol=1e-6)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            merge(experts, base, WUDI(device="cuda"))
 
 
 REFERENCE = """
