@@ -32,6 +32,7 @@ import torch
 from lightning_merge import (
     OTA,
     PCB,
+    WUDI,
     Breadcrumbs,
     Cabs,
     Consensus,
@@ -39,6 +40,8 @@ from lightning_merge import (
     Expert,
     Fisher,
     Generalized,
+    IsoC,
+    IsoCTS,
     Linear,
     LiNeS,
     RegMean,
@@ -56,6 +59,9 @@ GRID = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5)
 # MiniLM: the curvature merges' λ reached the top of GRID there (2.5 for OTA mean-normalized on 2 of 3 seeds), so its
 # sweep goes on to 3.5 (--wide-grid)
 WIDE_GRID = (*GRID, 3.0, 3.5)
+# ISO-C / ISO-CTS flatten the spectrum to its mean singular value, far below the sum's leading ones: on digits their λ
+# reached the top of GRID (2.5) on every seed, so their sweep goes on to 6
+ISO_GRID = (*GRID, 3.0, 3.5, 4.0, 5.0, 6.0)
 
 
 def strategies() -> dict[str, object]:
@@ -78,6 +84,11 @@ def strategies() -> dict[str, object]:
         "ota + ffg 0.3 (raw v)": OTA(density=0.3, bias_correct=False),
         "weighted_median (batch)": WeightedMedian(estimator="batch"),
         "tsv_merge": TSVMerge(),
+        # issue 33: the newest data-free subspace methods (FusionBench's defaults; λ on validation like the others)
+        "iso_c": ("scales", IsoC(), ISO_GRID),
+        "iso_cts (f 0.8)": ("scales", IsoCTS(), ISO_GRID),
+        "wudi (adam, 300 steps, lr 1e-5)": WUDI(),
+        "wudi (exact optimum)": WUDI(solver="exact"),
         "pcb (ratio 0.1)": PCB(ratio=0.1),
         "pcb (ratio 0.2)": PCB(ratio=0.2),
         # the references' options (docs/strategies.md): OTA's per-tensor mean normalisation (`normalise: global`,
@@ -129,8 +140,12 @@ ALPHAS = (0.0, 0.3, 0.6, 0.9, 0.95, 1.0)
 
 def tuned(strategy, experts, base, score, grid=GRID, **merge_kwargs):
     """(state, chosen value): λ swept for strategies with a scale; LiNeS' β swept (α from its norm rule); RegMean's
-    α swept for "regmean-tuned"; for ``("sweep", strategy, arguments)`` every combination of ``arguments`` (a grid,
-    or a function of the number of experts giving one) with λ, by ``lightning_merge.sweep``."""
+    α swept for "regmean-tuned"; ``("scales", strategy, grid)``: λ on that grid; for ``("sweep", strategy,
+    arguments)`` every combination of ``arguments`` (a grid, or a function of the number of experts giving one) with
+    λ, by ``lightning_merge.sweep``."""
+    if isinstance(strategy, tuple) and strategy[0] == "scales":  # λ on a grid of its own
+        result = sweep_scale(strategy[1], experts, base, score, strategy[2], **merge_kwargs)
+        return result.state, result.scale
     if isinstance(strategy, tuple) and strategy[0] == "sweep":
         _, inner, arguments = strategy
         if callable(arguments):
@@ -542,6 +557,14 @@ PAIRS = (
     ("fisher (batch), favor target (reference)", "fisher (batch)"),
     ("tsv_merge", "task_arithmetic"),
     ("tsv_merge", "lines (fisher)"),
+    ("iso_c", "task_arithmetic"),
+    ("iso_c", "tsv_merge"),
+    ("iso_cts (f 0.8)", "task_arithmetic"),
+    ("iso_cts (f 0.8)", "tsv_merge"),
+    ("wudi (adam, 300 steps, lr 1e-5)", "task_arithmetic"),
+    ("wudi (adam, 300 steps, lr 1e-5)", "tsv_merge"),
+    ("wudi (exact optimum)", "task_arithmetic"),
+    ("wudi (exact optimum)", "tsv_merge"),
     ("pcb (ratio 0.1)", "task_arithmetic"),
     ("pcb (ratio 0.1)", "ties (density 0.2)"),
     ("pcb (ratio 0.2)", "ties (density 0.2)"),

@@ -20,6 +20,7 @@ from lightning_merge.strategies.consensus import Consensus
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.della import Della
 from lightning_merge.strategies.generalized import Generalized
+from lightning_merge.strategies.isotropic import IsoC, IsoCTS
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 from lightning_merge.strategies.linear import Linear
 from lightning_merge.strategies.lines import LiNeS, LiNeSPrepared
@@ -35,6 +36,7 @@ from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
 from lightning_merge.strategies.spherical import Karcher, MultiSlerp, NuSlerp, Slerp
 from lightning_merge.strategies.task_vectors import Breadcrumbs, Dare, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.tsv import TSVMerge
+from lightning_merge.strategies.wudi import WUDI
 
 __all__ = [
     "SPARSIFIERS",
@@ -53,6 +55,8 @@ __all__ = [
     "Fisher",
     "FoldContext",
     "Generalized",
+    "IsoC",
+    "IsoCTS",
     "Karcher",
     "LayerwiseTaskArithmetic",
     "LiNeS",
@@ -79,5 +83,6 @@ __all__ = [
     "TaskArithmetic",
     "TaskVectorMerge",
     "Ties",
+    "WUDI",
     "WeightedMedian",
 ]

@@ -18,7 +18,7 @@ from lightning_merge.files.text import brief
 #: mergekit's implementations of its merge methods (linear, and the generalized task arithmetic of task arithmetic,
 #: TIES, DARE and Breadcrumbs)
 MERGEKIT = "https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/"
-#: FusionBench's implementations (the parity references of OPCM, RegMean, TSV-M and TALL masks)
+#: FusionBench's implementations (the parity references of OPCM, RegMean, TSV-M, TALL masks, ISO-C, ISO-CTS and WUDI)
 FUSION_BENCH = "https://github.com/tanganke/fusion_bench/tree/main/fusion_bench/method/"
 
 

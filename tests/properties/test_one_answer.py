@@ -29,6 +29,7 @@ from lightning_merge.strategies import (
     RAM,
     SCE,
     STRATEGIES,
+    WUDI,
     ArceeFusion,
     Breadcrumbs,
     Cabs,
@@ -37,6 +38,8 @@ from lightning_merge.strategies import (
     Della,
     Fisher,
     Generalized,
+    IsoC,
+    IsoCTS,
     Karcher,
     LayerwiseTaskArithmetic,
     Linear,
@@ -212,6 +215,15 @@ def strategies(draw, n: int):
     if name == "tsv_merge":
         return TSVMerge(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)),
                         not_svd=draw(st.sampled_from([None, r"\.1\."])))
+    if name == "iso_c":
+        return IsoC(scale=draw(st.floats(0.5, 1.5)), not_svd=draw(st.sampled_from([None, r"\.1\."])))
+    if name == "iso_cts":
+        return IsoCTS(common_space_fraction=draw(st.floats(0.0, 1.0)), scale=draw(st.floats(0.5, 1.5)),
+                      not_svd=draw(st.sampled_from([None, r"\.1\."])))
+    if name == "wudi":
+        return WUDI(iterations=draw(st.integers(0, 40)), lr=draw(st.sampled_from([1e-5, 1e-3])),
+                    solver=draw(st.sampled_from(["adam", "exact"])), scale=draw(st.floats(0.5, 1.5)),
+                    not_svd=draw(st.sampled_from([None, r"\.1\."])))
     if name == "layerwise_task_arithmetic":
         blocks = draw(st.lists(st.sampled_from(["0", "1", "2"]), unique=True, max_size=3))
         coefficients = {b: [draw(st.floats(0.1, 1.2)) for _ in range(n)] for b in blocks}
@@ -430,5 +442,6 @@ def test_every_registered_strategy_has_a_generator():
     assert names == {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "cabs", "generalized", "consensus",
                      "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge", "pcb",
                      "layerwise_task_arithmetic", "regmean", "slerp", "nuslerp", "multislerp", "karcher",
-                     "model_stock", "nearswap", "arcee_fusion", "della", "sce", "ram", "ramplus_tl", "per_tensor"}, \
+                     "model_stock", "nearswap", "arcee_fusion", "della", "sce", "ram", "ramplus_tl", "per_tensor",
+                     "iso_c", "iso_cts", "wudi"}, \
         sorted(names)
