@@ -116,7 +116,7 @@ def dop_optimize(previous: Tensor, tau: Tensor, strategy: DOP, device: torch.dev
                 grads = []
                 for loss in losses():
                     value = float(loss.detach())
-                    (grad,) = torch.autograd.grad(loss, x) if loss.requires_grad else (torch.zeros_like(x),)
+                    (grad,) = torch.autograd.grad(loss, x)
                     grads.append(grad / (value if value > 0 else 1.0))  # FusionBench's "loss" normalisation
                 sol = min_norm_pair(*grads)
                 if strategy.ema:
@@ -124,13 +124,10 @@ def dop_optimize(previous: Tensor, tau: Tensor, strategy: DOP, device: torch.dev
                     weights = [beta * w + (1 - beta) * float(g) for w, g in zip(weights, sol)]
                 else:
                     weights = [float(g) for g in sol]
-            total = 0
-            for w, loss in zip(weights, losses()):
-                total = total + w * loss
+            total = sum(w * loss for w, loss in zip(weights, losses()))  # 0 + w₀L₀ + w₁L₁, as FusionBench adds them
             optimizer.zero_grad()
-            if isinstance(total, Tensor) and total.requires_grad:
-                total.backward()
-                optimizer.step()
+            total.backward()
+            optimizer.step()
     return x.detach().to(home)
 
 
