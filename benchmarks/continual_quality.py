@@ -1,4 +1,4 @@
-"""Continual merging on the digits benchmark: normalized accuracy after each expert is folded in, for OPCM,
+"""Continual merging on the digits benchmark: normalized accuracy after each expert is folded in, for OPCM, DOP,
 the continual average and continual Fisher, mean over seeds; a table and docs/continual_quality.png.
 
 After expert t the merged backbone is evaluated on the t tasks seen so far (each with its expert's head), and
@@ -16,12 +16,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from lightning_merge import OPCM, ContinualState, Fisher, Linear
+from lightning_merge import DOP, OPCM, ContinualState, Fisher, Linear
 from lightning_merge.cli.demo import train_digits_experts
 from lightning_merge.formats.sidecar import write_statistics
 from lightning_merge.tools.evaluation import normalized_score
 
-STRATEGIES = {"OPCM (α 0.5)": OPCM(alpha=0.5), "continual average": Linear(), "continual Fisher": Fisher()}
+STRATEGIES = {"OPCM (α 0.5)": OPCM(alpha=0.5), "DOP (defaults)": DOP(), "continual average": Linear(),
+              "continual Fisher": Fisher()}
 
 
 def run(seed: int, folder: Path) -> dict[str, list[float]]:

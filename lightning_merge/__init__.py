@@ -14,6 +14,7 @@ from lightning_merge.formats.sidecar import Statistics
 from lightning_merge.sources.expert import Expert
 from lightning_merge.sources.expert import TensorSpec as TensorSpec
 from lightning_merge.strategies import (
+    DOP,
     OPCM,
     OTA,
     PCB,
@@ -81,6 +82,7 @@ __all__ = [
     "MultiSlerp",
     "NearSwap",
     "NuSlerp",
+    "DOP",
     "OPCM",
     "OTA",
     "PCB",

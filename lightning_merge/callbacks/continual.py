@@ -35,7 +35,7 @@ class ContinualMerge(Callback):
     Args:
         state: the state folder.
         base: the base model (needed to create the state).
-        strategy: the strategy (needed to create the state): OPCM, Linear, TaskArithmetic, Fisher, OTA.
+        strategy: the strategy (needed to create the state): OPCM, DOP, Linear, TaskArithmetic, Fisher, OTA.
         name: the journal's name for this run (default: the Trainer's ``default_root_dir`` name).
         allow_duplicate: fold in a model whose weights are already in the journal.
         load_merged: load the state's merged model into the module when done.

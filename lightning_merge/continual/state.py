@@ -67,7 +67,7 @@ class ContinualState(RemoteStore):
         state.journal                             # what was folded in, in order
 
     Any strategy with a continual form works (``Strategy.continual_form()``): Linear, TaskArithmetic, DARE and
-    Breadcrumbs without election, CABS, Fisher, OTA (with Fast Fisher Grafting), OPCM, LiNeS with a fixed α over
+    Breadcrumbs without election, CABS, Fisher, OTA (with Fast Fisher Grafting), OPCM, DOP, LiNeS with a fixed α over
     any of them. Folding experts in one at a time gives the same model as merging them all at once with the same
     strategy; strategies whose merge needs every expert at once (TIES' election, the weighted median, consensus)
     are refused when the state is created.

@@ -19,6 +19,7 @@ from lightning_merge.strategies.cabs import Cabs
 from lightning_merge.strategies.consensus import Consensus
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.della import Della
+from lightning_merge.strategies.dop import DOP
 from lightning_merge.strategies.generalized import Generalized
 from lightning_merge.strategies.isotropic import IsoC, IsoCTS
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
@@ -41,6 +42,7 @@ from lightning_merge.strategies.wudi import WUDI
 __all__ = [
     "SPARSIFIERS",
     "STRATEGIES",
+    "DOP",
     "OPCM",
     "OTA",
     "PCB",

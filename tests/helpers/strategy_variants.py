@@ -30,6 +30,8 @@ VARIANTS = [
     S.OTA(weights=[1.0, 2.0], bias_correct=False),  # row-local: the raw exp_avg_sq read by rows
     S.WeightedMedian(kappa=0.5, importance="none", normalize=True),
     S.OPCM(alpha=0.7, not_linear=r"head", device="cpu"),
+    S.DOP(lr=1e-3, num_steps=20, mgda=False, ema=False, ema_beta=0.9, alpha=0.6, svd_epsilon=0.9,
+          svd_proj_space="u", not_linear=r"head", device="cpu"),
     S.PCB(ratio=0.2, clamp_ratio=0.01, scale=0.9),
     S.RegMean(alpha=0.5, weights=[1.0, 3.0], scale=1.2),
     S.TSVMerge(weights=[1.0, 0.5], not_svd=r"lm_head"),

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import lightning_merge.files.atomic as lio
-from lightning_merge import ContinualState, Expert, Linear, TaskArithmetic, merge
+from lightning_merge import DOP, ContinualState, Expert, Linear, TaskArithmetic, merge
 from lightning_merge.continual.state import ContinualError
 from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.tools.averaging import average_checkpoints
@@ -231,19 +231,21 @@ def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path, fo
     _sweep(forkserver, "average", prepare, action, check, finish)
 
 
-def test_a_continual_add_survives_every_kill(tmp_path, forkserver):
+@pytest.mark.parametrize("strategy", [TaskArithmetic(), DOP(num_steps=20, lr=1e-3, device="cpu")],
+                         ids=["task_arithmetic", "dop"])  # DOP: a fold that optimises, deterministic on a retry
+def test_a_continual_add_survives_every_kill(tmp_path, forkserver, strategy):
     """At every kill point the state is the old one or the new one, whole; a retry of the same add then succeeds
     (after a kill past the commit it completes the interrupted add, saying so, and folds nothing in twice) and the
     state is the uninterrupted run's, to the bit."""
     base, paths = _family(tmp_path)
     folder = tmp_path / "state"
-    one = merge(paths[:1], base, TaskArithmetic())
-    two = merge(paths[:2], base, TaskArithmetic())
+    one = merge(paths[:1], base, strategy)
+    two = merge(paths[:2], base, strategy)
     outcomes = {"added": 0, "completed": 0, "duplicate": 0}
 
     def prepare():
         shutil.rmtree(folder, ignore_errors=True)
-        ContinualState.create(folder, base=base, strategy=TaskArithmetic()).add(paths[0])
+        ContinualState.create(folder, base=base, strategy=strategy).add(paths[0])
 
     action = functools.partial(crash_child.continual_add, folder, paths[1])
 

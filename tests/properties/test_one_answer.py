@@ -23,6 +23,7 @@ from lightning_merge.continual.state import ContinualError
 from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.formats.sidecar import write_statistics
 from lightning_merge.strategies import (
+    DOP,
     OPCM,
     OTA,
     PCB,
@@ -212,6 +213,11 @@ def strategies(draw, n: int):
                               normalize=draw(st.booleans()))
     if name == "opcm":
         return OPCM(alpha=draw(st.floats(0.1, 0.9)))
+    if name == "dop":  # few steps: each path folds the same optimisation, so its length proves nothing more
+        return DOP(lr=draw(st.sampled_from([1e-4, 1e-3])), num_steps=draw(st.integers(0, 12)), mgda=draw(st.booleans()),
+                   ema=draw(st.booleans()), alpha=draw(st.floats(0.0, 1.0)),
+                   svd_epsilon=draw(st.sampled_from([0.5, 0.9, 0.99999, 1.0])),
+                   svd_proj_space=draw(st.sampled_from(["uv", "u", "v"])))
     if name == "tsv_merge":
         return TSVMerge(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)),
                         not_svd=draw(st.sampled_from([None, r"\.1\."])))
@@ -440,7 +446,7 @@ def test_every_registered_strategy_has_a_generator():
     """A new strategy must join the property tests (``strategies`` raises for a name it does not know)."""
     names = set(_library_strategies())
     assert names == {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "cabs", "generalized", "consensus",
-                     "fisher", "ota", "weighted_median", "opcm", "lines", "tsv_merge", "pcb",
+                     "fisher", "ota", "weighted_median", "opcm", "dop", "lines", "tsv_merge", "pcb",
                      "layerwise_task_arithmetic", "regmean", "slerp", "nuslerp", "multislerp", "karcher",
                      "model_stock", "nearswap", "arcee_fusion", "della", "sce", "ram", "ramplus_tl", "per_tensor",
                      "iso_c", "iso_cts", "wudi"}, \
