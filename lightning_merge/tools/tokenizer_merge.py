@@ -276,6 +276,7 @@ class OutputVocabulary:
         folders: per model, the folder of its tokenizer.
         tokens: the recipe's ``tokens`` entries, by token.
         vocabs: per tokenizer folder, its vocabulary (the base's stripped).
+        recipe: the recipe's path, for messages.
     """
 
     vocabulary: dict[str, int]
@@ -312,7 +313,6 @@ class OutputVocabulary:
                               positions=[self.positions[k] for k in keys], size=self.size, tokens=tokens,
                               base=base_index, names=self.names)
         return VocabularyAlignment(plan, [experts[k] for k in keys]), index
-
 
     def aligner(self, models: Sequence[Expert], base: Expert | None, group: str = "the models"
                 ) -> Callable[[Expert], Expert]:
