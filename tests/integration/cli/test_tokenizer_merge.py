@@ -86,3 +86,23 @@ def test_bad_tokenizer_recipes_are_refused_by_name(tmp_path, family, capsys):
         error = capsys.readouterr().err
         assert message in error and "bad.yaml" in error, error
         assert not (tmp_path / "never").exists()
+
+
+def test_a_tokens_entry_whose_model_lacks_the_token_is_refused_before_any_tensor_is_read(tmp_path, family, capsys,
+                                                                                        monkeypatch):
+    """``"<new>": {source: expert_0}`` takes expert_0's row of ``<new>``, which expert_0 lacks: the dry run refuses
+    it (it used to pass, and the merge then failed on the first embedding, without naming the recipe)."""
+    base, experts = family
+    recipe = tmp_path / "force.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\ntokenizer:\n  source: base\n  tokens:\n"
+                      f"    '<new>': {{source: {experts[0]}, force: true}}\n"
+                      f"models:\n  - {{model: {experts[0]}, parameters: {{weight: 0.6}}}}\n"
+                      f"  - {{model: {experts[1]}, parameters: {{weight: 0.4}}}}\n")
+    read = []
+    original = Expert.tensor
+    monkeypatch.setattr(Expert, "tensor", lambda self, *a, **k: read.append(a[0]) or original(self, *a, **k))
+    for extra in (["--dry-run"], []):
+        assert main(["merge", str(recipe), str(tmp_path / "never"), "--no-progress", *extra]) == 2
+        error = capsys.readouterr().err
+        assert "force.yaml" in error and "'<new>'" in error and "lacks" in error and str(experts[0]) in error, error
+        assert read == [] and not (tmp_path / "never").exists()
