@@ -95,6 +95,7 @@ class Recipe:
     strategy: Strategy
     dtype: Any
     files: dict[str, Any] = field(default_factory=dict)
+    tokenizer: bool = False  # tokenizer merging: the token-indexed rows follow the tokenizer in ``files``
 
 
 def _existing(ref: str, recipe: Path, where: str, urls: dict[Path, str]) -> Path:
@@ -300,7 +301,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         else:
             files.update(chat_template_files(config.get("chat_template"), path, donor,
                                              [src.model for sl in slices for src in sl.sources]))
-        return Recipe(path, sliced.experts, sliced.base, strategy, dtype, files)
+        return Recipe(path, sliced.experts, sliced.base, strategy, dtype, files, tokenizer=vocabulary is not None)
 
     models = config.get("models") or []
     if not isinstance(models, list) or not models:
@@ -383,7 +384,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         aligned = align_vocabularies(tokenizer, None if base is None else (base, base_path),
                                      list(zip(experts, model_folders)), path, text)
         files.update(aligned.files)
-        return Recipe(path, aligned.experts, aligned.base, strategy, dtype, files)
+        return Recipe(path, aligned.experts, aligned.base, strategy, dtype, files, tokenizer=True)
     files.update(chat_template_files(config.get("chat_template"), path, donor, [p for p, _ in entries]))
     return Recipe(path, experts, base, strategy, dtype, files)
 

@@ -106,3 +106,18 @@ def test_a_tokens_entry_whose_model_lacks_the_token_is_refused_before_any_tensor
         error = capsys.readouterr().err
         assert "force.yaml" in error and "'<new>'" in error and "lacks" in error and str(experts[0]) in error, error
         assert read == [] and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("name", ["merged.safetensors", "merged.ckpt"])
+def test_tokenizer_merging_into_a_single_file_is_refused(tmp_path, family, capsys, name):
+    """A single-file output holds no tokenizer: the merged rows (152 here, in the union's order) would be written
+    with no tokenizer saying which token each row is (the merge used to succeed, silently dropping it)."""
+    base, experts = family
+    recipe = tmp_path / "union.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\ntokenizer_source: union\n"
+                      f"models:\n  - {{model: {experts[0]}, parameters: {{weight: 0.6}}}}\n"
+                      f"  - {{model: {experts[1]}, parameters: {{weight: 0.4}}}}\n")
+    assert main(["merge", str(recipe), str(tmp_path / name), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "union.yaml" in error and "give an output folder" in error, error
+    assert not (tmp_path / name).exists()
