@@ -378,7 +378,9 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     donor = base_path if base_path is not None else entries[0][0]
     if tokenizer is not None:  # the output's tokenizer is built, and carries the chat template
         template = config.get("chat_template")
-        model_folders = [adapter_bases.get(p, p) for p, _ in entries]
+        # a LoRA's tokenizer is its model's: the one named (model+lora), else the base it is applied to
+        model_folders = [adapter_bases.get(p, base_path if _is_adapter(p) and base_path is not None else p)
+                         for p, _ in entries]
         text = None if template is None else \
             resolve_template(template, path, list(dict.fromkeys([donor, *model_folders])))
         aligned = align_vocabularies(tokenizer, None if base is None else (base, base_path),

@@ -121,3 +121,44 @@ def test_tokenizer_merging_into_a_single_file_is_refused(tmp_path, family, capsy
     error = capsys.readouterr().err
     assert "union.yaml" in error and "give an output folder" in error, error
     assert not (tmp_path / name).exists()
+
+
+def _adapter(folder, hidden=64, rank=4):
+    """A PEFT LoRA adapter (q_proj, v_proj of both layers) with no tokenizer of its own."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    folder.mkdir()
+    tensors = {}
+    for i in range(2):
+        for m in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            tensors[f"{prefix}.lora_A.weight"] = 0.1 * torch.randn(rank, hidden, generator=g)
+            tensors[f"{prefix}.lora_B.weight"] = 0.1 * torch.randn(hidden, rank, generator=g)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
+        "bias": "none", "task_type": "CAUSAL_LM", "fan_in_fan_out": False}))
+    return folder
+
+
+def test_a_lora_over_the_base_reads_the_base_tokenizer(tmp_path, family):
+    """A bare adapter among the models applies to base_model, so its tokenizer is the base's: the merge equals the
+    one naming the model (``base+adapter``), tensor for tensor (it used to fail: no tokenizer in the adapter's
+    folder)."""
+    base, experts = family
+    adapter = _adapter(tmp_path / "adapter")
+    outs = []
+    for ref in (str(adapter), f"{base}+{adapter}"):
+        recipe = tmp_path / "lora.yaml"
+        recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\ntokenizer_source: union\n"
+                          f"models:\n  - {{model: '{ref}', parameters: {{weight: 0.6}}}}\n"
+                          f"  - {{model: {experts[1]}, parameters: {{weight: 0.4}}}}\n")
+        outs.append(tmp_path / f"out{len(outs)}")
+        assert main(["merge", str(recipe), str(outs[-1]), "--no-progress"]) == 0
+    bare, named = Expert(outs[0]), Expert(outs[1])
+    assert _vocab(outs[0]) == _vocab(outs[1])
+    assert sorted(bare.names()) == sorted(named.names())
+    for name in named.names():
+        torch.testing.assert_close(bare.tensor(name), named.tensor(name), rtol=0, atol=0)
+    assert bare.spec(EMBED).shape[0] == json.loads((outs[0] / "config.json").read_text())["vocab_size"]
