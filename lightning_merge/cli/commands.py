@@ -83,6 +83,12 @@ def _merge_once(args: argparse.Namespace, group: Any = None, quiet: bool = False
 
     started = time.perf_counter()
     recipe = load_recipe(args.recipe, overrides=_parse_set(args.set), trust_checkpoint=args.trust_checkpoint)
+    if recipe.tokenizer and Path(str(args.out)).suffix in (".safetensors", ".ckpt"):
+        from lightning_merge.errors import RecipeError
+
+        raise RecipeError(f"{recipe.path}: tokenizer merging (tokenizer_source / tokenizer) reorders the embedding "
+                          f"rows and writes the tokenizer that goes with them, which only a folder output holds; "
+                          f"'{args.out}' would keep the rows without it: give an output folder")
     dtype = args.dtype or recipe.dtype
     out = merge(
         recipe.experts,

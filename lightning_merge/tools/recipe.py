@@ -95,6 +95,7 @@ class Recipe:
     strategy: Strategy
     dtype: Any
     files: dict[str, Any] = field(default_factory=dict)
+    tokenizer: bool = False  # tokenizer merging: the token-indexed rows follow the tokenizer in ``files``
 
 
 def _existing(ref: str, recipe: Path, where: str, urls: dict[Path, str]) -> Path:
@@ -300,7 +301,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         else:
             files.update(chat_template_files(config.get("chat_template"), path, donor,
                                              [src.model for sl in slices for src in sl.sources]))
-        return Recipe(path, sliced.experts, sliced.base, strategy, dtype, files)
+        return Recipe(path, sliced.experts, sliced.base, strategy, dtype, files, tokenizer=vocabulary is not None)
 
     models = config.get("models") or []
     if not isinstance(models, list) or not models:
@@ -377,13 +378,15 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     donor = base_path if base_path is not None else entries[0][0]
     if tokenizer is not None:  # the output's tokenizer is built, and carries the chat template
         template = config.get("chat_template")
-        model_folders = [adapter_bases.get(p, p) for p, _ in entries]
+        # a LoRA's tokenizer is its model's: the one named (model+lora), else the base it is applied to
+        model_folders = [adapter_bases.get(p, base_path if _is_adapter(p) and base_path is not None else p)
+                         for p, _ in entries]
         text = None if template is None else \
             resolve_template(template, path, list(dict.fromkeys([donor, *model_folders])))
         aligned = align_vocabularies(tokenizer, None if base is None else (base, base_path),
                                      list(zip(experts, model_folders)), path, text)
         files.update(aligned.files)
-        return Recipe(path, aligned.experts, aligned.base, strategy, dtype, files)
+        return Recipe(path, aligned.experts, aligned.base, strategy, dtype, files, tokenizer=True)
     files.update(chat_template_files(config.get("chat_template"), path, donor, [p for p, _ in entries]))
     return Recipe(path, experts, base, strategy, dtype, files)
 

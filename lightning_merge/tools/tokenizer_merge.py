@@ -86,9 +86,15 @@ def parse_tokenizer(config: Mapping[str, Any], recipe: Path, resolve: Callable[[
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
         raise RecipeError(f"{recipe}: tokenizer.pad_to_multiple_of must be a positive integer, got {brief(pad)}")
     tokens: dict[str, TokenEntry] = {}
-    for token, entry in (spec.get("tokens") or {}).items():
+    given = spec.get("tokens") or {}
+    if not isinstance(given, Mapping):
+        raise RecipeError(f"{recipe}: tokenizer.tokens must be a mapping of token -> {{source: ..., force: ...}}, got "
+                          f"{brief(given)}")
+    for token, entry in given.items():
         where = f"tokenizer.tokens[{token!r}]"
-        if not isinstance(token, str) or not isinstance(entry, Mapping) or set(entry) - {"source", "force"}:
+        if not isinstance(token, str):
+            raise RecipeError(f"{recipe}: {where}: a token must be a string; quote it in the recipe (\"{token}\")")
+        if not isinstance(entry, Mapping) or set(entry) - {"source", "force"}:
             raise RecipeError(f"{recipe}: {where} must be a mapping with 'source' and optionally 'force', got "
                               f"{brief(entry)}")
         force = entry.get("force", False)
@@ -428,6 +434,10 @@ def _resolve_entry(token: str, entry: TokenEntry, by_folder: Mapping[Path, int],
         raise RecipeError(f"{where} takes its row from '{folder}', which is not one of {group}")
     model = by_folder[folder]
     if ref is None:
+        if not 0 <= vocab_of[folder].get(token, -1) < rows[model]:  # the row of this very token: it must have it
+            raise RecipeError(f"{where} takes its row from '{folder}', whose tokenizer lacks {token!r} (or has it past "
+                              "the model's rows); name a model that has it, or take a row of another token: "
+                              "{kind: model_token, model: ..., token: ...}")
         return TokenSource(model=model, force=entry.force)
     if isinstance(ref, str):
         if ref not in vocab_of[folder]:

@@ -86,3 +86,79 @@ def test_bad_tokenizer_recipes_are_refused_by_name(tmp_path, family, capsys):
         error = capsys.readouterr().err
         assert message in error and "bad.yaml" in error, error
         assert not (tmp_path / "never").exists()
+
+
+def test_a_tokens_entry_whose_model_lacks_the_token_is_refused_before_any_tensor_is_read(tmp_path, family, capsys,
+                                                                                        monkeypatch):
+    """``"<new>": {source: expert_0}`` takes expert_0's row of ``<new>``, which expert_0 lacks: the dry run refuses
+    it (it used to pass, and the merge then failed on the first embedding, without naming the recipe)."""
+    base, experts = family
+    recipe = tmp_path / "force.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\ntokenizer:\n  source: base\n  tokens:\n"
+                      f"    '<new>': {{source: {experts[0]}, force: true}}\n"
+                      f"models:\n  - {{model: {experts[0]}, parameters: {{weight: 0.6}}}}\n"
+                      f"  - {{model: {experts[1]}, parameters: {{weight: 0.4}}}}\n")
+    read = []
+    original = Expert.tensor
+    monkeypatch.setattr(Expert, "tensor", lambda self, *a, **k: read.append(a[0]) or original(self, *a, **k))
+    for extra in (["--dry-run"], []):
+        assert main(["merge", str(recipe), str(tmp_path / "never"), "--no-progress", *extra]) == 2
+        error = capsys.readouterr().err
+        assert "force.yaml" in error and "'<new>'" in error and "lacks" in error and str(experts[0]) in error, error
+        assert read == [] and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("name", ["merged.safetensors", "merged.ckpt"])
+def test_tokenizer_merging_into_a_single_file_is_refused(tmp_path, family, capsys, name):
+    """A single-file output holds no tokenizer: the merged rows (152 here, in the union's order) would be written
+    with no tokenizer saying which token each row is (the merge used to succeed, silently dropping it)."""
+    base, experts = family
+    recipe = tmp_path / "union.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\ntokenizer_source: union\n"
+                      f"models:\n  - {{model: {experts[0]}, parameters: {{weight: 0.6}}}}\n"
+                      f"  - {{model: {experts[1]}, parameters: {{weight: 0.4}}}}\n")
+    assert main(["merge", str(recipe), str(tmp_path / name), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "union.yaml" in error and "give an output folder" in error, error
+    assert not (tmp_path / name).exists()
+
+
+def _adapter(folder, hidden=64, rank=4):
+    """A PEFT LoRA adapter (q_proj, v_proj of both layers) with no tokenizer of its own."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    folder.mkdir()
+    tensors = {}
+    for i in range(2):
+        for m in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            tensors[f"{prefix}.lora_A.weight"] = 0.1 * torch.randn(rank, hidden, generator=g)
+            tensors[f"{prefix}.lora_B.weight"] = 0.1 * torch.randn(hidden, rank, generator=g)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0,
+        "bias": "none", "task_type": "CAUSAL_LM", "fan_in_fan_out": False}))
+    return folder
+
+
+def test_a_lora_over_the_base_reads_the_base_tokenizer(tmp_path, family):
+    """A bare adapter among the models applies to base_model, so its tokenizer is the base's: the merge equals the
+    one naming the model (``base+adapter``), tensor for tensor (it used to fail: no tokenizer in the adapter's
+    folder)."""
+    base, experts = family
+    adapter = _adapter(tmp_path / "adapter")
+    outs = []
+    for ref in (str(adapter), f"{base}+{adapter}"):
+        recipe = tmp_path / "lora.yaml"
+        recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\ntokenizer_source: union\n"
+                          f"models:\n  - {{model: '{ref}', parameters: {{weight: 0.6}}}}\n"
+                          f"  - {{model: {experts[1]}, parameters: {{weight: 0.4}}}}\n")
+        outs.append(tmp_path / f"out{len(outs)}")
+        assert main(["merge", str(recipe), str(outs[-1]), "--no-progress"]) == 0
+    bare, named = Expert(outs[0]), Expert(outs[1])
+    assert _vocab(outs[0]) == _vocab(outs[1])
+    assert sorted(bare.names()) == sorted(named.names())
+    for name in named.names():
+        torch.testing.assert_close(bare.tensor(name), named.tensor(name), rtol=0, atol=0)
+    assert bare.spec(EMBED).shape[0] == json.loads((outs[0] / "config.json").read_text())["vocab_size"]

@@ -131,6 +131,9 @@ def test_recipe_tokenizer_keys_parse_as_mergekit_reads_them():
     ({"tokenizer": {"tokens": {"<a>": {"source": {"kind": "model_token", "model": "m"}}}}}, "token_id: N"),
     ({"tokenizer": {"tokens": {"<a>": {}}}}, "has no source"),
     ({"tokenizer_source": 3}, "'base', 'union' or a model"),
+    ({"tokenizer": {"tokens": ["<a>"]}}, r"tokenizer.tokens must be a mapping of token"),  # was an AttributeError
+    ({"tokenizer": {"tokens": "<a>"}}, r"tokenizer.tokens must be a mapping of token"),
+    ({"tokenizer": {"tokens": {5: {"source": {"kind": "zero"}}}}}, r"tokens\[5\]: a token must be a string"),
 ])
 def test_bad_tokenizer_keys_are_refused_naming_the_key(config, message):
     with pytest.raises(RecipeError, match=message):
