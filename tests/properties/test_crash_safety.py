@@ -231,7 +231,7 @@ def test_an_average_over_an_existing_checkpoint_survives_every_kill(tmp_path, fo
     _sweep(forkserver, "average", prepare, action, check, finish)
 
 
-@pytest.mark.parametrize("strategy", [TaskArithmetic(), DOP(num_steps=20, lr=1e-3, device="cpu")],
+@pytest.mark.parametrize("strategy", [TaskArithmetic(), DOP(num_steps=4, lr=1e-3, device="cpu")],
                          ids=["task_arithmetic", "dop"])  # DOP: a fold that optimises, deterministic on a retry
 def test_a_continual_add_survives_every_kill(tmp_path, forkserver, strategy):
     """At every kill point the state is the old one or the new one, whole; a retry of the same add then succeeds

@@ -125,6 +125,7 @@ def test_iso_cts_sanity():
         IsoCTS(common_space_fraction=1.5)
 
 
+@pytest.mark.slow  # 20,000 Adam steps
 def test_wudi_solvers_and_sanity():
     """Adam from Σ τ: 0 steps is the sum; many large steps reach the closed-form optimum B A⁺, where ∇L = 0. Experts
     with orthogonal row spaces: the optimum is their sum. A zero task vector adds nothing. Non-2-D: the mean."""
@@ -162,15 +163,16 @@ REFERENCE = """
 import sys, torch
 from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 from fusion_bench.method.wudi.wudi import wudi_merging
-d = torch.load(sys.argv[1], weights_only=True)
-taus, exclude = d["taus"], ["head.weight"]
-out = {"iso_c": iso_c(taus, accelerator="cpu", exclude_keys=exclude)}
-for f in (0.8, 0.5):
-    out[f"iso_cts {f}"] = iso_cts(taus, common_space_fraction=f, accelerator="cpu", exclude_keys=exclude)
-for steps in (300, 400):
-    merged = wudi_merging(taus, accelerator="cpu", iter_num=steps, exclude_keys=exclude)
-    out[f"wudi {steps}"] = {k: v.detach() for k, v in merged.items()}
-torch.save(out, sys.argv[2])
+for source, target in zip(sys.argv[1::2], sys.argv[2::2]):  # every input in one process (fusion_bench imports slowly)
+    d = torch.load(source, weights_only=True)
+    taus, exclude = d["taus"], ["head.weight"]
+    out = {"iso_c": iso_c(taus, accelerator="cpu", exclude_keys=exclude)}
+    for f in (0.8, 0.5):
+        out[f"iso_cts {f}"] = iso_cts(taus, common_space_fraction=f, accelerator="cpu", exclude_keys=exclude)
+    for steps in (300, 400):
+        merged = wudi_merging(taus, accelerator="cpu", iter_num=steps, exclude_keys=exclude)
+        out[f"wudi {steps}"] = {k: v.detach() for k, v in merged.items()}
+    torch.save(out, target)
 """
 
 
@@ -178,16 +180,16 @@ torch.save(out, sys.argv[2])
 def fusionbench_merges(tmp_path_factory):
     """Three sets of experts and FusionBench's merges of each: {n: (base, experts, reference outputs)}."""
     folder = tmp_path_factory.mktemp("fusionbench")
-    out = {}
+    inputs, args = {}, []
     for n in (2, 3, 4):
         base, experts = _setup(n=n, seed=n, shapes={"layer.0.weight": (20, 14), "layer.1.weight": (10, 30),
                                                      "layer.0.bias": (20,), "head.weight": (5, 10)})
         taus = [{k: e[k] - base[k] for k in base} for e in experts]
         torch.save({"taus": taus}, folder / f"in{n}.pt")
-        subprocess.run([FUSION_BENCH, "-c", REFERENCE, str(folder / f"in{n}.pt"), str(folder / f"out{n}.pt")],
-                       check=True, cwd=folder, capture_output=True)
-        out[n] = (base, experts, torch.load(folder / f"out{n}.pt", weights_only=True))
-    return out
+        inputs[n] = (base, experts)
+        args += [str(folder / f"in{n}.pt"), str(folder / f"out{n}.pt")]
+    subprocess.run([FUSION_BENCH, "-c", REFERENCE, *args], check=True, cwd=folder, capture_output=True)
+    return {n: (*inputs[n], torch.load(folder / f"out{n}.pt", weights_only=True)) for n in inputs}
 
 
 def _relative(ours, base, reference):
