@@ -71,6 +71,12 @@ def strategies() -> dict[str, object]:
         "ota + ffg (density 0.3)": OTA(density=0.3),
         "weighted_median (batch)": WeightedMedian(estimator="batch"),
         "tsv_merge": TSVMerge(),
+        # issue 33: TSV-M in the metric of the captured curvature (docs/strategies.md)
+        "tsv_merge, gram metric (α 0.95, δ 0.01)": TSVMerge(metric="gram"),
+        "tsv_merge, gram metric, δ on validation": ("sweep", TSVMerge(metric="gram"),
+                                                    {"damping": (0.0, 0.01, 0.1, 1.0)}),
+        "tsv_merge, fisher (batch) metric": TSVMerge(metric="fisher.batch"),
+        "tsv_merge, exp_avg_sq metric": TSVMerge(metric="exp_avg_sq"),
         "pcb (ratio 0.1)": PCB(ratio=0.1),
         "pcb (ratio 0.2)": PCB(ratio=0.2),
         # the references' conventions (docs/strategies.md): OTA's per-tensor mean normalisation, Fisher's floor on
@@ -531,6 +537,9 @@ PAIRS = (
     ("fisher (batch), favor target (reference)", "fisher (batch)"),
     ("tsv_merge", "task_arithmetic"),
     ("tsv_merge", "lines (fisher)"),
+    *((f"tsv_merge, {v}", b) for v in ("gram metric (α 0.95, δ 0.01)", "gram metric, δ on validation",
+                                      "fisher (batch) metric", "exp_avg_sq metric")
+      for b in ("tsv_merge", "regmean (α on validation)", "regmean (α 0.95), λ on validation")),
     ("pcb (ratio 0.1)", "task_arithmetic"),
     ("pcb (ratio 0.1)", "ties (density 0.2)"),
     ("pcb (ratio 0.2)", "ties (density 0.2)"),
