@@ -77,6 +77,10 @@ def strategies() -> dict[str, object]:
                                                     {"damping": (0.0, 0.01, 0.1, 1.0)}),
         "tsv_merge, fisher (batch) metric": TSVMerge(metric="fisher.batch"),
         "tsv_merge, exp_avg_sq metric": TSVMerge(metric="exp_avg_sq"),
+        "tsv_merge, fisher (batch) mask 0.3": TSVMerge(mask="fisher.batch", density=0.3),
+        "tsv_merge, fisher (batch) mask, density on validation": ("sweep", TSVMerge(mask="fisher.batch"),
+                                                                  {"density": (0.1, 0.3, 0.5, 0.7)}),
+        "tsv_merge, gram metric + fisher (batch) mask 0.3": TSVMerge(metric="gram", mask="fisher.batch", density=0.3),
         "pcb (ratio 0.1)": PCB(ratio=0.1),
         "pcb (ratio 0.2)": PCB(ratio=0.2),
         # the references' conventions (docs/strategies.md): OTA's per-tensor mean normalisation, Fisher's floor on
@@ -538,7 +542,9 @@ PAIRS = (
     ("tsv_merge", "task_arithmetic"),
     ("tsv_merge", "lines (fisher)"),
     *((f"tsv_merge, {v}", b) for v in ("gram metric (α 0.95, δ 0.01)", "gram metric, δ on validation",
-                                      "fisher (batch) metric", "exp_avg_sq metric")
+                                      "fisher (batch) metric", "exp_avg_sq metric", "fisher (batch) mask 0.3",
+                                      "fisher (batch) mask, density on validation",
+                                      "gram metric + fisher (batch) mask 0.3")
       for b in ("tsv_merge", "regmean (α on validation)", "regmean (α 0.95), λ on validation")),
     ("pcb (ratio 0.1)", "task_arithmetic"),
     ("pcb (ratio 0.1)", "ties (density 0.2)"),

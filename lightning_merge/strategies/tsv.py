@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from lightning_merge.formats.sidecar import FISHER_ESTIMATORS
+from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.base import Prepared, Strategy
 from lightning_merge.strategies.checks import PerExpert, check_choice, check_number
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
@@ -77,7 +78,8 @@ def task_singular_vectors(taus: Sequence[Tensor]) -> Tensor:
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh))
 
 
-METRICS = (None, "gram", "exp_avg_sq", "fisher", *(f"fisher.{e}" for e in FISHER_ESTIMATORS))
+ELEMENTWISE = ("exp_avg_sq", "fisher", *(f"fisher.{e}" for e in FISHER_ESTIMATORS))
+METRICS = (None, "gram", *ELEMENTWISE)
 _NULL = 1e-12  # eigenvalues (relative to the largest) below this are the metric's null space when damping is 0
 
 
@@ -173,6 +175,9 @@ class TSVMerge(Strategy):
             ``"fisher.example"``, ``"fisher.true"``, ``"fisher.exact"``, ``"exp_avg_sq"``).
         alpha: the Gram matrices' off-diagonal scale, as RegMean's (``metric="gram"`` only; 1 keeps them whole,
             0 keeps their diagonal).
+        mask: an elementwise statistic kind (as ``metric``'s) whose saliency Fᵢ ⊙ τᵢ² masks each task vector of a
+            2-D tensor before the SVD, or None (no mask).
+        density: the fraction of entries each task vector keeps under ``mask`` (0 < density ≤ 1).
         damping: δ, the metric's damping toward the identity after normalising it to mean diagonal 1,
             (M + δI)/(1 + δ): 0 whitens fully (a pseudo-inverse maps back), large values approach plain TSV-M.
     """
@@ -188,16 +193,22 @@ class TSVMerge(Strategy):
     metric: str | None = None
     alpha: float = 0.95
     damping: float = 0.01
+    mask: str | None = None
+    density: float = 1.0
 
     @property
     def requires(self) -> tuple[str, ...]:
-        """The ``metric``'s statistic kind, when one is chosen."""
-        return () if self.metric is None else (self.metric,)
+        """The ``metric``'s and the ``mask``'s statistic kinds, when chosen."""
+        return tuple(dict.fromkeys(k for k in (self.metric, self.mask) if k is not None))
 
     def __post_init__(self) -> None:
         check_choice(type(self), "metric", self.metric, METRICS)
         check_number(type(self), "alpha", self.alpha, low=0.0, high=1.0)
         check_number(type(self), "damping", self.damping, low=0.0)
+        check_choice(type(self), "mask", self.mask, (None, *ELEMENTWISE))
+        check_number(type(self), "density", self.density, low=0.0, high=1.0)
+        if self.density <= 0:
+            raise ValueError(f"TSVMerge.density must be in (0, 1], got {self.density!r}")
         if self.weights is not None:
             check_number(type(self), "weights", self.weights, per_expert=True)
         check_number(type(self), "scale", self.scale)
@@ -228,6 +239,9 @@ class TSVMerge(Strategy):
 
     def _svd_merge(self, taus: list[Tensor], stats: Sequence[Mapping[str, Tensor]]) -> Tensor:
         """TSV-M of one 2-D tensor's task vectors, in the ``metric`` when one is chosen and present."""
+        if self.mask is not None and self.density < 1:
+            taus = [tau.mul_(F.topk_mask(s[self.mask] * tau.square(), F.keep_count(self.density, tau.numel())))
+                    for tau, s in zip(taus, stats)]
         if self.metric is None:
             return task_singular_vectors(taus)
         values = [s.get(self.metric) for s in stats]
@@ -248,4 +262,5 @@ class TSVMerge(Strategy):
         return whitened_task_singular_vectors(taus, mean.mean(1), mean.mean(0), self.damping)
 
 
-__all__ = ["METRICS", "TSVMerge", "metric_roots", "task_singular_vectors", "whitened_task_singular_vectors"]
+__all__ = ["ELEMENTWISE", "METRICS", "TSVMerge", "metric_roots", "task_singular_vectors",
+           "whitened_task_singular_vectors"]

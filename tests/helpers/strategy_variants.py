@@ -33,7 +33,7 @@ VARIANTS = [
     S.RegMean(alpha=0.5, weights=[1.0, 3.0], scale=1.2),
     S.TSVMerge(weights=[1.0, 0.5], not_svd=r"lm_head"),
     S.TSVMerge(metric="gram", alpha=0.5, damping=0.1),
-    S.TSVMerge(metric="fisher.batch", damping=0.0),
+    S.TSVMerge(metric="fisher.batch", damping=0.0, mask="exp_avg_sq", density=0.3),
     S.LayerwiseTaskArithmetic(coefficients={"0": [0.3, 0.7], "1": [0.5, 0.5]}, default=[1.0, 0.2], scale=0.8),
     S.Slerp(t=0.3),
     S.NuSlerp(weights=[1.0, 0.6], nuslerp_flatten=False, nuslerp_row_wise=True),

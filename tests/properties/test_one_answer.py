@@ -205,7 +205,9 @@ def strategies(draw, n: int):
         return TSVMerge(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)),
                         not_svd=draw(st.sampled_from([None, r"\.1\."])),
                         metric=draw(st.sampled_from([None, "gram", "fisher.example", "exp_avg_sq"])),
-                        alpha=draw(st.floats(0.0, 1.0)), damping=draw(st.sampled_from([0.0, 0.01, 0.5])))
+                        alpha=draw(st.floats(0.0, 1.0)), damping=draw(st.sampled_from([0.0, 0.01, 0.5])),
+                        mask=draw(st.sampled_from([None, "fisher.example", "exp_avg_sq"])),
+                        density=draw(st.floats(0.2, 1.0)))
     if name == "layerwise_task_arithmetic":
         blocks = draw(st.lists(st.sampled_from(["0", "1", "2"]), unique=True, max_size=3))
         coefficients = {b: [draw(st.floats(0.1, 1.2)) for _ in range(n)] for b in blocks}

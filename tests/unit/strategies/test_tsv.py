@@ -223,4 +223,41 @@ def test_tsv_metric_arguments_refused_by_name():
         TSVMerge(metric="gram", alpha=1.5)
     with pytest.raises(ValueError, match="damping"):
         TSVMerge(metric="gram", damping=-0.1)
+    with pytest.raises(ValueError, match="mask"):
+        TSVMerge(mask="gram")
+    with pytest.raises(ValueError, match="density"):
+        TSVMerge(mask="fisher", density=0.0)
     assert TSVMerge(metric="gram").requires == ("gram",) and TSVMerge().requires == ()
+    assert TSVMerge(metric="gram", mask="fisher.batch").requires == ("gram", "fisher.batch")
+    assert TSVMerge(metric="fisher", mask="fisher").requires == ("fisher",)
+
+
+def test_tsv_saliency_mask_before_the_svd():
+    """``mask``: each τᵢ keeps its top-density entries by Fᵢ ⊙ τᵢ² (zeros elsewhere) before TSV-M; density 1 is
+    plain TSV-M exactly; a hand case: 2×2, density 0.5 keeps the two most salient entries of each expert."""
+    base, taus, grams, fishers = _metric_case()
+    tensors = [base + t for t in taus]
+    stats = [{"fisher": f, "gram": g} for f, g in zip(fishers, grams)]
+    plain = TSVMerge().merge_tensor("w", base, tensors, stats)
+    assert torch.equal(TSVMerge(mask="fisher", density=1.0).merge_tensor("w", base, tensors, stats), plain)
+    k = int(0.3 * 35)
+    masked = []
+    for t, f in zip(taus, fishers):
+        score = (f * t.square()).flatten()
+        keep = torch.zeros(35, dtype=torch.bool)
+        keep[score.argsort(descending=True)[:k]] = True
+        masked.append(t * keep.view(7, 5))
+    expected = base + task_singular_vectors(masked)
+    got = TSVMerge(mask="fisher", density=0.3).merge_tensor("w", base, tensors, stats)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    got = TSVMerge(mask="fisher", density=0.3, metric="gram", damping=0.1).merge_tensor("w", base, tensors, stats)
+    expected = TSVMerge(metric="gram", damping=0.1).merge_tensor("w", base, [base + m for m in masked], stats)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # by hand: τ₁ = [[3, 1], [1, 2]], F₁ = [[0.1, 4], [1, 1]]: saliency [[0.9, 4], [1, 4]] keeps [[0, 1], [0, 2]];
+    # τ₂ = [[2, 0.5], [-1, 0.3]], F₂ = 1: saliency [[4, 0.25], [1, 0.09]] keeps [[2, 0], [-1, 0]]. Both kept parts
+    # are rank 1 with orthogonal U (½(1, 2)·√… ⟂ (2, −1)) and V (e₂ ⟂ e₁), so TSV-M (k = 1) returns their sum.
+    zero = torch.zeros(2, 2)
+    pair = [torch.tensor([[3.0, 1.0], [1.0, 2.0]]), torch.tensor([[2.0, 0.5], [-1.0, 0.3]])]
+    curv = [{"fisher": torch.tensor([[0.1, 4.0], [1.0, 1.0]])}, {"fisher": torch.ones(2, 2)}]
+    got = TSVMerge(mask="fisher", density=0.5).merge_tensor("w", zero, pair, curv)
+    torch.testing.assert_close(got, torch.tensor([[2.0, 1.0], [-1.0, 2.0]]), rtol=0, atol=1e-6)
