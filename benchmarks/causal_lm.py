@@ -241,6 +241,10 @@ def strategies() -> dict[str, object]:
         "opcm": OPCM(),
         "lines(task arithmetic)": LiNeS(TaskArithmetic()),
         "tsv_merge": TSVMerge(),
+        # issue 33: TSV-M with Fisher saliency masks before the SVD, and in the metric of the captured curvature
+        "tsv_merge, fisher (batch) mask 0.3": TSVMerge(mask="fisher.batch", density=0.3),
+        "tsv_merge, fisher (batch) mask 0.5": TSVMerge(mask="fisher.batch", density=0.5),
+        "tsv_merge, gram metric (δ 1)": TSVMerge(metric="gram", damping=1.0),
         # the references' options (docs/strategies.md): OTA's per-tensor mean normalisation (`normalise: global`,
         # not the reference's default, which is OTA()), Fisher's floor on the target (first) model only
         "ota, mean-normalized (reference option)": OTA(mean_normalize=True),

@@ -220,7 +220,11 @@ def strategies(draw, n: int):
                    svd_proj_space=draw(st.sampled_from(["uv", "u", "v"])))
     if name == "tsv_merge":
         return TSVMerge(weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)),
-                        not_svd=draw(st.sampled_from([None, r"\.1\."])))
+                        not_svd=draw(st.sampled_from([None, r"\.1\."])),
+                        metric=draw(st.sampled_from([None, "gram", "fisher.example", "exp_avg_sq"])),
+                        alpha=draw(st.floats(0.0, 1.0)), damping=draw(st.sampled_from([0.0, 0.01, 0.5])),
+                        mask=draw(st.sampled_from([None, "fisher.example", "exp_avg_sq"])),
+                        density=draw(st.floats(0.2, 1.0)))
     if name == "iso_c":
         return IsoC(scale=draw(st.floats(0.5, 1.5)), not_svd=draw(st.sampled_from([None, r"\.1\."])))
     if name == "iso_cts":
