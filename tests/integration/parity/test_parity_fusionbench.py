@@ -1,5 +1,6 @@
-"""OPCM against FusionBench's implementation (PyPI fusion-bench, `fusion_bench/method/opcm`) on the same inputs,
-order (no shuffling) and α. Runs when a fusion-bench environment is found (``.venv-fusionbench`` or
+"""OPCM, DOP and TALL masks against FusionBench's implementations (PyPI fusion-bench, `fusion_bench/method/opcm`,
+`dop`, `tall_mask`) on the same inputs, order (no shuffling) and arguments; the OPCM and DOP references run in one
+process of FusionBench's environment. Runs when a fusion-bench environment is found (``.venv-fusionbench`` or
 ``FUSION_BENCH_PYTHON``); FusionBench is a reference only, never a dependency."""
 
 import json
@@ -21,91 +22,97 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(PYTHON is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")]
 
 
-def build():
+DOP_DEFAULTS = dict(lr=1e-4, num_steps=200, mgda=True, ema=True, ema_beta=0.999, alpha=0.8, svd_epsilon=0.99999,
+                   svd_proj_space="uv")
+ALPHAS = [0.5, 0.8, 0.95]  # at 1.0 FusionBench's r is float32 rounding noise
+DOP_OPTIONS = [
+    {},  # FusionBench's configuration (method/dop/dop.yaml)
+    {"mgda": False, "svd_proj_space": "v", "svd_epsilon": 0.9},
+    {"ema": False, "svd_proj_space": "u", "lr": 1e-3},
+]
+
+#: runs every reference job in one process of FusionBench's environment (fusion_bench imports in seconds)
+_JOBS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import fusionbench_dop_reference as dop
+import fusionbench_opcm_reference as opcm
+for kind, *args in json.loads(sys.argv[2]):
+    (opcm if kind == "opcm" else dop).main(*args)
+"""
+
+
+def _experts(folder, n: int, seed: int, kind: str = "sequential"):
+    """A base and ``n`` experts (base + 0.1 noise) of the reference's module, saved in ``folder`` as it reads them."""
     from fusionbench_opcm_reference import build as reference_build
 
-    return reference_build()
-
-
-@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.95])  # at 1.0 FusionBench's r is float32 rounding noise
-def test_opcm_matches_fusionbench(tmp_path, alpha):
-    torch.manual_seed(0)
-    base = build()
-    torch.save(base.state_dict(), tmp_path / "base.pt")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    base = reference_build(kind)
+    torch.save(base.state_dict(), folder / "base.pt")
     experts = []
-    for i in range(5):
-        expert = build()
+    for i in range(n):
+        expert = reference_build(kind)
         expert.load_state_dict({k: v + 0.1 * torch.randn_like(v) for k, v in base.state_dict().items()})
-        torch.save(expert.state_dict(), tmp_path / f"expert{i}.pt")
+        torch.save(expert.state_dict(), folder / f"expert{i}.pt")
         experts.append(expert.state_dict())
-    subprocess.run(
-        [PYTHON, str(HELPERS / "fusionbench_opcm_reference.py"), str(tmp_path), str(alpha), "5"],
-        check=True,
-        cwd=tmp_path,
-    )
-    reference = torch.load(tmp_path / "fusionbench.pt", weights_only=True)
+    return base.state_dict(), experts
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """FusionBench's merges of every case below, made in one process: {case: (base, experts, reference)}."""
+    root = tmp_path_factory.mktemp("fusionbench")
+    cases, jobs = {}, []
+    for alpha in ALPHAS:
+        folder = root / f"opcm-{alpha}"
+        cases[("opcm", alpha)] = (folder, *_experts(folder, 5, 0))
+        jobs.append(("opcm", str(folder), alpha, 5))
+    folder = root / "opcm-lm"
+    cases[("opcm", "lm")] = (folder, *_experts(folder, 4, 1, "lm"))
+    jobs.append(("opcm", str(folder), 0.5, 4, "lm"))
+    for i, options in enumerate(DOP_OPTIONS):
+        folder = root / f"dop-{i}"
+        cases[("dop", i)] = (folder, *_experts(folder, 4, 0))
+        jobs.append(("dop", str(folder), 4, json.dumps({**DOP_DEFAULTS, **options})))
+    subprocess.run([PYTHON, "-c", _JOBS, str(HELPERS), json.dumps(jobs)], check=True, cwd=root, capture_output=True)
+    return {case: (base, experts, torch.load(folder / "fusionbench.pt", weights_only=True))
+            for case, (folder, base, experts) in cases.items()}
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_opcm_matches_fusionbench(references, alpha):
+    base, experts, reference = references[("opcm", alpha)]
     # FusionBench projects nn.Linear weights only: here "1.weight" and "3.weight"; the embedding "0.weight" is not
     not_linear = DEFAULT_NOT_LINEAR + r"|^0\.weight$"
-    ours = merge(experts, base=base.state_dict(), strategy=OPCM(alpha=alpha, not_linear=not_linear))
+    ours = merge(experts, base=base, strategy=OPCM(alpha=alpha, not_linear=not_linear))
     worst = max(float((ours[k] - reference[k]).abs().max()) for k in reference)
     print(f"alpha={alpha}: largest difference from FusionBench {worst:.2e}")
     assert worst < 1e-5, worst
 
 
-def test_opcm_default_projects_lm_head_as_fusionbench(tmp_path):
+def test_opcm_default_projects_lm_head_as_fusionbench(references):
     """FusionBench projects every nn.Linear, the output head included; only embeddings (nn.Embedding) and other
     modules are added unprojected. OPCM's default does the same on a causal LM's names (issue 33)."""
-    from fusionbench_opcm_reference import build as reference_build
-
-    torch.manual_seed(1)
-    base = reference_build("lm")
-    torch.save(base.state_dict(), tmp_path / "base.pt")
-    experts = []
-    for i in range(4):
-        expert = reference_build("lm")
-        expert.load_state_dict({k: v + 0.1 * torch.randn_like(v) for k, v in base.state_dict().items()})
-        torch.save(expert.state_dict(), tmp_path / f"expert{i}.pt")
-        experts.append(expert.state_dict())
-    subprocess.run([PYTHON, str(HELPERS / "fusionbench_opcm_reference.py"), str(tmp_path), "0.5", "4", "lm"],
-                   check=True, cwd=tmp_path)
-    reference = torch.load(tmp_path / "fusionbench.pt", weights_only=True)
-    ours = merge(experts, base=base.state_dict(), strategy=OPCM(alpha=0.5))
+    base, experts, reference = references[("opcm", "lm")]
+    ours = merge(experts, base=base, strategy=OPCM(alpha=0.5))
     worst = max(float((ours[k] - reference[k]).abs().max()) for k in reference)
     print(f"lm_head: largest difference from FusionBench {worst:.2e}")
     assert worst < 1e-5, worst
 
 
-DOP_DEFAULTS = dict(lr=1e-4, num_steps=200, mgda=True, ema=True, ema_beta=0.999, alpha=0.8, svd_epsilon=0.99999,
-                   svd_proj_space="uv")
-
-
-@pytest.mark.parametrize("options", [
-    {},  # FusionBench's configuration (method/dop/dop.yaml)
-    {"mgda": False, "svd_proj_space": "v", "svd_epsilon": 0.9},
-    {"ema": False, "svd_proj_space": "u", "lr": 1e-3},
-])
-def test_dop_matches_fusionbench(tmp_path, options):
+@pytest.mark.parametrize("index", range(len(DOP_OPTIONS)))
+def test_dop_matches_fusionbench(references, index):
     """DOP against FusionBench's own ``ContinualDOPForCLIP._layer_wise_optimize`` (its Adam steps, losses, MGDA
     solver and averages) in the loop of its ``run``, 4 experts in order, on the CPU. Not bit for bit: we optimise
     task vectors (x − τᵢ) where it optimises weights (W − Wᵢ), so the losses' inputs differ in the last bits;
     200 Adam steps keep that near 1e-6 relative (measured ≤ 1.7e-6)."""
-    options = {**DOP_DEFAULTS, **options}
-    torch.manual_seed(0)
-    base = build()
-    torch.save(base.state_dict(), tmp_path / "base.pt")
-    experts = []
-    for i in range(4):
-        expert = build()
-        expert.load_state_dict({k: v + 0.1 * torch.randn_like(v) for k, v in base.state_dict().items()})
-        torch.save(expert.state_dict(), tmp_path / f"expert{i}.pt")
-        experts.append(expert.state_dict())
-    subprocess.run([PYTHON, str(HELPERS / "fusionbench_dop_reference.py"), str(tmp_path), "4", json.dumps(options)],
-                   check=True, cwd=tmp_path, capture_output=True)
-    reference = torch.load(tmp_path / "fusionbench.pt", weights_only=True)
+    options = {**DOP_DEFAULTS, **DOP_OPTIONS[index]}
+    base, experts, reference = references[("dop", index)]
     not_linear = DEFAULT_NOT_LINEAR + r"|^0\.weight$"  # FusionBench averages the nn.Embedding "0.weight"
-    ours = merge(experts, base=base.state_dict(), strategy=DOP(**options, not_linear=not_linear, device="cpu"))
-    averaged = merge(experts, base=base.state_dict(),
-                     strategy=DOP(**{**options, "num_steps": 0}, not_linear=not_linear, device="cpu"))
+    ours = merge(experts, base=base, strategy=DOP(**options, not_linear=not_linear, device="cpu"))
+    averaged = merge(experts, base=base, strategy=DOP(**{**options, "num_steps": 0}, not_linear=not_linear,
+                                                      device="cpu"))
     for k in reference:
         worst = float((ours[k] - reference[k]).abs().max()) / float(reference[k].abs().max())
         print(f"{options}: {k} relative difference from FusionBench {worst:.2e}")
