@@ -8,6 +8,7 @@ by name through pyproject's ``pythonpath``. A process a test starts gets ``ROOT`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ from lightning_merge.formats.sidecar import write_statistics
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: docs/, README.md, the package
 HELPERS = Path(__file__).resolve().parent / "helpers"
+#: FusionBench's Python (its own environment: ``.ci/run`` builds ``.venv-fusionbench``; or ``FUSION_BENCH_PYTHON``),
+#: which the parity tests run their reference scripts with; None where it is not installed (those tests skip)
+FUSION_BENCH = next((c for c in (os.environ.get("FUSION_BENCH_PYTHON"),
+                                 str(ROOT / ".venv-fusionbench" / "bin" / "python")) if c and Path(c).exists()), None)
 
 
 @pytest.fixture
@@ -81,6 +86,15 @@ def one_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lightning-merge: error: ") and "Traceback" not in err[0], err
     return err[0]
+
+
+def state_dicts(shapes: dict[str, tuple[int, ...]], n: int = 3, seed: int = 0
+                ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A random base state dict of ``shapes`` and ``n`` experts, each the base plus N(0, 0.1²) noise."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
+    experts = [{k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    return base, experts
 
 
 def rand(*shape, seed=0):

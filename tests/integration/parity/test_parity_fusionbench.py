@@ -4,22 +4,18 @@ process of FusionBench's environment. Runs when a fusion-bench environment is fo
 ``FUSION_BENCH_PYTHON``); FusionBench is a reference only, never a dependency."""
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import HELPERS, ROOT
+from conftest import FUSION_BENCH, HELPERS
 
 from lightning_merge import DOP, OPCM, merge
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.opcm import DEFAULT_NOT_LINEAR
 
-CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
-PYTHON = next((c for c in CANDIDATES if c and Path(c).exists()), None)
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(PYTHON is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")]
+              pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")]
 
 
 DOP_DEFAULTS = dict(lr=1e-4, num_steps=200, mgda=True, ema=True, ema_beta=0.999, alpha=0.8, svd_epsilon=0.99999,
@@ -75,7 +71,8 @@ def references(tmp_path_factory):
         folder = root / f"dop-{i}"
         cases[("dop", i)] = (folder, *_experts(folder, 4, 0))
         jobs.append(("dop", str(folder), 4, json.dumps({**DOP_DEFAULTS, **options})))
-    subprocess.run([PYTHON, "-c", _JOBS, str(HELPERS), json.dumps(jobs)], check=True, cwd=root, capture_output=True)
+    subprocess.run([FUSION_BENCH, "-c", _JOBS, str(HELPERS), json.dumps(jobs)], check=True, cwd=root,
+                   capture_output=True)
     return {case: (base, experts, torch.load(folder / "fusionbench.pt", weights_only=True))
             for case, (folder, base, experts) in cases.items()}
 
@@ -145,7 +142,7 @@ def test_tall_masks_match_fusionbench(tmp_path, lam):
     flat_ft = torch.stack([torch.cat([e[k].reshape(-1) for k in base]) for e in experts])
     tau = flat_ft - flat_base
     torch.save({"tau": tau, "ft": flat_ft, "base": flat_base, "mtl": tau.sum(0)}, tmp_path / "in.pt")
-    subprocess.run([PYTHON, "-c", TALL_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), str(lam)],
+    subprocess.run([FUSION_BENCH, "-c", TALL_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), str(lam)],
                    check=True, cwd=tmp_path, capture_output=True)
     reference = torch.load(tmp_path / "out.pt", weights_only=True)
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import state_dicts
 
 from lightning_merge import (
     OTA,
@@ -27,13 +28,11 @@ from lightning_merge import (
 )
 from lightning_merge.strategies import functional as F
 
+SHAPES = {"layers.0.w": (6, 20), "layers.1.w": (5, 13), "layers.2.w": (40,), "emb": (7,)}
 
-def _setup(n: int = 3, seed: int = 0, shapes=None):
-    g = torch.Generator().manual_seed(seed)
-    shapes = shapes or {"layers.0.w": (6, 20), "layers.1.w": (5, 13), "layers.2.w": (40,), "emb": (7,)}
-    base = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
-    experts = [{k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
-    return base, experts
+
+def _setup(n=3, seed=0, shapes=None):
+    return state_dicts(shapes or SHAPES, n, seed)
 
 
 def _with_stats(experts, kind, seed=1, same=False):

@@ -3,13 +3,11 @@ FusionBench 0.2.33's ``iso_c``, ``iso_cts`` and ``wudi_merging`` (run in its own
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import FUSION_BENCH, state_dicts
 
 from lightning_merge import WUDI, ContinualState, IsoC, IsoCTS, merge
 from lightning_merge.files.safetensors import save_tensors
@@ -18,16 +16,11 @@ from lightning_merge.strategies.isotropic import cts_split, iso_c, iso_cts
 from lightning_merge.strategies.wudi import wudi_adam, wudi_exact
 from lightning_merge.tools.evaluation import sweep_scale
 
-CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
-FUSION_BENCH = next((c for c in CANDIDATES if c and Path(c).exists()), None)
+SHAPES = {"layer.0.weight": (12, 9), "layer.0.bias": (12,), "head.weight": (4, 12)}
 
 
 def _setup(n=3, seed=0, shapes=None):
-    g = torch.Generator().manual_seed(seed)
-    shapes = shapes or {"layer.0.weight": (12, 9), "layer.0.bias": (12,), "head.weight": (4, 12)}
-    base = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
-    experts = [{k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
-    return base, experts
+    return state_dicts(shapes or SHAPES, n, seed)
 
 
 def _taus(base, experts, name):

@@ -4,14 +4,12 @@ capture (after fit, during training, padding, resume, DDP, PEFT adapters), and p
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from capture_helpers import Tiny, TinyLM, ddp_loader, lm_loader, loader, trainer
-from conftest import ROOT
+from conftest import FUSION_BENCH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import Expert, RegMean, merge
@@ -21,9 +19,6 @@ from lightning_merge.continual.state import ContinualError, ContinualState
 from lightning_merge.files.safetensors import save_tensors
 from lightning_merge.formats.sidecar import Statistics, StatisticsError, write_statistics
 from lightning_merge.strategies import NoContinualForm, Strategy
-
-CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
-FUSION_BENCH = next((c for c in CANDIDATES if c and Path(c).exists()), None)
 
 
 def _family(n=3, seed=0, rows=40):

@@ -3,29 +3,22 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import FUSION_BENCH, state_dicts
 
 from lightning_merge import TSVMerge, merge
 from lightning_merge.strategies import Strategy
 from lightning_merge.strategies.tsv import task_singular_vectors
 from lightning_merge.tools.evaluation import sweep_scale
 
-CANDIDATES = [os.environ.get("FUSION_BENCH_PYTHON"), str(ROOT / ".venv-fusionbench" / "bin" / "python")]
-FUSION_BENCH = next((c for c in CANDIDATES if c and Path(c).exists()), None)
+SHAPES = {"layer.0.weight": (12, 9), "layer.0.bias": (12,), "head.weight": (4, 12)}
 
 
 def _setup(n=3, seed=0, shapes=None):
-    g = torch.Generator().manual_seed(seed)
-    shapes = shapes or {"layer.0.weight": (12, 9), "layer.0.bias": (12,), "head.weight": (4, 12)}
-    base = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
-    experts = [{k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
-    return base, experts
+    return state_dicts(shapes or SHAPES, n, seed)
 
 
 def test_tsv_rule_on_values():

@@ -5,13 +5,12 @@ when a fusion-bench environment is found) and padded sequence positions."""
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from capture_helpers import RankInterleaved, trainer
+from conftest import FUSION_BENCH
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -222,9 +221,6 @@ def test_task_wise_is_one_coefficient_per_expert(tmp_path):
     torch.testing.assert_close(written["1.running_var"], base["1.running_var"])
 
 
-FUSIONBENCH = next((c for c in (os.environ.get("FUSION_BENCH_PYTHON"),
-                                str(Path(__file__).resolve().parents[1] / ".venv-fusionbench" / "bin" / "python"))
-                    if c and Path(c).exists()), None)
 
 FUSIONBENCH_SCRIPT = """
 import sys, torch
@@ -259,7 +255,7 @@ torch.save({"weight": module.merge_weight.detach(), "merged": merged}, sys.argv[
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(FUSIONBENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
+@pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
 @pytest.mark.parametrize("granularity", ["task", "tensor"])
 def test_matches_fusionbench_adamerging(tmp_path, granularity):
     """Task-wise and layer-wise AdaMerging against FusionBench's TaskWiseMergedModel / LayerWiseMergedModel and its
@@ -267,7 +263,7 @@ def test_matches_fusionbench_adamerging(tmp_path, granularity):
     base, experts, x = _bn_family()
     lr, batch = 5e-2, 4
     torch.save({"base": base, "experts": experts, "lr": lr, "batches": list(x.split(batch))}, tmp_path / "in.pt")
-    subprocess.run([FUSIONBENCH, "-c", FUSIONBENCH_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
+    subprocess.run([FUSION_BENCH, "-c", FUSIONBENCH_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
                     granularity], check=True, cwd=tmp_path, capture_output=True)
     reference = torch.load(tmp_path / "out.pt", weights_only=True)
     ada = AdaMerging(_bn_net(), experts, base, granularity=granularity, lr=lr)
