@@ -8,8 +8,11 @@ subclass is named as itself), or a string for another caller (``"average_checkpo
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from lightning_merge.files.text import brief
 
@@ -106,6 +109,44 @@ def check_int(owner: Owner, field: str, value: Any, *, low: int | None = None) -
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         bound = f" >= {low}" if low is not None else ""
         raise ValueError(f"{owner_name(owner)}.{field} must be an integer{bound}, got {brief(value)}")
+
+
+def check_pattern(owner: Owner, field: str, value: Any, *, optional: bool = True) -> None:
+    """Validate a regular expression (or None, when ``optional``): ``not_svd``, ``not_linear``."""
+    if value is None and optional:
+        return
+    try:
+        re.compile(value)
+    except (re.error, TypeError):
+        alternative = " or None" if optional else ""
+        raise ValueError(f"{owner_name(owner)}.{field} must be a regular expression{alternative}, got {value!r}"
+                         ) from None
+
+
+def check_device(owner: Owner, value: Any) -> None:
+    """Validate a ``device`` argument: None (the GPU when one is present) or a name torch parses."""
+    if value is None:
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{owner_name(owner)}.device must be None, 'cpu' or 'cuda[:i]', got {value!r}") from None
+
+
+def compute_device(owner: Owner, device: str | None) -> torch.device:
+    """Where a strategy with a ``device`` argument computes (OPCM's SVDs, DOP's and WUDI's optimisation):
+    ``device``, or the GPU when one is present.
+
+    Raises:
+        ValueError: ``device`` names CUDA and none is available, naming the argument and the remedy.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{owner_name(owner)}(device={device!r}): no CUDA device is available; leave device=None "
+                         "or use 'cpu'")
+    return resolved
 
 
 def check_expert_count(owner: Owner, count: int, low: int, high: int | None, hint: str) -> None:

@@ -22,7 +22,6 @@ Used by :class:`DOP` (a batch merge folds the experts in the given order) and by
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,21 +29,11 @@ import torch
 from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
-from lightning_merge.strategies.checks import check_number
+from lightning_merge.strategies.checks import check_device, check_number, check_pattern, compute_device
 from lightning_merge.strategies.opcm import DEFAULT_NOT_LINEAR, is_projected
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 PROJ_SPACES = ("uv", "u", "v")
-
-
-def dop_device(device: str | None) -> torch.device:
-    """Where DOP optimises: ``device``, or the GPU when one is present."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"DOP(device={device!r}): no CUDA device is available; leave device=None or use 'cpu'")
-    return resolved
 
 
 def dop_subspace(tau: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -197,15 +186,8 @@ class DOP(Strategy):
         if self.svd_proj_space not in PROJ_SPACES:
             raise ValueError(f"DOP.svd_proj_space must be one of {', '.join(PROJ_SPACES)}, got "
                              f"{self.svd_proj_space!r}")
-        try:
-            re.compile(self.not_linear)
-        except (re.error, TypeError):
-            raise ValueError(f"DOP.not_linear must be a regular expression, got {self.not_linear!r}") from None
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"DOP.device must be None, 'cpu' or 'cuda[:i]', got {self.device!r}") from None
+        check_pattern(type(self), "not_linear", self.not_linear, optional=False)
+        check_device(type(self), self.device)
 
     def working_set(self, num_experts: int) -> float:
         """The inputs (n experts, the base) and the result, the running and new task vectors, and the optimiser's
@@ -217,7 +199,7 @@ class DOP(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
-        device = dop_device(self.device)
+        device = compute_device("DOP", self.device)
         merged = None
         for t in tensors:
             merged = dop_step(name, merged, t - base, self, device)
@@ -245,7 +227,7 @@ class _DOPFold(ContinualForm):
     def fold(self, name: str, running: Mapping[str, Tensor] | None, tau: Tensor, stats: Mapping[str, Tensor],
              ctx: FoldContext) -> dict[str, Tensor]:
         s = self.strategy
-        return {"x": dop_step(name, None if running is None else running["x"], tau, s, dop_device(s.device))}
+        return {"x": dop_step(name, None if running is None else running["x"], tau, s, compute_device("DOP", s.device))}
 
     def finish(self, name: str, base: Tensor, running: Mapping[str, Tensor], summary: ContinualSummary) -> Tensor:
         return base + running["x"]

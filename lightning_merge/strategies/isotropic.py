@@ -26,21 +26,11 @@ import torch
 from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
-from lightning_merge.strategies.checks import check_number
+from lightning_merge.strategies.checks import check_number, check_pattern
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 ISO_PAPER = "https://arxiv.org/abs/2502.04959"
 ISO_CODE = ("https://github.com/danielm1405/iso-merging", FUSION_BENCH + "isotropic_merging")
-
-
-def check_pattern(owner: type, field: str, value: object) -> None:
-    """``value`` is None or a regular expression (the ``not_svd`` of the subspace strategies)."""
-    if value is None:
-        return
-    try:
-        re.compile(value)  # type: ignore[arg-type]
-    except (re.error, TypeError):
-        raise ValueError(f"{owner.__name__}.{field} must be a regular expression or None, got {value!r}") from None
 
 
 def matrix_rule(name: str, tensor: Tensor, not_svd: str | None) -> bool:
@@ -134,8 +124,13 @@ class IsoC(Strategy):
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,
     ) -> Tensor:
-        total = _sum(tensors, base)
-        merged = iso_c(total) if matrix_rule(name, base, self.not_svd) else total.div_(len(tensors))
+        return self.from_sum(name, base, _sum(tensors, base), len(tensors))
+
+    def from_sum(self, name: str, base: Tensor, total: Tensor, count: int) -> Tensor:
+        """The merged tensor from the sum of ``count`` task vectors (consumed): ISO-C of the sum (a 2-D tensor
+        through the SVD) or the mean, scaled and added to the base. The batch merge and the continual fold's finish
+        both end here."""
+        merged = iso_c(total) if matrix_rule(name, base, self.not_svd) else total.div_(count)
         return merged.mul_(self.scale).add_(base)
 
     def working_set(self, num_experts: int) -> float:
@@ -168,10 +163,7 @@ class _IsoCFold(ContinualForm):
         return {"sum": tau.clone() if running is None else running["sum"] + tau}
 
     def finish(self, name: str, base: Tensor, running: Mapping[str, Tensor], summary: ContinualSummary) -> Tensor:
-        s = self.strategy
-        total = running["sum"].clone()
-        merged = iso_c(total) if matrix_rule(name, base, s.not_svd) else total.div_(summary.count)
-        return merged.mul_(s.scale).add_(base)
+        return self.strategy.from_sum(name, base, running["sum"].clone(), summary.count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,4 +209,4 @@ class IsoCTS(Strategy):
         return 2 * num_experts + 10
 
 
-__all__ = ["IsoC", "IsoCTS", "check_pattern", "cts_split", "iso_c", "iso_cts", "matrix_rule"]
+__all__ = ["IsoC", "IsoCTS", "cts_split", "iso_c", "iso_cts", "matrix_rule"]

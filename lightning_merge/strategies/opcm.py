@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
-from lightning_merge.strategies.checks import check_number
+from lightning_merge.strategies.checks import check_device, check_number, check_pattern, compute_device
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 if TYPE_CHECKING:
@@ -42,16 +42,6 @@ def is_projected(name: str, tensor: Tensor, not_linear: str = DEFAULT_NOT_LINEAR
     included) except names matching ``not_linear`` (embeddings by default), as FusionBench projects every
     ``nn.Linear`` weight and nothing else."""
     return tensor.dim() == 2 and name.endswith("weight") and re.search(not_linear, name) is None
-
-
-def opcm_device(device: str | None) -> torch.device:
-    """Where OPCM computes its SVDs: ``device``, or the GPU when one is present."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"OPCM(device={device!r}): no CUDA device is available; leave device=None or use 'cpu'")
-    return resolved
 
 
 def opcm_project(previous: Tensor, tau: Tensor, alpha: float, tol: float = 1e-6,
@@ -133,19 +123,12 @@ class OPCM(Strategy):
 
     def __post_init__(self) -> None:
         check_number(type(self), "alpha", self.alpha, low=0, high=1)
-        try:
-            re.compile(self.not_linear)
-        except (re.error, TypeError):
-            raise ValueError(f"OPCM.not_linear must be a regular expression, got {self.not_linear!r}") from None
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"OPCM.device must be None, 'cpu' or 'cuda[:i]', got {self.device!r}") from None
+        check_pattern(type(self), "not_linear", self.not_linear, optional=False)
+        check_device(type(self), self.device)
 
     def _final(self, name: str, base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         s = None
-        device = opcm_device(self.device)
+        device = compute_device("OPCM", self.device)
         for t in tensors:
             s = opcm_step(name, s, t - base, self.alpha, self.not_linear, device)
         return s
@@ -222,7 +205,7 @@ class _OPCMFold(ContinualForm):
              ctx: FoldContext) -> dict[str, Tensor]:
         s = self.strategy
         return {"S": opcm_step(name, None if running is None else running["S"], tau, s.alpha, s.not_linear,
-                               opcm_device(s.device))}
+                               compute_device("OPCM", s.device))}
 
     def reduce(self, name: str, running: Mapping[str, Tensor]) -> dict[str, float]:
         return {"s_norm_sq": float(running["S"].double().square().sum())}

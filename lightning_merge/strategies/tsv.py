@@ -52,7 +52,7 @@ from torch import Tensor
 from lightning_merge.formats.sidecar import FISHER_ESTIMATORS
 from lightning_merge.strategies import functional as F
 from lightning_merge.strategies.base import Prepared, Strategy
-from lightning_merge.strategies.checks import PerExpert, check_choice, check_number
+from lightning_merge.strategies.checks import PerExpert, check_choice, check_number, check_pattern
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 from lightning_merge.strategies.regmean import reduce_off_diagonal
 
@@ -212,11 +212,7 @@ class TSVMerge(Strategy):
         if self.weights is not None:
             check_number(type(self), "weights", self.weights, per_expert=True)
         check_number(type(self), "scale", self.scale)
-        if self.not_svd is not None:
-            try:
-                re.compile(self.not_svd)
-            except (re.error, TypeError):
-                raise ValueError(f"TSVMerge.not_svd must be a regular expression, got {self.not_svd!r}") from None
+        check_pattern(type(self), "not_svd", self.not_svd)
 
     def _per_expert_fields(self) -> tuple[str, ...]:
         return ("weights",)

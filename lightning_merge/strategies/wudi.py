@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from lightning_merge.strategies.base import NoContinualForm, Prepared, Strategy
-from lightning_merge.strategies.checks import check_number
-from lightning_merge.strategies.isotropic import check_pattern, matrix_rule
+from lightning_merge.strategies.checks import check_device, check_number, check_pattern, compute_device
+from lightning_merge.strategies.isotropic import matrix_rule
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 SOLVERS = ("adam", "exact")
@@ -126,25 +126,7 @@ class WUDI(Strategy):
             raise ValueError(f"WUDI.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         check_number(type(self), "scale", self.scale)
         check_pattern(type(self), "not_svd", self.not_svd)
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"WUDI.device must be None, 'cpu' or 'cuda[:i]', got {self.device!r}") from None
-
-    def compute_device(self) -> torch.device:
-        """Where the optimisation runs (see ``device``).
-
-        Raises:
-            ValueError: ``device`` names CUDA and none is available.
-        """
-        if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        resolved = torch.device(self.device)
-        if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"WUDI(device={self.device!r}): no CUDA device is available; leave device=None or "
-                             "use 'cpu'")
-        return resolved
+        check_device(type(self), self.device)
 
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
@@ -153,7 +135,7 @@ class WUDI(Strategy):
         taus = [t - base for t in tensors]
         if not matrix_rule(name, base, self.not_svd):
             return torch.stack(taus).mean(0).mul_(self.scale).add_(base)
-        device = self.compute_device()
+        device = compute_device("WUDI", self.device)
         taus = [t.to(device) for t in taus]
         merged = wudi_exact(taus) if self.solver == "exact" else wudi_adam(taus, self.iterations, self.lr)
         return merged.to(base.device).mul_(self.scale).add_(base)

@@ -147,12 +147,12 @@ def test_opcm_device_choice(tmp_path):
     """OPCM(device=...): a bad name is refused at construction, "cuda" without a GPU is refused when the merge
     resolves it (naming the argument and the remedy), and the SVDs on an explicit device give the default's
     model: on the CPU exactly; on a GPU, when this machine has one, within float32 SVD noise."""
-    from lightning_merge.strategies.opcm import opcm_device
+    from lightning_merge.strategies.checks import compute_device
 
     with pytest.raises(ValueError, match="OPCM.device must be"):
         OPCM(device="not-a-device")
-    assert opcm_device("cpu") == torch.device("cpu")
-    assert opcm_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert compute_device("OPCM", "cpu") == torch.device("cpu")
+    assert compute_device("OPCM", None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_path, paths = write_family(tmp_path, stats=False)
     default = merge(paths, base=base_path, strategy=OPCM(alpha=0.5))
     on_cpu = merge(paths, base=base_path, strategy=OPCM(alpha=0.5, device="cpu"))
