@@ -82,6 +82,7 @@ class VocabularyPlan:
         if by_id != list(range(n)):
             raise ValueError("the output vocabulary's ids must be 0 .. len - 1, each once")
         self._defaults = self._default_sources()
+        self._forced = [i for i, (_, entry) in self._defaults.items() if entry is not None and entry.force]
 
     def _default_sources(self) -> dict[int, tuple[str, TokenSource | None]]:
         """Output id → how its default row is made, for every token some model lacks or a ``force`` entry names:
@@ -154,13 +155,9 @@ class VocabularyPlan:
             defaults[i] = source[row].to(dtype)
         n = len(self.vocabulary)
         out = []
-        for pos, t in zip(self.positions, tensors):
+        for model, (pos, t) in enumerate(zip(self.positions, tensors)):
             aligned = torch.zeros((self.size, *rest), dtype=dtype)
-            keep = pos >= 0
-            forced = [i for i, (how, e) in self._defaults.items() if e is not None and e.force]
-            if forced:
-                keep = keep.clone()
-                keep[forced] = False
+            keep = self._kept(model)
             rows_in = pos[keep]
             if rows_in.numel() and int(rows_in.max()) >= t.shape[0]:
                 raise ValueError(f"tensor '{name}' has {t.shape[0]} rows, fewer than the tokenizer's ids need "
@@ -178,14 +175,17 @@ class VocabularyPlan:
         """Model ``model``'s elementwise statistic of a token-indexed tensor in the output's rows: its own rows where
         it has the token (and no ``force`` entry replaces it), zero elsewhere."""
         pos = self.positions[model]
-        keep = pos >= 0
-        forced = [i for i, (how, e) in self._defaults.items() if e is not None and e.force]
-        if forced:
-            keep = keep.clone()
-            keep[forced] = False
+        keep = self._kept(model)
         out = torch.zeros((self.size, *value.shape[1:]), dtype=value.dtype)
         out[:len(self.vocabulary)][keep] = value[pos[keep]]
         return out
+
+    def _kept(self, model: int) -> Tensor:
+        """Which output tokens model ``model`` keeps its own row of: those it has, less the ``force`` entries."""
+        keep = self.positions[model] >= 0
+        if self._forced:
+            keep[self._forced] = False
+        return keep
 
     def token_of(self, index: int) -> str:
         for token, i in self.vocabulary.items():
