@@ -304,8 +304,10 @@ class OutputVocabulary:
         Raises:
             RecipeError: a ``tokens`` entry naming a model outside the group.
         """
-        keys = list(dict.fromkeys(_key(e) for e in models))
-        experts = {k: next(e for e in models if _key(e) == k) for k in keys}
+        experts: dict[tuple[str, ...], Expert] = {}
+        for e in models:  # each model once, the first of its views
+            experts.setdefault(_key(e), e)
+        keys = list(experts)
         index = {k: i for i, k in enumerate(keys)}
         by_folder: dict[Path, int] = {}
         for k in keys:
@@ -341,9 +343,12 @@ def output_vocabulary(spec: TokenizerRecipe, members: Sequence[tuple[Expert, Pat
     Raises:
         RecipeError: a tokenizer that cannot be loaded, an entry naming a model or token not there.
     """
-    keys = list(dict.fromkeys(_key(e) for e, _ in members))  # each model once: a model is the files it reads
-    expert_of = {k: next(e for e, _ in members if _key(e) == k) for k in keys}
-    folder_of = {k: next(f.resolve() for e, f in members if _key(e) == k) for k in keys}
+    expert_of: dict[tuple[str, ...], Expert] = {}
+    folder_of: dict[tuple[str, ...], Path] = {}
+    for e, f in members:  # each model once: a model is the files it reads
+        if expert_of.setdefault(_key(e), e) is e:
+            folder_of.setdefault(_key(e), f.resolve())
+    keys = list(expert_of)
     folders = list(dict.fromkeys(folder_of.values()))
     configs = {f: _config(f) for f in folders}
     tokenizers = {f: _load_tokenizer(f, "model") for f in folders}
