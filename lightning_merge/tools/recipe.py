@@ -35,6 +35,7 @@ from lightning_merge.strategies import (
 )
 from lightning_merge.tools import mergekit_parameters as mp
 from lightning_merge.tools import recipe_slices
+from lightning_merge.tools.architectures import untied_config, with_tied_tensors
 from lightning_merge.tools.chat_templates import chat_template_files, resolve_template
 from lightning_merge.tools.recipe_expansion import check_expansion
 from lightning_merge.tools.recipe_methods import GEOMETRIC, INCLUDES_BASE, geometric_arguments
@@ -259,9 +260,12 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         separate = method not in ("linear", "passthrough") and method not in INCLUDES_BASE
         opened: dict[Path, Expert] = {}
 
-        def open_once(local: Path) -> Expert:
-            if local.resolve() not in opened:
+        for local in [m for sl in slices for m in [sl.base, *(src.model for src in sl.sources)] if m]:
+            if local.resolve() not in opened:  # each model once, read with the names tied to its tensors
                 opened[local.resolve()] = open_model(local)
+        opened = dict(zip(opened, with_tied_tensors([(e, p) for p, e in opened.items()], path)))
+
+        def open_once(local: Path) -> Expert:
             return opened[local.resolve()]
 
         vocabulary = None
@@ -289,7 +293,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         strategy = _build_per_tensor(method, overrides or {}, path, sliced.names, sliced.values_of)
         if strategy.needs_base and sliced.base is None:
             raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
-        layers = recipe_slices.output_config(donor, sliced.layers)
+        layers = {**(recipe_slices.output_config(donor, sliced.layers) or {}), **untied_config(open_once(donor))}
         if layers:
             files["config.json"] = layers
         if vocabulary is not None:
@@ -367,6 +371,10 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             named = adapter_bases.get(p)
             adapter_base = base if named is None or (base_path and named.resolve() == base_path.resolve()) else named
         experts.append(open_model(p, base=adapter_base))
+    opened = with_tied_tensors(([(base, base_path)] if base is not None else []) + [(e, p) for e, (p, _) in
+                                                                                   zip(experts, entries)], path)
+    base, experts = (opened[0], opened[1:]) if base is not None else (None, opened)
+    untie = untied_config(base if base is not None else experts[0])
     if strategy is None:
         names = sorted({n for e in ([base] if base is not None else experts) for n in e.names()})
         layers = mp.count_layers(base_path if base_path is not None else entries[0][0], names)
@@ -386,8 +394,11 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         aligned = align_vocabularies(tokenizer, None if base is None else (base, base_path),
                                      list(zip(experts, model_folders)), path, text)
         files.update(aligned.files)
+        files["config.json"] = {**untie, **files.get("config.json", {})}
         return Recipe(path, aligned.experts, aligned.base, strategy, dtype, files, tokenizer=True)
     files.update(chat_template_files(config.get("chat_template"), path, donor, [p for p, _ in entries]))
+    if untie:
+        files["config.json"] = untie
     return Recipe(path, experts, base, strategy, dtype, files)
 
 

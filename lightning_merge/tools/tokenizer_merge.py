@@ -26,6 +26,7 @@ from lightning_merge.errors import RecipeError
 from lightning_merge.files.text import brief
 from lightning_merge.sources.expert import Expert
 from lightning_merge.sources.vocabulary import TokenSource, VocabularyAlignment, VocabularyPlan, positions_of
+from lightning_merge.tools.architectures import meta_model, transformers_module
 
 #: files a tokenizer's folder may hold: the donor's copies are replaced by the merged tokenizer's (or removed)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -132,12 +133,7 @@ def _token_source(value: Any, recipe: Path, resolve: Callable[[Any, str], Path],
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise RecipeError("tokenizer merging (tokenizer_source / tokenizer) needs transformers: pip install "
-                          "'lightning-merge[tokenizer]' (or transformers)") from None
-    return transformers
+    return transformers_module("tokenizer merging (tokenizer_source / tokenizer)")
 
 
 def _config(folder: Path) -> dict[str, Any]:
@@ -225,25 +221,7 @@ def token_indexed_names(folder: Path, names: Sequence[str]) -> frozenset[str]:
     Raises:
         RecipeError: no config, a config transformers cannot build, or none of those tensors among ``names``.
     """
-    transformers = _transformers()
-    import torch
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-    except Exception as err:  # noqa: BLE001
-        raise RecipeError(f"'{folder}': tokenizer merging reads config.json to find the embeddings, and it cannot be "
-                          f"read ({type(err).__name__}: {err})") from None
-    model = None
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-        try:
-            with torch.device("meta"):
-                model = auto.from_config(config)
-            break
-        except Exception:  # noqa: BLE001, S112  the next kind of model
-            continue
-    if model is None:
-        raise RecipeError(f"'{folder}': transformers cannot build its architecture ({config.model_type}), so its "
-                          "token-indexed tensors are unknown; tokenizer merging needs a transformers model")
+    model = meta_model(folder, "tokenizer merging (to find the embeddings)")
     ids = set()
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         for attribute in ("weight", "bias"):

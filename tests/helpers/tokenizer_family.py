@@ -80,3 +80,18 @@ def write_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
     other.save_pretrained(experts[1])
     _resize(experts[1], vocab, other.get_vocab(), len(other.get_vocab()) + 2, seed=2)
     return base, experts
+
+
+def tied_copy(folder: Path, dest: Path) -> Path:
+    """A copy of model ``folder`` with tied embeddings, as such checkpoints are saved: no ``lm_head.weight`` (the
+    head is the input embedding) and ``tie_word_embeddings: true``; its other files copied."""
+    import shutil
+
+    shutil.copytree(folder, dest)
+    tensors = load_file(dest / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dest / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest

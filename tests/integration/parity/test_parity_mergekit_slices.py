@@ -10,6 +10,7 @@ import jinja2
 import pytest
 import torch
 from test_parity_mergekit import MERGEKIT, mergekit_outputs, relative_error
+from tokenizer_family import tied_copy
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
@@ -103,6 +104,37 @@ slices:
 }
 
 
+#: models with tied embeddings (no ``lm_head.weight``: the head is the embedding) among models that trained their
+#: own head: each is read with its tied names (mergekit's ``tied_names``); ``t`` is a tied copy of the base
+TIED = {
+    "tied_base_ties": lambda t, b, e: f"""
+merge_method: ties
+base_model: {t}
+dtype: float32
+parameters: {{density: 0.5}}
+models:
+  - {{model: {e[0]}, parameters: {{weight: 1.0}}}}
+  - {{model: {e[1]}, parameters: {{weight: 0.6}}}}
+""",
+    "tied_first_linear_no_base": lambda t, b, e: f"""
+merge_method: linear
+dtype: float32
+models:
+  - {{model: {t}, parameters: {{weight: 0.3}}}}
+  - {{model: {e[0]}, parameters: {{weight: 0.7}}}}
+""",
+    # the embedding from the first slice's tied model, the head from the last slice's untied one
+    "tied_passthrough_stack": lambda t, b, e: f"""
+merge_method: passthrough
+base_model: {t}
+dtype: float32
+slices:
+  - sources: [{{model: {t}, layer_range: [0, 2]}}]
+  - sources: [{{model: {e[1]}, layer_range: [1, 4]}}]
+""",
+}
+
+
 TEMPLATES = ["chatml", "llama3", "alpaca", "mistral", "exaone", "jinja"]
 
 
@@ -115,9 +147,11 @@ def _template_recipe(template, base, experts) -> str:
 
 @pytest.fixture(scope="module")
 def mk_outputs(tmp_path_factory, family):
-    """mergekit's output of every slices recipe and chat-template recipe, made in one mergekit process."""
+    """mergekit's output of every slices, chat-template and tied-embedding recipe, made in one mergekit process."""
     base, experts = family
+    tied = tied_copy(base, tmp_path_factory.mktemp("tied") / "base")
     texts = {case: make(base, experts) for case, make in SLICES.items()}
+    texts.update({case: make(tied, base, experts) for case, make in TIED.items()})
     texts.update({f"chat_{t}": _template_recipe(t, base, experts) for t in TEMPLATES})
     return mergekit_outputs(tmp_path_factory.mktemp("mk_slices"), texts)
 
@@ -140,6 +174,25 @@ def test_slices_give_mergekits_model(tmp_path, mk_outputs, case):
     assert {k: v for k, v in mine.items() if k not in ("torch_dtype", "dtype")} == \
         {k: mk.get(k) for k in mine if k not in ("torch_dtype", "dtype")}
     assert (ours / "mergekit_config.yml").read_text() == mk_outputs[case][0].read_text()
+
+
+@pytest.mark.parametrize("case", sorted(TIED))
+def test_tied_embeddings_merge_as_mergekit_and_the_output_keeps_its_head(tmp_path, mk_outputs, case):
+    """A model with tied embeddings merged with models that have their own LM head: mergekit's tensors (its head
+    read as its embedding), and a config that unties them, so transformers loads the merged head. mergekit keeps the
+    donor's ``tie_word_embeddings: true`` (its head is then replaced by the embedding on load): the one difference."""
+    from transformers import LlamaForCausalLM
+
+    ours, theirs = _run_both(tmp_path, mk_outputs, case)
+    worst = relative_error(Expert(ours), Expert(theirs))
+    print(f"{case}: max relative difference {worst:.2e}")
+    assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
+    assert "lm_head.weight" in Expert(ours).names()
+    assert json.loads((ours / "config.json").read_text())["tie_word_embeddings"] is False
+    if "no_base" not in case:  # (without a base mergekit's config came from an untied model here)
+        assert json.loads((theirs / "config.json").read_text())["tie_word_embeddings"] is True
+    model = LlamaForCausalLM.from_pretrained(ours, dtype=torch.float32)
+    assert torch.equal(model.lm_head.weight.detach(), Expert(ours).tensor("lm_head.weight"))
 
 
 def test_a_stacked_model_loads_in_transformers_as_its_layers(tmp_path, family, mk_outputs):

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from test_parity_mergekit import MERGEKIT, run_mergekit_many
-from tokenizer_family import CHAT_TOKENS, write_tokenizer_family
+from tokenizer_family import CHAT_TOKENS, tied_copy, write_tokenizer_family
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
@@ -106,12 +106,29 @@ slices:
 }
 
 
+#: a base with tied embeddings (no ``lm_head.weight``; its head is its embedding) merged with experts that trained
+#: their own head: every model is read with its tied names (mergekit's ``tied_names``), so the base's head is its
+#: embedding; the output holds a head of its own, and our config unties it (mergekit keeps the base's
+#: ``tie_word_embeddings: true``, which makes transformers replace that head by the embedding on load)
+TIED_RECIPES = {
+    "tied_base_union_ties": lambda t, e: RECIPES["union_ties"](t, e),
+    "tied_base_task_arithmetic": lambda t, e: RECIPES["base_task_arithmetic"](t, e),
+}
+
+
 @pytest.fixture(scope="module")
-def theirs(tmp_path_factory, family):
+def tied_base(family, tmp_path_factory):
+    base, _ = family
+    return tied_copy(base, tmp_path_factory.mktemp("tied") / "base")
+
+
+@pytest.fixture(scope="module")
+def theirs(tmp_path_factory, family, tied_base):
     """mergekit's output of every recipe (and of union_ties with a chat template), made in one mergekit process."""
     base, experts = family
     root = tmp_path_factory.mktemp("mergekit")
     texts = {case: make(base, experts) for case, make in RECIPES.items()}
+    texts.update({case: make(tied_base, experts) for case, make in TIED_RECIPES.items()})
     texts["chat_template"] = texts["union_ties"] + "chat_template: chatml\n"
     pairs = []
     for case, text in texts.items():
@@ -133,7 +150,7 @@ def _vocab(folder):
     return AutoTokenizer.from_pretrained(folder).get_vocab()
 
 
-@pytest.mark.parametrize("case", sorted(RECIPES))
+@pytest.mark.parametrize("case", sorted(RECIPES) + sorted(TIED_RECIPES))
 def test_tokenizer_merging_gives_mergekits_model(tmp_path, theirs, case):
     ours, theirs = _run_both(tmp_path, theirs, case)
     mine, mk = _vocab(ours), _vocab(theirs)
@@ -153,6 +170,21 @@ def test_tokenizer_merging_gives_mergekits_model(tmp_path, theirs, case):
         worst = max(worst, float((x - y).abs().max() / y.abs().max()))
     print(f"{case}: max relative difference {worst:.2e}")
     assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
+
+
+def test_a_tied_base_gives_an_untied_model_with_the_merged_head(tmp_path, theirs, tied_base):
+    """With a tied base, the output config unties the embeddings, so transformers loads the merged LM head, not a copy
+    of the embedding; the base's head in the merge was its embedding (task arithmetic's τ of the head is each
+    expert's head minus the base's embedding)."""
+    from transformers import LlamaForCausalLM
+
+    ours, _ = _run_both(tmp_path, theirs, "tied_base_task_arithmetic")
+    assert json.loads((ours / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((tied_base / "config.json").read_text())["tie_word_embeddings"] is True  # the base untouched
+    merged = Expert(ours)
+    model = LlamaForCausalLM.from_pretrained(ours, dtype=torch.float32)
+    assert torch.equal(model.lm_head.weight.detach(), merged.tensor("lm_head.weight"))
+    assert not torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
 
 
 def test_the_merged_model_runs_with_its_tokenizer(tmp_path, theirs):

@@ -1,0 +1,141 @@
+"""What a Hugging Face model folder's architecture says about its tensors, read the way mergekit reads it: the model
+is built from the folder's ``config.json`` on the meta device (no memory, no weights) with transformers, and asked.
+
+- :func:`meta_model`: that model.
+- :func:`tied_groups`: the names that share one parameter (an LM head tied to the input embedding).
+- :func:`with_tied_tensors`: a recipe's models, each answering to the tied names its checkpoint left out whenever
+  another model holds that name as a tensor of its own (a base with tied embeddings merged with experts that
+  trained their own LM head): mergekit's ``tied_names`` rule.
+
+Needs transformers (``pip install 'lightning-merge[tokenizer]'``), imported only when a recipe needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_merge.errors import RecipeError
+from lightning_merge.sources.expert import Expert
+from lightning_merge.sources.tied import TiedExpert
+
+
+def transformers_module(why: str) -> Any:
+    """transformers, or a RecipeError saying what needs it and how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise RecipeError(f"{why} needs transformers: pip install 'lightning-merge[tokenizer]' (or transformers)"
+                          ) from None
+    return transformers
+
+
+def meta_model(folder: Path, why: str) -> Any:
+    """The transformers model of ``folder``'s ``config.json``, built on the meta device.
+
+    Args:
+        folder: a model folder.
+        why: what asks (for messages), e.g. ``"tokenizer merging"``.
+
+    Raises:
+        RecipeError: no config, or one transformers cannot build.
+    """
+    transformers = transformers_module(why)
+    import torch
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    except Exception as err:  # noqa: BLE001
+        raise RecipeError(f"'{folder}': {why} reads config.json to know the architecture, and it cannot be read "
+                          f"({type(err).__name__}: {err})") from None
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto.from_config(config)
+        except Exception:  # noqa: BLE001, S112  the next kind of model
+            continue
+    raise RecipeError(f"'{folder}': transformers cannot build its architecture ({config.model_type}), which {why} "
+                      "needs to know")
+
+
+def tied_groups(folder: Path, why: str = "reading tied weights") -> list[tuple[str, ...]]:
+    """The groups of parameter names of ``folder``'s architecture that are one parameter (tied), each in the
+    model's order (the input embedding before the LM head); empty when nothing is tied."""
+    model = meta_model(folder, why)
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return [tuple(group) for group in names.values() if len(group) > 1]
+
+
+def with_tied_tensors(models: Sequence[tuple[Expert, Path]], recipe: Path) -> list[Expert]:
+    """Each model, answering also to the tied names its checkpoint left out that another model holds (see the
+    module's docstring); the others unchanged. transformers is imported only when some model lacks a tensor
+    another holds and its ``config.json`` does not say ``tie_word_embeddings: false``; when the architecture
+    cannot be read and the config does not say it ties, the model is left as it is (the merge's own check then
+    names the missing tensor).
+
+    Args:
+        models: each model and the folder of its ``config.json``.
+        recipe: the recipe's path, for messages.
+
+    Returns:
+        The models in the same order; a changed one is a :class:`~lightning_merge.sources.tied.TiedExpert`.
+
+    Raises:
+        RecipeError: the config says ``tie_word_embeddings: true`` and transformers is missing or cannot build it.
+    """
+    held = [set(expert.names()) for expert, _ in models]
+    every = set().union(*held) if held else set()
+    out: list[Expert] = []
+    groups_of: dict[Path, list[tuple[str, ...]]] = {}
+    for (expert, folder), names in zip(models, held):
+        missing = every - names
+        ties = _ties_word_embeddings(folder)
+        if not missing or ties is False:
+            out.append(expert)
+            continue
+        folder = folder.resolve()
+        if folder not in groups_of:
+            why = (f"reading the tied weights of '{expert.name}' (it lacks '{sorted(missing)[0]}', which another "
+                   f"model of {recipe} holds)")
+            try:
+                groups_of[folder] = tied_groups(folder, why)
+            except RecipeError:
+                if ties:  # it says it ties them: say what reading the tie needs
+                    raise
+                groups_of[folder] = []  # not knowable: the merge's own check names the missing tensor
+        tied = {}
+        for group in groups_of[folder]:
+            target = next((n for n in group if n in names), None)
+            if target is not None:
+                tied.update({n: target for n in group if n in missing})
+        out.append(TiedExpert(expert, tied) if tied else expert)
+    return out
+
+
+def untied_config(donor: Expert) -> dict[str, Any]:
+    """``config.json``'s keys for a merge whose config comes from ``donor``: ``tie_word_embeddings: false`` when
+    the donor is a model read with its tied tensors (:func:`with_tied_tensors`), since the output then holds an LM
+    head of its own (merged from the models that trained one), which a tying config would make transformers
+    replace by the embedding on load; else none."""
+    return {"tie_word_embeddings": False} if isinstance(donor, TiedExpert) else {}
+
+
+def _ties_word_embeddings(folder: Path) -> bool | None:
+    """``config.json``'s ``tie_word_embeddings`` (top level, else its ``text_config``'s); None when it has no
+    config or does not say (the architecture's default then decides); False without a config."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    for holder in (config, config.get("text_config") if isinstance(config, dict) else None):
+        if isinstance(holder, dict) and isinstance(holder.get("tie_word_embeddings"), bool):
+            return holder["tie_word_embeddings"]
+    return None
+
+
+__all__ = ["meta_model", "tied_groups", "transformers_module", "untied_config", "with_tied_tensors"]

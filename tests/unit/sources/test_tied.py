@@ -1,0 +1,109 @@
+"""Models whose checkpoint leaves out a tensor tied to another (an LM head tied to the input embedding), read as
+holding both (mergekit's ``tied_names``), and the recipe rule that applies it (``tools/architectures.py``)."""
+
+import json
+
+import pytest
+import torch
+
+from lightning_merge import Expert
+from lightning_merge.errors import RecipeError
+from lightning_merge.sources.tied import TiedExpert
+from lightning_merge.tools.architectures import tied_groups, untied_config, with_tied_tensors
+from lightning_merge.tools.recipe import load_recipe
+from lightning_merge.tools.testing import llama_config, write_llama_family
+
+
+def _tensors(g, head=True):
+    out = {"embed.weight": torch.randn(6, 4, generator=g), "layer.weight": torch.randn(4, 4, generator=g)}
+    if head:
+        out["head.weight"] = torch.randn(6, 4, generator=g)
+    return out
+
+
+def test_a_tied_name_reads_its_target_tensor_rows_spec_and_statistics():
+    g = torch.Generator().manual_seed(0)
+    tensors = _tensors(g, head=False)
+    fisher = {n: torch.rand(t.shape, generator=g) for n, t in tensors.items()}
+    inner = Expert(tensors, statistics={"fisher": fisher}, name="tied model")
+    tied = TiedExpert(inner, {"head.weight": "embed.weight"})
+    assert tied.names() == ["embed.weight", "layer.weight", "head.weight"]
+    assert "head.weight" in tied and tied.name == "tied model"
+    assert torch.equal(tied.tensor("head.weight"), tensors["embed.weight"])
+    assert torch.equal(tied.float32("head.weight", rows=(2, 5)), tensors["embed.weight"][2:5])
+    assert tied.spec("head.weight") == inner.spec("embed.weight")
+    assert torch.equal(tied.statistic("head.weight", "fisher"), fisher["embed.weight"])
+    assert torch.equal(tied.statistic("layer.weight", "fisher"), fisher["layer.weight"])
+    assert tied.subset(["head.weight"]).names() == ["head.weight"]
+    assert torch.equal(tied.subset(["head.weight"]).tensor("head.weight"), tensors["embed.weight"])
+
+
+def test_a_tie_to_a_name_held_or_to_a_missing_tensor_is_refused():
+    inner = Expert(_tensors(torch.Generator().manual_seed(0)), name="m")
+    with pytest.raises(ValueError, match="'m' holds 'head.weight' itself"):
+        TiedExpert(inner, {"head.weight": "embed.weight"})
+    with pytest.raises(ValueError, match="'m' has no tensor 'wte.weight'"):
+        TiedExpert(Expert(_tensors(torch.Generator(), head=False), name="m"), {"head.weight": "wte.weight"})
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """A Llama base saved tied (no lm_head.weight, tie_word_embeddings true) and two untied experts."""
+    root = tmp_path_factory.mktemp("tied")
+    tied_base, _ = write_llama_family(root / "tied", llama_config(hidden=16, layers=1, intermediate=32, vocab=32,
+                                                                  tie_embeddings=True), n_experts=0,
+                                      dtype=torch.float32)
+    _, experts = write_llama_family(root / "untied", llama_config(hidden=16, layers=1, intermediate=32, vocab=32),
+                                    n_experts=2, dtype=torch.float32, seed=1)
+    return tied_base, experts
+
+
+def test_the_architecture_says_which_names_are_tied(llamas):
+    tied_base, experts = llamas
+    assert tied_groups(tied_base) == [("model.embed_tokens.weight", "lm_head.weight")]
+    assert tied_groups(experts[0]) == []
+
+
+def test_only_a_model_lacking_a_name_another_holds_is_read_tied(llamas):
+    tied_base, experts = llamas
+    base, e0, e1 = Expert(tied_base), Expert(experts[0]), Expert(experts[1])
+    out = with_tied_tensors([(base, tied_base), (e0, experts[0]), (e1, experts[1])], tied_base / "r.yaml")
+    assert isinstance(out[0], TiedExpert) and out[0].tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert out[1] is e0 and out[2] is e1
+    assert untied_config(out[0]) == {"tie_word_embeddings": False} and untied_config(out[1]) == {}
+    alone = with_tied_tensors([(base, tied_base), (Expert(tied_base), tied_base)], tied_base / "r.yaml")
+    assert [type(e) for e in alone] == [Expert, Expert]  # no model holds a head: nothing is added
+
+
+def test_a_config_that_says_it_ties_but_cannot_be_built_is_named(tmp_path, llamas):
+    _, experts = llamas
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Expert(experts[0])  # (the experts are readable)
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.zeros(32, 16)}, odd / "model.safetensors")
+    (odd / "config.json").write_text(json.dumps({"model_type": "no-such-architecture", "tie_word_embeddings": True}))
+    with pytest.raises(RecipeError, match="reading the tied weights of '.*odd'.*lacks 'lm_head.weight'"):
+        with_tied_tensors([(Expert(odd), odd), (Expert(experts[0]), experts[0])], tmp_path / "r.yaml")
+    (odd / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))  # says nothing: left as is
+    out = with_tied_tensors([(Expert(odd), odd), (Expert(experts[0]), experts[0])], tmp_path / "r.yaml")
+    assert not isinstance(out[0], TiedExpert)
+
+
+def test_a_recipe_with_a_tied_base_merges_its_embedding_as_the_base_head(tmp_path, llamas):
+    """Task arithmetic's head: the base's embedding plus each expert's head minus that embedding, weighted; the
+    output config unties the embeddings."""
+    tied_base, experts = llamas
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tied_base}\ndtype: float32\nmodels:\n"
+                      f"  - {{model: {experts[0]}, parameters: {{weight: 0.5}}}}\n"
+                      f"  - {{model: {experts[1]}, parameters: {{weight: 0.25}}}}\n")
+    loaded = load_recipe(recipe)
+    assert loaded.files["config.json"] == {"tie_word_embeddings": False}
+    from lightning_merge import merge
+
+    merged = merge(loaded.experts, loaded.base, loaded.strategy, out=None)
+    embed = Expert(tied_base).tensor("model.embed_tokens.weight")
+    heads = [Expert(e).tensor("lm_head.weight") for e in experts]
+    torch.testing.assert_close(merged["lm_head.weight"], embed + 0.5 * (heads[0] - embed) + 0.25 * (heads[1] - embed))
