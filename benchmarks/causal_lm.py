@@ -42,11 +42,14 @@ import torch
 from lightning_merge import (
     OPCM,
     OTA,
+    WUDI,
     Breadcrumbs,
     Cabs,
     Consensus,
     Dare,
     Fisher,
+    IsoC,
+    IsoCTS,
     Linear,
     LiNeS,
     RegMean,
@@ -64,6 +67,8 @@ DOMAINS = {"code": 128, "english": 96, "spanish": 64, "german": 48}  # domain �
 VOCAB = 257  # bytes + BOS
 BOS = 256
 GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
+#: ISO-C and ISO-CTS flatten the summed spectrum and want larger λ (on digits they sat at the top of 0.3-2.5)
+ISO_GRID = (*GRID, 2.5, 3.0, 4.0, 5.0, 6.0)
 BETAS = (0.0, 0.5, 1.0, 2.0)
 ALPHAS = (0.0, 0.5, 0.9, 0.95, 1.0)  # RegMean's α, chosen on validation for "regmean (α on validation)"
 UNSWEPT = {"regmean (α 0.95)"}  # as published: no scale
@@ -253,6 +258,11 @@ def strategies() -> dict[str, object]:
         "regmean (α 0.95)": RegMean(),
         "regmean (α on validation)": RegMean(alpha=1.0),
         "regmean (α 0.95), λ on validation": RegMean(),  # an extension: θ₀ + λ·τ*
+        # issue 33's data-free subspace methods (λ on validation; ISO on ISO_GRID)
+        "iso_c": IsoC(),
+        "iso_cts (f 0.8)": IsoCTS(),
+        "wudi (adam, 300 steps, lr 1e-5)": WUDI(),
+        "wudi (exact optimum)": WUDI(solver="exact"),
     }
 
 
@@ -360,7 +370,8 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
                     best = (score, state, beta)
             _, state, chosen["beta"] = best
         elif getattr(strategy, "scalable", False) and label not in UNSWEPT:
-            result = sweep_scale(strategy, experts, root / "base", val_score, GRID)
+            result = sweep_scale(strategy, experts, root / "base", val_score,
+                                 ISO_GRID if label.startswith("iso") else GRID)
             state, chosen["scale"] = result.state, result.scale
         else:
             state = merge(experts, root / "base", strategy)

@@ -34,7 +34,7 @@ from lightning_merge.strategies import (
     Ties,
 )
 from lightning_merge.tools import mergekit_parameters as mp
-from lightning_merge.tools import recipe_slices
+from lightning_merge.tools import recipe_modules, recipe_slices
 from lightning_merge.tools.architectures import untied_config, with_tied_tensors
 from lightning_merge.tools.chat_templates import chat_template_files, resolve_template
 from lightning_merge.tools.recipe_expansion import check_expansion
@@ -77,11 +77,9 @@ _EXTENSIONS = {"ties": ("topk", "election", "weighting"), "task_arithmetic": ("e
                "dare_linear": ("weighting", "seed"), "dare_ties": ("weighting", "seed", "election"),
                "breadcrumbs": ("weighting", "election"), "breadcrumbs_ties": ("weighting", "election"),
                "della": ("weighting", "seed", "election"), "della_linear": ("weighting", "seed")}
-_TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "name",
-              "chat_template", "tokenizer_source", "tokenizer"}
-_REFUSED = {
-    "modules": "per-module merge definitions",
-}
+_TOP_LEVEL = {"merge_method", "strategy", "base_model", "models", "slices", "modules", "parameters", "dtype",
+              "out_dtype", "name", "chat_template", "tokenizer_source", "tokenizer"}
+_REFUSED: dict[str, str] = {}  # mergekit keys not implemented: none
 
 
 @dataclass
@@ -244,29 +242,50 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         return local
 
     tokenizer = parse_tokenizer(config, path, resolve_tokenizer_model)
+    separate = method not in ("linear", "passthrough") and method not in INCLUDES_BASE
+
+    def resolve(ref: Any, where: str) -> Path:  # a model of slices or modules
+        local, lora = _resolve_model(ref, path, where, urls)
+        if lora is not None:
+            raise RecipeError(f"{path}: {where}: a LoRA in a slice or module is not supported; merge the adapter into "
+                              "its model first")
+        return local
+
+    def open_all(paths: list[Path]) -> Callable[[Path], Expert]:
+        """Open each model once, read with the names tied to its tensors (:func:`with_tied_tensors`)."""
+        opened: dict[Path, Expert] = {}
+        for local in paths:
+            if local.resolve() not in opened:
+                opened[local.resolve()] = open_model(local)
+        opened = dict(zip(opened, with_tied_tensors([(e, p) for p, e in opened.items()], path)))
+        return lambda local: opened[local.resolve()]
+
+    if "modules" in config:
+        if config.get("models") or config.get("slices") or exact is not None or method not in _MERGEKIT:
+            raise RecipeError(f"{path}: 'modules' takes a mergekit merge_method and no 'models' or 'slices' (exactly "
+                              "one of the three, as mergekit requires)")
+        if tokenizer is not None:
+            raise RecipeError(f"{path}: tokenizer merging (tokenizer_source / tokenizer) with 'modules' is not "
+                              "implemented: merge the models with one tokenizer, or without 'modules'")
+        every = ([base_path] if base_path else []) + recipe_modules.referenced_models(config["modules"], path, resolve)
+        open_once = open_all(every)
+        donor = every[0]
+        planned = recipe_modules.plan_modules(config["modules"], path, method, shared, base_path, resolve, open_once,
+                                              separate, donor)
+        strategy = _build_per_tensor(method, overrides or {}, path, planned.sliced.names, planned.sliced.values_of)
+        if strategy.needs_base and planned.sliced.base is None:
+            raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
+        keys = {**planned.config, **untied_config(open_once(donor))}
+        if keys:
+            files["config.json"] = keys
+        files.update(chat_template_files(config.get("chat_template"), path, donor, every))
+        return Recipe(path, planned.sliced.experts, planned.sliced.base, strategy, dtype, files)
     if "slices" in config:
         if config.get("models") or exact is not None or method not in _MERGEKIT:
             raise RecipeError(f"{path}: 'slices' takes a mergekit merge_method and no 'models' (give either "
                               "'models' or 'slices', as mergekit requires)")
-
-        def resolve(ref: Any, where: str) -> Path:
-            local, lora = _resolve_model(ref, path, where, urls)
-            if lora is not None:
-                raise RecipeError(f"{path}: {where}: a LoRA in a slice is not supported; merge the adapter into its "
-                                  "model first")
-            return local
-
         slices = recipe_slices.parse_slices(config["slices"], path, resolve, base_path)
-        separate = method not in ("linear", "passthrough") and method not in INCLUDES_BASE
-        opened: dict[Path, Expert] = {}
-
-        for local in [m for sl in slices for m in [sl.base, *(src.model for src in sl.sources)] if m]:
-            if local.resolve() not in opened:  # each model once, read with the names tied to its tensors
-                opened[local.resolve()] = open_model(local)
-        opened = dict(zip(opened, with_tied_tensors([(e, p) for p, e in opened.items()], path)))
-
-        def open_once(local: Path) -> Expert:
-            return opened[local.resolve()]
+        open_once = open_all([m for sl in slices for m in [sl.base, *(src.model for src in sl.sources)] if m])
 
         vocabulary = None
         donor = slices[0].base or slices[0].sources[0].model

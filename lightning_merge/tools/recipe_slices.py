@@ -80,17 +80,19 @@ class Sliced:
     values_of: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]]]]
 
 
-def parse_slices(value: Any, recipe: Path, resolve: Callable[[Any, str], Path], base: Path | None) -> list[Slice]:
-    """Check the ``slices`` of a recipe and resolve its model paths (``resolve(reference, where)``).
+def parse_slices(value: Any, recipe: Path, resolve: Callable[[Any, str], Path], base: Path | None,
+                 key: str = "slices") -> list[Slice]:
+    """Check the ``slices`` of a recipe (or of a module: ``key="modules.vision_tower.slices"``) and resolve its model
+    paths (``resolve(reference, where)``).
 
     Raises:
         RecipeError: naming the key (``slices[1].sources[0].layer_range``) and what is expected.
     """
     if not isinstance(value, list) or not value:
-        raise RecipeError(f"{recipe}: 'slices' must be a non-empty list of {{sources: [...]}}")
+        raise RecipeError(f"{recipe}: '{key}' must be a non-empty list of {{sources: [...]}}")
     slices = []
     for i, entry in enumerate(value):
-        where = f"slices[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(entry, Mapping) or "sources" not in entry:
             raise RecipeError(f"{recipe}: {where} must be a mapping with 'sources', got {brief(entry)}")
         extra = sorted(set(entry) - _SLICE_KEYS)
@@ -141,13 +143,26 @@ def _parameters(value: Any, recipe: Path, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def layout(expert: Expert, folder: Path | None, where: str, recipe: Path) -> Layout:
+@dataclass(frozen=True)
+class Stack:
+    """Where a module's layers are (mergekit's ``modules``): the prefix its layer-indexed tensors share (None: the
+    module has no layers) and the ``config.json`` keys of its layer count, tried in order (dotted for nested
+    configs: ``vision_config.depth``); without one, the largest index + 1."""
+
+    prefix: str | None
+    counts: tuple[str, ...] = ()
+
+
+def layout(expert: Expert, folder: Path | None, where: str, recipe: Path, stack: Stack | None = None) -> Layout:
     """The layer structure of a model: the one prefix its layer-indexed tensors share, and its layer count
-    (``num_hidden_layers`` of its ``config.json``, else the largest index + 1).
+    (``num_hidden_layers`` of its ``config.json``, else the largest index + 1); with ``stack`` (a module of a
+    model with several stacks), that stack's.
 
     Raises:
         RecipeError: no layer-indexed tensor, or several prefixes (several stacks: a vision tower, an encoder).
     """
+    if stack is not None:
+        return _stack_layout(expert, folder, stack)
     prefixes: dict[str, int] = {}
     rests: dict[int, list[str]] = {}
     other = []
@@ -165,16 +180,46 @@ def layout(expert: Expert, folder: Path | None, where: str, recipe: Path) -> Lay
                           "model.layers.0.mlp.up_proj.weight): 'slices' cannot find its layers")
     if len(prefixes) > 1:
         raise RecipeError(f"{recipe}: {where}: '{expert.name}' has layers under several prefixes "
-                          f"({', '.join(sorted(prefixes))}): 'slices' of models with several stacks of layers "
-                          "(mergekit's 'modules') are not supported")
+                          f"({', '.join(sorted(prefixes))}): a model with several stacks of layers is sliced with "
+                          "mergekit's 'modules' (one stack per module), for the architectures that define them")
     layers = max(rests) + 1
     config = mp.count_layers(folder, []) if folder is not None else None
     return Layout(next(iter(prefixes)), config or layers, rests, other)
 
 
+def _stack_layout(expert: Expert, folder: Path | None, stack: Stack) -> Layout:
+    rests: dict[int, list[str]] = {}
+    other = []
+    for name in expert.names():
+        rest = name[len(stack.prefix):] if stack.prefix and name.startswith(stack.prefix) else None
+        index, _, tail = (rest or "").partition(".")
+        if rest is None or not index.isdigit() or not tail:
+            other.append(name)
+        else:
+            rests.setdefault(int(index), []).append(tail)
+    counted = _config_count(folder, stack.counts) if folder is not None else None
+    return Layout(stack.prefix or "", counted or (max(rests) + 1 if rests else 0), rests, other)
+
+
+def _config_count(folder: Path, keys: tuple[str, ...]) -> int | None:
+    """The first of ``keys`` (dotted: nested) that ``folder/config.json`` holds as a positive integer."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    for key in keys:
+        value: Any = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def plan_slices(slices: list[Slice], recipe: Path, method: str, shared: Mapping[str, Any],
                 open_model: Callable[[Path], Expert], separate_base: bool,
-                vocabulary: tuple[frozenset[str], Callable[[int, Expert], Expert]] | None = None) -> Sliced:
+                vocabulary: tuple[frozenset[str], Callable[[int, Expert], Expert]] | None = None,
+                stack: Stack | None = None, module: Mapping[str, Any] | None = None, where: str = "") -> Sliced:
     """The composed experts, base and per-tensor parameters of a ``slices`` recipe.
 
     Args:
@@ -188,6 +233,10 @@ def plan_slices(slices: list[Slice], recipe: Path, method: str, shared: Mapping[
         vocabulary: with tokenizer merging, the token-indexed tensors' names and ``view(s, model)``: the model as
             slice ``s``'s models are aligned to the output vocabulary (mergekit aligns the embeddings among the first
             slice's sources, the LM head among the last's).
+        stack: for one module of ``modules``: where its layers are (``open_model`` then gives each model's view of
+            that module's tensors).
+        module: that module's ``parameters`` (between the slice's and the recipe's).
+        where: the key holding ``slices`` in messages (``"modules.vision_tower."``).
 
     Raises:
         RecipeError: a slice without its base among its sources, slices with different numbers of experts, a layer
@@ -199,29 +248,31 @@ def plan_slices(slices: list[Slice], recipe: Path, method: str, shared: Mapping[
         key = path.resolve()
         if key not in opened:
             expert = open_model(path)
-            opened[key] = (expert, layout(expert, path if path.is_dir() else None, where, recipe))
+            opened[key] = (expert, layout(expert, path if path.is_dir() else None, where, recipe, stack))
         return opened[key]
 
     roles: list[tuple[Source | None, list[Source]]] = []  # per slice: (base source, expert sources)
     for i, s in enumerate(slices):
+        at = f"{recipe}: {where}slices[{i}]"
         base_source = None
         if separate_base and s.base is not None:
             base_source = next((src for src in s.sources if src.model.resolve() == s.base.resolve()), None)
             if base_source is None:
-                raise RecipeError(f"{recipe}: slices[{i}]: its base model '{s.base}' is not among its sources; a "
+                raise RecipeError(f"{at}: its base model '{s.base}' is not among its sources; a "
                                   f"slice merged with '{method}' reads the base's layers from its sources: add "
-                                  f"{{model: {s.base}, layer_range: [...]}} to slices[{i}].sources")
+                                  f"{{model: {s.base}, layer_range: [...]}} to {where}slices[{i}].sources")
         others = [src for src in s.sources if src is not base_source]
         if method == "passthrough" and len(s.sources) != 1:
-            raise RecipeError(f"{recipe}: slices[{i}].sources has {len(s.sources)} models: passthrough takes one "
+            raise RecipeError(f"{at}.sources has {len(s.sources)} models: passthrough takes one "
                               "source per slice (stack the layers with one slice per range)")
         if not others:
-            raise RecipeError(f"{recipe}: slices[{i}].sources holds only the base model: nothing to merge into it")
+            raise RecipeError(f"{at}.sources holds only the base model: nothing to merge into it")
         roles.append((base_source, others))
         for j, src in enumerate(s.sources):
-            _, lay = model(src.model, f"slices[{i}].sources[{j}]")
-            if src.end > lay.layers:
-                raise RecipeError(f"{recipe}: slices[{i}].sources[{j}].layer_range [{src.start}, {src.end}] goes "
+            _, lay = model(src.model, f"{where}slices[{i}].sources[{j}]")
+            if src.end > lay.layers and (stack is None or stack.prefix is not None):  # (a module without layers:
+                # its tensors whatever the range)
+                raise RecipeError(f"{at}.sources[{j}].layer_range [{src.start}, {src.end}] goes "
                                   f"beyond '{src.model}', which has {lay.layers} layers (0..{lay.layers - 1})")
     counts = {len(others) for _, others in roles}
     if len(counts) > 1:
@@ -235,11 +286,12 @@ def plan_slices(slices: list[Slice], recipe: Path, method: str, shared: Mapping[
     tables: list[dict[str, tuple[Expert, str]]] = [{} for _ in range(k)]
     base_table: dict[str, tuple[Expert, str]] = {}
     scope: dict[str, tuple[int, float]] = {}  # output name -> (slice index, t)
-    first_expert, first_layout = model(slices[0].sources[0].model, "slices[0].sources[0]")
+    first_expert, first_layout = model(slices[0].sources[0].model, f"{where}slices[0].sources[0]")
     prefix = first_layout.prefix
 
     def holder(src: Source, name: str, s: int) -> tuple[Expert, str]:
-        expert, name = _holder(model(src.model, "")[0], name, recipe, s, slices[s].sources.index(src))
+        expert, name = _holder(model(src.model, "")[0], name, recipe, f"{where}slices[{s}]",
+                               slices[s].sources.index(src))
         if vocabulary is not None and name in vocabulary[0]:
             expert = vocabulary[1](s, expert)
         return expert, name
@@ -288,15 +340,16 @@ def plan_slices(slices: list[Slice], recipe: Path, method: str, shared: Mapping[
         s, t = scope[name]
         _, others = roles[s]
         plain_shared, plain_models = mp.resolve({**shared}, [src.parameters for src in others], name, t)
+        module_shared, _ = mp.resolve(module or {}, [], name, t)
         slice_shared, _ = mp.resolve(slices[s].parameters, [], name, t)
-        return {**plain_shared, **slice_shared}, plain_models
+        return {**plain_shared, **module_shared, **slice_shared}, plain_models
 
     return Sliced(experts, base, j, list(scope), values_of)
 
 
-def _holder(expert: Expert, name: str, recipe: Path, s: int, j: int) -> tuple[Expert, str]:
+def _holder(expert: Expert, name: str, recipe: Path, where: str, j: int) -> tuple[Expert, str]:
     if name not in expert:
-        raise RecipeError(f"{recipe}: slices[{s}].sources[{j}]: '{expert.name}' has no tensor '{name}' (the output "
+        raise RecipeError(f"{recipe}: {where}.sources[{j}]: '{expert.name}' has no tensor '{name}' (the output "
                           "needs it from every source of the slice)")
     return expert, name
 
@@ -313,4 +366,4 @@ def output_config(donor: Path, layers: int) -> dict[str, Any] | None:
     return {"num_hidden_layers": layers} if isinstance(found, dict) else None
 
 
-__all__ = ["Layout", "Slice", "Sliced", "Source", "layout", "output_config", "parse_slices", "plan_slices"]
+__all__ = ["Layout", "Slice", "Sliced", "Source", "Stack", "layout", "output_config", "parse_slices", "plan_slices"]

@@ -142,6 +142,25 @@ def _vocabularies(root: Path) -> None:
     experts[1].rename(root / "vocab" / "domain")
 
 
+def _encoder_decoder(root: Path) -> None:
+    """``t5/base``, ``t5/summarize`` and ``t5/translate``: a tiny gated T5 and two fine-tunes (cli.md's modules)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=3, num_decoder_layers=2, num_heads=4,
+                      decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    T5ForConditionalGeneration(config).save_pretrained(root / "t5" / "base")
+    tensors = load_file(root / "t5" / "base" / "model.safetensors")
+    for i, name in enumerate(("summarize", "translate")):
+        g = torch.Generator().manual_seed(i + 1)
+        shutil.copytree(root / "t5" / "base", root / "t5" / name)
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in tensors.items()},
+                  root / "t5" / name / "model.safetensors", metadata={"format": "pt"})
+
+
 def _checkpoints(root: Path) -> None:
     """Lightning checkpoints written by hand: a network held as ``self.model`` (README, experts.md) and plain ones
     (strategies.md, tall.md)."""
@@ -198,6 +217,7 @@ def build(root: Path) -> Path:
     (root / "recipe.yaml").write_text(RECIPE)
     _llama_family(root)
     _vocabularies(root)
+    _encoder_decoder(root)
     _checkpoints(root)
     _runs(root)
     return root

@@ -172,7 +172,7 @@ def test_set_overrides_strategy_arguments(tmp_path, models):
         ("merge_method: linear\nchat_template: chatml\n"
          "models: [{model: models/e0.safetensors, parameters: {weight: 1}}]",
          r"chat_template needs a tokenizer in the output, but .* has no tokenizer_config.json"),
-        ("merge_method: ties\nmodules: {text: {}}\nmodels: []", "'modules'"),
+        ("merge_method: ties\nmodules: {text: {}}\nmodels: []", "modules.text must give either 'models' or 'slices'"),
         ("merge_method: linear\ntokenizer_source: union\ntokenizer: {source: base}\n"
          "models: [{model: models/e0.safetensors}]", "either 'tokenizer_source' or 'tokenizer'"),
         (
