@@ -213,9 +213,10 @@ class DogeTA(Strategy):
         return merged.to(base.device).mul_(self.scale).add_(base)
 
     def working_set(self, num_experts: int) -> float:
-        """The inputs, the task vectors and their stack, δ, Adam's two moments, the gradient and its temporaries, the
-        merged τ (the shared subspace is (out × out) at most, counted as one more copy)."""
-        return 3 * num_experts + 10
+        """The inputs, the task vectors, their stack and one (N, out, in) temporary of the objective's products, δ,
+        Adam's two moments, the gradient and its temporaries, the merged τ (the shared subspace is (out × out) at
+        most, counted as one more copy)."""
+        return 4 * num_experts + 10
 
     def continual_form(self):  # noqa: D102
         raise NoContinualForm(
