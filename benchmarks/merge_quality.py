@@ -37,6 +37,7 @@ from lightning_merge import (
     Cabs,
     Consensus,
     Dare,
+    DogeTA,
     Expert,
     Fisher,
     Generalized,
@@ -62,6 +63,9 @@ WIDE_GRID = (*GRID, 3.0, 3.5)
 # ISO-C / ISO-CTS flatten the spectrum to its mean singular value, far below the sum's leading ones: on digits their λ
 # reached the top of GRID (2.5) on every seed, so their sweep goes on to 6
 ISO_GRID = (*GRID, 3.0, 3.5, 4.0, 5.0, 6.0)
+# DOGE-TA's coefficients are lamda/‖τᵢ‖ per tensor (the reference: 0.07, for CLIP ViT-B/32); it has no scale of its
+# own, so lamda is what validation chooses (λ stays 1)
+DOGE_LAMDAS = (0.03, 0.07, 0.15, 0.3, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0)
 
 
 def strategies() -> dict[str, object]:
@@ -89,6 +93,12 @@ def strategies() -> dict[str, object]:
         "iso_cts (f 0.8)": ("scales", IsoCTS(), ISO_GRID),
         "wudi (adam, 300 steps, lr 1e-5)": WUDI(),
         "wudi (exact optimum)": WUDI(solver="exact"),
+        # issue 33: DOGE-TA (FusionBench's doge_ta): as published (lamda 0.07, no scale), then its lamda on validation
+        # with the biases at the base (the reference) or at the mean task vector (others="mean")
+        "doge_ta (lamda 0.07, as published)": ("scales", DogeTA(), (1.0,)),
+        "doge_ta, lamda on validation": ("sweep", DogeTA(), {"lamda": DOGE_LAMDAS}, (1.0,)),
+        "doge_ta, others mean, lamda on validation": ("sweep", DogeTA(others="mean"), {"lamda": DOGE_LAMDAS},
+                                                      (1.0,)),
         # issue 33: TSV-M in the metric of the captured curvature (docs/strategies.md)
         "tsv_merge, gram metric (α 0.95, δ 0.01)": TSVMerge(metric="gram"),
         "tsv_merge, gram metric, δ on validation": ("sweep", TSVMerge(metric="gram"),
@@ -155,16 +165,16 @@ ALPHAS = (0.0, 0.3, 0.6, 0.9, 0.95, 1.0)
 def tuned(strategy, experts, base, score, grid=GRID, **merge_kwargs):
     """(state, chosen value): λ swept for strategies with a scale; LiNeS' β swept (α from its norm rule); RegMean's
     α swept for "regmean-tuned"; ``("scales", strategy, grid)``: λ on that grid; for ``("sweep", strategy,
-    arguments)`` every combination of ``arguments`` (a grid, or a function of the number of experts giving one) with
-    λ, by ``lightning_merge.sweep``."""
+    arguments[, scales])`` every combination of ``arguments`` (a grid, or a function of the number of experts giving
+    one) with λ (on ``scales`` when given), by ``lightning_merge.sweep``."""
     if isinstance(strategy, tuple) and strategy[0] == "scales":  # λ on a grid of its own
         result = sweep_scale(strategy[1], experts, base, score, strategy[2], **merge_kwargs)
         return result.state, result.scale
     if isinstance(strategy, tuple) and strategy[0] == "sweep":
-        _, inner, arguments = strategy
+        _, inner, arguments, *scales = strategy
         if callable(arguments):
             arguments = arguments(len(experts))
-        result = sweep(inner, experts, base, score, arguments, scales=grid, **merge_kwargs)
+        result = sweep(inner, experts, base, score, arguments, scales=scales[0] if scales else grid, **merge_kwargs)
         chosen = ", ".join(f"{k} {getattr(result.strategy, k)}" for k in arguments)
         return result.state, f"{chosen}, λ {result.strategy.scale:g}"
     if strategy == "regmean-published":
@@ -579,6 +589,12 @@ PAIRS = (
     ("wudi (adam, 300 steps, lr 1e-5)", "tsv_merge"),
     ("wudi (exact optimum)", "task_arithmetic"),
     ("wudi (exact optimum)", "tsv_merge"),
+    ("doge_ta (lamda 0.07, as published)", "task_arithmetic"),
+    ("doge_ta (lamda 0.07, as published)", "tsv_merge"),
+    ("doge_ta, lamda on validation", "task_arithmetic"),
+    ("doge_ta, lamda on validation", "tsv_merge"),
+    ("doge_ta, others mean, lamda on validation", "task_arithmetic"),
+    ("doge_ta, others mean, lamda on validation", "tsv_merge"),
     *((f"tsv_merge, {v}", b) for v in ("gram metric (α 0.95, δ 0.01)", "gram metric, δ on validation",
                                       "gram metric, δ 0.3–10 on validation",
                                       "exp_avg_sq metric, δ 0.3–10 on validation",

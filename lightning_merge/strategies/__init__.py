@@ -19,6 +19,7 @@ from lightning_merge.strategies.cabs import Cabs
 from lightning_merge.strategies.consensus import Consensus
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.della import Della
+from lightning_merge.strategies.doge import DogeTA
 from lightning_merge.strategies.dop import DOP
 from lightning_merge.strategies.generalized import Generalized
 from lightning_merge.strategies.isotropic import IsoC, IsoCTS
@@ -54,6 +55,7 @@ __all__ = [
     "ContinualSummary",
     "Dare",
     "Della",
+    "DogeTA",
     "Fisher",
     "FoldContext",
     "Generalized",

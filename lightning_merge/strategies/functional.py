@@ -9,11 +9,29 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 
+#: Adam's β₁, β₂ and ε (torch.optim.Adam's defaults, which WUDI's and DOGE's references use)
+ADAM = (0.9, 0.999, 1e-8)
+
+
+def adam_descent(start: Tensor, gradient: Callable[[Tensor], Tensor], iterations: int, lr: float) -> Tensor:
+    """``iterations`` steps of Adam from ``start`` (a new tensor; ``start`` is left alone): torch.optim.Adam's update
+    written out (β₁ 0.9, β₂ 0.999, ε 1e-8, no weight decay), ``gradient(x)`` giving the (new) gradient at x."""
+    x = start.clone()
+    beta1, beta2, eps = ADAM
+    m = torch.zeros_like(x)
+    v = torch.zeros_like(x)
+    for step in range(1, iterations + 1):
+        grad = gradient(x)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+        x.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+    return x
 
 def keep_count(density: float, numel: int) -> int:
     """Number of entries a top-k with ``density`` keeps: ``max(1, int(density * numel))``, 0 if density <= 0."""

@@ -23,7 +23,6 @@ divides 0 by 0 and writes NaN).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,12 +30,11 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import NoContinualForm, Prepared, Strategy
 from lightning_merge.strategies.checks import check_device, check_number, check_pattern, compute_device
+from lightning_merge.strategies.functional import adam_descent
 from lightning_merge.strategies.isotropic import matrix_rule
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 SOLVERS = ("adam", "exact")
-#: Adam's β₁, β₂ and ε (torch.optim.Adam's defaults, which the reference uses)
-ADAM = (0.9, 0.999, 1e-8)
 
 
 def _interference_terms(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
@@ -54,7 +52,7 @@ def _interference_terms(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
 
 def wudi_adam(taus: Sequence[Tensor], iterations: int, lr: float) -> Tensor:
     """WUDI's merged task vector of N same-shaped 2-D task vectors (float32): Adam on L from Σ τᵢ, torch.optim.Adam's
-    update written out (β₁ 0.9, β₂ 0.999, ε 1e-8, no weight decay)."""
+    update written out (:func:`~lightning_merge.strategies.functional.adam_descent`)."""
     merged = taus[0].clone()
     for tau in taus[1:]:
         merged += tau
@@ -62,16 +60,7 @@ def wudi_adam(taus: Sequence[Tensor], iterations: int, lr: float) -> Tensor:
     if terms is None or iterations == 0:
         return merged
     a, b = terms
-    beta1, beta2, eps = ADAM
-    m = torch.zeros_like(merged)
-    v = torch.zeros_like(merged)
-    for step in range(1, iterations + 1):
-        grad = (merged @ a).sub_(b).mul_(2.0)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
-        merged.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
-    return merged
+    return adam_descent(merged, lambda x: (x @ a).sub_(b).mul_(2.0), iterations, lr)
 
 
 def wudi_exact(taus: Sequence[Tensor]) -> Tensor:

@@ -37,6 +37,7 @@ from lightning_merge.strategies import (
     Consensus,
     Dare,
     Della,
+    DogeTA,
     Fisher,
     Generalized,
     IsoC,
@@ -234,6 +235,11 @@ def strategies(draw, n: int):
         return WUDI(iterations=draw(st.integers(0, 40)), lr=draw(st.sampled_from([1e-5, 1e-3])),
                     solver=draw(st.sampled_from(["adam", "exact"])), scale=draw(st.floats(0.5, 1.5)),
                     not_svd=draw(st.sampled_from([None, r"\.1\."])))
+    if name == "doge_ta":  # few steps: every path runs the same optimisation per tensor
+        return DogeTA(lamda=draw(st.sampled_from([0.07, 0.5])), density=draw(st.floats(0.1, 1.0)),
+                      subspace=draw(st.sampled_from([1.0, 2.0, 6.0])), iterations=draw(st.integers(0, 12)),
+                      lr=draw(st.sampled_from([1e-4, 1e-2])), scale=draw(st.floats(0.5, 1.5)),
+                      not_svd=draw(st.sampled_from([None, r"\.1\."])), others=draw(st.sampled_from(["base", "mean"])))
     if name == "layerwise_task_arithmetic":
         blocks = draw(st.lists(st.sampled_from(["0", "1", "2"]), unique=True, max_size=3))
         coefficients = {b: [draw(st.floats(0.1, 1.2)) for _ in range(n)] for b in blocks}
@@ -453,5 +459,5 @@ def test_every_registered_strategy_has_a_generator():
                      "fisher", "ota", "weighted_median", "opcm", "dop", "lines", "tsv_merge", "pcb",
                      "layerwise_task_arithmetic", "regmean", "slerp", "nuslerp", "multislerp", "karcher",
                      "model_stock", "nearswap", "arcee_fusion", "della", "sce", "ram", "ramplus_tl", "per_tensor",
-                     "iso_c", "iso_cts", "wudi"}, \
+                     "iso_c", "iso_cts", "wudi", "doge_ta"}, \
         sorted(names)
