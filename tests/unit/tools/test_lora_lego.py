@@ -84,6 +84,16 @@ def test_rank_equal_to_all_units_is_the_concatenation_over_root_n():
         torch.testing.assert_close((exact.b @ exact.a).double(), concatenation, rtol=1e-5, atol=1e-5)
 
 
+def test_convolution_factors_keep_their_layout():
+    g = torch.Generator().manual_seed(2)
+    factors = [(torch.randn(2, 3, 3, 3, generator=g), torch.randn(5, 2, 1, 1, generator=g), 1.0) for _ in range(2)]
+    merged = lego_factors(factors, 4, seed=0, reweight_output=False)
+    assert merged.a.shape == (4, 3, 3, 3) and merged.b.shape == (5, 4, 1, 1)
+    delta = lambda a, b: b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)  # noqa: E731
+    torch.testing.assert_close(delta(merged.a, merged.b), sum(delta(a, b) for a, b, _ in factors), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_identical_adapters_merge_into_the_adapter_and_seeds_are_deterministic():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(4, 9, generator=g), torch.randn(6, 4, generator=g)
