@@ -377,7 +377,7 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
         def __getitem__(self, i):
             return {k: v[i] for k, v in self.enc.items()}, self.labels[i]
 
-    tasks, experts, heads, data, statistics_of = [], [], [], {}, []
+    tasks, experts, heads, data, statistics_of, factors_of = [], [], [], {}, [], []
     scaling = lora_scaling(2 * rank, rank)
     cached = cache / f"minilm-seed{seed}-epochs{epochs}-r{rank}.pt" if cache is not None else None
     saved = torch.load(cached, weights_only=True) if cached is not None and cached.exists() else None
@@ -392,6 +392,7 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
             head.load_state_dict(e["head"])
             heads.append(head.eval())
             tasks.append(name)
+            factors_of.append(e.get("factors"))  # None in a cache written before the factors were kept
             continue
         torch.manual_seed(seed * 100 + t)
         encoder = get_peft_model(
@@ -417,7 +418,7 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
         ).fit(module, loader)
         stats = capture.finalize()
         state = dict(base_state)
-        fisher, moments, grams = {}, {}, {}
+        fisher, moments, grams, factors = {}, {}, {}, {}
         for pname, _ in module.named_parameters():
             if not pname.endswith("lora_A.default.weight"):
                 continue
@@ -425,6 +426,7 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
             a_name, b_name = f"{stem}.lora_A.default.weight", f"{stem}.lora_B.default.weight"
             target = stem[len("encoder.base_model.model.") :] + ".weight"
             a, b = module.get_parameter(a_name).detach(), module.get_parameter(b_name).detach()
+            factors[target] = (a.clone(), b.clone())
             state[target] = base_state[target] + delta_weight(a, b, scaling)
             fisher[target] = delta_precision(
                 a, b, stats.get(a_name, "fisher", "batch"), stats.get(b_name, "fisher", "batch"), scaling
@@ -434,6 +436,7 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
             )
             grams[target] = stats.get(a_name, "gram")  # lora_A's input is the adapted layer's
         statistics_of.append({"fisher.batch": fisher, "exp_avg_sq": moments, "gram": grams})
+        factors_of.append(factors)
         experts.append(Expert(state, statistics=statistics_of[-1], name=name))
         heads.append(module.head.eval())
         tasks.append(name)
@@ -441,7 +444,8 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
         cache.mkdir(parents=True, exist_ok=True)
         partial = cached.with_suffix(".partial")
         torch.save({"experts": [
-            {"adapted": {k: e.tensor(k) for k in grams}, "statistics": statistics_of[t], "head": heads[t].state_dict()}
+            {"adapted": {k: e.tensor(k) for k in grams}, "statistics": statistics_of[t], "head": heads[t].state_dict(),
+             "factors": factors_of[t]}
             for t, e in enumerate(experts)]}, partial)
         partial.replace(cached)
 
@@ -463,7 +467,8 @@ def minilm_setup(seed: int, epochs: int, rank: int = 8, cache: Path | None = Non
     own_test = {n: scores(state_of(experts[t]), "test")[n] for t, n in enumerate(tasks)}
     include = ["*.query.weight", "*.value.weight"]
     return types.SimpleNamespace(experts=experts, base=base_state, heads=heads, tasks=tasks, data=data,
-                                 scores=scores, own_val=own_val, own_test=own_test, include=include)
+                                 scores=scores, own_val=own_val, own_test=own_test, include=include,
+                                 factors=factors_of, scaling=scaling)
 
 
 def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = None,
@@ -486,6 +491,8 @@ def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = 
         state, chosen = tuned(strategy, experts, base_state, lambda st: normalized_score(scores(st, "val"), own_val),
                               grid=grid, include=include)
         rows[name] = (normalized_score(scores(state, "test"), own_test), chosen)
+    if not only or any("lora_lego" in o for o in only):
+        rows.update(lora_lego_rows(m, grid))
     if FUSION_BENCH is not None and (not only or any("regmean" in o for o in only)):
         import tempfile as _tempfile
 
@@ -502,6 +509,31 @@ def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = 
             normalized_score(scores(minilm_adamerging(experts, base_state, heads, tasks, data, seed), "test"),
                              own_test), None)
     rows["(expert own-task accuracy)"] = (sum(own_test.values()) / len(own_test), None)
+    return rows
+
+
+LEGO_RANKS = (8, 16)  # the experts' rank r = 8, and 2r (of the 3r = 24 units per module)
+
+
+def lora_lego_rows(m: types.SimpleNamespace, grid: tuple[float, ...]) -> dict[str, tuple[float, float | None]]:
+    """LoRA-LEGO (lightning_merge.tools.lora_lego) on the experts' factors, merged rank k per module, seed 0, both
+    reweightings; state = θ₀ + λ ΔW_LEGO with λ on validation over ``grid`` (like the strategies' λ)."""
+    from lightning_merge.tools.lora_lego import lego_factors
+
+    if any(f is None for f in m.factors):
+        print("lora_lego: the cached experts have no factors (a cache written before they were kept); skipped")
+        return {}
+    rows: dict[str, tuple[float, float | None]] = {}
+    val = lambda st: normalized_score(m.scores(st, "val"), m.own_val)  # noqa: E731
+    for k in LEGO_RANKS:
+        delta = {}
+        for target in m.factors[0]:
+            merged = lego_factors([(*f[target], m.scaling) for f in m.factors], k, seed=0,
+                                  where=f"module '{target}'")
+            delta[target] = merged.b @ merged.a
+        states = {lam: {n: (v + lam * delta[n] if n in delta else v) for n, v in m.base.items()} for lam in grid}
+        best = max(states, key=lambda lam: (val(states[lam]), -lam))
+        rows[f"lora_lego (k {k})"] = (normalized_score(m.scores(states[best], "test"), m.own_test), best)
     return rows
 
 
@@ -580,6 +612,10 @@ PAIRS = (
     ("ota + ffg 0.3 (raw v)", "ota + ffg 0.3 (bias-corrected v̂)"),
     ("fisher (batch), favor target (reference)", "fisher (batch)"),
     ("tsv_merge", "task_arithmetic"),
+    ("lora_lego (k 8)", "task_arithmetic"),
+    ("lora_lego (k 16)", "task_arithmetic"),
+    ("lora_lego (k 8)", "ota"),
+    ("lora_lego (k 8)", "tsv_merge"),
     ("tsv_merge", "lines (fisher)"),
     ("iso_c", "task_arithmetic"),
     ("iso_c", "tsv_merge"),
