@@ -68,10 +68,20 @@ class RegMeanPlusPlus:
 
 
 def find_layers(model: nn.Module, names: Iterable[str], pattern: str = BLOCK_PATTERN) -> list[str]:
-    """The layers of ``model`` that RegMean++ merges one after another: for every ``nn.Linear`` whose weight is in
-    ``names``, the module whose name ends at the first integer component matched by ``pattern`` (``encoder.layer.3``
-    for ``encoder.layer.3.attention.self.query``), or the linear module itself when its name has none (a head, a
-    pooler). Listed in the modules' order; :func:`regmean_plusplus` orders them by the forward."""
+    """The layers of ``model`` that RegMean++ merges one after another (the default of
+    :func:`regmean_plusplus`'s ``layers``).
+
+    Args:
+        model: the module.
+        names: the weight names to merge; only ``nn.Linear`` modules whose ``weight`` is among them count.
+        pattern: a regular expression whose first group is a block's number in a module name (LiNeS' and
+            AdaMerging's numbering: the first integer component).
+
+    Returns:
+        For every counted linear module, the module whose name ends at that group (``encoder.layer.3`` for
+        ``encoder.layer.3.attention.self.query``), or the linear module itself when its name has no match (a head,
+        a pooler); each once, in the modules' order (:func:`regmean_plusplus` orders them by the forward).
+    """
     wanted = set(names)
     layers: list[str] = []
     for prefix, child in model.named_modules():
