@@ -55,7 +55,8 @@ class RegMeanPlusPlus:
             linear weight inside a layer that the forward reached.
         layers: the layers merged in order, by module name (the order of the forward).
         experts: the experts as in-memory :class:`~lightning_merge.Expert` handles carrying these Gram matrices as
-            their ``gram`` statistics.
+            their ``gram`` statistics, each tensor in the dtype its expert declares (a LoRA adapter's θ₀ + ΔW
+            rounded to its base's dtype, the values the layers were merged from).
         strategy: the :class:`~lightning_merge.RegMean` the layers were merged with: ``merge(result.experts, base,
             result.strategy, out=...)`` writes ``state`` to any output.
     """
@@ -161,7 +162,10 @@ def regmean_plusplus(
     handles = [as_expert(e) for e in experts]
     base_handle = as_expert(base, "base") if base is not None else None
     names = _merged_names(model, handles, base_handle)
-    tensors = {n: [h.float32(n) for h in handles] for n in names}
+    # each expert's tensors in the dtype it declares (an adapter's θ₀ + ΔW rounded to its base's dtype, as a merged
+    # checkpoint of it would be): the values the layers are merged from here, and that merge() reads back
+    stored = [{n: h.tensor(n).to(h.spec(n).dtype) for n in h.names()} for h in handles]
+    tensors = {n: [s[n].float() for s in stored] for n in names}
     reference = {n: base_handle.float32(n) for n in names} if base_handle is not None else {}
     own = model.state_dict(keep_vars=True)
     modules = dict(model.named_modules())
@@ -212,8 +216,8 @@ def regmean_plusplus(
             load({n: merged(n, [grams[i].get(n) for i in range(len(handles))]) for n in owned})
     finally:
         model.train(was_training)
-    carried = [Expert({n: h.tensor(n) for n in h.names()}, statistics={"gram": g} if g else None, name=h.name)
-               for h, g in zip(handles, grams)]
+    carried = [Expert(s, statistics={"gram": g} if g else None, name=h.name)
+               for s, h, g in zip(stored, handles, grams)]
     state = merge(carried, base_handle, strategy, on_missing_statistic="uniform", progress=False)
     load({n: state[n] for n in names})
     return RegMeanPlusPlus(state=state, grams=grams, layers=order, experts=carried, strategy=strategy)

@@ -186,3 +186,39 @@ def test_matches_fusionbench_regmean_plusplus(tmp_path, alpha):
         carried.append(Expert(e, statistics={"gram": {n: s / rows[n] for n, s in sums.items()}}))
     regmean = merge(carried, base, RegMean(alpha=alpha))
     assert max(float((regmean[k] - reference[k]).abs().max()) for k in reference) > 1e-3
+
+
+def test_a_llama_with_lora_adapter_experts(tmp_path):
+    """Hugging Face decoder layers (called with keyword arguments, rotary embeddings) and PEFT adapter experts over
+    a bf16 base: the decoder layers then lm_head in the forward's order, the merge in the base's dtype, tensors no
+    adapter changes equal to the base's, and merge() writing the same model from the experts handed back."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                      tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    experts = []
+    for i in range(2):
+        model = peft.get_peft_model(
+            transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16),
+            peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                            init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"e{i}")
+        experts.append(tmp_path / f"e{i}")
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 40, (12, 7), generator=g) for _ in range(2)]
+    loaders = [[{"input_ids": x[s:s + 4], "labels": x[s:s + 4]} for s in range(0, 12, 4)] for x in ids]
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    result = regmean_plusplus(model, experts, loaders, tmp_path / "base", num_examples=12)
+    assert result.layers == ["model.layers.0", "model.layers.1", "lm_head"]
+    base = Expert(tmp_path / "base")
+    assert {v.dtype for v in result.state.values()} == {torch.bfloat16}
+    for name in ("lm_head.weight", "model.layers.1.self_attn.k_proj.weight", "model.norm.weight"):
+        torch.testing.assert_close(result.state[name], base.tensor(name), rtol=0, atol=0)
+    changed = "model.layers.1.self_attn.q_proj.weight"
+    assert float((result.state[changed].float() - base.float32(changed)).abs().max()) > 1e-3
+    again = merge(result.experts, tmp_path / "base", result.strategy)
+    for k, v in result.state.items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=0)
