@@ -283,6 +283,57 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx @ ry) / (rx.norm() * ry.norm()))
 
 
+REGMEAN_PLUSPLUS = ("regmean++ (α 0.95)", "regmean++ (α on validation)", "regmean++ (α 0.95), λ on validation")
+
+
+def regmean_plusplus_rows(experts: list, base: Path, domains: dict, seed: int, val_score, normalized,
+                          only: list[str] | None) -> dict:
+    """RegMean++ (lightning_merge.tools.regmean_plusplus) on the LoRA experts read as θ₀ + ΔW: each domain's Gram
+    matrices read on the model whose earlier decoder layers are merged, from the same 256 training sequences the
+    capture's RegMean read (the post-fit loader), with the model in float32 for the pass. α 0.95, α on validation
+    (one pass per α), λ along the α 0.95 merge (an extension)."""
+    import transformers
+
+    from lightning_merge.tools.regmean_plusplus import regmean_plusplus
+
+    wanted = [n for n in REGMEAN_PLUSPLUS if not only or any(o in n for o in only)]
+    rows: dict = {}
+    names = list(domains)
+
+    def row(label: str, state: dict, chosen: dict, t0: float) -> None:
+        model = load({k: v.to(torch.bfloat16) for k, v in state.items()})
+        losses = {n: loss_of(model, domains[n].test) for n in names}
+        rows[label] = {"normalized": normalized(losses), "perplexity": {n: math.exp(v) for n, v in losses.items()},
+                       **chosen, "seconds": time.perf_counter() - t0}
+        print(f"  seed {seed} {label:<26} normalized {100 * rows[label]['normalized']:.1f}  {chosen}", flush=True)
+
+    def run(alpha: float):
+        model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+        loaders = [loader(d.train, 8, 32, seed + 7) for d in domains.values()]  # the capture's post-fit batches
+        return regmean_plusplus(model, experts, loaders, base, alpha=alpha, num_examples=256)
+
+    if not wanted:
+        return rows
+    t0 = time.perf_counter()
+    published = run(0.95)
+    if REGMEAN_PLUSPLUS[0] in wanted:
+        row(REGMEAN_PLUSPLUS[0], published.state, {}, t0)
+    if REGMEAN_PLUSPLUS[1] in wanted:
+        t0 = time.perf_counter()
+        best = None
+        for alpha in ALPHAS:
+            state = published.state if alpha == 0.95 else run(alpha).state
+            score = val_score(state)
+            if best is None or score > best[0]:
+                best = (score, state, alpha)
+        row(REGMEAN_PLUSPLUS[1], best[1], {"alpha": best[2]}, t0)
+    if REGMEAN_PLUSPLUS[2] in wanted:
+        t0 = time.perf_counter()
+        result = sweep_scale(published.strategy, published.experts, base, val_score, GRID)
+        row(REGMEAN_PLUSPLUS[2], result.state, {"scale": result.scale}, t0)
+    return rows
+
+
 def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only: list[str] | None = None,
              quadratic: bool = False) -> dict:
     import peft
@@ -380,6 +431,7 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
         rows[label] = {"normalized": normalized(losses), "perplexity": {n: math.exp(v) for n, v in losses.items()},
                        **chosen, "seconds": time.perf_counter() - t0}
         print(f"  seed {seed} {label:<26} normalized {100 * rows[label]['normalized']:.1f}  {chosen}", flush=True)
+    rows.update(regmean_plusplus_rows(experts, root / "base", domains, seed, val_score, normalized, only))
     extra = {}
     if quadratic:  # the Fisher-quadratic loss model (#19): its λ*, and how well it ranks real merges
         choice = quadratic_coefficients(experts, root / "base")

@@ -257,6 +257,56 @@ def adamerging(setup, granularity: str, steps: int = 1000, seed: int = 0) -> dic
     return merge(setup.experts, setup.base, ada.strategy())
 
 
+REGMEAN_PLUSPLUS = ("regmean++ (α 0.95)", "regmean++ (α on validation)", "regmean++ (α 0.95), λ on validation",
+                    "regmean (α 0.95), Gram matrices of regmean++'s examples")
+
+
+def regmean_plusplus_rows(setup, val, test, only: list[str] | None, examples: int = 512) -> dict:
+    """RegMean++ on the digits experts (lightning_merge.tools.regmean_plusplus): each task's first ``examples``
+    training examples (unshuffled, batches of 32; the capture's RegMean read 512 of a shuffled epoch), the second
+    layer's Gram matrices read on the merged first layer. α 0.95 (FusionBench's), α on validation (one pass per α:
+    the Gram matrices depend on the merged earlier layers), λ along the α 0.95 merge (an extension, as RegMean's), and
+    the control: RegMean from the experts' own inputs on the same examples (compute_grams), so that the paired
+    difference measures only whose inputs the Gram matrices are read on."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_merge.capture.grams import compute_grams
+    from lightning_merge.cli.demo import make_backbone, task_data
+    from lightning_merge.tools.regmean_plusplus import regmean_plusplus
+
+    wanted = [n for n in REGMEAN_PLUSPLUS if not only or any(o in n for o in only)]
+    if not wanted:
+        return {}
+    loaders = [DataLoader(TensorDataset(*task_data(task, setup.splits["train"])), batch_size=32, shuffle=False)
+               for task in setup.tasks]
+
+    def run(alpha: float):
+        return regmean_plusplus(make_backbone(), setup.experts, loaders, setup.base, alpha=alpha,
+                                num_examples=examples)
+
+    rows: dict[str, tuple[float, float | None]] = {}
+    published = run(0.95)
+    if REGMEAN_PLUSPLUS[0] in wanted:
+        rows[REGMEAN_PLUSPLUS[0]] = (test(published.state), None)
+    if REGMEAN_PLUSPLUS[1] in wanted:
+        states = {a: run(a).state for a in ALPHAS}
+        best = max(states, key=lambda a: (val(states[a]), a))
+        rows[REGMEAN_PLUSPLUS[1]] = (test(states[best]), best)
+    if REGMEAN_PLUSPLUS[2] in wanted:
+        result = sweep_scale(published.strategy, published.experts, setup.base, val, GRID)
+        rows[REGMEAN_PLUSPLUS[2]] = (test(result.state), result.scale)
+    if REGMEAN_PLUSPLUS[3] in wanted:
+        own = []
+        for expert, loader in zip(setup.experts, loaders):
+            backbone = make_backbone()
+            backbone.load_state_dict(state_of(expert))
+            sums, counts, _ = compute_grams(backbone, loader, num_examples=examples)
+            own.append(Expert(state_of(expert), statistics={"gram": {n: s / counts[n] for n, s in sums.items()}},
+                              name=expert.name))
+        rows[REGMEAN_PLUSPLUS[3]] = (test(merge(own, setup.base, RegMean())), None)
+    return rows
+
+
 def recompressed(experts: list[Expert], compression: str, folder: Path) -> list[Expert]:
     """The same experts with statistics written to a sidecar under ``compression`` and read back."""
     out = []
@@ -301,6 +351,7 @@ def run_seed(seed: int, epochs: int, folder: Path, only: list[str] | None = None
         name = f"adamerging ({granularity}-wise, unlabeled validation inputs)"
         if not only or any(o in name for o in only):
             rows[name] = (test(adamerging(setup, granularity, seed=seed)), None)
+    rows.update(regmean_plusplus_rows(setup, val, test, only))
     if FUSION_BENCH is not None and (not only or any("regmean" in o for o in only)):
         reference = fusionbench_regmean(setup.experts, 0.95, folder)
         if isinstance(reference, str):  # digits' border pixels are never on: Σ G is singular for its inverse
@@ -647,6 +698,13 @@ PAIRS = (
     ("regmean (α 0.95), λ on validation", "task_arithmetic"),
     ("regmean (α 0.95), λ on validation", "ota"),
     ("regmean (α 0.95)", "regmean, FusionBench's merge on the same Gram matrices (α 0.95)"),
+    ("regmean++ (α 0.95)", "regmean (α 0.95)"),
+    ("regmean++ (α 0.95)", "regmean (α 0.95), Gram matrices of regmean++'s examples"),
+    ("regmean++ (α 0.95)", "task_arithmetic"),
+    ("regmean++ (α on validation)", "regmean (α on validation)"),
+    ("regmean++ (α on validation)", "task_arithmetic"),
+    ("regmean++ (α 0.95), λ on validation", "regmean (α 0.95), λ on validation"),
+    ("regmean++ (α 0.95), λ on validation", "task_arithmetic"),
     ("adamerging (tensor-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (block-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (tensor-wise, unlabeled validation inputs)", "ota"),
