@@ -32,8 +32,8 @@ MIN_CHUNK_ELEMENTS = 1 << 16
 #: a row chunk costs at most this fraction of the memory budget (1/8: 24 MiB of the default budget). The C library
 #: keeps the memory of freed chunks for the next ones (faster than returning it), so what a chunked tensor holds at
 #: its peak grows with the chunk's size, not with the number of chunks: measured on a merge of a 256 MiB tensor
-#: (three experts and a base), TIES' peak went from 1.8× the tensor with chunks of half the budget to 0.4× with chunks
-#: of an eighth, task arithmetic's from 0.9–1.2× to 0.2×, at the same speed (docs/performance.md#memory-by-budget)
+#: (three experts and a base), TIES' peak above start-up went from 1.74× the tensor with chunks of half the budget to
+#: 0.59× with chunks of an eighth, task arithmetic's from 1.19× to 0.37× (docs/performance.md#chunk-size)
 CHUNK_FRACTION = 8
 
 
@@ -78,8 +78,9 @@ def release_freed_memory() -> bool:
     """Return the C library's free heap pages to the system (glibc's ``malloc_trim(0)``): :func:`bounded_map` calls
     it after each item that costs more than the budget (one that ran alone: a whole tensor no row chunk could split,
     such as an SVD's). The heap keeps such an item's freed blocks, and the next item's blocks, of other sizes, do not
-    all fit in them: measured on OPCM's continual add over 16 tensors of 2048² float32 (256 MiB), 1.48–1.71× the
-    model above start-up without, ... with. Row chunks are not followed by it: they are small (at most
+    all fit in them. Measured on OPCM's continual add over 16 tensors of 2048² float32 (256 MiB): 1.55× the model
+    above start-up before, 1.52× with it (and the base freed before the fold; separate runs: 1.48× without, 1.41×
+    with), so most of that peak is within one tensor's SVD. Row chunks are not followed by it: they are small (at most
     :func:`chunk_limit`), their blocks are reused as they are, and pages given back are faulted in again (at a cost
     in time).
 
