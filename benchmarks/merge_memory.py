@@ -4,7 +4,7 @@ model: this code side by side with another checkout (``--against``) and with mer
 Two shapes (issue 32):
 
 - ``dominant``: a Llama from a config whose embedding (65536 × 1024 float32, 256 MiB) dwarfs its other tensors (one
-  layer, hidden 1024): ``merge`` of three experts and the base with task arithmetic, TIES (0.3), Fisher, linear and
+  layer, hidden 1024): ``merge`` of three experts and the base with task arithmetic, TIES (0.3), Fisher, OTA, linear and
   DARE-TIES (mergekit's ``dare_ties``: drop 0.7, L1 rescale),
   and ``continual add`` (linear, the third add).
 - ``many``: 16 tensors of 2048 × 2048 float32 (256 MiB in all): the same merges and continual adds (linear and OPCM).
@@ -102,8 +102,9 @@ def write_models(root: Path, shape: str) -> tuple[Path, list[Path], int, int]:
         if tensors is None:
             tensors = {n: v + 0.001 * torch.randn(v.shape, generator=g) for n, v in base.items()}
             write_statistics(folder / "statistics.safetensors",
-                             {"fisher.example": {n: torch.rand(v.shape, generator=g) + 0.1 for n, v in base.items()}},
-                             {"fisher.example": {"count": 8}})
+                             {"fisher.example": {n: torch.rand(v.shape, generator=g) + 0.1 for n, v in base.items()},
+                              "exp_avg_sq": {n: torch.rand(v.shape, generator=g) + 0.1 for n, v in base.items()}},
+                             {"fisher.example": {"count": 8}, "exp_avg_sq": {"beta2": 0.999, "step": 10}})
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         if config is not None:
             config.save_pretrained(folder)
@@ -164,7 +165,7 @@ def mergekit_peak(mergekit: str, base: Path, experts: list[Path], out: Path, met
 
 CASES = {
     "dominant": [("merge", {"name": "task_arithmetic"}), ("merge", {"name": "ties", "density": 0.3}),
-                 ("merge", {"name": "fisher"}), ("merge", {"name": "linear"}),
+                 ("merge", {"name": "fisher"}), ("merge", {"name": "ota"}), ("merge", {"name": "linear"}),
                  ("merge", {"name": "dare", "drop_rate": 0.7, "combine": "ties", "rescale": "l1"}),
                  ("continual", {"name": "linear"})],
     "many": [("merge", {"name": "task_arithmetic"}), ("merge", {"name": "ties", "density": 0.3}),

@@ -18,7 +18,7 @@ from lightning_merge._version import __version__
 from lightning_merge.continual.checks import check_distance
 from lightning_merge.continual.layout import FORMAT
 from lightning_merge.continual.store import StateStore
-from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map, row_chunks
+from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map, chunk_limit, row_chunks
 from lightning_merge.engine.writers import copy_support_files, write_json
 from lightning_merge.errors import ContinualError
 from lightning_merge.files.atomic import fsync_dir
@@ -102,11 +102,13 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
         chunked = getattr(form, "row_local", False)
 
         def ranges(shape: tuple[int, ...], limit: int) -> list[tuple[int, int] | None]:
-            """A tensor's row chunks within ``limit`` bytes, or ``[None]`` (whole): only a row-local form's split."""
-            found = row_chunks(shape, per_element, limit) if chunked else []
+            """A tensor's row chunks (each within :func:`~lightning_merge.engine.schedule.chunk_limit`) when it costs
+            more than ``limit`` bytes, or ``[None]`` (whole): only a row-local form's split."""
+            found = row_chunks(shape, per_element, limit, chunk) if chunked else []
             return found if len(found) > 1 else [None]
 
-        per_worker = max(1, budget // fold_workers(threads, len(names)))
+        workers = fold_workers(threads, len(names))
+        per_worker, chunk = max(1, budget // workers), chunk_limit(budget, workers)
         items = [(n, rows) for n in names for rows in ranges(tuple(state.config["tensors"][n]), per_worker)]
 
         def fold(item: tuple[str, tuple[int, int] | None]) -> tuple[list[float], dict[str, float]]:
@@ -122,6 +124,7 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
             b = base.float32(n, rows)
             # a tensor the expert lacks (on_missing="base") is unchanged, as the batch merge reads the base's
             tau = expert.float32(n, rows) - b if n in expert else torch.zeros_like(b)
+            del b  # not held through the fold (an SVD's working set is large enough)
             prev = None
             if previous is not None:
                 try:

@@ -33,7 +33,7 @@ from lightning_merge.engine.outputs import (
     unique_names,
 )
 from lightning_merge.engine.plan import Plan, TensorJob, build_jobs, plan_merge
-from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map, row_chunks
+from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map, chunk_limit, row_chunks
 from lightning_merge.engine.writers import SharedOutput, Writer
 from lightning_merge.files.atomic import output_error, writing
 from lightning_merge.files.finite import cast_checked, largest_magnitude
@@ -328,11 +328,13 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
     or its strategy is :attr:`~lightning_merge.strategies.Strategy.row_local` (or has a
     :attr:`~lightning_merge.strategies.Strategy.row_pass`: then ``prepared`` is the chunk's, from
     :meth:`~lightning_merge.strategies.Strategy.prepare_rows`, run here) and it costs more than a worker's share of the
-    budget, one item per row chunk (:func:`~lightning_merge.engine.schedule.row_chunks`). A cost counts what the job
+    budget, one item per row chunk (:func:`~lightning_merge.engine.schedule.row_chunks`), each costing at most
+    :func:`~lightning_merge.engine.schedule.chunk_limit`. A cost counts what the job
     holds: for a merge, the strategy's :meth:`~lightning_merge.strategies.Strategy.working_set` float32 copies of its
     elements; for a copy, the input, its float32 check and the output."""
     strategy = plan.prepared.strategy
     per_worker = max(1, budget // max(1, workers))
+    chunk = chunk_limit(budget, workers)
     units: list[Unit] = []
     for job in jobs:
         shape = job.spec.shape
@@ -347,7 +349,7 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
         # a row-local job is split as soon as it would keep another from running beside it (its chunks are as cheap as
         # the whole); a row pass reads the tensor three more times, so that job is split only to fit the budget
         whole = per_worker if chunkable and not (job.action == "merge" and strategy.row_pass) else budget
-        ranges = row_chunks(shape, per_element, whole, per_worker) if chunkable else [(0, shape[0] if shape else 0)]
+        ranges = row_chunks(shape, per_element, whole, chunk) if chunkable else [(0, shape[0] if shape else 0)]
         if len(ranges) == 1:
             units.append((job, None, int(job.spec.numel * per_element), None))
             continue
@@ -410,8 +412,14 @@ def run_jobs(plan: Plan, jobs: list[TensorJob], writer: Writer, threads: int, pr
 
     sizes = [(u[0].spec.nbytes if u[1] is None else
               u[0].spec.nbytes // u[0].spec.shape[0] * (u[1][1] - u[1][0])) for u in units]
+    # the jobs running side by side share the cores (one intra-op thread each on two cores, not two each: the many
+    # small operations of a row chunk, on oversubscribed threads, wait on each other), where no output depends on the
+    # thread count: a strategy merging entry by entry or with a row pass (every job of it is elementwise, or a copy);
+    # another strategy's whole tensors keep every thread (an SVD's floats depend on the count)
+    strategy = plan.prepared.strategy
+    share = bool(strategy.row_local or strategy.row_pass)
     for _ in bounded_map(work, units, [u[2] for u in units], budget, workers=threads, sizes=sizes, desc="merging",
-                         progress=progress):
+                         progress=progress, share_threads=share):
         pass
 
 

@@ -18,7 +18,7 @@ from lightning_merge import merge
 from lightning_merge import strategies as S
 from lightning_merge.engine.plan import plan_merge
 from lightning_merge.engine.run import job_units, open_inputs
-from lightning_merge.engine.schedule import bounded_map, row_chunks
+from lightning_merge.engine.schedule import CHUNK_FRACTION, bounded_map, chunk_limit, row_chunks
 from lightning_merge.files.safetensors import SafetensorsFile, load_tensors, save_tensors
 from lightning_merge.strategies import STRATEGIES
 
@@ -92,6 +92,34 @@ def test_row_chunks_cover_the_rows_within_the_budget():
     assert tiny == [(0, 10_000)]
 
 
+def test_a_chunk_costs_at_most_a_workers_share_and_an_eighth_of_the_budget():
+    assert CHUNK_FRACTION == 8
+    assert chunk_limit(192 << 20, 2) == 24 << 20  # the default budget: 24 MiB, not a worker's 96
+    assert chunk_limit(192 << 20, 16) == 12 << 20  # many workers: each one's share
+    assert chunk_limit(800, 1) == 100 and chunk_limit(7, 2) == 1  # never 0
+
+
+def test_the_engine_splits_by_the_workers_share_into_chunks_of_the_chunk_limit(tmp_path):
+    """Task arithmetic on 3 experts holds 11 float32 copies (44 bytes an element): a 4000 × 256 tensor costs
+    45,056,000 bytes (11,264 a row). Within a 64,000,000-byte budget on 2 workers it is split (it costs more than a
+    worker's 32,000,000) into chunks of at most the chunk limit, 8,000,000 bytes (710 rows): 6 equal chunks of 667
+    rows but the last. A TIES tensor (a row pass: split only beyond the whole budget) runs whole within that budget,
+    and within 40,000,000 bytes is split into chunks of at most 5,000,000 bytes (443 rows): 10 chunks of 400 rows."""
+    base, paths = family(tmp_path / "fam", n=3, shape=(4000, 256), stats=False)
+    experts, b = open_inputs([str(p) for p in paths], str(base))
+    plan = plan_merge(experts, b, S.TaskArithmetic())
+    units = [u for u in job_units(plan, plan.jobs, 64_000_000, 2) if u[0].name == "w"]
+    assert [u[1] for u in units] == [(r, min(r + 667, 4000)) for r in range(0, 4000, 667)]
+    assert [u[2] for u in units] == [667 * 11_264] * 5 + [665 * 11_264]
+    assert chunk_limit(64_000_000, 2) == 8_000_000
+    ties = plan_merge(experts, b, S.Ties(density=0.5))
+    assert [(u[1], u[2]) for u in job_units(ties, ties.jobs, 64_000_000, 2) if u[0].name == "w"] == \
+        [(None, 45_056_000)]
+    small = [u for u in job_units(ties, ties.jobs, 40_000_000, 2) if u[0].name == "w"]
+    assert [u[1] for u in small] == [(r, r + 400) for r in range(0, 4000, 400)]
+    assert all(u[2] == 400 * 11_264 <= chunk_limit(40_000_000, 2) == 5_000_000 for u in small)
+
+
 def test_the_scheduler_keeps_the_budget_and_the_order():
     held, peak, lock = [0], [0], threading.Lock()
     costs = [30, 50, 10, 100, 20, 60, 5, 40]
@@ -116,6 +144,49 @@ def test_the_scheduler_keeps_the_budget_and_the_order():
 
     with pytest.raises(RuntimeError, match="boom at 2"):
         list(bounded_map(fail, list(range(6)), [1] * 6, 10, workers=2))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_memory_of_an_item_over_the_budget_is_returned_after_it(monkeypatch, workers):
+    """Only after the items that run alone (costing more than the budget), before the next item starts; row-chunk
+    sized items keep their memory for the next ones."""
+    from lightning_merge.engine import schedule
+
+    events: list[str] = []
+    monkeypatch.setattr(schedule, "release_freed_memory", lambda: events.append("trim") or True)
+
+    def work(i: int) -> int:
+        events.append(f"start {i}")
+        time.sleep(0.01)
+        events.append(f"done {i}")
+        return -i
+
+    assert list(bounded_map(work, [0, 1, 2, 3], [30, 100, 10, 200], 80, workers=workers)) == [0, -1, -2, -3]
+    assert events == ["start 0", "done 0", "start 1", "done 1", "trim", "start 2", "done 2", "start 3", "done 3",
+                      "trim"]
+
+
+@pytest.mark.parametrize("strategy, shares", [(S.TaskArithmetic(), True), (S.Ties(), True), (S.Dare(), True),
+                                              (S.TSVMerge(), False), (S.OPCM(), False)])
+def test_a_merge_shares_the_threads_only_where_no_output_depends_on_them(monkeypatch, tmp_path, strategy, shares):
+    """Row-local and row-pass strategies (every job entry by entry, or a copy) share the cores between the jobs
+    running side by side; an SVD's jobs keep every thread."""
+    from lightning_merge.engine import run
+
+    asked = []
+    real = run.bounded_map
+    monkeypatch.setattr(run, "bounded_map", lambda *a, **k: asked.append(k["share_threads"]) or real(*a, **k))
+    base, paths = family(tmp_path / "fam", n=2, shape=(8, 8), stats=False)
+    merge([str(p) for p in paths], str(base), strategy)
+    assert asked == [shares]
+
+
+def test_memory_is_returned_on_glibc():
+    import platform
+
+    from lightning_merge.engine.schedule import release_freed_memory
+
+    assert release_freed_memory() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
 @pytest.mark.parametrize("strategy", [S.TaskArithmetic(scale=0.7), S.Fisher(), S.Ties(density=0.5),
