@@ -49,10 +49,13 @@ def meta_model(folder: Path, why: str) -> Any:
     except Exception as err:  # noqa: BLE001
         raise RecipeError(f"'{folder}': {why} reads config.json to know the architecture, and it cannot be read "
                           f"({type(err).__name__}: {err})") from None
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+    named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)  # the config's class
+    builders = [transformers.AutoModelForCausalLM.from_config]  # then a vision-language model's own class
+    builders += ([named._from_config] if hasattr(named, "_from_config") else []) + [transformers.AutoModel.from_config]
+    for build in builders:
         try:
             with torch.device("meta"):
-                return auto.from_config(config)
+                return build(config)
         except Exception:  # noqa: BLE001, S112  the next kind of model
             continue
     raise RecipeError(f"'{folder}': transformers cannot build its architecture ({config.model_type}), which {why} "
@@ -61,12 +64,36 @@ def meta_model(folder: Path, why: str) -> Any:
 
 def tied_groups(folder: Path, why: str = "reading tied weights") -> list[tuple[str, ...]]:
     """The groups of parameter names of ``folder``'s architecture that are one parameter (tied), each in the
-    model's order (the input embedding before the LM head); empty when nothing is tied."""
+    model's order (the input embedding before the LM head), then under the names its checkpoints hold where they
+    differ (:func:`saved_parameters`); empty when nothing is tied."""
     model = meta_model(folder, why)
     names: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
-    return [tuple(group) for group in names.values() if len(group) > 1]
+    tied = {key for key, group in names.items() if len(group) > 1}
+    for name, parameter in saved_parameters(model):  # the names its checkpoints hold, where they differ
+        if id(parameter) in tied and name not in names[id(parameter)]:
+            names[id(parameter)].append(name)
+    return [tuple(names[key]) for key in names if key in tied]
+
+
+def saved_parameters(model: Any) -> list[tuple[str, Any]]:
+    """``model.named_parameters(remove_duplicate=False)``, each also under the name transformers saves it with when
+    that differs (transformers 5 builds a vision-language model's text decoder as ``model.language_model.*`` and
+    saves, as its checkpoints on the hub hold it, ``model.*``), the model's names first.
+
+    Args:
+        model: a transformers model (from :func:`meta_model`).
+    """
+    live = list(model.named_parameters(remove_duplicate=False))
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = revert_weight_conversion(model, dict(live))
+    except Exception:  # noqa: BLE001  transformers 4 (saves the names it builds) or a conversion it cannot revert
+        return live
+    known = {name for name, _ in live}
+    return live + [(name, p) for name, p in saved.items() if name not in known and hasattr(p, "shape")]
 
 
 def with_tied_tensors(models: Sequence[tuple[Expert, Path]], recipe: Path) -> list[Expert]:
@@ -138,4 +165,4 @@ def _ties_word_embeddings(folder: Path) -> bool | None:
     return None
 
 
-__all__ = ["meta_model", "tied_groups", "transformers_module", "untied_config", "with_tied_tensors"]
+__all__ = ["meta_model", "saved_parameters", "tied_groups", "transformers_module", "untied_config", "with_tied_tensors"]
