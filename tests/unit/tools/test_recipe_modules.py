@@ -120,6 +120,11 @@ def test_a_module_the_architecture_lacks_or_one_left_out_is_refused(tmp_path, vl
         load_recipe(_recipe(tmp_path, vl, "models: [{{model: {e0}}}]\nmodules:\n" + every))
     with pytest.raises(RecipeError, match="modules.vision_tower must give either 'models' or 'slices'"):
         load_recipe(_recipe(tmp_path, vl, "modules:\n  vision_tower: {{parameters: {{weight: 1}}}}\n"))
+    with pytest.raises(RecipeError, match="'modules' merges with one of mergekit's methods; 'fisher' is this "
+                                          "project's .*statistics"):
+        fisher = _recipe(tmp_path, vl, "modules:\n" + every)
+        fisher.write_text(fisher.read_text().replace("task_arithmetic", "fisher"))
+        load_recipe(fisher)
     with pytest.raises(RecipeError, match="tokenizer merging .* with 'modules' is not implemented"):
         load_recipe(_recipe(tmp_path, vl, "tokenizer_source: base\nmodules:\n" + every))
 
