@@ -140,3 +140,19 @@ def test_a_vision_language_models_ties_are_named_as_its_checkpoint_names_them(tm
     out = with_tied_tensors([(Expert(tied), tied), (Expert(untied), untied)], tmp_path / "r.yaml")
     assert isinstance(out[0], TiedExpert) and out[0].tied == {"lm_head.weight": "model.embed_tokens.weight"}
     assert torch.equal(out[0].tensor("lm_head.weight"), embed)
+
+
+def test_a_config_silent_on_ties_is_read_tied_as_mergekit_reads_it(tmp_path, llamas):
+    """A Llama saved without lm_head.weight whose config.json does not say tie_word_embeddings (transformers'
+    Llama default is untied): mergekit reads its head as its embedding (its tied_names); so does the recipe."""
+    tied_base, experts = llamas
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    config = json.loads((tied_base / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    (silent / "config.json").write_text(json.dumps(config))
+    for f in tied_base.glob("*.safetensors*"):
+        (silent / f.name).symlink_to(f)
+    out = with_tied_tensors([(Expert(silent), silent), (Expert(experts[0]), experts[0])], tmp_path / "r.yaml")
+    assert isinstance(out[0], TiedExpert) and out[0].tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert untied_config(out[0]) == {"tie_word_embeddings": False}
