@@ -31,12 +31,13 @@ def transformers_module(why: str) -> Any:
     return transformers
 
 
-def meta_model(folder: Path, why: str) -> Any:
+def meta_model(folder: Path, why: str, **overrides: Any) -> Any:
     """The transformers model of ``folder``'s ``config.json``, built on the meta device.
 
     Args:
         folder: a model folder.
         why: what asks (for messages), e.g. ``"tokenizer merging"``.
+        overrides: config values set over the file's (``tie_word_embeddings=True``).
 
     Raises:
         RecipeError: no config, or one transformers cannot build.
@@ -45,28 +46,56 @@ def meta_model(folder: Path, why: str) -> Any:
     import torch
 
     try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
+        config = transformers.AutoConfig.from_pretrained(str(folder), **overrides)
     except Exception as err:  # noqa: BLE001
         raise RecipeError(f"'{folder}': {why} reads config.json to know the architecture, and it cannot be read "
                           f"({type(err).__name__}: {err})") from None
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+    named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)  # the config's class
+    builders = [transformers.AutoModelForCausalLM.from_config]  # then a vision-language model's own class
+    builders += ([named._from_config] if hasattr(named, "_from_config") else []) + [transformers.AutoModel.from_config]
+    for build in builders:
         try:
             with torch.device("meta"):
-                return auto.from_config(config)
+                return build(config)
         except Exception:  # noqa: BLE001, S112  the next kind of model
             continue
     raise RecipeError(f"'{folder}': transformers cannot build its architecture ({config.model_type}), which {why} "
                       "needs to know")
 
 
-def tied_groups(folder: Path, why: str = "reading tied weights") -> list[tuple[str, ...]]:
+def tied_groups(folder: Path, why: str = "reading tied weights", assume_tied: bool = False) -> list[tuple[str, ...]]:
     """The groups of parameter names of ``folder``'s architecture that are one parameter (tied), each in the
-    model's order (the input embedding before the LM head); empty when nothing is tied."""
-    model = meta_model(folder, why)
+    model's order (the input embedding before the LM head), then under the names its checkpoints hold where they
+    differ (:func:`saved_parameters`); empty when nothing is tied. ``assume_tied``: read as if its config said
+    ``tie_word_embeddings: true`` (a config silent on it, read as mergekit reads it)."""
+    model = meta_model(folder, why, **({"tie_word_embeddings": True} if assume_tied else {}))
     names: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
-    return [tuple(group) for group in names.values() if len(group) > 1]
+    tied = {key for key, group in names.items() if len(group) > 1}
+    for name, parameter in saved_parameters(model):  # the names its checkpoints hold, where they differ
+        if id(parameter) in tied and name not in names[id(parameter)]:
+            names[id(parameter)].append(name)
+    return [tuple(names[key]) for key in names if key in tied]
+
+
+def saved_parameters(model: Any) -> list[tuple[str, Any]]:
+    """``model.named_parameters(remove_duplicate=False)``, each also under the name transformers saves it with when
+    that differs (transformers 5 builds a vision-language model's text decoder as ``model.language_model.*`` and
+    saves, as its checkpoints on the hub hold it, ``model.*``), the model's names first.
+
+    Args:
+        model: a transformers model (from :func:`meta_model`).
+    """
+    live = list(model.named_parameters(remove_duplicate=False))
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = revert_weight_conversion(model, dict(live))
+    except Exception:  # noqa: BLE001  transformers 4 (saves the names it builds) or a conversion it cannot revert
+        return live
+    known = {name for name, _ in live}
+    return live + [(name, p) for name, p in saved.items() if name not in known and hasattr(p, "shape")]
 
 
 def with_tied_tensors(models: Sequence[tuple[Expert, Path]], recipe: Path) -> list[Expert]:
@@ -74,7 +103,8 @@ def with_tied_tensors(models: Sequence[tuple[Expert, Path]], recipe: Path) -> li
     module's docstring); the others unchanged. transformers is imported only when some model lacks a tensor
     another holds and its ``config.json`` does not say ``tie_word_embeddings: false``; when the architecture
     cannot be read and the config does not say it ties, the model is left as it is (the merge's own check then
-    names the missing tensor).
+    names the missing tensor). A config that does not say is read as tied, as mergekit reads such a model (its
+    architectures' ``tied_names`` do not depend on the config).
 
     Args:
         models: each model and the folder of its ``config.json``.
@@ -101,7 +131,7 @@ def with_tied_tensors(models: Sequence[tuple[Expert, Path]], recipe: Path) -> li
             why = (f"reading the tied weights of '{expert.name}' (it lacks '{sorted(missing)[0]}', which another "
                    f"model of {recipe} holds)")
             try:
-                groups_of[folder] = tied_groups(folder, why)
+                groups_of[folder] = tied_groups(folder, why, assume_tied=ties is None)
             except RecipeError:
                 if ties:  # it says it ties them: say what reading the tie needs
                     raise
@@ -125,7 +155,7 @@ def untied_config(donor: Expert) -> dict[str, Any]:
 
 def _ties_word_embeddings(folder: Path) -> bool | None:
     """``config.json``'s ``tie_word_embeddings`` (top level, else its ``text_config``'s); None when it has no
-    config or does not say (the architecture's default then decides); False without a config."""
+    config or does not say (then read as tied, as mergekit does); False without a config."""
     import json
 
     try:
@@ -138,4 +168,4 @@ def _ties_word_embeddings(folder: Path) -> bool | None:
     return None
 
 
-__all__ = ["meta_model", "tied_groups", "transformers_module", "untied_config", "with_tied_tensors"]
+__all__ = ["meta_model", "saved_parameters", "tied_groups", "transformers_module", "untied_config", "with_tied_tensors"]

@@ -260,6 +260,11 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         opened = dict(zip(opened, with_tied_tensors([(e, p) for p, e in opened.items()], path)))
         return lambda local: opened[local.resolve()]
 
+    for key in ("modules", "slices"):
+        if key in config and exact is None and method not in _MERGEKIT:
+            raise RecipeError(f"{path}: '{key}' merges with one of mergekit's methods; '{method}' is this project's "
+                              f"(its inputs are composed from the models' tensors, without their statistics or "
+                              f"adapters): use 'models', or a mergekit merge_method")
     if "modules" in config:
         if config.get("models") or config.get("slices") or exact is not None or method not in _MERGEKIT:
             raise RecipeError(f"{path}: 'modules' takes a mergekit merge_method and no 'models' or 'slices' (exactly "

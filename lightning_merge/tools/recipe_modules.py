@@ -228,7 +228,9 @@ def plan_modules(value: Mapping[str, Any], recipe: Path, method: str, shared: Ma
         planned[module] = recipe_slices.plan_slices(slices, recipe, method, shared, view(module), separate_base,
                                                     stack=spec.stack, module=params, where=where)
         if spec.stack.prefix is not None and spec.stack.counts:
-            config.update(_count_key(donor, spec.stack.counts, planned[module].layers))
+            others = {s.stack.counts[0] for m, s in specs.items() if m != module and s.stack.counts}
+            for key, count in _count_keys(donor, spec.stack.counts, planned[module].layers, others).items():
+                config[key] = {**config[key], **count} if isinstance(count, dict) and key in config else count
     counts = {m: len(s.experts) for m, s in planned.items()}
     if len(set(counts.values())) > 1:
         raise RecipeError(f"{recipe}: the modules merge different numbers of models besides the base ({counts}): "
@@ -275,20 +277,34 @@ def _models_slice(models: list[Mapping[str, Any]], recipe: Path, resolve: Callab
     return Slice(sources, base, {})
 
 
-def _count_key(donor: Path, keys: tuple[str, ...], layers: int) -> dict[str, Any]:
-    """``config.json``'s keys setting a module's layer count (the first of ``keys`` the donor's config holds; a
-    nested key rewrites its whole sub-config)."""
+def _count_keys(donor: Path, keys: tuple[str, ...], layers: int, others: set[str]) -> dict[str, Any]:
+    """``config.json``'s keys setting a module's layer count: each of ``keys`` the donor's config holds (a nested key
+    rewrites its whole sub-config), except another module's own key (T5's decoder falls back to ``num_layers``, the
+    encoder's, when the config has no ``num_decoder_layers``); when none is left, the module's own key, ``keys[0]``
+    (as mergekit writes it)."""
     try:
         config = json.loads((donor / "config.json").read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
+    if not isinstance(config, dict):
+        return {}
+    out: dict[str, Any] = {}
+
+    def put(key: str) -> None:
+        head, _, rest = key.partition(".")
+        if not rest:
+            out[head] = layers
+        elif isinstance(config.get(head), dict):
+            out[head] = {**config[head], **out.get(head, {}), rest: layers}
+
     for key in keys:
         head, _, rest = key.partition(".")
-        if not rest and head in config:
-            return {head: layers}
-        if rest and isinstance(config.get(head), dict) and rest in config[head]:
-            return {head: {**config[head], rest: layers}}
-    return {}
+        held = head in config if not rest else isinstance(config.get(head), dict) and rest in config[head]
+        if held and key not in others:
+            put(key)
+    if not out:
+        put(keys[0])
+    return out
 
 
 def _warn_unowned(expert: Expert, specs: Mapping[str, ModuleSpec], arch: str) -> None:

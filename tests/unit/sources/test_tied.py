@@ -107,3 +107,52 @@ def test_a_recipe_with_a_tied_base_merges_its_embedding_as_the_base_head(tmp_pat
     embed = Expert(tied_base).tensor("model.embed_tokens.weight")
     heads = [Expert(e).tensor("lm_head.weight") for e in experts]
     torch.testing.assert_close(merged["lm_head.weight"], embed + 0.5 * (heads[0] - embed) + 0.25 * (heads[1] - embed))
+
+
+def _qwen2_vl_config(folder, tie):
+    """A tiny Qwen2-VL config.json (a vision-language model: transformers builds it as
+    Qwen2VLForConditionalGeneration, whose parameters are named model.language_model.*; its checkpoints, as
+    transformers saves them, keep the names model.embed_tokens.weight, model.layers.*, visual.*)."""
+    from transformers import Qwen2VLConfig
+
+    folder.mkdir(parents=True)
+    Qwen2VLConfig(text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "num_key_value_heads": 1, "intermediate_size": 32, "vocab_size": 32,
+                               "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 0]}},
+                  vision_config={"depth": 1, "embed_dim": 8, "hidden_size": 16, "num_heads": 2},
+                  architectures=["Qwen2VLForConditionalGeneration"],
+                  tie_word_embeddings=tie).to_json_file(folder / "config.json")
+    return folder
+
+
+def test_a_vision_language_models_ties_are_named_as_its_checkpoint_names_them(tmp_path):
+    """The tie of a Qwen2-VL saved tied: the checkpoint's lm_head.weight is its model.embed_tokens.weight (the name
+    transformers saves), so it merges with a fine-tune that has its own head."""
+    from safetensors.torch import save_file
+
+    tied = _qwen2_vl_config(tmp_path / "tied", tie=True)
+    untied = _qwen2_vl_config(tmp_path / "untied", tie=False)
+    g = torch.Generator().manual_seed(0)
+    embed, head = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    save_file({"model.embed_tokens.weight": embed}, tied / "model.safetensors")
+    save_file({"model.embed_tokens.weight": embed + 1, "lm_head.weight": head}, untied / "model.safetensors")
+    assert any({"model.embed_tokens.weight", "lm_head.weight"} <= set(group) for group in tied_groups(tied))
+    out = with_tied_tensors([(Expert(tied), tied), (Expert(untied), untied)], tmp_path / "r.yaml")
+    assert isinstance(out[0], TiedExpert) and out[0].tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert torch.equal(out[0].tensor("lm_head.weight"), embed)
+
+
+def test_a_config_silent_on_ties_is_read_tied_as_mergekit_reads_it(tmp_path, llamas):
+    """A Llama saved without lm_head.weight whose config.json does not say tie_word_embeddings (transformers'
+    Llama default is untied): mergekit reads its head as its embedding (its tied_names); so does the recipe."""
+    tied_base, experts = llamas
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    config = json.loads((tied_base / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    (silent / "config.json").write_text(json.dumps(config))
+    for f in tied_base.glob("*.safetensors*"):
+        (silent / f.name).symlink_to(f)
+    out = with_tied_tensors([(Expert(silent), silent), (Expert(experts[0]), experts[0])], tmp_path / "r.yaml")
+    assert isinstance(out[0], TiedExpert) and out[0].tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert untied_config(out[0]) == {"tie_word_embeddings": False}

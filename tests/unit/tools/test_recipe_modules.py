@@ -120,6 +120,11 @@ def test_a_module_the_architecture_lacks_or_one_left_out_is_refused(tmp_path, vl
         load_recipe(_recipe(tmp_path, vl, "models: [{{model: {e0}}}]\nmodules:\n" + every))
     with pytest.raises(RecipeError, match="modules.vision_tower must give either 'models' or 'slices'"):
         load_recipe(_recipe(tmp_path, vl, "modules:\n  vision_tower: {{parameters: {{weight: 1}}}}\n"))
+    with pytest.raises(RecipeError, match="'modules' merges with one of mergekit's methods; 'fisher' is this "
+                                          "project's .*statistics"):
+        fisher = _recipe(tmp_path, vl, "modules:\n" + every)
+        fisher.write_text(fisher.read_text().replace("task_arithmetic", "fisher"))
+        load_recipe(fisher)
     with pytest.raises(RecipeError, match="tokenizer merging .* with 'modules' is not implemented"):
         load_recipe(_recipe(tmp_path, vl, "tokenizer_source: base\nmodules:\n" + every))
 
@@ -134,3 +139,68 @@ def test_an_architecture_without_modules_is_named(tmp_path):
                       f"    models: [{{model: {experts[0]}, parameters: {{weight: 1.0}}}}]\n")
     with pytest.raises(RecipeError, match="is a LlamaForCausalLM, which has one stack of layers"):
         load_recipe(recipe)
+
+
+def _t5_folder(folder, config, g, encoder=3, decoder=3):
+    """A T5-shaped checkpoint (mergekit's T5 names): encoder and decoder blocks, shared embedding, final norms."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    t = {"shared.weight": torch.randn(16, H, generator=g),
+         "encoder.final_layer_norm.weight": torch.randn(H, generator=g),
+         "decoder.final_layer_norm.weight": torch.randn(H, generator=g)}
+    for stack, n in (("encoder", encoder), ("decoder", decoder)):
+        for i in range(n):
+            t[f"{stack}.block.{i}.layer.0.SelfAttention.q.weight"] = torch.randn(H, H, generator=g)
+    save_file(t, folder / "model.safetensors")
+    return folder
+
+
+def test_a_restacked_decoder_is_counted_under_its_own_key_when_the_config_leaves_it_to_the_encoders(tmp_path):
+    """A T5 config without ``num_decoder_layers`` (transformers then takes ``num_layers`` for both stacks): the
+    decoder's new count goes to ``num_decoder_layers``, as mergekit writes it; ``num_layers`` stays the encoder's
+    (writing it there would drop encoder blocks on load)."""
+    config = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "num_layers": 3, "d_model": H}
+    g = torch.Generator().manual_seed(0)
+    base, e0 = (_t5_folder(tmp_path / n, config, g) for n in ("base", "e0"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+merge_method: task_arithmetic
+base_model: {base}
+modules:
+  encoder: {{models: [{{model: {e0}, parameters: {{weight: 1.0}}}}]}}
+  decoder:
+    slices: [{{sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {e0}, layer_range: [1, 3],
+                                                                   parameters: {{weight: 1.0}}}}]}}]
+  shared: {{models: [{{model: {e0}, parameters: {{weight: 1.0}}}}]}}
+""")
+    assert load_recipe(recipe).files["config.json"] == {"num_layers": 3, "num_decoder_layers": 2}
+
+
+def test_a_layer_count_held_at_the_top_and_in_the_text_config_is_set_in_both(tmp_path, vl):
+    """A Qwen2-VL config holding ``num_hidden_layers`` at the top level and in ``text_config`` (transformers 5
+    reads the latter): both get the text decoder's output count."""
+    base, e0, e1 = vl
+    folders = []
+    for source in (e0, e1):
+        folder = tmp_path / source.name
+        folder.mkdir()
+        config = json.loads((source / "config.json").read_text())
+        config["text_config"] = {"num_hidden_layers": 2, "hidden_size": H}
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+        folders.append(folder)
+    a, b = folders
+    one = "{{models: [{{model: {a}, parameters: {{weight: 1.0}}}}, {{model: {b}, parameters: {{weight: 1.0}}}}]}}"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+merge_method: linear
+parameters: {{weight: 1.0}}
+modules:
+  text_decoder:
+    slices: [{{sources: [{{model: {a}, layer_range: [0, 1]}}, {{model: {b}, layer_range: [1, 2]}}]}}]
+  vision_tower: {one.format(a=a, b=b)}
+  multi_modal_projector: {one.format(a=a, b=b)}
+""")
+    config = load_recipe(recipe).files["config.json"]
+    assert config["num_hidden_layers"] == 1 and config["text_config"] == {"num_hidden_layers": 1, "hidden_size": H}
+    assert config["vision_config"]["depth"] == 3
