@@ -149,8 +149,18 @@ def untied_config(donor: Expert) -> dict[str, Any]:
     """``config.json``'s keys for a merge whose config comes from ``donor``: ``tie_word_embeddings: false`` when
     the donor is a model read with its tied tensors (:func:`with_tied_tensors`), since the output then holds an LM
     head of its own (merged from the models that trained one), which a tying config would make transformers
-    replace by the embedding on load; else none."""
-    return {"tie_word_embeddings": False} if isinstance(donor, TiedExpert) else {}
+    replace by the embedding on load; else none. Not for an encoder-decoder (``is_encoder_decoder``: T5, Whisper),
+    where the flag means more than the tie (T5's decoder output scaling) and transformers 5 ties the head whatever it
+    says: its config is kept, as mergekit keeps it."""
+    if not isinstance(donor, TiedExpert):
+        return {}
+    import json
+
+    try:
+        config = json.loads((Path(donor.path) / "config.json").read_text()) if donor.path is not None else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        config = {}
+    return {} if isinstance(config, dict) and config.get("is_encoder_decoder") else {"tie_word_embeddings": False}
 
 
 def _ties_word_embeddings(folder: Path) -> bool | None:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lightning_merge import Expert
 from lightning_merge.errors import RecipeError
@@ -156,3 +157,18 @@ def test_a_config_silent_on_ties_is_read_tied_as_mergekit_reads_it(tmp_path, lla
     out = with_tied_tensors([(Expert(silent), silent), (Expert(experts[0]), experts[0])], tmp_path / "r.yaml")
     assert isinstance(out[0], TiedExpert) and out[0].tied == {"lm_head.weight": "model.embed_tokens.weight"}
     assert untied_config(out[0]) == {"tie_word_embeddings": False}
+
+
+def test_an_encoder_decoder_keeps_its_config(tmp_path):
+    """T5's tie_word_embeddings also switches its decoder output scaling (and transformers 5 ties its head anyway):
+    a tied T5 donor's config is not rewritten."""
+    from lightning_merge.sources.tied import TiedExpert as Tied
+
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    save_file({"shared.weight": torch.zeros(4, 2)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
+    tied = Tied(Expert(folder), {"lm_head.weight": "shared.weight"})
+    assert untied_config(tied) == {}
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert untied_config(Tied(Expert(folder), {"lm_head.weight": "shared.weight"})) == {"tie_word_embeddings": False}
