@@ -26,7 +26,7 @@ from lightning_merge.errors import RecipeError
 from lightning_merge.files.text import brief
 from lightning_merge.sources.expert import Expert
 from lightning_merge.sources.vocabulary import TokenSource, VocabularyAlignment, VocabularyPlan, positions_of
-from lightning_merge.tools.architectures import meta_model, transformers_module
+from lightning_merge.tools.architectures import meta_model, saved_parameters, transformers_module
 
 #: files a tokenizer's folder may hold: the donor's copies are replaced by the merged tokenizer's (or removed)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -228,7 +228,7 @@ def token_indexed_names(folder: Path, names: Sequence[str]) -> frozenset[str]:
             parameter = getattr(module, attribute, None) if module is not None else None
             if parameter is not None:
                 ids.add(id(parameter))
-    found = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+    found = {n for n, p in saved_parameters(model) if id(p) in ids}  # under the names checkpoints hold too
     present = frozenset(found & set(names))
     if not present:
         raise RecipeError(f"'{folder}': none of its embeddings ({', '.join(sorted(found))}) is among its tensors; "

@@ -172,3 +172,13 @@ def test_an_encoder_decoder_keeps_its_config(tmp_path):
     assert untied_config(tied) == {}
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert untied_config(Tied(Expert(folder), {"lm_head.weight": "shared.weight"})) == {"tie_word_embeddings": False}
+
+
+def test_a_vision_language_models_embeddings_are_found_under_its_checkpoint_names(tmp_path):
+    """Tokenizer merging finds a Qwen2-VL's token-indexed tensors under the names its checkpoint holds
+    (model.embed_tokens.weight, lm_head.weight), not only transformers 5's model.language_model.*."""
+    from lightning_merge.tools.tokenizer_merge import token_indexed_names
+
+    folder = _qwen2_vl_config(tmp_path / "vl", tie=False)
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"]
+    assert token_indexed_names(folder, names) == {"model.embed_tokens.weight", "lm_head.weight"}
