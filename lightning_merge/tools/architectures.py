@@ -21,6 +21,17 @@ from lightning_merge.sources.expert import Expert
 from lightning_merge.sources.tied import TiedExpert
 
 
+def model_config(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a mapping; empty when it is missing, unreadable or not a mapping."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def transformers_module(why: str) -> Any:
     """transformers, or a RecipeError saying what needs it and how to install it."""
     try:
@@ -154,28 +165,21 @@ def untied_config(donor: Expert) -> dict[str, Any]:
     says: its config is kept, as mergekit keeps it."""
     if not isinstance(donor, TiedExpert):
         return {}
-    import json
-
-    try:
-        config = json.loads((Path(donor.path) / "config.json").read_text()) if donor.path is not None else {}
-    except (OSError, ValueError, UnicodeDecodeError):
-        config = {}
-    return {} if isinstance(config, dict) and config.get("is_encoder_decoder") else {"tie_word_embeddings": False}
+    config = model_config(Path(donor.path)) if donor.path is not None else {}
+    return {} if config.get("is_encoder_decoder") else {"tie_word_embeddings": False}
 
 
 def _ties_word_embeddings(folder: Path) -> bool | None:
     """``config.json``'s ``tie_word_embeddings`` (top level, else its ``text_config``'s); None when it has no
     config or does not say (then read as tied, as mergekit does); False without a config."""
-    import json
-
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+    if not (folder / "config.json").is_file():
         return False
-    for holder in (config, config.get("text_config") if isinstance(config, dict) else None):
+    config = model_config(folder)
+    for holder in (config, config.get("text_config")):
         if isinstance(holder, dict) and isinstance(holder.get("tie_word_embeddings"), bool):
             return holder["tie_word_embeddings"]
     return None
 
 
-__all__ = ["meta_model", "saved_parameters", "tied_groups", "transformers_module", "untied_config", "with_tied_tensors"]
+__all__ = ["meta_model", "model_config", "saved_parameters", "tied_groups", "transformers_module", "untied_config",
+           "with_tied_tensors"]

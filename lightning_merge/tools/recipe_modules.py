@@ -30,6 +30,7 @@ from lightning_merge.sources.composed import ComposedExpert
 from lightning_merge.sources.expert import Expert
 from lightning_merge.tools import mergekit_parameters as mp
 from lightning_merge.tools import recipe_slices
+from lightning_merge.tools.architectures import model_config
 from lightning_merge.tools.recipe_slices import Slice, Sliced, Source, Stack
 
 log = logging.getLogger("lightning_merge")
@@ -282,12 +283,7 @@ def _count_keys(donor: Path, keys: tuple[str, ...], layers: int, others: set[str
     rewrites its whole sub-config), except another module's own key (T5's decoder falls back to ``num_layers``, the
     encoder's, when the config has no ``num_decoder_layers``); when none is left, the module's own key, ``keys[0]``
     (as mergekit writes it)."""
-    try:
-        config = json.loads((donor / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    if not isinstance(config, dict):
-        return {}
+    config = model_config(donor)
     out: dict[str, Any] = {}
 
     def put(key: str) -> None:

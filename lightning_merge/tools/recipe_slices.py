@@ -29,6 +29,7 @@ from lightning_merge.files.text import brief
 from lightning_merge.sources.composed import ComposedExpert
 from lightning_merge.sources.expert import Expert
 from lightning_merge.tools import mergekit_parameters as mp
+from lightning_merge.tools.architectures import model_config
 
 #: non-layer tensors taken from the first slice's models (mergekit's "pre_weights" of Llama-style models)
 EMBEDDING_MARKS = ("embed", "wte", "wpe")
@@ -203,10 +204,7 @@ def _stack_layout(expert: Expert, folder: Path | None, stack: Stack) -> Layout:
 
 def _config_count(folder: Path, keys: tuple[str, ...]) -> int | None:
     """The first of ``keys`` (dotted: nested) that ``folder/config.json`` holds as a positive integer."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
+    config = model_config(folder)
     for key in keys:
         value: Any = config
         for part in key.split("."):

@@ -26,7 +26,7 @@ from lightning_merge.errors import RecipeError
 from lightning_merge.files.text import brief
 from lightning_merge.sources.expert import Expert
 from lightning_merge.sources.vocabulary import TokenSource, VocabularyAlignment, VocabularyPlan, positions_of
-from lightning_merge.tools.architectures import meta_model, saved_parameters, transformers_module
+from lightning_merge.tools.architectures import meta_model, model_config, saved_parameters, transformers_module
 
 #: files a tokenizer's folder may hold: the donor's copies are replaced by the merged tokenizer's (or removed)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -134,14 +134,6 @@ def _token_source(value: Any, recipe: Path, resolve: Callable[[Any, str], Path],
 
 def _transformers() -> Any:
     return transformers_module("tokenizer merging (tokenizer_source / tokenizer)")
-
-
-def _config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _vocab_size(config: Mapping[str, Any]) -> int | None:
@@ -328,7 +320,7 @@ def output_vocabulary(spec: TokenizerRecipe, members: Sequence[tuple[Expert, Pat
             folder_of.setdefault(_key(e), f.resolve())
     keys = list(expert_of)
     folders = list(dict.fromkeys(folder_of.values()))
-    configs = {f: _config(f) for f in folders}
+    configs = {f: model_config(f) for f in folders}
     tokenizers = {f: _load_tokenizer(f, "model") for f in folders}
     first = expert_of[keys[0]]
     names = token_indexed_names(folder_of[keys[0]], first.names())
