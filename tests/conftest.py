@@ -25,6 +25,83 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 FUSION_BENCH = next((c for c in (os.environ.get("FUSION_BENCH_PYTHON"),
                                  str(ROOT / ".venv-fusionbench" / "bin" / "python")) if c and Path(c).exists()), None)
 
+#: one process per reference environment (FusionBench's, mergekit's) and test process, started at the first reference
+#: asked for (importing fusion_bench costs about 9 s a process on 2 cores, mergekit about 5, and a dozen modules ask):
+#: it reads jobs (a script, its argument lists, a folder) a
+#: line each on stdin, runs the script once per argument list as ``python script *argv`` would (its own ``sys.argv``,
+#: fresh globals, torch's, Python's and NumPy's global seeds reset to a fresh process's), and answers each job on a
+#: line that starts with a marker, so that a script's own prints are skipped
+_SERVER = r"""
+import contextlib, json, os, random, sys, traceback
+import numpy, torch
+seed = torch.initial_seed()
+marker = sys.argv[1]
+for line in sys.stdin:
+    job = json.loads(line)
+    try:
+        code = compile(open(job["script"]).read(), job["script"], "exec")
+        os.chdir(job["cwd"])
+        for argv in job["runs"]:
+            sys.argv = [job["script"], *argv]
+            torch.manual_seed(seed)
+            random.seed()
+            numpy.random.seed()
+            with contextlib.redirect_stdout(sys.stderr):
+                exec(code, {"__name__": "__main__", "__file__": job["script"]})
+        reply = {"ok": True}
+    except BaseException:
+        reply = {"ok": False, "error": traceback.format_exc()}
+    print(marker + json.dumps(reply), flush=True)
+"""
+_servers: dict = {}
+
+
+def fusion_bench_runs(script: str | Path, runs: list[list], cwd: Path) -> None:
+    """Run a FusionBench reference ``script`` (its source text, or a file) once per argument list in ``runs``, in
+    ``cwd``, in this test process's FusionBench process: what each ``python script *argv`` would do.
+
+    Raises:
+        AssertionError: the script failed (its traceback and the process's recent output are in the message).
+    """
+    reference_runs(FUSION_BENCH, script, runs, cwd)
+
+
+def reference_runs(python: str | Path, script: str | Path, runs: list[list], cwd: Path) -> None:
+    """:func:`fusion_bench_runs` in the environment of the interpreter ``python`` (mergekit's, FusionBench's)."""
+    import atexit
+    import json
+    import subprocess
+    import tempfile
+
+    if not isinstance(script, Path):
+        path = Path(cwd) / "reference_script.py"
+        path.write_text(script)
+        script = path
+    server = _servers.setdefault(str(python), {})
+    if "process" not in server or server["process"].poll() is not None:
+        log = tempfile.NamedTemporaryFile("w+", prefix="reference-", suffix=".log", delete=False)
+        marker = "@@lightning-merge-reference@@"
+        process = subprocess.Popen([str(python), "-c", _SERVER, marker], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})  # local paths only, never the Hub
+        atexit.register(process.kill)
+        server.update(process=process, log=log, marker=marker)
+    process, marker = server["process"], server["marker"]
+    job = {"script": str(Path(script).resolve()), "cwd": str(Path(cwd).resolve()),
+           "runs": [[str(a) for a in argv] for argv in runs]}
+    process.stdin.write(json.dumps(job) + "\n")
+    process.stdin.flush()
+    for line in process.stdout:
+        if line.startswith(marker):
+            reply = json.loads(line[len(marker):])
+            break
+    else:
+        reply = {"ok": False, "error": f"the FusionBench process ended (exit status {process.wait()})"}
+    if not reply["ok"]:
+        server["log"].seek(0)
+        raise AssertionError(f"the reference {script} failed in {python}:\n{reply['error']}\n"
+                             f"its output:\n{server['log'].read()[-4000:]}")
+
 
 @pytest.fixture
 def gen():

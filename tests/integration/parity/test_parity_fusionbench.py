@@ -4,11 +4,10 @@ process of FusionBench's environment. Runs when a fusion-bench environment is fo
 ``FUSION_BENCH_PYTHON``); FusionBench is a reference only, never a dependency."""
 
 import json
-import subprocess
 
 import pytest
 import torch
-from conftest import FUSION_BENCH, HELPERS
+from conftest import FUSION_BENCH, HELPERS, fusion_bench_runs
 
 from lightning_merge import DOP, OPCM, merge
 from lightning_merge.strategies import functional as F
@@ -71,8 +70,7 @@ def references(tmp_path_factory):
         folder = root / f"dop-{i}"
         cases[("dop", i)] = (folder, *_experts(folder, 4, 0))
         jobs.append(("dop", str(folder), 4, json.dumps({**DOP_DEFAULTS, **options})))
-    subprocess.run([FUSION_BENCH, "-c", _JOBS, str(HELPERS), json.dumps(jobs)], check=True, cwd=root,
-                   capture_output=True)
+    fusion_bench_runs(_JOBS, [[HELPERS, json.dumps(jobs)]], root)
     return {case: (base, experts, torch.load(folder / "fusionbench.pt", weights_only=True))
             for case, (folder, base, experts) in cases.items()}
 
@@ -127,24 +125,42 @@ torch.save(masks, sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("lam", [0.2, 0.6])
-def test_tall_masks_match_fusionbench(tmp_path, lam):
-    """Our TALL masks (the Consensus strategy and tall.compress) against FusionBench's port of the paper's code,
-    ``fusion_bench.method.tall_mask.utils.generate_task_masks``, on flattened models (float64)."""
-    from lightning_merge.tools import tall
-
+def _tall_case():
     g = torch.Generator().manual_seed(1)
     base = {"a": torch.randn(30, 20, generator=g, dtype=torch.float64), "b": torch.randn(17, generator=g,
                                                                                            dtype=torch.float64)}
     experts = [{k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in base.items()}
                for _ in range(4)]
+    return base, experts
+
+
+TALL_LAMBDAS = (0.2, 0.6)
+
+
+@pytest.fixture(scope="module")
+def tall_references(tmp_path_factory):
+    """FusionBench's TALL masks of the case above at each λ, from one FusionBench process."""
+    folder = tmp_path_factory.mktemp("tall")
+    base, experts = _tall_case()
     flat_base = torch.cat([v.reshape(-1) for v in base.values()])
     flat_ft = torch.stack([torch.cat([e[k].reshape(-1) for k in base]) for e in experts])
     tau = flat_ft - flat_base
-    torch.save({"tau": tau, "ft": flat_ft, "base": flat_base, "mtl": tau.sum(0)}, tmp_path / "in.pt")
-    subprocess.run([FUSION_BENCH, "-c", TALL_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), str(lam)],
-                   check=True, cwd=tmp_path, capture_output=True)
-    reference = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.save({"tau": tau, "ft": flat_ft, "base": flat_base, "mtl": tau.sum(0)}, folder / "in.pt")
+    fusion_bench_runs(TALL_SCRIPT, [[folder / "in.pt", folder / f"out{lam}.pt", lam] for lam in TALL_LAMBDAS], folder)
+    return {lam: torch.load(folder / f"out{lam}.pt", weights_only=True) for lam in TALL_LAMBDAS}
+
+
+@pytest.mark.parametrize("lam", TALL_LAMBDAS)
+def test_tall_masks_match_fusionbench(tmp_path, tall_references, lam):
+    """Our TALL masks (the Consensus strategy and tall.compress) against FusionBench's port of the paper's code,
+    ``fusion_bench.method.tall_mask.utils.generate_task_masks``, on flattened models (float64)."""
+    from lightning_merge.tools import tall
+
+    base, experts = _tall_case()
+    flat_base = torch.cat([v.reshape(-1) for v in base.values()])
+    flat_ft = torch.stack([torch.cat([e[k].reshape(-1) for k in base]) for e in experts])
+    tau = flat_ft - flat_base
+    reference = tall_references[lam]
 
     comp = tall.compress(experts, base, tmp_path / "tall", tall_lambda=lam)
     ours = torch.stack([torch.cat([comp.mask(i, k).reshape(-1) for k in base]) for i in range(4)])

@@ -5,13 +5,12 @@ Point ``MERGEKIT_YAML`` at a ``mergekit-yaml`` executable (``.ci/run`` installs 
 
 import os
 import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, reference_runs
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
@@ -44,12 +43,19 @@ for recipe, out in zip(pairs[::2], pairs[1::2]):
 """
 
 
+#: mergekit-yaml's entry point, for a run with its command-line options (conftest.reference_runs)
+MERGEKIT_YAML_MAIN = """
+from mergekit.scripts.run_yaml import main
+main(standalone_mode=False)
+"""
+
+
 def run_mergekit_many(pairs) -> None:
     """Merge each ``(recipe, out)`` with mergekit (its ``run_merge``, the function ``mergekit-yaml`` calls), all in one
     process of mergekit's environment."""
     python = Path(MERGEKIT).with_name("python")
     args = [str(x) for pair in pairs for x in pair]
-    subprocess.run([str(python), "-c", _MANY, *args], check=True, capture_output=True)
+    reference_runs(python, _MANY, [args], Path(args[0]).parent)
 
 
 def mergekit_outputs(root: Path, texts: dict) -> dict:
@@ -259,8 +265,8 @@ def test_della_draws_the_same_distribution_as_mergekit(tmp_path, deep_family):
     recipe.write_text(f"merge_method: della_linear\nbase_model: {base}\ndtype: float32\n"
                       f"parameters: {{density: 0.4, epsilon: 0.2}}\nmodels:\n"
                       f"  - model: {experts[0]}\n    parameters: {{weight: 1.0}}\n")
-    subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk"), "--quiet", "--random-seed", "7"], check=True,
-                   capture_output=True)
+    reference_runs(Path(MERGEKIT).with_name("python"), MERGEKIT_YAML_MAIN,
+                   [[recipe, tmp_path / "mk", "--quiet", "--random-seed", "7"]], tmp_path)
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
     theirs, ours, b, e = (Expert(p) for p in (tmp_path / "mk", tmp_path / "lm", base, experts[0]))
     kept_mk = kept_lm = changed = 0

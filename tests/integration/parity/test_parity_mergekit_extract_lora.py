@@ -13,12 +13,11 @@ Point ``MERGEKIT_YAML`` at a ``mergekit-yaml`` executable; ``mergekit-extract-lo
 """
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, reference_runs
 from safetensors.torch import load_file
 
 from lightning_merge import Expert
@@ -53,14 +52,19 @@ def pair(tmp_path_factory):
     return base, ft
 
 
+#: mergekit-extract-lora's entry point, run in the test process's mergekit process (conftest.reference_runs)
+EXTRACT_LORA = """
+from mergekit.scripts.extract_lora import main
+main(standalone_mode=False)
+"""
+
+
 def _both(tmp_path, pair, *options):
     base, ft = pair
     mine, theirs = tmp_path / "mine", tmp_path / "mergekit"
     assert main(["extract-lora", str(ft), str(mine), "--base", str(base), *options]) == 0
-    done = subprocess.run([str(MERGEKIT), "--model", str(ft), "--base-model", str(base), "--out-path", str(theirs),
-                           *options], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    reference_runs(MERGEKIT.with_name("python"), EXTRACT_LORA,
+                   [["--model", ft, "--base-model", base, "--out-path", theirs, *options]], tmp_path)
     return mine, theirs
 
 

@@ -4,11 +4,9 @@ one is found)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
-from conftest import FUSION_BENCH, state_dicts
+from conftest import FUSION_BENCH, fusion_bench_runs, state_dicts
 
 from lightning_merge import DogeTA, merge
 from lightning_merge.strategies import NoContinualForm, Strategy
@@ -181,7 +179,7 @@ def fusionbench_merges(tmp_path_factory):
         torch.save({"base": base, "experts": experts, "configs": configs}, folder / f"in{n}.pt")
         inputs[n] = (base, experts)
         args += [str(folder / f"in{n}.pt"), str(folder / f"out{n}.pt")]
-    subprocess.run([FUSION_BENCH, "-c", REFERENCE, *args], check=True, cwd=folder, capture_output=True)
+    fusion_bench_runs(REFERENCE, [args], folder)
     return {n: (*inputs[n], torch.load(folder / f"out{n}.pt", weights_only=True)) for n in inputs}
 
 

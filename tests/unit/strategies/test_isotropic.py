@@ -3,11 +3,9 @@ FusionBench 0.2.33's ``iso_c``, ``iso_cts`` and ``wudi_merging`` (run in its own
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
-from conftest import FUSION_BENCH, state_dicts
+from conftest import FUSION_BENCH, fusion_bench_runs, state_dicts
 
 from lightning_merge import WUDI, ContinualState, IsoC, IsoCTS, merge
 from lightning_merge.files.safetensors import save_tensors
@@ -181,7 +179,7 @@ def fusionbench_merges(tmp_path_factory):
         torch.save({"taus": taus}, folder / f"in{n}.pt")
         inputs[n] = (base, experts)
         args += [str(folder / f"in{n}.pt"), str(folder / f"out{n}.pt")]
-    subprocess.run([FUSION_BENCH, "-c", REFERENCE, *args], check=True, cwd=folder, capture_output=True)
+    fusion_bench_runs(REFERENCE, [args], folder)
     return {n: (*inputs[n], torch.load(folder / f"out{n}.pt", weights_only=True)) for n in inputs}
 
 

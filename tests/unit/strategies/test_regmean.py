@@ -4,12 +4,10 @@ capture (after fit, during training, padding, resume, DDP, PEFT adapters), and p
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
 from capture_helpers import Tiny, TinyLM, ddp_loader, lm_loader, loader, trainer
-from conftest import FUSION_BENCH
+from conftest import FUSION_BENCH, fusion_bench_runs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_merge import Expert, RegMean, merge
@@ -284,18 +282,30 @@ torch.save(out, sys.argv[2])
 """
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
-@pytest.mark.parametrize("alpha", [1.0, 0.95, 0.6])
-def test_regmean_matches_fusionbench(tmp_path, alpha):
-    """The same experts and Gram matrices through FusionBench 0.2.33's merge: equal to 1e-5."""
+REGMEAN_ALPHAS = (1.0, 0.95, 0.6)
+
+
+@pytest.fixture(scope="module")
+def regmean_references(tmp_path_factory):
+    """FusionBench's RegMean merge of the experts below at each α, from one FusionBench process."""
+    folder = tmp_path_factory.mktemp("regmean")
     base, experts, inputs = _family(n=3, seed=2, rows=60)
     params = {k: [e[k] for e in experts] for k in base}
     grams = [{k[: -len(".weight")]: x[k].T @ x[k] / 60 for k in x} for x in inputs]
-    torch.save({"params": params, "grams": grams, "alpha": alpha}, tmp_path / "in.pt")
-    subprocess.run([FUSION_BENCH, "-c", REGMEAN_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path, capture_output=True)
-    reference = torch.load(tmp_path / "out.pt", weights_only=True)
+    for i, alpha in enumerate(REGMEAN_ALPHAS):
+        torch.save({"params": params, "grams": grams, "alpha": alpha}, folder / f"in{i}.pt")
+    fusion_bench_runs(REGMEAN_SCRIPT, [[folder / f"in{i}.pt", folder / f"out{i}.pt"]
+                                       for i in range(len(REGMEAN_ALPHAS))], folder)
+    return {alpha: torch.load(folder / f"out{i}.pt", weights_only=True) for i, alpha in enumerate(REGMEAN_ALPHAS)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
+@pytest.mark.parametrize("alpha", REGMEAN_ALPHAS)
+def test_regmean_matches_fusionbench(tmp_path, regmean_references, alpha):
+    """The same experts and Gram matrices through FusionBench 0.2.33's merge: equal to 1e-5."""
+    base, experts, inputs = _family(n=3, seed=2, rows=60)
+    reference = regmean_references[alpha]
     for path, e, x in zip(range(3), experts, inputs):
         save_tensors(tmp_path / f"e{path}.safetensors", e)
         write_statistics(tmp_path / f"e{path}.statistics.safetensors", {"gram": {k: v.T @ v for k, v in x.items()}},

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
-from conftest import FUSION_BENCH, state_dicts
+from conftest import FUSION_BENCH, fusion_bench_runs, state_dicts
 
 from lightning_merge import TSVMerge, merge
 from lightning_merge.strategies import Strategy
@@ -82,17 +80,31 @@ torch.save(out, sys.argv[2])
 """
 
 
+def _tsv_case(n):
+    return _setup(n=n, seed=n, shapes={"layer.0.weight": (20, 14), "layer.1.weight": (10, 30), "layer.0.bias": (20,),
+                                       "head.weight": (5, 10)})
+
+
+@pytest.fixture(scope="module")
+def tsv_references(tmp_path_factory):
+    """FusionBench's TSV-M of each case below, from one FusionBench process."""
+    folder = tmp_path_factory.mktemp("tsv")
+    for n in TSV_CASES:
+        base, experts = _tsv_case(n)
+        torch.save({"taus": [{k: e[k] - base[k] for k in base} for e in experts]}, folder / f"in{n}.pt")
+    fusion_bench_runs(TSV_SCRIPT, [[folder / f"in{n}.pt", folder / f"out{n}.pt"] for n in TSV_CASES], folder)
+    return {n: torch.load(folder / f"out{n}.pt", weights_only=True) for n in TSV_CASES}
+
+
+TSV_CASES = (2, 3, 4)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_tsv_matches_fusionbench(tmp_path, n):
-    base, experts = _setup(n=n, seed=n, shapes={"layer.0.weight": (20, 14), "layer.1.weight": (10, 30),
-                                                 "layer.0.bias": (20,), "head.weight": (5, 10)})
-    taus = [{k: e[k] - base[k] for k in base} for e in experts]
-    torch.save({"taus": taus}, tmp_path / "in.pt")
-    subprocess.run([FUSION_BENCH, "-c", TSV_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path, capture_output=True)
-    reference = torch.load(tmp_path / "out.pt", weights_only=True)
+@pytest.mark.parametrize("n", TSV_CASES)
+def test_tsv_matches_fusionbench(tsv_references, n):
+    base, experts = _tsv_case(n)
+    reference = tsv_references[n]
     ours = merge(experts, base, TSVMerge(not_svd=r"^head\.weight$"))
     worst = max(float((ours[k] - base[k] - reference[k]).abs().max()) for k in reference)
     assert worst < 1e-5, worst

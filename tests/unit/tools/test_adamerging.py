@@ -5,12 +5,11 @@ when a fusion-bench environment is found) and padded sequence positions."""
 from __future__ import annotations
 
 import math
-import subprocess
 
 import pytest
 import torch
 from capture_helpers import RankInterleaved, trainer
-from conftest import FUSION_BENCH
+from conftest import FUSION_BENCH, fusion_bench_runs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -254,18 +253,30 @@ torch.save({"weight": module.merge_weight.detach(), "merged": merged}, sys.argv[
 """
 
 
+ADA_LR, ADA_BATCH = 5e-2, 4
+
+
+@pytest.fixture(scope="module")
+def adamerging_references(tmp_path_factory):
+    """FusionBench's task-wise and layer-wise AdaMerging of the family below, from one FusionBench process."""
+    folder = tmp_path_factory.mktemp("adamerging")
+    base, experts, x = _bn_family()
+    torch.save({"base": base, "experts": experts, "lr": ADA_LR, "batches": list(x.split(ADA_BATCH))},
+               folder / "in.pt")
+    fusion_bench_runs(FUSIONBENCH_SCRIPT, [[folder / "in.pt", folder / f"{g}.pt", g] for g in ("task", "tensor")],
+                      folder)
+    return {g: torch.load(folder / f"{g}.pt", weights_only=True) for g in ("task", "tensor")}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
 @pytest.mark.parametrize("granularity", ["task", "tensor"])
-def test_matches_fusionbench_adamerging(tmp_path, granularity):
+def test_matches_fusionbench_adamerging(tmp_path, adamerging_references, granularity):
     """Task-wise and layer-wise AdaMerging against FusionBench's TaskWiseMergedModel / LayerWiseMergedModel and its
     test-time adaptation loop (Adam, entropy_loss, train mode), on a conv + BatchNorm model, same batches in order."""
     base, experts, x = _bn_family()
-    lr, batch = 5e-2, 4
-    torch.save({"base": base, "experts": experts, "lr": lr, "batches": list(x.split(batch))}, tmp_path / "in.pt")
-    subprocess.run([FUSION_BENCH, "-c", FUSIONBENCH_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
-                    granularity], check=True, cwd=tmp_path, capture_output=True)
-    reference = torch.load(tmp_path / "out.pt", weights_only=True)
+    lr, batch = ADA_LR, ADA_BATCH
+    reference = adamerging_references[granularity]
     ada = AdaMerging(_bn_net(), experts, base, granularity=granularity, lr=lr)
     _fit(ada, DataLoader(TensorDataset(x), batch_size=batch), tmp_path, steps=len(x) // batch)
     weight = reference["weight"] if granularity == "tensor" else reference["weight"][:, None]

@@ -5,11 +5,9 @@ environment is found)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
-from conftest import FUSION_BENCH, HELPERS
+from conftest import FUSION_BENCH, HELPERS, fusion_bench_runs
 from fusionbench_regmeanpp_reference import TinyEncoder
 from torch import nn
 
@@ -161,21 +159,34 @@ def test_refusals():
         regmean_plusplus(Twice(), [state, state], [[torch.randn(4, 3)]] * 2)
 
 
+PLUSPLUS_ALPHAS = (0.95, 0.6)
+
+
+@pytest.fixture(scope="module")
+def plusplus_references(tmp_path_factory):
+    """FusionBench's RegMean++ merge of the family below at each α, from one FusionBench process."""
+    base, experts, loaders = _family(n=3, seed=5)
+    folders = [tmp_path_factory.mktemp(f"regmeanpp{i}") for i in range(len(PLUSPLUS_ALPHAS))]
+    for folder in folders:
+        torch.save(base, folder / "base.pt")
+        for i, (e, batches) in enumerate(zip(experts, loaders)):
+            torch.save(e, folder / f"expert{i}.pt")
+            torch.save(torch.cat(batches), folder / f"tokens{i}.pt")
+    fusion_bench_runs(HELPERS / "fusionbench_regmeanpp_reference.py",
+                      [[folder, 3, alpha, 48, 16] for folder, alpha in zip(folders, PLUSPLUS_ALPHAS)], folders[0])
+    return {alpha: torch.load(folder / "fusionbench.pt", weights_only=True)
+            for folder, alpha in zip(folders, PLUSPLUS_ALPHAS)}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
-@pytest.mark.parametrize("alpha", [0.95, 0.6])
-def test_matches_fusionbench_regmean_plusplus(tmp_path, alpha):
+@pytest.mark.parametrize("alpha", PLUSPLUS_ALPHAS)
+def test_matches_fusionbench_regmean_plusplus(plusplus_references, alpha):
     """FusionBench 0.2.33's RegMeanAlgorithmPlusPlus.run on a three-block encoder (its CLIP subclass's Gram hooks,
     this model's embedding merge and layer forward), 3 experts, 48 examples per task in batches of 16: equal to
     1e-5 of each tensor's largest entry, where RegMean from the experts' own inputs is 1e-3 away or more."""
     base, experts, loaders = _family(n=3, seed=5)
-    torch.save(base, tmp_path / "base.pt")
-    for i, (e, batches) in enumerate(zip(experts, loaders)):
-        torch.save(e, tmp_path / f"expert{i}.pt")
-        torch.save(torch.cat(batches), tmp_path / f"tokens{i}.pt")
-    subprocess.run([FUSION_BENCH, str(HELPERS / "fusionbench_regmeanpp_reference.py"), str(tmp_path), "3",
-                    str(alpha), "48", "16"], check=True, cwd=tmp_path, capture_output=True)
-    reference = torch.load(tmp_path / "fusionbench.pt", weights_only=True)
+    reference = plusplus_references[alpha]
     ours = regmean_plusplus(TinyEncoder(), experts, loaders, base=base, alpha=alpha).state
     assert set(ours) == set(reference)
     worst = max(float((ours[k] - reference[k]).abs().max() / reference[k].abs().max()) for k in reference)
