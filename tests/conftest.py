@@ -26,11 +26,11 @@ FUSION_BENCH = next((c for c in (os.environ.get("FUSION_BENCH_PYTHON"),
                                  str(ROOT / ".venv-fusionbench" / "bin" / "python")) if c and Path(c).exists()), None)
 
 #: one process per reference environment (FusionBench's, mergekit's) and test process, started at the first reference
-#: asked for (importing fusion_bench costs about 9 s a process on 2 cores, mergekit about 5, and a dozen modules ask):
-#: it reads jobs (a script, its argument lists, a folder) a
-#: line each on stdin, runs the script once per argument list as ``python script *argv`` would (its own ``sys.argv``,
-#: fresh globals, torch's, Python's and NumPy's global seeds reset to a fresh process's), and answers each job on a
-#: line that starts with a marker, so that a script's own prints are skipped
+#: asked for (importing fusion_bench costs about 9 s a process on 2 cores, mergekit about 5, and a dozen modules ask).
+#: It reads jobs (a script, its argument lists, a folder) a line each on stdin, runs the script once per argument list
+#: as ``python script *argv`` would (its own ``sys.argv``, fresh globals, torch's, Python's and NumPy's global seeds
+#: reset as in a fresh process), and answers each job on a line that starts with a marker, so that a script's own
+#: output is skipped.
 _SERVER = r"""
 import contextlib, json, os, random, sys, traceback
 import numpy, torch
@@ -79,7 +79,7 @@ def reference_runs(python: str | Path, script: str | Path, runs: list[list], cwd
         script = path
     server = _servers.setdefault(str(python), {})
     if "process" not in server or server["process"].poll() is not None:
-        log = tempfile.NamedTemporaryFile("w+", prefix="reference-", suffix=".log", delete=False)
+        log = tempfile.TemporaryFile("w+")  # the process's output, for the message of a failing script
         marker = "@@lightning-merge-reference@@"
         process = subprocess.Popen([str(python), "-c", _SERVER, marker], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd,
@@ -96,7 +96,7 @@ def reference_runs(python: str | Path, script: str | Path, runs: list[list], cwd
             reply = json.loads(line[len(marker):])
             break
     else:
-        reply = {"ok": False, "error": f"the FusionBench process ended (exit status {process.wait()})"}
+        reply = {"ok": False, "error": f"the reference process ended (exit status {process.wait()})"}
     if not reply["ok"]:
         server["log"].seek(0)
         raise AssertionError(f"the reference {script} failed in {python}:\n{reply['error']}\n"
