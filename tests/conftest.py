@@ -29,8 +29,8 @@ FUSION_BENCH = next((c for c in (os.environ.get("FUSION_BENCH_PYTHON"),
 #: asked for (importing fusion_bench costs about 9 s a process on 2 cores, mergekit about 5, and a dozen modules ask).
 #: It reads jobs (a script, its argument lists, a folder) a line each on stdin, runs the script once per argument list
 #: as ``python script *argv`` would (its own ``sys.argv``, fresh globals, torch's, Python's and NumPy's global seeds
-#: and torch's grad mode reset as in a fresh process), and answers each job on a line that starts with a marker, so that a script's own
-#: output is skipped.
+#: and torch's grad mode reset as in a fresh process), and answers each job on a line that starts with a marker, so
+#: that a script's own output is skipped.
 _SERVER = r"""
 import contextlib, json, os, random, sys, traceback
 import numpy, torch
