@@ -255,3 +255,15 @@ def test_matches_fusionbench_fw_merging(fw_references, mode, granularity):
     for k, v in reference["merged"].items():
         torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-5)
     assert not math.isclose(float((merged["2.weight"] - base["2.weight"]).norm()), 0.0)
+
+
+def test_soft_with_as_many_tasks_as_experts_does_not_depend_on_the_data():
+    """Every expert is chosen at every iteration, so θ₁ is task arithmetic at scaling_factor whatever the data."""
+    base, experts, data = _family(n=2)
+    other = {t: (-3 * x, (y + 1) % 3) for t, (x, y) in data.items()}
+    first = _run(FWMerging(_net(), experts, base, mode="soft"), data)
+    second = _run(FWMerging(_net(), experts, base, mode="soft"), other)
+    torch.testing.assert_close(first.coefficient_matrix(), second.coefficient_matrix())
+    once = FWMerging(_net(), experts, base, mode="soft")
+    once.step(_batches(data, 0))
+    torch.testing.assert_close(once.coefficient_matrix(), torch.full((2, 4), SCALE))
