@@ -175,8 +175,10 @@ from fusion_bench.method.fw_merging import FrankWolfeHardAlgorithm, FrankWolfeSo
 from fusion_bench.utils import state_dict_arithmetic as sda
 d = torch.load(sys.argv[1], weights_only=True)
 mode, granularity = sys.argv[3], sys.argv[4]
+# this process runs other modules' reference scripts next: every patch below and the grad mode that run() leaves
+# off are restored at the end
+cuda, checked, grad = nn.Module.cuda, sda._validate_state_dict_same_keys, torch.is_grad_enabled()
 nn.Module.cuda = lambda self, *a, **k: self  # CPU: FusionBench moves the merged model to CUDA
-checked = sda._validate_state_dict_same_keys
 # 0.2.33's fw_merging adds state_dict(keep_vars=True) (Parameters) to Tensors, which this check refuses by type: the
 # same check (keys, shapes, dtypes) with the Parameters read as Tensors
 sda._validate_state_dict_same_keys = lambda sds: checked(
@@ -212,7 +214,11 @@ def recording(*args, **kwargs):
     chosen.append(out[1])
     return out
 alg.frank_wolfe_selection = recording
-merged = alg.run(Pool())
+try:
+    merged = alg.run(Pool())
+finally:
+    nn.Module.cuda, sda._validate_state_dict_same_keys = cuda, checked
+    torch.set_grad_enabled(grad)
 torch.save({"merged": {k: v.detach() for k, v in merged.state_dict().items()}, "chosen": chosen}, sys.argv[2])
 """
 
