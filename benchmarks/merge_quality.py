@@ -257,6 +257,29 @@ def adamerging(setup, granularity: str, steps: int = 1000, seed: int = 0) -> dic
     return merge(setup.experts, setup.base, ada.strategy())
 
 
+def fw_merging(setup, granularity: str, seed: int = 0, iterations: int = 10, examples: int = 100,
+               step_size: float = 0.1) -> dict:
+    """FW-Merging (hard) on the digits experts: Frank–Wolfe over the four experts and the initial task-arithmetic
+    merge, gradients of the cross-entropy on the tasks' *labelled validation* examples, each task through its own
+    head; FusionBench's defaults (10 iterations, step_size 0.1, scaling_factor 0.3, 100 examples per task and
+    iteration, shuffled). Returns the merged backbone's state, written by merge() from its strategy."""
+    import lightning.pytorch as pl
+
+    from lightning_merge.cli.demo import make_backbone, task_data
+    from lightning_merge.tools.fw_merging import FWMerging
+
+    heads = {task.name: head.requires_grad_(False) for task, head in zip(setup.tasks, setup.heads)}
+    pl.seed_everything(seed, verbose=False)
+    loaders = {task.name: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        *task_data(task, setup.splits["val"])), batch_size=examples, shuffle=True) for task in setup.tasks}
+    fw = FWMerging(make_backbone(), setup.experts, setup.base, granularity=granularity, iterations=iterations,
+                   step_size=step_size, logits_fn=lambda fw, task, batch: heads[task](fw(batch[0])))
+    pl.Trainer(max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(fw, loaders)
+    return merge(setup.experts, setup.base, fw.strategy())
+
+
+FW_START = "task_arithmetic (λ 0.3: fw_merging's start)"
 REGMEAN_PLUSPLUS = ("regmean++ (α 0.95)", "regmean++ (α on validation)", "regmean++ (α 0.95), λ on validation",
                     "regmean (α 0.95), Gram matrices of regmean++'s examples")
 
@@ -351,6 +374,12 @@ def run_seed(seed: int, epochs: int, folder: Path, only: list[str] | None = None
         name = f"adamerging ({granularity}-wise, unlabeled validation inputs)"
         if not only or any(o in name for o in only):
             rows[name] = (test(adamerging(setup, granularity, seed=seed)), None)
+    for granularity, step_size in (("task", 0.1), ("layer", 0.1), ("task", 1.0), ("layer", 1.0)):
+        steps = "" if step_size == 0.1 else f", step_size {step_size:g}"
+        name = f"fw_merging (hard, {granularity}-wise{steps}, labelled validation)"
+        if not only or any(o in name for o in only):
+            rows[name] = (test(fw_merging(setup, granularity, seed=seed, step_size=step_size)), None)
+            rows[FW_START] = (test(merge(setup.experts, setup.base, TaskArithmetic(scale=0.3))), 0.3)
     rows.update(regmean_plusplus_rows(setup, val, test, only))
     if FUSION_BENCH is not None and (not only or any("regmean" in o for o in only)):
         reference = fusionbench_regmean(setup.experts, 0.95, folder)
@@ -708,6 +737,15 @@ PAIRS = (
     ("adamerging (tensor-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (block-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (tensor-wise, unlabeled validation inputs)", "ota"),
+    ("fw_merging (hard, task-wise, labelled validation)", FW_START),
+    ("fw_merging (hard, layer-wise, labelled validation)", FW_START),
+    ("fw_merging (hard, task-wise, step_size 1, labelled validation)", FW_START),
+    ("fw_merging (hard, layer-wise, step_size 1, labelled validation)", FW_START),
+    ("fw_merging (hard, task-wise, step_size 1, labelled validation)", "task_arithmetic"),
+    ("fw_merging (hard, layer-wise, step_size 1, labelled validation)", "task_arithmetic"),
+    ("fw_merging (hard, task-wise, labelled validation)", "task_arithmetic"),
+    ("fw_merging (hard, layer-wise, labelled validation)", "task_arithmetic"),
+    ("fw_merging (hard, task-wise, labelled validation)", "adamerging (tensor-wise, unlabeled validation inputs)"),
     ("ota, power on validation", "ota"),
     ("ota, per-expert weights on validation", "ota"),
 )

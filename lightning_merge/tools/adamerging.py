@@ -195,26 +195,46 @@ class AdaMerging(pl.LightningModule):
             self._taus = [{n: t.to(device) for n, t in tau.items()} for tau in self._taus]
             self._kept = {n: t.to(device) for n, t in self._kept.items()}
 
-    def merged_parameters(self) -> dict[str, Tensor]:
-        """θ₀ + Σₖ λₖ,ₗ τₖ for every merged tensor (differentiable in λ)."""
+    def merged_parameters(self, coefficients: Tensor | None = None) -> dict[str, Tensor]:
+        """θ₀ + Σₖ λₖ,ₗ τₖ for every merged tensor (differentiable in λ).
+
+        Args:
+            coefficients: other coefficients to merge at, shaped like ``lambdas`` (experts × columns); None: the
+                learned λ. Given coefficients are read without gradient, and a coefficient of exactly 0 adds
+                nothing (an expert's own weights are ``θ₀ + 1·τₖ``).
+
+        Raises:
+            ValueError: ``coefficients`` is not shaped like ``lambdas``.
+        """
         self._to(self.lambdas.device)
+        given = coefficients is not None
+        if given and tuple(coefficients.shape) != tuple(self.lambdas.shape):
+            raise ValueError(f"merged_parameters: coefficients {tuple(coefficients.shape)} are not shaped like the "
+                             f"λ {tuple(self.lambdas.shape)} (experts × columns)")
+        values = coefficients.detach().to(self.lambdas.device) if given else self.lambdas
         out = {}
         for n in self.names:
-            column = self.lambdas[:, self._column[n]]
+            column = values[:, self._column[n]]
             merged = self._base[n]
             for k, tau in enumerate(self._taus):
-                merged = merged + column[k] * tau[n]
+                if not (given and float(column[k]) == 0.0):
+                    merged = merged + column[k] * tau[n]
             out[n] = merged
         return out
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The merged model called on ``args`` / ``kwargs``: the merged parameters and the base's other tensors, the
-        network :meth:`strategy` writes. Buffers are passed as copies: a BatchNorm in train mode leaves the base's
-        running statistics as they are."""
-        tensors = self.merged_parameters()
+    def call_with(self, parameters: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The model called on ``args`` / ``kwargs`` with ``parameters`` for the merged tensors (a mapping like
+        :meth:`merged_parameters`' answer) and the base's other tensors. Buffers are passed as copies: a BatchNorm
+        in train mode leaves the base's running statistics as they are."""
+        tensors = dict(parameters)
         for n, t in self._kept.items():
             tensors[n] = t.clone() if n in self._kept_buffers else t
         return functional_call(self.model, tensors, args, kwargs, strict=False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The merged model called on ``args`` / ``kwargs``: the merged parameters and the base's other tensors, the
+        network :meth:`strategy` writes (:meth:`call_with` at the learned λ)."""
+        return self.call_with(self.merged_parameters(), *args, **kwargs)
 
     def _default_logits(self, batch: Any) -> Any:
         if isinstance(batch, Mapping):

@@ -1,0 +1,275 @@
+"""FW-Merging: the oracle (least cosine with the gradient), the step schedules, the iterates staying in the convex hull
+of the pool, the strategy handed to merge() (the same model), a Trainer fit, refusals, and FusionBench's
+FrankWolfeHardAlgorithm / FrankWolfeSoftAlgorithm run on the same tiny model and data (when a fusion-bench
+environment is found)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from capture_helpers import trainer
+from conftest import FUSION_BENCH, fusion_bench_runs
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_merge import LayerwiseTaskArithmetic, TaskArithmetic, merge
+from lightning_merge.tools.fw_merging import FWMerging
+
+ITERS, SIZE, STEP, SCALE = 3, 4, 0.1, 0.3
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _family(n=4, seed=0):
+    """A base, n experts and two labelled tasks of ITERS * SIZE examples each."""
+    torch.manual_seed(seed)
+    base = _net().state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    experts = [{k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    data = {t: (torch.randn(ITERS * SIZE, 6, generator=g), torch.randint(0, 3, (ITERS * SIZE,), generator=g))
+            for t in ("a", "b")}
+    return base, experts, data
+
+
+def _batches(data, i):
+    return {t: (x[i * SIZE:(i + 1) * SIZE], y[i * SIZE:(i + 1) * SIZE]) for t, (x, y) in data.items()}
+
+
+def _run(fw, data, iterations=ITERS):
+    for i in range(iterations):
+        fw.step(_batches(data, i))
+    return fw
+
+
+def _cos(g, w):
+    return float(torch.dot(g.flatten(), w.flatten()) / (g.norm() * w.norm()))
+
+
+def test_the_start_is_task_arithmetic_or_the_base():
+    base, experts, data = _family()
+    hard = FWMerging(_net(), experts, base)
+    want = merge(experts, base, TaskArithmetic(scale=SCALE))
+    for k, v in hard.merged_parameters().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
+    soft = FWMerging(_net(), experts, base, mode="soft")
+    assert torch.equal(soft.coefficient_matrix(), torch.zeros(4, 4))
+    for k, v in soft.merged_parameters().items():
+        torch.testing.assert_close(v, base[k])
+
+
+def test_one_hard_iteration_moves_toward_the_checkpoint_of_least_cosine_with_the_gradient():
+    """The oracle: argminₛ Σₗ cos(∇ₗf, sₗ) over the experts' weights and the initial model; θ ← θ + γ₀ (s − θ)."""
+    base, experts, data = _family()
+    fw = FWMerging(_net(), experts, base)
+    start = fw.merged_parameters()
+    reference = _net()
+    reference.load_state_dict(start)
+    loss = sum(nn.functional.cross_entropy(reference(x), y) for x, y in _batches(data, 0).values())
+    grads = dict(zip([n for n, _ in reference.named_parameters()], torch.autograd.grad(loss, reference.parameters())))
+    pool = [*experts, start]
+    scores = [sum(_cos(grads[n], s[n]) for n in grads) for s in pool]
+    chosen = fw.step(_batches(data, 0))
+    assert chosen == min(range(len(pool)), key=scores.__getitem__)
+    gamma = 2 / (0 + 2) * STEP * SCALE
+    for n, v in fw.merged_parameters().items():
+        torch.testing.assert_close(v, start[n] + gamma * (pool[chosen][n] - start[n]), rtol=1e-5, atol=1e-6)
+    expected = torch.full((4, 4), SCALE * (1 - gamma))
+    if chosen < 4:
+        expected[chosen] += gamma
+    else:
+        expected += gamma * SCALE
+    torch.testing.assert_close(fw.coefficient_matrix(), expected)
+
+
+def test_the_hard_step_schedule_and_the_iterates_stay_in_the_convex_hull():
+    """C_{t+1} = (1 − γₜ) Cₜ + γₜ S, γₜ = 2/(t+2) · step_size · scaling_factor, and each column stays a convex
+    combination of the pool's: coefficients ≥ 0 summing to between the experts' 1 and the start's 4 · 0.3."""
+    base, experts, data = _family()
+    fw = FWMerging(_net(), experts, base, granularity="layer")
+    pool = fw.vertices()
+    for t in range(ITERS):
+        before = fw.coefficient_matrix()
+        chosen = fw.step(_batches(data, t))
+        gamma = 2 / (t + 2) * STEP * SCALE
+        target = torch.stack([pool[chosen[n]][:, j] for j, n in enumerate(fw.names)], 1)
+        torch.testing.assert_close(fw.coefficient_matrix(), (1 - gamma) * before + gamma * target)
+        c = fw.coefficient_matrix()
+        assert float(c.min()) >= 0 and 1 - 1e-6 <= float(c.sum(0).min()) <= float(c.sum(0).max()) <= 4 * SCALE + 1e-6
+
+
+def test_soft_picks_distinct_experts_per_task_and_steps_with_eta():
+    """Soft: each task's oracle skips the experts already chosen in the iteration; the first step is scaling_factor
+    · Σⱼ (sⱼ − θ) (η₀ = 1), then ηₜ = 2/(t+2) · step_size."""
+    base, experts, data = _family()
+    fw = FWMerging(_net(), experts, base, mode="soft")
+    chosen = fw.step(_batches(data, 0))
+    assert len(chosen) == 2 and chosen[0] != chosen[1]
+    expected = torch.zeros(4, 4)
+    for k in chosen:
+        expected[k] += SCALE
+    torch.testing.assert_close(fw.coefficient_matrix(), expected)
+    before = fw.coefficient_matrix()
+    chosen = fw.step(_batches(data, 1))
+    eta = 2 / 3 * STEP
+    target = sum(torch.eye(4)[k][:, None].expand(4, 4) for k in chosen)
+    torch.testing.assert_close(fw.coefficient_matrix(), before + SCALE * eta * (target - 2 * before))
+
+
+def test_a_trainer_runs_the_iterations_and_merge_writes_the_same_model(tmp_path):
+    base, experts, data = _family()
+    fw = FWMerging(_net(), experts, base, granularity="layer", iterations=ITERS)
+    loaders = {t: DataLoader(TensorDataset(x, y), batch_size=SIZE) for t, (x, y) in data.items()}
+    trainer(tmp_path, [], max_epochs=-1).fit(fw, loaders)
+    assert int(fw.iteration) == ITERS and len(fw.selections) == ITERS
+    by_hand = _run(FWMerging(_net(), experts, base, granularity="layer"), data)
+    torch.testing.assert_close(fw.coefficient_matrix(), by_hand.coefficient_matrix())
+    strategy = fw.strategy()
+    assert isinstance(strategy, LayerwiseTaskArithmetic)
+    written = merge(experts, base, strategy)
+    for k, v in fw.merged_parameters().items():
+        torch.testing.assert_close(written[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_loss_and_a_task_head(tmp_path):
+    """loss='entropy' reads no labels; logits_fn gives each task its own head on the merged model."""
+    base, experts, data = _family()
+    heads = {"a": nn.Linear(3, 2), "b": nn.Linear(3, 5)}
+    fw = FWMerging(_net(), experts, base, loss="entropy", logits_fn=lambda fw, task, batch: heads[task](fw(batch)))
+    x = data["a"][0][:SIZE]
+    p = torch.softmax(heads["a"](fw(x)), -1)
+    torch.testing.assert_close(fw.task_loss("a", x), -(p * torch.log(p + 1e-8)).sum(-1).mean())
+    chosen = fw.step({t: x for t, (x, _) in _batches(data, 0).items()})
+    assert 0 <= chosen <= 4
+
+
+def test_refusals():
+    base, experts, data = _family()
+    with pytest.raises(ValueError, match="mode must be 'hard' or 'soft'"):
+        FWMerging(_net(), experts, base, mode="medium")
+    with pytest.raises(ValueError, match="granularity must be 'task' or 'layer'"):
+        FWMerging(_net(), experts, base, granularity="tensor")
+    with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
+        FWMerging(_net(), experts, base, iterations=0)
+    with pytest.raises(ValueError, match="step_size must be > 0"):
+        FWMerging(_net(), experts, base, step_size=0)
+    with pytest.raises(ValueError, match="init must be"):
+        FWMerging(_net(), experts, base, init="ties")
+    with pytest.raises(ValueError, match="loss must be"):
+        FWMerging(_net(), experts, base, loss="mse")
+    with pytest.raises(ValueError, match="experts is empty"):
+        FWMerging(_net(), [], base)
+    with pytest.raises(ValueError, match="FWMerging: expert .* has no tensor '2.bias'"):
+        FWMerging(_net(), [experts[0], {k: v for k, v in experts[1].items() if k != "2.bias"}], base)
+    with pytest.raises(ValueError, match="needs labels"):
+        FWMerging(_net(), experts, base).step({"a": data["a"][0][:SIZE]})
+
+
+FUSIONBENCH_SCRIPT = """
+import contextlib, itertools, sys, torch
+from torch import nn
+from fusion_bench.method.fw_merging import FrankWolfeHardAlgorithm, FrankWolfeSoftAlgorithm
+from fusion_bench.utils import state_dict_arithmetic as sda
+d = torch.load(sys.argv[1], weights_only=True)
+mode, granularity = sys.argv[3], sys.argv[4]
+# this process runs other modules' reference scripts next: every patch below and the grad mode that run() leaves
+# off are restored at the end
+cuda, checked, grad = nn.Module.cuda, sda._validate_state_dict_same_keys, torch.is_grad_enabled()
+nn.Module.cuda = lambda self, *a, **k: self  # CPU: FusionBench moves the merged model to CUDA
+# 0.2.33's fw_merging adds state_dict(keep_vars=True) (Parameters) to Tensors, which this check refuses by type: the
+# same check (keys, shapes, dtypes) with the Parameters read as Tensors
+sda._validate_state_dict_same_keys = lambda sds: checked(
+    [{k: v.data if isinstance(v, nn.Parameter) else v for k, v in sd.items()} for sd in sds])
+def net(state):
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    m.load_state_dict(state)
+    return m
+class Pool:  # what run() asks of a model pool
+    has_pretrained = True
+    model_names = [str(k) for k in range(len(d["experts"]))]
+    def load_model(self, name):
+        return net(d["base"] if name == "_pretrained_" else d["experts"][int(name)])
+# each task's examples one at a time, in order (FusionBench's loaders: batch size 1, shuffled)
+samples = {t: itertools.cycle([(x[None], y[None]) for x, y in zip(*d["data"][t])]) for t in d["data"]}
+if mode == "hard":
+    alg = FrankWolfeHardAlgorithm(merge_fn="task_arithmetic", step_size=d["step_size"], max_iters=d["iters"],
+                                  dataset_size=d["size"], tasks=list(d["data"]), granularity=granularity,
+                                  loss_fn="cross_entropy", init_weight="", scaling_factor=d["scaling"])
+    alg.get_shuffled_loader_iter = lambda task: samples[task]
+else:
+    alg = FrankWolfeSoftAlgorithm(max_iters=d["iters"], dataset_size=d["size"], ada_iters=0, ada_coeff=1e-8,
+                                  merge_fn="task_arithmetic", granularity=granularity, step_size=d["step_size"],
+                                  tasks=list(d["data"]), init_weight="")
+    alg.get_shuffled_train_loader_iter = lambda task: samples[task]
+alg.setup_zero_shot_classification_head = lambda: None  # CLIP's text heads: the tiny model has its own
+alg.compute_logits = lambda model, x, task: model(x)
+alg.log_hyperparams = lambda *a, **k: None
+alg.profile = lambda name: contextlib.nullcontext()
+chosen, select = [], alg.frank_wolfe_selection
+def recording(*args, **kwargs):
+    out = select(*args, **kwargs)
+    chosen.append(out[1])
+    return out
+alg.frank_wolfe_selection = recording
+try:
+    merged = alg.run(Pool())
+finally:
+    nn.Module.cuda, sda._validate_state_dict_same_keys = cuda, checked
+    torch.set_grad_enabled(grad)
+torch.save({"merged": {k: v.detach() for k, v in merged.state_dict().items()}, "chosen": chosen}, sys.argv[2])
+"""
+
+CASES = [("hard", "task"), ("hard", "layer"), ("soft", "task"), ("soft", "layer")]
+
+
+@pytest.fixture(scope="module")
+def fw_references(tmp_path_factory):
+    """FusionBench's FW-Merging runs of the family above, from one FusionBench process."""
+    folder = tmp_path_factory.mktemp("fw_merging")
+    base, experts, data = _family()
+    torch.save({"base": base, "experts": experts, "data": data, "iters": ITERS, "size": SIZE, "step_size": STEP,
+                "scaling": SCALE}, folder / "in.pt")
+    fusion_bench_runs(FUSIONBENCH_SCRIPT, [[folder / "in.pt", folder / f"{m}-{g}.pt", m, g] for m, g in CASES],
+                      folder)
+    return {case: torch.load(folder / f"{case[0]}-{case[1]}.pt", weights_only=True) for case in CASES}
+
+
+def _names(chosen, n):
+    """Our oracle's answers in FusionBench's names: the expert's name, 'initial' for the initial model."""
+    if isinstance(chosen, dict):
+        return {k: _names(v, n) for k, v in chosen.items()}
+    return "initial" if chosen == n else str(chosen)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
+@pytest.mark.parametrize("mode,granularity", CASES)
+def test_matches_fusionbench_fw_merging(fw_references, mode, granularity):
+    """FusionBench 0.2.33's run() (its gradients, oracle and steps) on 4 experts and 2 labelled tasks, 3 iterations of
+    4 examples per task: the same choices, and merged weights within 1e-5."""
+    base, experts, data = _family()
+    reference = fw_references[(mode, granularity)]
+    fw = _run(FWMerging(_net(), experts, base, mode=mode, granularity=granularity, step_size=STEP,
+                        scaling_factor=SCALE), data)
+    chosen = [c for per_task in fw.selections for c in per_task] if mode == "soft" else fw.selections
+    ours = [_names(c, 4) for c in chosen]
+    assert ours == reference["chosen"]
+    merged = merge(experts, base, fw.strategy())
+    for k, v in reference["merged"].items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-5)
+    assert not math.isclose(float((merged["2.weight"] - base["2.weight"]).norm()), 0.0)
+
+
+def test_soft_with_as_many_tasks_as_experts_does_not_depend_on_the_data():
+    """Every expert is chosen at every iteration, so θ₁ is task arithmetic at scaling_factor whatever the data."""
+    base, experts, data = _family(n=2)
+    other = {t: (-3 * x, (y + 1) % 3) for t, (x, y) in data.items()}
+    first = _run(FWMerging(_net(), experts, base, mode="soft"), data)
+    second = _run(FWMerging(_net(), experts, base, mode="soft"), other)
+    torch.testing.assert_close(first.coefficient_matrix(), second.coefficient_matrix())
+    once = FWMerging(_net(), experts, base, mode="soft")
+    once.step(_batches(data, 0))
+    torch.testing.assert_close(once.coefficient_matrix(), torch.full((2, 4), SCALE))
