@@ -18,6 +18,7 @@ bit for bit with ``--against``'s.
     python benchmarks/merge_memory.py                                  # this checkout
     python benchmarks/merge_memory.py --against /path/to/old/checkout  # side by side (same machine, same run)
     python benchmarks/merge_memory.py --mergekit .venv-mergekit/bin/mergekit-yaml
+    python benchmarks/merge_memory.py --shapes many --only "continual opcm"   # one case
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--budget", default=None, help="memory_budget for this checkout (e.g. 1GB; default: its own)")
     parser.add_argument("--limit-heap", action="store_true", help="this checkout's cases call limit_heap_growth()")
+    parser.add_argument("--only", nargs="+", default=None, metavar="CASE",
+                        help="run only these cases, by their label (e.g. 'continual opcm', 'merge ties 0.3')")
     args = parser.parse_args()
     here = Path(__file__).resolve().parents[1]
     codes = [("this", here)] + ([("against", args.against.resolve())] if args.against else [])
@@ -194,6 +197,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for kind, strategy in CASES[shape]:
             label = f"{kind} {strategy['name']}" + (f" {strategy['density']}" if "density" in strategy else "")
+            if args.only is not None and label not in args.only:
+                continue
             outs = {}
             for tag, code in codes:
                 out = work / shape / f"out-{tag}-{kind}-{strategy['name']}"

@@ -18,7 +18,13 @@ from lightning_merge._version import __version__
 from lightning_merge.continual.checks import check_distance
 from lightning_merge.continual.layout import FORMAT
 from lightning_merge.continual.store import StateStore
-from lightning_merge.engine.schedule import DEFAULT_MEMORY_BUDGET, bounded_map, chunk_limit, row_chunks
+from lightning_merge.engine.schedule import (
+    DEFAULT_MEMORY_BUDGET,
+    bounded_map,
+    chunk_limit,
+    release_freed_memory,
+    row_chunks,
+)
 from lightning_merge.engine.writers import copy_support_files, write_json
 from lightning_merge.errors import ContinualError
 from lightning_merge.files.atomic import fsync_dir
@@ -136,12 +142,15 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
                     ) from None
             stats = {kind: expert.statistic(n, kind, rows=rows) for kind in state.strategy.requires}
             new = form.fold(n, prev, tau, stats, ctx)
+            del prev, stats  # the previous quantities are not held through the squares below
             for q, dtype in form.quantities:
                 if rows is None:
                     running.write(f"{q}/{n}", new[q].to(dtype).contiguous())
                 else:
                     running.write_rows(f"{q}/{n}", rows[0], new[q].to(dtype).contiguous())
-            per_row = tau.double().square().reshape(tau.shape[0] if tau.dim() else 1, -1).sum(1)
+            # τ as the fold left it (a form may mask it in place); τ is float32, so .double() copies: squared in place
+            per_row = tau.double().square_().reshape(tau.shape[0] if tau.dim() else 1, -1).sum(1)
+            del tau
             return per_row.tolist(), form.reduce(n, new)
 
         def row_size(item: tuple[str, tuple[int, int] | None]) -> int:
@@ -188,6 +197,7 @@ def build_generation(state: StateStore, tmp: Path, expert: Expert, current: Path
                     else:
                         model.write_rows(n, rows[0], value)
         model.close(sync=True)
+        release_freed_memory()  # the model's blocks (this thread's heap) are not held into the next add
         base_path = Path(state.config["base"])
         if base_path.is_dir():
             copy_support_files(base_path, tmp / "model")

@@ -76,13 +76,15 @@ def chunk_limit(budget: int, workers: int) -> int:
 
 def release_freed_memory() -> bool:
     """Return the C library's free heap pages to the system (glibc's ``malloc_trim(0)``): :func:`bounded_map` calls
-    it after each item that costs more than the budget (one that ran alone: a whole tensor no row chunk could split,
-    such as an SVD's). The heap keeps such an item's freed blocks, and the next item's blocks, of other sizes, do not
-    all fit in them. Measured on OPCM's continual add over 16 tensors of 2048² float32 (256 MiB): 1.55× the model
-    above start-up before, 1.52× with it (and the base freed before the fold; separate runs: 1.48× without, 1.41×
-    with), so most of that peak is within one tensor's SVD. Row chunks are not followed by it: they are small (at most
-    :func:`chunk_limit`), their blocks are reused as they are, and pages given back are faulted in again (at a cost
-    in time).
+    it after each item that costs more than half the budget (no second item of its size fits beside it: a whole
+    tensor no row chunk could split, such as an SVD's). The heap keeps such an item's freed blocks, and the next
+    item's blocks, of other sizes or on another worker thread's heap, do not all fit in them. Measured on OPCM's
+    continual add over 16 tensors of 2048² float32 (256 MiB): 1.55× the model above start-up without it, 1.52× with
+    it (and the base freed before the fold; separate runs: 1.48× without, 1.41× with), when OPCM's items cost more
+    than the budget; once the fold's temporaries were cut and each item costs 144 MiB of the 192 MiB budget, a second
+    add's peak was 278 MiB above start-up with a trim only after items over the budget, 207 MiB with it after items
+    over half of it. Row chunks are not followed by it: they are small (at most :func:`chunk_limit`, an eighth of the
+    budget), their blocks are reused as they are, and pages given back are faulted in again (at a cost in time).
 
     Returns:
         Whether it ran (False where the C library is not glibc).
@@ -137,8 +139,8 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
         fn: called with each item (from a worker thread when ``workers`` > 1).
         items: the work items, in the order results are yielded.
         costs: each item's cost in bytes (see the module docstring).
-        budget: the bytes the running items may hold together; an item costing more runs alone, and the memory it
-            freed is then returned to the system (:func:`release_freed_memory`).
+        budget: the bytes the running items may hold together; an item costing more runs alone. After an item
+            costing more than half of it, the memory it freed is returned to the system (:func:`release_freed_memory`).
         workers: worker threads (default: the CPU count, at most 2; never more than the items). 1 runs every item
             in this thread.
         sizes: each item's size for the progress bar (default: its cost).
@@ -165,7 +167,7 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
         if count == 1:
             for item, cost, size in zip(items, costs, sizes):
                 yield fn(item)
-                if cost > budget:
+                if 2 * cost > budget:  # a large item (see release_freed_memory)
                     release_freed_memory()
                 bar.update(size)
             return
@@ -187,7 +189,7 @@ def bounded_map(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[int], 
                 index, cost, size = running.pop(future)
                 held -= cost
                 results[index] = future.result()
-                if cost > budget:
+                if 2 * cost > budget:  # a large item (see release_freed_memory)
                     release_freed_memory()
                 bar.update(size)
 

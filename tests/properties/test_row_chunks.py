@@ -147,9 +147,9 @@ def test_the_scheduler_keeps_the_budget_and_the_order():
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_the_memory_of_an_item_over_the_budget_is_returned_after_it(monkeypatch, workers):
-    """Only after the items that run alone (costing more than the budget), before the next item starts; row-chunk
-    sized items keep their memory for the next ones."""
+def test_the_memory_of_a_large_item_is_returned_after_it(monkeypatch, workers):
+    """Only after the items of which two do not fit the budget (costing more than half of it: 100, 200 and 50 of
+    80), before the next item starts; smaller items (row chunks) keep their memory for the next ones."""
     from lightning_merge.engine import schedule
 
     events: list[str] = []
@@ -161,9 +161,9 @@ def test_the_memory_of_an_item_over_the_budget_is_returned_after_it(monkeypatch,
         events.append(f"done {i}")
         return -i
 
-    assert list(bounded_map(work, [0, 1, 2, 3], [30, 100, 10, 200], 80, workers=workers)) == [0, -1, -2, -3]
+    assert list(bounded_map(work, [0, 1, 2, 3, 4], [30, 100, 10, 200, 50], 80, workers=workers)) == [0, -1, -2, -3, -4]
     assert events == ["start 0", "done 0", "start 1", "done 1", "trim", "start 2", "done 2", "start 3", "done 3",
-                      "trim"]
+                      "trim", "start 4", "done 4", "trim"]
 
 
 @pytest.mark.parametrize("strategy, shares", [(S.TaskArithmetic(), True), (S.Ties(), True), (S.Dare(), True),
