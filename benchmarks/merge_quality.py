@@ -315,7 +315,8 @@ def regmean_plusplus_rows_of(make_model, experts: list[Expert], loaders: list, b
     def own_model(expert: Expert):
         model = make_model()
         unexpected = model.load_state_dict(state_of(expert), strict=False).unexpected_keys
-        assert not unexpected, unexpected
+        if unexpected:
+            raise ValueError(f"expert '{expert.name}' holds '{unexpected[0]}', which the model does not have")
         return model
 
     def run(alpha: float):
