@@ -8,6 +8,10 @@ over seeds. Also: each statistics compression (float32, bfloat16, rank-1) throug
     python benchmarks/merge_quality.py [--seeds 3] [--epochs 12]
     python benchmarks/merge_quality.py --part minilm --cache /tmp/minilm-experts --only ota  # reuses the experts
     python benchmarks/merge_quality.py --part digits --steps 50,400,3000 --only "v̂)" "raw v)"  # unequal lengths
+    python benchmarks/merge_quality.py --part minilm --only task_arithmetic =tsv_merge  # "=": that row name exactly
+
+``--only`` keeps the rows whose name contains one of its words; a word that starts with ``=`` keeps the row of
+exactly that name (``=tsv_merge``: TSV-M, not its curvature-metric variants).
 
 ``--steps`` fine-tunes the digits experts for unequal numbers of optimizer steps instead of ``--epochs`` (expert
 t of seed s: ``steps[(t + s) % len(steps)]``, so no task is always the short one; with 3 lengths the 4th task
@@ -144,6 +148,11 @@ def strategies() -> dict[str, object]:
     }
 
 
+def wanted(name: str, only: list[str] | None) -> bool:
+    """Whether the row ``name`` runs under ``--only``: no list, a word the name contains, or ``=name`` exactly."""
+    return not only or any(name == o[1:] if o.startswith("=") else o in name for o in only)
+
+
 def weight_grid(n: int, values: tuple[float, ...] = (0.5, 1.0, 2.0)) -> list[list[float]]:
     """Every per-expert weight vector from ``values``, once per direction (OTA and Fisher are invariant to a
     common factor: (2, 2, 2) is (1, 1, 1))."""
@@ -196,6 +205,7 @@ def tuned(strategy, experts, base, score, grid=GRID, **merge_kwargs):
 FUSION_BENCH = next((c for c in (os.environ.get("FUSION_BENCH_PYTHON"),
                                   str(Path(__file__).resolve().parents[1] / ".venv-fusionbench" / "bin" / "python"))
                      if c and Path(c).exists()), None)
+FUSION_BENCH_ROW = "regmean, FusionBench's merge on the same Gram matrices (α 0.95)"
 FUSION_BENCH_REGMEAN = """
 import sys, torch
 from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
@@ -287,46 +297,72 @@ REGMEAN_PLUSPLUS = ("regmean++ (α 0.95)", "regmean++ (α on validation)", "regm
 def regmean_plusplus_rows(setup, val, test, only: list[str] | None, examples: int = 512) -> dict:
     """RegMean++ on the digits experts (lightning_merge.tools.regmean_plusplus): each task's first ``examples``
     training examples (unshuffled, batches of 32; the capture's RegMean read 512 of a shuffled epoch), the second
-    layer's Gram matrices read on the merged first layer. α 0.95 (FusionBench's), α on validation (one pass per α:
-    the Gram matrices depend on the merged earlier layers), λ along the α 0.95 merge (an extension, as RegMean's), and
-    the control: RegMean from the experts' own inputs on the same examples (compute_grams), so that the paired
-    difference measures only whose inputs the Gram matrices are read on."""
+    layer's Gram matrices read on the merged first layer. Rows as :func:`regmean_plusplus_rows_of`."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_merge.capture.grams import compute_grams
     from lightning_merge.cli.demo import make_backbone, task_data
-    from lightning_merge.tools.regmean_plusplus import regmean_plusplus
 
-    wanted = [n for n in REGMEAN_PLUSPLUS if not only or any(o in n for o in only)]
-    if not wanted:
-        return {}
     loaders = [DataLoader(TensorDataset(*task_data(task, setup.splits["train"])), batch_size=32, shuffle=False)
                for task in setup.tasks]
+    return regmean_plusplus_rows_of(make_backbone, setup.experts, loaders, setup.base, val, test, only, examples)
+
+
+def regmean_plusplus_rows_of(make_model, experts: list[Expert], loaders: list, base: dict, val, test,
+                             only: list[str] | None, examples: int, grid: tuple[float, ...] = GRID) -> dict:
+    """The RegMean++ rows: α 0.95 (FusionBench's), α on validation (one pass per α: the Gram matrices depend on the
+    merged earlier layers), λ along the α 0.95 merge on ``grid`` (an extension, as RegMean's), and the control:
+    RegMean from the experts' own inputs on the same examples (compute_grams), so that the paired difference
+    measures only whose inputs the Gram matrices are read on.
+
+    Args:
+        make_model: a fresh module of the experts' architecture, named like their tensors.
+        experts: the experts; only the tensors they hold are merged (the model's others keep their values).
+        loaders: each expert's task batches, in the experts' order.
+        base: the base state dict, of the tensors the experts hold.
+        val: ``state -> normalized validation score``, ``state`` holding the merged tensors (the base's where they
+            are not merged); test: the same on test data.
+        only: ``--only``.
+        examples: the examples read from each loader.
+        grid: the λ grid of the third row.
+    """
+    from lightning_merge.capture.grams import compute_grams
+    from lightning_merge.tools.regmean_plusplus import regmean_plusplus
+
+    chosen = [n for n in REGMEAN_PLUSPLUS if wanted(n, only)]
+    if not chosen:
+        return {}
+
+    def full(state: dict) -> dict:  # the merged tensors over the base's others
+        return {**base, **state}
+
+    def own_model(expert: Expert):
+        model = make_model()
+        unexpected = model.load_state_dict(state_of(expert), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"expert '{expert.name}' holds '{unexpected[0]}', which the model does not have")
+        return model
 
     def run(alpha: float):
-        return regmean_plusplus(make_backbone(), setup.experts, loaders, setup.base, alpha=alpha,
-                                num_examples=examples)
+        return regmean_plusplus(make_model(), experts, loaders, base, alpha=alpha, num_examples=examples)
 
     rows: dict[str, tuple[float, float | None]] = {}
     published = run(0.95)
-    if REGMEAN_PLUSPLUS[0] in wanted:
-        rows[REGMEAN_PLUSPLUS[0]] = (test(published.state), None)
-    if REGMEAN_PLUSPLUS[1] in wanted:
-        states = {a: run(a).state for a in ALPHAS}
+    if REGMEAN_PLUSPLUS[0] in chosen:
+        rows[REGMEAN_PLUSPLUS[0]] = (test(full(published.state)), None)
+    if REGMEAN_PLUSPLUS[1] in chosen:
+        states = {a: full(run(a).state) for a in ALPHAS}
         best = max(states, key=lambda a: (val(states[a]), a))
         rows[REGMEAN_PLUSPLUS[1]] = (test(states[best]), best)
-    if REGMEAN_PLUSPLUS[2] in wanted:
-        result = sweep_scale(published.strategy, published.experts, setup.base, val, GRID)
-        rows[REGMEAN_PLUSPLUS[2]] = (test(result.state), result.scale)
-    if REGMEAN_PLUSPLUS[3] in wanted:
+    if REGMEAN_PLUSPLUS[2] in chosen:
+        result = sweep_scale(published.strategy, published.experts, base, lambda st: val(full(st)), grid)
+        rows[REGMEAN_PLUSPLUS[2]] = (test(full(result.state)), result.scale)
+    if REGMEAN_PLUSPLUS[3] in chosen:
         own = []
-        for expert, loader in zip(setup.experts, loaders):
-            backbone = make_backbone()
-            backbone.load_state_dict(state_of(expert))
-            sums, counts, _ = compute_grams(backbone, loader, num_examples=examples)
+        for expert, loader in zip(experts, loaders):
+            sums, counts, _ = compute_grams(own_model(expert), loader, num_examples=examples, names=expert.names())
             own.append(Expert(state_of(expert), statistics={"gram": {n: s / counts[n] for n, s in sums.items()}},
                               name=expert.name))
-        rows[REGMEAN_PLUSPLUS[3]] = (test(merge(own, setup.base, RegMean())), None)
+        rows[REGMEAN_PLUSPLUS[3]] = (test(full(merge(own, base, RegMean()))), None)
     return rows
 
 
@@ -366,13 +402,13 @@ def run_seed(seed: int, epochs: int, folder: Path, only: list[str] | None = None
 
     rows: dict[str, tuple[float, float | None]] = {"base (no merge)": (test(setup.base), None)}
     for name, strategy in strategies().items():
-        if only and not any(o in name for o in only):
+        if not wanted(name, only):
             continue
         state, chosen = tuned(strategy, setup.experts, setup.base, val)
         rows[name] = (test(state), chosen)
     for granularity in ("tensor", "block"):
         name = f"adamerging ({granularity}-wise, unlabeled validation inputs)"
-        if not only or any(o in name for o in only):
+        if wanted(name, only):
             rows[name] = (test(adamerging(setup, granularity, seed=seed)), None)
     for granularity, step_size in (("task", 0.1), ("layer", 0.1), ("task", 1.0), ("layer", 1.0)):
         steps = "" if step_size == 0.1 else f", step_size {step_size:g}"
@@ -381,12 +417,12 @@ def run_seed(seed: int, epochs: int, folder: Path, only: list[str] | None = None
             rows[name] = (test(fw_merging(setup, granularity, seed=seed, step_size=step_size)), None)
             rows[FW_START] = (test(merge(setup.experts, setup.base, TaskArithmetic(scale=0.3))), 0.3)
     rows.update(regmean_plusplus_rows(setup, val, test, only))
-    if FUSION_BENCH is not None and (not only or any("regmean" in o for o in only)):
+    if FUSION_BENCH is not None and wanted(FUSION_BENCH_ROW, only):
         reference = fusionbench_regmean(setup.experts, 0.95, folder)
         if isinstance(reference, str):  # digits' border pixels are never on: Σ G is singular for its inverse
             print(f"seed {seed}: FusionBench's RegMean merge failed: {reference}")
         else:
-            rows["regmean, FusionBench's merge on the same Gram matrices (α 0.95)"] = (test(reference), None)
+            rows[FUSION_BENCH_ROW] = (test(reference), None)
     if only:
         return rows
     for compression in ("bfloat16", "rank1"):
@@ -566,14 +602,15 @@ def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = 
     for name, strategy in strategies().items():
         if isinstance(strategy, Fisher) and strategy.estimator == "example":
             continue  # no per-example Fisher captured for the adapters here
-        if only and not any(o in name for o in only):
+        if not wanted(name, only):
             continue
         state, chosen = tuned(strategy, experts, base_state, lambda st: normalized_score(scores(st, "val"), own_val),
                               grid=grid, include=include)
         rows[name] = (normalized_score(scores(state, "test"), own_test), chosen)
-    if not only or any("lora_lego" in o for o in only):
-        rows.update(lora_lego_rows(m, grid))
-    if FUSION_BENCH is not None and (not only or any("regmean" in o for o in only)):
+    if any(wanted(f"lora_lego (k {k})", only) for k in LEGO_RANKS):
+        rows.update({n: v for n, v in lora_lego_rows(m, grid).items() if wanted(n, only)})
+    rows.update(minilm_regmean_plusplus_rows(m, only, grid))
+    if FUSION_BENCH is not None and wanted(FUSION_BENCH_ROW, only):
         import tempfile as _tempfile
 
         targets = [n for n in base_state if n.endswith((".query.weight", ".value.weight"))]
@@ -582,9 +619,8 @@ def minilm_part(seed: int, epochs: int, rank: int = 8, only: list[str] | None = 
         if isinstance(reference, str):
             print(f"seed {seed}: FusionBench's RegMean merge failed: {reference}")
         else:
-            rows["regmean, FusionBench's merge on the same Gram matrices (α 0.95)"] = (
-                normalized_score(scores(reference, "test"), own_test), None)
-    if not only or any("adamerging" in o for o in only):
+            rows[FUSION_BENCH_ROW] = (normalized_score(scores(reference, "test"), own_test), None)
+    if wanted("adamerging (tensor-wise, unlabeled validation inputs)", only):
         rows["adamerging (tensor-wise, unlabeled validation inputs)"] = (
             normalized_score(scores(minilm_adamerging(experts, base_state, heads, tasks, data, seed), "test"),
                              own_test), None)
@@ -615,6 +651,41 @@ def lora_lego_rows(m: types.SimpleNamespace, grid: tuple[float, ...]) -> dict[st
         best = max(states, key=lambda lam: (val(states[lam]), -lam))
         rows[f"lora_lego (k {k})"] = (normalized_score(m.scores(states[best], "test"), m.own_test), best)
     return rows
+
+
+def minilm_regmean_plusplus_rows(m: types.SimpleNamespace, only: list[str] | None,
+                                 grid: tuple[float, ...]) -> dict[str, tuple[float, float | None]]:
+    """RegMean++ on the MiniLM experts' adapted query/value weights (the tensors the other rows merge; the rest stay
+    the base's): each task's first 256 training words, unshuffled, in batches of 32 (the examples the capture's
+    Gram matrices were read on, and FusionBench's number), padded positions left out; rows as
+    :func:`regmean_plusplus_rows_of`, λ on ``grid``."""
+    import sys
+
+    from transformers import AutoModel
+
+    if not any(wanted(n, only) for n in REGMEAN_PLUSPLUS):
+        return {}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _minilm import minilm_path
+
+    targets = [n for n in m.base if n.endswith((".query.weight", ".value.weight"))]
+    experts = [Expert({n: e.tensor(n) for n in targets}, name=e.name) for e in m.experts]
+    base = {n: m.base[n] for n in targets}
+    loaders = []
+    for name in m.tasks:
+        enc = m.data[name]["train"][0]
+        words = {k: enc[k] for k in ("input_ids", "attention_mask")}
+        count = len(words["input_ids"])
+        loaders.append([{k: v[i : i + 32] for k, v in words.items()} for i in range(0, count, 32)])
+
+    def make_model():
+        return AutoModel.from_pretrained(minilm_path()).eval()
+
+    return regmean_plusplus_rows_of(
+        make_model, experts, loaders, base,
+        lambda st: normalized_score(m.scores({**m.base, **st}, "val"), m.own_val),
+        lambda st: normalized_score(m.scores({**m.base, **st}, "test"), m.own_test),
+        only, examples=256, grid=grid)
 
 
 class _EncodedInputs(torch.utils.data.Dataset):
@@ -696,6 +767,7 @@ PAIRS = (
     ("lora_lego (k 16)", "task_arithmetic"),
     ("lora_lego (k 8)", "ota"),
     ("lora_lego (k 8)", "tsv_merge"),
+    ("lora_lego (k 16)", "tsv_merge"),
     ("tsv_merge", "lines (fisher)"),
     ("iso_c", "task_arithmetic"),
     ("iso_c", "tsv_merge"),
@@ -734,6 +806,9 @@ PAIRS = (
     ("regmean++ (α on validation)", "task_arithmetic"),
     ("regmean++ (α 0.95), λ on validation", "regmean (α 0.95), λ on validation"),
     ("regmean++ (α 0.95), λ on validation", "task_arithmetic"),
+    ("regmean++ (α 0.95)", "tsv_merge"),
+    ("regmean++ (α on validation)", "tsv_merge"),
+    ("regmean++ (α 0.95), λ on validation", "tsv_merge"),
     ("adamerging (tensor-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (block-wise, unlabeled validation inputs)", "task_arithmetic"),
     ("adamerging (tensor-wise, unlabeled validation inputs)", "ota"),
@@ -776,13 +851,17 @@ def main() -> None:
                         help="digits: fine-tune the experts for these numbers of optimizer steps (comma-separated, "
                              "rotated by the seed) instead of --epochs")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="only the strategies whose row name contains one of these (digits: no compression rows)")
+                        help="only the strategies whose row name contains one of these, or is exactly X for =X "
+                             "(digits: no compression rows)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.part in ("minilm", "all"):
-        runs = [minilm_part(seed, args.minilm_epochs, only=args.only, grid=WIDE_GRID if args.wide_grid else GRID,
-                            cache=args.cache)
-                for seed in range(args.seeds)]
+        runs = []
+        for seed in range(args.seeds):  # each seed's rows as it ends: a run stopped early keeps what finished
+            runs.append(minilm_part(seed, args.minilm_epochs, only=args.only,
+                                    grid=WIDE_GRID if args.wide_grid else GRID, cache=args.cache))
+            report(f"MiniLM seed {seed} ({time.perf_counter() - started:.0f}s so far)", runs[-1:])
+            print(flush=True)
         report(f"MiniLM-L6, LoRA r=8 on query/value, 3 word tasks, {args.seeds} seeds: normalized test accuracy", runs)
         report_pairs(runs)
         print(f"total {time.perf_counter() - started:.0f}s\n")
