@@ -45,6 +45,8 @@ class FWMerging(pl.LightningModule):
 
     Fit it with a Trainer on a mapping ``{task: loader}`` (the Trainer combines the loaders and hands one batch per
     task to each step): each training step is one Frank–Wolfe iteration, and the fit stops after ``iterations``.
+    Under DDP (``ddp``, ``ddp_spawn``) each process's gradient is averaged over the processes before the oracle, so
+    W processes with batches of b examples choose as one process with W·b; :attr:`selections` are in the state dict.
 
     Example::
 
@@ -124,7 +126,8 @@ class FWMerging(pl.LightningModule):
             self.merger = AdaMerging(model, experts, base, granularity="tensor", init=0.0, include=include)
         except ValueError as error:
             raise ValueError(str(error).replace("AdaMerging", "FWMerging", 1)) from None
-        self.merger.lambdas.requires_grad_(False)
+        # the coefficients are moved by the oracle (no optimizer, no gradient reaches them), but they keep
+        # requires_grad: DistributedDataParallel refuses a module without a parameter that requires a gradient
         self.mode = mode
         self.granularity = granularity
         self.iterations = iterations
@@ -292,6 +295,15 @@ class FWMerging(pl.LightningModule):
 
     def configure_optimizers(self) -> None:
         return None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """:attr:`selections` in the state dict, so that a checkpoint, and ``ddp_spawn``'s return of rank 0's
+        state to the main process, carry them with the coefficients."""
+        return {"selections": list(self.selections)}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restores :attr:`selections` from :meth:`get_extra_state`'s mapping."""
+        self.selections = list(state["selections"])
 
     # -- results -------------------------------------------------------------------------------------------------------
     def coefficients(self) -> dict[str, list[float]]:

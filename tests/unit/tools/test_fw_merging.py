@@ -1,7 +1,7 @@
 """FW-Merging: the oracle (least cosine with the gradient), the step schedules, the iterates staying in the convex hull
-of the pool, the strategy handed to merge() (the same model), a Trainer fit, refusals, and FusionBench's
-FrankWolfeHardAlgorithm / FrankWolfeSoftAlgorithm run on the same tiny model and data (when a fusion-bench
-environment is found)."""
+of the pool, the strategy handed to merge() (the same model), a Trainer fit (one process and ddp_spawn), refusals,
+and FusionBench's FrankWolfeHardAlgorithm / FrankWolfeSoftAlgorithm run on the same tiny model and data (when a
+fusion-bench environment is found)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from capture_helpers import trainer
+from capture_helpers import RankInterleaved, trainer
 from conftest import FUSION_BENCH, fusion_bench_runs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -132,6 +132,31 @@ def test_a_trainer_runs_the_iterations_and_merge_writes_the_same_model(tmp_path)
     written = merge(experts, base, strategy)
     for k, v in fw.merged_parameters().items():
         torch.testing.assert_close(written[k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_spawn_chooses_what_one_process_chooses_on_the_same_global_batch(tmp_path):
+    """Two processes of SIZE / 2 examples per task (rank r reads examples r, r + 2...) average each task's gradient:
+    the same choices at every iteration, and the same coefficients and merged weights, as one process on SIZE. Soft
+    and layer-wise: one gradient reduced per task, and per-tensor choices (rank 0's half batch alone chooses
+    otherwise). The choices come back from the spawned processes in the state dict, with the coefficients."""
+    base, experts, data = _family()
+    mode, granularity = "soft", "layer"
+    single = FWMerging(_net(), experts, base, mode=mode, granularity=granularity, iterations=ITERS)
+    trainer(tmp_path / "one", [], max_epochs=-1).fit(
+        single, {t: DataLoader(TensorDataset(x, y), batch_size=SIZE) for t, (x, y) in data.items()})
+    ddp = FWMerging(_net(), experts, base, mode=mode, granularity=granularity, iterations=ITERS)
+    loaders = {t: DataLoader(TensorDataset(x, y), batch_size=SIZE // 2, sampler=RankInterleaved(len(x)))
+               for t, (x, y) in data.items()}
+    trainer(tmp_path / "ddp", [], max_epochs=-1, strategy="ddp_spawn", devices=2,
+            use_distributed_sampler=False).fit(ddp, loaders)
+    assert int(ddp.iteration) == ITERS and len(single.selections) == ITERS
+    assert ddp.selections == single.selections
+    # the gradients only choose: the same choices give bitwise the same coefficients and weights
+    assert torch.equal(ddp.coefficient_matrix(), single.coefficient_matrix())
+    for k, v in ddp.merged_parameters().items():
+        assert torch.equal(v, single.merged_parameters()[k]), k
+    assert not torch.allclose(single.coefficient_matrix(), single.initial)
 
 
 def test_entropy_loss_and_a_task_head(tmp_path):
