@@ -841,6 +841,8 @@ def report_pairs(per_seed: list[dict[str, tuple[float, float | None]]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (seeds first..first+seeds-1): a stopped run goes on where it ended")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--part", choices=["digits", "minilm", "all"], default="all")
     parser.add_argument("--minilm-epochs", type=int, default=2)
@@ -857,7 +859,8 @@ def main() -> None:
     started = time.perf_counter()
     if args.part in ("minilm", "all"):
         runs = []
-        for seed in range(args.seeds):  # each seed's rows as it ends: a run stopped early keeps what finished
+        # each seed's rows as it ends: a run stopped early keeps what finished (and --first-seed goes on from there)
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             runs.append(minilm_part(seed, args.minilm_epochs, only=args.only,
                                     grid=WIDE_GRID if args.wide_grid else GRID, cache=args.cache))
             report(f"MiniLM seed {seed} ({time.perf_counter() - started:.0f}s so far)", runs[-1:])
@@ -869,7 +872,7 @@ def main() -> None:
             return
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             per_seed.append(run_seed(seed, args.epochs, Path(tmp), args.only, args.steps))
     lengths = f"experts fine-tuned for {'/'.join(map(str, args.steps))} steps, " if args.steps else ""
     report(
