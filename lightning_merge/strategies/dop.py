@@ -30,6 +30,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
 from lightning_merge.strategies.checks import check_device, check_number, check_pattern, compute_device
+from lightning_merge.strategies.functional import thin_svd
 from lightning_merge.strategies.opcm import DEFAULT_NOT_LINEAR, is_projected
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
@@ -43,7 +44,7 @@ def dop_subspace(tau: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
     ``searchsorted(share, epsilon)``, in float32 as it computes it): the triplet at which the share reaches
     ``epsilon`` is not kept. A zero ``tau`` has no subspace (r = 0; FusionBench divides by zero there).
     """
-    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    u, s, vh = thin_svd(tau)
     total = s.sum()
     if float(total) <= 0:
         return u[:, :0], s[:0], vh[:0].T

@@ -18,6 +18,27 @@ from torch import Tensor
 ADAM = (0.9, 0.999, 1e-8)
 
 
+def thin_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd(m, full_matrices=False)``, retried in float64 where it fails to converge.
+
+    LAPACK's divide-and-conquer SVD (gesdd, torch's only CPU driver) can fail on matrices with many repeated or zero
+    singular values in float32: the gathered singular vectors of low-rank (LoRA) task vectors did, in ISO-CTS on the
+    MiniLM LoRA experts (seed 1). The float64 retry converges there; its factors come back in ``m``'s dtype. A matrix
+    on which it converges gets exactly ``torch.linalg.svd``'s factors (the references', FusionBench's, which have no
+    retry and stop with the error instead).
+
+    Raises:
+        torch.linalg.LinAlgError: the float64 SVD did not converge either (a non-finite matrix, usually).
+    """
+    try:
+        return torch.linalg.svd(m, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if m.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
+
+
 def adam_descent(start: Tensor, gradient: Callable[[Tensor], Tensor], iterations: int, lr: float) -> Tensor:
     """``iterations`` steps of Adam from ``start`` (a new tensor; ``start`` is left alone): torch.optim.Adam's update
     written out (β₁ 0.9, β₂ 0.999, ε 1e-8, no weight decay), ``gradient(x)`` giving the (new) gradient at x."""

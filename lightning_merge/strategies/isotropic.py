@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
 from lightning_merge.strategies.checks import check_number, check_pattern
+from lightning_merge.strategies.functional import thin_svd
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 ISO_PAPER = "https://arxiv.org/abs/2502.04959"
@@ -40,13 +41,13 @@ def matrix_rule(name: str, tensor: Tensor, not_svd: str | None) -> bool:
 
 def _polar(m: Tensor) -> Tensor:
     """The nearest matrix with orthonormal columns (or rows): P Qᵀ of m = P S Qᵀ."""
-    p, _, qh = torch.linalg.svd(m, full_matrices=False)
+    p, _, qh = thin_svd(m)
     return p @ qh
 
 
 def iso_c(total: Tensor) -> Tensor:
     """ISO-C of the task-arithmetic sum ``total`` (2-D, float32): its singular values replaced by their mean."""
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = thin_svd(total)
     return (u * s.mean()) @ vh
 
 
@@ -71,14 +72,14 @@ def iso_cts(taus: Sequence[Tensor], fraction: float) -> Tensor:
     total = taus[0].clone()
     for tau in taus[1:]:
         total += tau
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = thin_svd(total)
     common_u = u[:, :k]
     gathered_u = total.new_zeros(rows, r)
     gathered_s = total.new_zeros(r)
     gathered_vh = total.new_zeros(r, cols)
     for i, tau in enumerate(taus):
         specific = tau - common_u @ (common_u.T @ tau)
-        ui, si, vhi = torch.linalg.svd(specific, full_matrices=False)
+        ui, si, vhi = thin_svd(specific)
         block = slice(i * per_task, (i + 1) * per_task)
         gathered_u[:, block] = ui[:, :per_task]
         gathered_s[block] = si[:per_task]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
 from lightning_merge.strategies.checks import check_device, check_number, check_pattern, compute_device
+from lightning_merge.strategies.functional import thin_svd
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def opcm_project(previous: Tensor, tau: Tensor, alpha: float, tol: float = 1e-6,
     home = tau.device
     if device is not None and device != home:
         previous, tau = previous.to(device), tau.to(device)
-    u, s, vh = torch.linalg.svd(previous.to(torch.float32), full_matrices=False)
+    u, s, vh = thin_svd(previous.to(torch.float32))
     if float(s.sum()) <= 0:
         return tau.clone().to(home)
     if alpha >= 1:

@@ -69,12 +69,12 @@ def task_singular_vectors(taus: Sequence[Tensor]) -> Tensor:
     sum_s = taus[0].new_zeros(r)
     sum_vh = taus[0].new_zeros(r, cols)
     for i, tau in enumerate(taus):
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = F.thin_svd(tau)
         sum_u[:, i * k:(i + 1) * k] = u[:, :k]
         sum_s[i * k:(i + 1) * k] = s[:k]
         sum_vh[i * k:(i + 1) * k] = vh[:k]
-    u_u, _, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
-    u_vh, _, vh_vh = torch.linalg.svd(sum_vh, full_matrices=False)
+    u_u, _, vh_u = F.thin_svd(sum_u)
+    u_vh, _, vh_vh = F.thin_svd(sum_vh)
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh))
 
 

@@ -202,3 +202,37 @@ def test_matches_fusionbench(fusionbench_merges, n, key, strategy):
     base, experts, reference = fusionbench_merges[n]
     worst = _relative(merge(experts, base, strategy), base, reference[key])
     assert worst < 1e-5, worst
+
+
+def test_an_svd_that_fails_to_converge_in_float32_is_retried_in_float64(monkeypatch):
+    """LAPACK's gesdd can fail to converge in float32 on gathered low-rank singular vectors (ISO-CTS on MiniLM LoRA
+    experts did): thin_svd retries in float64, so ISO-CTS, ISO-C, TSV-M, DOGE-TA, DOP and OPCM merge instead of
+    stopping. Where it converges the factors are torch's own, bit for bit."""
+    from lightning_merge.strategies.functional import thin_svd
+
+    m = torch.randn(12, 7, generator=torch.Generator().manual_seed(3))
+    for got, want in zip(thin_svd(m), torch.linalg.svd(m, full_matrices=False)):
+        assert torch.equal(got, want)
+    base, experts = _setup(n=3, seed=4)
+    expected = merge(experts, base, IsoCTS())
+    real = torch.linalg.svd
+    calls = {"float32": 0, "float64": 0}
+
+    def fails_in_float32(a, full_matrices=True):
+        calls[str(a.dtype).split(".")[1]] += 1
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 1).")
+        return real(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", fails_in_float32)
+    u, s, vh = thin_svd(m)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close(u * s @ vh, m, rtol=1e-5, atol=1e-5)
+    got = merge(experts, base, IsoCTS())
+    assert calls["float32"] > 1 and calls["float64"] == calls["float32"]  # the merge's SVDs, each one retried
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(torch.linalg.LinAlgError):  # float64 failing too is not hidden
+        monkeypatch.setattr(torch.linalg, "svd", lambda a, full_matrices=True: (_ for _ in ()).throw(
+            torch.linalg.LinAlgError("no convergence")))
+        thin_svd(m)
