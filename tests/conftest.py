@@ -109,6 +109,21 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
+def tiny_mlp() -> torch.nn.Module:
+    """The 6 → 8 → 3 MLP of the data-using tools' tests (AdaMerging, FW-Merging)."""
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def mlp_experts(n: int, seed: int) -> tuple[dict, list[dict], torch.Generator]:
+    """:func:`tiny_mlp`'s state dict (torch seeded with ``seed``), ``n`` experts = base + 0.5 noise, and the generator
+    that drew the noise, for the test's data to be drawn next."""
+    torch.manual_seed(seed)
+    base = tiny_mlp().state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    experts = [{k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    return base, experts, g
+
+
 def make_models(n: int = 3, seed: int = 0, scale: float = 0.1, dtype=torch.float32):
     """A small base state dict and ``n`` experts = base + noise (with an integer buffer left equal)."""
     g = torch.Generator().manual_seed(seed)

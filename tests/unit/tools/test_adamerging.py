@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from capture_helpers import RankInterleaved, trainer
-from conftest import FUSION_BENCH, fusion_bench_runs
+from conftest import FUSION_BENCH, fusion_bench_runs, mlp_experts, tiny_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,15 +17,8 @@ from lightning_merge import LayerwiseTaskArithmetic, TaskArithmetic, merge
 from lightning_merge.tools.adamerging import AdaMerging, entropy_loss
 
 
-def _net() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
 def _family(n=3, seed=0):
-    torch.manual_seed(seed)
-    base = _net().state_dict()
-    g = torch.Generator().manual_seed(seed + 1)
-    experts = [{k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    base, experts, g = mlp_experts(n, seed)
     x = torch.randn(32, 6, generator=g)
     return base, experts, x
 
@@ -45,23 +38,23 @@ def test_entropy_loss_values():
 
 def test_the_merged_model_is_task_arithmetic_at_its_coefficients():
     base, experts, x = _family()
-    ada = AdaMerging(_net(), experts, base, init=0.3)
+    ada = AdaMerging(tiny_mlp(), experts, base, init=0.3)
     assert ada.lambdas.shape == (3, 4) and ada.columns == ["0.weight", "0.bias", "2.weight", "2.bias"]
     want = merge(experts, base, TaskArithmetic(scale=0.3))
     got = ada.merged_parameters()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
-    reference = _net()
+    reference = tiny_mlp()
     reference.load_state_dict(want)
     torch.testing.assert_close(ada(x), reference(x), rtol=1e-5, atol=1e-6)
-    blocks = AdaMerging(_net(), experts, base, granularity="block")
+    blocks = AdaMerging(tiny_mlp(), experts, base, granularity="block")
     assert blocks.columns == ["0", "2"] and blocks.lambdas.shape == (3, 2)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "block"])
 def test_training_lowers_the_entropy_and_merge_writes_the_same_model(tmp_path, granularity):
     base, experts, x = _family()
-    ada = AdaMerging(_net(), experts, base, granularity=granularity, lr=5e-2)
+    ada = AdaMerging(tiny_mlp(), experts, base, granularity=granularity, lr=5e-2)
     before = float(ada.entropy((x,)).detach())
     _fit(ada, DataLoader(TensorDataset(x), batch_size=32), tmp_path, steps=15)
     after = float(ada.entropy((x,)).detach())
@@ -80,7 +73,7 @@ def test_training_lowers_the_entropy_and_merge_writes_the_same_model(tmp_path, g
 
 def test_gradient_of_the_entropy_matches_finite_differences():
     base, experts, x = _family()
-    ada = AdaMerging(_net().double(), [{k: v.double() for k, v in e.items()} for e in experts],
+    ada = AdaMerging(tiny_mlp().double(), [{k: v.double() for k, v in e.items()} for e in experts],
                      {k: v.double() for k, v in base.items()})
     ada._base = {k: v.double() for k, v in ada._base.items()}
     ada._taus = [{k: v.double() for k, v in t.items()} for t in ada._taus]
@@ -112,7 +105,7 @@ def test_tasks_with_their_own_heads_and_clamping(tmp_path):
     def logits_fn(ada, batch):
         return {"a": heads[0](ada(batch[0])), "b": heads[1](ada(batch[0]))}
 
-    ada = AdaMerging(_net(), experts, base, logits_fn=logits_fn, clamp=True, lr=0.5, include=r"^2\.")
+    ada = AdaMerging(tiny_mlp(), experts, base, logits_fn=logits_fn, clamp=True, lr=0.5, include=r"^2\.")
     out = ada((x,)[0])
     want = entropy_loss(heads[0](out)) + entropy_loss(heads[1](out))
     torch.testing.assert_close(ada.entropy((x,)), want)
@@ -126,21 +119,21 @@ def test_tasks_with_their_own_heads_and_clamping(tmp_path):
 def test_refusals():
     base, experts, _ = _family()
     with pytest.raises(ValueError, match="has no tensor '2.bias'"):
-        AdaMerging(_net(), [experts[0], {k: v for k, v in experts[1].items() if k != "2.bias"}], base)
+        AdaMerging(tiny_mlp(), [experts[0], {k: v for k, v in experts[1].items() if k != "2.bias"}], base)
     with pytest.raises(ValueError, match="model has no tensor 'extra'"):
-        AdaMerging(_net(), [{**e, "extra": torch.ones(2)} for e in experts], {**base, "extra": torch.ones(2)})
+        AdaMerging(tiny_mlp(), [{**e, "extra": torch.ones(2)} for e in experts], {**base, "extra": torch.ones(2)})
     with pytest.raises(ValueError, match="granularity"):
-        AdaMerging(_net(), experts, base, granularity="layer")
+        AdaMerging(tiny_mlp(), experts, base, granularity="layer")
     with pytest.raises(ValueError, match="include='nothing' matches none"):
-        AdaMerging(_net(), experts, base, include="nothing")
+        AdaMerging(tiny_mlp(), experts, base, include="nothing")
 
 
 @pytest.mark.slow
 def test_ddp_spawn_learns_what_one_process_learns_on_the_same_global_batch(tmp_path):
     base, experts, x = _family()
-    single = AdaMerging(_net(), experts, base, lr=5e-2)
+    single = AdaMerging(tiny_mlp(), experts, base, lr=5e-2)
     _fit(single, DataLoader(TensorDataset(x), batch_size=16), tmp_path / "one", steps=4)
-    ddp = AdaMerging(_net(), experts, base, lr=5e-2)
+    ddp = AdaMerging(tiny_mlp(), experts, base, lr=5e-2)
     _fit(ddp, DataLoader(TensorDataset(x), batch_size=8, sampler=RankInterleaved(32)), tmp_path / "ddp", steps=4,
          strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
     torch.testing.assert_close(ddp.lambdas.detach(), single.lambdas.detach(), rtol=1e-5, atol=1e-6)
@@ -148,7 +141,7 @@ def test_ddp_spawn_learns_what_one_process_learns_on_the_same_global_batch(tmp_p
 
 
 def _load(state) -> nn.Module:
-    net = _net()
+    net = tiny_mlp()
     net.load_state_dict(state)
     return net
 
@@ -157,7 +150,7 @@ def _load(state) -> nn.Module:
 def test_include_trains_on_the_network_it_writes(tmp_path, granularity):
     """Issue 33: tensors outside include are the base's during training (as written), not the model's own weights."""
     base, experts, x = _family()
-    model = _net()  # a freshly built module: its own weights are neither the base's nor an expert's
+    model = tiny_mlp()  # a freshly built module: its own weights are neither the base's nor an expert's
     ada = AdaMerging(model, experts, base, granularity=granularity, include=r"^2\.", lr=5e-2)
     _fit(ada, DataLoader(TensorDataset(x), batch_size=32), tmp_path, steps=3)
     written = _load(merge(experts, base, ada.strategy()))

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from capture_helpers import RankInterleaved, trainer
-from conftest import FUSION_BENCH, fusion_bench_runs
+from conftest import FUSION_BENCH, fusion_bench_runs, mlp_experts, tiny_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,16 +20,9 @@ from lightning_merge.tools.fw_merging import FWMerging
 ITERS, SIZE, STEP, SCALE = 3, 4, 0.1, 0.3
 
 
-def _net() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
 def _family(n=4, seed=0):
     """A base, n experts and two labelled tasks of ITERS * SIZE examples each."""
-    torch.manual_seed(seed)
-    base = _net().state_dict()
-    g = torch.Generator().manual_seed(seed + 1)
-    experts = [{k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    base, experts, g = mlp_experts(n, seed)
     data = {t: (torch.randn(ITERS * SIZE, 6, generator=g), torch.randint(0, 3, (ITERS * SIZE,), generator=g))
             for t in ("a", "b")}
     return base, experts, data
@@ -51,11 +44,11 @@ def _cos(g, w):
 
 def test_the_start_is_task_arithmetic_or_the_base():
     base, experts, data = _family()
-    hard = FWMerging(_net(), experts, base)
+    hard = FWMerging(tiny_mlp(), experts, base)
     want = merge(experts, base, TaskArithmetic(scale=SCALE))
     for k, v in hard.merged_parameters().items():
         torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
-    soft = FWMerging(_net(), experts, base, mode="soft")
+    soft = FWMerging(tiny_mlp(), experts, base, mode="soft")
     assert torch.equal(soft.coefficient_matrix(), torch.zeros(4, 4))
     for k, v in soft.merged_parameters().items():
         torch.testing.assert_close(v, base[k])
@@ -64,9 +57,9 @@ def test_the_start_is_task_arithmetic_or_the_base():
 def test_one_hard_iteration_moves_toward_the_checkpoint_of_least_cosine_with_the_gradient():
     """The oracle: argminₛ Σₗ cos(∇ₗf, sₗ) over the experts' weights and the initial model; θ ← θ + γ₀ (s − θ)."""
     base, experts, data = _family()
-    fw = FWMerging(_net(), experts, base)
+    fw = FWMerging(tiny_mlp(), experts, base)
     start = fw.merged_parameters()
-    reference = _net()
+    reference = tiny_mlp()
     reference.load_state_dict(start)
     loss = sum(nn.functional.cross_entropy(reference(x), y) for x, y in _batches(data, 0).values())
     grads = dict(zip([n for n, _ in reference.named_parameters()], torch.autograd.grad(loss, reference.parameters())))
@@ -89,7 +82,7 @@ def test_the_hard_step_schedule_and_the_iterates_stay_in_the_convex_hull():
     """C_{t+1} = (1 − γₜ) Cₜ + γₜ S, γₜ = 2/(t+2) · step_size · scaling_factor, and each column stays a convex
     combination of the pool's: coefficients ≥ 0 summing to between the experts' 1 and the start's 4 · 0.3."""
     base, experts, data = _family()
-    fw = FWMerging(_net(), experts, base, granularity="layer")
+    fw = FWMerging(tiny_mlp(), experts, base, granularity="layer")
     pool = fw.vertices()
     for t in range(ITERS):
         before = fw.coefficient_matrix()
@@ -105,7 +98,7 @@ def test_soft_picks_distinct_experts_per_task_and_steps_with_eta():
     """Soft: each task's oracle skips the experts already chosen in the iteration; the first step is scaling_factor
     · Σⱼ (sⱼ − θ) (η₀ = 1), then ηₜ = 2/(t+2) · step_size."""
     base, experts, data = _family()
-    fw = FWMerging(_net(), experts, base, mode="soft")
+    fw = FWMerging(tiny_mlp(), experts, base, mode="soft")
     chosen = fw.step(_batches(data, 0))
     assert len(chosen) == 2 and chosen[0] != chosen[1]
     expected = torch.zeros(4, 4)
@@ -121,11 +114,11 @@ def test_soft_picks_distinct_experts_per_task_and_steps_with_eta():
 
 def test_a_trainer_runs_the_iterations_and_merge_writes_the_same_model(tmp_path):
     base, experts, data = _family()
-    fw = FWMerging(_net(), experts, base, granularity="layer", iterations=ITERS)
+    fw = FWMerging(tiny_mlp(), experts, base, granularity="layer", iterations=ITERS)
     loaders = {t: DataLoader(TensorDataset(x, y), batch_size=SIZE) for t, (x, y) in data.items()}
     trainer(tmp_path, [], max_epochs=-1).fit(fw, loaders)
     assert int(fw.iteration) == ITERS and len(fw.selections) == ITERS
-    by_hand = _run(FWMerging(_net(), experts, base, granularity="layer"), data)
+    by_hand = _run(FWMerging(tiny_mlp(), experts, base, granularity="layer"), data)
     torch.testing.assert_close(fw.coefficient_matrix(), by_hand.coefficient_matrix())
     strategy = fw.strategy()
     assert isinstance(strategy, LayerwiseTaskArithmetic)
@@ -142,10 +135,10 @@ def test_ddp_spawn_chooses_what_one_process_chooses_on_the_same_global_batch(tmp
     otherwise). The choices come back from the spawned processes in the state dict, with the coefficients."""
     base, experts, data = _family()
     mode, granularity = "soft", "layer"
-    single = FWMerging(_net(), experts, base, mode=mode, granularity=granularity, iterations=ITERS)
+    single = FWMerging(tiny_mlp(), experts, base, mode=mode, granularity=granularity, iterations=ITERS)
     trainer(tmp_path / "one", [], max_epochs=-1).fit(
         single, {t: DataLoader(TensorDataset(x, y), batch_size=SIZE) for t, (x, y) in data.items()})
-    ddp = FWMerging(_net(), experts, base, mode=mode, granularity=granularity, iterations=ITERS)
+    ddp = FWMerging(tiny_mlp(), experts, base, mode=mode, granularity=granularity, iterations=ITERS)
     loaders = {t: DataLoader(TensorDataset(x, y), batch_size=SIZE // 2, sampler=RankInterleaved(len(x)))
                for t, (x, y) in data.items()}
     trainer(tmp_path / "ddp", [], max_epochs=-1, strategy="ddp_spawn", devices=2,
@@ -163,7 +156,7 @@ def test_entropy_loss_and_a_task_head(tmp_path):
     """loss='entropy' reads no labels; logits_fn gives each task its own head on the merged model."""
     base, experts, data = _family()
     heads = {"a": nn.Linear(3, 2), "b": nn.Linear(3, 5)}
-    fw = FWMerging(_net(), experts, base, loss="entropy", logits_fn=lambda fw, task, batch: heads[task](fw(batch)))
+    fw = FWMerging(tiny_mlp(), experts, base, loss="entropy", logits_fn=lambda fw, task, batch: heads[task](fw(batch)))
     x = data["a"][0][:SIZE]
     p = torch.softmax(heads["a"](fw(x)), -1)
     torch.testing.assert_close(fw.task_loss("a", x), -(p * torch.log(p + 1e-8)).sum(-1).mean())
@@ -174,23 +167,23 @@ def test_entropy_loss_and_a_task_head(tmp_path):
 def test_refusals():
     base, experts, data = _family()
     with pytest.raises(ValueError, match="mode must be 'hard' or 'soft'"):
-        FWMerging(_net(), experts, base, mode="medium")
+        FWMerging(tiny_mlp(), experts, base, mode="medium")
     with pytest.raises(ValueError, match="granularity must be 'task' or 'layer'"):
-        FWMerging(_net(), experts, base, granularity="tensor")
+        FWMerging(tiny_mlp(), experts, base, granularity="tensor")
     with pytest.raises(ValueError, match="iterations must be an integer >= 1"):
-        FWMerging(_net(), experts, base, iterations=0)
+        FWMerging(tiny_mlp(), experts, base, iterations=0)
     with pytest.raises(ValueError, match="step_size must be > 0"):
-        FWMerging(_net(), experts, base, step_size=0)
+        FWMerging(tiny_mlp(), experts, base, step_size=0)
     with pytest.raises(ValueError, match="init must be"):
-        FWMerging(_net(), experts, base, init="ties")
+        FWMerging(tiny_mlp(), experts, base, init="ties")
     with pytest.raises(ValueError, match="loss must be"):
-        FWMerging(_net(), experts, base, loss="mse")
+        FWMerging(tiny_mlp(), experts, base, loss="mse")
     with pytest.raises(ValueError, match="experts is empty"):
-        FWMerging(_net(), [], base)
+        FWMerging(tiny_mlp(), [], base)
     with pytest.raises(ValueError, match="FWMerging: expert .* has no tensor '2.bias'"):
-        FWMerging(_net(), [experts[0], {k: v for k, v in experts[1].items() if k != "2.bias"}], base)
+        FWMerging(tiny_mlp(), [experts[0], {k: v for k, v in experts[1].items() if k != "2.bias"}], base)
     with pytest.raises(ValueError, match="needs labels"):
-        FWMerging(_net(), experts, base).step({"a": data["a"][0][:SIZE]})
+        FWMerging(tiny_mlp(), experts, base).step({"a": data["a"][0][:SIZE]})
 
 
 FUSIONBENCH_SCRIPT = """
@@ -277,7 +270,7 @@ def test_matches_fusionbench_fw_merging(fw_references, mode, granularity):
     4 examples per task: the same choices, and merged weights within 1e-5."""
     base, experts, data = _family()
     reference = fw_references[(mode, granularity)]
-    fw = _run(FWMerging(_net(), experts, base, mode=mode, granularity=granularity, step_size=STEP,
+    fw = _run(FWMerging(tiny_mlp(), experts, base, mode=mode, granularity=granularity, step_size=STEP,
                         scaling_factor=SCALE), data)
     chosen = [c for per_task in fw.selections for c in per_task] if mode == "soft" else fw.selections
     ours = [_names(c, 4) for c in chosen]
@@ -292,9 +285,9 @@ def test_soft_with_as_many_tasks_as_experts_does_not_depend_on_the_data():
     """Every expert is chosen at every iteration, so θ₁ is task arithmetic at scaling_factor whatever the data."""
     base, experts, data = _family(n=2)
     other = {t: (-3 * x, (y + 1) % 3) for t, (x, y) in data.items()}
-    first = _run(FWMerging(_net(), experts, base, mode="soft"), data)
-    second = _run(FWMerging(_net(), experts, base, mode="soft"), other)
+    first = _run(FWMerging(tiny_mlp(), experts, base, mode="soft"), data)
+    second = _run(FWMerging(tiny_mlp(), experts, base, mode="soft"), other)
     torch.testing.assert_close(first.coefficient_matrix(), second.coefficient_matrix())
-    once = FWMerging(_net(), experts, base, mode="soft")
+    once = FWMerging(tiny_mlp(), experts, base, mode="soft")
     once.step(_batches(data, 0))
     torch.testing.assert_close(once.coefficient_matrix(), torch.full((2, 4), SCALE))
