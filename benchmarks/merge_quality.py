@@ -413,7 +413,7 @@ def run_seed(seed: int, epochs: int, folder: Path, only: list[str] | None = None
     for granularity, step_size in (("task", 0.1), ("layer", 0.1), ("task", 1.0), ("layer", 1.0)):
         steps = "" if step_size == 0.1 else f", step_size {step_size:g}"
         name = f"fw_merging (hard, {granularity}-wise{steps}, labelled validation)"
-        if not only or any(o in name for o in only):
+        if wanted(name, only):
             rows[name] = (test(fw_merging(setup, granularity, seed=seed, step_size=step_size)), None)
             rows[FW_START] = (test(merge(setup.experts, setup.base, TaskArithmetic(scale=0.3))), 0.3)
     rows.update(regmean_plusplus_rows(setup, val, test, only))
