@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_merge.capture.fisher import logits_of
+from lightning_merge.capture.fisher import IGNORE_INDEX, logits_of
 from lightning_merge.sources.expert import as_expert
 from lightning_merge.strategies.functional import BLOCK_PATTERN
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
@@ -38,7 +38,6 @@ from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 TENSOR_PATTERN = r"^(.*)$"  # every tensor its own block (LayerwiseTaskArithmetic's pattern for tensor-wise λ)
 DEFAULT_COLUMN = "default"  # granularity="block": the column of tensors outside any block
 TASK_COLUMN = "all"  # granularity="task": the one column
-IGNORE_INDEX = -100
 
 
 def entropy_loss(logits: Tensor, eps: float = 1e-8, mask: Tensor | None = None) -> Tensor:
@@ -236,17 +235,11 @@ class AdaMerging(pl.LightningModule):
         network :meth:`strategy` writes (:meth:`call_with` at the learned λ)."""
         return self.call_with(self.merged_parameters(), *args, **kwargs)
 
-    def _default_logits(self, batch: Any) -> Any:
-        if isinstance(batch, Mapping):
-            return self(**{k: v for k, v in batch.items() if k != "labels"})
-        if isinstance(batch, (tuple, list)):
-            return self(batch[0])
-        return self(batch)
 
     def entropy(self, batch: Any) -> Tensor:
         """The summed (over tasks) mean entropy of the merged model's predictions on ``batch`` (sequence logits:
         over the positions that are not padding, as ``logits_fn`` says)."""
-        out = _logits(self.logits_fn(self, batch) if self.logits_fn is not None else self._default_logits(batch))
+        out = _logits(self.logits_fn(self, batch) if self.logits_fn is not None else call_on_batch(self, batch))
         mask = _positions(batch)
         if isinstance(out, Mapping):
             return sum(_entropy(_logits(v), mask) for v in out.values())
@@ -306,4 +299,14 @@ def _entropy(logits: Tensor, mask: Tensor | None) -> Tensor:
     return entropy_loss(logits, mask=mask)
 
 
-__all__ = ["AdaMerging", "entropy_loss"]
+def call_on_batch(model: Any, batch: Any) -> Any:
+    """``model`` called on a batch as the data-using tools call their merged model by default: ``model(x)`` for a
+    tuple batch ``(x, ...)``, ``model(**batch)`` without its ``labels`` for a mapping, ``model(batch)`` for a tensor."""
+    if isinstance(batch, Mapping):
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+__all__ = ["AdaMerging", "call_on_batch", "entropy_loss"]

@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_merge.capture.fisher import logits_of
+from lightning_merge.capture.fisher import IGNORE_INDEX, logits_of
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
-from lightning_merge.tools.adamerging import AdaMerging, entropy_loss
+from lightning_merge.tools.adamerging import AdaMerging, call_on_batch, entropy_loss
 
-IGNORE_INDEX = -100
 SINGLE_TASK = "task"  # the task name of a batch that is not a mapping {task: batch}
 
 
@@ -175,14 +174,7 @@ class FWMerging(pl.LightningModule):
         Raises:
             ValueError: ``loss="cross_entropy"`` and the batch carries no labels.
         """
-        if self.logits_fn is not None:
-            output = self.logits_fn(self, task, batch)
-        elif isinstance(batch, Mapping):
-            output = self(**{k: v for k, v in batch.items() if k != "labels"})
-        elif isinstance(batch, (tuple, list)):
-            output = self(batch[0])
-        else:
-            output = self(batch)
+        output = self.logits_fn(self, task, batch) if self.logits_fn is not None else call_on_batch(self, batch)
         logits = logits_of(output, "pass FWMerging(logits_fn=...)")
         if self.loss == "entropy":
             return entropy_loss(logits)
