@@ -17,6 +17,10 @@ over seeds, and paired differences against tuned task arithmetic. Also: the capt
 
     python benchmarks/causal_lm.py [--seeds 3] [--out benchmarks/_work/causal_lm.json]
     python benchmarks/causal_lm.py --overhead [--rounds 7]     # the capture's step-time overhead only
+    python benchmarks/causal_lm.py --cache DIR --only iso regmean # keeps each seed's base and adapters in DIR; a
+                                                                  # later run with the same DIR merges them again
+                                                                  # without training (the same rows: CPU training
+                                                                  # is deterministic)
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from lightning_merge import (
     Cabs,
     Consensus,
     Dare,
+    DogeTA,
     Fisher,
     IsoC,
     IsoCTS,
@@ -334,6 +339,78 @@ def regmean_plusplus_rows(experts: list, base: Path, domains: dict, seed: int, v
     return rows
 
 
+def selected(label: str, only: list[str] | None) -> bool:
+    return not only or any(o in label for o in only)
+
+
+def test_row(state: dict, domains: dict, normalized, chosen: dict, t0: float) -> dict:
+    model = load({k: v.to(torch.bfloat16) for k, v in state.items()})
+    losses = {n: loss_of(model, d.test) for n, d in domains.items()}
+    return {"normalized": normalized(losses), "perplexity": {n: math.exp(v) for n, v in losses.items()}, **chosen,
+            "seconds": time.perf_counter() - t0}
+
+
+#: DOGE-TA's numerator λᵢ = lamda/‖τᵢ‖ per tensor (the reference's 0.07 is for CLIP ViT-B/32); it has no scale of
+#: its own, so its lamda is what validation chooses
+DOGE_LAMDAS = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5)
+DOGE = ("doge_ta (lamda 0.07, as published)", "doge_ta, lamda on validation",
+        "doge_ta, others mean, lamda on validation")
+
+
+def doge_rows(experts: list, base: Path, domains: dict, seed: int, val_score, normalized,
+              only: list[str] | None) -> dict:
+    """DOGE-TA (FusionBench's doge_ta) on the LoRA experts: as published (lamda 0.07, density 0.3, 400 Adam steps
+    per tensor), and with its lamda chosen on validation; the last with the non-optimised tensors (none differ
+    here: every adapted tensor is 2-D) at the mean task vector."""
+    rows: dict = {}
+    for label, strategy, lamdas in ((DOGE[0], DogeTA(), (0.07,)), (DOGE[1], DogeTA(), DOGE_LAMDAS),
+                                    (DOGE[2], DogeTA(others="mean"), DOGE_LAMDAS)):
+        if not selected(label, only):
+            continue
+        t0 = time.perf_counter()
+        best = None
+        for lamda in lamdas:
+            state = merge(experts, base, dataclasses.replace(strategy, lamda=lamda))
+            score = val_score(state) if len(lamdas) > 1 else 0.0
+            if best is None or score > best[0]:
+                best = (score, state, lamda)
+        rows[label] = test_row(best[1], domains, normalized, {"lamda": best[2]} if len(lamdas) > 1 else {}, t0)
+        print(f"  seed {seed} {label:<26} normalized {100 * rows[label]['normalized']:.1f}  lamda {best[2]}",
+              flush=True)
+    return rows
+
+
+FW = ("fw_merging (hard, task-wise, validation text)", "fw_merging (hard, layer-wise, validation text)")
+
+
+def fw_rows(experts: list, base: Path, domains: dict, seed: int, normalized, only: list[str] | None) -> dict:
+    """FW-Merging (hard; lightning_merge.tools.fw_merging) over the four adapters read as θ₀ + ΔW: FusionBench's
+    defaults (10 iterations, step_size 0.1, scaling_factor 0.3, from task arithmetic at 0.3), the gradient of each
+    domain's next-token cross-entropy on a shuffled batch of 16 of its validation sequences per iteration (the
+    model in float32 for the pass)."""
+    import transformers
+
+    from lightning_merge.tools.fw_merging import FWMerging
+
+    rows: dict = {}
+    for label, granularity in zip(FW, ("task", "layer")):
+        if not selected(label, only):
+            continue
+        t0 = time.perf_counter()
+        pl.seed_everything(seed, verbose=False)
+        loaders = {name: torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(d.val, d.val[:, 1:]), batch_size=16, shuffle=True)
+            for name, d in domains.items()}
+        model = transformers.LlamaForCausalLM(config())
+        fw = FWMerging(model, experts, base, granularity=granularity,
+                       logits_fn=lambda fw, task, batch: fw(input_ids=batch[0]).logits[:, :-1])
+        pl.Trainer(max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False).fit(fw, loaders)
+        rows[label] = test_row(merge(experts, base, fw.strategy()), domains, normalized, {}, t0)
+        print(f"  seed {seed} {label:<26} normalized {100 * rows[label]['normalized']:.1f}", flush=True)
+    return rows
+
+
 def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only: list[str] | None = None,
              quadratic: bool = False) -> dict:
     import peft
@@ -342,20 +419,31 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
     torch.manual_seed(seed)
     domains = make_domains(seed)
     started = time.perf_counter()
-    # the base: from scratch on a mix of every domain
-    base_model = transformers.LlamaForCausalLM(config())
-    mixed = []
-    per = pretrain_steps // len(domains)
-    for k, d in enumerate(domains.values()):
-        mixed += loader(d.train, 16, per, seed * 100 + k)
-    random.Random(seed).shuffle(mixed)
-    fit(LM(base_model, 3e-3), mixed, [], root / "pretrain")
-    base_model.to(torch.bfloat16).save_pretrained(root / "base")
+    # with --cache, a seed's base, adapters and expert losses are kept (root is then the cache's seed folder) and a
+    # later run merges them again without training: training is deterministic on CPU, so the rows are the same
+    trained = root / "trained.json"
+    cached = json.loads(trained.read_text()) if trained.is_file() else None
+    if cached is None:
+        # the base: from scratch on a mix of every domain
+        base_model = transformers.LlamaForCausalLM(config())
+        mixed = []
+        per = pretrain_steps // len(domains)
+        for k, d in enumerate(domains.values()):
+            mixed += loader(d.train, 16, per, seed * 100 + k)
+        random.Random(seed).shuffle(mixed)
+        fit(LM(base_model, 3e-3), mixed, [], root / "pretrain")
+        base_model.to(torch.bfloat16).save_pretrained(root / "base")
     base_time = time.perf_counter() - started
     # one LoRA expert per domain, CurvatureCapture on
     adapters, expert_loss = {}, {}
     overhead = []
+    step_bare = step_captured = float("nan")
     for k, d in enumerate(domains.values()):
+        if cached is not None:
+            adapters[d.name] = root / d.name / "final.adapter"
+            expert_loss[d.name] = cached["expert_loss"][d.name]
+            step_bare, step_captured = cached["step_bare"], cached["step_captured"]
+            continue
         model = peft.get_peft_model(
             transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16),
             peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -384,6 +472,9 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
             step_bare = statistics.median(plain.times[10:])
             step_captured = statistics.median(timed.times[10:])
     experts_time = time.perf_counter() - started - base_time
+    if cached is None:
+        trained.write_text(json.dumps({"expert_loss": expert_loss, "step_bare": step_bare,
+                                       "step_captured": step_captured}))
     base_state = {k: v for k, v in transformers.LlamaForCausalLM.from_pretrained(
         root / "base", dtype=torch.bfloat16).state_dict().items()}
     base_loss = {name: loss_of(load(base_state), d.test) for name, d in domains.items()}
@@ -432,6 +523,8 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
                        **chosen, "seconds": time.perf_counter() - t0}
         print(f"  seed {seed} {label:<26} normalized {100 * rows[label]['normalized']:.1f}  {chosen}", flush=True)
     rows.update(regmean_plusplus_rows(experts, root / "base", domains, seed, val_score, normalized, only))
+    rows.update(doge_rows(experts, root / "base", domains, seed, val_score, normalized, only))
+    rows.update(fw_rows(experts, root / "base", domains, seed, normalized, only))
     extra = {}
     if quadratic:  # the Fisher-quadratic loss model (#19): its λ*, and how well it ranks real merges
         choice = quadratic_coefficients(experts, root / "base")
@@ -534,6 +627,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", nargs="*", default=None,
                         help="only the strategies whose row name contains one of these (task arithmetic always)")
+    parser.add_argument("--cache", default=None,
+                        help="keep each seed's base, adapters and expert losses in this folder and reuse them")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (seeds first..first+seeds-1)")
     parser.add_argument("--quadratic", action="store_true",
                         help="also the Fisher-quadratic λ* and its rank correlation with validation scores")
     args = parser.parse_args()
@@ -547,11 +643,14 @@ def main() -> None:
               f"(range {min(result['ratios']):.3f}–{max(result['ratios']):.3f})")
         return
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            if args.cache:
+                root = Path(args.cache) / f"seed{seed}-pretrain{args.pretrain_steps}-expert{args.expert_steps}"
+                root.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            results.append(run_seed(seed, Path(tmp), args.pretrain_steps, args.expert_steps, args.only,
-                                    args.quadratic))
+            results.append(run_seed(seed, root, args.pretrain_steps, args.expert_steps, args.only, args.quadratic))
             print(f"seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
