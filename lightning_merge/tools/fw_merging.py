@@ -34,7 +34,9 @@ it (a strategy recomputing the T model-wide trims from the experts would hold th
 with ``merge_fn="ties"`` :meth:`FWMerging.strategy` refuses and :meth:`FWMerging.merged_state` returns the merged
 model's state dict, written through any output as the one expert of ``Linear()``. The base, task vectors and merged
 network are :class:`~lightning_merge.tools.adamerging.AdaMerging`'s (parameters merged, buffers the base's;
-``include``).
+``include``). Memory beyond AdaMerging's: the TIES step holds two more copies of the merged tensors (the iterate and
+the initial merge) and runs one model-wide ``merge()`` per iteration; the AdaMerging step builds an AdaMerging over
+the chosen checkpoints at each iteration (its copies: one per chosen checkpoint and one of θ, on the CPU first).
 """
 
 from __future__ import annotations
@@ -419,8 +421,9 @@ class FWMerging(pl.LightningModule):
         project's :class:`~lightning_merge.Ties` through :func:`~lightning_merge.merge`. One checkpoint: point +
         scale · trim(s − point)."""
         strategy = Ties(density=self.ties_density(), topk="model", normalize=False, scale=float(scale))
-        merged = merge([{n: w[n].detach() for n in self.names} for w in checkpoints],
-                       {n: point[n].detach() for n in self.names}, strategy, progress=False)
+        # merged on the CPU (the engine reads its inputs there), moved back to the iterate's device
+        merged = merge([{n: w[n].detach().cpu() for n in self.names} for w in checkpoints],
+                       {n: point[n].detach().cpu() for n in self.names}, strategy, progress=False)
         return {n: merged[n].to(point[n].device) for n in self.names}
 
     def adamerging_step(self, targets: Sequence[Tensor], batches: Mapping[Any, Any], init: float) -> Tensor:
@@ -428,11 +431,13 @@ class FWMerging(pl.LightningModule):
         the current merged model as its base and the chosen checkpoints (coefficients, as :meth:`vertices`) as its
         experts: ``ada_iters`` Adam steps from λ = ``init`` on the summed entropy of every task's predictions, on
         ``ada_data``'s next batches (or ``batches``); under DDP the λ gradient is averaged over the processes."""
-        point = self.merged_parameters()
+        def cpu(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:  # AdaMerging reads its experts on the CPU
+            return {n: t.detach().cpu() for n, t in tensors.items()}
+
         names = "^(?:" + "|".join(re.escape(n) for n in self.names) + ")$"
-        ada = AdaMerging(self.merger.model, [self.merger.merged_parameters(target) for target in targets],
-                         {**self.merger.other_tensors(), **point}, granularity="tensor", init=init, lr=self.ada_lr,
-                         include=names)
+        ada = AdaMerging(self.merger.model, [cpu(self.merger.merged_parameters(target)) for target in targets],
+                         cpu({**self.merger.other_tensors(), **self.merged_parameters()}), granularity="tensor",
+                         init=init, lr=self.ada_lr, include=names)
         ada.to(self.device)
         optimizer = ada.configure_optimizers()
         for _ in range(self.ada_iters):
