@@ -230,6 +230,12 @@ class AdaMerging(pl.LightningModule):
             tensors[n] = t.clone() if n in self._kept_buffers else t
         return functional_call(self.model, tensors, args, kwargs, strict=False)
 
+    def other_tensors(self) -> dict[str, Tensor]:
+        """The base's tensors that are not merged (buffers, parameters outside ``include``), in the model's dtypes:
+        what :meth:`call_with` calls the model with besides the merged parameters, and what :meth:`strategy` writes
+        for them."""
+        return dict(self._kept)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The merged model called on ``args`` / ``kwargs``: the merged parameters and the base's other tensors, the
         network :meth:`strategy` writes (:meth:`call_with` at the learned λ)."""

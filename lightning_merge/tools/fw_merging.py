@@ -8,35 +8,59 @@ checkpoint of the pool by a linear minimisation oracle, and θ moves toward the 
   s minimising Σₗ cos(gₗ, sₗ) (``granularity="task"``; ``"layer"``: per tensor l the checkpoint minimising cos(gₗ, sₗ))
   over the experts and the initial merged model; then θ ← θ + γₜ (s − θ) with γₜ = 2/(t+2) · step_size ·
   scaling_factor. θ starts at task arithmetic θ₀ + scaling_factor · Σₖ τₖ (or at the base).
+- **hard with the TIES step** (``merge_fn="ties"``, FusionBench's ``merge_fn: ties``): θ starts at TIES-merging
+  θ₀ + scaling_factor · Σ_agreeing trim(τₖ) (each τₖ trimmed to its model-wide top entries by magnitude, signs
+  elected on the sum, the agreeing entries summed), and each step is θ ← θ + γₜ · trim(s − θ): only the largest
+  entries of s − θ over the whole model move. Both are :class:`~lightning_merge.Ties` (``topk="model"``,
+  ``normalize=False``) through :func:`~lightning_merge.merge`. The trim keeps ⌊d · density⌋ + 1 of the d merged
+  entries, as FusionBench's (and the TIES authors') ``topk_values_mask`` does (``|x| ≥`` its k-th smallest).
 - **soft** (FusionBench's ``FrankWolfeSoftAlgorithm`` with ``merge_fn: task_arithmetic``): one gradient per task,
   each task's oracle choosing among the experts not chosen yet in this iteration (per tensor with ``"layer"``),
   until every expert is chosen; then θ ← θ + scaling_factor · ηₜ · Σⱼ (sⱼ − θ) with η₀ = 1, ηₜ = 2/(t+2) · step_size.
   θ starts at the base.
+- **soft with the AdaMerging step** (``merge_fn="adamerging"``, FusionBench's ``fw_soft`` default): the same choices,
+  then θ ← θ + Σⱼ λⱼ,ₗ (sⱼ − θ) with λ (one per chosen checkpoint and tensor) learned by
+  :class:`~lightning_merge.tools.adamerging.AdaMerging` over base θ and the chosen checkpoints: ``ada_iters`` Adam
+  steps (learning rate ``ada_lr``) on the summed entropy of the tasks' predictions, λ starting at scaling_factor
+  (FusionBench's 0.3) at the first iteration and at ``ada_coeff`` after.
 
 The checkpoints sₗ compared with the gradient are the experts' *weights* θ₀ + τₖ (FusionBench's cosine with each
-checkpoint's state dict), not their task vectors. Every iterate is θ₀ + Σₖ Cₖ,ₗ τₖ with one coefficient per expert
-and parameter tensor, so :meth:`FWMerging.strategy` hands the result to :func:`~lightning_merge.merge` as a
-:class:`~lightning_merge.LayerwiseTaskArithmetic` strategy, through any output. The base, task vectors and merged
+checkpoint's state dict), not their task vectors. With the task-arithmetic and AdaMerging steps every iterate is
+θ₀ + Σₖ Cₖ,ₗ τₖ with one coefficient per expert and parameter tensor, so :meth:`FWMerging.strategy` hands the result
+to :func:`~lightning_merge.merge` as a :class:`~lightning_merge.LayerwiseTaskArithmetic` strategy, through any output.
+The TIES step is not of that form: its trim is per entry, so an iterate is θ₀ + Σₖ Cₖ ⊙ τₖ with coefficient maps Cₖ of
+the parameters' shapes, as large as the experts themselves. No strategy smaller than the merged model reproduces
+it (a strategy recomputing the T model-wide trims from the experts would hold the history and redo the run), so
+with ``merge_fn="ties"`` :meth:`FWMerging.strategy` refuses and :meth:`FWMerging.merged_state` returns the merged
+model's state dict, written through any output as the one expert of ``Linear()``. The base, task vectors and merged
 network are :class:`~lightning_merge.tools.adamerging.AdaMerging`'s (parameters merged, buffers the base's;
-``include``). Not built: FusionBench's TIES step (``merge_fn: ties``, not linear in the task vectors) and soft mode's
-AdaMerging step (``merge_fn: adamerging``, λ learned by entropy at each iteration).
+``include``). Memory beyond AdaMerging's: the TIES step holds two more copies of the merged tensors (the iterate and
+the initial merge) and runs one model-wide ``merge()`` per iteration; the AdaMerging step builds an AdaMerging over
+the chosen checkpoints at each iteration (its copies: one per chosen checkpoint and one of θ, on the CPU first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_merge.capture.fisher import IGNORE_INDEX, logits_of
+from lightning_merge.engine.run import merge
+from lightning_merge.strategies.functional import keep_count
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
+from lightning_merge.strategies.task_vectors import Ties
 from lightning_merge.tools.adamerging import AdaMerging, call_on_batch, entropy_loss
 
 SINGLE_TASK = "task"  # the task name of a batch that is not a mapping {task: batch}
+STEPS = {"hard": ("task_arithmetic", "ties"), "soft": ("task_arithmetic", "adamerging")}  # FusionBench's, per mode
 
 
 class FWMerging(pl.LightningModule):
@@ -53,6 +77,10 @@ class FWMerging(pl.LightningModule):
         pl.Trainer().fit(fw, {"parity": parity_loader, "mod3": mod3_loader})
         merged = merge(experts, base, fw.strategy(), out="merged/")
 
+        fw = FWMerging(model, experts, base, merge_fn="ties")   # the TIES step: a state, not a strategy
+        pl.Trainer().fit(fw, loaders)
+        merged = merge([fw.merged_state()], None, Linear(), out="merged/")
+
     Args:
         model: a module of the merged architecture, called with the merged parameters and the base's other tensors
             (as :class:`~lightning_merge.tools.adamerging.AdaMerging` calls it); its own weights are used only for
@@ -62,15 +90,19 @@ class FWMerging(pl.LightningModule):
         base: the base model the task vectors are taken from.
         mode: ``"hard"`` (one gradient over all tasks, one checkpoint chosen per iteration, FusionBench's
             ``FrankWolfeHardAlgorithm``) or ``"soft"`` (one checkpoint per task, all moved toward at once,
-            FusionBench's ``FrankWolfeSoftAlgorithm`` with its task-arithmetic step).
+            FusionBench's ``FrankWolfeSoftAlgorithm``).
+        merge_fn: the step (FusionBench's name): ``"task_arithmetic"`` (both modes), ``"ties"`` (hard: the TIES
+            start and steps; FusionBench's soft mode has none) or ``"adamerging"`` (soft: coefficients learned by
+            entropy at each iteration, FusionBench's ``fw_soft`` default; its hard mode has none).
         granularity: ``"task"`` (the oracle compares whole models: the sum over tensors of the cosines) or
             ``"layer"`` (each parameter tensor chooses its own checkpoint).
         iterations: the number of Frank–Wolfe iterations (FusionBench's ``max_iters``, 10).
         step_size: the step size factor of the schedule 2/(t+2) · step_size (0.1, FusionBench's default).
-        scaling_factor: hard: the task-arithmetic coefficient of the initial point and the factor of every step
-            (0.3); soft: the factor of every step (0.3, fixed in FusionBench's soft step).
-        init: where θ starts: ``"task_arithmetic"`` (θ₀ + scaling_factor · Σₖ τₖ) or ``"base"`` (θ₀). None: the
-            mode's default, task arithmetic for hard and the base for soft (as FusionBench).
+        scaling_factor: hard: the coefficient of the initial merge and the factor of every step (0.3); soft: the
+            factor of every task-arithmetic step, and the AdaMerging step's first λ (0.3, fixed in FusionBench).
+        init: where θ starts: ``"task_arithmetic"`` (θ₀ + scaling_factor · Σₖ τₖ), ``"base"`` (θ₀) or, with
+            ``merge_fn="ties"`` only, ``"ties"`` (θ₀ + scaling_factor · TIES(τ₁, …, τ_N)). None: the mode's default,
+            FusionBench's: the step's own merge for hard (task arithmetic or TIES), the base for soft.
         loss: ``"cross_entropy"`` (FusionBench's default: the batches carry labels, ``(x, y)`` or a mapping with
             ``labels``; -100 is ignored) or ``"entropy"`` (the mean entropy of the predictions; labels unused).
         logits_fn: ``logits_fn(fw, task, batch)`` returns the logits (..., C) of the merged model on one task's
@@ -79,11 +111,22 @@ class FWMerging(pl.LightningModule):
             Hugging Face outputs give their ``.logits``.
         include: a regular expression; only the parameters whose name matches are merged (the others are the
             base's). Default: every floating parameter of the model that the base holds.
+        density: ``merge_fn="ties"``: the fraction of the d merged entries each trim keeps, ⌊d · density⌋ + 1 of
+            them (FusionBench's ``threshold`` 20, in percent: 0.2). The trim is over the merged tensors only
+            (FusionBench's over the whole state dict, buffers included).
+        ada_iters: ``merge_fn="adamerging"``: Adam steps per iteration (FusionBench's 500).
+        ada_coeff: ``merge_fn="adamerging"``: the initial λ from the second iteration on (FusionBench's 1e-8).
+        ada_lr: ``merge_fn="adamerging"``: Adam's learning rate (1e-3, fixed in FusionBench).
+        ada_data: ``merge_fn="adamerging"``: ``{task: iterable of batches}`` (unlabelled; labels are ignored) whose
+            next batch per task each Adam step reads, each iterable restarted when it ends (FusionBench: a shuffled
+            loader of 16 test images per task, without end). Moved to the module's device. None: every Adam step
+            reads the iteration's own batches.
 
     Raises:
-        ValueError: a bad ``mode``, ``granularity``, ``iterations``, ``step_size``, ``scaling_factor``, ``init`` or
-            ``loss``; or what :class:`~lightning_merge.tools.adamerging.AdaMerging` refuses (no experts, an expert
-            lacking a merged tensor, nothing to merge).
+        ValueError: a bad ``mode``, ``merge_fn`` (or one the mode lacks), ``granularity``, ``iterations``,
+            ``step_size``, ``scaling_factor``, ``init``, ``loss``, ``density``, ``ada_iters``, ``ada_lr`` or
+            ``ada_data``; or what :class:`~lightning_merge.tools.adamerging.AdaMerging` refuses (no experts, an
+            expert lacking a merged tensor, nothing to merge).
     """
 
     def __init__(
@@ -93,18 +136,27 @@ class FWMerging(pl.LightningModule):
         base: Any,
         *,
         mode: Literal["hard", "soft"] = "hard",
+        merge_fn: Literal["task_arithmetic", "ties", "adamerging"] = "task_arithmetic",
         granularity: Literal["task", "layer"] = "task",
         iterations: int = 10,
         step_size: float = 0.1,
         scaling_factor: float = 0.3,
-        init: Literal["task_arithmetic", "base"] | None = None,
+        init: Literal["task_arithmetic", "base", "ties"] | None = None,
         loss: Literal["cross_entropy", "entropy"] = "cross_entropy",
         logits_fn: Callable[[FWMerging, Any, Any], Any] | None = None,
         include: str | None = None,
+        density: float = 0.2,
+        ada_iters: int = 500,
+        ada_coeff: float = 1e-8,
+        ada_lr: float = 1e-3,
+        ada_data: Mapping[Any, Iterable[Any]] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("hard", "soft"):
             raise ValueError(f"FWMerging: mode must be 'hard' or 'soft', got {mode!r}")
+        if merge_fn not in STEPS[mode]:
+            raise ValueError(f"FWMerging: merge_fn must be one of {STEPS[mode]} in {mode} mode (FusionBench's), got "
+                             f"{merge_fn!r}")
         if granularity not in ("task", "layer"):
             raise ValueError(f"FWMerging: granularity must be 'task' or 'layer', got {granularity!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
@@ -113,11 +165,22 @@ class FWMerging(pl.LightningModule):
             raise ValueError(f"FWMerging: step_size must be > 0, got {step_size!r}")
         if not scaling_factor > 0:
             raise ValueError(f"FWMerging: scaling_factor must be > 0, got {scaling_factor!r}")
-        init = init if init is not None else ("task_arithmetic" if mode == "hard" else "base")
-        if init not in ("task_arithmetic", "base"):
-            raise ValueError(f"FWMerging: init must be 'task_arithmetic' or 'base', got {init!r}")
+        if init is None:
+            init = "base" if mode == "soft" else ("ties" if merge_fn == "ties" else "task_arithmetic")
+        starts = ("task_arithmetic", "base", "ties") if merge_fn == "ties" else ("task_arithmetic", "base")
+        if init not in starts:
+            raise ValueError(f"FWMerging: init must be 'task_arithmetic' or 'base' (or 'ties' with merge_fn='ties'), "
+                             f"got {init!r}")
         if loss not in ("cross_entropy", "entropy"):
             raise ValueError(f"FWMerging: loss must be 'cross_entropy' or 'entropy', got {loss!r}")
+        if not 0 < density <= 1:
+            raise ValueError(f"FWMerging: density must be in (0, 1], got {density!r}")
+        if isinstance(ada_iters, bool) or not isinstance(ada_iters, int) or ada_iters < 0:
+            raise ValueError(f"FWMerging: ada_iters must be an integer >= 0, got {ada_iters!r}")
+        if not ada_lr > 0:
+            raise ValueError(f"FWMerging: ada_lr must be > 0, got {ada_lr!r}")
+        if ada_data is not None and (not isinstance(ada_data, Mapping) or not ada_data):
+            raise ValueError("FWMerging: ada_data must be a non-empty mapping {task: iterable of batches}")
         if not experts:
             raise ValueError("FWMerging: experts is empty; pass the pool of experts to merge")
         self.automatic_optimization = False
@@ -128,6 +191,7 @@ class FWMerging(pl.LightningModule):
         # the coefficients are moved by the oracle (no optimizer, no gradient reaches them), but they keep
         # requires_grad: DistributedDataParallel refuses a module without a parameter that requires a gradient
         self.mode = mode
+        self.merge_fn = merge_fn
         self.granularity = granularity
         self.iterations = iterations
         self.step_size = float(step_size)
@@ -135,10 +199,29 @@ class FWMerging(pl.LightningModule):
         self.init = init
         self.loss = loss
         self.logits_fn = logits_fn
+        self.density = float(density)
+        self.ada_iters = ada_iters
+        self.ada_coeff = float(ada_coeff)
+        self.ada_lr = float(ada_lr)
+        self.ada_data = ada_data
+        self._ada_iterators: dict[Any, Iterator[Any]] = {}
         if init == "task_arithmetic":
             self.merger.lambdas.data.fill_(self.scaling_factor)
         self.register_buffer("initial", self.merger.lambdas.detach().clone())
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.shapes = {n: tuple(t.shape) for n, t in self.merger.merged_parameters(self.initial).items()}
+        if merge_fn == "ties":
+            # the iterate and the initial merged model as weights (flat, in the order of names): the per-entry trims
+            # leave the coefficient form
+            if init == "ties":
+                experts_weights = [self.merger.merged_parameters(v) for v in self.vertices()[:self.experts_count]]
+                start = self.ties_step(experts_weights, self.merger.merged_parameters(torch.zeros_like(self.initial)),
+                                       self.scaling_factor)
+            else:
+                start = self.merger.merged_parameters(self.initial)
+            flat = torch.cat([start[n].detach().reshape(-1) for n in self.names])
+            self.register_buffer("point", flat.clone())
+            self.register_buffer("initial_point", flat.clone())
         self.selections: list[Any] = []
         self._point: dict[str, Tensor] | None = None
 
@@ -154,29 +237,58 @@ class FWMerging(pl.LightningModule):
         return int(self.merger.lambdas.shape[0])
 
     def coefficient_matrix(self) -> Tensor:
-        """The current coefficients C (experts × merged tensors): θ = θ₀ + Σₖ Cₖ,ₗ τₖ."""
+        """The current coefficients C (experts × merged tensors): θ = θ₀ + Σₖ Cₖ,ₗ τₖ.
+
+        Raises:
+            ValueError: ``merge_fn="ties"``, whose iterates have no such coefficients.
+        """
+        self._check_layerwise("coefficient_matrix")
         return self.merger.lambdas.detach().clone()
 
     def merged_parameters(self) -> dict[str, Tensor]:
-        """The current merged tensors θ₀ + Σₖ Cₖ,ₗ τₖ (without gradient)."""
+        """The current merged tensors (θ₀ + Σₖ Cₖ,ₗ τₖ, or the TIES iterate), without gradient."""
+        if self.merge_fn == "ties":
+            return self._unflatten(self.point)
         with torch.no_grad():
             return {n: t.detach() for n, t in self.merger.merged_parameters().items()}
+
+    def merged_state(self) -> dict[str, Tensor]:
+        """The merged model's state dict: the merged tensors (float32) and the base's other tensors; what
+        ``merge(experts, base, fw.strategy())`` writes, and with ``merge_fn="ties"`` the only form of the result
+        (write it with ``merge([fw.merged_state()], None, Linear(), out=...)``)."""
+        return {**self.merger.other_tensors(), **{n: t.clone() for n, t in self.merged_parameters().items()}}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The merged model called on ``args`` / ``kwargs`` (during a gradient, at the point it is taken)."""
         point = self._point if self._point is not None else self.merged_parameters()
         return self.merger.call_with(point, *args, **kwargs)
 
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """The merged tensors of a flat vector in the order of :attr:`names` (views of it)."""
+        out, start = {}, 0
+        for n, shape in self.shapes.items():
+            size = math.prod(shape)
+            out[n] = flat[start:start + size].view(shape)
+            start += size
+        return out
+
+    def _check_layerwise(self, what: str) -> None:
+        if self.merge_fn == "ties":
+            raise ValueError(f"FWMerging.{what}: merge_fn='ties' trims each step per entry, so the merged model is not "
+                             "θ₀ + Σₖ Cₖ,ₗ τₖ with one coefficient per expert and tensor; take fw.merged_state() and "
+                             "write it with merge([fw.merged_state()], None, Linear(), out=...)")
+
     # -- one Frank–Wolfe iteration ------------------------------------------------------------------------------------
-    def task_loss(self, task: Any, batch: Any) -> Tensor:
-        """The loss of the merged model on one task's ``batch`` (``loss``: cross-entropy or entropy).
+    def task_loss(self, task: Any, batch: Any, loss: str | None = None) -> Tensor:
+        """The loss of the merged model on one task's ``batch`` (``loss``: cross-entropy or entropy; None: the
+        module's ``loss``).
 
         Raises:
-            ValueError: ``loss="cross_entropy"`` and the batch carries no labels.
+            ValueError: cross-entropy and the batch carries no labels.
         """
         output = self.logits_fn(self, task, batch) if self.logits_fn is not None else call_on_batch(self, batch)
         logits = logits_of(output, "pass FWMerging(logits_fn=...)")
-        if self.loss == "entropy":
+        if (loss or self.loss) == "entropy":
             return entropy_loss(logits)
         labels = _labels(batch)
         if labels is None:
@@ -212,14 +324,21 @@ class FWMerging(pl.LightningModule):
             points = torch.cat([points, self.initial.to(points)[None]])
         return points
 
+    def vertex_weights(self, vertices: Tensor, v: int) -> dict[str, Tensor]:
+        """The weights of vertex ``v`` of the pool (``vertices`` as :meth:`vertices` returns them): θ₀ + Σₖ sₖ,ₗ τₖ,
+        and with ``merge_fn="ties"`` the initial TIES merge for the initial merged model (hard mode's last vertex)."""
+        if self.merge_fn == "ties" and v == self.experts_count:
+            return self._unflatten(self.initial_point)
+        return self.merger.merged_parameters(vertices[v])
+
     def alignments(self, gradients: Mapping[str, Tensor], vertices: Tensor) -> Tensor:
         """cos(gₗ, sₗ) for every vertex s (coefficients, as :meth:`vertices`) and merged tensor l: (V, tensors).
 
-        sₗ is the vertex's weight θ₀ₗ + Σₖ sₖ,ₗ τₖₗ. A zero gradient or weight counts 0 (FusionBench divides by
-        zero there, gets NaN and never picks that checkpoint, or fails when every one is NaN)."""
+        sₗ is the vertex's weight (:meth:`vertex_weights`). A zero gradient or weight counts 0 (FusionBench divides
+        by zero there, gets NaN and never picks that checkpoint, or fails when every one is NaN)."""
         out = torch.zeros(vertices.shape[0], len(self.names), dtype=torch.float64)
         for v in range(vertices.shape[0]):
-            weights = self.merger.merged_parameters(vertices[v])
+            weights = self.vertex_weights(vertices, v)
             for j, n in enumerate(self.names):
                 g, w = gradients[n].float().flatten(), weights[n].float().flatten()
                 denominator = torch.linalg.vector_norm(g) * torch.linalg.vector_norm(w)
@@ -239,7 +358,13 @@ class FWMerging(pl.LightningModule):
         if self.mode == "hard":
             chosen, target = self._choose(self.alignments(self.gradient(batches), pool), pool, None)
             gamma = 2.0 / (t + 2) * self.step_size * self.scaling_factor
-            c.add_(gamma * (target - c))
+            if self.merge_fn == "ties":
+                picks = chosen if isinstance(chosen, dict) else dict.fromkeys(self.names, chosen)
+                weights = {n: self.vertex_weights(pool, v)[n] for n, v in picks.items()}
+                moved = self.ties_step([weights], self.merged_parameters(), gamma)
+                self.point.copy_(torch.cat([moved[n].reshape(-1) for n in self.names]))
+            else:
+                c.add_(gamma * (target - c))
         else:
             taken = torch.zeros(pool.shape[0], len(self.names), dtype=torch.bool)
             chosen, targets = [], []
@@ -249,8 +374,12 @@ class FWMerging(pl.LightningModule):
                 targets.append(target)
                 if len(targets) >= self.experts_count:
                     break
-            eta = 1.0 if t == 0 else 2.0 / (t + 2) * self.step_size
-            c.add_(self.scaling_factor * eta * sum(target - c for target in targets))
+            if self.merge_fn == "adamerging":
+                lambdas = self.adamerging_step(targets, batches, self.scaling_factor if t == 0 else self.ada_coeff)
+                c.add_(sum(lambdas[j][None, :].to(c) * (target - c) for j, target in enumerate(targets)))
+            else:
+                eta = 1.0 if t == 0 else 2.0 / (t + 2) * self.step_size
+                c.add_(self.scaling_factor * eta * sum(target - c for target in targets))
         self.iteration += 1
         self.selections.append(chosen)
         return chosen
@@ -272,6 +401,78 @@ class FWMerging(pl.LightningModule):
             if taken is not None:
                 taken[v, j] = True
         return {n: int(v) for n, v in zip(self.names, picks.tolist())}, target
+
+    # -- the TIES and AdaMerging steps -------------------------------------------------------------------------------
+    def ties_density(self) -> float:
+        """The density handed to :class:`~lightning_merge.Ties` for it to keep ⌊d · density⌋ + 1 of the d merged
+        entries (FusionBench's count; Ties keeps ⌊d · density⌋)."""
+        d = sum(math.prod(shape) for shape in self.shapes.values())
+        k = min(d, math.floor(d * self.density) + 1)
+        value = k / d
+        while keep_count(value, d) < k:  # k / d · d may round below k
+            value = math.nextafter(value, 2.0)
+        return min(value, 1.0)
+
+    def ties_step(self, checkpoints: Sequence[Mapping[str, Tensor]], point: Mapping[str, Tensor],
+                  scale: float) -> dict[str, Tensor]:
+        """TIES-merging of ``checkpoints`` over ``point``: point + scale · Σ_agreeing trim(sⱼ − point), each sⱼ − point
+        trimmed to its top entries over all merged tensors (:meth:`ties_density`), signs elected on the sum of the
+        trimmed vectors, the agreeing entries summed (FusionBench's ``ties_merge`` with ``merge_func="sum"``): the
+        project's :class:`~lightning_merge.Ties` through :func:`~lightning_merge.merge`. One checkpoint: point +
+        scale · trim(s − point)."""
+        strategy = Ties(density=self.ties_density(), topk="model", normalize=False, scale=float(scale))
+        # merged on the CPU (the engine reads its inputs there), moved back to the iterate's device
+        merged = merge([{n: w[n].detach().cpu() for n in self.names} for w in checkpoints],
+                       {n: point[n].detach().cpu() for n in self.names}, strategy, progress=False)
+        return {n: merged[n].to(point[n].device) for n in self.names}
+
+    def adamerging_step(self, targets: Sequence[Tensor], batches: Mapping[Any, Any], init: float) -> Tensor:
+        """λ (len(targets) × merged tensors) learned by :class:`~lightning_merge.tools.adamerging.AdaMerging` with
+        the current merged model as its base and the chosen checkpoints (coefficients, as :meth:`vertices`) as its
+        experts: ``ada_iters`` Adam steps from λ = ``init`` on the summed entropy of every task's predictions, on
+        ``ada_data``'s next batches (or ``batches``); under DDP the λ gradient is averaged over the processes."""
+        def cpu(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:  # AdaMerging reads its experts on the CPU
+            return {n: t.detach().cpu() for n, t in tensors.items()}
+
+        names = "^(?:" + "|".join(re.escape(n) for n in self.names) + ")$"
+        ada = AdaMerging(self.merger.model, [cpu(self.merger.merged_parameters(target)) for target in targets],
+                         cpu({**self.merger.other_tensors(), **self.merged_parameters()}), granularity="tensor",
+                         init=init, lr=self.ada_lr, include=names)
+        ada.to(self.device)
+        optimizer = ada.configure_optimizers()
+        for _ in range(self.ada_iters):
+            with torch.enable_grad():
+                self._point = ada.merged_parameters()
+                try:
+                    total = sum(self.task_loss(task, batch, loss="entropy")
+                                for task, batch in self._ada_batches(batches).items())
+                finally:
+                    self._point = None
+                optimizer.zero_grad()
+                total.backward()
+            if self._trainer is not None:
+                ada.lambdas.grad = self.trainer.strategy.reduce(ada.lambdas.grad, reduce_op="mean")
+            optimizer.step()
+        learned = ada.coefficients()
+        return torch.tensor([learned[n] for n in self.names], dtype=torch.float64).T
+
+    def _ada_batches(self, batches: Mapping[Any, Any]) -> Mapping[Any, Any]:
+        """One batch per task for an AdaMerging step: ``ada_data``'s next (each iterable restarted when it ends),
+        or the iteration's ``batches``."""
+        if self.ada_data is None:
+            return batches
+        out = {}
+        for task, source in self.ada_data.items():
+            try:
+                batch = next(self._ada_iterators[task])
+            except (KeyError, StopIteration):
+                self._ada_iterators[task] = iter(source)
+                try:
+                    batch = next(self._ada_iterators[task])
+                except StopIteration:
+                    raise ValueError(f"FWMerging: ada_data[{task!r}] holds no batch") from None
+            out[task] = move_data_to_device(batch, self.device)
+        return out
 
     # -- Lightning ---------------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
@@ -299,12 +500,23 @@ class FWMerging(pl.LightningModule):
 
     # -- results -------------------------------------------------------------------------------------------------------
     def coefficients(self) -> dict[str, list[float]]:
-        """The current coefficients per merged tensor: ``{tensor: [C₁, …, C_N]}``."""
+        """The current coefficients per merged tensor: ``{tensor: [C₁, …, C_N]}``.
+
+        Raises:
+            ValueError: ``merge_fn="ties"`` (:meth:`coefficient_matrix`).
+        """
+        self._check_layerwise("coefficients")
         return self.merger.coefficients()
 
     def strategy(self) -> LayerwiseTaskArithmetic:
         """The merged model as a :class:`~lightning_merge.LayerwiseTaskArithmetic` strategy: ``merge(experts, base,
-        fw.strategy())`` writes the network this module computes (tensors not merged: the base's)."""
+        fw.strategy())`` writes the network this module computes (tensors not merged: the base's).
+
+        Raises:
+            ValueError: ``merge_fn="ties"``, whose result is no layer-wise task arithmetic (the module docstring):
+                write :meth:`merged_state` instead.
+        """
+        self._check_layerwise("strategy")
         return self.merger.strategy()
 
 

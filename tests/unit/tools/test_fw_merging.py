@@ -14,10 +14,12 @@ from conftest import FUSION_BENCH, fusion_bench_runs, mlp_experts, tiny_mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_merge import LayerwiseTaskArithmetic, TaskArithmetic, merge
+from lightning_merge import LayerwiseTaskArithmetic, Linear, TaskArithmetic, merge
+from lightning_merge.tools.adamerging import AdaMerging
 from lightning_merge.tools.fw_merging import FWMerging
 
 ITERS, SIZE, STEP, SCALE = 3, 4, 0.1, 0.3
+ADA_ITERS, ADA_SIZE, ADA_BATCHES = 10, 8, 2  # the AdaMerging step: Adam steps, unlabelled batches per task
 
 
 def _family(n=4, seed=0):
@@ -128,28 +130,37 @@ def test_a_trainer_runs_the_iterations_and_merge_writes_the_same_model(tmp_path)
 
 
 @pytest.mark.slow
-def test_ddp_spawn_chooses_what_one_process_chooses_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("mode,granularity,merge_fn", [("soft", "layer", "task_arithmetic"), ("hard", "layer", "ties"),
+                                                       ("soft", "task", "adamerging")])
+def test_ddp_spawn_chooses_what_one_process_chooses_on_the_same_global_batch(tmp_path, mode, granularity, merge_fn):
     """Two processes of SIZE / 2 examples per task (rank r reads examples r, r + 2...) average each task's gradient:
     the same choices at every iteration, and the same coefficients and merged weights, as one process on SIZE. Soft
     and layer-wise: one gradient reduced per task, and per-tensor choices (rank 0's half batch alone chooses
-    otherwise). The choices come back from the spawned processes in the state dict, with the coefficients."""
+    otherwise). The choices come back from the spawned processes in the state dict, with the coefficients (the TIES
+    iterate: a buffer). The gradients only choose, so the task-arithmetic and TIES steps give bitwise the same
+    weights; the AdaMerging step learns λ from the averaged entropy gradients of the halves (float32 rounding)."""
     base, experts, data = _family()
-    mode, granularity = "soft", "layer"
-    single = FWMerging(tiny_mlp(), experts, base, mode=mode, granularity=granularity, iterations=ITERS)
+    options = dict(mode=mode, granularity=granularity, merge_fn=merge_fn, iterations=ITERS, ada_iters=ADA_ITERS)
+    single = FWMerging(tiny_mlp(), experts, base, **options)
     trainer(tmp_path / "one", [], max_epochs=-1).fit(
         single, {t: DataLoader(TensorDataset(x, y), batch_size=SIZE) for t, (x, y) in data.items()})
-    ddp = FWMerging(tiny_mlp(), experts, base, mode=mode, granularity=granularity, iterations=ITERS)
+    ddp = FWMerging(tiny_mlp(), experts, base, **options)
     loaders = {t: DataLoader(TensorDataset(x, y), batch_size=SIZE // 2, sampler=RankInterleaved(len(x)))
                for t, (x, y) in data.items()}
     trainer(tmp_path / "ddp", [], max_epochs=-1, strategy="ddp_spawn", devices=2,
             use_distributed_sampler=False).fit(ddp, loaders)
     assert int(ddp.iteration) == ITERS and len(single.selections) == ITERS
     assert ddp.selections == single.selections
-    # the gradients only choose: the same choices give bitwise the same coefficients and weights
-    assert torch.equal(ddp.coefficient_matrix(), single.coefficient_matrix())
+    exact = merge_fn != "adamerging"
     for k, v in ddp.merged_parameters().items():
-        assert torch.equal(v, single.merged_parameters()[k]), k
-    assert not torch.allclose(single.coefficient_matrix(), single.initial)
+        if exact:
+            assert torch.equal(v, single.merged_parameters()[k]), k
+        else:
+            torch.testing.assert_close(v, single.merged_parameters()[k], rtol=1e-5, atol=1e-6)
+    if merge_fn != "ties":
+        if exact:
+            assert torch.equal(ddp.coefficient_matrix(), single.coefficient_matrix())
+        assert not torch.allclose(single.coefficient_matrix(), single.initial)
 
 
 def test_entropy_loss_and_a_task_head(tmp_path):
@@ -192,7 +203,7 @@ from torch import nn
 from fusion_bench.method.fw_merging import FrankWolfeHardAlgorithm, FrankWolfeSoftAlgorithm
 from fusion_bench.utils import state_dict_arithmetic as sda
 d = torch.load(sys.argv[1], weights_only=True)
-mode, granularity = sys.argv[3], sys.argv[4]
+mode, granularity, merge_fn = sys.argv[3], sys.argv[4], sys.argv[5]
 # this process runs other modules' reference scripts next: every patch below and the grad mode that run() leaves
 # off are restored at the end
 cuda, checked, grad = nn.Module.cuda, sda._validate_state_dict_same_keys, torch.is_grad_enabled()
@@ -213,15 +224,26 @@ class Pool:  # what run() asks of a model pool
 # each task's examples one at a time, in order (FusionBench's loaders: batch size 1, shuffled)
 samples = {t: itertools.cycle([(x[None], y[None]) for x, y in zip(*d["data"][t])]) for t in d["data"]}
 if mode == "hard":
-    alg = FrankWolfeHardAlgorithm(merge_fn="task_arithmetic", step_size=d["step_size"], max_iters=d["iters"],
+    alg = FrankWolfeHardAlgorithm(merge_fn=merge_fn, step_size=d["step_size"], max_iters=d["iters"],
                                   dataset_size=d["size"], tasks=list(d["data"]), granularity=granularity,
-                                  loss_fn="cross_entropy", init_weight="", scaling_factor=d["scaling"])
+                                  loss_fn="cross_entropy", init_weight="", scaling_factor=d["scaling"],
+                                  threshold=d["threshold"])
     alg.get_shuffled_loader_iter = lambda task: samples[task]
 else:
-    alg = FrankWolfeSoftAlgorithm(max_iters=d["iters"], dataset_size=d["size"], ada_iters=0, ada_coeff=1e-8,
-                                  merge_fn="task_arithmetic", granularity=granularity, step_size=d["step_size"],
-                                  tasks=list(d["data"]), init_weight="")
+    alg = FrankWolfeSoftAlgorithm(max_iters=d["iters"], dataset_size=d["size"], ada_iters=d["ada_iters"],
+                                  ada_coeff=d["ada_coeff"], merge_fn=merge_fn, granularity=granularity,
+                                  step_size=d["step_size"], tasks=list(d["data"]), init_weight="")
     alg.get_shuffled_train_loader_iter = lambda task: samples[task]
+    # the AdaMerging step's unlabelled batches: each task's list of batches, in order, without end (FusionBench's: a
+    # shuffled test loader of 16 images)
+    ada = {t: itertools.cycle(batches) for t, batches in d["ada"].items()}
+    alg.get_shuffled_test_loader_iter = lambda task, batch_size=16: ada[task]
+    class Fabric:  # run_adamerging's fabric on one CPU process: no wrapping, a plain backward, no logger
+        is_global_zero = True
+        setup = staticmethod(lambda module, optimizer: (module, optimizer))
+        backward = staticmethod(lambda loss: loss.backward())
+        log_dict = staticmethod(lambda *a, **k: None)
+    alg.fabric = Fabric()
 alg.setup_zero_shot_classification_head = lambda: None  # CLIP's text heads: the tiny model has its own
 alg.compute_logits = lambda model, x, task: model(x)
 alg.log_hyperparams = lambda *a, **k: None
@@ -240,7 +262,14 @@ finally:
 torch.save({"merged": {k: v.detach() for k, v in merged.state_dict().items()}, "chosen": chosen}, sys.argv[2])
 """
 
-CASES = [("hard", "task"), ("hard", "layer"), ("soft", "task"), ("soft", "layer")]
+CASES = [(mode, granularity, "task_arithmetic") for mode in ("hard", "soft") for granularity in ("task", "layer")]
+STEP_CASES = [("hard", g, "ties") for g in ("task", "layer")] + [("soft", g, "adamerging") for g in ("task", "layer")]
+
+
+def _ada_data(seed=5):
+    """Each task's unlabelled batches (x,) for the AdaMerging step: ADA_BATCHES of ADA_SIZE examples."""
+    g = torch.Generator().manual_seed(seed)
+    return {t: [(torch.randn(ADA_SIZE, 6, generator=g),) for _ in range(ADA_BATCHES)] for t in ("a", "b")}
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +278,12 @@ def fw_references(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fw_merging")
     base, experts, data = _family()
     torch.save({"base": base, "experts": experts, "data": data, "iters": ITERS, "size": SIZE, "step_size": STEP,
-                "scaling": SCALE}, folder / "in.pt")
-    fusion_bench_runs(FUSIONBENCH_SCRIPT, [[folder / "in.pt", folder / f"{m}-{g}.pt", m, g] for m, g in CASES],
-                      folder)
-    return {case: torch.load(folder / f"{case[0]}-{case[1]}.pt", weights_only=True) for case in CASES}
+                "scaling": SCALE, "threshold": 20, "ada_iters": ADA_ITERS, "ada_coeff": 1e-8, "ada": _ada_data()},
+               folder / "in.pt")
+    cases = CASES + STEP_CASES
+    fusion_bench_runs(FUSIONBENCH_SCRIPT, [[folder / "in.pt", folder / f"{m}-{g}-{f}.pt", m, g, f]
+                                           for m, g, f in cases], folder)
+    return {case: torch.load(folder / ("-".join(case) + ".pt"), weights_only=True) for case in cases}
 
 
 def _names(chosen, n):
@@ -264,12 +295,12 @@ def _names(chosen, n):
 
 @pytest.mark.slow
 @pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
-@pytest.mark.parametrize("mode,granularity", CASES)
-def test_matches_fusionbench_fw_merging(fw_references, mode, granularity):
+@pytest.mark.parametrize("mode,granularity,merge_fn", CASES)
+def test_matches_fusionbench_fw_merging(fw_references, mode, granularity, merge_fn):
     """FusionBench 0.2.33's run() (its gradients, oracle and steps) on 4 experts and 2 labelled tasks, 3 iterations of
     4 examples per task: the same choices, and merged weights within 1e-5."""
     base, experts, data = _family()
-    reference = fw_references[(mode, granularity)]
+    reference = fw_references[(mode, granularity, merge_fn)]
     fw = _run(FWMerging(tiny_mlp(), experts, base, mode=mode, granularity=granularity, step_size=STEP,
                         scaling_factor=SCALE), data)
     chosen = [c for per_task in fw.selections for c in per_task] if mode == "soft" else fw.selections
@@ -291,3 +322,147 @@ def test_soft_with_as_many_tasks_as_experts_does_not_depend_on_the_data():
     once = FWMerging(tiny_mlp(), experts, base, mode="soft")
     once.step(_batches(data, 0))
     torch.testing.assert_close(once.coefficient_matrix(), torch.full((2, 4), SCALE))
+
+
+def _ties_by_hand(point, checkpoints, scale, density=0.2):
+    """FusionBench's ties_merge written out: each sⱼ − point flattened over the tensors in sorted order, entries with
+    |x| ≥ its (d − ⌊d·density⌋)-th smallest |x| kept, the sign of the sum elected, the agreeing entries summed."""
+    names = sorted(point)
+    flat = torch.stack([torch.cat([(c[n] - point[n]).flatten() for n in names]) for c in checkpoints])
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(0))
+    merged = (trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)).sum(0)
+    out, start = {}, 0
+    for n in names:
+        out[n] = point[n] + scale * merged[start:start + point[n].numel()].view(point[n].shape)
+        start += point[n].numel()
+    return out
+
+
+def test_the_ties_start_and_step_are_fusionbench_ties_merge_by_hand():
+    """merge_fn='ties': θ starts at base + scaling_factor · TIES(τ₁..τ_N) (top ⌊0.2·d⌋ + 1 of each τ over the whole
+    model, elected signs, agreeing entries summed); a hard step is θ + γ₀ · trim(s − θ)."""
+    base, experts, data = _family()
+    fw = FWMerging(tiny_mlp(), experts, base, merge_fn="ties")
+    start = _ties_by_hand(base, experts, SCALE)
+    for n, v in fw.merged_parameters().items():
+        torch.testing.assert_close(v, start[n], rtol=1e-6, atol=1e-6)
+    d = sum(v.numel() for v in base.values())
+    assert int(fw.ties_density() * d) == int(0.2 * d) + 1  # what Ties keeps: FusionBench's count
+    chosen = fw.step(_batches(data, 0))
+    target = experts[chosen] if chosen < 4 else start
+    want = _ties_by_hand(start, [target], 2 / (0 + 2) * STEP * SCALE)
+    for n, v in fw.merged_parameters().items():
+        torch.testing.assert_close(v, want[n], rtol=1e-6, atol=1e-6)
+    moved = sum(int((v != start[n]).sum()) for n, v in fw.merged_parameters().items())
+    assert moved == (int(0.2 * d) + 1 if chosen < 4 else 0)
+
+
+def test_the_ties_step_at_density_1_without_sign_conflict_is_the_task_arithmetic_step():
+    """Experts whose task vectors are positive multiples of one vector never disagree in sign; at density 1 nothing
+    is trimmed, so the TIES start is task arithmetic and every TIES step the task-arithmetic step: the same choices
+    and weights as merge_fn='task_arithmetic'."""
+    base, _, data = _family()
+    g = torch.Generator().manual_seed(3)
+    direction = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    experts = [{k: v + c * direction[k] for k, v in base.items()} for c in (0.2, 0.5, 0.9, 1.3)]
+    for granularity in ("task", "layer"):
+        ties = _run(FWMerging(tiny_mlp(), experts, base, merge_fn="ties", density=1.0, granularity=granularity), data)
+        plain = _run(FWMerging(tiny_mlp(), experts, base, granularity=granularity), data)
+        assert ties.selections == plain.selections
+        for n, v in plain.merged_parameters().items():
+            torch.testing.assert_close(ties.merged_parameters()[n], v, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_results_are_a_state_not_a_strategy(tmp_path):
+    """The TIES iterate has per-entry coefficients: strategy() and the coefficients refuse, and merged_state() is
+    the network the module computes, written by merge() as the one expert of Linear(); a Trainer fit runs it."""
+    base, experts, data = _family()
+    fw = FWMerging(tiny_mlp(), experts, base, merge_fn="ties", iterations=ITERS)
+    loaders = {t: DataLoader(TensorDataset(x, y), batch_size=SIZE) for t, (x, y) in data.items()}
+    trainer(tmp_path, [], max_epochs=-1).fit(fw, loaders)
+    by_hand = _run(FWMerging(tiny_mlp(), experts, base, merge_fn="ties"), data)
+    assert fw.selections == by_hand.selections and len(fw.selections) == ITERS
+    for what in (fw.strategy, fw.coefficients, fw.coefficient_matrix):
+        with pytest.raises(ValueError, match="merge_fn='ties' trims each step per entry"):
+            what()
+    state = fw.merged_state()
+    written = merge([state], None, Linear())
+    x = data["a"][0]
+    model = tiny_mlp()
+    model.load_state_dict(written)
+    torch.testing.assert_close(model(x), fw(x), rtol=1e-6, atol=1e-6)
+    for n, v in by_hand.merged_parameters().items():
+        torch.testing.assert_close(written[n], v, rtol=1e-6, atol=1e-6)
+
+
+def test_the_adamerging_step_learns_what_adamerging_run_by_hand_learns(tmp_path):
+    """Soft mode's first AdaMerging step from the base: the chosen experts' rows of C are the λ that AdaMerging
+    (base, the chosen experts, λ = 0.3, Adam 1e-3) learns in ADA_ITERS Trainer steps on the summed entropy of the
+    same batches; the second starts from λ = ada_coeff at the merged model: θ₂ = θ₁ + Σⱼ λⱼ (sⱼ − θ₁)."""
+    base, experts, data = _family()
+    ada_data = _ada_data()
+    fw = FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", ada_iters=ADA_ITERS,
+                   ada_data=ada_data)
+    chosen = fw.step(_batches(data, 0))
+    by_hand = AdaMerging(tiny_mlp(), [experts[k] for k in chosen], base, init=SCALE,
+                         logits_fn=lambda ada, batch: {"a": ada(batch[0]), "b": ada(batch[1])})
+    steps = [(ada_data["a"][i % ADA_BATCHES][0], ada_data["b"][i % ADA_BATCHES][0]) for i in range(ADA_ITERS)]
+    trainer(tmp_path, [], max_steps=ADA_ITERS, max_epochs=-1).fit(by_hand, DataLoader(steps, batch_size=None))
+    c = fw.coefficient_matrix()
+    for j, k in enumerate(chosen):
+        torch.testing.assert_close(c[k], by_hand.lambdas.detach()[j], rtol=1e-6, atol=1e-7)
+    assert float(c.abs().sum()) == pytest.approx(float(c[chosen].abs().sum()))
+    assert not torch.allclose(c[chosen], torch.full_like(c[chosen], SCALE))
+    # the second iteration: λ from ada_coeff, over the merged model
+    before = fw.merged_parameters()
+    chosen = fw.step(_batches(data, 1))
+    second = AdaMerging(tiny_mlp(), [experts[k] for k in chosen], before, init=1e-8,
+                        logits_fn=lambda ada, batch: {"a": ada(batch[0]), "b": ada(batch[1])})
+    steps = [(ada_data["a"][i % ADA_BATCHES][0], ada_data["b"][i % ADA_BATCHES][0])
+             for i in range(ADA_ITERS, 2 * ADA_ITERS)]
+    trainer(tmp_path / "2", [], max_steps=ADA_ITERS, max_epochs=-1).fit(second, DataLoader(steps, batch_size=None))
+    for n, v in fw.merged_parameters().items():
+        torch.testing.assert_close(v, second.merged_parameters()[n].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_step_refusals():
+    base, experts, data = _family()
+    with pytest.raises(ValueError, match=r"merge_fn must be one of \('task_arithmetic', 'ties'\) in hard mode"):
+        FWMerging(tiny_mlp(), experts, base, merge_fn="adamerging")
+    with pytest.raises(ValueError, match=r"merge_fn must be one of \('task_arithmetic', 'adamerging'\) in soft"):
+        FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="ties")
+    with pytest.raises(ValueError, match="density must be in"):
+        FWMerging(tiny_mlp(), experts, base, merge_fn="ties", density=0)
+    with pytest.raises(ValueError, match="ada_iters must be an integer >= 0"):
+        FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", ada_iters=-1)
+    with pytest.raises(ValueError, match="ada_lr must be > 0"):
+        FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", ada_lr=0)
+    with pytest.raises(ValueError, match="ada_data must be a non-empty mapping"):
+        FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", ada_data={})
+    fw = FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", ada_iters=1, ada_data={"a": []})
+    with pytest.raises(ValueError, match=r"ada_data\['a'\] holds no batch"):
+        fw.step(_batches(data, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
+@pytest.mark.parametrize("mode,granularity,merge_fn", STEP_CASES)
+def test_matches_fusionbench_ties_and_adamerging_steps(fw_references, mode, granularity, merge_fn):
+    """FusionBench 0.2.33's run() with merge_fn 'ties' (hard: threshold 20, its TIES start and steps) and
+    'adamerging' (soft: ADA_ITERS Adam steps per iteration on the same unlabelled batches, λ from 0.3 then 1e-8), on
+    the family above: the same choices, and merged weights within 1e-5."""
+    base, experts, data = _family()
+    reference = fw_references[(mode, granularity, merge_fn)]
+    fw = _run(FWMerging(tiny_mlp(), experts, base, mode=mode, merge_fn=merge_fn, granularity=granularity,
+                        step_size=STEP, scaling_factor=SCALE, ada_iters=ADA_ITERS, ada_data=_ada_data()), data)
+    chosen = [c for per_task in fw.selections for c in per_task] if mode == "soft" else fw.selections
+    assert [_names(c, 4) for c in chosen] == reference["chosen"]
+    merged = fw.merged_state() if merge_fn == "ties" else merge(experts, base, fw.strategy())
+    worst = max(float((merged[k] - v).abs().max()) for k, v in reference["merged"].items())
+    print(f"FW-Merging {mode}/{granularity}/{merge_fn} against FusionBench: max |Δ| = {worst:.2e}")
+    for k, v in reference["merged"].items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged["2.weight"], base["2.weight"])
