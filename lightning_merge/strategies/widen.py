@@ -88,8 +88,8 @@ class WIDEN(Strategy):
     Args:
         above_average_value_ratio: an expert's score above this × its mean score (over the columns of a 2-D tensor,
             over the entries of any other) takes ``score_calibration_value`` instead of its softmax weight (the
-            reference's default 1.0). Ranks never exceed twice their mean, so for 2-D tensors a ratio ≥ 2 turns the
-            calibration off.
+            reference's default 1.0). Ranks never exceed twice their mean, so for 2-D tensors a ratio above 2 (say
+            3) turns the calibration off.
         score_calibration_value: the weight of those changes (the reference's default 1.0: the expert's change kept
             whole; each of the magnitude and direction halves contributes ½ of it).
         scale: λ, the step along the merged task vector (an extension: the reference adds it as it is, 1).
