@@ -36,6 +36,7 @@ import torch
 from lightning_merge import (
     OTA,
     PCB,
+    WIDEN,
     WUDI,
     Breadcrumbs,
     Cabs,
@@ -97,6 +98,10 @@ def strategies() -> dict[str, object]:
         "iso_cts (f 0.8)": ("scales", IsoCTS(), ISO_GRID),
         "wudi (adam, 300 steps, lr 1e-5)": WUDI(),
         "wudi (exact optimum)": WUDI(solver="exact"),
+        # issue 33: WIDEN (the authors' widen_merging): their defaults (ratio 1, calibration 1), and with the
+        # calibration off (ratio 3: ranks never exceed twice their mean), λ on validation like the others
+        "widen (ratio 1, calibration 1: the reference's)": WIDEN(),
+        "widen, calibration off (ratio 3)": WIDEN(above_average_value_ratio=3.0),
         # issue 33: DOGE-TA (FusionBench's doge_ta): as published (lamda 0.07, no scale), then its lamda on validation
         # with the biases at the base (the reference) or at the mean task vector (others="mean")
         "doge_ta (lamda 0.07, as published)": ("scales", DogeTA(), (1.0,)),
@@ -777,6 +782,10 @@ PAIRS = (
     ("wudi (adam, 300 steps, lr 1e-5)", "tsv_merge"),
     ("wudi (exact optimum)", "task_arithmetic"),
     ("wudi (exact optimum)", "tsv_merge"),
+    ("widen (ratio 1, calibration 1: the reference's)", "task_arithmetic"),
+    ("widen (ratio 1, calibration 1: the reference's)", "tsv_merge"),
+    ("widen, calibration off (ratio 3)", "task_arithmetic"),
+    ("widen, calibration off (ratio 3)", "tsv_merge"),
     ("doge_ta (lamda 0.07, as published)", "task_arithmetic"),
     ("doge_ta (lamda 0.07, as published)", "tsv_merge"),
     ("doge_ta, lamda on validation", "task_arithmetic"),

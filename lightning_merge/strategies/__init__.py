@@ -38,6 +38,7 @@ from lightning_merge.strategies.sparsify import SPARSIFIERS, Sparsification
 from lightning_merge.strategies.spherical import Karcher, MultiSlerp, NuSlerp, Slerp
 from lightning_merge.strategies.task_vectors import Breadcrumbs, Dare, TaskArithmetic, TaskVectorMerge, Ties
 from lightning_merge.strategies.tsv import TSVMerge
+from lightning_merge.strategies.widen import WIDEN
 from lightning_merge.strategies.wudi import WUDI
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "TaskArithmetic",
     "TaskVectorMerge",
     "Ties",
+    "WIDEN",
     "WUDI",
     "WeightedMedian",
 ]

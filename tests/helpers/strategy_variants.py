@@ -40,6 +40,7 @@ VARIANTS = [
     S.WUDI(iterations=50, lr=1e-4, solver="exact", scale=0.9, not_svd=r"lm_head", device="cpu"),
     S.DogeTA(lamda=0.2, density=0.5, subspace=2.0, iterations=30, lr=1e-3, scale=0.9, not_svd=r"lm_head",
              others="mean", device="cpu"),
+    S.WIDEN(above_average_value_ratio=1.5, score_calibration_value=0.5, scale=0.9, embeddings=r"wte"),
     S.TSVMerge(metric="gram", alpha=0.5, damping=0.1),
     S.TSVMerge(metric="fisher.batch", damping=0.0, mask="exp_avg_sq", density=0.3),
     S.LayerwiseTaskArithmetic(coefficients={"0": [0.3, 0.7], "1": [0.5, 0.5]}, default=[1.0, 0.2], scale=0.8),

@@ -30,6 +30,7 @@ from lightning_merge.strategies import (
     RAM,
     SCE,
     STRATEGIES,
+    WIDEN,
     WUDI,
     ArceeFusion,
     Breadcrumbs,
@@ -235,6 +236,10 @@ def strategies(draw, n: int):
         return WUDI(iterations=draw(st.integers(0, 40)), lr=draw(st.sampled_from([1e-5, 1e-3])),
                     solver=draw(st.sampled_from(["adam", "exact"])), scale=draw(st.floats(0.5, 1.5)),
                     not_svd=draw(st.sampled_from([None, r"\.1\."])))
+    if name == "widen":
+        return WIDEN(above_average_value_ratio=draw(st.sampled_from([0.8, 1.0, 1.5])),
+                     score_calibration_value=draw(st.sampled_from([0.5, 1.0])), scale=draw(st.floats(0.5, 1.5)),
+                     embeddings=draw(st.sampled_from([WIDEN.embeddings, None, r"\.1\.weight$"])))
     if name == "doge_ta":  # few steps: every path runs the same optimisation per tensor
         return DogeTA(lamda=draw(st.sampled_from([0.07, 0.5])), density=draw(st.floats(0.1, 1.0)),
                       subspace=draw(st.sampled_from([1.0, 2.0, 6.0])), iterations=draw(st.integers(0, 12)),
@@ -459,5 +464,5 @@ def test_every_registered_strategy_has_a_generator():
                      "fisher", "ota", "weighted_median", "opcm", "dop", "lines", "tsv_merge", "pcb",
                      "layerwise_task_arithmetic", "regmean", "slerp", "nuslerp", "multislerp", "karcher",
                      "model_stock", "nearswap", "arcee_fusion", "della", "sce", "ram", "ramplus_tl", "per_tensor",
-                     "iso_c", "iso_cts", "wudi", "doge_ta"}, \
+                     "iso_c", "iso_cts", "wudi", "doge_ta", "widen"}, \
         sorted(names)
