@@ -46,6 +46,7 @@ import torch
 from lightning_merge import (
     OPCM,
     OTA,
+    WIDEN,
     WUDI,
     Breadcrumbs,
     Cabs,
@@ -268,6 +269,9 @@ def strategies() -> dict[str, object]:
         "iso_cts (f 0.8)": IsoCTS(),
         "wudi (adam, 300 steps, lr 1e-5)": WUDI(),
         "wudi (exact optimum)": WUDI(solver="exact"),
+        # issue 33: WIDEN (the authors' widen_merging), their defaults and with calibration off
+        "widen (ratio 1, calibration 1: the reference's)": WIDEN(),
+        "widen, calibration off (ratio 3)": WIDEN(above_average_value_ratio=3.0),
     }
 
 
