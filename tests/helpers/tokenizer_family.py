@@ -90,12 +90,13 @@ def write_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
     return base, experts
 
 
-def write_vl_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
+def write_vl_tokenizer_family(root: Path, flat: bool = False) -> tuple[Path, list[Path]]:
     """The family of :func:`write_tokenizer_family` as tiny float32 Qwen2-VLs: ``root/base`` a
     ``Qwen2VLForConditionalGeneration`` as transformers saves it (its text decoder's ``model.*`` and ``lm_head``, its
     vision tower's and projector's ``visual.*``; layer counts and vocabulary size in ``text_config``), experts = base +
     sparse deltas on every tensor (the vision tower's too), then the tokenizers and resized embeddings of
-    :func:`write_tokenizer_family`."""
+    :func:`write_tokenizer_family`. ``flat``: the configs laid out as Qwen2-VL's published checkpoints have them
+    (written by transformers 4: the text decoder's keys at the top level, no ``text_config``)."""
     import shutil
 
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -119,6 +120,10 @@ def write_vl_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
                                                                                   < 0.3)
                    for name, value in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     _with_tokenizers(base, experts, n)
+    for folder in [base, *experts] if flat else []:
+        config = json.loads((folder / "config.json").read_text())
+        text = {k: v for k, v in config.pop("text_config").items() if k not in ("model_type", "layer_types", "dtype")}
+        (folder / "config.json").write_text(json.dumps({**text, **config}, indent=2))
     return base, experts
 
 

@@ -3,18 +3,19 @@
 test_parity_mergekit_tokenizer.py's Llamas (tests/helpers/tokenizer_family.py). The text decoder's embeddings and
 LM head are aligned to the output tokenizer; the vision tower and projector merge as they are. Every tensor equals
 mergekit's (token-indexed rows compared token by token), and the output loads as
-``Qwen2VLForConditionalGeneration`` with its tokenizer.
+``Qwen2VLForConditionalGeneration`` with its tokenizer. The configs are laid out both as transformers 5 saves them
+(``text_config``) and as Qwen2-VL's published checkpoints have them (the text decoder's keys at the top level).
 
 mergekit 0.1.5 cannot read a Qwen2-VL config of transformers 5 on its own: its Qwen2-VL definition reads the text
 decoder's layer count and the vocabulary size as ``num_hidden_layers`` and ``vocab_size`` on the top-level config
-(transformers 4 kept them there), and transformers 5's ``Qwen2VLConfig`` holds them in ``text_config`` only, so
+(transformers 4 kept them there), and transformers 5's ``Qwen2VLConfig`` holds them in ``text_config`` only (it
+moves a published checkpoint's top-level keys there when it reads the config), so
 its planning stops with ``RuntimeError: Config Qwen2VLConfig {...} has no attribute num_hidden_layers``
 (``mergekit/common.py``, ``get_config_value``). The reference script below (:data:`PATCHED`) patches
 ``get_config_value`` and ``set_config_value`` to use ``text_config`` for a plain key the top level lacks and
 ``text_config`` has, and nothing else; the patch is undone after the runs. Runs when a mergekit install is found
 (``MERGEKIT_YAML``)."""
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -80,9 +81,11 @@ finally:
 CASES = ("union_ties", "base_task_arithmetic", "model_linear_no_base", "tokens_and_padding", "slerp_union")
 
 
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return write_vl_tokenizer_family(tmp_path_factory.mktemp("vl"))
+@pytest.fixture(scope="module", params=["saved", "flat"])
+def family(request, tmp_path_factory):
+    """The Qwen2-VLs with their configs as transformers 5 saves them (``text_config``), and as the published
+    checkpoints have them (``flat``: the text decoder's keys at the top level)."""
+    return write_vl_tokenizer_family(tmp_path_factory.mktemp("vl"), flat=request.param == "flat")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +121,13 @@ def _vocab(folder):
     return AutoTokenizer.from_pretrained(folder).get_vocab()
 
 
+def _vocab_size(folder):
+    """The vocabulary size transformers reads from a Qwen2-VL's config.json (its text_config's)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder).text_config.vocab_size
+
+
 def test_mergekit_cannot_read_the_config_unpatched(tmp_path, family):
     """Why the reference is patched: mergekit 0.1.5 as installed stops on the config's layer count."""
     base, experts = family
@@ -134,7 +144,7 @@ def test_vl_tokenizer_merging_gives_mergekits_model(tmp_path, theirs, case):
     ours, theirs = _ours(tmp_path, theirs, case)
     mine, mk = _vocab(ours), _vocab(theirs)
     assert set(mine) == set(mk)
-    sizes = [json.loads((p / "config.json").read_text())["text_config"]["vocab_size"] for p in (ours, theirs)]
+    sizes = [_vocab_size(p) for p in (ours, theirs)]
     assert sizes[0] == sizes[1]
     a, b = Expert(ours), Expert(theirs)
     assert sorted(a.names()) == sorted(b.names())
