@@ -90,20 +90,19 @@ def write_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
     return base, experts
 
 
-def write_vl_tokenizer_family(root: Path, flat: bool = False) -> tuple[Path, list[Path]]:
-    """The family of :func:`write_tokenizer_family` as tiny float32 Qwen2-VLs: ``root/base`` a
-    ``Qwen2VLForConditionalGeneration`` as transformers saves it (its text decoder's ``model.*`` and ``lm_head``, its
-    vision tower's and projector's ``visual.*``; layer counts and vocabulary size in ``text_config``), experts = base +
-    sparse deltas on every tensor (the vision tower's too), then the tokenizers and resized embeddings of
-    :func:`write_tokenizer_family`. ``flat``: the configs laid out as Qwen2-VL's published checkpoints have them
-    (written by transformers 4: the text decoder's keys at the top level, no ``text_config``)."""
+def write_qwen2_vl_family(root: Path, vocab: int = 64, flat: bool = False, n_experts: int = 2
+                          ) -> tuple[Path, list[Path]]:
+    """Tiny float32 Qwen2-VLs: ``root/base`` a ``Qwen2VLForConditionalGeneration`` (2 text decoder layers, 2 vision
+    blocks) as transformers saves it (its text decoder's ``model.*`` and ``lm_head``, its vision tower's and
+    projector's ``visual.*``; layer counts and vocabulary size in ``text_config``), ``root/expert_{i}`` = base + sparse
+    deltas on every tensor (the vision tower's too). ``flat``: the configs laid out as Qwen2-VL's published
+    checkpoints have them (written by transformers 4: the text decoder's keys at the top level, no ``text_config``)."""
     import shutil
 
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    n = len(bpe_tokenizer(CORPUS, 200).get_vocab())
     text = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "intermediate_size": 32, "vocab_size": n, "bos_token_id": 1, "eos_token_id": 2,
+            "intermediate_size": 32, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2,
             "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}}
     config = Qwen2VLConfig(text_config=text, vision_config={"depth": 2, "embed_dim": 8, "hidden_size": 16,
                                                             "num_heads": 2},
@@ -113,17 +112,25 @@ def write_vl_tokenizer_family(root: Path, flat: bool = False) -> tuple[Path, lis
     Qwen2VLForConditionalGeneration(config).save_pretrained(base)
     g = torch.Generator().manual_seed(3)
     tensors = load_file(base / "model.safetensors")
-    experts = [root / f"expert_{i}" for i in range(2)]
+    experts = [root / f"expert_{i}" for i in range(n_experts)]
     for folder in experts:
         shutil.copytree(base, folder)
         save_file({name: value + 0.01 * torch.randn(value.shape, generator=g) * (torch.rand(value.shape, generator=g)
                                                                                   < 0.3)
                    for name, value in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    _with_tokenizers(base, experts, n)
     for folder in [base, *experts] if flat else []:
         config = json.loads((folder / "config.json").read_text())
         text = {k: v for k, v in config.pop("text_config").items() if k not in ("model_type", "layer_types", "dtype")}
         (folder / "config.json").write_text(json.dumps({**text, **config}, indent=2))
+    return base, experts
+
+
+def write_vl_tokenizer_family(root: Path, flat: bool = False) -> tuple[Path, list[Path]]:
+    """The family of :func:`write_tokenizer_family` as the Qwen2-VLs of :func:`write_qwen2_vl_family` (``flat``
+    there): the same tokenizers, the experts' embeddings and LM heads resized to theirs."""
+    n = len(bpe_tokenizer(CORPUS, 200).get_vocab())
+    base, experts = write_qwen2_vl_family(root, n, flat)
+    _with_tokenizers(base, experts, n)
     return base, experts
 
 

@@ -11,19 +11,17 @@ decoder's layer count and the vocabulary size as ``num_hidden_layers`` and ``voc
 (transformers 4 kept them there), and transformers 5's ``Qwen2VLConfig`` holds them in ``text_config`` only (it
 moves a published checkpoint's top-level keys there when it reads the config), so
 its planning stops with ``RuntimeError: Config Qwen2VLConfig {...} has no attribute num_hidden_layers``
-(``mergekit/common.py``, ``get_config_value``). The reference script below (:data:`PATCHED`) patches
-``get_config_value`` and ``set_config_value`` to use ``text_config`` for a plain key the top level lacks and
-``text_config`` has, and nothing else; the patch is undone after the runs. Runs when a mergekit install is found
+(``mergekit/common.py``, ``get_config_value``). The reference runs mergekit with ``get_config_value`` and
+``set_config_value`` patched to use ``text_config`` for a plain key the top level lacks and ``text_config`` has, and
+nothing else (``test_parity_mergekit.run_mergekit_many(..., text_config=True)``). Runs when a mergekit install is found
 (``MERGEKIT_YAML``)."""
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_runs
-from test_parity_mergekit import MERGEKIT
+from test_parity_mergekit import MERGEKIT, mergekit_outputs
 from test_parity_mergekit_tokenizer import RECIPES, TIED_RECIPES
 from tokenizer_family import CHAT_TOKENS, tied_copy, write_vl_tokenizer_family
 
@@ -34,48 +32,6 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (set MERGEKIT_YAML)")]
 
 TOKEN_INDEXED = ("model.embed_tokens.weight", "lm_head.weight")
-
-#: mergekit's run_merge (what mergekit-yaml calls) on each (recipe, out) pair, with its config reads patched for
-#: transformers 5's Qwen2-VL config (see the module's docstring); the patch is undone at the end (the reference process
-#: serves other tests)
-PATCHED = """
-import sys, yaml
-import mergekit.architecture.base, mergekit.common, mergekit.merge, mergekit.tokenizer.build
-from mergekit.config import MergeConfiguration
-from mergekit.merge import MergeOptions, run_merge
-
-get, put = mergekit.common.get_config_value, mergekit.common.set_config_value
-
-
-def holder(config, key):
-    if "." not in key and not hasattr(config, key) and hasattr(getattr(config, "text_config", None), key):
-        return config.text_config
-    return config
-
-
-def get_config_value(config, key):
-    return get(holder(config, key), key)
-
-
-def set_config_value(config, key, value):
-    put(holder(config, key), key, value)
-
-
-modules = (mergekit.common, mergekit.architecture.base, mergekit.merge, mergekit.tokenizer.build)
-patched = [(m, n, getattr(m, n)) for m in modules for n in ("get_config_value", "set_config_value") if hasattr(m, n)]
-for m, n, _ in patched:
-    setattr(m, n, get_config_value if n == "get_config_value" else set_config_value)
-try:
-    pairs = sys.argv[1:]
-    options = MergeOptions(quiet=True)
-    options.apply_global_options()
-    for recipe, out in zip(pairs[::2], pairs[1::2]):
-        text = open(recipe, encoding="utf-8").read()
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out, options=options, config_source=text)
-finally:
-    for m, n, f in patched:
-        setattr(m, n, f)
-"""
 
 #: the recipes over ``models`` (layer slices of a model with several stacks are refused: they take ``modules``)
 CASES = ("union_ties", "base_task_arithmetic", "model_linear_no_base", "tokens_and_padding", "slerp_union")
@@ -96,17 +52,11 @@ def tied_base(family, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def theirs(tmp_path_factory, family, tied_base):
-    """mergekit's output of every recipe, made in one mergekit process with :data:`PATCHED`."""
+    """mergekit's output of every recipe, made in one mergekit process, its config reads patched."""
     base, experts = family
-    root = tmp_path_factory.mktemp("mergekit_vl")
     texts = {case: RECIPES[case](base, experts) for case in CASES}
     texts.update({case: make(tied_base, experts) for case, make in TIED_RECIPES.items()})
-    args = []
-    for case, text in texts.items():
-        (root / f"{case}.yaml").write_text(text)
-        args += [root / f"{case}.yaml", root / case]
-    reference_runs(Path(MERGEKIT).with_name("python"), PATCHED, [args], root)
-    return {case: (root / f"{case}.yaml", root / case) for case in texts}
+    return mergekit_outputs(tmp_path_factory.mktemp("mergekit_vl"), texts, text_config=True)
 
 
 def _ours(tmp_path, theirs, case):
