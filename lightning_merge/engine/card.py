@@ -66,7 +66,8 @@ def model_card(provenance: Mapping[str, Any], name: str, recipe: str | None = No
 def write_folder_files(folder: Path, files: Sequence[tuple[str, Any]], provenance: Mapping[str, Any],
                        name: str) -> None:
     """Write a merge's extra files into its (temporary) output ``folder`` after the base's support files: text
-    (or bytes) replaces a file; a mapping sets top-level keys of a JSON file (the base's copy, or a new one); None
+    (or bytes) replaces a file; a mapping sets keys of a JSON file (the base's copy, or a new one; a mapping under a
+    key the file holds as an object sets that object's keys: :func:`merged_keys`); None
     leaves out the base's copy (a merged tokenizer's folder does not keep the base's other tokenizer files). Then
     the model card, ``README.md``, unless ``files`` gives one: it replaces the base's ``README.md`` (which describes
     the base, not this model), as mergekit's card does."""
@@ -84,13 +85,23 @@ def write_folder_files(folder: Path, files: Sequence[tuple[str, Any]], provenanc
                     existing = json.loads(target.read_text())
                 except (ValueError, UnicodeDecodeError):
                     existing = {}
-            existing = existing if isinstance(existing, dict) else {}
-            existing.update(content)
+            existing = merged_keys(existing if isinstance(existing, dict) else {}, content)
             content = json.dumps(existing, indent=2, default=str) + "\n"
         _write_text(target, content)
     if CARD_NAME not in given:
         recipe = given.get(RECIPE_NAME)
         _write_text(folder / CARD_NAME, model_card(provenance, name, recipe if isinstance(recipe, str) else None))
+
+
+def merged_keys(existing: Mapping[str, Any], keys: Mapping[str, Any]) -> dict[str, Any]:
+    """``existing`` with ``keys`` set, a mapping under a key that ``existing`` holds as a mapping setting that
+    mapping's keys (recursively): ``{"text_config": {"tie_word_embeddings": False}}`` changes one key of a
+    vision-language model's ``text_config`` and keeps the others."""
+    out = dict(existing)
+    for key, value in keys.items():
+        held = out.get(key)
+        out[key] = merged_keys(held, value) if isinstance(value, Mapping) and isinstance(held, Mapping) else value
+    return out
 
 
 def _write_text(path: Path, text: str | bytes) -> None:
@@ -102,4 +113,4 @@ def _write_text(path: Path, text: str | bytes) -> None:
         os.fsync(f.fileno())
 
 
-__all__ = ["CARD_NAME", "RECIPE_NAME", "model_card", "write_folder_files"]
+__all__ = ["CARD_NAME", "RECIPE_NAME", "merged_keys", "model_card", "write_folder_files"]

@@ -189,8 +189,9 @@ class MergeOptions:
 
 def check_files(files: Any) -> tuple[tuple[str, Any], ...] | None:
     """``files=`` of a merge as a tuple of ``(name, content)``: a plain file name (no folder), its content (text or
-    bytes), for a ``.json`` file a mapping of the top-level keys to set in the file the base brought (created if
-    none), or None to leave out the base's copy of that file.
+    bytes), for a ``.json`` file a mapping of the keys to set in the file the base brought (created if none; a
+    mapping under a key the file holds as an object sets that object's keys), or None to leave out the base's copy
+    of that file.
 
     Raises:
         ValueError: a name with a folder or a weight suffix, or content of the wrong type.

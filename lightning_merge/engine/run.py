@@ -115,8 +115,9 @@ def merge(
             first expert holding one the base lacks) or ``"first"`` (the first expert holding it: the model a
             fit-end callback trained keeps its own head).
         files: a folder output's other files, written after the base's support files: name → text or bytes, for a
-            ``.json`` file a mapping of keys to set in the base's copy (``{"config.json": {"num_hidden_layers": 6}}``),
-            or None to leave the base's copy of that file out.
+            ``.json`` file a mapping of keys to set in the base's copy (``{"config.json": {"num_hidden_layers": 6}}``;
+            a mapping under a key the copy holds as an object sets that object's keys), or None to leave the base's
+            copy of that file out.
             Every folder output also gets a ``README.md`` model card from the provenance unless ``files`` gives one.
         dtype: output dtype of floating tensors (default: each tensor's storage dtype in the base, or the first
             expert). Computation is always float32; rounding to the output dtype happens once, when writing.

@@ -160,25 +160,31 @@ def untied_config(donor: Expert) -> dict[str, Any]:
     """``config.json``'s keys for a merge whose config comes from ``donor``: ``tie_word_embeddings: false`` when
     the donor is a model read with its tied tensors (:func:`with_tied_tensors`), since the output then holds an LM
     head of its own (merged from the models that trained one), which a tying config would make transformers
-    replace by the embedding on load; else none. Not for an encoder-decoder (``is_encoder_decoder``: T5, Whisper),
-    where the flag means more than the tie (T5's decoder output scaling) and transformers 5 ties the head whatever it
-    says: its config is kept, as mergekit keeps it."""
+    replace by the embedding on load; else none. Set at the top level, and in ``text_config`` too when that says
+    it (a vision-language model's: transformers 5 takes the tie from there first). Not for an encoder-decoder
+    (``is_encoder_decoder``: T5, Whisper), where the flag means more than the tie (T5's decoder output scaling) and
+    transformers 5 ties the head whatever it says: its config is kept, as mergekit keeps it."""
     if not isinstance(donor, TiedExpert):
         return {}
     config = model_config(Path(donor.path)) if donor.path is not None else {}
-    return {} if config.get("is_encoder_decoder") else {"tie_word_embeddings": False}
+    if config.get("is_encoder_decoder"):
+        return {}
+    text = config.get("text_config")
+    nested = {"text_config": {"tie_word_embeddings": False}} if isinstance(text, dict) and \
+        "tie_word_embeddings" in text else {}
+    return {"tie_word_embeddings": False, **nested}
 
 
 def _ties_word_embeddings(folder: Path) -> bool | None:
-    """``config.json``'s ``tie_word_embeddings`` (top level, else its ``text_config``'s); None when it has no
-    config or does not say (then read as tied, as mergekit does); False without a config."""
+    """``config.json``'s ``tie_word_embeddings``: True when its top level or its ``text_config`` says true (a
+    vision-language model: transformers 5 ties the head when either does), False when what they say is false; None
+    when it has no config or neither says (then read as tied, as mergekit does); False without a config."""
     if not (folder / "config.json").is_file():
         return False
     config = model_config(folder)
-    for holder in (config, config.get("text_config")):
-        if isinstance(holder, dict) and isinstance(holder.get("tie_word_embeddings"), bool):
-            return holder["tie_word_embeddings"]
-    return None
+    said = [holder["tie_word_embeddings"] for holder in (config, config.get("text_config"))
+            if isinstance(holder, dict) and isinstance(holder.get("tie_word_embeddings"), bool)]
+    return any(said) if said else None
 
 
 __all__ = ["meta_model", "model_config", "saved_parameters", "tied_groups", "transformers_module", "untied_config",

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from lightning_merge.engine.card import RECIPE_NAME
+from lightning_merge.engine.card import RECIPE_NAME, merged_keys
 from lightning_merge.engine.run import parse_dtype
 from lightning_merge.errors import RecipeError
 from lightning_merge.files.remote import is_url, redact
@@ -280,7 +280,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         strategy = _build_per_tensor(method, overrides or {}, path, planned.sliced.names, planned.sliced.values_of)
         if strategy.needs_base and planned.sliced.base is None:
             raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
-        keys = {**planned.config, **untied_config(open_once(donor))}
+        keys = merged_keys(planned.config, untied_config(open_once(donor)))
         if keys:
             files["config.json"] = keys
         files.update(chat_template_files(config.get("chat_template"), path, donor, every))
@@ -317,12 +317,12 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         strategy = _build_per_tensor(method, overrides or {}, path, sliced.names, sliced.values_of)
         if strategy.needs_base and sliced.base is None:
             raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
-        layers = {**(recipe_slices.output_config(donor, sliced.layers) or {}), **untied_config(open_once(donor))}
+        layers = merged_keys(recipe_slices.output_config(donor, sliced.layers) or {}, untied_config(open_once(donor)))
         if layers:
             files["config.json"] = layers
         if vocabulary is not None:
             tokenizer_files = dict(output.files)
-            config_keys = {**(files.get("config.json") or {}), **tokenizer_files.pop("config.json", {})}
+            config_keys = merged_keys(files.get("config.json") or {}, tokenizer_files.pop("config.json", {}))
             files.update(tokenizer_files)
             if config_keys:
                 files["config.json"] = config_keys
@@ -418,7 +418,7 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         aligned = align_vocabularies(tokenizer, None if base is None else (base, base_path),
                                      list(zip(experts, model_folders)), path, text)
         files.update(aligned.files)
-        files["config.json"] = {**untie, **files.get("config.json", {})}
+        files["config.json"] = merged_keys(files.get("config.json", {}), untie)
         return Recipe(path, aligned.experts, aligned.base, strategy, dtype, files, tokenizer=True)
     files.update(chat_template_files(config.get("chat_template"), path, donor, [p for p, _ in entries]))
     if untie:

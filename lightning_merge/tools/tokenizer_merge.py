@@ -436,7 +436,7 @@ def _output_files(tokenizer: Any, donor: Path, config: Mapping[str, Any], size: 
         if isinstance(config.get("vocab_size"), int) or not isinstance(config.get("text_config"), Mapping):
             files["config.json"] = {"vocab_size": size}
         else:
-            files["config.json"] = {"text_config": {**config["text_config"], "vocab_size": size}}
+            files["config.json"] = {"text_config": {"vocab_size": size}}  # that key of it (engine.card.merged_keys)
     return files
 
 

@@ -56,8 +56,26 @@ def _resize(folder: Path, old_vocab: dict[str, int], new_vocab: dict[str, int], 
         tensors[name] = new
     save_file(tensors, file, metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
-    config["vocab_size"] = rows
+    holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+    holder["vocab_size"] = rows  # a vision-language model's is its text config's
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _with_tokenizers(base: Path, experts: list[Path], n: int) -> None:
+    """Give the family of a base whose embeddings have the ``n`` rows of ``bpe_tokenizer(CORPUS, 200)`` the
+    tokenizers of :func:`write_tokenizer_family` (the experts' embeddings resized to theirs)."""
+    vocab = bpe_tokenizer(CORPUS, 200).get_vocab()
+    assert len(vocab) == n
+    reserved = bpe_tokenizer(CORPUS, 200)
+    reserved.add_special_tokens({"additional_special_tokens": RESERVED})
+    reserved.save_pretrained(base)
+    chat = bpe_tokenizer(CORPUS, 200)
+    chat.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+    chat.save_pretrained(experts[0])
+    _resize(experts[0], vocab, chat.get_vocab(), n + 4, seed=1)
+    other = bpe_tokenizer(OTHER_CORPUS, 200)
+    other.save_pretrained(experts[1])
+    _resize(experts[1], vocab, other.get_vocab(), len(other.get_vocab()) + 2, seed=2)
 
 
 def write_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
@@ -68,17 +86,51 @@ def write_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
     n = len(base_tok.get_vocab())
     base, experts = write_llama_family(root, llama_config(vocab=n), n_experts=2, delta_density=0.3,
                                        dtype=torch.float32)
-    reserved = bpe_tokenizer(CORPUS, 200)
-    reserved.add_special_tokens({"additional_special_tokens": RESERVED})
-    reserved.save_pretrained(base)
-    vocab = base_tok.get_vocab()
-    chat = bpe_tokenizer(CORPUS, 200)
-    chat.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
-    chat.save_pretrained(experts[0])
-    _resize(experts[0], vocab, chat.get_vocab(), n + 4, seed=1)
-    other = bpe_tokenizer(OTHER_CORPUS, 200)
-    other.save_pretrained(experts[1])
-    _resize(experts[1], vocab, other.get_vocab(), len(other.get_vocab()) + 2, seed=2)
+    _with_tokenizers(base, experts, n)
+    return base, experts
+
+
+def write_qwen2_vl_family(root: Path, vocab: int = 64, flat: bool = False, n_experts: int = 2
+                          ) -> tuple[Path, list[Path]]:
+    """Tiny float32 Qwen2-VLs: ``root/base`` a ``Qwen2VLForConditionalGeneration`` (2 text decoder layers, 2 vision
+    blocks) as transformers saves it (its text decoder's ``model.*`` and ``lm_head``, its vision tower's and
+    projector's ``visual.*``; layer counts and vocabulary size in ``text_config``), ``root/expert_{i}`` = base + sparse
+    deltas on every tensor (the vision tower's too). ``flat``: the configs laid out as Qwen2-VL's published
+    checkpoints have them (written by transformers 4: the text decoder's keys at the top level, no ``text_config``)."""
+    import shutil
+
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "intermediate_size": 32, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}}
+    config = Qwen2VLConfig(text_config=text, vision_config={"depth": 2, "embed_dim": 8, "hidden_size": 16,
+                                                            "num_heads": 2},
+                           architectures=["Qwen2VLForConditionalGeneration"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = root / "base"
+    Qwen2VLForConditionalGeneration(config).save_pretrained(base)
+    g = torch.Generator().manual_seed(3)
+    tensors = load_file(base / "model.safetensors")
+    experts = [root / f"expert_{i}" for i in range(n_experts)]
+    for folder in experts:
+        shutil.copytree(base, folder)
+        save_file({name: value + 0.01 * torch.randn(value.shape, generator=g) * (torch.rand(value.shape, generator=g)
+                                                                                  < 0.3)
+                   for name, value in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    for folder in [base, *experts] if flat else []:
+        config = json.loads((folder / "config.json").read_text())
+        text = {k: v for k, v in config.pop("text_config").items() if k not in ("model_type", "layer_types", "dtype")}
+        (folder / "config.json").write_text(json.dumps({**text, **config}, indent=2))
+    return base, experts
+
+
+def write_vl_tokenizer_family(root: Path, flat: bool = False) -> tuple[Path, list[Path]]:
+    """The family of :func:`write_tokenizer_family` as the Qwen2-VLs of :func:`write_qwen2_vl_family` (``flat``
+    there): the same tokenizers, the experts' embeddings and LM heads resized to theirs."""
+    n = len(bpe_tokenizer(CORPUS, 200).get_vocab())
+    base, experts = write_qwen2_vl_family(root, n, flat)
+    _with_tokenizers(base, experts, n)
     return base, experts
 
 

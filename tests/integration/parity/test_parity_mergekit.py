@@ -50,21 +50,63 @@ main(standalone_mode=False)
 """
 
 
-def run_mergekit_many(pairs) -> None:
+#: :data:`_MANY` for vision-language models whose config transformers 5 reads with a ``text_config`` (Qwen2-VL):
+#: mergekit 0.1.5's definitions read the text decoder's layer count and the vocabulary size (``num_hidden_layers``,
+#: ``vocab_size``) on the top-level config, where transformers 4 kept them and transformers 5's ``Qwen2VLConfig`` has
+#: neither (it holds them in ``text_config``, and moves a published checkpoint's top-level keys there), so mergekit
+#: stops planning with ``RuntimeError: Config Qwen2VLConfig {...} has no attribute num_hidden_layers``. This patches
+#: its ``get_config_value`` and ``set_config_value`` (in every module that imported them) to use ``text_config`` for a
+#: plain key the top level lacks and ``text_config`` has, and nothing else; undone after the runs (the process serves
+#: other tests).
+_MANY_TEXT_CONFIG = """
+import mergekit.architecture.base, mergekit.common, mergekit.merge, mergekit.tokenizer.build
+
+get, put = mergekit.common.get_config_value, mergekit.common.set_config_value
+
+
+def holder(config, key):
+    if "." not in key and not hasattr(config, key) and hasattr(getattr(config, "text_config", None), key):
+        return config.text_config
+    return config
+
+
+def get_config_value(config, key):
+    return get(holder(config, key), key)
+
+
+def set_config_value(config, key, value):
+    put(holder(config, key), key, value)
+
+
+modules = (mergekit.common, mergekit.architecture.base, mergekit.merge, mergekit.tokenizer.build)
+patched = [(m, n, getattr(m, n)) for m in modules for n in ("get_config_value", "set_config_value") if hasattr(m, n)]
+for m, n, _ in patched:
+    setattr(m, n, get_config_value if n == "get_config_value" else set_config_value)
+try:
+""" + textwrap.indent(_MANY, "    ") + """
+finally:
+    for m, n, f in patched:
+        setattr(m, n, f)
+"""
+
+
+def run_mergekit_many(pairs, text_config: bool = False) -> None:
     """Merge each ``(recipe, out)`` with mergekit (its ``run_merge``, the function ``mergekit-yaml`` calls), all in one
-    process of mergekit's environment."""
+    process of mergekit's environment. ``text_config``: with its config reads patched for a vision-language model's
+    ``text_config`` (:data:`_MANY_TEXT_CONFIG`)."""
     python = Path(MERGEKIT).with_name("python")
     args = [str(x) for pair in pairs for x in pair]
-    reference_runs(python, _MANY, [args], Path(args[0]).parent)
+    reference_runs(python, _MANY_TEXT_CONFIG if text_config else _MANY, [args], Path(args[0]).parent)
 
 
-def mergekit_outputs(root: Path, texts: dict) -> dict:
-    """``{case: (recipe file, mergekit's output folder)}`` for every recipe text, merged by mergekit in one process."""
+def mergekit_outputs(root: Path, texts: dict, text_config: bool = False) -> dict:
+    """``{case: (recipe file, mergekit's output folder)}`` for every recipe text, merged by mergekit in one process
+    (``text_config``: see :func:`run_mergekit_many`)."""
     pairs = {}
     for case, text in texts.items():
         (root / f"{case}.yaml").write_text(text)
         pairs[case] = (root / f"{case}.yaml", root / case)
-    run_mergekit_many(pairs.values())
+    run_mergekit_many(pairs.values(), text_config)
     return pairs
 
 

@@ -56,6 +56,19 @@ def test_files_set_json_keys_and_replace_texts(tmp_path):
             merge([base], out=tmp_path / "n", files=bad)
 
 
+def test_a_json_key_holding_an_object_gets_the_keys_given_under_it(tmp_path):
+    """``{"text_config": {"vocab_size": 9}}`` changes that key of the base's ``text_config`` and keeps its others (a
+    vision-language model's vocabulary size and tie live there)."""
+    base = _folder(tmp_path / "base", 1.0)
+    config = {"model_type": "qwen2_vl", "text_config": {"vocab_size": 4, "tie_word_embeddings": True, "rope": {"a": 1}}}
+    (base / "config.json").write_text(json.dumps(config))
+    out = merge([_folder(tmp_path / "a", 2.0)], base, out=tmp_path / "m", files={"config.json": {
+        "tie_word_embeddings": False, "text_config": {"vocab_size": 9, "rope": {"b": 2}}, "model_type": "x"}})
+    assert json.loads((out / "config.json").read_text()) == {
+        "model_type": "x", "tie_word_embeddings": False, "torch_dtype": "float32",
+        "text_config": {"vocab_size": 9, "tie_word_embeddings": True, "rope": {"a": 1, "b": 2}}}
+
+
 def test_recipe_card_holds_the_recipe_and_a_url_without_its_secret(tmp_path):
     _folder(tmp_path / "a", 2.0)
     _folder(tmp_path / "b", 3.0)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lightning_merge import Expert
 from lightning_merge.errors import RecipeError
@@ -110,19 +110,23 @@ def test_a_recipe_with_a_tied_base_merges_its_embedding_as_the_base_head(tmp_pat
     torch.testing.assert_close(merged["lm_head.weight"], embed + 0.5 * (heads[0] - embed) + 0.25 * (heads[1] - embed))
 
 
-def _qwen2_vl_config(folder, tie):
+def _qwen2_vl_config(folder, tie, text_tie=None, vocab=32):
     """A tiny Qwen2-VL config.json (a vision-language model: transformers builds it as
     Qwen2VLForConditionalGeneration, whose parameters are named model.language_model.*; its checkpoints, as
-    transformers saves them, keep the names model.embed_tokens.weight, model.layers.*, visual.*)."""
+    transformers saves them, keep the names model.embed_tokens.weight, model.layers.*, visual.*). ``text_tie``: its
+    ``text_config`` says ``tie_word_embeddings`` too (as Qwen3-VL's configs do)."""
     from transformers import Qwen2VLConfig
 
     folder.mkdir(parents=True)
-    Qwen2VLConfig(text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                               "num_key_value_heads": 1, "intermediate_size": 32, "vocab_size": 32,
-                               "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 0]}},
-                  vision_config={"depth": 1, "embed_dim": 8, "hidden_size": 16, "num_heads": 2},
-                  architectures=["Qwen2VLForConditionalGeneration"],
-                  tie_word_embeddings=tie).to_json_file(folder / "config.json")
+    text = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "intermediate_size": 32, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 0]}}
+    config = Qwen2VLConfig(text_config=text, vision_config={"depth": 1, "embed_dim": 8, "hidden_size": 16,
+                                                           "num_heads": 2},
+                           architectures=["Qwen2VLForConditionalGeneration"], tie_word_embeddings=tie).to_dict()
+    if text_tie is not None:  # written as given (transformers' config class would make the top level agree)
+        config["text_config"]["tie_word_embeddings"] = text_tie
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -141,6 +145,25 @@ def test_a_vision_language_models_ties_are_named_as_its_checkpoint_names_them(tm
     out = with_tied_tensors([(Expert(tied), tied), (Expert(untied), untied)], tmp_path / "r.yaml")
     assert isinstance(out[0], TiedExpert) and out[0].tied == {"lm_head.weight": "model.embed_tokens.weight"}
     assert torch.equal(out[0].tensor("lm_head.weight"), embed)
+
+
+def test_a_vision_language_models_tie_is_read_from_its_text_config_too(tmp_path):
+    """transformers 5 ties a vision-language model's head when its text_config or its top level says so: a
+    checkpoint without lm_head.weight is read tied when either says true, and not when both say false."""
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    g = torch.Generator().manual_seed(0)
+    embed = torch.randn(32, 16, generator=g)
+    untied = _qwen2_vl_config(tmp_path / "untied", tie=False)
+    save_file({"model.embed_tokens.weight": embed + 1, "lm_head.weight": embed - 1}, untied / "model.safetensors")
+    for top, text in ((False, True), (True, False), (False, False)):
+        folder = _qwen2_vl_config(tmp_path / f"{top}_{text}", tie=top, text_tie=text)
+        with torch.device("meta"):
+            model = Qwen2VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(folder))
+        assert (model.lm_head.weight is model.get_input_embeddings().weight) is (top or text)  # transformers' rule
+        save_file({"model.embed_tokens.weight": embed}, folder / "model.safetensors")
+        out = with_tied_tensors([(Expert(folder), folder), (Expert(untied), untied)], tmp_path / "r.yaml")
+        assert isinstance(out[0], TiedExpert) is (top or text)
 
 
 def test_a_config_silent_on_ties_is_read_tied_as_mergekit_reads_it(tmp_path, llamas):
@@ -182,3 +205,40 @@ def test_a_vision_language_models_embeddings_are_found_under_its_checkpoint_name
     folder = _qwen2_vl_config(tmp_path / "vl", tie=False)
     names = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"]
     assert token_indexed_names(folder, names) == {"model.embed_tokens.weight", "lm_head.weight"}
+
+
+@pytest.mark.parametrize("tokenizer", [False, True], ids=["plain", "tokenizer_source"])
+def test_a_vision_language_model_tied_in_its_text_config_gives_an_untied_output(tmp_path, tokenizer):
+    """transformers 5 takes a vision-language model's tie from its ``text_config`` when that says one (Qwen3-VL's
+    configs do), over the top level's: a merge whose config comes from such a tied base unties it there too, so
+    transformers loads the merged LM head, not a copy of the embedding (with tokenizer merging too, which rewrites
+    ``text_config``'s vocab_size)."""
+    from tokenizer_family import CORPUS, bpe_tokenizer
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    from lightning_merge.cli.commands import main
+
+    words = bpe_tokenizer(CORPUS, 200)
+    n = len(words.get_vocab())
+    tied = _qwen2_vl_config(tmp_path / "tied", tie=True, text_tie=True, vocab=n)
+    untied = _qwen2_vl_config(tmp_path / "untied", tie=False, text_tie=False, vocab=n)
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(untied)).save_pretrained(untied)
+    tensors = {k: v.clone() for k, v in load_file(untied / "model.safetensors").items() if k != "lm_head.weight"}
+    tensors["model.embed_tokens.weight"] += 0.1  # the base's embedding (its head) differs from the expert's head
+    save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer:
+        for folder in (tied, untied):
+            words.save_pretrained(folder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tied}\ndtype: float32\n"
+                      + ("tokenizer_source: base\n" if tokenizer else "")
+                      + f"models:\n  - {{model: {untied}, parameters: {{weight: 0.5}}}}\n")
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
+    assert config["text_config"]["vocab_size"] == n and config["text_config"]["num_hidden_layers"] == 1
+    loaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    embed, head = tensors["model.embed_tokens.weight"], load_file(untied / "model.safetensors")["lm_head.weight"]
+    torch.testing.assert_close(loaded.lm_head.weight.detach(), embed + 0.5 * (head - embed))
+    assert not torch.equal(loaded.lm_head.weight, loaded.get_input_embeddings().weight)
