@@ -22,6 +22,7 @@ from lightning_merge.strategies import (
     ArceeFusion,
     Breadcrumbs,
     Cabs,
+    CATMerging,
     Consensus,
     Dare,
     DogeTA,
@@ -63,6 +64,7 @@ moved.install()
 __all__ = [
     "ArceeFusion",
     "Breadcrumbs",
+    "CATMerging",
     "Cabs",
     "Consensus",
     "ContinualState",
