@@ -14,7 +14,8 @@ repository, since the original is not at hand here):
 
   and removes Bᵢ from every other task's vector. ``ratio`` picks how many: an integer c ≥ 1 takes the c leading
   eigenvectors (the reference's default, 4); a fraction 0 < ratio < 1 takes the leading positive ones whose squared
-  eigenvalues stay under that share of their total; −1 every eigenvector with a positive eigenvalue; 0 none. A
+  eigenvalues stay under that share of their total; −1 every eigenvector with a positive eigenvalue; 0 none (an
+  integer takes its c leading eigenvectors even when some are not positive, as the reference does). A
   tensor whose Gᵢ has no positive eigenvalue is not trimmed for task i. The projections are applied to τⱼ in task
   order, each followed by a rescale to τⱼ's norm before it (τⱼ ← P τⱼ · ‖τⱼ‖ / ‖P τⱼ‖; a projection that would
   leave nothing is skipped, as in the reference). Every Gᵢ is computed from the untrimmed task vectors.
