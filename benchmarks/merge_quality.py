@@ -40,6 +40,7 @@ from lightning_merge import (
     WUDI,
     Breadcrumbs,
     Cabs,
+    CATMerging,
     Consensus,
     Dare,
     DogeTA,
@@ -146,6 +147,12 @@ def strategies() -> dict[str, object]:
         "regmean (α 0.95)": "regmean-published",   # as published: no scale
         "regmean (α on validation)": "regmean-tuned",
         "regmean (α 0.95), λ on validation": RegMean(),  # an extension: θ₀ + λ·τ*, λ swept like task arithmetic's
+        # issue 33: CAT Merging from the same Gram matrices: as published (λ 5, 4 directions, scale 0.4), its scale on
+        # validation, and its lambd and ratio on validation with the scale
+        "cat_merging (as published: lambd 5, ratio 4, scale 0.4)": ("scales", CATMerging(), (0.4,)),
+        "cat_merging, scale on validation": CATMerging(),
+        "cat_merging, lambd and ratio on validation": ("sweep", CATMerging(),
+                                                       {"lambd": (0.1, 0.25, 0.5, 2.0, 5.0), "ratio": (1, 2, 4)}),
         # more arguments on validation (lightning_merge.sweep, every combination × the λ grid): OTA's exponent on v̂,
         # and per-expert weights λᵢ as Matena & Raffel tune Fisher merging's
         "ota, power on validation": ("sweep", OTA(), {"power": (0.25, 0.5, 0.75, 1.0)}),
@@ -799,6 +806,9 @@ PAIRS = (
                                       "fisher (batch) mask, density on validation",
                                       "gram metric + fisher (batch) mask 0.3")
       for b in ("tsv_merge", "regmean (α on validation)", "regmean (α 0.95), λ on validation")),
+    *((f"cat_merging{v}", b) for v in (" (as published: lambd 5, ratio 4, scale 0.4)", ", scale on validation",
+                                         ", lambd and ratio on validation")
+      for b in ("task_arithmetic", "tsv_merge", "regmean (α 0.95)")),
     ("pcb (ratio 0.1)", "task_arithmetic"),
     ("pcb (ratio 0.1)", "ties (density 0.2)"),
     ("pcb (ratio 0.2)", "ties (density 0.2)"),

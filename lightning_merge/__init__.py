@@ -23,6 +23,7 @@ from lightning_merge.strategies import (
     ArceeFusion,
     Breadcrumbs,
     Cabs,
+    CATMerging,
     Consensus,
     Dare,
     DogeTA,
@@ -64,6 +65,7 @@ moved.install()
 __all__ = [
     "ArceeFusion",
     "Breadcrumbs",
+    "CATMerging",
     "Cabs",
     "Consensus",
     "ContinualState",

@@ -16,6 +16,7 @@ from lightning_merge.strategies.base import (
     Strategy,
 )
 from lightning_merge.strategies.cabs import Cabs
+from lightning_merge.strategies.cat import CATMerging
 from lightning_merge.strategies.consensus import Consensus
 from lightning_merge.strategies.curvature import OTA, Fisher, WeightedMedian
 from lightning_merge.strategies.della import Della
@@ -50,6 +51,7 @@ __all__ = [
     "PCB",
     "ArceeFusion",
     "Breadcrumbs",
+    "CATMerging",
     "Cabs",
     "Consensus",
     "ContinualForm",

@@ -34,6 +34,7 @@ VARIANTS = [
           svd_proj_space="u", not_linear=r"head", device="cpu"),
     S.PCB(ratio=0.2, clamp_ratio=0.01, scale=0.9),
     S.RegMean(alpha=0.5, weights=[1.0, 3.0], scale=1.2),
+    S.CATMerging(scale=0.7, lambd=1.0, ratio=0.5, ratio_bias=0.2, norm_pattern=None),
     S.TSVMerge(weights=[1.0, 0.5], not_svd=r"lm_head"),
     S.IsoC(scale=1.4, not_svd=r"lm_head"),
     S.IsoCTS(common_space_fraction=0.5, scale=1.2, not_svd=r"embed"),

@@ -35,6 +35,7 @@ from lightning_merge.strategies import (
     ArceeFusion,
     Breadcrumbs,
     Cabs,
+    CATMerging,
     Consensus,
     Dare,
     Della,
@@ -253,6 +254,11 @@ def strategies(draw, n: int):
     if name == "pcb":
         return PCB(ratio=draw(st.floats(0.05, 1.0)), clamp_ratio=draw(st.sampled_from([0.0, 0.0001, 0.01])),
                    scale=draw(st.floats(0.5, 1.5)))
+    if name == "cat_merging":  # λ small enough that the random layers' conflicts have positive eigenvalues
+        return CATMerging(scale=draw(st.floats(0.3, 1.5)), lambd=draw(st.sampled_from([0.0, 0.5, 5.0])),
+                          ratio=draw(st.sampled_from([0, 1, 4, 0.5, -1])),
+                          ratio_bias=draw(st.sampled_from([0, 1, 4, 0.3])),
+                          norm_pattern=draw(st.sampled_from([None, r"norm"])))
     if name == "regmean":
         return RegMean(alpha=draw(st.floats(0.0, 1.0)), weights=_weights(draw, n), scale=draw(st.floats(0.5, 1.5)))
     if name == "slerp":
@@ -464,5 +470,5 @@ def test_every_registered_strategy_has_a_generator():
                      "fisher", "ota", "weighted_median", "opcm", "dop", "lines", "tsv_merge", "pcb",
                      "layerwise_task_arithmetic", "regmean", "slerp", "nuslerp", "multislerp", "karcher",
                      "model_stock", "nearswap", "arcee_fusion", "della", "sce", "ram", "ramplus_tl", "per_tensor",
-                     "iso_c", "iso_cts", "wudi", "doge_ta", "widen"}, \
+                     "iso_c", "iso_cts", "wudi", "doge_ta", "widen", "cat_merging"}, \
         sorted(names)
