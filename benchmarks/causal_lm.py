@@ -50,6 +50,7 @@ from lightning_merge import (
     WUDI,
     Breadcrumbs,
     Cabs,
+    CATMerging,
     Consensus,
     Dare,
     DogeTA,
@@ -77,7 +78,7 @@ GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 ISO_GRID = (*GRID, 2.5, 3.0, 4.0, 5.0, 6.0)
 BETAS = (0.0, 0.5, 1.0, 2.0)
 ALPHAS = (0.0, 0.5, 0.9, 0.95, 1.0)  # RegMean's α, chosen on validation for "regmean (α on validation)"
-UNSWEPT = {"regmean (α 0.95)"}  # as published: no scale
+UNSWEPT = {"regmean (α 0.95)", "cat_merging (as published: lambd 5, ratio 4, scale 0.4)"}  # as published
 
 
 def quiet() -> None:
@@ -272,6 +273,10 @@ def strategies() -> dict[str, object]:
         # issue 33: WIDEN (the authors' widen_merging), their defaults and with calibration off
         "widen (ratio 1, calibration 1: the reference's)": WIDEN(),
         "widen, calibration off (ratio 3)": WIDEN(above_average_value_ratio=3.0),
+        # issue 33: CAT Merging from the captured Gram matrices, as published (lambd 5, ratio 4, scale 0.4) and with
+        # its scale on validation
+        "cat_merging (as published: lambd 5, ratio 4, scale 0.4)": CATMerging(),
+        "cat_merging, scale on validation": CATMerging(),
     }
 
 
