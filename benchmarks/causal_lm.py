@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import statistics
 import sysconfig
 import tempfile
@@ -429,10 +430,15 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
     domains = make_domains(seed)
     started = time.perf_counter()
     # with --cache, a seed's base, adapters and expert losses are kept (root is then the cache's seed folder) and a
-    # later run merges them again without training: training is deterministic on CPU, so the rows are the same
+    # later run merges them again without training. Each stage (the base, each expert) is kept as it finishes, with
+    # the global RNG state after it, so a stopped run goes on from the last finished stage and trains exactly what
+    # an uninterrupted run would (CPU training is deterministic; the rows are the same)
     trained = root / "trained.json"
     cached = json.loads(trained.read_text()) if trained.is_file() else None
-    if cached is None:
+    pretrained = root / "base" / "rng_after.pt"
+    if cached is None and pretrained.is_file():
+        torch.set_rng_state(torch.load(pretrained, weights_only=True))
+    elif cached is None:
         # the base: from scratch on a mix of every domain
         base_model = transformers.LlamaForCausalLM(config())
         mixed = []
@@ -442,17 +448,27 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
         random.Random(seed).shuffle(mixed)
         fit(LM(base_model, 3e-3), mixed, [], root / "pretrain")
         base_model.to(torch.bfloat16).save_pretrained(root / "base")
+        torch.save(torch.get_rng_state(), pretrained)
     base_time = time.perf_counter() - started
     # one LoRA expert per domain, CurvatureCapture on
     adapters, expert_loss = {}, {}
     overhead = []
     step_bare = step_captured = float("nan")
     for k, d in enumerate(domains.values()):
+        adapters[d.name] = root / d.name / "final.adapter"
         if cached is not None:
-            adapters[d.name] = root / d.name / "final.adapter"
             expert_loss[d.name] = cached["expert_loss"][d.name]
             step_bare, step_captured = cached["step_bare"], cached["step_captured"]
             continue
+        stage = root / d.name / "expert.json"
+        if stage.is_file():
+            kept = json.loads(stage.read_text())
+            expert_loss[d.name] = kept["loss"]
+            step_bare, step_captured = kept.get("step_bare", step_bare), kept.get("step_captured", step_captured)
+            torch.set_rng_state(torch.load(root / d.name / "rng_after.pt", weights_only=True))
+            continue
+        if (root / d.name).exists():  # a fit stopped part-way: start this expert again
+            shutil.rmtree(root / d.name)
         model = peft.get_peft_model(
             transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16),
             peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -461,7 +477,6 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
         capture = CurvatureCapture(fisher_after_fit="example", fisher_loader=loader(d.train, 8, 32, seed + 7),
                                    fisher_examples=256, gram="after_fit", dirpath=str(root / d.name))
         fit(LM(model, 2e-3), loader(d.train, 16, expert_steps, seed * 10 + k), [capture, timer], root / d.name)
-        adapters[d.name] = root / d.name / "final.adapter"
         expert_loss[d.name] = loss_of(model, d.test)
         overhead.append(statistics.median(timer.times[10:]))
         if k == 0:  # the capture's cost: the same fine-tune without it
@@ -480,6 +495,9 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
                 [CurvatureCapture(save_final=False, checkpoint_sidecars=False), timed], root / "timed")
             step_bare = statistics.median(plain.times[10:])
             step_captured = statistics.median(timed.times[10:])
+        torch.save(torch.get_rng_state(), root / d.name / "rng_after.pt")
+        stage.write_text(json.dumps({"loss": expert_loss[d.name], "step_bare": step_bare,
+                                     "step_captured": step_captured}))
     experts_time = time.perf_counter() - started - base_time
     if cached is None:
         trained.write_text(json.dumps({"expert_loss": expert_loss, "step_bare": step_bare,
