@@ -659,9 +659,11 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed (seeds first..first+seeds-1)")
     parser.add_argument("--quadratic", action="store_true",
                         help="also the Fisher-quadratic λ* and its rank correlation with validation scores")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's threads (default: every core; 1 to run one seed per core side by side)")
     args = parser.parse_args()
     quiet()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     if args.overhead:
         result = measure_overhead(args.rounds, 80)
         print(f"capture overhead: median step {result['bare_step_s'] * 1e3:.1f} ms without, "
