@@ -452,7 +452,6 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
     base_time = time.perf_counter() - started
     # one LoRA expert per domain, CurvatureCapture on
     adapters, expert_loss = {}, {}
-    overhead = []
     step_bare = step_captured = float("nan")
     for k, d in enumerate(domains.values()):
         adapters[d.name] = root / d.name / "final.adapter"
@@ -478,7 +477,6 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
                                    fisher_examples=256, gram="after_fit", dirpath=str(root / d.name))
         fit(LM(model, 2e-3), loader(d.train, 16, expert_steps, seed * 10 + k), [capture, timer], root / d.name)
         expert_loss[d.name] = loss_of(model, d.test)
-        overhead.append(statistics.median(timer.times[10:]))
         if k == 0:  # the capture's cost: the same fine-tune without it
             bare = peft.get_peft_model(
                 transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16),
