@@ -17,6 +17,7 @@ over seeds, and paired differences against tuned task arithmetic. Also: the capt
 
     python benchmarks/causal_lm.py [--seeds 3] [--out benchmarks/_work/causal_lm.json]
     python benchmarks/causal_lm.py --overhead [--rounds 7]     # the capture's step-time overhead only
+    python benchmarks/causal_lm.py --summarize a.json b.json   # one table over the seeds of several runs
     python benchmarks/causal_lm.py --cache DIR --only iso regmean # keeps each seed's base and adapters in DIR; a
                                                                   # later run with the same DIR merges them again
                                                                   # without training (the same rows: CPU training
@@ -578,20 +579,24 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
 
 
 def summarize(results: list[dict]) -> str:
-    labels = list(results[0]["rows"])
+    """The table over seeds: mean ± std of the normalized score, paired differences against tuned task arithmetic
+    and (where the run has its row) TSV-M, and mean perplexities. A row missing on some seed is left out."""
+    labels = [label for label in results[0]["rows"] if all(label in r["rows"] for r in results)]
     ta = [r["rows"]["task_arithmetic"]["normalized"] for r in results]
-    lines = [f"{'method':<28}{'normalized':>16}{'vs tuned TA (paired)':>24}  " + "  ".join(
-        f"{n:>9}" for n in DOMAINS)]
+    tsv = [r["rows"]["tsv_merge"]["normalized"] for r in results] if "tsv_merge" in labels else None
+    lines = [f"{'method':<28}{'normalized':>16}{'vs tuned TA (paired)':>24}"
+             + (f"{'vs TSV-M (paired)':>22}" if tsv else "") + "  " + "  ".join(f"{n:>9}" for n in DOMAINS)]
     base = [r["base"]["normalized"] for r in results]
-    lines.append(f"{'base (no merge)':<28}{_ms(base):>16}{'':>24}  " + "  ".join(
+    lines.append(f"{'base (no merge)':<28}{_ms(base):>16}{'':>24}" + (f"{'':>22}" if tsv else "") + "  " + "  ".join(
         f"{statistics.mean(r['base']['perplexity'][n] for r in results):>9.2f}" for n in DOMAINS))
     for label in labels:
         values = [r["rows"][label]["normalized"] for r in results]
         diffs = [v - t for v, t in zip(values, ta)]
+        against_tsv = f"{_ms([v - t for v, t in zip(values, tsv)], sign=True):>22}" if tsv else ""
         ppl = "  ".join(f"{statistics.mean(r['rows'][label]['perplexity'][n] for r in results):>9.2f}" for n in DOMAINS)
-        lines.append(f"{label:<28}{_ms(values):>16}{_ms(diffs, sign=True):>24}  {ppl}")
+        lines.append(f"{label:<28}{_ms(values):>16}{_ms(diffs, sign=True):>24}{against_tsv}  {ppl}")
     experts = "  ".join(f"{statistics.mean(r['expert_perplexity'][n] for r in results):>9.2f}" for n in DOMAINS)
-    lines.append(f"{'experts (own domain)':<28}{'100.0':>16}{'':>24}  {experts}")
+    lines.append(f"{'experts (own domain)':<28}{'100.0':>16}{'':>24}" + (f"{'':>22}" if tsv else "") + f"  {experts}")
     if "spearman" in results[0]:
         rho = [r["spearman"] for r in results]
         lines.append(f"Fisher-quadratic model: Spearman ρ (predicted loss vs validation score) "
@@ -659,7 +664,13 @@ def main() -> None:
                         help="also the Fisher-quadratic λ* and its rank correlation with validation scores")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch's threads (default: every core; 1 to run one seed per core side by side)")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="print the table over the seeds of these --out files (runs of one seed each, side by "
+                             "side) and exit")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize([seed for path in args.summarize for seed in json.loads(Path(path).read_text())]))
+        return
     quiet()
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     if args.overhead:
