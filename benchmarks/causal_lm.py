@@ -70,7 +70,7 @@ from lightning_merge import (
     quadratic_coefficients,
 )
 from lightning_merge.callbacks import CurvatureCapture
-from lightning_merge.tools.evaluation import sweep_scale
+from lightning_merge.tools.evaluation import sweep, sweep_scale
 
 DOMAINS = {"code": 128, "english": 96, "spanish": 64, "german": 48}  # domain → sequence length (tokens)
 VOCAB = 257  # bytes + BOS
@@ -267,6 +267,7 @@ def strategies() -> dict[str, object]:
         "regmean (α 0.95)": RegMean(),
         "regmean (α on validation)": RegMean(alpha=1.0),
         "regmean (α 0.95), λ on validation": RegMean(),  # an extension: θ₀ + λ·τ*
+        "regmean, α and λ on validation": RegMean(),  # both, jointly (lightning_merge.sweep)
         # issue 33's data-free subspace methods (λ on validation; ISO on ISO_GRID)
         "iso_c": IsoC(),
         "iso_cts (f 0.8)": IsoCTS(),
@@ -528,6 +529,10 @@ def run_seed(seed: int, root: Path, pretrain_steps: int, expert_steps: int, only
                 if best is None or score > best[0]:
                     best = (score, state, alpha)
             _, state, chosen["alpha"] = best
+        elif label == "regmean, α and λ on validation":
+            result = sweep(strategy, experts, root / "base", val_score, {"alpha": ALPHAS}, scales=GRID)
+            state = result.state
+            chosen.update(result.arguments)
         elif isinstance(strategy, LiNeS):
             best = None
             for beta in BETAS:
