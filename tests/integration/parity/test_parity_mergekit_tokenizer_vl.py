@@ -146,6 +146,26 @@ def test_mergekit_cannot_read_a_qwen2_vl_config_unpatched(tmp_path, family):
     assert "RuntimeError: Config Qwen2VLConfig" in run.stderr and "has no attribute num_hidden_layers" in run.stderr
 
 
+def test_mergekit_needs_gemma3s_published_vision_tower_names(tmp_path):
+    """A Gemma 3 as a fresh transformers 5 model saves it names its vision tower ``vision_tower.*``; mergekit's
+    definition reads ``vision_tower.vision_model.*`` (the published checkpoints' names) and stops. Ours merges it,
+    under the names it holds."""
+    base, experts = write_vl_tokenizer_family(tmp_path / "models", arch="gemma3")
+    for folder in [base, *experts]:
+        tensors = load_file(folder / "model.safetensors")
+        save_file({n.replace("vision_tower.vision_model.", "vision_tower."): v for n, v in tensors.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPES["union_ties"](base, experts))
+    run = subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk")], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0
+    assert "RuntimeError: Tensor vision_tower.vision_model.embeddings.patch_embedding.bias required but not " \
+           "present in model" in run.stderr
+    ours = _ours(tmp_path, recipe)
+    assert sorted(Expert(ours).names()) == sorted(Expert(base).names())
+
+
 @pytest.mark.parametrize("case", CASES + tuple(sorted(TIED_RECIPES)))
 def test_vl_tokenizer_merging_gives_mergekits_model(tmp_path, family, theirs, case):
     name, _, _ = family
