@@ -127,6 +127,17 @@ def test_the_merged_vl_model_runs_on_an_image_with_each_tokens_rows(tmp_path, fa
     inputs, image = _image(arch, vocab, g)
     ids = torch.tensor([image + text])
     extra = {"mm_token_type_ids": (ids == vocab["<|image_pad|>"]).long()} if arch == "qwen2_vl" else {}
+    if arch == "llava":  # its processor runs here (Pixtral's and Qwen2-VL's need torchvision, not installed)
+        processor = transformers.LlavaProcessor(
+            image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 28},
+                                                            crop_size={"height": 28, "width": 28}),
+            tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+            num_additional_image_tokens=1)
+        pixels = torch.randint(0, 256, (28, 28, 3), generator=g, dtype=torch.uint8).numpy()
+        processed = processor(text=f"<image>{tokenizer.decode(text)}", images=[pixels], return_tensors="pt")
+        assert processed.input_ids.tolist() == ids.tolist()
+        assert processed.pixel_values.shape == inputs["pixel_values"].shape
+        inputs["pixel_values"] = processed.pixel_values
     with torch.no_grad():
         logits = model(input_ids=ids, **inputs, **extra).logits
         other = model(input_ids=ids, **{**inputs, "pixel_values": torch.randn(inputs["pixel_values"].shape,
