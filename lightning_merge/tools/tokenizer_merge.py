@@ -9,8 +9,8 @@ three differences, all documented in docs/cli.md:
   first), each model's in its own id order. The same tokens get the same rows; only their ids can differ.
 - a non-base model's tokenizer entry whose id is past the model's embedding rows makes mergekit fail (a missing
   permutation key); here the model simply lacks that token.
-- ``config.json``'s token ids (``*_token_id``, ``*_token_index``: a vision-language model's image tokens) name the
-  output tokenizer's ids of the donor's tokens; mergekit keeps the donor's ids, which a tokenizer taken from another
+- ``config.json``'s and ``generation_config.json``'s token ids (``*_token_id``, ``*_token_index``: a
+  vision-language model's image tokens, bos/eos/pad) name the output tokenizer's ids of the donor's tokens; mergekit keeps the donor's ids, which a tokenizer taken from another
   model numbers otherwise (the model then cannot find its image tokens).
 
 Needs transformers (``pip install 'lightning-merge[tokenizer]'``), imported only when a recipe asks for a tokenizer.
@@ -430,7 +430,8 @@ def _resolve_entry(token: str, entry: TokenEntry, by_folder: Mapping[Path, int],
 def _output_files(tokenizer: Any, donor: Path, config: Mapping[str, Any], size: int,
                   donor_vocabulary: Mapping[str, int], vocabulary: Mapping[str, int]) -> dict[str, Any]:
     """The output's tokenizer files (the merged tokenizer's, as transformers saves it; the donor's other tokenizer
-    files left out) and ``config.json``'s vocabulary size and renumbered token ids (:func:`_renumbered_token_ids`)."""
+    files left out), ``config.json``'s vocabulary size and renumbered token ids, and ``generation_config.json``'s
+    renumbered token ids (:func:`_renumbered_token_ids`)."""
     files: dict[str, Any] = {name: None for name in TOKENIZER_FILES if (donor / name).is_file()}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
@@ -444,6 +445,9 @@ def _output_files(tokenizer: Any, donor: Path, config: Mapping[str, Any], size: 
         else:  # that key of it (engine.card.merged_keys)
             keys["text_config"] = {**keys.get("text_config", {}), "vocab_size": size}
         files["config.json"] = keys
+    generation = model_config(donor, "generation_config.json")
+    if generation and (keys := _renumbered_token_ids(generation, donor_vocabulary, vocabulary)):
+        files["generation_config.json"] = keys
     return files
 
 
