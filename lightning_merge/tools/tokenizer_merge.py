@@ -10,8 +10,9 @@ three differences, all documented in docs/cli.md:
 - a non-base model's tokenizer entry whose id is past the model's embedding rows makes mergekit fail (a missing
   permutation key); here the model simply lacks that token.
 - ``config.json``'s and ``generation_config.json``'s token ids (``*_token_id``, ``*_token_index``: a
-  vision-language model's image tokens, bos/eos/pad) name the output tokenizer's ids of the donor's tokens; mergekit keeps the donor's ids, which a tokenizer taken from another
-  model numbers otherwise (the model then cannot find its image tokens).
+  vision-language model's image tokens, bos/eos/pad) name the output tokenizer's ids of the donor's tokens;
+  mergekit keeps the donor's ids, which a tokenizer taken from another model numbers otherwise (the model then
+  cannot find its image tokens).
 
 Needs transformers (``pip install 'lightning-merge[tokenizer]'``), imported only when a recipe asks for a tokenizer.
 """
