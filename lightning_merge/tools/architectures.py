@@ -21,12 +21,13 @@ from lightning_merge.sources.expert import Expert
 from lightning_merge.sources.tied import TiedExpert
 
 
-def model_config(folder: Path) -> dict[str, Any]:
-    """``folder/config.json`` as a mapping; empty when it is missing, unreadable or not a mapping."""
+def model_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
+    """``folder/config.json`` (or ``folder/name``) as a mapping; empty when it is missing, unreadable or not a
+    mapping."""
     import json
 
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / name).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
     return config if isinstance(config, dict) else {}

@@ -2,13 +2,17 @@
 of every model's, or a named model's, plus the recipe's ``tokens``), then read every model's token-indexed tensors
 (input embeddings, LM head) in that tokenizer's ids (:mod:`lightning_merge.sources.vocabulary`), write the tokenizer
 and ``config.json``'s ``vocab_size`` into the output. The rules are mergekit 0.1.5's (``mergekit/tokenizer``), with
-two differences, both documented in docs/cli.md:
+three differences, all documented in docs/cli.md:
 
 - mergekit's union adds the tokens the base lacks in an order that follows Python's set and Rust's hash-map
   iteration (it changes from run to run); here they are added model by model in the recipe's order (the base
   first), each model's in its own id order. The same tokens get the same rows; only their ids can differ.
 - a non-base model's tokenizer entry whose id is past the model's embedding rows makes mergekit fail (a missing
   permutation key); here the model simply lacks that token.
+- ``config.json``'s and ``generation_config.json``'s token ids (``*_token_id``, ``*_token_index``: a
+  vision-language model's image tokens, bos/eos/pad) name the output tokenizer's ids of the donor's tokens;
+  mergekit keeps the donor's ids, which a tokenizer taken from another model numbers otherwise (the model then
+  cannot find its image tokens).
 
 Needs transformers (``pip install 'lightning-merge[tokenizer]'``), imported only when a recipe asks for a tokenizer.
 """
@@ -362,8 +366,9 @@ def output_vocabulary(spec: TokenizerRecipe, members: Sequence[tuple[Expert, Pat
     most = [max(rows[k] for k in keys if folder_of[k] == f) for f in folders]
     for token, entry in spec.tokens.items():  # checked once against every model, before any tensor is read
         _resolve_entry(token, entry, {f: i for i, f in enumerate(folders)}, vocabs, most, recipe)
-    return OutputVocabulary(vocabulary, size, names, _output_files(out, base_folder, configs[base_folder], size),
-                            positions, rows, folder_of, dict(spec.tokens), vocabs, recipe)
+    files = _output_files(out, base_folder, configs[base_folder], size, vocabs[base_folder], vocabulary)
+    return OutputVocabulary(vocabulary, size, names, files, positions, rows, folder_of, dict(spec.tokens), vocabs,
+                            recipe)
 
 
 def align_vocabularies(spec: TokenizerRecipe, base: tuple[Expert, Path] | None,
@@ -423,9 +428,11 @@ def _resolve_entry(token: str, entry: TokenEntry, by_folder: Mapping[Path, int],
     return TokenSource(model=model, row=ref, force=entry.force)
 
 
-def _output_files(tokenizer: Any, donor: Path, config: Mapping[str, Any], size: int) -> dict[str, Any]:
+def _output_files(tokenizer: Any, donor: Path, config: Mapping[str, Any], size: int,
+                  donor_vocabulary: Mapping[str, int], vocabulary: Mapping[str, int]) -> dict[str, Any]:
     """The output's tokenizer files (the merged tokenizer's, as transformers saves it; the donor's other tokenizer
-    files left out) and ``config.json``'s vocabulary size."""
+    files left out), ``config.json``'s vocabulary size and renumbered token ids, and ``generation_config.json``'s
+    renumbered token ids (:func:`_renumbered_token_ids`)."""
     files: dict[str, Any] = {name: None for name in TOKENIZER_FILES if (donor / name).is_file()}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
@@ -433,11 +440,42 @@ def _output_files(tokenizer: Any, donor: Path, config: Mapping[str, Any], size: 
             if item.is_file():
                 files[item.name] = item.read_bytes()
     if config:
+        keys = _renumbered_token_ids(config, donor_vocabulary, vocabulary)
         if isinstance(config.get("vocab_size"), int) or not isinstance(config.get("text_config"), Mapping):
-            files["config.json"] = {"vocab_size": size}
-        else:
-            files["config.json"] = {"text_config": {"vocab_size": size}}  # that key of it (engine.card.merged_keys)
+            keys["vocab_size"] = size
+        else:  # that key of it (engine.card.merged_keys)
+            keys["text_config"] = {**keys.get("text_config", {}), "vocab_size": size}
+        files["config.json"] = keys
+    generation = model_config(donor, "generation_config.json")
+    if generation and (keys := _renumbered_token_ids(generation, donor_vocabulary, vocabulary)):
+        files["generation_config.json"] = keys
     return files
+
+
+def _renumbered_token_ids(config: Mapping[str, Any], donor_vocabulary: Mapping[str, int],
+                          vocabulary: Mapping[str, int]) -> dict[str, Any]:
+    """The keys of ``config.json`` (its top level and its ``text_config``) that name a token by its id in the
+    donor's tokenizer (``*_token_id``, ``*_token_index``: a vision-language model's image tokens, which its model
+    finds in ``input_ids`` by that id; ``bos``/``eos``/``pad``), set to the output tokenizer's id of that token where
+    it differs (a tokenizer from another model numbers its tokens its own way; mergekit keeps the donor's ids). An id
+    the donor's tokenizer does not have, or a token the output's lacks, is kept."""
+    by_id = {i: token for token, i in donor_vocabulary.items()}
+
+    def renumbered(value: Any) -> Any:
+        if isinstance(value, list):
+            return [renumbered(v) for v in value]
+        if isinstance(value, bool) or not isinstance(value, int) or by_id.get(value) not in vocabulary:
+            return value
+        return vocabulary[by_id[value]]
+
+    def changed(holder: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: renumbered(value) for key, value in holder.items()
+                if key.endswith(("_token_id", "_token_index")) and renumbered(value) != value}
+
+    keys: dict[str, Any] = changed(config)
+    if isinstance(config.get("text_config"), Mapping) and (text := changed(config["text_config"])):
+        keys["text_config"] = text
+    return keys
 
 
 __all__ = ["AlignedInputs", "OutputVocabulary", "TokenEntry", "TokenizerRecipe", "align_vocabularies",

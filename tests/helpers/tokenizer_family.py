@@ -6,6 +6,7 @@ row is the base's row plus a small delta, so merges are meaningful."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,8 +47,8 @@ def _resize(folder: Path, old_vocab: dict[str, int], new_vocab: dict[str, int], 
     g = torch.Generator().manual_seed(seed)
     file = folder / "model.safetensors"
     tensors = load_file(file)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        old = tensors[name]
+    for name in [n for n in tensors if n.endswith(("embed_tokens.weight", "lm_head.weight"))]:  # under a prefix
+        old = tensors[name]  # in a vision-language model's checkpoint (``language_model.model.embed_tokens``)
         new = 0.02 * torch.randn((rows, old.shape[1]), generator=g, dtype=old.dtype)
         for token, i in new_vocab.items():
             j = old_vocab.get(token)
@@ -61,19 +62,24 @@ def _resize(folder: Path, old_vocab: dict[str, int], new_vocab: dict[str, int], 
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _with_tokenizers(base: Path, experts: list[Path], n: int) -> None:
-    """Give the family of a base whose embeddings have the ``n`` rows of ``bpe_tokenizer(CORPUS, 200)`` the
+def _tokenizer(corpus: list[str], special: Sequence[str] = ()):
+    tokenizer = bpe_tokenizer(corpus, 200)
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    return tokenizer
+
+
+def _with_tokenizers(base: Path, experts: list[Path], n: int, image: Sequence[str] = ()) -> None:
+    """Give the family of a base whose embeddings have the ``n`` rows of ``bpe_tokenizer(CORPUS, 200)`` plus
+    ``image`` (special tokens, each tokenizer's first added ones: a vision-language model's image tokens) the
     tokenizers of :func:`write_tokenizer_family` (the experts' embeddings resized to theirs)."""
-    vocab = bpe_tokenizer(CORPUS, 200).get_vocab()
+    vocab = _tokenizer(CORPUS, image).get_vocab()
     assert len(vocab) == n
-    reserved = bpe_tokenizer(CORPUS, 200)
-    reserved.add_special_tokens({"additional_special_tokens": RESERVED})
-    reserved.save_pretrained(base)
-    chat = bpe_tokenizer(CORPUS, 200)
-    chat.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+    _tokenizer(CORPUS, [*image, *RESERVED]).save_pretrained(base)
+    chat = _tokenizer(CORPUS, [*image, *CHAT_TOKENS])
     chat.save_pretrained(experts[0])
     _resize(experts[0], vocab, chat.get_vocab(), n + 4, seed=1)
-    other = bpe_tokenizer(OTHER_CORPUS, 200)
+    other = _tokenizer(OTHER_CORPUS, image)
     other.save_pretrained(experts[1])
     _resize(experts[1], vocab, other.get_vocab(), len(other.get_vocab()) + 2, seed=2)
 
@@ -90,28 +96,84 @@ def write_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
     return base, experts
 
 
-def write_qwen2_vl_family(root: Path, vocab: int = 64, flat: bool = False, n_experts: int = 2
-                          ) -> tuple[Path, list[Path]]:
-    """Tiny float32 Qwen2-VLs: ``root/base`` a ``Qwen2VLForConditionalGeneration`` (2 text decoder layers, 2 vision
-    blocks) as transformers saves it (its text decoder's ``model.*`` and ``lm_head``, its vision tower's and
-    projector's ``visual.*``; layer counts and vocabulary size in ``text_config``), ``root/expert_{i}`` = base + sparse
-    deltas on every tensor (the vision tower's too). ``flat``: the configs laid out as Qwen2-VL's published
-    checkpoints have them (written by transformers 4: the text decoder's keys at the top level, no ``text_config``)."""
-    import shutil
+#: the vision-language architectures of :func:`write_vl_family`: its transformers class, and its image tokens as its
+#: processor names them, each with the config key of its id (None: a plain token the text decoder embeds)
+VL_ARCHS = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", {"<|vision_start|>": "vision_start_token_id",
+                                                     "<|image_pad|>": "image_token_id",
+                                                     "<|vision_end|>": "vision_end_token_id"}),
+    "llava": ("LlavaForConditionalGeneration", {"<image>": "image_token_id"}),
+    "mistral3": ("Mistral3ForConditionalGeneration", {"[IMG]": "image_token_id", "[IMG_BREAK]": None,
+                                                      "[IMG_END]": None}),
+    "gemma3": ("Gemma3ForConditionalGeneration", {"<start_of_image>": "boi_token_id",
+                                                  "<image_soft_token>": "image_token_id",
+                                                  "<end_of_image>": "eoi_token_id"}),
+}
 
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+def _vl_config(arch: str, vocab: int, image_ids: dict[str, int]):
+    """A tiny float32 config of ``arch`` (2 text decoder layers, 2 vision layers, 28-pixel images), its image
+    tokens' ids ``image_ids`` (config key -> id)."""
+    import transformers
 
     text = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "intermediate_size": 32, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2,
-            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}}
-    config = Qwen2VLConfig(text_config=text, vision_config={"depth": 2, "embed_dim": 8, "hidden_size": 16,
-                                                            "num_heads": 2},
-                           architectures=["Qwen2VLForConditionalGeneration"], tie_word_embeddings=False)
+            "intermediate_size": 32, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 28}
+    name = VL_ARCHS[arch][0]
+    if arch == "qwen2_vl":
+        return transformers.Qwen2VLConfig(
+            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+            vision_config={"depth": 2, "embed_dim": 8, "hidden_size": 16, "num_heads": 2}, architectures=[name],
+            tie_word_embeddings=False, **image_ids)
+    if arch == "llava":  # a Llama text decoder, a CLIP vision tower (4 patches of 14 pixels: 4 image tokens)
+        return transformers.LlavaConfig(
+            text_config={"model_type": "llama", **text},
+            vision_config={"model_type": "clip_vision_model", **vision, "patch_size": 14, "projection_dim": 16},
+            image_seq_length=4, architectures=[name], tie_word_embeddings=False, **image_ids)
+    if arch == "mistral3":  # a Mistral text decoder, a Pixtral vision tower (16 patches of 7 pixels, merged 2 x 2)
+        return transformers.Mistral3Config(
+            text_config={"model_type": "mistral", **text, "head_dim": 8},
+            vision_config={"model_type": "pixtral", **vision, "patch_size": 7, "head_dim": 8},
+            spatial_merge_size=2, architectures=[name], tie_word_embeddings=False, **image_ids)
+    if arch == "gemma3":  # tied embeddings, as Gemma 3's checkpoints have; a SigLIP vision tower, 4 tokens an image
+        return transformers.Gemma3Config(
+            text_config={"model_type": "gemma3_text", **text, "head_dim": 8, "sliding_window": 8},
+            vision_config={"model_type": "siglip_vision_model", **vision, "patch_size": 7, "vision_use_head": False},
+            mm_tokens_per_image=4, architectures=[name], **image_ids)
+    raise ValueError(arch)
+
+
+def _gemma3_vision(name: str) -> str:
+    """A Gemma 3 tensor's name as its published checkpoints have it (a fresh model saves the vision tower's
+    without ``vision_model.``)."""
+    return "vision_tower.vision_model." + name[len("vision_tower."):] if name.startswith("vision_tower.") and \
+        not name.startswith("vision_tower.vision_model.") else name
+
+
+def write_vl_family(root: Path, arch: str = "qwen2_vl", vocab: int = 64, flat: bool = False, n_experts: int = 2,
+                    image_ids: dict[str, int] | None = None) -> tuple[Path, list[Path]]:
+    """Tiny float32 vision-language models of ``arch`` (:data:`VL_ARCHS`): ``root/base`` as transformers saves it
+    (the checkpoint's names: Qwen2-VL's text decoder ``model.*`` and ``lm_head``, its vision tower's and projector's
+    ``visual.*``; the others' ``language_model.model.*``, ``language_model.lm_head``, ``vision_tower.*``,
+    ``multi_modal_projector.*``, Gemma 3's ``vision_tower.vision_model.*`` as its published
+    checkpoints have it; layer counts and vocabulary size in ``text_config``), ``root/expert_{i}`` = base +
+    sparse deltas on every tensor (the vision tower's too). ``flat`` (Qwen2-VL only): the configs laid out as
+    Qwen2-VL's published checkpoints have them (written by transformers 4: the text decoder's keys at the top level,
+    no ``text_config``). ``image_ids``: the config's image token ids (key -> id)."""
+    import shutil
+
+    import transformers
+
+    config = _vl_config(arch, vocab, image_ids or {})
     torch.manual_seed(0)
     base = root / "base"
-    Qwen2VLForConditionalGeneration(config).save_pretrained(base)
+    getattr(transformers, VL_ARCHS[arch][0])(config).save_pretrained(base)
     g = torch.Generator().manual_seed(3)
     tensors = load_file(base / "model.safetensors")
+    if arch == "gemma3":  # Gemma 3's checkpoints (and transformers 5 saving one it loaded) name the vision tower
+        tensors = {_gemma3_vision(n): v for n, v in tensors.items()}  # vision_tower.vision_model.*
+        save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     experts = [root / f"expert_{i}" for i in range(n_experts)]
     for folder in experts:
         shutil.copytree(base, folder)
@@ -125,12 +187,23 @@ def write_qwen2_vl_family(root: Path, vocab: int = 64, flat: bool = False, n_exp
     return base, experts
 
 
-def write_vl_tokenizer_family(root: Path, flat: bool = False) -> tuple[Path, list[Path]]:
-    """The family of :func:`write_tokenizer_family` as the Qwen2-VLs of :func:`write_qwen2_vl_family` (``flat``
-    there): the same tokenizers, the experts' embeddings and LM heads resized to theirs."""
-    n = len(bpe_tokenizer(CORPUS, 200).get_vocab())
-    base, experts = write_qwen2_vl_family(root, n, flat)
-    _with_tokenizers(base, experts, n)
+def write_qwen2_vl_family(root: Path, vocab: int = 64, flat: bool = False, n_experts: int = 2
+                          ) -> tuple[Path, list[Path]]:
+    """Tiny float32 Qwen2-VLs (``Qwen2VLForConditionalGeneration``): :func:`write_vl_family`."""
+    return write_vl_family(root, "qwen2_vl", vocab, flat, n_experts)
+
+
+def write_vl_tokenizer_family(root: Path, flat: bool = False, arch: str = "qwen2_vl") -> tuple[Path, list[Path]]:
+    """The family of :func:`write_tokenizer_family` as the vision-language models of :func:`write_vl_family`
+    (``arch``, ``flat`` there): the same tokenizers, each with the architecture's image tokens first among its added
+    tokens (in every model's rows; the config's ids are the base's), the experts' embeddings and LM heads resized to
+    theirs."""
+    image = list(VL_ARCHS[arch][1])
+    first = len(bpe_tokenizer(CORPUS, 200).get_vocab())
+    ids = {key: first + i for i, key in enumerate(VL_ARCHS[arch][1].values()) if key is not None}
+    n = first + len(image)
+    base, experts = write_vl_family(root, arch, n, flat, image_ids=ids)
+    _with_tokenizers(base, experts, n, image)
     return base, experts
 
 
@@ -141,7 +214,8 @@ def tied_copy(folder: Path, dest: Path) -> Path:
 
     shutil.copytree(folder, dest)
     tensors = load_file(dest / "model.safetensors")
-    del tensors["lm_head.weight"]
+    for name in [n for n in tensors if n.endswith("lm_head.weight")]:  # a vision-language model's under a prefix
+        del tensors[name]
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((dest / "config.json").read_text())
     config["tie_word_embeddings"] = True

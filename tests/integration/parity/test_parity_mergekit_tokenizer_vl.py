@@ -1,29 +1,47 @@
-"""Parity with mergekit 0.1.5's tokenizer merging on a vision-language model (issue 31): tiny float32 Qwen2-VLs
-(``Qwen2VLForConditionalGeneration`` as transformers saves it) whose tokenizers differ as in
-test_parity_mergekit_tokenizer.py's Llamas (tests/helpers/tokenizer_family.py). The text decoder's embeddings and
-LM head are aligned to the output tokenizer; the vision tower and projector merge as they are. Every tensor equals
-mergekit's (token-indexed rows compared token by token), and the output loads as
-``Qwen2VLForConditionalGeneration`` with its tokenizer. The configs are laid out both as transformers 5 saves them
-(``text_config``) and as Qwen2-VL's published checkpoints have them (the text decoder's keys at the top level).
+"""Parity with mergekit 0.1.5's tokenizer merging on vision-language models (issue 31): tiny float32 Qwen2-VLs,
+Mistral 3s, Gemma 3s and LLaVAs as transformers 5 saves them (tests/helpers/tokenizer_family.py: ``write_vl_family``)
+whose tokenizers differ as in test_parity_mergekit_tokenizer.py's Llamas, each with its architecture's image tokens.
+The text decoder's embeddings and LM head are aligned to the output tokenizer; the vision tower and projector merge
+as they are. Every tensor equals mergekit's (token-indexed rows compared token by token), and the output loads with
+its transformers class and runs on an image and text, its rows of the tokens one model alone had that model's rows.
 
-mergekit 0.1.5 cannot read a Qwen2-VL config of transformers 5 on its own: its Qwen2-VL definition reads the text
-decoder's layer count and the vocabulary size as ``num_hidden_layers`` and ``vocab_size`` on the top-level config
-(transformers 4 kept them there), and transformers 5's ``Qwen2VLConfig`` holds them in ``text_config`` only (it
-moves a published checkpoint's top-level keys there when it reads the config), so
-its planning stops with ``RuntimeError: Config Qwen2VLConfig {...} has no attribute num_hidden_layers``
-(``mergekit/common.py``, ``get_config_value``). The reference runs mergekit with ``get_config_value`` and
-``set_config_value`` patched to use ``text_config`` for a plain key the top level lacks and ``text_config`` has, and
-nothing else (``test_parity_mergekit.run_mergekit_many(..., text_config=True)``). Runs when a mergekit install is found
-(``MERGEKIT_YAML``)."""
+mergekit as installed, per architecture:
 
+- Qwen2-VL: its definition reads the text decoder's layer count and the vocabulary size as ``num_hidden_layers`` and
+  ``vocab_size`` on the top-level config (transformers 4 kept them there), and transformers 5's ``Qwen2VLConfig``
+  holds them in ``text_config`` only (it moves a published checkpoint's top-level keys there when it reads the
+  config), so its planning stops with ``RuntimeError: Config Qwen2VLConfig {...} has no attribute
+  num_hidden_layers`` (``mergekit/common.py``, ``get_config_value``). The reference runs mergekit with
+  ``get_config_value`` and ``set_config_value`` patched to use ``text_config`` for a plain key the top level lacks
+  and ``text_config`` has, and nothing else (``test_parity_mergekit.run_mergekit_many(..., text_config=True)``).
+  The configs are laid out both as transformers 5 saves them and as the published checkpoints have them (``flat``).
+- Mistral 3 and Gemma 3: their definitions read ``text_config.*``; mergekit runs unpatched. Gemma 3's vision tower
+  is named as its published checkpoints name it (``vision_tower.vision_model.*``, which mergekit's definition
+  reads): a fresh transformers 5 model saves it without ``vision_model.``, and mergekit then stops (``RuntimeError:
+  Tensor vision_tower.vision_model.embeddings.patch_embedding.bias required but not present``).
+- LLaVA: mergekit has no definition of ``LlavaForConditionalGeneration`` and infers one from the transformers 5
+  model built from the config, whose tensors it names as that model holds them (``model.language_model.*``,
+  ``lm_head.weight``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``). It finds the vision tower's and
+  the projector's in the checkpoint (``vision_tower.*``, ``multi_modal_projector.*``) and writes them under those
+  names, and none of the text decoder's (``language_model.model.*``, ``language_model.lm_head.weight``): it exits 0
+  with a model without a text decoder (:func:`test_mergekit_drops_llavas_text_decoder`).
+  The reference is then mergekit's merge of each LLaVA's text decoder saved as the Llama it is
+  (``LlamaForCausalLM``, same tokenizer) for the text decoder, and mergekit's LLaVA output for the vision tower and
+  projector.
+
+Runs when a mergekit install is found (``MERGEKIT_YAML``)."""
+
+import json
 import os
+import shutil
 import subprocess
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_parity_mergekit import MERGEKIT, mergekit_outputs
 from test_parity_mergekit_tokenizer import RECIPES, TIED_RECIPES
-from tokenizer_family import CHAT_TOKENS, tied_copy, write_vl_tokenizer_family
+from tokenizer_family import tied_copy, write_vl_tokenizer_family
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
@@ -31,38 +49,49 @@ from lightning_merge.cli.commands import main
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (set MERGEKIT_YAML)")]
 
-TOKEN_INDEXED = ("model.embed_tokens.weight", "lm_head.weight")
-
 #: the recipes over ``models`` (layer slices of a model with several stacks are refused: they take ``modules``)
 CASES = ("union_ties", "base_task_arithmetic", "model_linear_no_base", "tokens_and_padding", "slerp_union")
 
+#: per family: its architecture, whether its configs are laid out flat (Qwen2-VL's published checkpoints), whether
+#: mergekit needs its config reads patched, and the prefixes of its vision tower and projector
+FAMILIES = {
+    "qwen2_vl": ("qwen2_vl", False, True, ("visual.blocks.", "visual.merger.")),
+    "qwen2_vl_flat": ("qwen2_vl", True, True, ("visual.blocks.", "visual.merger.")),
+    "mistral3": ("mistral3", False, False, ("vision_tower.", "multi_modal_projector.")),
+    "gemma3": ("gemma3", False, False, ("vision_tower.vision_model.", "multi_modal_projector.")),
+}
 
-@pytest.fixture(scope="module", params=["saved", "flat"])
+
+def _token_indexed(name):
+    return name.endswith(("embed_tokens.weight", "lm_head.weight"))
+
+
+def _cases(family):
+    """Gemma 3's checkpoints are tied (no LM head anywhere): a tied copy of its base is its base."""
+    return CASES if family == "gemma3" else CASES + tuple(sorted(TIED_RECIPES))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
-    """The Qwen2-VLs with their configs as transformers 5 saves them (``text_config``), and as the published
-    checkpoints have them (``flat``: the text decoder's keys at the top level)."""
-    return write_vl_tokenizer_family(tmp_path_factory.mktemp("vl"), flat=request.param == "flat")
+    arch, flat, _, _ = FAMILIES[request.param]
+    base, experts = write_vl_tokenizer_family(tmp_path_factory.mktemp(request.param), flat=flat, arch=arch)
+    return request.param, base, experts
 
 
 @pytest.fixture(scope="module")
-def tied_base(family, tmp_path_factory):
-    base, _ = family
-    return tied_copy(base, tmp_path_factory.mktemp("vl_tied") / "base")
-
-
-@pytest.fixture(scope="module")
-def theirs(tmp_path_factory, family, tied_base):
-    """mergekit's output of every recipe, made in one mergekit process, its config reads patched."""
-    base, experts = family
+def theirs(tmp_path_factory, family):
+    """mergekit's output of every recipe, made in one mergekit process (its config reads patched for Qwen2-VL)."""
+    name, base, experts = family
     texts = {case: RECIPES[case](base, experts) for case in CASES}
-    texts.update({case: make(tied_base, experts) for case, make in TIED_RECIPES.items()})
-    return mergekit_outputs(tmp_path_factory.mktemp("mergekit_vl"), texts, text_config=True)
+    if name != "gemma3":
+        tied = tied_copy(base, tmp_path_factory.mktemp(f"{name}_tied") / "base")
+        texts.update({case: make(tied, experts) for case, make in TIED_RECIPES.items()})
+    return mergekit_outputs(tmp_path_factory.mktemp(f"mergekit_{name}"), texts, text_config=FAMILIES[name][2])
 
 
-def _ours(tmp_path, theirs, case):
-    recipe, mk = theirs[case]
+def _ours(tmp_path, recipe):
     assert main(["merge", str(recipe), str(tmp_path / "lm"), "--no-progress"]) == 0
-    return tmp_path / "lm", mk
+    return tmp_path / "lm"
 
 
 def _vocab(folder):
@@ -72,15 +101,43 @@ def _vocab(folder):
 
 
 def _vocab_size(folder):
-    """The vocabulary size transformers reads from a Qwen2-VL's config.json (its text_config's)."""
+    """The vocabulary size transformers reads from a model's config.json (a vision-language model's text_config's)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(folder).text_config.vocab_size
+    return AutoConfig.from_pretrained(folder).get_text_config().vocab_size
 
 
-def test_mergekit_cannot_read_the_config_unpatched(tmp_path, family):
-    """Why the reference is patched: mergekit 0.1.5 as installed stops on the config's layer count."""
-    base, experts = family
+def _compare(ours, theirs, rename=lambda name: name, names=None):
+    """The largest relative difference between our output's tensors (``names``: those; else all, which must be
+    mergekit's) and mergekit's tensor of each (under ``rename(name)``); token-indexed rows token by token, padding
+    rows as they are. With token-indexed tensors among them, the tokenizers have the same tokens and the configs
+    the same vocabulary size."""
+    a, b = Expert(ours), Expert(theirs)
+    if names is None:
+        names = a.names()
+        assert sorted(names) == sorted(b.names())
+    if any(_token_indexed(n) for n in names):
+        mine, mk = _vocab(ours), _vocab(theirs)
+        assert set(mine) == set(mk)
+        sizes = [_vocab_size(p) for p in (ours, theirs)]
+        assert sizes[0] == sizes[1]
+    worst = 0.0
+    for name in names:
+        x, y = a.tensor(name), b.tensor(rename(name))
+        assert x.shape == y.shape, name
+        if _token_indexed(name):
+            tokens = [t for t in sorted(mine, key=mine.get) if mine[t] < sizes[0]]
+            assert all(mk[t] < sizes[0] for t in tokens)
+            y = torch.cat([y[torch.tensor([mk[t] for t in tokens])], y[len(tokens):]])
+        worst = max(worst, float((x - y).abs().max() / y.abs().max()))
+    return worst
+
+
+def test_mergekit_cannot_read_a_qwen2_vl_config_unpatched(tmp_path, family):
+    """Why the Qwen2-VL reference is patched: mergekit 0.1.5 as installed stops on the config's layer count."""
+    name, base, experts = family
+    if not name.startswith("qwen2_vl"):
+        pytest.skip("mergekit reads Mistral 3's and Gemma 3's text_config itself")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPES["union_ties"](base, experts))
     run = subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "out")], capture_output=True, text=True,
@@ -89,44 +146,110 @@ def test_mergekit_cannot_read_the_config_unpatched(tmp_path, family):
     assert "RuntimeError: Config Qwen2VLConfig" in run.stderr and "has no attribute num_hidden_layers" in run.stderr
 
 
+def test_mergekit_needs_gemma3s_published_vision_tower_names(tmp_path):
+    """A Gemma 3 as a fresh transformers 5 model saves it names its vision tower ``vision_tower.*``; mergekit's
+    definition reads ``vision_tower.vision_model.*`` (the published checkpoints' names) and stops. Ours merges it,
+    under the names it holds."""
+    base, experts = write_vl_tokenizer_family(tmp_path / "models", arch="gemma3")
+    for folder in [base, *experts]:
+        tensors = load_file(folder / "model.safetensors")
+        save_file({n.replace("vision_tower.vision_model.", "vision_tower."): v for n, v in tensors.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPES["union_ties"](base, experts))
+    run = subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "mk")], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0
+    assert "RuntimeError: Tensor vision_tower.vision_model.embeddings.patch_embedding.bias required but not " \
+           "present in model" in run.stderr
+    ours = _ours(tmp_path, recipe)
+    assert sorted(Expert(ours).names()) == sorted(Expert(base).names())
+
+
 @pytest.mark.parametrize("case", CASES + tuple(sorted(TIED_RECIPES)))
-def test_vl_tokenizer_merging_gives_mergekits_model(tmp_path, theirs, case):
-    ours, theirs = _ours(tmp_path, theirs, case)
-    mine, mk = _vocab(ours), _vocab(theirs)
-    assert set(mine) == set(mk)
-    sizes = [_vocab_size(p) for p in (ours, theirs)]
-    assert sizes[0] == sizes[1]
-    a, b = Expert(ours), Expert(theirs)
-    assert sorted(a.names()) == sorted(b.names())
-    assert any(n.startswith("visual.merger.") for n in a.names()) and any(n.startswith("visual.blocks.")
-                                                                          for n in a.names())
-    worst = 0.0
-    for name in a.names():
-        x, y = a.tensor(name), b.tensor(name)
-        assert x.shape == y.shape, name
-        if name in TOKEN_INDEXED:  # row of each token against mergekit's row of that token; padding rows as they are
-            tokens = [t for t in sorted(mine, key=mine.get) if mine[t] < sizes[0]]
-            assert all(mk[t] < sizes[0] for t in tokens)
-            y = torch.cat([y[torch.tensor([mk[t] for t in tokens])], y[len(tokens):]])
-        worst = max(worst, float((x - y).abs().max() / y.abs().max()))
-    print(f"{case}: max relative difference {worst:.2e}")
-    assert worst <= 1e-5, f"{case}: largest relative difference {worst}"
+def test_vl_tokenizer_merging_gives_mergekits_model(tmp_path, family, theirs, case):
+    name, _, _ = family
+    if case not in _cases(name):
+        pytest.skip("Gemma 3's base is tied already")
+    vision, projector = FAMILIES[name][3]
+    recipe, mk = theirs[case]
+    ours = _ours(tmp_path, recipe)
+    names = Expert(ours).names()
+    assert any(n.startswith(vision) for n in names) and any(n.startswith(projector) for n in names)
+    worst = _compare(ours, mk)
+    print(f"{name} {case}: max relative difference {worst:.2e}")
+    assert worst <= 1e-5, f"{name} {case}: largest relative difference {worst}"
 
 
-@pytest.mark.parametrize("case", ["union_ties", "tied_base_union_ties"])
-def test_the_merged_vl_model_loads_and_runs_with_its_tokenizer(tmp_path, theirs, case):
-    """The merge loads as Qwen2VLForConditionalGeneration with the merged weights (the LM head its own, also from a
-    tied base), its tokenizer loads, and text with tokens only one expert knew gives finite logits."""
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+# -- LLaVA: mergekit has no definition; the text decoder's reference is the Llama it is ------------------------------
 
-    ours, _ = _ours(tmp_path, theirs, case)
-    tokenizer = AutoTokenizer.from_pretrained(ours)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(ours, dtype=torch.float32)
-    merged = Expert(ours)
-    assert torch.equal(model.lm_head.weight.detach(), merged.tensor("lm_head.weight"))
-    assert torch.equal(model.get_input_embeddings().weight.detach(), merged.tensor("model.embed_tokens.weight"))
-    assert torch.equal(model.model.visual.merger.mlp[0].weight.detach(), merged.tensor("visual.merger.mlp.0.weight"))
-    ids = tokenizer(f"{CHAT_TOKENS[0]} curvature weighs the cat", return_tensors="pt").input_ids
-    assert int(ids[0, 0]) == tokenizer.get_vocab()[CHAT_TOKENS[0]]
-    logits = model(input_ids=ids).logits
-    assert logits.shape == (1, ids.shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+
+def _as_llama(folder, dest):
+    """A LLaVA's text decoder saved as the ``LlamaForCausalLM`` it is: its ``language_model.model.*`` as ``model.*``,
+    ``language_model.lm_head.weight`` as ``lm_head.weight``, its ``text_config`` as the config (tied when the LLaVA's
+    config ties at either level), its tokenizer."""
+    dest.mkdir(parents=True)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({n[len("language_model."):]: v for n, v in tensors.items() if n.startswith("language_model.")},
+              dest / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    text = dict(config["text_config"], architectures=["LlamaForCausalLM"])
+    text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    (dest / "config.json").write_text(json.dumps(text, indent=2))
+    for item in folder.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(item, dest / item.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    base, experts = write_vl_tokenizer_family(root / "llava", arch="llava")
+    tied = tied_copy(base, root / "llava_tied" / "base")
+    llamas = {p: _as_llama(p, root / "llama" / p.parent.name / p.name) for p in [base, *experts, tied]}
+    return base, experts, tied, llamas
+
+
+@pytest.fixture(scope="module")
+def llava_theirs(tmp_path_factory, llava):
+    """mergekit's output of every recipe over the LLaVAs (``llava/<case>``) and over their Llamas
+    (``llama/<case>``), in one mergekit process."""
+    base, experts, tied, llamas = llava
+    texts = {}
+    for case in CASES + tuple(sorted(TIED_RECIPES)):
+        make = RECIPES.get(case) or TIED_RECIPES[case]
+        b = tied if case in TIED_RECIPES else base
+        texts[f"llava_{case}"] = make(b, experts)
+        texts[f"llama_{case}"] = make(llamas[b], [llamas[e] for e in experts])
+    return mergekit_outputs(tmp_path_factory.mktemp("mergekit_llava"), texts)
+
+
+def test_mergekit_drops_llavas_text_decoder(llava, llava_theirs):
+    """mergekit 0.1.5 on a LLaVA as transformers 5 saves it: no definition, an inferred one under the model's own
+    names, and an output with the vision tower and projector (under ``model.*``) and no text decoder."""
+    base, _, _, _ = llava
+    _, mk = llava_theirs["llava_union_ties"]
+    written = set(Expert(mk).names())
+    held = set(Expert(base).names())
+    assert not any(n.startswith(("language_model.", "model.language_model.", "lm_head.")) for n in written)
+    assert written == {"model." + n for n in held if n.startswith(("vision_tower.", "multi_modal_projector."))}
+    assert len(written) == 43 and len(held) == 64
+
+
+@pytest.mark.parametrize("case", CASES + tuple(sorted(TIED_RECIPES)))
+def test_llava_tokenizer_merging_gives_mergekits_llama_and_vision_tower(tmp_path, llava_theirs, case):
+    """Our LLaVA merge: its text decoder equals mergekit's merge of the Llamas, its vision tower and projector
+    mergekit's LLaVA merge (token-indexed rows token by token)."""
+    recipe, mk_llava = llava_theirs[f"llava_{case}"]
+    _, mk_llama = llava_theirs[f"llama_{case}"]
+    ours = _ours(tmp_path, recipe)
+    names = Expert(ours).names()
+    text = [n for n in names if n.startswith("language_model.")]
+    other = [n for n in names if n not in text]
+    assert len(text) == 21 and len(other) == 43
+    assert sorted(n[len("language_model."):] for n in text) == sorted(Expert(mk_llama).names())
+    worst = max(_compare(ours, mk_llama, lambda n: n[len("language_model."):], text),
+                _compare(ours, mk_llava, lambda n: "model." + n, other))
+    print(f"llava {case}: max relative difference {worst:.2e}")
+    assert worst <= 1e-5, f"llava {case}: largest relative difference {worst}"

@@ -138,3 +138,43 @@ def test_recipe_tokenizer_keys_parse_as_mergekit_reads_them():
 def test_bad_tokenizer_keys_are_refused_naming_the_key(config, message):
     with pytest.raises(RecipeError, match=message):
         parse_tokenizer(config, Path("r.yaml"), _resolve)
+
+
+def test_the_configs_token_ids_are_renumbered_to_the_output_tokenizers():
+    """A vision-language model finds its image tokens in input_ids by the ids its config names: with a tokenizer
+    that numbers them its own way, the output's config names the output's ids (the donor's token of each id)."""
+    from lightning_merge.tools.tokenizer_merge import _renumbered_token_ids
+
+    donor = {"<s>": 0, "</s>": 1, "a": 2, "<image>": 3, "<boi>": 4}
+    output = {"<s>": 0, "</s>": 1, "<image>": 2, "a": 3, "<boi>": 5, "b": 4}
+    config = {"image_token_index": 3, "boi_token_id": 4, "bos_token_id": 0, "eos_token_id": [1, 3],
+              "video_token_id": 151656, "pad_token_id": None, "vocab_size": 5, "mm_tokens_per_image": 3,
+              "text_config": {"image_token_id": 3, "eos_token_id": 1, "vocab_size": 5}}
+    assert _renumbered_token_ids(config, donor, output) == {
+        "image_token_index": 2, "boi_token_id": 5, "eos_token_id": [1, 2], "text_config": {"image_token_id": 2}}
+    assert _renumbered_token_ids(config, donor, donor) == {}  # the donor's own tokenizer: nothing changes
+    assert _renumbered_token_ids(config, donor, {"<s>": 0, "</s>": 1}) == {}  # tokens the output lacks: kept
+
+
+def test_the_output_files_renumber_the_token_ids_of_config_and_generation_config(tmp_path):
+    """config.json's and generation_config.json's token ids follow the output tokenizer (bos/eos included), so
+    generation stops at the output's id of the donor's end token; the vocabulary size goes where the config has it."""
+    import json
+
+    from lightning_merge.tools.tokenizer_merge import _output_files
+
+    class Tokenizer:  # what _output_files asks of a transformers tokenizer
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("{}")
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 3],
+                                                                 "do_sample": False}))
+    (tmp_path / "tokenizer.model").write_text("the donor's")
+    donor = {"<s>": 0, "</s>": 1, "<image>": 3}
+    output = {"</s>": 0, "<s>": 1, "<image>": 2, "x": 3}
+    config = {"text_config": {"vocab_size": 4, "eos_token_id": 1}, "image_token_index": 3}
+    files = _output_files(Tokenizer(), tmp_path, config, 8, donor, output)
+    assert files["config.json"] == {"image_token_index": 2, "text_config": {"eos_token_id": 0, "vocab_size": 8}}
+    assert files["generation_config.json"] == {"bos_token_id": 1, "eos_token_id": [0, 2]}
+    assert files["tokenizer.json"] == b"{}" and files["tokenizer.model"] is None
+    assert "generation_config.json" not in _output_files(Tokenizer(), tmp_path, config, 8, donor, donor)
