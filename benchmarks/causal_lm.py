@@ -300,7 +300,8 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx @ ry) / (rx.norm() * ry.norm()))
 
 
-REGMEAN_PLUSPLUS = ("regmean++ (α 0.95)", "regmean++ (α on validation)", "regmean++ (α 0.95), λ on validation")
+REGMEAN_PLUSPLUS = ("regmean++ (α 0.95)", "regmean++ (α on validation)", "regmean++ (α 0.95), λ on validation",
+                    "regmean++, α and λ on validation")
 
 
 def regmean_plusplus_rows(experts: list, base: Path, domains: dict, seed: int, val_score, normalized,
@@ -308,7 +309,7 @@ def regmean_plusplus_rows(experts: list, base: Path, domains: dict, seed: int, v
     """RegMean++ (lightning_merge.tools.regmean_plusplus) on the LoRA experts read as θ₀ + ΔW: each domain's Gram
     matrices read on the model whose earlier decoder layers are merged, from the same 256 training sequences the
     capture's RegMean read (the post-fit loader), with the model in float32 for the pass. α 0.95, α on validation
-    (one pass per α), λ along the α 0.95 merge (an extension)."""
+    (one pass per α), λ along the α 0.95 merge (an extension), and α with λ jointly (λ along each α's merge)."""
     import transformers
 
     from lightning_merge.tools.regmean_plusplus import regmean_plusplus
@@ -324,10 +325,14 @@ def regmean_plusplus_rows(experts: list, base: Path, domains: dict, seed: int, v
                        **chosen, "seconds": time.perf_counter() - t0}
         print(f"  seed {seed} {label:<26} normalized {100 * rows[label]['normalized']:.1f}  {chosen}", flush=True)
 
-    def run(alpha: float):
-        model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
-        loaders = [loader(d.train, 8, 32, seed + 7) for d in domains.values()]  # the capture's post-fit batches
-        return regmean_plusplus(model, experts, loaders, base, alpha=alpha, num_examples=256)
+    passes: dict = {}
+
+    def run(alpha: float):  # one pass per α, shared by the rows
+        if alpha not in passes:
+            model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+            loaders = [loader(d.train, 8, 32, seed + 7) for d in domains.values()]  # the capture's post-fit batches
+            passes[alpha] = regmean_plusplus(model, experts, loaders, base, alpha=alpha, num_examples=256)
+        return passes[alpha]
 
     if not wanted:
         return rows
@@ -339,7 +344,7 @@ def regmean_plusplus_rows(experts: list, base: Path, domains: dict, seed: int, v
         t0 = time.perf_counter()
         best = None
         for alpha in ALPHAS:
-            state = published.state if alpha == 0.95 else run(alpha).state
+            state = run(alpha).state
             score = val_score(state)
             if best is None or score > best[0]:
                 best = (score, state, alpha)
@@ -348,6 +353,14 @@ def regmean_plusplus_rows(experts: list, base: Path, domains: dict, seed: int, v
         t0 = time.perf_counter()
         result = sweep_scale(published.strategy, published.experts, base, val_score, GRID)
         row(REGMEAN_PLUSPLUS[2], result.state, {"scale": result.scale}, t0)
+    if REGMEAN_PLUSPLUS[3] in wanted:
+        t0 = time.perf_counter()
+        best = None
+        for alpha in ALPHAS:
+            result = sweep_scale(run(alpha).strategy, run(alpha).experts, base, val_score, GRID)
+            if best is None or result.score > best[0]:
+                best = (result.score, result.state, {"alpha": alpha, "scale": result.scale})
+        row(REGMEAN_PLUSPLUS[3], best[1], best[2], t0)
     return rows
 
 
