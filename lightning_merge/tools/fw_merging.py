@@ -360,7 +360,11 @@ class FWMerging(pl.LightningModule):
             gamma = 2.0 / (t + 2) * self.step_size * self.scaling_factor
             if self.merge_fn == "ties":
                 picks = chosen if isinstance(chosen, dict) else dict.fromkeys(self.names, chosen)
-                weights = {n: self.vertex_weights(pool, v)[n] for n, v in picks.items()}
+                taken: dict[str, Tensor] = {}
+                for v in dict.fromkeys(picks.values()):  # each chosen vertex built once, one at a time
+                    vertex = self.vertex_weights(pool, v)
+                    taken.update({n: vertex[n] for n, u in picks.items() if u == v})
+                weights = {n: taken[n] for n in picks}
                 moved = self.ties_step([weights], self.merged_parameters(), gamma)
                 self.point.copy_(torch.cat([moved[n].reshape(-1) for n in self.names]))
             else:
