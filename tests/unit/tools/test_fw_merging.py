@@ -467,6 +467,16 @@ def test_step_refusals():
         fw.step(_batches(data, 0))
 
 
+@pytest.mark.parametrize("argument", ["step_size", "scaling_factor", "ada_coeff", "ada_lr"])
+@pytest.mark.parametrize("value", [math.inf, math.nan, True])
+def test_non_finite_or_boolean_numbers_are_refused_at_construction(argument, value):
+    """An infinite scaling_factor made the start NaN, an infinite step or learning rate, or a NaN ada_coeff, NaN
+    iterates; a boolean read as 1 or 0: each is refused naming the argument, before anything runs."""
+    base, experts, _ = _family()
+    with pytest.raises(ValueError, match=f"FWMerging: {argument} must be a finite number"):
+        FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", **{argument: value})
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
 @pytest.mark.parametrize("mode,granularity,merge_fn", STEP_CASES)
