@@ -364,6 +364,16 @@ class StatisticReader:
                     entry[kind] = None
                     missing.append((i, kind))
             out.append(entry)
+        if any(kind == GRAM and job.present[i] for i, kind in missing):
+            # An adapter that leaves a tensor unchanged reads as a zero Gram matrix (it does not pull the layer,
+            # docs/lora.md), the embedding included. Where an expert has none and every Gram given is such a zero
+            # (an embedding another adapter saves whole, one a full fine-tune has no Gram of), nothing is known of the
+            # tensor's inputs: it has no Gram matrix for any expert, as when none has one.
+            given = [entry[GRAM] for entry in out if entry.get(GRAM) is not None]
+            if all(not bool(g.any()) for g in given):
+                for entry in out:
+                    entry[GRAM] = None
+                missing = [(i, kind) for i, kind in missing if kind != GRAM]
         if missing and len({i for i, _ in missing}) < len(self.experts) and self.policy == "error":
             i, kind = missing[0]
             why = "lacks the tensor itself" if not job.present[i] else "has none for it"

@@ -182,3 +182,36 @@ def test_norm_scales_are_kept_and_named_by_pattern():
     for name in ("layers.0.bias", "blocks.3.ln_1.bias", "kiln.weight", "head.bias"):
         assert not strategy.is_norm_scale(name), name
     assert not CATMerging(norm_pattern=None).is_norm_scale("norm.weight")
+
+
+def test_adapters_merge_with_a_full_fine_tune_whose_embedding_has_no_gram(tmp_path):
+    """A LoRA adapter reads as a zero Gram matrix wherever it leaves a tensor unchanged (it does not pull the layer),
+    the embedding included. A full fine-tune captured by CurvatureCapture has Gram matrices of its linear layers only:
+    its embedding has none. Where every expert that has a Gram matrix has such a zero one, nothing is known of the
+    tensor's inputs: it merges as a tensor no expert has a Gram matrix of (CAT: task arithmetic; RegMean: the mean),
+    instead of the merge failing on 'model.embed_tokens.weight' as if the adapters had captured one."""
+    from conftest import write_lora_family
+    from safetensors.torch import load_file
+
+    from lightning_merge import RegMean
+    from lightning_merge.formats.sidecar import write_statistics
+
+    def grams(folder, g):  # lora_A's input Gram matrices, as CurvatureCapture(gram=...) stores them
+        factors = load_file(str(folder / "adapter_model.safetensors"))
+        write_statistics(folder / "statistics.safetensors",
+                         {"gram": {k: (x := torch.randn(8, v.shape[1], generator=g)).T @ x
+                                   for k, v in factors.items() if "lora_A" in k}}, {"gram": {"count": 8}})
+
+    base_path, adapters = write_lora_family(tmp_path, n=2, each=grams)
+    base = Expert(base_path)
+    g = torch.Generator().manual_seed(4)
+    full = {n: base.tensor(n).float() + 0.05 * torch.randn(base.spec(n).shape, generator=g) for n in base.names()}
+    linear = {n: (x := torch.randn(8, v.shape[1], generator=g)).T @ x for n, v in full.items()
+              if v.dim() == 2 and "embed_tokens" not in n}
+    captured = Expert(full, statistics=Statistics({f"gram/{k}": v for k, v in linear.items()}, {"gram": {"count": 8}},
+                                                  "t"))
+    embed = "model.embed_tokens.weight"
+    for strategy, coefficient in ((CATMerging(), 0.4), (RegMean(), 1 / 3)):
+        got = merge([captured, *adapters], base_path, strategy)
+        want = base.tensor(embed).float() + coefficient * (full[embed] - base.tensor(embed).float())
+        torch.testing.assert_close(got[embed], want, rtol=1e-5, atol=1e-6)
