@@ -311,6 +311,7 @@ class StatisticReader:
 
     def __init__(self, strategy: Strategy, experts: list[Expert], policy: str, jobs: dict[str, TensorJob]):
         self.kinds = tuple(strategy.requires)
+        self.strategy_name = strategy.name or type(strategy).__name__
         self.experts = experts
         self.policy = policy
         self.jobs = jobs
@@ -323,9 +324,10 @@ class StatisticReader:
                 if expert.has_statistic(kind):
                     continue
                 if self.policy == "error":
+                    how = 'CurvatureCapture(gram="after_fit" or "train")' if kind == GRAM else "CurvatureCapture"
                     raise StatisticsError(
-                        f"expert '{expert.name}' has no {kind!r} statistics, which the strategy needs; capture them "
-                        f"with CurvatureCapture, pass statistics=..., or pass on_missing_statistic='uniform' "
+                        f"expert '{expert.name}' has no {kind!r} statistics, which {self.strategy_name} needs; capture "
+                        f"them with {how}, pass statistics=..., or pass on_missing_statistic='uniform' "
                         f"(--on-missing-statistic uniform) to weigh this expert uniformly"
                     )
                 log.warning(

@@ -215,3 +215,20 @@ def test_adapters_merge_with_a_full_fine_tune_whose_embedding_has_no_gram(tmp_pa
         got = merge([captured, *adapters], base_path, strategy)
         want = base.tensor(embed).float() + coefficient * (full[embed] - base.tensor(embed).float())
         torch.testing.assert_close(got[embed], want, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_without_grams_are_refused_naming_the_strategy_and_what_to_capture(tmp_path):
+    """No Gram matrices: the error says which strategy needs them and how to capture them (CurvatureCapture records
+    none by default), in a merge and in a fit whose CurvatureCapture does not record them."""
+    base, experts = {"l.weight": torch.ones(2, 3)}, [{"l.weight": torch.full((2, 3), v)} for v in (0.5, 2.0)]
+    with pytest.raises(StatisticsError, match=r"which cat_merging needs; capture them with CurvatureCapture\(gram="):
+        merge(experts, base, CATMerging())
+    from lightning_merge.callbacks import CurvatureCapture
+    from lightning_merge.callbacks._checks import check_statistics
+
+    class Trainer:
+        callbacks = [CurvatureCapture(dirpath=str(tmp_path))]
+
+    grams = _experts(experts, [{"l.weight": torch.eye(3)}] * 2)
+    with pytest.raises(ValueError, match=r"gram= for Gram matrices \(RegMean, CAT Merging\)"):
+        check_statistics("MergeOnFitEnd", CATMerging(), grams, Trainer(), "error")
