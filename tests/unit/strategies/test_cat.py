@@ -232,3 +232,31 @@ def test_experts_without_grams_are_refused_naming_the_strategy_and_what_to_captu
     grams = _experts(experts, [{"l.weight": torch.eye(3)}] * 2)
     with pytest.raises(ValueError, match=r"gram= for Gram matrices \(RegMean, CAT Merging\)"):
         check_statistics("MergeOnFitEnd", CATMerging(), grams, Trainer(), "error")
+
+
+def test_no_conflict_matrix_is_formed_from_task_vectors_that_are_zero(monkeypatch):
+    """Adapters read as zero task vectors (with zero Gram matrices) on every tensor they leave unchanged, the
+    vocabulary-sized embedding and LM head of a causal LM included, where Gᵢ is (vocab × vocab): 131 GB in float64
+    for a 128k vocabulary. A task vector of zeros adds nothing to any Gᵢ, so no Gᵢ is formed or decomposed from zeros
+    alone: a tensor no expert changed is the base without an eigendecomposition, and the others merge as before."""
+    import lightning_merge.strategies.cat as cat
+
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(6, 4, generator=g)
+    grams = [(x := torch.randn(8, 4, generator=g)).T @ x for _ in range(3)]
+    tau = torch.randn(6, 4, generator=g)
+    want = trim_linear([tau, torch.zeros(6, 4), torch.zeros(6, 4)], grams, 0.5, 2)
+    calls = []
+    eigh = torch.linalg.eigh
+
+    def counted(matrix):
+        calls.append(tuple(matrix.shape))
+        return eigh(matrix)
+
+    monkeypatch.setattr(cat.torch.linalg, "eigh", counted)
+    merged = CATMerging().merge_tensor("lm_head.weight", base, [base, base, base], [{"gram": s} for s in grams])
+    assert torch.equal(merged, base) and calls == []
+    got = trim_linear([tau, torch.zeros(6, 4), torch.zeros(6, 4)], grams, 0.5, 2)
+    assert len(calls) == 2  # G₁ and G₂ read τ₀; G₀ would read only the zero τ₁ and τ₂
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
