@@ -89,7 +89,7 @@ def check_statistics(who: str, strategy: Any, experts: Sequence[Any], trainer: A
             raise ValueError(
                 f"{who}: {strategy.name} needs the {kind!r} statistic of the model this fit trains, and the Trainer "
                 f"has {what}; add CurvatureCapture() (with fisher_after_fit= for a post-fit estimator, gram= for "
-                "RegMean) before the fit"
+                "Gram matrices (RegMean, CAT Merging)) before the fit"
             )
 
 

@@ -311,6 +311,7 @@ class StatisticReader:
 
     def __init__(self, strategy: Strategy, experts: list[Expert], policy: str, jobs: dict[str, TensorJob]):
         self.kinds = tuple(strategy.requires)
+        self.strategy_name = strategy.name or type(strategy).__name__
         self.experts = experts
         self.policy = policy
         self.jobs = jobs
@@ -323,9 +324,10 @@ class StatisticReader:
                 if expert.has_statistic(kind):
                     continue
                 if self.policy == "error":
+                    how = 'CurvatureCapture(gram="after_fit" or "train")' if kind == GRAM else "CurvatureCapture"
                     raise StatisticsError(
-                        f"expert '{expert.name}' has no {kind!r} statistics, which the strategy needs; capture them "
-                        f"with CurvatureCapture, pass statistics=..., or pass on_missing_statistic='uniform' "
+                        f"expert '{expert.name}' has no {kind!r} statistics, which {self.strategy_name} needs; capture "
+                        f"them with {how}, pass statistics=..., or pass on_missing_statistic='uniform' "
                         f"(--on-missing-statistic uniform) to weigh this expert uniformly"
                     )
                 log.warning(
@@ -364,6 +366,16 @@ class StatisticReader:
                     entry[kind] = None
                     missing.append((i, kind))
             out.append(entry)
+        if any(kind == GRAM and job.present[i] for i, kind in missing):
+            # An adapter that leaves a tensor unchanged reads as a zero Gram matrix (it does not pull the layer,
+            # docs/lora.md), the embedding included. Where an expert has none and every Gram given is such a zero
+            # (an embedding another adapter saves whole, one a full fine-tune has no Gram of), nothing is known of the
+            # tensor's inputs: it has no Gram matrix for any expert, as when none has one.
+            given = [entry[GRAM] for entry in out if entry.get(GRAM) is not None]
+            if all(not bool(g.any()) for g in given):
+                for entry in out:
+                    entry[GRAM] = None
+                missing = [(i, kind) for i, kind in missing if kind != GRAM]
         if missing and len({i for i, _ in missing}) < len(self.experts) and self.policy == "error":
             i, kind = missing[0]
             why = "lacks the tensor itself" if not job.present[i] else "has none for it"

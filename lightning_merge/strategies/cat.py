@@ -97,15 +97,19 @@ def removal_basis(gram: Tensor, ratio: float) -> Tensor | None:
 def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, ratio: float) -> list[Tensor]:
     """CAT's linear-weight rule: each (out, in) task vector with its conflicting output directions projected out
     and its norm restored (module docstring), from each task's (in, in) input Gram matrix. Float64 inside; returns
-    float32."""
+    float32. A task vector of zeros (an adapter that leaves the tensor unchanged) adds nothing to any Gᵢ and is
+    left out of them: no Gᵢ is formed from zeros alone (out × out: vocabulary² for an LM head)."""
     n = len(taus)
+    live = [bool(tau.any()) for tau in taus]
+    if not any(live):
+        return [tau.float() for tau in taus]
     t = [tau.double() for tau in taus]
     s = [g.double() for g in grams]
     bases = []
     for i in range(n):
         conflict = None
         for j in range(n):
-            if j != i:
+            if j != i and live[j]:
                 term = t[j] @ (s[i] - lambd * s[j]) @ t[j].T
                 conflict = term if conflict is None else conflict + term
         bases.append(None if conflict is None else removal_basis(conflict, ratio))
@@ -113,7 +117,7 @@ def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, r
     for j in range(n):
         vec = t[j]
         for i in range(n):
-            if i == j or bases[i] is None:
+            if i == j or bases[i] is None or not live[j]:
                 continue
             kept = vec - bases[i] @ (bases[i].T @ vec)
             kept_norm = torch.linalg.vector_norm(kept)

@@ -124,9 +124,10 @@ class FWMerging(pl.LightningModule):
 
     Raises:
         ValueError: a bad ``mode``, ``merge_fn`` (or one the mode lacks), ``granularity``, ``iterations``,
-            ``step_size``, ``scaling_factor``, ``init``, ``loss``, ``density``, ``ada_iters``, ``ada_lr`` or
-            ``ada_data``; or what :class:`~lightning_merge.tools.adamerging.AdaMerging` refuses (no experts, an
-            expert lacking a merged tensor, nothing to merge).
+            ``step_size``, ``scaling_factor``, ``init``, ``loss``, ``density``, ``ada_iters``, ``ada_coeff``,
+            ``ada_lr`` or ``ada_data`` (a number that is not finite, or a boolean, included); or what
+            :class:`~lightning_merge.tools.adamerging.AdaMerging` refuses (no experts, an expert lacking a merged
+            tensor, nothing to merge).
     """
 
     def __init__(
@@ -161,6 +162,10 @@ class FWMerging(pl.LightningModule):
             raise ValueError(f"FWMerging: granularity must be 'task' or 'layer', got {granularity!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"FWMerging: iterations must be an integer >= 1, got {iterations!r}")
+        for argument, value in (("step_size", step_size), ("scaling_factor", scaling_factor), ("ada_coeff", ada_coeff),
+                                ("ada_lr", ada_lr), ("density", density)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"FWMerging: {argument} must be a finite number, got {value!r}")
         if not step_size > 0:
             raise ValueError(f"FWMerging: step_size must be > 0, got {step_size!r}")
         if not scaling_factor > 0:
@@ -360,7 +365,11 @@ class FWMerging(pl.LightningModule):
             gamma = 2.0 / (t + 2) * self.step_size * self.scaling_factor
             if self.merge_fn == "ties":
                 picks = chosen if isinstance(chosen, dict) else dict.fromkeys(self.names, chosen)
-                weights = {n: self.vertex_weights(pool, v)[n] for n, v in picks.items()}
+                taken: dict[str, Tensor] = {}
+                for v in dict.fromkeys(picks.values()):  # each chosen vertex built once, one at a time
+                    vertex = self.vertex_weights(pool, v)
+                    taken.update({n: vertex[n] for n, u in picks.items() if u == v})
+                weights = {n: taken[n] for n in picks}
                 moved = self.ties_step([weights], self.merged_parameters(), gamma)
                 self.point.copy_(torch.cat([moved[n].reshape(-1) for n in self.names]))
             else:

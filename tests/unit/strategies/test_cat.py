@@ -182,3 +182,81 @@ def test_norm_scales_are_kept_and_named_by_pattern():
     for name in ("layers.0.bias", "blocks.3.ln_1.bias", "kiln.weight", "head.bias"):
         assert not strategy.is_norm_scale(name), name
     assert not CATMerging(norm_pattern=None).is_norm_scale("norm.weight")
+
+
+def test_adapters_merge_with_a_full_fine_tune_whose_embedding_has_no_gram(tmp_path):
+    """A LoRA adapter reads as a zero Gram matrix wherever it leaves a tensor unchanged (it does not pull the layer),
+    the embedding included. A full fine-tune captured by CurvatureCapture has Gram matrices of its linear layers only:
+    its embedding has none. Where every expert that has a Gram matrix has such a zero one, nothing is known of the
+    tensor's inputs: it merges as a tensor no expert has a Gram matrix of (CAT: task arithmetic; RegMean: the mean),
+    instead of the merge failing on 'model.embed_tokens.weight' as if the adapters had captured one."""
+    from conftest import write_lora_family
+    from safetensors.torch import load_file
+
+    from lightning_merge import RegMean
+    from lightning_merge.formats.sidecar import write_statistics
+
+    def grams(folder, g):  # lora_A's input Gram matrices, as CurvatureCapture(gram=...) stores them
+        factors = load_file(str(folder / "adapter_model.safetensors"))
+        write_statistics(folder / "statistics.safetensors",
+                         {"gram": {k: (x := torch.randn(8, v.shape[1], generator=g)).T @ x
+                                   for k, v in factors.items() if "lora_A" in k}}, {"gram": {"count": 8}})
+
+    base_path, adapters = write_lora_family(tmp_path, n=2, each=grams)
+    base = Expert(base_path)
+    g = torch.Generator().manual_seed(4)
+    full = {n: base.tensor(n).float() + 0.05 * torch.randn(base.spec(n).shape, generator=g) for n in base.names()}
+    linear = {n: (x := torch.randn(8, v.shape[1], generator=g)).T @ x for n, v in full.items()
+              if v.dim() == 2 and "embed_tokens" not in n}
+    captured = Expert(full, statistics=Statistics({f"gram/{k}": v for k, v in linear.items()}, {"gram": {"count": 8}},
+                                                  "t"))
+    embed = "model.embed_tokens.weight"
+    for strategy, coefficient in ((CATMerging(), 0.4), (RegMean(), 1 / 3)):
+        got = merge([captured, *adapters], base_path, strategy)
+        want = base.tensor(embed).float() + coefficient * (full[embed] - base.tensor(embed).float())
+        torch.testing.assert_close(got[embed], want, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_without_grams_are_refused_naming_the_strategy_and_what_to_capture(tmp_path):
+    """No Gram matrices: the error says which strategy needs them and how to capture them (CurvatureCapture records
+    none by default), in a merge and in a fit whose CurvatureCapture does not record them."""
+    base, experts = {"l.weight": torch.ones(2, 3)}, [{"l.weight": torch.full((2, 3), v)} for v in (0.5, 2.0)]
+    with pytest.raises(StatisticsError, match=r"which cat_merging needs; capture them with CurvatureCapture\(gram="):
+        merge(experts, base, CATMerging())
+    from lightning_merge.callbacks import CurvatureCapture
+    from lightning_merge.callbacks._checks import check_statistics
+
+    class Trainer:
+        callbacks = [CurvatureCapture(dirpath=str(tmp_path))]
+
+    grams = _experts(experts, [{"l.weight": torch.eye(3)}] * 2)
+    with pytest.raises(ValueError, match=r"gram= for Gram matrices \(RegMean, CAT Merging\)"):
+        check_statistics("MergeOnFitEnd", CATMerging(), grams, Trainer(), "error")
+
+
+def test_no_conflict_matrix_is_formed_from_task_vectors_that_are_zero(monkeypatch):
+    """Adapters read as zero task vectors (with zero Gram matrices) on every tensor they leave unchanged, the
+    vocabulary-sized embedding and LM head of a causal LM included, where Gᵢ is (vocab × vocab): 131 GB in float64
+    for a 128k vocabulary. A task vector of zeros adds nothing to any Gᵢ, so no Gᵢ is formed or decomposed from zeros
+    alone: a tensor no expert changed is the base without an eigendecomposition, and the others merge as before."""
+    import lightning_merge.strategies.cat as cat
+
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(6, 4, generator=g)
+    grams = [(x := torch.randn(8, 4, generator=g)).T @ x for _ in range(3)]
+    tau = torch.randn(6, 4, generator=g)
+    want = trim_linear([tau, torch.zeros(6, 4), torch.zeros(6, 4)], grams, 0.5, 2)
+    calls = []
+    eigh = torch.linalg.eigh
+
+    def counted(matrix):
+        calls.append(tuple(matrix.shape))
+        return eigh(matrix)
+
+    monkeypatch.setattr(cat.torch.linalg, "eigh", counted)
+    merged = CATMerging().merge_tensor("lm_head.weight", base, [base, base, base], [{"gram": s} for s in grams])
+    assert torch.equal(merged, base) and calls == []
+    got = trim_linear([tau, torch.zeros(6, 4), torch.zeros(6, 4)], grams, 0.5, 2)
+    assert len(calls) == 2  # G₁ and G₂ read τ₀; G₀ would read only the zero τ₁ and τ₂
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -376,6 +376,26 @@ def test_the_ties_step_at_density_1_without_sign_conflict_is_the_task_arithmetic
             torch.testing.assert_close(ties.merged_parameters()[n], v, rtol=1e-5, atol=1e-6)
 
 
+
+def test_a_ties_step_builds_each_chosen_checkpoint_once_not_once_per_tensor():
+    """The TIES step reads the chosen checkpoint's weights: built once per distinct chosen vertex, not once per
+    merged tensor (each build is θ₀ + Σₖ sₖ τₖ over the whole model, so per tensor it costs tensors × the model)."""
+    base, experts, data = _family()
+    for granularity in ("task", "layer"):
+        fw = FWMerging(tiny_mlp(), experts, base, merge_fn="ties", granularity=granularity)
+        builds = []
+        inner = fw.merger.merged_parameters
+
+        def counted(coefficients=None, inner=inner, builds=builds):
+            builds.append(coefficients)
+            return inner(coefficients)
+
+        fw.merger.merged_parameters = counted
+        chosen = fw.step(_batches(data, 0))
+        picks = set(chosen.values()) if isinstance(chosen, dict) else {chosen}
+        vertices = len(experts) + 1  # the oracle reads every vertex once (the start is held, not built)
+        assert len(builds) <= vertices + len(picks - {len(experts)}), granularity
+
 def test_ties_results_are_a_state_not_a_strategy(tmp_path):
     """The TIES iterate has per-entry coefficients: strategy() and the coefficients refuse, and merged_state() is
     the network the module computes, written by merge() as the one expert of Linear(); a Trainer fit runs it."""
@@ -445,6 +465,16 @@ def test_step_refusals():
     fw = FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", ada_iters=1, ada_data={"a": []})
     with pytest.raises(ValueError, match=r"ada_data\['a'\] holds no batch"):
         fw.step(_batches(data, 0))
+
+
+@pytest.mark.parametrize("argument", ["step_size", "scaling_factor", "ada_coeff", "ada_lr"])
+@pytest.mark.parametrize("value", [math.inf, math.nan, True])
+def test_non_finite_or_boolean_numbers_are_refused_at_construction(argument, value):
+    """An infinite scaling_factor made the start NaN, an infinite step or learning rate, or a NaN ada_coeff, NaN
+    iterates; a boolean read as 1 or 0: each is refused naming the argument, before anything runs."""
+    base, experts, _ = _family()
+    with pytest.raises(ValueError, match=f"FWMerging: {argument} must be a finite number"):
+        FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", **{argument: value})
 
 
 @pytest.mark.slow
