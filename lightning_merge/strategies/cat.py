@@ -78,20 +78,24 @@ def removal_basis(gram: Tensor, ratio: float) -> Tensor | None:
         ratio: −1 (every positive eigenvalue), a fraction in (0, 1) (the leading positive eigenvalues whose
             cumulative squared share stays below it), or an integer ≥ 1 (that many leading eigenvectors).
     """
-    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
-    values, vectors = values.flip(0), vectors.flip(1)  # descending
+    symmetric = gram + gram.T
+    values, vectors = torch.linalg.eigh(symmetric.div_(2))
+    del symmetric
+    values = values.flip(0)  # descending
     positive = values > 0
     if not bool(positive.any()):
         return None
     if ratio == -1:
-        basis = vectors[:, positive]
+        r = int(positive.sum())  # the positive eigenvalues lead the descending order
     elif ratio >= 1:
-        basis = vectors[:, : int(ratio)]
+        r = min(int(ratio), values.numel())
     else:
         energy = values[positive].square()
         r = int((torch.cumsum(energy / energy.sum(), 0) < ratio).sum())
-        basis = vectors[:, :r]
-    return basis if basis.shape[1] else None
+    if r == 0:
+        return None
+    # the r leading eigenvectors copied out (out × r): a view would keep the whole (out × out) matrix alive
+    return vectors[:, vectors.shape[1] - r:].flip(1)
 
 
 def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, ratio: float) -> list[Tensor]:
@@ -104,15 +108,18 @@ def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, r
     if not any(live):
         return [tau.float() for tau in taus]
     t = [tau.double() for tau in taus]
-    s = [g.double() for g in grams]
     bases = []
     for i in range(n):
         conflict = None
         for j in range(n):
             if j != i and live[j]:
-                term = t[j] @ (s[i] - lambd * s[j]) @ t[j].T
-                conflict = term if conflict is None else conflict + term
+                # the Grams are made float64 where used (n float64 (in × in) copies held would cost more than the
+                # task vectors on a wide weight such as an MLP's down projection)
+                term = t[j] @ (grams[i].double() - lambd * grams[j].double()) @ t[j].T
+                conflict = term if conflict is None else conflict.add_(term)
+                del term
         bases.append(None if conflict is None else removal_basis(conflict, ratio))
+        del conflict
     out = []
     for j in range(n):
         vec = t[j]
