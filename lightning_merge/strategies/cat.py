@@ -224,6 +224,26 @@ class CATMerging(Strategy):
             merged += tau
         return merged.mul_(self.scale).add_(base)
 
+    def working_set(self, num_experts: int) -> float:
+        """:meth:`tensor_working_set` of a square weight (a tensor's own shape matters here: see there)."""
+        return self.tensor_working_set(num_experts, "", (1, 1))
+
+    def tensor_working_set(self, num_experts: int, name: str, shape: tuple[int, ...]) -> float:
+        """A 2-D (out × in) weight with Gram matrices, for n experts: the inputs (n + 1 copies and n (in × in) Grams),
+        n float32 and n float64 task vectors (4n + 1 in all, n·in/out), and the largest of: the conflict products'
+        float64 (in × in) temporaries (6·in/out), an eigendecomposition of an (out × out) float64 conflict matrix
+        (the matrix, its symmetrised copy, the eigenvectors and LAPACK's workspace: 10·out/in), the trimmed task
+        vectors with the projection's temporaries (n + 6). Measured 2026-12-07 (VmHWM, n = 2–4): 21–31 copies for
+        512², 49–58 for 1024 × 256, 41–57 for 256 × 1024; declared with a margin, 1.05–1.15× those. The bound
+        assumes Grams (a 2-D tensor without them, an embedding, holds the default's copies). Other tensors: the
+        default (measured 9.8–16.2 for 1-D tensors and n = 2–4, declared 13–21)."""
+        default = super().working_set(num_experts)
+        if len(shape) != 2 or num_experts < 2 or self.ratio == 0 or 0 in shape:
+            return default
+        out, inp = shape
+        n = num_experts
+        return max(default, 4 * n + 2 + n * inp / out + max(7 * inp / out, 11 * out / inp, n + 7))
+
     def continual_form(self):  # noqa: D102
         raise NoContinualForm(
             "CAT Merging has no continual form: each task vector is trimmed against every other task's vector and "
