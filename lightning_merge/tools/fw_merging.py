@@ -54,6 +54,8 @@ from torch import Tensor, nn
 
 from lightning_merge.capture.fisher import IGNORE_INDEX, logits_of
 from lightning_merge.engine.run import merge
+from lightning_merge.files.safetensors import TensorSpec
+from lightning_merge.sources.expert import Expert
 from lightning_merge.strategies.functional import keep_count
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 from lightning_merge.strategies.task_vectors import Ties
@@ -61,6 +63,31 @@ from lightning_merge.tools.adamerging import AdaMerging, call_on_batch, entropy_
 
 SINGLE_TASK = "task"  # the task name of a batch that is not a mapping {task: batch}
 STEPS = {"hard": ("task_arithmetic", "ties"), "soft": ("task_arithmetic", "adamerging")}  # FusionBench's, per mode
+
+
+class _VertexSource:
+    """An expert source whose tensor ``n`` is vertex ``v``'s weights θ₀ + Σₖ sₖ,ₙ τₖ, built (on the CPU) when read."""
+
+    def __init__(self, fw: FWMerging, vertex: Tensor):
+        self.fw, self.vertex = fw, vertex
+
+    def keys(self) -> list[str]:
+        return list(self.fw.names)
+
+    def spec(self, key: str) -> TensorSpec:
+        return TensorSpec(tuple(self.fw.shapes[key]), torch.float32)
+
+    def get(self, key: str) -> Tensor:
+        return self.fw.merger.merged_parameters(self.vertex, names=[key])[key].detach().cpu()
+
+
+class _VertexWeights(Expert):
+    """Vertex ``v``'s weights as an expert read tensor by tensor (:class:`_VertexSource`)."""
+
+    def __init__(self, fw: FWMerging, vertex: Tensor):
+        super().__init__({}, name="FW-Merging vertex")
+        self._source = _VertexSource(fw, vertex)
+        self._keys = {k: k for k in fw.names}
 
 
 class FWMerging(pl.LightningModule):
@@ -214,18 +241,22 @@ class FWMerging(pl.LightningModule):
             self.merger.lambdas.data.fill_(self.scaling_factor)
         self.register_buffer("initial", self.merger.lambdas.detach().clone())
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.shapes = {n: tuple(t.shape) for n, t in self.merger.merged_parameters(self.initial).items()}
+        # the merged tensors' shapes are the base's (no merged model built to read them)
+        self.shapes = {n: tuple(t.shape) for n, t in self.merger.merged_parameters(
+            torch.zeros_like(self.initial)).items()}
         if merge_fn == "ties":
             # the iterate and the initial merged model as weights (flat, in the order of names): the per-entry trims
             # leave the coefficient form
             if init == "ties":
-                experts_weights = [self.merger.merged_parameters(v) for v in self.vertices()[:self.experts_count]]
+                # the experts' weights θ₀ + τₖ built tensor by tensor as the merge reads them, not N models at once
+                experts_weights = [_VertexWeights(self, v) for v in self.vertices()[:self.experts_count]]
                 start = self.ties_step(experts_weights, self.merger.merged_parameters(torch.zeros_like(self.initial)),
                                        self.scaling_factor)
             else:
                 start = self.merger.merged_parameters(self.initial)
             flat = torch.cat([start[n].detach().reshape(-1) for n in self.names])
-            self.register_buffer("point", flat.clone())
+            del start
+            self.register_buffer("point", flat)
             self.register_buffer("initial_point", flat.clone())
         self.selections: list[Any] = []
         self._point: dict[str, Tensor] | None = None
@@ -428,10 +459,11 @@ class FWMerging(pl.LightningModule):
         trimmed to its top entries over all merged tensors (:meth:`ties_density`), signs elected on the sum of the
         trimmed vectors, the agreeing entries summed (FusionBench's ``ties_merge`` with ``merge_func="sum"``): the
         project's :class:`~lightning_merge.Ties` through :func:`~lightning_merge.merge`. One checkpoint: point +
-        scale · trim(s − point)."""
+        scale · trim(s − point). A checkpoint may be an :class:`~lightning_merge.Expert` (read tensor by tensor)."""
         strategy = Ties(density=self.ties_density(), topk="model", normalize=False, scale=float(scale))
         # merged on the CPU (the engine reads its inputs there), moved back to the iterate's device
-        merged = merge([{n: w[n].detach().cpu() for n in self.names} for w in checkpoints],
+        merged = merge([w if isinstance(w, Expert) else {n: w[n].detach().cpu() for n in self.names}
+                        for w in checkpoints],
                        {n: point[n].detach().cpu() for n in self.names}, strategy, progress=False)
         return {n: merged[n].to(point[n].device) for n in self.names}
 
