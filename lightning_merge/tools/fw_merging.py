@@ -32,9 +32,9 @@ The TIES step is not of that form: its trim is per entry, so an iterate is θ₀
 the parameters' shapes, as large as the experts themselves. No strategy smaller than the merged model reproduces
 it (a strategy recomputing the T model-wide trims from the experts would hold the history and redo the run), so
 with ``merge_fn="ties"`` :meth:`FWMerging.strategy` refuses and :meth:`FWMerging.merged_state` returns the merged
-model's state dict, written through any output as the one expert of ``Linear()``. The base, task vectors and merged
-network are :class:`~lightning_merge.tools.adamerging.AdaMerging`'s (parameters merged, buffers the base's;
-``include``). Memory beyond AdaMerging's: the TIES step holds two more copies of the merged tensors (the iterate and
+model's state dict, written through any output as the one expert of ``Linear()`` over the base (with ``dtype=``).
+The base, task vectors and merged network are :class:`~lightning_merge.tools.adamerging.AdaMerging`'s (parameters
+merged, buffers the base's; ``include``). Memory beyond AdaMerging's: the TIES step holds two more copies of the merged tensors (the iterate and
 the initial merge) and runs one model-wide ``merge()`` per iteration; the AdaMerging step builds an AdaMerging over
 the chosen checkpoints at each iteration (its copies: one per chosen checkpoint and one of θ, on the CPU first).
 """
@@ -106,7 +106,7 @@ class FWMerging(pl.LightningModule):
 
         fw = FWMerging(model, experts, base, merge_fn="ties")   # the TIES step: a state, not a strategy
         pl.Trainer().fit(fw, loaders)
-        merged = merge([fw.merged_state()], None, Linear(), out="merged/")
+        merged = merge([fw.merged_state()], base, Linear(), out="merged/", dtype="bfloat16")  # dtype: the base's
 
     Args:
         model: a module of the merged architecture, called with the merged parameters and the base's other tensors
@@ -291,7 +291,9 @@ class FWMerging(pl.LightningModule):
     def merged_state(self) -> dict[str, Tensor]:
         """The merged model's state dict: the merged tensors (float32) and the base's other tensors; what
         ``merge(experts, base, fw.strategy())`` writes, and with ``merge_fn="ties"`` the only form of the result
-        (write it with ``merge([fw.merged_state()], None, Linear(), out=...)``)."""
+        (write it with ``merge([fw.merged_state()], base, Linear(), out=..., dtype=...)``, the base's dtype: a folder
+        with the base folder's config.json, loadable as the base is; without the base, float32 tensors and no
+        config)."""
         return {**self.merger.other_tensors(), **{n: t.clone() for n, t in self.merged_parameters().items()}}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -312,7 +314,8 @@ class FWMerging(pl.LightningModule):
         if self.merge_fn == "ties":
             raise ValueError(f"FWMerging.{what}: merge_fn='ties' trims each step per entry, so the merged model is not "
                              "θ₀ + Σₖ Cₖ,ₗ τₖ with one coefficient per expert and tensor; take fw.merged_state() and "
-                             "write it with merge([fw.merged_state()], None, Linear(), out=...)")
+                             "write it with merge([fw.merged_state()], base, Linear(), out=..., "
+                             "dtype=<the base's dtype>)")
 
     # -- one Frank–Wolfe iteration ------------------------------------------------------------------------------------
     def task_loss(self, task: Any, batch: Any, loss: str | None = None) -> Tensor:

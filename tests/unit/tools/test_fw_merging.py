@@ -526,3 +526,31 @@ def test_a_missing_base_is_named():
         FWMerging(tiny_mlp(), experts, None)
     with pytest.raises(ValueError, match=r"AdaMerging: base is None"):
         AdaMerging(tiny_mlp(), experts, None)
+
+
+def test_the_ties_state_written_over_the_base_folder_is_a_model_folder(tmp_path):
+    """The documented route for a TIES result: ``merge([fw.merged_state()], base_folder, Linear(), out=...,
+    dtype=<the base's>)`` writes the base folder's config.json beside the state's tensors in the base's dtype (without
+    the base, the folder has no config.json and float32 tensors; without dtype, the float32 state and a bfloat16
+    base are refused as different dtypes)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lightning_merge.files.safetensors import save_tensors
+
+    base, experts, data = _family()
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_tensors(folder / "model.safetensors", {k: v.to(torch.bfloat16) for k, v in base.items()})
+    (folder / "config.json").write_text(json.dumps({"model_type": "mlp", "torch_dtype": "bfloat16"}))
+    fw = _run(FWMerging(tiny_mlp(), experts, base, merge_fn="ties"), data, 1)
+    state = fw.merged_state()
+    merge([state], str(folder), Linear(), out=str(tmp_path / "fw-ties"), dtype="bfloat16")
+    assert json.loads((tmp_path / "fw-ties" / "config.json").read_text())["model_type"] == "mlp"
+    written = load_file(str(tmp_path / "fw-ties" / "model.safetensors"))
+    assert set(written) == set(state)
+    for n, v in state.items():
+        assert written[n].dtype == torch.bfloat16 and torch.equal(written[n], v.to(torch.bfloat16)), n
+    with pytest.raises(ValueError, match="different dtypes"):
+        merge([state], str(folder), Linear(), out=str(tmp_path / "no-dtype"))
