@@ -34,9 +34,10 @@ it (a strategy recomputing the T model-wide trims from the experts would hold th
 with ``merge_fn="ties"`` :meth:`FWMerging.strategy` refuses and :meth:`FWMerging.merged_state` returns the merged
 model's state dict, written through any output as the one expert of ``Linear()`` over the base (with ``dtype=``).
 The base, task vectors and merged network are :class:`~lightning_merge.tools.adamerging.AdaMerging`'s (parameters
-merged, buffers the base's; ``include``). Memory beyond AdaMerging's: the TIES step holds two more copies of the merged tensors (the iterate and
-the initial merge) and runs one model-wide ``merge()`` per iteration; the AdaMerging step builds an AdaMerging over
-the chosen checkpoints at each iteration (its copies: one per chosen checkpoint and one of θ, on the CPU first).
+merged, buffers the base's; ``include``). Memory beyond AdaMerging's: the TIES step holds two more copies of the
+merged tensors (the iterate and the initial merge; the TIES start reads the experts' weights tensor by tensor) and
+runs one model-wide ``merge()`` per iteration; the AdaMerging step builds an AdaMerging over the chosen checkpoints
+at each iteration (its copies: one per chosen checkpoint and one of θ, on the CPU first).
 """
 
 from __future__ import annotations
