@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--base", required=True, help="the base model every expert was fine-tuned from")
     ci.add_argument("--strategy", default="opcm",
                     help="a strategy with a continual form: opcm, dop, linear, task_arithmetic, dare, breadcrumbs, "
-                         "cabs, generalized, fisher, ota, lines (the state refuses others, saying why)")
+                         "cabs, generalized, fisher, ota, iso_c, ram, lines (the state refuses others, saying why)")
     ci.add_argument("--set", action="append", metavar="KEY=VALUE", help="a strategy argument")
     ci.add_argument("--on-missing", choices=["error", "base"], default="error",
                     help="an expert whose tensors are not the base's: 'error' refuses it (default); 'base' leaves its "

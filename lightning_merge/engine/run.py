@@ -331,8 +331,8 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
     :meth:`~lightning_merge.strategies.Strategy.prepare_rows`, run here) and it costs more than a worker's share of the
     budget, one item per row chunk (:func:`~lightning_merge.engine.schedule.row_chunks`), each costing at most
     :func:`~lightning_merge.engine.schedule.chunk_limit`. A cost counts what the job
-    holds: for a merge, the strategy's :meth:`~lightning_merge.strategies.Strategy.working_set` float32 copies of its
-    elements; for a copy, the input, its float32 check and the output."""
+    holds: for a merge, the strategy's :meth:`~lightning_merge.strategies.Strategy.tensor_working_set` float32 copies
+    of its elements; for a copy, the input, its float32 check and the output."""
     strategy = plan.prepared.strategy
     per_worker = max(1, budget // max(1, workers))
     chunk = chunk_limit(budget, workers)
@@ -340,7 +340,7 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
     for job in jobs:
         shape = job.spec.shape
         if job.action == "merge":
-            per_element = 4.0 * strategy.working_set(plan.num_experts)
+            per_element = 4.0 * strategy.tensor_working_set(plan.num_experts, job.name, tuple(shape))
             chunkable = strategy.row_local or strategy.row_pass
         elif job.action == "copy":
             per_element = 8.0 + (out_dtype or job.spec.dtype).itemsize

@@ -295,6 +295,13 @@ class Strategy:
         less (linear) says so."""
         return 2 * num_experts + 5 + 2 * num_experts * len(self.requires)
 
+    def tensor_working_set(self, num_experts: int, name: str, shape: tuple[int, ...]) -> float:
+        """:meth:`working_set` for tensor ``name`` of ``shape``: what the engine's budget counts a job by (× its
+        elements × 4 bytes). The same for every tensor by default; a strategy whose temporaries are not of the
+        tensor's shape (CAT Merging's (out × out) conflict matrices and (in × in) Grams) or differ by its number of
+        dimensions (WIDEN) says so here."""
+        return self.working_set(num_experts)
+
     # -- the contract -------------------------------------------------------------------------------------------
     def prepare(self, plan: MergePlan) -> Prepared:
         """The first pass for global quantities; the default checks per-expert argument lengths.

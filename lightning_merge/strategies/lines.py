@@ -168,6 +168,9 @@ class LiNeS(Strategy):
     def working_set(self, num_experts: int) -> float:
         return self.inner.working_set(num_experts) + 1
 
+    def tensor_working_set(self, num_experts: int, name: str, shape: tuple[int, ...]) -> float:
+        return self.inner.tensor_working_set(num_experts, name, shape) + 1
+
     def linear_form(
         self, num_experts: int, name: str | None = None, prepared: Prepared | None = None
     ) -> LinearForm | None:

@@ -155,6 +155,10 @@ class PerTensor(Strategy):
     def working_set(self, num_experts: int) -> float:
         return max(s.working_set(num_experts) for s in self.strategies)
 
+    def tensor_working_set(self, num_experts: int, name: str, shape: tuple[int, ...]) -> float:
+        """The working set of the strategy that merges tensor ``name``."""
+        return self.strategy_of(name).tensor_working_set(num_experts, name, shape)
+
     def merge_tensor(
         self, name: str, base: Tensor | None, tensors: Sequence[Tensor], stats: Sequence[Mapping[str, Tensor]],
         prepared: Prepared | None = None,

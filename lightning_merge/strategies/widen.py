@@ -134,9 +134,18 @@ class WIDEN(Strategy):
         return merged.T.contiguous() if transpose else merged
 
     def working_set(self, num_experts: int) -> float:
-        """The inputs, the two directions and the cosine's normalised copies of one expert at a time, one task
-        vector, the merged tensor and its cast (1-D tensors, which stack their task vectors, are small)."""
-        return num_experts + 9
+        """The larger of :meth:`tensor_working_set`'s two cases (a 2-D tensor's, any other's)."""
+        return max(self.tensor_working_set(num_experts, "", (1, 1)), self.tensor_working_set(num_experts, "", (1,)))
+
+    def tensor_working_set(self, num_experts: int, name: str, shape: tuple[int, ...]) -> float:
+        """A 2-D tensor: the inputs (n + 1), the two directions and the cosine's normalised copies of one expert at
+        a time, one task vector, the merged tensor and a transposed embedding's copy: n + 7. Any other (1-D, ≥ 3-D,
+        entry by entry): the inputs, the stack of n task vectors, their magnitudes, the softmax's n weights and the
+        calibration's boolean mask (a quarter copy each), the sum: 4.5n + 2. Measured 2026-12-07 (VmHWM, n = 2–4):
+        n + 6 for 1024², 2048 × 512 and 512 × 2048; 4.25n + 1 for 1-D, 3-D and 4-D tensors (it was declared n + 9)."""
+        if len(shape) == 2:
+            return num_experts + 7
+        return 4.5 * num_experts + 2
 
     def continual_form(self) -> ContinualForm:  # noqa: D102
         raise NoContinualForm(

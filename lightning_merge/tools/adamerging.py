@@ -132,6 +132,9 @@ class AdaMerging(pl.LightningModule):
             raise ValueError(f"AdaMerging: granularity must be 'tensor', 'block' or 'task', got {granularity!r}")
         if not experts:
             raise ValueError("AdaMerging needs at least one expert")
+        if base is None:
+            raise ValueError("AdaMerging: base is None; pass the base model (base=...), whose weights the task vectors "
+                             "are taken from and the merged model starts at")
         if lr <= 0:
             raise ValueError(f"AdaMerging: lr must be > 0, got {lr}")
         self.model = model
@@ -194,13 +197,15 @@ class AdaMerging(pl.LightningModule):
             self._taus = [{n: t.to(device) for n, t in tau.items()} for tau in self._taus]
             self._kept = {n: t.to(device) for n, t in self._kept.items()}
 
-    def merged_parameters(self, coefficients: Tensor | None = None) -> dict[str, Tensor]:
+    def merged_parameters(self, coefficients: Tensor | None = None,
+                          names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """θ₀ + Σₖ λₖ,ₗ τₖ for every merged tensor (differentiable in λ).
 
         Args:
             coefficients: other coefficients to merge at, shaped like ``lambdas`` (experts × columns); None: the
                 learned λ. Given coefficients are read without gradient, and a coefficient of exactly 0 adds
                 nothing (an expert's own weights are ``θ₀ + 1·τₖ``).
+            names: only these merged tensors (None: all of them, in order).
 
         Raises:
             ValueError: ``coefficients`` is not shaped like ``lambdas``.
@@ -212,7 +217,7 @@ class AdaMerging(pl.LightningModule):
                              f"λ {tuple(self.lambdas.shape)} (experts × columns)")
         values = coefficients.detach().to(self.lambdas.device) if given else self.lambdas
         out = {}
-        for n in self.names:
+        for n in self.names if names is None else names:
             column = values[:, self._column[n]]
             merged = self._base[n]
             for k, tau in enumerate(self._taus):

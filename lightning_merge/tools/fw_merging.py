@@ -32,11 +32,12 @@ The TIES step is not of that form: its trim is per entry, so an iterate is θ₀
 the parameters' shapes, as large as the experts themselves. No strategy smaller than the merged model reproduces
 it (a strategy recomputing the T model-wide trims from the experts would hold the history and redo the run), so
 with ``merge_fn="ties"`` :meth:`FWMerging.strategy` refuses and :meth:`FWMerging.merged_state` returns the merged
-model's state dict, written through any output as the one expert of ``Linear()``. The base, task vectors and merged
-network are :class:`~lightning_merge.tools.adamerging.AdaMerging`'s (parameters merged, buffers the base's;
-``include``). Memory beyond AdaMerging's: the TIES step holds two more copies of the merged tensors (the iterate and
-the initial merge) and runs one model-wide ``merge()`` per iteration; the AdaMerging step builds an AdaMerging over
-the chosen checkpoints at each iteration (its copies: one per chosen checkpoint and one of θ, on the CPU first).
+model's state dict, written through any output as the one expert of ``Linear()`` over the base (with ``dtype=``).
+The base, task vectors and merged network are :class:`~lightning_merge.tools.adamerging.AdaMerging`'s (parameters
+merged, buffers the base's; ``include``). Memory beyond AdaMerging's: the TIES step holds two more copies of the
+merged tensors (the iterate and the initial merge; the TIES start reads the experts' weights tensor by tensor) and
+runs one model-wide ``merge()`` per iteration; the AdaMerging step builds an AdaMerging over the chosen checkpoints
+at each iteration (its copies: one per chosen checkpoint and one of θ, on the CPU first).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from torch import Tensor, nn
 
 from lightning_merge.capture.fisher import IGNORE_INDEX, logits_of
 from lightning_merge.engine.run import merge
+from lightning_merge.files.safetensors import TensorSpec
+from lightning_merge.sources.expert import Expert
 from lightning_merge.strategies.functional import keep_count
 from lightning_merge.strategies.layerwise import LayerwiseTaskArithmetic
 from lightning_merge.strategies.task_vectors import Ties
@@ -61,6 +64,31 @@ from lightning_merge.tools.adamerging import AdaMerging, call_on_batch, entropy_
 
 SINGLE_TASK = "task"  # the task name of a batch that is not a mapping {task: batch}
 STEPS = {"hard": ("task_arithmetic", "ties"), "soft": ("task_arithmetic", "adamerging")}  # FusionBench's, per mode
+
+
+class _VertexSource:
+    """An expert source whose tensor ``n`` is vertex ``v``'s weights θ₀ + Σₖ sₖ,ₙ τₖ, built (on the CPU) when read."""
+
+    def __init__(self, fw: FWMerging, vertex: Tensor):
+        self.fw, self.vertex = fw, vertex
+
+    def keys(self) -> list[str]:
+        return list(self.fw.names)
+
+    def spec(self, key: str) -> TensorSpec:
+        return TensorSpec(tuple(self.fw.shapes[key]), torch.float32)
+
+    def get(self, key: str) -> Tensor:
+        return self.fw.merger.merged_parameters(self.vertex, names=[key])[key].detach().cpu()
+
+
+class _VertexWeights(Expert):
+    """Vertex ``v``'s weights as an expert read tensor by tensor (:class:`_VertexSource`)."""
+
+    def __init__(self, fw: FWMerging, vertex: Tensor):
+        super().__init__({}, name="FW-Merging vertex")
+        self._source = _VertexSource(fw, vertex)
+        self._keys = {k: k for k in fw.names}
 
 
 class FWMerging(pl.LightningModule):
@@ -79,7 +107,7 @@ class FWMerging(pl.LightningModule):
 
         fw = FWMerging(model, experts, base, merge_fn="ties")   # the TIES step: a state, not a strategy
         pl.Trainer().fit(fw, loaders)
-        merged = merge([fw.merged_state()], None, Linear(), out="merged/")
+        merged = merge([fw.merged_state()], base, Linear(), out="merged/", dtype="bfloat16")  # dtype: the base's
 
     Args:
         model: a module of the merged architecture, called with the merged parameters and the base's other tensors
@@ -214,18 +242,22 @@ class FWMerging(pl.LightningModule):
             self.merger.lambdas.data.fill_(self.scaling_factor)
         self.register_buffer("initial", self.merger.lambdas.detach().clone())
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.shapes = {n: tuple(t.shape) for n, t in self.merger.merged_parameters(self.initial).items()}
+        # the merged tensors' shapes are the base's (no merged model built to read them)
+        self.shapes = {n: tuple(t.shape) for n, t in self.merger.merged_parameters(
+            torch.zeros_like(self.initial)).items()}
         if merge_fn == "ties":
             # the iterate and the initial merged model as weights (flat, in the order of names): the per-entry trims
             # leave the coefficient form
             if init == "ties":
-                experts_weights = [self.merger.merged_parameters(v) for v in self.vertices()[:self.experts_count]]
+                # the experts' weights θ₀ + τₖ built tensor by tensor as the merge reads them, not N models at once
+                experts_weights = [_VertexWeights(self, v) for v in self.vertices()[:self.experts_count]]
                 start = self.ties_step(experts_weights, self.merger.merged_parameters(torch.zeros_like(self.initial)),
                                        self.scaling_factor)
             else:
                 start = self.merger.merged_parameters(self.initial)
             flat = torch.cat([start[n].detach().reshape(-1) for n in self.names])
-            self.register_buffer("point", flat.clone())
+            del start
+            self.register_buffer("point", flat)
             self.register_buffer("initial_point", flat.clone())
         self.selections: list[Any] = []
         self._point: dict[str, Tensor] | None = None
@@ -260,7 +292,9 @@ class FWMerging(pl.LightningModule):
     def merged_state(self) -> dict[str, Tensor]:
         """The merged model's state dict: the merged tensors (float32) and the base's other tensors; what
         ``merge(experts, base, fw.strategy())`` writes, and with ``merge_fn="ties"`` the only form of the result
-        (write it with ``merge([fw.merged_state()], None, Linear(), out=...)``)."""
+        (write it with ``merge([fw.merged_state()], base, Linear(), out=..., dtype=...)``, the base's dtype: a folder
+        with the base folder's config.json, loadable as the base is; without the base, float32 tensors and no
+        config)."""
         return {**self.merger.other_tensors(), **{n: t.clone() for n, t in self.merged_parameters().items()}}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -281,7 +315,8 @@ class FWMerging(pl.LightningModule):
         if self.merge_fn == "ties":
             raise ValueError(f"FWMerging.{what}: merge_fn='ties' trims each step per entry, so the merged model is not "
                              "θ₀ + Σₖ Cₖ,ₗ τₖ with one coefficient per expert and tensor; take fw.merged_state() and "
-                             "write it with merge([fw.merged_state()], None, Linear(), out=...)")
+                             "write it with merge([fw.merged_state()], base, Linear(), out=..., "
+                             "dtype=<the base's dtype>)")
 
     # -- one Frank–Wolfe iteration ------------------------------------------------------------------------------------
     def task_loss(self, task: Any, batch: Any, loss: str | None = None) -> Tensor:
@@ -428,10 +463,11 @@ class FWMerging(pl.LightningModule):
         trimmed to its top entries over all merged tensors (:meth:`ties_density`), signs elected on the sum of the
         trimmed vectors, the agreeing entries summed (FusionBench's ``ties_merge`` with ``merge_func="sum"``): the
         project's :class:`~lightning_merge.Ties` through :func:`~lightning_merge.merge`. One checkpoint: point +
-        scale · trim(s − point)."""
+        scale · trim(s − point). A checkpoint may be an :class:`~lightning_merge.Expert` (read tensor by tensor)."""
         strategy = Ties(density=self.ties_density(), topk="model", normalize=False, scale=float(scale))
         # merged on the CPU (the engine reads its inputs there), moved back to the iterate's device
-        merged = merge([{n: w[n].detach().cpu() for n in self.names} for w in checkpoints],
+        merged = merge([w if isinstance(w, Expert) else {n: w[n].detach().cpu() for n in self.names}
+                        for w in checkpoints],
                        {n: point[n].detach().cpu() for n in self.names}, strategy, progress=False)
         return {n: merged[n].to(point[n].device) for n in self.names}
 

@@ -885,3 +885,30 @@ def test_continual_merge_refuses_a_module_with_a_tensor_the_base_lacks_before_tr
     with pytest.raises(ValueError, match="was created with on_missing='base', not 'error'"):
         ContinualMerge(state=str(tmp_path / "state"), on_missing="error").setup(
             trainer(tmp_path / "run2", []), Tiny(), "fit")
+
+
+def test_continual_init_help_lists_every_strategy_with_a_continual_form():
+    """`lightning-merge continual init --help` names each registered strategy whose default has a continual form
+    (it lacked ram and iso_c)."""
+    import argparse
+    import re
+
+    from lightning_merge.cli.commands import build_parser
+    from lightning_merge.errors import NoContinualForm
+    from lightning_merge.strategies import STRATEGIES
+
+    def sub(parser, name):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices[name]
+
+    init = sub(sub(build_parser(), "continual"), "init")
+    text = next(a.help for a in init._actions if "--strategy" in a.option_strings)
+    listed = set(re.findall(r"[a-z_]+", text.split(":", 1)[1].split("(")[0]))
+    forms = set()
+    for name, cls in STRATEGIES.items():
+        try:
+            cls().continual_form()
+        except NoContinualForm:
+            continue
+        forms.add(name)
+    assert "ram" in forms and forms <= listed, forms - listed

@@ -496,3 +496,61 @@ def test_matches_fusionbench_ties_and_adamerging_steps(fw_references, mode, gran
     for k, v in reference["merged"].items():
         torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(merged["2.weight"], base["2.weight"])
+
+
+def test_the_ties_start_reads_the_experts_weights_tensor_by_tensor(monkeypatch):
+    """init="ties" builds no expert's whole model (θ₀ + τₖ for every tensor at once): the merge reads each tensor as
+    it needs it, so construction holds AdaMerging's copies plus the two of the docs (the iterate and the initial
+    merge; measured 2026-12-07 on 48 tensors of 512², VmHWM: AdaMerging's + 2 model copies for 2 and 4 experts,
+    where it was + N + 4). The start is unchanged."""
+    base, experts, _ = _family()
+    reference = FWMerging(tiny_mlp(), experts, base, merge_fn="ties")
+    whole = []
+    inner = AdaMerging.merged_parameters
+
+    def counted(self, coefficients=None, names=None):
+        if names is None and coefficients is not None and bool(coefficients.ne(0).any()):
+            whole.append(coefficients)
+        return inner(self, coefficients, names)
+
+    monkeypatch.setattr(AdaMerging, "merged_parameters", counted)
+    fw = FWMerging(tiny_mlp(), experts, base, merge_fn="ties")
+    assert whole == []
+    assert torch.equal(fw.point, reference.point) and torch.equal(fw.initial_point, reference.initial_point)
+
+
+def test_a_missing_base_is_named():
+    """base=None is refused with a message naming base (it was the Expert constructor's TypeError)."""
+    _, experts, _ = _family()
+    with pytest.raises(ValueError, match=r"FWMerging: base is None; pass the base model \(base=\.\.\.\)"):
+        FWMerging(tiny_mlp(), experts, None)
+    with pytest.raises(ValueError, match=r"AdaMerging: base is None"):
+        AdaMerging(tiny_mlp(), experts, None)
+
+
+def test_the_ties_state_written_over_the_base_folder_is_a_model_folder(tmp_path):
+    """The documented route for a TIES result: ``merge([fw.merged_state()], base_folder, Linear(), out=...,
+    dtype=<the base's>)`` writes the base folder's config.json beside the state's tensors in the base's dtype (without
+    the base, the folder has no config.json and float32 tensors; without dtype, the float32 state and a bfloat16
+    base are refused as different dtypes)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lightning_merge.files.safetensors import save_tensors
+
+    base, experts, data = _family()
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_tensors(folder / "model.safetensors", {k: v.to(torch.bfloat16) for k, v in base.items()})
+    (folder / "config.json").write_text(json.dumps({"model_type": "mlp", "torch_dtype": "bfloat16"}))
+    fw = _run(FWMerging(tiny_mlp(), experts, base, merge_fn="ties"), data, 1)
+    state = fw.merged_state()
+    merge([state], str(folder), Linear(), out=str(tmp_path / "fw-ties"), dtype="bfloat16")
+    assert json.loads((tmp_path / "fw-ties" / "config.json").read_text())["model_type"] == "mlp"
+    written = load_file(str(tmp_path / "fw-ties" / "model.safetensors"))
+    assert set(written) == set(state)
+    for n, v in state.items():
+        assert written[n].dtype == torch.bfloat16 and torch.equal(written[n], v.to(torch.bfloat16)), n
+    with pytest.raises(ValueError, match="different dtypes"):
+        merge([state], str(folder), Linear(), out=str(tmp_path / "no-dtype"))
