@@ -906,6 +906,8 @@ def test_continual_init_help_lists_every_strategy_with_a_continual_form():
     listed = set(re.findall(r"[a-z_]+", text.split(":", 1)[1].split("(")[0]))
     forms = set()
     for name, cls in STRATEGIES.items():
+        if not cls.__module__.startswith("lightning_merge."):
+            continue  # registered by another test
         try:
             cls().continual_form()
         except NoContinualForm:
