@@ -162,12 +162,17 @@ def uniform_draws(seed: int, start: int, count: int) -> Tensor:
     seeded with ``seed``: the same numbers whichever range is asked for (see :data:`DRAW_BLOCK`)."""
     if count <= 0:
         return torch.empty(0)
-    first, last = start // DRAW_BLOCK, (start + count - 1) // DRAW_BLOCK
-    parts = [torch.rand(DRAW_BLOCK, generator=torch.Generator().manual_seed(_block_seed(seed, b)))
-             for b in range(first, last + 1)]
-    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-    skip = start - first * DRAW_BLOCK
-    return flat[skip:skip + count]
+    out = torch.empty(count)
+    stop = start + count
+    for b in range(start // DRAW_BLOCK, (stop - 1) // DRAW_BLOCK + 1):  # each block's draws into their place
+        low, high = max(start, b * DRAW_BLOCK), min(stop, (b + 1) * DRAW_BLOCK)
+        generator = torch.Generator().manual_seed(_block_seed(seed, b))
+        if high - low == DRAW_BLOCK:
+            out[low - start:high - start].uniform_(generator=generator)
+        else:  # a block cut by the range: its draws from its start, the range's part of them
+            block = torch.rand(high - b * DRAW_BLOCK, generator=generator)
+            out[low - start:high - start] = block[low - b * DRAW_BLOCK:]
+    return out
 
 
 def random_mask(shape: torch.Size, keep_prob: float, seed: int, start: int = 0) -> Tensor:
@@ -228,7 +233,7 @@ def row_l1(x: Tensor) -> list[float]:
     """Σ|x| of each row (first axis; a 0-/1-D tensor is one row) in float64: a row's sum is the same whether the row
     is read alone, in a chunk or in the whole tensor."""
     rows = x.shape[0] if x.dim() > 1 else 1
-    return x.double().abs().reshape(rows, -1).sum(1).tolist()
+    return x.double().abs_().reshape(rows, -1).sum(1).tolist()
 
 
 def exact_l1(x: Tensor) -> float:
