@@ -70,10 +70,11 @@ def build(root: Path, small: bool, delta_density: float = 1.0) -> tuple[Path, li
     return base, experts
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Whole-process wall time (s) and peak RSS (MB) of ``cmd``, via /usr/bin/time."""
+def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, str]:
+    """Whole-process wall time (s) and peak RSS (MB) of ``cmd``, via /usr/bin/time, run in ``cwd``."""
     started = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True, env=env,
+                          cwd=cwd)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
@@ -157,14 +158,16 @@ def main() -> None:
             for _ in range(args.runs):
                 extra = ["--threads", str(args.threads)] if args.threads else []
                 wall, rss, err = run_measured(
-                    [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra]
+                    [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra], cwd=HERE.parent
                 )
                 ours.append((wall, rss))
                 merge_times.append(float(re.findall(r"in ([\d.]+)s", err)[-1]))
                 if against_env is not None:
+                    # run in that checkout: ``python -m`` puts the working directory first on sys.path, before
+                    # PYTHONPATH, so from this checkout's root it would import this checkout's package
                     wall, rss, _ = run_measured(
                         [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra],
-                        env=against_env)
+                        env=against_env, cwd=args.against.resolve())
                     againsts.append((wall, rss))
                 if have_mergekit:
                     shutil.rmtree(WORK / "out-mergekit", ignore_errors=True)

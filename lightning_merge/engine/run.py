@@ -328,7 +328,8 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
     """The scheduler's work items: ``(job, rows, cost, prepared)``, a job whole (``rows`` None) or, when it is a copy
     or its strategy is :attr:`~lightning_merge.strategies.Strategy.row_local` (or has a
     :attr:`~lightning_merge.strategies.Strategy.row_pass`: then ``prepared`` is the chunk's, from
-    :meth:`~lightning_merge.strategies.Strategy.prepare_rows`, run here) and it costs more than a worker's share of the
+    :meth:`~lightning_merge.strategies.Strategy.prepare_rows`, run here, the tensors' passes side by side on
+    ``workers`` threads) and it costs more than a worker's share of the
     budget, one item per row chunk (:func:`~lightning_merge.engine.schedule.row_chunks`), each costing at most
     :func:`~lightning_merge.engine.schedule.chunk_limit`. A cost counts what the job
     holds: for a merge, the strategy's :meth:`~lightning_merge.strategies.Strategy.tensor_working_set` float32 copies
@@ -337,6 +338,7 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
     per_worker = max(1, budget // max(1, workers))
     chunk = chunk_limit(budget, workers)
     units: list[Unit] = []
+    passes: list[tuple[int, TensorJob, list[tuple[int, int]]]] = []  # (first unit, job, its chunks)
     for job in jobs:
         shape = job.spec.shape
         if job.action == "merge":
@@ -355,10 +357,24 @@ def job_units(plan: Plan, jobs: list[TensorJob], budget: int, workers: int, out_
             units.append((job, None, int(job.spec.numel * per_element), None))
             continue
         row_elements = job.spec.numel // shape[0]
-        prepared: list[Prepared | None] = [None] * len(ranges)
         if job.action == "merge" and not strategy.row_local:
-            prepared = list(strategy.prepare_rows(plan.prepared, plan, job.name, ranges))
-        units.extend((job, r, int((r[1] - r[0]) * row_elements * per_element), p) for r, p in zip(ranges, prepared))
+            passes.append((len(units), job, ranges))
+        units.extend((job, r, int((r[1] - r[0]) * row_elements * per_element), None) for r in ranges)
+    # the row passes (each reads its tensor chunk by chunk, one chunk held at a time) run side by side on the workers,
+    # within the budget as the merges do; each chunk's prepared merge goes into its unit
+    if not passes:
+        return units
+    costs = [max(units[first + k][2] for k in range(len(ranges))) for first, _, ranges in passes]
+
+    def row_pass(item: tuple[int, TensorJob, list[tuple[int, int]]]) -> list[Prepared]:
+        return list(strategy.prepare_rows(plan.prepared, plan, item[1].name, item[2]))
+
+    done = bounded_map(row_pass, passes, costs, budget, workers=workers, desc="row passes", progress=False,
+                       share_threads=True)
+    for (first, _, _), prepared in zip(passes, done):
+        for k, p in enumerate(prepared):
+            job, rows, cost, _ = units[first + k]
+            units[first + k] = (job, rows, cost, p)
     return units
 
 

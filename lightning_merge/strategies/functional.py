@@ -162,12 +162,17 @@ def uniform_draws(seed: int, start: int, count: int) -> Tensor:
     seeded with ``seed``: the same numbers whichever range is asked for (see :data:`DRAW_BLOCK`)."""
     if count <= 0:
         return torch.empty(0)
-    first, last = start // DRAW_BLOCK, (start + count - 1) // DRAW_BLOCK
-    parts = [torch.rand(DRAW_BLOCK, generator=torch.Generator().manual_seed(_block_seed(seed, b)))
-             for b in range(first, last + 1)]
-    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-    skip = start - first * DRAW_BLOCK
-    return flat[skip:skip + count]
+    out = torch.empty(count)
+    stop = start + count
+    for b in range(start // DRAW_BLOCK, (stop - 1) // DRAW_BLOCK + 1):  # each block's draws into their place
+        low, high = max(start, b * DRAW_BLOCK), min(stop, (b + 1) * DRAW_BLOCK)
+        generator = torch.Generator().manual_seed(_block_seed(seed, b))
+        if high - low == DRAW_BLOCK:
+            out[low - start:high - start].uniform_(generator=generator)
+        else:  # a block cut by the range: its draws from its start, the range's part of them
+            block = torch.rand(high - b * DRAW_BLOCK, generator=generator)
+            out[low - start:high - start] = block[low - b * DRAW_BLOCK:]
+    return out
 
 
 def random_mask(shape: torch.Size, keep_prob: float, seed: int, start: int = 0) -> Tensor:
@@ -189,23 +194,46 @@ def della_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
     n = x.shape[1]
     if n < 2:
         return torch.full_like(tau, density)
-    magnitude = x.abs()
-    if magnitude.dtype == torch.float32:  # a non-negative float's bits order as it does: an integer sort is faster
-        magnitude = magnitude.contiguous().view(torch.int32)  # (same order, ties included: 1.5x on 2816-wide rows)
-    order = torch.argsort(magnitude, dim=1, stable=True)
     dtype = tau.dtype if tau.is_floating_point() else torch.float32
     exact = dtype if n <= 1 / torch.finfo(dtype).eps else torch.float64  # every rank exact in it
-    positions = torch.arange(n, dtype=exact).view(1, n, *[1] * (x.dim() - 2)).expand_as(order)
-    ranks = torch.empty(order.shape, dtype=exact).scatter_(1, order, positions)  # the ranks, as numbers
-    probs = ranks.mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon).to(dtype)
+    # the probability of each rank, computed once per row length (the same rounding as rank by rank)
+    table = torch.arange(n, dtype=exact).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon).to(dtype)
+    if x.dtype == torch.float32 and n < 1 << 31:
+        rows = x.movedim(1, -1).reshape(-1, n) if x.dim() > 2 else x  # each ranked fibre as a row
+        order = _magnitude_order(rows)
+        probs = torch.empty(order.shape, dtype=dtype).scatter_(1, order, table.expand_as(order))
+        if x.dim() > 2:
+            probs = probs.view(*x.movedim(1, -1).shape).movedim(-1, 1).contiguous()
+        return probs.view(tau.shape)
+    magnitude = x.abs()
+    order = torch.argsort(magnitude, dim=1, stable=True)
+    probs = torch.empty(order.shape, dtype=dtype).scatter_(1, order, table.view(1, n, *[1] * (x.dim() - 2))
+                                                           .expand_as(order))
     return probs.view(tau.shape)
+
+
+def _magnitude_order(rows: Tensor) -> Tensor:
+    """The columns of each row of the float32 matrix ``rows`` in ascending |x|, ties by the lower index first (what
+    ``torch.argsort(rows.abs(), dim=1, stable=True)`` gives), as int64. A non-negative float's bits order as it does,
+    so an entry's key is its |x| bits above its column index: the keys are distinct, and numpy's (SIMD, unstable)
+    sort of them orders each row as the stable argsort does, about 10× faster on 1024–2816-wide rows (2026-12-07)."""
+    import numpy as np
+
+    m, n = rows.shape
+    bits = rows.abs().view(torch.int32).numpy()
+    key = np.empty((m, n), dtype=np.int64)
+    np.left_shift(bits, 32, out=key, dtype=np.int64)
+    np.bitwise_or(key, np.arange(n, dtype=np.int64), out=key)
+    key.sort(axis=1)
+    np.bitwise_and(key, 0xFFFFFFFF, out=key)  # the columns, in the sorted order
+    return torch.from_numpy(key)
 
 
 def row_l1(x: Tensor) -> list[float]:
     """Σ|x| of each row (first axis; a 0-/1-D tensor is one row) in float64: a row's sum is the same whether the row
     is read alone, in a chunk or in the whole tensor."""
     rows = x.shape[0] if x.dim() > 1 else 1
-    return x.double().abs().reshape(rows, -1).sum(1).tolist()
+    return x.double().abs_().reshape(rows, -1).sum(1).tolist()
 
 
 def exact_l1(x: Tensor) -> float:

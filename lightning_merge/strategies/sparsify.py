@@ -198,7 +198,7 @@ class Sparsification:
             if factors[index] is not None:
                 tau.mul_(factors[index])
         elif keep is not None:
-            original = tau.clone() if self.rescale == "l1" else None
+            before = F.exact_l1(tau) if self.rescale == "l1" else None
             tau.mul_(keep)
             if self.rescale == "inverse" and probs is not None:  # DELLA: each kept entry ÷ its own probability
                 tau.div_(probs)
@@ -206,8 +206,10 @@ class Sparsification:
                 fraction = self.keep_fraction(index)
                 if fraction > 0:
                     tau.div_(fraction)
-            elif original is not None:
-                tau.copy_(F.l1_rescale(original, tau))
+            elif before is not None:  # F.l1_rescale in place (no copy of the unmasked task vector)
+                factor = F.l1_factor(before, F.exact_l1(tau))
+                if factor is not None:
+                    tau.mul_(factor)
         if self.sequential:
             mine = (keep if keep is not None else torch.ones_like(tau, dtype=torch.bool)) & (tau != 0)
             taken = mine if taken is None else taken | mine
