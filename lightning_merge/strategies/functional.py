@@ -233,7 +233,7 @@ def row_l1(x: Tensor) -> list[float]:
     """Σ|x| of each row (first axis; a 0-/1-D tensor is one row) in float64: a row's sum is the same whether the row
     is read alone, in a chunk or in the whole tensor."""
     rows = x.shape[0] if x.dim() > 1 else 1
-    return x.double().abs_().reshape(rows, -1).sum(1).tolist()
+    return x.to(torch.float64, copy=True).abs_().reshape(rows, -1).sum(1).tolist()  # a copy: x is left as is
 
 
 def exact_l1(x: Tensor) -> float:

@@ -1,0 +1,24 @@
+"""Regressions found in review (2026-12-07)."""
+
+import torch
+
+from lightning_merge.strategies import functional as F
+from lightning_merge.strategies.della import Della
+
+
+def test_row_l1_leaves_a_float64_input_unchanged():
+    x = torch.tensor([[-1.0, 2.0], [3.0, -4.0]], dtype=torch.float64)
+    before = x.clone()
+    assert F.row_l1(x) == [3.0, 7.0]
+    assert F.exact_l1(x) == 10.0
+    assert torch.equal(x, before)
+
+
+def test_della_l1_rescale_keeps_signs_of_float64_task_vectors():
+    torch.manual_seed(0)
+    base = torch.randn(8, 16)
+    experts = [base + torch.randn(8, 16) * 0.1 for _ in range(2)]
+    strategy = Della(density=0.5, epsilon=0.1)
+    m32 = strategy.merge_tensor("w", base, experts, [{}, {}])
+    m64 = strategy.merge_tensor("w", base.double(), [t.double() for t in experts], [{}, {}])
+    torch.testing.assert_close(m64.float(), m32, rtol=1e-5, atol=1e-6)
