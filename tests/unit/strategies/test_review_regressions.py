@@ -22,3 +22,20 @@ def test_della_l1_rescale_keeps_signs_of_float64_task_vectors():
     m32 = strategy.merge_tensor("w", base, experts, [{}, {}])
     m64 = strategy.merge_tensor("w", base.double(), [t.double() for t in experts], [{}, {}])
     torch.testing.assert_close(m64.float(), m32, rtol=1e-5, atol=1e-6)
+
+
+def test_row_l1_of_one_row_is_the_rows_sum_in_the_whole_tensor_whatever_the_threads():
+    # a row chunk of one row is one output: torch's parallel two-pass sum gave other floats than the row's sum in
+    # the whole tensor (DARE/DELLA's L1 factors of a chunked merge then differed from the whole tensor's)
+    torch.manual_seed(1)
+    x = torch.randn(3, 2_000_003)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        whole = F.row_l1(x)
+        assert [F.row_l1(x[i:i + 1])[0] for i in range(3)] == whole
+        assert [F.row_l1(x[i])[0] for i in range(3)] == whole
+        torch.set_num_threads(1)
+        assert F.row_l1(x) == whole
+    finally:
+        torch.set_num_threads(threads)
