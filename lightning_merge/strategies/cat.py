@@ -226,7 +226,7 @@ class CATMerging(Strategy):
 
     def working_set(self, num_experts: int) -> float:
         """:meth:`tensor_working_set` of a square weight (a tensor's own shape matters here: see there)."""
-        return self.tensor_working_set(num_experts, "", (1, 1))
+        return self.tensor_working_set(num_experts, "", (4096, 4096))  # (a bases term scales with r / in)
 
     def tensor_working_set(self, num_experts: int, name: str, shape: tuple[int, ...]) -> float:
         """A 2-D (out × in) weight with Gram matrices, for n experts: the inputs (n + 1 copies and n (in × in) Grams),
@@ -242,7 +242,11 @@ class CATMerging(Strategy):
             return default
         out, inp = shape
         n = num_experts
-        return max(default, 4 * n + 2 + n * inp / out + max(7 * inp / out, 11 * out / inp, n + 7))
+        # the n removal bases, held together (out × r float64 each, r at most the conflict matrix's rank, (n − 1)·in):
+        # r = ratio's count, or up to every direction with ratio −1 or a fraction
+        r = min(out, (n - 1) * inp, int(self.ratio) if self.ratio >= 1 else out)
+        bases = 2 * n * r / inp
+        return max(default, 4 * n + 2 + n * inp / out + bases + max(7 * inp / out, 11 * out / inp, n + 7))
 
     def continual_form(self):  # noqa: D102
         raise NoContinualForm(
