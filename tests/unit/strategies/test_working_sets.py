@@ -102,6 +102,15 @@ def test_cat_merging_declares_its_removal_bases():
           gram=True)
     check(S.CATMerging(ratio=0.999, lambd=0.0), [("w", (256, 256), 3)], gram=True)
 
+
+@linux_only
+def test_regmean_declares_its_grams_and_solve():
+    """RegMean holds the n Grams, their reductions and the float64 sum, its selection and LU factors ((in × in)
+    each): the default 4n + 5 was below the peak on every 2-D weight (28.8 copies for 512², n = 3)."""
+    check(S.RegMean(), [("w", (256, 256), 3), ("w", (128, 512), 2), ("w", (128, 512), 4), ("w", (512, 128), 3)],
+          gram=True)
+    check(S.RegMean(alpha=1.0), [("w", (256, 256), 3), ("w", (128, 512), 3)], gram=True)
+
 @linux_only
 def test_widen_declares_its_entrywise_stacks():
     """Tensors that are not 2-D are scored entry by entry on a stack of task vectors, their magnitudes and the
