@@ -1,4 +1,4 @@
-"""Regressions found in review (2026-12-07)."""
+"""The row L1 sums behind DARE's and DELLA's L1 rescale: exact, side-effect free, however rows are split."""
 
 import torch
 
