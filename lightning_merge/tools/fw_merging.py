@@ -43,6 +43,7 @@ at each iteration (its copies: one per chosen checkpoint and one of θ, on the C
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -188,11 +189,11 @@ class FWMerging(pl.LightningModule):
                              f"{merge_fn!r}")
         if granularity not in ("task", "layer"):
             raise ValueError(f"FWMerging: granularity must be 'task' or 'layer', got {granularity!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
             raise ValueError(f"FWMerging: iterations must be an integer >= 1, got {iterations!r}")
         for argument, value in (("step_size", step_size), ("scaling_factor", scaling_factor), ("ada_coeff", ada_coeff),
                                 ("ada_lr", ada_lr), ("density", density)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"FWMerging: {argument} must be a finite number, got {value!r}")
         if not step_size > 0:
             raise ValueError(f"FWMerging: step_size must be > 0, got {step_size!r}")
@@ -208,7 +209,7 @@ class FWMerging(pl.LightningModule):
             raise ValueError(f"FWMerging: loss must be 'cross_entropy' or 'entropy', got {loss!r}")
         if not 0 < density <= 1:
             raise ValueError(f"FWMerging: density must be in (0, 1], got {density!r}")
-        if isinstance(ada_iters, bool) or not isinstance(ada_iters, int) or ada_iters < 0:
+        if isinstance(ada_iters, bool) or not isinstance(ada_iters, numbers.Integral) or ada_iters < 0:
             raise ValueError(f"FWMerging: ada_iters must be an integer >= 0, got {ada_iters!r}")
         if not ada_lr > 0:
             raise ValueError(f"FWMerging: ada_lr must be > 0, got {ada_lr!r}")

@@ -477,6 +477,20 @@ def test_non_finite_or_boolean_numbers_are_refused_at_construction(argument, val
         FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", **{argument: value})
 
 
+def test_numpy_numbers_are_accepted_as_their_python_values():
+    """A sweep over numpy grids passes numpy scalars: they are numbers like Python's (booleans stay refused)."""
+    import numpy as np
+
+    base, experts, _ = _family()
+    a = FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", iterations=np.int64(2),
+                  ada_iters=np.int64(3), step_size=np.float32(0.5), ada_lr=np.float64(1e-3))
+    b = FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", iterations=2, ada_iters=3,
+                  step_size=0.5, ada_lr=1e-3)
+    assert (a.iterations, a.ada_iters, a.step_size, a.ada_lr) == (b.iterations, b.ada_iters, b.step_size, b.ada_lr)
+    with pytest.raises(ValueError, match="FWMerging: step_size must be a finite number"):
+        FWMerging(tiny_mlp(), experts, base, mode="soft", merge_fn="adamerging", step_size=np.bool_(True))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(FUSION_BENCH is None, reason="fusion-bench not installed (set FUSION_BENCH_PYTHON)")
 @pytest.mark.parametrize("mode,granularity,merge_fn", STEP_CASES)
