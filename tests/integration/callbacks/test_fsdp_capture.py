@@ -8,7 +8,6 @@ One 2-process fit writes every artefact the comparisons read; the collective hel
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import HELPERS as HERE  # noqa: E402  (the helper modules a spawned fit imports)
+from conftest import run_sharded_script  # noqa: E402
 
 from lightning_merge.capture.sharded import checkpoint_sidecar, sharded_refusal
 from lightning_merge.formats.sidecar import encode, find_sidecar
@@ -111,8 +111,7 @@ def fits(tmp_path_factory):
     script = tmp_path / "fit.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=240,
-                          env=env, cwd=HERE)
+    done = run_sharded_script([sys.executable, str(script), str(root)], root, timeout=240, env=env, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (root / "done-0.txt").exists() and (root / "done-1.txt").exists()
     return reference, root

@@ -10,14 +10,13 @@ the file is left as it was."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import HELPERS
+from conftest import HELPERS, run_sharded_script
 
 from lightning_merge import ContinualState, Expert
 
@@ -161,8 +160,8 @@ def runs(tmp_path_factory):
     script = tmp / "fit.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), str(tmp), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script), str(sharded)], capture_output=True, text=True, timeout=280,
-                          env=env, cwd=HELPERS)
+    done = run_sharded_script([sys.executable, str(script), str(sharded)], sharded, timeout=280, env=env,
+                              cwd=HELPERS)
     assert done.returncode == 0, done.stderr[-4000:]
     return one, sharded
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import HELPERS
+from conftest import HELPERS, run_sharded_script
 
 pytestmark = pytest.mark.slow
 
@@ -199,8 +198,7 @@ def runs(tmp_path_factory):
     script = tmp_path / "fit.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=480,
-                          env=env, cwd=HELPERS)
+    done = run_sharded_script([sys.executable, str(script), str(root)], root, timeout=480, env=env, cwd=HELPERS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (root / "done-0.txt").exists() and (root / "done-1.txt").exists()
     return tmp_path / "one", root, tmp_path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HELPERS, ROOT  # noqa: E402
+from conftest import HELPERS, ROOT, run_sharded_script  # noqa: E402
 from safetensors.torch import load_file, save_file
 
 from lightning_merge import Expert, Linear, merge
@@ -213,8 +213,8 @@ def fitted(tmp_path_factory) -> Path:
     at steps 2 and 4 (and last.ckpt), and the full state dicts and second moments gathered at those steps."""
     out = tmp_path_factory.mktemp("distcp-fit")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(HELPERS / "distcp_fit.py"), str(out)], env=env, cwd=out,
-                          capture_output=True, text=True, timeout=240)
+    done = run_sharded_script([sys.executable, str(HELPERS / "distcp_fit.py"), str(out)], out, env=env, cwd=out,
+                              timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
