@@ -198,7 +198,7 @@ def della_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
     exact = dtype if n <= 1 / torch.finfo(dtype).eps else torch.float64  # every rank exact in it
     # the probability of each rank, computed once per row length (the same rounding as rank by rank)
     table = torch.arange(n, dtype=exact).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon).to(dtype)
-    if x.dtype == torch.float32 and n < 1 << 31:
+    if x.dtype == torch.float32 and x.device.type == "cpu" and n < 1 << 31:  # numpy's sort: CPU tensors only
         rows = x.movedim(1, -1).reshape(-1, n) if x.dim() > 2 else x  # each ranked fibre as a row
         order = _magnitude_order(rows)
         probs = torch.empty(order.shape, dtype=dtype).scatter_(1, order, table.expand_as(order))
@@ -220,7 +220,7 @@ def _magnitude_order(rows: Tensor) -> Tensor:
     import numpy as np
 
     m, n = rows.shape
-    bits = rows.abs().view(torch.int32).numpy()
+    bits = rows.detach().abs().view(torch.int32).numpy()
     key = np.empty((m, n), dtype=np.int64)
     np.left_shift(bits, 32, out=key, dtype=np.int64)
     np.bitwise_or(key, np.arange(n, dtype=np.int64), out=key)
