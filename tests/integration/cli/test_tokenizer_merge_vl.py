@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from tokenizer_family import CHAT_TOKENS, VL_ARCHS, tied_copy, write_vl_tokenizer_family
+from tokenizer_family import CHAT_TOKENS, RECIPES, VL_ARCHS, tied_copy, write_vl_tokenizer_family
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
@@ -20,28 +20,7 @@ from lightning_merge.cli.commands import main
 pytestmark = pytest.mark.slow  # builds tiny models with transformers, trains BPE tokenizers, runs the models
 
 #: TIES over the base with the union of the tokenizers, the same over a tied copy of the base, and a linear merge
-#: without a base whose tokenizer is the second expert's (which numbers its tokens its own way), as in
-#: tests/integration/parity/test_parity_mergekit_tokenizer.py
-RECIPES = {
-    "union_ties": lambda b, e: f"""
-merge_method: ties
-base_model: {b}
-dtype: float32
-tokenizer_source: union
-parameters: {{density: 0.5}}
-models:
-  - {{model: {e[0]}, parameters: {{weight: 0.7}}}}
-  - {{model: {e[1]}, parameters: {{weight: 0.5}}}}
-""",
-    "model_linear_no_base": lambda b, e: f"""
-merge_method: linear
-dtype: float32
-tokenizer_source: {e[1]}
-models:
-  - {{model: {e[0]}, parameters: {{weight: 0.3}}}}
-  - {{model: {e[1]}, parameters: {{weight: 0.7}}}}
-""",
-}
+#: without a base whose tokenizer is the second expert's (which numbers its tokens its own way)
 CASES = ("union_ties", "tied_base_union_ties", "model_linear_no_base")
 
 

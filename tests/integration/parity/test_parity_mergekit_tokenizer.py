@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from test_parity_mergekit import MERGEKIT, run_mergekit_many
-from tokenizer_family import CHAT_TOKENS, tied_copy, write_tokenizer_family
+from tokenizer_family import CHAT_TOKENS, RECIPES, TIED_RECIPES, tied_copy, write_tokenizer_family
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
@@ -24,96 +24,6 @@ TOKEN_INDEXED = ("model.embed_tokens.weight", "lm_head.weight")
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return write_tokenizer_family(tmp_path_factory.mktemp("tokenizers"))
-
-
-RECIPES = {
-    "union_ties": lambda b, e: f"""
-merge_method: ties
-base_model: {b}
-dtype: float32
-tokenizer_source: union
-parameters: {{density: 0.5}}
-models:
-  - {{model: {e[0]}, parameters: {{weight: 0.7}}}}
-  - {{model: {e[1]}, parameters: {{weight: 0.5}}}}
-""",
-    "base_task_arithmetic": lambda b, e: f"""
-merge_method: task_arithmetic
-base_model: {b}
-dtype: float32
-tokenizer_source: base
-models:
-  - {{model: {e[0]}, parameters: {{weight: 0.6}}}}
-  - {{model: {e[1]}, parameters: {{weight: 0.4}}}}
-""",
-    "model_linear_no_base": lambda b, e: f"""
-merge_method: linear
-dtype: float32
-tokenizer_source: {e[1]}
-models:
-  - {{model: {e[0]}, parameters: {{weight: 0.3}}}}
-  - {{model: {e[1]}, parameters: {{weight: 0.7}}}}
-""",
-    "tokens_and_padding": lambda b, e: f"""
-merge_method: task_arithmetic
-base_model: {b}
-dtype: float32
-tokenizer:
-  source: union
-  pad_to_multiple_of: 64
-  tokens:
-    "{CHAT_TOKENS[0]}": {{source: {e[0]}}}
-    "{CHAT_TOKENS[1]}": {{source: {{kind: zero}}}}
-    "<think>": {{source: {{kind: model_token, model: {b}, token: "</s>"}}}}
-    "cat": {{source: {{kind: model_token, model: {e[1]}, token_id: 5}}, force: true}}
-models:
-  - {{model: {e[0]}, parameters: {{weight: 1.0}}}}
-  - {{model: {e[1]}, parameters: {{weight: 0.5}}}}
-""",
-    "slerp_union": lambda b, e: f"""
-merge_method: slerp
-base_model: {b}
-dtype: float32
-tokenizer_source: union
-parameters: {{t: 0.3}}
-models:
-  - model: {b}
-  - model: {e[1]}
-""",
-    # layer stacking across models whose vocabularies differ: embeddings aligned among the first slice's sources,
-    # the LM head among the last's
-    "slices_passthrough_union": lambda b, e: f"""
-merge_method: passthrough
-base_model: {b}
-dtype: float32
-tokenizer_source: union
-slices:
-  - sources: [{{model: {e[0]}, layer_range: [0, 2]}}]
-  - sources: [{{model: {e[1]}, layer_range: [1, 2]}}]
-""",
-    "slices_ties_union": lambda b, e: f"""
-merge_method: ties
-base_model: {b}
-dtype: float32
-tokenizer_source: union
-parameters: {{density: 0.5}}
-slices:
-  - sources:
-      - {{model: {b}, layer_range: [0, 2]}}
-      - {{model: {e[0]}, layer_range: [0, 2], parameters: {{weight: 0.8}}}}
-      - {{model: {e[1]}, layer_range: [0, 2], parameters: {{weight: 0.4}}}}
-""",
-}
-
-
-#: a base with tied embeddings (no ``lm_head.weight``; its head is its embedding) merged with experts that trained
-#: their own head: every model is read with its tied names (mergekit's ``tied_names``), so the base's head is its
-#: embedding; the output holds a head of its own, and our config unties it (mergekit keeps the base's
-#: ``tie_word_embeddings: true``, which makes transformers replace that head by the embedding on load)
-TIED_RECIPES = {
-    "tied_base_union_ties": lambda t, e: RECIPES["union_ties"](t, e),
-    "tied_base_task_arithmetic": lambda t, e: RECIPES["base_task_arithmetic"](t, e),
-}
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_parity_mergekit import MERGEKIT, mergekit_outputs
-from test_parity_mergekit_tokenizer import RECIPES, TIED_RECIPES
-from tokenizer_family import tied_copy, write_vl_tokenizer_family
+from tokenizer_family import RECIPES, TIED_RECIPES, tied_copy, write_vl_tokenizer_family
 
 from lightning_merge import Expert
 from lightning_merge.cli.commands import main
