@@ -255,13 +255,6 @@ def l1_factor(before: float, after: float, eps: float = 1e-7) -> float | None:
     return before / after
 
 
-def l1_rescale(original: Tensor, masked: Tensor, eps: float = 1e-7) -> Tensor:
-    """Rescale ``masked`` so its L1 norm matches ``original``'s (mergekit's DARE ``rescale``); the norms are
-    :func:`exact_l1`'s, so a tensor rescaled in row chunks with the same factor is the same."""
-    factor = l1_factor(exact_l1(original), exact_l1(masked), eps)
-    return masked if factor is None else masked * factor
-
-
 def fisher_precision(fisher: Tensor, floor: float = 1e-6, eps: float = 0.0) -> Tensor:
     """Fisher merging's elementwise weight ``max(F, floor) + eps`` (a new tensor)."""
     out = fisher.clamp(min=floor)

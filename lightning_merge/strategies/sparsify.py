@@ -206,7 +206,7 @@ class Sparsification:
                 fraction = self.keep_fraction(index)
                 if fraction > 0:
                     tau.div_(fraction)
-            elif before is not None:  # F.l1_rescale in place (no copy of the unmasked task vector)
+            elif before is not None:  # the masked task vector scaled back to its L1 norm, in place
                 factor = F.l1_factor(before, F.exact_l1(tau))
                 if factor is not None:
                     tau.mul_(factor)
