@@ -243,17 +243,16 @@ class FWMerging(pl.LightningModule):
             self.merger.lambdas.data.fill_(self.scaling_factor)
         self.register_buffer("initial", self.merger.lambdas.detach().clone())
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        # the merged tensors' shapes are the base's (no merged model built to read them)
-        self.shapes = {n: tuple(t.shape) for n, t in self.merger.merged_parameters(
-            torch.zeros_like(self.initial)).items()}
+        # the base's merged tensors (coefficients of 0 add nothing: no merged model is built), and their shapes
+        base_weights = self.merger.merged_parameters(torch.zeros_like(self.initial))
+        self.shapes = {n: tuple(t.shape) for n, t in base_weights.items()}
         if merge_fn == "ties":
             # the iterate and the initial merged model as weights (flat, in the order of names): the per-entry trims
             # leave the coefficient form
             if init == "ties":
                 # the experts' weights θ₀ + τₖ built tensor by tensor as the merge reads them, not N models at once
                 experts_weights = [_VertexWeights(self, v) for v in self.vertices()[:self.experts_count]]
-                start = self.ties_step(experts_weights, self.merger.merged_parameters(torch.zeros_like(self.initial)),
-                                       self.scaling_factor)
+                start = self.ties_step(experts_weights, base_weights, self.scaling_factor)
             else:
                 start = self.merger.merged_parameters(self.initial)
             flat = torch.cat([start[n].detach().reshape(-1) for n in self.names])
