@@ -157,17 +157,14 @@ def main() -> None:
             ours, theirs, merge_times, againsts = [], [], [], []
             for _ in range(args.runs):
                 extra = ["--threads", str(args.threads)] if args.threads else []
-                wall, rss, err = run_measured(
-                    [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra], cwd=HERE.parent
-                )
+                command = [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra]
+                wall, rss, err = run_measured(command, cwd=HERE.parent)
                 ours.append((wall, rss))
                 merge_times.append(float(re.findall(r"in ([\d.]+)s", err)[-1]))
                 if against_env is not None:
                     # run in that checkout: ``python -m`` puts the working directory first on sys.path, before
                     # PYTHONPATH, so from this checkout's root it would import this checkout's package
-                    wall, rss, _ = run_measured(
-                        [*ours_cmd, "merge", str(recipe), str(out), "--overwrite", "--no-progress", *extra],
-                        env=against_env, cwd=args.against.resolve())
+                    wall, rss, _ = run_measured(command, env=against_env, cwd=args.against.resolve())
                     againsts.append((wall, rss))
                 if have_mergekit:
                     shutil.rmtree(WORK / "out-mergekit", ignore_errors=True)

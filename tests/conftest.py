@@ -41,6 +41,8 @@ def run_sharded_script(command: list[str], output: Path, **kwargs):
             shutil.rmtree(item) if item.is_dir() else item.unlink()
         done = subprocess.run(command, capture_output=True, text=True, **kwargs)
     return done
+
+
 #: FusionBench's Python (its own environment: ``.ci/run`` builds ``.venv-fusionbench``; or ``FUSION_BENCH_PYTHON``),
 #: which the parity tests run their reference scripts with; None where it is not installed (those tests skip)
 FUSION_BENCH = next((c for c in (os.environ.get("FUSION_BENCH_PYTHON"),
