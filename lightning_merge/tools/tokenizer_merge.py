@@ -10,7 +10,8 @@ three differences, all documented in docs/cli.md:
 - a non-base model's tokenizer entry whose id is past the model's embedding rows makes mergekit fail (a missing
   permutation key); here the model simply lacks that token.
 - ``config.json``'s and ``generation_config.json``'s token ids (``*_token_id``, ``*_token_index``: a
-  vision-language model's image tokens, bos/eos/pad) name the output tokenizer's ids of the donor's tokens;
+  vision-language model's image tokens, bos/eos/pad; in nested configs too, except one with a vocabulary of its
+  own) name the output tokenizer's ids of the donor's tokens;
   mergekit keeps the donor's ids, which a tokenizer taken from another model numbers otherwise (the model then
   cannot find its image tokens).
 
@@ -454,12 +455,17 @@ def _output_files(tokenizer: Any, donor: Path, config: Mapping[str, Any], size: 
 
 def _renumbered_token_ids(config: Mapping[str, Any], donor_vocabulary: Mapping[str, int],
                           vocabulary: Mapping[str, int]) -> dict[str, Any]:
-    """The keys of ``config.json`` (its top level and its ``text_config``) that name a token by its id in the
-    donor's tokenizer (``*_token_id``, ``*_token_index``: a vision-language model's image tokens, which its model
-    finds in ``input_ids`` by that id; ``bos``/``eos``/``pad``), set to the output tokenizer's id of that token where
-    it differs (a tokenizer from another model numbers its tokens its own way; mergekit keeps the donor's ids). An id
-    the donor's tokenizer does not have, or a token the output's lacks, is kept."""
+    """The keys of ``config.json`` that name a token by its id in the donor's tokenizer (``*_token_id``,
+    ``*_token_index``: a vision-language model's image tokens, which its model finds in ``input_ids`` by that id;
+    ``bos``/``eos``/``pad``), set to the output tokenizer's id of that token where it differs (a tokenizer from
+    another model numbers its tokens its own way; mergekit keeps the donor's ids). An id the donor's tokenizer does
+    not have, or a token the output's lacks, is kept.
+
+    Nested configs are followed to any depth (``text_config``, ``vision_config``, an omni model's
+    ``thinker_config``), except one whose ``vocab_size`` cannot hold the donor tokenizer's ids: it numbers tokens
+    in a vocabulary of its own (a speech ``talker_config``'s codec ids), which the tokenizer does not name."""
     by_id = {i: token for token, i in donor_vocabulary.items()}
+    needed = max(by_id, default=-1) + 1  # rows a vocabulary of the donor's tokenizer holds at least
 
     def renumbered(value: Any) -> Any:
         if isinstance(value, list):
@@ -469,13 +475,17 @@ def _renumbered_token_ids(config: Mapping[str, Any], donor_vocabulary: Mapping[s
         return vocabulary[by_id[value]]
 
     def changed(holder: Mapping[str, Any]) -> dict[str, Any]:
-        return {key: renumbered(value) for key, value in holder.items()
-                if key.endswith(("_token_id", "_token_index")) and renumbered(value) != value}
+        keys: dict[str, Any] = {}
+        for key, value in holder.items():
+            if isinstance(value, Mapping):
+                own = value.get("vocab_size")
+                if not (isinstance(own, int) and own < needed) and (inner := changed(value)):
+                    keys[key] = inner
+            elif key.endswith(("_token_id", "_token_index")) and renumbered(value) != value:
+                keys[key] = renumbered(value)
+        return keys
 
-    keys: dict[str, Any] = changed(config)
-    if isinstance(config.get("text_config"), Mapping) and (text := changed(config["text_config"])):
-        keys["text_config"] = text
-    return keys
+    return changed(config)
 
 
 __all__ = ["AlignedInputs", "OutputVocabulary", "TokenEntry", "TokenizerRecipe", "align_vocabularies",

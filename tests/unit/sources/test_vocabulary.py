@@ -156,6 +156,31 @@ def test_the_configs_token_ids_are_renumbered_to_the_output_tokenizers():
     assert _renumbered_token_ids(config, donor, {"<s>": 0, "</s>": 1}) == {}  # tokens the output lacks: kept
 
 
+def test_token_ids_in_nested_configs_are_renumbered_except_in_a_vocabulary_of_their_own():
+    """An omni model names its image and audio tokens under thinker_config (and its text_config), a vision tower
+    under vision_config; its speech talker numbers codec tokens in a vocabulary of its own (another vocab_size),
+    which the tokenizer does not name: those ids are kept."""
+    from lightning_merge.tools.tokenizer_merge import _renumbered_token_ids
+
+    donor = {"<s>": 0, "</s>": 1, "a": 2, "<image>": 3, "<audio>": 4}
+    output = {"<s>": 0, "</s>": 1, "<image>": 2, "a": 3, "<audio>": 5, "b": 4}
+    config = {"thinker_config": {"image_token_index": 3, "audio_token_index": 4,
+                                 "text_config": {"vocab_size": 6, "eos_token_id": 1, "pad_token_id": 3},
+                                 "vision_config": {"image_token_id": 3, "depth": 2}},
+              "talker_config": {"vocab_size": 40, "tts_codec_start_token_id": 3, "image_token_index": 4},
+              "unsized_config": {"bos_token_id": 3}}
+    assert _renumbered_token_ids(config, donor, output) == {
+        "thinker_config": {"image_token_index": 2, "audio_token_index": 5, "text_config": {"pad_token_id": 2},
+                           "vision_config": {"image_token_id": 2}},
+        "talker_config": {"tts_codec_start_token_id": 2, "image_token_index": 5},  # 40 rows hold ids 0..4
+        "unsized_config": {"bos_token_id": 2}}
+    codec = {**config, "talker_config": {**config["talker_config"], "vocab_size": 4}}  # cannot hold id 4
+    assert _renumbered_token_ids(codec, donor, output) == {
+        "thinker_config": {"image_token_index": 2, "audio_token_index": 5, "text_config": {"pad_token_id": 2},
+                           "vision_config": {"image_token_id": 2}},
+        "unsized_config": {"bos_token_id": 2}}  # the talker kept whole
+
+
 def test_the_output_files_renumber_the_token_ids_of_config_and_generation_config(tmp_path):
     """config.json's and generation_config.json's token ids follow the output tokenizer (bos/eos included), so
     generation stops at the output's id of the donor's end token; the vocabulary size goes where the config has it."""
