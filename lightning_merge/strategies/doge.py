@@ -40,7 +40,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import NoContinualForm, Prepared, Strategy
 from lightning_merge.strategies.checks import check_choice, check_device, check_number, check_pattern, compute_device
-from lightning_merge.strategies.functional import adam_descent, thin_svd
+from lightning_merge.strategies.functional import adam_descent, ranked_svd
 from lightning_merge.strategies.pcb import model_order_statistics
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
@@ -70,9 +70,9 @@ def shared_subspace(taus: Sequence[Tensor], subspace: float) -> Tensor | None:
     for i, tau in enumerate(taus):
         if per == 0 or not bool(tau.any()):
             continue
-        u = thin_svd(tau)[0]
+        u = ranked_svd(tau)[0]
         gathered[:, i * per:(i + 1) * per] = u[:, :per]
-    return thin_svd(gathered)[0][:, :k]
+    return ranked_svd(gathered)[0][:, :k]
 
 
 def doge_gradient(taus: Sequence[Tensor], lambdas: Sequence[float]) -> Callable[[Tensor], Tensor]:

@@ -39,6 +39,26 @@ def thin_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
 
 
+def ranked_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`thin_svd` of a 2-D ``m`` with the triplets past its numerical rank zeroed (u's columns, s, vh's rows).
+
+    The numerical rank is numpy's ``matrix_rank`` default: the singular values above σ₁ · max(rows, cols) · ε (ε
+    of ``m``'s dtype; a zero matrix has rank 0). Below it the singular vectors are rounding noise or, for a
+    rank-deficient matrix (a LoRA expert's task vector: rank 8 of 384), an orthonormal basis of the null space that
+    LAPACK is free to choose, and chooses differently on another CPU. A rule that keeps singular vectors regardless
+    of their singular values (TSV-M's orthogonalisation, ISO-C's flat spectrum, DOGE's shared subspace) would carry
+    that choice into the merge; with them zeroed its result is one answer on every machine. Where ``m`` has full
+    numerical rank these are :func:`thin_svd`'s factors, unchanged."""
+    u, s, vh = thin_svd(m)
+    if s.numel():
+        null = s <= s[0] * max(m.shape) * torch.finfo(m.dtype).eps
+        if bool(null.any()):
+            u[:, null] = 0
+            s[null] = 0
+            vh[null] = 0
+    return u, s, vh
+
+
 def adam_descent(start: Tensor, gradient: Callable[[Tensor], Tensor], iterations: int, lr: float) -> Tensor:
     """``iterations`` steps of Adam from ``start`` (a new tensor; ``start`` is left alone): torch.optim.Adam's update
     written out (β₁ 0.9, β₂ 0.999, ε 1e-8, no weight decay), ``gradient(x)`` giving the (new) gradient at x."""

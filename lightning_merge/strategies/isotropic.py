@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
 from lightning_merge.strategies.checks import check_number, check_pattern
-from lightning_merge.strategies.functional import thin_svd
+from lightning_merge.strategies.functional import ranked_svd, thin_svd
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 ISO_PAPER = "https://arxiv.org/abs/2502.04959"
@@ -47,7 +47,7 @@ def _polar(m: Tensor) -> Tensor:
 
 def iso_c(total: Tensor) -> Tensor:
     """ISO-C of the task-arithmetic sum ``total`` (2-D, float32): its singular values replaced by their mean."""
-    u, s, vh = thin_svd(total)
+    u, s, vh = ranked_svd(total)
     return (u * s.mean()) @ vh
 
 
@@ -72,14 +72,14 @@ def iso_cts(taus: Sequence[Tensor], fraction: float) -> Tensor:
     total = taus[0].clone()
     for tau in taus[1:]:
         total += tau
-    u, s, vh = thin_svd(total)
+    u, s, vh = ranked_svd(total)
     common_u = u[:, :k]
     gathered_u = total.new_zeros(rows, r)
     gathered_s = total.new_zeros(r)
     gathered_vh = total.new_zeros(r, cols)
     for i, tau in enumerate(taus):
         specific = tau - common_u @ (common_u.T @ tau)
-        ui, si, vhi = thin_svd(specific)
+        ui, si, vhi = ranked_svd(specific)
         block = slice(i * per_task, (i + 1) * per_task)
         gathered_u[:, block] = ui[:, :per_task]
         gathered_s[block] = si[:per_task]

@@ -60,7 +60,10 @@ from lightning_merge.strategies.regmean import reduce_off_diagonal
 def task_singular_vectors(taus: Sequence[Tensor]) -> Tensor:
     """TSV-M of N same-shaped 2-D task vectors (float32): the cut SVDs concatenated, U and V whitened.
 
-    ``k = int(r * (1 / N))`` triplets per task (the reference's expression, float rounding included)."""
+    ``k = int(r * (1 / N))`` triplets per task (the reference's expression, float rounding included); a task's
+    triplets past its numerical rank are zero (:func:`~lightning_merge.strategies.functional.ranked_svd`: the
+    reference keeps null-space vectors there, which LAPACK chooses freely, and the orthogonalisation mixes them into
+    the other tasks' directions)."""
     n = len(taus)
     rows, cols = taus[0].shape
     r = min(rows, cols)
@@ -69,7 +72,7 @@ def task_singular_vectors(taus: Sequence[Tensor]) -> Tensor:
     sum_s = taus[0].new_zeros(r)
     sum_vh = taus[0].new_zeros(r, cols)
     for i, tau in enumerate(taus):
-        u, s, vh = F.thin_svd(tau)
+        u, s, vh = F.ranked_svd(tau)
         sum_u[:, i * k:(i + 1) * k] = u[:, :k]
         sum_s[i * k:(i + 1) * k] = s[:k]
         sum_vh[i * k:(i + 1) * k] = vh[:k]
