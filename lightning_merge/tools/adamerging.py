@@ -197,8 +197,8 @@ class AdaMerging(pl.LightningModule):
             self._taus = [{n: t.to(device) for n, t in tau.items()} for tau in self._taus]
             self._kept = {n: t.to(device) for n, t in self._kept.items()}
 
-    def merged_parameters(self, coefficients: Tensor | None = None,
-                          names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    def merged_parameters(self, coefficients: Tensor | None = None, names: Sequence[str] | None = None,
+                          rows: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """θ₀ + Σₖ λₖ,ₗ τₖ for every merged tensor (differentiable in λ).
 
         Args:
@@ -206,6 +206,8 @@ class AdaMerging(pl.LightningModule):
                 learned λ. Given coefficients are read without gradient, and a coefficient of exactly 0 adds
                 nothing (an expert's own weights are ``θ₀ + 1·τₖ``).
             names: only these merged tensors (None: all of them, in order).
+            rows: ``(start, stop)``: only those rows (along the first axis) of each tensor, computed from those
+                rows of θ₀ and the τₖ alone (a merge reading a large tensor in row chunks).
 
         Raises:
             ValueError: ``coefficients`` is not shaped like ``lambdas``.
@@ -219,10 +221,11 @@ class AdaMerging(pl.LightningModule):
         out = {}
         for n in self.names if names is None else names:
             column = values[:, self._column[n]]
-            merged = self._base[n]
+            cut = slice(None) if rows is None else slice(*rows)
+            merged = self._base[n][cut]
             for k, tau in enumerate(self._taus):
                 if not (given and float(column[k]) == 0.0):
-                    merged = merged + column[k] * tau[n]
+                    merged = merged + column[k] * tau[n][cut]
             out[n] = merged
         return out
 

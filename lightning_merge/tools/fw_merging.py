@@ -68,7 +68,10 @@ STEPS = {"hard": ("task_arithmetic", "ties"), "soft": ("task_arithmetic", "adame
 
 
 class _VertexSource:
-    """An expert source whose tensor ``n`` is vertex ``v``'s weights θ₀ + Σₖ sₖ,ₙ τₖ, built (on the CPU) when read."""
+    """An expert source whose tensor ``n`` is vertex ``v``'s weights θ₀ + Σₖ sₖ,ₙ τₖ, built (on the CPU) when read;
+    a merge reading a large tensor in row chunks gets each chunk built from those rows alone (``reads_rows``)."""
+
+    reads_rows = True
 
     def __init__(self, fw: FWMerging, vertex: Tensor):
         self.fw, self.vertex = fw, vertex
@@ -79,8 +82,8 @@ class _VertexSource:
     def spec(self, key: str) -> TensorSpec:
         return TensorSpec(tuple(self.fw.shapes[key]), torch.float32)
 
-    def get(self, key: str) -> Tensor:
-        return self.fw.merger.merged_parameters(self.vertex, names=[key])[key].detach().cpu()
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> Tensor:
+        return self.fw.merger.merged_parameters(self.vertex, names=[key], rows=rows)[key].detach().cpu()
 
 
 class _VertexWeights(Expert):

@@ -522,10 +522,10 @@ def test_the_ties_start_reads_the_experts_weights_tensor_by_tensor(monkeypatch):
     whole = []
     inner = AdaMerging.merged_parameters
 
-    def counted(self, coefficients=None, names=None):
+    def counted(self, coefficients=None, names=None, rows=None):
         if names is None and coefficients is not None and bool(coefficients.ne(0).any()):
             whole.append(coefficients)
-        return inner(self, coefficients, names)
+        return inner(self, coefficients, names, rows)
 
     monkeypatch.setattr(AdaMerging, "merged_parameters", counted)
     fw = FWMerging(tiny_mlp(), experts, base, merge_fn="ties")
@@ -568,3 +568,31 @@ def test_the_ties_state_written_over_the_base_folder_is_a_model_folder(tmp_path)
         assert written[n].dtype == torch.bfloat16 and torch.equal(written[n], v.to(torch.bfloat16)), n
     with pytest.raises(ValueError, match="different dtypes"):
         merge([state], str(folder), Linear(), out=str(tmp_path / "no-dtype"))
+
+
+def test_a_vertex_read_in_row_chunks_builds_only_those_rows():
+    """A merge reading a large tensor in row chunks reads a vertex's rows: each chunk is θ₀ + Σₖ sₖ τₖ on those
+    rows alone (the same values as the whole tensor's rows), not the whole tensor built once per chunk."""
+    from lightning_merge.tools.fw_merging import _VertexWeights
+
+    base, experts, _ = _family()
+    fw = FWMerging(tiny_mlp(), experts, base, merge_fn="ties")
+    vertex = fw.vertices()[1]
+    expert = _VertexWeights(fw, vertex)
+    shapes = []
+    inner = fw.merger.merged_parameters
+
+    def recorded(coefficients=None, names=None, rows=None):
+        out = inner(coefficients, names, rows)
+        shapes.extend(tuple(t.shape) for t in out.values())
+        return out
+
+    fw.merger.merged_parameters = recorded
+    for name in fw.names:
+        whole = expert.tensor(name)
+        rows = whole.shape[0]
+        for start, stop in ((0, 1), (1, rows)):
+            chunk = expert.tensor(name, rows=(start, stop))
+            assert torch.equal(chunk, whole[start:stop])
+            assert shapes[-1] == tuple(whole[start:stop].shape)
+        torch.testing.assert_close(whole, base[name] + experts[1][name] - base[name], rtol=1e-6, atol=1e-6)
