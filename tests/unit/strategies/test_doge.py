@@ -100,8 +100,9 @@ def test_optimisation_matches_autograd_and_torch_adam():
 
 
 def test_shared_subspace_and_sanity():
-    """The subspace: orthonormal (zero past its rank), spanning each expert's leading left singular vectors when it holds all of them;
-    none for a divisor above r. A zero task vector gets λ = 0 and no NaN. Scale is a step along one τ*."""
+    """The subspace: orthonormal (zero past its rank), spanning each expert's leading left singular vectors when it
+    holds all of them; none for a divisor above r. A zero task vector gets λ = 0 and no NaN. Scale is a step along
+    one τ*."""
     g = torch.Generator().manual_seed(2)
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
     taus = [q[:, 3 * i:3 * i + 3] @ torch.randn(3, 8, generator=g) for i in range(2)]  # rank 3 each, r = 8: 4 each
