@@ -49,7 +49,9 @@ def meta_model(folder: Path, why: str, **overrides: Any) -> Any:
     Args:
         folder: a model folder.
         why: what asks (for messages), e.g. ``"tokenizer merging"``.
-        overrides: config values set over the file's (``tie_word_embeddings=True``).
+        overrides: config values set over the file's (``tie_word_embeddings=True``: at the top level and in the
+            text model's config, which a vision-language model's text decoder takes its tie from: Llama 4's from
+            there alone).
 
     Raises:
         RecipeError: no config, or one transformers cannot build.
@@ -62,15 +64,27 @@ def meta_model(folder: Path, why: str, **overrides: Any) -> Any:
     except Exception as err:  # noqa: BLE001
         raise RecipeError(f"'{folder}': {why} reads config.json to know the architecture, and it cannot be read "
                           f"({type(err).__name__}: {err})") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if "tie_word_embeddings" in overrides and text is not config:
+        text.tie_word_embeddings = overrides["tie_word_embeddings"]
     named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)  # the config's class
     builders = [transformers.AutoModelForCausalLM.from_config]  # then a vision-language model's own class
     builders += ([named._from_config] if hasattr(named, "_from_config") else []) + [transformers.AutoModel.from_config]
+    # a model built from a part of the config is not the checkpoint's: AutoModelForCausalLM builds Llama 4's
+    # text-only Llama4ForCausalLM from its text_config (model.*, where the checkpoint holds language_model.model.*);
+    # the config's own class is tried next, and that model is kept only when nothing builds the whole config
+    partial = None
     for build in builders:
         try:
             with torch.device("meta"):
-                return build(config)
+                model = build(config)
         except Exception:  # noqa: BLE001, S112  the next kind of model
             continue
+        if type(model.config) is type(config):
+            return model
+        partial = partial if partial is not None else model
+    if partial is not None:
+        return partial
     raise RecipeError(f"'{folder}': transformers cannot build its architecture ({config.model_type}), which {why} "
                       "needs to know")
 
@@ -79,7 +93,8 @@ def tied_groups(folder: Path, why: str = "reading tied weights", assume_tied: bo
     """The groups of parameter names of ``folder``'s architecture that are one parameter (tied), each in the
     model's order (the input embedding before the LM head), then under the names its checkpoints hold where they
     differ (:func:`saved_parameters`); empty when nothing is tied. ``assume_tied``: read as if its config said
-    ``tie_word_embeddings: true`` (a config silent on it, read as mergekit reads it)."""
+    ``tie_word_embeddings: true``, at the top level and in its ``text_config`` (a config silent on it, or saying
+    it at one level only, read as mergekit reads it)."""
     model = meta_model(folder, why, **({"tie_word_embeddings": True} if assume_tied else {}))
     names: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -143,7 +158,9 @@ def with_tied_tensors(models: Sequence[tuple[Expert, Path]], recipe: Path) -> li
             why = (f"reading the tied weights of '{expert.name}' (it lacks '{sorted(missing)[0]}', which another "
                    f"model of {recipe} holds)")
             try:
-                groups_of[folder] = tied_groups(folder, why, assume_tied=ties is None)
+                # tied at either level or silent: read tied at both, as mergekit reads it (its tied_names do not
+                # depend on the config), where transformers may tie by one level alone (Llama 4 by text_config's)
+                groups_of[folder] = tied_groups(folder, why, assume_tied=True)
             except RecipeError:
                 if ties:  # it says it ties them: say what reading the tie needs
                     raise
@@ -178,7 +195,8 @@ def untied_config(donor: Expert) -> dict[str, Any]:
 
 def _ties_word_embeddings(folder: Path) -> bool | None:
     """``config.json``'s ``tie_word_embeddings``: True when its top level or its ``text_config`` says true (a
-    vision-language model: transformers 5 ties the head when either does), False when what they say is false; None
+    vision-language model: transformers 5 ties the head when either does, Llama 4's by ``text_config``'s alone; read
+    tied here either way, as mergekit reads it), False when what they say is false; None
     when it has no config or neither says (then read as tied, as mergekit does); False without a config."""
     if not (folder / "config.json").is_file():
         return False

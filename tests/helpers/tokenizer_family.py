@@ -98,22 +98,28 @@ def write_tokenizer_family(root: Path) -> tuple[Path, list[Path]]:
 
 #: the vision-language architectures of :func:`write_vl_family`: its transformers class, and its image tokens as its
 #: processor names them, each with the config key of its id (None: a plain token the text decoder embeds)
+_QWEN_IMAGE = {"<|vision_start|>": "vision_start_token_id", "<|image_pad|>": "image_token_id",
+               "<|vision_end|>": "vision_end_token_id"}
 VL_ARCHS = {
-    "qwen2_vl": ("Qwen2VLForConditionalGeneration", {"<|vision_start|>": "vision_start_token_id",
-                                                     "<|image_pad|>": "image_token_id",
-                                                     "<|vision_end|>": "vision_end_token_id"}),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", _QWEN_IMAGE),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", _QWEN_IMAGE),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", _QWEN_IMAGE),
     "llava": ("LlavaForConditionalGeneration", {"<image>": "image_token_id"}),
     "mistral3": ("Mistral3ForConditionalGeneration", {"[IMG]": "image_token_id", "[IMG_BREAK]": None,
                                                       "[IMG_END]": None}),
     "gemma3": ("Gemma3ForConditionalGeneration", {"<start_of_image>": "boi_token_id",
                                                   "<image_soft_token>": "image_token_id",
                                                   "<end_of_image>": "eoi_token_id"}),
+    # the model finds an image's features at <|patch|> (its config's image_token_index); <|image|> precedes them
+    "llama4": ("Llama4ForConditionalGeneration", {"<|image_start|>": "boi_token_index", "<|image|>": None,
+                                                  "<|patch|>": "image_token_index",
+                                                  "<|image_end|>": "eoi_token_index"}),
 }
 
 
 def _vl_config(arch: str, vocab: int, image_ids: dict[str, int]):
-    """A tiny float32 config of ``arch`` (2 text decoder layers, 2 vision layers, 28-pixel images), its image
-    tokens' ids ``image_ids`` (config key -> id)."""
+    """A tiny float32 config of ``arch`` (2 text decoder layers, 2 vision layers (Qwen3-VL's 3), 28-pixel images),
+    its image tokens' ids ``image_ids`` (config key -> id)."""
     import transformers
 
     text = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -126,6 +132,27 @@ def _vl_config(arch: str, vocab: int, image_ids: dict[str, int]):
             text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
             vision_config={"depth": 2, "embed_dim": 8, "hidden_size": 16, "num_heads": 2}, architectures=[name],
             tie_word_embeddings=False, **image_ids)
+    if arch == "qwen2_5_vl":  # window attention in its first vision block, full attention in its second
+        return transformers.Qwen2_5_VLConfig(
+            text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+            vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                           "out_hidden_size": 16, "fullatt_block_indexes": [1]},
+            architectures=[name], tie_word_embeddings=False, **image_ids)
+    if arch == "qwen3_vl":  # 3 vision blocks, each feeding a deepstack merger (mergekit's definition reads 3)
+        return transformers.Qwen3VLConfig(
+            text_config={**text, "head_dim": 8, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2],
+                                                                 "mrope_interleaved": True}},
+            vision_config={"depth": 3, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                           "out_hidden_size": 16, "patch_size": 14, "num_position_embeddings": 16,
+                           "deepstack_visual_indexes": [0, 1, 2]},
+            architectures=[name], tie_word_embeddings=False, **image_ids)
+    if arch == "llama4":  # a dense layer then a MoE layer (2 experts, a shared one); 4 patches of 14 pixels
+        return transformers.Llama4Config(  # pixel-shuffled 2 x 2 (4 x 16 channels, its adapter's input): 1 token
+            text_config={**text, "head_dim": 8, "intermediate_size_mlp": 32, "num_local_experts": 2,
+                         "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "attention_chunk_size": 8},
+            vision_config={**vision, "intermediate_size": 64, "patch_size": 14, "vision_output_dim": 16,
+                           "projector_input_dim": 16, "projector_output_dim": 16},
+            architectures=[name], tie_word_embeddings=False, **image_ids)
     if arch == "llava":  # a Llama text decoder, a CLIP vision tower (4 patches of 14 pixels: 4 image tokens)
         return transformers.LlavaConfig(
             text_config={"model_type": "llama", **text},
@@ -154,12 +181,14 @@ def _gemma3_vision(name: str) -> str:
 def write_vl_family(root: Path, arch: str = "qwen2_vl", vocab: int = 64, flat: bool = False, n_experts: int = 2,
                     image_ids: dict[str, int] | None = None) -> tuple[Path, list[Path]]:
     """Tiny float32 vision-language models of ``arch`` (:data:`VL_ARCHS`): ``root/base`` as transformers saves it
-    (the checkpoint's names: Qwen2-VL's text decoder ``model.*`` and ``lm_head``, its vision tower's and projector's
-    ``visual.*``; the others' ``language_model.model.*``, ``language_model.lm_head``, ``vision_tower.*``,
+    (the checkpoint's names: Qwen2-VL's and Qwen2.5-VL's text decoder ``model.*`` and ``lm_head``, their vision
+    tower's and projector's ``visual.*``; Qwen3-VL's ``model.language_model.*``, ``lm_head``, ``model.visual.*``;
+    Llama 4's ``language_model.model.*``, ``language_model.lm_head``, ``vision_model.*``, ``multi_modal_projector.*``;
+    the others' ``language_model.model.*``, ``language_model.lm_head``, ``vision_tower.*``,
     ``multi_modal_projector.*``, Gemma 3's ``vision_tower.vision_model.*`` as its published
     checkpoints have it; layer counts and vocabulary size in ``text_config``), ``root/expert_{i}`` = base +
-    sparse deltas on every tensor (the vision tower's too). ``flat`` (Qwen2-VL only): the configs laid out as
-    Qwen2-VL's published checkpoints have them (written by transformers 4: the text decoder's keys at the top level,
+    sparse deltas on every tensor (the vision tower's too). ``flat`` (Qwen2-VL and Qwen2.5-VL): the configs laid out
+    as their published checkpoints have them (written by transformers 4: the text decoder's keys at the top level,
     no ``text_config``). ``image_ids``: the config's image token ids (key -> id)."""
     import shutil
 
@@ -207,9 +236,10 @@ def write_vl_tokenizer_family(root: Path, flat: bool = False, arch: str = "qwen2
     return base, experts
 
 
-def tied_copy(folder: Path, dest: Path) -> Path:
+def tied_copy(folder: Path, dest: Path, text_config: bool = False) -> Path:
     """A copy of model ``folder`` with tied embeddings, as such checkpoints are saved: no ``lm_head.weight`` (the
-    head is the input embedding) and ``tie_word_embeddings: true``; its other files copied."""
+    head is the input embedding) and ``tie_word_embeddings: true`` (``text_config``: in its ``text_config`` too,
+    where Llama 4's text decoder alone reads it); its other files copied."""
     import shutil
 
     shutil.copytree(folder, dest)
@@ -219,6 +249,8 @@ def tied_copy(folder: Path, dest: Path) -> Path:
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((dest / "config.json").read_text())
     config["tie_word_embeddings"] = True
+    if text_config:
+        config["text_config"]["tie_word_embeddings"] = True
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     return dest
 

@@ -1,11 +1,12 @@
 """Tokenizer merging on vision-language models, end to end, without mergekit (issue 31): tiny float32 Qwen2-VLs,
-LLaVAs, Mistral 3s and Gemma 3s whose tokenizers differ (tests/helpers/tokenizer_family.py:
-``write_vl_tokenizer_family``) are merged through a recipe, and the output is loaded with its transformers class
-and run on an image (random ``pixel_values`` of its vision tower's shape, its image tokens in ``input_ids`` as its
-processor places them) and text with tokens only one model knew: the logits are finite, over the merged vocabulary,
-and depend on the image. Its embedding and LM-head rows of each token that one model alone has are that model's
-rows (the alignment rule of docs/cli.md#tokenizer-merging-tokenizer_source-tokenizer: every model takes that row,
-so TIES leaves it as it is and a linear merge averages it with itself). Parity with mergekit:
+Qwen2.5-VLs, Qwen3-VLs, LLaVAs, Mistral 3s, Gemma 3s and Llama 4s whose tokenizers differ
+(tests/helpers/tokenizer_family.py: ``write_vl_tokenizer_family``) are merged through a recipe, and the output is
+loaded with its transformers class and run on an image (random ``pixel_values`` of its vision tower's shape, its
+image tokens in ``input_ids`` as its processor places them) and text with tokens only one model knew: the logits are
+finite, over the merged vocabulary, and depend on the image. Its embedding and LM-head rows of each token that one
+model alone has are that model's rows (the alignment rule of
+docs/cli.md#tokenizer-merging-tokenizer_source-tokenizer: every model takes that row, so TIES leaves it as it is and
+a linear merge averages it with itself). Parity with mergekit:
 tests/integration/parity/test_parity_mergekit_tokenizer_vl.py."""
 
 import json
@@ -28,20 +29,25 @@ CASES = ("union_ties", "tied_base_union_ties", "model_linear_no_base")
 def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     base, experts = write_vl_tokenizer_family(root / "models", arch=request.param)
-    tied = tied_copy(base, root / "tied" / "base") if request.param != "gemma3" else base  # Gemma 3's is tied
+    # Gemma 3's is tied already; Llama 4's text decoder takes its tie from text_config alone (as such a model saves it)
+    tied = tied_copy(base, root / "tied" / "base", text_config=request.param == "llama4") \
+        if request.param != "gemma3" else base
     return request.param, base, experts, tied
 
 
 def _image(arch, vocab, g):
     """An image's model inputs and its tokens as ``arch``'s processor places them (28 x 28 pixels)."""
     t = {token: vocab[token] for token in VL_ARCHS[arch][1]}
-    if arch == "qwen2_vl":  # 2 x 2 patches of 14 pixels (two frames), merged 2 x 2: one image token
+    if arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # 2 x 2 patches of 14 pixels (two frames), merged 2 x 2:
+        # one image token (Qwen3-VL's patch size set to 14 here)
         return ({"pixel_values": torch.randn(4, 3 * 2 * 14 * 14, generator=g),
                  "image_grid_thw": torch.tensor([[1, 2, 2]])},
                 [t["<|vision_start|>"], t["<|image_pad|>"], t["<|vision_end|>"]])
     pixels = {"pixel_values": torch.randn(1, 3, 28, 28, generator=g)}
     if arch == "llava":  # 2 x 2 patches of 14 pixels, the class token left out: image_seq_length 4
         return pixels, [t["<image>"]] * 4
+    if arch == "llama4":  # 2 x 2 patches of 14 pixels, pixel-shuffled 2 x 2: one <|patch|> after <|image|>
+        return pixels, [t["<|image_start|>"], t["<|image|>"], t["<|patch|>"], t["<|image_end|>"]]
     if arch == "mistral3":  # 4 x 4 patches of 7 pixels merged 2 x 2: rows of [IMG], each row then [IMG_BREAK]
         return {**pixels, "image_sizes": torch.tensor([[28, 28]])}, \
             [t["[IMG]"]] * 2 + [t["[IMG_BREAK]"]] + [t["[IMG]"]] * 2 + [t["[IMG_END]"]]  # the last [IMG_END]
@@ -105,7 +111,7 @@ def test_the_merged_vl_model_runs_on_an_image_with_each_tokens_rows(tmp_path, fa
     text = tokenizer(f"{CHAT_TOKENS[0]} curvature weighs the cat", add_special_tokens=False).input_ids
     inputs, image = _image(arch, vocab, g)
     ids = torch.tensor([image + text])
-    extra = {"mm_token_type_ids": (ids == vocab["<|image_pad|>"]).long()} if arch == "qwen2_vl" else {}
+    extra = {"mm_token_type_ids": (ids == vocab["<|image_pad|>"]).long()} if arch.startswith("qwen") else {}
     if arch == "llava":  # its processor runs here (Pixtral's and Qwen2-VL's need torchvision, not installed)
         processor = transformers.LlavaProcessor(
             image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 28},

@@ -1,9 +1,10 @@
 """Parity with mergekit 0.1.5's tokenizer merging on vision-language models (issue 31): tiny float32 Qwen2-VLs,
-Mistral 3s, Gemma 3s and LLaVAs as transformers 5 saves them (tests/helpers/tokenizer_family.py: ``write_vl_family``)
-whose tokenizers differ as in test_parity_mergekit_tokenizer.py's Llamas, each with its architecture's image tokens.
-The text decoder's embeddings and LM head are aligned to the output tokenizer; the vision tower and projector merge
-as they are. Every tensor equals mergekit's (token-indexed rows compared token by token), and the output loads with
-its transformers class and runs on an image and text, its rows of the tokens one model alone had that model's rows.
+Qwen2.5-VLs, Qwen3-VLs, Mistral 3s, Gemma 3s, Llama 4s and LLaVAs as transformers 5 saves them
+(tests/helpers/tokenizer_family.py: ``write_vl_family``) whose tokenizers differ as in
+test_parity_mergekit_tokenizer.py's Llamas, each with its architecture's image tokens. The text decoder's embeddings
+and LM head are aligned to the output tokenizer; the vision tower and projector merge as they are. Every tensor
+equals mergekit's (token-indexed rows compared token by token), and the output loads with its transformers class and
+runs on an image and text, its rows of the tokens one model alone had that model's rows.
 
 mergekit as installed, per architecture:
 
@@ -15,6 +16,16 @@ mergekit as installed, per architecture:
   ``get_config_value`` and ``set_config_value`` patched to use ``text_config`` for a plain key the top level lacks
   and ``text_config`` has, and nothing else (``test_parity_mergekit.run_mergekit_many(..., text_config=True)``).
   The configs are laid out both as transformers 5 saves them and as the published checkpoints have them (``flat``).
+- Qwen2.5-VL: its definition reads the layer count in ``text_config`` but the vocabulary size at the top level
+  (``vocab_size_config_key: vocab_size``). Unpatched, mergekit cannot read any model's rows: with the base's
+  tokenizer entries past its rows it stops (``IndexError``), and without them it writes the merged size at the top
+  level only, where transformers 5 does not read it, and the output does not load
+  (:func:`test_mergekit_reads_no_qwen2_5_vl_vocabulary_size_unpatched`). The reference is patched as Qwen2-VL's,
+  with both config layouts (its published checkpoints are flat too).
+- Qwen3-VL (dense, ``Qwen3VLForConditionalGeneration``: mergekit's ``qwen3_vl_dense.json``) and Llama 4 (a dense and
+  a MoE text layer): their definitions read ``text_config.*``; mergekit runs unpatched. Llama 4's base is tied at
+  the top level only (as the others' tied copies are), which transformers 5 does not tie (it reads Llama 4's tie
+  in ``text_config`` alone): mergekit reads its embedding as its head (``tied_names``), and so does ours.
 - Mistral 3 and Gemma 3: their definitions read ``text_config.*``; mergekit runs unpatched. Gemma 3's vision tower
   is named as its published checkpoints name it (``vision_tower.vision_model.*``, which mergekit's definition
   reads): a fresh transformers 5 model saves it without ``vision_model.``, and mergekit then stops (``RuntimeError:
@@ -56,8 +67,12 @@ CASES = ("union_ties", "base_task_arithmetic", "model_linear_no_base", "tokens_a
 FAMILIES = {
     "qwen2_vl": ("qwen2_vl", False, True, ("visual.blocks.", "visual.merger.")),
     "qwen2_vl_flat": ("qwen2_vl", True, True, ("visual.blocks.", "visual.merger.")),
+    "qwen2_5_vl": ("qwen2_5_vl", False, True, ("visual.blocks.", "visual.merger.")),
+    "qwen2_5_vl_flat": ("qwen2_5_vl", True, True, ("visual.blocks.", "visual.merger.")),
+    "qwen3_vl": ("qwen3_vl", False, False, ("model.visual.blocks.", "model.visual.deepstack_merger_list.")),
     "mistral3": ("mistral3", False, False, ("vision_tower.", "multi_modal_projector.")),
     "gemma3": ("gemma3", False, False, ("vision_tower.vision_model.", "multi_modal_projector.")),
+    "llama4": ("llama4", False, False, ("vision_model.model.layers.", "multi_modal_projector.")),
 }
 
 
@@ -136,13 +151,59 @@ def test_mergekit_cannot_read_a_qwen2_vl_config_unpatched(tmp_path, family):
     """Why the Qwen2-VL reference is patched: mergekit 0.1.5 as installed stops on the config's layer count."""
     name, base, experts = family
     if not name.startswith("qwen2_vl"):
-        pytest.skip("mergekit reads Mistral 3's and Gemma 3's text_config itself")
+        pytest.skip("mergekit reads the others' layer count in text_config itself")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPES["union_ties"](base, experts))
     run = subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "out")], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode != 0
     assert "RuntimeError: Config Qwen2VLConfig" in run.stderr and "has no attribute num_hidden_layers" in run.stderr
+
+
+def test_mergekit_reads_no_qwen2_5_vl_vocabulary_size_unpatched(tmp_path, family):
+    """Why the Qwen2.5-VL reference is patched: mergekit 0.1.5 as installed reads its vocabulary size at the top
+    level, which transformers 5's Qwen2_5_VLConfig lacks (its layer count, read in text_config, it finds). It then
+    takes each tokenizer's length for the model's rows: over the base, whose tokenizer has entries past its rows, it
+    stops; over the first expert as the base it exits 0 with the merged rows and the merged size at the config's top
+    level only, its text_config.vocab_size (which transformers 5 reads) the donor's, and the output does not load.
+    Ours writes text_config.vocab_size (the flat layout's top-level vocab_size), and its tensors are mergekit's."""
+    import transformers
+
+    name, base, experts = family
+    if not name.startswith("qwen2_5_vl"):
+        pytest.skip("Qwen2.5-VL's definition alone reads vocab_size at the top level and the layers in text_config")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPES["union_ties"](base, experts))
+    run = subprocess.run([MERGEKIT, str(recipe), str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert run.returncode != 0
+    assert "Unable to get vocab size for" in run.stderr and "has no attribute vocab_size" in run.stderr
+    assert "IndexError: index" in run.stderr
+
+    recipe.write_text(RECIPES["union_ties"](experts[0], experts))  # its tokenizer has no entry past its rows
+    mk = tmp_path / "mk"
+    run = subprocess.run([MERGEKIT, str(recipe), str(mk)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = load_file(mk / "model.safetensors")["model.embed_tokens.weight"].shape[0]
+    config = json.loads((mk / "config.json").read_text())
+    assert rows == len(_vocab(mk)) > _vocab_size(experts[0])
+    assert config["vocab_size"] == rows and config["text_config"]["vocab_size"] == _vocab_size(experts[0])
+    assert _vocab_size(mk) == _vocab_size(experts[0])
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(mk)
+    ours = _ours(tmp_path, recipe)
+    assert _vocab_size(ours) == rows
+    written = json.loads((ours / "config.json").read_text())
+    assert (written if name.endswith("_flat") else written["text_config"])["vocab_size"] == rows
+    worst = _compare(ours, mk, names=[n for n in Expert(ours).names() if not _token_indexed(n)])
+    mine, theirs = _vocab(ours), _vocab(mk)  # the token-indexed rows token by token (mergekit's config is wrong)
+    assert set(mine) == set(theirs) and len(mine) == rows
+    order = [theirs[t] for t in sorted(mine, key=mine.get)]
+    for n in [n for n in Expert(ours).names() if _token_indexed(n)]:
+        x, y = Expert(ours).tensor(n), Expert(mk).tensor(n)[order]
+        worst = max(worst, float((x - y).abs().max() / y.abs().max()))
+    assert worst <= 1e-5, worst
+    transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(ours)
 
 
 def test_mergekit_needs_gemma3s_published_vision_tower_names(tmp_path):

@@ -242,3 +242,53 @@ def test_a_vision_language_model_tied_in_its_text_config_gives_an_untied_output(
     embed, head = tensors["model.embed_tokens.weight"], load_file(untied / "model.safetensors")["lm_head.weight"]
     torch.testing.assert_close(loaded.lm_head.weight.detach(), embed + 0.5 * (head - embed))
     assert not torch.equal(loaded.lm_head.weight, loaded.get_input_embeddings().weight)
+
+
+def _llama4_config(folder, tie, text_tie):
+    from transformers import Llama4Config
+
+    folder.mkdir(parents=True)
+    text = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 8, "intermediate_size": 32, "intermediate_size_mlp": 32, "num_local_experts": 2,
+            "interleave_moe_layer_step": 2, "vocab_size": 32, "tie_word_embeddings": text_tie}
+    vision = {"hidden_size": 16, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14, "vision_output_dim": 16, "projector_input_dim": 16,
+              "projector_output_dim": 16}
+    config = Llama4Config(text_config=text, vision_config=vision, architectures=["Llama4ForConditionalGeneration"],
+                          tie_word_embeddings=tie).to_dict()
+    config["text_config"]["tie_word_embeddings"] = text_tie  # written as given
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_llama4s_embeddings_and_tie_are_its_checkpoints(tmp_path):
+    """Llama 4: AutoModelForCausalLM builds its text decoder alone (Llama4ForCausalLM, model.*) from the composite
+    config; the model of the checkpoint is Llama4ForConditionalGeneration (language_model.model.*,
+    language_model.lm_head). transformers 5 ties its head by text_config's tie_word_embeddings alone; a checkpoint
+    without the head is read tied when either level says true (mergekit's tied_names do not read the config), not
+    when both say false."""
+    from transformers import AutoConfig, Llama4ForConditionalGeneration
+
+    from lightning_merge.tools.architectures import meta_model
+    from lightning_merge.tools.tokenizer_merge import token_indexed_names
+
+    embed_name, head_name = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+    untied = _llama4_config(tmp_path / "untied", tie=False, text_tie=False)
+    assert type(meta_model(untied, "test")).__name__ == "Llama4ForConditionalGeneration"
+    names = [embed_name, head_name, "language_model.model.norm.weight", "vision_model.class_embedding"]
+    assert token_indexed_names(untied, names) == {embed_name, head_name}
+    g = torch.Generator().manual_seed(0)
+    embed = torch.randn(32, 16, generator=g)
+    save_file({embed_name: embed + 1, head_name: embed - 1}, untied / "model.safetensors")
+    for top, text in ((False, True), (True, False), (False, False)):
+        folder = _llama4_config(tmp_path / f"{top}_{text}", tie=top, text_tie=text)
+        with torch.device("meta"):
+            model = Llama4ForConditionalGeneration._from_config(AutoConfig.from_pretrained(folder))
+        assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) is text  # transformers'
+        save_file({embed_name: embed}, folder / "model.safetensors")
+        out = with_tied_tensors([(Expert(folder), folder), (Expert(untied), untied)], tmp_path / "r.yaml")
+        assert isinstance(out[0], TiedExpert) is (top or text)
+        if top or text:
+            assert out[0].tied == {head_name: embed_name} and torch.equal(out[0].tensor(head_name), embed)
+            assert untied_config(out[0]) == {"tie_word_embeddings": False,
+                                             "text_config": {"tie_word_embeddings": False}}
