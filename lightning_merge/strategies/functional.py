@@ -39,19 +39,27 @@ def thin_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
 
 
-def ranked_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def ranked_svd(m: Tensor, scale: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`thin_svd` of a 2-D ``m`` with the triplets past its numerical rank zeroed (u's columns, s, vh's rows).
 
     The numerical rank is numpy's ``matrix_rank`` default: the singular values above σ₁ · max(rows, cols) · ε (ε
     of ``m``'s dtype; a zero matrix has rank 0). Below it the singular vectors are rounding noise or, for a
     rank-deficient matrix (a LoRA expert's task vector: rank 8 of 384), an orthonormal basis of the null space that
     LAPACK is free to choose, and chooses differently on another CPU. A rule that keeps singular vectors regardless
-    of their singular values (TSV-M's orthogonalisation, ISO-C's flat spectrum, DOGE's shared subspace) would carry
-    that choice into the merge; with them zeroed its result is one answer on every machine. Where ``m`` has full
-    numerical rank these are :func:`thin_svd`'s factors, unchanged."""
+    of their singular values (TSV-M's orthogonalisation, ISO-C's flat spectrum, DOGE's shared subspace, a polar
+    factor) would carry that choice into the merge; with them zeroed its result is one answer on every machine.
+    Where ``m`` has full numerical rank these are :func:`thin_svd`'s factors, unchanged.
+
+    Args:
+        m: the matrix.
+        scale: the size that σ₁ stands for in the tolerance, where ``m`` is what is left of a larger matrix (a
+            residual τ − UUᵀτ, whose own σ₁ is rounding noise when nothing is left): that matrix's norm. None: m's
+            own σ₁.
+    """
     u, s, vh = thin_svd(m)
     if s.numel():
-        null = s <= s[0] * max(m.shape) * torch.finfo(m.dtype).eps
+        size = s[0] if scale is None else torch.as_tensor(scale, dtype=s.dtype)
+        null = s <= size * max(m.shape) * torch.finfo(m.dtype).eps
         if bool(null.any()):
             u[:, null] = 0
             s[null] = 0

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
 from lightning_merge.strategies.checks import check_number, check_pattern
-from lightning_merge.strategies.functional import ranked_svd, thin_svd
+from lightning_merge.strategies.functional import ranked_svd
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 ISO_PAPER = "https://arxiv.org/abs/2502.04959"
@@ -40,8 +40,10 @@ def matrix_rule(name: str, tensor: Tensor, not_svd: str | None) -> bool:
 
 
 def _polar(m: Tensor) -> Tensor:
-    """The nearest matrix with orthonormal columns (or rows): P Qᵀ of m = P S Qᵀ."""
-    p, _, qh = thin_svd(m)
+    """The nearest matrix with orthonormal columns (or rows): P Qᵀ of m = P S Qᵀ, over m's numerical rank (a
+    zero column of m, a direction that a low-rank expert does not have, stays zero instead of taking a direction
+    the SVD picks freely; for m of full rank, the polar factor itself)."""
+    p, _, qh = ranked_svd(m)
     return p @ qh
 
 
@@ -79,7 +81,7 @@ def iso_cts(taus: Sequence[Tensor], fraction: float) -> Tensor:
     gathered_vh = total.new_zeros(r, cols)
     for i, tau in enumerate(taus):
         specific = tau - common_u @ (common_u.T @ tau)
-        ui, si, vhi = ranked_svd(specific)
+        ui, si, vhi = ranked_svd(specific, scale=torch.linalg.vector_norm(tau))  # noise where nothing is left
         block = slice(i * per_task, (i + 1) * per_task)
         gathered_u[:, block] = ui[:, :per_task]
         gathered_s[block] = si[:per_task]

@@ -76,8 +76,8 @@ def task_singular_vectors(taus: Sequence[Tensor]) -> Tensor:
         sum_u[:, i * k:(i + 1) * k] = u[:, :k]
         sum_s[i * k:(i + 1) * k] = s[:k]
         sum_vh[i * k:(i + 1) * k] = vh[:k]
-    u_u, _, vh_u = F.thin_svd(sum_u)
-    u_vh, _, vh_vh = F.thin_svd(sum_vh)
+    u_u, _, vh_u = F.ranked_svd(sum_u)  # polar factors over the numerical rank: experts sharing directions
+    u_vh, _, vh_vh = F.ranked_svd(sum_vh)  # (identical, collinear) leave U rank-deficient
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh))
 
 

@@ -10,8 +10,8 @@ three differences, all documented in docs/cli.md:
 - a non-base model's tokenizer entry whose id is past the model's embedding rows makes mergekit fail (a missing
   permutation key); here the model simply lacks that token.
 - ``config.json``'s and ``generation_config.json``'s token ids (``*_token_id``, ``*_token_index``: a
-  vision-language model's image tokens, bos/eos/pad; in nested configs too, except one with a vocabulary of its
-  own) name the output tokenizer's ids of the donor's tokens;
+  vision-language model's image tokens, bos/eos/pad; in nested configs too, except the ids of a vocabulary of
+  their own) name the output tokenizer's ids of the donor's tokens;
   mergekit keeps the donor's ids, which a tokenizer taken from another model numbers otherwise (the model then
   cannot find its image tokens).
 
@@ -462,30 +462,34 @@ def _renumbered_token_ids(config: Mapping[str, Any], donor_vocabulary: Mapping[s
     not have, or a token the output's lacks, is kept.
 
     Nested configs are followed to any depth (``text_config``, ``vision_config``, an omni model's
-    ``thinker_config``), except one whose ``vocab_size`` cannot hold the donor tokenizer's ids: it numbers tokens
-    in a vocabulary of its own (a speech ``talker_config``'s codec ids), which the tokenizer does not name."""
+    ``thinker_config``). One whose ``vocab_size`` cannot hold the donor tokenizer's ids numbers some tokens in a
+    vocabulary of its own (a speech ``talker_config``'s codec ids): there an id below that size may be one of its
+    own and is kept, and an id at or past it can only be the tokenizer's and is renumbered (the talker's image and
+    audio token ids)."""
     by_id = {i: token for token, i in donor_vocabulary.items()}
     needed = max(by_id, default=-1) + 1  # rows a vocabulary of the donor's tokenizer holds at least
 
-    def renumbered(value: Any) -> Any:
+    def renumbered(value: Any, own: int) -> Any:
         if isinstance(value, list):
-            return [renumbered(v) for v in value]
-        if isinstance(value, bool) or not isinstance(value, int) or by_id.get(value) not in vocabulary:
+            return [renumbered(v, own) for v in value]
+        if isinstance(value, bool) or not isinstance(value, int) or value < own or by_id.get(value) not in vocabulary:
             return value
         return vocabulary[by_id[value]]
 
-    def changed(holder: Mapping[str, Any]) -> dict[str, Any]:
+    def changed(holder: Mapping[str, Any], own: int) -> dict[str, Any]:
         keys: dict[str, Any] = {}
         for key, value in holder.items():
             if isinstance(value, Mapping):
-                own = value.get("vocab_size")
-                if not (isinstance(own, int) and own < needed) and (inner := changed(value)):
+                size = value.get("vocab_size")
+                inner = changed(value, size if isinstance(size, int) and not isinstance(size, bool)
+                                and size < needed else own)
+                if inner:
                     keys[key] = inner
-            elif key.endswith(("_token_id", "_token_index")) and renumbered(value) != value:
-                keys[key] = renumbered(value)
+            elif key.endswith(("_token_id", "_token_index")) and renumbered(value, own) != value:
+                keys[key] = renumbered(value, own)
         return keys
 
-    return changed(config)
+    return changed(config, 0)
 
 
 __all__ = ["AlignedInputs", "OutputVocabulary", "TokenEntry", "TokenizerRecipe", "align_vocabularies",

@@ -174,11 +174,17 @@ def test_token_ids_in_nested_configs_are_renumbered_except_in_a_vocabulary_of_th
                            "vision_config": {"image_token_id": 2}},
         "talker_config": {"tts_codec_start_token_id": 2, "image_token_index": 5},  # 40 rows hold ids 0..4
         "unsized_config": {"bos_token_id": 2}}
-    codec = {**config, "talker_config": {**config["talker_config"], "vocab_size": 4}}  # cannot hold id 4
+    # a talker with a codec vocabulary of 4 ids: its ids below 4 may be codec ids (kept), its ids at or past 4 can
+    # only be the tokenizer's (its image token, renumbered as the thinker's)
+    codec = {**config, "talker_config": {**config["talker_config"], "vocab_size": 4}}
     assert _renumbered_token_ids(codec, donor, output) == {
         "thinker_config": {"image_token_index": 2, "audio_token_index": 5, "text_config": {"pad_token_id": 2},
                            "vision_config": {"image_token_id": 2}},
-        "unsized_config": {"bos_token_id": 2}}  # the talker kept whole
+        "talker_config": {"image_token_index": 5},
+        "unsized_config": {"bos_token_id": 2}}
+    nested = {"talker_config": {"vocab_size": 4, "codec_config": {"eos_token_id": 3, "audio_token_index": [4, 1]}}}
+    assert _renumbered_token_ids(nested, donor, output) == {  # inherited by a config inside it that has no size
+        "talker_config": {"codec_config": {"audio_token_index": [5, 1]}}}
 
 
 def test_the_output_files_renumber_the_token_ids_of_config_and_generation_config(tmp_path):
