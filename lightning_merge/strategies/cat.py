@@ -82,13 +82,19 @@ def removal_basis(gram: Tensor, ratio: float) -> Tensor | None:
     values, vectors = torch.linalg.eigh(symmetric.div_(2))
     del symmetric
     values = values.flip(0)  # descending
-    positive = values > 0
+    # eigenvalues within rounding of zero (G's numerical null space): their eigenvectors are a basis of that space
+    # which LAPACK picks freely (another machine picks another), so they count as neither positive nor taken apart
+    tiny = float(values.abs().max()) * values.numel() * torch.finfo(values.dtype).eps
+    positive = values > tiny
     if not bool(positive.any()):
         return None
     if ratio == -1:
         r = int(positive.sum())  # the positive eigenvalues lead the descending order
     elif ratio >= 1:
         r = min(int(ratio), values.numel())
+        leading, through_null = int(positive.sum()), int((values >= -tiny).sum())
+        if leading < r < through_null:  # part of the null space: none of it (all of it would be a defined span)
+            r = leading
     else:
         energy = values[positive].square()
         r = int((torch.cumsum(energy / energy.sum(), 0) < ratio).sum())
@@ -127,9 +133,11 @@ def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, r
             if i == j or bases[i] is None or not live[j]:
                 continue
             kept = vec - bases[i] @ (bases[i].T @ vec)
-            kept_norm = torch.linalg.vector_norm(kept)
-            if kept_norm > 0:
-                vec = kept * (torch.linalg.vector_norm(vec) / kept_norm)
+            kept_norm, norm = torch.linalg.vector_norm(kept), torch.linalg.vector_norm(vec)
+            # nothing left but rounding (below the float32 output's resolution of vec): the projection is skipped,
+            # not the noise blown up to vec's norm
+            if kept_norm > norm * torch.finfo(torch.float32).eps:
+                vec = kept * (norm / kept_norm)
         out.append(vec.float())
     return out
 

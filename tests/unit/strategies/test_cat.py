@@ -260,3 +260,43 @@ def test_no_conflict_matrix_is_formed_from_task_vectors_that_are_zero(monkeypatc
     assert len(calls) == 2  # G₁ and G₂ read τ₀; G₀ would read only the zero τ₁ and τ₂
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def _permuted_eigh(seed):
+    """Another valid eigendecomposition of a symmetric matrix: LAPACK's of P G Pᵀ, mapped back (a different basis
+    of every repeated eigenvalue's space, as another machine may return)."""
+    g = torch.Generator().manual_seed(seed)
+    inner = torch.linalg.eigh
+
+    def eigh(m):
+        order = torch.randperm(m.shape[0], generator=g)
+        values, vectors = inner(m[order][:, order])
+        out = torch.empty_like(vectors)
+        out[order] = vectors
+        return values, out
+
+    return eigh
+
+
+@pytest.mark.parametrize("lambd,ratio", [(0.0, -1), (0.0, 30), (5.0, 30), (5.0, 4), (0.5, 0.5)])
+def test_low_rank_task_vectors_trim_the_same_whichever_eigenbasis_the_machine_returns(lambd, ratio, monkeypatch):
+    """Rank-3 task vectors of a 24-wide layer: the conflict matrices are rank-deficient, their null-space
+    eigenvectors LAPACK's free choice. The removal basis takes none of them (eigenvalues within rounding of zero
+    are not positive, and an integer ratio does not cut into them), and a projection that leaves only rounding is
+    skipped rather than blown up to the vector's norm: the trim is the same under another valid eigh."""
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(24, 3, generator=g) @ torch.randn(3, 16, generator=g) for _ in range(3)]
+    grams = []
+    for _ in range(3):
+        x = torch.randn(64, 16, generator=g)
+        grams.append(x.T @ x / 64)
+    here = trim_linear(taus, grams, lambd, ratio)
+    for seed in range(3):
+        monkeypatch.setattr(torch.linalg, "eigh", _permuted_eigh(seed))
+        there = trim_linear(taus, grams, lambd, ratio)
+        monkeypatch.undo()
+        for a, b in zip(there, here):
+            assert float((a - b).norm() / b.norm()) < 1e-5, (lambd, ratio, seed)
+    if lambd == 0.0 and ratio == -1:  # every other task's directions removed: nothing left, so nothing trimmed
+        for a, b in zip(here, taus):
+            torch.testing.assert_close(a, b)
