@@ -243,9 +243,12 @@ class CATMerging(Strategy):
         (the matrix, its symmetrised copy, the eigenvectors and LAPACK's workspace: 10·out/in), the trimmed task
         vectors with the projection's temporaries (n + 6). Measured 2026-12-07 (VmHWM, n = 2–4): 21–31 copies for
         512², 49–58 for 1024 × 256, 41–57 for 256 × 1024; declared with a margin, 1.05–1.15× those. The bound
-        assumes Grams (a 2-D tensor without them, an embedding, holds the default's copies). Other tensors: the
-        default (measured 9.8–16.2 for 1-D tensors and n = 2–4, declared 13–21)."""
+        assumes Grams (a 2-D tensor without them, an embedding, holds the default's copies). 1-D tensors: 3.25n + 4.5
+        (measured 9.8–16.2 for n = 2–4; the default 4n + 5 was up to 1.51× the peak at n = 3). Other tensors: the
+        default."""
         default = super().working_set(num_experts)
+        if len(shape) == 1 and num_experts >= 2:
+            return 3.25 * num_experts + 4.5
         if len(shape) != 2 or num_experts < 2 or self.ratio == 0 or 0 in shape:
             return default
         out, inp = shape
