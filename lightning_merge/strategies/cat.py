@@ -63,6 +63,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import NoContinualForm, Prepared, Strategy
 from lightning_merge.strategies.checks import check_number, check_pattern
+from lightning_merge.strategies.functional import rounding_noise
 from lightning_merge.strategies.registry import Reference
 
 #: the default ``norm_pattern``: "norm" or an ``ln``-named module (``ln_1``, ``ln_f``) whose ``.weight`` it is
@@ -104,11 +105,14 @@ def removal_basis(gram: Tensor, ratio: float) -> Tensor | None:
     return vectors[:, vectors.shape[1] - r:].flip(1)
 
 
-def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, ratio: float) -> list[Tensor]:
+def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, ratio: float,
+                floors: Sequence[float] | None = None) -> list[Tensor]:
     """CAT's linear-weight rule: each (out, in) task vector with its conflicting output directions projected out
     and its norm restored (module docstring), from each task's (in, in) input Gram matrix. Float64 inside; returns
     float32. A task vector of zeros (an adapter that leaves the tensor unchanged) adds nothing to any Gᵢ and is
-    left out of them: no Gᵢ is formed from zeros alone (out × out: vocabulary² for an LM head)."""
+    left out of them: no Gᵢ is formed from zeros alone (out × out: vocabulary² for an LM head). ``floors``: each
+    task vector's rounding noise (:func:`~lightning_merge.strategies.functional.rounding_noise` of its weights): a
+    projection that leaves no more than that has left only noise, and is skipped."""
     n = len(taus)
     live = [bool(tau.any()) for tau in taus]
     if not any(live):
@@ -136,7 +140,7 @@ def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, r
             kept_norm, norm = torch.linalg.vector_norm(kept), torch.linalg.vector_norm(vec)
             # nothing left but rounding (below the float32 output's resolution of vec): the projection is skipped,
             # not the noise blown up to vec's norm
-            if kept_norm > norm * torch.finfo(torch.float32).eps:
+            if kept_norm > max(float(norm) * torch.finfo(torch.float32).eps, floors[j] if floors else 0.0):
                 vec = kept * (norm / kept_norm)
         out.append(vec.float())
     return out
@@ -224,7 +228,7 @@ class CATMerging(Strategy):
                     level = float(torch.stack([g.diagonal().mean() for g in present]).mean())
                     identity = torch.eye(taus[0].shape[1]) * level
                     grams = [identity if g is None else g for g in grams]
-                taus = trim_linear(taus, grams, self.lambd, self.ratio)
+                taus = trim_linear(taus, grams, self.lambd, self.ratio, [rounding_noise(t) for t in tensors])
         elif taus[0].dim() == 1 and self.ratio_bias != 0 and not self.is_norm_scale(name):
             taus = trim_shift(taus, self.ratio_bias)
         merged = taus[0].clone()

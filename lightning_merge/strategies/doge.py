@@ -40,7 +40,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import NoContinualForm, Prepared, Strategy
 from lightning_merge.strategies.checks import check_choice, check_device, check_number, check_pattern, compute_device
-from lightning_merge.strategies.functional import adam_descent, ranked_svd
+from lightning_merge.strategies.functional import adam_descent, ranked_svd, rounding_noise
 from lightning_merge.strategies.pcb import model_order_statistics
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
@@ -56,9 +56,10 @@ def doge_coefficients(taus: Sequence[Tensor], lamda: float) -> list[float]:
     return [lamda / norm if norm > 0 else 0.0 for norm in norms]
 
 
-def shared_subspace(taus: Sequence[Tensor], subspace: float) -> Tensor | None:
+def shared_subspace(taus: Sequence[Tensor], subspace: float, floors: Sequence[float] | None = None) -> Tensor | None:
     """U (out × k), the shared subspace the gradient is projected off: the top k = ⌊r/``subspace``⌋ left singular
-    vectors of the experts' top ⌊r/N⌋ left singular vectors set side by side (r = min(out, in)); None when k = 0."""
+    vectors of the experts' top ⌊r/N⌋ left singular vectors set side by side (r = min(out, in)); None when k = 0.
+    Each SVD keeps its numerical rank only (``floors``: each task vector's rounding noise)."""
     n = len(taus)
     out, cols = taus[0].shape
     r = min(out, cols)
@@ -70,7 +71,7 @@ def shared_subspace(taus: Sequence[Tensor], subspace: float) -> Tensor | None:
     for i, tau in enumerate(taus):
         if per == 0 or not bool(tau.any()):
             continue
-        u = ranked_svd(tau)[0]
+        u = ranked_svd(tau, floor=floors[i] if floors is not None else 0.0)[0]
         gathered[:, i * per:(i + 1) * per] = u[:, :per]
     return ranked_svd(gathered)[0][:, :k]
 
@@ -200,7 +201,7 @@ class DogeTA(Strategy):
         device = compute_device("DogeTA", self.device)
         taus = [t.to(device) for t in taus]
         lambdas = doge_coefficients(taus, self.lamda)
-        basis = shared_subspace(taus, self.subspace)
+        basis = shared_subspace(taus, self.subspace, [rounding_noise(t) for t in tensors])
         delta = doge_delta(taus, lambdas, basis, self.iterations, self.lr)
         merged = torch.zeros_like(delta)
         for tau, weight, threshold in zip(taus, lambdas, prepared["thresholds"]):

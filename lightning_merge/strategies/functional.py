@@ -39,27 +39,36 @@ def thin_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
 
 
-def ranked_svd(m: Tensor, scale: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def rounding_noise(weights: Tensor) -> float:
+    """A bound on the float32 rounding a task vector θ − θ₀ carries when θ (``weights``) was stored or computed in
+    float32 (an expert's weights, an adapter's θ₀ + ΔW): ε · ‖θ‖_F (each entry is off by at most ε/2 of itself).
+    For updates small next to the weights (LoRA on a wide layer) this noise, full-rank, is far above σ₁(τ) · ε."""
+    return float(torch.linalg.vector_norm(weights.float())) * torch.finfo(torch.float32).eps
+
+
+def ranked_svd(m: Tensor, scale: Tensor | float | None = None, floor: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`thin_svd` of a 2-D ``m`` with the triplets past its numerical rank zeroed (u's columns, s, vh's rows).
 
     The numerical rank is numpy's ``matrix_rank`` default: the singular values above σ₁ · max(rows, cols) · ε (ε
-    of ``m``'s dtype; a zero matrix has rank 0). Below it the singular vectors are rounding noise or, for a
-    rank-deficient matrix (a LoRA expert's task vector: rank 8 of 384), an orthonormal basis of the null space that
-    LAPACK is free to choose, and chooses differently on another CPU. A rule that keeps singular vectors regardless
-    of their singular values (TSV-M's orthogonalisation, ISO-C's flat spectrum, DOGE's shared subspace, a polar
-    factor) would carry that choice into the merge; with them zeroed its result is one answer on every machine.
-    Where ``m`` has full numerical rank these are :func:`thin_svd`'s factors, unchanged.
+    of ``m``'s dtype; a zero matrix has rank 0), and above ``floor``. Below it the singular vectors are rounding
+    noise or, for a rank-deficient matrix (a LoRA expert's task vector: rank 8 of 384), an orthonormal basis of the
+    null space that LAPACK is free to choose, and chooses differently on another CPU. A rule that keeps singular
+    vectors regardless of their singular values (TSV-M's orthogonalisation, ISO-C's flat spectrum, DOGE's shared
+    subspace, a polar factor) would carry that choice into the merge; with them zeroed its result is one answer on
+    every machine. Where ``m`` has full numerical rank these are :func:`thin_svd`'s factors, unchanged.
 
     Args:
         m: the matrix.
         scale: the size that σ₁ stands for in the tolerance, where ``m`` is what is left of a larger matrix (a
             residual τ − UUᵀτ, whose own σ₁ is rounding noise when nothing is left): that matrix's norm. None: m's
             own σ₁.
+        floor: an absolute tolerance, the size of noise ``m`` carries from elsewhere: a task vector's
+            :func:`rounding_noise` (the float32 rounding of θ, which a small update does not dominate).
     """
     u, s, vh = thin_svd(m)
     if s.numel():
         size = s[0] if scale is None else torch.as_tensor(scale, dtype=s.dtype)
-        null = s <= size * max(m.shape) * torch.finfo(m.dtype).eps
+        null = s <= torch.clamp(size * max(m.shape) * torch.finfo(m.dtype).eps, min=floor)
         if bool(null.any()):
             u[:, null] = 0
             s[null] = 0

@@ -57,13 +57,14 @@ from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 from lightning_merge.strategies.regmean import reduce_off_diagonal
 
 
-def task_singular_vectors(taus: Sequence[Tensor]) -> Tensor:
+def task_singular_vectors(taus: Sequence[Tensor], floors: Sequence[float] | None = None) -> Tensor:
     """TSV-M of N same-shaped 2-D task vectors (float32): the cut SVDs concatenated, U and V whitened.
 
     ``k = int(r * (1 / N))`` triplets per task (the reference's expression, float rounding included); a task's
     triplets past its numerical rank are zero (:func:`~lightning_merge.strategies.functional.ranked_svd`: the
     reference keeps null-space vectors there, which LAPACK chooses freely, and the orthogonalisation mixes them into
-    the other tasks' directions)."""
+    the other tasks' directions); ``floors``: each task vector's rounding noise
+    (:func:`~lightning_merge.strategies.functional.rounding_noise`), below which its triplets are noise too."""
     n = len(taus)
     rows, cols = taus[0].shape
     r = min(rows, cols)
@@ -72,7 +73,7 @@ def task_singular_vectors(taus: Sequence[Tensor]) -> Tensor:
     sum_s = taus[0].new_zeros(r)
     sum_vh = taus[0].new_zeros(r, cols)
     for i, tau in enumerate(taus):
-        u, s, vh = F.ranked_svd(tau)
+        u, s, vh = F.ranked_svd(tau, floor=floors[i] if floors is not None else 0.0)
         sum_u[:, i * k:(i + 1) * k] = u[:, :k]
         sum_s[i * k:(i + 1) * k] = s[:k]
         sum_vh[i * k:(i + 1) * k] = vh[:k]
@@ -126,7 +127,7 @@ def _right(x: Tensor, root: Tensor) -> Tensor:
 
 
 def whitened_task_singular_vectors(taus: Sequence[Tensor], rows: Tensor | None, cols: Tensor,
-                                   damping: float = 0.0) -> Tensor:
+                                   damping: float = 0.0, floors: Sequence[float] | None = None) -> Tensor:
     """TSV-M in a shared metric: τ* = A^{-1/2} TSV-M(A^{1/2} τᵢ B^{1/2}) B^{-1/2} (the module docstring), float32.
 
     Args:
@@ -134,6 +135,8 @@ def whitened_task_singular_vectors(taus: Sequence[Tensor], rows: Tensor | None, 
         rows: the row metric A as a 1-D tensor (out,) (its diagonal), or None for the identity.
         cols: the column metric B, (in, in) or its diagonal (in,).
         damping: δ, the metrics' damping toward the identity after normalising them to mean diagonal 1.
+        floors: each task vector's rounding noise (:func:`task_singular_vectors`), carried through the whitening
+            (times the roots' largest gains) plus the float32 rounding of the whitened vector.
 
     Returns:
         The merged task vector; on the metrics' null spaces (δ = 0 only) the mean of the ``taus``.
@@ -149,7 +152,13 @@ def whitened_task_singular_vectors(taus: Sequence[Tensor], rows: Tensor | None, 
         if row_half is not None:
             t = row_half[:, None] * t
         white.append(t.float())
-    merged = task_singular_vectors(white).double()
+    white_floors = None
+    if floors is not None:
+        gain = float(col_half.abs().max()) if col_half.dim() == 1 else float(torch.linalg.matrix_norm(col_half, 2))
+        if row_half is not None:
+            gain *= float(row_half.abs().max())
+        white_floors = [f * gain + F.rounding_noise(w) for f, w in zip(floors, white)]
+    merged = task_singular_vectors(white, white_floors).double()
     merged = _right(merged, col_inv)
     if row_inv is not None:
         merged = row_inv[:, None] * merged
@@ -231,34 +240,35 @@ class TSVMerge(Strategy):
         weights = self.expert_weights(len(tensors))
         taus = [(t - base).mul_(w) for t, w in zip(tensors, weights)]
         if self.uses_svd(name, base):
-            merged = self._svd_merge(taus, stats)
+            merged = self._svd_merge(taus, stats, [F.rounding_noise(t) * abs(w) for t, w in zip(tensors, weights)])
         else:
             merged = torch.stack(taus).mean(0)
         return merged.mul_(self.scale).add_(base)
 
-    def _svd_merge(self, taus: list[Tensor], stats: Sequence[Mapping[str, Tensor]]) -> Tensor:
-        """TSV-M of one 2-D tensor's task vectors, in the ``metric`` when one is chosen and present."""
+    def _svd_merge(self, taus: list[Tensor], stats: Sequence[Mapping[str, Tensor]], floors: list[float]) -> Tensor:
+        """TSV-M of one 2-D tensor's task vectors (``floors``: their rounding noise), in the ``metric`` when one is
+        chosen and present."""
         if self.mask is not None and self.density < 1:
             taus = [tau.mul_(F.topk_mask(s[self.mask] * tau.square(), F.keep_count(self.density, tau.numel())))
                     for tau, s in zip(taus, stats)]
         if self.metric is None:
-            return task_singular_vectors(taus)
+            return task_singular_vectors(taus, floors)
         values = [s.get(self.metric) for s in stats]
         present = [v for v in values if v is not None]
         if not present:
-            return task_singular_vectors(taus)
+            return task_singular_vectors(taus, floors)
         if self.metric == "gram":
             level = float(torch.stack([g.diagonal().double().mean() for g in present]).mean())
             grams = [torch.eye(taus[0].shape[1], dtype=torch.float64) * level if g is None
                      else reduce_off_diagonal(g.double(), self.alpha) for g in values]
-            return whitened_task_singular_vectors(taus, None, torch.stack(grams).mean(0), self.damping)
+            return whitened_task_singular_vectors(taus, None, torch.stack(grams).mean(0), self.damping, floors)
         curvatures = []
         for value in present:
             level = value.double().mean()
             curvatures.append(value.double() / level if bool(level > 0) else torch.ones_like(value.double()))
         curvatures += [torch.ones_like(curvatures[0])] * (len(values) - len(present))
         mean = torch.stack(curvatures).mean(0)
-        return whitened_task_singular_vectors(taus, mean.mean(1), mean.mean(0), self.damping)
+        return whitened_task_singular_vectors(taus, mean.mean(1), mean.mean(0), self.damping, floors)
 
 
 __all__ = ["ELEMENTWISE", "METRICS", "TSVMerge", "metric_roots", "task_singular_vectors",

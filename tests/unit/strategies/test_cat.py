@@ -300,3 +300,34 @@ def test_low_rank_task_vectors_trim_the_same_whichever_eigenbasis_the_machine_re
     if lambd == 0.0 and ratio == -1:  # every other task's directions removed: nothing left, so nothing trimmed
         for a, b in zip(here, taus):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("ratio_of_update", [1e-2, 2e-4])
+def test_small_adapter_updates_removed_whole_leave_the_vectors_alone_on_every_machine(ratio_of_update, monkeypatch):
+    """Adapters read as θ₀ + ΔW in float32 carry rounding of θ₀'s size in their task vectors. With lambd 0 and
+    ratio −1 every other task's directions are removed, so what a projection leaves is that rounding: it is compared
+    with the weights' rounding noise (functional.rounding_noise) and skipped, not rescaled to ‖τⱼ‖ (a probe measured
+    1.4 relative off the exact-ΔW trim, and 9–39 % between eighs, when only ε‖τⱼ‖ was counted)."""
+    from lightning_merge.strategies.functional import rounding_noise
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(24, 16, generator=g) * 0.05
+    weights = []
+    for _ in range(3):
+        delta = torch.randn(24, 3, generator=g) @ torch.randn(3, 16, generator=g)
+        weights.append(base + delta * (ratio_of_update * float(base.norm() / delta.norm())))
+    taus = [w - base for w in weights]
+    grams = []
+    for _ in range(3):
+        x = torch.randn(64, 16, generator=g)
+        grams.append(x.T @ x / 64)
+    floors = [rounding_noise(w) for w in weights]
+    here = trim_linear(taus, grams, 0.0, -1, floors)
+    for a, b in zip(here, taus):
+        torch.testing.assert_close(a, b)
+    for seed in range(3):
+        monkeypatch.setattr(torch.linalg, "eigh", _permuted_eigh(seed))
+        there = trim_linear(taus, grams, 0.0, -1, floors)
+        monkeypatch.undo()
+        for a, b in zip(there, here):
+            assert float((a - b).norm() / b.norm()) < 1e-5
