@@ -17,6 +17,7 @@ from lightning_merge.engine.run import parse_dtype
 from lightning_merge.errors import RecipeError
 from lightning_merge.files.remote import is_url, redact
 from lightning_merge.files.text import brief
+from lightning_merge.formats.lora import adapter_base_path
 from lightning_merge.formats.sidecar import fetch_with_sidecar
 from lightning_merge.sources.expert import Expert
 from lightning_merge.strategies import (
@@ -381,7 +382,10 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     else:
         strategy = _build_strategy(method, shared, [p for _, p in entries], overrides or {}, path)
     if strategy is not None and strategy.needs_base and base_path is None:
-        raise RecipeError(f"{path}: merge_method '{method}' needs base_model")
+        base_path = _adapters_base(entries, adapter_bases)
+        if base_path is None:
+            raise RecipeError(f"{path}: merge_method '{method}' needs base_model (models that are all adapters take "
+                              "the base they name, when it is a local folder and the same for each)")
     try:
         if strategy is not None:  # a per-tensor strategy checks each of its strategies when it is built
             strategy.check_num_experts(len(entries))
@@ -428,6 +432,17 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
 
 def _is_adapter(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").exists()
+
+
+def _adapters_base(entries: list[tuple[Path, dict[str, Any]]], adapter_bases: Mapping[Path, Path]) -> Path | None:
+    """The base of a recipe whose models are all adapters: the one each names (model+lora's model, else the local
+    ``base_model_name_or_path`` of its adapter_config.json) when they all name the same folder; else None."""
+    if not entries or not all(_is_adapter(p) for p, _ in entries):
+        return None
+    named = [adapter_bases.get(p) or adapter_base_path(p) for p, _ in entries]
+    if any(b is None or not b.is_dir() for b in named) or len({b.resolve() for b in named}) != 1:
+        return None
+    return named[0]
 
 
 def _build_per_tensor(method: str, overrides: Mapping[str, Any], recipe: Path, names: list[str],
