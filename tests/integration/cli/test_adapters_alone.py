@@ -4,9 +4,9 @@ that names the base, and a clear refusal when the adapters name none or differen
 import json
 
 import pytest
+from conftest import write_lora_family
 from safetensors.torch import load_file
 
-from conftest import write_lora_family
 from lightning_merge.cli.commands import main
 
 
