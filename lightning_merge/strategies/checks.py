@@ -112,15 +112,23 @@ def check_int(owner: Owner, field: str, value: Any, *, low: int | None = None) -
 
 
 def check_pattern(owner: Owner, field: str, value: Any, *, optional: bool = True) -> None:
-    """Validate a regular expression (or None, when ``optional``): ``not_svd``, ``not_linear``."""
+    """Validate a regular expression (or None, when ``optional``): ``not_svd``, ``not_linear``.
+
+    A pattern that matches the empty string (``""``, an empty alternative such as ``"lm_head|"``) is found in every
+    tensor name, so it names every tensor: never what a list of exceptions or a kind of tensor means, and refused."""
     if value is None and optional:
         return
     try:
-        re.compile(value)
+        compiled = re.compile(value)
     except (re.error, TypeError):
         alternative = " or None" if optional else ""
         raise ValueError(f"{owner_name(owner)}.{field} must be a regular expression{alternative}, got {value!r}"
                          ) from None
+    if compiled.search("") is not None:
+        none = "; None names no tensor" if optional else ""
+        raise ValueError(f"{owner_name(owner)}.{field}={value!r} matches the empty string, so it would name every "
+                         f"tensor (an empty pattern, or an empty alternative such as 'lm_head|'): name the tensors it "
+                         f"means{none}")
 
 
 def check_device(owner: Owner, value: Any) -> None:

@@ -172,3 +172,16 @@ def test_small_updates_merge_the_same_whichever_valid_svd_the_machine_returns(st
         there = merged()
         monkeypatch.setattr(F, "thin_svd", LAPACK)
         assert _relative(there, here) < 1e-4, (strategy, ratio)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: S.TSVMerge(not_svd=p), lambda p: S.IsoC(not_svd=p), lambda p: S.IsoCTS(not_svd=p),
+    lambda p: S.DogeTA(not_svd=p), lambda p: S.CATMerging(norm_pattern=p), lambda p: S.WIDEN(embeddings=p),
+    lambda p: S.OPCM(not_linear=p)])
+@pytest.mark.parametrize("pattern", ["", "lm_head|", "(?:embed)?"])
+def test_a_pattern_matching_the_empty_string_is_refused_it_would_name_every_tensor(make, pattern):
+    """A probe found not_svd="" turning TSV-M, ISO-C and ISO-CTS into the mean and DOGE-TA into the base, silently:
+    re.search finds the empty string in every name."""
+    with pytest.raises(ValueError, match="matches the empty string, so it would name every tensor"):
+        make(pattern)
+    make(r"lm_head")  # a pattern naming some tensors is accepted
