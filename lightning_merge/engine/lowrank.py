@@ -16,14 +16,21 @@ def factor_delta(delta: Tensor, rank: int, fan_in_fan_out: bool) -> tuple[Tensor
     The leading k singular directions come from the eigenvectors of the smaller Gram matrix (ΔW ΔWᵀ or ΔWᵀ ΔW), and
     the factors from projecting ΔW onto them: B A is the projection of ΔW onto its top-k singular subspace (the
     truncated SVD), balanced as U√Σ and √ΣVᵀ. Computing only that is faster than a full SVD and gives
-    its truncation (to float32 rounding where the k-th and (k+1)-th singular values are apart)."""
+    its truncation (to float32 rounding where the k-th and (k+1)-th singular values are apart).
+
+    Raises:
+        ValueError: the k-th and (k+1)-th singular values are equal (within float32 rounding) and not zero: the
+            leading k directions are not defined (any basis of the tied ones is as leading; a flat spectrum, as
+            ISO-C's, has none), so the factors would be the machine's choice. It names the rank that cuts no tie
+            (the number of non-zero singular values, for which BA is ΔW)."""
     m = delta.T if fan_in_fan_out and delta.dim() == 2 else delta
     out_shape = m.shape
     m = m.reshape(out_shape[0], -1)
     rows, cols = m.shape
     k = min(rank, rows, cols)
     if rows <= cols:
-        _, vectors = torch.linalg.eigh(m @ m.T)
+        values, vectors = torch.linalg.eigh(m @ m.T)
+        _check_cut(values, k)
         u = vectors[:, -k:].flip(1) if k else vectors[:, :0]  # (rows, k), leading first
         a = u.T @ m  # Σ Vᵀ: row i has norm σᵢ
         sigma = a.norm(dim=1)
@@ -31,7 +38,8 @@ def factor_delta(delta: Tensor, rank: int, fan_in_fan_out: bool) -> tuple[Tensor
         b = u * root
         a = a / torch.where(root > 0, root, torch.ones_like(root)).unsqueeze(1)
     else:
-        _, vectors = torch.linalg.eigh(m.T @ m)
+        values, vectors = torch.linalg.eigh(m.T @ m)
+        _check_cut(values, k)
         v = vectors[:, -k:].flip(1) if k else vectors[:, :0]  # (cols, k)
         b = m @ v  # U Σ: column i has norm σᵢ
         sigma = b.norm(dim=0)
@@ -43,6 +51,23 @@ def factor_delta(delta: Tensor, rank: int, fan_in_fan_out: bool) -> tuple[Tensor
     a = a.reshape(k, *out_shape[1:]).contiguous()
     b = b.reshape(out_shape[0], k, *([1] * (len(out_shape) - 2))).contiguous()
     return a, b, error
+
+
+def _check_cut(values: Tensor, k: int) -> None:
+    """Refuse a rank-k cut of eigenvalues σ² (ascending) that falls between two equal, non-zero ones."""
+    n = values.numel()
+    if k == 0 or k >= n:
+        return
+    top = float(values[-1])
+    tol = 16 * n * torch.finfo(values.dtype).eps * top
+    kth, next_ = float(values[-k]), float(values[-k - 1])
+    if kth > tol and kth - next_ <= tol:
+        live = int((values > tol).sum())
+        raise ValueError(
+            f"rank {k} cuts between equal singular values of ΔW (σ{k} = σ{k + 1} = {math.sqrt(max(kth, 0.0)):.4g}): "
+            f"its leading {k} directions are not defined (a flat spectrum, as ISO-C's and ISO-CTS's, has none) and "
+            f"the adapter would be the machine's choice; write rank {live} or more (ΔW's {live} directions, exactly), "
+            "or the full model")
 
 
 def factor_product(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:

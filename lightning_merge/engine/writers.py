@@ -403,7 +403,10 @@ class PeftWriter(SharedOutput):
             key = self.info[self._bias_target(name)]["module_key"]
             self.file.write(f"{key}.lora_B.bias", delta.contiguous())
             return
-        a, b, error = factor_delta(delta, self.ranks[name], self.fan_in_fan_out)
+        try:
+            a, b, error = factor_delta(delta, self.ranks[name], self.fan_in_fan_out)
+        except ValueError as err:
+            raise ValueError(f"adapter output, tensor '{name}': {err}") from None
         key = self.info[name]["module_key"]
         self.file.write(f"{key}.lora_A.weight", a)
         self.file.write(f"{key}.lora_B.weight", b)

@@ -164,3 +164,29 @@ def test_module_factors_equal_the_truncated_svd(shape, rank, true_rank):
     if true_rank:  # balanced as U√Σ, √ΣVᵀ: both factors carry √σᵢ
         torch.testing.assert_close(b.reshape(shape[0], k).norm(dim=0), a.reshape(k, -1).norm(dim=1), rtol=1e-4,
                                    atol=1e-6)
+
+
+def test_an_adapter_output_rank_that_cuts_a_flat_spectrum_is_refused_naming_the_rank_that_does_not(tmp_path):
+    """ISO-C's merged ΔW has a flat spectrum: every direction it spans has the same singular value, so "its leading
+    k" is any k of them, the machine's choice (a probe: a permuted eigh moved the rank-4 adapter's model by 103 %).
+    A rank below the spectrum's size is refused, naming the tensor and the rank that writes ΔW exactly; that rank
+    gives the batch merge."""
+    from lightning_merge import IsoC
+    from lightning_merge.engine.lowrank import factor_delta
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["head"], init_lora_weights=False)
+    a, _ = _adapter(tmp_path, config, 5)
+    b, _ = _adapter(tmp_path, config, 6)
+    base = tmp_path / "base.safetensors"
+    full = merge([a, b], base, IsoC())
+    with pytest.raises(ValueError, match=r"tensor 'head.weight': rank 2 cuts between equal singular values .* write "
+                                         r"rank 4 or more"):
+        merge([a, b], base, IsoC(), out=tmp_path / "cut", output="peft", rank=2)
+    assert not (tmp_path / "cut").exists()
+    out = merge([a, b], base, IsoC(), out=tmp_path / "whole", output="peft", rank=4)
+    back = Expert(out, base=base)
+    for name, value in full.items():
+        torch.testing.assert_close(back.tensor(name).float(), value.float(), rtol=1e-4, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(6, 5, generator=g)
+    assert factor_delta(distinct, 2, False)[2] > 0  # distinct singular values: any rank is a truncation
