@@ -208,6 +208,13 @@ class LoraAdapter:
                 continue
             if ".lora_A." not in body:
                 target = self._resolve(body, base_set)
+                if target is None and body.endswith(".base_layer.weight"):
+                    raise AdapterError(
+                        f"adapter '{self.folder}' saves '{key}', PEFT's copy of the unadapted weight of a layer "
+                        "the base does not hold under that name: a layer tied to another (an LM head tied to the "
+                        "input embedding, tie_word_embeddings), whose adapter cannot be merged yet; train the "
+                        "adapter without that layer in target_modules, or give a base saved untied (with its own "
+                        "head weight and tie_word_embeddings: false)")
                 if target is None:
                     raise AdapterError(f"adapter '{self.folder}' saves '{key}', which the base does not have")
                 self.full[target] = key
