@@ -206,8 +206,8 @@ def test_an_adapter_on_a_tied_head_is_refused_saying_why_and_what_to_do(tmp_path
     not hold under that name (a probe: the error named the key only). The refusal says it is a tied layer and what to
     do."""
     from lightning_merge.errors import AdapterError
-    from lightning_merge.formats.lora import LoraAdapter
     from lightning_merge.files.safetensors import TensorSpec
+    from lightning_merge.formats.lora import LoraAdapter
 
     base = {"model.embed_tokens.weight": torch.zeros(8, 4), "model.layers.0.q.weight": torch.zeros(4, 4)}
     tensors = {"base_model.model.lm_head.base_layer.weight": torch.zeros(8, 4),
