@@ -70,7 +70,7 @@ from lightning_merge.strategies.registry import Reference
 NORM_SCALES = r"(?i)(norm|(^|[._])ln)[^.]*\.weight$"
 
 
-def removal_basis(gram: Tensor, ratio: float, noise: float = 0.0) -> Tensor | None:
+def removal_basis(gram: Tensor, ratio: float) -> Tensor | None:
     """The columns of CAT's removal basis from a symmetric (out × out) conflict matrix G (float64 in and out), or
     None when G has no positive eigenvalue or the rule keeps no direction.
 
@@ -85,7 +85,7 @@ def removal_basis(gram: Tensor, ratio: float, noise: float = 0.0) -> Tensor | No
     values = values.flip(0)  # descending
     # eigenvalues within rounding of zero (G's numerical null space): their eigenvectors are a basis of that space
     # which LAPACK picks freely (another machine picks another), so they count as neither positive nor taken apart
-    tiny = max(float(values.abs().max()) * values.numel() * torch.finfo(values.dtype).eps, noise)
+    tiny = float(values.abs().max()) * values.numel() * torch.finfo(values.dtype).eps
     positive = values > tiny
     if not bool(positive.any()):
         return None
@@ -121,18 +121,14 @@ def trim_linear(taus: Sequence[Tensor], grams: Sequence[Tensor], lambd: float, r
     bases = []
     for i in range(n):
         conflict = None
-        noise = 0.0  # how far the rounding noise of the τⱼ (floors) can move Gᵢ's eigenvalues
         for j in range(n):
             if j != i and live[j]:
                 # the Grams are made float64 where used (n float64 (in × in) copies held would cost more than the
                 # task vectors on a wide weight such as an MLP's down projection)
-                middle = grams[i].double() - lambd * grams[j].double()
-                term = t[j] @ middle @ t[j].T
+                term = t[j] @ (grams[i].double() - lambd * grams[j].double()) @ t[j].T
                 conflict = term if conflict is None else conflict.add_(term)
-                if floors:  # ‖(τ + E) M (τ + E)ᵀ − τ M τᵀ‖ ≤ (2‖τ‖ + ‖E‖) ‖E‖ ‖M‖, Frobenius norms as bounds
-                    noise += (2 * float(t[j].norm()) + floors[j]) * floors[j] * float(middle.norm())
-                del term, middle
-        bases.append(None if conflict is None else removal_basis(conflict, ratio, noise))
+                del term
+        bases.append(None if conflict is None else removal_basis(conflict, ratio))
         del conflict
     out = []
     for j in range(n):
