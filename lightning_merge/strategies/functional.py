@@ -39,13 +39,6 @@ def thin_svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
 
 
-#: the relative tolerance of a polar factor P Qᵀ of gathered singular vectors (TSV-M's U and V, ISO-CTS's): those
-#: vectors come from earlier SVDs, accurate to about ε‖τ‖ / (a singular-value gap), so two that should be one
-#: direction (ISO-CTS's residuals of experts sharing a LoRA A are ± each other) differ by ~1e-5, and a singular value
-#: of that size would enter the polar factor at full weight; √ε (3.5e-4 in float32) counts them as one direction
-POLAR_RTOL = 2.0 ** -11.5
-
-
 def rounding_noise(weights: Tensor) -> float:
     """A bound on the float32 rounding a task vector θ − θ₀ carries when θ (``weights``) was stored or computed in
     float32 (an expert's weights, an adapter's θ₀ + ΔW): ε · ‖θ‖_F (each entry is off by at most ε/2 of itself).
@@ -53,8 +46,7 @@ def rounding_noise(weights: Tensor) -> float:
     return float(torch.linalg.vector_norm(weights.float())) * torch.finfo(torch.float32).eps
 
 
-def ranked_svd(m: Tensor, scale: Tensor | float | None = None, floor: float = 0.0,
-               rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def ranked_svd(m: Tensor, scale: Tensor | float | None = None, floor: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`thin_svd` of a 2-D ``m`` with the triplets past its numerical rank zeroed (u's columns, s, vh's rows).
 
     The numerical rank is numpy's ``matrix_rank`` default: the singular values above σ₁ · max(rows, cols) · ε (ε
@@ -72,14 +64,11 @@ def ranked_svd(m: Tensor, scale: Tensor | float | None = None, floor: float = 0.
             own σ₁.
         floor: an absolute tolerance, the size of noise ``m`` carries from elsewhere: a task vector's
             :func:`rounding_noise` (the float32 rounding of θ, which a small update does not dominate).
-        rtol: the tolerance relative to σ₁ in place of max(rows, cols) · ε: :data:`POLAR_RTOL` for a polar factor
-            of gathered singular vectors, which earlier SVDs computed only to about √ε.
     """
     u, s, vh = thin_svd(m)
     if s.numel():
         size = s[0] if scale is None else torch.as_tensor(scale, dtype=s.dtype)
-        relative = max(m.shape) * torch.finfo(m.dtype).eps if rtol is None else rtol
-        null = s <= torch.clamp(size * relative, min=floor)
+        null = s <= torch.clamp(size * max(m.shape) * torch.finfo(m.dtype).eps, min=floor)
         if bool(null.any()):
             u[:, null] = 0
             s[null] = 0

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
 from lightning_merge.strategies.checks import check_number, check_pattern
-from lightning_merge.strategies.functional import POLAR_RTOL, ranked_svd, rounding_noise
+from lightning_merge.strategies.functional import ranked_svd, rounding_noise
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 ISO_PAPER = "https://arxiv.org/abs/2502.04959"
@@ -43,7 +43,7 @@ def _polar(m: Tensor) -> Tensor:
     """The nearest matrix with orthonormal columns (or rows): P Qᵀ of m = P S Qᵀ, over m's numerical rank (a
     zero column of m, a direction that a low-rank expert does not have, stays zero instead of taking a direction
     the SVD picks freely; for m of full rank, the polar factor itself)."""
-    p, _, qh = ranked_svd(m, rtol=POLAR_RTOL)
+    p, _, qh = ranked_svd(m)
     return p @ qh
 
 

@@ -77,10 +77,8 @@ def task_singular_vectors(taus: Sequence[Tensor], floors: Sequence[float] | None
         sum_u[:, i * k:(i + 1) * k] = u[:, :k]
         sum_s[i * k:(i + 1) * k] = s[:k]
         sum_vh[i * k:(i + 1) * k] = vh[:k]
-    # polar factors over the numerical rank: experts sharing directions (identical, collinear, a shared LoRA A)
-    # leave U or V rank-deficient, to the accuracy of the SVDs that gave their columns (F.POLAR_RTOL)
-    u_u, _, vh_u = F.ranked_svd(sum_u, rtol=F.POLAR_RTOL)
-    u_vh, _, vh_vh = F.ranked_svd(sum_vh, rtol=F.POLAR_RTOL)
+    u_u, _, vh_u = F.ranked_svd(sum_u)  # polar factors over the numerical rank: experts sharing directions
+    u_vh, _, vh_vh = F.ranked_svd(sum_vh)  # (identical, collinear) leave U rank-deficient
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh))
 
 
