@@ -114,8 +114,9 @@ def check_int(owner: Owner, field: str, value: Any, *, low: int | None = None) -
 def check_pattern(owner: Owner, field: str, value: Any, *, optional: bool = True) -> None:
     """Validate a regular expression (or None, when ``optional``): ``not_svd``, ``not_linear``.
 
-    A pattern that matches the empty string (``""``, an empty alternative such as ``"lm_head|"``) is found in every
-    tensor name, so it names every tensor: never what a list of exceptions or a kind of tensor means, and refused."""
+    An empty pattern, or one with an empty top-level alternative (``"lm_head|"``), is found in every tensor name, so
+    it names every tensor: never what a list of exceptions or a kind of tensor means, and refused. (Other patterns
+    that match the empty string, such as a negative lookahead ``"^(?!.*encoder)"``, are meant and kept.)"""
     if value is None and optional:
         return
     try:
@@ -124,11 +125,36 @@ def check_pattern(owner: Owner, field: str, value: Any, *, optional: bool = True
         alternative = " or None" if optional else ""
         raise ValueError(f"{owner_name(owner)}.{field} must be a regular expression{alternative}, got {value!r}"
                          ) from None
-    if compiled.search("") is not None:
+    if _empty_alternative(value):
         none = "; None names no tensor" if optional else ""
-        raise ValueError(f"{owner_name(owner)}.{field}={value!r} matches the empty string, so it would name every "
-                         f"tensor (an empty pattern, or an empty alternative such as 'lm_head|'): name the tensors it "
-                         f"means{none}")
+        raise ValueError(f"{owner_name(owner)}.{field}={value!r} has an empty alternative, so it would name every "
+                         f"tensor (an empty pattern, or one such as 'lm_head|'): name the tensors it means{none}")
+
+
+def _empty_alternative(pattern: str) -> bool:
+    """Whether a regular expression is empty or has an empty top-level alternative (``"a|"``, ``"|a"``, ``"a||b"``);
+    alternatives inside groups or classes are not looked into."""
+    depth, branch, escaped, in_class = 0, 0, False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            if branch == 0:
+                return True
+            branch = 0
+            continue
+        branch += 1
+    return branch == 0
 
 
 def check_device(owner: Owner, value: Any) -> None:

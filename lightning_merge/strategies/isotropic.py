@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_merge.strategies.base import ContinualForm, ContinualSummary, FoldContext, Prepared, Strategy
 from lightning_merge.strategies.checks import check_number, check_pattern
-from lightning_merge.strategies.functional import ranked_svd, rounding_noise
+from lightning_merge.strategies.functional import ranked_svd
 from lightning_merge.strategies.registry import FUSION_BENCH, Reference
 
 ISO_PAPER = "https://arxiv.org/abs/2502.04959"
@@ -47,17 +47,10 @@ def _polar(m: Tensor) -> Tensor:
     return p @ qh
 
 
-def sum_noise(base: Tensor, total: Tensor, count: int) -> float:
-    """A bound on the float32 rounding a sum of ``count`` task vectors carries: ε (N ‖θ₀‖ + ‖Σ τᵢ‖), which covers
-    Σ (ε/2) ‖θ₀ + τᵢ‖ wherever the updates are small next to θ₀ (where the noise matters), and which the batch merge
-    and the continual fold's finish compute alike from what both hold (the base, the sum, the count)."""
-    return count * rounding_noise(base) + rounding_noise(total)
-
-
-def iso_c(total: Tensor, floor: float = 0.0) -> Tensor:
+def iso_c(total: Tensor) -> Tensor:
     """ISO-C of the task-arithmetic sum ``total`` (2-D, float32): its singular values replaced by their mean, over
-    its numerical rank (``floor``: the sum's rounding noise, :func:`sum_noise`)."""
-    u, s, vh = ranked_svd(total, floor=floor)
+    its numerical rank."""
+    u, s, vh = ranked_svd(total)
     return (u * s.mean()) @ vh
 
 
@@ -73,9 +66,8 @@ def cts_split(r: int, n: int, fraction: float) -> tuple[int, int]:
     return r - per_task * n, per_task
 
 
-def iso_cts(taus: Sequence[Tensor], fraction: float, base: Tensor | None = None) -> Tensor:
-    """ISO-CTS of N same-shaped 2-D task vectors (float32); see the module docstring. ``base``: θ₀, for the
-    task vectors' rounding noise (:func:`sum_noise`; each residual's, ε ‖θ₀ + τᵢ‖); None: none counted."""
+def iso_cts(taus: Sequence[Tensor], fraction: float) -> Tensor:
+    """ISO-CTS of N same-shaped 2-D task vectors (float32); see the module docstring."""
     n = len(taus)
     rows, cols = taus[0].shape
     r = min(rows, cols)
@@ -83,15 +75,14 @@ def iso_cts(taus: Sequence[Tensor], fraction: float, base: Tensor | None = None)
     total = taus[0].clone()
     for tau in taus[1:]:
         total += tau
-    u, s, vh = ranked_svd(total, floor=0.0 if base is None else sum_noise(base, total, n))
+    u, s, vh = ranked_svd(total)
     common_u = u[:, :k]
     gathered_u = total.new_zeros(rows, r)
     gathered_s = total.new_zeros(r)
     gathered_vh = total.new_zeros(r, cols)
     for i, tau in enumerate(taus):
         specific = tau - common_u @ (common_u.T @ tau)
-        ui, si, vhi = ranked_svd(specific, scale=torch.linalg.vector_norm(tau),  # noise where nothing is left
-                                 floor=0.0 if base is None else rounding_noise(base + tau))
+        ui, si, vhi = ranked_svd(specific, scale=torch.linalg.vector_norm(tau))  # noise where nothing is left
         block = slice(i * per_task, (i + 1) * per_task)
         gathered_u[:, block] = ui[:, :per_task]
         gathered_s[block] = si[:per_task]
@@ -143,10 +134,7 @@ class IsoC(Strategy):
         """The merged tensor from the sum of ``count`` task vectors (consumed): ISO-C of the sum (a 2-D tensor
         through the SVD) or the mean, scaled and added to the base. The batch merge and the continual fold's finish
         both end here."""
-        if matrix_rule(name, base, self.not_svd):
-            merged = iso_c(total, sum_noise(base, total, count))
-        else:
-            merged = total.div_(count)
+        merged = iso_c(total) if matrix_rule(name, base, self.not_svd) else total.div_(count)
         return merged.mul_(self.scale).add_(base)
 
     def working_set(self, num_experts: int) -> float:
@@ -215,7 +203,7 @@ class IsoCTS(Strategy):
         prepared: Prepared | None = None,
     ) -> Tensor:
         if matrix_rule(name, base, self.not_svd):
-            merged = iso_cts([t - base for t in tensors], self.common_space_fraction, base)
+            merged = iso_cts([t - base for t in tensors], self.common_space_fraction)
         else:
             merged = _sum(tensors, base).div_(len(tensors))
         return merged.mul_(self.scale).add_(base)
@@ -225,4 +213,4 @@ class IsoCTS(Strategy):
         return 2 * num_experts + 10
 
 
-__all__ = ["IsoC", "IsoCTS", "cts_split", "iso_c", "iso_cts", "matrix_rule", "sum_noise"]
+__all__ = ["IsoC", "IsoCTS", "cts_split", "iso_c", "iso_cts", "matrix_rule"]

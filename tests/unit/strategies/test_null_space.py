@@ -139,11 +139,12 @@ def _small_update_experts(ratio, n=3, rows=64, cols=48, rank=4, seed=0):
     return base, experts
 
 
+# ISO-C and ISO-CTS are left out: their flat spectrum gives every direction above the tolerance full weight, and a
+# floor at the weights' rounding, which would drop an adapter's noise directions, also dropped real small directions
+# of full fine-tunes (a review: 3–6 % from the reference); docs/strategies.md says so
 STRATEGIES = {
     "tsv_merge": S.TSVMerge(),
     "tsv_merge (gram metric)": S.TSVMerge(metric="gram", damping=0.01),
-    "iso_c": S.IsoC(),
-    "iso_cts": S.IsoCTS(),
     "doge_ta": S.DogeTA(iterations=5),
 }
 
@@ -178,10 +179,12 @@ def test_small_updates_merge_the_same_whichever_valid_svd_the_machine_returns(st
     lambda p: S.TSVMerge(not_svd=p), lambda p: S.IsoC(not_svd=p), lambda p: S.IsoCTS(not_svd=p),
     lambda p: S.DogeTA(not_svd=p), lambda p: S.CATMerging(norm_pattern=p), lambda p: S.WIDEN(embeddings=p),
     lambda p: S.OPCM(not_linear=p)])
-@pytest.mark.parametrize("pattern", ["", "lm_head|", "(?:embed)?"])
-def test_a_pattern_matching_the_empty_string_is_refused_it_would_name_every_tensor(make, pattern):
+@pytest.mark.parametrize("pattern", ["", "lm_head|", "|embed", "q||k"])
+def test_an_empty_pattern_or_alternative_is_refused_it_would_name_every_tensor(make, pattern):
     """A probe found not_svd="" turning TSV-M, ISO-C and ISO-CTS into the mean and DOGE-TA into the base, silently:
-    re.search finds the empty string in every name."""
-    with pytest.raises(ValueError, match="matches the empty string, so it would name every tensor"):
+    re.search finds the empty string in every name. Patterns that match the empty string on purpose (a negative
+    lookahead, as docs/strategies.md's DOGE-TA example; "$^" for none) are kept."""
+    with pytest.raises(ValueError, match="has an empty alternative, so it would name every tensor"):
         make(pattern)
-    make(r"lm_head")  # a pattern naming some tensors is accepted
+    for kept in (r"lm_head", r"^(?!.*encoder)|layer_norm", r"(embed|)", r"$^", r"[|]"):
+        make(kept)
