@@ -120,7 +120,7 @@ def check_pattern(owner: Owner, field: str, value: Any, *, optional: bool = True
     if value is None and optional:
         return
     try:
-        compiled = re.compile(value)
+        re.compile(value)
     except (re.error, TypeError):
         alternative = " or None" if optional else ""
         raise ValueError(f"{owner_name(owner)}.{field} must be a regular expression{alternative}, got {value!r}"
