@@ -87,9 +87,9 @@ METRICS = (None, "gram", *ELEMENTWISE)
 _NULL = 1e-12  # eigenvalues (relative to the largest) below this are the metric's null space when damping is 0
 
 
-def metric_roots(metric: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(M^{1/2}, M^{-1/2}, null projector or None) of a symmetric positive semidefinite metric, in float64, after
-    normalising it to mean diagonal 1 (a zero metric stays zero) and damping it to (M + δ I)/(1 + δ).
+def metric_roots(metric: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor | None, float]:
+    """(M^{1/2}, M^{-1/2}, null projector or None, ‖M^{1/2}‖₂) of a symmetric positive semidefinite metric, in
+    float64, after normalising it to mean diagonal 1 (a zero metric stays zero) and damping it to (M + δ I)/(1 + δ).
 
     A 1-D ``metric`` is a diagonal one and gives 1-D roots (elementwise); so does a 2-D one whose off-diagonal
     entries are all 0. The inverse root is the pseudo-inverse's; the projector (1-D: a 0/1 mask) onto the null
@@ -110,7 +110,7 @@ def metric_roots(metric: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor
         live = m > _NULL * m.max()
         half = m.clamp_min(0).sqrt()
         inv = torch.where(live, 1 / half.where(live, torch.ones_like(half)), torch.zeros_like(half))
-        return half, inv, None if bool(live.all()) else (~live).double()
+        return half, inv, None if bool(live.all()) else (~live).double(), float(half.max())
     values, vectors = torch.linalg.eigh(m)
     live = values > _NULL * values.max()
     root = values.clamp_min(0).sqrt()
@@ -118,7 +118,7 @@ def metric_roots(metric: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor
     half = (vectors * root) @ vectors.T
     inv = (vectors * inv_root) @ vectors.T
     null = None if bool(live.all()) else (vectors[:, ~live] @ vectors[:, ~live].T)
-    return half, inv, null
+    return half, inv, null, float(root.max())
 
 
 def _right(x: Tensor, root: Tensor) -> Tensor:
@@ -141,11 +141,12 @@ def whitened_task_singular_vectors(taus: Sequence[Tensor], rows: Tensor | None, 
     Returns:
         The merged task vector; on the metrics' null spaces (δ = 0 only) the mean of the ``taus``.
     """
-    col_half, col_inv, col_null = metric_roots(cols, damping)
+    col_half, col_inv, col_null, col_gain = metric_roots(cols, damping)
     if rows is None:
         row_half = row_inv = row_null = None
+        row_gain = 1.0
     else:
-        row_half, row_inv, row_null = metric_roots(rows, damping)
+        row_half, row_inv, row_null, row_gain = metric_roots(rows, damping)
     white = []
     for tau in taus:
         t = _right(tau.double(), col_half)
@@ -153,11 +154,8 @@ def whitened_task_singular_vectors(taus: Sequence[Tensor], rows: Tensor | None, 
             t = row_half[:, None] * t
         white.append(t.float())
     white_floors = None
-    if floors is not None:
-        gain = float(col_half.abs().max()) if col_half.dim() == 1 else float(torch.linalg.matrix_norm(col_half, 2))
-        if row_half is not None:
-            gain *= float(row_half.abs().max())
-        white_floors = [f * gain + F.rounding_noise(w) for f, w in zip(floors, white)]
+    if floors is not None:  # the roots' largest gains, from the eigendecompositions metric_roots took
+        white_floors = [f * col_gain * row_gain + F.rounding_noise(w) for f, w in zip(floors, white)]
     merged = task_singular_vectors(white, white_floors).double()
     merged = _right(merged, col_inv)
     if row_inv is not None:

@@ -144,18 +144,20 @@ def test_tsv_metric_whitening_round_trip():
     m = grams[0].double()
     m_norm = m / m.diagonal().mean()
     for damping in (0.0, 0.1):
-        half, inv, null = metric_roots(grams[0], damping)
+        half, inv, null, gain = metric_roots(grams[0], damping)
         assert null is None
+        assert gain == pytest.approx(float(torch.linalg.matrix_norm(half, 2)), rel=1e-12)
         target = (m_norm + damping * torch.eye(5, dtype=torch.float64)) / (1 + damping)
         torch.testing.assert_close(half @ half, target, rtol=0, atol=1e-12)
         torch.testing.assert_close(half @ inv, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
     x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     deficient = x @ x.T  # rank 3
-    half, inv, null = metric_roots(deficient, 0.0)
+    half, inv, null, _ = metric_roots(deficient, 0.0)
     projector = half @ inv
     torch.testing.assert_close(projector + null, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
     torch.testing.assert_close(projector @ x, x, rtol=0, atol=1e-10)
-    half, inv, null = metric_roots(torch.tensor([4.0, 0.0, 1.0]), 0.0)  # diagonal: elementwise
+    half, inv, null, gain = metric_roots(torch.tensor([4.0, 0.0, 1.0]), 0.0)  # diagonal: elementwise
+    assert gain == float(half.max())
     assert torch.equal(null, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(half * inv, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
 
