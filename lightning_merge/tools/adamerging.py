@@ -219,9 +219,9 @@ class AdaMerging(pl.LightningModule):
                              f"λ {tuple(self.lambdas.shape)} (experts × columns)")
         values = coefficients.detach().to(self.lambdas.device) if given else self.lambdas
         out = {}
+        cut = slice(None) if rows is None else slice(*rows)
         for n in self.names if names is None else names:
             column = values[:, self._column[n]]
-            cut = slice(None) if rows is None else slice(*rows)
             merged = self._base[n][cut]
             for k, tau in enumerate(self._taus):
                 if not (given and float(column[k]) == 0.0):

@@ -485,8 +485,8 @@ def _renumbered_token_ids(config: Mapping[str, Any], donor_vocabulary: Mapping[s
                                 and size < needed else own)
                 if inner:
                     keys[key] = inner
-            elif key.endswith(("_token_id", "_token_index")) and renumbered(value, own) != value:
-                keys[key] = renumbered(value, own)
+            elif key.endswith(("_token_id", "_token_index")) and (new := renumbered(value, own)) != value:
+                keys[key] = new
         return keys
 
     return changed(config, 0)
